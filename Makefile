@@ -1,0 +1,28 @@
+# The short verbs. Each one creates .venv and installs the project first, so
+# `make dev` and `make test` work on a fresh clone with only Python 3.11+.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: dev test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/broker dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check broker tests
+	$(BIN)/ruff format --check broker tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .broker .pytest_cache

@@ -1,0 +1,57 @@
+"""The FastAPI application: wiring only; the work lives in the domain folders."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from sqlalchemy import Engine
+
+from broker.auth.tokens import TokenVerifier
+from broker.core.config import Settings
+from broker.core.db import make_engine
+from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
+from broker.health.routes import router as health_router
+from broker.settings.routes import router as settings_router
+from broker.tenants.routes import router as tenants_router
+from broker.vault.gateway import VaultGateway
+
+
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    vault: VaultGateway | None = None,
+) -> FastAPI:
+    """Build the app. Tests may hand in their own engine and gateway (real ones)."""
+    if settings.database_url is None and engine is None:
+        raise ValueError("a database is required (BROKER_DATABASE_URL)")
+    engine = engine or make_engine(settings.database_url.get_secret_value())  # type: ignore[union-attr]
+    vault = vault or VaultGateway.from_settings(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        vault.close()
+        engine.dispose()
+
+    app = FastAPI(
+        title="Tenant secrets broker",
+        version="0.1.0",
+        description=(
+            "Credentials in Vault, preferences in PostgreSQL, OAuth-style scopes on every call."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.vault = vault
+    app.state.verifier = TokenVerifier.from_settings(settings)
+    app.state.metrics = Metrics()
+    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    install_error_handlers(app)
+    # Settings first: `/v1/tenants/settings` must not be read as a tenant id.
+    for router in (health_router, settings_router, tenants_router):
+        app.include_router(router)
+    return app

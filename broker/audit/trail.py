@@ -1,0 +1,72 @@
+"""The broker's append-only audit trail in PostgreSQL.
+
+Every settings write, every payment-method or payout access and every denied
+request leaves one event: actor, tenant, action, resource, outcome, request id,
+client address and time. It complements Vault's own audit log, which records
+the secret accesses themselves; `broker audit` joins the two by request id.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from broker.auth.principal import Principal
+from broker.core import context
+from broker.core.db import unit_of_work
+from broker.core.errors import BrokerError
+from broker.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["success", "denied", "failed"]
+
+
+def record(
+    session: Session,
+    *,
+    action: str,
+    resource: str,
+    outcome: Outcome,
+    principal: Principal | None = None,
+    tenant_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """Append one event inside the caller's unit of work."""
+    ctx = context.current()
+    event = AuditEvent(
+        actor=principal.actor if principal else (ctx.actor if ctx and ctx.actor else "anonymous"),
+        actor_kind=principal.kind if principal else "anonymous",
+        tenant_id=tenant_id
+        if tenant_id is not None
+        else (principal.tenant_id if principal else None),
+        action=action,
+        resource=resource,
+        outcome=outcome,
+        request_id=ctx.request_id if ctx else None,
+        client_addr=ctx.client_addr if ctx else None,
+        detail=detail or {},
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def record_separately(engine: Engine, **event: Any) -> None:
+    """Append one event in its own transaction, for requests whose own work rolled back.
+
+    A denial must be recorded even though the request fails; if the database
+    itself is down, the denial is logged instead and the request still fails
+    closed.
+    """
+    try:
+        with unit_of_work(engine) as session:
+            record(session, **event)
+    except BrokerError:
+        log.warning(
+            "audit trail unavailable; event logged instead",
+            extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
+        )

@@ -1,0 +1,177 @@
+"""Bearer JWT verification (and minting with the dev key)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt import PyJWKClient
+
+from broker.auth.principal import Principal
+from broker.auth.scopes import KNOWN_SCOPES
+from broker.core.config import Settings
+from broker.core.errors import Forbidden, Unauthenticated
+
+_SYMMETRIC = {"HS256", "HS384", "HS512"}
+
+
+class TokenVerifier:
+    """Checks signature (from an allowlist of algorithms), issuer, audience, expiry and nbf.
+
+    Exactly one key source is in use. With a public key or JWKS, symmetric
+    algorithms are refused outright, which closes the classic confusion where a
+    public key is used as an HMAC secret.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str,
+        audience: str | None,
+        algorithms: Iterable[str],
+        hs256_secret: str | None = None,
+        public_key: str | None = None,
+        jwks_url: str | None = None,
+        leeway_s: int = 30,
+    ) -> None:
+        self.issuer = issuer
+        self.audience = audience
+        self.leeway_s = leeway_s
+        self._jwks: PyJWKClient | None = None
+        self._key: Any = None
+        if jwks_url:
+            self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5)
+            self.algorithms = [a for a in algorithms if a not in _SYMMETRIC]
+        elif public_key:
+            # Parse the PEM once, not on every request.
+            self._key = load_pem_public_key(public_key.encode())
+            self.algorithms = [a for a in algorithms if a not in _SYMMETRIC]
+        elif hs256_secret:
+            self._key = hs256_secret
+            self.algorithms = ["HS256"]
+        else:
+            raise ValueError("no token verification key is configured")
+        if not self.algorithms:
+            raise ValueError("no usable signing algorithm is allowed")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TokenVerifier:
+        """The verifier the configuration describes."""
+        return cls(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            algorithms=settings.jwt_algorithms,
+            hs256_secret=(
+                settings.jwt_hs256_secret.get_secret_value() if settings.jwt_hs256_secret else None
+            ),
+            public_key=(
+                settings.jwt_public_key.get_secret_value() if settings.jwt_public_key else None
+            ),
+            jwks_url=settings.jwt_jwks_url,
+            leeway_s=settings.jwt_leeway_s,
+        )
+
+    def verify(self, token: str) -> Principal:
+        """The principal a token names; raises Unauthenticated or Forbidden."""
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed bearer token") from None
+        if header.get("alg") not in self.algorithms:
+            raise Unauthenticated("token algorithm is not allowed")
+        try:
+            key = self._jwks.get_signing_key(header.get("kid", "")).key if self._jwks else self._key
+            claims = jwt.decode(
+                token,
+                key=key,
+                algorithms=self.algorithms,
+                issuer=self.issuer,
+                audience=self.audience,
+                leeway=self.leeway_s,
+                options={
+                    "require": ["exp", "iss", "sub"] + (["aud"] if self.audience else []),
+                    "verify_aud": self.audience is not None,
+                },
+            )
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token has expired") from None
+        except jwt.ImmatureSignatureError:
+            raise Unauthenticated("token is not valid yet") from None
+        except jwt.InvalidAudienceError:
+            raise Unauthenticated("token audience is wrong") from None
+        except jwt.InvalidIssuerError:
+            raise Unauthenticated("token issuer is wrong") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("token signature or claims are invalid") from None
+        return principal_from_claims(claims)
+
+
+def principal_from_claims(claims: dict[str, Any]) -> Principal:
+    """Build the principal; a claim of the wrong shape or an unknown scope denies."""
+    subject = claims.get("sub")
+    scope = claims.get("scope", "")
+    kind = claims.get("kind", "user")
+    tenant_id = claims.get("tenant_id")
+    tenants = claims.get("tenants", [])
+    if not isinstance(subject, str) or not subject or len(subject) > 200:
+        raise Unauthenticated("token subject is invalid")
+    if not isinstance(scope, str):
+        raise Unauthenticated("token scope claim must be a space-separated string")
+    if kind not in ("user", "service"):
+        raise Unauthenticated("token kind is invalid")
+    if tenant_id is not None and not isinstance(tenant_id, str):
+        raise Unauthenticated("token tenant_id is invalid")
+    if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
+        raise Unauthenticated("token tenants claim must be a list of tenant ids")
+    scopes = frozenset(scope.split())
+    unknown = sorted(scopes - KNOWN_SCOPES)
+    if unknown:
+        # Fail closed: a scope we do not know might mean something we do not enforce.
+        raise Forbidden(f"token carries unknown scope {unknown[0]!r}")
+    return Principal(
+        subject=subject,
+        kind=kind,
+        scopes=scopes,
+        tenant_id=tenant_id,
+        tenants=frozenset(tenants),
+        token_id=claims.get("jti") if isinstance(claims.get("jti"), str) else None,
+    )
+
+
+def mint_token(
+    secret: str,
+    *,
+    subject: str,
+    scopes: Iterable[str],
+    issuer: str,
+    audience: str | None,
+    tenant_id: str | None = None,
+    kind: str = "user",
+    tenants: Iterable[str] = (),
+    ttl_s: int = 3600,
+    not_before_s: int = 0,
+) -> str:
+    """Mint an HS256 token with the dev key. Production tokens come from your IdP."""
+    now = int(time.time())
+    claims: dict[str, Any] = {
+        "sub": subject,
+        "iss": issuer,
+        "iat": now,
+        "nbf": now + not_before_s,
+        "exp": now + ttl_s,
+        "jti": str(uuid.uuid4()),
+        "scope": " ".join(scopes),
+        "kind": kind,
+    }
+    if audience:
+        claims["aud"] = audience
+    if tenant_id:
+        claims["tenant_id"] = tenant_id
+    tenant_list = list(tenants)
+    if tenant_list:
+        claims["tenants"] = tenant_list
+    return jwt.encode(claims, secret, algorithm="HS256")

@@ -1,0 +1,170 @@
+"""The `broker` command. It calls the same services as the API, never a second copy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.core.logging import configure_logging
+
+app = typer.Typer(help="Multi-tenant secrets broker.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+log = logging.getLogger("broker.cli")
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def dev(
+    data_dir: Annotated[Path, typer.Option(help="Where Vault, PostgreSQL and keys live.")] = Path(
+        ".broker"
+    ),
+    port: Annotated[int, typer.Option(help="API port on 127.0.0.1.")] = 8000,
+) -> None:
+    """Run the embedded default: OpenBao, PostgreSQL, bootstrap, demo tenant, API."""
+    from broker.app import create_app
+    from broker.devstack.stack import dev_signing_key, mint_dev_tokens, start_dev_stack
+
+    base = _settings()
+    if base.env == "production":
+        typer.echo("error: `broker dev` is for development; use `broker serve`", err=True)
+        raise typer.Exit(2)
+    configure_logging(base.log_level)
+    with ExitStack() as stack:
+        settings = start_dev_stack(stack, data_dir, base)
+        settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
+        tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
+        url = f"http://127.0.0.1:{port}"
+        _print_welcome(url, tokens)
+        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+
+
+def _print_welcome(url: str, tokens: object) -> None:
+    lines = [
+        "",
+        f"Broker API:    {url}",
+        f"OpenAPI docs:  {url}/docs",
+        "",
+        "Bearer tokens for the demo tenant (valid 12 h; paste these into your shell):",
+        f"export TENANT_ADMIN_TOKEN={tokens.tenant_admin}",  # type: ignore[attr-defined]
+        f"export FINANCE_TOKEN={tokens.finance}",  # type: ignore[attr-defined]
+        f"export SERVICE_TOKEN={tokens.service}",  # type: ignore[attr-defined]
+        f"export SECURITY_AUDITOR_TOKEN={tokens.security_auditor}",  # type: ignore[attr-defined]
+        f"export PLATFORM_ADMIN_TOKEN={tokens.platform_admin}",  # type: ignore[attr-defined]
+        "",
+        "Try it:",
+        f'curl -s -H "Authorization: Bearer $TENANT_ADMIN_TOKEN" {url}/v1/tenants/settings',
+        "",
+        "Ctrl-C stops the API, OpenBao and PostgreSQL; the data dir keeps their state.",
+        "",
+    ]
+    # Printed, not logged: these are meant for the developer's terminal only.
+    print("\n".join(lines), flush=True)  # noqa: T201
+
+
+@app.command()
+def serve() -> None:
+    """Serve the API against the Vault and PostgreSQL given by configuration."""
+    from broker.app import create_app
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+
+
+@app.command()
+def token(
+    subject: Annotated[str, typer.Option("--sub", help="The token's subject.")],
+    scope: Annotated[list[str], typer.Option(help="A scope; repeat for several.")],
+    tenant: Annotated[str | None, typer.Option(help="The user's own tenant.")] = None,
+    kind: Annotated[str, typer.Option(help="user or service.")] = "user",
+    serves: Annotated[
+        list[str] | None, typer.Option("--serves", help="A tenant a service may serve.")
+    ] = None,
+    ttl: Annotated[int, typer.Option(help="Lifetime in seconds.")] = 3600,
+) -> None:
+    """Mint a bearer token with the dev signing key (never in production)."""
+    from broker.auth.tokens import mint_token
+    from broker.devstack.stack import dev_signing_key
+
+    settings = _settings()
+    if settings.env == "production":
+        typer.echo("error: tokens come from your identity provider in production", err=True)
+        raise typer.Exit(2)
+    key = (
+        settings.jwt_hs256_secret.get_secret_value()
+        if settings.jwt_hs256_secret
+        else dev_signing_key(settings.data_dir)
+    )
+    scopes = [part for item in scope for part in item.split()]
+    typer.echo(
+        mint_token(
+            key,
+            subject=subject,
+            scopes=scopes,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            tenant_id=tenant,
+            kind=kind,
+            tenants=serves or [],
+            ttl_s=ttl,
+        )
+    )
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    policies_dir: Annotated[Path | None, typer.Option(help="Folder of *.hcl policies.")] = None,
+) -> None:
+    """Idempotently set up Vault mounts, policies, audited headers and the broker's AppRole.
+
+    Needs a privileged token in BROKER_VAULT_TOKEN.
+    """
+    from broker.vault.bootstrap import DEFAULT_POLICIES_DIR, bootstrap
+    from broker.vault.gateway import VaultGateway
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    gateway = VaultGateway.from_settings(settings)
+    try:
+        report = bootstrap(gateway, policies_dir=policies_dir or DEFAULT_POLICIES_DIR)
+    finally:
+        gateway.close()
+    typer.echo(json.dumps(report.__dict__, indent=2))
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply database migrations."""
+    from broker.core.db import upgrade
+
+    settings = _settings()
+    if settings.database_url is None:
+        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
+        raise typer.Exit(2)
+    upgrade(settings.database_url.get_secret_value(), revision)
+    typer.echo(f"database at {revision}")
+
+
+def main() -> None:
+    """Entry point of the `broker` console script."""
+    try:
+        app()
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)

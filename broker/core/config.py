@@ -1,0 +1,108 @@
+"""Configuration: one pydantic-settings class, read from `BROKER_*` variables and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Environment = Literal["dev", "test", "production"]
+
+
+class ConfigurationError(RuntimeError):
+    """The configuration is unsafe or incomplete; the broker refuses to start."""
+
+
+class Settings(BaseSettings):
+    """Everything the broker reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BROKER_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    env: Environment = "dev"
+    data_dir: Path = Path(".broker")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: str = "INFO"
+
+    # PostgreSQL. A URL may carry a password, so it is a secret too.
+    database_url: SecretStr | None = None
+
+    # Vault / OpenBao. Several addresses are allowed (a raft cluster); the
+    # gateway finds the one that answers.
+    vault_addrs: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8200"]
+    )
+    vault_token: SecretStr | None = None
+    vault_role_id: SecretStr | None = None
+    vault_secret_id: SecretStr | None = None
+    vault_approle_mount: str = "approle"
+    vault_namespace: str | None = None
+    vault_ca_cert: Path | None = None
+    vault_timeout_s: float = 5.0
+    kv_mount: str = "secret"
+    transit_mount: str = "transit"
+    retry_after_s: int = 5
+
+    # Bearer tokens. Exactly one key source is used: JWKS URL, PEM public key,
+    # or (dev and test only) an HS256 shared secret.
+    jwt_issuer: str = "tenant-secrets-broker"
+    jwt_audience: str | None = "tenant-secrets-broker"
+    jwt_algorithms: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["RS256", "ES256", "EdDSA"]
+    )
+    jwt_jwks_url: str | None = None
+    jwt_public_key: SecretStr | None = None
+    jwt_hs256_secret: SecretStr | None = None
+    jwt_leeway_s: int = 30
+
+    @field_validator("vault_addrs", "jwt_algorithms", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _no_none_algorithm(cls, value: list[str]) -> list[str]:
+        if any(alg.lower() == "none" for alg in value):
+            raise ValueError("the 'none' algorithm is never accepted")
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe_production(self) -> Settings:
+        if self.env != "production":
+            return self
+        problems = []
+        if self.jwt_hs256_secret is not None:
+            problems.append("an HS256 dev signing key is configured (BROKER_JWT_HS256_SECRET)")
+        if not self.jwt_audience:
+            problems.append("no token audience is configured (BROKER_JWT_AUDIENCE)")
+        if not (self.jwt_jwks_url or self.jwt_public_key):
+            problems.append("no token verification key (BROKER_JWT_JWKS_URL or _PUBLIC_KEY)")
+        if self.jwt_jwks_url and not self.jwt_jwks_url.startswith("https://"):
+            problems.append("the JWKS URL is not https")
+        plain = [addr for addr in self.vault_addrs if not addr.startswith("https://")]
+        if plain:
+            problems.append(f"Vault addresses without TLS: {', '.join(plain)}")
+        if self.database_url is None:
+            problems.append("no database (BROKER_DATABASE_URL)")
+        if problems:
+            raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    @property
+    def is_dev(self) -> bool:
+        """True outside production (dev and test)."""
+        return self.env != "production"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return Settings()

@@ -1,0 +1,160 @@
+"""HTTP plumbing shared by every route: request context, problem+json errors, metrics."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.audit import trail
+from broker.core import context
+from broker.core.errors import BrokerError, RateLimited, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+PROBLEM = "application/problem+json"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,100}$")
+
+
+def problem(
+    status: int, title: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """The one error body shape: RFC 9457 problem details plus the request id."""
+    ctx = context.current()
+    body: dict[str, Any] = {"type": "about:blank", "title": title, "status": status}
+    body["detail"] = detail
+    if ctx is not None:
+        body["request_id"] = ctx.request_id
+    body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+class Metrics:
+    """Prometheus metrics for one app (its own registry, so tests can build many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "broker_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "broker_http_request_duration_seconds",
+            "HTTP request latency by route template.",
+            ["route", "method"],
+            registry=self.registry,
+        )
+
+
+class RequestContextMiddleware:
+    """Binds a request id and client address to each request, and measures it.
+
+    A pure ASGI middleware (not BaseHTTPMiddleware) so the ContextVar it sets
+    flows into the route and into the worker threads of sync routes.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = incoming if _REQUEST_ID.match(incoming) else str(uuid.uuid4())
+        client = scope.get("client")
+        context.bind(
+            context.RequestContext(request_id=request_id, client_addr=client[0] if client else None)
+        )
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            method = scope.get("method", "")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Turn every error into one problem+json shape, with no internals in it."""
+
+    @app.exception_handler(BrokerError)
+    async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        headers: dict[str, str] = {}
+        if isinstance(exc, UpstreamUnavailable | RateLimited):
+            headers["Retry-After"] = str(exc.retry_after)
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="broker"'
+        if exc.status in (401, 403):
+            await run_in_threadpool(_record_denial, request, exc)
+        if exc.status >= 500:
+            log.error(
+                "request failed",
+                extra={"fields": {"error": type(exc).__name__, "detail": exc.message}},
+            )
+        return problem(exc.status, exc.title, exc.message, headers=headers or None)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Pydantic's default error carries the rejected input; it may be a
+        # secret, so only the location and the message are returned.
+        errors = [
+            {
+                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
+                "message": err.get("msg", ""),
+            }
+            for err in exc.errors()
+        ]
+        fields = ", ".join(e["field"] or "body" for e in errors[:5])
+        return problem(422, "Validation failed", f"invalid input: {fields}", errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+        return problem(exc.status_code, detail, detail, headers=dict(exc.headers or {}) or None)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error", exc_info=exc)
+        return problem(500, "Internal error", "the broker failed; the request id identifies it")
+
+
+def _record_denial(request: Request, exc: BrokerError) -> None:
+    principal = getattr(request.state, "principal", None)
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        return
+    trail.record_separately(
+        engine,
+        action=f"{request.method} {getattr(request.scope.get('route'), 'path', request.url.path)}",
+        resource=request.url.path,
+        outcome="denied",
+        principal=principal,
+        detail={"status": exc.status, "reason": exc.message},
+    )

@@ -1,0 +1,46 @@
+"""Shared request dependencies, defined once and reached through Annotated aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlmodel import Session
+
+from broker.core.config import Settings
+from broker.core.db import unit_of_work
+from broker.vault.gateway import VaultGateway
+
+
+def get_settings(request: Request) -> Settings:
+    """The settings the app was built with."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    """The database engine."""
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    """One unit of work per request: commit on success, roll back on error."""
+    with unit_of_work(request.app.state.engine) as session:
+        yield session
+
+
+def get_vault(request: Request) -> VaultGateway:
+    """The Vault gateway."""
+    vault: VaultGateway = request.app.state.vault
+    return vault
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+# scope="function": the commit happens before the response is sent, so a failed
+# commit becomes an error response instead of a 2xx for work that was lost.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+VaultDep = Annotated[VaultGateway, Depends(get_vault)]

@@ -1,0 +1,109 @@
+"""Every SQLModel table, in one place, so Alembic and readers find them together."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, String
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+SETTINGS_GROUP_COLUMNS = (
+    "notification_settings",
+    "feature_flags",
+    "business_hours",
+    "integrations_status",
+    "branding",
+    "compliance_settings",
+    "rate_limits",
+    "webhooks",
+    "localization",
+    "analytics",
+    "ai_bot",
+    "catalog",
+    "orders",
+    "messaging",
+    "appointments",
+    "integration_sync",
+)
+
+
+def utcnow() -> datetime:
+    """Aware UTC now; every timestamp the broker writes is aware."""
+    return datetime.now(UTC)
+
+
+def _ts(**kwargs: Any) -> Any:
+    return Field(default_factory=utcnow, sa_column=Column(DateTime(timezone=True), **kwargs))
+
+
+def _group() -> Any:
+    return Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+
+
+class Tenant(SQLModel, table=True):
+    """A shop on the platform. Its id names its Vault paths and Transit key."""
+
+    __tablename__ = "tenants"
+
+    id: str = Field(primary_key=True, max_length=63)
+    name: str = Field(max_length=200)
+    created_at: datetime = _ts(nullable=False)
+    created_by: str = Field(max_length=200)
+
+
+class TenantSettings(SQLModel, table=True):
+    """Non-sensitive preferences, one JSONB column per settings group.
+
+    `version` is the optimistic-concurrency counter behind the ETag.
+    """
+
+    __tablename__ = "tenant_settings"
+
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    )
+    version: int = Field(default=1)
+    updated_at: datetime = _ts(nullable=False)
+    updated_by: str | None = Field(default=None, max_length=200)
+
+    notification_settings: dict[str, Any] = _group()
+    feature_flags: dict[str, Any] = _group()
+    business_hours: dict[str, Any] = _group()
+    integrations_status: dict[str, Any] = _group()
+    branding: dict[str, Any] = _group()
+    compliance_settings: dict[str, Any] = _group()
+    rate_limits: dict[str, Any] = _group()
+    webhooks: dict[str, Any] = _group()
+    localization: dict[str, Any] = _group()
+    analytics: dict[str, Any] = _group()
+    ai_bot: dict[str, Any] = _group()
+    catalog: dict[str, Any] = _group()
+    orders: dict[str, Any] = _group()
+    messaging: dict[str, Any] = _group()
+    appointments: dict[str, Any] = _group()
+    integration_sync: dict[str, Any] = _group()
+
+
+class AuditEvent(SQLModel, table=True):
+    """One entry of the broker's append-only audit trail.
+
+    A database trigger (see the migration) refuses UPDATE and DELETE, so the
+    trail cannot be rewritten through the broker's own connection. Events keep
+    no foreign key: they outlive the tenant they describe.
+    """
+
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    at: datetime = _ts(nullable=False, index=True)
+    actor: str = Field(max_length=200)
+    actor_kind: str = Field(max_length=20)
+    tenant_id: str | None = Field(default=None, max_length=63, index=True)
+    action: str = Field(max_length=100)
+    resource: str = Field(max_length=300)
+    outcome: str = Field(max_length=20)
+    request_id: str | None = Field(default=None, max_length=100, index=True)
+    client_addr: str | None = Field(default=None, max_length=100)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))

@@ -1,0 +1,42 @@
+"""Request and response bodies for tenant lifecycle."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+# A tenant id names Vault paths and a Transit key (`tenant-<id>`), so it is a
+# conservative slug: lowercase letters, digits and inner hyphens.
+TenantId = Annotated[
+    str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", max_length=63)
+]
+
+# Path segments under /v1/tenants that are not tenant ids.
+RESERVED_IDS = frozenset({"settings"})
+
+
+class TenantCreate(BaseModel):
+    """A new tenant."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: TenantId = Field(description="Slug used in Vault paths, e.g. `acme-shop`.")
+    name: str = Field(min_length=1, max_length=200)
+
+    @field_validator("id")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_IDS:
+            raise ValueError(f"{value!r} is reserved")
+        return value
+
+
+class TenantView(BaseModel):
+    """A tenant as the platform sees it."""
+
+    id: str
+    name: str
+    created_at: datetime
+    created_by: str

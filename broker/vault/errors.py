@@ -1,0 +1,83 @@
+"""Translation of hvac and transport errors into broker errors, at the Vault edge."""
+
+from __future__ import annotations
+
+import logging
+
+import hvac.exceptions
+import requests
+
+from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class VaultUnavailable(UpstreamUnavailable):
+    """Vault is sealed, unreachable, electing a leader or overloaded."""
+
+    title = "Vault unavailable"
+
+
+class VaultMisconfigured(BrokerError):
+    """Vault refused the broker's own token: a policy or bootstrap problem, not the caller's."""
+
+    status = 500
+    title = "Vault refused the broker"
+
+
+class CiphertextRejected(BrokerError):
+    """Transit would not decrypt: wrong tenant or provider binding, or a shredded key."""
+
+    status = 409
+    title = "Stored ciphertext cannot be decrypted"
+
+
+TRANSIENT_TRANSPORT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+
+
+def translate(exc: Exception, *, operation: str) -> BrokerError:
+    """Map one hvac/transport exception to the broker error the caller should see.
+
+    Messages name the operation, never the payload: hvac exceptions can carry
+    response bodies, and those stay out of anything user-visible.
+    """
+    if isinstance(exc, TRANSIENT_TRANSPORT):
+        return VaultUnavailable(f"Vault is unreachable ({operation})")
+    if isinstance(exc, hvac.exceptions.VaultDown):
+        return VaultUnavailable(f"Vault is sealed ({operation})")
+    if isinstance(exc, hvac.exceptions.VaultNotInitialized):
+        return VaultUnavailable(f"Vault is not initialised ({operation})")
+    if isinstance(exc, hvac.exceptions.InternalServerError | hvac.exceptions.BadGateway):
+        return VaultUnavailable(f"Vault failed ({operation})")
+    if isinstance(exc, hvac.exceptions.RateLimitExceeded):
+        return VaultUnavailable(f"Vault is rate limiting ({operation})")
+    if isinstance(exc, hvac.exceptions.InvalidPath):
+        return NotFound()
+    if isinstance(exc, hvac.exceptions.InvalidRequest):
+        text = " ".join(str(e) for e in (exc.errors or []))
+        if "check-and-set" in text:
+            return Conflict("the credential changed since it was read; reload and retry")
+        if "message authentication failed" in text or "decryption failed" in text:
+            return CiphertextRejected()
+        if "encryption key not found" in text or "key not found" in text:
+            return CiphertextRejected("the tenant's encryption key no longer exists")
+        log.error("vault rejected a request", extra={"fields": {"operation": operation}})
+        return BrokerError(f"Vault rejected the request ({operation})")
+    if isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
+        return VaultMisconfigured(f"the broker's Vault token may not {operation}")
+    if isinstance(exc, hvac.exceptions.UnexpectedError):
+        # 3xx (a standby pointing at a dead leader) and other oddities are transient.
+        return VaultUnavailable(f"Vault answered unexpectedly ({operation})")
+    return BrokerError(f"Vault call failed ({operation})")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors worth retrying on the same or another Vault node."""
+    return isinstance(exc, TRANSIENT_TRANSPORT) or isinstance(
+        exc,
+        hvac.exceptions.VaultDown
+        | hvac.exceptions.InternalServerError
+        | hvac.exceptions.BadGateway
+        | hvac.exceptions.UnexpectedError
+        | hvac.exceptions.RateLimitExceeded,
+    )

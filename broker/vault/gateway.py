@@ -1,0 +1,530 @@
+"""The Vault gateway: the one object through which the broker talks to Vault.
+
+It owns the hvac clients (one per configured address, sharing a keep-alive
+session), authentication (token or AppRole, renewed before expiry), retries
+across nodes, audited request headers, and the translation of every hvac error
+into a broker error. Nothing outside `broker.vault` sees an hvac type.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import hvac
+import hvac.adapters
+import hvac.exceptions
+import requests
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_random_exponential,
+)
+
+from broker.core import context
+from broker.core.config import Settings
+from broker.core.errors import BrokerError
+from broker.vault.errors import TRANSIENT_TRANSPORT, VaultUnavailable, is_transient, translate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Headers Vault is told to copy into its audit log (see bootstrap). They name
+# the human or service behind each call the broker makes on their behalf.
+AUDITED_HEADERS = ("X-Request-Id", "X-Broker-Actor", "X-Broker-Tenant", "X-Broker-Action")
+
+
+def audit_headers() -> dict[str, str]:
+    """The audited headers for the request being served (empty outside a request)."""
+    ctx = context.current()
+    if ctx is None:
+        return {}
+    values = {
+        "X-Request-Id": ctx.request_id,
+        "X-Broker-Actor": ctx.actor,
+        "X-Broker-Tenant": ctx.tenant_id,
+        "X-Broker-Action": ctx.action,
+    }
+    return {name: value for name, value in values.items() if value}
+
+
+class AuditedAdapter(hvac.adapters.JSONAdapter):
+    """hvac's JSON adapter, stamping the audited headers on every request."""
+
+    def request(  # type: ignore[no-untyped-def]
+        self, method, url, headers=None, raise_exception=True, **kwargs
+    ):
+        merged = audit_headers()
+        merged.update(headers or {})
+        return super().request(
+            method, url, headers=merged, raise_exception=raise_exception, **kwargs
+        )
+
+
+@dataclass(frozen=True)
+class VaultHealth:
+    """What `sys/health` said about the node that answered."""
+
+    reachable: bool
+    initialized: bool = False
+    sealed: bool = True
+    standby: bool = False
+    version: str | None = None
+    address: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Reachable, initialised and unsealed."""
+        return self.reachable and self.initialized and not self.sealed
+
+
+@dataclass(frozen=True)
+class KvEntry:
+    """One version of a KV v2 secret."""
+
+    data: dict[str, Any]
+    version: int
+
+
+@dataclass(frozen=True)
+class WrappedSecret:
+    """A response-wrapping token and its metadata. The token is single-use."""
+
+    token: str
+    accessor: str
+    ttl: int
+    creation_time: str
+    creation_path: str
+
+    def __repr__(self) -> str:
+        return f"WrappedSecret(accessor={self.accessor!r}, ttl={self.ttl})"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class VaultGateway:
+    """Typed KV v2, Transit and wrapping operations with retries and audited headers."""
+
+    def __init__(
+        self,
+        *,
+        addrs: list[str],
+        token: str | None = None,
+        role_id: str | None = None,
+        secret_id: str | None = None,
+        approle_mount: str = "approle",
+        namespace: str | None = None,
+        verify: bool | str = True,
+        timeout_s: float = 5.0,
+        kv_mount: str = "secret",
+        transit_mount: str = "transit",
+        retry_after_s: int = 5,
+        retry_budget_s: float = 3.0,
+    ) -> None:
+        if not addrs:
+            raise ValueError("at least one Vault address is required")
+        if token is None and not (role_id and secret_id):
+            raise ValueError("Vault auth needs a token or an AppRole role_id and secret_id")
+        self.addrs = list(addrs)
+        self.kv_mount = kv_mount
+        self.transit_mount = transit_mount
+        self.retry_after_s = retry_after_s
+        self._retry_budget_s = retry_budget_s
+        self._static_token = token
+        self._role_id = role_id
+        self._secret_id = secret_id
+        self._approle_mount = approle_mount
+        self._token: str | None = token
+        self._token_expires_at: float | None = None
+        self._auth_lock = threading.Lock()
+        self._current = 0
+        self._timeout_s = timeout_s
+        self._verify = verify
+        # One keep-alive session for every node; requests pools per host.
+        self._session = requests.Session()
+        self._clients = [
+            hvac.Client(
+                url=addr,
+                token=token,
+                namespace=namespace,
+                verify=verify,
+                timeout=timeout_s,
+                session=self._session,
+                adapter=AuditedAdapter,
+                # A standby whose leader died answers 307 to the dead leader;
+                # following it only hangs. Treat it as transient instead.
+                allow_redirects=False,
+            )
+            for addr in self.addrs
+        ]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> VaultGateway:
+        """Build the gateway the configuration describes."""
+
+        def reveal(secret: Any) -> str | None:
+            return secret.get_secret_value() if secret is not None else None
+
+        return cls(
+            addrs=settings.vault_addrs,
+            token=reveal(settings.vault_token),
+            role_id=reveal(settings.vault_role_id),
+            secret_id=reveal(settings.vault_secret_id),
+            approle_mount=settings.vault_approle_mount,
+            namespace=settings.vault_namespace,
+            verify=str(settings.vault_ca_cert) if settings.vault_ca_cert else True,
+            timeout_s=settings.vault_timeout_s,
+            kv_mount=settings.kv_mount,
+            transit_mount=settings.transit_mount,
+            retry_after_s=settings.retry_after_s,
+        )
+
+    def __repr__(self) -> str:
+        return f"VaultGateway(addrs={self.addrs!r})"
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._session.close()
+
+    # -- plumbing -----------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        """The node the next call goes to first."""
+        return self.addrs[self._current]
+
+    def _client(self) -> hvac.Client:
+        client = self._clients[self._current]
+        client.token = self._ensure_token(client)
+        return client
+
+    def _ensure_token(self, client: hvac.Client) -> str:
+        if self._static_token is not None:
+            return self._static_token
+        with self._auth_lock:
+            # Log in again when a third of the TTL is left, so a long request
+            # never starts with a token about to expire.
+            fresh = self._token_expires_at is None or time.monotonic() < self._token_expires_at
+            if self._token is None or not fresh:
+                self._approle_login(client)
+            assert self._token is not None
+            return self._token
+
+    def _approle_login(self, client: hvac.Client) -> None:
+        result = client.auth.approle.login(
+            role_id=self._role_id,
+            secret_id=self._secret_id,
+            mount_point=self._approle_mount,
+            use_token=False,
+        )
+        auth = result["auth"]
+        self._token = auth["client_token"]
+        ttl = int(auth.get("lease_duration") or 0)
+        self._token_expires_at = time.monotonic() + ttl * 2 / 3 if ttl else None
+        log.info("logged in to Vault with AppRole", extra={"fields": {"ttl_s": ttl}})
+
+    def _advance(self) -> None:
+        if len(self.addrs) > 1:
+            self._current = (self._current + 1) % len(self.addrs)
+
+    def call(self, operation: str, fn: Callable[[hvac.Client], T]) -> T:
+        """Run `fn` against Vault, retrying transient failures across nodes.
+
+        The retry budget is short on purpose: an API caller would rather get a
+        503 with Retry-After in a few seconds than hang.
+        """
+        retrying = Retrying(
+            stop=stop_after_attempt(max(3, 2 * len(self.addrs)))
+            | stop_after_delay(self._retry_budget_s),
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            retry=retry_if_exception(is_transient),
+            reraise=True,
+        )
+        reauthenticated = False
+        while True:
+            try:
+                for attempt in retrying:
+                    with attempt:
+                        try:
+                            return fn(self._client())
+                        except Exception as exc:
+                            if is_transient(exc):
+                                self._advance()
+                            raise
+            except hvac.exceptions.Forbidden as exc:
+                # An AppRole token may have been revoked or expired early:
+                # log in once more before calling it a misconfiguration.
+                if self._static_token is None and not reauthenticated:
+                    reauthenticated = True
+                    self._token_expires_at = 0.0
+                    continue
+                raise translate(exc, operation=operation) from None
+            except (hvac.exceptions.VaultError, *TRANSIENT_TRANSPORT) as exc:
+                error = translate(exc, operation=operation)
+                if isinstance(error, VaultUnavailable):
+                    error.retry_after = self.retry_after_s
+                raise error from None
+            except RetryError as exc:  # pragma: no cover - reraise=True makes this rare
+                raise VaultUnavailable(
+                    f"Vault is unavailable ({operation})", retry_after=self.retry_after_s
+                ) from exc
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- health -------------------------------------------------------------------
+
+    def health(self) -> VaultHealth:
+        """Ask each node in turn for `sys/health`; report the first that answers."""
+        for addr in self.addrs:
+            try:
+                # sys/health needs no token and answers non-2xx by design
+                # (503 sealed, 429 standby...), so it bypasses hvac's error mapping.
+                response = self._session.get(
+                    f"{addr}/v1/sys/health",
+                    params={"standbyok": "true", "perfstandbyok": "true"},
+                    timeout=self._timeout_s,
+                    verify=self._verify,
+                )
+                body = response.json()
+            except (*TRANSIENT_TRANSPORT, ValueError):
+                continue
+            return VaultHealth(
+                reachable=True,
+                initialized=bool(body.get("initialized")),
+                sealed=bool(body.get("sealed", True)),
+                standby=bool(body.get("standby")),
+                version=body.get("version"),
+                address=addr,
+            )
+        return VaultHealth(reachable=False)
+
+    # -- KV v2 --------------------------------------------------------------------
+
+    def kv_read(self, path: str, *, version: int | None = None) -> KvEntry | None:
+        """Read a KV v2 secret (latest or a given version); None when absent or deleted."""
+
+        def read(client: hvac.Client) -> KvEntry | None:
+            try:
+                result = client.secrets.kv.v2.read_secret_version(
+                    path=path,
+                    version=version,
+                    mount_point=self.kv_mount,
+                    raise_on_deleted_version=True,
+                )
+            except hvac.exceptions.InvalidPath:
+                return None
+            data = result["data"]
+            return KvEntry(data=data["data"] or {}, version=int(data["metadata"]["version"]))
+
+        return self.call("read a secret", read)
+
+    def kv_write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
+        """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet"."""
+
+        def write(client: hvac.Client) -> int:
+            result = client.secrets.kv.v2.create_or_update_secret(
+                path=path, secret=dict(data), cas=cas, mount_point=self.kv_mount
+            )
+            return int(result["data"]["version"])
+
+        return self.call("write a secret", write)
+
+    def kv_metadata(self, path: str) -> dict[str, Any] | None:
+        """The metadata of a KV v2 secret (versions, current_version), or None."""
+
+        def read(client: hvac.Client) -> dict[str, Any] | None:
+            try:
+                result = client.secrets.kv.v2.read_secret_metadata(
+                    path=path, mount_point=self.kv_mount
+                )
+            except hvac.exceptions.InvalidPath:
+                return None
+            return dict(result["data"])
+
+        return self.call("read secret metadata", read)
+
+    def kv_list(self, path: str) -> list[str]:
+        """Keys directly under a KV v2 folder (names ending in / are folders)."""
+
+        def list_keys(client: hvac.Client) -> list[str]:
+            try:
+                result = client.secrets.kv.v2.list_secrets(path=path, mount_point=self.kv_mount)
+            except hvac.exceptions.InvalidPath:
+                return []
+            return list(result["data"]["keys"])
+
+        return self.call("list secrets", list_keys)
+
+    def kv_soft_delete(self, path: str) -> None:
+        """Delete the latest version; earlier versions stay restorable."""
+        self.call(
+            "delete a secret",
+            lambda client: client.secrets.kv.v2.delete_latest_version_of_secret(
+                path=path, mount_point=self.kv_mount
+            ),
+        )
+
+    def kv_destroy(self, path: str) -> None:
+        """Destroy every version and the metadata of a KV v2 secret."""
+        self.call(
+            "destroy a secret",
+            lambda client: client.secrets.kv.v2.delete_metadata_and_all_versions(
+                path=path, mount_point=self.kv_mount
+            ),
+        )
+
+    # -- Transit ------------------------------------------------------------------
+
+    def transit_ensure_key(self, name: str) -> bool:
+        """Create a derived aes256-gcm96 key unless it exists. True when created."""
+
+        def ensure(client: hvac.Client) -> bool:
+            try:
+                client.secrets.transit.read_key(name=name, mount_point=self.transit_mount)
+                return False
+            except hvac.exceptions.InvalidPath:
+                pass
+            # derived=True: every encryption must name a context, and the key
+            # used is derived from it, so a ciphertext only decrypts under the
+            # tenant/provider it was written for.
+            client.secrets.transit.create_key(
+                name=name, key_type="aes256-gcm96", derived=True, mount_point=self.transit_mount
+            )
+            return True
+
+        return self.call("create an encryption key", ensure)
+
+    def transit_key_info(self, name: str) -> dict[str, Any] | None:
+        """Latest and minimum decryption versions of a key, or None if it is gone."""
+
+        def read(client: hvac.Client) -> dict[str, Any] | None:
+            try:
+                result = client.secrets.transit.read_key(name=name, mount_point=self.transit_mount)
+            except hvac.exceptions.InvalidPath:
+                return None
+            return dict(result["data"])
+
+        return self.call("read an encryption key", read)
+
+    def transit_encrypt(self, key: str, plaintext: bytes, *, context: str) -> str:
+        """Encrypt under `key`, bound to `context`; returns `vault:vN:...`."""
+
+        def encrypt(client: hvac.Client) -> str:
+            result = client.secrets.transit.encrypt_data(
+                name=key,
+                plaintext=_b64(plaintext),
+                context=_b64(context.encode()),
+                mount_point=self.transit_mount,
+            )
+            return str(result["data"]["ciphertext"])
+
+        return self.call("encrypt", encrypt)
+
+    def transit_decrypt(self, key: str, ciphertext: str, *, context: str) -> bytes:
+        """Decrypt a ciphertext written for `context`; fails for any other context."""
+
+        def decrypt(client: hvac.Client) -> bytes:
+            result = client.secrets.transit.decrypt_data(
+                name=key,
+                ciphertext=ciphertext,
+                context=_b64(context.encode()),
+                mount_point=self.transit_mount,
+            )
+            return base64.b64decode(result["data"]["plaintext"])
+
+        return self.call("decrypt", decrypt)
+
+    def transit_rotate(self, key: str) -> int:
+        """Rotate a key; returns its new latest version."""
+
+        def rotate(client: hvac.Client) -> int:
+            client.secrets.transit.rotate_key(name=key, mount_point=self.transit_mount)
+            data = client.secrets.transit.read_key(name=key, mount_point=self.transit_mount)
+            return int(data["data"]["latest_version"])
+
+        return self.call("rotate an encryption key", rotate)
+
+    def transit_rewrap(self, key: str, items: list[tuple[str, str]]) -> list[str]:
+        """Rewrap (ciphertext, context) pairs to the latest key version in one batch call."""
+        if not items:
+            return []
+
+        def rewrap(client: hvac.Client) -> list[str]:
+            batch = [{"ciphertext": ct, "context": _b64(ctx.encode())} for ct, ctx in items]
+            result = client.secrets.transit.rewrap_data(
+                name=key, ciphertext="", batch_input=batch, mount_point=self.transit_mount
+            )
+            out = []
+            for entry in result["data"]["batch_results"]:
+                if entry.get("error"):
+                    raise BrokerError("rewrap failed for one ciphertext")
+                out.append(str(entry["ciphertext"]))
+            return out
+
+        return self.call("rewrap ciphertexts", rewrap)
+
+    def transit_set_min_decryption_version(self, key: str, version: int) -> None:
+        """Refuse ciphertexts older than `version` from now on."""
+        self.call(
+            "configure an encryption key",
+            lambda client: client.secrets.transit.update_key_configuration(
+                name=key, min_decryption_version=version, mount_point=self.transit_mount
+            ),
+        )
+
+    def transit_delete_key(self, key: str) -> None:
+        """Delete a key for good (crypto-shredding); a missing key is fine."""
+
+        def delete(client: hvac.Client) -> None:
+            try:
+                client.secrets.transit.update_key_configuration(
+                    name=key, deletion_allowed=True, mount_point=self.transit_mount
+                )
+            except hvac.exceptions.InvalidPath:
+                return
+            except hvac.exceptions.InvalidRequest as exc:
+                if "no existing key" in str(exc) or "not found" in str(exc):
+                    return
+                raise
+            client.secrets.transit.delete_key(name=key, mount_point=self.transit_mount)
+
+        self.call("delete an encryption key", delete)
+
+    # -- response wrapping --------------------------------------------------------
+
+    def wrap(self, payload: Mapping[str, Any], *, ttl: str) -> WrappedSecret:
+        """Wrap `payload` in a single-use token valid for `ttl`."""
+
+        def wrap(client: hvac.Client) -> WrappedSecret:
+            info = client.sys.wrap(payload=dict(payload), ttl=ttl)["wrap_info"]
+            return WrappedSecret(
+                token=info["token"],
+                accessor=info["accessor"],
+                ttl=int(info["ttl"]),
+                creation_time=info["creation_time"],
+                creation_path=info["creation_path"],
+            )
+
+        return self.call("wrap a response", wrap)
+
+    def audit_hash(self, device: str, value: str) -> str:
+        """HMAC `value` the way audit device `device` writes it to its log."""
+
+        def audit_hash(client: hvac.Client) -> str:
+            response = client.adapter.post(f"/v1/sys/audit-hash/{device}", json={"input": value})
+            return str(response["data"]["hash"] if "data" in response else response["hash"])
+
+        return self.call("hash a value for the audit log", audit_hash)
+
+    def raw(self) -> hvac.Client:
+        """The current hvac client, for bootstrap code inside `broker.vault` only."""
+        return self._client()

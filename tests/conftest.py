@@ -1,0 +1,219 @@
+"""Session-wide real services: OpenBao and PostgreSQL, never mocks of either.
+
+Which ones, in order of preference:
+- Vault: `VAULT_ADDR` + `VAULT_TOKEN` (a privileged token) when set; otherwise
+  the bundled OpenBao binary in dev mode with a file audit device.
+- PostgreSQL: `TEST_DATABASE_URL` when set; otherwise the embedded pgserver.
+- With `BROKER_TEST_CONTAINERS=1` and a Docker engine, testcontainers instead.
+
+Each test isolates itself with fresh tenant ids; the schema is migrated once.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from broker.app import create_app
+from broker.auth.tokens import mint_token
+from broker.core.config import Settings
+from broker.core.db import make_engine, upgrade
+from broker.vault.bootstrap import bootstrap, create_policy_token
+from broker.vault.gateway import VaultGateway
+from tests.support import containers
+
+TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
+ISSUER = "tenant-secrets-broker"
+AUDIENCE = "tenant-secrets-broker"
+
+
+@dataclass(frozen=True)
+class VaultEndpoint:
+    """A real Vault/OpenBao the tests may use, with a privileged token."""
+
+    addr: str
+    root_token: str
+    audit_log: Path | None
+
+
+@pytest.fixture(scope="session")
+def vault_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEndpoint]:
+    """A bootstrapped Vault for the whole session."""
+    if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
+        endpoint = VaultEndpoint(os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"], None)
+        _bootstrap(endpoint)
+        yield endpoint
+        return
+    if containers.requested():
+        with containers.openbao() as (addr, token):
+            endpoint = VaultEndpoint(addr, token, None)
+            _bootstrap(endpoint)
+            yield endpoint
+        return
+    from broker.devstack.openbao import OpenBaoServer
+
+    with OpenBaoServer(tmp_path_factory.mktemp("openbao"), ephemeral=True) as bao:
+        endpoint = VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path)
+        _bootstrap(endpoint)
+        yield endpoint
+
+
+def _bootstrap(endpoint: VaultEndpoint) -> None:
+    admin = VaultGateway(addrs=[endpoint.addr], token=endpoint.root_token)
+    try:
+        bootstrap(admin)
+    finally:
+        admin.close()
+
+
+@pytest.fixture(scope="session")
+def vault_admin(vault_endpoint: VaultEndpoint) -> Iterator[VaultGateway]:
+    """A gateway with the privileged token, for test set-up and inspection only."""
+    gateway = VaultGateway(addrs=[vault_endpoint.addr], token=vault_endpoint.root_token)
+    yield gateway
+    gateway.close()
+
+
+@pytest.fixture(scope="session")
+def broker_vault_token(vault_admin: VaultGateway) -> str:
+    """A token holding exactly the broker's policy, as the broker runs in production."""
+    return create_policy_token(vault_admin, "broker")
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh, migrated database for the session."""
+    if os.environ.get("TEST_DATABASE_URL"):
+        from broker.devstack.postgres import create_database
+
+        url = create_database(
+            os.environ["TEST_DATABASE_URL"], f"broker_test_{uuid.uuid4().hex[:12]}"
+        )
+        upgrade(url)
+        yield url
+        return
+    if containers.requested():
+        with containers.postgres() as url:
+            upgrade(url)
+            yield url
+        return
+    from broker.devstack.postgres import EmbeddedPostgres, create_database
+
+    with EmbeddedPostgres(tmp_path_factory.mktemp("postgres")) as pg:
+        url = create_database(pg.url, "broker_test")
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def engine(database_url: str) -> Iterator[Engine]:
+    """The session's engine."""
+    engine = make_engine(database_url)
+    yield engine
+    engine.dispose()
+
+
+def make_settings(
+    vault_endpoint: VaultEndpoint, token: str, database_url: str, **overrides: Any
+) -> Settings:
+    """Test settings: real Vault and database, the test signing key."""
+    values: dict[str, Any] = {
+        "env": "test",
+        "database_url": database_url,
+        "vault_addrs": [vault_endpoint.addr],
+        "vault_token": token,
+        "jwt_hs256_secret": TEST_SIGNING_KEY,
+        "jwt_issuer": ISSUER,
+        "jwt_audience": AUDIENCE,
+        "retry_after_s": 2,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
+
+
+@pytest.fixture(scope="session")
+def settings(vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str) -> Settings:
+    """The broker's settings for the session."""
+    return make_settings(vault_endpoint, broker_vault_token, database_url)
+
+
+@pytest.fixture(scope="session")
+def broker_vault(settings: Settings) -> Iterator[VaultGateway]:
+    """The gateway the broker uses (broker policy only)."""
+    gateway = VaultGateway.from_settings(settings)
+    yield gateway
+    gateway.close()
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, engine: Engine, broker_vault: VaultGateway) -> Any:
+    """The app under test, on the real services."""
+    return create_app(settings, engine=engine, vault=broker_vault)
+
+
+@pytest.fixture(scope="session")
+def client(app: Any) -> Iterator[TestClient]:
+    """An HTTP client for the app (no lifespan: the session fixtures own the resources)."""
+    yield TestClient(app, raise_server_exceptions=False)
+
+
+def token(
+    *scopes: str,
+    tenant_id: str | None = None,
+    kind: str = "user",
+    tenants: tuple[str, ...] = (),
+    subject: str = "alice",
+    key: str = TEST_SIGNING_KEY,
+    audience: str | None = AUDIENCE,
+    issuer: str = ISSUER,
+    ttl_s: int = 600,
+    not_before_s: int = 0,
+) -> str:
+    """A signed test token."""
+    return mint_token(
+        key,
+        subject=subject,
+        scopes=scopes,
+        issuer=issuer,
+        audience=audience,
+        tenant_id=tenant_id,
+        kind=kind,
+        tenants=tenants,
+        ttl_s=ttl_s,
+        not_before_s=not_before_s,
+    )
+
+
+def bearer(jwt: str) -> dict[str, str]:
+    """An Authorization header."""
+    return {"Authorization": f"Bearer {jwt}"}
+
+
+def new_tenant_id(prefix: str = "t") -> str:
+    """A tenant id no other test uses."""
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+def make_tenant(client: TestClient, tenant_id: str | None = None, **overrides: Any) -> str:
+    """Create a tenant through the API, as a platform admin would."""
+    tenant_id = tenant_id or new_tenant_id()
+    body = {"id": tenant_id, "name": f"Shop {tenant_id}", **overrides}
+    response = client.post(
+        "/v1/tenants", json=body, headers=bearer(token("platform:admin", subject="ops"))
+    )
+    assert response.status_code == 201, response.text
+    return tenant_id
+
+
+@pytest.fixture
+def tenant(client: TestClient) -> str:
+    """A fresh tenant for one test."""
+    return make_tenant(client)
