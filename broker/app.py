@@ -17,6 +17,10 @@ from broker.settings.routes import router as settings_router
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
+# Every router the app serves, in matching order. Settings come before tenants:
+# `/v1/tenants/settings` must not be read as a tenant id.
+ROUTERS = (health_router, settings_router, tenants_router)
+
 
 def create_app(
     settings: Settings,
@@ -51,7 +55,6 @@ def create_app(
     app.state.metrics = Metrics()
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
-    # Settings first: `/v1/tenants/settings` must not be read as a tenant id.
-    for router in (health_router, settings_router, tenants_router):
+    for router in ROUTERS:
         app.include_router(router)
     return app

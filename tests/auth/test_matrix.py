@@ -1,0 +1,252 @@
+"""The authorization matrix: every route, every kind of caller.
+
+`ROUTES` lists every non-public route with the scopes that must pass and a
+scope that must not. `test_every_route_declares_scopes_and_is_in_the_matrix`
+fails as soon as someone adds a route without `require(...)` or without a row
+here, so the matrix cannot silently fall behind the API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from broker.app import ROUTERS
+from broker.auth.dependencies import declared_scopes
+from broker.health.routes import PUBLIC_PATHS
+from tests.conftest import bearer, make_tenant, new_tenant_id, token
+
+PUBLIC = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One route and who may call it."""
+
+    method: str
+    path: str  # "{tenant}" is replaced by the caller's tenant
+    allowed: tuple[tuple[str, ...], ...]
+    insufficient: tuple[str, ...]
+    body: Callable[[], Any] | None = None
+    tenant_bound: bool = True
+    kind: str = "user"
+    extra_claims: dict[str, Any] = field(default_factory=dict)
+
+
+ROUTES: dict[tuple[str, str], Case] = {
+    ("POST", "/v1/tenants"): Case(
+        "POST",
+        "/v1/tenants",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        body=lambda: {"id": new_tenant_id("m"), "name": "Matrix"},
+        tenant_bound=False,
+    ),
+    ("GET", "/v1/tenants"): Case(
+        "GET",
+        "/v1/tenants",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
+    ("GET", "/v1/tenants/{tenant_id}"): Case(
+        "GET",
+        "/v1/tenants/{tenant}",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
+    ("GET", "/v1/tenants/settings"): Case(
+        "GET",
+        "/v1/tenants/settings",
+        allowed=(("integrations:view",), ("integrations:manage",), ("tenant:admin",)),
+        insufficient=("finance:manage",),
+    ),
+    ("PATCH", "/v1/tenants/settings"): Case(
+        "PATCH",
+        "/v1/tenants/settings",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        body=lambda: {"feature_flags": {"ai_responses_enabled": False}},
+    ),
+}
+
+
+def _api_routes(app: Any) -> list[APIRoute]:
+    routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+    # Cross-check with the OpenAPI document, so a router left out of ROUTERS is caught.
+    listed = {(m, r.path) for r in routes for m in r.methods}
+    served = {
+        (method.upper(), path)
+        for path, ops in app.openapi()["paths"].items()
+        for method in ops
+        if path not in PUBLIC
+    }
+    assert served <= listed, f"routes served but not in broker.app.ROUTERS: {served - listed}"
+    return [r for r in routes if r.path not in PUBLIC]
+
+
+def _requires(route: APIRoute) -> tuple[str, ...] | None:
+    stack = list(route.dependant.dependencies)
+    while stack:
+        dep = stack.pop()
+        scopes = declared_scopes(dep.call)
+        if scopes:
+            return scopes
+        stack.extend(dep.dependencies)
+    return None
+
+
+def test_every_route_declares_scopes_and_is_in_the_matrix(app: Any) -> None:
+    missing_scopes, missing_rows = [], []
+    for route in _api_routes(app):
+        for method in route.methods:
+            if _requires(route) is None:
+                missing_scopes.append(f"{method} {route.path}")
+            if (method, route.path) not in ROUTES:
+                missing_rows.append(f"{method} {route.path}")
+    assert not missing_scopes, f"routes without require(...): {missing_scopes}"
+    assert not missing_rows, f"routes missing from the authorization matrix: {missing_rows}"
+
+
+def test_matrix_rows_name_real_routes(app: Any) -> None:
+    real = {(m, r.path) for r in _api_routes(app) for m in r.methods}
+    assert set(ROUTES) <= real, f"stale matrix rows: {set(ROUTES) - real}"
+
+
+def test_declared_scopes_match_the_matrix(app: Any) -> None:
+    for route in _api_routes(app):
+        for method in route.methods:
+            declared = set(_requires(route) or ())
+            case = ROUTES[(method, route.path)]
+            for scopes in case.allowed:
+                assert declared & set(scopes) or "tenant:admin" in scopes, (method, route.path)
+
+
+CASES = sorted(ROUTES.values(), key=lambda c: (c.path, c.method))
+IDS = [f"{c.method} {c.path}" for c in CASES]
+
+
+def _call(client: TestClient, case: Case, tenant_id: str, headers: dict[str, str]) -> Any:
+    path = case.path.replace("{tenant}", tenant_id)
+    body = case.body() if case.body else None
+    return client.request(case.method, path, json=body, headers=headers)
+
+
+def _token(case: Case, scopes: tuple[str, ...], tenant_id: str, **kwargs: Any) -> str:
+    return token(*scopes, tenant_id=tenant_id if case.tenant_bound else None, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_owner_with_each_allowed_scope_gets_through(
+    client: TestClient, tenant: str, case: Case
+) -> None:
+    for scopes in case.allowed:
+        response = _call(client, case, tenant, bearer(_token(case, scopes, tenant)))
+        assert response.status_code < 400, (scopes, response.text)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_missing_scope_is_forbidden(client: TestClient, tenant: str, case: Case) -> None:
+    response = _call(client, case, tenant, bearer(_token(case, case.insufficient, tenant)))
+    assert response.status_code == 403
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_anonymous_is_unauthenticated(client: TestClient, tenant: str, case: Case) -> None:
+    response = _call(client, case, tenant, {})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+BAD_TOKENS: dict[str, Callable[[Case, tuple[str, ...], str], str]] = {
+    "expired": lambda c, s, t: _token(c, s, t, ttl_s=-3600),
+    "not yet valid": lambda c, s, t: _token(c, s, t, not_before_s=3600, ttl_s=7200),
+    "wrong audience": lambda c, s, t: _token(c, s, t, audience="another-service"),
+    "wrong issuer": lambda c, s, t: _token(c, s, t, issuer="https://evil.example"),
+    "bad signature": lambda c, s, t: _token(
+        c, s, t, key="not-the-signing-key-but-long-enough-for-hs256"
+    ),
+    "truncated": lambda c, s, t: _token(c, s, t)[:-8],
+    "not a jwt": lambda c, s, t: "definitely-not-a-jwt",
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("flaw", sorted(BAD_TOKENS))
+def test_bad_tokens_are_unauthenticated(
+    client: TestClient, tenant: str, case: Case, flaw: str
+) -> None:
+    bad = BAD_TOKENS[flaw](case, case.allowed[0], tenant)
+    response = _call(client, case, tenant, bearer(bad))
+    assert response.status_code == 401, response.text
+    assert bad not in response.text
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_unknown_scope_is_denied_even_beside_a_good_one(
+    client: TestClient, tenant: str, case: Case
+) -> None:
+    scopes = (*case.allowed[0], "superuser:everything")
+    response = _call(client, case, tenant, bearer(_token(case, scopes, tenant)))
+    assert response.status_code == 403
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.tenant_bound], ids=lambda c: c.path)
+def test_foreign_tenant_never_sees_another_tenants_data(client: TestClient, case: Case) -> None:
+    victim, intruder = make_tenant(client), make_tenant(client)
+    marker = f"Victim {new_tenant_id('x')}"
+    admin = bearer(token("tenant:admin", tenant_id=victim))
+    assert (
+        client.patch(
+            "/v1/tenants/settings", json={"branding": {"business_name": marker}}, headers=admin
+        ).status_code
+        == 200
+    )
+    response = _call(client, case, victim, bearer(_token(case, case.allowed[0], intruder)))
+    assert marker not in response.text
+    # The intruder acted on its own tenant, never the victim's.
+    after = client.get("/v1/tenants/settings", headers=admin).json()
+    assert after["branding"]["business_name"] == marker
+    assert after["feature_flags"]["ai_responses_enabled"] is True
+
+
+def test_a_token_for_a_missing_tenant_gets_404(client: TestClient) -> None:
+    ghost = bearer(token("tenant:admin", tenant_id=new_tenant_id("ghost")))
+    assert client.get("/v1/tenants/settings", headers=ghost).status_code == 404
+
+
+def test_denied_requests_are_in_the_audit_trail(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    forbidden = client.get(
+        "/v1/tenants/settings", headers=bearer(token("finance:view", tenant_id=tenant))
+    )
+    anonymous = client.patch("/v1/tenants/settings", json={})
+    with engine.connect() as conn:
+        rows = {
+            row.request_id: row
+            for row in conn.execute(
+                text(
+                    "SELECT request_id, actor, tenant_id, outcome, action, client_addr"
+                    " FROM audit_events WHERE request_id IN (:a, :b)"
+                ),
+                {
+                    "a": forbidden.headers["x-request-id"],
+                    "b": anonymous.headers["x-request-id"],
+                },
+            )
+        }
+    denied = rows[forbidden.headers["x-request-id"]]
+    assert (denied.actor, denied.tenant_id, denied.outcome) == ("user:alice", tenant, "denied")
+    assert denied.action == "GET /v1/tenants/settings"
+    assert denied.client_addr
+    anon = rows[anonymous.headers["x-request-id"]]
+    assert (anon.actor, anon.outcome) == ("anonymous", "denied")

@@ -1,0 +1,99 @@
+"""Liveness, readiness and metrics against real, and really failing, services."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+
+from broker.app import create_app
+from broker.core.config import Settings
+from broker.core.db import make_engine
+from broker.devstack.openbao import OpenBaoServer
+from broker.vault.bootstrap import bootstrap
+from broker.vault.gateway import VaultGateway
+from tests.conftest import VaultEndpoint, bearer, make_settings, token
+
+
+def test_healthz_is_alive(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_when_everything_is_up(client: TestClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "vault": "ok", "database": "ok"}
+
+
+def test_metrics_count_requests_by_route_template(client: TestClient, tenant: str) -> None:
+    client.get("/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id=tenant)))
+    body = client.get("/metrics").text
+    assert "broker_http_requests_total" in body
+    assert 'route="/v1/tenants/settings"' in body
+    assert tenant not in body  # templates, not raw paths: no tenant ids in label values
+
+
+@pytest.fixture
+def own_bao(tmp_path: Path) -> Iterator[OpenBaoServer]:
+    """An OpenBao only this test may seal or kill."""
+    with OpenBaoServer(tmp_path, ephemeral=True) as bao:
+        admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
+        bootstrap(admin)
+        admin.close()
+        yield bao
+
+
+def _app_on(bao: OpenBaoServer, database_url: str, engine: Engine) -> TestClient:
+    settings = make_settings(
+        VaultEndpoint(bao.addr, bao.root_token, None), bao.root_token, database_url
+    )
+    gateway = VaultGateway.from_settings(settings)
+    return TestClient(create_app(settings, engine=engine, vault=gateway))
+
+
+def test_readyz_reports_a_sealed_then_a_dead_vault(
+    own_bao: OpenBaoServer, database_url: str, engine: Engine
+) -> None:
+    client = _app_on(own_bao, database_url, engine)
+    assert client.get("/readyz").status_code == 200
+    own_bao.seal()
+    sealed = client.get("/readyz")
+    assert sealed.status_code == 503
+    assert sealed.json()["vault"] == "sealed"
+    assert int(sealed.headers["retry-after"]) > 0
+    own_bao.kill()
+    dead = client.get("/readyz")
+    assert dead.status_code == 503
+    assert dead.json()["vault"] == "unreachable"
+
+
+def test_settings_still_answer_while_vault_is_down(
+    own_bao: OpenBaoServer, database_url: str, engine: Engine, tenant: str
+) -> None:
+    # Settings are PostgreSQL-only: a Vault outage must not take them down.
+    client = _app_on(own_bao, database_url, engine)
+    own_bao.kill()
+    response = client.get(
+        "/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id=tenant))
+    )
+    assert response.status_code == 200
+
+
+def test_readyz_and_settings_when_the_database_is_unreachable(
+    settings: Settings, broker_vault: VaultGateway, tmp_path: Path
+) -> None:
+    dead = make_engine(f"postgresql+psycopg://nobody@/nothing?host={tmp_path}")
+    client = TestClient(create_app(settings, engine=dead, vault=broker_vault))
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["database"] == "unreachable"
+    response = client.get(
+        "/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id="any"))
+    )
+    assert response.status_code == 503
+    assert "retry-after" in response.headers
+    assert "psycopg" not in response.text and "SELECT" not in response.text
+    dead.dispose()

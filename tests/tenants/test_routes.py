@@ -1,0 +1,59 @@
+"""Tenant lifecycle over HTTP."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.conftest import bearer, make_tenant, new_tenant_id, token
+
+OPS = bearer(token("platform:admin", subject="ops"))
+
+
+def test_a_new_tenant_gets_settings_with_defaults(client: TestClient) -> None:
+    tenant_id = new_tenant_id()
+    created = client.post("/v1/tenants", json={"id": tenant_id, "name": "Acme"}, headers=OPS)
+    assert created.status_code == 201
+    assert created.json()["created_by"] == "user:ops"
+    settings = client.get(
+        "/v1/tenants/settings", headers=bearer(token("integrations:view", tenant_id=tenant_id))
+    )
+    assert settings.status_code == 200
+    assert settings.json()["version"] == 1
+
+
+def test_duplicate_tenant_is_a_conflict(client: TestClient) -> None:
+    tenant_id = make_tenant(client)
+    again = client.post("/v1/tenants", json={"id": tenant_id, "name": "Again"}, headers=OPS)
+    assert again.status_code == 409
+
+
+@pytest.mark.parametrize(
+    "bad_id", ["", "UPPER", "has space", "-leading", "trailing-", "a" * 64, "settings", "x/y"]
+)
+def test_tenant_ids_are_safe_slugs(client: TestClient, bad_id: str) -> None:
+    response = client.post("/v1/tenants", json={"id": bad_id, "name": "X"}, headers=OPS)
+    assert response.status_code == 422
+
+
+def test_unknown_fields_are_rejected(client: TestClient) -> None:
+    response = client.post(
+        "/v1/tenants", json={"id": new_tenant_id(), "name": "X", "plan": "gold"}, headers=OPS
+    )
+    assert response.status_code == 422
+    assert "plan" in response.text
+
+
+def test_get_and_list(client: TestClient) -> None:
+    first, second = (
+        make_tenant(client, new_tenant_id("la")),
+        make_tenant(client, new_tenant_id("lb")),
+    )
+    assert client.get(f"/v1/tenants/{first}", headers=OPS).json()["id"] == first
+    assert client.get(f"/v1/tenants/{new_tenant_id()}", headers=OPS).status_code == 404
+    listed = client.get("/v1/tenants", params={"limit": 500}, headers=OPS).json()
+    ids = [t["id"] for t in listed]
+    assert {first, second} <= set(ids)
+    assert ids == sorted(ids)
+    page = client.get("/v1/tenants", params={"after": first, "limit": 1}, headers=OPS).json()
+    assert page[0]["id"] > first
