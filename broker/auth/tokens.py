@@ -37,6 +37,7 @@ class TokenVerifier:
         public_key: str | None = None,
         jwks_url: str | None = None,
         leeway_s: int = 30,
+        jwks_lifespan_s: float = 300,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
@@ -44,7 +45,10 @@ class TokenVerifier:
         self._jwks: PyJWKClient | None = None
         self._key: Any = None
         if jwks_url:
-            self._jwks = PyJWKClient(jwks_url, cache_keys=True, lifespan=300, timeout=5)
+            # Only the key set is cached, for `jwks_lifespan_s`. PyJWT's per-kid
+            # cache (cache_keys) never expires, so a key the IdP withdraws would
+            # stay trusted until the process restarts.
+            self._jwks = PyJWKClient(jwks_url, lifespan=jwks_lifespan_s, timeout=5)
             self.algorithms = [a for a in algorithms if a not in _SYMMETRIC]
         elif public_key:
             # Parse the PEM once, not on every request.
@@ -105,7 +109,9 @@ class TokenVerifier:
             raise Unauthenticated("token audience is wrong") from None
         except jwt.InvalidIssuerError:
             raise Unauthenticated("token issuer is wrong") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, TypeError):
+            # PyJWT raises a bare TypeError when the header's algorithm does not
+            # fit the key type (an ES256 header against an RSA key).
             raise Unauthenticated("token signature or claims are invalid") from None
         return principal_from_claims(claims)
 

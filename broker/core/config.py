@@ -60,11 +60,30 @@ class Settings(BaseSettings):
     jwt_hs256_secret: SecretStr | None = None
     jwt_leeway_s: int = 30
 
+    # Outbound calls to providers (connection tests). Loopback and plain HTTP
+    # exist for tests and dev only; production refuses them.
+    egress_allow_http: bool = False
+    egress_allow_loopback: bool = False
+    egress_timeout_s: float = Field(default=10.0, gt=0, le=10)
+    twilio_base_url: str = "https://api.twilio.com"
+    openai_base_url: str = "https://api.openai.com"
+    graph_base_url: str = "https://graph.facebook.com"
+    graph_api_version: str = "v21.0"
+    shopify_api_version: str = "2024-10"
+    shopify_base_url: str | None = None
+
     @field_validator("vault_addrs", "jwt_algorithms", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_hs256_secret")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("the HS256 secret must be at least 32 characters")
         return value
 
     @field_validator("jwt_algorithms")
@@ -92,6 +111,8 @@ class Settings(BaseSettings):
             problems.append(f"Vault addresses without TLS: {', '.join(plain)}")
         if self.database_url is None:
             problems.append("no database (BROKER_DATABASE_URL)")
+        if self.egress_allow_http or self.egress_allow_loopback:
+            problems.append("provider calls may reach plain HTTP or loopback (BROKER_EGRESS_*)")
         if problems:
             raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
         return self

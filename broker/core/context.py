@@ -36,8 +36,22 @@ def bind(ctx: RequestContext) -> None:
     _current.set(ctx)
 
 
-def update(**changes: str | None) -> None:
+_UNSET = object()
+
+
+def update(
+    *,
+    actor: str | None | object = _UNSET,
+    tenant_id: str | None | object = _UNSET,
+    action: str | None | object = _UNSET,
+) -> None:
     """Add actor, tenant or action to the current context once they are known."""
     ctx = _current.get()
-    if ctx is not None:
-        _current.set(replace(ctx, **changes))
+    if ctx is None:
+        return
+    changes = {
+        name: value
+        for name, value in (("actor", actor), ("tenant_id", tenant_id), ("action", action))
+        if value is not _UNSET
+    }
+    _current.set(replace(ctx, **changes))  # type: ignore[arg-type]

@@ -20,9 +20,10 @@ REDACTED = "[REDACTED]"
 
 # Shapes of credentials we know. Order matters little; each match is replaced whole.
 _SECRET_PATTERNS = [
-    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"),
+    re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{12,}"),
     re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"),  # JWTs
-    re.compile(r"\b(?:hvs|hvb|hvr|s|b|r)\.[A-Za-z0-9]{20,}"),  # Vault / OpenBao tokens
+    # Vault / OpenBao tokens; hvs./hvb. bodies are base64url, so `-` and `_` occur.
+    re.compile(r"\b(?:hvs|hvb|hvr|s|b|r)\.[A-Za-z0-9_-]{20,}"),
     re.compile(r"\bvault:v\d+:[A-Za-z0-9+/=]+"),  # Transit ciphertext
     re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{8,}"),  # Stripe keys
     re.compile(r"\b(?:seti|pi)_[A-Za-z0-9]+_secret_[A-Za-z0-9]+"),  # Stripe client secrets
@@ -57,7 +58,11 @@ def redact_value(key: str, value: Any) -> Any:
         return {k: redact_value(str(k), v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact_value(key, v) for v in value]
-    return value
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    # Anything else (an exception, a URL object) is rendered as text by the
+    # formatter, so scrub that text here.
+    return redact_text(str(value))
 
 
 class RedactionFilter(logging.Filter):
@@ -68,7 +73,7 @@ class RedactionFilter(logging.Filter):
         record.args = None
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
-            record.fields = {k: redact_value(k, v) for k, v in fields.items()}
+            record.fields = {k: redact_value(str(k), v) for k, v in fields.items()}
         if record.exc_info and record.exc_info[1] is not None:
             # Render the traceback now, scrubbed, and drop the live exception so
             # no formatter downstream prints its raw text.

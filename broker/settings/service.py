@@ -27,8 +27,10 @@ assert tuple(SETTINGS_GROUPS) == SETTINGS_GROUP_COLUMNS, "schemas and table colu
 
 def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
     """A settings row with every group at its default."""
-    groups = {name: default_group(name) for name in SETTINGS_GROUPS}
-    return TenantSettings(tenant_id=tenant_id, version=1, updated_by=updated_by, **groups)
+    row = TenantSettings(tenant_id=tenant_id, version=1, updated_by=updated_by)
+    for name in SETTINGS_GROUPS:
+        setattr(row, name, default_group(name))
+    return row
 
 
 def own_tenant(principal: Principal) -> str:

@@ -48,9 +48,9 @@ def get_tenant(session: Session, *, tenant_id: str) -> Tenant:
 
 def list_tenants(session: Session, *, limit: int = 100, after: str | None = None) -> list[Tenant]:
     """Tenants ordered by id, paged by the last id seen."""
-    query = select(Tenant).order_by(Tenant.id).limit(limit)  # type: ignore[arg-type]
+    query = select(Tenant).order_by(Tenant.id).limit(limit)
     if after:
-        query = query.where(Tenant.id > after)  # type: ignore[operator]
+        query = query.where(Tenant.id > after)
     return list(session.exec(query))
 
 

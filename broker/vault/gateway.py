@@ -32,7 +32,13 @@ from tenacity import (
 from broker.core import context
 from broker.core.config import Settings
 from broker.core.errors import BrokerError
-from broker.vault.errors import TRANSIENT_TRANSPORT, VaultUnavailable, is_transient, translate
+from broker.vault.errors import (
+    TRANSIENT_TRANSPORT,
+    VaultMisconfigured,
+    VaultUnavailable,
+    is_transient,
+    translate,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -158,7 +164,7 @@ class VaultGateway:
                 token=token,
                 namespace=namespace,
                 verify=verify,
-                timeout=timeout_s,
+                timeout=timeout_s,  # type: ignore[arg-type]  # requests takes floats
                 session=self._session,
                 adapter=AuditedAdapter,
                 # A standby whose leader died answers 307 to the dead leader;
@@ -221,12 +227,15 @@ class VaultGateway:
             return self._token
 
     def _approle_login(self, client: hvac.Client) -> None:
-        result = client.auth.approle.login(
-            role_id=self._role_id,
-            secret_id=self._secret_id,
-            mount_point=self._approle_mount,
-            use_token=False,
-        )
+        try:
+            result = client.auth.approle.login(
+                role_id=self._role_id,
+                secret_id=self._secret_id,
+                mount_point=self._approle_mount,
+                use_token=False,
+            )
+        except (hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden) as exc:
+            raise VaultMisconfigured("Vault refused the broker's AppRole login") from exc
         auth = result["auth"]
         self._token = auth["client_token"]
         ttl = int(auth.get("lease_duration") or 0)
@@ -505,7 +514,7 @@ class VaultGateway:
         """Wrap `payload` in a single-use token valid for `ttl`."""
 
         def wrap(client: hvac.Client) -> WrappedSecret:
-            info = client.sys.wrap(payload=dict(payload), ttl=ttl)["wrap_info"]
+            info = client.sys.wrap(payload=dict(payload), ttl=ttl)["wrap_info"]  # type: ignore[arg-type]
             return WrappedSecret(
                 token=info["token"],
                 accessor=info["accessor"],

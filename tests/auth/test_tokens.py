@@ -1,0 +1,544 @@
+"""Bearer token verification: what is accepted, what is refused, and what scopes mean."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import RSAAlgorithm
+from pydantic import ValidationError
+
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope, effective_scopes
+from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
+from broker.core.config import Settings
+from broker.core.errors import Forbidden, Unauthenticated
+
+SECRET = "unit-test-hs256-signing-key-0123456789abcdef"
+ISSUER = "tenant-secrets-broker"
+AUDIENCE = "tenant-secrets-broker"
+ASYMMETRIC = ["RS256", "ES256", "EdDSA"]
+DROP = object()  # marks a claim to leave out
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _json_b64(value: Any) -> str:
+    return _b64url(json.dumps(value, separators=(",", ":")).encode())
+
+
+def claims(**overrides: Any) -> dict[str, Any]:
+    """A valid claim set for a tenant user; `DROP` removes a claim."""
+    now = int(time.time())
+    base: dict[str, Any] = {
+        "sub": "alice",
+        "iss": ISSUER,
+        "aud": AUDIENCE,
+        "iat": now,
+        "nbf": now,
+        "exp": now + 300,
+        "scope": "integrations:view",
+        "kind": "user",
+        "tenant_id": "t-acme",
+    }
+    for name, value in overrides.items():
+        if value is DROP:
+            base.pop(name, None)
+        else:
+            base[name] = value
+    return base
+
+
+def hs256(payload: dict[str, Any], secret: str = SECRET) -> str:
+    return jwt.encode(payload, secret, algorithm="HS256")
+
+
+def pem(private_key: Any) -> str:
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+
+
+def hs_verifier(**overrides: Any) -> TokenVerifier:
+    options: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "algorithms": ASYMMETRIC,
+        "hs256_secret": SECRET,
+    }
+    options.update(overrides)
+    return TokenVerifier(**options)
+
+
+@pytest.fixture(scope="module")
+def rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def other_rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+@pytest.fixture(scope="module")
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+# --- the happy path ---------------------------------------------------------------
+
+
+def test_minted_token_verifies_into_the_principal_it_names() -> None:
+    token = mint_token(
+        SECRET,
+        subject="catalog-sync",
+        scopes=["credentials:read", "integrations:view"],
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        tenant_id="t-home",
+        kind="service",
+        tenants=["t-1", "t-2"],
+    )
+
+    principal = hs_verifier().verify(token)
+
+    assert principal.subject == "catalog-sync"
+    assert principal.kind == "service"
+    assert principal.tenant_id == "t-home"
+    assert principal.scopes == {"credentials:read", "integrations:view"}
+    assert principal.tenants == {"t-1", "t-2"}
+    assert principal.actor == "service:catalog-sync"
+    assert principal.token_id  # the jti, for the audit trail
+
+
+def test_user_token_defaults_to_kind_user_with_no_tenants_served() -> None:
+    principal = hs_verifier().verify(hs256(claims(kind=DROP)))
+
+    assert principal.kind == "user"
+    assert principal.actor == "user:alice"
+    assert principal.tenants == frozenset()
+    assert principal.tenant_id == "t-acme"
+
+
+def test_verifier_from_dev_settings_accepts_dev_tokens() -> None:
+    settings = Settings(_env_file=None, env="test", jwt_hs256_secret=SECRET)
+    token = mint_token(
+        SECRET, subject="bob", scopes=["finance:view"], issuer=ISSUER, audience=AUDIENCE
+    )
+
+    assert TokenVerifier.from_settings(settings).verify(token).subject == "bob"
+
+
+def test_expiry_and_nbf_within_the_leeway_are_tolerated() -> None:
+    now = int(time.time())
+    verifier = hs_verifier(leeway_s=30)
+
+    assert verifier.verify(hs256(claims(exp=now - 10))).subject == "alice"
+    assert verifier.verify(hs256(claims(nbf=now + 10))).subject == "alice"
+
+
+# --- refusals ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("label", "make_claims"),
+    [
+        ("expired beyond leeway", lambda now: claims(exp=now - 120)),
+        ("nbf beyond leeway", lambda now: claims(nbf=now + 120)),
+        ("wrong issuer", lambda now: claims(iss="https://evil.example")),
+        ("wrong audience", lambda now: claims(aud="some-other-api")),
+        ("missing audience", lambda now: claims(aud=DROP)),
+        ("missing exp", lambda now: claims(exp=DROP)),
+        ("missing sub", lambda now: claims(sub=DROP)),
+        ("empty sub", lambda now: claims(sub="")),
+        ("missing iss", lambda now: claims(iss=DROP)),
+        ("scope is a list", lambda now: claims(scope=["integrations:view"])),
+        ("unknown kind", lambda now: claims(kind="admin")),
+        ("tenants is a string", lambda now: claims(kind="service", tenants="t-1")),
+        ("tenants holds non-strings", lambda now: claims(kind="service", tenants=["t-1", 2])),
+        ("tenant_id is not a string", lambda now: claims(tenant_id=42)),
+    ],
+)
+def test_bad_claims_are_unauthenticated(label: str, make_claims: Any) -> None:
+    token = hs256(make_claims(int(time.time())))
+
+    with pytest.raises(Unauthenticated):
+        hs_verifier(leeway_s=30).verify(token)
+
+
+def test_expired_token_says_so() -> None:
+    token = mint_token(
+        SECRET, subject="alice", scopes=[], issuer=ISSUER, audience=AUDIENCE, ttl_s=-120
+    )
+
+    with pytest.raises(Unauthenticated, match="expired"):
+        hs_verifier().verify(token)
+
+
+def test_token_signed_with_another_key_is_refused() -> None:
+    token = hs256(claims(), secret="another-tenant-signing-key-0123456789abcdef")
+
+    with pytest.raises(Unauthenticated):
+        hs_verifier().verify(token)
+
+
+def test_tampered_payload_is_refused() -> None:
+    header, _, signature = hs256(claims()).split(".")
+    escalated = _json_b64(claims(scope="platform:admin audit:read"))
+
+    with pytest.raises(Unauthenticated):
+        hs_verifier().verify(f"{header}.{escalated}.{signature}")
+
+
+def test_alg_none_token_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    token = f"{_json_b64({'alg': 'none', 'typ': 'JWT'})}.{_json_b64(claims())}."
+
+    with pytest.raises(Unauthenticated):
+        hs_verifier().verify(token)
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(
+            issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
+        ).verify(token)
+
+
+def test_hs256_signed_with_the_public_key_pem_is_refused(rsa_key: rsa.RSAPrivateKey) -> None:
+    # The classic algorithm confusion: the attacker knows the public key and
+    # uses its PEM text as an HMAC secret. Even an allowlist that names HS256
+    # must not let that through when the verifier holds a public key.
+    public_pem = pem(rsa_key)
+    signing_input = f"{_json_b64({'alg': 'HS256', 'typ': 'JWT'})}.{_json_b64(claims())}"
+    mac = hmac.new(public_pem.encode(), signing_input.encode(), hashlib.sha256).digest()
+    token = f"{signing_input}.{_b64url(mac)}"
+    verifier = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        algorithms=["RS256", "HS256"],
+        public_key=public_pem,
+    )
+
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        "",
+        "not-a-jwt",
+        "a.b.c",
+        "....",
+        "Bearer abc",
+        f"{_json_b64(['alg', 'HS256'])}.{_json_b64({'sub': 'x'})}.sig",
+        f"{_json_b64({'alg': 'HS256'})}.bm90IGpzb24.sig",
+        "eyJhbGciOiJIUzI1NiJ9.%%%.###",
+    ],
+)
+def test_garbage_is_unauthenticated(garbage: str) -> None:
+    with pytest.raises(Unauthenticated):
+        hs_verifier().verify(garbage)
+
+
+def test_unknown_scope_fails_closed() -> None:
+    token = hs256(claims(scope="integrations:view superuser"))
+
+    with pytest.raises(Forbidden, match="superuser"):
+        hs_verifier().verify(token)
+
+
+def test_principal_from_claims_rejects_unknown_scope_without_a_token() -> None:
+    with pytest.raises(Forbidden):
+        principal_from_claims({"sub": "alice", "scope": "tenant:admin tenant:owner"})
+
+
+# --- asymmetric keys --------------------------------------------------------------
+
+
+def test_rs256_token_verifies_with_the_pem_public_key(rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
+    )
+    token = jwt.encode(claims(scope="tenant:admin"), rsa_key, algorithm="RS256")
+
+    principal = verifier.verify(token)
+
+    assert principal.subject == "alice"
+    assert principal.scopes == {"tenant:admin"}
+
+
+def test_es256_token_verifies_with_the_pem_public_key(ec_key: ec.EllipticCurvePrivateKey) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(ec_key)
+    )
+    token = jwt.encode(claims(), ec_key, algorithm="ES256")
+
+    assert verifier.verify(token).tenant_id == "t-acme"
+
+
+def test_rs256_token_from_another_key_pair_is_refused(
+    rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
+    )
+    token = jwt.encode(claims(), other_rsa_key, algorithm="RS256")
+
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
+
+
+def test_es256_token_against_an_rsa_public_key_is_refused(
+    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
+) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
+    )
+    token = jwt.encode(claims(), ec_key, algorithm="ES256")
+
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
+
+
+def test_rs256_token_refused_when_the_allowlist_omits_rs256(rsa_key: rsa.RSAPrivateKey) -> None:
+    verifier = TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, algorithms=["ES256"], public_key=pem(rsa_key)
+    )
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+
+    with pytest.raises(Unauthenticated, match="algorithm"):
+        verifier.verify(token)
+
+
+# --- construction -----------------------------------------------------------------
+
+
+def test_verifier_refuses_to_exist_without_a_key() -> None:
+    with pytest.raises(ValueError, match="no token verification key"):
+        TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC)
+
+
+def test_verifier_refuses_a_public_key_with_only_symmetric_algorithms(
+    rsa_key: rsa.RSAPrivateKey,
+) -> None:
+    with pytest.raises(ValueError, match="algorithm"):
+        TokenVerifier(
+            issuer=ISSUER, audience=AUDIENCE, algorithms=["HS256"], public_key=pem(rsa_key)
+        )
+
+
+@pytest.mark.parametrize("algorithms", ["RS256,none", "RS256, None", "NONE"])
+def test_settings_refuse_the_none_algorithm(algorithms: str) -> None:
+    with pytest.raises(ValidationError, match="'none' algorithm"):
+        Settings(_env_file=None, jwt_algorithms=algorithms)
+
+
+# --- JWKS -------------------------------------------------------------------------
+
+
+@dataclass
+class JwksServer:
+    """A real local HTTP server that serves a JWKS document and counts fetches."""
+
+    url: str
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    hits: int = 0
+
+
+def jwk(private_key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
+    entry: dict[str, Any] = RSAAlgorithm.to_jwk(private_key.public_key(), as_dict=True)
+    entry.update(kid=kid, use="sig", alg="RS256")
+    return entry
+
+
+@pytest.fixture
+def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[JwksServer]:
+    state = JwksServer(url="", keys=[jwk(rsa_key, "key-1")])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            state.hits += 1
+            body = json.dumps({"keys": state.keys}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def jwks_verifier(server: JwksServer, **overrides: Any) -> TokenVerifier:
+    options: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "algorithms": ASYMMETRIC,
+        "jwks_url": server.url,
+    }
+    options.update(overrides)
+    return TokenVerifier(**options)
+
+
+def test_jwks_token_with_known_kid_verifies(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+
+    assert jwks_verifier(jwks_server).verify(token).subject == "alice"
+
+
+def test_jwks_token_with_unknown_kid_is_unauthenticated(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-unknown"})
+
+    with pytest.raises(Unauthenticated):
+        jwks_verifier(jwks_server).verify(token)
+
+
+def test_jwks_token_without_kid_is_unauthenticated(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
+
+    with pytest.raises(Unauthenticated):
+        jwks_verifier(jwks_server).verify(token)
+
+
+def test_jwks_token_signed_by_another_key_under_a_known_kid_is_refused(
+    jwks_server: JwksServer, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    token = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+
+    with pytest.raises(Unauthenticated):
+        jwks_verifier(jwks_server).verify(token)
+
+
+def test_jwks_is_fetched_once_across_verifications(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = jwks_verifier(jwks_server)
+
+    for subject in ("alice", "bob", "carol"):
+        token = jwt.encode(
+            claims(sub=subject), rsa_key, algorithm="RS256", headers={"kid": "key-1"}
+        )
+        assert verifier.verify(token).subject == subject
+
+    assert jwks_server.hits == 1
+
+
+def test_unreachable_jwks_is_unauthenticated(rsa_key: rsa.RSAPrivateKey) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BaseHTTPRequestHandler)
+    port = server.server_address[1]
+    server.server_close()  # nothing listens on this port any more
+    verifier = TokenVerifier(
+        issuer=ISSUER,
+        audience=AUDIENCE,
+        algorithms=ASYMMETRIC,
+        jwks_url=f"http://127.0.0.1:{port}/jwks.json",
+    )
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+
+    with pytest.raises(Unauthenticated):
+        verifier.verify(token)
+
+
+def test_key_removed_from_jwks_stops_verifying_once_the_cache_expires(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+) -> None:
+    # A key the IdP withdraws (say, after a compromise) must stop working
+    # within the cache lifetime, not stay trusted until the broker restarts.
+    verifier = jwks_verifier(jwks_server, jwks_lifespan_s=0.2)
+    old = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+    new = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "key-2"})
+    assert verifier.verify(old).subject == "alice"
+
+    jwks_server.keys = [jwk(other_rsa_key, "key-2")]
+    time.sleep(0.3)
+
+    assert verifier.verify(new).subject == "alice"
+    with pytest.raises(Unauthenticated):
+        verifier.verify(old)
+
+
+# --- scopes and principals --------------------------------------------------------
+
+
+def test_tenant_admin_implies_tenant_scopes_only() -> None:
+    admin = Principal(subject="ada", kind="user", scopes=frozenset({"tenant:admin"}))
+
+    for implied in ("integrations:view", "integrations:manage", "finance:view", "finance:manage"):
+        assert admin.has(implied), implied
+    for not_implied in ("credentials:read", "audit:read", "platform:admin"):
+        assert not admin.has(not_implied), not_implied
+
+
+def test_effective_scopes_adds_nothing_without_tenant_admin() -> None:
+    granted = frozenset({"finance:view", "audit:read"})
+
+    assert effective_scopes(granted) == granted
+    assert effective_scopes(frozenset({Scope.TENANT_ADMIN.value})) == {
+        "tenant:admin",
+        "integrations:view",
+        "integrations:manage",
+        "finance:view",
+        "finance:manage",
+    }
+
+
+def test_scope_is_granted_only_when_listed() -> None:
+    viewer = Principal(subject="vic", kind="user", scopes=frozenset({"integrations:view"}))
+
+    assert viewer.has("integrations:view")
+    assert not viewer.has("integrations:manage")
+    assert not viewer.has("tenant:admin")
+
+
+@pytest.mark.parametrize(
+    ("kind", "tenants", "asked", "expected"),
+    [
+        ("service", {"t-1", "t-2"}, "t-1", True),
+        ("service", {"t-1", "t-2"}, "t-3", False),
+        ("service", set(), "t-1", False),
+        ("user", {"t-1"}, "t-1", False),
+    ],
+)
+def test_may_serve_only_listed_tenants_and_only_for_services(
+    kind: Any, tenants: set[str], asked: str, expected: bool
+) -> None:
+    principal = Principal(
+        subject="catalog-sync",
+        kind=kind,
+        scopes=frozenset({"credentials:read"}),
+        tenant_id="t-1",
+        tenants=frozenset(tenants),
+    )
+
+    assert principal.may_serve(asked) is expected
