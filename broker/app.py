@@ -13,13 +13,17 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
 from broker.health.routes import router as health_router
+from broker.integrations.egress import EgressClient, EgressPolicy
+from broker.integrations.providers import ProviderEndpoints
+from broker.integrations.routes import router as integrations_router
+from broker.integrations.service import Outbound
 from broker.settings.routes import router as settings_router
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
 # Every router the app serves, in matching order. Settings come before tenants:
 # `/v1/tenants/settings` must not be read as a tenant id.
-ROUTERS = (health_router, settings_router, tenants_router)
+ROUTERS = (health_router, integrations_router, settings_router, tenants_router)
 
 
 def create_app(
@@ -38,6 +42,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         vault.close()
+        app.state.outbound.client.close()
         engine.dispose()
 
     app = FastAPI(
@@ -53,8 +58,27 @@ def create_app(
     app.state.vault = vault
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
+    app.state.outbound = outbound_for(settings)
     app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def outbound_for(settings: Settings) -> Outbound:
+    """The SSRF-guarded client and provider base URLs for connection tests."""
+    policy = EgressPolicy(
+        allow_http=settings.egress_allow_http,
+        allow_loopback=settings.egress_allow_loopback,
+        timeout_s=settings.egress_timeout_s,
+    )
+    endpoints = ProviderEndpoints(
+        twilio=settings.twilio_base_url,
+        openai=settings.openai_base_url,
+        graph=settings.graph_base_url,
+        graph_version=settings.graph_api_version,
+        shopify_api_version=settings.shopify_api_version,
+        shopify_base=settings.shopify_base_url,
+    )
+    return Outbound(client=EgressClient(policy), endpoints=endpoints)

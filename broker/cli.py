@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -12,12 +13,15 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
 
 app = typer.Typer(help="Multi-tenant secrets broker.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="Tenant Transit keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
 log = logging.getLogger("broker.cli")
 
 
@@ -159,6 +163,83 @@ def db_upgrade(revision: str = "head") -> None:
         raise typer.Exit(2)
     upgrade(settings.database_url.get_secret_value(), revision)
     typer.echo(f"database at {revision}")
+
+
+OPERATOR_SCOPES = frozenset({"platform:admin"})
+
+
+def _operator() -> Principal:
+    """The CLI acts as the operator running it; Vault's audit log names them."""
+    import getpass
+
+    from broker.core import context
+
+    principal = Principal(subject=f"cli:{getpass.getuser()}", kind="user", scopes=OPERATOR_SCOPES)
+    context.bind(context.RequestContext(request_id=f"cli-{uuid.uuid4()}", actor=principal.actor))
+    return principal
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    tenant: Annotated[str | None, typer.Option(help="Rotate this tenant's key.")] = None,
+    all_tenants: Annotated[bool, typer.Option("--all", help="Rotate every tenant's key.")] = False,
+) -> None:
+    """Rotate tenant keys, rewrap their secrets and retire old key versions (resumable)."""
+    from broker.core.db import make_engine
+    from broker.tenants.keys import RotationReport, live_tenant_ids, rotate_all
+    from broker.vault.gateway import VaultGateway
+
+    if bool(tenant) == all_tenants:
+        typer.echo("error: give exactly one of --tenant T or --all", err=True)
+        raise typer.Exit(2)
+    settings = _settings()
+    configure_logging(settings.log_level)
+    principal = _operator()
+    engine = make_engine(_database_url(settings))
+    vault = VaultGateway.from_settings(settings)
+    totals = {"tenants": 0, "rewrapped": 0, "already_current": 0}
+    try:
+        tenant_ids = [tenant] if tenant else live_tenant_ids(engine)
+        with typer.progressbar(length=len(tenant_ids), label="rotating", file=sys.stderr) as bar:
+
+            def done(report: RotationReport) -> None:
+                totals["tenants"] += 1
+                totals["rewrapped"] += report.rewrapped
+                totals["already_current"] += report.already_current
+                bar.update(1)
+
+            rotate_all(engine, vault, principal=principal, tenant_ids=tenant_ids, on_done=done)
+    finally:
+        vault.close()
+        engine.dispose()
+    typer.echo(json.dumps(totals))
+
+
+@keys_app.command("backfill")
+def keys_backfill() -> None:
+    """Create the Transit key of every tenant that lacks one."""
+    from broker.core.db import make_engine
+    from broker.tenants.keys import backfill_keys
+    from broker.vault.gateway import VaultGateway
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    _operator()
+    engine = make_engine(_database_url(settings))
+    vault = VaultGateway.from_settings(settings)
+    try:
+        created = backfill_keys(engine, vault)
+    finally:
+        vault.close()
+        engine.dispose()
+    typer.echo(json.dumps({"created": created}))
+
+
+def _database_url(settings: Settings) -> str:
+    if settings.database_url is None:
+        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
+        raise typer.Exit(2)
+    return settings.database_url.get_secret_value()
 
 
 def main() -> None:

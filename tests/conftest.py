@@ -28,6 +28,7 @@ from broker.core.config import Settings
 from broker.core.db import make_engine, upgrade
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway
+from tests.fakes.providers import FakeProviders
 from tests.support import containers
 
 TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
@@ -140,9 +141,43 @@ def make_settings(
 
 
 @pytest.fixture(scope="session")
-def settings(vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str) -> Settings:
+def providers() -> Iterator[FakeProviders]:
+    """Local stand-ins for Twilio, WooCommerce, Shopify, WhatsApp and OpenAI."""
+    with FakeProviders() as fake:
+        yield fake
+
+
+@pytest.fixture(autouse=True)
+def _reset_providers(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    if "providers" in request.fixturenames:
+        request.getfixturevalue("providers").reset()
+
+
+def provider_overrides(fake: FakeProviders) -> dict[str, Any]:
+    """Settings that point connection tests at the fake providers on loopback."""
+    return {
+        "egress_allow_http": True,
+        "egress_allow_loopback": True,
+        "egress_timeout_s": 2.0,
+        "twilio_base_url": fake.base_url,
+        "openai_base_url": fake.base_url,
+        "graph_base_url": fake.base_url,
+        "shopify_base_url": fake.base_url,
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+    providers: FakeProviders,
+) -> Settings:
     """The broker's settings for the session."""
-    return make_settings(vault_endpoint, broker_vault_token, database_url)
+    return make_settings(
+        vault_endpoint, broker_vault_token, database_url, **provider_overrides(providers)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -162,7 +197,7 @@ def app(settings: Settings, engine: Engine, broker_vault: VaultGateway) -> Any:
 @pytest.fixture(scope="session")
 def client(app: Any) -> Iterator[TestClient]:
     """An HTTP client for the app (no lifespan: the session fixtures own the resources)."""
-    yield TestClient(app, raise_server_exceptions=False)
+    return TestClient(app, raise_server_exceptions=False)
 
 
 def token(

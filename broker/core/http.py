@@ -118,7 +118,7 @@ def install_error_handlers(app: FastAPI) -> None:
                 "request failed",
                 extra={"fields": {"error": type(exc).__name__, "detail": exc.message}},
             )
-        return problem(exc.status, exc.title, exc.message, headers=headers or None)
+        return problem(exc.status, exc.title, exc.message, headers=headers or None, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -51,6 +51,10 @@ class Tenant(SQLModel, table=True):
     name: str = Field(max_length=200)
     created_at: datetime = _ts(nullable=False)
     created_by: str = Field(max_length=200)
+    # Set when crypto-shredding starts; a tenant being deleted accepts no writes.
+    deleting_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
 
 
 class TenantSettings(SQLModel, table=True):
@@ -107,3 +111,65 @@ class AuditEvent(SQLModel, table=True):
     request_id: str | None = Field(default=None, max_length=100, index=True)
     client_addr: str | None = Field(default=None, max_length=100)
     detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+
+
+class IntegrationCredential(SQLModel, table=True):
+    """What PostgreSQL knows about one provider's credentials: never the secrets.
+
+    The secrets live in Vault (KV v2 at `tenants/<id>/integrations/<provider>`,
+    one Transit ciphertext). This row holds the non-secret identifiers (store
+    URL, shop domain), the masked hints, the KV version it describes, who
+    changed it, and the last connection test.
+
+    `vault_sync_pending` is the write-ahead marker: it is committed *before*
+    Vault is written and cleared in the same transaction that records the new
+    version. A row left pending (crash, database loss) is reconciled from
+    Vault, whose KV data carries the same hints, before anyone trusts it.
+    """
+
+    __tablename__ = "integration_credentials"
+
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    )
+    provider: str = Field(primary_key=True, max_length=32)
+    configured: bool = Field(default=False)
+    kv_version: int = Field(default=0)
+    hints: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+    identifiers: dict[str, Any] = Field(
+        default_factory=dict, sa_column=Column(JSONB, nullable=False)
+    )
+    updated_at: datetime = _ts(nullable=False)
+    updated_by: str | None = Field(default=None, max_length=200)
+    connection_test_skipped: bool = Field(default=False)
+    last_test_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    last_test_ok: bool | None = None
+    last_test_code: str | None = Field(default=None, max_length=32)
+    last_test_reason: str | None = Field(default=None, max_length=300)
+    vault_sync_pending: bool = Field(default=False)
+    pending_since: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class KeyRotation(SQLModel, table=True):
+    """Progress of one tenant key rotation, so an interrupted rotation resumes."""
+
+    __tablename__ = "key_rotations"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    tenant_id: str = Field(
+        sa_column=Column(
+            String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    target_version: int
+    status: str = Field(max_length=20)  # running | done
+    rewrapped: int = Field(default=0)
+    started_at: datetime = _ts(nullable=False)
+    finished_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    started_by: str = Field(max_length=200)

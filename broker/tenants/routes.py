@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.deps import SessionDep
-from broker.tenants import service
-from broker.tenants.schemas import TenantCreate, TenantView
+from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.tenants import keys, service
+from broker.tenants.schemas import KeyRotationView, TenantCreate, TenantView
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -19,9 +19,13 @@ PlatformAdmin = Annotated[Principal, require(Scope.PLATFORM_ADMIN)]
 
 
 @router.post("", status_code=201, response_model=TenantView)
-def create_tenant(body: TenantCreate, session: SessionDep, principal: PlatformAdmin) -> TenantView:
-    """Create a tenant; its settings start at the defaults."""
-    tenant = service.create_tenant(session, principal=principal, tenant_id=body.id, name=body.name)
+def create_tenant(
+    body: TenantCreate, session: SessionDep, vault: VaultDep, principal: PlatformAdmin
+) -> TenantView:
+    """Create a tenant with default settings and its own Transit key."""
+    tenant = service.create_tenant(
+        session, vault, principal=principal, tenant_id=body.id, name=body.name
+    )
     return TenantView.model_validate(tenant, from_attributes=True)
 
 
@@ -42,3 +46,21 @@ def get_tenant(tenant_id: str, session: SessionDep, principal: PlatformAdmin) ->
     """One tenant."""
     tenant = service.get_tenant(session, tenant_id=tenant_id)
     return TenantView.model_validate(tenant, from_attributes=True)
+
+
+@router.delete("/{tenant_id}", status_code=204, response_class=Response)
+def delete_tenant(
+    tenant_id: str, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
+) -> Response:
+    """Crypto-shred a tenant: destroy its Vault data and key, then its rows."""
+    service.delete_tenant(engine, vault, principal=principal, tenant_id=tenant_id)
+    return Response(status_code=204)
+
+
+@router.post("/{tenant_id}/keys/rotate", response_model=KeyRotationView)
+def rotate_key(
+    tenant_id: str, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
+) -> KeyRotationView:
+    """Rotate the tenant's Transit key, rewrap its secrets, retire the old key versions."""
+    report = keys.rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)
+    return KeyRotationView.model_validate(report, from_attributes=True)

@@ -40,3 +40,13 @@ class TenantView(BaseModel):
     name: str
     created_at: datetime
     created_by: str
+
+
+class KeyRotationView(BaseModel):
+    """The outcome of one tenant key rotation."""
+
+    tenant_id: str
+    key_version: int
+    rewrapped: int
+    already_current: int
+    resumed: bool

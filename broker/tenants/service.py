@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core.db import unit_of_work
 from broker.core.errors import Conflict, NotFound
-from broker.models import Tenant, TenantSettings
+from broker.models import Tenant, TenantSettings, utcnow
 from broker.settings.service import default_settings_row
+from broker.vault.gateway import VaultGateway
+from broker.vault.sealed import SealedStore
 
 
-def create_tenant(session: Session, *, principal: Principal, tenant_id: str, name: str) -> Tenant:
-    """Create a tenant and its settings row with every group at its default.
+def create_tenant(
+    session: Session, vault: VaultGateway, *, principal: Principal, tenant_id: str, name: str
+) -> Tenant:
+    """Create a tenant, its settings row with every group at its default, and its Transit key.
 
-    This replaces the seed's post-save signal: the two rows are written in the
-    same transaction, so a tenant never exists without settings.
+    This replaces the seed's post-save signal: both rows are written in the same
+    transaction, and the key is created before that transaction commits. If
+    Vault is down the request fails with 503 and nothing is kept; a key left by
+    a failed commit is simply reused when the tenant is created again.
     """
     if session.get(Tenant, tenant_id) is not None:
         raise Conflict(f"tenant {tenant_id!r} already exists")
@@ -27,6 +35,7 @@ def create_tenant(session: Session, *, principal: Principal, tenant_id: str, nam
     except IntegrityError:
         raise Conflict(f"tenant {tenant_id!r} already exists") from None
     session.add(default_settings_row(tenant_id, updated_by=principal.actor))
+    SealedStore(vault).ensure_tenant_key(tenant_id)
     trail.record(
         session,
         action="tenant.create",
@@ -38,10 +47,45 @@ def create_tenant(session: Session, *, principal: Principal, tenant_id: str, nam
     return tenant
 
 
+def delete_tenant(
+    engine: Engine, vault: VaultGateway, *, principal: Principal, tenant_id: str
+) -> int:
+    """Crypto-shred a tenant: its Vault data and Transit key first, then its rows.
+
+    The tenant is marked as being deleted (committed) before Vault is touched,
+    so it accepts no new secrets meanwhile, and a failed deletion can simply be
+    retried. Vault goes first because a row without secrets is harmless, while
+    secrets without a row would be orphans nobody knows to delete. Returns the
+    number of Vault items destroyed.
+    """
+    with unit_of_work(engine) as session:
+        tenant = session.get(Tenant, tenant_id, with_for_update=True)
+        if tenant is None:
+            raise NotFound("no such tenant")
+        if tenant.deleting_at is None:
+            tenant.deleting_at = utcnow()
+            session.add(tenant)
+    destroyed = SealedStore(vault).shred(tenant_id)
+    with unit_of_work(engine) as session:
+        tenant = session.get(Tenant, tenant_id)
+        if tenant is not None:
+            session.delete(tenant)
+        trail.record(
+            session,
+            action="tenant.delete",
+            resource=f"tenants/{tenant_id}",
+            outcome="success",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"vault_items_destroyed": destroyed, "transit_key": "deleted"},
+        )
+    return destroyed
+
+
 def get_tenant(session: Session, *, tenant_id: str) -> Tenant:
     """One tenant, or NotFound."""
     tenant = session.get(Tenant, tenant_id)
-    if tenant is None:
+    if tenant is None or tenant.deleting_at is not None:
         raise NotFound("no such tenant")
     return tenant
 

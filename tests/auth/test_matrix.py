@@ -21,6 +21,7 @@ from broker.app import ROUTERS
 from broker.auth.dependencies import declared_scopes
 from broker.health.routes import PUBLIC_PATHS
 from tests.conftest import bearer, make_tenant, new_tenant_id, token
+from tests.fakes.providers import VALID
 
 PUBLIC = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -37,6 +38,22 @@ class Case:
     tenant_bound: bool = True
     kind: str = "user"
     extra_claims: dict[str, Any] = field(default_factory=dict)
+    setup: Callable[[TestClient, str], None] | None = None
+
+
+OPENAI = "/v1/tenants/settings/integrations/openai"
+INTEGRATION = "/v1/tenants/settings/integrations/{provider}"
+
+
+def _openai_body() -> dict[str, Any]:
+    return {"fields": dict(VALID["openai"]), "skip_connection_test": True}
+
+
+def _configure_openai(client: TestClient, tenant_id: str) -> None:
+    response = client.put(
+        OPENAI, json=_openai_body(), headers=bearer(token("tenant:admin", tenant_id=tenant_id))
+    )
+    assert response.status_code == 200, response.text
 
 
 ROUTES: dict[tuple[str, str], Case] = {
@@ -74,6 +91,60 @@ ROUTES: dict[tuple[str, str], Case] = {
         allowed=(("integrations:manage",), ("tenant:admin",)),
         insufficient=("integrations:view",),
         body=lambda: {"feature_flags": {"ai_responses_enabled": False}},
+    ),
+    ("DELETE", "/v1/tenants/{tenant_id}"): Case(
+        "DELETE",
+        "/v1/tenants/{tenant}",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
+    ("POST", "/v1/tenants/{tenant_id}/keys/rotate"): Case(
+        "POST",
+        "/v1/tenants/{tenant}/keys/rotate",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
+    ("GET", "/v1/tenants/settings/integrations"): Case(
+        "GET",
+        "/v1/tenants/settings/integrations",
+        allowed=(("integrations:view",), ("integrations:manage",), ("tenant:admin",)),
+        insufficient=("finance:manage",),
+    ),
+    ("PUT", INTEGRATION): Case(
+        "PUT",
+        OPENAI,
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        body=_openai_body,
+    ),
+    ("POST", INTEGRATION + "/test"): Case(
+        "POST",
+        OPENAI + "/test",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        body=lambda: {"fields": dict(VALID["openai"])},
+    ),
+    ("DELETE", INTEGRATION): Case(
+        "DELETE",
+        OPENAI,
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        setup=_configure_openai,
+    ),
+    ("GET", INTEGRATION + "/versions"): Case(
+        "GET",
+        OPENAI + "/versions",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+    ),
+    ("POST", INTEGRATION + "/versions/{version}/restore"): Case(
+        "POST",
+        OPENAI + "/versions/1/restore",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        setup=_configure_openai,
     ),
 }
 
@@ -148,6 +219,8 @@ def test_owner_with_each_allowed_scope_gets_through(
     client: TestClient, tenant: str, case: Case
 ) -> None:
     for scopes in case.allowed:
+        if case.setup:
+            case.setup(client, tenant)
         response = _call(client, case, tenant, bearer(_token(case, scopes, tenant)))
         assert response.status_code < 400, (scopes, response.text)
 

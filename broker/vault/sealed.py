@@ -1,0 +1,166 @@
+"""Tenant secrets sealed with the tenant's own Transit key and kept in KV v2.
+
+Layout (defaults): KV path `tenants/<tenant>/<item>` (item `integrations/shopify`,
+`payout`, ...), holding `{"ciphertext": "vault:vN:...", "public": {...}}`. The
+ciphertext is produced by the derived key `tenant-<tenant>` with the context
+`<tenant>/<name>`, where name is the item's last segment (the provider), so a
+ciphertext copied to another provider's path or another tenant's fails to
+decrypt. `public` holds only what may be shown anyway: masked hints and
+non-secret identifiers, so metadata can be rebuilt from Vault alone.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from broker.vault.gateway import VaultGateway
+
+_CIPHERTEXT_VERSION = re.compile(r"^vault:v(\d+):")
+
+
+def key_name(tenant_id: str) -> str:
+    """The tenant's Transit key."""
+    return f"tenant-{tenant_id}"
+
+
+def binding(tenant_id: str, item: str) -> str:
+    """The derivation context a ciphertext is bound to: `<tenant>/<provider>`."""
+    return f"{tenant_id}/{item.rsplit('/', 1)[-1]}"
+
+
+def ciphertext_key_version(ciphertext: str) -> int:
+    """The Transit key version a ciphertext was written with."""
+    match = _CIPHERTEXT_VERSION.match(ciphertext)
+    if match is None:
+        raise ValueError("not a Transit ciphertext")
+    return int(match.group(1))
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """One KV version of a sealed item: ciphertext plus its public metadata."""
+
+    version: int
+    ciphertext: str
+    public: dict[str, Any]
+
+    def __repr__(self) -> str:
+        return f"SealedRecord(version={self.version}, public={self.public!r})"
+
+
+class SealedStore:
+    """Encrypt-then-store and load-then-decrypt for one tenant's items."""
+
+    def __init__(self, vault: VaultGateway) -> None:
+        self.vault = vault
+
+    def path(self, tenant_id: str, item: str) -> str:
+        """The KV path of an item."""
+        return f"tenants/{tenant_id}/{item}"
+
+    def ensure_tenant_key(self, tenant_id: str) -> bool:
+        """Create the tenant's Transit key if missing; True when it was created."""
+        return self.vault.transit_ensure_key(key_name(tenant_id))
+
+    def tenant_key_exists(self, tenant_id: str) -> bool:
+        """Whether the tenant's Transit key exists."""
+        return self.vault.transit_key_info(key_name(tenant_id)) is not None
+
+    def seal(self, tenant_id: str, item: str, secrets: Mapping[str, str]) -> str:
+        """Encrypt `secrets` (as one JSON document) bound to the tenant and item."""
+        plaintext = json.dumps(dict(secrets), sort_keys=True, separators=(",", ":")).encode()
+        return self.vault.transit_encrypt(
+            key_name(tenant_id), plaintext, context=binding(tenant_id, item)
+        )
+
+    def unseal(self, tenant_id: str, item: str, ciphertext: str) -> dict[str, str]:
+        """Decrypt a ciphertext written for this tenant and item."""
+        plaintext = self.vault.transit_decrypt(
+            key_name(tenant_id), ciphertext, context=binding(tenant_id, item)
+        )
+        value = json.loads(plaintext)
+        if not isinstance(value, dict):
+            raise ValueError("sealed item is not an object")
+        return {str(k): str(v) for k, v in value.items()}
+
+    def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:
+        """The latest (or a given) live version of an item, still sealed."""
+        entry = self.vault.kv_read(self.path(tenant_id, item), version=version)
+        if entry is None or "ciphertext" not in entry.data:
+            return None
+        return SealedRecord(
+            version=entry.version,
+            ciphertext=str(entry.data["ciphertext"]),
+            public=dict(entry.data.get("public") or {}),
+        )
+
+    def write(
+        self, tenant_id: str, item: str, *, ciphertext: str, public: Mapping[str, Any], cas: int
+    ) -> int:
+        """Store a sealed item with check-and-set against KV version `cas`."""
+        return self.vault.kv_write(
+            self.path(tenant_id, item),
+            {"ciphertext": ciphertext, "public": dict(public)},
+            cas=cas,
+        )
+
+    def current_version(self, tenant_id: str, item: str) -> tuple[int, bool]:
+        """(current KV version, whether that version is live); (0, False) when absent."""
+        meta = self.vault.kv_metadata(self.path(tenant_id, item))
+        if meta is None:
+            return 0, False
+        current = int(meta.get("current_version") or 0)
+        info = (meta.get("versions") or {}).get(str(current)) or {}
+        live = bool(current) and not info.get("deletion_time") and not info.get("destroyed")
+        return current, live
+
+    def versions(self, tenant_id: str, item: str) -> list[dict[str, Any]]:
+        """Every KV version of an item with its timestamps (no data)."""
+        meta = self.vault.kv_metadata(self.path(tenant_id, item))
+        if meta is None:
+            return []
+        return [
+            {
+                "version": int(number),
+                "created_time": info.get("created_time"),
+                "deletion_time": info.get("deletion_time") or None,
+                "destroyed": bool(info.get("destroyed")),
+            }
+            for number, info in sorted(
+                (meta.get("versions") or {}).items(), key=lambda kv: int(kv[0])
+            )
+        ]
+
+    def soft_delete(self, tenant_id: str, item: str) -> None:
+        """Delete the latest version; earlier versions stay restorable."""
+        self.vault.kv_soft_delete(self.path(tenant_id, item))
+
+    def items(self, tenant_id: str) -> list[str]:
+        """Every item stored for the tenant (recursively), e.g. `integrations/shopify`."""
+        found: list[str] = []
+        pending = [""]
+        while pending:
+            folder = pending.pop()
+            for name in self.vault.kv_list(self.path(tenant_id, folder).rstrip("/")):
+                item = f"{folder}{name}"
+                if name.endswith("/"):
+                    pending.append(item)
+                else:
+                    found.append(item)
+        return sorted(found)
+
+    def shred(self, tenant_id: str) -> int:
+        """Destroy every item's versions and metadata, then delete the tenant's key.
+
+        Deleting the key is what makes any copy of a ciphertext (a backup, a
+        log) undecryptable for good: crypto-shredding.
+        """
+        items = self.items(tenant_id)
+        for item in items:
+            self.vault.kv_destroy(self.path(tenant_id, item))
+        self.vault.transit_delete_key(key_name(tenant_id))
+        return len(items)

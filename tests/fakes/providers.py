@@ -1,0 +1,518 @@
+"""Local stand-ins for the provider APIs the broker tests credentials against.
+
+One ``ThreadingHTTPServer`` on 127.0.0.1 serves all five APIs at the same base URL and
+checks authentication the way the real services do, answering with their JSON shapes:
+
+| provider    | path                                  | auth                          |
+| twilio      | /2010-04-01/Accounts/{sid}.json       | basic account_sid:auth_token  |
+| woocommerce | [/prefix]/wp-json/wc/v3/products      | basic consumer_key:secret     |
+| shopify     | /admin/api/{version}/shop.json        | X-Shopify-Access-Token        |
+| whatsapp    | /v{major}.{minor}/{business_id}       | Authorization: Bearer         |
+| openai      | /v1/models                            | Bearer (+ OpenAI-Organization)|
+
+Nothing is logged; requests are kept in memory only, and their repr hides credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import json
+import re
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+PROVIDER_NAMES = ("twilio", "woocommerce", "shopify", "whatsapp", "openai")
+
+VALID: dict[str, dict[str, str]] = {
+    "twilio": {
+        "account_sid": "AC3f2b8c1d9e0a4b5c6d7e8f9012345678",
+        "auth_token": "ac0aa73af0216cbb3ce55e63e84b756d",
+        "webhook_secret": "twilio-webhook-7Hq2Lx9Pz4Kd",
+    },
+    "woocommerce": {
+        # store_url is left out: tests point it at the fake's base_url.
+        "consumer_key": "ck_ec265cbb59216f56004d1dd1e77a795348ed68ac",
+        "consumer_secret": "cs_209f70c2c9406c25bd807fbfb62e53cec53cd4d2",
+        "webhook_secret": "woo-webhook-Jx8#nB2$vQ5!",
+    },
+    "shopify": {
+        "shop_domain": "demo-shop.myshopify.com",
+        "access_token": "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",
+        "webhook_secret": "shopify-webhook-3b2504b1883be262",
+    },
+    "whatsapp": {
+        "business_id": "102290129340398",
+        "access_token": "EAAGm0PX4ZCpsBAlBbuSe4B6vgQQMFMcidveMMqXzWBjruIFKirHedFC10xohA7Y98Jw",
+    },
+    "openai": {
+        "api_key": "sk-proj-lBbuSe4B6vgQQMFMcidveMMqX-zWBjruIFKirHedFC10xohA7Y98Jw",
+        "org_id": "org-Q1w2E3r4T5y6U7i8",
+    },
+}
+"""One realistic, format-valid set of credentials per provider; the fake accepts them."""
+
+UPSTREAM_DETAIL = "fake-upstream-internal-detail-5c1e"
+"""Planted in every error body the fake sends, so tests can prove it never leaks."""
+
+AUTH_ERROR_MESSAGES = (
+    "Authenticate",
+    "woocommerce_rest_authentication_error",
+    "[API] Invalid API key or access token",
+    "Incorrect API key provided",
+    "Invalid OAuth access token.",
+)
+"""Distinctive text of the fake's 401 bodies (a reason shown to users must contain none)."""
+
+_SENSITIVE_HEADERS = frozenset({"authorization", "x-shopify-access-token", "openai-organization"})
+
+_ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("twilio", re.compile(r"/2010-04-01/Accounts/([^/]+)\.json")),
+    ("woocommerce", re.compile(r"(?:/.*)?/wp-json/wc/v3/products")),
+    ("shopify", re.compile(r"/admin/api/[0-9]{4}-[0-9]{2}/shop\.json")),
+    ("whatsapp", re.compile(r"/v[0-9]+\.[0-9]+/([^/]+)")),
+    ("openai", re.compile(r"/v1/models")),
+)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request the fake received.  Header names are lower-cased."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    provider: str
+
+    def __repr__(self) -> str:
+        shown = {
+            name: ("<redacted>" if name in _SENSITIVE_HEADERS else value)
+            for name, value in self.headers.items()
+        }
+        return (
+            f"RecordedRequest(method={self.method!r}, path={self.path!r}, "
+            f"provider={self.provider!r}, headers={shown!r})"
+        )
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: Any
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _basic(headers: dict[str, str]) -> tuple[str, str] | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, sep, password = base64.b64decode(token, validate=True).decode().partition(":")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (user, password) if sep else None
+
+
+def _bearer(headers: dict[str, str]) -> str | None:
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _error_body(provider: str, status: int) -> Any:
+    """What each API sends for a non-auth failure (rate limit, outage...)."""
+    detail = f"Internal error {UPSTREAM_DETAIL}"
+    if provider == "twilio":
+        return {"code": 20500, "message": detail, "more_info": "", "status": status}
+    if provider == "woocommerce":
+        return {"code": "internal_server_error", "message": detail, "data": {"status": status}}
+    if provider == "shopify":
+        return {"errors": detail}
+    if provider == "whatsapp":
+        return {"error": {"message": detail, "type": "OAuthException", "code": 2}}
+    return {"error": {"message": detail, "type": "server_error", "code": None}}
+
+
+class FakeProviders:
+    """All five provider APIs on one local server; use it as a context manager."""
+
+    def __init__(self) -> None:
+        self.hits: collections.Counter[str] = collections.Counter()
+        self.requests: list[RecordedRequest] = []
+        self.on_request: Callable[[str], None] | None = None
+        self.hook_errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._accepted: dict[str, list[dict[str, str]]] = {}
+        self._failures: dict[str, int] = {}
+        self._delays: dict[str, float] = {}
+        self._redirects: dict[str, str] = {}
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self.reset()
+
+    # ------------------------------------------------------------- lifecycle
+
+    def __enter__(self) -> FakeProviders:
+        self._stop.clear()
+        server = _Server(("127.0.0.1", 0), _make_handler(self))
+        thread = threading.Thread(
+            target=server.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name="fake-providers",
+            daemon=True,
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop serving; delayed answers are abandoned and every handler thread joined."""
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is None or thread is None:
+            return
+        self._stop.set()
+        server.shutdown()
+        server.server_close()  # joins the handler threads (they are not daemonic)
+        thread.join(5)
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("FakeProviders is not running")
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    # ------------------------------------------------------------- behaviour
+
+    def accept(self, provider: str, **fields: str) -> None:
+        """Accept another set of credentials for ``provider``."""
+        self._check_provider(provider)
+        with self._lock:
+            self._accepted[provider].append(dict(fields))
+
+    def fail_with(self, provider: str, status: int) -> None:
+        """Answer every request for ``provider`` with ``status`` (500, 503, 429...)."""
+        self._check_provider(provider)
+        with self._lock:
+            self._failures[provider] = status
+
+    def delay(self, provider: str, seconds: float) -> None:
+        """Sleep ``seconds`` before answering (cut short when the fake stops)."""
+        self._check_provider(provider)
+        with self._lock:
+            self._delays[provider] = seconds
+
+    def redirect(self, provider: str, location: str) -> None:
+        """Answer with a 302 to ``location``."""
+        self._check_provider(provider)
+        with self._lock:
+            self._redirects[provider] = location
+
+    def reset(self) -> None:
+        """Back to the initial state: only VALID accepted, no failures, nothing recorded."""
+        with self._lock:
+            self._accepted = {name: [dict(VALID[name])] for name in PROVIDER_NAMES}
+            self._failures.clear()
+            self._delays.clear()
+            self._redirects.clear()
+            self.hits.clear()
+            self.requests.clear()
+            self.hook_errors.clear()
+            self.on_request = None
+
+    @staticmethod
+    def _check_provider(provider: str) -> None:
+        if provider not in PROVIDER_NAMES:
+            raise ValueError(f"unknown provider {provider!r}")
+
+    # ------------------------------------------------------------- answering
+
+    def _answer(self, path: str, headers: dict[str, str]) -> _Answer | None:
+        """The response for one GET, or None to hang up without answering."""
+        route = path.split("?", 1)[0]
+        provider, match = "unknown", None
+        for name, pattern in _ROUTES:
+            match = pattern.fullmatch(route)
+            if match is not None:
+                provider = name
+                break
+        with self._lock:
+            self.hits[provider] += 1
+            self.requests.append(RecordedRequest("GET", path, headers, provider))
+        if match is None:
+            return _Answer(404, {"message": "Not Found"})
+
+        hook = self.on_request
+        if hook is not None:
+            try:
+                hook(provider)
+            except Exception as exc:  # surfaced to the test through hook_errors
+                with self._lock:
+                    self.hook_errors.append(exc)
+                return _Answer(500, _error_body(provider, 500))
+
+        with self._lock:
+            delay = self._delays.get(provider)
+            location = self._redirects.get(provider)
+            failure = self._failures.get(provider)
+            accepted = [dict(item) for item in self._accepted[provider]]
+        if delay is not None and self._stop.wait(delay):
+            return None
+        if location is not None:
+            return _Answer(302, {}, {"Location": location})
+        if failure is not None:
+            extra = {"Retry-After": "30"} if failure in (429, 503) else {}
+            return _Answer(failure, _error_body(provider, failure), extra)
+        check = getattr(self, f"_{provider}")
+        answer: _Answer = check(match, headers, accepted)
+        return answer
+
+    def _twilio(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
+        auth = _basic(headers)
+        if auth is None or not any(
+            (item.get("account_sid"), item.get("auth_token")) == auth for item in accepted
+        ):
+            return _Answer(
+                401,
+                {
+                    "code": 20003,
+                    "detail": "Your AccountSid or AuthToken was incorrect.",
+                    "message": "Authenticate",
+                    "more_info": "https://www.twilio.com/docs/errors/20003",
+                    "status": 401,
+                },
+            )
+        sid = match.group(1)
+        if sid != auth[0]:
+            return _Answer(
+                404,
+                {
+                    "code": 20404,
+                    "message": "The requested resource was not found",
+                    "more_info": "https://www.twilio.com/docs/errors/20404",
+                    "status": 404,
+                },
+            )
+        return _Answer(
+            200,
+            {
+                "sid": sid,
+                "friendly_name": "Demo account",
+                "status": "active",
+                "type": "Full",
+                "uri": f"/2010-04-01/Accounts/{sid}.json",
+            },
+        )
+
+    def _woocommerce(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
+        auth = _basic(headers)
+        if auth is None:
+            return _Answer(
+                401,
+                {
+                    "code": "woocommerce_rest_cannot_view",
+                    "message": "Sorry, you cannot list resources.",
+                    "data": {"status": 401},
+                },
+            )
+        keys = [item for item in accepted if item.get("consumer_key") == auth[0]]
+        if not keys or not any(item.get("consumer_secret") == auth[1] for item in keys):
+            message = "Consumer secret is invalid." if keys else "Consumer key is invalid."
+            return _Answer(
+                401,
+                {
+                    "code": "woocommerce_rest_authentication_error",
+                    "message": message,
+                    "data": {"status": 401},
+                },
+            )
+        return _Answer(
+            200,
+            [
+                {
+                    "id": 794,
+                    "name": "Premium Quality",
+                    "slug": "premium-quality",
+                    "status": "publish",
+                    "price": "21.99",
+                    "stock_status": "instock",
+                }
+            ],
+            {"X-WP-Total": "1", "X-WP-TotalPages": "1"},
+        )
+
+    def _shopify(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
+        token = headers.get("x-shopify-access-token")
+        found = next((item for item in accepted if item.get("access_token") == token), None)
+        if token is None or found is None:
+            return _Answer(
+                401,
+                {
+                    "errors": (
+                        "[API] Invalid API key or access token "
+                        "(unrecognized login or wrong password)"
+                    )
+                },
+            )
+        domain = found.get("shop_domain", "demo-shop.myshopify.com")
+        return _Answer(
+            200,
+            {
+                "shop": {
+                    "id": 548380009,
+                    "name": "Demo Shop",
+                    "myshopify_domain": domain,
+                    "domain": domain,
+                    "plan_name": "basic",
+                    "currency": "USD",
+                }
+            },
+        )
+
+    def _whatsapp(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
+        token = _bearer(headers)
+        owned = [
+            item for item in accepted if token is not None and item.get("access_token") == token
+        ]
+        if not owned:
+            return _Answer(
+                401,
+                {
+                    "error": {
+                        "message": "Invalid OAuth access token.",
+                        "type": "OAuthException",
+                        "code": 190,
+                        "fbtrace_id": "AbCdEfGhIjK",
+                    }
+                },
+            )
+        business_id = match.group(1)
+        if not any(item.get("business_id") == business_id for item in owned):
+            # What Graph answers for an id that does not exist or the token cannot see.
+            return _Answer(
+                400,
+                {
+                    "error": {
+                        "message": (
+                            f"Unsupported get request. Object with ID '{business_id}' does "
+                            "not exist, cannot be loaded due to missing permissions, or does "
+                            "not support this operation."
+                        ),
+                        "type": "GraphMethodException",
+                        "code": 100,
+                        "error_subcode": 33,
+                        "fbtrace_id": "AbCdEfGhIjK",
+                    }
+                },
+            )
+        return _Answer(
+            200,
+            {
+                "id": business_id,
+                "name": "Demo Business",
+                "currency": "USD",
+                "timezone_id": "1",
+                "message_template_namespace": "demo_namespace",
+            },
+        )
+
+    def _openai(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
+        token = _bearer(headers)
+        found = next((item for item in accepted if token and item.get("api_key") == token), None)
+        if found is None:
+            shown = f"{token[:3]}****{token[-4:]}" if token and len(token) > 8 else ""
+            return _Answer(
+                401,
+                {
+                    "error": {
+                        "message": (
+                            f"Incorrect API key provided: {shown}. You can find your API key "
+                            "at https://platform.openai.com/account/api-keys."
+                        ),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
+        org = headers.get("openai-organization")
+        if org is not None and org != found.get("org_id"):
+            return _Answer(
+                401,
+                {
+                    "error": {
+                        "message": (
+                            "OpenAI-Organization header should match organization for API key"
+                        ),
+                        "type": "invalid_request_error",
+                        "param": None,
+                        "code": "mismatched_organization",
+                    }
+                },
+            )
+        return _Answer(
+            200,
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": "gpt-4o-mini",
+                        "object": "model",
+                        "created": 1721172741,
+                        "owned_by": "system",
+                    }
+                ],
+            },
+        )
+
+
+class _Server(ThreadingHTTPServer):
+    # Non-daemonic handler threads: server_close() joins them, so nothing outlives the
+    # fixture.  Delays wait on the stop event, so joining is quick.
+    daemon_threads = False
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients hang up on purpose (timeouts); nothing to report
+
+
+def _make_handler(fake: FakeProviders) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = 5  # a client that never sends its request cannot pin the thread
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+            pass  # request lines and headers may carry credentials
+
+        def do_GET(self) -> None:
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            answer = fake._answer(self.path, headers)
+            self.close_connection = True
+            if answer is None:
+                return
+            body = json.dumps(answer.body).encode()
+            try:
+                self.send_response(answer.status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(body)
+            except OSError:
+                pass  # the client gave up (a timeout test)
+
+    return Handler
