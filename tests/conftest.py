@@ -12,6 +12,8 @@ Each test isolates itself with fresh tenant ids; the schema is migrated once.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -108,10 +110,16 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from broker.devstack.postgres import EmbeddedPostgres, create_database
 
-    with EmbeddedPostgres(tmp_path_factory.mktemp("postgres")) as pg:
-        url = create_database(pg.url, "broker_test")
-        upgrade(url)
-        yield url
+    # Not under pytest's tmp dir: pgserver (as root) opens up the parent
+    # directories' permissions, and pytest resets its own tmp root to 0700.
+    data_dir = Path(tempfile.mkdtemp(prefix="broker-test-pg-"))
+    try:
+        with EmbeddedPostgres(data_dir) as pg:
+            url = create_database(pg.url, "broker_test")
+            upgrade(url)
+            yield url
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
