@@ -49,7 +49,7 @@ def mask_hint(value: str, *, keep_prefix: bool = True) -> str:
     prefix = ""
     if keep_prefix:
         prefix = next((p for p in _KNOWN_PREFIXES if value.startswith(p)), "")
-    if len(value) < 0:
+    if len(value) < _MIN_LENGTH_FOR_TAIL:
         return f"{prefix}****"
     return f"{prefix}****{value[-4:]}"
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -231,7 +232,9 @@ def delete_credentials(
     """Remove the current credentials. Earlier KV versions stay restorable."""
     get_provider(provider)
     store = SealedStore(vault)
-    _begin(engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, create=False)
+    _, token = _begin(
+        engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, create=False
+    )
     try:
         store.soft_delete(tenant_id, item_name(provider))
     except BrokerError:
@@ -245,8 +248,7 @@ def delete_credentials(
         row.identifiers = {}
         row.updated_at = utcnow()
         row.updated_by = principal.actor
-        row.vault_sync_pending = False
-        row.pending_since = None
+        _clear_pending(row, token)
         session.add(row)
         _update_status(session, row)
         trail.record(
@@ -300,7 +302,7 @@ def _write(
     test: ConnectionResult | None,
     skipped: bool,
 ) -> IntegrationCredential:
-    cas = _begin(engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match)
+    cas, token = _begin(engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match)
     try:
         version = store.write(
             tenant_id, item_name(provider), ciphertext=ciphertext, public=public, cas=cas
@@ -311,17 +313,18 @@ def _write(
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
         assert row is not None
-        row.kv_version = version
-        row.configured = True
-        row.hints = dict(public.get("hints") or {})
-        row.identifiers = dict(public.get("identifiers") or {})
-        row.updated_at = utcnow()
-        row.updated_by = principal.actor
-        row.connection_test_skipped = skipped
-        if test is not None:
-            _apply_test(row, test)
-        row.vault_sync_pending = False
-        row.pending_since = None
+        # A later writer may have finished first; never move the row backwards.
+        if version >= row.kv_version:
+            row.kv_version = version
+            row.configured = True
+            row.hints = dict(public.get("hints") or {})
+            row.identifiers = dict(public.get("identifiers") or {})
+            row.updated_at = utcnow()
+            row.updated_by = principal.actor
+            row.connection_test_skipped = skipped
+            if test is not None:
+                _apply_test(row, test)
+        _clear_pending(row, token)
         session.add(row)
         _update_status(session, row)
         trail.record(
@@ -348,8 +351,13 @@ def _begin(
     provider: str,
     if_match: str | None,
     create: bool = True,
-) -> int:
-    """T1: lock (or create) the row, check If-Match, mark it pending; returns the CAS version."""
+) -> tuple[int, datetime]:
+    """T1: lock (or create) the row, check If-Match, mark it pending.
+
+    Returns the CAS version and this writer's pending token (the mark's
+    timestamp): only the writer whose mark is still on the row clears it, so a
+    concurrent writer still in flight keeps the row pending until it finishes.
+    """
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         if create:
@@ -381,7 +389,13 @@ def _begin(
         row.vault_sync_pending = True
         row.pending_since = utcnow()
         session.add(row)
-        return row.kv_version
+        return row.kv_version, row.pending_since
+
+
+def _clear_pending(row: IntegrationCredential, token: datetime) -> None:
+    if row.pending_since == token:
+        row.vault_sync_pending = False
+        row.pending_since = None
 
 
 def _try_reconcile(
