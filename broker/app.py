@@ -12,6 +12,8 @@ from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
+from broker.core.ratelimit import RateLimiter
+from broker.credentials.routes import router as credentials_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import ProviderEndpoints
@@ -23,7 +25,13 @@ from broker.vault.gateway import VaultGateway
 
 # Every router the app serves, in matching order. Settings come before tenants:
 # `/v1/tenants/settings` must not be read as a tenant id.
-ROUTERS = (health_router, integrations_router, settings_router, tenants_router)
+ROUTERS = (
+    health_router,
+    credentials_router,
+    integrations_router,
+    settings_router,
+    tenants_router,
+)
 
 
 def create_app(
@@ -59,7 +67,19 @@ def create_app(
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
-    app.add_middleware(RequestContextMiddleware, metrics=app.state.metrics)
+    app.state.limiter = RateLimiter(
+        settings.rate_limit_storage,
+        {
+            "fetch": settings.rate_limit_fetch,
+            "write": settings.rate_limit_write,
+            "auth_failures": settings.rate_limit_auth_failures,
+        },
+    )
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        trusted_proxies=settings.trusted_proxies,
+    )
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -143,6 +143,11 @@ def make_settings(
         "jwt_issuer": ISSUER,
         "jwt_audience": AUDIENCE,
         "retry_after_s": 2,
+        # The suite sends far more from one address than any real caller;
+        # the rate-limit tests build their own apps with tight limits.
+        "rate_limit_fetch": "100000/minute",
+        "rate_limit_write": "100000/minute",
+        "rate_limit_auth_failures": "100000/hour",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

@@ -10,15 +10,20 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier
 from broker.core import context
-from broker.core.errors import Forbidden, Unauthenticated
+from broker.core.errors import Forbidden, RateLimited, Unauthenticated
+from broker.core.ratelimit import RateLimiter
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT carrying OAuth-style scopes.")
 
 SCOPES_ATTR = "__broker_scopes__"
 
 
-def require(*scopes: str) -> Any:
+def require(*scopes: str, limit: str | None = None) -> Any:
     """A dependency that authenticates the caller and demands any one of `scopes`.
+
+    With `limit`, the request also counts against that named rate limit, keyed
+    by principal and tenant and by client address. Failed authentication
+    always counts against the stricter `auth_failures` limit.
 
     The route's scopes are also attached to the dependency, so a test can prove
     that every route declares them.
@@ -32,14 +37,30 @@ def require(*scopes: str) -> Any:
         request: Request,
         credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
     ) -> Principal:
-        if credentials is None or credentials.scheme.lower() != "bearer":
-            raise Unauthenticated("a bearer token is required")
-        verifier: TokenVerifier = request.app.state.verifier
-        principal = verifier.verify(credentials.credentials)
+        limiter: RateLimiter = request.app.state.limiter
+        ctx = context.current()
+        address = f"addr:{ctx.client_addr if ctx else None}"
+        if limiter.exceeded("auth_failures", address):
+            raise RateLimited(
+                "too many failed authentications from this address",
+                retry_after=limiter.retry_after("auth_failures", address),
+            )
+        try:
+            if credentials is None or credentials.scheme.lower() != "bearer":
+                raise Unauthenticated("a bearer token is required")
+            verifier: TokenVerifier = request.app.state.verifier
+            principal = verifier.verify(credentials.credentials)
+        except Unauthenticated as failure:
+            keys = [address] + ([f"sub:{failure.subject}"] if failure.subject else [])
+            limiter.hit("auth_failures", *keys)
+            raise
         context.update(actor=principal.actor, tenant_id=principal.tenant_id)
         request.state.principal = principal
         if not any(principal.has(scope) for scope in scopes):
             raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
+        if limit is not None:
+            tenant = request.path_params.get("tenant_id") or principal.tenant_id
+            limiter.hit(limit, f"who:{principal.actor}:{tenant}", address)
         return principal
 
     setattr(dependency, SCOPES_ATTR, tuple(scopes))

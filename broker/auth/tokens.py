@@ -102,18 +102,29 @@ class TokenVerifier:
                 },
             )
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token has expired") from None
+            raise _signed_but_unusable(token, "token has expired") from None
         except jwt.ImmatureSignatureError:
-            raise Unauthenticated("token is not valid yet") from None
+            raise _signed_but_unusable(token, "token is not valid yet") from None
         except jwt.InvalidAudienceError:
-            raise Unauthenticated("token audience is wrong") from None
+            raise _signed_but_unusable(token, "token audience is wrong") from None
         except jwt.InvalidIssuerError:
-            raise Unauthenticated("token issuer is wrong") from None
+            raise _signed_but_unusable(token, "token issuer is wrong") from None
         except (jwt.PyJWTError, TypeError):
             # PyJWT raises a bare TypeError when the header's algorithm does not
             # fit the key type (an ES256 header against an RSA key).
             raise Unauthenticated("token signature or claims are invalid") from None
         return principal_from_claims(claims)
+
+
+def _signed_but_unusable(token: str, reason: str) -> Unauthenticated:
+    # PyJWT checks the signature before these claims, so the subject is genuine.
+    error = Unauthenticated(reason)
+    try:
+        subject = jwt.decode(token, options={"verify_signature": False}).get("sub")
+    except jwt.PyJWTError:
+        subject = None
+    error.subject = subject if isinstance(subject, str) else None
+    return error
 
 
 def principal_from_claims(claims: dict[str, Any]) -> Principal:

@@ -72,7 +72,21 @@ class Settings(BaseSettings):
     shopify_api_version: str = "2024-10"
     shopify_base_url: str | None = None
 
-    @field_validator("vault_addrs", "jwt_algorithms", mode="before")
+    # Service delivery: leases are short; each provider may cap them lower.
+    credential_lease_s: int = Field(default=300, ge=10, le=3600)
+    credential_lease_caps: dict[str, int] = Field(
+        default_factory=lambda: {"openai": 600, "twilio": 900, "whatsapp": 900}
+    )
+    max_wrap_ttl_s: int = Field(default=600, ge=1, le=3600)
+
+    # Rate limits (the `limits` library's notation) and where their counters live.
+    rate_limit_storage: str = "memory://"
+    rate_limit_fetch: str = "1200/minute"
+    rate_limit_write: str = "60/minute"
+    rate_limit_auth_failures: str = "100/hour"
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

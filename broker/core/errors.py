@@ -23,6 +23,10 @@ class Unauthenticated(BrokerError):
     status = 401
     title = "Unauthenticated"
 
+    # The subject of a correctly signed but unusable token (expired, wrong
+    # audience), so failures count against that principal too. Never shown.
+    subject: str | None = None
+
 
 class Forbidden(BrokerError):
     """A valid token without the scope the route needs."""

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.audit import trail
 from broker.core import context
 from broker.core.errors import BrokerError, RateLimited, UpstreamUnavailable
+from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +66,10 @@ class RequestContextMiddleware:
     flows into the route and into the worker threads of sync routes.
     """
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, trusted_proxies: list[str]) -> None:
         self.app = app
         self.metrics = metrics
+        self.trusted_proxies = trusted_proxies
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -77,9 +79,9 @@ class RequestContextMiddleware:
         incoming = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = incoming if _REQUEST_ID.match(incoming) else str(uuid.uuid4())
         client = scope.get("client")
-        context.bind(
-            context.RequestContext(request_id=request_id, client_addr=client[0] if client else None)
-        )
+        forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
+        address = client_address(client[0] if client else None, forwarded, self.trusted_proxies)
+        context.bind(context.RequestContext(request_id=request_id, client_addr=address))
         status = 500
         started = time.perf_counter()
 

@@ -27,6 +27,8 @@ Viewer = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
 ]
 Manager = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
+# Writes and connection tests also count against the `write` rate limit.
+Writer = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN, limit="write")]
 ProviderName = Annotated[str, Path(description=f"One of: {', '.join(PROVIDERS)}.")]
 IfMatch = Annotated[str | None, Header(max_length=100)]
 
@@ -60,7 +62,7 @@ def save_credentials(
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
-    principal: Manager,
+    principal: Writer,
     if_match: IfMatch = None,
 ) -> IntegrationView:
     """Validate, live-test and store credentials; the response carries masked hints only."""
@@ -85,7 +87,7 @@ def check_credentials(
     request: Request,
     engine: EngineDep,
     vault: VaultDep,
-    principal: Manager,
+    principal: Writer,
     body: CredentialsTest | None = None,
 ) -> TestResult:
     """Test the credentials in the body, or the stored ones; the result is recorded."""
@@ -106,7 +108,7 @@ def delete_credentials(
     provider: ProviderName,
     engine: EngineDep,
     vault: VaultDep,
-    principal: Manager,
+    principal: Writer,
     if_match: IfMatch = None,
 ) -> Response:
     """Remove the credentials; earlier versions stay restorable."""
@@ -135,7 +137,7 @@ def restore_version(
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
-    principal: Manager,
+    principal: Writer,
     if_match: IfMatch = None,
 ) -> IntegrationView:
     """Make an earlier version current again."""

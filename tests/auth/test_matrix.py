@@ -106,6 +106,15 @@ ROUTES: dict[tuple[str, str], Case] = {
         insufficient=("tenant:admin",),
         tenant_bound=False,
     ),
+    ("GET", "/v1/credentials/{tenant_id}/{provider}"): Case(
+        "GET",
+        "/v1/credentials/{tenant}/openai",
+        allowed=(("credentials:read",),),
+        insufficient=("integrations:manage",),
+        tenant_bound=False,
+        kind="service",
+        setup=_configure_openai,
+    ),
     ("GET", "/v1/tenants/settings/integrations"): Case(
         "GET",
         "/v1/tenants/settings/integrations",
@@ -211,6 +220,8 @@ def _call(client: TestClient, case: Case, tenant_id: str, headers: dict[str, str
 
 
 def _token(case: Case, scopes: tuple[str, ...], tenant_id: str, **kwargs: Any) -> str:
+    if case.kind == "service":
+        return token(*scopes, kind="service", tenants=(tenant_id,), subject="worker", **kwargs)
     return token(*scopes, tenant_id=tenant_id if case.tenant_bound else None, **kwargs)
 
 
