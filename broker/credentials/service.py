@@ -22,6 +22,8 @@ from broker.integrations.providers import get_provider
 from broker.integrations.service import read_credentials
 from broker.vault.gateway import VaultGateway, WrappedSecret
 
+# One answer for "not configured", "no such tenant" and "not your tenant".
+NO_SUCH = "no such credentials"
 _TTL = re.compile(r"^(\d{1,5})(s|m|h)?$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -75,13 +77,16 @@ def authorize(engine: Engine, principal: Principal, *, tenant_id: str, provider:
             detail={"reason": "tenant not in the service token"},
         )
         # The same answer as a missing tenant: a service cannot probe which exist.
-        raise NotFound("no such credentials")
+        raise NotFound(NO_SUCH)
 
 
 def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -> Lease:
     """Read and decrypt the current credentials and attach a lease."""
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
-    creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
+    try:
+        creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
+    except NotFound:
+        raise NotFound(NO_SUCH) from None
     now = datetime.now(UTC)
     return Lease(
         tenant_id=tenant_id,

@@ -1,0 +1,150 @@
+"""Service delivery: leases, wrapped delivery, tenant isolation, failure modes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import hvac
+import hvac.exceptions
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from tests.conftest import VaultEndpoint, bearer, make_tenant, token
+from tests.fakes.providers import VALID, FakeProviders
+
+
+def save(client: TestClient, tenant: str, provider: str, fields: dict[str, str]) -> None:
+    response = client.put(
+        f"/v1/tenants/settings/integrations/{provider}",
+        json={"fields": fields, "skip_connection_test": True},
+        headers=bearer(token("tenant:admin", tenant_id=tenant)),
+    )
+    assert response.status_code == 200, response.text
+
+
+def service(*tenants: str, subject: str = "messaging-worker") -> dict[str, str]:
+    return bearer(token("credentials:read", kind="service", tenants=tenants, subject=subject))
+
+
+@pytest.fixture
+def shop(client: TestClient, providers: FakeProviders) -> str:
+    tenant = make_tenant(client)
+    save(client, tenant, "shopify", dict(VALID["shopify"]))
+    return tenant
+
+
+def test_a_service_gets_a_short_lease_that_is_never_cached(client: TestClient, shop: str) -> None:
+    response = client.get(f"/v1/credentials/{shop}/shopify", headers=service(shop))
+    assert response.status_code == 200, response.text
+    assert response.headers["cache-control"] == "no-store"
+    body = response.json()
+    assert body["fields"]["access_token"] == VALID["shopify"]["access_token"]
+    assert body["fields"]["shop_domain"] == VALID["shopify"]["shop_domain"]
+    assert body["version"] == 1
+    lease = datetime.fromisoformat(body["expires_at"]) - datetime.fromisoformat(body["issued_at"])
+    assert lease.total_seconds() == 300
+
+
+def test_leases_are_capped_per_provider(client: TestClient, providers: FakeProviders) -> None:
+    tenant = make_tenant(client)
+    save(client, tenant, "openai", dict(VALID["openai"]))
+    body = client.get(f"/v1/credentials/{tenant}/openai", headers=service(tenant)).json()
+    lease = datetime.fromisoformat(body["expires_at"]) - datetime.fromisoformat(body["issued_at"])
+    assert lease.total_seconds() <= 600
+
+
+def test_read_after_write_serves_the_new_version(
+    client: TestClient, providers: FakeProviders, shop: str
+) -> None:
+    new = dict(VALID["shopify"]) | {"access_token": "shpat_" + "b" * 32}
+    save(client, shop, "shopify", new)
+    body = client.get(f"/v1/credentials/{shop}/shopify", headers=service(shop)).json()
+    assert (body["version"], body["fields"]["access_token"]) == (2, new["access_token"])
+
+
+def test_a_tenant_outside_the_token_is_a_recorded_404(
+    client: TestClient, engine: Engine, shop: str
+) -> None:
+    other = make_tenant(client)
+    response = client.get(f"/v1/credentials/{shop}/shopify", headers=service(other))
+    missing = client.get(
+        "/v1/credentials/no-such-tenant/shopify", headers=service("no-such-tenant")
+    )
+    assert response.status_code == missing.status_code == 404
+    assert response.json()["detail"] == missing.json()["detail"]
+    assert VALID["shopify"]["access_token"] not in response.text
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT actor, tenant_id, outcome FROM audit_events WHERE request_id = :r"),
+            {"r": response.headers["x-request-id"]},
+        ).one()
+    assert (row.actor, row.tenant_id, row.outcome) == ("service:messaging-worker", shop, "denied")
+
+
+def test_user_tokens_cannot_fetch_even_with_the_scope(client: TestClient, shop: str) -> None:
+    user = bearer(token("credentials:read", "tenant:admin", tenant_id=shop))
+    assert client.get(f"/v1/credentials/{shop}/shopify", headers=user).status_code == 403
+
+
+def test_unconfigured_provider_and_unknown_provider_are_404(client: TestClient, shop: str) -> None:
+    assert client.get(f"/v1/credentials/{shop}/twilio", headers=service(shop)).status_code == 404
+    assert client.get(f"/v1/credentials/{shop}/myspace", headers=service(shop)).status_code == 404
+
+
+def test_wrapped_delivery_unwraps_once_directly_against_vault(
+    client: TestClient, vault_endpoint: VaultEndpoint, shop: str
+) -> None:
+    response = client.get(
+        f"/v1/credentials/{shop}/shopify", params={"wrap_ttl": "60s"}, headers=service(shop)
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert "fields" not in body
+    assert VALID["shopify"]["access_token"] not in response.text
+    wrap = body["wrap"]
+    assert wrap["ttl"] == 60
+    assert wrap["creation_path"] == "sys/wrapping/wrap"
+    # The wrapping token is its own credential: the service needs no Vault token of its own.
+    vault = hvac.Client(url=vault_endpoint.addr, token=wrap["token"])
+    unwrapped: Any = vault.sys.unwrap()
+    assert unwrapped["data"]["fields"]["access_token"] == VALID["shopify"]["access_token"]
+    with pytest.raises((hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden)):
+        vault.sys.unwrap()
+
+
+@pytest.mark.parametrize("ttl", ["0s", "-5", "1d", "abc", "99999", "60 s", "3601s"])
+def test_malformed_wrap_ttl_is_422(client: TestClient, shop: str, ttl: str) -> None:
+    response = client.get(
+        f"/v1/credentials/{shop}/shopify", params={"wrap_ttl": ttl}, headers=service(shop)
+    )
+    assert response.status_code == 422
+
+
+def test_every_vault_call_names_the_service_in_the_audit_log(
+    client: TestClient, vault_endpoint: VaultEndpoint, shop: str
+) -> None:
+    if vault_endpoint.audit_log is None:
+        pytest.skip("the external Vault's audit log is not readable from here")
+    import json
+
+    response = client.get(
+        f"/v1/credentials/{shop}/shopify", headers=service(shop, subject="catalog-sync")
+    )
+    request_id = response.headers["x-request-id"]
+    entries = [
+        json.loads(line)
+        for line in vault_endpoint.audit_log.read_text().splitlines()
+        if request_id in line
+    ]
+    requests = [e for e in entries if e["type"] == "request"]
+    assert {e["request"]["path"] for e in requests} >= {
+        f"secret/data/tenants/{shop}/integrations/shopify",
+        f"transit/decrypt/tenant-{shop}",
+    }
+    for entry in requests:
+        headers = entry["request"]["headers"]
+        assert headers["x-broker-actor"] == ["service:catalog-sync"]
+        assert headers["x-broker-tenant"] == [shop]
+    assert VALID["shopify"]["access_token"] not in "\n".join(json.dumps(e) for e in entries)
