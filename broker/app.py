@@ -19,6 +19,9 @@ from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import ProviderEndpoints
 from broker.integrations.routes import router as integrations_router
 from broker.integrations.service import Outbound
+from broker.payments.guard import CardDataGuard
+from broker.payments.platform import StripeAccess
+from broker.payments.routes import router as payments_router
 from broker.settings.routes import router as settings_router
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
@@ -29,6 +32,7 @@ ROUTERS = (
     health_router,
     credentials_router,
     integrations_router,
+    payments_router,
     settings_router,
     tenants_router,
 )
@@ -51,6 +55,7 @@ def create_app(
         yield
         vault.close()
         app.state.outbound.client.close()
+        app.state.stripe.close()
         engine.dispose()
 
     app = FastAPI(
@@ -67,6 +72,9 @@ def create_app(
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
+    app.state.stripe = StripeAccess(
+        vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
+    )
     app.state.limiter = RateLimiter(
         settings.rate_limit_storage,
         {
@@ -75,6 +83,8 @@ def create_app(
             "auth_failures": settings.rate_limit_auth_failures,
         },
     )
+    # Outermost but one: raw card data is refused before any route or log sees it.
+    app.add_middleware(CardDataGuard)
     app.add_middleware(
         RequestContextMiddleware,
         metrics=app.state.metrics,

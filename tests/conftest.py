@@ -31,6 +31,7 @@ from broker.core.db import make_engine, upgrade
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
+from tests.fakes.stripe import FakeStripe
 from tests.support import containers
 
 TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
@@ -181,15 +182,28 @@ def provider_overrides(fake: FakeProviders) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def stripe_server(vault_admin: VaultGateway) -> Iterator[FakeStripe]:
+    """A local Stripe; its secret key is the platform key, stored in Vault as operators do."""
+    with FakeStripe() as fake:
+        vault_admin.kv_write("platform/stripe", {"api_key": fake.secret_key}, cas=None)
+        yield fake
+
+
+@pytest.fixture(scope="session")
 def settings(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
     database_url: str,
     providers: FakeProviders,
+    stripe_server: FakeStripe,
 ) -> Settings:
     """The broker's settings for the session."""
     return make_settings(
-        vault_endpoint, broker_vault_token, database_url, **provider_overrides(providers)
+        vault_endpoint,
+        broker_vault_token,
+        database_url,
+        stripe_api_base=stripe_server.base_url,
+        **provider_overrides(providers),
     )
 
 

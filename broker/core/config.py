@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     graph_api_version: str = "v21.0"
     shopify_api_version: str = "2024-10"
     shopify_base_url: str | None = None
+    stripe_api_base: str = "https://api.stripe.com"
+    # The platform Stripe key is read from Vault (KV `platform/stripe`, field `api_key`).
+    stripe_key_path: str = "platform/stripe"
 
     # Service delivery: leases are short; each provider may cap them lower.
     credential_lease_s: int = Field(default=300, ge=10, le=3600)

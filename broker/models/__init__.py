@@ -173,3 +173,46 @@ class KeyRotation(SQLModel, table=True):
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
     started_by: str = Field(max_length=200)
+
+
+class PaymentProfile(SQLModel, table=True):
+    """A tenant's billing identity and payout summary: references and hints only.
+
+    `stripe_customer_id` is a reference; the platform key that could act on it
+    lives only in Vault (`platform/stripe`). Payout details are sealed in Vault
+    (`tenants/<id>/payout`); here are only the method and a masked hint, with
+    the same pending-mark protocol as integration credentials.
+    """
+
+    __tablename__ = "payment_profiles"
+
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    )
+    stripe_customer_id: str | None = Field(default=None, max_length=100)
+    payout_method: str | None = Field(default=None, max_length=32)
+    payout_hint: str | None = Field(default=None, max_length=100)
+    payout_version: int = Field(default=0)
+    payout_updated_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    payout_updated_by: str | None = Field(default=None, max_length=200)
+    payout_sync_pending: bool = Field(default=False)
+
+
+class PaymentMethod(SQLModel, table=True):
+    """A tokenized card reference from Stripe: never a card number, CVC or PIN."""
+
+    __tablename__ = "payment_methods"
+
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    )
+    id: str = Field(primary_key=True, max_length=100)
+    brand: str = Field(max_length=32)
+    last4: str = Field(max_length=4)
+    exp_month: int
+    exp_year: int
+    is_default: bool = Field(default=False)
+    created_at: datetime = _ts(nullable=False)
+    created_by: str = Field(max_length=200)

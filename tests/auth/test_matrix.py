@@ -8,7 +8,7 @@ here, so the matrix cannot silently fall behind the API.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +22,7 @@ from broker.auth.dependencies import declared_scopes
 from broker.health.routes import PUBLIC_PATHS
 from tests.conftest import bearer, make_tenant, new_tenant_id, token
 from tests.fakes.providers import VALID
+from tests.fakes.stripe import FakeStripe
 
 PUBLIC = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
@@ -38,7 +39,8 @@ class Case:
     tenant_bound: bool = True
     kind: str = "user"
     extra_claims: dict[str, Any] = field(default_factory=dict)
-    setup: Callable[[TestClient, str], None] | None = None
+    # Runs before an allowed call; may return path substitutions, e.g. {"{pm}": "pm_123"}.
+    setup: Callable[[TestClient, str], dict[str, str] | None] | None = None
 
 
 OPENAI = "/v1/tenants/settings/integrations/openai"
@@ -52,6 +54,40 @@ def _openai_body() -> dict[str, Any]:
 def _configure_openai(client: TestClient, tenant_id: str) -> None:
     response = client.put(
         OPENAI, json=_openai_body(), headers=bearer(token("tenant:admin", tenant_id=tenant_id))
+    )
+    assert response.status_code == 200, response.text
+
+
+STRIPE: list[FakeStripe] = []
+PAYMENT_METHODS = "/v1/tenants/settings/payment-methods"
+PAYOUT_BODY = {"method": "paypal", "details": {"email": "owner@example.com"}}
+
+
+@pytest.fixture(autouse=True)
+def _stripe_handle(stripe_server: FakeStripe) -> Iterator[None]:
+    STRIPE.append(stripe_server)
+    yield
+    STRIPE.clear()
+
+
+def _new_card() -> dict[str, str]:
+    return {"payment_method_id": STRIPE[0].add_card()}
+
+
+def _card_on_file(client: TestClient, tenant_id: str) -> dict[str, str]:
+    body = _new_card()
+    response = client.post(
+        PAYMENT_METHODS, json=body, headers=bearer(token("tenant:admin", tenant_id=tenant_id))
+    )
+    assert response.status_code == 201, response.text
+    return {"{pm}": body["payment_method_id"]}
+
+
+def _payout_on_file(client: TestClient, tenant_id: str) -> None:
+    response = client.put(
+        "/v1/tenants/settings/payout",
+        json=PAYOUT_BODY,
+        headers=bearer(token("tenant:admin", tenant_id=tenant_id)),
     )
     assert response.status_code == 200, response.text
 
@@ -114,6 +150,53 @@ ROUTES: dict[tuple[str, str], Case] = {
         tenant_bound=False,
         kind="service",
         setup=_configure_openai,
+    ),
+    ("GET", PAYMENT_METHODS): Case(
+        "GET",
+        PAYMENT_METHODS,
+        allowed=(("finance:view",), ("finance:manage",), ("tenant:admin",)),
+        insufficient=("integrations:manage",),
+    ),
+    ("POST", PAYMENT_METHODS + "/setup-intent"): Case(
+        "POST",
+        PAYMENT_METHODS + "/setup-intent",
+        allowed=(("finance:manage",), ("tenant:admin",)),
+        insufficient=("finance:view",),
+    ),
+    ("POST", PAYMENT_METHODS): Case(
+        "POST",
+        PAYMENT_METHODS,
+        allowed=(("finance:manage",), ("tenant:admin",)),
+        insufficient=("finance:view",),
+        body=_new_card,
+    ),
+    ("POST", PAYMENT_METHODS + "/{method_id}/default"): Case(
+        "POST",
+        PAYMENT_METHODS + "/{pm}/default",
+        allowed=(("finance:manage",), ("tenant:admin",)),
+        insufficient=("finance:view",),
+        setup=_card_on_file,
+    ),
+    ("DELETE", PAYMENT_METHODS + "/{method_id}"): Case(
+        "DELETE",
+        PAYMENT_METHODS + "/{pm}",
+        allowed=(("finance:manage",), ("tenant:admin",)),
+        insufficient=("finance:view",),
+        setup=_card_on_file,
+    ),
+    ("GET", "/v1/tenants/settings/payout"): Case(
+        "GET",
+        "/v1/tenants/settings/payout",
+        allowed=(("finance:view",), ("finance:manage",), ("tenant:admin",)),
+        insufficient=("integrations:manage",),
+        setup=_payout_on_file,
+    ),
+    ("PUT", "/v1/tenants/settings/payout"): Case(
+        "PUT",
+        "/v1/tenants/settings/payout",
+        allowed=(("finance:manage",), ("tenant:admin",)),
+        insufficient=("finance:view",),
+        body=lambda: PAYOUT_BODY,
     ),
     ("GET", "/v1/tenants/settings/integrations"): Case(
         "GET",
@@ -213,8 +296,16 @@ CASES = sorted(ROUTES.values(), key=lambda c: (c.path, c.method))
 IDS = [f"{c.method} {c.path}" for c in CASES]
 
 
-def _call(client: TestClient, case: Case, tenant_id: str, headers: dict[str, str]) -> Any:
+def _call(
+    client: TestClient,
+    case: Case,
+    tenant_id: str,
+    headers: dict[str, str],
+    substitutions: dict[str, str] | None = None,
+) -> Any:
     path = case.path.replace("{tenant}", tenant_id)
+    for placeholder, value in (substitutions or {"{pm}": "pm_notonfile"}).items():
+        path = path.replace(placeholder, value)
     body = case.body() if case.body else None
     return client.request(case.method, path, json=body, headers=headers)
 
@@ -230,9 +321,8 @@ def test_owner_with_each_allowed_scope_gets_through(
     client: TestClient, tenant: str, case: Case
 ) -> None:
     for scopes in case.allowed:
-        if case.setup:
-            case.setup(client, tenant)
-        response = _call(client, case, tenant, bearer(_token(case, scopes, tenant)))
+        substitutions = case.setup(client, tenant) if case.setup else None
+        response = _call(client, case, tenant, bearer(_token(case, scopes, tenant)), substitutions)
         assert response.status_code < 400, (scopes, response.text)
 
 

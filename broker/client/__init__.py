@@ -1,0 +1,50 @@
+"""The client SDK services use to fetch tenants' credentials from the broker.
+
+from broker.client import BrokerClient
+
+with BrokerClient("https://broker.internal", token_provider=read_service_token) as broker:
+    creds = broker.twilio("acme")          # TwilioCredentials, cached until near expiry
+    woo = create_woo_service_for_tenant(broker, "acme")   # an httpx.Client
+"""
+
+from broker.client.factories import (
+    LeaseAuth,
+    create_shopify_service_for_tenant,
+    create_twilio_service_for_tenant,
+    create_woo_service_for_tenant,
+)
+from broker.client.sdk import (
+    AccessDenied,
+    BrokerClient,
+    BrokerClientError,
+    BrokerUnavailable,
+    CredentialsNotFound,
+    Lease,
+    OpenAICredentials,
+    ProviderCredentials,
+    ShopifyCredentials,
+    TwilioCredentials,
+    WhatsAppCredentials,
+    WooCommerceCredentials,
+    WrappingTokenTampered,
+)
+
+__all__ = [
+    "AccessDenied",
+    "BrokerClient",
+    "BrokerClientError",
+    "BrokerUnavailable",
+    "CredentialsNotFound",
+    "Lease",
+    "LeaseAuth",
+    "OpenAICredentials",
+    "ProviderCredentials",
+    "ShopifyCredentials",
+    "TwilioCredentials",
+    "WhatsAppCredentials",
+    "WooCommerceCredentials",
+    "WrappingTokenTampered",
+    "create_shopify_service_for_tenant",
+    "create_twilio_service_for_tenant",
+    "create_woo_service_for_tenant",
+]

@@ -1,0 +1,344 @@
+"""Raw card data never enters the broker (PCI DSS scope control).
+
+Cards are tokenised in the browser with Stripe.js; the broker only ever sees a
+payment method id. `CardDataGuard` sits in front of every route and answers 422
+to a request that carries a primary account number (PAN) or a field named like
+one (card_number, cvc, pin, ...), before any route, log line or database sees
+it. Keeping PANs out entirely keeps the broker out of PCI DSS cardholder-data
+scope; a route that merely "ignores" a PAN has still received and logged it.
+
+Install it inside `RequestContextMiddleware` (add it to the app first) so the
+422 carries the request id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from typing import Any, Final
+from urllib.parse import parse_qsl, unquote
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from broker.core.http import problem
+
+log = logging.getLogger(__name__)
+
+# Bodies up to this size are inspected. A larger body is refused with 413
+# rather than passed through: an uninspected body is exactly the gap a PAN
+# would slip through, and no broker route takes anywhere near 1 MiB.
+MAX_INSPECTED_BYTES: Final = 1024 * 1024
+
+CARD_NUMBER: Final = "card_number"
+_SENSITIVE_PREFIX: Final = "sensitive_field:"
+
+TITLE: Final = "Raw card data is not accepted"
+DETAIL: Final = (
+    "raw card data is not accepted; tokenize the card with Stripe.js and send the payment method id"
+)
+
+# Field names compared after lowercasing and dropping every non-alphanumeric
+# character, so card_number, cardNumber, card-number and "Card Number" are one
+# name. Exact matches only: "pin" must not catch "pinned", nor "pan" "company".
+# card[cvc] is how Stripe's own form encoding spells it, hence cardcvc/cardcvv.
+SENSITIVE_FIELDS: Final = frozenset(
+    {
+        "cardnumber",
+        "creditcardnumber",
+        "ccnumber",
+        "pan",
+        "cvc",
+        "cvv",
+        "cvv2",
+        "cvc2",
+        "cardcvc",
+        "cardcvv",
+        "securitycode",
+        "pin",
+    }
+)
+
+# A run of digit groups separated by single spaces or dashes. It may not touch
+# a letter or digit on either side (so hex ids, hashes and base64 never match),
+# nor follow a "+" (E.164 phones) or "<digit>." (the fraction of a decimal).
+_DIGIT_RUN = re.compile(r"(?<![0-9A-Za-z+])(?<![0-9]\.)[0-9]+(?:[ -][0-9]+)*(?![0-9A-Za-z])")
+_GROUP_SEPARATOR = re.compile(r"[ -]")
+_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
+# Printed cards group digits in 4s (Amex 4-6-5); a one- or two-digit group is
+# a date or an expiry ("12 25"), and must not stitch numbers together.
+_MIN_GROUP = 3
+_MIN_PAN, _MAX_PAN = 13, 19
+# Leading digits of the card networks PCI DSS covers: 2 (Mastercard 2-series,
+# Mir), 3 (Amex, Diners, JCB), 4 (Visa), 5 (Mastercard, Maestro), 6 (Discover,
+# UnionPay, Maestro, RuPay), 81/82 (UnionPay, RuPay). Excluding the rest keeps
+# epoch-millisecond timestamps (13 digits, leading 1), which pass Luhn one time
+# in ten, and SIM ICCIDs (89..., Luhn-valid by design) from being refused.
+_PAN_PREFIX = re.compile(r"^(?:[2-6]|8[12])")
+_KEY_PARTS = re.compile(r"[\[\].]+")
+_NOT_ALNUM = re.compile(r"[^0-9a-z]")
+_MULTIPART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
+_LOGGED_DIGITS = re.compile(r"[0-9][0-9 -]{10,}[0-9]")
+
+
+def luhn_valid(digits: str) -> bool:
+    """True when `digits` (ASCII digits only) passes the Luhn mod-10 check."""
+    if not digits or not digits.isascii() or not digits.isdigit():
+        return False
+    total = 0
+    for index, char in enumerate(reversed(digits)):
+        value = ord(char) - 48
+        if index % 2 == 1:
+            value *= 2
+            if value > 9:
+                value -= 9
+        total += value
+    return total % 10 == 0
+
+
+def _looks_like_pan(digits: str) -> bool:
+    return (
+        _MIN_PAN <= len(digits) <= _MAX_PAN
+        and _PAN_PREFIX.match(digits) is not None
+        and luhn_valid(digits)
+    )
+
+
+def _contains_card_number(text: str) -> bool:
+    """True when `text` holds a Luhn-valid 13-19 digit card number, grouped or not."""
+    if len(text) < _MIN_PAN:
+        return False
+    text = _UUID.sub("#", text)
+    for run in _DIGIT_RUN.finditer(text):
+        groups = _GROUP_SEPARATOR.split(run.group())
+        if len(groups) == 1:
+            if _looks_like_pan(groups[0]):
+                return True
+            continue
+        # "4242 4242 4242 4242 12 25 123" is a card pasted with its expiry and
+        # CVC: try every span of whole groups, between the short groups.
+        for start in range(len(groups)):
+            digits = ""
+            for group in groups[start:]:
+                if len(group) < _MIN_GROUP:
+                    break
+                digits += group
+                if len(digits) > _MAX_PAN:
+                    break
+                if _looks_like_pan(digits):
+                    return True
+    return False
+
+
+def _sensitive_name(key: str) -> str | None:
+    """The normalised sensitive name `key` matches, if any: card[cvc] and cvc alike."""
+    parts = [part for part in _KEY_PARTS.split(key) if part]
+    candidates = [key]
+    if len(parts) > 1:
+        candidates += [parts[-1], parts[-2] + parts[-1]]
+    for candidate in candidates:
+        name = _NOT_ALNUM.sub("", candidate.lower())
+        if name in SENSITIVE_FIELDS:
+            return name
+    return None
+
+
+def _check_key(key: str) -> str | None:
+    name = _sensitive_name(key)
+    if name is not None:
+        return _SENSITIVE_PREFIX + name
+    return CARD_NUMBER if _contains_card_number(key) else None
+
+
+class _Pairs(list[tuple[str, Any]]):
+    """A JSON object as its key/value pairs, so a duplicated key cannot hide a value."""
+
+
+class _KeyMarker:
+    """A key met while walking, checked by its name as well as its text."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+
+def _walk(obj: Any) -> Iterator[str]:
+    # Iterative, so a deeply nested body cannot exhaust the stack.
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        hit: str | None = None
+        if isinstance(item, _KeyMarker):
+            hit = _check_key(item.key)
+        elif isinstance(item, str):
+            hit = CARD_NUMBER if _contains_card_number(item) else None
+        elif isinstance(item, bytes):
+            hit = CARD_NUMBER if _contains_card_number(_text(item)) else None
+        elif isinstance(item, int | float) and not isinstance(item, bool):
+            # 4242424242424242 sent as a JSON number is still a PAN.
+            hit = CARD_NUMBER if _contains_card_number(str(item)) else None
+        elif isinstance(item, dict | _Pairs):
+            pairs = list(item.items()) if isinstance(item, dict) else list(item)
+            for key, value in reversed(pairs):
+                stack += [value, _KeyMarker(str(key))]
+        elif isinstance(item, list | tuple | set | frozenset):
+            stack.extend(reversed(list(item)))
+        if hit is not None:
+            yield hit
+
+
+def find_card_data(obj: Any) -> str | None:
+    """The first raw-card-data hit in `obj` ("card_number" or "sensitive_field:<name>"), or None.
+
+    `obj` may be decoded JSON (dicts, lists, strings, numbers), or plain text.
+    """
+    return next(_walk(obj), None)
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", errors="replace")
+
+
+def _find_in_pairs(pairs: list[tuple[str, str]]) -> str | None:
+    for key, value in pairs:
+        hit = _check_key(key) or (CARD_NUMBER if _contains_card_number(value) else None)
+        if hit is not None:
+            return hit
+    return None
+
+
+def _find_in_json(raw: bytes) -> tuple[bool, str | None]:
+    """(parsed, hit): numbers are kept as their literal text, objects as pairs."""
+    try:
+        doc = json.loads(
+            raw,
+            object_pairs_hook=_Pairs,
+            parse_int=str,
+            parse_float=str,
+            parse_constant=str,
+        )
+    except (ValueError, RecursionError):
+        return False, None
+    return True, find_card_data(doc)
+
+
+def find_in_body(content_type: str, raw: bytes) -> str | None:
+    """Inspect a request body by its content type, falling back to its raw text."""
+    if not raw:
+        return None
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(_text(raw), keep_blank_values=True)
+        return _find_in_pairs(pairs) or find_card_data(_text(raw))
+    if media_type.startswith("multipart/"):
+        for name in _MULTIPART_NAME.findall(raw):
+            hit = _check_key(_text(name))
+            if hit is not None:
+                return hit
+        return find_card_data(_text(raw))
+    # FastAPI reads a body without a content type as JSON, so try JSON for any
+    # type; the raw text is the fallback for everything that is not JSON.
+    parsed, hit = _find_in_json(raw)
+    if parsed:
+        return hit
+    return find_card_data(_text(raw))
+
+
+def find_in_url(scope: Scope) -> str | None:
+    """Inspect the request path and query string (names and values)."""
+    query = scope.get("query_string", b"")
+    if query:
+        pairs = parse_qsl(_text(query), keep_blank_values=True)
+        hit = _find_in_pairs(pairs) or find_card_data(unquote(_text(query)))
+        if hit is not None:
+            return hit
+    return find_card_data(str(scope.get("path", "")))
+
+
+def _loggable_path(scope: Scope) -> str:
+    # The path itself may be where the PAN was: never log a long digit run.
+    return _LOGGED_DIGITS.sub("[REDACTED]", str(scope.get("path", "")))
+
+
+class CardDataGuard:
+    """Pure ASGI middleware: refuses requests that carry raw card data, with a 422.
+
+    Every HTTP request's body is buffered (an empty one costs one `receive`;
+    HTTP allows a body on GET too), inspected, then replayed to the app byte
+    for byte. Bodies over `max_body_bytes` are refused with 413.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int = MAX_INSPECTED_BYTES) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        hit = find_in_url(scope)
+        if hit is not None:
+            await self._refuse(scope, receive, send, hit)
+            return
+        if self._declared_length(scope) > self.max_body_bytes:
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client has gone; there is no one to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
+        hit = find_in_body(content_type.decode("latin-1"), body)
+        if hit is not None:
+            await self._refuse(scope, receive, send, hit)
+            return
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int:
+        for name, value in scope.get("headers") or []:
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0  # the server rejects a malformed length itself
+        return 0
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, hit: str) -> None:
+        # The hit kind names a field or "card_number"; never the value.
+        path = _loggable_path(scope)
+        log.warning(
+            "raw card data refused on %s (%s)",
+            path,
+            hit,
+            extra={"fields": {"path": path, "hit": hit}},
+        )
+        await problem(422, TITLE, DETAIL)(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"the request body exceeds {self.max_body_bytes} bytes; it was not read"
+        response = problem(413, "Request body too large", detail)
+        await response(scope, receive, send)

@@ -1,0 +1,62 @@
+"""The platform's Stripe key, read from Vault and never from the environment.
+
+The key is cached in memory for a few minutes (so a rotation in Vault is picked
+up without a restart) and handed only to the SDK client inside StripeGateway.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from broker.core.errors import UpstreamUnavailable
+from broker.payments.stripe_gateway import StripeGateway
+from broker.vault.gateway import VaultGateway
+
+KEY_CACHE_S = 300.0
+
+
+class StripeNotConfigured(UpstreamUnavailable):
+    """No platform Stripe key in Vault yet: an operator must store one."""
+
+    title = "Stripe is not configured"
+
+
+class StripeAccess:
+    """Builds (and rebuilds on key change) the StripeGateway from the key in Vault."""
+
+    def __init__(self, vault: VaultGateway, *, api_base: str, key_path: str) -> None:
+        self._vault = vault
+        self._api_base = api_base
+        self._key_path = key_path
+        self._lock = threading.Lock()
+        self._gateway: StripeGateway | None = None
+        self._fingerprint: int | None = None
+        self._fetched_at = 0.0
+
+    def gateway(self) -> StripeGateway:
+        """The gateway for the current platform key."""
+        with self._lock:
+            if self._gateway is not None and time.monotonic() - self._fetched_at < KEY_CACHE_S:
+                return self._gateway
+            entry = self._vault.kv_read(self._key_path)
+            key = str((entry.data if entry else {}).get("api_key") or "")
+            if not key:
+                raise StripeNotConfigured(
+                    f"no Stripe key in Vault at {self._key_path} (field api_key)"
+                )
+            fingerprint = hash(key)
+            if self._gateway is None or fingerprint != self._fingerprint:
+                if self._gateway is not None:
+                    self._gateway.close()
+                self._gateway = StripeGateway(api_key=key, api_base=self._api_base)
+                self._fingerprint = fingerprint
+            self._fetched_at = time.monotonic()
+            return self._gateway
+
+    def close(self) -> None:
+        """Release the HTTP client."""
+        with self._lock:
+            if self._gateway is not None:
+                self._gateway.close()
+                self._gateway = None

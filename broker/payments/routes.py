@@ -1,0 +1,129 @@
+"""Payment methods (Stripe references) and payout details."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request, Response
+
+from broker.auth.dependencies import require
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope
+from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.models import PaymentProfile
+from broker.payments import service
+from broker.payments.platform import StripeAccess
+from broker.payments.schemas import (
+    PaymentMethodAdd,
+    PaymentMethodView,
+    PayoutRequest,
+    PayoutView,
+    SetupIntentView,
+)
+from broker.settings.service import own_tenant
+
+router = APIRouter(prefix="/v1/tenants/settings", tags=["payments"])
+
+FinanceViewer = Annotated[Principal, require(Scope.FINANCE_VIEW, Scope.FINANCE_MANAGE)]
+FinanceManager = Annotated[Principal, require(Scope.FINANCE_MANAGE, limit="write")]
+MethodId = Annotated[str, Path(min_length=4, max_length=100)]
+
+
+def _stripe(request: Request) -> StripeAccess:
+    stripe: StripeAccess = request.app.state.stripe
+    return stripe
+
+
+@router.get("/payment-methods", response_model=list[PaymentMethodView])
+def list_payment_methods(session: SessionDep, principal: FinanceViewer) -> list[PaymentMethodView]:
+    """The tenant's cards: token id, brand, last 4 digits, expiry, default flag."""
+    methods = service.list_methods(session, principal=principal, tenant_id=own_tenant(principal))
+    return [PaymentMethodView.model_validate(m) for m in methods]
+
+
+@router.post("/payment-methods/setup-intent", response_model=SetupIntentView)
+def create_setup_intent(
+    request: Request, engine: EngineDep, principal: FinanceManager
+) -> SetupIntentView:
+    """A SetupIntent client secret, so Stripe.js tokenizes the card in the browser."""
+    intent = service.create_setup_intent(
+        engine, _stripe(request), principal=principal, tenant_id=own_tenant(principal)
+    )
+    return SetupIntentView(id=intent.id, client_secret=intent.client_secret)
+
+
+@router.post("/payment-methods", status_code=201, response_model=PaymentMethodView)
+def add_payment_method(
+    body: PaymentMethodAdd, request: Request, engine: EngineDep, principal: FinanceManager
+) -> PaymentMethodView:
+    """Attach a tokenized card (`pm_...`) to the tenant; the first becomes the default."""
+    method = service.add_method(
+        engine,
+        _stripe(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        payment_method_id=body.payment_method_id,
+    )
+    return PaymentMethodView.model_validate(method)
+
+
+@router.post("/payment-methods/{method_id}/default", response_model=PaymentMethodView)
+def set_default_payment_method(
+    method_id: MethodId, session: SessionDep, principal: FinanceManager
+) -> PaymentMethodView:
+    """Make this card the default."""
+    method = service.set_default(
+        session, principal=principal, tenant_id=own_tenant(principal), method_id=method_id
+    )
+    return PaymentMethodView.model_validate(method)
+
+
+@router.delete("/payment-methods/{method_id}", status_code=204, response_class=Response)
+def delete_payment_method(
+    method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
+) -> Response:
+    """Detach the card in Stripe and remove it; the default moves to another card."""
+    service.remove_method(
+        engine,
+        _stripe(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        method_id=method_id,
+    )
+    return Response(status_code=204)
+
+
+@router.get("/payout", response_model=PayoutView)
+def read_payout(engine: EngineDep, vault: VaultDep, principal: FinanceViewer) -> PayoutView:
+    """The payout destination, masked."""
+    profile = service.get_payout(
+        engine, vault, principal=principal, tenant_id=own_tenant(principal)
+    )
+    return _payout_view(profile)
+
+
+@router.put("/payout", response_model=PayoutView)
+def set_payout(
+    body: PayoutRequest, engine: EngineDep, vault: VaultDep, principal: FinanceManager
+) -> PayoutView:
+    """Validate and seal payout details in Vault; the answer is the masked view."""
+    profile = service.put_payout(
+        engine,
+        vault,
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        method=body.method,
+        details=body.parsed(),
+    )
+    return _payout_view(profile)
+
+
+def _payout_view(profile: PaymentProfile) -> PayoutView:
+    return PayoutView.model_validate(
+        {
+            "method": profile.payout_method,
+            "hint": profile.payout_hint,
+            "updated_at": profile.payout_updated_at,
+            "updated_by": profile.payout_updated_by,
+        }
+    )

@@ -1,0 +1,382 @@
+"""Payment-method references and payout details (PCI-DSS: tokens and hints only).
+
+Every read and write of a payment method or payout destination is recorded in
+the broker's audit trail with the method's id, never card data (PCI DSS 10.2).
+
+Stripe calls and database writes are ordered so a failure on either side
+leaves nothing half-done: a card is attached only inside the transaction that
+records it, and detached again if that transaction cannot commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlmodel import Session, col, select
+
+from broker.audit import trail
+from broker.auth.principal import Principal
+from broker.core.db import unit_of_work
+from broker.core.errors import BrokerError, Conflict, NotFound
+from broker.models import PaymentMethod, PaymentProfile, Tenant, utcnow
+from broker.payments.payout import PayoutDetails
+from broker.payments.platform import StripeAccess
+from broker.payments.stripe_gateway import SetupIntentInfo
+from broker.vault.errors import VaultUnavailable
+from broker.vault.gateway import VaultGateway
+from broker.vault.sealed import SealedStore
+
+PAYOUT_ITEM = "payout"
+T = TypeVar("T")
+
+
+def default_payment_method(methods: Sequence[PaymentMethod]) -> PaymentMethod | None:
+    """The seed's rule: the method marked default, else the first, else none."""
+    for method in methods:
+        if method.is_default:
+            return method
+    return methods[0] if methods else None
+
+
+def list_methods(session: Session, *, principal: Principal, tenant_id: str) -> list[PaymentMethod]:
+    """The tenant's card references, oldest first (the read is audited)."""
+    _live_tenant(session, tenant_id)
+    methods = _methods(session, tenant_id)
+    trail.record(
+        session,
+        action="payment_method.list",
+        resource=f"tenants/{tenant_id}/payment-methods",
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"payment_methods": [m.id for m in methods]},
+    )
+    return methods
+
+
+def create_setup_intent(
+    engine: Engine, stripe: StripeAccess, *, principal: Principal, tenant_id: str
+) -> SetupIntentInfo:
+    """A SetupIntent for Stripe.js to tokenize a card; the broker never sees the card."""
+    customer_id = _ensure_customer(engine, stripe, tenant_id=tenant_id)
+    return _audited(
+        engine,
+        principal,
+        tenant_id,
+        "payment_method.setup_intent",
+        lambda: stripe.gateway().create_setup_intent(customer_id=customer_id),
+        detail={"customer": customer_id},
+    )
+
+
+def add_method(
+    engine: Engine,
+    stripe: StripeAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    payment_method_id: str,
+) -> PaymentMethod:
+    """Verify a pm_ reference is a card, attach it to the tenant's customer, record it."""
+    customer_id = _ensure_customer(engine, stripe, tenant_id=tenant_id)
+    gateway = stripe.gateway()
+    attached = False
+    try:
+        with unit_of_work(engine) as session:
+            _live_tenant(session, tenant_id)
+            if session.get(PaymentMethod, (tenant_id, payment_method_id)) is not None:
+                raise Conflict("this payment method is already on file")
+            gateway.retrieve_card(payment_method_id)
+            card = gateway.attach(payment_method_id, customer_id=customer_id)
+            attached = True
+            first = not _methods(session, tenant_id, lock=True)
+            method = PaymentMethod(
+                tenant_id=tenant_id,
+                id=card.id,
+                brand=card.brand,
+                last4=card.last4,
+                exp_month=card.exp_month,
+                exp_year=card.exp_year,
+                is_default=first,
+                created_by=principal.actor,
+            )
+            session.add(method)
+            session.flush()
+            _record(session, principal, tenant_id, "payment_method.add", card.id, "success")
+        return method
+    except BrokerError as exc:
+        if attached:
+            # The row never committed: undo the attachment so Stripe matches us.
+            try:
+                gateway.detach(payment_method_id, customer_id=customer_id)
+            except BrokerError:
+                pass
+        _record_failure(engine, principal, tenant_id, "payment_method.add", payment_method_id, exc)
+        raise
+
+
+def set_default(
+    session: Session, *, principal: Principal, tenant_id: str, method_id: str
+) -> PaymentMethod:
+    """Make one card the default; the others lose the mark."""
+    _live_tenant(session, tenant_id)
+    methods = _methods(session, tenant_id, lock=True)
+    chosen = next((m for m in methods if m.id == method_id), None)
+    if chosen is None:
+        raise NotFound("no such payment method")
+    for method in methods:
+        if method.is_default and method is not chosen:
+            method.is_default = False
+            session.add(method)
+    session.flush()  # clear the old default before setting the new one (unique index)
+    chosen.is_default = True
+    session.add(chosen)
+    session.flush()
+    _record(session, principal, tenant_id, "payment_method.set_default", method_id, "success")
+    return chosen
+
+
+def remove_method(
+    engine: Engine, stripe: StripeAccess, *, principal: Principal, tenant_id: str, method_id: str
+) -> None:
+    """Detach the card in Stripe and forget it; the default moves to the oldest remaining."""
+    try:
+        with unit_of_work(engine) as session:
+            _live_tenant(session, tenant_id)
+            methods = _methods(session, tenant_id, lock=True)
+            doomed = next((m for m in methods if m.id == method_id), None)
+            if doomed is None:
+                raise NotFound("no such payment method")
+            session.delete(doomed)
+            session.flush()
+            rest = [m for m in methods if m is not doomed]
+            if doomed.is_default and rest:
+                rest[0].is_default = True
+                session.add(rest[0])
+            profile = session.get(PaymentProfile, tenant_id)
+            stripe.gateway().detach(
+                method_id, customer_id=profile.stripe_customer_id if profile else None
+            )
+            _record(session, principal, tenant_id, "payment_method.remove", method_id, "success")
+    except BrokerError as exc:
+        _record_failure(engine, principal, tenant_id, "payment_method.remove", method_id, exc)
+        raise
+
+
+def get_payout(
+    engine: Engine, vault: VaultGateway, *, principal: Principal, tenant_id: str
+) -> PaymentProfile:
+    """The masked payout view (the read is audited); reconciled with Vault if pending."""
+    with unit_of_work(engine) as session:
+        _live_tenant(session, tenant_id)
+        profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
+        if profile is not None and profile.payout_sync_pending:
+            try:
+                _reconcile_payout(profile, SealedStore(vault))
+            except VaultUnavailable:
+                pass  # shown as last known; the next reader tries again
+            session.add(profile)
+        if profile is None or profile.payout_method is None:
+            raise NotFound("no payout destination is set")
+        trail.record(
+            session,
+            action="payout.read",
+            resource=f"tenants/{tenant_id}/payout",
+            outcome="success",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"method": profile.payout_method},
+        )
+        return profile
+
+
+def put_payout(
+    engine: Engine,
+    vault: VaultGateway,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    method: str,
+    details: PayoutDetails,
+) -> PaymentProfile:
+    """Seal payout details in Vault; PostgreSQL keeps only the method and a masked hint.
+
+    Same ordering as integration credentials: mark pending (commit), write Vault
+    with check-and-set, then record the new version and clear the mark.
+    """
+    store = SealedStore(vault)
+    ciphertext = store.seal(tenant_id, PAYOUT_ITEM, details.secret_values())
+    public = {"method": method, "hint": details.masked_hint(), "updated_by": principal.actor}
+    with unit_of_work(engine) as session:
+        _live_tenant(session, tenant_id)
+        profile = _profile(session, tenant_id)
+        if profile.payout_sync_pending:
+            _reconcile_payout(profile, store)
+        profile.payout_sync_pending = True
+        cas = profile.payout_version
+        session.add(profile)
+    try:
+        version = store.write(tenant_id, PAYOUT_ITEM, ciphertext=ciphertext, public=public, cas=cas)
+    except BrokerError:
+        with unit_of_work(engine) as session:
+            profile = _profile(session, tenant_id)
+            try:
+                _reconcile_payout(profile, store)
+            except VaultUnavailable:
+                pass
+            session.add(profile)
+        raise
+    with unit_of_work(engine) as session:
+        profile = _profile(session, tenant_id)
+        if version >= profile.payout_version:
+            profile.payout_method = method
+            profile.payout_hint = public["hint"]
+            profile.payout_version = version
+            profile.payout_updated_at = utcnow()
+            profile.payout_updated_by = principal.actor
+        profile.payout_sync_pending = False
+        session.add(profile)
+        trail.record(
+            session,
+            action="payout.update",
+            resource=f"tenants/{tenant_id}/payout",
+            outcome="success",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"method": method, "kv_version": version},
+        )
+        return profile
+
+
+# -- helpers ----------------------------------------------------------------------
+
+
+def _ensure_customer(engine: Engine, stripe: StripeAccess, *, tenant_id: str) -> str:
+    """The tenant's Stripe customer, created on first use (idempotent per tenant)."""
+    with unit_of_work(engine) as session:
+        tenant = _live_tenant(session, tenant_id)
+        profile = _profile(session, tenant_id)
+        if profile.stripe_customer_id:
+            return profile.stripe_customer_id
+        # Stripe's idempotency key is derived from the tenant id, so a retry after
+        # a lost commit gets the same customer back instead of a second one.
+        profile.stripe_customer_id = stripe.gateway().create_customer(
+            tenant_id=tenant_id, name=tenant.name
+        )
+        session.add(profile)
+        return profile.stripe_customer_id
+
+
+def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> None:
+    version, live = store.current_version(profile.tenant_id, PAYOUT_ITEM)
+    if live and version != profile.payout_version:
+        record = store.read(profile.tenant_id, PAYOUT_ITEM)
+        if record is not None:
+            profile.payout_method = str(record.public.get("method") or "") or None
+            profile.payout_hint = str(record.public.get("hint") or "") or None
+            profile.payout_updated_by = record.public.get("updated_by")
+            profile.payout_updated_at = utcnow()
+    profile.payout_version = version
+    profile.payout_sync_pending = False
+
+
+def _profile(session: Session, tenant_id: str) -> PaymentProfile:
+    profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
+    if profile is None:
+        profile = PaymentProfile(tenant_id=tenant_id)
+        session.add(profile)
+        session.flush()
+    return profile
+
+
+def _methods(session: Session, tenant_id: str, *, lock: bool = False) -> list[PaymentMethod]:
+    query = (
+        select(PaymentMethod)
+        .where(PaymentMethod.tenant_id == tenant_id)
+        .order_by(col(PaymentMethod.created_at), col(PaymentMethod.id))
+    )
+    if lock:
+        query = query.with_for_update()
+    return list(session.exec(query))
+
+
+def _live_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id)
+    if tenant is None or tenant.deleting_at is not None:
+        raise NotFound("no such tenant")
+    return tenant
+
+
+def _record(
+    session: Session,
+    principal: Principal,
+    tenant_id: str,
+    action: str,
+    method_id: str,
+    outcome: trail.Outcome,
+    **detail: Any,
+) -> None:
+    trail.record(
+        session,
+        action=action,
+        resource=f"tenants/{tenant_id}/payment-methods/{method_id}",
+        outcome=outcome,
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"payment_method": method_id, **detail},
+    )
+
+
+def _record_failure(
+    engine: Engine,
+    principal: Principal,
+    tenant_id: str,
+    action: str,
+    method_id: str,
+    exc: BrokerError,
+) -> None:
+    trail.record_separately(
+        engine,
+        action=action,
+        resource=f"tenants/{tenant_id}/payment-methods/{method_id}",
+        outcome="failed",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"payment_method": method_id, "status": exc.status, "reason": exc.message},
+    )
+
+
+def _audited(
+    engine: Engine,
+    principal: Principal,
+    tenant_id: str,
+    action: str,
+    call: Callable[[], T],
+    *,
+    detail: dict[str, Any],
+) -> T:
+    try:
+        result = call()
+    except BrokerError as exc:
+        trail.record_separately(
+            engine,
+            action=action,
+            resource=f"tenants/{tenant_id}/payment-methods",
+            outcome="failed",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={**detail, "status": exc.status},
+        )
+        raise
+    trail.record_separately(
+        engine,
+        action=action,
+        resource=f"tenants/{tenant_id}/payment-methods",
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail=detail,
+    )
+    return result
