@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 import uvicorn
 
+from broker.audit.cli import audit_app
 from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
@@ -22,6 +23,7 @@ db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant Transit keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
+app.add_typer(audit_app, name="audit")
 log = logging.getLogger("broker.cli")
 
 

@@ -28,8 +28,11 @@ Outcome = Literal["allowed", "denied", "failed", "unknown"]
 
 # The audit device's HMAC prefix: values in `data`, tokens and accessors.
 HMAC_PREFIX = "hmac-sha256:"
+# The broker's caller's address, when the gateway stamps it as an audited header
+# (read if present; otherwise the address comes from the broker's trail).
+CLIENT_ADDR_HEADER = "x-broker-client-addr"
 
-# KV v2: <mount>/<data|metadata|delete|undelete|destroy>/tenants/<id>[/integrations/<provider>|/payout]
+# KV v2: <mount>/<data|metadata|...>/tenants/<id>[/integrations/<provider>|/payout]
 _KV_TENANT = re.compile(
     r"^[^/]+/(?:data|metadata|delete|undelete|destroy)/tenants/(?P<tenant>[^/]+)"
     r"(?:/(?:integrations/(?P<provider>[^/]+)|(?P<payout>payout)))?"
@@ -39,6 +42,10 @@ _TRANSIT_TENANT = re.compile(r"^[^/]+/(?:[^/]+/)+?tenant-(?P<tenant>[^/]+)(?:/|$
 # Broker trail resources and API paths: tenants/<id>/integrations/<provider>, /v1/.../integrations/x
 _RESOURCE_TENANT = re.compile(r"(?:^|/)tenants/(?P<tenant>[^/]+)")
 _RESOURCE_PROVIDER = re.compile(r"(?:^|/)integrations/(?P<provider>[^/?]+)")
+# Service delivery: /v1/credentials/<tenant>/<provider>
+_RESOURCE_CREDENTIALS = re.compile(
+    r"(?:^|/)credentials/(?P<tenant>[^/?]+)(?:/(?P<provider>[^/?]+))?"
+)
 # System paths that never carry tenant data, whatever their segments look like.
 _SYSTEM_PREFIXES = ("sys/", "auth/", "identity/", "cubbyhole/")
 
@@ -89,9 +96,7 @@ def _lines(path: Path, stats: ReadStats) -> Iterator[str]:
             stats.truncated_files.append(path)
 
 
-def read_entries(
-    paths: Sequence[Path], stats: ReadStats | None = None
-) -> Iterator[dict[str, Any]]:
+def read_entries(paths: Sequence[Path], stats: ReadStats | None = None) -> Iterator[dict[str, Any]]:
     """Every audit entry (a JSON object) in `paths`, plain or gzipped, in the order given.
 
     Lines that are not JSON objects are skipped and counted in `stats.malformed`.
@@ -183,6 +188,9 @@ def tenant_and_provider(path: str) -> tuple[str | None, str | None]:
 
 def resource_tenant_and_provider(resource: str) -> tuple[str | None, str | None]:
     """The tenant and provider named in a broker trail resource or an API path."""
+    credentials = _RESOURCE_CREDENTIALS.search(resource)
+    if credentials:
+        return credentials.group("tenant"), credentials.group("provider")
     tenant = _RESOURCE_TENANT.search(resource)
     provider = _RESOURCE_PROVIDER.search(resource)
     tenant_id = tenant.group("tenant") if tenant else None
@@ -234,6 +242,7 @@ class VaultAuditEntry:
     vault_identity: str | None = None
     policies: tuple[str, ...] = ()
     response_time: datetime | None = None
+    client_addr: str | None = None
 
     @property
     def denied(self) -> bool:
@@ -307,7 +316,9 @@ def build_entry(
     path_tenant, path_provider = tenant_and_provider(path)
     header_tenant = _header(headers, "x-broker-tenant")
     display_name = auth.get("display_name") if isinstance(auth.get("display_name"), str) else None
-    actor = _header(headers, "x-broker-actor") or (f"vault:{display_name}" if display_name else None)
+    actor = _header(headers, "x-broker-actor") or (
+        f"vault:{display_name}" if display_name else None
+    )
     policies = auth.get("policies")
     return VaultAuditEntry(
         time=when,
@@ -329,6 +340,7 @@ def build_entry(
         vault_identity=display_name,
         policies=tuple(str(p) for p in policies) if isinstance(policies, list) else (),
         response_time=parse_time(response.get("time")) if response else None,
+        client_addr=_header(headers, CLIENT_ADDR_HEADER),
     )
 
 
@@ -409,7 +421,7 @@ def fill_providers(entries: Sequence[VaultAuditEntry]) -> list[VaultAuditEntry]:
 
 
 def actor_matches(wanted: str, actor: str | None) -> bool:
-    """`user:alice` matches itself; a bare `alice` matches any kind (`user:alice`, `service:alice`)."""
+    """`user:alice` matches itself; a bare `alice` matches `user:alice` and `service:alice`."""
     if actor is None:
         return False
     if wanted == actor:
@@ -468,9 +480,18 @@ def load(
     """Read, join and filter the logs; the result is sorted by time."""
     filters = filters or Filters()
     stats = stats if stats is not None else ReadStats()
-    # Providers are filled in before filtering, so --provider also finds the
-    # Transit calls of a request that read that provider's credentials.
-    joined = fill_providers(list(join(read_entries(paths, stats), stats=stats, where=where)))
+    # Time, tenant and actor are shared by every call of one broker request, so
+    # they can thin the stream early. Provider and outcome wait until providers
+    # are filled in, so --provider also finds the Transit calls of a request
+    # that read that provider's credentials.
+    early = replace(filters, provider=None, denied=False)
+    joined = fill_providers(
+        [
+            entry
+            for entry in join(read_entries(paths, stats), stats=stats, where=where)
+            if early.matches(entry)
+        ]
+    )
     matched = [entry for entry in joined if filters.matches(entry)]
     matched.sort(key=lambda entry: (entry.time, entry.vault_request_id))
     return matched
@@ -495,7 +516,7 @@ def default_log_paths(data_dir: Path) -> list[Path]:
 
 
 def with_rotated(live: Path) -> list[Path]:
-    """`live` plus rotated copies beside it (`audit.log.1`, `audit.log.2.gz`, `audit.log-20260101.gz`).
+    """`live` plus its rotated copies (`audit.log.1`, `audit.log.2.gz`, `audit.log-20260101.gz`).
 
     Rotated copies come first, oldest by modification time first; the live file last.
     """
