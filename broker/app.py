@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from sqlalchemy import Engine
 
+from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import make_engine
@@ -30,6 +31,7 @@ from broker.vault.gateway import VaultGateway
 # `/v1/tenants/settings` must not be read as a tenant id.
 ROUTERS = (
     health_router,
+    audit_router,
     credentials_router,
     integrations_router,
     payments_router,

@@ -9,10 +9,11 @@ the secret accesses themselves; `broker audit` joins the two by request id.
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import Engine
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from broker.auth.principal import Principal
 from broker.core import context
@@ -70,3 +71,31 @@ def record_separately(engine: Engine, **event: Any) -> None:
             "audit trail unavailable; event logged instead",
             extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
         )
+
+
+def search(
+    session: Session,
+    *,
+    tenant_id: str | None = None,
+    actor: str | None = None,
+    outcome: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_id: int | None = None,
+    limit: int = 100,
+) -> list[AuditEvent]:
+    """Events matching every given filter, oldest first."""
+    query = select(AuditEvent).order_by(col(AuditEvent.id)).limit(limit)
+    if tenant_id is not None:
+        query = query.where(AuditEvent.tenant_id == tenant_id)
+    if actor is not None:
+        query = query.where(AuditEvent.actor == actor)
+    if outcome is not None:
+        query = query.where(AuditEvent.outcome == outcome)
+    if since is not None:
+        query = query.where(col(AuditEvent.at) >= since)
+    if until is not None:
+        query = query.where(col(AuditEvent.at) < until)
+    if after_id is not None:
+        query = query.where(col(AuditEvent.id) > after_id)
+    return list(session.exec(query))

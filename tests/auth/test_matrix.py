@@ -151,6 +151,13 @@ ROUTES: dict[tuple[str, str], Case] = {
         kind="service",
         setup=_configure_openai,
     ),
+    ("GET", "/v1/audit/events"): Case(
+        "GET",
+        "/v1/audit/events",
+        allowed=(("audit:read",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
     ("GET", PAYMENT_METHODS): Case(
         "GET",
         PAYMENT_METHODS,
