@@ -136,6 +136,10 @@ def token(
 @app.command("bootstrap")
 def bootstrap_command(
     policies_dir: Annotated[Path | None, typer.Option(help="Folder of *.hcl policies.")] = None,
+    audit_file_path: Annotated[
+        str | None,
+        typer.Option(help="Enable a file audit device here if fewer than two (HashiCorp Vault)."),
+    ] = None,
 ) -> None:
     """Idempotently set up Vault mounts, policies, audited headers and the broker's AppRole.
 
@@ -148,7 +152,11 @@ def bootstrap_command(
     configure_logging(settings.log_level)
     gateway = VaultGateway.from_settings(settings)
     try:
-        report = bootstrap(gateway, policies_dir=policies_dir or DEFAULT_POLICIES_DIR)
+        report = bootstrap(
+            gateway,
+            policies_dir=policies_dir or DEFAULT_POLICIES_DIR,
+            audit_file_path=audit_file_path,
+        )
     finally:
         gateway.close()
     typer.echo(json.dumps(report.__dict__, indent=2))

@@ -32,15 +32,21 @@ def bootstrap(
     policies_dir: Path = DEFAULT_POLICIES_DIR,
     approle_mount: str = "approle",
     broker_token_ttl: str = "1h",
+    audit_file_path: str | None = None,
 ) -> BootstrapReport:
-    """Bring Vault to the layout the broker expects. Needs a privileged token."""
+    """Bring Vault to the layout the broker expects. Needs a privileged token.
+
+    With `audit_file_path`, a file audit device is enabled through the API when
+    fewer than two are enabled. HashiCorp Vault allows that; OpenBao only takes
+    audit devices from its config file, so there the report says so instead.
+    """
     report = BootstrapReport()
     client = admin.raw()
     _ensure_mounts(client, admin.kv_mount, admin.transit_mount, report)
     _ensure_policies(client, policies_dir, report)
     _ensure_audited_headers(client, report)
     _ensure_approle(client, approle_mount, broker_token_ttl, report)
-    _check_audit_devices(client, report)
+    _ensure_audit_devices(client, audit_file_path, report)
     return report
 
 
@@ -122,8 +128,22 @@ def _ensure_approle(
     report.changed.append(f"AppRole role {BROKER_ROLE}")
 
 
-def _check_audit_devices(client: hvac.Client, report: BootstrapReport) -> None:
+def _ensure_audit_devices(
+    client: hvac.Client, file_path: str | None, report: BootstrapReport
+) -> None:
     devices = client.sys.list_enabled_audit_devices().get("data") or {}
+    if file_path and len(devices) < 2 and "broker-file/" not in devices:
+        try:
+            client.sys.enable_audit_device(
+                "file", path="broker-file", options={"file_path": file_path}
+            )
+            report.changed.append(f"enabled file audit device broker-file at {file_path}")
+            devices = client.sys.list_enabled_audit_devices().get("data") or {}
+        except hvac.exceptions.InvalidRequest:
+            report.warnings.append(
+                "this server refuses audit devices over the API (OpenBao): declare them in "
+                "its config file, as deploy/openbao/server.hcl does"
+            )
     if not devices:
         report.warnings.append(
             "no audit device is enabled: Vault will not record who read which secret"

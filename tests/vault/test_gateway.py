@@ -152,3 +152,13 @@ def test_bootstrap_is_idempotent(own_bao: OpenBaoServer) -> None:
         assert "policy broker" in again.unchanged
     finally:
         admin.close()
+
+
+def test_bootstrap_reports_that_openbao_refuses_api_audit_devices(own_bao: OpenBaoServer) -> None:
+    admin = VaultGateway(addrs=[own_bao.addr], token=own_bao.root_token)
+    try:
+        report = bootstrap(admin, audit_file_path=str(own_bao.audit_log_path) + ".second")
+    finally:
+        admin.close()
+    assert any("config file" in warning for warning in report.warnings)
+    assert report.changed == []
