@@ -53,6 +53,16 @@ def _canaries() -> dict[str, dict[str, str]]:
     }
 
 
+def _random_pan() -> str:
+    """A Luhn-valid 16-digit Visa-range number, new each run."""
+    digits = [4] + [secrets.randbelow(10) for _ in range(14)]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        doubled = d * 2 if i % 2 == 0 else d
+        total += doubled - 9 if doubled > 9 else doubled
+    return "".join(map(str, digits)) + str((10 - total % 10) % 10)
+
+
 @pytest.fixture
 def captured_logs() -> Iterator[io.StringIO]:
     root = logging.getLogger()
@@ -122,7 +132,17 @@ def test_canaries_never_leak(
         call(
             "PUT", f"{base}/{provider}", {"fields": {**body, "unexpected": body[next(iter(body))]}}
         )
-    # 5. settings writes that fail validation with the canary as the value
+    # 5. raw card numbers, in several encodings, on several routes: refused unseen
+    pan = _random_pan()
+    spaced = " ".join(pan[i : i + 4] for i in range(0, 16, 4))
+    dashed = spaced.replace(" ", "-")
+    call("PATCH", "/v1/tenants/settings", {"branding": {"footer_text": spaced}})
+    call("POST", "/v1/tenants/settings/payment-methods", {"payment_method_id": dashed})
+    call("PUT", f"{base}/openai", {"fields": {"api_key": pan}})
+    call("PUT", "/v1/tenants/settings/payout", {"method": "paypal", "details": {"pan": int(pan)}})
+    assert [r.status_code for r in responses[-4:]] == [422] * 4
+    values += [pan, spaced, dashed]
+    # 6. settings writes that fail validation with the canary as the value
     some = values[0]
     call("PATCH", "/v1/tenants/settings", {"branding": {"primary_color": some}})
     call("PATCH", "/v1/tenants/settings", {"branding": {"logo_url": f"http://cdn.example/{some}"}})
