@@ -276,6 +276,34 @@ def make_tenant(client: TestClient, tenant_id: str | None = None, **overrides: A
 
 
 @pytest.fixture
+def own_bao(tmp_path: Path) -> Iterator[Any]:
+    """A bootstrapped OpenBao that only this test uses, so it may seal, throttle or kill it."""
+    from broker.devstack.openbao import OpenBaoServer
+
+    with OpenBaoServer(tmp_path, ephemeral=True) as bao:
+        _bootstrap(VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path))
+        yield bao
+
+
+def app_on(
+    bao: Any, database_url: str, engine: Engine, providers: FakeProviders | None = None
+) -> TestClient:
+    """A client for an app whose Vault is `bao`, with a broker-policy token, on the shared DB."""
+    admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
+    try:
+        broker_token = create_policy_token(admin, "broker")
+    finally:
+        admin.close()
+    overrides = provider_overrides(providers) if providers else {}
+    settings = make_settings(
+        VaultEndpoint(bao.addr, bao.root_token, None), broker_token, database_url, **overrides
+    )
+    return TestClient(
+        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
+    )
+
+
+@pytest.fixture
 def tenant(client: TestClient) -> str:
     """A fresh tenant for one test."""
     return make_tenant(client)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
@@ -13,9 +11,8 @@ from broker.app import create_app
 from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import OpenBaoServer
-from broker.vault.bootstrap import bootstrap
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_settings, token
+from tests.conftest import app_on, bearer, token
 
 
 def test_healthz_is_alive(client: TestClient) -> None:
@@ -36,28 +33,10 @@ def test_metrics_count_requests_by_route_template(client: TestClient, tenant: st
     assert tenant not in body  # templates, not raw paths: no tenant ids in label values
 
 
-@pytest.fixture
-def own_bao(tmp_path: Path) -> Iterator[OpenBaoServer]:
-    """An OpenBao only this test may seal or kill."""
-    with OpenBaoServer(tmp_path, ephemeral=True) as bao:
-        admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
-        bootstrap(admin)
-        admin.close()
-        yield bao
-
-
-def _app_on(bao: OpenBaoServer, database_url: str, engine: Engine) -> TestClient:
-    settings = make_settings(
-        VaultEndpoint(bao.addr, bao.root_token, None), bao.root_token, database_url
-    )
-    gateway = VaultGateway.from_settings(settings)
-    return TestClient(create_app(settings, engine=engine, vault=gateway))
-
-
 def test_readyz_reports_a_sealed_then_a_dead_vault(
     own_bao: OpenBaoServer, database_url: str, engine: Engine
 ) -> None:
-    client = _app_on(own_bao, database_url, engine)
+    client = app_on(own_bao, database_url, engine)
     assert client.get("/readyz").status_code == 200
     own_bao.seal()
     sealed = client.get("/readyz")
@@ -74,7 +53,7 @@ def test_settings_still_answer_while_vault_is_down(
     own_bao: OpenBaoServer, database_url: str, engine: Engine, tenant: str
 ) -> None:
     # Settings are PostgreSQL-only: a Vault outage must not take them down.
-    client = _app_on(own_bao, database_url, engine)
+    client = app_on(own_bao, database_url, engine)
     own_bao.kill()
     response = client.get(
         "/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id=tenant))

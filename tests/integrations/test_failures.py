@@ -6,8 +6,6 @@ no hint for a secret that was never stored, no secret without its metadata row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,47 +13,28 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
 from broker.devstack.openbao import OpenBaoServer
-from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway
 from tests.conftest import (
-    VaultEndpoint,
+    app_on,
     bearer,
-    make_settings,
     make_tenant,
-    provider_overrides,
     token,
 )
 from tests.fakes.providers import VALID, FakeProviders
 
 
 @pytest.fixture
-def bao(tmp_path: Path) -> Iterator[OpenBaoServer]:
+def bao(own_bao: OpenBaoServer) -> OpenBaoServer:
     """An OpenBao only this test may seal, throttle or kill."""
-    with OpenBaoServer(tmp_path, ephemeral=True) as server:
-        admin = VaultGateway(addrs=[server.addr], token=server.root_token)
-        bootstrap(admin)
-        admin.close()
-        yield server
+    return own_bao
 
 
 @pytest.fixture
 def client(
     bao: OpenBaoServer, database_url: str, engine: Engine, providers: FakeProviders
-) -> Iterator[TestClient]:
-    admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
-    broker_token = create_policy_token(admin, "broker")
-    admin.close()
-    settings = make_settings(
-        VaultEndpoint(bao.addr, bao.root_token, None),
-        broker_token,
-        database_url,
-        **provider_overrides(providers),
-    )
-    gateway = VaultGateway.from_settings(settings)
-    yield TestClient(create_app(settings, engine=engine, vault=gateway))
-    gateway.close()
+) -> TestClient:
+    return app_on(bao, database_url, engine, providers)
 
 
 def _admin(tenant: str) -> dict[str, str]:

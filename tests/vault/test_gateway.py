@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -117,15 +115,6 @@ def test_a_dead_first_address_falls_over_to_the_next(
         assert gateway.health().ready
     finally:
         gateway.close()
-
-
-@pytest.fixture
-def own_bao(tmp_path: Path) -> Iterator[OpenBaoServer]:
-    with OpenBaoServer(tmp_path, ephemeral=True) as bao:
-        admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
-        bootstrap(admin)
-        admin.close()
-        yield bao
 
 
 def test_sealed_and_dead_vault_become_unavailable_with_retry_after(own_bao: OpenBaoServer) -> None:
