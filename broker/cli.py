@@ -18,7 +18,10 @@ from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
 
-app = typer.Typer(help="Multi-tenant secrets broker.", no_args_is_help=True)
+# Tracebacks never show local variables: they would print tokens and secrets.
+app = typer.Typer(
+    help="Multi-tenant secrets broker.", no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant Transit keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")

@@ -60,6 +60,7 @@ class _ReportByDefault(TyperGroup):
 
 
 audit_app = typer.Typer(
+    pretty_exceptions_show_locals=False,
     cls=_ReportByDefault,
     help=_HELP,
     no_args_is_help=False,

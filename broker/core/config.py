@@ -134,11 +134,6 @@ class Settings(BaseSettings):
             raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
         return self
 
-    @property
-    def is_dev(self) -> bool:
-        """True outside production (dev and test)."""
-        return self.env != "production"
-
 
 @lru_cache
 def get_settings() -> Settings:

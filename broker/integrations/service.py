@@ -105,17 +105,6 @@ def list_integrations(
     return [(spec, rows.get(name)) for name, spec in PROVIDERS.items()]
 
 
-def get_integration(engine: Engine, *, tenant_id: str, provider: str) -> IntegrationCredential:
-    """The metadata row of a configured provider, or NotFound."""
-    get_provider(provider)
-    with unit_of_work(engine) as session:
-        _live_tenant(session, tenant_id)
-        row = session.get(IntegrationCredential, (tenant_id, provider))
-    if row is None or not row.configured:
-        raise NotFound("this integration is not configured")
-    return row
-
-
 def read_credentials(
     vault: VaultGateway, *, tenant_id: str, provider: str, version: int | None = None
 ) -> tuple[Credentials, int]:

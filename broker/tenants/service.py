@@ -10,7 +10,7 @@ from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
 from broker.core.errors import Conflict, NotFound
-from broker.models import Tenant, TenantSettings, utcnow
+from broker.models import Tenant, utcnow
 from broker.settings.service import default_settings_row
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
@@ -96,13 +96,3 @@ def list_tenants(session: Session, *, limit: int = 100, after: str | None = None
     if after:
         query = query.where(Tenant.id > after)
     return list(session.exec(query))
-
-
-def ensure_settings(session: Session, *, tenant_id: str) -> TenantSettings:
-    """The tenant's settings row, created with defaults if an old tenant lacks one."""
-    row = session.get(TenantSettings, tenant_id)
-    if row is None:
-        row = default_settings_row(tenant_id, updated_by="system")
-        session.add(row)
-        session.flush()
-    return row

@@ -66,10 +66,6 @@ class SealedStore:
         """Create the tenant's Transit key if missing; True when it was created."""
         return self.vault.transit_ensure_key(key_name(tenant_id))
 
-    def tenant_key_exists(self, tenant_id: str) -> bool:
-        """Whether the tenant's Transit key exists."""
-        return self.vault.transit_key_info(key_name(tenant_id)) is not None
-
     def seal(self, tenant_id: str, item: str, secrets: Mapping[str, str]) -> str:
         """Encrypt `secrets` (as one JSON document) bound to the tenant and item."""
         plaintext = json.dumps(dict(secrets), sort_keys=True, separators=(",", ":")).encode()

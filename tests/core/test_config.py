@@ -132,7 +132,6 @@ def test_dev_is_the_default_and_tolerates_a_dev_setup() -> None:
     settings = Settings(_env_file=None, jwt_hs256_secret=HS256_SECRET)
 
     assert settings.env == "dev"
-    assert settings.is_dev
     assert settings.vault_addrs == ["http://127.0.0.1:8200"]
 
 
@@ -202,7 +201,6 @@ def test_production_accepts_a_correct_configuration(public_key_pem: str) -> None
     settings = Settings(_env_file=None, **production(public_key_pem))
 
     assert settings.env == "production"
-    assert not settings.is_dev
     assert settings.vault_addrs == [
         "https://vault-a.internal:8200",
         "https://vault-b.internal:8200",
