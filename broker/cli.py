@@ -17,6 +17,7 @@ from broker.audit.cli import audit_app
 from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
+from broker.legacy.cli import migrate_app
 
 # Tracebacks never show local variables: they would print tokens and secrets.
 app = typer.Typer(
@@ -27,6 +28,7 @@ keys_app = typer.Typer(help="Tenant Transit keys.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
+app.add_typer(migrate_app, name="migrate")
 log = logging.getLogger("broker.cli")
 
 

@@ -216,3 +216,43 @@ class PaymentMethod(SQLModel, table=True):
     is_default: bool = Field(default=False)
     created_at: datetime = _ts(nullable=False)
     created_by: str = Field(max_length=200)
+
+
+class LegacyMigration(SQLModel, table=True):
+    """Progress of migrating one legacy tenant row (see `broker.legacy`).
+
+    One row per legacy id and source table, so an interrupted run resumes and a
+    rerun changes nothing. Nothing secret-derived is kept here, not even a
+    fingerprint: verification re-reads Vault and compares against the source.
+    `unmapped_keys` holds metadata key names and reasons, never values.
+    """
+
+    __tablename__ = "legacy_migrations"
+
+    source: str = Field(primary_key=True, max_length=200)
+    legacy_id: str = Field(sa_column=Column(String, primary_key=True))
+    tenant_id: str | None = Field(default=None, max_length=63, index=True)
+    # pending | migrated | skipped | conflict | failed | verified | finalized
+    status: str = Field(max_length=20)
+    # stored | unchanged | absent | incomplete | invalid | conflict
+    credential: str | None = Field(default=None, max_length=20)
+    kv_version: int | None = None
+    connection_test: str | None = Field(default=None, max_length=20)
+    settings_applied: bool = Field(default=False)
+    settings_groups: list[str] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False)
+    )
+    unmapped_keys: list[dict[str, str]] = Field(
+        default_factory=list, sa_column=Column(JSONB, nullable=False)
+    )
+    attempts: int = Field(default=0)
+    last_error: str | None = Field(default=None, max_length=500)
+    run_id: str | None = Field(default=None, max_length=64)
+    created_at: datetime = _ts(nullable=False)
+    updated_at: datetime = _ts(nullable=False)
+    verified_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    finalized_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )

@@ -1,0 +1,125 @@
+"""Benchmark: legacy tenant migration throughput, in tenants per second.
+
+    python bench/legacy_migration.py [N_TENANTS] [--batch N]
+
+Starts its own OpenBao (in-memory) and embedded PostgreSQL, bootstraps Vault,
+migrates the broker's schema, fills a legacy `tenants` table with N tenants
+(valid Twilio credentials and a few metadata keys each), then times one
+`migrate_legacy` run with the broker's own least-privilege Vault token. Prints
+one JSON object. It measures; it asserts nothing about time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+
+from broker.core.db import make_engine, upgrade
+from broker.devstack.openbao import OpenBaoServer
+from broker.devstack.postgres import EmbeddedPostgres, create_database
+from broker.legacy.migrate import migrate_legacy
+from broker.legacy.source import LegacySource, LegacyTable
+from broker.vault.bootstrap import bootstrap, create_policy_token
+from broker.vault.gateway import VaultGateway
+
+_DDL = """
+CREATE SCHEMA legacy;
+CREATE TABLE legacy.tenants (
+    pk serial PRIMARY KEY, id text, name text,
+    twilio_sid text, twilio_token text, metadata jsonb
+)
+"""
+
+
+def _seed(url: str, n_tenants: int) -> None:
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(_DDL))
+            conn.execute(
+                text(
+                    "INSERT INTO legacy.tenants (id, name, twilio_sid, twilio_token, metadata)"
+                    " VALUES (:id, :name, :sid, :token, CAST(:metadata AS jsonb))"
+                ),
+                [
+                    {
+                        "id": f"Bench Shop {i:06d}",
+                        "name": f"Bench Shop {i}",
+                        "sid": "AC" + secrets.token_hex(16),
+                        "token": secrets.token_hex(16),
+                        "metadata": json.dumps(
+                            {
+                                "branding.logo_url": f"https://cdn.example.com/{i}.png",
+                                "notifications": {"email": {"daily_summary": False}},
+                                "legacy_plan": "gold",
+                            }
+                        ),
+                    }
+                    for i in range(n_tenants)
+                ],
+            )
+    finally:
+        engine.dispose()
+
+
+def run(n_tenants: int = 1000, *, batch_size: int = 100) -> dict[str, Any]:
+    """Migrate `n_tenants` legacy tenants on a fresh local stack; return the timings."""
+    work = Path(tempfile.mkdtemp(prefix="broker-bench-legacy-"))
+    try:
+        with (
+            OpenBaoServer(work / "bao", ephemeral=True) as bao,
+            EmbeddedPostgres(work / "pg") as pg,
+        ):
+            admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
+            try:
+                bootstrap(admin)
+                broker_token = create_policy_token(admin, "broker")
+            finally:
+                admin.close()
+            url = create_database(pg.url, "broker_bench")
+            upgrade(url)
+            _seed(url, n_tenants)
+            engine = make_engine(url)
+            vault = VaultGateway(addrs=[bao.addr], token=broker_token)
+            source = LegacySource(url, broker_engine=engine, table=LegacyTable("legacy.tenants"))
+            try:
+                started = time.perf_counter()
+                report = migrate_legacy(engine, vault, source, batch_size=batch_size)
+                seconds = time.perf_counter() - started
+            finally:
+                source.close()
+                vault.close()
+                engine.dispose()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    summary = report.as_dict()["summary"]
+    return {
+        "benchmark": "legacy_migration",
+        "tenants": n_tenants,
+        "batch_size": batch_size,
+        "seconds": round(seconds, 3),
+        "tenants_per_second": round(n_tenants / seconds, 1) if seconds else None,
+        "migrated": summary["migrated"],
+        "failed": summary["failed"],
+    }
+
+
+def main() -> None:
+    """Command-line entry: print the result as JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n_tenants", nargs="?", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=100)
+    args = parser.parse_args()
+    print(json.dumps(run(args.n_tenants, batch_size=args.batch)))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""`broker migrate legacy`: move the legacy Twilio columns into Vault, then retire them.
+
+    broker migrate legacy --source-dsn DSN [--dry-run] [--tenant ID ...] [--batch N]
+    broker migrate legacy --source-dsn DSN --finalize [--dry-run] [--tenant ID ...]
+
+Registered in `broker.cli` with `app.add_typer(migrate_app, name="migrate")`.
+The broker's own database and Vault come from the usual `BROKER_*`
+configuration; the legacy table from `--source-dsn` (or
+`BROKER_LEGACY_SOURCE_DSN`, which keeps a password out of the process list).
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.core.errors import BrokerError
+
+# Tracebacks never show local variables: they would print secrets.
+migrate_app = typer.Typer(
+    help="Migrate tenants from the legacy application into the broker.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+EXIT_INCOMPLETE = 1
+"""Something failed, conflicted or was not reached; details are in the summary."""
+EXIT_USAGE = 2
+
+
+@migrate_app.callback()
+def _group() -> None:
+    """Migrate tenants from the legacy application into the broker."""
+
+
+@migrate_app.command("legacy")
+def legacy(
+    source_dsn: Annotated[
+        str,
+        typer.Option(
+            "--source-dsn",
+            envvar="BROKER_LEGACY_SOURCE_DSN",
+            help="Database URL of the legacy application (may be the broker's own database).",
+            show_default=False,
+            show_envvar=True,
+        ),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")
+    ] = False,
+    tenant: Annotated[
+        list[str] | None,
+        typer.Option("--tenant", help="Only this legacy tenant (legacy id or tenant id); repeat."),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, max=10_000, help="Tenants per batch.")
+    ] = 100,
+    finalize: Annotated[
+        bool,
+        typer.Option(
+            "--finalize",
+            help="Phase 4: null the legacy secret columns of verified tenants.",
+        ),
+    ] = False,
+    table: Annotated[
+        str, typer.Option("--table", help="Legacy table, optionally schema-qualified.")
+    ] = "tenants",
+    id_column: Annotated[
+        str, typer.Option("--id-column", help="Column of the legacy tenant id.")
+    ] = "id",
+    name_column: Annotated[
+        str, typer.Option("--name-column", help="Column of the tenant's name.")
+    ] = "name",
+    sid_column: Annotated[
+        str, typer.Option("--sid-column", help="Column of the Twilio account SID.")
+    ] = "twilio_sid",
+    token_column: Annotated[
+        str, typer.Option("--token-column", help="Column of the Twilio auth token.")
+    ] = "twilio_token",
+    metadata_column: Annotated[
+        str, typer.Option("--metadata-column", help="Column of the free-form JSON metadata.")
+    ] = "metadata",
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON instead of text.")
+    ] = False,
+) -> None:
+    """Migrate legacy Twilio credentials into Vault and metadata into settings (resumable).
+
+    Exits 1 when any tenant failed, conflicted or was not reached.
+    """
+    from broker.core.db import make_engine
+    from broker.core.logging import configure_logging
+    from broker.legacy.migrate import finalize_legacy, migrate_legacy
+    from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
+    from broker.vault.gateway import VaultGateway
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    if settings.database_url is None:
+        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
+        raise typer.Exit(EXIT_USAGE)
+    legacy_table = LegacyTable(
+        name=table,
+        columns=LegacyColumns(
+            id=id_column,
+            name=name_column,
+            twilio_sid=sid_column,
+            twilio_token=token_column,
+            metadata=metadata_column,
+        ),
+    )
+    engine = make_engine(settings.database_url.get_secret_value())
+    vault = VaultGateway.from_settings(settings)
+    progress = _Progress("finalizing" if finalize else "migrating")
+    subject = f"legacy-migration:{getpass.getuser()}"
+    report: Any
+    try:
+        source = LegacySource(source_dsn, broker_engine=engine, table=legacy_table)
+        try:
+            if finalize:
+                report = finalize_legacy(
+                    engine,
+                    vault,
+                    source,
+                    dry_run=dry_run,
+                    tenants=tenant,
+                    batch_size=batch,
+                    subject=subject,
+                    on_progress=progress,
+                )
+            else:
+                report = migrate_legacy(
+                    engine,
+                    vault,
+                    source,
+                    dry_run=dry_run,
+                    tenants=tenant,
+                    batch_size=batch,
+                    subject=subject,
+                    on_progress=progress,
+                )
+        finally:
+            progress.close()
+            source.close()
+    except BrokerError as exc:
+        typer.echo(f"error: {exc.message}", err=True)
+        raise typer.Exit(EXIT_INCOMPLETE if exc.status >= 500 else EXIT_USAGE) from None
+    finally:
+        vault.close()
+        engine.dispose()
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    elif finalize:
+        typer.echo(_finalize_text(report.as_dict()))
+    else:
+        typer.echo(_migrate_text(report.as_dict()))
+    if not report.ok:
+        raise typer.Exit(EXIT_INCOMPLETE)
+
+
+class _Progress:
+    """A progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._bar: Any = None
+        self._enabled = sys.stderr.isatty()
+
+    def __call__(self, advanced: int, total: int) -> None:
+        if not self._enabled:
+            return
+        if self._bar is None:
+            self._bar = typer.progressbar(length=total, label=self.label, file=sys.stderr)
+            self._bar.__enter__()
+        self._bar.update(advanced)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+            self._bar = None
+
+
+def _settings() -> Settings:
+    try:
+        return get_settings()
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def _header(report: dict[str, Any], what: str) -> list[str]:
+    lines = [f"{what} from {report['source']} (run {report['run_id']})"]
+    if report["dry_run"]:
+        lines.append("DRY RUN: nothing was changed; the counts say what would happen.")
+    return lines
+
+
+def _ids(entry: dict[str, Any]) -> str:
+    tenant = entry["tenant_id"] or "(no tenant id)"
+    legacy = ", ".join(repr(i) for i in entry["legacy_ids"])
+    return f"{tenant} (legacy {legacy})" if legacy else tenant
+
+
+def _migrate_text(report: dict[str, Any]) -> str:
+    summary = report["summary"]
+    lines = _header(report, "Legacy migration")
+    lines += [
+        f"  tenants        {summary['tenants']}",
+        f"  migrated       {summary['migrated']}",
+        f"  skipped        {summary['skipped']}",
+        f"  conflicts      {summary['conflicts']}",
+        f"  failed         {summary['failed']}",
+        f"  unmapped keys  {summary['unmapped_keys']}",
+        f"  not reached    {summary['not_reached']}",
+    ]
+    if report["stopped"]:
+        lines.append(f"STOPPED: {report['stopped']}")
+    tenants = report["tenants"]
+    for title, wanted in (("Conflicts", "conflict"), ("Failed", "failed")):
+        chosen = [t for t in tenants if t["status"] == wanted]
+        if chosen:
+            lines.append(f"{title}:")
+            lines += [f"  {_ids(t)}: {t['reason']}" for t in chosen]
+    noted = [
+        t
+        for t in tenants
+        if t["status"] == "skipped"
+        and t["reason"] not in ("already migrated", "already finalized", "already in the broker")
+    ]
+    if noted:
+        lines.append("Skipped:")
+        lines += [f"  {_ids(t)}: {t['reason']}" for t in noted]
+    unmapped = [t for t in tenants if t["unmapped_keys"]]
+    if unmapped:
+        lines.append("Metadata keys not migrated (still in the legacy metadata column):")
+        for t in unmapped:
+            keys = "; ".join(f"{u['key']} ({u['reason']})" for u in t["unmapped_keys"])
+            lines.append(f"  {_ids(t)}: {keys}")
+    if report["id_changes"]:
+        lines.append("Legacy ids that became different tenant ids:")
+        lines += [f"  {legacy!r} -> {new}" for legacy, new in report["id_changes"].items()]
+    return "\n".join(lines)
+
+
+def _finalize_text(report: dict[str, Any]) -> str:
+    summary = report["summary"]
+    lines = _header(report, "Legacy finalize")
+    lines += [
+        f"  tenants            {summary['tenants']}",
+        f"  finalized          {summary['finalized']}",
+        f"  already finalized  {summary['already_finalized']}",
+        f"  left alone         {summary['left_alone']}",
+        f"  failed             {summary['failed']}",
+        f"  legacy rows nulled {summary['rows_nulled']}",
+        f"  not reached        {summary['not_reached']}",
+    ]
+    if report["stopped"]:
+        lines.append(f"STOPPED: {report['stopped']}")
+    for title, wanted in (("Left alone", "left_alone"), ("Failed", "failed")):
+        chosen = [t for t in report["tenants"] if t["status"] == wanted]
+        if chosen:
+            lines.append(f"{title} (their legacy columns were not touched):")
+            lines += [f"  {_ids(t)}: {t['reason']}" for t in chosen]
+    return "\n".join(lines)
