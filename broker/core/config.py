@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     kv_mount: str = "secret"
     transit_mount: str = "transit"
     retry_after_s: int = 5
+    # How long one request may retry Vault (node failover, elections) before a 503.
+    vault_retry_budget_s: float = Field(default=3.0, gt=0, le=30)
 
     # Bearer tokens. Exactly one key source is used: JWKS URL, PEM public key,
     # or (dev and test only) an HS256 shared secret.

@@ -32,6 +32,22 @@ class CiphertextRejected(BrokerError):
     title = "Stored ciphertext cannot be decrypted"
 
 
+class NoActiveNode(Exception):
+    """None of the configured addresses answered as the active node.
+
+    Raised inside the gateway while a raft cluster elects a leader, or when every node is
+    sealed or down. Transient; it leaves the gateway only as `VaultUnavailable`.
+    """
+
+
+class StandbyRedirect(hvac.exceptions.UnexpectedError):
+    """A 3xx from Vault: a standby pointing at the active node, which may be dead.
+
+    The gateway never follows it (a standby keeps pointing at a dead leader until the
+    next election completes); it looks for the active node itself instead.
+    """
+
+
 TRANSIENT_TRANSPORT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
 
 
@@ -43,6 +59,10 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
     """
     if isinstance(exc, TRANSIENT_TRANSPORT):
         return VaultUnavailable(f"Vault is unreachable ({operation})")
+    if isinstance(exc, NoActiveNode):
+        return VaultUnavailable(
+            f"no active Vault node; a leader election may be under way ({operation})"
+        )
     if isinstance(exc, hvac.exceptions.VaultDown):
         return VaultUnavailable(f"Vault is sealed ({operation})")
     if isinstance(exc, hvac.exceptions.VaultNotInitialized):
@@ -73,7 +93,7 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying on the same or another Vault node."""
-    return isinstance(exc, TRANSIENT_TRANSPORT) or isinstance(
+    return isinstance(exc, (*TRANSIENT_TRANSPORT, NoActiveNode)) or isinstance(
         exc,
         hvac.exceptions.VaultDown
         | hvac.exceptions.InternalServerError

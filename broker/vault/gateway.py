@@ -4,15 +4,34 @@ It owns the hvac clients (one per configured address, sharing a keep-alive
 session), authentication (token or AppRole, renewed before expiry), retries
 across nodes, audited request headers, and the translation of every hvac error
 into a broker error. Nothing outside `broker.vault` sees an hvac type.
+
+Several addresses (a raft cluster). Every call (reads, writes, wraps) goes to
+the *active* node, found with `sys/health` (200 active, 429 standby, 503
+sealed) and cached until a call to it fails transiently. Why not standbys:
+
+- reads: an OpenBao standby serves reads from its own copy, which can lag the
+  write the broker just made (unless the server runs with
+  `disable_standby_reads`); the active node never does;
+- wraps: `sys/wrapping/wrap` on a standby answers 500;
+- writes: a standby forwards them, but once the leader dies it answers 307 to
+  the dead leader's address until the election completes. 3xx are never
+  followed (`allow_redirects=False`) and become `StandbyRedirect`.
+
+A transient failure (connection error, 3xx, 5xx, 429, no active node) drops
+the cached node, finds the active one again and retries with tenacity inside a
+short budget (`retry_budget_s`); after that the caller gets `VaultUnavailable`
+(503 with Retry-After) instead of hanging through a whole election.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -25,7 +44,7 @@ from tenacity import (
     Retrying,
     retry_if_exception,
     stop_after_attempt,
-    stop_after_delay,
+    stop_before_delay,
     wait_random_exponential,
 )
 
@@ -34,6 +53,8 @@ from broker.core.config import Settings
 from broker.core.errors import BrokerError
 from broker.vault.errors import (
     TRANSIENT_TRANSPORT,
+    NoActiveNode,
+    StandbyRedirect,
     VaultMisconfigured,
     VaultUnavailable,
     is_transient,
@@ -46,6 +67,11 @@ T = TypeVar("T")
 # Headers Vault is told to copy into its audit log (see bootstrap). They name
 # the human or service behind each call the broker makes on their behalf.
 AUDITED_HEADERS = ("X-Request-Id", "X-Broker-Actor", "X-Broker-Tenant", "X-Broker-Action")
+
+# After a search finds no active node, calls fail fast for this long instead of each
+# probing every node again (they back off and retry within their own budget).
+_NO_ACTIVE_GRACE_S = 0.1
+_HEALTH_ACTIVE = 200
 
 
 def audit_headers() -> dict[str, str]:
@@ -70,9 +96,22 @@ class AuditedAdapter(hvac.adapters.JSONAdapter):
     ):
         merged = audit_headers()
         merged.update(headers or {})
-        return super().request(
+        result = super().request(
             method, url, headers=merged, raise_exception=raise_exception, **kwargs
         )
+        # requests counts 3xx as "ok", so hvac would hand the bare Response to code
+        # expecting a dict. A 3xx is a standby pointing elsewhere: make it an error.
+        if (
+            raise_exception
+            and isinstance(result, requests.Response)
+            and 300 <= result.status_code < 400
+        ):
+            raise StandbyRedirect(
+                f"Vault answered {result.status_code} (a standby redirecting)",
+                method=method,
+                url=url,
+            )
+        return result
 
 
 @dataclass(frozen=True)
@@ -153,11 +192,22 @@ class VaultGateway:
         self._token: str | None = token
         self._token_expires_at: float | None = None
         self._auth_lock = threading.Lock()
+        # Index of the node calls go to: the active node once found. With one address
+        # there is nothing to find (it may be a load balancer in front of a cluster).
         self._current = 0
+        self._active_known = len(self.addrs) == 1
+        self._discovery_lock = threading.Lock()
+        self._no_active_until = 0.0
+        self._probe_timeout_s = min(timeout_s, 2.0)
+        self._probes: ThreadPoolExecutor | None = None
         self._timeout_s = timeout_s
         self._verify = verify
         # One keep-alive session for every node; requests pools per host.
         self._session = requests.Session()
+        # hvac replaces its own `verify` with the session's whenever that is truthy (and a
+        # new Session's is True), so a CA bundle given only to hvac.Client is ignored and
+        # the system store is used instead. Set it on the session.
+        self._session.verify = verify
         self._clients = [
             hvac.Client(
                 url=addr,
@@ -193,6 +243,8 @@ class VaultGateway:
             kv_mount=settings.kv_mount,
             transit_mount=settings.transit_mount,
             retry_after_s=settings.retry_after_s,
+            # Read only if the configuration has it (BROKER_VAULT_RETRY_BUDGET_S).
+            retry_budget_s=settings.vault_retry_budget_s,
         )
 
     def __repr__(self) -> str:
@@ -200,19 +252,85 @@ class VaultGateway:
 
     def close(self) -> None:
         """Close the pooled connections."""
+        with self._discovery_lock:
+            probes, self._probes = self._probes, None
+        if probes is not None:
+            probes.shutdown(wait=True, cancel_futures=True)
         self._session.close()
 
     # -- plumbing -----------------------------------------------------------------
 
     @property
     def address(self) -> str:
-        """The node the next call goes to first."""
+        """The node the next call goes to first (the active node, once found)."""
         return self.addrs[self._current]
 
     def _client(self) -> hvac.Client:
-        client = self._clients[self._current]
+        return self._client_at(self._target())
+
+    def _client_at(self, index: int) -> hvac.Client:
+        client = self._clients[index]
         client.token = self._ensure_token(client)
         return client
+
+    # -- finding the active node ---------------------------------------------------------
+
+    def _target(self) -> int:
+        """The index of the node to call: the cached active node, or a fresh search."""
+        if self._active_known:
+            return self._current
+        with self._discovery_lock:
+            if self._active_known:  # another thread found it while we waited
+                return self._current
+            if time.monotonic() < self._no_active_until:
+                raise NoActiveNode("no active Vault node (searched moments ago)")
+            index = self._find_active()
+            if index is None:
+                self._no_active_until = time.monotonic() + _NO_ACTIVE_GRACE_S
+                raise NoActiveNode("no configured Vault address is the active node")
+            if index != self._current:
+                log.info(
+                    "Vault active node found",
+                    extra={"fields": {"address": self.addrs[index]}},
+                )
+            self._current = index
+            self._active_known = True
+            return index
+
+    def _forget(self, index: int) -> None:
+        """A call to node `index` failed transiently: search again before the next call."""
+        if len(self.addrs) > 1 and self._current == index:
+            self._active_known = False
+
+    def _find_active(self) -> int | None:
+        """Ask every node's `sys/health` at once; the first (by order) answering 200 wins.
+
+        In parallel, so one node that hangs (rather than refusing) costs one probe
+        timeout, not one per node. The last known node is listed first.
+        """
+        if self._probes is None:
+            self._probes = ThreadPoolExecutor(
+                max_workers=len(self.addrs), thread_name_prefix="vault-probe"
+            )
+        order = [self._current] + [i for i in range(len(self.addrs)) if i != self._current]
+        for index, active in zip(order, self._probes.map(self._is_active, order), strict=True):
+            if active:
+                return index
+        return None
+
+    def _is_active(self, index: int) -> bool:
+        try:
+            # No standbyok: only the active node answers 200 (429 standby, 503 sealed,
+            # 501 not initialised, 472/473 DR/performance standby).
+            response = self._session.get(
+                f"{self.addrs[index]}/v1/sys/health",
+                timeout=self._probe_timeout_s,
+                verify=self._verify,
+                allow_redirects=False,
+            )
+        except requests.exceptions.RequestException:
+            return False
+        return response.status_code == _HEALTH_ACTIVE
 
     def _ensure_token(self, client: hvac.Client) -> str:
         if self._static_token is not None:
@@ -242,19 +360,15 @@ class VaultGateway:
         self._token_expires_at = time.monotonic() + ttl * 2 / 3 if ttl else None
         log.info("logged in to Vault with AppRole", extra={"fields": {"ttl_s": ttl}})
 
-    def _advance(self) -> None:
-        if len(self.addrs) > 1:
-            self._current = (self._current + 1) % len(self.addrs)
-
     def call(self, operation: str, fn: Callable[[hvac.Client], T]) -> T:
-        """Run `fn` against Vault, retrying transient failures across nodes.
+        """Run `fn` against the active node, retrying transient failures across nodes.
 
         The retry budget is short on purpose: an API caller would rather get a
-        503 with Retry-After in a few seconds than hang.
+        503 with Retry-After in a few seconds than hang through an election.
         """
         retrying = Retrying(
-            stop=stop_after_attempt(max(3, 2 * len(self.addrs)))
-            | stop_after_delay(self._retry_budget_s),
+            stop=stop_after_attempt(max(3, 4 * len(self.addrs)))
+            | stop_before_delay(self._retry_budget_s),
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             retry=retry_if_exception(is_transient),
             reraise=True,
@@ -264,11 +378,12 @@ class VaultGateway:
             try:
                 for attempt in retrying:
                     with attempt:
+                        index = self._target()
                         try:
-                            return fn(self._client())
+                            return fn(self._client_at(index))
                         except Exception as exc:
                             if is_transient(exc):
-                                self._advance()
+                                self._forget(index)
                             raise
             except hvac.exceptions.Forbidden as exc:
                 # An AppRole token may have been revoked or expired early:
@@ -278,7 +393,7 @@ class VaultGateway:
                     self._token_expires_at = 0.0
                     continue
                 raise translate(exc, operation=operation) from None
-            except (hvac.exceptions.VaultError, *TRANSIENT_TRANSPORT) as exc:
+            except (hvac.exceptions.VaultError, NoActiveNode, *TRANSIENT_TRANSPORT) as exc:
                 error = translate(exc, operation=operation)
                 if isinstance(error, VaultUnavailable):
                     error.retry_after = self.retry_after_s
@@ -337,15 +452,49 @@ class VaultGateway:
         return self.call("read a secret", read)
 
     def kv_write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
-        """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet"."""
+        """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet".
+
+        A retried write is checked rather than trusted blindly: when an attempt failed
+        in a way that may have reached Vault (the leader died after committing, before
+        answering) and the retry then fails check-and-set, the version it would have
+        created is read back; if it holds exactly this data, that write was ours and
+        its version is returned instead of a false conflict.
+        """
+        attempts = 0
 
         def write(client: hvac.Client) -> int:
-            result = client.secrets.kv.v2.create_or_update_secret(
-                path=path, secret=dict(data), cas=cas, mount_point=self.kv_mount
-            )
+            nonlocal attempts
+            attempts += 1
+            try:
+                result = client.secrets.kv.v2.create_or_update_secret(
+                    path=path, secret=dict(data), cas=cas, mount_point=self.kv_mount
+                )
+            except hvac.exceptions.InvalidRequest as exc:
+                if attempts > 1 and cas is not None and "check-and-set" in str(exc):
+                    if self._kv_holds(client, path, cas + 1, data):
+                        log.info("a retried Vault write had already landed")
+                        return cas + 1
+                raise
             return int(result["data"]["version"])
 
         return self.call("write a secret", write)
+
+    def _kv_holds(
+        self, client: hvac.Client, path: str, version: int, data: Mapping[str, Any]
+    ) -> bool:
+        """True when KV `path` at `version` holds exactly `data` (JSON-equal)."""
+        try:
+            result = client.secrets.kv.v2.read_secret_version(
+                path=path,
+                version=version,
+                mount_point=self.kv_mount,
+                raise_on_deleted_version=True,
+            )
+        except hvac.exceptions.InvalidPath:
+            return False
+        stored = result["data"]["data"]
+        wanted = json.loads(json.dumps(dict(data)))
+        return bool(stored == wanted)
 
     def kv_metadata(self, path: str) -> dict[str, Any] | None:
         """The metadata of a KV v2 secret (versions, current_version), or None."""
@@ -535,5 +684,9 @@ class VaultGateway:
         return self.call("hash a value for the audit log", audit_hash)
 
     def raw(self) -> hvac.Client:
-        """The current hvac client, for bootstrap code inside `broker.vault` only."""
-        return self._client()
+        """The active node's hvac client, for bootstrap code inside `broker.vault` only.
+
+        Finding the active node is retried like any call; raises VaultUnavailable when
+        there is none within the budget.
+        """
+        return self.call("find the active Vault node", lambda client: client)
