@@ -66,7 +66,14 @@ T = TypeVar("T")
 
 # Headers Vault is told to copy into its audit log (see bootstrap). They name
 # the human or service behind each call the broker makes on their behalf.
-AUDITED_HEADERS = ("X-Request-Id", "X-Broker-Actor", "X-Broker-Tenant", "X-Broker-Action")
+AUDITED_HEADERS = (
+    "X-Request-Id",
+    "X-Broker-Actor",
+    "X-Broker-Tenant",
+    "X-Broker-Action",
+    # Vault sees only the broker's address; this is where the caller came from.
+    "X-Broker-Client-Addr",
+)
 
 # After a search finds no active node, calls fail fast for this long instead of each
 # probing every node again (they back off and retry within their own budget).
@@ -84,6 +91,7 @@ def audit_headers() -> dict[str, str]:
         "X-Broker-Actor": ctx.actor,
         "X-Broker-Tenant": ctx.tenant_id,
         "X-Broker-Action": ctx.action,
+        "X-Broker-Client-Addr": ctx.client_addr,
     }
     return {name: value for name, value in values.items() if value}
 

@@ -147,4 +147,5 @@ def test_every_vault_call_names_the_service_in_the_audit_log(
         headers = entry["request"]["headers"]
         assert headers["x-broker-actor"] == ["service:catalog-sync"]
         assert headers["x-broker-tenant"] == [shop]
+        assert headers["x-broker-client-addr"] == ["testclient"]
     assert VALID["shopify"]["access_token"] not in "\n".join(json.dumps(e) for e in entries)
