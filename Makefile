@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench clean
+.PHONY: dev test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,9 +19,13 @@ dev: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# Figures, not assertions: see bench/README.md. BENCH_QUICK=1 for a smoke run.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
 lint: $(STAMP)
-	$(BIN)/ruff check broker tests
-	$(BIN)/ruff format --check broker tests
+	$(BIN)/ruff check broker tests bench
+	$(BIN)/ruff format --check broker tests bench
 	$(BIN)/mypy
 
 clean:

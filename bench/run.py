@@ -1,0 +1,707 @@
+"""`make bench`: the broker's figures, all from one run on this machine.
+
+    python -m bench.run            # the issue's numbers (10 and 10,000 tenants)
+    BENCH_QUICK=1 python -m bench.run   # a smoke run in well under two minutes
+
+It sets up what `make dev` sets up (the bundled OpenBao with its file audit
+device, the embedded PostgreSQL, bootstrap, migrations, the broker's AppRole)
+in a temporary directory, serves the broker with `broker serve` in a process
+of its own, and drives it with `bench.loadgen`, another process. It prints a
+table and writes the same figures to `bench/results.json`. It measures; it
+asserts nothing about time.
+
+Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
+BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
+BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OUTPUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import platform
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from base64 import b64encode
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hvac
+
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope
+from broker.auth.tokens import mint_token
+from broker.core.config import Settings
+from broker.core.db import make_engine
+from broker.devstack.openbao import free_port
+from broker.devstack.stack import start_dev_stack
+from broker.tenants.keys import rotate_tenant_key
+from broker.vault.gateway import VaultGateway
+
+log = logging.getLogger("bench")
+
+ROOT = Path(__file__).resolve().parent.parent
+PROVIDER = "shopify"
+CONCURRENCIES = (1, 8)
+MANY = "fetch (broker), many tenants"
+MANY_FLOOR = "fetch floor (Vault), many"
+# Far above anything the load reaches: the benchmark measures the work, not the limiter.
+UNLIMITED = "100000000/minute"
+BENCH_PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How big and how long; the defaults are the issue's numbers."""
+
+    quick: bool
+    duration_s: float
+    warmup_s: float
+    small_tenants: int
+    large_tenants: int
+    legacy_tenants: int
+    setup_concurrency: int
+    rotate_workers: int
+    settle_s: float
+
+    @classmethod
+    def from_env(cls) -> Plan:
+        quick = os.environ.get("BENCH_QUICK", "") not in ("", "0")
+
+        def knob(name: str, full: float, fast: float) -> float:
+            return float(os.environ.get(f"BENCH_{name}") or (fast if quick else full))
+
+        return cls(
+            quick=quick,
+            duration_s=knob("DURATION_S", 8, 2),
+            warmup_s=knob("WARMUP_S", 1, 0.5),
+            small_tenants=int(knob("SMALL_TENANTS", 10, 10)),
+            large_tenants=int(knob("LARGE_TENANTS", 10_000, 200)),
+            legacy_tenants=int(knob("LEGACY_TENANTS", 1000, 100)),
+            setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
+            rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
+            settle_s=knob("SETTLE_S", 70, 5),
+        )
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    memory_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        memory_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+# -- processes --------------------------------------------------------------------------
+
+
+class BrokerProcess:
+    """`broker serve` in its own process, configured like the dev stack's broker."""
+
+    def __init__(self, settings: Settings, work: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.work = work
+        self.log_path = work / "broker.log"
+        assert settings.database_url is not None
+        assert settings.vault_role_id is not None
+        assert settings.vault_secret_id is not None
+        assert settings.jwt_hs256_secret is not None
+        own = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        self.env = own | {
+            "BROKER_ENV": "dev",
+            "BROKER_HOST": "127.0.0.1",
+            "BROKER_PORT": str(self.port),
+            "BROKER_LOG_LEVEL": "WARNING",
+            "BROKER_DATABASE_URL": settings.database_url.get_secret_value(),
+            "BROKER_VAULT_ADDRS": ",".join(settings.vault_addrs),
+            "BROKER_VAULT_ROLE_ID": settings.vault_role_id.get_secret_value(),
+            "BROKER_VAULT_SECRET_ID": settings.vault_secret_id.get_secret_value(),
+            "BROKER_JWT_HS256_SECRET": settings.jwt_hs256_secret.get_secret_value(),
+            "BROKER_RATE_LIMIT_FETCH": UNLIMITED,
+            "BROKER_RATE_LIMIT_WRITE": UNLIMITED,
+            "BROKER_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> BrokerProcess:
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from broker.cli import main; main()", "serve"],
+                cwd=self.work,  # no stray .env from the caller's directory
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the broker exited; see {self.log_path}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            time.sleep(0.2)
+        raise RuntimeError(f"the broker did not become ready; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def memory_kb(self) -> dict[str, int]:
+        """VmRSS and VmHWM (peak RSS since the last reset) of the broker process."""
+        found = {}
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0])
+        return found
+
+    def reset_peak(self) -> bool:
+        """Start VmHWM afresh (Linux: `5` into clear_refs); False where not allowed."""
+        try:
+            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
+        except OSError:
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def static_server() -> Iterator[str]:
+    """A trivial HTTP server in its own process: the ceiling of the generator itself."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.loadgen", "serve", str(port)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one measurement in a separate load-generator process."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen"],
+        cwd=ROOT,
+        input=json.dumps(spec).encode(),
+        capture_output=True,
+        check=True,
+        timeout=spec["duration_s"] + spec.get("warmup_s", 1) + 120,
+    )
+    result: dict[str, Any] = json.loads(done.stdout)
+    bad = {s: n for s, n in result["statuses"].items() if not s.startswith("2")}
+    if bad or result["errors"]:
+        log.warning("unexpected answers in %s: %s %s", spec.get("name"), bad, result["errors"])
+    return result
+
+
+# -- data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Minting with the dev signing key, as `broker dev` prints them."""
+
+    key: str
+    issuer: str
+    audience: str | None
+
+    def mint(self, subject: str, scopes: list[str], **claims: Any) -> str:
+        return mint_token(
+            self.key,
+            subject=subject,
+            scopes=scopes,
+            issuer=self.issuer,
+            audience=self.audience,
+            ttl_s=6 * 3600,
+            **claims,
+        )
+
+    def platform(self) -> str:
+        return self.mint("bench-ops", [Scope.PLATFORM_ADMIN])
+
+    def admin(self, tenant: str) -> str:
+        return self.mint(f"bench-admin-{tenant}", [Scope.TENANT_ADMIN], tenant_id=tenant)
+
+    def service(self, tenant: str) -> str:
+        return self.mint("bench-worker", [Scope.CREDENTIALS_READ], kind="service", tenants=[tenant])
+
+
+def tenant_ids(start: int, stop: int) -> list[str]:
+    return [f"bench-{i:05d}" for i in range(start, stop)]
+
+
+async def _create_tenants(
+    base_url: str, tokens: Tokens, tenants: list[str], concurrency: int
+) -> None:
+    """Each tenant through the API: its Transit key, default settings, and credentials."""
+    platform_auth = {"Authorization": f"Bearer {tokens.platform()}"}
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits) as client:
+
+        async def one(tenant: str) -> None:
+            async with gate:
+                created = await client.post(
+                    "/v1/tenants",
+                    json={"id": tenant, "name": f"Bench {tenant}"},
+                    headers=platform_auth,
+                )
+                if created.status_code not in (201, 409):
+                    raise RuntimeError(f"creating {tenant}: {created.status_code}")
+                fields = {
+                    "shop_domain": f"{tenant}.myshopify.com",
+                    "access_token": "shpat_" + secrets.token_hex(16),
+                    "webhook_secret": secrets.token_urlsafe(24),
+                }
+                saved = await client.put(
+                    f"/v1/tenants/settings/integrations/{PROVIDER}",
+                    json={"fields": fields, "skip_connection_test": True},
+                    headers={"Authorization": f"Bearer {tokens.admin(tenant)}"},
+                )
+                if saved.status_code != 200:
+                    raise RuntimeError(f"storing credentials of {tenant}: {saved.status_code}")
+
+        await asyncio.gather(*(one(t) for t in tenants))
+
+
+def create_tenants(base_url: str, tokens: Tokens, tenants: list[str], concurrency: int) -> float:
+    """Create tenants with credentials; returns tenants per second (setup, not a figure)."""
+    started = time.perf_counter()
+    asyncio.run(_create_tenants(base_url, tokens, tenants, concurrency))
+    return len(tenants) / (time.perf_counter() - started)
+
+
+def vault_token(settings: Settings) -> str:
+    """A token with the broker's own policy (its AppRole), for the Vault floor."""
+    assert settings.vault_role_id is not None
+    assert settings.vault_secret_id is not None
+    client = hvac.Client(url=settings.vault_addrs[0])
+    try:
+        login = client.auth.approle.login(
+            role_id=settings.vault_role_id.get_secret_value(),
+            secret_id=settings.vault_secret_id.get_secret_value(),
+            use_token=False,
+        )
+    finally:
+        client.adapter.close()
+    token: str = login["auth"]["client_token"]
+    return token
+
+
+# -- measurements -----------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the table."""
+
+    name: str
+    concurrency: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    loadgen_cpu: float
+    note: str = ""
+
+
+class Bench:
+    """Runs the measurements against one stack and collects the figures."""
+
+    def __init__(self, plan: Plan, settings: Settings, broker: BrokerProcess) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.broker = broker
+        assert settings.jwt_hs256_secret is not None
+        self.tokens = Tokens(
+            settings.jwt_hs256_secret.get_secret_value(),
+            settings.jwt_issuer,
+            settings.jwt_audience,
+        )
+        self.rows: list[Row] = []
+        self.results: dict[str, Any] = {}
+
+    def measure(
+        self, name: str, base_url: str, concurrency: int, note: str = "", **spec: Any
+    ) -> dict[str, Any]:
+        spec = {
+            "name": name,
+            "base_url": base_url,
+            "concurrency": concurrency,
+            "duration_s": self.plan.duration_s,
+            "warmup_s": self.plan.warmup_s,
+            **spec,
+        }
+        result = loadgen(spec)
+        self.results.setdefault(name, {})[f"c{concurrency}"] = result
+        self.rows.append(
+            Row(
+                name,
+                concurrency,
+                result["rps"],
+                result["p50_ms"],
+                result["p99_ms"],
+                result["loadgen_cpu"],
+                note,
+            )
+        )
+        log.info("%s c=%d: %.1f req/s", name, concurrency, result["rps"])
+        return result
+
+    def fetch_targets(self, tenants: list[str], query: str = "") -> list[dict[str, Any]]:
+        return [
+            {
+                "method": "GET",
+                "path": f"/v1/credentials/{t}/{PROVIDER}{query}",
+                "headers": {"Authorization": f"Bearer {self.tokens.service(t)}"},
+                "body": None,
+            }
+            for t in tenants
+        ]
+
+    def vault_targets(self, tenants: list[str]) -> list[dict[str, Any]]:
+        return [
+            {
+                "kv_path": f"tenants/{t}/integrations/{PROVIDER}",
+                "transit_key": f"tenant-{t}",
+                "context": b64encode(f"{t}/{PROVIDER}".encode()).decode(),
+            }
+            for t in tenants
+        ]
+
+    def run(self) -> None:
+        plan = self.plan
+        broker = self.broker.url
+        vault = self.settings.vault_addrs[0]
+        small = tenant_ids(0, plan.small_tenants)
+        log.info("creating %d tenants", len(small))
+        create_tenants(broker, self.tokens, small, plan.setup_concurrency)
+        floor_token = vault_token(self.settings)
+        floor = {
+            "scenario": "vault_fetch",
+            "token": floor_token,
+            "kv_mount": self.settings.kv_mount,
+            "transit_mount": self.settings.transit_mount,
+        }
+
+        with static_server() as static:
+            for c in CONCURRENCIES:
+                self.measure(
+                    "loadgen ceiling",
+                    static,
+                    c,
+                    "static asyncio server",
+                    targets=[{"method": "GET", "path": "/", "headers": {}, "body": None}],
+                )
+        for c in CONCURRENCIES:
+            self.measure(
+                "GET /healthz (broker)",
+                broker,
+                c,
+                "trivial route",
+                targets=[{"method": "GET", "path": "/healthz", "headers": {}, "body": None}],
+            )
+
+        idle = self.broker.memory_kb()
+        peak_reset = self.broker.reset_peak()
+        for c in CONCURRENCIES:
+            self.measure(
+                "fetch (broker)",
+                broker,
+                c,
+                f"{len(small)} tenants",
+                targets=self.fetch_targets(small),
+            )
+            self.measure(
+                "fetch floor (Vault)",
+                vault,
+                c,
+                "KV read + Transit decrypt",
+                targets=self.vault_targets(small),
+                **floor,
+            )
+        under_fetch = self.broker.memory_kb()
+        for c in CONCURRENCIES:
+            self.measure(
+                "wrapped fetch (broker)",
+                broker,
+                c,
+                "wrap_ttl=60s",
+                targets=self.fetch_targets(small, "?wrap_ttl=60s"),
+            )
+            self.measure(
+                "wrapped floor (Vault)",
+                vault,
+                c,
+                "KV + decrypt + wrap",
+                targets=self.vault_targets(small),
+                wrap_ttl="60s",
+                **floor,
+            )
+        admin_auth = [{"Authorization": f"Bearer {self.tokens.admin(t)}"} for t in small]
+        for c in CONCURRENCIES:
+            self.measure(
+                "GET /v1/tenants/settings",
+                broker,
+                c,
+                f"{len(small)} tenants",
+                targets=[
+                    {"method": "GET", "path": "/v1/tenants/settings", "headers": h, "body": None}
+                    for h in admin_auth
+                ],
+            )
+        for c in CONCURRENCIES:
+            self.measure(
+                "PATCH /v1/tenants/settings",
+                broker,
+                c,
+                "a change every time",
+                targets=[
+                    {
+                        "method": "PATCH",
+                        "path": "/v1/tenants/settings",
+                        "headers": {**h, "Content-Type": "application/json"},
+                        "body": '{"branding": {"footer_text": "bench {n}"}}',
+                    }
+                    for h in admin_auth
+                ],
+            )
+
+        self.results["memory"] = {
+            "broker_pid": self.broker.pid,
+            "idle_rss_kb": idle.get("VmRSS"),
+            "peak_rss_under_fetch_kb": under_fetch.get("VmHWM"),
+            "peak_is_since_fetch_load_began": peak_reset,
+        }
+        self.results["ratios"] = self.ratios("fetch (broker)", "fetch floor (Vault)")
+        self.results["wrapped_ratios"] = self.ratios(
+            "wrapped fetch (broker)", "wrapped floor (Vault)"
+        )
+
+        large = tenant_ids(0, plan.large_tenants)
+        log.info("growing to %d tenants", len(large))
+        rate = create_tenants(broker, self.tokens, large[len(small) :], plan.setup_concurrency)
+        self.results["setup"] = {"tenants_created_per_s": round(rate, 1)}
+        # Measure a steady state, not the wake of bulk-loading the tenants: the
+        # broker's rate-limit windows (60 s) still hold every setup write, and
+        # OpenBao and PostgreSQL are still flushing what it wrote.
+        log.info("letting the stack settle for %.0f s", plan.settle_s)
+        time.sleep(plan.settle_s)
+        for c in CONCURRENCIES:
+            self.measure(
+                MANY,
+                broker,
+                c,
+                f"{len(large)} tenants",
+                targets=self.fetch_targets(large),
+            )
+            # The same floor over the large set: shows how much of any change is Vault's.
+            self.measure(
+                MANY_FLOOR,
+                vault,
+                c,
+                f"{len(large)} tenants",
+                targets=self.vault_targets(large),
+                **floor,
+            )
+        self.results["scale"] = {
+            "small_tenants": len(small),
+            "large_tenants": len(large),
+            **{
+                f"c{c}": {
+                    "p50_ratio": self._ratio(MANY, "fetch (broker)", c, "p50_ms"),
+                    "p99_ratio": self._ratio(MANY, "fetch (broker)", c, "p99_ms"),
+                    "floor_p50_ratio": self._ratio(MANY_FLOOR, "fetch floor (Vault)", c, "p50_ms"),
+                }
+                for c in CONCURRENCIES
+            },
+        }
+        self.results["rotation"] = self.rotate(large)
+        self.results["legacy_migration"] = self.legacy()
+
+    def _ratio(self, a: str, b: str, c: int, key: str) -> float:
+        x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
+        return round(x / y, 2) if y else float("nan")
+
+    def ratios(self, broker: str, floor: str) -> dict[str, Any]:
+        return {
+            f"c{c}": {
+                "p50": self._ratio(broker, floor, c, "p50_ms"),
+                "p99": self._ratio(broker, floor, c, "p99_ms"),
+                "throughput": self._ratio(broker, floor, c, "rps"),
+            }
+            for c in CONCURRENCIES
+        }
+
+    def rotate(self, tenants: list[str]) -> dict[str, Any]:
+        """Rotate every tenant's key and rewrap its secrets, several tenants at a time."""
+        assert self.settings.database_url is not None
+        engine = make_engine(self.settings.database_url.get_secret_value())
+        vault = VaultGateway.from_settings(self.settings)
+        log.info("rotating %d tenant keys", len(tenants))
+        try:
+
+            def one(tenant: str) -> int:
+                report = rotate_tenant_key(
+                    engine, vault, principal=BENCH_PRINCIPAL, tenant_id=tenant
+                )
+                return report.rewrapped
+
+            started = time.perf_counter()
+            with ThreadPoolExecutor(self.plan.rotate_workers) as pool:
+                rewrapped = sum(pool.map(one, tenants))
+            seconds = time.perf_counter() - started
+        finally:
+            vault.close()
+            engine.dispose()
+        return {
+            "tenants": len(tenants),
+            "secrets_rewrapped": rewrapped,
+            "seconds": round(seconds, 2),
+            "secrets_per_s": round(rewrapped / seconds, 1),
+            "workers": self.plan.rotate_workers,
+        }
+
+    def legacy(self) -> dict[str, Any]:
+        """The legacy migration's own benchmark, when that feature is in the tree."""
+        try:
+            from bench import legacy_migration
+        except ImportError as exc:
+            return {"skipped": f"legacy migration not available ({exc.name})"}
+        log.info("migrating %d legacy tenants", self.plan.legacy_tenants)
+        result: dict[str, Any] = legacy_migration.run(self.plan.legacy_tenants)
+        return result
+
+
+# -- report -----------------------------------------------------------------------------
+
+
+def table(rows: list[Row], results: dict[str, Any]) -> str:
+    """The figures as a plain-text table, then the derived ones."""
+    lines = [
+        f"{'measurement':<30} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'gen cpu':>7}  note",
+        "-" * 92,
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.name:<30} {r.concurrency:>4} {r.rps:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
+            f"{r.loadgen_cpu:>6.0%}  {r.note}"
+        )
+    lines.append("")
+    for label, key in (("fetch", "ratios"), ("wrapped fetch", "wrapped_ratios")):
+        for c, r in results[key].items():
+            lines.append(
+                f"{label} broker/floor at {c}: p50 x{r['p50']}, p99 x{r['p99']}, "
+                f"throughput x{r['throughput']}"
+            )
+    scale = results["scale"]
+    for c in CONCURRENCIES:
+        s = scale[f"c{c}"]
+        lines.append(
+            f"fetch latency, {scale['large_tenants']} vs {scale['small_tenants']} tenants at "
+            f"c{c}: p50 x{s['p50_ratio']}, p99 x{s['p99_ratio']} "
+            f"(Vault floor alone: p50 x{s['floor_p50_ratio']})"
+        )
+    rot = results["rotation"]
+    lines.append(
+        f"key rotation: {rot['secrets_rewrapped']} secrets rewrapped in {rot['seconds']} s = "
+        f"{rot['secrets_per_s']} secrets/s ({rot['workers']} workers)"
+    )
+    legacy = results["legacy_migration"]
+    if "skipped" in legacy:
+        lines.append(f"legacy migration: skipped, {legacy['skipped']}")
+    else:
+        lines.append(
+            f"legacy migration: {legacy.get('tenants')} tenants, "
+            f"{legacy.get('tenants_per_second')} tenants/s"
+        )
+    mem = results["memory"]
+    peak = mem["peak_rss_under_fetch_kb"]
+    lines.append(
+        f"broker peak RSS under fetch load: {peak / 1024:.1f} MiB "
+        f"(idle {mem['idle_rss_kb'] / 1024:.1f} MiB)"
+    )
+    m = results["machine"]
+    lines.append(f"machine: {m['nproc']} x {m['cpu_model']}, Python {m['python']}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    # Progress only: pgserver, alembic and the HTTP clients are chatty at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)
+    plan = Plan.from_env()
+    output = Path(os.environ.get("BENCH_OUTPUT") or ROOT / "bench" / "results.json")
+    # Outside pytest's and the dev stack's directories: pgserver (as root) opens up
+    # the permissions of the parents of its data directory.
+    work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
+    started = time.perf_counter()
+    try:
+        with ExitStack() as stack:
+            base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
+            settings = start_dev_stack(stack, work / "data", base)
+            broker = stack.enter_context(BrokerProcess(settings, work))
+            bench = Bench(plan, settings, broker)
+            bench.run()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "machine": machine(),
+        "plan": asdict(plan),
+        "wall_s": round(time.perf_counter() - started, 1),
+        **bench.results,
+        "rows": [asdict(r) for r in bench.rows],
+    }
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(bench.rows, results))  # noqa: T201
+    print(f"\nwritten to {output}")  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
