@@ -23,6 +23,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
+# A long property-based run against the OpenAPI document, before a release.
+fuzz: $(STAMP)
+	FUZZ_EXAMPLES=500 $(BIN)/python -m pytest tests/fuzz -q
+
 lint: $(STAMP)
 	$(BIN)/ruff check broker tests bench
 	$(BIN)/ruff format --check broker tests bench

@@ -17,14 +17,16 @@ from broker.deps import SessionDep
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 
 Auditor = Annotated[Principal, require(Scope.AUDIT_READ)]
+# PostgreSQL text holds no NUL; a filter with one is refused here, not at the database.
+NO_NUL = r"^[^\x00]*$"
 
 
 @router.get("/events", response_model=list[AuditEventView])
 def list_events(
     session: SessionDep,
     principal: Auditor,
-    tenant_id: Annotated[str | None, Query(max_length=63)] = None,
-    actor: Annotated[str | None, Query(max_length=200)] = None,
+    tenant_id: Annotated[str | None, Query(max_length=63, pattern=NO_NUL)] = None,
+    actor: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
     outcome: Literal["success", "denied", "failed"] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,

@@ -26,6 +26,17 @@ log = logging.getLogger(__name__)
 Outcome = Literal["success", "denied", "failed"]
 
 
+def _fit(value: str, limit: int) -> str:
+    """`value` without NUL characters, cut to `limit` characters (marked with an ellipsis).
+
+    The trail records requests as they came, and a denied request may carry
+    anything in its path: the event must still fit its columns, or recording
+    the denial fails and the caller gets a 500 instead. PostgreSQL text holds no NUL.
+    """
+    value = value.replace("\x00", "\N{REPLACEMENT CHARACTER}")
+    return value if len(value) <= limit else value[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
 def record(
     session: Session,
     *,
@@ -38,14 +49,17 @@ def record(
 ) -> AuditEvent:
     """Append one event inside the caller's unit of work."""
     ctx = context.current()
+    if tenant_id is None and principal is not None:
+        tenant_id = principal.tenant_id
     event = AuditEvent(
-        actor=principal.actor if principal else (ctx.actor if ctx and ctx.actor else "anonymous"),
+        actor=_fit(
+            principal.actor if principal else (ctx.actor if ctx and ctx.actor else "anonymous"),
+            200,
+        ),
         actor_kind=principal.kind if principal else "anonymous",
-        tenant_id=tenant_id
-        if tenant_id is not None
-        else (principal.tenant_id if principal else None),
-        action=action,
-        resource=resource,
+        tenant_id=_fit(tenant_id, 63) if tenant_id is not None else None,
+        action=_fit(action, 100),
+        resource=_fit(resource, 300),
         outcome=outcome,
         request_id=ctx.request_id if ctx else None,
         client_addr=ctx.client_addr if ctx else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeGuard
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -127,6 +127,18 @@ def _signed_but_unusable(token: str, reason: str) -> Unauthenticated:
     return error
 
 
+# The actor (`service:<subject>`) fills 200-character columns (created_by,
+# updated_by, the audit trail's actor) and a tenant id 63-character ones. A claim
+# that cannot be stored is refused here, once, as a 401; otherwise every audited
+# write by that caller would fail at the database with a 500.
+_MAX_SUBJECT = 200 - len("service:")
+
+
+def _storable(value: object, limit: int) -> TypeGuard[str]:
+    """A non-empty string of at most `limit` characters, with no NUL (PostgreSQL refuses it)."""
+    return isinstance(value, str) and 0 < len(value) <= limit and "\x00" not in value
+
+
 def principal_from_claims(claims: dict[str, Any]) -> Principal:
     """Build the principal; a claim of the wrong shape or an unknown scope denies."""
     subject = claims.get("sub")
@@ -134,13 +146,13 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     kind = claims.get("kind", "user")
     tenant_id = claims.get("tenant_id")
     tenants = claims.get("tenants", [])
-    if not isinstance(subject, str) or not subject or len(subject) > 200:
+    if not _storable(subject, _MAX_SUBJECT):
         raise Unauthenticated("token subject is invalid")
     if not isinstance(scope, str):
         raise Unauthenticated("token scope claim must be a space-separated string")
     if kind not in ("user", "service"):
         raise Unauthenticated("token kind is invalid")
-    if tenant_id is not None and not isinstance(tenant_id, str):
+    if tenant_id is not None and not _storable(tenant_id, 63):
         raise Unauthenticated("token tenant_id is invalid")
     if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
         raise Unauthenticated("token tenants claim must be a list of tenant ids")

@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import BaseModel, ConfigDict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +26,42 @@ log = logging.getLogger(__name__)
 
 PROBLEM = "application/problem+json"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,100}$")
+_PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
+
+
+class FieldProblem(BaseModel):
+    """One rejected input: where it is, and why (never the value)."""
+
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """The one error body: RFC 9457 problem details plus the request id."""
+
+    # Errors may add members of their own (e.g. `connection_test`).
+    model_config = ConfigDict(extra="allow")
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+    errors: list[FieldProblem] | None = None
+
+
+# The errors any operation may answer, whatever its route declares.
+_ANY_OPERATION = {
+    413: "The request body is too large to be inspected for card data",
+    422: "Invalid input, or raw card data (refused before any route sees it)",
+}
+_WITH_BODY = {400: "The request body cannot be parsed"}
+_AUTHENTICATED = {
+    401: "No bearer token, or one that fails verification",
+    403: "The token lacks the scope this needs, or names no tenant",
+    429: "Too many requests; retry after Retry-After",
+    503: "Vault or the database is unavailable; retry after Retry-After",
+}
 
 
 def problem(
@@ -38,6 +75,44 @@ def problem(
         body["request_id"] = ctx.request_id
     body.update(extra)
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def problem_responses(described: dict[int, str]) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries for the errors a route itself raises, answered as problem+json."""
+    return {
+        status: {"description": text, "content": {PROBLEM: {"schema": _PROBLEM_SCHEMA}}}
+        for status, text in described.items()
+    }
+
+
+def document_problems(document: dict[str, Any]) -> dict[str, Any]:
+    """Document, in place, the problem+json errors that every operation can answer.
+
+    FastAPI documents a 422 as `application/json` with its own error shape,
+    while the handlers below answer `application/problem+json` in another one;
+    and the auth, rate-limit and outage errors come from shared dependencies
+    no route declares. Route-specific errors (404, 409, 412) stay with their
+    routes, through `problem_responses`.
+    """
+    schema = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(schema.pop("$defs", {}), Problem=schema)
+    for operations in document.get("paths", {}).values():
+        for operation in operations.values():
+            described = dict(_ANY_OPERATION)
+            if "requestBody" in operation:
+                described |= _WITH_BODY
+            if operation.get("security"):
+                described |= _AUTHENTICATED
+            responses = operation.setdefault("responses", {})
+            for status, text in described.items():
+                response = responses.setdefault(str(status), {"description": text})
+                if response["description"] == "Validation Error":  # FastAPI's own 422
+                    response["description"] = text
+                response["content"] = {PROBLEM: {"schema": dict(_PROBLEM_SCHEMA)}}
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return document
 
 
 class Metrics:
@@ -104,7 +179,15 @@ class RequestContextMiddleware:
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Turn every error into one problem+json shape, with no internals in it."""
+    """Turn every error into one problem+json shape, with no internals in it, and document it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_problems(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:

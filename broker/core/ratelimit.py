@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage, Storage, storage_from_string
-from limits.strategies import MovingWindowRateLimiter
+from limits.strategies import SlidingWindowCounterRateLimiter
 
 from broker.core.errors import RateLimited
 
@@ -27,13 +27,17 @@ class RateLimiter:
 
     def __init__(self, storage_uri: str, limits: dict[str, str]) -> None:
         self.limits: dict[str, RateLimitItem] = {name: parse(spec) for name, spec in limits.items()}
-        self._memory = MovingWindowRateLimiter(MemoryStorage())
-        self._shared: MovingWindowRateLimiter | None = None
+        # A sliding-window counter, not a moving window: the in-memory moving
+        # window of `limits` keeps an entry for every key it ever saw and sweeps
+        # them all every 10 ms, so with one key per (principal, tenant) the sweep
+        # grows with the number of tenants and slows every request.
+        self._memory = SlidingWindowCounterRateLimiter(MemoryStorage())
+        self._shared: SlidingWindowCounterRateLimiter | None = None
         if not storage_uri.startswith("memory://"):
             self._shared = self._connect(storage_uri)
 
     @staticmethod
-    def _connect(uri: str) -> MovingWindowRateLimiter | None:
+    def _connect(uri: str) -> SlidingWindowCounterRateLimiter | None:
         try:
             storage = storage_from_string(uri, socket_timeout=0.5, socket_connect_timeout=0.5)
             if not isinstance(storage, Storage) or not storage.check():
@@ -41,7 +45,7 @@ class RateLimiter:
         except Exception:  # noqa: BLE001 - any failure means "use memory"
             log.warning("rate-limit storage unreachable; limiting in memory instead")
             return None
-        return MovingWindowRateLimiter(storage)
+        return SlidingWindowCounterRateLimiter(storage)
 
     def hit(self, name: str, *keys: str) -> None:
         """Count one event against `name` for each key; raise RateLimited past the limit."""
@@ -65,7 +69,7 @@ class RateLimiter:
         except Exception:  # noqa: BLE001
             return int(item.get_expiry())
 
-    def _strategy(self) -> MovingWindowRateLimiter:
+    def _strategy(self) -> SlidingWindowCounterRateLimiter:
         return self._shared or self._memory
 
     def _call(self, method: str, item: RateLimitItem, name: str, key: str) -> bool:

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.deps import EngineDep, SettingsDep, VaultDep
@@ -21,10 +22,12 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
 @router.get(
     "/{tenant_id}/{provider}",
     response_model=CredentialLease | WrappedCredentialLease,
-    responses={
-        404: {"description": "No such credentials, or a tenant outside the token"},
-        503: {"description": "Vault is unavailable; retry after Retry-After"},
-    },
+    responses=problem_responses(
+        {
+            404: "No such credentials, or a tenant outside the token",
+            503: "Vault is unavailable; retry after Retry-After",
+        }
+    ),
 )
 def fetch_credentials(
     tenant_id: str,

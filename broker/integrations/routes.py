@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Path, Request, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.http import problem_responses
 from broker.deps import EngineDep, VaultDep
 from broker.integrations import service
 from broker.integrations.providers import PROVIDERS, get_provider
@@ -32,13 +33,18 @@ Writer = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_AD
 ProviderName = Annotated[str, Path(description=f"One of: {', '.join(PROVIDERS)}.")]
 IfMatch = Annotated[str | None, Header(max_length=100)]
 
+NO_TENANT = "The token's tenant does not exist"
+NOT_FOUND = "No such provider, nothing stored, or the token's tenant does not exist"
+CHANGED = "Changed concurrently; reload and retry"
+STALE = "If-Match did not match the current ETag"
+
 
 def _outbound(request: Request) -> service.Outbound:
     outbound: service.Outbound = request.app.state.outbound
     return outbound
 
 
-@router.get("", response_model=list[IntegrationView])
+@router.get("", response_model=list[IntegrationView], responses=problem_responses({404: NO_TENANT}))
 def list_integrations(
     engine: EngineDep, vault: VaultDep, principal: Viewer
 ) -> list[IntegrationView]:
@@ -50,10 +56,7 @@ def list_integrations(
 @router.put(
     "/{provider}",
     response_model=IntegrationView,
-    responses={
-        409: {"description": "Changed concurrently"},
-        412: {"description": "Stale If-Match"},
-    },
+    responses=problem_responses({404: NOT_FOUND, 409: CHANGED, 412: STALE}),
 )
 def save_credentials(
     provider: ProviderName,
@@ -81,7 +84,9 @@ def save_credentials(
     return IntegrationView.of(get_provider(provider), row)
 
 
-@router.post("/{provider}/test", response_model=TestResult)
+@router.post(
+    "/{provider}/test", response_model=TestResult, responses=problem_responses({404: NOT_FOUND})
+)
 def check_credentials(
     provider: ProviderName,
     request: Request,
@@ -103,7 +108,12 @@ def check_credentials(
     return TestResult.of(result)
 
 
-@router.delete("/{provider}", status_code=204, response_class=Response)
+@router.delete(
+    "/{provider}",
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses({404: NOT_FOUND, 409: CHANGED, 412: STALE}),
+)
 def delete_credentials(
     provider: ProviderName,
     engine: EngineDep,
@@ -123,14 +133,22 @@ def delete_credentials(
     return Response(status_code=204)
 
 
-@router.get("/{provider}/versions", response_model=list[VersionView])
+@router.get(
+    "/{provider}/versions",
+    response_model=list[VersionView],
+    responses=problem_responses({404: NOT_FOUND}),
+)
 def list_versions(provider: ProviderName, vault: VaultDep, principal: Manager) -> list[VersionView]:
     """The kept KV versions of a provider's credentials."""
     found = service.versions(vault, tenant_id=own_tenant(principal), provider=provider)
     return [VersionView.model_validate(v) for v in found]
 
 
-@router.post("/{provider}/versions/{version}/restore", response_model=IntegrationView)
+@router.post(
+    "/{provider}/versions/{version}/restore",
+    response_model=IntegrationView,
+    responses=problem_responses({404: NOT_FOUND, 409: CHANGED, 412: STALE}),
+)
 def restore_version(
     provider: ProviderName,
     version: Annotated[int, Path(ge=1, le=1_000_000)],

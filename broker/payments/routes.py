@@ -9,11 +9,13 @@ from fastapi import APIRouter, Path, Request, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.http import problem_responses
 from broker.deps import EngineDep, SessionDep, VaultDep
 from broker.models import PaymentProfile
 from broker.payments import service
 from broker.payments.platform import StripeAccess
 from broker.payments.schemas import (
+    PAYMENT_METHOD_ID,
     PaymentMethodAdd,
     PaymentMethodView,
     PayoutRequest,
@@ -26,7 +28,10 @@ router = APIRouter(prefix="/v1/tenants/settings", tags=["payments"])
 
 FinanceViewer = Annotated[Principal, require(Scope.FINANCE_VIEW, Scope.FINANCE_MANAGE)]
 FinanceManager = Annotated[Principal, require(Scope.FINANCE_MANAGE, limit="write")]
-MethodId = Annotated[str, Path(min_length=4, max_length=100)]
+MethodId = Annotated[str, Path(pattern=PAYMENT_METHOD_ID, max_length=100)]
+
+NO_TENANT = problem_responses({404: "The token's tenant does not exist"})
+NO_METHOD = problem_responses({404: "No such payment method, or no such tenant"})
 
 
 def _stripe(request: Request) -> StripeAccess:
@@ -34,14 +39,14 @@ def _stripe(request: Request) -> StripeAccess:
     return stripe
 
 
-@router.get("/payment-methods", response_model=list[PaymentMethodView])
+@router.get("/payment-methods", response_model=list[PaymentMethodView], responses=NO_TENANT)
 def list_payment_methods(session: SessionDep, principal: FinanceViewer) -> list[PaymentMethodView]:
     """The tenant's cards: token id, brand, last 4 digits, expiry, default flag."""
     methods = service.list_methods(session, principal=principal, tenant_id=own_tenant(principal))
     return [PaymentMethodView.model_validate(m) for m in methods]
 
 
-@router.post("/payment-methods/setup-intent", response_model=SetupIntentView)
+@router.post("/payment-methods/setup-intent", response_model=SetupIntentView, responses=NO_TENANT)
 def create_setup_intent(
     request: Request, engine: EngineDep, principal: FinanceManager
 ) -> SetupIntentView:
@@ -52,7 +57,14 @@ def create_setup_intent(
     return SetupIntentView(id=intent.id, client_secret=intent.client_secret)
 
 
-@router.post("/payment-methods", status_code=201, response_model=PaymentMethodView)
+@router.post(
+    "/payment-methods",
+    status_code=201,
+    response_model=PaymentMethodView,
+    responses=problem_responses(
+        {404: "The token's tenant does not exist", 409: "This payment method is already on file"}
+    ),
+)
 def add_payment_method(
     body: PaymentMethodAdd, request: Request, engine: EngineDep, principal: FinanceManager
 ) -> PaymentMethodView:
@@ -67,7 +79,9 @@ def add_payment_method(
     return PaymentMethodView.model_validate(method)
 
 
-@router.post("/payment-methods/{method_id}/default", response_model=PaymentMethodView)
+@router.post(
+    "/payment-methods/{method_id}/default", response_model=PaymentMethodView, responses=NO_METHOD
+)
 def set_default_payment_method(
     method_id: MethodId, session: SessionDep, principal: FinanceManager
 ) -> PaymentMethodView:
@@ -78,7 +92,12 @@ def set_default_payment_method(
     return PaymentMethodView.model_validate(method)
 
 
-@router.delete("/payment-methods/{method_id}", status_code=204, response_class=Response)
+@router.delete(
+    "/payment-methods/{method_id}",
+    status_code=204,
+    response_class=Response,
+    responses=NO_METHOD,
+)
 def delete_payment_method(
     method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
 ) -> Response:
@@ -93,7 +112,11 @@ def delete_payment_method(
     return Response(status_code=204)
 
 
-@router.get("/payout", response_model=PayoutView)
+@router.get(
+    "/payout",
+    response_model=PayoutView,
+    responses=problem_responses({404: "No payout destination is set, or no such tenant"}),
+)
 def read_payout(engine: EngineDep, vault: VaultDep, principal: FinanceViewer) -> PayoutView:
     """The payout destination, masked."""
     profile = service.get_payout(
@@ -102,7 +125,7 @@ def read_payout(engine: EngineDep, vault: VaultDep, principal: FinanceViewer) ->
     return _payout_view(profile)
 
 
-@router.put("/payout", response_model=PayoutView)
+@router.put("/payout", response_model=PayoutView, responses=NO_TENANT)
 def set_payout(
     body: PayoutRequest, engine: EngineDep, vault: VaultDep, principal: FinanceManager
 ) -> PayoutView:

@@ -6,7 +6,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from broker.payments.payout import PayoutRequest, PayoutView
 
+# What Stripe.js hands the browser; anything else is not a payment method (and
+# a NUL would fail at PostgreSQL instead of here).
+PAYMENT_METHOD_ID = r"^pm_[A-Za-z0-9]{1,64}$"
+
 __all__ = [
+    "PAYMENT_METHOD_ID",
     "PaymentMethodAdd",
     "PaymentMethodView",
     "PayoutRequest",
@@ -20,7 +25,7 @@ class PaymentMethodAdd(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    payment_method_id: str = Field(min_length=4, max_length=100)
+    payment_method_id: str = Field(pattern=PAYMENT_METHOD_ID, max_length=100)
 
 
 class PaymentMethodView(BaseModel):

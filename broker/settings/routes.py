@@ -9,6 +9,7 @@ from fastapi import APIRouter, Header, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.http import problem_responses
 from broker.deps import SessionDep
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
@@ -21,7 +22,11 @@ SettingsReader = Annotated[
 SettingsWriter = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
 
 
-@router.get("", response_model=SettingsView)
+@router.get(
+    "",
+    response_model=SettingsView,
+    responses=problem_responses({404: "The token's tenant does not exist"}),
+)
 def read_settings(
     session: SessionDep, principal: SettingsReader, response: Response
 ) -> SettingsView:
@@ -35,7 +40,12 @@ def read_settings(
 @router.patch(
     "",
     response_model=SettingsView,
-    responses={412: {"description": "If-Match did not match the current ETag"}},
+    responses=problem_responses(
+        {
+            404: "The token's tenant does not exist",
+            412: "If-Match did not match the current ETag",
+        }
+    ),
 )
 def patch_settings(
     body: SettingsPatch,

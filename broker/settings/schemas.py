@@ -84,10 +84,29 @@ __all__ = [
 ]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set | frozenset):
+        return any(_has_nul(item) for item in value)
+    return False
+
+
 class _Model(BaseModel):
-    """Base for every settings model: unknown keys are rejected."""
+    """Base for every settings model: unknown keys and NUL characters are rejected."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL cannot store NUL in JSONB: refuse it here (422), not at the
+        # database (500). Nested models run this validator themselves.
+        if _has_nul(value):
+            raise ValueError("must not contain NUL characters")
+        return value
 
 
 def _int(ge: int, le: int) -> Any:

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Path, Query, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.http import problem_responses
 from broker.deps import EngineDep, SessionDep, VaultDep
 from broker.tenants import keys, service
-from broker.tenants.schemas import KeyRotationView, TenantCreate, TenantView
+from broker.tenants.schemas import (
+    TENANT_ID_PATTERN,
+    KeyRotationView,
+    TenantCreate,
+    TenantView,
+)
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 PlatformAdmin = Annotated[Principal, require(Scope.PLATFORM_ADMIN)]
+NO_TENANT = problem_responses({404: "No such tenant"})
+# A tenant id is a slug; anything else cannot name a tenant, and must not reach
+# PostgreSQL (which refuses NUL) or Vault paths.
+TenantIdPath = Annotated[str, Path(pattern=TENANT_ID_PATTERN, max_length=63)]
 
 
-@router.post("", status_code=201, response_model=TenantView)
+@router.post(
+    "",
+    status_code=201,
+    response_model=TenantView,
+    responses=problem_responses({409: "A tenant with this id exists"}),
+)
 def create_tenant(
     body: TenantCreate, session: SessionDep, vault: VaultDep, principal: PlatformAdmin
 ) -> TenantView:
@@ -34,32 +49,34 @@ def list_tenants(
     session: SessionDep,
     principal: PlatformAdmin,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
-    after: Annotated[str | None, Query(max_length=63)] = None,
+    after: Annotated[str | None, Query(max_length=63, pattern=TENANT_ID_PATTERN)] = None,
 ) -> list[TenantView]:
     """List tenants by id, `limit` at a time, starting after `after`."""
     tenants = service.list_tenants(session, limit=limit, after=after)
     return [TenantView.model_validate(t, from_attributes=True) for t in tenants]
 
 
-@router.get("/{tenant_id}", response_model=TenantView)
-def get_tenant(tenant_id: str, session: SessionDep, principal: PlatformAdmin) -> TenantView:
+@router.get("/{tenant_id}", response_model=TenantView, responses=NO_TENANT)
+def get_tenant(
+    tenant_id: TenantIdPath, session: SessionDep, principal: PlatformAdmin
+) -> TenantView:
     """One tenant."""
     tenant = service.get_tenant(session, tenant_id=tenant_id)
     return TenantView.model_validate(tenant, from_attributes=True)
 
 
-@router.delete("/{tenant_id}", status_code=204, response_class=Response)
+@router.delete("/{tenant_id}", status_code=204, response_class=Response, responses=NO_TENANT)
 def delete_tenant(
-    tenant_id: str, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
+    tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
 ) -> Response:
     """Crypto-shred a tenant: destroy its Vault data and key, then its rows."""
     service.delete_tenant(engine, vault, principal=principal, tenant_id=tenant_id)
     return Response(status_code=204)
 
 
-@router.post("/{tenant_id}/keys/rotate", response_model=KeyRotationView)
+@router.post("/{tenant_id}/keys/rotate", response_model=KeyRotationView, responses=NO_TENANT)
 def rotate_key(
-    tenant_id: str, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
+    tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
 ) -> KeyRotationView:
     """Rotate the tenant's Transit key, rewrap its secrets, retire the old key versions."""
     report = keys.rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)

@@ -9,9 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 
 # A tenant id names Vault paths and a Transit key (`tenant-<id>`), so it is a
 # conservative slug: lowercase letters, digits and inner hyphens.
-TenantId = Annotated[
-    str, StringConstraints(pattern=r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$", max_length=63)
-]
+TENANT_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN, max_length=63)]
 
 # Path segments under /v1/tenants that are not tenant ids.
 RESERVED_IDS = frozenset({"settings"})
@@ -23,7 +22,8 @@ class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: TenantId = Field(description="Slug used in Vault paths, e.g. `acme-shop`.")
-    name: str = Field(min_length=1, max_length=200)
+    # No control characters: a name is shown to people, and PostgreSQL refuses NUL.
+    name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
 
     @field_validator("id")
     @classmethod
