@@ -336,3 +336,23 @@ def test_only_the_password_of_a_database_url_is_redacted() -> None:
     redacted = redact_text(f"connecting to postgresql+psycopg://broker:{password}@db:5432/app")
 
     assert redacted == f"connecting to postgresql+psycopg://broker:{REDACTED}@db:5432/app"
+
+
+@pytest.mark.parametrize(
+    "logged",
+    [
+        'GET /v1/x?pan=4242424242424242 HTTP/1.1" 422',
+        "card 5555 5555 5555 4444 refused",
+        "card 3782-822463-10005 refused",
+    ],
+)
+def test_card_numbers_in_log_text_are_redacted(logged: str) -> None:
+    redacted = redact_text(logged)
+    assert REDACTED in redacted
+    for digits in ("4242424242424242", "5555 5555 5555 4444", "3782-822463-10005"):
+        assert digits not in redacted
+
+
+def test_long_numbers_that_are_not_cards_are_kept() -> None:
+    text = "tenant t-1 kv_version 12 took 1234567890123 ns"  # 13 digits, fails Luhn
+    assert redact_text(text) == text
