@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import hvac.exceptions
-import requests
+import urllib3.exceptions
 
 from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
 
@@ -48,7 +48,15 @@ class StandbyRedirect(hvac.exceptions.UnexpectedError):
     """
 
 
-TRANSIENT_TRANSPORT = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+# What the transport (broker.vault.transport, urllib3 with retries off) raises when a
+# node cannot be reached or drops the connection: refused, reset, timed out, TLS.
+TRANSIENT_TRANSPORT = (
+    urllib3.exceptions.TimeoutError,  # includes refused and unresolvable (NewConnectionError)
+    urllib3.exceptions.ProtocolError,  # reset or closed mid-answer
+    urllib3.exceptions.IncompleteRead,
+    urllib3.exceptions.SSLError,
+    ConnectionError,
+)
 
 
 def translate(exc: Exception, *, operation: str) -> BrokerError:

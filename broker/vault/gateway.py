@@ -36,9 +36,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import hvac
-import hvac.adapters
 import hvac.exceptions
-import requests
+import urllib3
 from tenacity import (
     RetryError,
     Retrying,
@@ -54,12 +53,12 @@ from broker.core.errors import BrokerError
 from broker.vault.errors import (
     TRANSIENT_TRANSPORT,
     NoActiveNode,
-    StandbyRedirect,
     VaultMisconfigured,
     VaultUnavailable,
     is_transient,
     translate,
 )
+from broker.vault.transport import PooledAdapter, make_pool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -94,32 +93,6 @@ def audit_headers() -> dict[str, str]:
         "X-Broker-Client-Addr": ctx.client_addr,
     }
     return {name: value for name, value in values.items() if value}
-
-
-class AuditedAdapter(hvac.adapters.JSONAdapter):
-    """hvac's JSON adapter, stamping the audited headers on every request."""
-
-    def request(  # type: ignore[no-untyped-def]
-        self, method, url, headers=None, raise_exception=True, **kwargs
-    ):
-        merged = audit_headers()
-        merged.update(headers or {})
-        result = super().request(
-            method, url, headers=merged, raise_exception=raise_exception, **kwargs
-        )
-        # requests counts 3xx as "ok", so hvac would hand the bare Response to code
-        # expecting a dict. A 3xx is a standby pointing elsewhere: make it an error.
-        if (
-            raise_exception
-            and isinstance(result, requests.Response)
-            and 300 <= result.status_code < 400
-        ):
-            raise StandbyRedirect(
-                f"Vault answered {result.status_code} (a standby redirecting)",
-                method=method,
-                url=url,
-            )
-        return result
 
 
 @dataclass(frozen=True)
@@ -183,6 +156,7 @@ class VaultGateway:
         transit_mount: str = "transit",
         retry_after_s: int = 5,
         retry_budget_s: float = 3.0,
+        pool_size: int = 48,
     ) -> None:
         if not addrs:
             raise ValueError("at least one Vault address is required")
@@ -208,26 +182,16 @@ class VaultGateway:
         self._no_active_until = 0.0
         self._probe_timeout_s = min(timeout_s, 2.0)
         self._probes: ThreadPoolExecutor | None = None
-        self._timeout_s = timeout_s
-        self._verify = verify
-        # One keep-alive session for every node; requests pools per host.
-        self._session = requests.Session()
-        # hvac replaces its own `verify` with the session's whenever that is truthy (and a
-        # new Session's is True), so a CA bundle given only to hvac.Client is ignored and
-        # the system store is used instead. Set it on the session.
-        self._session.verify = verify
+        # One keep-alive pool for every node, with a connection per worker thread.
+        self._pool = make_pool(verify=verify, timeout_s=timeout_s, maxsize=pool_size)
         self._clients = [
             hvac.Client(
                 url=addr,
                 token=token,
                 namespace=namespace,
-                verify=verify,
-                timeout=timeout_s,  # type: ignore[arg-type]  # requests takes floats
-                session=self._session,
-                adapter=AuditedAdapter,
-                # A standby whose leader died answers 307 to the dead leader;
-                # following it only hangs. Treat it as transient instead.
-                allow_redirects=False,
+                adapter=PooledAdapter,
+                pool=self._pool,
+                headers_for_call=audit_headers,
             )
             for addr in self.addrs
         ]
@@ -264,7 +228,7 @@ class VaultGateway:
             probes, self._probes = self._probes, None
         if probes is not None:
             probes.shutdown(wait=True, cancel_futures=True)
-        self._session.close()
+        self._pool.clear()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -330,15 +294,15 @@ class VaultGateway:
         try:
             # No standbyok: only the active node answers 200 (429 standby, 503 sealed,
             # 501 not initialised, 472/473 DR/performance standby).
-            response = self._session.get(
+            response = self._pool.request(
+                "GET",
                 f"{self.addrs[index]}/v1/sys/health",
                 timeout=self._probe_timeout_s,
-                verify=self._verify,
-                allow_redirects=False,
+                redirect=False,
             )
-        except requests.exceptions.RequestException:
+        except urllib3.exceptions.HTTPError:
             return False
-        return response.status_code == _HEALTH_ACTIVE
+        return response.status == _HEALTH_ACTIVE
 
     def _ensure_token(self, client: hvac.Client) -> str:
         if self._static_token is not None:
@@ -420,13 +384,13 @@ class VaultGateway:
             try:
                 # sys/health needs no token and answers non-2xx by design
                 # (503 sealed, 429 standby...), so it bypasses hvac's error mapping.
-                response = self._session.get(
+                response = self._pool.request(
+                    "GET",
                     f"{addr}/v1/sys/health",
-                    params={"standbyok": "true", "perfstandbyok": "true"},
-                    timeout=self._timeout_s,
-                    verify=self._verify,
+                    fields={"standbyok": "true", "perfstandbyok": "true"},
+                    redirect=False,
                 )
-                body = response.json()
+                body = json.loads(response.data)
             except (*TRANSIENT_TRANSPORT, ValueError):
                 continue
             return VaultHealth(

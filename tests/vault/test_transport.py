@@ -1,0 +1,194 @@
+"""The gateway's HTTP transport (urllib3 under hvac): keep-alive, no proxies, no redirects.
+
+The Vault behaviour is exercised against the real OpenBao elsewhere; here a tiny
+local HTTP server stands in for a node that misbehaves at the HTTP level, which
+a real Vault cannot be made to do on demand.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from broker.core import context
+from broker.vault.errors import VaultUnavailable
+from broker.vault.gateway import VaultGateway
+from broker.vault.transport import VaultResponse
+
+
+class _Node(ThreadingHTTPServer):
+    """Answers every request with `status` (and `location`), counting connections."""
+
+    daemon_threads = True
+
+    def __init__(self, status: int, location: str | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.status = status
+        self.location = location
+        self.connections = 0
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def get_request(self):  # type: ignore[no-untyped-def]
+        self.connections += 1
+        return super().get_request()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as Vault answers
+    server: _Node
+
+    def _answer(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length:
+            self.rfile.read(length)
+        self.server.requests.append((self.command, self.path, dict(self.headers)))
+        body = json.dumps({"errors": []}).encode()
+        self.send_response(self.server.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.server.location:
+            self.send_header("Location", self.server.location)
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def node() -> Iterator[_Node]:
+    server = _Node(404)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _gateway(url: str) -> VaultGateway:
+    return VaultGateway(addrs=[url], token="s.not-a-real-token", retry_budget_s=0.5)
+
+
+def test_calls_reuse_one_keep_alive_connection(node: _Node) -> None:
+    gateway = _gateway(node.url)
+    try:
+        for _ in range(20):
+            assert gateway.kv_read("tenants/t1/integrations/shopify") is None  # 404: absent
+    finally:
+        gateway.close()
+    assert len(node.requests) == 20
+    assert node.connections == 1
+
+
+def test_every_call_carries_the_token_and_the_audited_headers(node: _Node) -> None:
+    gateway = _gateway(node.url)
+    context.bind(context.RequestContext(request_id="req-transport-1", client_addr="10.0.0.9"))
+    context.update(actor="service:billing", tenant_id="t1", action="credentials.fetch:shopify")
+    try:
+        gateway.kv_read("tenants/t1/integrations/shopify", version=3)
+    finally:
+        context.bind(None)
+        gateway.close()
+    method, path, headers = node.requests[0]
+    assert (method, path) == ("GET", "/v1/secret/data/tenants/t1/integrations/shopify?version=3")
+    assert headers["X-Vault-Token"] == "s.not-a-real-token"
+    assert headers["X-Vault-Request"] == "true"
+    assert headers["X-Request-Id"] == "req-transport-1"
+    assert headers["X-Broker-Actor"] == "service:billing"
+    assert headers["X-Broker-Tenant"] == "t1"
+    assert headers["X-Broker-Action"] == "credentials.fetch:shopify"
+    assert headers["X-Broker-Client-Addr"] == "10.0.0.9"
+
+
+def test_proxy_environment_variables_are_not_consulted(
+    monkeypatch: pytest.MonkeyPatch, broker_vault: VaultGateway
+) -> None:
+    # A proxy that does not exist: going through it would fail every call.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert broker_vault.kv_read("tenants/no-such-tenant/integrations/shopify") is None
+
+
+def test_a_redirect_is_never_followed_and_becomes_unavailable(node: _Node) -> None:
+    target = _Node(200)
+    threading.Thread(target=target.serve_forever, daemon=True).start()
+    node.status, node.location = 307, f"{target.url}/v1/secret/data/elsewhere"
+    gateway = _gateway(node.url)
+    try:
+        with pytest.raises(VaultUnavailable) as caught:
+            gateway.kv_read("tenants/t1/integrations/shopify")
+    finally:
+        gateway.close()
+        target.shutdown()
+        target.server_close()
+    assert caught.value.retry_after == gateway.retry_after_s
+    assert len(node.requests) >= 2  # retried within the budget, on the same node
+    assert target.requests == []
+
+
+def test_a_node_that_is_not_listening_is_unavailable() -> None:
+    with _Node(200) as closed:
+        url = closed.url
+    gateway = _gateway(url)
+    try:
+        with pytest.raises(VaultUnavailable):
+            gateway.kv_read("tenants/t1/integrations/shopify")
+    finally:
+        gateway.close()
+
+
+def test_answers_without_a_json_body_come_back_as_responses(broker_vault: VaultGateway) -> None:
+    # A KV v2 delete answers 204 No Content: a response, not a dict, and no error.
+    path = "tenants/transport-204/integrations/shopify"
+    broker_vault.kv_write(path, {"ciphertext": "x"}, cas=None)
+    answer = broker_vault.call(
+        "delete a secret",
+        lambda client: client.secrets.kv.v2.delete_latest_version_of_secret(
+            path=path, mount_point=broker_vault.kv_mount
+        ),
+    )
+    assert isinstance(answer, VaultResponse)
+    assert (answer.status_code, answer.ok, answer.content) == (204, True, b"")
+    assert "x" not in repr(answer)
+
+
+def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = _Node(404)
+    context_ = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(context_)
+    server.socket = context_.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_address[1]}"
+    trusting = VaultGateway(addrs=[url], token="s.x", verify=str(ca_file), retry_budget_s=0.3)
+    default = VaultGateway(addrs=[url], token="s.x", retry_budget_s=0.3)
+    try:
+        assert trusting.kv_read("tenants/t1/integrations/shopify") is None
+        with pytest.raises(VaultUnavailable):  # an unknown CA: refused, never trusted
+            default.kv_read("tenants/t1/integrations/shopify")
+    finally:
+        trusting.close()
+        default.close()
+        server.shutdown()
+        server.server_close()
+    assert len(server.requests) == 1
