@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
+import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 import jwt
@@ -25,6 +29,16 @@ class TokenVerifier:
     Exactly one key source is in use. With a public key or JWKS, symmetric
     algorithms are refused outright, which closes the classic confusion where a
     public key is used as an HMAC secret.
+
+    A token that verified is remembered (by its SHA-256, never the token itself)
+    for `cache_ttl_s` or until it expires, whichever comes first, so a service
+    that sends the same token on every call is not re-verified every time: a
+    signature check and claim validation cost about a tenth of a millisecond,
+    the largest piece of the broker's own work on a credential fetch. Only
+    successes are remembered; a refused token is checked in full every time.
+    With a JWKS, a remembered token is trusted only while its signing key is
+    still the one the key set holds, so a withdrawn key stops working exactly
+    when it would without this cache (within the JWKS lifespan).
     """
 
     def __init__(
@@ -38,10 +52,17 @@ class TokenVerifier:
         jwks_url: str | None = None,
         leeway_s: int = 30,
         jwks_lifespan_s: float = 300,
+        cache_ttl_s: float = 60,
+        cache_size: int = 10_000,
     ) -> None:
         self.issuer = issuer
         self.audience = audience
         self.leeway_s = leeway_s
+        self._cache_ttl_s = cache_ttl_s
+        self._cache_size = cache_size
+        # sha256(token) -> what its verification found, least recently stored first
+        self._remembered: OrderedDict[bytes, _Remembered] = OrderedDict()
+        self._cache_lock = threading.Lock()
         self._jwks: PyJWKClient | None = None
         self._key: Any = None
         if jwks_url:
@@ -77,18 +98,56 @@ class TokenVerifier:
             ),
             jwks_url=settings.jwt_jwks_url,
             leeway_s=settings.jwt_leeway_s,
+            cache_ttl_s=settings.jwt_cache_ttl_s,
         )
 
     def verify(self, token: str) -> Principal:
         """The principal a token names; raises Unauthenticated or Forbidden."""
+        if self._cache_ttl_s <= 0:
+            return principal_from_claims(self._verified_claims(token).claims)
+        digest = hashlib.sha256(token.encode()).digest()
+        now = time.time()
+        with self._cache_lock:
+            known = self._remembered.get(digest)
+        if known is not None and known.until > now and self._key_still_trusted(known):
+            return known.principal
+        verified = self._verified_claims(token)
+        principal = principal_from_claims(verified.claims)
+        until = min(now + self._cache_ttl_s, float(verified.claims["exp"]))
+        if until > now:
+            entry = _Remembered(until, principal, verified.kid, verified.key)
+            with self._cache_lock:
+                self._remembered[digest] = entry
+                self._remembered.move_to_end(digest)
+                while len(self._remembered) > self._cache_size:
+                    self._remembered.popitem(last=False)
+        return principal
+
+    def _key_still_trusted(self, known: _Remembered) -> bool:
+        """A static key never changes; a JWKS key must still be the one it was.
+
+        The JWKS client hands out the same key object until it fetches the set
+        again (once per lifespan); a refetched, rotated or withdrawn key is a
+        miss, and the token is verified in full against the new set.
+        """
+        if self._jwks is None:
+            return True
+        try:
+            return bool(self._jwks.get_signing_key(known.kid or "").key is known.key)
+        except jwt.PyJWTError:
+            return False
+
+    def _verified_claims(self, token: str) -> _Verified:
+        """Verify signature and registered claims, or raise Unauthenticated."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             raise Unauthenticated("malformed bearer token") from None
         if header.get("alg") not in self.algorithms:
             raise Unauthenticated("token algorithm is not allowed")
+        kid = header.get("kid")
         try:
-            key = self._jwks.get_signing_key(header.get("kid", "")).key if self._jwks else self._key
+            key = self._jwks.get_signing_key(kid or "").key if self._jwks else self._key
             claims = jwt.decode(
                 token,
                 key=key,
@@ -113,7 +172,26 @@ class TokenVerifier:
             # PyJWT raises a bare TypeError when the header's algorithm does not
             # fit the key type (an ES256 header against an RSA key).
             raise Unauthenticated("token signature or claims are invalid") from None
-        return principal_from_claims(claims)
+        if not isinstance(claims.get("exp"), int | float):
+            raise Unauthenticated("token expiry is invalid")
+        return _Verified(claims, kid if isinstance(kid, str) else None, key)
+
+
+@dataclass(frozen=True)
+class _Verified:
+    claims: dict[str, Any]
+    kid: str | None
+    key: Any
+
+
+@dataclass(frozen=True)
+class _Remembered:
+    """A token verified moments ago: until when to trust it, and the key that signed it."""
+
+    until: float
+    principal: Principal
+    kid: str | None
+    key: Any
 
 
 def _signed_but_unusable(token: str, reason: str) -> Unauthenticated:

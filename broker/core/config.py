@@ -61,6 +61,8 @@ class Settings(BaseSettings):
     jwt_public_key: SecretStr | None = None
     jwt_hs256_secret: SecretStr | None = None
     jwt_leeway_s: int = 30
+    # How long a verified token is remembered (capped by its own exp); 0 turns it off.
+    jwt_cache_ttl_s: float = Field(default=60, ge=0, le=300)
 
     # Outbound calls to providers (connection tests). Loopback and plain HTTP
     # exist for tests and dev only; production refuses them.

@@ -266,6 +266,103 @@ def test_principal_from_claims_rejects_unknown_scope_without_a_token() -> None:
         principal_from_claims({"sub": "alice", "scope": "tenant:admin tenant:owner"})
 
 
+# --- remembering verified tokens ---------------------------------------------------
+
+
+class _CountingVerifier(TokenVerifier):
+    """Counts full verifications (signature and claims), to tell hits from misses."""
+
+    full_checks = 0
+
+    def _verified_claims(self, token: str) -> Any:
+        self.full_checks += 1
+        return super()._verified_claims(token)
+
+
+def counting_verifier(**overrides: Any) -> _CountingVerifier:
+    options: dict[str, Any] = {
+        "issuer": ISSUER,
+        "audience": AUDIENCE,
+        "algorithms": ASYMMETRIC,
+        "hs256_secret": SECRET,
+    }
+    options.update(overrides)
+    return _CountingVerifier(**options)
+
+
+def test_a_verified_token_is_remembered_by_its_digest_not_its_text() -> None:
+    verifier = counting_verifier()
+    token = hs256(claims())
+
+    first = verifier.verify(token)
+    again = [verifier.verify(token) for _ in range(5)]
+
+    assert verifier.full_checks == 1
+    assert all(p == first for p in again)
+    assert list(verifier._remembered) == [hashlib.sha256(token.encode()).digest()]
+    assert token not in repr(verifier._remembered)
+
+
+def test_refused_tokens_are_never_remembered() -> None:
+    verifier = counting_verifier()
+    forged = hs256(claims(), secret="another-key-entirely-0123456789abcdef")
+    unknown_scope = hs256(claims(scope="tenant:admin root:everything"))
+
+    for _ in range(3):
+        with pytest.raises(Unauthenticated):
+            verifier.verify(forged)
+        with pytest.raises(Forbidden):
+            verifier.verify(unknown_scope)
+
+    assert verifier.full_checks == 6
+    assert not verifier._remembered
+
+
+def test_a_remembered_token_still_expires_on_time() -> None:
+    verifier = counting_verifier(leeway_s=0)
+    token = hs256(claims(exp=int(time.time()) + 1))
+    verifier.verify(token)
+
+    time.sleep(1.2)
+
+    with pytest.raises(Unauthenticated, match="expired"):
+        verifier.verify(token)
+
+
+def test_remembering_lasts_cache_ttl_then_verifies_again() -> None:
+    verifier = counting_verifier(cache_ttl_s=0.2)
+    token = hs256(claims())
+    verifier.verify(token)
+    verifier.verify(token)
+    assert verifier.full_checks == 1
+
+    time.sleep(0.3)
+    verifier.verify(token)
+
+    assert verifier.full_checks == 2
+
+
+def test_remembered_tokens_are_bounded() -> None:
+    verifier = counting_verifier(cache_size=2)
+    tokens = [hs256(claims(sub=name)) for name in ("ann", "ben", "cat")]
+    for token in tokens:
+        verifier.verify(token)
+
+    assert len(verifier._remembered) == 2
+    verifier.verify(tokens[0])  # the oldest was let go: verified in full again
+    assert verifier.full_checks == 4
+
+
+def test_cache_ttl_zero_verifies_every_time() -> None:
+    verifier = counting_verifier(cache_ttl_s=0)
+    token = hs256(claims())
+    for _ in range(3):
+        verifier.verify(token)
+
+    assert verifier.full_checks == 3
+    assert not verifier._remembered
+
+
 # --- asymmetric keys --------------------------------------------------------------
 
 
@@ -483,9 +580,23 @@ def test_key_removed_from_jwks_stops_verifying_once_the_cache_expires(
     jwks_server.keys = [jwk(other_rsa_key, "key-2")]
     time.sleep(0.3)
 
+    # `old` was verified (and remembered) before: remembering must not outlive the key.
     assert verifier.verify(new).subject == "alice"
     with pytest.raises(Unauthenticated):
         verifier.verify(old)
+
+
+def test_a_remembered_jwks_token_survives_a_refetch_of_the_same_key(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = jwks_verifier(jwks_server, jwks_lifespan_s=0.2)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+    assert verifier.verify(token).subject == "alice"
+
+    time.sleep(0.3)  # the key set is fetched again; the key is the same
+
+    assert verifier.verify(token).subject == "alice"
+    assert jwks_server.hits == 2
 
 
 # --- scopes and principals --------------------------------------------------------
