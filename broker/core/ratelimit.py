@@ -1,8 +1,9 @@
-"""Rate limits with the `limits` library, keyed by principal and tenant, and by address.
+"""Rate limits, keyed by principal and tenant, and by address: sliding-window counters.
 
-Counters live in memory by default. With `BROKER_RATE_LIMIT_STORAGE=redis://...`
-several broker processes share them; if Redis cannot be reached the limiter
-falls back to memory (per process) rather than stop limiting.
+Counters live in this process by default (`LocalWindows`). With
+`BROKER_RATE_LIMIT_STORAGE=redis://...` several broker processes share them
+through the `limits` library; if Redis cannot be reached the limiter falls back
+to the local counters rather than stop limiting.
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
 
-from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage, Storage, storage_from_string
+from limits import RateLimitItem, WindowStats, parse
+from limits.storage import Storage, storage_from_string
 from limits.strategies import SlidingWindowCounterRateLimiter
 
 from broker.core.errors import RateLimited
@@ -22,16 +26,141 @@ from broker.core.errors import RateLimited
 log = logging.getLogger(__name__)
 
 
+class _Strategy(Protocol):
+    def hit(self, item: RateLimitItem, *identifiers: str) -> bool: ...
+    def test(self, item: RateLimitItem, *identifiers: str) -> bool: ...
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats: ...
+
+
+@dataclass(slots=True)
+class _Window:
+    index: int  # which window of `period` seconds since the epoch `current` counts
+    previous: int
+    current: int
+    period: int
+
+
+class LocalWindows:
+    """Sliding-window counters in this process: O(1) per hit, no background thread.
+
+    The count is the current window's hits plus the previous window's, weighted
+    by how much of it still overlaps the last `period` seconds (the algorithm of
+    `limits`' sliding-window counter, so both backends agree).
+
+    Not `limits`' MemoryStorage: while traffic flows it starts a timer thread
+    every 10 ms that walks every key it holds, and keys are per (principal,
+    tenant), so with 50,000 keys that sweep alone took a third of a core and
+    slowed every request. Here a key past both of its windows is dropped by a
+    sweep that runs at most every `sweep_every_s`, inline, under the lock.
+    """
+
+    def __init__(
+        self, *, sweep_every_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        self._windows: dict[str, _Window] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._sweep_every_s = sweep_every_s
+        self._next_sweep = clock() + sweep_every_s
+
+    def __len__(self) -> int:
+        return len(self._windows)
+
+    def hit(self, item: RateLimitItem, *identifiers: str) -> bool:
+        """Count one hit unless it would exceed the limit; True when counted."""
+        key = item.key_for(*identifiers)
+        now = self._clock()
+        with self._lock:
+            if now >= self._next_sweep:
+                self._sweep(now)
+            window = self._rolled(key, item, now)
+            if self._weighted(window, now) + 1 > item.amount:
+                return False
+            window.current += 1
+            return True
+
+    def test(self, item: RateLimitItem, *identifiers: str) -> bool:
+        """True when one more hit would be allowed (counts nothing)."""
+        now = self._clock()
+        with self._lock:
+            window = self._peek(item.key_for(*identifiers), item, now)
+        return window is None or self._weighted(window, now) + 1 <= item.amount
+
+    def get_window_stats(self, item: RateLimitItem, *identifiers: str) -> WindowStats:
+        """When the next hit will be allowed (reset_time), and how many remain now."""
+        now = self._clock()
+        with self._lock:
+            window = self._peek(item.key_for(*identifiers), item, now)
+        if window is None:
+            return WindowStats(now, item.amount)
+        weighted = self._weighted(window, now)
+        remaining = max(0, item.amount - math.floor(weighted))
+        if weighted + 1 <= item.amount:
+            return WindowStats(now, remaining)
+        return WindowStats(self._allowed_again(window, item.amount), remaining)
+
+    def _peek(self, key: str, item: RateLimitItem, now: float) -> _Window | None:
+        window = self._windows.get(key)
+        if window is None:
+            return None
+        return self._roll(replace(window), now)  # a copy: looking counts nothing
+
+    def _rolled(self, key: str, item: RateLimitItem, now: float) -> _Window:
+        window = self._windows.get(key)
+        if window is None:
+            period = int(item.get_expiry())
+            window = self._windows[key] = _Window(int(now // period), 0, 0, period)
+            return window
+        return self._roll(window, now)
+
+    @staticmethod
+    def _roll(window: _Window, now: float) -> _Window:
+        """Move `window` forward to the window `now` falls in."""
+        index = int(now // window.period)
+        if index == window.index + 1:
+            window.previous, window.current = window.current, 0
+        elif index > window.index + 1:
+            window.previous, window.current = 0, 0
+        window.index = index
+        return window
+
+    @staticmethod
+    def _weighted(window: _Window, now: float) -> float:
+        into = now - window.index * window.period
+        return window.previous * (window.period - into) / window.period + window.current
+
+    @staticmethod
+    def _allowed_again(window: _Window, limit: int) -> float:
+        """The moment the weighted count first leaves room for one more hit."""
+        start, period = window.index * window.period, window.period
+        room = limit - 1 - window.current
+        if room >= 0 and window.previous:
+            # Within this window, once enough of the previous one has slid out.
+            return start + period * (1 - room / window.previous)
+        # Not before the next window; then this window's hits slide out in turn.
+        if window.current == 0:
+            return start + period
+        return start + period + period * max(0.0, 1 - (limit - 1) / window.current)
+
+    def _sweep(self, now: float) -> None:
+        self._next_sweep = now + self._sweep_every_s
+        stale = [
+            key
+            for key, window in self._windows.items()
+            if int(now // window.period) > window.index + 1
+        ]
+        for key in stale:
+            del self._windows[key]
+
+
 class RateLimiter:
     """Named limits (`fetch`, `write`, `auth_failures`) over one storage, failing safe."""
 
     def __init__(self, storage_uri: str, limits: dict[str, str]) -> None:
         self.limits: dict[str, RateLimitItem] = {name: parse(spec) for name, spec in limits.items()}
-        # A sliding-window counter, not a moving window: the in-memory moving
-        # window of `limits` keeps an entry for every key it ever saw and sweeps
-        # them all every 10 ms, so with one key per (principal, tenant) the sweep
-        # grows with the number of tenants and slows every request.
-        self._memory = SlidingWindowCounterRateLimiter(MemoryStorage())
+        # Sliding-window counters, not a moving window: a moving window keeps
+        # every hit of every key, and keys are per (principal, tenant).
+        self._memory = LocalWindows()
         self._shared: SlidingWindowCounterRateLimiter | None = None
         if not storage_uri.startswith("memory://"):
             self._shared = self._connect(storage_uri)
@@ -69,7 +198,7 @@ class RateLimiter:
         except Exception:  # noqa: BLE001
             return int(item.get_expiry())
 
-    def _strategy(self) -> SlidingWindowCounterRateLimiter:
+    def _strategy(self) -> _Strategy:
         return self._shared or self._memory
 
     def _call(self, method: str, item: RateLimitItem, name: str, key: str) -> bool:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import Engine
 
 from broker.app import create_app
 from broker.core.config import Settings
-from broker.core.ratelimit import RateLimiter, client_address
+from broker.core.ratelimit import LocalWindows, RateLimiter, client_address
 from broker.devstack.openbao import free_port
 from broker.vault.gateway import VaultGateway
 from tests.conftest import bearer, make_tenant, token
@@ -39,7 +43,8 @@ def test_fetches_are_limited_per_principal_and_tenant(
     ]
     assert statuses == [200, 200, 200, 429]
     limited = tight.get(f"/v1/credentials/{tenant}/openai", headers=worker)
-    assert 0 < int(limited.headers["retry-after"]) <= 60
+    # Exact for a sliding window: the hits of this minute weigh on the next one too.
+    assert 0 < int(limited.headers["retry-after"]) <= 120
     assert limited.headers["content-type"] == "application/problem+json"
 
 
@@ -122,3 +127,85 @@ def test_forwarded_for_is_trusted_only_from_configured_proxies(
     peer: str, forwarded: str | None, trusted: list[str], expected: str
 ) -> None:
     assert client_address(peer, forwarded, trusted) == expected
+
+
+# --- the in-process counters -------------------------------------------------------
+
+
+class Clock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_local_windows_allow_exactly_the_limit_per_window() -> None:
+    clock = Clock()
+    windows = LocalWindows(clock=clock)
+    item = parse("3/minute")
+    assert [windows.hit(item, "fetch", "k") for _ in range(4)] == [True, True, True, False]
+    assert not windows.test(item, "fetch", "k")
+    assert windows.test(item, "fetch", "other key")  # keys are independent
+    assert windows.get_window_stats(item, "fetch", "k").remaining == 0
+
+
+def test_local_windows_slide_the_previous_window_out() -> None:
+    clock = Clock(start=1_800_000_000.0 - 1_800_000_000.0 % 60)  # a window's first second
+    windows = LocalWindows(clock=clock)
+    item = parse("10/minute")
+    assert all(windows.hit(item, "fetch", "k") for _ in range(10))
+    clock.now += 60  # the next window: the last 60 s still hold 10 hits
+    assert not windows.hit(item, "fetch", "k")
+    clock.now += 30  # half of the previous window has slid out: 5 remain counted
+    assert [windows.hit(item, "fetch", "k") for _ in range(6)] == [True] * 5 + [False]
+
+
+def test_local_windows_say_when_the_next_hit_is_allowed() -> None:
+    clock = Clock(start=1_800_000_000.0 - 1_800_000_000.0 % 60 + 20)
+    windows = LocalWindows(clock=clock)
+    item = parse("4/minute")
+    for _ in range(4):
+        windows.hit(item, "fetch", "k")
+    reset = windows.get_window_stats(item, "fetch", "k").reset_time
+    assert clock.now < reset <= clock.now + 120
+    clock.now = reset - 0.01
+    assert not windows.hit(item, "fetch", "k")
+    clock.now = reset + 0.01
+    assert windows.hit(item, "fetch", "k")
+
+
+def test_local_windows_agree_with_the_limits_sliding_window_counter() -> None:
+    # Same algorithm as the shared (Redis) backend, so a fallback changes nothing.
+    ours = LocalWindows()
+    theirs = SlidingWindowCounterRateLimiter(MemoryStorage())
+    item = parse("25/minute")
+    for _ in range(30):
+        assert ours.hit(item, "fetch", "k") == theirs.hit(item, "fetch", "k")
+        assert ours.test(item, "fetch", "k") == theirs.test(item, "fetch", "k")
+
+
+def test_local_windows_start_no_threads_however_many_keys() -> None:
+    before = set(threading.enumerate())
+    windows = LocalWindows()
+    item = parse("100/second")
+    for i in range(20_000):
+        windows.hit(item, "fetch", f"who:service:worker:tenant-{i}")
+    assert set(threading.enumerate()) <= before
+    assert len(windows) == 20_000
+
+
+def test_local_windows_are_safe_under_concurrent_hits() -> None:
+    windows = LocalWindows()
+    item = parse("1000/hour")
+    allowed: list[bool] = []
+
+    def worker() -> None:
+        allowed.extend(windows.hit(item, "fetch", "shared") for _ in range(300))
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert allowed.count(True) == 1000
