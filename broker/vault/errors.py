@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 
 import hvac.exceptions
-import urllib3.exceptions
 
 from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
 
@@ -48,15 +48,11 @@ class StandbyRedirect(hvac.exceptions.UnexpectedError):
     """
 
 
-# What the transport (broker.vault.transport, urllib3 with retries off) raises when a
-# node cannot be reached or drops the connection: refused, reset, timed out, TLS.
-TRANSIENT_TRANSPORT = (
-    urllib3.exceptions.TimeoutError,  # includes refused and unresolvable (NewConnectionError)
-    urllib3.exceptions.ProtocolError,  # reset or closed mid-answer
-    urllib3.exceptions.IncompleteRead,
-    urllib3.exceptions.SSLError,
-    ConnectionError,
-)
+# What the transport (broker.vault.transport: http.client, no retries of its own)
+# raises when a node cannot be reached or drops the connection: OSError covers
+# refused, reset, timed out, unresolvable and TLS failures; HTTPException a
+# malformed or truncated answer (including a keep-alive the server closed).
+TRANSIENT_TRANSPORT = (OSError, http.client.HTTPException)
 
 
 def translate(exc: Exception, *, operation: str) -> BrokerError:

@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 
 import hvac
 import hvac.exceptions
-import urllib3
 from tenacity import (
     RetryError,
     Retrying,
@@ -58,7 +57,7 @@ from broker.vault.errors import (
     is_transient,
     translate,
 )
-from broker.vault.transport import PooledAdapter, make_pool
+from broker.vault.transport import ConnectionPool, PooledAdapter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -183,7 +182,7 @@ class VaultGateway:
         self._probe_timeout_s = min(timeout_s, 2.0)
         self._probes: ThreadPoolExecutor | None = None
         # One keep-alive pool for every node, with a connection per worker thread.
-        self._pool = make_pool(verify=verify, timeout_s=timeout_s, maxsize=pool_size)
+        self._pool = ConnectionPool(verify=verify, timeout_s=timeout_s, maxsize=pool_size)
         self._clients = [
             hvac.Client(
                 url=addr,
@@ -228,7 +227,7 @@ class VaultGateway:
             probes, self._probes = self._probes, None
         if probes is not None:
             probes.shutdown(wait=True, cancel_futures=True)
-        self._pool.clear()
+        self._pool.close()
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -295,12 +294,9 @@ class VaultGateway:
             # No standbyok: only the active node answers 200 (429 standby, 503 sealed,
             # 501 not initialised, 472/473 DR/performance standby).
             response = self._pool.request(
-                "GET",
-                f"{self.addrs[index]}/v1/sys/health",
-                timeout=self._probe_timeout_s,
-                redirect=False,
+                "GET", f"{self.addrs[index]}/v1/sys/health", timeout_s=self._probe_timeout_s
             )
-        except urllib3.exceptions.HTTPError:
+        except (*TRANSIENT_TRANSPORT, ValueError):
             return False
         return response.status == _HEALTH_ACTIVE
 
@@ -385,10 +381,7 @@ class VaultGateway:
                 # sys/health needs no token and answers non-2xx by design
                 # (503 sealed, 429 standby...), so it bypasses hvac's error mapping.
                 response = self._pool.request(
-                    "GET",
-                    f"{addr}/v1/sys/health",
-                    fields={"standbyok": "true", "perfstandbyok": "true"},
-                    redirect=False,
+                    "GET", f"{addr}/v1/sys/health?standbyok=true&perfstandbyok=true"
                 )
                 body = json.loads(response.data)
             except (*TRANSIENT_TRANSPORT, ValueError):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -31,12 +32,17 @@ class _Node(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.status = status
         self.location = location
+        self.drop_after_answer = False  # close the connection silently, as an idle timeout does
+        self.stall_s = 0.0  # wait this long before answering
         self.connections = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # a client that gave up waiting (the timeout test): expected
 
     def get_request(self):  # type: ignore[no-untyped-def]
         self.connections += 1
@@ -52,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(length)
         self.server.requests.append((self.command, self.path, dict(self.headers)))
+        if self.server.stall_s:
+            time.sleep(self.server.stall_s)
         body = json.dumps({"errors": []}).encode()
         self.send_response(self.server.status)
         self.send_header("Content-Type", "application/json")
@@ -60,6 +68,8 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Location", self.server.location)
         self.end_headers()
         self.wfile.write(body)
+        if self.server.drop_after_answer:
+            self.close_connection = True  # no "Connection: close": the client cannot know
 
     do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _answer
 
@@ -192,3 +202,46 @@ def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert len(server.requests) == 1
+
+
+def test_a_connection_the_server_dropped_while_idle_is_not_reused(node: _Node) -> None:
+    node.drop_after_answer = True
+    gateway = _gateway(node.url)
+    try:
+        for _ in range(3):
+            assert gateway.kv_read("tenants/t1/integrations/shopify") is None
+            time.sleep(0.05)  # idle, as between two requests
+    finally:
+        gateway.close()
+    assert len(node.requests) == 3  # each call reached the node exactly once
+    assert node.connections == 3
+
+
+def test_a_node_that_stops_answering_times_out_into_unavailable(node: _Node) -> None:
+    node.stall_s = 2.0
+    gateway = VaultGateway(addrs=[node.url], token="s.x", timeout_s=0.2, retry_budget_s=0.3)
+    started = time.monotonic()
+    try:
+        with pytest.raises(VaultUnavailable):
+            gateway.kv_read("tenants/t1/integrations/shopify")
+    finally:
+        gateway.close()
+    assert time.monotonic() - started < 1.9  # the timeout, not the stall, ended it
+
+
+def test_idle_connections_kept_per_node_are_bounded(node: _Node) -> None:
+    gateway = VaultGateway(addrs=[node.url], token="s.x", pool_size=2)
+
+    def calls() -> None:
+        for _ in range(10):
+            gateway.kv_read("tenants/t1/integrations/shopify")
+
+    threads = [threading.Thread(target=calls) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    idle = [len(n._idle) for n in gateway._pool._nodes.values()]
+    gateway.close()
+    assert len(node.requests) == 60
+    assert idle == [2]  # six threads used the node; only two connections stay open
