@@ -1,9 +1,10 @@
 """The Vault gateway: the one object through which the broker talks to Vault.
 
-It owns the hvac clients (one per configured address, sharing a keep-alive
-session), authentication (token or AppRole, renewed before expiry), retries
-across nodes, audited request headers, and the translation of every hvac error
-into a broker error. Nothing outside `broker.vault` sees an hvac type.
+It owns the hvac clients (one per configured address, over one keep-alive
+connection pool, `broker.vault.transport`, which also stamps the audited
+request headers), authentication (token or AppRole, renewed before expiry),
+retries across nodes, and the translation of every hvac error into a broker
+error. Nothing outside `broker.vault` sees an hvac type.
 
 Several addresses (a raft cluster). Every call (reads, writes, wraps) goes to
 the *active* node, found with `sys/health` (200 active, 429 standby, 503
