@@ -75,7 +75,7 @@ def pem(private_key: Any) -> str:
     )
 
 
-def hs_verifier(**overrides: Any) -> TokenVerifier:
+def hs_verifier(cls: type[TokenVerifier] = TokenVerifier, **overrides: Any) -> TokenVerifier:
     options: dict[str, Any] = {
         "issuer": ISSUER,
         "audience": AUDIENCE,
@@ -83,7 +83,7 @@ def hs_verifier(**overrides: Any) -> TokenVerifier:
         "hs256_secret": SECRET,
     }
     options.update(overrides)
-    return TokenVerifier(**options)
+    return cls(**options)
 
 
 @pytest.fixture(scope="module")
@@ -280,14 +280,9 @@ class _CountingVerifier(TokenVerifier):
 
 
 def counting_verifier(**overrides: Any) -> _CountingVerifier:
-    options: dict[str, Any] = {
-        "issuer": ISSUER,
-        "audience": AUDIENCE,
-        "algorithms": ASYMMETRIC,
-        "hs256_secret": SECRET,
-    }
-    options.update(overrides)
-    return _CountingVerifier(**options)
+    verifier = hs_verifier(_CountingVerifier, **overrides)
+    assert isinstance(verifier, _CountingVerifier)
+    return verifier
 
 
 def test_a_verified_token_is_remembered_by_its_digest_not_its_text() -> None:
