@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
 
 from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier
@@ -49,7 +50,14 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             if credentials is None or credentials.scheme.lower() != "bearer":
                 raise Unauthenticated("a bearer token is required")
             verifier: TokenVerifier = request.app.state.verifier
-            principal = verifier.verify(credentials.credentials)
+            token = credentials.credentials
+            principal = verifier.remembered(token)
+            if principal is None:
+                # A JWKS fetch must not stall the event loop (and every other request).
+                if verifier.may_block:
+                    principal = await run_in_threadpool(verifier.verify, token)
+                else:
+                    principal = verifier.verify(token)
         except Unauthenticated as failure:
             keys = [address] + ([f"sub:{failure.subject}"] if failure.subject else [])
             limiter.hit("auth_failures", *keys)

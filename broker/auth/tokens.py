@@ -101,16 +101,30 @@ class TokenVerifier:
             cache_ttl_s=settings.jwt_cache_ttl_s,
         )
 
+    @property
+    def may_block(self) -> bool:
+        """True when a full verification may fetch the JWKS over the network.
+
+        Callers on an event loop run `verify` in a worker thread then, after
+        trying `remembered`, which never does I/O.
+        """
+        return self._jwks is not None
+
+    def remembered(self, token: str) -> Principal | None:
+        """The principal of a token verified moments ago, found without any I/O; or None."""
+        if self._cache_ttl_s <= 0:
+            return None
+        return self._lookup(hashlib.sha256(token.encode()).digest(), time.time())
+
     def verify(self, token: str) -> Principal:
         """The principal a token names; raises Unauthenticated or Forbidden."""
         if self._cache_ttl_s <= 0:
             return principal_from_claims(self._verified_claims(token).claims)
         digest = hashlib.sha256(token.encode()).digest()
         now = time.time()
-        with self._cache_lock:
-            known = self._remembered.get(digest)
-        if known is not None and known.until > now and self._key_still_trusted(known):
-            return known.principal
+        known = self._lookup(digest, now)
+        if known is not None:
+            return known
         verified = self._verified_claims(token)
         principal = principal_from_claims(verified.claims)
         until = min(now + self._cache_ttl_s, float(verified.claims["exp"]))
@@ -123,19 +137,28 @@ class TokenVerifier:
                     self._remembered.popitem(last=False)
         return principal
 
-    def _key_still_trusted(self, known: _Remembered) -> bool:
+    def _lookup(self, digest: bytes, now: float) -> Principal | None:
+        with self._cache_lock:
+            known = self._remembered.get(digest)
+        if known is None or known.until <= now or not self._key_unchanged(known):
+            return None
+        return known.principal
+
+    def _key_unchanged(self, known: _Remembered) -> bool:
         """A static key never changes; a JWKS key must still be the one it was.
 
-        The JWKS client hands out the same key object until it fetches the set
-        again (once per lifespan); a refetched, rotated or withdrawn key is a
-        miss, and the token is verified in full against the new set.
+        Looked up in the JWKS client's cached key set only, never fetched: the
+        set hands out the same key objects until it is fetched again (once per
+        lifespan), so a set past its lifespan, or a rotated or withdrawn key,
+        is a miss, and the token is verified in full against a fresh set.
         """
         if self._jwks is None:
             return True
-        try:
-            return bool(self._jwks.get_signing_key(known.kid or "").key is known.key)
-        except jwt.PyJWTError:
+        cache = self._jwks.jwk_set_cache
+        key_set = cache.get() if cache is not None else None
+        if key_set is None:
             return False
+        return any(jwk.key_id == known.kid and jwk.key is known.key for jwk in key_set.keys)
 
     def _verified_claims(self, token: str) -> _Verified:
         """Verify signature and registered claims, or raise Unauthenticated."""

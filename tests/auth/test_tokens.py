@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -13,18 +14,22 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
 from pydantic import ValidationError
+from sqlalchemy import Engine
 
+from broker.app import create_app
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope, effective_scopes
 from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, Unauthenticated
+from broker.vault.gateway import VaultGateway
 
 SECRET = "unit-test-hs256-signing-key-0123456789abcdef"
 ISSUER = "tenant-secrets-broker"
@@ -449,6 +454,8 @@ class JwksServer:
     url: str
     keys: list[dict[str, Any]] = field(default_factory=list)
     hits: int = 0
+    stall_s: float = 0.0  # wait this long before answering a fetch
+    answered: int = 0
 
 
 def jwk(private_key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
@@ -464,6 +471,8 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[JwksServer]:
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             state.hits += 1
+            time.sleep(state.stall_s)
+            state.answered += 1
             body = json.dumps({"keys": state.keys}).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -579,6 +588,55 @@ def test_key_removed_from_jwks_stops_verifying_once_the_cache_expires(
     assert verifier.verify(new).subject == "alice"
     with pytest.raises(Unauthenticated):
         verifier.verify(old)
+
+
+def test_remembered_never_fetches_the_jwks(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    verifier = jwks_verifier(jwks_server, jwks_lifespan_s=0.2)
+    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+    assert verifier.remembered(token) is None  # never verified: a miss, not a fetch
+    verifier.verify(token)
+    assert verifier.remembered(token) == verifier.verify(token)
+
+    time.sleep(0.3)  # the key set is past its lifespan
+
+    assert verifier.remembered(token) is None  # a miss, without fetching
+    assert jwks_server.hits == 1
+    assert verifier.verify(token).subject == "alice"  # the full path fetches
+    assert jwks_server.hits == 2
+
+
+def test_a_jwks_fetch_does_not_stall_other_requests(
+    jwks_server: JwksServer,
+    rsa_key: rsa.RSAPrivateKey,
+    settings: Settings,
+    engine: Engine,
+    broker_vault: VaultGateway,
+) -> None:
+    jwks_settings = settings.model_copy(
+        update={"jwt_jwks_url": jwks_server.url, "jwt_hs256_secret": None}
+    )
+    app = create_app(jwks_settings, engine=engine, vault=broker_vault)
+    jwks_server.stall_s = 1.5
+    token = jwt.encode(
+        claims(scope="tenant:admin"), rsa_key, algorithm="RS256", headers={"kid": "key-1"}
+    )
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            slow = asyncio.create_task(
+                client.get("/v1/tenants/settings", headers={"Authorization": f"Bearer {token}"})
+            )
+            await asyncio.sleep(0.2)  # its JWKS fetch is under way, stalled
+            health = await client.get("/healthz")
+            assert health.status_code == 200
+            assert jwks_server.answered == 0  # answered while the fetch was still stalled
+            assert (await slow).status_code != 401
+
+    asyncio.run(scenario())
+    assert jwks_server.hits == 1
 
 
 def test_a_remembered_jwks_token_survives_a_refetch_of_the_same_key(
