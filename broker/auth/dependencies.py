@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 
 from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier
@@ -53,9 +54,8 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             token = credentials.credentials
             principal = verifier.remembered(token)
             if principal is None:
-                # A JWKS fetch must not stall the event loop (and every other request).
                 if verifier.may_block:
-                    principal = await run_in_threadpool(verifier.verify, token)
+                    principal = await _verify_in_thread(request, verifier, token)
                 else:
                     principal = verifier.verify(token)
         except Unauthenticated as failure:
@@ -73,6 +73,21 @@ def require(*scopes: str, limit: str | None = None) -> Any:
 
     setattr(dependency, SCOPES_ATTR, tuple(scopes))
     return Depends(dependency)
+
+
+# A verification that may fetch the JWKS runs in a worker thread, so a slow
+# identity provider cannot stall the event loop; and under its own small limit,
+# so verifications waiting on a blackholed JWKS endpoint (up to its timeout
+# each) cannot take every thread that database and Vault work needs.
+_JWKS_THREADS = 4
+
+
+async def _verify_in_thread(request: Request, verifier: TokenVerifier, token: str) -> Principal:
+    state = request.app.state
+    threads = getattr(state, "jwks_threads", None)
+    if threads is None:
+        threads = state.jwks_threads = anyio.CapacityLimiter(_JWKS_THREADS)
+    return await anyio.to_thread.run_sync(verifier.verify, token, limiter=threads)
 
 
 def declared_scopes(dependency: Any) -> tuple[str, ...] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import ssl
 
 import hvac.exceptions
 
@@ -50,9 +51,20 @@ class StandbyRedirect(hvac.exceptions.UnexpectedError):
 
 # What the transport (broker.vault.transport: http.client, no retries of its own)
 # raises when a node cannot be reached or drops the connection: OSError covers
-# refused, reset, timed out, unresolvable and TLS failures; HTTPException a
-# malformed or truncated answer (including a keep-alive the server closed).
-TRANSIENT_TRANSPORT = (OSError, http.client.HTTPException)
+# refused, reset, timed out and unresolvable (a TLS certificate that fails
+# verification is an OSError too, but is a misconfiguration: see below);
+# BadStatusLine (RemoteDisconnected) and IncompleteRead a connection closed
+# before or during the answer. Other HTTPExceptions (InvalidURL, a connection in
+# the wrong state) are bugs or configuration, and are not retried.
+TRANSIENT_TRANSPORT = (OSError, http.client.BadStatusLine, http.client.IncompleteRead)
+
+
+class InvalidHeader(ValueError):
+    """A request header HTTP cannot carry (a line break, or non-Latin-1 text).
+
+    Usually a Vault token read with its trailing newline. The message names the
+    header, never its value.
+    """
 
 
 def translate(exc: Exception, *, operation: str) -> BrokerError:
@@ -61,6 +73,13 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
     Messages name the operation, never the payload: hvac exceptions can carry
     response bodies, and those stay out of anything user-visible.
     """
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        # Not an outage: the CA setting or the server's certificate is wrong
+        # (or someone is in the middle). Retrying will not fix it.
+        log.error("vault TLS certificate not verified", extra={"fields": {"operation": operation}})
+        return VaultMisconfigured(f"Vault's TLS certificate could not be verified ({operation})")
+    if isinstance(exc, InvalidHeader):
+        return VaultMisconfigured(f"a Vault request could not be sent: {exc} ({operation})")
     if isinstance(exc, TRANSIENT_TRANSPORT):
         return VaultUnavailable(f"Vault is unreachable ({operation})")
     if isinstance(exc, NoActiveNode):
@@ -97,6 +116,8 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying on the same or another Vault node."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
     return isinstance(exc, (*TRANSIENT_TRANSPORT, NoActiveNode)) or isinstance(
         exc,
         hvac.exceptions.VaultDown

@@ -16,7 +16,7 @@ sealed) and cached until a call to it fails transiently. Why not standbys:
 - wraps: `sys/wrapping/wrap` on a standby answers 500;
 - writes: a standby forwards them, but once the leader dies it answers 307 to
   the dead leader's address until the election completes. 3xx are never
-  followed (`allow_redirects=False`) and become `StandbyRedirect`.
+  followed (the transport has no redirects) and become `StandbyRedirect`.
 
 A transient failure (connection error, 3xx, 5xx, 429, no active node) drops
 the cached node, finds the active one again and retries with tenacity inside a
@@ -52,6 +52,7 @@ from broker.core.config import Settings
 from broker.core.errors import BrokerError
 from broker.vault.errors import (
     TRANSIENT_TRANSPORT,
+    InvalidHeader,
     NoActiveNode,
     VaultMisconfigured,
     VaultUnavailable,
@@ -362,7 +363,12 @@ class VaultGateway:
                     self._token_expires_at = 0.0
                     continue
                 raise translate(exc, operation=operation) from None
-            except (hvac.exceptions.VaultError, NoActiveNode, *TRANSIENT_TRANSPORT) as exc:
+            except (
+                hvac.exceptions.VaultError,
+                NoActiveNode,
+                InvalidHeader,
+                *TRANSIENT_TRANSPORT,
+            ) as exc:
                 error = translate(exc, operation=operation)
                 if isinstance(error, VaultUnavailable):
                     error.retry_after = self.retry_after_s

@@ -23,8 +23,10 @@ What the pool does, and does not:
 - proxy environment variables (`HTTPS_PROXY`, `NO_PROXY`) are not consulted;
 - TLS is verified against the configured CA file, or the system trust store;
 - transport failures surface as `OSError` (refused, reset, timed out, TLS) or
-  `http.client.HTTPException` (a malformed or truncated answer), both listed in
-  `broker.vault.errors.TRANSIENT_TRANSPORT`.
+  `http.client.HTTPException` (a malformed or truncated answer); see
+  `broker.vault.errors` for which of them are retried;
+- a header value HTTP cannot carry raises `InvalidHeader`, naming the header,
+  never its value (it may be the token).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from urllib.parse import urlencode, urlsplit
 import hvac.adapters
 from hvac import utils
 
-from broker.vault.errors import StandbyRedirect
+from broker.vault.errors import InvalidHeader, StandbyRedirect
 
 JSON = "application/json"
 
@@ -86,11 +88,14 @@ class _Node:
     ) -> None:
         parts = urlsplit(f"{scheme}://{netloc}")
         self._host = parts.hostname or ""
-        self._port = parts.port
+        # Always explicit: given none, http.client would read the last group of an
+        # IPv6 literal ("fd00::1") as the port.
+        self._port = parts.port or (443 if scheme == "https" else 80)
         self._tls = tls if scheme == "https" else None
         self._timeout_s = timeout_s
         self._maxsize = maxsize
         self._idle: list[http.client.HTTPConnection] = []
+        self._closed = False
         self._lock = threading.Lock()
 
     def connect(self, timeout_s: float | None = None) -> http.client.HTTPConnection:
@@ -117,13 +122,15 @@ class _Node:
     def release(self, conn: http.client.HTTPConnection) -> None:
         """Keep a connection whose answer was read in full, unless enough are kept."""
         with self._lock:
-            if len(self._idle) < self._maxsize:
+            if not self._closed and len(self._idle) < self._maxsize:
                 self._idle.append(conn)
                 return
         conn.close()
 
     def close(self) -> None:
+        """Close the idle connections; a busy one is closed when its call ends."""
         with self._lock:
+            self._closed = True
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -137,10 +144,12 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        # poll, not select: select cannot watch descriptors numbered 1024 and up.
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
-    return not readable
 
 
 @dataclass(frozen=True)
@@ -148,8 +157,8 @@ class Answer:
     """Status, headers and the whole body of one HTTP response."""
 
     status: int
-    headers: http.client.HTTPMessage
-    data: bytes
+    headers: http.client.HTTPMessage = field(repr=False)
+    data: bytes = field(repr=False)  # may hold secrets
 
 
 class ConnectionPool:
@@ -185,7 +194,14 @@ class ConnectionPool:
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         conn = node.connect(timeout_s) if timeout_s is not None else node.acquire()
         try:
-            conn.request(method, target or "/", body=body, headers=dict(headers or {}))
+            try:
+                conn.request(method, target or "/", body=body, headers=dict(headers or {}))
+            except (ValueError, UnicodeEncodeError) as exc:
+                if isinstance(exc, OSError):  # a TLS failure is a ValueError as well
+                    raise
+                # http.client quotes the offending header value, which may be the
+                # token: say which header, never what it held.
+                raise InvalidHeader(_bad_header(headers or {})) from None
             response = conn.getresponse()
             data = response.read()
         except BaseException:
@@ -218,6 +234,17 @@ class ConnectionPool:
                     ),
                 )
         return node
+
+
+def _bad_header(headers: Mapping[str, str]) -> str:
+    for name, value in headers.items():
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            return f"header {name} is not Latin-1 text"
+        if any(char in value for char in "\r\n\x00"):
+            return f"header {name} has a line break"
+    return "a request header is not valid HTTP"
 
 
 def _close_nodes(nodes: dict[tuple[str, str], _Node]) -> None:
@@ -255,6 +282,10 @@ class PooledAdapter(hvac.adapters.Adapter):  # type: ignore[type-arg]  # generic
         # hvac's base class builds a requests.Session when given none; hand it a
         # placeholder so it does not, since nothing here uses one.
         kwargs.pop("session", None)
+        if kwargs.get("cert"):
+            # hvac fills this from VAULT_CLIENT_CERT/VAULT_CLIENT_KEY; the pool's TLS
+            # context has no client certificate, so say so rather than ignore it.
+            raise ValueError("client certificates for Vault (VAULT_CLIENT_CERT) are not supported")
         super().__init__(session=_NO_SESSION, **kwargs)  # type: ignore[arg-type]
         self._pool = pool
         self._headers_for_call = headers_for_call

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import anyio.to_thread
 import httpx
 import jwt
 import pytest
@@ -637,6 +638,43 @@ def test_a_jwks_fetch_does_not_stall_other_requests(
 
     asyncio.run(scenario())
     assert jwks_server.hits == 1
+
+
+def test_verifications_stalled_on_the_jwks_leave_threads_for_other_work(
+    jwks_server: JwksServer,
+    rsa_key: rsa.RSAPrivateKey,
+    settings: Settings,
+    engine: Engine,
+    broker_vault: VaultGateway,
+) -> None:
+    app = create_app(settings, engine=engine, vault=broker_vault)
+    app.state.verifier = jwks_verifier(jwks_server)
+    jwks_server.stall_s = 1.5
+    tokens = [
+        jwt.encode(claims(sub=name), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+        for name in ("ann", "ben", "cat")
+    ]
+
+    async def scenario() -> None:
+        # Two threads for ordinary work: without a limit of their own, the stalled
+        # verifications would hold both and /readyz (database and Vault checks in
+        # the thread pool) would wait for the identity provider.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 2
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            stalled = [
+                asyncio.create_task(
+                    client.get("/v1/tenants/settings", headers={"Authorization": f"Bearer {t}"})
+                )
+                for t in tokens
+            ]
+            await asyncio.sleep(0.2)
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200
+            assert jwks_server.answered == 0  # answered while the fetch was still stalled
+            await asyncio.gather(*stalled)
+
+    asyncio.run(scenario())
 
 
 def test_a_remembered_jwks_token_survives_a_refetch_of_the_same_key(

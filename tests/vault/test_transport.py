@@ -1,4 +1,4 @@
-"""The gateway's HTTP transport (urllib3 under hvac): keep-alive, no proxies, no redirects.
+"""The gateway's HTTP transport (http.client under hvac): keep-alive, no proxies, no redirects.
 
 The Vault behaviour is exercised against the real OpenBao elsewhere; here a tiny
 local HTTP server stands in for a node that misbehaves at the HTTP level, which
@@ -8,6 +8,8 @@ a real Vault cannot be made to do on demand.
 from __future__ import annotations
 
 import json
+import os
+import resource
 import ssl
 import threading
 import time
@@ -18,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from broker.core import context
-from broker.vault.errors import VaultUnavailable
+from broker.vault.errors import VaultMisconfigured, VaultUnavailable
 from broker.vault.gateway import VaultGateway
-from broker.vault.transport import VaultResponse
+from broker.vault.transport import ConnectionPool, PooledAdapter, VaultResponse
 
 
 class _Node(ThreadingHTTPServer):
@@ -194,7 +196,8 @@ def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
     default = VaultGateway(addrs=[url], token="s.x", retry_budget_s=0.3)
     try:
         assert trusting.kv_read("tenants/t1/integrations/shopify") is None
-        with pytest.raises(VaultUnavailable):  # an unknown CA: refused, never trusted
+        # An unknown CA: refused, never trusted, and not retried as if Vault were down.
+        with pytest.raises(VaultMisconfigured, match="certificate could not be verified"):
             default.kv_read("tenants/t1/integrations/shopify")
     finally:
         trusting.close()
@@ -202,6 +205,7 @@ def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
         server.shutdown()
         server.server_close()
     assert len(server.requests) == 1
+    assert server.connections == 2  # one handshake each: the refusal was final
 
 
 def test_a_connection_the_server_dropped_while_idle_is_not_reused(node: _Node) -> None:
@@ -245,3 +249,70 @@ def test_idle_connections_kept_per_node_are_bounded(node: _Node) -> None:
     gateway.close()
     assert len(node.requests) == 60
     assert idle == [2]  # six threads used the node; only two connections stay open
+
+
+def test_keep_alive_works_for_descriptors_above_1024(node: _Node) -> None:
+    # select() cannot watch descriptors numbered 1024 and up; a busy process has them.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the descriptor limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = []
+    try:
+        while not filler or filler[-1] < 1100:
+            filler.append(os.open(os.devnull, os.O_RDONLY))
+        gateway = _gateway(node.url)
+        try:
+            for _ in range(5):
+                assert gateway.kv_read("tenants/t1/integrations/shopify") is None
+        finally:
+            gateway.close()
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert node.connections == 1
+
+
+def test_an_ipv6_address_without_a_port_gets_the_scheme_default() -> None:
+    pool = ConnectionPool(verify=True, timeout_s=1, maxsize=1)
+    https = pool._node("https", "[fd00::1]").connect()
+    plain = pool._node("http", "[fd00::1]").connect()
+    assert (https.host, https.port) == ("fd00::1", 443)
+    assert (plain.host, plain.port) == ("fd00::1", 80)
+
+
+def test_a_connection_released_after_close_is_closed(node: _Node) -> None:
+    pool = ConnectionPool(verify=True, timeout_s=1, maxsize=4)
+    assert pool.request("GET", f"{node.url}/v1/sys/health").status == 404
+    target = pool._node("http", node.url.removeprefix("http://"))
+    busy = target.acquire()  # the kept connection, as a call in flight would hold it
+    pool.close()
+    target.release(busy)  # the call ends after the gateway closed
+    assert target._idle == []
+    assert busy.sock is None
+
+
+def test_a_token_with_a_line_break_is_refused_without_echoing_it(node: _Node) -> None:
+    secret = "s.do-not-print-this-token"
+    gateway = VaultGateway(addrs=[node.url], token=secret + "\n", retry_budget_s=0.3)
+    try:
+        with pytest.raises(VaultMisconfigured) as caught:
+            gateway.kv_read("tenants/t1/integrations/shopify")
+    finally:
+        gateway.close()
+    assert "X-Vault-Token" in str(caught.value)
+    assert secret not in str(caught.value)
+    assert secret not in repr(caught.value.__cause__) + repr(caught.value.__context__)
+    assert node.requests == []
+
+
+def test_client_certificates_are_refused_rather_than_ignored() -> None:
+    pool = ConnectionPool(verify=True, timeout_s=1, maxsize=1)
+    with pytest.raises(ValueError, match="client certificates"):
+        PooledAdapter(
+            pool=pool,
+            headers_for_call=dict,
+            base_uri="https://vault:8200",
+            cert=("client.pem", "client.key"),
+        )
