@@ -43,7 +43,6 @@ from typing import Any
 from urllib.parse import urlencode, urlsplit
 
 import hvac.adapters
-from hvac import utils
 
 from broker.vault.errors import InvalidHeader, StandbyRedirect
 
@@ -263,13 +262,14 @@ def _tls_context(verify: bool | str) -> ssl.SSLContext:
     return context
 
 
-class PooledAdapter(hvac.adapters.Adapter):  # type: ignore[type-arg]  # generic in stubs only
+class PooledAdapter(hvac.adapters.RawAdapter):
     """hvac's adapter contract over the shared pool, stamping audited headers.
 
     Like hvac's JSONAdapter, a 200 with a JSON body comes back as a dict; any
     other success as a `VaultResponse`; an error status raises the hvac
-    exception for it. `headers_for_call` supplies the audited headers of the
-    request being served.
+    exception for it, through hvac's own RawAdapter._raise_for_error (it reads
+    only what `VaultResponse` has: status_code, headers, text, json()).
+    `headers_for_call` supplies the audited headers of the request being served.
     """
 
     def __init__(
@@ -335,7 +335,7 @@ class PooledAdapter(hvac.adapters.Adapter):  # type: ignore[type-arg]  # generic
                 f"Vault answered {status} (a standby redirecting)", method=method, url=url
             )
         if status >= 400:
-            self._raise_for_error(method, url, response)
+            self._raise_for_error(method, url, response)  # type: ignore[attr-defined]  # not in the stubs
         return response
 
     @staticmethod
@@ -350,28 +350,6 @@ class PooledAdapter(hvac.adapters.Adapter):  # type: ignore[type-arg]  # generic
         if data is None or isinstance(data, bytes):
             return data
         return str(data).encode()
-
-    @staticmethod
-    def _raise_for_error(method: str, url: str, response: VaultResponse) -> None:
-        text = response.text
-        body: Any = None
-        errors = None
-        if (response.headers.get("Content-Type") or "").startswith(JSON):
-            try:
-                body = response.json()
-            except ValueError:
-                body = None
-            if isinstance(body, dict):
-                errors = body.get("errors")
-        utils.raise_for_error(
-            method,
-            url,
-            response.status_code,
-            None if errors is not None else text,
-            errors=errors,
-            text=text,
-            json=body,
-        )
 
 
 class _Placeholder:
