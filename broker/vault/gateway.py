@@ -408,20 +408,20 @@ class VaultGateway:
     def kv_read(self, path: str, *, version: int | None = None) -> KvEntry | None:
         """Read a KV v2 secret (latest or a given version); None when absent or deleted."""
 
-        def read(client: hvac.Client) -> KvEntry | None:
-            try:
-                result = client.secrets.kv.v2.read_secret_version(
-                    path=path,
-                    version=version,
-                    mount_point=self.kv_mount,
-                    raise_on_deleted_version=True,
-                )
-            except hvac.exceptions.InvalidPath:
-                return None
-            data = result["data"]
-            return KvEntry(data=data["data"] or {}, version=int(data["metadata"]["version"]))
+        return self.call("read a secret", lambda client: self._kv_version(client, path, version))
 
-        return self.call("read a secret", read)
+    def _kv_version(self, client: hvac.Client, path: str, version: int | None) -> KvEntry | None:
+        try:
+            result = client.secrets.kv.v2.read_secret_version(
+                path=path,
+                version=version,
+                mount_point=self.kv_mount,
+                raise_on_deleted_version=True,
+            )
+        except hvac.exceptions.InvalidPath:
+            return None
+        data = result["data"]
+        return KvEntry(data=data["data"] or {}, version=int(data["metadata"]["version"]))
 
     def kv_write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
         """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet".
@@ -455,18 +455,8 @@ class VaultGateway:
         self, client: hvac.Client, path: str, version: int, data: Mapping[str, Any]
     ) -> bool:
         """True when KV `path` at `version` holds exactly `data` (JSON-equal)."""
-        try:
-            result = client.secrets.kv.v2.read_secret_version(
-                path=path,
-                version=version,
-                mount_point=self.kv_mount,
-                raise_on_deleted_version=True,
-            )
-        except hvac.exceptions.InvalidPath:
-            return False
-        stored = result["data"]["data"]
-        wanted = json.loads(json.dumps(dict(data)))
-        return bool(stored == wanted)
+        entry = self._kv_version(client, path, version)
+        return entry is not None and entry.data == json.loads(json.dumps(dict(data)))
 
     def kv_metadata(self, path: str) -> dict[str, Any] | None:
         """The metadata of a KV v2 secret (versions, current_version), or None."""
