@@ -52,12 +52,12 @@ def require(*scopes: str, limit: str | None = None) -> Any:
                 raise Unauthenticated("a bearer token is required")
             verifier: TokenVerifier = request.app.state.verifier
             token = credentials.credentials
-            principal = verifier.remembered(token)
-            if principal is None:
-                if verifier.may_block:
-                    principal = await _verify_in_thread(request, verifier, token)
-                else:
-                    principal = verifier.verify(token)
+            if verifier.may_block:  # a JWKS: only a remembered token is checked here
+                principal = verifier.remembered(token) or await _verify_in_thread(
+                    request, verifier, token
+                )
+            else:
+                principal = verifier.verify(token)
         except Unauthenticated as failure:
             keys = [address] + ([f"sub:{failure.subject}"] if failure.subject else [])
             limiter.hit("auth_failures", *keys)
