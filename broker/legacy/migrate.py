@@ -43,7 +43,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -181,15 +181,24 @@ class TenantOutcome:
         }
 
 
+class _HasStatus(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+_O = TypeVar("_O", bound=_HasStatus)
+_S = TypeVar("_S", bound=str)  # the status literals of _O
+
+
 @dataclass
-class MigrationReport:
-    """The summary of one `broker migrate legacy` run."""
+class _RunReport(Generic[_O, _S]):
+    """What both kinds of run report: which run, over how many tenants, what each got."""
 
     run_id: str
     source: str
     dry_run: bool
     total: int = 0
-    outcomes: list[TenantOutcome] = field(default_factory=list)
+    outcomes: list[_O] = field(default_factory=list)
     stopped: str | None = None
     """Why the run stopped early (Vault or PostgreSQL unavailable), if it did."""
 
@@ -198,9 +207,14 @@ class MigrationReport:
         """Tenants the run did not reach."""
         return max(self.total - len(self.outcomes), 0)
 
-    def count(self, status: OutcomeStatus) -> int:
+    def count(self, status: _S) -> int:
         """How many tenants ended with `status`."""
         return sum(1 for o in self.outcomes if o.status == status)
+
+
+@dataclass
+class MigrationReport(_RunReport[TenantOutcome, OutcomeStatus]):
+    """The summary of one `broker migrate legacy` run."""
 
     @property
     def unmapped_keys(self) -> int:
@@ -272,25 +286,10 @@ class FinalizeOutcome:
 
 
 @dataclass
-class FinalizeReport:
+class FinalizeReport(_RunReport[FinalizeOutcome, FinalizeStatus]):
     """The summary of one `broker migrate legacy --finalize` run."""
 
-    run_id: str
-    source: str
-    dry_run: bool
-    total: int = 0
-    outcomes: list[FinalizeOutcome] = field(default_factory=list)
     rows_nulled: int = 0
-    stopped: str | None = None
-
-    @property
-    def remaining(self) -> int:
-        """Tenants the run did not reach."""
-        return max(self.total - len(self.outcomes), 0)
-
-    def count(self, status: FinalizeStatus) -> int:
-        """How many tenants ended with `status`."""
-        return sum(1 for o in self.outcomes if o.status == status)
 
     @property
     def ok(self) -> bool:
