@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
+from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
 
 
@@ -43,9 +45,27 @@ async def get_vault(request: Request) -> VaultGateway:
     return vault
 
 
+async def get_vault_threads(request: Request) -> anyio.CapacityLimiter:
+    """Worker threads for Vault-only work, apart from the shared ones database work can fill."""
+    state = request.app.state
+    threads: anyio.CapacityLimiter | None = getattr(state, "vault_threads", None)
+    if threads is None:
+        # Made lazily: a limiter belongs to the event loop that serves the app.
+        threads = state.vault_threads = anyio.CapacityLimiter(state.settings.vault_threads)
+    return threads
+
+
+async def get_deletions(request: Request) -> DeletionWatch:
+    """The tenants this process knows are being deleted."""
+    deletions: DeletionWatch = request.app.state.deletions
+    return deletions
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # scope="function": the commit happens before the response is sent, so a failed
 # commit becomes an error response instead of a 2xx for work that was lost.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 VaultDep = Annotated[VaultGateway, Depends(get_vault)]
+VaultThreadsDep = Annotated[anyio.CapacityLimiter, Depends(get_vault_threads)]
+DeletionsDep = Annotated[DeletionWatch, Depends(get_deletions)]

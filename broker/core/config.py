@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     # How long one request may retry Vault (node failover, elections) before a 503.
     vault_retry_budget_s: float = Field(default=3.0, gt=0, le=30)
 
+    # Database bounds (issue 12, section B: a stalled database). Every database
+    # call has a deadline, so a paused PostgreSQL answers 503 instead of hanging
+    # requests; credential fetches run on their own threads, never the ones
+    # database work can fill.
+    database_statement_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    database_pool_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    database_connect_timeout_s: int = Field(default=3, ge=2, le=60)
+    database_idle_in_transaction_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_max_overflow: int = Field(default=10, ge=0, le=200)
+    vault_threads: int = Field(default=16, ge=1, le=200)
+    # How stale this process's view of tenant deletions may get (issue 12, section H).
+    tenant_status_ttl_s: float = Field(default=2.0, gt=0, le=60)
+
     # Bearer tokens. Exactly one key source is used: JWKS URL, PEM public key,
     # or (dev and test only) an HS256 shared secret.
     jwt_issuer: str = "tenant-secrets-broker"

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.errors import NotFound
 from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
-from broker.deps import EngineDep, SettingsDep, VaultDep
+from broker.deps import DeletionsDep, EngineDep, SettingsDep, VaultDep, VaultThreadsDep
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
 
@@ -29,12 +33,14 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
         }
     ),
 )
-def fetch_credentials(
+async def fetch_credentials(
     tenant_id: str,
     provider: str,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
+    vault_threads: VaultThreadsDep,
+    deletions: DeletionsDep,
     settings: SettingsDep,
     principal: Service,
     wrap_ttl: Annotated[
@@ -47,14 +53,33 @@ def fetch_credentials(
     ttl_s = (
         service.parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
     )
-    service.authorize(engine, principal, tenant_id=tenant_id, provider=provider)
+    if not service.authorize(principal, tenant_id=tenant_id, provider=provider):
+        # Only a refusal touches the database (its audit record), on the shared threads.
+        await run_in_threadpool(
+            service.record_refusal, engine, principal, tenant_id=tenant_id, provider=provider
+        )
+        # The same answer as a missing tenant: a service cannot probe which exist.
+        raise NotFound(service.NO_SUCH)
     lease_s = service.lease_seconds(
         provider, default_s=settings.credential_lease_s, caps=settings.credential_lease_caps
     )
-    lease = service.fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
-    if ttl_s is None:
-        return CredentialLease.model_validate(lease, from_attributes=True)
-    wrapped = service.wrap(vault, lease, ttl_s=ttl_s)
+    # Vault work on threads of its own: a stalled database can fill the shared
+    # ones, and deliveries must not queue behind it.
+    delivered = await anyio.to_thread.run_sync(
+        partial(
+            service.deliver,
+            vault,
+            deletions,
+            tenant_id=tenant_id,
+            provider=provider,
+            lease_s=lease_s,
+            wrap_ttl_s=ttl_s,
+        ),
+        limiter=vault_threads,
+    )
+    if not isinstance(delivered, tuple):
+        return CredentialLease.model_validate(delivered, from_attributes=True)
+    lease, wrapped = delivered
     return WrappedCredentialLease(
         tenant_id=lease.tenant_id,
         provider=lease.provider,

@@ -20,6 +20,8 @@ from broker.core import context
 from broker.core.errors import Forbidden, NotFound, ValidationFailed
 from broker.integrations.providers import get_provider
 from broker.integrations.service import read_credentials
+from broker.tenants.deletions import DeletionWatch
+from broker.vault.errors import KeyVersionRetired
 from broker.vault.gateway import VaultGateway, WrappedSecret
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
@@ -61,23 +63,43 @@ def lease_seconds(provider: str, *, default_s: int, caps: dict[str, int]) -> int
     return min(default_s, caps.get(provider, default_s))
 
 
-def authorize(engine: Engine, principal: Principal, *, tenant_id: str, provider: str) -> None:
-    """Only a service token listing the tenant may fetch; others get a 404, recorded."""
+def authorize(principal: Principal, *, tenant_id: str, provider: str) -> bool:
+    """Whether a service token may fetch this tenant's credentials (no I/O at all)."""
     get_provider(provider)
     if principal.kind != "service":
         raise Forbidden("credentials are delivered to service tokens only")
-    if not principal.may_serve(tenant_id):
-        trail.record_separately(
-            engine,
-            action="credentials.fetch",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
-            outcome="denied",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": "tenant not in the service token"},
-        )
-        # The same answer as a missing tenant: a service cannot probe which exist.
+    return principal.may_serve(tenant_id)
+
+
+def record_refusal(engine: Engine, principal: Principal, *, tenant_id: str, provider: str) -> None:
+    """Leave a refused fetch in the broker's audit trail (best effort)."""
+    trail.record_separately(
+        engine,
+        action="credentials.fetch",
+        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        outcome="denied",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"reason": "tenant not in the service token"},
+    )
+
+
+def deliver(
+    vault: VaultGateway,
+    deletions: DeletionWatch,
+    *,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    wrap_ttl_s: int | None,
+) -> Lease | tuple[Lease, WrappedSecret]:
+    """A lease, or a lease wrapped for one unwrap: Vault only, never the database."""
+    if deletions.is_deleting(tenant_id):
         raise NotFound(NO_SUCH)
+    lease = fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
+    if wrap_ttl_s is None:
+        return lease
+    return lease, wrap(vault, lease, ttl_s=wrap_ttl_s)
 
 
 def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -> Lease:
@@ -85,7 +107,9 @@ def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
     try:
         creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
-    except NotFound:
+    except (NotFound, KeyVersionRetired):
+        # A retired key version: the tenant's deletion has begun (see
+        # broker.tenants.deletions), so there is nothing to deliver.
         raise NotFound(NO_SUCH) from None
     now = datetime.now(UTC)
     return Lease(

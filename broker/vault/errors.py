@@ -33,6 +33,13 @@ class CiphertextRejected(BrokerError):
     title = "Stored ciphertext cannot be decrypted"
 
 
+class KeyVersionRetired(BrokerError):
+    """Sealed with a key version Vault no longer decrypts: from before a rotation, or shredding."""
+
+    status = 410
+    title = "Sealed with a retired key version"
+
+
 class NoActiveNode(Exception):
     """None of the configured addresses answered as the active node.
 
@@ -100,6 +107,12 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
         text = " ".join(str(e) for e in (exc.errors or []))
         if "check-and-set" in text:
             return Conflict("the credential changed since it was read; reload and retry")
+        if "disallowed by policy" in text:
+            # min_decryption_version was raised past this ciphertext's key version.
+            return KeyVersionRetired(
+                "this was sealed with a key version retired by a key rotation;"
+                " it can no longer be decrypted"
+            )
         if "message authentication failed" in text or "decryption failed" in text:
             return CiphertextRejected()
         if "encryption key not found" in text or "key not found" in text:
