@@ -76,6 +76,7 @@ def create_app(
     app.state.engine = engine
     app.state.vault = vault
     app.state.deletions = DeletionWatch(engine, ttl_s=settings.tenant_status_ttl_s)
+    app.state.deletions.revalidate()  # known before the first fetch, in the background
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
