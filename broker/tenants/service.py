@@ -118,6 +118,12 @@ def get_tenant(session: Session, *, tenant_id: str) -> Tenant:
     return tenant
 
 
+def require_live(engine: Engine, *, tenant_id: str) -> None:
+    """NotFound unless the tenant exists and is not being deleted (for Vault-only routes)."""
+    with unit_of_work(engine) as session:
+        get_tenant(session, tenant_id=tenant_id)
+
+
 def list_tenants(session: Session, *, limit: int = 100, after: str | None = None) -> list[Tenant]:
     """Tenants ordered by id, paged by the last id seen."""
     query = select(Tenant).order_by(Tenant.id).limit(limit)
