@@ -212,7 +212,7 @@ def keys_rotate(
     principal = _operator()
     engine = make_engine(_database_url(settings))
     vault = VaultGateway.from_settings(settings)
-    totals = {"tenants": 0, "rewrapped": 0, "already_current": 0}
+    totals = {"tenants": 0, "rewrapped": 0, "already_current": 0, "failed": 0}
     try:
         tenant_ids = [tenant] if tenant else live_tenant_ids(engine)
         with typer.progressbar(length=len(tenant_ids), label="rotating", file=sys.stderr) as bar:
@@ -221,6 +221,9 @@ def keys_rotate(
                 totals["tenants"] += 1
                 totals["rewrapped"] += report.rewrapped
                 totals["already_current"] += report.already_current
+                totals["failed"] += len(report.failed)
+                for item in report.failed:
+                    typer.echo(f"{report.tenant_id}: {item} could not be rewrapped", err=True)
                 bar.update(1)
 
             rotate_all(engine, vault, principal=principal, tenant_ids=tenant_ids, on_done=done)
