@@ -7,16 +7,20 @@ for three attribute reads cost more than the work of most routes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
+from weakref import WeakKeyDictionary
 
 import anyio
+from anyio.lowlevel import RunVar
 from fastapi import Depends, Request
+from fastapi.concurrency import contextmanager_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from broker.core.config import Settings
-from broker.core.db import unit_of_work
+from broker.core.db import bounds_of, unit_of_work
+from broker.core.errors import UpstreamUnavailable
 from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
 
@@ -33,10 +37,42 @@ async def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One unit of work per request: commit on success, roll back on error."""
-    with unit_of_work(request.app.state.engine) as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One unit of work per request: commit on success, roll back on error.
+
+    A request waits for a session here, on the event loop, and not for a pool
+    connection on a worker thread: requests blocked on the pool once held every
+    worker thread while the one holding a row lock needed a thread to finish,
+    so a burst of PATCHes on one tenant deadlocked until the pool timed out.
+    At most as many requests as the pool has connections hold a session.
+    """
+    engine: Engine = request.app.state.engine
+    bounds = bounds_of(engine)
+    slots = _session_slots(engine, bounds.pool_size + bounds.max_overflow)
+    with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+        await slots.acquire()
+    if waiting.cancelled_caught:
+        raise UpstreamUnavailable("the database is busy", retry_after=bounds.retry_after_s)
+    try:
+        async with contextmanager_in_threadpool(unit_of_work(engine)) as session:
+            yield session
+    finally:
+        slots.release()
+
+
+# Per event loop (anyio primitives belong to one), per engine.
+_SLOTS: RunVar[WeakKeyDictionary[Engine, anyio.Semaphore]] = RunVar("broker_session_slots")
+
+
+def _session_slots(engine: Engine, count: int) -> anyio.Semaphore:
+    try:
+        slots = _SLOTS.get()
+    except LookupError:
+        slots = WeakKeyDictionary()
+        _SLOTS.set(slots)
+    if engine not in slots:
+        slots[engine] = anyio.Semaphore(count)
+    return slots[engine]
 
 
 async def get_vault(request: Request) -> VaultGateway:
@@ -47,12 +83,20 @@ async def get_vault(request: Request) -> VaultGateway:
 
 async def get_vault_threads(request: Request) -> anyio.CapacityLimiter:
     """Worker threads for Vault-only work, apart from the shared ones database work can fill."""
-    state = request.app.state
-    threads: anyio.CapacityLimiter | None = getattr(state, "vault_threads", None)
-    if threads is None:
-        # Made lazily: a limiter belongs to the event loop that serves the app.
-        threads = state.vault_threads = anyio.CapacityLimiter(state.settings.vault_threads)
-    return threads
+    vault: VaultGateway = request.app.state.vault
+    try:
+        limiters = _VAULT_THREADS.get()
+    except LookupError:
+        limiters = WeakKeyDictionary()
+        _VAULT_THREADS.set(limiters)
+    if vault not in limiters:
+        limiters[vault] = anyio.CapacityLimiter(request.app.state.settings.vault_threads)
+    return limiters[vault]
+
+
+_VAULT_THREADS: RunVar[WeakKeyDictionary[VaultGateway, anyio.CapacityLimiter]] = RunVar(
+    "broker_vault_threads"
+)
 
 
 async def get_deletions(request: Request) -> DeletionWatch:

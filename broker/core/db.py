@@ -142,9 +142,13 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
         raise
 
 
+def bounds_of(engine: Engine) -> DatabaseBounds:
+    """The bounds an engine was made with (the defaults for one made elsewhere)."""
+    return _BOUNDS.get(engine) or DatabaseBounds()
+
+
 def _retry_after(engine: Engine) -> int:
-    bounds = _BOUNDS.get(engine)
-    return bounds.retry_after_s if bounds is not None else DatabaseBounds.retry_after_s
+    return bounds_of(engine).retry_after_s
 
 
 def ping(engine: Engine) -> bool:

@@ -194,3 +194,27 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
         # The server is back: the next requests (on the same client) succeed.
         assert client.get("/v1/tenants/settings", headers=admin).status_code == 200
     engine.dispose()
+
+
+def test_a_burst_of_concurrent_patches_on_one_tenant_all_succeed(
+    settings: Settings, database_url: str, tenant: str
+) -> None:
+    # One event loop, as in production: its worker threads are shared by the burst.
+    engine = make_engine(database_url)
+    with _app(settings, engine) as client:
+        admin = bearer(token("tenant:admin", tenant_id=tenant))
+        burst = [
+            _in_thread(
+                lambda days=days: client.patch(
+                    "/v1/tenants/settings",
+                    json={"compliance_settings": {"data_retention_days": 30 + days}},
+                    headers=admin,
+                )
+            )
+            for days in range(50)
+        ]
+        for thread, _ in burst:
+            thread.join(SLACK_S * 3)
+    statuses = [result[0].status_code for _, result in burst]
+    # A healthy database: every PATCH lands, one after the other (row lock).
+    assert statuses == [200] * len(burst), statuses
