@@ -8,7 +8,9 @@ the secret accesses themselves; `broker audit` joins the two by request id.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import threading
 from datetime import datetime
 from typing import Any, Literal
 
@@ -85,6 +87,31 @@ def record_separately(engine: Engine, **event: Any) -> None:
             "audit trail unavailable; event logged instead",
             extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
         )
+
+
+# Events being written on threads of their own, at most; past it (a stalled
+# database) an event is logged instead, as when the database is down.
+_BACKGROUND = threading.BoundedSemaphore(8)
+
+
+def record_in_background(engine: Engine, **event: Any) -> None:
+    """Append one event without waiting for the database, for paths that must not wait on it."""
+    if not _BACKGROUND.acquire(blocking=False):
+        log.warning(
+            "audit trail busy; event logged instead",
+            extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
+        )
+        return
+    # The request's id and client address travel with the event.
+    request_context = contextvars.copy_context()
+
+    def write() -> None:
+        try:
+            request_context.run(record_separately, engine, **event)
+        finally:
+            _BACKGROUND.release()
+
+    threading.Thread(target=write, name="audit-trail", daemon=True).start()
 
 
 def search(

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Query, Response
-from starlette.concurrency import run_in_threadpool
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
@@ -54,10 +53,7 @@ async def fetch_credentials(
         service.parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
     )
     if not service.authorize(principal, tenant_id=tenant_id, provider=provider):
-        # Only a refusal touches the database (its audit record), on the shared threads.
-        await run_in_threadpool(
-            service.record_refusal, engine, principal, tenant_id=tenant_id, provider=provider
-        )
+        service.record_refusal(engine, principal, tenant_id=tenant_id, provider=provider)
         # The same answer as a missing tenant: a service cannot probe which exist.
         raise NotFound(service.NO_SUCH)
     lease_s = service.lease_seconds(

@@ -72,8 +72,8 @@ def authorize(principal: Principal, *, tenant_id: str, provider: str) -> bool:
 
 
 def record_refusal(engine: Engine, principal: Principal, *, tenant_id: str, provider: str) -> None:
-    """Leave a refused fetch in the broker's audit trail (best effort)."""
-    trail.record_separately(
+    """Leave a refused fetch in the broker's audit trail, without waiting for the database."""
+    trail.record_in_background(
         engine,
         action="credentials.fetch",
         resource=f"tenants/{tenant_id}/integrations/{provider}",

@@ -25,7 +25,6 @@ from sqlalchemy import Engine
 from sqlmodel import col, select
 
 from broker.core.db import unit_of_work
-from broker.core.errors import BrokerError
 from broker.models import Tenant
 
 log = logging.getLogger(__name__)
@@ -81,7 +80,10 @@ class DeletionWatch:
             with unit_of_work(self._engine) as session:
                 query = select(Tenant.id).where(col(Tenant.deleting_at).is_not(None))
                 self._seen = frozenset(session.exec(query))
-        except BrokerError:
+        except Exception as exc:  # a background thread: nobody else would see it
             # Keep the last answer; the next fetch after `ttl_s` tries again.
-            log.warning("tenant deletions could not be read; keeping the last answer")
+            log.warning(
+                "tenant deletions could not be read; keeping the last answer",
+                extra={"fields": {"error": type(exc).__name__}},
+            )
         self._checked_at = time.monotonic()

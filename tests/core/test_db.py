@@ -174,14 +174,22 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
             fetch, fetched = _in_thread(
                 lambda: client.get(f"/v1/credentials/{tenant}/openai", headers=service)
             )
+            rogue = bearer(token("credentials:read", kind="service", tenants=("other",)))
+            refusal, refused = _in_thread(
+                lambda: client.get(f"/v1/credentials/{tenant}/openai", headers=rogue)
+            )
             fetch.join(SLACK_S)
             fetched_while_paused = not fetch.is_alive()
+            refusal.join(SLACK_S)
+            refused_while_paused = not refusal.is_alive()
             for thread, _ in stalled:
                 thread.join(SLACK_S)
             answered_while_paused = sum(not thread.is_alive() for thread, _ in stalled)
         assert fetched_while_paused, "a credential fetch waited on the stopped database"
         assert fetched[0].status_code == 200
         assert fetched[0].json()["fields"]["api_key"] == VALID["openai"]["api_key"]
+        assert refused_while_paused, "a refused fetch waited on the stopped database"
+        assert refused[0].status_code == 404
         assert answered_while_paused == len(stalled), "settings requests hung through the stall"
         statuses = {result[0].status_code for _, result in stalled}
         assert statuses <= {200, 503}, statuses
