@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
@@ -226,3 +229,53 @@ def test_a_burst_of_concurrent_patches_on_one_tenant_all_succeed(
     statuses = [result[0].status_code for _, result in burst]
     # A healthy database: every PATCH lands, one after the other (row lock).
     assert statuses == [200] * len(burst), statuses
+
+
+@contextmanager
+def serving(client: TestClient) -> Iterator[str]:
+    """The client's app under uvicorn on 127.0.0.1, with keep-alive, until the block ends."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(
+        client.app, lifespan="off", log_level="warning", access_log=False, ws="none", http="h11"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive(), "uvicorn stopped"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_a_keep_alive_connection_survives_a_database_stall(
+    settings: Settings, own_postgres: tuple[int, str]
+) -> None:
+    pid, url = own_postgres
+    engine = make_engine(
+        url, DatabaseBounds(statement_timeout_s=1.0, pool_timeout_s=1.0, connect_timeout_s=2)
+    )
+    app = _app(settings, engine, database_url=url)
+    tenant = make_tenant(app)
+    admin = bearer(token("tenant:admin", tenant_id=tenant))
+    one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    with (
+        serving(app) as base,
+        httpx.Client(base_url=base, limits=one_connection, timeout=SLACK_S) as http,
+    ):
+        assert http.get("/v1/tenants/settings", headers=admin).status_code == 200
+        with paused(pid):
+            stalled = http.get("/v1/tenants/settings", headers=admin)
+        assert stalled.status_code == 503
+        assert int(stalled.headers["retry-after"]) > 0
+        assert stalled.headers.get("connection") != "close"
+        # The same connection carries the next request, which the database answers again.
+        assert http.get("/v1/tenants/settings", headers=admin).status_code == 200
+    engine.dispose()
