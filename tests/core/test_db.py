@@ -103,6 +103,51 @@ def test_a_statement_timeout_is_a_503_not_a_hang(
     assert "canceling statement" not in response.text
 
 
+def _until_blocked_on_a_lock(engine: Engine) -> None:
+    deadline = time.monotonic() + SLACK_S
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    )
+    while True:
+        with engine.connect() as conn:
+            if conn.execute(query).scalar_one():
+                return
+        assert time.monotonic() < deadline, "the PATCH never reached the row lock"
+        time.sleep(0.05)
+
+
+def test_waiting_for_a_session_is_bounded_too(
+    settings: Settings, database_url: str, engine: Engine, tenant: str
+) -> None:
+    # One connection, taken by a PATCH that waits on a row lock: the next
+    # request waits for a session, at most the pool timeout, then hears 503.
+    bounds = DatabaseBounds(
+        pool_size=1, max_overflow=0, pool_timeout_s=0.5, statement_timeout_s=10.0
+    )
+    bounded = make_engine(database_url, bounds)
+    admin = bearer(token("tenant:admin", tenant_id=tenant))
+    patch = {"compliance_settings": {"data_retention_days": 30}}
+    with _app(settings, bounded) as client, engine.connect() as holder:
+        holder.execute(
+            text("SELECT 1 FROM tenant_settings WHERE tenant_id = :t FOR UPDATE"), {"t": tenant}
+        )
+        first, _ = _in_thread(
+            lambda: client.patch("/v1/tenants/settings", json=patch, headers=admin)
+        )
+        _until_blocked_on_a_lock(engine)
+        waiting, answered = _in_thread(lambda: client.get("/v1/tenants/settings", headers=admin))
+        waiting.join(SLACK_S)
+        answered_while_held = not waiting.is_alive()
+        holder.rollback()
+        first.join(SLACK_S)
+    bounded.dispose()
+    assert answered_while_held
+    (busy,) = answered
+    assert busy.status_code == 503, busy.text
+    assert int(busy.headers["retry-after"]) > 0
+
+
 # -- a paused PostgreSQL --------------------------------------------------------------
 
 
