@@ -156,7 +156,11 @@ class RequestContextMiddleware:
         client = scope.get("client")
         forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
         address = client_address(client[0] if client else None, forwarded, self.trusted_proxies)
-        context.bind(context.RequestContext(request_id=request_id, client_addr=address))
+        context.bind(
+            context.RequestContext(
+                request_id=request_id, client_addr=address, vault_budget=context.VaultBudget()
+            )
+        )
         status = 500
         started = time.perf_counter()
 
