@@ -13,6 +13,7 @@ from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.deps import EngineDep, SettingsDep, VaultDep
+from broker.vault.errors import StoredDataUnverified
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
 
@@ -25,6 +26,7 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     responses=problem_responses(
         {
             404: "No such credentials, or a tenant outside the token",
+            409: "The stored data does not verify against its sealed copy (tampered with)",
             503: "Vault is unavailable; retry after Retry-After",
         }
     ),
@@ -51,7 +53,11 @@ def fetch_credentials(
     lease_s = service.lease_seconds(
         provider, default_s=settings.credential_lease_s, caps=settings.credential_lease_caps
     )
-    lease = service.fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
+    try:
+        lease = service.fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
+    except StoredDataUnverified:
+        service.record_unverified(engine, principal, tenant_id=tenant_id, provider=provider)
+        raise
     if ttl_s is None:
         return CredentialLease.model_validate(lease, from_attributes=True)
     wrapped = service.wrap(vault, lease, ttl_s=ttl_s)

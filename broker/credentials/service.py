@@ -112,3 +112,18 @@ def wrap(vault: VaultGateway, lease: Lease, *, ttl_s: int) -> WrappedSecret:
         },
         ttl=f"{ttl_s}s",
     )
+
+
+def record_unverified(
+    engine: Engine, principal: Principal, *, tenant_id: str, provider: str
+) -> None:
+    """Record a fetch refused because the stored data did not verify (tampering)."""
+    trail.record_separately(
+        engine,
+        action="credentials.fetch",
+        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        outcome="failed",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"reason": "unverified"},
+    )

@@ -240,10 +240,30 @@ def test_if_match_guards_against_stale_writes(
     client: TestClient, providers: FakeProviders, tenant: str
 ) -> None:
     fields = valid_fields("whatsapp", providers)
+    other = fields | {"access_token": fields["access_token"][:-4] + "Zz99"}
+    providers.accept("whatsapp", **other)
     assert put(client, tenant, "whatsapp", fields).status_code == 200
-    assert put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'}).status_code == 200
+    assert put(client, tenant, "whatsapp", other, headers={"If-Match": '"1"'}).status_code == 200
     stale = put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'})
     assert stale.status_code == 412
+    assert listing(client, tenant)["whatsapp"]["version"] == 2
+
+
+def test_a_stale_if_match_whose_change_is_already_applied_succeeds(
+    client: TestClient, providers: FakeProviders, tenant: str
+) -> None:
+    """RFC 9110 13.1.1: a state-changing request that Vault already holds answers 2xx.
+
+    This is what makes a retry after an unanswered write safe: the client's first
+    attempt landed, its If-Match is now stale, and its retry must not be refused.
+    """
+    fields = valid_fields("whatsapp", providers)
+    assert put(client, tenant, "whatsapp", fields).status_code == 200
+    assert put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'}).status_code == 200
+    again = put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'})
+    assert again.status_code == 200
+    assert again.headers["etag"] == '"2"'
+    assert again.json()["version"] == 2
     assert listing(client, tenant)["whatsapp"]["version"] == 2
 
 
@@ -255,13 +275,14 @@ def test_concurrent_saves_never_silently_overwrite(
     barrier = threading.Barrier(writers)
     statuses: list[int] = []
 
-    def save() -> None:
+    def save(n: int) -> None:
+        # Each writer stores a different key: identical content would be recognised
+        # as already applied (see the If-Match test above) rather than conflict.
+        mine = fields | {"api_key": fields["api_key"][:-2] + f"{n:02d}"}
         barrier.wait()
-        statuses.append(
-            put(client, tenant, "openai", fields, skip_connection_test=True).status_code
-        )
+        statuses.append(put(client, tenant, "openai", mine, skip_connection_test=True).status_code)
 
-    threads = [threading.Thread(target=save) for _ in range(writers)]
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
