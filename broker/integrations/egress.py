@@ -26,6 +26,12 @@ which:
 
 Loopback (127/8, ::1) is reachable only when ``EgressPolicy.allow_loopback`` is set, for
 tests and dev; every other forbidden range stays forbidden even then.
+
+The same policy serves two other callers.  :func:`screen_url` runs every check that needs
+no DNS (it also refuses private and metadata host names such as ``*.internal``), for
+validation at write time.  :class:`GuardedTransport` puts every new connection of a
+long-lived ``httpx.Client`` (the SDK's provider clients) through the same checks, pinned
+to the checked addresses.
 """
 
 from __future__ import annotations
