@@ -181,6 +181,7 @@ def save_credentials(
 def restore_version(
     engine: Engine,
     vault: VaultGateway,
+    outbound: Outbound,
     *,
     principal: Principal,
     tenant_id: str,
@@ -189,12 +190,15 @@ def restore_version(
     if_match: str | None,
 ) -> IntegrationCredential:
     """Make an earlier KV version current again (as a new version)."""
-    get_provider(provider)
+    spec = get_provider(provider)
     store = SealedStore(vault)
     record = store.read(tenant_id, item_name(provider), version=version)
     if record is None:
         raise NotFound("no such version (it may have been deleted or destroyed)")
     creds = _open(store, tenant_id, provider, record)
+    # The old version's URL is written again: it passes today's egress check, as a save
+    # would (it may predate the check, or its host may resolve elsewhere now).
+    spec.check_target(outbound.client, outbound.endpoints, creds)
     # Re-seal with the newest key version: the old ciphertext may predate a rotation.
     ciphertext = store.seal(tenant_id, item_name(provider), creds.secret_values())
     public = {**record.public, "updated_by": principal.actor, "restored_from": version}

@@ -360,6 +360,48 @@ def test_skipped_connection_test_accepts_a_permitted_store_url(
     assert providers.hits["woocommerce"] == 0
 
 
+def test_restoring_a_version_with_a_non_public_store_url_is_refused(
+    client: TestClient,
+    vault_admin: VaultGateway,
+    engine: Engine,
+    providers: FakeProviders,
+    tenant: str,
+) -> None:
+    """A version written before the egress check existed must not come back through restore."""
+    fields = valid_fields("woocommerce", providers)
+    assert put(client, tenant, "woocommerce", fields, skip_connection_test=True).status_code == 200
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    record = stored(vault_admin, tenant, "woocommerce")
+    assert record is not None
+    # What an unchecked save used to leave behind: same sealed secrets, inward store URL.
+    planted = {
+        **record,
+        "public": {**record["public"], "identifiers": {"store_url": "http://169.254.169.254"}},
+    }
+    assert vault_admin.kv_write(path, planted, cas=1) == 2
+    with engine.begin() as connection:
+        # The row catches up with Vault the way an interrupted write would: by reconciling.
+        connection.execute(
+            text(
+                "UPDATE integration_credentials SET vault_sync_pending = true, "
+                "pending_since = now() WHERE tenant_id = :t AND provider = 'woocommerce'"
+            ),
+            {"t": tenant},
+        )
+    assert put(client, tenant, "woocommerce", fields, skip_connection_test=True).status_code == 200
+    restore = client.post(
+        "/v1/tenants/settings/integrations/woocommerce/versions/2/restore", headers=admin(tenant)
+    )
+    assert restore.status_code == 422, restore.text
+    assert [error["field"] for error in restore.json()["errors"]] == ["fields.store_url"]
+    assert "169.254" not in restore.text
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    assert entry.data["public"]["identifiers"] == {"store_url": providers.base_url}
+    assert listing(client, tenant)["woocommerce"]["version"] == 3
+    assert providers.hits["woocommerce"] == 0
+
+
 def test_provider_timeouts_and_errors_are_clear_422s(
     client: TestClient, providers: FakeProviders, tenant: str
 ) -> None:
