@@ -162,7 +162,11 @@ def save_credentials(
         _live_tenant(session, tenant_id)
     creds = spec.validate(fields)
     result: ConnectionResult | None = None
-    if not skip_connection_test:
+    if skip_connection_test:
+        # No call now, but the SDK will send these credentials to the stored URL: it
+        # passes the connection test's own egress check all the same.
+        spec.check_target(outbound.client, outbound.endpoints, creds)
+    else:
         result = spec.connection_test(outbound.client, outbound.endpoints, creds)
         if not result.ok:
             _record_test(engine, principal, tenant_id, provider, result, stored=False)
@@ -194,6 +198,7 @@ def save_credentials(
 def restore_version(
     engine: Engine,
     vault: VaultGateway,
+    outbound: Outbound,
     *,
     principal: Principal,
     tenant_id: str,
@@ -202,12 +207,15 @@ def restore_version(
     if_match: str | None,
 ) -> IntegrationCredential:
     """Make an earlier KV version current again (as a new version)."""
-    get_provider(provider)
+    spec = get_provider(provider)
     store = SealedStore(vault)
     record = store.read(tenant_id, item_name(provider), version=version)
     if record is None:
         raise NotFound("no such version (it may have been deleted or destroyed)")
     creds = _open(store, tenant_id, provider, record)
+    # The old version's URL is written again: it passes today's egress check, as a save
+    # would (it may predate the check, or its host may resolve elsewhere now).
+    spec.check_target(outbound.client, outbound.endpoints, creds)
     public = {**record.public, "updated_by": principal.actor, "restored_from": version}
     return _write(
         engine,
