@@ -394,11 +394,14 @@ def test_restoring_a_version_with_a_non_public_store_url_is_refused(
     path = f"tenants/{tenant}/integrations/woocommerce"
     record = stored(vault_admin, tenant, "woocommerce")
     assert record is not None
-    # What an unchecked save used to leave behind: same sealed secrets, inward store URL.
-    planted = {
-        **record,
-        "public": {**record["public"], "identifiers": {"store_url": "http://169.254.169.254"}},
-    }
+    # What an unchecked save used to leave behind: the same secrets, an inward store URL,
+    # sealed together (as the broker did) so the version verifies.
+    from broker.vault.sealed import SealedStore
+
+    public = {**record["public"], "identifiers": {"store_url": "http://169.254.169.254"}}
+    secrets = {name: value for name, value in fields.items() if name != "store_url"}
+    ciphertext = SealedStore(vault_admin).seal(tenant, "integrations/woocommerce", secrets, public)
+    planted = {"ciphertext": ciphertext, "public": public}
     assert vault_admin.kv_write(path, planted, cas=1) == 2
     with engine.begin() as connection:
         # The row catches up with Vault the way an interrupted write would: by reconciling.
