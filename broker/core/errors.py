@@ -17,6 +17,13 @@ class BrokerError(Exception):
         super().__init__(self.message)
 
 
+class BadRequest(BrokerError):
+    """The request itself is malformed (before any of its content is looked at)."""
+
+    status = 400
+    title = "Bad request"
+
+
 class Unauthenticated(BrokerError):
     """No token, or a token that fails verification."""
 
