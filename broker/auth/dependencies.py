@@ -31,6 +31,7 @@ class _AuthorizationHeaders(HTTPBearer):
 _bearer = _AuthorizationHeaders(auto_error=False, description="A JWT carrying OAuth-style scopes.")
 
 SCOPES_ATTR = "__broker_scopes__"
+LIMIT_ATTR = "__broker_limit__"
 
 
 def require(*scopes: str, limit: str | None = None) -> Any:
@@ -90,6 +91,7 @@ def require(*scopes: str, limit: str | None = None) -> Any:
         return principal
 
     setattr(dependency, SCOPES_ATTR, tuple(scopes))
+    setattr(dependency, LIMIT_ATTR, limit)
     return Depends(dependency)
 
 
@@ -111,3 +113,8 @@ async def _verify_in_thread(request: Request, verifier: TokenVerifier, token: st
 def declared_scopes(dependency: Any) -> tuple[str, ...] | None:
     """The scopes a `require(...)` dependency demands, or None for anything else."""
     return getattr(dependency, SCOPES_ATTR, None)
+
+
+def declared_limit(dependency: Any) -> str | None:
+    """The named rate limit a `require(...)` dependency counts against, if any."""
+    return getattr(dependency, LIMIT_ATTR, None)

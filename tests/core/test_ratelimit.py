@@ -6,13 +6,15 @@ import threading
 from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import Engine
 
-from broker.app import create_app
+from broker.app import ROUTERS, create_app
+from broker.auth.dependencies import declared_limit, declared_scopes
 from broker.core.config import Settings
 from broker.core.ratelimit import LocalWindows, RateLimiter, client_address
 from broker.devstack.openbao import free_port
@@ -65,6 +67,37 @@ def test_credential_writes_and_tests_are_limited(
     assert (first.status_code, second.status_code, third.status_code) == (200, 200, 429)
     # Reads are not part of the write budget.
     assert tight.get("/v1/tenants/settings/integrations", headers=admin).status_code == 200
+
+
+def test_every_write_counts_against_the_write_limit() -> None:
+    unlimited = []
+    for router in ROUTERS:
+        for route in router.routes:
+            if not isinstance(route, APIRoute) or route.methods <= {"GET", "HEAD"}:
+                continue
+            stack = list(route.dependant.dependencies)
+            limits = set()
+            while stack:
+                dependency = stack.pop()
+                if declared_scopes(dependency.call):
+                    limits.add(declared_limit(dependency.call))
+                stack.extend(dependency.dependencies)
+            if limits != {"write"}:
+                unlimited.extend(f"{method} {route.path}" for method in route.methods)
+    assert not unlimited, f"writes without the write limit: {sorted(unlimited)}"
+
+
+def test_settings_patches_are_write_limited(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    tight = limited_client(settings, engine, broker_vault, rate_limit_write="2/minute")
+    tenant = make_tenant(tight)
+    admin = bearer(token("tenant:admin", tenant_id=tenant))
+    body = {"branding": {"business_name": "Flood"}}
+    statuses = [
+        tight.patch("/v1/tenants/settings", json=body, headers=admin).status_code for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
 
 
 def test_failed_authentication_is_limited_per_address_without_locking_out_valid_tokens(
