@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 from sqlalchemy import Engine
 
 from broker.audit.routes import router as audit_router
@@ -77,7 +78,7 @@ def create_app(
     app.state.stripe = StripeAccess(
         vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
     )
-    app.state.limiter = RateLimiter(
+    app.state.limiter = limiter = RateLimiter(
         settings.rate_limit_storage,
         {
             "fetch": settings.rate_limit_fetch,
@@ -85,6 +86,11 @@ def create_app(
             "auth_failures": settings.rate_limit_auth_failures,
         },
     )
+    Gauge(
+        "broker_rate_limit_degraded",
+        "1 while the shared rate-limit storage is unreachable and this process limits alone.",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: float(limiter.degraded))
     # Outermost but one: raw card data is refused before any route or log sees it.
     app.add_middleware(CardDataGuard)
     app.add_middleware(

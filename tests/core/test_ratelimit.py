@@ -164,6 +164,13 @@ def test_unreachable_redis_falls_back_to_memory_and_keeps_limiting(
     )
     statuses = [tight.get("/v1/tenants/settings").status_code for _ in range(3)]
     assert statuses == [401, 401, 429]
+    # Degraded, and saying so to whoever watches the metrics.
+    assert tight.app.state.limiter.degraded  # type: ignore[attr-defined]
+    assert "broker_rate_limit_degraded 1.0" in tight.get("/metrics").text
+
+
+def test_the_degraded_metric_is_zero_with_local_counters(client: TestClient) -> None:
+    assert "broker_rate_limit_degraded 0.0" in client.get("/metrics").text
 
 
 @pytest.mark.parametrize(
