@@ -9,6 +9,8 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 
+from broker.audit import denials
+from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
@@ -56,6 +58,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        denials.write(engine, app.state.denials.drain())
         vault.close()
         app.state.outbound.client.close()
         app.state.stripe.close()
@@ -84,8 +87,10 @@ def create_app(
             "fetch": settings.rate_limit_fetch,
             "write": settings.rate_limit_write,
             "auth_failures": settings.rate_limit_auth_failures,
+            "denials": settings.rate_limit_denials,
         },
     )
+    app.state.denials = DenialTally(limiter.limits["denials"].get_expiry())
     Gauge(
         "broker_rate_limit_degraded",
         "1 while the shared rate-limit storage is unreachable and this process limits alone.",
