@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -59,6 +61,7 @@ def dev(
         typer.echo("error: `broker dev` is for development; use `broker serve`", err=True)
         raise typer.Exit(2)
     configure_logging(base.log_level)
+    _exit_on_sigterm()
     with ExitStack() as stack:
         settings = start_dev_stack(stack, data_dir, base)
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
@@ -66,6 +69,22 @@ def dev(
         url = f"http://127.0.0.1:{port}"
         _print_welcome(url, tokens)
         _run(create_app(settings), host="127.0.0.1", port=port)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C does, so `broker dev` stops what it started.
+
+    By default SIGTERM ends the process on the spot: OpenBao dies with it, but
+    PostgreSQL runs detached (pg_ctl) and was left running. Uvicorn handles
+    SIGTERM itself while it serves, then raises it again once it has shut down;
+    this handler then turns it into SystemExit, and the ExitStack stops the rest.
+    """
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 def _print_welcome(url: str, tokens: object) -> None:
