@@ -12,7 +12,7 @@ from fastapi.security import HTTPBearer
 from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier, bearer_token
 from broker.core import context
-from broker.core.errors import Forbidden, RateLimited, Unauthenticated
+from broker.core.errors import Forbidden, RateLimited, TooManyFailures, Unauthenticated
 from broker.core.ratelimit import RateLimiter
 
 
@@ -76,10 +76,7 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             try:
                 limiter.hit("auth_failures", *keys)
             except RateLimited as limited:
-                raise RateLimited(
-                    "too many failed authentications; retry later",
-                    retry_after=limited.retry_after,
-                ) from None
+                raise TooManyFailures(failure, retry_after=limited.retry_after) from None
             raise
         context.update(actor=principal.actor, tenant_id=principal.tenant_id)
         request.state.principal = principal

@@ -81,6 +81,14 @@ class RateLimited(BrokerError):
         self.retry_after = retry_after
 
 
+class TooManyFailures(RateLimited):
+    """Authentication failed again from an address past its failure limit."""
+
+    def __init__(self, failure: BrokerError, *, retry_after: int) -> None:
+        super().__init__("too many failed authentications; retry later", retry_after=retry_after)
+        self.failure = failure
+
+
 class UpstreamUnavailable(BrokerError):
     """Vault, the database or a provider cannot answer now. Always carries Retry-After."""
 

@@ -20,7 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.audit import denials, trail
 from broker.audit.denials import DenialTally
 from broker.core import context
-from broker.core.errors import BrokerError, RateLimited, UpstreamUnavailable
+from broker.core.errors import BrokerError, RateLimited, TooManyFailures, UpstreamUnavailable
 from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        if exc.status in (401, 403):
+        if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
             # First: past the denial limit, the answer becomes a 429.
             exc = await run_in_threadpool(_record_denial, request, exc)
         headers: dict[str, str] = {}
@@ -237,7 +237,8 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
 
     403s count against the `denials` limit, per principal (per address when
     the token named none). Past it the caller gets a 429 and the denial is
-    only counted, to be written with the others of its window as one event.
+    only counted, to be written with the others of its window as one event;
+    so are failed authentications past the `auth_failures` limit.
     """
     state = request.app.state
     principal = getattr(request.state, "principal", None)
@@ -247,7 +248,15 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
     tally: DenialTally | None = getattr(state, "denials", None)
     closed = tally.closed() if tally is not None else []
     answer = exc
-    if exc.status == 403 and tally is not None:
+    if isinstance(exc, TooManyFailures) and tally is not None:
+        closed += tally.add(
+            principal=None,
+            action=action,
+            resource=template or "unmatched",
+            status=exc.failure.status,
+            reason=exc.failure.message,
+        )
+    elif exc.status == 403 and tally is not None:
         ctx = context.current()
         key = f"who:{principal.actor}" if principal else f"addr:{ctx.client_addr if ctx else None}"
         try:
@@ -265,7 +274,7 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
             )
     if engine is None:
         return answer
-    if answer is exc:
+    if answer is exc and not isinstance(exc, TooManyFailures):
         trail.record_separately(
             engine,
             action=action,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
@@ -51,6 +53,43 @@ def test_a_flood_of_denials_is_limited_and_summarised_in_the_trail(
     assert run.detail["repeated"] == 7
     assert run.detail["status"] == 403
     assert run.request_id is None  # it stands for many requests, not the one that wrote it
+
+
+def test_failed_authentications_past_the_limit_are_summarised_in_the_trail(
+    settings: Settings, engine: Engine
+) -> None:
+    tight = settings.model_copy(update={"rate_limit_auth_failures": "2/hour"})
+    app = create_app(tight, engine=engine, vault=VaultGateway.from_settings(tight))
+    tenant = new_tenant_id()  # only in the path: the summary is found by it
+    forged = bearer(token("platform:admin", key="not-the-key-but-long-enough-for-hs256"))
+    started = datetime.now(UTC)
+    with TestClient(app) as limited:
+        answers = [limited.get(f"/v1/tenants/{tenant}", headers=forged) for _ in range(6)]
+        assert [a.status_code for a in answers] == [401] * 2 + [429] * 4
+
+    with Session(engine) as session:
+        events = list(
+            session.exec(
+                select(AuditEvent).where(
+                    col(AuditEvent.request_id).in_([a.headers["x-request-id"] for a in answers])
+                )
+            )
+        )
+        summaries = [
+            event
+            for event in session.exec(
+                select(AuditEvent).where(
+                    AuditEvent.action == "GET /v1/tenants/{tenant_id}",
+                    col(AuditEvent.request_id).is_(None),
+                    col(AuditEvent.actor) == "anonymous",
+                    col(AuditEvent.at) >= started,
+                )
+            )
+            if event.detail.get("repeated") == 4
+        ]
+    assert len(events) == 2  # the two 401s; the 429s are counted instead
+    assert summaries, "the refused attempts past the limit left no trace in the trail"
+    assert summaries[-1].detail["status"] == 401
 
 
 class Clock:
