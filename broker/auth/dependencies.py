@@ -28,7 +28,9 @@ class _AuthorizationHeaders(HTTPBearer):
         return request.headers.getlist("authorization")
 
 
-_bearer = _AuthorizationHeaders(auto_error=False, description="A JWT carrying OAuth-style scopes.")
+_bearer = _AuthorizationHeaders(
+    scheme_name="HTTPBearer", auto_error=False, description="A JWT carrying OAuth-style scopes."
+)
 
 SCOPES_ATTR = "__broker_scopes__"
 LIMIT_ATTR = "__broker_limit__"

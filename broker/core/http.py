@@ -58,6 +58,7 @@ _ANY_OPERATION = {
 }
 _WITH_BODY = {400: "The request body cannot be parsed"}
 _AUTHENTICATED = {
+    400: "More than one Authorization header",
     401: "No bearer token, or one that fails verification",
     403: "The token lacks the scope this needs, or names no tenant",
     429: "Too many requests; retry after Retry-After",
@@ -104,7 +105,10 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
             if "requestBody" in operation:
                 described |= _WITH_BODY
             if operation.get("security"):
-                described |= _AUTHENTICATED
+                for status, text in _AUTHENTICATED.items():
+                    if status in described:  # a 400 for the body, or for the headers
+                        text = f"{described[status]}, or {text[0].lower()}{text[1:]}"
+                    described[status] = text
             responses = operation.setdefault("responses", {})
             for status, text in described.items():
                 response = responses.setdefault(str(status), {"description": text})
