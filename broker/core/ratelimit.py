@@ -188,7 +188,12 @@ class RateLimiter:
     @property
     def degraded(self) -> bool:
         """True while the shared storage is configured but unreachable: limits are per process."""
-        return self._shares and self._shared is None
+        if self._shares and self._shared is None:
+            # Also a chance to reconnect, so a probe that only watches this
+            # (/readyz, the metric) sees recovery even while no request is limited.
+            self._reconnect_soon()
+            return True
+        return False
 
     @staticmethod
     def _open(uri: str) -> Storage | None:
