@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from prometheus_client import Gauge
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from broker.audit import denials
 from broker.audit.denials import DenialTally
@@ -58,7 +59,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        denials.write(engine, app.state.denials.drain())
+        # Denials still being counted would be lost with the process.
+        await run_in_threadpool(denials.write, engine, app.state.denials.drain())
         vault.close()
         app.state.outbound.client.close()
         app.state.stripe.close()
