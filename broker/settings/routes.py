@@ -20,7 +20,9 @@ router = APIRouter(prefix="/v1/tenants/settings", tags=["settings"])
 SettingsReader = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
 ]
-SettingsWriter = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
+SettingsWriter = Annotated[
+    Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN, limit="write")
+]
 
 
 def _egress(request: Request) -> EgressClient:
