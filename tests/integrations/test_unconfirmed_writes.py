@@ -163,6 +163,16 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
     assert again.status_code == 200, again.text
     assert again.headers["etag"] == '"2"'
     assert _current_version(vault_admin, path) == 2
+    with engine.connect() as conn:
+        saves = conn.execute(
+            text(
+                "SELECT detail FROM audit_events WHERE tenant_id = :t"
+                " AND action = 'integration.save' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    # The version the lost attempt wrote is in the trail, once, as already applied.
+    assert [d.detail.get("already_applied", False) for d in saves] == [False, True]
     # The next, different write is no false conflict.
     third = _put(slow, tenant, THIRD)
     assert third.status_code == 200, third.text
