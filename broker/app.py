@@ -6,8 +6,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import Gauge
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
+from broker.audit import denials
+from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
@@ -59,6 +63,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        # Denials still being counted would be lost with the process.
+        await run_in_threadpool(denials.write, engine, app.state.denials.drain())
         vault.close()
         app.state.outbound.client.close()
         app.state.stripe.close()
@@ -83,14 +89,21 @@ def create_app(
     app.state.stripe = StripeAccess(
         vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
     )
-    app.state.limiter = RateLimiter(
+    app.state.limiter = limiter = RateLimiter(
         settings.rate_limit_storage,
         {
             "fetch": settings.rate_limit_fetch,
             "write": settings.rate_limit_write,
             "auth_failures": settings.rate_limit_auth_failures,
+            "denials": settings.rate_limit_denials,
         },
     )
+    app.state.denials = DenialTally(limiter.limits["denials"].get_expiry())
+    Gauge(
+        "broker_rate_limit_degraded",
+        "1 while the shared rate-limit storage is unreachable and this process limits alone.",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: float(limiter.degraded))
     # Outermost but one: raw card data is refused before any route or log sees it.
     app.add_middleware(CardDataGuard)
     app.add_middleware(

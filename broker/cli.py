@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
+from types import FrameType
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
@@ -18,6 +20,9 @@ from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
 from broker.legacy.cli import migrate_app
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 # Tracebacks never show local variables: they would print tokens and secrets.
 app = typer.Typer(
@@ -56,13 +61,30 @@ def dev(
         typer.echo("error: `broker dev` is for development; use `broker serve`", err=True)
         raise typer.Exit(2)
     configure_logging(base.log_level)
+    _exit_on_sigterm()
     with ExitStack() as stack:
         settings = start_dev_stack(stack, data_dir, base)
         settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
         tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
         url = f"http://127.0.0.1:{port}"
         _print_welcome(url, tokens)
-        uvicorn.run(create_app(settings), host="127.0.0.1", port=port, log_config=None)
+        _run(create_app(settings), host="127.0.0.1", port=port)
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C does, so `broker dev` stops what it started.
+
+    By default SIGTERM ends the process on the spot: OpenBao dies with it, but
+    PostgreSQL runs detached (pg_ctl) and was left running. Uvicorn handles
+    SIGTERM itself while it serves, then raises it again once it has shut down;
+    this handler then turns it into SystemExit, and the ExitStack stops the rest.
+    """
+
+    def leave(signum: int, frame: FrameType | None) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
 
 
 def _print_welcome(url: str, tokens: object) -> None:
@@ -95,7 +117,18 @@ def serve() -> None:
 
     settings = _settings()
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    _run(create_app(settings), host=settings.host, port=settings.port)
+
+
+def _run(api: FastAPI, *, host: str, port: int) -> None:
+    """Serve `api` with uvicorn, which must not rewrite the caller's address itself.
+
+    Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, before the
+    broker sees the request: a local caller could then name any address, dodge
+    the per-address limits and write it into the audit trails. The broker reads
+    the header itself, from BROKER_TRUSTED_PROXIES only.
+    """
+    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False)
 
 
 @app.command()

@@ -149,6 +149,7 @@ def make_settings(
         "rate_limit_fetch": "100000/minute",
         "rate_limit_write": "100000/minute",
         "rate_limit_auth_failures": "100000/hour",
+        "rate_limit_denials": "100000/minute",
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]

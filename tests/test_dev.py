@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +22,12 @@ STARTUP_DEADLINE_S = 120
 
 
 def _processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True)
-    return [line for line in out.stdout.splitlines() if text in line and "ps -eo" not in line]
+    # -ww: without it ps may cut lines to a terminal's width, and a long data dir
+    # path (PostgreSQL's -D) would no longer be found.
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid,args"], capture_output=True, text=True, check=True
+    )
+    return [line for line in out.stdout.splitlines() if text in line and "ps -ww" not in line]
 
 
 class DevProcess:
@@ -78,10 +84,10 @@ class DevProcess:
             time.sleep(0.2)
         raise AssertionError("broker dev never became ready")
 
-    def stop(self) -> int:
-        """Ctrl-C, as a developer would."""
+    def stop(self, sig: int = signal.SIGINT) -> int:
+        """Ctrl-C, as a developer would (or another signal, as a supervisor would)."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
+            self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout=60)
         finally:
@@ -93,11 +99,18 @@ class DevProcess:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / ".broker"
-    yield path
-    for line in _processes_mentioning(str(path)):
-        os.kill(int(line.split()[0]), signal.SIGKILL)
+def data_dir() -> Iterator[Path]:
+    # Not under pytest's tmp dir: pgserver (as root) opens up the parent
+    # directories' permissions, and any overlapping pytest run resets its tmp
+    # root to 0700, after which PostgreSQL cannot start (see tests/conftest.py).
+    root = Path(tempfile.mkdtemp(prefix="broker-test-dev-"))
+    path = root / ".broker"
+    try:
+        yield path
+    finally:
+        for line in _processes_mentioning(str(path)):
+            os.kill(int(line.split()[0]), signal.SIGKILL)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_broker_dev_serves_prints_tokens_stops_cleanly_and_keeps_its_data(data_dir: Path) -> None:
@@ -138,4 +151,16 @@ def test_broker_dev_serves_prints_tokens_stops_cleanly_and_keeps_its_data(data_d
         assert body["branding"]["business_name"] == "Survives restarts"
     finally:
         again.stop()
+    assert _processes_mentioning(str(data_dir)) == []
+
+
+def test_broker_dev_stopped_with_sigterm_stops_everything_it_started(data_dir: Path) -> None:
+    dev = DevProcess(data_dir, free_port())
+    try:
+        dev.tokens()
+        dev.wait_ready()
+        assert any("postgres" in line for line in _processes_mentioning(str(data_dir)))
+    finally:
+        dev.stop(signal.SIGTERM)  # what a process manager, an IDE or `kill` sends
+    assert dev.proc.returncode == 0, "".join(dev.output[-40:])
     assert _processes_mentioning(str(data_dir)) == []

@@ -14,6 +14,7 @@ import threading
 from datetime import datetime
 from typing import Any, Literal
 
+import anyio
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
@@ -94,14 +95,16 @@ def record_separately(engine: Engine, **event: Any) -> None:
 _BACKGROUND = threading.BoundedSemaphore(8)
 
 
-def record_in_background(engine: Engine, **event: Any) -> None:
-    """Append one event without waiting for the database, for paths that must not wait on it."""
+def record_in_background(engine: Engine, **event: Any) -> threading.Event:
+    """Append one event on a thread of its own; the returned event is set once it is done."""
+    done = threading.Event()
     if not _BACKGROUND.acquire(blocking=False):
         log.warning(
             "audit trail busy; event logged instead",
             extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
         )
-        return
+        done.set()
+        return done
     # The request's id and client address travel with the event.
     request_context = contextvars.copy_context()
 
@@ -110,8 +113,21 @@ def record_in_background(engine: Engine, **event: Any) -> None:
             request_context.run(record_separately, engine, **event)
         finally:
             _BACKGROUND.release()
+            done.set()
 
     threading.Thread(target=write, name="audit-trail", daemon=True).start()
+    return done
+
+
+async def settle(done: threading.Event, *, within_s: float) -> None:
+    """Wait for a background record, at most `within_s`; past that it carries on alone.
+
+    Polled, not awaited on a worker thread: the shared threads may be the very
+    thing a stalled database has filled.
+    """
+    with anyio.move_on_after(within_s):
+        while not done.is_set():
+            await anyio.sleep(0.005)
 
 
 def search(

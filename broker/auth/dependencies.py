@@ -7,25 +7,45 @@ from typing import Any
 import anyio
 import anyio.to_thread
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
 
 from broker.auth.principal import Principal
-from broker.auth.tokens import TokenVerifier
+from broker.auth.tokens import TokenVerifier, bearer_token
 from broker.core import context
-from broker.core.errors import Forbidden, RateLimited, Unauthenticated
+from broker.core.errors import Forbidden, RateLimited, TooManyFailures, Unauthenticated
 from broker.core.ratelimit import RateLimiter
 
-_bearer = HTTPBearer(auto_error=False, description="A JWT carrying OAuth-style scopes.")
+
+class _AuthorizationHeaders(HTTPBearer):
+    """Documents bearer auth in OpenAPI; hands `require` every Authorization header, unparsed.
+
+    FastAPI's own HTTPBearer reads only the first header and tolerates extra
+    spaces; `bearer_token` is strict, and runs inside `require` so that a
+    malformed header counts as a failed authentication.
+    """
+
+    async def __call__(self, request: Request) -> list[str]:  # type: ignore[override]
+        return request.headers.getlist("authorization")
+
+
+_bearer = _AuthorizationHeaders(
+    scheme_name="HTTPBearer", auto_error=False, description="A JWT carrying OAuth-style scopes."
+)
 
 SCOPES_ATTR = "__broker_scopes__"
+LIMIT_ATTR = "__broker_limit__"
 
 
 def require(*scopes: str, limit: str | None = None) -> Any:
     """A dependency that authenticates the caller and demands any one of `scopes`.
 
     With `limit`, the request also counts against that named rate limit, keyed
-    by principal and tenant and by client address. Failed authentication
-    always counts against the stricter `auth_failures` limit.
+    by principal and tenant: one service's traffic never spends another's
+    budget, whatever address they share. Failed authentication counts against
+    the stricter `auth_failures` limit, per address (and per subject, for a
+    genuinely signed but unusable token); past it, failures are answered 429,
+    but a valid token is still served: other callers' failures behind the same
+    proxy or NAT must not lock it out.
 
     The route's scopes are also attached to the dependency, so a test can prove
     that every route declares them.
@@ -36,22 +56,14 @@ def require(*scopes: str, limit: str | None = None) -> Any:
     # Async on purpose: it runs on the request's own task, so the actor it
     # binds to the request context is visible to the route and its Vault calls.
     async def dependency(
-        request: Request,
-        credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+        request: Request, authorization: list[str] = Depends(_bearer)
     ) -> Principal:
         limiter: RateLimiter = request.app.state.limiter
-        ctx = context.current()
-        address = f"addr:{ctx.client_addr if ctx else None}"
-        if limiter.exceeded("auth_failures", address):
-            raise RateLimited(
-                "too many failed authentications from this address",
-                retry_after=limiter.retry_after("auth_failures", address),
-            )
         try:
-            if credentials is None or credentials.scheme.lower() != "bearer":
+            token = bearer_token(authorization)
+            if token is None:
                 raise Unauthenticated("a bearer token is required")
             verifier: TokenVerifier = request.app.state.verifier
-            token = credentials.credentials
             if verifier.may_block:  # a JWKS: only a remembered token is checked here
                 principal = verifier.remembered(token) or await _verify_in_thread(
                     request, verifier, token
@@ -59,8 +71,14 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             else:
                 principal = verifier.verify(token)
         except Unauthenticated as failure:
-            keys = [address] + ([f"sub:{failure.subject}"] if failure.subject else [])
-            limiter.hit("auth_failures", *keys)
+            ctx = context.current()
+            keys = [f"addr:{ctx.client_addr if ctx else None}"]
+            if failure.subject:
+                keys.append(f"sub:{failure.subject}")
+            try:
+                limiter.hit("auth_failures", *keys)
+            except RateLimited as limited:
+                raise TooManyFailures(failure, retry_after=limited.retry_after) from None
             raise
         context.update(actor=principal.actor, tenant_id=principal.tenant_id)
         request.state.principal = principal
@@ -68,10 +86,11 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
         if limit is not None:
             tenant = request.path_params.get("tenant_id") or principal.tenant_id
-            limiter.hit(limit, f"who:{principal.actor}:{tenant}", address)
+            limiter.hit(limit, f"who:{principal.actor}:{tenant}")
         return principal
 
     setattr(dependency, SCOPES_ATTR, tuple(scopes))
+    setattr(dependency, LIMIT_ATTR, limit)
     return Depends(dependency)
 
 
@@ -93,3 +112,8 @@ async def _verify_in_thread(request: Request, verifier: TokenVerifier, token: st
 def declared_scopes(dependency: Any) -> tuple[str, ...] | None:
     """The scopes a `require(...)` dependency demands, or None for anything else."""
     return getattr(dependency, SCOPES_ATTR, None)
+
+
+def declared_limit(dependency: Any) -> str | None:
+    """The named rate limit a `require(...)` dependency counts against, if any."""
+    return getattr(dependency, LIMIT_ATTR, None)

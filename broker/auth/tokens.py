@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 import uuid
@@ -18,9 +19,31 @@ from jwt import PyJWKClient
 from broker.auth.principal import Principal
 from broker.auth.scopes import KNOWN_SCOPES
 from broker.core.config import Settings
-from broker.core.errors import Forbidden, Unauthenticated
+from broker.core.errors import BadRequest, Forbidden, Unauthenticated
 
 _SYMMETRIC = {"HS256", "HS384", "HS512"}
+
+
+# RFC 6750: the scheme in any case, exactly one space, then the token (b64token
+# characters; a JWT uses a subset). Anything looser is not a bearer token.
+_BEARER = re.compile(r"(?i:bearer) ([A-Za-z0-9\-._~+/]+=*)")
+
+
+def bearer_token(authorization: list[str]) -> str | None:
+    """The token of the one `Authorization: Bearer <token>` header, or None when there is none.
+
+    Two Authorization headers are a 400: proxies and frameworks disagree on
+    which one counts, so the broker picks neither. A header that is not
+    exactly `Bearer <token>` is a 401.
+    """
+    if len(authorization) > 1:
+        raise BadRequest("send exactly one Authorization header")
+    if not authorization:
+        return None
+    match = _BEARER.fullmatch(authorization[0])
+    if match is None:
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    return match.group(1)
 
 
 class TokenVerifier:

@@ -9,6 +9,7 @@ with BrokerClient("https://broker.internal", token_provider=read_service_token) 
 
 from broker.client.factories import (
     LeaseAuth,
+    TargetRefused,
     create_shopify_service_for_tenant,
     create_twilio_service_for_tenant,
     create_woo_service_for_tenant,
@@ -40,6 +41,7 @@ __all__ = [
     "OpenAICredentials",
     "ProviderCredentials",
     "ShopifyCredentials",
+    "TargetRefused",
     "TwilioCredentials",
     "WhatsAppCredentials",
     "WooCommerceCredentials",

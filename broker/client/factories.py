@@ -8,6 +8,14 @@ including a changed store URL, shop domain or account SID.
 
 Redirects are never followed: a custom header such as `X-Shopify-Access-Token` would
 otherwise be resent to whatever host the redirect names.
+
+Every connection goes through the broker's egress policy (`GuardedTransport`): https
+only, and a host that is, or resolves to, a loopback, private, link-local/metadata or
+otherwise non-public address is refused with `TargetRefused` before anything is sent.
+Each new connection dials the address that was checked, so a DNS answer that changes
+afterwards cannot redirect the credentials. Tests and local development opt in to
+plain http and loopback with `egress=EgressPolicy(allow_http=True, allow_loopback=True)`;
+`resolver` replaces the system resolver.
 """
 
 from __future__ import annotations
@@ -18,9 +26,17 @@ from collections.abc import Callable, Generator
 import httpx
 
 from broker.client.sdk import BrokerClient, BrokerClientError, Lease
+from broker.integrations.egress import (
+    EgressPolicy,
+    EgressRefused,
+    GuardedTransport,
+    Resolver,
+    screen_url,
+)
 
 __all__ = [
     "LeaseAuth",
+    "TargetRefused",
     "create_shopify_service_for_tenant",
     "create_twilio_service_for_tenant",
     "create_woo_service_for_tenant",
@@ -28,6 +44,27 @@ __all__ = [
 
 Apply = Callable[[httpx.Request, Lease], None]
 BaseFor = Callable[[Lease], str]
+
+
+class TargetRefused(BrokerClientError):
+    """The provider URL is not a public https address; nothing was sent to it."""
+
+
+class _ProviderTransport(GuardedTransport):
+    """The guarded transport, raising the SDK's own error for a refused target."""
+
+    def __init__(self, provider: str, policy: EgressPolicy, resolver: Resolver | None) -> None:
+        super().__init__(policy, resolver)
+        self._provider = provider
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            return super().handle_request(request)
+        except EgressRefused as exc:
+            # The egress messages never contain the URL's path, query or credentials.
+            raise TargetRefused(
+                f"refusing to send {self._provider} credentials to this address ({exc})"
+            ) from None
 
 
 def _basic(user: str, password: str) -> str:
@@ -67,6 +104,11 @@ class LeaseAuth(httpx.Auth):
         self.initial_base = _with_slash(base_for(self._lease()))
         """The base URL the httpx client was built with; rotations are rebased from it."""
 
+    @property
+    def provider(self) -> str:
+        """The provider whose credentials this authenticates with."""
+        return self._provider
+
     def _lease(self) -> Lease:
         return self._broker.lease(self._tenant_id, self._provider)
 
@@ -99,18 +141,38 @@ class LeaseAuth(httpx.Auth):
         self._apply(request, lease)
 
 
-def _client(auth: LeaseAuth, timeout_s: float, headers: dict[str, str] | None) -> httpx.Client:
+def _client(
+    auth: LeaseAuth,
+    timeout_s: float,
+    egress: EgressPolicy | None,
+    resolver: Resolver | None,
+) -> httpx.Client:
+    policy = egress or EgressPolicy()
+    try:
+        # Fail at construction for what needs no DNS (a stored 169.254.169.254, say);
+        # the transport checks again, with DNS, on every new connection.
+        screen_url(auth.initial_base, policy)
+    except EgressRefused as exc:
+        raise TargetRefused(
+            f"refusing to send {auth.provider} credentials to this address ({exc})"
+        ) from None
     return httpx.Client(
         base_url=auth.initial_base,
         auth=auth,
         timeout=timeout_s,
-        headers={"Accept": "application/json", **(headers or {})},
+        headers={"Accept": "application/json"},
         follow_redirects=False,
+        transport=_ProviderTransport(auth.provider, policy, resolver),
     )
 
 
 def create_woo_service_for_tenant(
-    client: BrokerClient, tenant_id: str, *, timeout_s: float = 10
+    client: BrokerClient,
+    tenant_id: str,
+    *,
+    timeout_s: float = 10,
+    egress: EgressPolicy | None = None,
+    resolver: Resolver | None = None,
 ) -> httpx.Client:
     """An httpx client on the tenant's WooCommerce REST API (`{store_url}/wp-json/wc/v3/`)."""
 
@@ -123,7 +185,7 @@ def create_woo_service_for_tenant(
         )
 
     auth = LeaseAuth(client, tenant_id, "woocommerce", base_for=base_for, apply=apply)
-    return _client(auth, timeout_s, None)
+    return _client(auth, timeout_s, egress, resolver)
 
 
 def create_shopify_service_for_tenant(
@@ -133,6 +195,8 @@ def create_shopify_service_for_tenant(
     api_version: str = "2024-10",
     base_url_override: str | None = None,
     timeout_s: float = 10,
+    egress: EgressPolicy | None = None,
+    resolver: Resolver | None = None,
 ) -> httpx.Client:
     """An httpx client on the tenant's Shopify Admin API (`https://{shop}/admin/api/{v}/`).
 
@@ -147,7 +211,7 @@ def create_shopify_service_for_tenant(
         request.headers["X-Shopify-Access-Token"] = _field(lease, "access_token")
 
     auth = LeaseAuth(client, tenant_id, "shopify", base_for=base_for, apply=apply)
-    return _client(auth, timeout_s, None)
+    return _client(auth, timeout_s, egress, resolver)
 
 
 def create_twilio_service_for_tenant(
@@ -156,6 +220,8 @@ def create_twilio_service_for_tenant(
     *,
     base_url: str = "https://api.twilio.com",
     timeout_s: float = 10,
+    egress: EgressPolicy | None = None,
+    resolver: Resolver | None = None,
 ) -> httpx.Client:
     """An httpx client on the tenant's Twilio account (`{base}/2010-04-01/Accounts/{sid}/`).
 
@@ -171,4 +237,4 @@ def create_twilio_service_for_tenant(
         )
 
     auth = LeaseAuth(client, tenant_id, "twilio", base_for=base_for, apply=apply)
-    return _client(auth, timeout_s, None)
+    return _client(auth, timeout_s, egress, resolver)

@@ -106,6 +106,9 @@ class Settings(BaseSettings):
     rate_limit_write: str = "60/minute"
     rate_limit_auth_failures: str = "100/hour"
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Denied requests (403) per principal; past it they are answered 429 and
+    # written to the audit trail as one event per window (issue 12, section I).
+    rate_limit_denials: str = "30/minute"
 
     @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
     @classmethod

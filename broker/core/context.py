@@ -8,8 +8,9 @@ request there.
 
 from __future__ import annotations
 
+import time
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,34 @@ class RequestContext:
     actor: str | None = None
     tenant_id: str | None = None
     action: str | None = None
+    # Set for API requests: shared by every copy of this context (replace() keeps
+    # the same object), so all the Vault calls of one request draw on one time
+    # budget. None (CLI runs, migrations) gives each call a budget of its own.
+    vault_budget: VaultBudget | None = field(default=None, compare=False)
+
+
+class VaultBudget:
+    """The time one request may spend on Vault, across all of its calls.
+
+    Started by the first Vault call of the request; every later call (the KV
+    write after the Transit encryption, a reconcile after a failed write) gets
+    only what is left, so a hung Vault costs a request one budget, not one per
+    call.
+    """
+
+    __slots__ = ("_deadline",)
+
+    def __init__(self) -> None:
+        self._deadline: float | None = None
+
+    def deadline(self, budget_s: float) -> float:
+        """The request's Vault deadline (time.monotonic()), starting it if needed."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + budget_s
+        return self._deadline
+
+    def __repr__(self) -> str:
+        return "VaultBudget()"
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("broker_request", default=None)
@@ -29,6 +58,14 @@ _current: ContextVar[RequestContext | None] = ContextVar("broker_request", defau
 def current() -> RequestContext | None:
     """The context of the request being served, if any."""
     return _current.get()
+
+
+def vault_deadline(budget_s: float) -> float:
+    """When the current request's Vault budget runs out; a fresh budget outside requests."""
+    ctx = _current.get()
+    if ctx is None or ctx.vault_budget is None:
+        return time.monotonic() + budget_s
+    return ctx.vault_budget.deadline(budget_s)
 
 
 def bind(ctx: RequestContext) -> None:

@@ -17,6 +17,13 @@ class BrokerError(Exception):
         super().__init__(self.message)
 
 
+class BadRequest(BrokerError):
+    """The request itself is malformed (before any of its content is looked at)."""
+
+    status = 400
+    title = "Bad request"
+
+
 class Unauthenticated(BrokerError):
     """No token, or a token that fails verification."""
 
@@ -72,6 +79,14 @@ class RateLimited(BrokerError):
     def __init__(self, message: str | None = None, *, retry_after: int, **extra: Any) -> None:
         super().__init__(message, **extra)
         self.retry_after = retry_after
+
+
+class TooManyFailures(RateLimited):
+    """Authentication failed again from an address past its failure limit."""
+
+    def __init__(self, failure: BrokerError, *, retry_after: int) -> None:
+        super().__init__("too many failed authentications; retry later", retry_after=retry_after)
+        self.failure = failure
 
 
 class UpstreamUnavailable(BrokerError):

@@ -17,9 +17,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.audit import trail
+from broker.audit import denials, trail
+from broker.audit.denials import DenialTally
 from broker.core import context
-from broker.core.errors import BrokerError, RateLimited, UpstreamUnavailable
+from broker.core.errors import BrokerError, RateLimited, TooManyFailures, UpstreamUnavailable
 from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,7 @@ _ANY_OPERATION = {
 }
 _WITH_BODY = {400: "The request body cannot be parsed"}
 _AUTHENTICATED = {
+    400: "More than one Authorization header",
     401: "No bearer token, or one that fails verification",
     403: "The token lacks the scope this needs, or names no tenant",
     429: "Too many requests; retry after Retry-After",
@@ -103,7 +105,10 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
             if "requestBody" in operation:
                 described |= _WITH_BODY
             if operation.get("security"):
-                described |= _AUTHENTICATED
+                for status, text in _AUTHENTICATED.items():
+                    if status in described:  # a 400 for the body, or for the headers
+                        text = f"{described[status]}, or {text[0].lower()}{text[1:]}"
+                    described[status] = text
             responses = operation.setdefault("responses", {})
             for status, text in described.items():
                 response = responses.setdefault(str(status), {"description": text})
@@ -156,7 +161,11 @@ class RequestContextMiddleware:
         client = scope.get("client")
         forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
         address = client_address(client[0] if client else None, forwarded, self.trusted_proxies)
-        context.bind(context.RequestContext(request_id=request_id, client_addr=address))
+        context.bind(
+            context.RequestContext(
+                request_id=request_id, client_addr=address, vault_budget=context.VaultBudget()
+            )
+        )
         status = 500
         started = time.perf_counter()
 
@@ -191,13 +200,14 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+        if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
+            # First: past the denial limit, the answer becomes a 429.
+            exc = await run_in_threadpool(_record_denial, request, exc)
         headers: dict[str, str] = {}
         if isinstance(exc, UpstreamUnavailable | RateLimited):
             headers["Retry-After"] = str(exc.retry_after)
         if exc.status == 401:
             headers["WWW-Authenticate"] = 'Bearer realm="broker"'
-        if exc.status in (401, 403):
-            await run_in_threadpool(_record_denial, request, exc)
         if exc.status >= 500:
             log.error(
                 "request failed",
@@ -230,16 +240,56 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
 
 
-def _record_denial(request: Request, exc: BrokerError) -> None:
+def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
+    """Record a 401 or 403 in the trail, and return the error to answer.
+
+    403s count against the `denials` limit, per principal (per address when
+    the token named none). Past it the caller gets a 429 and the denial is
+    only counted, to be written with the others of its window as one event;
+    so are failed authentications past the `auth_failures` limit.
+    """
+    state = request.app.state
     principal = getattr(request.state, "principal", None)
-    engine = getattr(request.app.state, "engine", None)
+    engine = getattr(state, "engine", None)
+    template = getattr(request.scope.get("route"), "path", None)
+    action = f"{request.method} {template or request.url.path}"
+    tally: DenialTally | None = getattr(state, "denials", None)
+    closed = tally.closed() if tally is not None else []
+    answer = exc
+    if isinstance(exc, TooManyFailures) and tally is not None:
+        closed += tally.add(
+            principal=None,
+            action=action,
+            resource=template or "unmatched",
+            status=exc.failure.status,
+            reason=exc.failure.message,
+        )
+    elif exc.status == 403 and tally is not None:
+        ctx = context.current()
+        key = f"who:{principal.actor}" if principal else f"addr:{ctx.client_addr if ctx else None}"
+        try:
+            state.limiter.hit("denials", key)
+        except RateLimited as limited:
+            closed += tally.add(
+                principal=principal,
+                action=action,
+                resource=template or "unmatched",
+                status=exc.status,
+                reason=exc.message,
+            )
+            answer = RateLimited(
+                "too many denied requests; retry later", retry_after=limited.retry_after
+            )
     if engine is None:
-        return
-    trail.record_separately(
-        engine,
-        action=f"{request.method} {getattr(request.scope.get('route'), 'path', request.url.path)}",
-        resource=request.url.path,
-        outcome="denied",
-        principal=principal,
-        detail={"status": exc.status, "reason": exc.message},
-    )
+        return answer
+    if answer is exc and not isinstance(exc, TooManyFailures):
+        trail.record_separately(
+            engine,
+            action=action,
+            resource=request.url.path,
+            outcome="denied",
+            principal=principal,
+            detail={"status": exc.status, "reason": exc.message},
+        )
+    denials.write(engine, closed)
+    return answer

@@ -3,7 +3,8 @@
 Counters live in this process by default (`LocalWindows`). With
 `BROKER_RATE_LIMIT_STORAGE=redis://...` several broker processes share them
 through the `limits` library; if Redis cannot be reached the limiter falls back
-to the local counters rather than stop limiting.
+to the local counters rather than stop limiting, says so (`degraded`), and
+returns to the shared counters once Redis answers again.
 """
 
 from __future__ import annotations
@@ -154,27 +155,61 @@ class LocalWindows:
 
 
 class RateLimiter:
-    """Named limits (`fetch`, `write`, `auth_failures`) over one storage, failing safe."""
+    """Named limits (`fetch`, `write`, `auth_failures`, ...) over one storage, failing safe.
 
-    def __init__(self, storage_uri: str, limits: dict[str, str]) -> None:
+    With a shared storage (Redis), a failed call switches this process to its
+    own counters rather than stop limiting, and `degraded` says so. While
+    degraded, a background thread pings the storage at most every
+    `reconnect_every_s`, never on the request's own time, and switches back to
+    the shared counters once it answers.
+    """
+
+    def __init__(
+        self, storage_uri: str, limits: dict[str, str], *, reconnect_every_s: float = 5.0
+    ) -> None:
         self.limits: dict[str, RateLimitItem] = {name: parse(spec) for name, spec in limits.items()}
         # Sliding-window counters, not a moving window: a moving window keeps
         # every hit of every key, and keys are per (principal, tenant).
         self._memory = LocalWindows()
+        self._shares = not storage_uri.startswith("memory://")
+        self._storage: Storage | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
-        if not storage_uri.startswith("memory://"):
-            self._shared = self._connect(storage_uri)
+        self._reconnect_every_s = reconnect_every_s
+        self._next_reconnect = 0.0
+        self._reconnecting = threading.Lock()
+        if self._shares:
+            self._storage = self._open(storage_uri)
+            if self._storage is not None and self._answers(self._storage):
+                self._shared = SlidingWindowCounterRateLimiter(self._storage)
+            else:
+                log.warning("rate-limit storage unreachable; limiting in memory instead")
+                self._next_reconnect = time.monotonic() + reconnect_every_s
+
+    @property
+    def degraded(self) -> bool:
+        """True while the shared storage is configured but unreachable: limits are per process."""
+        if self._shares and self._shared is None:
+            # Also a chance to reconnect, so a probe that only watches this
+            # (/readyz, the metric) sees recovery even while no request is limited.
+            self._reconnect_soon()
+            return True
+        return False
 
     @staticmethod
-    def _connect(uri: str) -> SlidingWindowCounterRateLimiter | None:
+    def _open(uri: str) -> Storage | None:
         try:
             storage = storage_from_string(uri, socket_timeout=0.5, socket_connect_timeout=0.5)
-            if not isinstance(storage, Storage) or not storage.check():
-                raise ConnectionError("storage did not answer")
-        except Exception:  # noqa: BLE001 - any failure means "use memory"
-            log.warning("rate-limit storage unreachable; limiting in memory instead")
+        except Exception:  # noqa: BLE001 - a bad URI or a missing driver: stay degraded
+            log.error("rate-limit storage cannot be configured; limiting in memory instead")
             return None
-        return SlidingWindowCounterRateLimiter(storage)
+        return storage if isinstance(storage, Storage) else None
+
+    @staticmethod
+    def _answers(storage: Storage) -> bool:
+        try:
+            return bool(storage.check())
+        except Exception:  # noqa: BLE001 - any failure means "not now"
+            return False
 
     def hit(self, name: str, *keys: str) -> None:
         """Count one event against `name` for each key; raise RateLimited past the limit."""
@@ -199,7 +234,10 @@ class RateLimiter:
             return int(item.get_expiry())
 
     def _strategy(self) -> _Strategy:
-        return self._shared or self._memory
+        shared = self._shared
+        if shared is None and self._shares:
+            self._reconnect_soon()
+        return shared or self._memory
 
     def _call(self, method: str, item: RateLimitItem, name: str, key: str) -> bool:
         strategy = self._strategy()
@@ -208,10 +246,30 @@ class RateLimiter:
         except Exception:  # noqa: BLE001
             if strategy is self._memory:
                 raise
-            # Redis went away mid-flight: keep limiting, per process.
+            # Redis went away mid-flight: keep limiting, per process, until it is back.
             log.warning("rate-limit storage failed; limiting in memory instead")
             self._shared = None
+            self._next_reconnect = time.monotonic() + self._reconnect_every_s
             return bool(getattr(self._memory, method)(item, name, key))
+
+    def _reconnect_soon(self) -> None:
+        """Start one background ping of the storage, if one is due and none is running."""
+        if self._storage is None or time.monotonic() < self._next_reconnect:
+            return
+        if not self._reconnecting.acquire(blocking=False):
+            return
+        self._next_reconnect = time.monotonic() + self._reconnect_every_s
+        threading.Thread(
+            target=self._reconnect, args=(self._storage,), name="ratelimit-reconnect", daemon=True
+        ).start()
+
+    def _reconnect(self, storage: Storage) -> None:
+        try:
+            if self._answers(storage):
+                self._shared = SlidingWindowCounterRateLimiter(storage)
+                log.warning("rate-limit storage reachable again; limits are shared again")
+        finally:
+            self._reconnecting.release()
 
 
 def client_address(

@@ -7,7 +7,9 @@ from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Query, Response
+from starlette.concurrency import run_in_threadpool
 
+from broker.audit import trail
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
@@ -16,8 +18,11 @@ from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.deps import DeletionsDep, EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.vault.errors import StoredDataUnverified
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
+
+REFUSAL_RECORD_GRACE_S = 0.25
 
 Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
 
@@ -28,6 +33,7 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     responses=problem_responses(
         {
             404: "No such credentials, or a tenant outside the token",
+            409: "The stored data does not verify against its sealed copy (tampered with)",
             503: "Vault is unavailable; retry after Retry-After",
         }
     ),
@@ -53,7 +59,9 @@ async def fetch_credentials(
         service.parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
     )
     if not service.authorize(principal, tenant_id=tenant_id, provider=provider):
-        service.record_refusal(engine, principal, tenant_id=tenant_id, provider=provider)
+        recorded = service.record_refusal(engine, principal, tenant_id=tenant_id, provider=provider)
+        # Recorded before the answer when the database is healthy; never waited on for long.
+        await trail.settle(recorded, within_s=REFUSAL_RECORD_GRACE_S)
         # The same answer as a missing tenant: a service cannot probe which exist.
         raise NotFound(service.NO_SUCH)
     lease_s = service.lease_seconds(
@@ -61,18 +69,25 @@ async def fetch_credentials(
     )
     # Vault work on threads of its own: a stalled database can fill the shared
     # ones, and deliveries must not queue behind it.
-    delivered = await anyio.to_thread.run_sync(
-        partial(
-            service.deliver,
-            vault,
-            deletions,
-            tenant_id=tenant_id,
-            provider=provider,
-            lease_s=lease_s,
-            wrap_ttl_s=ttl_s,
-        ),
-        limiter=vault_threads,
-    )
+    try:
+        delivered = await anyio.to_thread.run_sync(
+            partial(
+                service.deliver,
+                vault,
+                deletions,
+                tenant_id=tenant_id,
+                provider=provider,
+                lease_s=lease_s,
+                wrap_ttl_s=ttl_s,
+            ),
+            limiter=vault_threads,
+        )
+    except StoredDataUnverified:
+        # Tampering, not a delivery: its record may wait on the shared threads.
+        await run_in_threadpool(
+            service.record_unverified, engine, principal, tenant_id=tenant_id, provider=provider
+        )
+        raise
     if not isinstance(delivered, tuple):
         return CredentialLease.model_validate(delivered, from_attributes=True)
     lease, wrapped = delivered

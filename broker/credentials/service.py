@@ -9,6 +9,7 @@ trail as well, best effort.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -21,7 +22,7 @@ from broker.core.errors import Forbidden, NotFound, ValidationFailed
 from broker.integrations.providers import get_provider
 from broker.integrations.service import read_credentials
 from broker.tenants.deletions import DeletionWatch
-from broker.vault.errors import KeyVersionRetired
+from broker.vault.errors import CiphertextRetired
 from broker.vault.gateway import VaultGateway, WrappedSecret
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
@@ -71,9 +72,11 @@ def authorize(principal: Principal, *, tenant_id: str, provider: str) -> bool:
     return principal.may_serve(tenant_id)
 
 
-def record_refusal(engine: Engine, principal: Principal, *, tenant_id: str, provider: str) -> None:
-    """Leave a refused fetch in the broker's audit trail, without waiting for the database."""
-    trail.record_in_background(
+def record_refusal(
+    engine: Engine, principal: Principal, *, tenant_id: str, provider: str
+) -> threading.Event:
+    """Leave a refused fetch in the broker's audit trail, on a thread of its own."""
+    return trail.record_in_background(
         engine,
         action="credentials.fetch",
         resource=f"tenants/{tenant_id}/integrations/{provider}",
@@ -107,7 +110,7 @@ def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
     try:
         creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
-    except (NotFound, KeyVersionRetired):
+    except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.
         raise NotFound(NO_SUCH) from None
@@ -135,4 +138,19 @@ def wrap(vault: VaultGateway, lease: Lease, *, ttl_s: int) -> WrappedSecret:
             "expires_at": lease.expires_at.isoformat(),
         },
         ttl=f"{ttl_s}s",
+    )
+
+
+def record_unverified(
+    engine: Engine, principal: Principal, *, tenant_id: str, provider: str
+) -> None:
+    """Record a fetch refused because the stored data did not verify (tampering)."""
+    trail.record_separately(
+        engine,
+        action="credentials.fetch",
+        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        outcome="failed",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"reason": "unverified"},
     )

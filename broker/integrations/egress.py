@@ -26,6 +26,12 @@ which:
 
 Loopback (127/8, ::1) is reachable only when ``EgressPolicy.allow_loopback`` is set, for
 tests and dev; every other forbidden range stays forbidden even then.
+
+The same policy serves two other callers.  :func:`screen_url` runs every check that needs
+no DNS (it also refuses private and metadata host names such as ``*.internal``), for
+validation at write time.  :class:`GuardedTransport` puts every new connection of a
+long-lived ``httpx.Client`` (the SDK's provider clients) through the same checks, pinned
+to the checked addresses.
 """
 
 from __future__ import annotations
@@ -55,9 +61,12 @@ __all__ = [
     "EgressPolicy",
     "EgressRefused",
     "EgressResponse",
+    "GuardedBackend",
+    "GuardedTransport",
     "Resolver",
     "default_resolver",
     "is_forbidden_address",
+    "screen_url",
 ]
 
 MAX_TIMEOUT_S = 10.0
@@ -295,6 +304,38 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+def _dial(
+    inner: httpcore.NetworkBackend,
+    addresses: list[str],
+    port: int,
+    timeout: Callable[[], float | None],
+    *,
+    local_address: str | None,
+    socket_options: Iterable[httpcore.SOCKET_OPTION] | None,
+) -> httpcore.NetworkStream:
+    """Connect to the first of ``addresses`` that answers, and to nothing else."""
+    last_error: Exception = httpcore.ConnectError("no address to connect to")
+    for address in addresses:
+        try:
+            # A numeric address: socket.create_connection performs no DNS lookup.
+            stream = inner.connect_tcp(
+                address,
+                port,
+                timeout=timeout(),
+                local_address=local_address,
+                socket_options=socket_options,
+            )
+        except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+            last_error = exc
+            continue
+        peer = stream.get_extra_info("server_addr")
+        if ipaddress.ip_address(peer[0]) != ipaddress.ip_address(address):
+            stream.close()
+            raise httpcore.ConnectError("connected to an unexpected address")
+        return stream
+    raise last_error
+
+
 class _PinnedBackend(httpcore.NetworkBackend):
     """Network backend that dials only the pre-validated addresses of one origin.
 
@@ -319,26 +360,15 @@ class _PinnedBackend(httpcore.NetworkBackend):
     ) -> httpcore.NetworkStream:
         if host != self._host or port != self._port:
             raise httpcore.ConnectError("unexpected origin")
-        last_error: Exception = httpcore.ConnectError("no address to connect to")
-        for address in self._addresses:
-            try:
-                # A numeric address: socket.create_connection performs no DNS lookup.
-                stream = self._inner.connect_tcp(
-                    address,
-                    port,
-                    timeout=_clamp(self._deadline, timeout, httpcore.ConnectTimeout),
-                    local_address=local_address,
-                    socket_options=socket_options,
-                )
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last_error = exc
-                continue
-            peer = stream.get_extra_info("server_addr")
-            if ipaddress.ip_address(peer[0]) != ipaddress.ip_address(address):
-                stream.close()
-                raise httpcore.ConnectError("connected to an unexpected address")
-            return _DeadlineStream(stream, self._deadline)
-        raise last_error
+        stream = _dial(
+            self._inner,
+            self._addresses,
+            port,
+            lambda: _clamp(self._deadline, timeout, httpcore.ConnectTimeout),
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+        return _DeadlineStream(stream, self._deadline)
 
     def connect_unix_socket(
         self,
@@ -350,6 +380,87 @@ class _PinnedBackend(httpcore.NetworkBackend):
 
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, min(seconds, self._deadline - time.monotonic())))
+
+
+class GuardedBackend(httpcore.NetworkBackend):
+    """Network backend for long-lived clients: vets every host before each new connection.
+
+    httpcore hands it the URL's host; it applies the same checks as
+    :meth:`EgressClient.check_url` (literal addresses, names, one resolution, every
+    address public) and dials only the addresses it checked, so a DNS answer that
+    changes between the check and the connect cannot redirect it.  TLS still verifies
+    the original host name.  :class:`EgressRefused` propagates unchanged.
+    """
+
+    def __init__(self, policy: EgressPolicy, resolver: Resolver | None = None) -> None:
+        self._policy = policy
+        self._resolver: Resolver = resolver if resolver is not None else default_resolver
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        deadline = time.monotonic() + (timeout or self._policy.timeout_s)
+        literal = _screen_host(host, self._policy)
+        if literal is not None:
+            addresses = [str(literal)]
+        else:
+            addresses = _resolve_public(host, port, self._policy, self._resolver, deadline)
+        return _dial(
+            self._inner,
+            addresses,
+            port,
+            lambda: _clamp(deadline, timeout, httpcore.ConnectTimeout),
+            local_address=local_address,
+            socket_options=socket_options,
+        )
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class GuardedTransport(httpx.HTTPTransport):
+    """An httpx transport whose every connection goes through a :class:`GuardedBackend`.
+
+    Scheme checks happen per request (plain http only when the policy allows it);
+    environment proxies are never used, since a proxy would connect on our behalf.
+    """
+
+    def __init__(
+        self,
+        policy: EgressPolicy,
+        resolver: Resolver | None = None,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(trust_env=False)
+        self._policy = policy
+        # httpx offers no public way to choose the network backend; the pool it built
+        # above is replaced before it has opened anything.
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
+            http1=True,
+            http2=False,
+            retries=0,
+            network_backend=GuardedBackend(policy, resolver),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        _check_scheme(request.url.scheme, self._policy)
+        return super().handle_request(request)
 
 
 # ------------------------------------------------------------------------- helpers
@@ -409,6 +520,151 @@ def _decode_body(body: bytes, encoding: str, cap: int, origin: str) -> bytes:
     return decoded
 
 
+# ------------------------------------------------------------------------ screening
+
+# Names that only ever mean something inside a private network or a cloud instance
+# (RFC 6762 .local, RFC 8375 home.arpa, ICANN's reserved .internal, and suffixes that
+# will never be delegated): refused without asking DNS, so a check with no resolver
+# still catches metadata.google.internal and friends.
+_PRIVATE_SUFFIXES = (
+    "internal",
+    "local",
+    "localdomain",
+    "home.arpa",
+    "lan",
+    "home",
+    "corp",
+    "intranet",
+)
+# Public names that cloud providers resolve to their instance metadata service.
+_METADATA_HOSTS = frozenset({"metadata.goog", "metadata.tencentyun.com"})
+
+
+def _check_scheme(scheme: str, policy: EgressPolicy) -> None:
+    if scheme == "https" or (scheme == "http" and policy.allow_http):
+        return
+    allowed = "http and https" if policy.allow_http else "https"
+    raise EgressRefused(f"only {allowed} URLs are allowed")
+
+
+def _parse(url: str, policy: EgressPolicy) -> httpx.URL:
+    if not isinstance(url, str) or not url:
+        raise EgressRefused("URL must be a non-empty string")
+    if len(url) > _MAX_URL_LENGTH:
+        raise EgressRefused("URL is too long")
+    if _has_forbidden_chars(url):
+        raise EgressRefused("URL contains whitespace, control characters or backslashes")
+    match = _SCHEME_AUTHORITY_RE.match(url)
+    if match is None:
+        raise EgressRefused("URL must be absolute (scheme://host/...)")
+    scheme, authority = match.group(1).lower(), match.group(2)
+    _check_scheme(scheme, policy)
+    if "@" in authority:
+        raise EgressRefused("URL must not contain credentials (userinfo)")
+    if "%" in authority:
+        raise EgressRefused("URL host must not be percent-encoded")
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError):
+        raise EgressRefused("URL is malformed") from None
+    if parsed.scheme != scheme or parsed.userinfo:
+        raise EgressRefused("URL is malformed")
+    return parsed
+
+
+def _screen_host(host: str, policy: EgressPolicy) -> IPAddress | None:
+    """The DNS-free verdict on a host: its address if it is a literal, None for a name."""
+    if not host:
+        raise EgressRefused("URL has no host")
+    try:
+        literal: IPAddress | None = ipaddress.ip_address(host)
+    except ValueError:
+        literal = None
+    if literal is not None:
+        if is_forbidden_address(literal, allow_loopback=policy.allow_loopback):
+            raise EgressRefused("URL points to a non-public address")
+        return literal
+    if not _valid_hostname(host):
+        raise EgressRefused("URL host is not a valid public host name")
+    if host == "localhost" or host.endswith(".localhost"):
+        if not policy.allow_loopback:
+            raise EgressRefused("URL points to a non-public address")
+    elif "." not in host:
+        # Single-label names get expanded with the resolver's search domains.
+        raise EgressRefused("URL host is not a valid public host name")
+    elif host in _METADATA_HOSTS or any(
+        host == suffix or host.endswith("." + suffix) for suffix in _PRIVATE_SUFFIXES
+    ):
+        raise EgressRefused("URL host is a private or metadata host name")
+    return None
+
+
+def _screen(url: str, policy: EgressPolicy) -> tuple[httpx.URL, str, int, IPAddress | None]:
+    parsed = _parse(url, policy)
+    port = _effective_port(parsed)
+    if not 1 <= port <= 65535:
+        raise EgressRefused("URL port must be between 1 and 65535")
+    host = parsed.raw_host.decode("ascii")
+    return parsed, host, port, _screen_host(host, policy)
+
+
+def screen_url(url: str, policy: EgressPolicy) -> httpx.URL:
+    """Every check of :meth:`EgressClient.check_url` that needs no DNS lookup.
+
+    Refuses (:class:`EgressRefused`) what no resolver could make acceptable: a bad
+    scheme or shape, a non-public literal address in any spelling, and private or
+    metadata host names.  A host name that passes still has to be resolved and checked
+    before anything connects to it.
+    """
+    return _screen(url, policy)[0]
+
+
+def _resolve_public(
+    host: str, port: int, policy: EgressPolicy, resolver: Resolver, deadline: float
+) -> list[str]:
+    """Resolve ``host`` once and return its addresses, refusing if any is not public."""
+    addresses = _resolve(resolver, host, port, deadline)
+    if any(is_forbidden_address(ip, allow_loopback=policy.allow_loopback) for ip in addresses):
+        raise EgressRefused("URL host resolves to a non-public address")
+    return [str(ip) for ip in addresses]
+
+
+def _resolve(resolver: Resolver, host: str, port: int, deadline: float) -> list[IPAddress]:
+    """Call the resolver once, bounded by the deadline, and parse its answer."""
+    outcome: list[object] = []
+
+    def run() -> None:
+        try:
+            outcome.append(resolver(host, port))
+        except Exception:
+            outcome.append(None)
+
+    # A daemon thread so that a hung getaddrinfo cannot hold the caller (or the
+    # interpreter at exit) past the deadline.
+    worker = threading.Thread(target=run, name="egress-resolve", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()))
+    if worker.is_alive() or not outcome:
+        raise EgressFailed("timed out resolving the URL host")
+    answer = outcome[0]
+    if not isinstance(answer, list | tuple) or not answer:
+        raise EgressRefused("URL host could not be resolved")
+
+    addresses: list[IPAddress] = []
+    for item in answer:
+        if not isinstance(item, str):
+            raise EgressRefused("URL host could not be resolved")
+        try:
+            ip = ipaddress.ip_address(item)
+        except ValueError:
+            raise EgressRefused("URL host could not be resolved") from None
+        if ip not in addresses:
+            addresses.append(ip)
+    if len(addresses) > _MAX_ADDRESSES:
+        raise EgressRefused("URL host resolves to too many addresses")
+    return addresses
+
+
 # -------------------------------------------------------------------------- client
 
 
@@ -462,106 +718,11 @@ class EgressClient:
         """
         return self._check(url, time.monotonic() + self._policy.timeout_s)
 
-    def _parse(self, url: str) -> httpx.URL:
-        if not isinstance(url, str) or not url:
-            raise EgressRefused("URL must be a non-empty string")
-        if len(url) > _MAX_URL_LENGTH:
-            raise EgressRefused("URL is too long")
-        if _has_forbidden_chars(url):
-            raise EgressRefused("URL contains whitespace, control characters or backslashes")
-        match = _SCHEME_AUTHORITY_RE.match(url)
-        if match is None:
-            raise EgressRefused("URL must be absolute (scheme://host/...)")
-        scheme, authority = match.group(1).lower(), match.group(2)
-        allowed = ("http", "https") if self._policy.allow_http else ("https",)
-        if scheme not in allowed:
-            raise EgressRefused(
-                "only https URLs are allowed"
-                if allowed == ("https",)
-                else "only http and https URLs are allowed"
-            )
-        if "@" in authority:
-            raise EgressRefused("URL must not contain credentials (userinfo)")
-        if "%" in authority:
-            raise EgressRefused("URL host must not be percent-encoded")
-        try:
-            parsed = httpx.URL(url)
-        except (httpx.InvalidURL, ValueError, TypeError):
-            raise EgressRefused("URL is malformed") from None
-        if parsed.scheme != scheme or parsed.userinfo:
-            raise EgressRefused("URL is malformed")
-        return parsed
-
     def _check(self, url: str, deadline: float) -> tuple[httpx.URL, list[str]]:
-        parsed = self._parse(url)
-        port = _effective_port(parsed)
-        if not 1 <= port <= 65535:
-            raise EgressRefused("URL port must be between 1 and 65535")
-        host = parsed.raw_host.decode("ascii")
-        if not host:
-            raise EgressRefused("URL has no host")
-
-        literal: IPAddress | None
-        try:
-            literal = ipaddress.ip_address(host)
-        except ValueError:
-            literal = None
-
+        parsed, host, port, literal = _screen(url, self._policy)
         if literal is not None:
-            if is_forbidden_address(literal, allow_loopback=self._policy.allow_loopback):
-                raise EgressRefused("URL points to a non-public address")
             return parsed, [str(literal)]
-
-        if not _valid_hostname(host):
-            raise EgressRefused("URL host is not a valid public host name")
-        if host == "localhost" or host.endswith(".localhost"):
-            if not self._policy.allow_loopback:
-                raise EgressRefused("URL points to a non-public address")
-        elif "." not in host:
-            # Single-label names get expanded with the resolver's search domains.
-            raise EgressRefused("URL host is not a valid public host name")
-
-        addresses = self._resolve(host, port, deadline)
-        if any(
-            is_forbidden_address(ip, allow_loopback=self._policy.allow_loopback) for ip in addresses
-        ):
-            raise EgressRefused("URL host resolves to a non-public address")
-        return parsed, [str(ip) for ip in addresses]
-
-    def _resolve(self, host: str, port: int, deadline: float) -> list[IPAddress]:
-        """Call the resolver once, bounded by the deadline, and parse its answer."""
-        outcome: list[object] = []
-
-        def run() -> None:
-            try:
-                outcome.append(self._resolver(host, port))
-            except Exception:
-                outcome.append(None)
-
-        # A daemon thread so that a hung getaddrinfo cannot hold the caller (or the
-        # interpreter at exit) past the deadline.
-        worker = threading.Thread(target=run, name="egress-resolve", daemon=True)
-        worker.start()
-        worker.join(max(0.0, deadline - time.monotonic()))
-        if worker.is_alive() or not outcome:
-            raise EgressFailed("timed out resolving the URL host")
-        answer = outcome[0]
-        if not isinstance(answer, list | tuple) or not answer:
-            raise EgressRefused("URL host could not be resolved")
-
-        addresses: list[IPAddress] = []
-        for item in answer:
-            if not isinstance(item, str):
-                raise EgressRefused("URL host could not be resolved")
-            try:
-                ip = ipaddress.ip_address(item)
-            except ValueError:
-                raise EgressRefused("URL host could not be resolved") from None
-            if ip not in addresses:
-                addresses.append(ip)
-        if len(addresses) > _MAX_ADDRESSES:
-            raise EgressRefused("URL host resolves to too many addresses")
-        return addresses
+        return parsed, _resolve_public(host, port, self._policy, self._resolver, deadline)
 
     # ------------------------------------------------------------------- request
 

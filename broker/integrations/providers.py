@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from broker.core.errors import NotFound, ValidationFailed
+from broker.core.errors import NotFound, UpstreamUnavailable, ValidationFailed
 from broker.integrations.egress import EgressClient, EgressFailed, EgressRefused, EgressResponse
 
 __all__ = [
@@ -61,7 +61,7 @@ def _check_store_url(value: str) -> str:
     """Normalise a WooCommerce store URL; ValueError with a value-free message if bad.
 
     Only the shape is checked here; whether http is allowed and which addresses may be
-    called is the egress policy's decision at connection time.
+    called is the egress policy's decision (:meth:`ProviderSpec.check_target`).
     """
     if any(char.isspace() or not char.isprintable() or char == "\\" for char in value):
         raise ValueError("must not contain spaces, control characters or backslashes")
@@ -269,15 +269,23 @@ def _twilio_probe(endpoints: ProviderEndpoints, creds: Credentials) -> _Probe:
     )
 
 
+def _woocommerce_target(endpoints: ProviderEndpoints, creds: Credentials) -> str:
+    return _value(creds, "store_url")
+
+
 def _woocommerce_probe(endpoints: ProviderEndpoints, creds: Credentials) -> _Probe:
     return _Probe(
-        url=f"{_value(creds, 'store_url')}/wp-json/wc/v3/products?per_page=1",
+        url=f"{_woocommerce_target(endpoints, creds)}/wp-json/wc/v3/products?per_page=1",
         auth=(_value(creds, "consumer_key"), _value(creds, "consumer_secret")),
     )
 
 
+def _shopify_target(endpoints: ProviderEndpoints, creds: Credentials) -> str:
+    return endpoints.shopify_base or f"https://{_value(creds, 'shop_domain')}"
+
+
 def _shopify_probe(endpoints: ProviderEndpoints, creds: Credentials) -> _Probe:
-    base = endpoints.shopify_base or f"https://{_value(creds, 'shop_domain')}"
+    base = _shopify_target(endpoints, creds)
     return _Probe(
         url=f"{_base(base)}/admin/api/{endpoints.shopify_api_version}/shop.json",
         headers={"X-Shopify-Access-Token": _value(creds, "access_token")},
@@ -350,6 +358,10 @@ class ProviderSpec:
     expects: Callable[[Any], bool] = field(repr=False, compare=False)
     """Whether a 2xx JSON body looks like this provider's answer."""
     not_found_hint: str = ""
+    target: tuple[str, Callable[[ProviderEndpoints, Credentials], str]] | None = field(
+        default=None, repr=False, compare=False
+    )
+    """The field that names where the broker and the SDK will call, and that base URL."""
 
     def field_spec(self, name: str) -> FieldSpec | None:
         """The spec of one field, or None for an unknown name."""
@@ -407,6 +419,36 @@ class ProviderSpec:
         """True when every required field is among ``present``."""
         have = set(present)
         return all(f.name in have for f in self.fields if f.required)
+
+    def check_target(
+        self, client: EgressClient, endpoints: ProviderEndpoints, creds: Credentials
+    ) -> None:
+        """ValidationFailed unless the URL the credentials name is a permitted egress target.
+
+        The connection test's own check (the same policy, one resolution, every address
+        public), run on every save: a skipped test must not let a store URL on
+        169.254.169.254 or 10.0.0.1 into storage, where the SDK would later call it.
+        """
+        if self.target is None:
+            return
+        name, base_url = self.target
+        try:
+            client.check_url(base_url(endpoints, creds))
+        except EgressRefused as exc:
+            # The egress messages never contain the URL, so they are safe to show.
+            raise ValidationFailed(
+                f"invalid {self.title} credentials",
+                errors=[
+                    {
+                        "field": f"fields.{name}",
+                        "message": f"{name} points to an address the broker may not call ({exc})",
+                    }
+                ],
+            ) from None
+        except EgressFailed:
+            raise UpstreamUnavailable(
+                f"could not check the {self.title} {name} now (name resolution timed out)"
+            ) from None
 
     def connection_test(
         self, client: EgressClient, endpoints: ProviderEndpoints, creds: Credentials
@@ -543,6 +585,7 @@ _WOOCOMMERCE = ProviderSpec(
         _webhook_secret("Secret used to verify WooCommerce webhooks"),
     ),
     probe=_woocommerce_probe,
+    target=("store_url", _woocommerce_target),
     rejects=_auth_rejected,
     expects=_is_list,
     not_found_hint="check the store URL and that the WooCommerce REST API is enabled",
@@ -574,6 +617,7 @@ _SHOPIFY = ProviderSpec(
         _webhook_secret("Secret used to verify Shopify webhooks"),
     ),
     probe=_shopify_probe,
+    target=("shop_domain", _shopify_target),
     rejects=_auth_rejected,
     expects=_is_dict_with("shop", dict),
     not_found_hint="check the shop domain",

@@ -161,12 +161,14 @@ def restore_version(
     engine: EngineDep,
     vault: VaultDep,
     principal: Writer,
+    request: Request,
     if_match: IfMatch = None,
 ) -> IntegrationView:
     """Make an earlier version current again."""
     row = service.restore_version(
         engine,
         vault,
+        _outbound(request),
         principal=principal,
         tenant_id=own_tenant(principal),
         provider=provider,

@@ -1,7 +1,7 @@
 """Integration credentials: validate, test, seal in Vault, record metadata in PostgreSQL.
 
-Write ordering (save, delete, restore, rewrap), chosen so PostgreSQL and Vault
-never disagree in a way anyone can observe:
+Write ordering (save, delete, restore), chosen so PostgreSQL never claims a
+state Vault does not hold:
 
 1. Everything that can fail without side effects runs first: field validation,
    the live connection test, and the Transit encryption.
@@ -9,18 +9,32 @@ never disagree in a way anyone can observe:
    marked `vault_sync_pending`. So a secret can never exist in Vault without a
    row describing it.
 3. Vault: one KV v2 write with check-and-set against the version the row
-   records. A concurrent writer makes this fail with 409; nothing is
-   overwritten silently.
+   records (a delete names that exact version). A concurrent writer makes it
+   fail with 409; nothing is overwritten silently.
 4. T2 (PostgreSQL, committed): the row takes the new version, hints and
-   identifiers, and the pending mark is cleared, in one transaction with the
+   identifiers and the pending mark is cleared, in one transaction with the
    audit event and `integrations_status`.
 
-If step 3 fails (Vault sealed or gone) the caller gets 503, Vault holds
-nothing new, and the pending mark is cleared by reconciling with Vault (now,
-or by the next reader if Vault is still down). If step 4 fails after Vault
-accepted the write, the row stays pending; the KV data carries the same public
-hints, so the next reader rebuilds the row from Vault. Hints are therefore only
-ever shown for a version Vault really holds.
+What each outcome of step 3 leaves behind:
+- accepted: step 4 runs. If it fails, the row stays pending and the next
+  reader rebuilds it from Vault, whose KV data carries the same (sealed,
+  verified) hints.
+- refused (sealed, rate limited, nothing listening): Vault holds nothing new;
+  the caller's own mark is cleared and the caller gets 503.
+- unknown (sent, never answered: a slow raft commit, a paused process): the
+  write may still land. The row keeps its pending mark, and is rebuilt from
+  Vault once KV shows a version or deletion the row does not know. Until then
+  readers see the last version Vault is known to hold, flagged pending. The
+  caller gets 503 and may send the same request again: a retry whose content
+  Vault already holds succeeds without writing twice, and one that arrives
+  first makes the lost write fail check-and-set for good.
+
+Because check-and-set only accepts a write based on KV's current version, a
+write based on an older version can never land later; that is what makes the
+"unknown" state end.
+
+Every response describes the caller's own write (its version, hints and
+ETag), never a concurrent writer's.
 
 This is why these functions take the engine rather than one session: the
 write needs two commits around the Vault call.
@@ -31,7 +45,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -41,7 +54,13 @@ from sqlmodel import Session, select
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
-from broker.core.errors import BrokerError, NotFound, PreconditionFailed, ValidationFailed
+from broker.core.errors import (
+    BrokerError,
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    ValidationFailed,
+)
 from broker.integrations.egress import EgressClient
 from broker.integrations.providers import (
     PROVIDERS,
@@ -53,7 +72,7 @@ from broker.integrations.providers import (
 )
 from broker.models import IntegrationCredential, Tenant, TenantSettings, utcnow
 from broker.settings.schemas import validate_group
-from broker.vault.errors import VaultUnavailable
+from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
 
@@ -143,7 +162,11 @@ def save_credentials(
         _live_tenant(session, tenant_id)
     creds = spec.validate(fields)
     result: ConnectionResult | None = None
-    if not skip_connection_test:
+    if skip_connection_test:
+        # No call now, but the SDK will send these credentials to the stored URL: it
+        # passes the connection test's own egress check all the same.
+        spec.check_target(outbound.client, outbound.endpoints, creds)
+    else:
         result = spec.connection_test(outbound.client, outbound.endpoints, creds)
         if not result.ok:
             _record_test(engine, principal, tenant_id, provider, result, stored=False)
@@ -151,8 +174,6 @@ def save_credentials(
                 f"connection test failed: {result.reason}; nothing was stored",
                 connection_test={"code": result.code, "reason": result.reason},
             )
-    store = SealedStore(vault)
-    ciphertext = store.seal(tenant_id, item_name(provider), creds.secret_values())
     public = {
         "hints": _secret_hints(spec, creds),
         "identifiers": creds.identifiers(),
@@ -161,13 +182,13 @@ def save_credentials(
     }
     return _write(
         engine,
-        store,
+        SealedStore(vault),
         principal=principal,
         tenant_id=tenant_id,
         provider=provider,
         if_match=if_match,
         action="integration.save",
-        ciphertext=ciphertext,
+        content=_Content(creds.secret_values(), creds.identifiers()),
         public=public,
         test=result,
         skipped=skip_connection_test,
@@ -177,6 +198,7 @@ def save_credentials(
 def restore_version(
     engine: Engine,
     vault: VaultGateway,
+    outbound: Outbound,
     *,
     principal: Principal,
     tenant_id: str,
@@ -185,14 +207,15 @@ def restore_version(
     if_match: str | None,
 ) -> IntegrationCredential:
     """Make an earlier KV version current again (as a new version)."""
-    get_provider(provider)
+    spec = get_provider(provider)
     store = SealedStore(vault)
     record = store.read(tenant_id, item_name(provider), version=version)
     if record is None:
         raise NotFound("no such version (it may have been deleted or destroyed)")
     creds = _open(store, tenant_id, provider, record)
-    # Re-seal with the newest key version: the old ciphertext may predate a rotation.
-    ciphertext = store.seal(tenant_id, item_name(provider), creds.secret_values())
+    # The old version's URL is written again: it passes today's egress check, as a save
+    # would (it may predate the check, or its host may resolve elsewhere now).
+    spec.check_target(outbound.client, outbound.endpoints, creds)
     public = {**record.public, "updated_by": principal.actor, "restored_from": version}
     return _write(
         engine,
@@ -202,7 +225,7 @@ def restore_version(
         provider=provider,
         if_match=if_match,
         action="integration.restore",
-        ciphertext=ciphertext,
+        content=_Content(creds.secret_values(), creds.identifiers()),
         public=public,
         test=None,
         skipped=record.public.get("connection_test") == "skipped",
@@ -221,23 +244,28 @@ def delete_credentials(
     """Remove the current credentials. Earlier KV versions stay restorable."""
     get_provider(provider)
     store = SealedStore(vault)
-    _, token = _begin(
+    begun = _begin(
         engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, create=False
     )
     try:
-        store.soft_delete(tenant_id, item_name(provider))
+        # That exact version: a delete answered late must not remove a newer save.
+        store.delete_version(tenant_id, item_name(provider), begun.cas)
+    except WriteOutcomeUnknown:
+        _keep_pending(engine, tenant_id, provider, begun)
+        raise
     except BrokerError:
-        _try_reconcile(engine, store, tenant_id, provider)
+        _abandon(engine, store, tenant_id, provider, begun)
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
         assert row is not None
-        row.configured = False
-        row.hints = {}
-        row.identifiers = {}
-        row.updated_at = utcnow()
-        row.updated_by = principal.actor
-        _clear_pending(row, token)
+        if row.kv_version == begun.cas:
+            row.configured = False
+            row.hints = {}
+            row.identifiers = {}
+            row.updated_at = utcnow()
+            row.updated_by = principal.actor
+            _settle(row)
         session.add(row)
         _update_status(session, row)
         trail.record(
@@ -247,7 +275,7 @@ def delete_credentials(
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
-            detail={"kv_version": row.kv_version},
+            detail={"kv_version": begun.cas},
         )
 
 
@@ -277,6 +305,30 @@ def run_connection_test(
 # -- the write protocol ---------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Content:
+    """What a write stores, to recognise it in Vault: a retry of the same write."""
+
+    secrets: dict[str, str]
+    identifiers: dict[str, str]
+
+    def __repr__(self) -> str:
+        return f"_Content(fields={sorted(self.secrets)})"
+
+
+@dataclass(frozen=True)
+class _Begun:
+    """What T1 decided: the version to write against, and whether a write was open."""
+
+    cas: int
+    # The row was already pending and Vault did not show that write's outcome:
+    # failing ourselves settles nothing about it.
+    inherited: bool
+    # Vault already holds exactly this content (an earlier attempt of this very
+    # request landed): nothing is written, and this is the answer.
+    done: IntegrationCredential | None = None
+
+
 def _write(
     engine: Engine,
     store: SealedStore,
@@ -286,40 +338,50 @@ def _write(
     provider: str,
     if_match: str | None,
     action: str,
-    ciphertext: str,
+    content: _Content,
     public: dict[str, Any],
     test: ConnectionResult | None,
     skipped: bool,
 ) -> IntegrationCredential:
-    cas, token = _begin(engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match)
+    item = item_name(provider)
+    ciphertext = store.seal(tenant_id, item, content.secrets, public)
+    begun = _begin(
+        engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, content=content
+    )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    if begun.done is not None:
+        _record_applied(engine, principal, tenant_id, action, resource, begun.done.kv_version)
+        return begun.done
     try:
-        version = store.write(
-            tenant_id, item_name(provider), ciphertext=ciphertext, public=public, cas=cas
-        )
+        version = store.write(tenant_id, item, ciphertext=ciphertext, public=public, cas=begun.cas)
+    except WriteOutcomeUnknown:
+        _keep_pending(engine, tenant_id, provider, begun)
+        raise
+    except Conflict:
+        # Someone's write landed first; if it holds exactly this content it was an
+        # earlier attempt of this same request, answered late.
+        row = _try_reconcile(engine, store, tenant_id, provider)
+        if row is not None and _holds(store, tenant_id, provider, content):
+            _record_applied(engine, principal, tenant_id, action, resource, row.kv_version)
+            return _view(row)
+        _abandon(engine, store, tenant_id, provider, begun)
+        raise
     except BrokerError:
-        _try_reconcile(engine, store, tenant_id, provider)
+        _abandon(engine, store, tenant_id, provider, begun)
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
         assert row is not None
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:
-            row.kv_version = version
-            row.configured = True
-            row.hints = dict(public.get("hints") or {})
-            row.identifiers = dict(public.get("identifiers") or {})
-            row.updated_at = utcnow()
-            row.updated_by = principal.actor
-            row.connection_test_skipped = skipped
-            if test is not None:
-                _apply_test(row, test)
-        _clear_pending(row, token)
-        session.add(row)
-        _update_status(session, row)
+            _describe(row, version, public, principal.actor, test, skipped)
+            _settle(row)
+            session.add(row)
+            _update_status(session, row)
         trail.record(
             session,
             action=action,
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            resource=resource,
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
@@ -329,7 +391,51 @@ def _write(
                 **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
             },
         )
-        return row
+        # The answer describes this write, even when a concurrent one is newer.
+        own = _view(row)
+        _describe(own, version, public, principal.actor, test, skipped)
+        return own
+
+
+def _record_applied(
+    engine: Engine, principal: Principal, tenant_id: str, action: str, resource: str, version: int
+) -> None:
+    """Audit a write Vault already held: an earlier, unanswered attempt of the same request."""
+    trail.record_separately(
+        engine,
+        action=action,
+        resource=resource,
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"kv_version": version, "already_applied": True},
+    )
+
+
+def _describe(
+    row: IntegrationCredential,
+    version: int,
+    public: Mapping[str, Any],
+    actor: str,
+    test: ConnectionResult | None,
+    skipped: bool,
+) -> None:
+    row.kv_version = version
+    row.configured = True
+    row.hints = dict(public.get("hints") or {})
+    row.identifiers = dict(public.get("identifiers") or {})
+    row.updated_at = utcnow()
+    row.updated_by = actor
+    row.connection_test_skipped = skipped
+    if test is not None:
+        _apply_test(row, test)
+
+
+def _view(row: IntegrationCredential) -> IntegrationCredential:
+    """A detached copy of a row, for an answer that must not change with the row."""
+    copy = IntegrationCredential.model_validate(row.model_dump())
+    copy.vault_sync_pending = False
+    return copy
 
 
 def _begin(
@@ -340,13 +446,9 @@ def _begin(
     provider: str,
     if_match: str | None,
     create: bool = True,
-) -> tuple[int, datetime]:
-    """T1: lock (or create) the row, check If-Match, mark it pending.
-
-    Returns the CAS version and this writer's pending token (the mark's
-    timestamp): only the writer whose mark is still on the row clears it, so a
-    concurrent writer still in flight keeps the row pending until it finishes.
-    """
+    content: _Content | None = None,
+) -> _Begun:
+    """T1: lock (or create) the row, settle an earlier write, check If-Match, mark pending."""
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         if create:
@@ -369,22 +471,76 @@ def _begin(
         row = _locked_row(session, tenant_id, provider)
         if row is None:
             raise NotFound("this integration is not configured")
+        inherited = False
         if row.vault_sync_pending:
-            _reconcile(row, store)
+            moved = _reconcile(row, store)
+            inherited = not moved
+            # The earlier write may have been this one, retried after an unanswered attempt.
+            if moved and content is not None and _holds(store, tenant_id, provider, content):
+                session.add(row)
+                return _Begun(row.kv_version, inherited, done=_view(row))
         if not create and not row.configured:
             raise NotFound("this integration is not configured")
         if if_match is not None and if_match.strip() not in ("*", etag(row)):
+            if content is not None and _holds(store, tenant_id, provider, content):
+                session.add(row)
+                return _Begun(row.kv_version, inherited, done=_view(row))
             raise PreconditionFailed("the credentials changed since they were read; reload")
         row.vault_sync_pending = True
         row.pending_since = utcnow()
         session.add(row)
-        return row.kv_version, row.pending_since
+        return _Begun(row.kv_version, inherited)
 
 
-def _clear_pending(row: IntegrationCredential, token: datetime) -> None:
-    if row.pending_since == token:
-        row.vault_sync_pending = False
-        row.pending_since = None
+def _holds(store: SealedStore, tenant_id: str, provider: str, content: _Content) -> bool:
+    """True when Vault's current version of the credentials is exactly `content`."""
+    record = store.read(tenant_id, item_name(provider))
+    if record is None:
+        return False
+    secrets = store.open(tenant_id, item_name(provider), record)
+    identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
+    return secrets == content.secrets and identifiers == content.identifiers
+
+
+def _settle(row: IntegrationCredential) -> None:
+    row.vault_sync_pending = False
+    row.pending_since = None
+
+
+def _keep_pending(engine: Engine, tenant_id: str, provider: str, begun: _Begun) -> None:
+    """The write may still land: keep (or put back) the mark while it could."""
+    try:
+        with unit_of_work(engine) as session:
+            row = _locked_row(session, tenant_id, provider)
+            # Once the row records a newer version, a write based on `cas` can never land.
+            if row is not None and row.kv_version <= begun.cas:
+                row.vault_sync_pending = True
+                row.pending_since = row.pending_since or utcnow()
+                session.add(row)
+    except BrokerError:
+        log.warning("could not keep an unconfirmed write marked; the T1 mark stands")
+
+
+def _abandon(
+    engine: Engine, store: SealedStore, tenant_id: str, provider: str, begun: _Begun
+) -> None:
+    """This write failed without landing: clear the mark unless another write is open.
+
+    Once the row records a version newer than `cas`, nothing based on `cas` can
+    land. At `cas` itself, the mark is cleared only if it was this write's alone
+    (the row was not already pending when it began).
+    """
+    if begun.inherited:
+        _try_reconcile(engine, store, tenant_id, provider)
+        return
+    try:
+        with unit_of_work(engine) as session:
+            row = _locked_row(session, tenant_id, provider)
+            if row is not None and row.vault_sync_pending and row.kv_version >= begun.cas:
+                _settle(row)
+                session.add(row)
+    except BrokerError:
+        log.warning("could not clear a failed write's mark; the next reader will")
 
 
 def _try_reconcile(
@@ -405,23 +561,32 @@ def _try_reconcile(
         return None
 
 
-def _reconcile(row: IntegrationCredential, store: SealedStore) -> None:
-    """Rebuild a pending row from Vault, which is the source of truth for versions."""
-    version, live = store.current_version(row.tenant_id, item_name(row.provider))
-    if live and version != row.kv_version:
-        record = store.read(row.tenant_id, item_name(row.provider))
-        if record is not None:
-            row.hints = dict(record.public.get("hints") or {})
-            row.identifiers = dict(record.public.get("identifiers") or {})
-            row.updated_by = record.public.get("updated_by")
-            row.connection_test_skipped = record.public.get("connection_test") == "skipped"
-            row.updated_at = utcnow()
-    elif not live:
+def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
+    """Rebuild a pending row from Vault, the source of truth; False when Vault shows nothing new.
+
+    A KV version or deletion the row does not know settles every write that was
+    open (check-and-set refuses any write based on an older version). When KV
+    still holds exactly what the row says, an unanswered write may yet land, so
+    the row stays pending.
+    """
+    item = item_name(row.provider)
+    version, live = store.current_version(row.tenant_id, item)
+    if version == row.kv_version and live == row.configured:
+        return False
+    record = store.read(row.tenant_id, item) if live else None
+    if record is not None:
+        store.open(row.tenant_id, item, record)  # adopt only hints that verify
+        row.hints = dict(record.public.get("hints") or {})
+        row.identifiers = dict(record.public.get("identifiers") or {})
+        row.updated_by = record.public.get("updated_by")
+        row.connection_test_skipped = record.public.get("connection_test") == "skipped"
+    else:
         row.hints, row.identifiers = {}, {}
+    row.updated_at = utcnow()
     row.kv_version = version
-    row.configured = live
-    row.vault_sync_pending = False
-    row.pending_since = None
+    row.configured = record is not None
+    _settle(row)
+    return True
 
 
 def _record_test(
@@ -499,7 +664,7 @@ def _live_tenant(session: Session, tenant_id: str) -> Tenant:
 
 
 def _open(store: SealedStore, tenant_id: str, provider: str, record: SealedRecord) -> Credentials:
-    secrets = store.unseal(tenant_id, item_name(provider), record.ciphertext)
+    secrets = store.open(tenant_id, item_name(provider), record)
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     return Credentials(provider, {**identifiers, **secrets})
 

@@ -24,7 +24,7 @@ from broker.models import PaymentMethod, PaymentProfile, Tenant, utcnow
 from broker.payments.payout import PayoutDetails
 from broker.payments.platform import StripeAccess
 from broker.payments.stripe_gateway import SetupIntentInfo
-from broker.vault.errors import VaultUnavailable
+from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
 
@@ -203,51 +203,122 @@ def put_payout(
 ) -> PaymentProfile:
     """Seal payout details in Vault; PostgreSQL keeps only the method and a masked hint.
 
-    Same ordering as integration credentials: mark pending (commit), write Vault
-    with check-and-set, then record the new version and clear the mark.
+    Same protocol as integration credentials (see `broker.integrations.service`):
+    mark pending (commit), write Vault with check-and-set, then record the new
+    version and clear the mark. A refused write clears the mark; an unanswered
+    one keeps it until Vault shows the outcome; a retry whose details Vault
+    already holds succeeds without a second write.
     """
     store = SealedStore(vault)
-    ciphertext = store.seal(tenant_id, PAYOUT_ITEM, details.secret_values())
+    secrets = details.secret_values()
     public = {"method": method, "hint": details.masked_hint(), "updated_by": principal.actor}
+    ciphertext = store.seal(tenant_id, PAYOUT_ITEM, secrets, public)
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         profile = _profile(session, tenant_id)
+        inherited = False
         if profile.payout_sync_pending:
-            _reconcile_payout(profile, store)
+            moved = _reconcile_payout(profile, store)
+            inherited = not moved
+            if moved and _payout_holds(store, tenant_id, method, secrets):
+                session.add(profile)
+                _record_payout(session, principal, tenant_id, method, profile.payout_version, True)
+                return _payout_view(profile)
         profile.payout_sync_pending = True
         cas = profile.payout_version
         session.add(profile)
     try:
         version = store.write(tenant_id, PAYOUT_ITEM, ciphertext=ciphertext, public=public, cas=cas)
+    except WriteOutcomeUnknown:
+        raise  # the mark stays until Vault shows whether this write landed
+    except Conflict:
+        settled = _try_reconcile_payout(engine, store, tenant_id)
+        if settled is not None and _payout_holds(store, tenant_id, method, secrets):
+            with unit_of_work(engine) as session:
+                _record_payout(session, principal, tenant_id, method, settled.payout_version, True)
+            return _payout_view(settled)
+        raise
     except BrokerError:
-        with unit_of_work(engine) as session:
-            profile = _profile(session, tenant_id)
-            try:
-                _reconcile_payout(profile, store)
-            except VaultUnavailable:
-                pass
-            session.add(profile)
+        if inherited:
+            _try_reconcile_payout(engine, store, tenant_id)
+        else:
+            with unit_of_work(engine) as session:
+                profile = _profile(session, tenant_id)
+                if profile.payout_version == cas:
+                    profile.payout_sync_pending = False
+                    session.add(profile)
         raise
     with unit_of_work(engine) as session:
         profile = _profile(session, tenant_id)
         if version >= profile.payout_version:
-            profile.payout_method = method
-            profile.payout_hint = public["hint"]
-            profile.payout_version = version
-            profile.payout_updated_at = utcnow()
-            profile.payout_updated_by = principal.actor
-        profile.payout_sync_pending = False
-        session.add(profile)
-        trail.record(
-            session,
-            action="payout.update",
-            resource=f"tenants/{tenant_id}/payout",
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"method": method, "kv_version": version},
-        )
-        return profile
+            _describe_payout(profile, version, public)
+            profile.payout_sync_pending = False
+            session.add(profile)
+        _record_payout(session, principal, tenant_id, method, version, False)
+        # The answer describes this write, even when a concurrent one is newer.
+        own = _payout_view(profile)
+        _describe_payout(own, version, public)
+        return own
+
+
+def _record_payout(
+    session: Session,
+    principal: Principal,
+    tenant_id: str,
+    method: str,
+    version: int,
+    already_applied: bool,
+) -> None:
+    detail: dict[str, Any] = {"method": method, "kv_version": version}
+    if already_applied:
+        detail["already_applied"] = True  # an earlier, unanswered attempt had landed
+    trail.record(
+        session,
+        action="payout.update",
+        resource=f"tenants/{tenant_id}/payout",
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail=detail,
+    )
+
+
+def _describe_payout(profile: PaymentProfile, version: int, public: dict[str, Any]) -> None:
+    profile.payout_method = str(public.get("method") or "") or None
+    profile.payout_hint = str(public.get("hint") or "") or None
+    profile.payout_version = version
+    profile.payout_updated_at = utcnow()
+    profile.payout_updated_by = public.get("updated_by")
+
+
+def _payout_view(profile: PaymentProfile) -> PaymentProfile:
+    """A detached copy, for an answer that must not change with the row."""
+    copy = PaymentProfile.model_validate(profile.model_dump())
+    copy.payout_sync_pending = False
+    return copy
+
+
+def _payout_holds(store: SealedStore, tenant_id: str, method: str, secrets: dict[str, str]) -> bool:
+    """True when Vault's current payout details are exactly these."""
+    record = store.read(tenant_id, PAYOUT_ITEM)
+    if record is None or record.public.get("method") != method:
+        return False
+    return store.open(tenant_id, PAYOUT_ITEM, record) == secrets
+
+
+def _try_reconcile_payout(
+    engine: Engine, store: SealedStore, tenant_id: str
+) -> PaymentProfile | None:
+    """Best effort: make the profile match Vault now; leave it pending if Vault is down."""
+    try:
+        with unit_of_work(engine) as session:
+            profile = _profile(session, tenant_id)
+            if profile.payout_sync_pending:
+                _reconcile_payout(profile, store)
+                session.add(profile)
+            return profile
+    except BrokerError:
+        return None
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -269,17 +340,35 @@ def _ensure_customer(engine: Engine, stripe: StripeAccess, *, tenant_id: str) ->
         return profile.stripe_customer_id
 
 
-def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> None:
+def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str) -> None:
+    """Mark the payout record pending and rebuild it from Vault (after a key rotation)."""
+    with unit_of_work(engine) as session:
+        profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
+        if profile is None or profile.payout_version == 0:
+            return
+        profile.payout_sync_pending = True
+        session.add(profile)
+    _try_reconcile_payout(engine, SealedStore(vault), tenant_id)
+
+
+def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:
+    """Rebuild a pending profile from Vault; False when Vault shows nothing new (see
+    `broker.integrations.service._reconcile`: an unanswered write may yet land)."""
     version, live = store.current_version(profile.tenant_id, PAYOUT_ITEM)
-    if live and version != profile.payout_version:
-        record = store.read(profile.tenant_id, PAYOUT_ITEM)
-        if record is not None:
-            profile.payout_method = str(record.public.get("method") or "") or None
-            profile.payout_hint = str(record.public.get("hint") or "") or None
-            profile.payout_updated_by = record.public.get("updated_by")
-            profile.payout_updated_at = utcnow()
+    if version == profile.payout_version and live == (profile.payout_method is not None):
+        return False
+    record = store.read(profile.tenant_id, PAYOUT_ITEM) if live else None
+    if record is not None:
+        store.open(profile.tenant_id, PAYOUT_ITEM, record)  # adopt only a hint that verifies
+        profile.payout_method = str(record.public.get("method") or "") or None
+        profile.payout_hint = str(record.public.get("hint") or "") or None
+        profile.payout_updated_by = record.public.get("updated_by")
+        profile.payout_updated_at = utcnow()
+    else:
+        profile.payout_method = profile.payout_hint = None
     profile.payout_version = version
     profile.payout_sync_pending = False
+    return True
 
 
 def _profile(session: Session, tenant_id: str) -> PaymentProfile:

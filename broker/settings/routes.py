@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Response
+from fastapi import APIRouter, Header, Request, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.deps import SessionDep
+from broker.integrations.egress import EgressClient
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
 
@@ -19,7 +20,15 @@ router = APIRouter(prefix="/v1/tenants/settings", tags=["settings"])
 SettingsReader = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
 ]
-SettingsWriter = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
+SettingsWriter = Annotated[
+    Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN, limit="write")
+]
+
+
+def _egress(request: Request) -> EgressClient:
+    """The guarded client whose policy also judges the URLs stored in settings."""
+    client: EgressClient = request.app.state.outbound.client
+    return client
 
 
 @router.get(
@@ -51,6 +60,7 @@ def patch_settings(
     body: SettingsPatch,
     session: SessionDep,
     principal: SettingsWriter,
+    request: Request,
     response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SettingsView:
@@ -61,6 +71,7 @@ def patch_settings(
         tenant_id=service.own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
         if_match=if_match,
+        egress=_egress(request),
     )
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)

@@ -25,7 +25,7 @@ import copy
 import re
 import zoneinfo
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -40,6 +40,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from broker.integrations.egress import EgressPolicy, EgressRefused, screen_url
 
 __all__ = [
     "HHMM",
@@ -80,6 +82,7 @@ __all__ = [
     "WebhookSettings",
     "apply_merge_patch",
     "default_group",
+    "group_urls",
     "validate_group",
 ]
 
@@ -183,6 +186,11 @@ _HOST_RE = re.compile(r"[^\W_](?:[\w\-.]*[^\W_])?")
 _IPV6_HOST_RE = re.compile(r"\[[0-9A-Fa-f:.]+\]")
 
 
+# The production policy, whatever the deployment's egress settings: the broker never
+# calls these URLs itself, so there is no test or dev server to let through.
+_URL_POLICY = EgressPolicy()
+
+
 def _url_error(reason: str) -> PydanticCustomError:
     return PydanticCustomError("https_url", "invalid https URL: {reason}", {"reason": reason})
 
@@ -210,6 +218,13 @@ def _check_https_url(value: str) -> str:
         raise _url_error("a host is required")
     if _HOST_RE.fullmatch(host) is None and _IPV6_HOST_RE.fullmatch(host) is None:
         raise _url_error("host is not a valid domain name or IP address")
+    try:
+        # Webhooks are called and logos fetched from inside someone's network: the egress
+        # policy's DNS-free checks refuse loopback, private and metadata targets in every
+        # spelling (2130706433, [::ffff:127.0.0.1], metadata.google.internal, ...).
+        screen_url(value, _URL_POLICY)
+    except EgressRefused as exc:
+        raise _url_error(str(exc)) from None
     # Normalise only the scheme's case; keep the rest exactly as given.
     return "https" + value[len(parts.scheme) :]
 
@@ -219,7 +234,7 @@ HttpsUrl = Annotated[
     StringConstraints(strict=True, max_length=2048),
     AfterValidator(_check_https_url),
 ]
-"""An absolute ``https://`` URL with a host and no user info, stored as ``str``."""
+"""An absolute ``https://`` URL to a public host, with no user info, stored as ``str``."""
 
 _LANGUAGE_TAG_RE = re.compile(
     r"(?P<language>[a-z]{2,3})(?:-(?P<script>[a-z]{4}))?(?:-(?P<region>[a-z]{2}|[0-9]{3}))?",
@@ -584,6 +599,36 @@ def apply_merge_patch(current: Any, patch: Any) -> Any:
         else:
             result[key] = apply_merge_patch(result.get(key), value)
     return result
+
+
+def _is_url_field(metadata: list[Any], annotation: Any) -> bool:
+    """Whether a field is an :data:`HttpsUrl` (alone or inside ``| None``)."""
+    if any(isinstance(m, AfterValidator) and m.func is _check_https_url for m in metadata):
+        return True
+    if get_origin(annotation) is Annotated:
+        inner, *extra = get_args(annotation)
+        return _is_url_field(extra, inner)
+    return any(_is_url_field([], arg) for arg in get_args(annotation))
+
+
+def _urls_in(value: Any, loc: tuple[str | int, ...]) -> list[tuple[str, str]]:
+    if isinstance(value, list):
+        return [url for i, item in enumerate(value) for url in _urls_in(item, (*loc, i))]
+    if not isinstance(value, BaseModel):
+        return []
+    found: list[tuple[str, str]] = []
+    for name, info in type(value).model_fields.items():
+        item = getattr(value, name)
+        if isinstance(item, str) and _is_url_field(info.metadata, info.annotation):
+            found.append((".".join(str(part) for part in (*loc, name)), item))
+        else:
+            found.extend(_urls_in(item, (*loc, name)))
+    return found
+
+
+def group_urls(name: str, value: Any) -> list[tuple[str, str]]:
+    """Every :data:`HttpsUrl` in a valid group value, as ``(dotted location, url)``."""
+    return _urls_in(_group_model(name).model_validate(value), (name,))
 
 
 def validate_group(name: str, value: Any) -> dict[str, Any]:

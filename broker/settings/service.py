@@ -10,7 +10,14 @@ from sqlmodel import Session, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
-from broker.core.errors import Forbidden, NotFound, PreconditionFailed, ValidationFailed
+from broker.core.errors import (
+    Forbidden,
+    NotFound,
+    PreconditionFailed,
+    UpstreamUnavailable,
+    ValidationFailed,
+)
+from broker.integrations.egress import EgressClient, EgressFailed, EgressRefused
 from broker.models import SETTINGS_GROUP_COLUMNS, TenantSettings, utcnow
 from broker.settings import rules
 from broker.settings.schemas import (
@@ -19,6 +26,7 @@ from broker.settings.schemas import (
     SettingsView,
     apply_merge_patch,
     default_group,
+    group_urls,
     validate_group,
 )
 
@@ -72,18 +80,26 @@ def patch_settings(
     tenant_id: str,
     patch: dict[str, Any],
     if_match: str | None,
+    egress: EgressClient | None = None,
 ) -> TenantSettings:
     """Apply an RFC 7396 merge patch to one or more groups.
 
     The row is locked (SELECT ... FOR UPDATE) for the read-merge-write, so two
     concurrent PATCHes of different groups serialise and both survive; with
     If-Match the caller also learns when someone else got there first.
+
+    With ``egress``, every URL the patch adds must resolve to public addresses only,
+    under the policy the integrations' connection test uses.
     """
     if not patch:
         raise ValidationFailed("the patch names no settings group")
     read_only = sorted(set(patch) & READ_ONLY_GROUPS)
     if read_only:
         raise ValidationFailed(f"{read_only[0]} is maintained by the broker and is read-only")
+    checked: set[str] = set()
+    if egress is not None:
+        # Resolve before taking the row lock: a slow DNS answer must not hold it.
+        _vet_urls(egress, _added_urls(session, tenant_id, patch), checked)
     row = session.exec(
         select(TenantSettings).where(TenantSettings.tenant_id == tenant_id).with_for_update()
     ).first()
@@ -100,6 +116,9 @@ def patch_settings(
             validated = validate_group(group, merged if merged is not None else {})
         except ValidationError as exc:
             raise ValidationFailed(_describe(group, exc), errors=_errors(group, exc)) from None
+        if egress is not None:
+            # Normally all checked above; a concurrent patch may have changed the group.
+            _vet_urls(egress, _new_urls(group, current, validated), checked)
         if validated != current:
             setattr(row, group, validated)
             changed.append(group)
@@ -120,6 +139,55 @@ def patch_settings(
         detail={"groups": sorted(patch), "changed": changed, "version": row.version},
     )
     return row
+
+
+def _added_urls(session: Session, tenant_id: str, patch: dict[str, Any]) -> list[tuple[str, str]]:
+    """The URLs the patch would add, judged against an unlocked read of the row."""
+    groups = list(patch)
+    columns = [getattr(TenantSettings, group) for group in groups]
+    query = select(*columns).where(TenantSettings.tenant_id == tenant_id)
+    # execute(), not exec(): a row of columns even when the patch names one group.
+    stored = session.execute(query).first()
+    if stored is None:
+        return []
+    added: list[tuple[str, str]] = []
+    for group, current in zip(groups, stored, strict=True):
+        current = current or default_group(group)
+        merged = apply_merge_patch(current, patch[group])
+        try:
+            validated = validate_group(group, merged if merged is not None else {})
+        except ValidationError:
+            continue  # reported, with its location, by the locked pass
+        added.extend(_new_urls(group, current, validated))
+    return added
+
+
+def _new_urls(group: str, current: Any, validated: dict[str, Any]) -> list[tuple[str, str]]:
+    try:
+        before = {url for _, url in group_urls(group, current)}
+    except ValidationError:
+        before = set()  # stored before a rule tightened: every URL counts as new
+    return [(loc, url) for loc, url in group_urls(group, validated) if url not in before]
+
+
+def _vet_urls(egress: EgressClient, urls: list[tuple[str, str]], checked: set[str]) -> None:
+    """Refuse any URL that is, or resolves to, a non-public address."""
+    for loc, url in urls:
+        if url in checked:
+            continue
+        try:
+            egress.check_url(url)
+        except EgressRefused as exc:
+            # The egress messages never contain the URL itself.
+            message = f"invalid https URL: {exc}"
+            raise ValidationFailed(
+                f"{loc}: {message}", errors=[{"field": loc, "message": message}]
+            ) from None
+        except EgressFailed:
+            raise UpstreamUnavailable(
+                f"could not check {loc} now (name resolution timed out)"
+            ) from None
+        checked.add(url)
 
 
 def _matches(if_match: str, row: TenantSettings) -> bool:

@@ -26,6 +26,7 @@ from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
 from broker.integrations.service import reconcile_tenant
 from broker.models import IntegrationCredential, KeyRotation, Tenant, utcnow
+from broker.payments.service import reconcile_payout
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import (
@@ -110,6 +111,9 @@ def rotate_tenant_key(
         vault.transit_set_min_decryption_version(key_name(tenant_id), target)
 
     reconcile_tenant(engine, store, tenant_id)
+    # The payout record's KV version moved too; without this its next write
+    # would fail check-and-set against a version only the rotation wrote.
+    reconcile_payout(engine, vault, tenant_id=tenant_id)
     with unit_of_work(engine) as session:
         rotation = session.exec(
             select(KeyRotation)

@@ -22,6 +22,7 @@ from broker.tenants.schemas import (
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
 PlatformAdmin = Annotated[Principal, require(Scope.PLATFORM_ADMIN)]
+PlatformWriter = Annotated[Principal, require(Scope.PLATFORM_ADMIN, limit="write")]
 NO_TENANT = problem_responses({404: "No such tenant"})
 # A tenant id is a slug; anything else cannot name a tenant, and must not reach
 # PostgreSQL (which refuses NUL) or Vault paths.
@@ -35,7 +36,7 @@ TenantIdPath = Annotated[str, Path(pattern=TENANT_ID_PATTERN, max_length=63)]
     responses=problem_responses({409: "A tenant with this id exists"}),
 )
 def create_tenant(
-    body: TenantCreate, session: SessionDep, vault: VaultDep, principal: PlatformAdmin
+    body: TenantCreate, session: SessionDep, vault: VaultDep, principal: PlatformWriter
 ) -> TenantView:
     """Create a tenant with default settings and its own Transit key."""
     tenant = service.create_tenant(
@@ -71,7 +72,7 @@ def delete_tenant(
     engine: EngineDep,
     vault: VaultDep,
     deletions: DeletionsDep,
-    principal: PlatformAdmin,
+    principal: PlatformWriter,
 ) -> Response:
     """Crypto-shred a tenant: stop delivering it, destroy its Vault data and key, then its rows."""
     service.delete_tenant(
@@ -82,7 +83,7 @@ def delete_tenant(
 
 @router.post("/{tenant_id}/keys/rotate", response_model=KeyRotationView, responses=NO_TENANT)
 def rotate_key(
-    tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformAdmin
+    tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformWriter
 ) -> KeyRotationView:
     """Rotate the tenant's Transit key, rewrap its secrets, retire the old key versions."""
     report = keys.rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)

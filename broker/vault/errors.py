@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import socket
 import ssl
 
 import hvac.exceptions
@@ -17,6 +18,16 @@ class VaultUnavailable(UpstreamUnavailable):
     """Vault is sealed, unreachable, electing a leader or overloaded."""
 
     title = "Vault unavailable"
+
+
+class WriteOutcomeUnknown(VaultUnavailable):
+    """A Vault write was sent but never answered: it may land, or may never land.
+
+    Callers keep whatever records the write would change marked pending until
+    Vault shows the outcome; the same write retried is recognised, not refused.
+    """
+
+    title = "Vault write not confirmed"
 
 
 class VaultMisconfigured(BrokerError):
@@ -33,11 +44,32 @@ class CiphertextRejected(BrokerError):
     title = "Stored ciphertext cannot be decrypted"
 
 
-class KeyVersionRetired(BrokerError):
-    """Sealed with a key version Vault no longer decrypts: from before a rotation, or shredding."""
+class CiphertextRetired(BrokerError):
+    """A ciphertext older than the key's minimum decryption version: a rotation retired it."""
 
     status = 410
     title = "Sealed with a retired key version"
+
+    def __init__(self, message: str | None = None, **extra: object) -> None:
+        super().__init__(
+            message
+            or "this version was sealed before a key rotation retired its key version; "
+            "it can no longer be decrypted or restored",
+            **extra,
+        )
+
+
+class StoredDataUnverified(BrokerError):
+    """What KV holds beside a ciphertext is not what was sealed with it: tampered with."""
+
+    status = 409
+    title = "Stored data does not verify"
+
+    def __init__(self, message: str | None = None, **extra: object) -> None:
+        super().__init__(
+            message or "the stored data does not verify against its sealed copy; it was not used",
+            **extra,
+        )
 
 
 class NoActiveNode(Exception):
@@ -107,12 +139,8 @@ def translate(exc: Exception, *, operation: str) -> BrokerError:
         text = " ".join(str(e) for e in (exc.errors or []))
         if "check-and-set" in text:
             return Conflict("the credential changed since it was read; reload and retry")
-        if "disallowed by policy" in text:
-            # min_decryption_version was raised past this ciphertext's key version.
-            return KeyVersionRetired(
-                "this was sealed with a key version retired by a key rotation;"
-                " it can no longer be decrypted"
-            )
+        if "disallowed by policy" in text or "too old" in text:
+            return CiphertextRetired()
         if "message authentication failed" in text or "decryption failed" in text:
             return CiphertextRejected()
         if "encryption key not found" in text or "key not found" in text:
@@ -139,3 +167,22 @@ def is_transient(exc: BaseException) -> bool:
         | hvac.exceptions.UnexpectedError
         | hvac.exceptions.RateLimitExceeded,
     )
+
+
+def may_have_applied(exc: BaseException) -> bool:
+    """True when a failed write may still have been (or still be) applied by Vault.
+
+    A request that was refused before Vault read it (connection refused, no
+    name, a TLS handshake failure, no active node, a standby's redirect, a
+    sealed or rate-limiting node) changed nothing. One that was sent and then
+    timed out, was cut off, or failed inside Vault (500/502: a raft commit
+    that timed out may still be applied) has an unknown outcome.
+    """
+    if isinstance(
+        exc,
+        ConnectionRefusedError | socket.gaierror | ssl.SSLError | NoActiveNode | StandbyRedirect,
+    ):
+        return False
+    if isinstance(exc, TRANSIENT_TRANSPORT):
+        return True
+    return isinstance(exc, hvac.exceptions.InternalServerError | hvac.exceptions.BadGateway)

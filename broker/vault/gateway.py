@@ -27,6 +27,7 @@ short budget (`retry_budget_s`); after that the caller gets `VaultUnavailable`
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import threading
@@ -56,10 +57,12 @@ from broker.vault.errors import (
     NoActiveNode,
     VaultMisconfigured,
     VaultUnavailable,
+    WriteOutcomeUnknown,
     is_transient,
+    may_have_applied,
     translate,
 )
-from broker.vault.transport import ConnectionPool, PooledAdapter
+from broker.vault.transport import ConnectionPool, PooledAdapter, attempt_timeout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -135,6 +138,10 @@ class WrappedSecret:
         return f"WrappedSecret(accessor={self.accessor!r}, ttl={self.ttl})"
 
 
+class BudgetSpent(Exception):
+    """The request's Vault time budget ran out before this call could be tried again."""
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
@@ -181,6 +188,7 @@ class VaultGateway:
         self._active_known = len(self.addrs) == 1
         self._discovery_lock = threading.Lock()
         self._no_active_until = 0.0
+        self._timeout_s = timeout_s
         self._probe_timeout_s = min(timeout_s, 2.0)
         self._probes: ThreadPoolExecutor | None = None
         # One keep-alive pool for every node, with a connection per worker thread.
@@ -238,9 +246,6 @@ class VaultGateway:
         """The node the next call goes to first (the active node, once found)."""
         return self.addrs[self._current]
 
-    def _client(self) -> hvac.Client:
-        return self._client_at(self._target())
-
     def _client_at(self, index: int) -> hvac.Client:
         client = self._clients[index]
         client.token = self._ensure_token(client)
@@ -248,7 +253,7 @@ class VaultGateway:
 
     # -- finding the active node ---------------------------------------------------------
 
-    def _target(self) -> int:
+    def _target(self, left_s: float) -> int:
         """The index of the node to call: the cached active node, or a fresh search."""
         if self._active_known:
             return self._current
@@ -257,7 +262,7 @@ class VaultGateway:
                 return self._current
             if time.monotonic() < self._no_active_until:
                 raise NoActiveNode("no active Vault node (searched moments ago)")
-            index = self._find_active()
+            index = self._find_active(min(self._probe_timeout_s, left_s))
             if index is None:
                 self._no_active_until = time.monotonic() + _NO_ACTIVE_GRACE_S
                 raise NoActiveNode("no configured Vault address is the active node")
@@ -275,7 +280,7 @@ class VaultGateway:
         if len(self.addrs) > 1 and self._current == index:
             self._active_known = False
 
-    def _find_active(self) -> int | None:
+    def _find_active(self, timeout_s: float) -> int | None:
         """Ask every node's `sys/health` at once; the first (by order) answering 200 wins.
 
         In parallel, so one node that hangs (rather than refusing) costs one probe
@@ -286,17 +291,18 @@ class VaultGateway:
                 max_workers=len(self.addrs), thread_name_prefix="vault-probe"
             )
         order = [self._current] + [i for i in range(len(self.addrs)) if i != self._current]
-        for index, active in zip(order, self._probes.map(self._is_active, order), strict=True):
+        probe = functools.partial(self._is_active, timeout_s=timeout_s)
+        for index, active in zip(order, self._probes.map(probe, order), strict=True):
             if active:
                 return index
         return None
 
-    def _is_active(self, index: int) -> bool:
+    def _is_active(self, index: int, *, timeout_s: float) -> bool:
         try:
             # No standbyok: only the active node answers 200 (429 standby, 503 sealed,
             # 501 not initialised, 472/473 DR/performance standby).
             response = self._pool.request(
-                "GET", f"{self.addrs[index]}/v1/sys/health", timeout_s=self._probe_timeout_s
+                "GET", f"{self.addrs[index]}/v1/sys/health", timeout_s=timeout_s
             )
         except (*TRANSIENT_TRANSPORT, ValueError):
             return False
@@ -335,10 +341,14 @@ class VaultGateway:
 
         The retry budget is short on purpose: an API caller would rather get a
         503 with Retry-After in a few seconds than hang through an election.
+        Within an API request the budget covers all of the request's Vault calls
+        together (`context.vault_deadline`), and no attempt waits on a socket
+        past it, so a hung Vault costs a request one budget, whatever it calls.
         """
+        deadline = context.vault_deadline(self._retry_budget_s)
         retrying = Retrying(
             stop=stop_after_attempt(max(3, 4 * len(self.addrs)))
-            | stop_before_delay(self._retry_budget_s),
+            | stop_before_delay(max(0.0, deadline - time.monotonic())),
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
             retry=retry_if_exception(is_transient),
             reraise=True,
@@ -348,13 +358,19 @@ class VaultGateway:
             try:
                 for attempt in retrying:
                     with attempt:
-                        index = self._target()
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise BudgetSpent(f"Vault did not answer in time ({operation})")
+                        index = self._target(left)
                         try:
-                            return fn(self._client_at(index))
+                            with attempt_timeout(min(self._timeout_s, left)):
+                                return fn(self._client_at(index))
                         except Exception as exc:
                             if is_transient(exc):
                                 self._forget(index)
                             raise
+            except BudgetSpent as exc:
+                raise VaultUnavailable(str(exc), retry_after=self.retry_after_s) from None
             except hvac.exceptions.Forbidden as exc:
                 # An AppRole token may have been revoked or expired early:
                 # log in once more before calling it a misconfiguration.
@@ -431,6 +447,9 @@ class VaultGateway:
         answering) and the retry then fails check-and-set, the version it would have
         created is read back; if it holds exactly this data, that write was ours and
         its version is returned instead of a false conflict.
+
+        Raises `WriteOutcomeUnknown` when no attempt was answered and one may still
+        be applied (a timeout, a cut connection, a 500 from a raft commit).
         """
         attempts = 0
 
@@ -449,7 +468,29 @@ class VaultGateway:
                 raise
             return int(result["data"]["version"])
 
-        return self.call("write a secret", write)
+        return self._write_call("write a secret", write)
+
+    def _write_call(self, operation: str, fn: Callable[[hvac.Client], T]) -> T:
+        """`call` for a write: an attempt sent but never answered makes the outcome unknown."""
+        sent = False
+
+        def attempt(client: hvac.Client) -> T:
+            nonlocal sent
+            try:
+                return fn(client)
+            except Exception as exc:
+                sent = sent or may_have_applied(exc)
+                raise
+
+        try:
+            return self.call(operation, attempt)
+        except VaultUnavailable:
+            if sent:
+                raise WriteOutcomeUnknown(
+                    f"Vault did not confirm the write ({operation}); it may still be applied",
+                    retry_after=self.retry_after_s,
+                ) from None
+            raise
 
     def _kv_holds(
         self, client: hvac.Client, path: str, version: int, data: Mapping[str, Any]
@@ -484,12 +525,16 @@ class VaultGateway:
 
         return self.call("list secrets", list_keys)
 
-    def kv_soft_delete(self, path: str) -> None:
-        """Delete the latest version; earlier versions stay restorable."""
-        self.call(
+    def kv_delete_versions(self, path: str, versions: list[int]) -> None:
+        """Delete the given versions (restorable with undelete); deleting twice is harmless.
+
+        Naming versions, unlike "delete the latest", means a delete that Vault
+        applies late can never remove a version written after it was sent.
+        """
+        self._write_call(
             "delete a secret",
-            lambda client: client.secrets.kv.v2.delete_latest_version_of_secret(
-                path=path, mount_point=self.kv_mount
+            lambda client: client.secrets.kv.v2.delete_secret_versions(
+                path=path, versions=versions, mount_point=self.kv_mount
             ),
         )
 

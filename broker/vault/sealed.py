@@ -7,6 +7,13 @@ ciphertext is produced by the derived key `tenant-<tenant>` with the context
 ciphertext copied to another provider's path or another tenant's fails to
 decrypt. `public` holds only what may be shown anyway: masked hints and
 non-secret identifiers, so metadata can be rebuilt from Vault alone.
+
+`public` is readable without Transit, so it is also sealed: the plaintext is
+`{"secrets": {...}, "public": {...}}`, and opening an item checks that the
+`public` stored beside the ciphertext is the one sealed inside it. Whoever can
+write KV but not use Transit therefore cannot pair a tenant's real secret with
+an identifier of their choosing (a WooCommerce store URL that points at them):
+the read fails with `StoredDataUnverified` instead.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from broker.vault.errors import StoredDataUnverified
 from broker.vault.gateway import VaultGateway
 
 _CIPHERTEXT_VERSION = re.compile(r"^vault:v(\d+):")
@@ -52,6 +60,11 @@ class SealedRecord:
         return f"SealedRecord(version={self.version}, public={self.public!r})"
 
 
+def _normal(public: Mapping[str, Any]) -> Any:
+    """`public` as it reads back from KV (JSON), so a comparison is exact."""
+    return json.loads(json.dumps(dict(public), sort_keys=True))
+
+
 class SealedStore:
     """Encrypt-then-store and load-then-decrypt for one tenant's items."""
 
@@ -66,22 +79,33 @@ class SealedStore:
         """Create the tenant's Transit key if missing; True when it was created."""
         return self.vault.transit_ensure_key(key_name(tenant_id))
 
-    def seal(self, tenant_id: str, item: str, secrets: Mapping[str, str]) -> str:
-        """Encrypt `secrets` (as one JSON document) bound to the tenant and item."""
-        plaintext = json.dumps(dict(secrets), sort_keys=True, separators=(",", ":")).encode()
+    def seal(
+        self, tenant_id: str, item: str, secrets: Mapping[str, str], public: Mapping[str, Any]
+    ) -> str:
+        """Encrypt `secrets` with the `public` part they will be stored beside, bound to
+        the tenant and item."""
+        document = {"secrets": dict(secrets), "public": _normal(public)}
+        plaintext = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         return self.vault.transit_encrypt(
             key_name(tenant_id), plaintext, context=binding(tenant_id, item)
         )
 
-    def unseal(self, tenant_id: str, item: str, ciphertext: str) -> dict[str, str]:
-        """Decrypt a ciphertext written for this tenant and item."""
+    def open(self, tenant_id: str, item: str, record: SealedRecord) -> dict[str, str]:
+        """Decrypt a record's secrets, after checking its public part is the sealed one."""
         plaintext = self.vault.transit_decrypt(
-            key_name(tenant_id), ciphertext, context=binding(tenant_id, item)
+            key_name(tenant_id), record.ciphertext, context=binding(tenant_id, item)
         )
-        value = json.loads(plaintext)
-        if not isinstance(value, dict):
-            raise ValueError("sealed item is not an object")
-        return {str(k): str(v) for k, v in value.items()}
+        try:
+            document = json.loads(plaintext)
+        except ValueError:
+            raise StoredDataUnverified() from None
+        if (
+            not isinstance(document, dict)
+            or not isinstance(document.get("secrets"), dict)
+            or document.get("public") != _normal(record.public)
+        ):
+            raise StoredDataUnverified()
+        return {str(k): str(v) for k, v in document["secrets"].items()}
 
     def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:
         """The latest (or a given) live version of an item, still sealed."""
@@ -131,9 +155,9 @@ class SealedStore:
             )
         ]
 
-    def soft_delete(self, tenant_id: str, item: str) -> None:
-        """Delete the latest version; earlier versions stay restorable."""
-        self.vault.kv_soft_delete(self.path(tenant_id, item))
+    def delete_version(self, tenant_id: str, item: str, version: int) -> None:
+        """Delete one version (the current one, as the caller knows it); others stay."""
+        self.vault.kv_delete_versions(self.path(tenant_id, item), [version])
 
     def items(self, tenant_id: str) -> list[str]:
         """Every item stored for the tenant (recursively), e.g. `integrations/shopify`."""

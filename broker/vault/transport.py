@@ -37,7 +37,9 @@ import select
 import ssl
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode, urlsplit
@@ -47,6 +49,20 @@ import hvac.adapters
 from broker.vault.errors import InvalidHeader, StandbyRedirect
 
 JSON = "application/json"
+
+# The socket timeout of the call being made, when the gateway has less time left in
+# the request's budget than the configured timeout (see `attempt_timeout`).
+_attempt_timeout: ContextVar[float | None] = ContextVar("vault_attempt_timeout", default=None)
+
+
+@contextmanager
+def attempt_timeout(seconds: float) -> Iterator[None]:
+    """Calls made inside wait at most `seconds` for each socket operation."""
+    token = _attempt_timeout.set(seconds)
+    try:
+        yield
+    finally:
+        _attempt_timeout.reset(token)
 
 
 @dataclass(frozen=True)
@@ -191,7 +207,11 @@ class ConnectionPool:
             raise ValueError("Vault addresses are http:// or https:// URLs")
         node = self._node(parts.scheme, parts.netloc)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        conn = node.connect(timeout_s) if timeout_s is not None else node.acquire()
+        if timeout_s is not None:
+            conn = node.connect(timeout_s)
+        else:
+            conn = node.acquire()
+            _set_timeout(conn, _attempt_timeout.get() or self._timeout_s)
         try:
             try:
                 conn.request(method, target or "/", body=body, headers=dict(headers or {}))
@@ -233,6 +253,13 @@ class ConnectionPool:
                     ),
                 )
         return node
+
+
+def _set_timeout(conn: http.client.HTTPConnection, seconds: float) -> None:
+    """Apply `seconds` to a pooled connection, whether or not it is connected yet."""
+    conn.timeout = seconds
+    if conn.sock is not None:
+        conn.sock.settimeout(seconds)
 
 
 def _bad_header(headers: Mapping[str, str]) -> str:

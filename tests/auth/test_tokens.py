@@ -20,6 +20,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from fastapi.testclient import TestClient
 from jwt.algorithms import RSAAlgorithm
 from pydantic import ValidationError
 from sqlalchemy import Engine
@@ -31,6 +32,8 @@ from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.vault.gateway import VaultGateway
+from tests.conftest import make_tenant
+from tests.conftest import token as signed_token
 
 SECRET = "unit-test-hs256-signing-key-0123456789abcdef"
 ISSUER = "tenant-secrets-broker"
@@ -258,6 +261,57 @@ def test_hs256_signed_with_the_public_key_pem_is_refused(rsa_key: rsa.RSAPrivate
 def test_garbage_is_unauthenticated(garbage: str) -> None:
     with pytest.raises(Unauthenticated):
         hs_verifier().verify(garbage)
+
+
+# --- the Authorization header ------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["Bearer", "bearer", "BEARER", "bEaReR"])
+def test_the_bearer_scheme_is_accepted_in_any_case(client: TestClient, scheme: str) -> None:
+    tenant = make_tenant(client)
+    jwt_ = signed_token("tenant:admin", tenant_id=tenant)
+    response = client.get("/v1/tenants/settings", headers={"Authorization": f"{scheme} {jwt_}"})
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Bearer  {t}",  # two spaces
+        "Bearer\t{t}",
+        "Bearer {t} extra",
+        "Bearer {t},{t}",
+        "Bearer{t}",
+        "{t}",
+        "Basic {t}",
+        "Token {t}",
+        "Bearer",
+        "Bearer ",
+    ],
+)
+def test_anything_but_exactly_bearer_space_token_is_unauthenticated(
+    client: TestClient, header: str
+) -> None:
+    tenant = make_tenant(client)
+    jwt_ = signed_token("tenant:admin", tenant_id=tenant)
+    response = client.get(
+        "/v1/tenants/settings", headers={"Authorization": header.replace("{t}", jwt_)}
+    )
+    assert response.status_code == 401, response.text
+    assert jwt_ not in response.text
+
+
+def test_two_authorization_headers_are_a_bad_request(client: TestClient) -> None:
+    tenant = make_tenant(client)
+    good = f"Bearer {signed_token('tenant:admin', tenant_id=tenant)}"
+    other = f"Bearer {signed_token('tenant:admin', tenant_id=make_tenant(client))}"
+    for pair in ([good, good], [good, other], [good, "Basic eA=="]):
+        response = client.get(
+            "/v1/tenants/settings", headers=[("Authorization", value) for value in pair]
+        )
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "Bearer" not in response.text
 
 
 def test_unknown_scope_fails_closed() -> None:

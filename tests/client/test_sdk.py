@@ -33,6 +33,7 @@ from broker.client import (
     CredentialsNotFound,
     OpenAICredentials,
     ShopifyCredentials,
+    TargetRefused,
     TwilioCredentials,
     WhatsAppCredentials,
     WooCommerceCredentials,
@@ -41,11 +42,14 @@ from broker.client import (
     create_twilio_service_for_tenant,
     create_woo_service_for_tenant,
 )
+from broker.integrations.egress import EgressPolicy
 from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
 
 CREDENTIALS_ROUTE = "/v1/credentials/{tenant_id}/{provider}"
 LEASE_S = 300  # the broker's default lease; no provider cap is lower
+# The fake providers listen on http://127.0.0.1: the factories reach them only by opting in.
+LOCAL = EgressPolicy(allow_http=True, allow_loopback=True)
 
 
 # ----------------------------------------------------------------- the broker
@@ -580,14 +584,16 @@ def test_factories_call_the_providers_with_the_tenants_credentials(
     sid = VALID["twilio"]["account_sid"]
     before = fetch_count(broker_url)
     with sdk(broker_url, tenant) as broker:
-        with create_woo_service_for_tenant(broker, tenant) as woo:
+        with create_woo_service_for_tenant(broker, tenant, egress=LOCAL) as woo:
             assert woo.get("products").json()[0]["id"] == 794
             assert woo.get("products", params={"per_page": 1}).status_code == 200
         with create_shopify_service_for_tenant(
-            broker, tenant, base_url_override=providers.base_url
+            broker, tenant, base_url_override=providers.base_url, egress=LOCAL
         ) as shopify:
             assert shopify.get("shop.json").json()["shop"]["name"] == "Demo Shop"
-        with create_twilio_service_for_tenant(broker, tenant, base_url=providers.base_url) as tw:
+        with create_twilio_service_for_tenant(
+            broker, tenant, base_url=providers.base_url, egress=LOCAL
+        ) as tw:
             account = tw.get(f"{providers.base_url}/2010-04-01/Accounts/{sid}.json")
             assert account.json()["sid"] == sid
             tw.get("Messages.json")  # the fake has no such route, but records the call
@@ -624,9 +630,9 @@ def test_factory_clients_follow_rotations_transparently(
     save(client, tenant, "shopify", fields_for("shopify", providers, access_token=rejected))
     clock = FakeClock()
     with sdk(broker_url, tenant, clock=clock) as broker:
-        woo = create_woo_service_for_tenant(broker, tenant)
+        woo = create_woo_service_for_tenant(broker, tenant, egress=LOCAL)
         shopify = create_shopify_service_for_tenant(
-            broker, tenant, base_url_override=providers.base_url
+            broker, tenant, base_url_override=providers.base_url, egress=LOCAL
         )
         with woo, shopify:
             # A token the provider rejects while the lease is still valid: after the
@@ -649,3 +655,66 @@ def test_factory_clients_follow_rotations_transparently(
         ("/wp-json/wc/v3/products", None),
         ("/shop2/wp-json/wc/v3/products", None),
     ]
+
+
+def test_factories_refuse_non_public_targets_by_default(
+    client: TestClient, providers: FakeProviders, broker_url: str
+) -> None:
+    """Without the opt-in, the fakes on http://127.0.0.1 are targets nothing is sent to."""
+    tenant = make_tenant(client)
+    for provider in ("woocommerce", "shopify", "twilio"):
+        save(client, tenant, provider, fields_for(provider, providers))
+    with sdk(broker_url, tenant) as broker:
+        attempts = {
+            "woocommerce": lambda: create_woo_service_for_tenant(broker, tenant),
+            "shopify": lambda: create_shopify_service_for_tenant(
+                broker, tenant, base_url_override=providers.base_url
+            ),
+            "twilio": lambda: create_twilio_service_for_tenant(
+                broker, tenant, base_url=providers.base_url
+            ),
+            "shopify over https": lambda: create_shopify_service_for_tenant(
+                broker, tenant, base_url_override="https://169.254.169.254"
+            ),
+        }
+        for name, attempt in attempts.items():
+            with pytest.raises(TargetRefused) as refused:
+                attempt()
+            assert "127.0.0.1" not in str(refused.value), name
+    assert providers.requests == []
+
+
+def test_factory_clients_refuse_a_host_that_resolves_to_a_private_address(
+    client: TestClient, providers: FakeProviders, broker_url: str
+) -> None:
+    """Checked per connection with DNS: a name that now points inward gets nothing."""
+    tenant = make_tenant(client)
+    store_url = providers.base_url.replace("127.0.0.1", "localhost")
+    save(client, tenant, "woocommerce", fields_for("woocommerce", providers, store_url=store_url))
+    answers = {"localhost": ["127.0.0.1"]}
+    with sdk(broker_url, tenant) as broker:
+        woo = create_woo_service_for_tenant(
+            broker, tenant, egress=LOCAL, resolver=lambda host, port: answers[host]
+        )
+        with woo:
+            assert woo.get("products", headers={"Connection": "close"}).status_code == 200
+            answers["localhost"] = ["10.0.0.7"]
+            with pytest.raises(TargetRefused, match="non-public"):
+                woo.post("products", json={"name": "x"})
+    assert [r.path for r in providers.requests] == ["/wp-json/wc/v3/products"]
+
+
+def test_the_sdk_does_not_import_the_server() -> None:
+    """Services install the SDK next to their own code: no web framework, ORM or hvac."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from broker.client import TargetRefused, create_woo_service_for_tenant; "
+        "print(sorted(m for m in ('fastapi', 'sqlmodel', 'sqlalchemy', 'hvac', 'psycopg', "
+        "'stripe', 'broker.core.config', 'broker.integrations.providers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.strip() == "[]"

@@ -6,13 +6,15 @@ import threading
 from typing import Any
 
 import pytest
+from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from sqlalchemy import Engine
 
-from broker.app import create_app
+from broker.app import ROUTERS, create_app
+from broker.auth.dependencies import declared_limit, declared_scopes
 from broker.core.config import Settings
 from broker.core.ratelimit import LocalWindows, RateLimiter, client_address
 from broker.devstack.openbao import free_port
@@ -67,17 +69,74 @@ def test_credential_writes_and_tests_are_limited(
     assert tight.get("/v1/tenants/settings/integrations", headers=admin).status_code == 200
 
 
-def test_failed_authentication_is_limited_strictly_then_blocks_the_address(
+def test_every_write_counts_against_the_write_limit() -> None:
+    unlimited = []
+    for router in ROUTERS:
+        for route in router.routes:
+            if not isinstance(route, APIRoute) or route.methods <= {"GET", "HEAD"}:
+                continue
+            stack = list(route.dependant.dependencies)
+            limits = set()
+            while stack:
+                dependency = stack.pop()
+                if declared_scopes(dependency.call):
+                    limits.add(declared_limit(dependency.call))
+                stack.extend(dependency.dependencies)
+            if limits != {"write"}:
+                unlimited.extend(f"{method} {route.path}" for method in route.methods)
+    assert not unlimited, f"writes without the write limit: {sorted(unlimited)}"
+
+
+def test_settings_patches_are_write_limited(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    tight = limited_client(settings, engine, broker_vault, rate_limit_write="2/minute")
+    tenant = make_tenant(tight)
+    admin = bearer(token("tenant:admin", tenant_id=tenant))
+    body = {"branding": {"business_name": "Flood"}}
+    statuses = [
+        tight.patch("/v1/tenants/settings", json=body, headers=admin).status_code for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+
+
+def test_failed_authentication_is_limited_per_address_without_locking_out_valid_tokens(
     settings: Settings, engine: Engine, broker_vault: VaultGateway
 ) -> None:
     tight = limited_client(settings, engine, broker_vault, rate_limit_auth_failures="5/hour")
-    bad = bearer(token("tenant:admin", tenant_id="t", key="wrong-key-but-long-enough-for-hs256-x"))
+    tenant = make_tenant(tight)
+    bad = bearer(
+        token("tenant:admin", tenant_id=tenant, key="wrong-key-but-long-enough-for-hs256-x")
+    )
     statuses = [tight.get("/v1/tenants/settings", headers=bad).status_code for _ in range(6)]
     assert statuses == [401] * 5 + [429]
-    good = bearer(token("tenant:admin", tenant_id="t"))
-    blocked = tight.get("/v1/tenants/settings", headers=good)
-    assert blocked.status_code == 429
-    assert int(blocked.headers["retry-after"]) > 0
+    limited = tight.get("/v1/tenants/settings", headers=bad)
+    assert limited.status_code == 429
+    assert int(limited.headers["retry-after"]) > 0
+    # Another caller behind the same address (a proxy, a NAT) with a valid token
+    # is served: the failures were not its own.
+    good = bearer(token("tenant:admin", tenant_id=tenant, subject="bob"))
+    assert tight.get("/v1/tenants/settings", headers=good).status_code == 200
+    # ...while the address stays limited for tokens that do not verify.
+    assert tight.get("/v1/tenants/settings").status_code == 429
+
+
+def test_fetch_limits_are_per_principal_not_per_address(
+    client: TestClient, settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    tenant = make_tenant(client)
+    client.put(
+        "/v1/tenants/settings/integrations/openai",
+        json={"fields": dict(VALID["openai"]), "skip_connection_test": True},
+        headers=bearer(token("tenant:admin", tenant_id=tenant)),
+    )
+    tight = limited_client(settings, engine, broker_vault, rate_limit_fetch="3/minute")
+    url = f"/v1/credentials/{tenant}/openai"
+    busy = bearer(token("credentials:read", kind="service", subject="busy", tenants=(tenant,)))
+    quiet = bearer(token("credentials:read", kind="service", subject="quiet", tenants=(tenant,)))
+    assert [tight.get(url, headers=busy).status_code for _ in range(4)] == [200, 200, 200, 429]
+    # Same address (the test client's), another service: its own budget.
+    assert [tight.get(url, headers=quiet).status_code for _ in range(3)] == [200, 200, 200]
 
 
 def test_expired_tokens_count_against_their_principal(
@@ -105,6 +164,13 @@ def test_unreachable_redis_falls_back_to_memory_and_keeps_limiting(
     )
     statuses = [tight.get("/v1/tenants/settings").status_code for _ in range(3)]
     assert statuses == [401, 401, 429]
+    # Degraded, and saying so to whoever watches the metrics.
+    assert tight.app.state.limiter.degraded  # type: ignore[attr-defined]
+    assert "broker_rate_limit_degraded 1.0" in tight.get("/metrics").text
+
+
+def test_the_degraded_metric_is_zero_with_local_counters(client: TestClient) -> None:
+    assert "broker_rate_limit_degraded 0.0" in client.get("/metrics").text
 
 
 @pytest.mark.parametrize(

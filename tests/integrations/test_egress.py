@@ -27,6 +27,8 @@ from broker.integrations.egress import (
     EgressPolicy,
     EgressRefused,
     EgressResponse,
+    GuardedTransport,
+    screen_url,
 )
 
 CAP = 1024
@@ -791,3 +793,118 @@ def test_tls_certificate_for_another_name_fails(
     with pytest.raises(EgressFailed, match="TLS"):
         client.get(tls_server.server.url("/echo", host="other.example.test"))
     assert tls_server.server.state.hits == {}
+
+
+# ------------------------------------------------------- DNS-free screening
+
+
+@pytest.mark.parametrize(
+    ("url", "policy"),
+    [
+        ("https://metadata.google.internal/computeMetadata/v1/", DEV_LOOPBACK),
+        ("https://instance-data.ec2.internal/", STRICT),
+        ("https://metadata.goog/", STRICT),
+        ("https://printer.local/", STRICT),
+        ("https://router.home.arpa/", STRICT),
+        ("https://nas.lan/", STRICT),
+        ("https://169.254.169.254/", DEV_LOOPBACK),
+        ("https://2130706433/", DEV_LOOPBACK),
+        ("https://0x7f000001/", DEV_LOOPBACK),
+        ("https://[::ffff:127.0.0.1]/", DEV_LOOPBACK),
+        ("https://[::1]/", STRICT),
+        ("https://localhost/", STRICT),
+        ("https://10.1.2.3/", DEV_LOOPBACK),
+        ("http://public.example.com/", STRICT),
+    ],
+)
+def test_screen_url_refuses_without_any_lookup(
+    url: str, policy: EgressPolicy, no_network: NetworkSpy
+) -> None:
+    with pytest.raises(EgressRefused):
+        screen_url(url, policy)
+    assert no_network.lookups == []
+
+
+def test_screen_url_leaves_public_names_to_the_resolver(no_network: NetworkSpy) -> None:
+    assert str(screen_url("https://shop.example.com/wp", STRICT)) == "https://shop.example.com/wp"
+    assert screen_url("http://127.0.0.1:9/", DEV_LOOPBACK).port == 9
+    assert no_network.lookups == []
+
+
+def test_private_host_names_are_refused_even_if_they_resolve_publicly(
+    no_network: NetworkSpy,
+) -> None:
+    client = EgressClient(STRICT, resolver=lambda host, port: ["93.184.216.34"])
+    for url in ("https://metadata.google.internal/", "https://db.corp/", "https://x.local/"):
+        with pytest.raises(EgressRefused, match="private or metadata host name"):
+            client.check_url(url)
+
+
+# ------------------------------------------------------- guarded transport
+
+
+def guarded(policy: EgressPolicy, resolver: Callable[[str, int], list[str]]) -> httpx.Client:
+    return httpx.Client(transport=GuardedTransport(policy, resolver), timeout=3.0)
+
+
+@pytest.mark.parametrize(
+    ("url", "policy"),
+    [
+        ("https://169.254.169.254/latest/meta-data/", DEV_LOOPBACK),
+        ("http://2130706433/", DEV_LOOPBACK),
+        ("https://[::ffff:10.0.0.1]/", DEV_LOOPBACK),
+        ("https://[::1]/", STRICT),
+        ("https://127.0.0.1/", STRICT),
+        ("https://metadata.google.internal/", DEV_LOOPBACK),
+        ("https://internal.example.com/", DEV_LOOPBACK),
+        ("https://mixed.example.com/", STRICT),
+        ("https://nxdomain.example.com/", STRICT),
+        ("http://public.example.com/", STRICT),
+    ],
+)
+def test_guarded_transport_refuses_before_connecting(
+    url: str, policy: EgressPolicy, no_network: NetworkSpy
+) -> None:
+    with guarded(policy, fake_resolver) as client, pytest.raises(EgressRefused):
+        client.post(url, json={"secret": "never-sent"})
+    assert no_network.connects == []
+
+
+def test_guarded_transport_reaches_a_permitted_server(local_server: LocalServer) -> None:
+    with guarded(DEV_LOOPBACK, fake_resolver) as client:
+        assert client.get(local_server.url("/json")).json() == {"ok": True}
+        assert client.get(local_server.url("/json", host="localhost")).status_code == 200
+    assert local_server.state.hits == {"/json": 2}
+
+
+def test_guarded_transport_pins_each_connection_to_the_checked_address(
+    local_server: LocalServer, spy_network: NetworkSpy
+) -> None:
+    """Each new connection resolves once and dials what it checked; a rebind is refused."""
+    answers = [["127.0.0.1"], ["10.0.0.1"]]
+    calls: list[str] = []
+
+    def rebinding_resolver(host: str, port: int) -> list[str]:
+        calls.append(host)
+        return answers[min(len(calls), len(answers)) - 1]
+
+    url = f"http://rebind.example.com:{local_server.port}/echo"
+    with guarded(DEV_LOOPBACK, rebinding_resolver) as client:
+        response = client.get(url, headers={"Connection": "close"})
+        assert response.json()["host"] == f"rebind.example.com:{local_server.port}"
+        with pytest.raises(EgressRefused):
+            client.get(url)
+    assert calls == ["rebind.example.com", "rebind.example.com"]
+    assert "rebind.example.com" not in spy_network.lookups
+    assert spy_network.connects == [("127.0.0.1", local_server.port)]
+    assert local_server.state.hits == {"/echo": 1}
+
+
+def test_guarded_transport_ignores_proxy_settings(
+    local_server: LocalServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A proxy would connect on our behalf, past every check: the environment is ignored."""
+    monkeypatch.setenv("HTTP_PROXY", "http://10.9.9.9:3128")
+    monkeypatch.setenv("ALL_PROXY", "http://10.9.9.9:3128")
+    with guarded(DEV_LOOPBACK, fake_resolver) as client:
+        assert client.get(local_server.url("/json")).status_code == 200

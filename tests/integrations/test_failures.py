@@ -104,14 +104,15 @@ def test_vault_dead_before_the_write_is_503_with_nothing_stored(
     assert row is None or (row.configured, row.hints) == (False, {})
 
 
-def test_kv_refused_after_the_row_is_marked_is_reconciled_later(
+def test_kv_refused_after_the_row_is_marked_clears_the_mark_at_once(
     client: TestClient, bao: OpenBaoServer, engine: Engine, providers: FakeProviders
 ) -> None:
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
     providers.accept("twilio", **SECOND)
-    # Transit still works, but every KV request is throttled: the write fails
-    # after the metadata row was marked pending, and so does the clean-up read.
+    # Transit still works, but every KV request is throttled: the write is refused
+    # after the metadata row was marked pending. A refusal (429) means Vault holds
+    # nothing new, so the mark is cleared without asking Vault again.
     root = {"X-Vault-Token": bao.root_token}
 
     def throttle_kv(provider: str) -> None:
@@ -127,16 +128,14 @@ def test_kv_refused_after_the_row_is_marked_is_reconciled_later(
     response = _put(client, tenant, SECOND)
     providers.on_request = None
     assert response.status_code == 503
-    assert _row(engine, tenant).vault_sync_pending is True
-    listed = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
-    twilio = next(i for i in listed if i["provider"] == "twilio")
-    assert twilio["sync_pending"] is True  # Vault still refuses: shown as unconfirmed
+    row = _row(engine, tenant)
+    assert (row.kv_version, row.vault_sync_pending) == (1, False)
+    assert row.hints["auth_token"].endswith(FIRST["auth_token"][-4:])
 
     httpx.delete(f"{bao.addr}/v1/sys/quotas/rate-limit/kv", headers=root).raise_for_status()
     listed = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
     twilio = next(i for i in listed if i["provider"] == "twilio")
     assert (twilio["sync_pending"], twilio["version"]) == (False, 1)
-    assert twilio["hints"]["auth_token"].endswith(FIRST["auth_token"][-4:])
     assert _vault_version(bao, tenant) == 1
 
 

@@ -336,6 +336,76 @@ def test_store_url_to_forbidden_address_is_refused(
     assert sum(fake.hits.values()) == 0
 
 
+# What a tenant-controlled DNS zone could answer for a store URL's host.
+TARGET_DNS = {
+    "shop.example.com": ["93.184.216.34"],
+    "rebind.example.com": ["93.184.216.34", "10.0.0.7"],
+    "meta.example.com": ["169.254.169.254"],
+    "demo-shop.myshopify.com": ["23.227.38.65"],
+    "evil.myshopify.com": ["127.0.0.1"],
+}
+
+
+def target_resolver(host: str, port: int) -> list[str]:
+    try:
+        return list(TARGET_DNS[host])
+    except KeyError:
+        raise OSError("NXDOMAIN") from None
+
+
+@pytest.mark.parametrize(
+    ("provider", "name", "value"),
+    [
+        ("woocommerce", "store_url", "https://127.0.0.1"),
+        ("woocommerce", "store_url", "https://[::1]:8443/shop"),
+        ("woocommerce", "store_url", "https://169.254.169.254/latest"),
+        ("woocommerce", "store_url", "https://172.20.0.3"),
+        ("woocommerce", "store_url", "https://[::ffff:a9fe:a9fe]/"),
+        ("woocommerce", "store_url", "https://2130706433/"),
+        ("woocommerce", "store_url", "https://017700000001/"),
+        ("woocommerce", "store_url", "https://localhost/"),
+        ("woocommerce", "store_url", "https://metadata.google.internal/"),
+        ("woocommerce", "store_url", "https://shop.corp.internal/"),
+        ("woocommerce", "store_url", "https://rebind.example.com/"),
+        ("woocommerce", "store_url", "https://meta.example.com/"),
+        ("woocommerce", "store_url", "https://nxdomain.example.com/"),
+        ("woocommerce", "store_url", "http://shop.example.com/"),
+        ("shopify", "shop_domain", "evil.myshopify.com"),
+    ],
+)
+def test_check_target_refuses_what_the_egress_policy_refuses(
+    provider: str, name: str, value: str, no_connect: list[Any]
+) -> None:
+    spec = get_provider(provider)
+    creds = spec.validate(valid_fields(provider, **{name: value}))
+    strict = EgressClient(EgressPolicy(), resolver=target_resolver)
+    with pytest.raises(ValidationFailed) as refused:
+        spec.check_target(strict, ProviderEndpoints(), creds)
+    assert refused.value.extra["errors"][0]["field"] == f"fields.{name}"
+    assert value not in str(refused.value.extra)
+    assert no_connect == []
+
+
+@pytest.mark.parametrize("provider", NAMES)
+def test_check_target_passes_public_targets_and_providers_without_one(
+    provider: str, no_connect: list[Any]
+) -> None:
+    spec = get_provider(provider)
+    strict = EgressClient(EgressPolicy(), resolver=target_resolver)
+    spec.check_target(strict, ProviderEndpoints(), spec.validate(valid_fields(provider)))
+    assert no_connect == []
+
+
+def test_check_target_honours_the_loopback_setting(fake: FakeProviders) -> None:
+    """The test suite's fake providers live on 127.0.0.1: allowed only when configured."""
+    spec = get_provider("woocommerce")
+    creds = spec.validate(valid_fields("woocommerce", fake))
+    dev = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True))
+    spec.check_target(dev, ProviderEndpoints(), creds)
+    with pytest.raises(ValidationFailed):
+        spec.check_target(EgressClient(EgressPolicy(allow_http=True)), ProviderEndpoints(), creds)
+
+
 @pytest.mark.parametrize(
     ("provider", "host"),
     [

@@ -240,10 +240,30 @@ def test_if_match_guards_against_stale_writes(
     client: TestClient, providers: FakeProviders, tenant: str
 ) -> None:
     fields = valid_fields("whatsapp", providers)
+    other = fields | {"access_token": fields["access_token"][:-4] + "Zz99"}
+    providers.accept("whatsapp", **other)
     assert put(client, tenant, "whatsapp", fields).status_code == 200
-    assert put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'}).status_code == 200
+    assert put(client, tenant, "whatsapp", other, headers={"If-Match": '"1"'}).status_code == 200
     stale = put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'})
     assert stale.status_code == 412
+    assert listing(client, tenant)["whatsapp"]["version"] == 2
+
+
+def test_a_stale_if_match_whose_change_is_already_applied_succeeds(
+    client: TestClient, providers: FakeProviders, tenant: str
+) -> None:
+    """RFC 9110 13.1.1: a state-changing request that Vault already holds answers 2xx.
+
+    This is what makes a retry after an unanswered write safe: the client's first
+    attempt landed, its If-Match is now stale, and its retry must not be refused.
+    """
+    fields = valid_fields("whatsapp", providers)
+    assert put(client, tenant, "whatsapp", fields).status_code == 200
+    assert put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'}).status_code == 200
+    again = put(client, tenant, "whatsapp", fields, headers={"If-Match": '"1"'})
+    assert again.status_code == 200
+    assert again.headers["etag"] == '"2"'
+    assert again.json()["version"] == 2
     assert listing(client, tenant)["whatsapp"]["version"] == 2
 
 
@@ -255,13 +275,14 @@ def test_concurrent_saves_never_silently_overwrite(
     barrier = threading.Barrier(writers)
     statuses: list[int] = []
 
-    def save() -> None:
+    def save(n: int) -> None:
+        # Each writer stores a different key: identical content would be recognised
+        # as already applied (see the If-Match test above) rather than conflict.
+        mine = fields | {"api_key": fields["api_key"][:-2] + f"{n:02d}"}
         barrier.wait()
-        statuses.append(
-            put(client, tenant, "openai", fields, skip_connection_test=True).status_code
-        )
+        statuses.append(put(client, tenant, "openai", mine, skip_connection_test=True).status_code)
 
-    threads = [threading.Thread(target=save) for _ in range(writers)]
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(writers)]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -309,6 +330,99 @@ def test_ssrf_store_url_is_refused_before_any_call(
         response = put(client, tenant, "woocommerce", fields)
         assert response.status_code == 422, url
         assert response.json()["connection_test"]["code"] == "refused_address"
+    assert providers.hits["woocommerce"] == 0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://169.254.169.254/latest",
+        "http://10.0.0.5",
+        "http://192.168.1.10:8080/shop",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[fd00:ec2::254]/",
+        "http://2130706433/",
+        "http://0x7f.0.0.1/",
+        "http://metadata.google.internal/",
+        "http://printer.local/",
+    ],
+)
+def test_skipped_connection_test_still_refuses_a_non_public_store_url(
+    client: TestClient,
+    vault_admin: VaultGateway,
+    providers: FakeProviders,
+    tenant: str,
+    url: str,
+) -> None:
+    fields = valid_fields("woocommerce", providers) | {"store_url": url}
+    response = put(client, tenant, "woocommerce", fields, skip_connection_test=True)
+    assert response.status_code == 422, response.text
+    body = response.json()
+    assert [error["field"] for error in body["errors"]] == ["fields.store_url"]
+    assert "may not call" in body["errors"][0]["message"]
+    assert url not in response.text
+    assert stored(vault_admin, tenant, "woocommerce") is None
+    assert providers.hits["woocommerce"] == 0
+
+
+def test_skipped_connection_test_accepts_a_permitted_store_url(
+    client: TestClient, vault_admin: VaultGateway, providers: FakeProviders, tenant: str
+) -> None:
+    """Control: the test app allows loopback (its fake providers), so this one is stored."""
+    response = put(
+        client,
+        tenant,
+        "woocommerce",
+        valid_fields("woocommerce", providers),
+        skip_connection_test=True,
+    )
+    assert response.status_code == 200, response.text
+    assert stored(vault_admin, tenant, "woocommerce") is not None
+    assert providers.hits["woocommerce"] == 0
+
+
+def test_restoring_a_version_with_a_non_public_store_url_is_refused(
+    client: TestClient,
+    vault_admin: VaultGateway,
+    engine: Engine,
+    providers: FakeProviders,
+    tenant: str,
+) -> None:
+    """A version written before the egress check existed must not come back through restore."""
+    fields = valid_fields("woocommerce", providers)
+    assert put(client, tenant, "woocommerce", fields, skip_connection_test=True).status_code == 200
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    record = stored(vault_admin, tenant, "woocommerce")
+    assert record is not None
+    # What an unchecked save used to leave behind: the same secrets, an inward store URL,
+    # sealed together (as the broker did) so the version verifies.
+    from broker.vault.sealed import SealedStore
+
+    public = {**record["public"], "identifiers": {"store_url": "http://169.254.169.254"}}
+    secrets = {name: value for name, value in fields.items() if name != "store_url"}
+    ciphertext = SealedStore(vault_admin).seal(tenant, "integrations/woocommerce", secrets, public)
+    planted = {"ciphertext": ciphertext, "public": public}
+    assert vault_admin.kv_write(path, planted, cas=1) == 2
+    with engine.begin() as connection:
+        # The row catches up with Vault the way an interrupted write would: by reconciling.
+        connection.execute(
+            text(
+                "UPDATE integration_credentials SET vault_sync_pending = true, "
+                "pending_since = now() WHERE tenant_id = :t AND provider = 'woocommerce'"
+            ),
+            {"t": tenant},
+        )
+    assert put(client, tenant, "woocommerce", fields, skip_connection_test=True).status_code == 200
+    restore = client.post(
+        "/v1/tenants/settings/integrations/woocommerce/versions/2/restore", headers=admin(tenant)
+    )
+    assert restore.status_code == 422, restore.text
+    assert [error["field"] for error in restore.json()["errors"]] == ["fields.store_url"]
+    assert "169.254" not in restore.text
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    assert entry.data["public"]["identifiers"] == {"store_url": providers.base_url}
+    assert listing(client, tenant)["woocommerce"]["version"] == 3
     assert providers.hits["woocommerce"] == 0
 
 

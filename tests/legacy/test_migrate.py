@@ -42,7 +42,7 @@ from broker.legacy.source import LegacyColumnsRetired, LegacyKey
 from broker.models import AuditEvent, IntegrationCredential, LegacyMigration, Tenant
 from broker.settings.schemas import default_group
 from broker.vault.bootstrap import bootstrap, create_policy_token
-from broker.vault.errors import VaultUnavailable
+from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID
@@ -734,7 +734,8 @@ class VaultThatDiesAfterWrites(VaultGateway):
                 self.writes += 1
                 if self.writes == self.die_after_writes:
                     self.dead = True
-                    raise VaultUnavailable(f"Vault is unreachable ({operation})")
+                    # What the real gateway raises when a sent write is never answered.
+                    raise WriteOutcomeUnknown(f"Vault did not confirm the write ({operation})")
         return result
 
 

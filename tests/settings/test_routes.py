@@ -153,6 +153,46 @@ def test_bad_patches_are_422_naming_the_field(
     assert client.get("/v1/tenants/settings", headers=admin(tenant)).json()["version"] == 1
 
 
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        (
+            {
+                "webhooks": {
+                    "endpoints": [{"url": "https://169.254.169.254/", "events": ["order.created"]}]
+                }
+            },
+            "webhooks.endpoints.0.url",
+        ),
+        (
+            {
+                "webhooks": {
+                    "endpoints": [{"url": "https://2130706433/", "events": ["order.created"]}]
+                }
+            },
+            "webhooks.endpoints.0.url",
+        ),
+        ({"branding": {"logo_url": "https://[::ffff:10.0.0.1]/logo.png"}}, "branding.logo_url"),
+        ({"branding": {"logo_url": "https://127.0.0.1:8443/logo.png"}}, "branding.logo_url"),
+        (
+            {"compliance_settings": {"privacy_policy_url": "https://metadata.google.internal/"}},
+            "compliance_settings.privacy_policy_url",
+        ),
+        (
+            {"compliance_settings": {"terms_url": "https://[::1]/terms"}},
+            "compliance_settings.terms_url",
+        ),
+    ],
+)
+def test_urls_to_loopback_private_or_metadata_targets_are_refused(
+    client: TestClient, tenant: str, patch: dict[str, Any], field: str
+) -> None:
+    response = client.patch("/v1/tenants/settings", json=patch, headers=admin(tenant))
+    assert response.status_code == 422, response.text
+    assert [error["field"] for error in response.json()["errors"]] == [field]
+    assert client.get("/v1/tenants/settings", headers=admin(tenant)).json()["version"] == 1
+
+
 def test_validation_errors_do_not_echo_the_rejected_value(client: TestClient, tenant: str) -> None:
     canary = "CANARY-settings-7f3a9e"
     for patch in (

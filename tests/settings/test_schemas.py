@@ -160,8 +160,8 @@ def test_hex_color_rejects_invalid(value: str) -> None:
         ("https://example.com", "https://example.com"),
         ("https://example.com/logo.png?v=2#top", "https://example.com/logo.png?v=2#top"),
         ("https://cdn.example.co.ke:8443/a", "https://cdn.example.co.ke:8443/a"),
-        ("https://[2001:db8::1]/x", "https://[2001:db8::1]/x"),
-        ("https://203.0.113.7/x", "https://203.0.113.7/x"),
+        ("https://[2606:4700:4700::1111]/x", "https://[2606:4700:4700::1111]/x"),
+        ("https://93.184.216.34/x", "https://93.184.216.34/x"),
         ("HTTPS://example.com/Path", "https://example.com/Path"),
     ],
 )
@@ -200,6 +200,44 @@ def test_https_url_accepts_and_is_plain_str(value: str, expected: str) -> None:
 def test_https_url_rejects_invalid(value: str) -> None:
     with pytest.raises(ValidationError):
         https_url.validate_python(value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "https://127.0.0.1/hook",
+        "https://[::1]/hook",
+        "https://localhost:8443/hook",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://10.0.0.5/hook",
+        "https://172.16.3.4/hook",
+        "https://192.168.1.1/logo.png",
+        "https://100.100.100.200/latest/meta-data",
+        "https://[fd00:ec2::254]/",
+        "https://[fe80::1]/",
+        "https://[::ffff:127.0.0.1]/",
+        "https://[::ffff:a9fe:a9fe]/",
+        "https://2130706433/",
+        "https://0x7f000001/",
+        "https://017700000001/",
+        "https://127.1/",
+        "https://0/",
+        "https://metadata.google.internal/computeMetadata/v1/",
+        "https://metadata.goog/",
+        "https://hooks.corp.internal/in",
+        "https://printer.local/",
+        "https://intranet/",
+        "https://[2001:db8::1]/x",
+        "https://203.0.113.7/x",
+    ],
+)
+def test_https_url_rejects_non_public_targets(value: str) -> None:
+    with pytest.raises(ValidationError) as exc_info:
+        https_url.validate_python(value)
+    error = exc_info.value.errors()[0]
+    assert error["type"] == "https_url"
+    # The message says what is wrong without repeating the address.
+    assert value.split("/")[2] not in error["msg"]
 
 
 def test_https_url_length_limit_is_2048() -> None:

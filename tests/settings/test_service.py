@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
+from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
-from broker.core.errors import NotFound
+from broker.core.errors import NotFound, UpstreamUnavailable, ValidationFailed
+from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.settings import service
 from tests.conftest import bearer, new_tenant_id, token
 
@@ -90,3 +93,112 @@ def test_quiet_hours_wrap_midnight(
 def test_helpers_for_a_missing_tenant_raise_not_found(engine: Engine) -> None:
     with unit_of_work(engine) as session, pytest.raises(NotFound):
         service.is_feature_enabled(session, tenant_id=new_tenant_id(), feature="x")
+
+
+# What a tenant-controlled DNS zone could answer for the URLs it puts in settings.
+SETTINGS_DNS = {
+    "cdn.example.com": ["93.184.216.34"],
+    "hooks.example.com": ["93.184.216.34", "2606:4700:4700::1111"],
+    "inward.example.com": ["10.20.30.40"],
+    "meta.example.com": ["169.254.169.254"],
+    "split.example.com": ["93.184.216.34", "127.0.0.1"],
+    "mapped.example.com": ["::ffff:192.168.0.1"],
+}
+
+
+def settings_resolver(host: str, port: int) -> list[str]:
+    try:
+        return list(SETTINGS_DNS[host])
+    except KeyError:
+        raise OSError("NXDOMAIN") from None
+
+
+def _patch(engine: Engine, tenant: str, patch: dict[str, object], egress: EgressClient) -> int:
+    admin = Principal(
+        subject="alice", kind="user", scopes=frozenset({"tenant:admin"}), tenant_id=tenant
+    )
+    with unit_of_work(engine) as session:
+        row = service.patch_settings(
+            session, principal=admin, tenant_id=tenant, patch=patch, if_match=None, egress=egress
+        )
+        return row.version
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"branding": {"logo_url": "https://inward.example.com/logo.png"}}, "branding.logo_url"),
+        (
+            {"compliance_settings": {"terms_url": "https://meta.example.com/terms"}},
+            "compliance_settings.terms_url",
+        ),
+        (
+            {
+                "webhooks": {
+                    "endpoints": [
+                        {"url": "https://hooks.example.com/in", "events": ["order.created"]},
+                        {"url": "https://split.example.com/in", "events": ["order.created"]},
+                    ]
+                }
+            },
+            "webhooks.endpoints.1.url",
+        ),
+        (
+            {"compliance_settings": {"privacy_policy_url": "https://mapped.example.com/p"}},
+            "compliance_settings.privacy_policy_url",
+        ),
+        ({"branding": {"logo_url": "https://nxdomain.example.com/l.png"}}, "branding.logo_url"),
+    ],
+)
+def test_urls_that_resolve_to_non_public_addresses_are_refused(
+    engine: Engine, tenant: str, patch: dict[str, object], field: str
+) -> None:
+    egress = EgressClient(EgressPolicy(), resolver=settings_resolver)
+    with pytest.raises(ValidationFailed) as refused:
+        _patch(engine, tenant, patch, egress)
+    assert refused.value.extra["errors"][0]["field"] == field
+    assert "example.com" not in str(refused.value) + str(refused.value.extra)
+    with unit_of_work(engine) as session:
+        assert service.get_settings(session, tenant_id=tenant).version == 1
+
+
+def test_public_urls_are_stored_and_unchanged_ones_are_not_resolved_again(
+    engine: Engine, tenant: str
+) -> None:
+    lookups: list[str] = []
+
+    def counting_resolver(host: str, port: int) -> list[str]:
+        lookups.append(host)
+        return settings_resolver(host, port)
+
+    egress = EgressClient(EgressPolicy(), resolver=counting_resolver)
+    hook = {"url": "https://hooks.example.com/in", "events": ["order.created"]}
+    version = _patch(
+        engine,
+        tenant,
+        {
+            "branding": {"logo_url": "https://cdn.example.com/l.png"},
+            "webhooks": {"endpoints": [hook]},
+        },
+        egress,
+    )
+    assert version == 2
+    assert sorted(lookups) == ["cdn.example.com", "hooks.example.com"]
+    # Another field of the same group: the stored logo URL is not judged again.
+    assert _patch(engine, tenant, {"branding": {"business_name": "Acme"}}, egress) == 3
+    assert len(lookups) == 2
+
+
+def test_a_hung_resolver_is_a_503_within_the_egress_timeout(engine: Engine, tenant: str) -> None:
+    released = threading.Event()
+
+    def hung_resolver(host: str, port: int) -> list[str]:
+        released.wait(10)
+        return ["93.184.216.34"]
+
+    egress = EgressClient(EgressPolicy(timeout_s=0.5), resolver=hung_resolver)
+    try:
+        with pytest.raises(UpstreamUnavailable):
+            _patch(engine, tenant, {"branding": {"logo_url": "https://cdn.example.com/x"}}, egress)
+    finally:
+        released.set()

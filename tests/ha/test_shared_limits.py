@@ -1,0 +1,88 @@
+"""Rate limits shared through a real Redis: a blip degrades them visibly, and they come back.
+
+The blip is a real fault: redis-server is SIGSTOPped (calls time out) and then
+SIGCONTinued. Skipped, with the reason, when redis-server is not installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from broker.core.errors import RateLimited
+from broker.core.ratelimit import RateLimiter
+from broker.devstack.openbao import _die_with_parent_preexec, free_port
+
+REDIS_MISSING = (
+    "redis-server is not installed on this machine; shared limits across processes are "
+    "untested here"
+)
+RECOVERY_DEADLINE_S = 15.0  # generous: a reconnect is due every 0.2 s below
+
+
+@pytest.fixture
+def redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A redis-server on a free loopback port, and its URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip(REDIS_MISSING)
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_die_with_parent_preexec(),
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+                break
+            assert proc.poll() is None, "redis-server exited"
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield proc, f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_replicas_return_to_the_shared_limit_after_a_redis_blip(
+    redis: tuple[subprocess.Popen[bytes], str],
+) -> None:
+    proc, url = redis
+    replicas = [RateLimiter(url, {"fetch": "3/minute"}, reconnect_every_s=0.2) for _ in range(2)]
+    assert not any(replica.degraded for replica in replicas)
+
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        for replica in replicas:
+            replica.hit("fetch", "during-the-blip")  # still limited, in memory
+        assert all(replica.degraded for replica in replicas)
+    finally:
+        proc.send_signal(signal.SIGCONT)
+
+    deadline = time.monotonic() + RECOVERY_DEADLINE_S
+    while any(replica.degraded for replica in replicas):  # as /readyz would poll it
+        assert time.monotonic() < deadline, "the replicas never went back to Redis"
+        time.sleep(0.05)
+
+    first, second = replicas
+    first.hit("fetch", "after-the-blip")
+    first.hit("fetch", "after-the-blip")
+    second.hit("fetch", "after-the-blip")
+    with pytest.raises(RateLimited):
+        second.hit("fetch", "after-the-blip")  # the other replica spent the shared budget

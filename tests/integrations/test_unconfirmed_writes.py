@@ -1,0 +1,420 @@
+"""Vault writes whose answer never comes, time budgets, own-write answers, sealed identifiers.
+
+Real faults only: the broker under test talks to the session's real OpenBao
+through `SlowProxy`, a loopback proxy that holds chosen requests back. A KV
+write held past the broker's timeout reaches Vault after the broker gave up on
+it, and lands: the outcome the broker could not know when it answered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from broker.app import create_app
+from broker.vault.gateway import VaultGateway
+from tests.conftest import (
+    VaultEndpoint,
+    bearer,
+    make_settings,
+    make_tenant,
+    provider_overrides,
+    token,
+)
+from tests.fakes.providers import VALID, FakeProviders
+from tests.support.slowproxy import SlowProxy
+
+KV_WRITE = b"POST /v1/secret/data/"
+FIRST = dict(VALID["twilio"])
+SECOND = FIRST | {"auth_token": "e" * 32}
+THIRD = FIRST | {"auth_token": "f" * 32}
+IBAN = "DE89370400440532013000"
+OTHER_IBAN = "GB82WEST12345698765432"
+
+
+@pytest.fixture
+def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
+    with SlowProxy(vault_endpoint.addr) as proxy:
+        yield proxy
+
+
+def _slow_client(
+    proxy: SlowProxy,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders,
+    *,
+    timeout_s: float,
+    budget_s: float,
+) -> TestClient:
+    settings = make_settings(
+        VaultEndpoint(proxy.addr, "", None),
+        broker_vault_token,
+        database_url,
+        vault_timeout_s=timeout_s,
+        vault_retry_budget_s=budget_s,
+        **provider_overrides(providers),
+    )
+    return TestClient(
+        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
+    )
+
+
+@pytest.fixture
+def slow(
+    proxy: SlowProxy,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders,
+) -> TestClient:
+    """The broker, through the proxy, with a 1 s timeout and a 1.5 s budget per request."""
+    return _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=1.0, budget_s=1.5
+    )
+
+
+def _admin(tenant: str) -> dict[str, str]:
+    return bearer(token("tenant:admin", tenant_id=tenant))
+
+
+def _put(client: TestClient, tenant: str, fields: dict[str, str], **headers: str) -> Any:
+    return client.put(
+        "/v1/tenants/settings/integrations/twilio",
+        json={"fields": fields},
+        headers=_admin(tenant) | headers,
+    )
+
+
+def _row(engine: Engine, tenant: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT kv_version, configured, hints, vault_sync_pending"
+                " FROM integration_credentials WHERE tenant_id = :t AND provider = 'twilio'"
+            ),
+            {"t": tenant},
+        ).one()
+
+
+def _listed(client: TestClient, tenant: str) -> dict[str, Any]:
+    items = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    return next(i for i in items if i["provider"] == "twilio")
+
+
+def _wait_for_version(vault: VaultGateway, path: str, version: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        meta = vault.kv_metadata(path)
+        if meta is not None and int(meta["current_version"]) >= version:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never reached version {version}")
+
+
+def _current_version(vault: VaultGateway, path: str) -> int:
+    meta = vault.kv_metadata(path)
+    return int(meta["current_version"]) if meta else 0
+
+
+# -- A: a write Vault applies after the broker gave up -----------------------------------
+
+
+def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_shows_it(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    engine: Engine,
+    vault_admin: VaultGateway,
+) -> None:
+    tenant = make_tenant(client)
+    path = f"tenants/{tenant}/integrations/twilio"
+    providers.accept("twilio", **SECOND)
+    providers.accept("twilio", **THIRD)
+    assert _put(slow, tenant, FIRST).status_code == 200
+
+    proxy.delay(KV_WRITE, 3.0)
+    response = _put(slow, tenant, SECOND)
+    proxy.clear()
+    assert response.status_code == 503
+    assert int(response.headers["retry-after"]) > 0
+    assert response.json()["title"] == "Vault write not confirmed"
+    assert "e" * 32 not in response.text
+    # The outcome is unknown: the row must not claim version 1 is settled.
+    row = _row(engine, tenant)
+    assert (row.kv_version, row.vault_sync_pending) == (1, True)
+
+    _wait_for_version(vault_admin, path, 2)  # ...and there it lands
+    listed = _listed(slow, tenant)
+    assert (listed["version"], listed["sync_pending"]) == (2, False)
+    assert listed["hints"]["auth_token"].endswith("eeee")
+
+    # The client retries the same request with its old ETag: it succeeds, and
+    # nothing is written twice.
+    again = _put(slow, tenant, SECOND, **{"If-Match": '"1"'})
+    assert again.status_code == 200, again.text
+    assert again.headers["etag"] == '"2"'
+    assert _current_version(vault_admin, path) == 2
+    with engine.connect() as conn:
+        saves = conn.execute(
+            text(
+                "SELECT detail FROM audit_events WHERE tenant_id = :t"
+                " AND action = 'integration.save' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    # The version the lost attempt wrote is in the trail, once, as already applied.
+    assert [d.detail.get("already_applied", False) for d in saves] == [False, True]
+    # The next, different write is no false conflict.
+    third = _put(slow, tenant, THIRD)
+    assert third.status_code == 200, third.text
+    assert third.json()["version"] == 3
+
+
+def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    engine: Engine,
+    vault_admin: VaultGateway,
+) -> None:
+    tenant = make_tenant(client)
+    path = f"tenants/{tenant}/integrations/twilio"
+    providers.accept("twilio", **SECOND)
+    assert _put(slow, tenant, FIRST).status_code == 200
+
+    proxy.delay(KV_WRITE, 4.0)
+    assert _put(slow, tenant, SECOND).status_code == 503
+    proxy.clear()
+    retried = _put(slow, tenant, SECOND)  # before the held write reaches Vault
+    assert retried.status_code == 200, retried.text
+    assert retried.json()["version"] == 2
+    time.sleep(4.5)  # the held attempts reach Vault now, and fail check-and-set
+    assert _current_version(vault_admin, path) == 2
+    row = _row(engine, tenant)
+    assert (row.kv_version, row.vault_sync_pending) == (2, False)
+
+
+def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
+    client: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+) -> None:
+    """Each Vault call used to get the whole budget and each attempt the whole timeout."""
+    tenant = make_tenant(client)
+    assert _put(client, tenant, FIRST).status_code == 200
+    # A 3 s socket timeout, but a 1 s budget for the whole request.
+    hung = _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=3.0, budget_s=1.0
+    )
+    proxy.delay(b"", 20.0)
+    service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
+    for method, url, body, headers in (
+        ("GET", f"/v1/credentials/{tenant}/twilio", None, service),
+        (
+            "PUT",
+            "/v1/tenants/settings/integrations/twilio",
+            {"fields": SECOND, "skip_connection_test": True},
+            _admin(tenant),
+        ),
+    ):
+        started = time.monotonic()
+        response = hung.request(method, url, json=body, headers=headers)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503, (method, response.text)
+        assert "retry-after" in response.headers
+        # Under one socket timeout: no single attempt, let alone a second call, ran long.
+        assert elapsed < 3.0, (method, elapsed)
+
+
+# -- A: payout details -----------------------------------------------------------------
+
+
+def _payout(client: TestClient, tenant: str, iban: str, **headers: str) -> Any:
+    return client.put(
+        "/v1/tenants/settings/payout",
+        json={"method": "bank_transfer", "details": {"iban": iban, "account_holder": "Acme Ltd"}},
+        headers=bearer(token("finance:manage", "finance:view", tenant_id=tenant)) | headers,
+    )
+
+
+def _payout_row(engine: Engine, tenant: str) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT payout_version, payout_hint, payout_sync_pending"
+                " FROM payment_profiles WHERE tenant_id = :t"
+            ),
+            {"t": tenant},
+        ).one()
+
+
+def test_an_unanswered_payout_write_stays_pending_and_its_retry_succeeds(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    engine: Engine,
+    vault_admin: VaultGateway,
+) -> None:
+    tenant = make_tenant(client)
+    assert _payout(slow, tenant, IBAN).status_code == 200
+    proxy.delay(KV_WRITE, 3.0)
+    response = _payout(slow, tenant, OTHER_IBAN)
+    proxy.clear()
+    assert response.status_code == 503
+    assert OTHER_IBAN not in response.text
+    assert (
+        _payout_row(engine, tenant).payout_sync_pending,
+        _payout_row(engine, tenant).payout_version,
+    ) == (True, 1)
+    _wait_for_version(vault_admin, f"tenants/{tenant}/payout", 2)
+    again = _payout(slow, tenant, OTHER_IBAN)
+    assert again.status_code == 200, again.text
+    assert again.json()["hint"].endswith("5432")
+    assert _current_version(vault_admin, f"tenants/{tenant}/payout") == 2
+    row = _payout_row(engine, tenant)
+    assert (row.payout_version, row.payout_sync_pending) == (2, False)
+
+
+def test_the_first_payout_write_after_a_key_rotation_is_not_a_conflict(
+    client: TestClient,
+) -> None:
+    tenant = make_tenant(client)
+    assert _payout(client, tenant, IBAN).status_code == 200
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops).status_code == 200
+    response = _payout(client, tenant, OTHER_IBAN)
+    assert response.status_code == 200, response.text
+
+
+# -- C: each answer describes the caller's own write ------------------------------------
+
+
+def test_concurrent_saves_each_answer_with_their_own_version_and_etag(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway
+) -> None:
+    tenant = make_tenant(client)
+    writers = 8
+    barrier = threading.Barrier(writers)
+    answers: dict[str, Any] = {}
+
+    def save(n: int) -> None:
+        mine = FIRST | {"auth_token": f"{n:x}" * 32}
+        barrier.wait()
+        response = client.put(
+            "/v1/tenants/settings/integrations/twilio",
+            json={"fields": mine, "skip_connection_test": True},
+            headers=_admin(tenant),
+        )
+        answers[mine["auth_token"]] = response
+
+    threads = [threading.Thread(target=save, args=(n,)) for n in range(1, writers + 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    path = f"tenants/{tenant}/integrations/twilio"
+    accepted = {secret: r for secret, r in answers.items() if r.status_code == 200}
+    assert accepted
+    assert all(r.status_code in (200, 409) for r in answers.values())
+    for secret, response in accepted.items():
+        version = response.json()["version"]
+        assert response.headers["etag"] == f'"{version}"'
+        assert response.json()["hints"]["auth_token"].endswith(secret[-4:])
+        stored = vault_admin.kv_read(path, version=version)
+        assert stored is not None
+        assert stored.data["public"]["hints"]["auth_token"].endswith(secret[-4:])
+
+
+# -- G: identifiers are sealed with the secret --------------------------------------------
+
+
+def _service(tenant: str) -> dict[str, str]:
+    return bearer(token("credentials:read", kind="service", tenants=(tenant,)))
+
+
+def test_an_identifier_changed_in_kv_without_transit_does_not_verify(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
+) -> None:
+    tenant = make_tenant(client)
+    fields = dict(VALID["woocommerce"], store_url=providers.base_url)
+    saved = client.put(
+        "/v1/tenants/settings/integrations/woocommerce",
+        json={"fields": fields},
+        headers=_admin(tenant),
+    )
+    assert saved.status_code == 200, saved.text
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    # Someone with KV write access but no Transit swaps the store URL.
+    forged = dict(entry.data)
+    forged["public"] = dict(entry.data["public"])
+    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
+    vault_admin.kv_write(path, forged, cas=entry.version)
+
+    response = client.get(f"/v1/credentials/{tenant}/woocommerce", headers=_service(tenant))
+    assert response.status_code == 409
+    assert response.json()["title"] == "Stored data does not verify"
+    assert fields["consumer_secret"] not in response.text
+    assert "attacker" not in response.text
+    with engine.connect() as conn:
+        outcomes = conn.execute(
+            text(
+                "SELECT outcome, detail FROM audit_events WHERE tenant_id = :t"
+                " AND action = 'credentials.fetch'"
+            ),
+            {"t": tenant},
+        ).all()
+    assert any(o.outcome == "failed" and o.detail.get("reason") == "unverified" for o in outcomes)
+
+
+def test_a_ciphertext_from_before_sealed_identifiers_does_not_verify(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway
+) -> None:
+    """A bare secrets document (no sealed public part) is refused, not trusted."""
+    import base64
+    import json
+
+    tenant = make_tenant(client)
+    assert _put(client, tenant, FIRST).status_code == 200
+    path = f"tenants/{tenant}/integrations/twilio"
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    bare = vault_admin.transit_encrypt(
+        f"tenant-{tenant}",
+        json.dumps({"auth_token": "a" * 32}).encode(),
+        context=f"{tenant}/twilio",
+    )
+    assert base64  # the context is base64-encoded by the gateway itself
+    vault_admin.kv_write(path, {**entry.data, "ciphertext": bare}, cas=entry.version)
+    response = client.get(f"/v1/credentials/{tenant}/twilio", headers=_service(tenant))
+    assert response.status_code == 409
+    assert "a" * 32 not in response.text
+
+
+# -- H: restoring a version a rotation retired -------------------------------------------
+
+
+def test_restoring_a_version_from_before_a_key_rotation_is_410(client: TestClient) -> None:
+    tenant = make_tenant(client)
+    assert _put(client, tenant, FIRST).status_code == 200
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops).status_code == 200
+    response = client.post(
+        "/v1/tenants/settings/integrations/twilio/versions/1/restore", headers=_admin(tenant)
+    )
+    assert response.status_code == 410, response.text
+    assert "rotation" in response.json()["detail"]
