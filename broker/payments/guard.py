@@ -207,8 +207,11 @@ def find_in_headers(scope: Scope) -> str | None:
     would otherwise reach the logs, the audit trail and Vault's audit log.
     """
     for name, value in scope.get("headers") or []:
+        # Clients send UTF-8 in header values, whatever RFC 9110 says: read them as such, so
+        # that digits of other scripts are seen as digits.
+        text = value.decode("utf-8", errors="replace")
         hit = _check_key(name.decode("latin-1")) or (
-            CARD_NUMBER if contains_card_number(value.decode("latin-1"), url=True) else None
+            CARD_NUMBER if contains_card_number(text, url=True) else None
         )
         if hit is not None:
             return hit

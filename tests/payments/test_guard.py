@@ -21,6 +21,7 @@ from broker.payments.guard import (
     find_card_data,
     luhn_valid,
 )
+from tests.support.cards import VARIANTS
 
 REQUEST_ID = "guard-test-request"
 
@@ -373,3 +374,62 @@ def test_luhn_rejects_non_digits(value: str) -> None:
 )
 def test_find_card_data(obj: Any, expected: str | None) -> None:
     assert find_card_data(obj) == expected
+
+
+# --- every notation, everywhere (one detector for the guard and the logs) ---------------
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_in_a_body_is_refused(guarded: GuardedApp, text: str) -> None:
+    assert_refused(guarded.post(json={"note": text}), guarded)
+    assert_refused(guarded.post(data={"note": text}), guarded)
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_in_a_query_is_refused(guarded: GuardedApp, text: str) -> None:
+    assert_refused(guarded.get("/echo", params={"q": text}), guarded)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/echo/4242+4242+4242+4242", "/echo/4242.4242.4242.4242", "/echo/card4242424242424242"],
+)
+def test_card_in_the_path_is_refused(guarded: GuardedApp, path: str) -> None:
+    assert_refused(guarded.get(path), guarded)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-request-id", "4242424242424242"),
+        ("x-request-id", "req-4242-4242-4242-4242"),
+        ("x-note", "4242 4242 4242 4242"),
+        ("user-agent", ("client/1.0 (" + VARIANTS["arabic-indic"] + ")").encode()),
+        ("x-card", "%34%32%34%32%34%32%34%32%34%32%34%32%34%32%34%32"),
+        ("cvc", "123"),
+    ],
+)
+def test_card_data_in_a_header_is_refused_and_not_echoed(
+    guarded: GuardedApp, name: str, value: str | bytes
+) -> None:
+    response = guarded.client.get("/echo", headers={name: value})
+    assert response.status_code == 422
+    assert response.json()["title"] == TITLE
+    assert guarded.calls == []
+    # The refused request id is not echoed either: a fresh one names the request.
+    assert "4242" not in response.headers["x-request-id"]
+    assert "4242" not in response.text
+
+
+def test_ordinary_headers_pass(guarded: GuardedApp) -> None:
+    response = guarded.client.get(
+        "/echo",
+        headers={
+            "x-request-id": "req-2024-06-01-000123",
+            "authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJl",
+            "if-match": '"42"',
+            "user-agent": "python-httpx/0.27.0",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-2024-06-01-000123"
