@@ -41,9 +41,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from broker.core.errors import schema_names
 from broker.integrations.egress import EgressPolicy, EgressRefused, screen_url
 
 __all__ = [
+    "group_field_names",
+    "group_model",
     "HHMM",
     "READ_ONLY_GROUPS",
     "SETTINGS_GROUPS",
@@ -638,6 +641,16 @@ def validate_group(name: str, value: Any) -> dict[str, Any]:
     invalid data and :class:`UnknownSettingsGroupError` for an unknown group.
     """
     return _group_model(name).model_validate(value).model_dump(mode="json")
+
+
+def group_model(name: str) -> type[BaseModel]:
+    """The model of settings group ``name``."""
+    return _group_model(name)
+
+
+def group_field_names(name: str) -> frozenset[str]:
+    """Every field name group ``name``'s schema declares, at any depth."""
+    return schema_names(_group_model(name).model_json_schema())
 
 
 _GroupPatch = dict[str, Any] | None

@@ -118,7 +118,7 @@ def test_account_number_with_bank_code() -> None:
         ({"iban": "DE89370400440532013000", "bic": "DEUT"}, "details.bic"),
         ({"iban": "DE89370400440532013000", "account_holder": ""}, "details.account_holder"),
         ({"iban": "DE89370400440532013000", "account_holder": "x" * 141}, None),
-        ({"iban": "DE89370400440532013000", "routing": "021000021"}, "details.routing"),
+        ({"iban": "DE89370400440532013000", "routing": "021000021"}, "details.(field 2)"),
     ],
 )
 def test_bank_transfer_form_errors(details: dict[str, Any], field: str | None) -> None:
