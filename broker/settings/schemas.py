@@ -155,8 +155,8 @@ def _check_time_zone(value: str) -> str:
     if not ok:
         raise PydanticCustomError(
             "time_zone",
-            "unknown time zone '{value}'; use an IANA name such as 'UTC' or 'Africa/Nairobi'",
-            {"value": value},
+            # Never the value: a rejected input may be anything, a secret included.
+            "unknown time zone; use an IANA name such as 'UTC' or 'Africa/Nairobi'",
         )
     return value
 
@@ -519,12 +519,12 @@ class MessagingSettings(_Model):
     @classmethod
     def _unique_template_names(cls, templates: list[MessageTemplate]) -> list[MessageTemplate]:
         seen: set[str] = set()
-        for template in templates:
+        for position, template in enumerate(templates, start=1):
             if template.name in seen:
                 raise PydanticCustomError(
                     "duplicate_template",
-                    "template name '{name}' is used more than once",
-                    {"name": template.name},
+                    "template {position} repeats the name of an earlier template",
+                    {"position": position},
                 )
             seen.add(template.name)
         return templates
