@@ -21,7 +21,7 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
-from broker.core.logging import redact_text
+from broker.core.logging import is_plain_name
 from broker.models import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -29,12 +29,7 @@ log = logging.getLogger(__name__)
 Outcome = Literal["success", "denied", "failed"]
 
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
-# A slug of short words: tenant ids, provider names. A hash, a key, a token or an opaque id is
-# one long unbroken run, and does not fit.
-_IDENTIFIER = re.compile(r"[A-Za-z0-9]{1,23}(?:[-_][A-Za-z0-9]{1,23})*")
 _MAX_IDENTIFIER = 63
-# Eight digits in a row are an account, card, IBAN or phone number, not part of a name.
-_LONG_NUMBER = re.compile(r"[0-9]{8}")
 
 
 def _fit(value: str, limit: int) -> str:
@@ -52,8 +47,8 @@ def route_resource(scope: Mapping[str, Any]) -> str:
     """The resource of a request as its route template, with only validated identifiers filled in.
 
     Never the raw path: a refused request's path is caller input, and may hold a card
-    number or a token. A path parameter is filled in only when it is a short-worded slug
-    (a tenant id, a provider); anything else stays `{name}`.
+    number or a token. A path parameter is filled in only when it reads as a plain name
+    (a tenant id, a provider); anything else, a hash or an opaque id included, stays `{name}`.
     """
     template = getattr(scope.get("route"), "path", None)
     if not isinstance(template, str):
@@ -62,13 +57,7 @@ def route_resource(scope: Mapping[str, Any]) -> str:
 
     def fill(match: re.Match[str]) -> str:
         value = params.get(match.group(1))
-        if (
-            isinstance(value, str)
-            and len(value) <= _MAX_IDENTIFIER
-            and _IDENTIFIER.fullmatch(value)
-            and not _LONG_NUMBER.search(value)
-            and redact_text(value) == value
-        ):
+        if isinstance(value, str) and is_plain_name(value, max_length=_MAX_IDENTIFIER):
             return value
         return "{" + match.group(1) + "}"
 

@@ -52,6 +52,25 @@ def redact_text(text: str) -> str:
     return redact_card_numbers(text, REDACTED, url=True)
 
 
+# A name is short words: a hash, a key or a token is one long unbroken run, and eight digits
+# in a row are an account, card, IBAN or phone number.
+_NAME = re.compile(r"[A-Za-z0-9]{1,23}(?:[-_. ][A-Za-z0-9]{1,23})*")
+_LONG_NUMBER = re.compile(r"[0-9]{8}")
+
+
+def is_plain_name(text: str, *, max_length: int = 100) -> bool:
+    """True when `text` reads as a name (short words), with no credential or number in it.
+
+    Only such names are repeated back from caller input (unknown keys, path identifiers).
+    """
+    return (
+        len(text) <= max_length
+        and _NAME.fullmatch(text) is not None
+        and _LONG_NUMBER.search(text) is None
+        and redact_text(text) == text
+    )
+
+
 def redact_value(key: str, value: Any) -> Any:
     """Redact a structured field: by its name first, then by its content."""
     if _SENSITIVE_KEY.search(key):
