@@ -40,14 +40,14 @@ _GAP = rf"[^0-9A-Za-z{re.escape(_BREAKS)}]"
 _CHAIN = re.compile(rf"[0-9]+(?:{_GAP}{{1,3}}[0-9]+)*")
 _GROUP = re.compile(r"[0-9]+")
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
-_IBAN_START = re.compile(r"(?<![0-9A-Za-z])[A-Za-z]{2}[0-9]{2}")
-_IBAN_PART = re.compile(r"[ -]?[0-9A-Za-z]")
-_MIN_IBAN, _MAX_IBAN = 15, 34
-# A hexadecimal token this long is a hash, a key or an id (MongoDB ids are 24): a digit run in
-# it is chance, not a card with letters glued to it.
-_MIN_HEX_TOKEN = 24
-_HEX = frozenset("0123456789abcdefABCDEF")
-_PERCENT_RUN = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+# An IBAN: country, check digits, then 11 to 30 letters or digits, grouped or not.
+_IBAN = re.compile(r"(?<![0-9A-Za-z])[A-Za-z]{2}[0-9]{2}(?:[ -]?[0-9A-Za-z]){11,30}")
+_MIN_IBAN = 15
+# A hexadecimal token of 24 characters or more is a hash, a key or an id (MongoDB ids are
+# 24): a digit run in it is chance, not a card with letters glued to it.
+_HEX_TOKEN = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{24,}(?![0-9A-Za-z])")
+_SPECIAL = re.compile(r"[^\x00-\x7f]")
+_SPECIAL_URL = re.compile(r"[^\x00-\x7f]|(?:%[0-9A-Fa-f]{2})+")
 _UNICODE_BREAKS = frozenset("\x85\u2028\u2029")
 
 
@@ -107,58 +107,78 @@ def _fold_char(char: str) -> str:
     return "".join(out)
 
 
-def _fold(text: str, *, url: bool) -> tuple[str, list[tuple[int, int]] | None]:
-    """The folded text, and for each of its characters the span of `text` it came from.
+def _fold(text: str, *, url: bool, spans: bool) -> tuple[str, list[tuple[int, int]] | None]:
+    """The folded text, and (with `spans`) for each of its characters the span of `text` it
+    came from; None when folding changed nothing.
 
-    The spans are None when folding changed nothing (plain ASCII, the common case).
+    Plain ASCII passes through whole: only other characters and percent escapes are
+    folded, so a large body costs a few regular-expression passes, not a loop per character.
     """
+    special = _SPECIAL_URL if url else _SPECIAL
     if text.isascii() and not (url and "%" in text):
         return text, None
     folded: list[str] = []
-    spans: list[tuple[int, int]] = []
-    index = 0
-    while index < len(text):
-        escaped = _PERCENT_RUN.match(text, index) if url and text[index] == "%" else None
-        if escaped is not None:
+    mapping: list[tuple[int, int]] = []
+    done = 0
+    for match in special.finditer(text):
+        if match.start() > done:
+            folded.append(text[done : match.start()])
+            if spans:
+                mapping.extend((i, i + 1) for i in range(done, match.start()))
+        found = match.group()
+        if found.startswith("%"):
             # Percent escapes are bytes; a multi-byte character is decoded whole.
-            raw = bytes.fromhex(escaped.group().replace("%", ""))
-            piece = "".join(_fold_char(c) for c in raw.decode("utf-8", errors="replace"))
-            end = escaped.end()
+            decoded = bytes.fromhex(found.replace("%", "")).decode("utf-8", errors="replace")
+            piece = "".join(_fold_char(c) for c in decoded)
         else:
-            piece = _fold_char(text[index])
-            end = index + 1
+            piece = _fold_char(found)
         folded.append(piece)
-        spans.extend([(index, end)] * len(piece))
-        index = end
-    return "".join(folded), spans
+        if spans:
+            mapping.extend([(match.start(), match.end())] * len(piece))
+        done = match.end()
+    folded.append(text[done:])
+    if spans:
+        mapping.extend((i, i + 1) for i in range(done, len(text)))
+    return "".join(folded), mapping if spans else None
+
+
+def _iban_end(candidate: str) -> int | None:
+    """The end of the longest checksum-valid IBAN at the start of `candidate`, if any."""
+    head = candidate[:4].upper()
+    head_digits = "".join(str(int(c, 36)) for c in head)
+    head_value, head_scale = int(head_digits), pow(10, len(head_digits), 97)
+    # mod-97 of the rearranged IBAN (BBAN then the first four), kept as the BBAN grows.
+    remainder, length, found = 0, 4, None
+    for position in range(4, len(candidate)):
+        char = candidate[position]
+        if char in " -":
+            continue
+        value = int(char, 36)
+        remainder = (remainder * (100 if value > 9 else 10) + value) % 97
+        length += 1
+        if length >= _MIN_IBAN and (remainder * head_scale + head_value) % 97 == 1:
+            found = position + 1
+    return found
 
 
 def _mask_identifiers(text: str) -> str:
-    """`text` with UUIDs and checksum-valid IBANs turned into breaks, so no card is seen in them."""
+    """`text` with UUIDs, long hex tokens and valid IBANs turned into breaks.
+
+    No card is looked for in them: a digit run in a hash or a key is chance, and an IBAN
+    is a bank account, whose own check digits say so.
+    """
     text = _UUID.sub(lambda m: "\n" * len(m.group()), text)
-    for start in _IBAN_START.finditer(text):
-        ends = []
-        position, length = start.end(), 4
-        while length < _MAX_IBAN and (part := _IBAN_PART.match(text, position)) is not None:
-            position, length = part.end(), length + 1
-            if length >= _MIN_IBAN:
-                ends.append(position)
-        for end in reversed(ends):
-            compact = re.sub(r"[ -]", "", text[start.start() : end])
-            if iban_checksum_valid(compact):
-                text = text[: start.start()] + "\n" * (end - start.start()) + text[end:]
-                break
-    return text
+    text = _HEX_TOKEN.sub(
+        lambda m: m.group() if m.group().isdigit() else "\n" * len(m.group()), text
+    )
+    return _IBAN.sub(_mask_iban, text)
 
 
-def _in_hex_token(text: str, start: int, end: int) -> bool:
-    """True when the digits at start:end are part of a long hexadecimal token with letters."""
-    while start > 0 and text[start - 1].isascii() and text[start - 1].isalnum():
-        start -= 1
-    while end < len(text) and text[end].isascii() and text[end].isalnum():
-        end += 1
-    token = text[start:end]
-    return len(token) >= _MIN_HEX_TOKEN and all(c in _HEX for c in token) and not token.isdigit()
+def _mask_iban(match: re.Match[str]) -> str:
+    end = _iban_end(match.group())
+    if end is None:
+        return match.group()
+    return "\n" * end + match.group()[end:]
 
 
 def _phone_led(text: str, start: int) -> bool:
@@ -207,19 +227,14 @@ def _hits(folded: str) -> Iterator[tuple[int, int]]:
             (chain.start() + m.start(), chain.start() + m.end())
             for m in _GROUP.finditer(chain.group())
         ]
-        if _in_hex_token(masked, *groups[-1]):
-            groups.pop()
-        if groups and _in_hex_token(masked, *groups[0]):
-            groups.pop(0)
-        if groups:
-            yield from _chain_hits(masked, groups)
+        yield from _chain_hits(masked, groups)
 
 
 def contains_card_number(text: str, *, url: bool = False) -> bool:
     """True when `text` holds a card number in any notation; `url` also decodes percent escapes."""
     if len(text) < _MIN_PAN:
         return False
-    folded, _ = _fold(text, url=url)
+    folded, _ = _fold(text, url=url, spans=False)
     return next(_hits(folded), None) is not None
 
 
@@ -227,13 +242,17 @@ def redact_card_numbers(text: str, replacement: str, *, url: bool = True) -> str
     """`text` with every card number in it, in any notation, replaced by `replacement`."""
     if len(text) < _MIN_PAN:
         return text
-    folded, spans = _fold(text, url=url)
+    folded, spans = _fold(text, url=url, spans=True)
     hits = list(_hits(folded))
+    if not hits:
+        return text
     if spans is not None:
         hits = [(spans[start][0], spans[end - 1][1]) for start, end in hits]
-    for start, end in reversed(hits):
-        text = text[:start] + replacement + text[end:]
-    return text
+    pieces, done = [], 0
+    for start, end in hits:
+        pieces += [text[done:start], replacement]
+        done = end
+    return "".join([*pieces, text[done:]])
 
 
 def normalise(text: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from fastapi.testclient import TestClient
 from broker.core.http import Metrics, RequestContextMiddleware
 from broker.payments.guard import (
     DETAIL,
+    MAX_INSPECTED_BYTES,
     TITLE,
     CardDataGuard,
     find_card_data,
@@ -433,3 +435,29 @@ def test_ordinary_headers_pass(guarded: GuardedApp) -> None:
     )
     assert response.status_code == 200
     assert response.headers["x-request-id"] == "req-2024-06-01-000123"
+
+
+# --- cost --------------------------------------------------------------------------------
+
+# Far above what the inspection takes (about a second on a busy CI core), far below what a
+# detector that is quadratic in the number of digit groups took (minutes).
+INSPECTION_BUDGET_S = 30
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "1234 5678 9012 " * 69905,
+        "DE89 3704 0044 0532 0130 00 " * 37449,
+        "a3f5c1b2d4e6f7089a1b2c3d4e5f6071 " * 31775,
+        "\u00e9 1234 5678 " * 80659,
+    ],
+    ids=["digit-groups", "ibans", "hex-tokens", "non-ascii"],
+)
+def test_a_full_size_body_is_inspected_within_the_budget(guarded: GuardedApp, body: str) -> None:
+    raw = body.encode()[: MAX_INSPECTED_BYTES - 16]
+    started = time.monotonic()
+    response = guarded.post(content=raw, headers={"content-type": "text/plain"})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert elapsed < INSPECTION_BUDGET_S
