@@ -18,7 +18,7 @@ from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
 from broker.models import AuditEvent
-from tests.conftest import bearer, make_tenant, token
+from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 
 # Shapes of secrets a caller might paste into a URL, a header or a field name.
 TWILIO_TOKEN = secrets.token_hex(16)
@@ -246,3 +246,25 @@ def test_a_payout_account_number_that_is_a_card_is_refused(
     assert "4242" not in response.text
     viewer = bearer(token("finance:view", tenant_id=tenant, subject="fin"))
     assert client.get("/v1/tenants/settings/payout", headers=viewer).status_code == 404
+
+
+def test_a_refused_request_id_never_reaches_vaults_audit_log(
+    client: TestClient, vault_endpoint: VaultEndpoint
+) -> None:
+    if vault_endpoint.audit_log is None:
+        pytest.skip("the external Vault's audit log is not readable from here")
+    # Vault's audited headers are not HMAC-ed: whatever request id the broker sends is
+    # written there in plain text.
+    incoming = "sk_live_" + secrets.token_hex(12)
+    tenant = f"rid-{uuid.uuid4().hex[:12]}"
+
+    response = client.post(
+        "/v1/tenants",
+        json={"id": tenant, "name": "Request id"},
+        headers={**bearer(token("platform:admin", subject="ops")), "X-Request-Id": incoming},
+    )
+
+    assert response.status_code == 201, response.text
+    audit_log = vault_endpoint.audit_log.read_text()
+    assert response.headers["x-request-id"] in audit_log
+    assert incoming not in audit_log
