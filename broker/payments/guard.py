@@ -3,9 +3,11 @@
 Cards are tokenised in the browser with Stripe.js; the broker only ever sees a
 payment method id. `CardDataGuard` sits in front of every route and answers 422
 to a request that carries a primary account number (PAN) or a field named like
-one (card_number, cvc, pin, ...), before any route, log line or database sees
-it. Keeping PANs out entirely keeps the broker out of PCI DSS cardholder-data
-scope; a route that merely "ignores" a PAN has still received and logged it.
+one (card_number, cvc, pin, ...) in its body, path, query string or headers,
+before any route, log line or database sees it. A PAN is found in any notation
+by `broker.core.carddata`, the detector the log redactor uses too. Keeping PANs
+out entirely keeps the broker out of PCI DSS cardholder-data scope; a route that
+merely "ignores" a PAN has still received and logged it.
 
 Install it inside `RequestContextMiddleware` (add it to the app first) so the
 422 carries the request id.
