@@ -43,9 +43,10 @@ _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}
 # An IBAN: country, check digits, then 11 to 30 letters or digits, grouped or not.
 _IBAN = re.compile(r"(?<![0-9A-Za-z])[A-Za-z]{2}[0-9]{2}(?:[ -]?[0-9A-Za-z]){11,30}")
 _MIN_IBAN = 15
-# A hexadecimal token of 24 characters or more is a hash, a key or an id (MongoDB ids are
-# 24): a digit run in it is chance, not a card with letters glued to it.
-_HEX_TOKEN = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{24,}(?![0-9A-Za-z])")
+# A hexadecimal token of 16 characters or more is a hash, a key or an id (trace and span ids
+# are 16 or 32, MongoDB ids 24): a digit run in it is chance, not a card with letters glued to
+# it. Random 16-character ids would otherwise be refused about once in 4,000.
+_HEX_TOKEN = re.compile(r"(?<![0-9A-Za-z])[0-9A-Fa-f]{16,}(?![0-9A-Za-z])")
 _SPECIAL = re.compile(r"[^\x00-\x7f]")
 _SPECIAL_URL = re.compile(r"[^\x00-\x7f]|(?:%[0-9A-Fa-f]{2})+")
 _UNICODE_BREAKS = frozenset("\x85\u2028\u2029")

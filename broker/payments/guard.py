@@ -64,6 +64,30 @@ SENSITIVE_FIELDS: Final = frozenset(
     }
 )
 
+# Headers that proxies and tracers fill with random machine ids, which the broker neither
+# logs nor stores. Datadog's are 64-bit decimals: about one in twenty would pass for a card.
+TRACING_HEADERS: Final = frozenset(
+    {
+        b"traceparent",
+        b"tracestate",
+        b"baggage",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-b3-sampled",
+        b"x-b3-flags",
+        b"uber-trace-id",
+        b"x-datadog-trace-id",
+        b"x-datadog-parent-id",
+        b"x-datadog-sampling-priority",
+        b"x-datadog-origin",
+        b"x-datadog-tags",
+        b"x-amzn-trace-id",
+        b"x-cloud-trace-context",
+        b"sentry-trace",
+    }
+)
 _KEY_PARTS = re.compile(r"[\[\].]+")
 _NOT_ALNUM = re.compile(r"[^0-9a-z]")
 _MULTIPART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
@@ -203,12 +227,14 @@ def find_in_url(scope: Scope) -> str | None:
 
 
 def find_in_headers(scope: Scope) -> str | None:
-    """Inspect every request header, names and values.
+    """Inspect every request header, names and values, but the tracing ones.
 
     Headers are input like any other: an `X-Request-Id` or a custom header holding a PAN
     would otherwise reach the logs, the audit trail and Vault's audit log.
     """
     for name, value in scope.get("headers") or []:
+        if name in TRACING_HEADERS:
+            continue
         # Clients send UTF-8 in header values, whatever RFC 9110 says: read them as such, so
         # that digits of other scripts are seen as digits.
         text = value.decode("utf-8", errors="replace")

@@ -56,6 +56,7 @@ ORDINARY = {
     "twilio-sid": "AC" + "0123456789" * 3 + "ab",
     "hex-key": "9" * 24 + "deadbeef",
     "mongo-id": "507f1f77bcf86cd799439011",
+    "span-id": "0b" + "4242424242424242"[2:],
     "stripe-id": "pm_1MqM05LkdIwHu7ixlDxxO6Mc",
     "iban-glued": "BE68539007547034",
     "iban-spaced": "DE89 3704 0044 0532 0130 00",

@@ -431,6 +431,9 @@ def test_ordinary_headers_pass(guarded: GuardedApp) -> None:
             "authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJl",
             "if-match": '"42"',
             "user-agent": "python-httpx/0.27.0",
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-4242424242424242-01",
+            "x-datadog-trace-id": "4242424242424242",
+            "x-b3-spanid": "a3ce929d0e0e4736",
         },
     )
     assert response.status_code == 200
