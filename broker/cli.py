@@ -121,14 +121,16 @@ def serve() -> None:
 
 
 def _run(api: FastAPI, *, host: str, port: int) -> None:
-    """Serve `api` with uvicorn, which must not rewrite the caller's address itself.
+    """Serve `api` with uvicorn, which must neither rewrite the caller's address nor log URLs.
 
     Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, before the
     broker sees the request: a local caller could then name any address, dodge
     the per-address limits and write it into the audit trails. The broker reads
     the header itself, from BROKER_TRUSTED_PROXIES only.
     """
-    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False)
+    # access_log=False: uvicorn's access log holds raw paths and query strings, which may
+    # carry a card number or a token; the broker logs route templates itself (broker.access).
+    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False, access_log=False)
 
 
 @app.command()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import threading
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
@@ -22,11 +24,15 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
+from broker.core.logging import is_plain_name
 from broker.models import AuditEvent
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["success", "denied", "failed"]
+
+_PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+_MAX_IDENTIFIER = 63
 
 
 def _fit(value: str, limit: int) -> str:
@@ -38,6 +44,27 @@ def _fit(value: str, limit: int) -> str:
     """
     value = value.replace("\x00", "\N{REPLACEMENT CHARACTER}")
     return value if len(value) <= limit else value[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def route_resource(scope: Mapping[str, Any]) -> str:
+    """The resource of a request as its route template, with only validated identifiers filled in.
+
+    Never the raw path: a refused request's path is caller input, and may hold a card
+    number or a token. A path parameter is filled in only when it reads as a plain name
+    (a tenant id, a provider); anything else, a hash or an opaque id included, stays `{name}`.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    if not isinstance(template, str):
+        return "unmatched"
+    params = scope.get("path_params") or {}
+
+    def fill(match: re.Match[str]) -> str:
+        value = params.get(match.group(1))
+        if isinstance(value, str) and is_plain_name(value, max_length=_MAX_IDENTIFIER):
+            return value
+        return "{" + match.group(1) + "}"
+
+    return _PARAMETER.sub(fill, template)
 
 
 def record(

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import pytest
 
 from broker.auth.tokens import mint_token
+from broker.core.carddata import contains_card_number
 from broker.core.logging import REDACTED, configure_logging, redact_text
+from tests.support.cards import VARIANTS
 
 _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
@@ -356,3 +358,32 @@ def test_card_numbers_in_log_text_are_redacted(logged: str) -> None:
 def test_long_numbers_that_are_not_cards_are_kept() -> None:
     text = "tenant t-1 kv_version 12 took 1234567890123 ns"  # 13 digits, fails Luhn
     assert redact_text(text) == text
+
+
+def test_uvicorns_raw_access_log_is_dropped_and_the_brokers_is_kept(
+    log_output: io.StringIO,
+) -> None:
+    # uvicorn's line carries the raw path and query; the broker logs the route template.
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/v1/x?q=secret-ish", "1.1", 422
+    )
+    logging.getLogger("broker.access").info("%s %s %s", "GET", "unmatched", 422)
+
+    output = log_output.getvalue()
+    assert "secret-ish" not in output
+    assert [(e["logger"], e["message"]) for e in json_lines(output)] == [
+        ("broker.access", "GET unmatched 422")
+    ]
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_is_redacted_from_the_log(
+    log_output: io.StringIO, text: str
+) -> None:
+    log.warning("refused %s", text, extra={"fields": {"note": f"was {text}"}})
+
+    (entry,) = json_lines(log_output.getvalue())
+    for logged in (str(entry["message"]), str(entry["note"])):
+        assert REDACTED in logged
+        assert not contains_card_number(logged)
+    assert str(entry["message"]).startswith("refused ")
