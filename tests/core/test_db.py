@@ -226,8 +226,11 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
             refusal, refused = _in_thread(
                 lambda: client.get(f"/v1/credentials/{tenant}/openai", headers=rogue)
             )
+            probe, probed = _in_thread(lambda: client.get("/readyz"))
             fetch.join(SLACK_S)
             fetched_while_paused = not fetch.is_alive()
+            probe.join(SLACK_S)
+            probed_while_paused = not probe.is_alive()
             refusal.join(SLACK_S)
             refused_while_paused = not refusal.is_alive()
             for thread, _ in stalled:
@@ -237,6 +240,10 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
         assert fetched[0].status_code == 200
         assert fetched[0].json()["fields"]["api_key"] == VALID["openai"]["api_key"]
         assert refused_while_paused, "a refused fetch waited on the stopped database"
+        # Degraded, not down: this replica still serves fetches.
+        assert probed_while_paused, "readiness waited on the stopped database"
+        assert probed[0].status_code == 200
+        assert probed[0].json() == {"status": "degraded", "vault": "ok", "database": "unreachable"}
         assert refused[0].status_code == 404
         assert answered_while_paused == len(stalled), "settings requests hung through the stall"
         statuses = {result[0].status_code for _, result in stalled}
