@@ -765,8 +765,10 @@ def test_postgres_restart_is_503_for_settings_while_credentials_keep_flowing(
             fetched = client.get(f"/v1/credentials/{tenant}/{PROVIDER}", headers=service(tenant))
             assert fetched.status_code == 200, fetched.text
             assert fetched.json()["fields"]["api_key"] == api_key
+        # Degraded, not unavailable: this replica still serves credentials.
         ready = client.get("/readyz")
-        assert (ready.status_code, ready.json()["database"]) == (503, "unreachable")
+        assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
+        assert ready.json()["database"] == "unreachable"
 
         assert own_postgres.start() == server_url  # same socket directory: the URL holds
         # The same app, engine and pool: no broker restart.
