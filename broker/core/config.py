@@ -96,6 +96,18 @@ class Settings(BaseSettings):
     # written to the audit trail as one event per window (issue 12, section I).
     rate_limit_denials: str = "30/minute"
 
+    # Background jobs (broker/jobs: procrastinate on the broker's PostgreSQL).
+    # A worker writes a heartbeat every `jobs_heartbeat_s`; the jobs of a worker
+    # silent for `jobs_stalled_after_s` (killed, frozen, cut off) are retried by
+    # another worker, looked for every `jobs_stalled_check_s` (divides 60). On
+    # SIGTERM a worker lets running jobs finish for `jobs_shutdown_grace_s`.
+    jobs_concurrency: int = Field(default=4, ge=1, le=64)
+    jobs_heartbeat_s: float = Field(default=10.0, gt=0, le=300)
+    jobs_stalled_after_s: float = Field(default=30.0, gt=0, le=3600)
+    jobs_stalled_check_s: Literal[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60] = 15
+    jobs_shutdown_grace_s: float = Field(default=30.0, ge=0, le=600)
+    jobs_poll_interval_s: float = Field(default=5.0, gt=0, le=60)
+
     @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -1,0 +1,91 @@
+"""Running a worker: `broker worker` in production, one in-process task under `broker dev`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from procrastinate.app import WorkerOptions
+from psycopg_pool import AsyncConnectionPool
+
+from broker.core.config import ConfigurationError, Settings
+from broker.core.db import make_engine
+from broker.jobs.app import JobResources, app, conninfo
+from broker.jobs.housekeeping import schedule_stall_check
+from broker.vault.gateway import VaultGateway
+
+log = logging.getLogger(__name__)
+
+
+async def run_worker(
+    settings: Settings,
+    *,
+    queues: Sequence[str] | None = None,
+    concurrency: int | None = None,
+    name: str | None = None,
+    install_signal_handlers: bool = True,
+) -> None:
+    """Run jobs from `queues` (all when None) until stopped by SIGTERM/SIGINT or cancellation.
+
+    Stopping is graceful: no new job starts, running ones get the shutdown grace
+    to finish, and any still running then are aborted and retried later.
+    """
+    if settings.jobs_stalled_after_s <= 2 * settings.jobs_heartbeat_s:
+        # A live worker that misses one beat would see its jobs run twice.
+        raise ConfigurationError("BROKER_JOBS_STALLED_AFTER_S must exceed two heartbeats")
+    dsn = conninfo(settings)
+    assert settings.database_url is not None  # conninfo() refused it already
+    concurrency = concurrency or settings.jobs_concurrency
+    schedule_stall_check(settings.jobs_stalled_check_s)
+    pool = AsyncConnectionPool(
+        dsn,
+        open=False,
+        min_size=1,
+        # One per running job, plus the listener, heartbeat and periodic deferrer.
+        max_size=concurrency + 3,
+        check=AsyncConnectionPool.check_connection,
+    )
+    engine = make_engine(settings.database_url.get_secret_value())
+    vault = VaultGateway.from_settings(settings)
+    options: WorkerOptions = {
+        "concurrency": concurrency,
+        "name": name or "broker-worker",
+        "install_signal_handlers": install_signal_handlers,
+        "update_heartbeat_interval": settings.jobs_heartbeat_s,
+        "stalled_worker_timeout": settings.jobs_stalled_after_s,
+        "shutdown_graceful_timeout": settings.jobs_shutdown_grace_s,
+        "fetch_job_polling_interval": settings.jobs_poll_interval_s,
+        "additional_context": {"resources": JobResources(settings, engine, vault)},
+    }
+    if queues:  # none given: every queue
+        options["queues"] = list(queues)
+    try:
+        async with pool, app.open_async(pool):
+            await app.run_worker_async(**options)
+    finally:
+        vault.close()
+        engine.dispose()
+
+
+def alongside(api: FastAPI, settings: Settings) -> FastAPI:
+    """Run one worker on `api`'s event loop for as long as it serves (`broker dev`)."""
+    serving = api.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with serving(app):
+            # The server owns the signals; cancelling the worker stops it gracefully.
+            worker = asyncio.create_task(run_worker(settings, install_signal_handlers=False))
+            try:
+                yield
+            finally:
+                worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await worker
+
+    api.router.lifespan_context = lifespan
+    return api
