@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     jobs_concurrency: int = Field(default=4, ge=1, le=64)
     jobs_heartbeat_s: float = Field(default=10.0, gt=0, le=300)
     jobs_stalled_after_s: float = Field(default=30.0, gt=0, le=3600)
-    jobs_stalled_check_s: Literal[1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60] = 15
+    jobs_stalled_check_s: int = Field(default=15, ge=1, le=60)
     jobs_shutdown_grace_s: float = Field(default=30.0, ge=0, le=600)
     jobs_poll_interval_s: float = Field(default=5.0, gt=0, le=60)
 

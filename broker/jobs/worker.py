@@ -37,6 +37,9 @@ async def run_worker(
     if settings.jobs_stalled_after_s <= 2 * settings.jobs_heartbeat_s:
         # A live worker that misses one beat would see its jobs run twice.
         raise ConfigurationError("BROKER_JOBS_STALLED_AFTER_S must exceed two heartbeats")
+    if 60 % settings.jobs_stalled_check_s:
+        # It becomes a cron seconds field, which only ticks evenly on divisors of 60.
+        raise ConfigurationError("BROKER_JOBS_STALLED_CHECK_S must divide 60")
     dsn = conninfo(settings)
     assert settings.database_url is not None  # conninfo() refused it already
     concurrency = concurrency or settings.jobs_concurrency
