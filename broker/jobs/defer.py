@@ -43,10 +43,11 @@ def defer(
         priority=priority,
     )
     job = deferrer.make_new_job(**dict(args or {}))
-    connection = session.connection().connection.driver_connection
     try:
         # A savepoint: a refused queueing lock must not abort the caller's transaction.
+        # SQLAlchemy emits it when the connection is asked for inside the block.
         with session.begin_nested():
+            connection = session.connection().connection.driver_connection
             job = _IN_TRANSACTION.defer_job(job=job, connection=connection)
     except exceptions.AlreadyEnqueued:
         return None
