@@ -31,8 +31,9 @@ async def run_worker(
 ) -> None:
     """Run jobs from `queues` (all when None) until stopped by SIGTERM/SIGINT or cancellation.
 
-    Stopping is graceful: no new job starts, running ones get the shutdown grace
-    to finish, and any still running then are aborted and retried later.
+    Stopping is graceful: no new job starts and running ones finish. A worker
+    killed before that (a supervisor's timeout) leaves them to the stall check,
+    which retries them on another worker; so no job is lost either way.
     """
     if settings.jobs_stalled_after_s <= 2 * settings.jobs_heartbeat_s:
         # A live worker that misses one beat would see its jobs run twice.
@@ -60,7 +61,6 @@ async def run_worker(
         "install_signal_handlers": install_signal_handlers,
         "update_heartbeat_interval": settings.jobs_heartbeat_s,
         "stalled_worker_timeout": settings.jobs_stalled_after_s,
-        "shutdown_graceful_timeout": settings.jobs_shutdown_grace_s,
         "fetch_job_polling_interval": settings.jobs_poll_interval_s,
         "additional_context": {"resources": JobResources(settings, engine, vault)},
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from sqlalchemy import Engine, text
@@ -22,6 +23,14 @@ def _jobs_for(engine: Engine, key: str) -> list[str]:
                 {"key": key},
             ).scalars()
         )
+
+
+@pytest.fixture(autouse=True)
+def _no_jobs_left_behind(engine: Engine) -> Iterator[None]:
+    """Jobs queued here are only looked at: workers of later tests must not find them."""
+    yield
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM procrastinate_jobs WHERE task_name = 'tests.work'"))
 
 
 def _tenant(tenant_id: str) -> Tenant:

@@ -24,7 +24,6 @@ TEST_TIMINGS = {
     "BROKER_JOBS_STALLED_AFTER_S": "2",
     "BROKER_JOBS_STALLED_CHECK_S": "1",
     "BROKER_JOBS_POLL_INTERVAL_S": "0.5",
-    "BROKER_JOBS_SHUTDOWN_GRACE_S": "10",
 }
 TEST_WORKER = [sys.executable, "-m", "tests.jobs.worker_main"]
 BROKER_WORKER = [sys.executable, "-m", "broker.cli", "worker"]
@@ -102,15 +101,19 @@ class Workers:
             proc.wait(timeout=10)
 
 
-def runs(log_dir: Path) -> list[tuple[str, str, int, float]]:
-    """The lines the test tasks wrote: (event, key, pid, time)."""
+def runs(log_dir: Path, prefix: str = "") -> list[tuple[str, str, int, float]]:
+    """The lines the test tasks wrote for keys starting with `prefix`: (event, key, pid, time).
+
+    Workers also run jobs other tests left queued; the keys tell them apart.
+    """
     path = log_dir / "runs.log"
     if not path.exists():
         return []
     parsed = []
     for line in path.read_text().splitlines():
         event, key, pid, at = line.split()
-        parsed.append((event, key, int(pid), float(at)))
+        if key.startswith(prefix):
+            parsed.append((event, key, int(pid), float(at)))
     return parsed
 
 
