@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -83,12 +82,18 @@ def alongside(api: FastAPI, settings: Settings) -> FastAPI:
         async with serving(app):
             # The server owns the signals; cancelling the worker stops it gracefully.
             worker = asyncio.create_task(run_worker(settings, install_signal_handlers=False))
+            worker.add_done_callback(_report_early_exit)
             try:
                 yield
             finally:
                 worker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await worker
+                await asyncio.gather(worker, return_exceptions=True)
 
     api.router.lifespan_context = lifespan
     return api
+
+
+def _report_early_exit(worker: asyncio.Task[None]) -> None:
+    # The API keeps serving without its worker; say so rather than fail silently.
+    if not worker.cancelled() and worker.exception() is not None:
+        log.error("the in-process job worker stopped", exc_info=worker.exception())
