@@ -121,7 +121,7 @@ def test_the_worker_settles_a_write_that_landed_after_its_503(
     # Vault holds version 2; the row still says 1, pending, and nobody reads it.
     assert _row(engine, tenant)[:2] == (1, True)
 
-    workers.start(BROKER_WORKER)
+    worker = workers.start(BROKER_WORKER, BROKER_LOG_LEVEL="DEBUG")
     _reconcile(engine)
     kv_version, pending, hints = _row(engine, tenant)
     assert (kv_version, pending) == (2, False)
@@ -130,3 +130,12 @@ def test_the_worker_settles_a_write_that_landed_after_its_503(
     # Idempotent: a second run finds nothing to do and changes nothing.
     _reconcile(engine)
     assert _row(engine, tenant) == (kv_version, pending, hints)
+
+    # The secret it handled is in neither the worker's log nor the queue's tables.
+    logged = workers.output(worker)
+    assert "integrations.reconcile_pending" in logged
+    assert SECOND["auth_token"] not in logged
+    with engine.connect() as conn:
+        for table in ("procrastinate_jobs", "procrastinate_events"):
+            dump = f"SELECT coalesce(string_agg(t::text, ''), '') FROM {table} t"
+            assert SECOND["auth_token"] not in conn.execute(text(dump)).scalar_one()
