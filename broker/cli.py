@@ -140,7 +140,7 @@ def worker(
     ] = None,
     concurrency: Annotated[
         int | None,
-        typer.Option(min=1, max=64, help="Jobs run at once [default: BROKER_JOBS_CONCURRENCY]."),
+        typer.Option(min=1, max=64, help="Jobs run at once (default: BROKER_JOBS_CONCURRENCY)."),
     ] = None,
 ) -> None:
     """Run background jobs (all queues by default) until SIGTERM or Ctrl-C, then stop cleanly."""

@@ -1,7 +1,7 @@
 """Real worker processes on the session's PostgreSQL and Vault, killed at the end if still alive.
 
 Timings are short so a killed worker's jobs are retried within seconds: a
-heartbeat every 0.5 s, stalled after 2 s without one, looked for every second.
+heartbeat every 0.5 s, stalled after 3 s without one, looked for every second.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from broker.core.config import Settings
 
 TEST_TIMINGS = {
     "BROKER_JOBS_HEARTBEAT_S": "0.5",
-    "BROKER_JOBS_STALLED_AFTER_S": "2",
+    "BROKER_JOBS_STALLED_AFTER_S": "3",
     "BROKER_JOBS_STALLED_CHECK_S": "1",
     "BROKER_JOBS_POLL_INTERVAL_S": "0.5",
 }
