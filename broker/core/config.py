@@ -110,6 +110,17 @@ class Settings(BaseSettings):
     # written to the audit trail as one event per window (issue 12, section I).
     rate_limit_denials: str = "30/minute"
 
+    # Background jobs (broker/jobs: procrastinate on the broker's PostgreSQL).
+    # A worker writes a heartbeat every `jobs_heartbeat_s`; the jobs of a worker
+    # silent for `jobs_stalled_after_s` (killed, frozen, cut off) are retried by
+    # another worker, looked for every `jobs_stalled_check_s` (divides 60).
+    # Jobs start within `jobs_poll_interval_s` even if a notification is lost.
+    jobs_concurrency: int = Field(default=4, ge=1, le=64)
+    jobs_heartbeat_s: float = Field(default=10.0, gt=0, le=300)
+    jobs_stalled_after_s: float = Field(default=30.0, gt=0, le=3600)
+    jobs_stalled_check_s: int = Field(default=15, ge=1, le=60)
+    jobs_poll_interval_s: float = Field(default=5.0, gt=0, le=60)
+
     @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -351,6 +351,24 @@ def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str) -> 
     _try_reconcile_payout(engine, SealedStore(vault), tenant_id)
 
 
+def reconcile_pending_payouts(engine: Engine, vault: VaultGateway) -> int:
+    """Reconcile every live tenant's pending payout record; returns how many were pending."""
+    with unit_of_work(engine) as session:
+        tenant_ids = list(
+            session.exec(
+                select(PaymentProfile.tenant_id)
+                .join(Tenant, col(Tenant.id) == col(PaymentProfile.tenant_id))
+                .where(col(PaymentProfile.payout_sync_pending).is_(True))
+                .where(col(Tenant.deleting_at).is_(None))
+                .order_by(col(PaymentProfile.tenant_id))
+            )
+        )
+    store = SealedStore(vault)
+    for tenant_id in tenant_ids:
+        _try_reconcile_payout(engine, store, tenant_id)
+    return len(tenant_ids)
+
+
 def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:
     """Rebuild a pending profile from Vault; False when Vault shows nothing new (see
     `broker.integrations.service._reconcile`: an unanswered write may yet land)."""
