@@ -37,12 +37,18 @@ async def healthz() -> dict[str, str]:
     },
 )
 async def readyz(
-    engine: EngineDep, vault: VaultDep, vault_threads: VaultThreadsDep, settings: SettingsDep
+    request: Request,
+    engine: EngineDep,
+    vault: VaultDep,
+    vault_threads: VaultThreadsDep,
+    settings: SettingsDep,
 ) -> JSONResponse:
     """Whether credential operations can succeed now (Vault), and whether settings can (database).
 
     A database outage alone is `degraded` with a 200: this replica still serves
-    credential fetches, which need only Vault, so it must stay in rotation.
+    credential fetches, which need only Vault, so it must stay in rotation. So
+    is a shared rate-limit store (Redis) that cannot be reached: this replica
+    then limits on its own counters until it reconnects.
     """
     vault_state = "unknown"
     database = False
@@ -63,11 +69,13 @@ async def readyz(
         checks.start_soon(check_vault)
         checks.start_soon(check_database)
     ready = vault_state == "ok"
-    status = "unavailable" if not ready else ("ready" if database else "degraded")
+    limits_shared = not request.app.state.limiter.degraded
+    status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
     body = {
         "status": status,
         "vault": vault_state,
         "database": "ok" if database else "unreachable",
+        "rate_limits": "ok" if limits_shared else "degraded",
     }
     headers = None if status == "ready" else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
