@@ -243,7 +243,12 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
         # Degraded, not down: this replica still serves fetches.
         assert probed_while_paused, "readiness waited on the stopped database"
         assert probed[0].status_code == 200
-        assert probed[0].json() == {"status": "degraded", "vault": "ok", "database": "unreachable"}
+        assert probed[0].json() == {
+            "status": "degraded",
+            "vault": "ok",
+            "database": "unreachable",
+            "rate_limits": "ok",
+        }
         assert refused[0].status_code == 404
         assert answered_while_paused == len(stalled), "settings requests hung through the stall"
         statuses = {result[0].status_code for _, result in stalled}
