@@ -10,7 +10,6 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.integrations.jobs import reconcile_pending
@@ -18,10 +17,9 @@ from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
 from tests.conftest import (
     VaultEndpoint,
+    app_through,
     bearer,
-    make_settings,
     make_tenant,
-    provider_overrides,
     token,
 )
 from tests.fakes.providers import VALID, FakeProviders
@@ -49,16 +47,18 @@ def slow(
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
     """The broker through a proxy that can hold Vault writes back, with a 1 s Vault timeout."""
     with SlowProxy(vault_endpoint.addr) as proxy:
-        settings = make_settings(
-            VaultEndpoint(proxy.addr, "", None),
-            broker_vault_token,
-            database_url,
-            vault_timeout_s=1.0,
-            vault_retry_budget_s=1.5,
-            **provider_overrides(providers),
+        yield (
+            app_through(
+                proxy.addr,
+                broker_vault_token,
+                database_url,
+                engine,
+                providers,
+                vault_timeout_s=1.0,
+                vault_retry_budget_s=1.5,
+            ),
+            proxy,
         )
-        vault = VaultGateway.from_settings(settings)
-        yield TestClient(create_app(settings, engine=engine, vault=vault)), proxy
 
 
 def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:

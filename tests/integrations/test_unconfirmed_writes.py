@@ -17,16 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
+from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.slowproxy import SlowProxy
 
@@ -54,16 +46,14 @@ def _slow_client(
     timeout_s: float,
     budget_s: float,
 ) -> TestClient:
-    settings = make_settings(
-        VaultEndpoint(proxy.addr, "", None),
+    return app_through(
+        proxy.addr,
         broker_vault_token,
         database_url,
+        engine,
+        providers,
         vault_timeout_s=timeout_s,
         vault_retry_budget_s=budget_s,
-        **provider_overrides(providers),
-    )
-    return TestClient(
-        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
     )
 
 

@@ -9,10 +9,9 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
 from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_settings, make_tenant, token
+from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
 from tests.support.slowproxy import SlowProxy
 from tests.support.workers import wait_for
 
@@ -24,15 +23,17 @@ def slow(
     vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str, engine: Engine
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
     with SlowProxy(vault_endpoint.addr) as proxy:
-        settings = make_settings(
-            VaultEndpoint(proxy.addr, "", None),
-            broker_vault_token,
-            database_url,
-            vault_timeout_s=1.0,
-            vault_retry_budget_s=1.5,
+        yield (
+            app_through(
+                proxy.addr,
+                broker_vault_token,
+                database_url,
+                engine,
+                vault_timeout_s=1.0,
+                vault_retry_budget_s=1.5,
+            ),
+            proxy,
         )
-        vault = VaultGateway.from_settings(settings)
-        yield TestClient(create_app(settings, engine=engine, vault=vault)), proxy
 
 
 def _payout(client: TestClient, tenant: str, iban: str) -> Any:
