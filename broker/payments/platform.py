@@ -9,16 +9,19 @@ from __future__ import annotations
 import threading
 import time
 
-from broker.core.errors import UpstreamUnavailable
+from broker.core.errors import BrokerError
 from broker.payments.stripe_gateway import StripeGateway
 from broker.vault.gateway import VaultGateway
 
 KEY_CACHE_S = 300.0
 
 
-class StripeNotConfigured(UpstreamUnavailable):
-    """No platform Stripe key in Vault yet: an operator must store one."""
+class StripeNotConfigured(BrokerError):
+    """No platform Stripe key in Vault: an operator must store one; retrying cannot help."""
 
+    # Not a 503 with Retry-After: that tells clients to retry a misconfiguration. 501
+    # says this broker does not offer payments as deployed, and clients do not retry it.
+    status = 501
     title = "Stripe is not configured"
 
 
@@ -43,7 +46,8 @@ class StripeAccess:
             key = str((entry.data if entry else {}).get("api_key") or "")
             if not key:
                 raise StripeNotConfigured(
-                    f"no Stripe key in Vault at {self._key_path} (field api_key)"
+                    "payments are not set up on this broker: an operator must store the "
+                    f"platform Stripe key in Vault at {self._key_path} (field api_key)"
                 )
             fingerprint = hash(key)
             if self._gateway is None or fingerprint != self._fingerprint:
@@ -53,6 +57,14 @@ class StripeAccess:
                 self._fingerprint = fingerprint
             self._fetched_at = time.monotonic()
             return self._gateway
+
+    def configured(self) -> bool:
+        """Whether a platform key is in Vault (VaultUnavailable when Vault cannot say)."""
+        try:
+            self.gateway()
+        except StripeNotConfigured:
+            return False
+        return True
 
     def close(self) -> None:
         """Release the HTTP client."""

@@ -84,11 +84,15 @@ def add_payment_method(
     "/payment-methods/{method_id}/default", response_model=PaymentMethodView, responses=NO_METHOD
 )
 def set_default_payment_method(
-    method_id: MethodId, session: SessionDep, principal: FinanceManager
+    method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
 ) -> PaymentMethodView:
-    """Make this card the default."""
+    """Make this card the default, also as the card Stripe Billing charges."""
     method = service.set_default(
-        session, principal=principal, tenant_id=own_tenant(principal), method_id=method_id
+        engine,
+        _stripe(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        method_id=method_id,
     )
     return PaymentMethodView.model_validate(method)
 

@@ -39,6 +39,7 @@ from broker.core.errors import BrokerError, Conflict, UpstreamUnavailable, Valid
 __all__ = [
     "CardMethod",
     "SetupIntentInfo",
+    "STRIPE_API_VERSION",
     "StripeGateway",
     "StripeKeyRefused",
 ]
@@ -56,6 +57,11 @@ _PAYMENT_METHOD_ID = re.compile(r"pm_[A-Za-z0-9]{1,64}")
 _CUSTOMER_ID = re.compile(r"cus_[A-Za-z0-9]{1,64}")
 
 _MAX_RETRY_AFTER_S = 3600
+
+# Every request names this API version, so a Stripe account's dashboard default (or an
+# SDK upgrade) cannot change what the broker's parameters mean. It is the version the
+# pinned SDK range (pyproject.toml) is generated for: change both together.
+STRIPE_API_VERSION = "2026-10-28.endive"
 
 _T = TypeVar("_T")
 
@@ -173,6 +179,7 @@ class StripeGateway:
         self._client = stripe.StripeClient(
             key,
             base_addresses={"api": self._api_base},
+            stripe_version=STRIPE_API_VERSION,
             max_network_retries=max_retries,
             http_client=self._transport,
         )
@@ -206,6 +213,28 @@ class StripeGateway:
         if "deleted" in customer and customer.deleted:
             raise ValidationFailed(f"No such customer: '{customer_id}'")
         return customer.to_dict()
+
+    def default_card(self, customer_id: str) -> str | None:
+        """The card Stripe Billing charges: the customer's invoice default payment method."""
+        customer = self.retrieve_customer(customer_id)
+        settings = customer.get("invoice_settings")
+        default = settings.get("default_payment_method") if isinstance(settings, dict) else None
+        if isinstance(default, dict):  # expanded
+            default = default.get("id")
+        return default if isinstance(default, str) else None
+
+    def set_default_card(self, customer_id: str, payment_method_id: str | None) -> None:
+        """Make a card (attached to the customer) the one Billing charges; None clears it."""
+        _check(customer_id, _CUSTOMER_ID, "customer")
+        if payment_method_id is not None:
+            _check(payment_method_id, _PAYMENT_METHOD_ID, "payment method")
+        self._call(
+            lambda: self._client.v1.customers.update(
+                customer_id,
+                # Stripe reads an empty string as "unset".
+                params={"invoice_settings": {"default_payment_method": payment_method_id or ""}},
+            )
+        )
 
     # ------------------------------------------------------------ payment methods
 
@@ -259,7 +288,7 @@ class StripeGateway:
                 params={
                     "customer": customer_id,
                     "usage": "off_session",
-                    # Since API version 2026-09-30 (the SDK pins a later one),
+                    # Since API version 2026-09-30 (STRIPE_API_VERSION is later),
                     # `payment_method_types` is read-only: sending it is a 400.
                     "allowed_payment_method_types": ["card"],
                 }
