@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -17,12 +18,14 @@ from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
+from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import ProviderEndpoints
 from broker.integrations.routes import router as integrations_router
+from broker.integrations.schemas import document_provider_fields
 from broker.integrations.service import Outbound
 from broker.payments.guard import CardDataGuard
 from broker.payments.platform import StripeAccess
@@ -70,7 +73,9 @@ def create_app(
         app.state.stripe.close()
         engine.dispose()
 
-    app = FastAPI(
+    # FastAPIOffline serves /docs and /redoc from assets in its wheel, not from a CDN:
+    # they work offline and under a CSP that allows only this origin.
+    app = FastAPIOffline(
         title="Tenant secrets broker",
         version="0.1.0",
         description=(
@@ -112,6 +117,7 @@ def create_app(
         trusted_proxies=settings.trusted_proxies,
     )
     install_error_handlers(app)
+    install_openapi(app, ROUTERS, document_provider_fields)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -267,6 +267,16 @@ def install_error_handlers(app: FastAPI) -> None:
             message = err.get("msg", "")
             if err.get("type") == "extra_forbidden":
                 message = unknown_field_message(body_model if in_body else None, loc[1:-1])
+            elif in_body and err.get("type") == "json_invalid":
+                # FastAPI puts the character offset where a field name goes. The decoder's
+                # own reason ("Expecting ',' delimiter") never quotes the input.
+                reason = str((err.get("ctx") or {}).get("error") or "malformed")
+                where = f", at character {loc[1]}" if len(loc) > 1 else ""
+                errors.append({"field": "", "message": f"not valid JSON: {reason}{where}"})
+                continue
+            elif in_body and len(loc) == 1 and isinstance(exc.body, bytes | bytearray):
+                # Without a JSON Content-Type FastAPI does not parse the body at all.
+                message = "the body must be JSON, sent with Content-Type: application/json"
             errors.append(
                 {
                     "field": error_location(
