@@ -18,6 +18,7 @@ from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
+from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
@@ -91,8 +92,13 @@ def create_app(
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
+    app.state.dependency_metrics = dependencies = DependencyMetrics(app.state.metrics.registry)
+    vault.observe = dependencies.vault_call
     app.state.stripe = StripeAccess(
-        vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
+        vault,
+        api_base=settings.stripe_api_base,
+        key_path=settings.stripe_key_path,
+        observe=dependencies.stripe_call,
     )
     app.state.limiter = limiter = RateLimiter(
         settings.rate_limit_storage,
@@ -104,6 +110,15 @@ def create_app(
         },
     )
     app.state.denials = DenialTally(limiter.limits["denials"].get_expiry())
+    app.state.metrics.registry.register(
+        StateCollector(
+            engine=engine,
+            limiter=limiter,
+            verifier=app.state.verifier,
+            deletions=app.state.deletions,
+        )
+    )
+    install_runtime_collectors(app.state.metrics.registry)
     Gauge(
         "broker_rate_limit_degraded",
         "1 while the shared rate-limit storage is unreachable and this process limits alone.",

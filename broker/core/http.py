@@ -34,6 +34,7 @@ from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("broker.access")
+security_log = logging.getLogger("broker.security")
 
 PROBLEM = "application/problem+json"
 # A caller's request id is echoed in the response and stored in the logs, the audit trail
@@ -199,7 +200,9 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(elapsed)
             # The access log names the route template, never the raw path or query string:
-            # those are caller input, and may hold a card number or a token.
+            # those are caller input, and may hold a card number or a token. One JSON line
+            # (see broker.core.logging) with the request id and the authenticated actor.
+            ctx = context.current()
             access_log.info(
                 "%s %s %s",
                 method,
@@ -211,6 +214,8 @@ class RequestContextMiddleware:
                         "route": template,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 1),
+                        "request_id": request_id,
+                        "actor": ctx.actor if ctx is not None else None,
                     }
                 },
             )
@@ -237,6 +242,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
         if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
+            _warn_security_event(request, exc)
             # First: past the denial limit, the answer becomes a 429.
             exc = await run_in_threadpool(_record_denial, request, exc)
         headers: dict[str, str] = {}
@@ -297,6 +303,29 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
+
+
+def _warn_security_event(request: Request, exc: BrokerError) -> None:
+    """Failed authentications, denials and lockouts are what an operator must notice."""
+    ctx = context.current()
+    if isinstance(exc, TooManyFailures):
+        event, reason = "authentication lockout", exc.failure.message
+    elif exc.status == 401:
+        event, reason = "authentication failed", exc.message
+    else:
+        event, reason = "access denied", exc.message
+    security_log.warning(
+        event,
+        extra={
+            "fields": {
+                "event": event,
+                "reason": reason,  # the broker's own words: never the token or its claims
+                "route": getattr(request.scope.get("route"), "path", "unmatched"),
+                "method": request.method,
+                "client_addr": ctx.client_addr if ctx is not None else None,
+            }
+        },
+    )
 
 
 def _declared_names(app: FastAPI) -> frozenset[str]:

@@ -75,6 +75,7 @@ async def readyz(
     async with anyio.create_task_group() as checks:
         checks.start_soon(check_vault)
         checks.start_soon(check_database)
+    request.app.state.dependency_metrics.saw_vault(vault_state)
     ready = vault_state == "ok"
     limits_shared = not request.app.state.limiter.degraded
     status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")

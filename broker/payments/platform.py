@@ -10,7 +10,7 @@ import threading
 import time
 
 from broker.core.errors import BrokerError
-from broker.payments.stripe_gateway import StripeGateway
+from broker.payments.stripe_gateway import StripeGateway, StripeObserver
 from broker.vault.gateway import VaultGateway
 
 KEY_CACHE_S = 300.0
@@ -28,8 +28,16 @@ class StripeNotConfigured(BrokerError):
 class StripeAccess:
     """Builds (and rebuilds on key change) the StripeGateway from the key in Vault."""
 
-    def __init__(self, vault: VaultGateway, *, api_base: str, key_path: str) -> None:
+    def __init__(
+        self,
+        vault: VaultGateway,
+        *,
+        api_base: str,
+        key_path: str,
+        observe: StripeObserver | None = None,
+    ) -> None:
         self._vault = vault
+        self._observe = observe
         self._api_base = api_base
         self._key_path = key_path
         self._lock = threading.Lock()
@@ -53,7 +61,9 @@ class StripeAccess:
             if self._gateway is None or fingerprint != self._fingerprint:
                 if self._gateway is not None:
                     self._gateway.close()
-                self._gateway = StripeGateway(api_key=key, api_base=self._api_base)
+                self._gateway = StripeGateway(
+                    api_key=key, api_base=self._api_base, observe=self._observe
+                )
                 self._fingerprint = fingerprint
             self._fetched_at = time.monotonic()
             return self._gateway
