@@ -1,4 +1,4 @@
-"""What /metrics tells an operator beyond HTTP traffic: the broker's dependencies and limits.
+"""What /metrics tells an operator beyond HTTP traffic: dependencies, limits and jobs.
 
 Counters that components keep for themselves (rate-limit rejections, token-cache lookups,
 pool timeouts) are read at scrape time by one collector, so those components need no
@@ -23,7 +23,8 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from broker.auth.tokens import TokenVerifier
@@ -138,6 +139,7 @@ class StateCollector(Collector):
         lookups.add_metric(["miss"], self._verifier.cache_misses)
         yield lookups
         yield from _pool_metrics(self._engine)
+        yield from _job_metrics(self._engine)
         yield CounterMetricFamily(
             "broker_deletion_watch_refresh_failures",
             "Failed refreshes of the list of tenants being deleted (the last list is kept).",
@@ -169,6 +171,33 @@ def _pool_metrics(engine: Engine) -> Iterator[Metric]:
         "Units of work that found every pooled connection busy (answered 503).",
         value=pool_timeouts(engine),
     )
+
+
+# Succeeded jobs are kept a day and failed ones until removed (broker.jobs.housekeeping),
+# so counts by status are the recent outcomes. The table is small; the engine bounds the
+# query like any other.
+_JOB_COUNTS = text(
+    "SELECT queue_name, task_name, status::text, count(*) FROM procrastinate_jobs"
+    " GROUP BY queue_name, task_name, status"
+)
+
+
+def _job_metrics(engine: Engine) -> Iterator[Metric]:
+    jobs = GaugeMetricFamily(
+        "broker_jobs",
+        "Background jobs by queue, task and status (todo, doing, succeeded, failed, ...).",
+        labels=["queue", "task", "status"],
+    )
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(_JOB_COUNTS).all()
+    except SQLAlchemyError:
+        # The scrape must not fail with the database: the family is left empty, and
+        # the pool and readiness metrics tell why.
+        rows = []
+    for queue, task, status, count in rows:
+        jobs.add_metric([str(queue), str(task), str(status)], float(count))
+    yield jobs
 
 
 def install_runtime_collectors(registry: CollectorRegistry) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from broker.app import create_app
 from broker.core.config import Settings
@@ -146,3 +146,19 @@ def test_failed_authentications_and_lockouts_log_warnings(
     assert events[-1] == "access denied"
     assert lines[-1]["route"] == "/v1/tenants"
     assert "c2lnbmF0dXJlLWNhbmFyeQ" not in stream.getvalue()
+
+
+def test_job_outcomes_are_counted_by_task_and_status(client: TestClient, engine: Engine) -> None:
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO procrastinate_jobs (queue_name, task_name, status, args)"
+                " VALUES ('metrics-test', 'metrics.example', 'failed', '{}')"
+            )
+        )
+    try:
+        found = samples(client)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DELETE FROM procrastinate_jobs WHERE queue_name = 'metrics-test'"))
+    assert value(found, "broker_jobs", task="metrics.example", status="failed") == 1
