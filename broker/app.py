@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -17,6 +16,7 @@ from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
+from broker.core.docs import install_docs
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
 from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
 from broker.core.openapi import install_openapi
@@ -74,15 +74,16 @@ def create_app(
         app.state.stripe.close()
         engine.dispose()
 
-    # FastAPIOffline serves /docs and /redoc from assets in its wheel, not from a CDN:
-    # they work offline and under a CSP that allows only this origin.
-    app = FastAPIOffline(
+    app = FastAPI(
         title="Tenant secrets broker",
         version="0.1.0",
         description=(
             "Credentials in Vault, preferences in PostgreSQL, OAuth-style scopes on every call."
         ),
         lifespan=lifespan,
+        # FastAPI's own pages load from a CDN: install_docs serves packaged copies.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -133,6 +134,7 @@ def create_app(
     )
     install_error_handlers(app)
     install_openapi(app, ROUTERS, document_provider_fields)
+    install_docs(app)
     for router in ROUTERS:
         app.include_router(router)
     return app
