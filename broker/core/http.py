@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -305,10 +306,18 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
 
 
+# A locked-out address keeps failing as fast as it likes: one warning per address per
+# minute says so without letting a guesser flood the log.
+_LOCKOUT_WARN_EVERY_S = 60.0
+_LOCKOUTS_REMEMBERED = 1024
+
+
 def _warn_security_event(request: Request, exc: BrokerError) -> None:
     """Failed authentications, denials and lockouts are what an operator must notice."""
     ctx = context.current()
     if isinstance(exc, TooManyFailures):
+        if not _first_lockout_warning(request, ctx.client_addr if ctx is not None else None):
+            return
         event, reason = "authentication lockout", exc.failure.message
     elif exc.status == 401:
         event, reason = "authentication failed", exc.message
@@ -326,6 +335,24 @@ def _warn_security_event(request: Request, exc: BrokerError) -> None:
             }
         },
     )
+
+
+def _first_lockout_warning(request: Request, address: str | None) -> bool:
+    """True when this address's lockout has not been warned about in the last minute."""
+    warned: OrderedDict[str | None, float] | None = getattr(
+        request.app.state, "lockout_warnings", None
+    )
+    if warned is None:
+        warned = request.app.state.lockout_warnings = OrderedDict()
+    now = time.monotonic()
+    last = warned.get(address)
+    if last is not None and now - last < _LOCKOUT_WARN_EVERY_S:
+        return False
+    warned[address] = now
+    warned.move_to_end(address)
+    while len(warned) > _LOCKOUTS_REMEMBERED:
+        warned.popitem(last=False)
+    return True
 
 
 def _declared_names(app: FastAPI) -> frozenset[str]:
