@@ -62,6 +62,8 @@ def reconcile_default_cards(context: JobContext, timestamp: int = 0) -> int:
         key_path=shared.settings.stripe_key_path,
     )
     try:
+        if not stripe.configured():  # nothing to reconcile with; /readyz says why
+            return 0
         return service.reconcile_default_cards(shared.engine, stripe)
     finally:
         stripe.close()

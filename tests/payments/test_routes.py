@@ -369,6 +369,8 @@ def test_no_platform_key_is_a_clear_problem_not_a_retry(
     assert "retry-after" not in response.headers
     assert response.json()["title"] == "Stripe is not configured"
     assert "platform/stripe-never-stored" in response.json()["detail"]
+    documented = client.app.openapi()["paths"][f"{BASE}/setup-intent"]["post"]["responses"]  # type: ignore[attr-defined]
+    assert "501" in documented
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["stripe"] == "not_configured"
