@@ -16,13 +16,17 @@ from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
+from broker.core.docs import install_docs
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
+from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
+from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import ProviderEndpoints
 from broker.integrations.routes import router as integrations_router
+from broker.integrations.schemas import document_provider_fields
 from broker.integrations.service import Outbound
 from broker.payments.guard import CardDataGuard
 from broker.payments.platform import StripeAccess
@@ -77,6 +81,9 @@ def create_app(
             "Credentials in Vault, preferences in PostgreSQL, OAuth-style scopes on every call."
         ),
         lifespan=lifespan,
+        # FastAPI's own pages load from a CDN: install_docs serves packaged copies.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -86,8 +93,13 @@ def create_app(
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
+    app.state.dependency_metrics = dependencies = DependencyMetrics(app.state.metrics.registry)
+    vault.observe = dependencies.vault_call
     app.state.stripe = StripeAccess(
-        vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
+        vault,
+        api_base=settings.stripe_api_base,
+        key_path=settings.stripe_key_path,
+        observe=dependencies.stripe_call,
     )
     app.state.limiter = limiter = RateLimiter(
         settings.rate_limit_storage,
@@ -99,6 +111,15 @@ def create_app(
         },
     )
     app.state.denials = DenialTally(limiter.limits["denials"].get_expiry())
+    app.state.metrics.registry.register(
+        StateCollector(
+            engine=engine,
+            limiter=limiter,
+            verifier=app.state.verifier,
+            deletions=app.state.deletions,
+        )
+    )
+    install_runtime_collectors(app.state.metrics.registry)
     Gauge(
         "broker_rate_limit_degraded",
         "1 while the shared rate-limit storage is unreachable and this process limits alone.",
@@ -112,6 +133,8 @@ def create_app(
         trusted_proxies=settings.trusted_proxies,
     )
     install_error_handlers(app)
+    install_openapi(app, ROUTERS, document_provider_fields)
+    install_docs(app)
     for router in ROUTERS:
         app.include_router(router)
     return app

@@ -20,6 +20,18 @@ class Scope(StrEnum):
 
 KNOWN_SCOPES = frozenset(scope.value for scope in Scope)
 
+# Shown next to each scope in the OpenAPI document.
+SCOPE_DESCRIPTIONS = {
+    Scope.INTEGRATIONS_VIEW.value: "See the tenant's integrations and settings (hints only)",
+    Scope.INTEGRATIONS_MANAGE.value: "Store, test and remove integration credentials; settings",
+    Scope.FINANCE_VIEW.value: "See the tenant's cards (references) and payout destination",
+    Scope.FINANCE_MANAGE.value: "Add and remove cards, set the default, set payout details",
+    Scope.TENANT_ADMIN.value: "Everything inside the tenant (integrations and finance)",
+    Scope.CREDENTIALS_READ.value: "A service fetching the tenant's plain credentials",
+    Scope.AUDIT_READ.value: "Read the audit trail (the security team)",
+    Scope.PLATFORM_ADMIN.value: "Create, delete and re-key tenants (the platform)",
+}
+
 # tenant:admin implies every scope that acts inside its own tenant. It does not
 # imply the service scope (credentials:read), the security team's (audit:read)
 # or the platform's (platform:admin): those belong to other kinds of callers.

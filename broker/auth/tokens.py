@@ -86,6 +86,9 @@ class TokenVerifier:
         # sha256(token) -> what its verification found, least recently stored first
         self._remembered: OrderedDict[bytes, _Remembered] = OrderedDict()
         self._cache_lock = threading.Lock()
+        # Lookups in the cache of verified tokens, for /metrics.
+        self.cache_hits = 0
+        self.cache_misses = 0
         self._jwks: PyJWKClient | None = None
         self._key: Any = None
         if jwks_url:
@@ -164,7 +167,11 @@ class TokenVerifier:
         with self._cache_lock:
             known = self._remembered.get(digest)
         if known is None or known.until <= now or not self._key_unchanged(known):
+            with self._cache_lock:
+                self.cache_misses += 1
             return None
+        with self._cache_lock:
+            self.cache_hits += 1
         return known.principal
 
     def _key_unchanged(self, known: _Remembered) -> bool:

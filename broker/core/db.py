@@ -24,6 +24,8 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # The bounds each engine was made with (Engine has no slot of its own for them).
 _BOUNDS: weakref.WeakKeyDictionary[Engine, DatabaseBounds] = weakref.WeakKeyDictionary()
+# Requests that found every pooled connection busy, per engine (for /metrics).
+_POOL_TIMEOUTS: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
 
 # How much longer the client waits than the server's own statement timeout: the
 # server normally cancels first, cleanly; the client deadline is for a server
@@ -128,6 +130,7 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
                 raise
     except PoolTimeout as exc:
         # Every connection is busy (a burst, or a stalled server): retry, not a bug.
+        _POOL_TIMEOUTS[engine] = _POOL_TIMEOUTS.get(engine, 0) + 1
         raise UpstreamUnavailable("the database is busy", retry_after=_retry_after(engine)) from exc
     except OperationalError as exc:
         # Includes statement and lock timeouts (QueryCanceled) and client deadlines.
@@ -159,6 +162,11 @@ def ping(engine: Engine) -> bool:
         return True
     except (DBAPIError, PoolTimeout):
         return False
+
+
+def pool_timeouts(engine: Engine) -> int:
+    """How many units of work found every pooled connection busy, since the engine began."""
+    return _POOL_TIMEOUTS.get(engine, 0)
 
 
 def alembic_config(url: str) -> Config:

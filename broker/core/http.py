@@ -6,6 +6,7 @@ import logging
 import re
 import time
 import uuid
+from collections import OrderedDict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -34,6 +35,7 @@ from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("broker.access")
+security_log = logging.getLogger("broker.security")
 
 PROBLEM = "application/problem+json"
 # A caller's request id is echoed in the response and stored in the logs, the audit trail
@@ -199,7 +201,9 @@ class RequestContextMiddleware:
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(elapsed)
             # The access log names the route template, never the raw path or query string:
-            # those are caller input, and may hold a card number or a token.
+            # those are caller input, and may hold a card number or a token. One JSON line
+            # (see broker.core.logging) with the request id and the authenticated actor.
+            ctx = context.current()
             access_log.info(
                 "%s %s %s",
                 method,
@@ -211,6 +215,8 @@ class RequestContextMiddleware:
                         "route": template,
                         "status": status,
                         "duration_ms": round(elapsed * 1000, 1),
+                        "request_id": request_id,
+                        "actor": ctx.actor if ctx is not None else None,
                     }
                 },
             )
@@ -237,6 +243,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
         if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
+            _warn_security_event(request, exc)
             # First: past the denial limit, the answer becomes a 429.
             exc = await run_in_threadpool(_record_denial, request, exc)
         headers: dict[str, str] = {}
@@ -267,6 +274,16 @@ def install_error_handlers(app: FastAPI) -> None:
             message = err.get("msg", "")
             if err.get("type") == "extra_forbidden":
                 message = unknown_field_message(body_model if in_body else None, loc[1:-1])
+            elif in_body and err.get("type") == "json_invalid":
+                # FastAPI puts the character offset where a field name goes. The decoder's
+                # own reason ("Expecting ',' delimiter") never quotes the input.
+                reason = str((err.get("ctx") or {}).get("error") or "malformed")
+                where = f", at character {loc[1]}" if len(loc) > 1 else ""
+                errors.append({"field": "", "message": f"not valid JSON: {reason}{where}"})
+                continue
+            elif in_body and len(loc) == 1 and isinstance(exc.body, bytes | bytearray):
+                # Without a JSON Content-Type FastAPI does not parse the body at all.
+                message = "the body must be JSON, sent with Content-Type: application/json"
             errors.append(
                 {
                     "field": error_location(
@@ -287,6 +304,55 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
+
+
+# A locked-out address keeps failing as fast as it likes: one warning per address per
+# minute says so without letting a guesser flood the log.
+_LOCKOUT_WARN_EVERY_S = 60.0
+_LOCKOUTS_REMEMBERED = 1024
+
+
+def _warn_security_event(request: Request, exc: BrokerError) -> None:
+    """Failed authentications, denials and lockouts are what an operator must notice."""
+    ctx = context.current()
+    if isinstance(exc, TooManyFailures):
+        if not _first_lockout_warning(request, ctx.client_addr if ctx is not None else None):
+            return
+        event, reason = "authentication lockout", exc.failure.message
+    elif exc.status == 401:
+        event, reason = "authentication failed", exc.message
+    else:
+        event, reason = "access denied", exc.message
+    security_log.warning(
+        event,
+        extra={
+            "fields": {
+                "event": event,
+                "reason": reason,  # the broker's own words: never the token or its claims
+                "route": getattr(request.scope.get("route"), "path", "unmatched"),
+                "method": request.method,
+                "client_addr": ctx.client_addr if ctx is not None else None,
+            }
+        },
+    )
+
+
+def _first_lockout_warning(request: Request, address: str | None) -> bool:
+    """True when this address's lockout has not been warned about in the last minute."""
+    warned: OrderedDict[str | None, float] | None = getattr(
+        request.app.state, "lockout_warnings", None
+    )
+    if warned is None:
+        warned = request.app.state.lockout_warnings = OrderedDict()
+    now = time.monotonic()
+    last = warned.get(address)
+    if last is not None and now - last < _LOCKOUT_WARN_EVERY_S:
+        return False
+    warned[address] = now
+    warned.move_to_end(address)
+    while len(warned) > _LOCKOUTS_REMEMBERED:
+        warned.popitem(last=False)
+    return True
 
 
 def _declared_names(app: FastAPI) -> frozenset[str]:

@@ -18,6 +18,7 @@ from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.deps import DeletionsDep, EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.integrations.schemas import ProviderName
 from broker.vault.errors import StoredDataUnverified
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
@@ -40,7 +41,7 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
 )
 async def fetch_credentials(
     tenant_id: str,
-    provider: str,
+    provider: ProviderName,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,

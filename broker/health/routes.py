@@ -12,6 +12,7 @@ from broker.core import context
 from broker.core.db import ping
 from broker.core.errors import BrokerError
 from broker.deps import EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.payments.platform import StripeAccess
 from broker.vault.gateway import VaultGateway
 
 router = APIRouter(tags=["health"])
@@ -52,10 +53,16 @@ async def readyz(
     """
     vault_state = "unknown"
     database = False
+    stripe_state = "unknown"
 
     async def check_vault() -> None:
         nonlocal vault_state
         vault_state = await anyio.to_thread.run_sync(_vault_state, vault, limiter=vault_threads)
+        if vault_state == "ok":
+            nonlocal stripe_state
+            stripe_state = await anyio.to_thread.run_sync(
+                _stripe_state, request.app.state.stripe, limiter=vault_threads
+            )
 
     async def check_database() -> None:
         nonlocal database
@@ -68,6 +75,7 @@ async def readyz(
     async with anyio.create_task_group() as checks:
         checks.start_soon(check_vault)
         checks.start_soon(check_database)
+    request.app.state.dependency_metrics.saw_vault(vault_state)
     ready = vault_state == "ok"
     limits_shared = not request.app.state.limiter.degraded
     status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
@@ -76,6 +84,9 @@ async def readyz(
         "vault": vault_state,
         "database": "ok" if database else "unreachable",
         "rate_limits": "ok" if limits_shared else "degraded",
+        # Detail only: payments need an operator's key, not a restart; without one
+        # they answer 501, and every other operation is unaffected.
+        "stripe": stripe_state,
     }
     headers = None if status == "ready" else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
@@ -97,6 +108,14 @@ def _vault_state(vault: VaultGateway) -> str:
     except BrokerError:
         return "refusing"
     return "ok"
+
+
+def _stripe_state(stripe: StripeAccess) -> str:
+    """`ok`, or `not_configured` while no platform Stripe key is in Vault."""
+    try:
+        return "ok" if stripe.configured() else "not_configured"
+    except BrokerError:
+        return "unknown"
 
 
 @router.get("/metrics", response_class=Response)

@@ -60,6 +60,7 @@ __all__ = [
     "EgressFailed",
     "EgressPolicy",
     "EgressRefused",
+    "HostNotResolved",
     "EgressResponse",
     "GuardedBackend",
     "GuardedTransport",
@@ -128,6 +129,13 @@ class EgressPolicy:
 
 class EgressRefused(Exception):
     """The URL or the address it resolves to is not allowed.  The message is safe to show."""
+
+
+class HostNotResolved(EgressRefused):
+    """The host name has no address (NXDOMAIN, no records, an unusable answer).
+
+    Still a refusal (nothing is called), but not an SSRF one: the name does not resolve.
+    """
 
 
 class EgressFailed(Exception):
@@ -648,16 +656,16 @@ def _resolve(resolver: Resolver, host: str, port: int, deadline: float) -> list[
         raise EgressFailed("timed out resolving the URL host")
     answer = outcome[0]
     if not isinstance(answer, list | tuple) or not answer:
-        raise EgressRefused("URL host could not be resolved")
+        raise HostNotResolved("URL host could not be resolved")
 
     addresses: list[IPAddress] = []
     for item in answer:
         if not isinstance(item, str):
-            raise EgressRefused("URL host could not be resolved")
+            raise HostNotResolved("URL host could not be resolved")
         try:
             ip = ipaddress.ip_address(item)
         except ValueError:
-            raise EgressRefused("URL host could not be resolved") from None
+            raise HostNotResolved("URL host could not be resolved") from None
         if ip not in addresses:
             addresses.append(ip)
     if len(addresses) > _MAX_ADDRESSES:

@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from broker.core.errors import NotFound, UpstreamUnavailable, ValidationFailed
-from broker.integrations.egress import EgressClient, EgressFailed, EgressRefused, EgressResponse
+from broker.integrations.egress import (
+    EgressClient,
+    EgressFailed,
+    EgressRefused,
+    EgressResponse,
+    HostNotResolved,
+)
 
 __all__ = [
     "PROVIDERS",
@@ -442,6 +448,17 @@ class ProviderSpec:
         name, base_url = self.target
         try:
             client.check_url(base_url(endpoints, creds))
+        except HostNotResolved:
+            raise ValidationFailed(
+                f"invalid {self.title} credentials",
+                errors=[
+                    {
+                        "field": f"fields.{name}",
+                        "message": f"the host in {name} could not be resolved (is it spelled "
+                        "right, and does it exist?)",
+                    }
+                ],
+            ) from None
         except EgressRefused as exc:
             # The egress messages never contain the URL, so they are safe to show.
             raise ValidationFailed(
@@ -470,6 +487,10 @@ class ProviderSpec:
         probe = self.probe(endpoints, creds)
         try:
             response = client.get(probe.url, headers=probe.headers, auth=probe.auth)
+        except HostNotResolved:
+            return ConnectionResult(
+                False, "unreachable", f"the {self.title} host could not be resolved"
+            )
         except EgressRefused as exc:
             # The egress messages never contain the path, query, userinfo or headers.
             return ConnectionResult(
@@ -686,5 +707,6 @@ def get_provider(name: str) -> ProviderSpec:
     """The spec of a provider; NotFound for any other name."""
     spec = PROVIDERS.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise NotFound("unknown provider")
+        # The name is not repeated (it may be anything); the known ones are.
+        raise NotFound(f"unknown provider; the providers are {', '.join(PROVIDERS)}")
     return spec

@@ -12,11 +12,12 @@ from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.deps import EngineDep, VaultDep
 from broker.integrations import service
-from broker.integrations.providers import PROVIDERS, get_provider
+from broker.integrations.providers import get_provider
 from broker.integrations.schemas import (
     CredentialsTest,
     CredentialsWrite,
     IntegrationView,
+    ProviderName,
     TestResult,
     VersionView,
 )
@@ -31,7 +32,6 @@ Viewer = Annotated[
 Manager = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)]
 # Writes and connection tests also count against the `write` rate limit.
 Writer = Annotated[Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN, limit="write")]
-ProviderName = Annotated[str, Path(description=f"One of: {', '.join(PROVIDERS)}.")]
 IfMatch = Annotated[str | None, Header(max_length=100)]
 
 NO_TENANT = "The token's tenant does not exist"

@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
+from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from broker.integrations.providers import ConnectionResult, ProviderSpec
+from broker.integrations.providers import (
+    MAX_VALUE_LENGTH,
+    PROVIDERS,
+    ConnectionResult,
+    ProviderSpec,
+)
 from broker.models import IntegrationCredential
 
 FieldValue = Annotated[SecretStr, Field(max_length=500)]
+
+# An enum in the document; still a plain string to the route, so an unknown provider is
+# answered by the service's 404, which lists the known ones.
+ProviderName = Annotated[
+    str,
+    Path(
+        description=f"One of: {', '.join(PROVIDERS)}.",
+        json_schema_extra={"enum": list(PROVIDERS)},
+    ),
+]
 
 
 class CredentialsWrite(BaseModel):
@@ -126,3 +142,63 @@ class VersionView(BaseModel):
     created_time: datetime | None
     deletion_time: datetime | None
     destroyed: bool
+
+
+def provider_fields_schema(spec: ProviderSpec) -> dict[str, Any]:
+    """The JSON schema of one provider's `fields`: names, which are required, what they hold."""
+    properties: dict[str, Any] = {}
+    for field in spec.fields:
+        text = field.description
+        if field.expected:
+            text = f"{text.rstrip('.')}. It {field.expected}."
+        properties[field.name] = {
+            "type": "string",
+            "maxLength": MAX_VALUE_LENGTH,
+            "description": text,
+            # A secret goes in and never comes back: responses carry a masked hint.
+            **({"writeOnly": True, "format": "password"} if field.secret else {}),
+        }
+    return {
+        "title": f"{spec.title} fields",
+        "description": f"The `fields` for the provider `{spec.name}` ({spec.title}).",
+        "type": "object",
+        "properties": properties,
+        "required": [field.name for field in spec.fields if field.required],
+        "additionalProperties": False,
+    }
+
+
+def provider_schema_name(spec: ProviderSpec) -> str:
+    """The components/schemas name of a provider's fields, e.g. `WooCommerceFields`."""
+    return "".join(part.capitalize() for part in spec.name.split("_")) + "Fields"
+
+
+def document_provider_fields(document: dict[str, Any]) -> None:
+    """Publish each provider's fields, and show `fields` as one of them, in OpenAPI.
+
+    The provider is named by the path, not the body, so the body cannot carry a
+    discriminator: `fields` is documented as any one of the per-provider schemas,
+    each titled and described with its provider.
+    """
+    schemas = document.setdefault("components", {}).setdefault("schemas", {})
+    refs = []
+    for spec in PROVIDERS.values():
+        name = provider_schema_name(spec)
+        schemas[name] = provider_fields_schema(spec)
+        refs.append({"$ref": f"#/components/schemas/{name}"})
+    for body in ("CredentialsWrite", "CredentialsTest"):
+        fields = schemas.get(body, {}).get("properties", {}).get("fields")
+        if fields is None:
+            continue
+        description = (
+            "The provider's fields: the schema named after the provider in the path "
+            "(e.g. `TwilioFields` for `/integrations/twilio`)."
+        )
+        documented: dict[str, Any] = {"description": description, "anyOf": refs}
+        if body == "CredentialsTest":  # optional: omit to test the stored credentials
+            documented["anyOf"] = [*refs, {"type": "null"}]
+        schemas[body]["properties"]["fields"] = documented
+    for view in ("IntegrationView",):
+        provider = schemas.get(view, {}).get("properties", {}).get("provider")
+        if provider is not None:
+            provider["enum"] = list(PROVIDERS)

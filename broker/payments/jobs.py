@@ -1,4 +1,5 @@
-"""Background work on payout details: settle writes Vault never answered."""
+"""Background work on payments: settle payout writes Vault never answered, and keep
+Stripe's default card the broker's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from procrastinate import JobContext
 
 from broker.core import context as request_context
 from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
+from broker.payments import service
+from broker.payments.platform import StripeAccess
 from broker.payments.service import reconcile_pending_payouts
 
 log = logging.getLogger(__name__)
@@ -34,3 +37,33 @@ def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
     if pending:
         log.info("reconciled pending payout records", extra={"fields": {"pending": pending}})
     return pending
+
+
+RECONCILE_DEFAULT_CARDS = "payments.reconcile_default_cards"
+
+
+@app.periodic(cron="17 * * * *")
+@app.task(
+    name=RECONCILE_DEFAULT_CARDS,
+    queue=MAINTENANCE_QUEUE,
+    pass_context=True,
+    lock=RECONCILE_DEFAULT_CARDS,
+    queueing_lock=RECONCILE_DEFAULT_CARDS,
+)
+def reconcile_default_cards(context: JobContext, timestamp: int = 0) -> int:
+    """Put each Stripe customer's invoice default back on the broker's default card."""
+    shared = resources(context)
+    request_context.bind(
+        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
+    )
+    stripe = StripeAccess(
+        shared.vault,
+        api_base=shared.settings.stripe_api_base,
+        key_path=shared.settings.stripe_key_path,
+    )
+    try:
+        if not stripe.configured():  # nothing to reconcile with; /readyz says why
+            return 0
+        return service.reconcile_default_cards(shared.engine, stripe)
+    finally:
+        stripe.close()

@@ -33,6 +33,8 @@ MethodId = Annotated[str, Path(pattern=PAYMENT_METHOD_ID, max_length=100)]
 
 NO_TENANT = problem_responses({404: "The token's tenant does not exist"})
 NO_METHOD = problem_responses({404: "No such payment method, or no such tenant"})
+# Routes that call Stripe: without a platform key they cannot work, and retrying won't help.
+NO_STRIPE = problem_responses({501: "Stripe is not configured (no platform key in Vault)"})
 
 
 def _stripe(request: Request) -> StripeAccess:
@@ -47,7 +49,11 @@ def list_payment_methods(session: SessionDep, principal: FinanceViewer) -> list[
     return [PaymentMethodView.model_validate(m) for m in methods]
 
 
-@router.post("/payment-methods/setup-intent", response_model=SetupIntentView, responses=NO_TENANT)
+@router.post(
+    "/payment-methods/setup-intent",
+    response_model=SetupIntentView,
+    responses=NO_TENANT | NO_STRIPE,
+)
 def create_setup_intent(
     request: Request, engine: EngineDep, principal: FinanceManager
 ) -> SetupIntentView:
@@ -64,7 +70,8 @@ def create_setup_intent(
     response_model=PaymentMethodView,
     responses=problem_responses(
         {404: "The token's tenant does not exist", 409: "This payment method is already on file"}
-    ),
+    )
+    | NO_STRIPE,
 )
 def add_payment_method(
     body: PaymentMethodAdd, request: Request, engine: EngineDep, principal: FinanceManager
@@ -81,14 +88,20 @@ def add_payment_method(
 
 
 @router.post(
-    "/payment-methods/{method_id}/default", response_model=PaymentMethodView, responses=NO_METHOD
+    "/payment-methods/{method_id}/default",
+    response_model=PaymentMethodView,
+    responses=NO_METHOD | NO_STRIPE,
 )
 def set_default_payment_method(
-    method_id: MethodId, session: SessionDep, principal: FinanceManager
+    method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
 ) -> PaymentMethodView:
-    """Make this card the default."""
+    """Make this card the default, also as the card Stripe Billing charges."""
     method = service.set_default(
-        session, principal=principal, tenant_id=own_tenant(principal), method_id=method_id
+        engine,
+        _stripe(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        method_id=method_id,
     )
     return PaymentMethodView.model_validate(method)
 
@@ -97,7 +110,7 @@ def set_default_payment_method(
     "/payment-methods/{method_id}",
     status_code=204,
     response_class=Response,
-    responses=NO_METHOD,
+    responses=NO_METHOD | NO_STRIPE,
 )
 def delete_payment_method(
     method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager

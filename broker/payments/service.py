@@ -10,6 +10,7 @@ records it, and detached again if that transaction cannot commit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,6 +28,8 @@ from broker.payments.stripe_gateway import SetupIntentInfo
 from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
+
+log = logging.getLogger(__name__)
 
 PAYOUT_ITEM = "payout"
 T = TypeVar("T")
@@ -104,6 +107,9 @@ def add_method(
             )
             session.add(method)
             session.flush()
+            if first:
+                # Stripe Billing charges the invoice default: it must be the broker's default.
+                gateway.set_default_card(customer_id, card.id)
             _record(session, principal, tenant_id, "payment_method.add", card.id, "success")
         return method
     except BrokerError as exc:
@@ -118,24 +124,86 @@ def add_method(
 
 
 def set_default(
-    session: Session, *, principal: Principal, tenant_id: str, method_id: str
+    engine: Engine, stripe: StripeAccess, *, principal: Principal, tenant_id: str, method_id: str
 ) -> PaymentMethod:
-    """Make one card the default; the others lose the mark."""
-    _live_tenant(session, tenant_id)
-    methods = _methods(session, tenant_id, lock=True)
-    chosen = next((m for m in methods if m.id == method_id), None)
-    if chosen is None:
-        raise NotFound("no such payment method")
-    for method in methods:
-        if method.is_default and method is not chosen:
-            method.is_default = False
-            session.add(method)
-    session.flush()  # clear the old default before setting the new one (unique index)
-    chosen.is_default = True
-    session.add(chosen)
-    session.flush()
-    _record(session, principal, tenant_id, "payment_method.set_default", method_id, "success")
-    return chosen
+    """Make one card the default, here and as the Stripe customer's invoice default."""
+    try:
+        with unit_of_work(engine) as session:
+            _live_tenant(session, tenant_id)
+            methods = _methods(session, tenant_id, lock=True)
+            chosen = next((m for m in methods if m.id == method_id), None)
+            if chosen is None:
+                raise NotFound("no such payment method")
+            for method in methods:
+                if method.is_default and method is not chosen:
+                    method.is_default = False
+                    session.add(method)
+            session.flush()  # clear the old default before setting the new one (unique index)
+            chosen.is_default = True
+            session.add(chosen)
+            session.flush()
+            # Inside the transaction: if Stripe refuses, the broker's default stays too.
+            # Should the commit fail after Stripe agreed, reconciliation puts Stripe back.
+            profile = session.get(PaymentProfile, tenant_id)
+            if profile is not None and profile.stripe_customer_id:
+                stripe.gateway().set_default_card(profile.stripe_customer_id, method_id)
+            _record(
+                session, principal, tenant_id, "payment_method.set_default", method_id, "success"
+            )
+        return chosen
+    except BrokerError as exc:
+        _record_failure(engine, principal, tenant_id, "payment_method.set_default", method_id, exc)
+        raise
+
+
+def reconcile_default_card(engine: Engine, stripe: StripeAccess, *, tenant_id: str) -> bool:
+    """Make Stripe's invoice default the broker's default card; True when they differed.
+
+    The broker holds the tenant's choice; Stripe's copy can drift (a commit lost after
+    Stripe agreed, a dashboard edit), and Billing would then charge another card.
+    """
+    with unit_of_work(engine) as session:
+        profile = session.get(PaymentProfile, tenant_id)
+        if profile is None or not profile.stripe_customer_id:
+            return False
+        customer_id = profile.stripe_customer_id
+        chosen = default_payment_method(_methods(session, tenant_id))
+    wanted = chosen.id if chosen else None
+    gateway = stripe.gateway()
+    found = gateway.default_card(customer_id)
+    if found == wanted:
+        return False
+    gateway.set_default_card(customer_id, wanted)
+    log.warning(
+        "Stripe's default card differed from the broker's; Stripe was corrected",
+        extra={"fields": {"tenant": tenant_id, "stripe_default": found, "default": wanted}},
+    )
+    return True
+
+
+def reconcile_default_cards(engine: Engine, stripe: StripeAccess) -> int:
+    """Reconcile every live tenant with a Stripe customer; returns how many differed."""
+    with unit_of_work(engine) as session:
+        tenant_ids = list(
+            session.exec(
+                select(PaymentProfile.tenant_id)
+                .join(Tenant, col(Tenant.id) == col(PaymentProfile.tenant_id))
+                .where(col(PaymentProfile.stripe_customer_id).is_not(None))
+                .where(col(Tenant.deleting_at).is_(None))
+                .order_by(col(PaymentProfile.tenant_id))
+            )
+        )
+    differed = 0
+    for tenant_id in tenant_ids:
+        try:
+            differed += reconcile_default_card(engine, stripe, tenant_id=tenant_id)
+        except BrokerError as exc:
+            # One tenant's customer (deleted in Stripe, say) must not stop the others.
+            log.warning(
+                "could not reconcile the default card",
+                extra={"fields": {"tenant": tenant_id, "error": type(exc).__name__}},
+            )
+    return differed
 
 
 def remove_method(
@@ -156,9 +224,12 @@ def remove_method(
                 rest[0].is_default = True
                 session.add(rest[0])
             profile = session.get(PaymentProfile, tenant_id)
-            stripe.gateway().detach(
-                method_id, customer_id=profile.stripe_customer_id if profile else None
-            )
+            customer_id = profile.stripe_customer_id if profile else None
+            gateway = stripe.gateway()
+            gateway.detach(method_id, customer_id=customer_id)
+            # Detaching Stripe's invoice default clears it there: name the new one.
+            if doomed.is_default and rest and customer_id:
+                gateway.set_default_card(customer_id, rest[0].id)
             _record(session, principal, tenant_id, "payment_method.remove", method_id, "success")
     except BrokerError as exc:
         _record_failure(engine, principal, tenant_id, "payment_method.remove", method_id, exc)

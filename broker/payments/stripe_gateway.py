@@ -39,6 +39,7 @@ from broker.core.errors import BrokerError, Conflict, UpstreamUnavailable, Valid
 __all__ = [
     "CardMethod",
     "SetupIntentInfo",
+    "STRIPE_API_VERSION",
     "StripeGateway",
     "StripeKeyRefused",
 ]
@@ -57,7 +58,15 @@ _CUSTOMER_ID = re.compile(r"cus_[A-Za-z0-9]{1,64}")
 
 _MAX_RETRY_AFTER_S = 3600
 
+# Every request names this API version, so a Stripe account's dashboard default (or an
+# SDK upgrade) cannot change what the broker's parameters mean. It is the version the
+# pinned SDK range (pyproject.toml) is generated for: change both together.
+STRIPE_API_VERSION = "2026-10-28.endive"
+
 _T = TypeVar("_T")
+
+StripeObserver = Callable[[str, float, str | None], None]
+"""``observe(operation, seconds, error_class_or_None)``: told of every Stripe call (metrics)."""
 
 
 class StripeKeyRefused(BrokerError):
@@ -161,18 +170,21 @@ class StripeGateway:
         timeout_s: float = 10.0,
         max_retries: int = 0,
         retry_after_s: int = 5,
+        observe: StripeObserver | None = None,
     ) -> None:
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
         if not key:
             raise ValueError("a Stripe API key is required")
         self._api_base = api_base.rstrip("/")
         self._retry_after_s = retry_after_s
+        self._observe: StripeObserver = observe or (lambda operation, seconds, error: None)
         self._transport = _HttpxTransport(timeout_s=timeout_s)
         # The key lives only inside the SDK client; never the global stripe.api_key, and
         # never an attribute of ours that a repr or a debugger dump could show.
         self._client = stripe.StripeClient(
             key,
             base_addresses={"api": self._api_base},
+            stripe_version=STRIPE_API_VERSION,
             max_network_retries=max_retries,
             http_client=self._transport,
         )
@@ -191,28 +203,57 @@ class StripeGateway:
         # answer instead of creating a second customer.  Stripe keeps keys for 24 hours.
         digest = hashlib.sha256(tenant_id.encode()).hexdigest()[:40]
         customer = self._call(
+            "create_customer",
             lambda: self._client.v1.customers.create(
                 params={"name": name, "metadata": {"tenant_id": tenant_id}},
                 options={"idempotency_key": f"broker-customer-{digest}"},
-            )
+            ),
         )
         return customer.id
 
     def retrieve_customer(self, customer_id: str) -> dict[str, object]:
         """The customer as Stripe returns it (a deleted one counts as missing)."""
         _check(customer_id, _CUSTOMER_ID, "customer")
-        customer = self._call(lambda: self._client.v1.customers.retrieve(customer_id))
+        customer = self._call(
+            "retrieve_customer", lambda: self._client.v1.customers.retrieve(customer_id)
+        )
         # Stripe answers a deleted customer with 200 and `deleted: true`.
         if "deleted" in customer and customer.deleted:
             raise ValidationFailed(f"No such customer: '{customer_id}'")
         return customer.to_dict()
+
+    def default_card(self, customer_id: str) -> str | None:
+        """The card Stripe Billing charges: the customer's invoice default payment method."""
+        customer = self.retrieve_customer(customer_id)
+        settings = customer.get("invoice_settings")
+        default = settings.get("default_payment_method") if isinstance(settings, dict) else None
+        if isinstance(default, dict):  # expanded
+            default = default.get("id")
+        return default if isinstance(default, str) else None
+
+    def set_default_card(self, customer_id: str, payment_method_id: str | None) -> None:
+        """Make a card (attached to the customer) the one Billing charges; None clears it."""
+        _check(customer_id, _CUSTOMER_ID, "customer")
+        if payment_method_id is not None:
+            _check(payment_method_id, _PAYMENT_METHOD_ID, "payment method")
+        self._call(
+            "update_customer",
+            lambda: self._client.v1.customers.update(
+                customer_id,
+                # Stripe reads an empty string as "unset".
+                params={"invoice_settings": {"default_payment_method": payment_method_id or ""}},
+            ),
+        )
 
     # ------------------------------------------------------------ payment methods
 
     def retrieve_card(self, payment_method_id: str) -> CardMethod:
         """The card behind ``payment_method_id``; anything else is refused."""
         _check(payment_method_id, _PAYMENT_METHOD_ID, "payment method")
-        method = self._call(lambda: self._client.v1.payment_methods.retrieve(payment_method_id))
+        method = self._call(
+            "retrieve_payment_method",
+            lambda: self._client.v1.payment_methods.retrieve(payment_method_id),
+        )
         return _card(method)
 
     def attach(self, payment_method_id: str, *, customer_id: str) -> CardMethod:
@@ -225,9 +266,10 @@ class StripeGateway:
         if card.customer == customer_id:
             return card
         method = self._call(
+            "attach_payment_method",
             lambda: self._client.v1.payment_methods.attach(
                 payment_method_id, params={"customer": customer_id}
-            )
+            ),
         )
         return _card(method)
 
@@ -241,13 +283,19 @@ class StripeGateway:
         _check(payment_method_id, _PAYMENT_METHOD_ID, "payment method")
         if customer_id is not None:
             _check(customer_id, _CUSTOMER_ID, "customer")
-            method = self._call(lambda: self._client.v1.payment_methods.retrieve(payment_method_id))
+            method = self._call(
+                "retrieve_payment_method",
+                lambda: self._client.v1.payment_methods.retrieve(payment_method_id),
+            )
             if _customer_of(method) != customer_id:
                 raise ValidationFailed(
                     f"No such PaymentMethod: '{payment_method_id}'",
                     stripe={"code": "resource_missing"},
                 )
-        self._call(lambda: self._client.v1.payment_methods.detach(payment_method_id))
+        self._call(
+            "detach_payment_method",
+            lambda: self._client.v1.payment_methods.detach(payment_method_id),
+        )
 
     # -------------------------------------------------------------- setup intents
 
@@ -255,15 +303,16 @@ class StripeGateway:
         """A SetupIntent for saving a card for later, off-session use."""
         _check(customer_id, _CUSTOMER_ID, "customer")
         intent = self._call(
+            "create_setup_intent",
             lambda: self._client.v1.setup_intents.create(
                 params={
                     "customer": customer_id,
                     "usage": "off_session",
-                    # Since API version 2026-09-30 (the SDK pins a later one),
+                    # Since API version 2026-09-30 (STRIPE_API_VERSION is later),
                     # `payment_method_types` is read-only: sending it is a 400.
                     "allowed_payment_method_types": ["card"],
                 }
-            )
+            ),
         )
         if not intent.client_secret:
             raise BrokerError("Stripe returned a SetupIntent without a client secret")
@@ -275,12 +324,17 @@ class StripeGateway:
 
     # ------------------------------------------------------------------ errors
 
-    def _call(self, call: Callable[[], _T]) -> _T:
-        """Run one SDK call; Stripe's exceptions come out as broker errors."""
+    def _call(self, operation: str, call: Callable[[], _T]) -> _T:
+        """Run one SDK call, measured; Stripe's exceptions come out as broker errors."""
+        started = time.perf_counter()
         try:
-            return call()
+            result = call()
         except stripe.StripeError as exc:
+            self._observe(operation, time.perf_counter() - started, type(exc).__name__)
             error = _translate(exc, self._retry_after_s)
+        else:
+            self._observe(operation, time.perf_counter() - started, None)
+            return result
         # Raised outside the `except` and `from None`: the SDK's exception carries
         # Stripe's whole response (body, headers), which must not ride along as the
         # broker error's context into tracebacks or logs.

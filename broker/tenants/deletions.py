@@ -44,6 +44,7 @@ class DeletionWatch:
         self._seen: frozenset[str] = frozenset()
         self._checked_at = float("-inf")
         self._refreshing = threading.Lock()
+        self.refresh_failures = 0  # for /metrics
 
     def mark(self, tenant_id: str) -> None:
         """This process is deleting the tenant: stop delivering it now."""
@@ -95,6 +96,7 @@ class DeletionWatch:
                 self._seen = frozenset(session.exec(query))
         except Exception as exc:  # a background thread: nobody else would see it
             # Keep the last answer; the next fetch after `ttl_s` tries again.
+            self.refresh_failures += 1
             log.warning(
                 "tenant deletions could not be read; keeping the last answer",
                 extra={"fields": {"error": type(exc).__name__}},

@@ -146,6 +146,13 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+VaultObserver = Callable[[str, str, float, str | None], None]
+
+
+def _ignore(operation: str, node: str, seconds: float, error: str | None) -> None:
+    return None
+
+
 class VaultGateway:
     """Typed KV v2, Transit and wrapping operations with retries and audited headers."""
 
@@ -171,6 +178,9 @@ class VaultGateway:
         if token is None and not (role_id and secret_id):
             raise ValueError("Vault auth needs a token or an AppRole role_id and secret_id")
         self.addrs = list(addrs)
+        # Told of every attempt: (operation, node, seconds, error class or None). The app
+        # that serves this gateway points it at its metrics.
+        self.observe: VaultObserver = _ignore
         self.kv_mount = kv_mount
         self.transit_mount = transit_mount
         self.retry_after_s = retry_after_s
@@ -362,13 +372,24 @@ class VaultGateway:
                         if left <= 0:
                             raise BudgetSpent(f"Vault did not answer in time ({operation})")
                         index = self._target(left)
+                        started = time.perf_counter()
                         try:
                             with attempt_timeout(min(self._timeout_s, left)):
-                                return fn(self._client_at(index))
+                                result = fn(self._client_at(index))
                         except Exception as exc:
+                            self.observe(
+                                operation,
+                                self.addrs[index],
+                                time.perf_counter() - started,
+                                type(exc).__name__,
+                            )
                             if is_transient(exc):
                                 self._forget(index)
                             raise
+                        self.observe(
+                            operation, self.addrs[index], time.perf_counter() - started, None
+                        )
+                        return result
             except BudgetSpent as exc:
                 raise VaultUnavailable(str(exc), retry_after=self.retry_after_s) from None
             except hvac.exceptions.Forbidden as exc:

@@ -248,6 +248,7 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
             "vault": "ok",
             "database": "unreachable",
             "rate_limits": "ok",
+            "stripe": "ok",
         }
         assert refused[0].status_code == 404
         assert answered_while_paused == len(stalled), "settings requests hung through the stall"

@@ -10,6 +10,7 @@ parameters is a 400 ``idempotency_error``) and unknown parameters refused.
 | method | path                                  |
 | POST   | /v1/customers                         |
 | GET    | /v1/customers/{id}                    |
+| POST   | /v1/customers/{id}                    |
 | GET    | /v1/payment_methods/{id}              |
 | POST   | /v1/payment_methods/{id}/attach       |
 | POST   | /v1/payment_methods/{id}/detach       |
@@ -23,7 +24,10 @@ Stripe behaviours kept on purpose, since the broker must cope with them:
 * from API version 2026-09-30 on, ``payment_method_types`` is read-only on SetupIntents
   (400 ``payment_method_types_no_longer_supported``); ``allowed_payment_method_types``
   replaces it;
-* a deleted customer is answered with 200 and ``{"deleted": true}``.
+* a deleted customer is answered with 200 and ``{"deleted": true}``;
+* ``invoice_settings[default_payment_method]`` (the card Stripe Billing charges) must
+  name a method attached to that customer, and detaching that method clears it; an
+  empty string clears it too.
 
 Failure modes: :meth:`FakeStripe.fail_next` (500, 503, 429 with ``Retry-After``...),
 :meth:`FakeStripe.delay_next` (a slow Stripe), :meth:`FakeStripe.down` /
@@ -57,6 +61,10 @@ _ALNUM = string.ascii_letters + string.digits
 
 _CUSTOMER_PARAMS = frozenset({"name", "email", "description", "phone", "metadata", "expand"})
 _ATTACH_PARAMS = frozenset({"customer", "expand"})
+_CUSTOMER_UPDATE_PARAMS = _CUSTOMER_PARAMS | {"invoice_settings"}
+_INVOICE_SETTINGS_PARAMS = frozenset(
+    {"custom_fields", "default_payment_method", "footer", "rendering_options"}
+)
 _SETUP_INTENT_PARAMS = frozenset(
     {
         "customer",
@@ -382,6 +390,19 @@ class FakeStripe:
         with self._lock:
             return copy.deepcopy(self._setup_intents)
 
+    def default_payment_method(self, customer_id: str) -> str | None:
+        """The customer's ``invoice_settings.default_payment_method``: the card Billing charges."""
+        with self._lock:
+            settings = self._customers[customer_id].get("invoice_settings") or {}
+            return settings.get("default_payment_method")
+
+    def set_default_payment_method(self, customer_id: str, payment_method_id: str | None) -> None:
+        """Change the Billing default behind the broker's back (a dashboard edit)."""
+        with self._lock:
+            self._customers[customer_id]["invoice_settings"]["default_payment_method"] = (
+                payment_method_id
+            )
+
     def attached_to(self, payment_method_id: str) -> str | None:
         """The customer a payment method is attached to, if any."""
         with self._lock:
@@ -457,6 +478,8 @@ class FakeStripe:
                 return self._create_customer(params)
             case "GET", ["v1", "customers", customer_id]:
                 return self._retrieve_customer(customer_id, params)
+            case "POST", ["v1", "customers", customer_id]:
+                return self._update_customer(customer_id, params)
             case "GET", ["v1", "payment_methods", pm_id]:
                 return self._retrieve_payment_method(pm_id, params)
             case "POST", ["v1", "payment_methods", pm_id, "attach"]:
@@ -513,6 +536,48 @@ class FakeStripe:
         customer = self._customers.get(customer_id)
         if customer is None:
             return _missing("customer", customer_id, "id")
+        return _Answer(200, customer)
+
+    def _update_customer(self, customer_id: str, params: dict[str, Any]) -> _Answer:
+        if (refused := _unknown(params, _CUSTOMER_UPDATE_PARAMS)) is not None:
+            return refused
+        customer = self._customers.get(customer_id)
+        if customer is None or customer.get("deleted"):
+            return _missing("customer", customer_id, "id")
+        invoice = params.get("invoice_settings", {})
+        if not isinstance(invoice, dict):
+            return _error(
+                400,
+                "invalid_request_error",
+                "Invalid object",
+                code="parameter_invalid_type",
+                param="invoice_settings",
+            )
+        if (refused := _unknown(invoice, _INVOICE_SETTINGS_PARAMS)) is not None:
+            return refused
+        if "default_payment_method" in invoice:
+            pm_id = invoice["default_payment_method"] or None
+            if pm_id is not None:
+                method = self._payment_methods.get(pm_id)
+                if method is None:
+                    return _missing(
+                        "PaymentMethod", pm_id, "invoice_settings[default_payment_method]"
+                    )
+                if method["customer"] != customer_id:
+                    return _error(
+                        400,
+                        "invalid_request_error",
+                        f"The customer does not have a payment method with the ID {pm_id}. "
+                        "The payment method must be attached to the customer.",
+                        code="resource_missing",
+                        param="invoice_settings[default_payment_method]",
+                    )
+            customer["invoice_settings"]["default_payment_method"] = pm_id
+        for name in ("name", "email", "description", "phone"):
+            if name in params:
+                customer[name] = params[name]
+        if "metadata" in params:
+            customer["metadata"] = {**customer["metadata"], **params["metadata"]}
         return _Answer(200, customer)
 
     def _retrieve_payment_method(self, pm_id: str, params: dict[str, Any]) -> _Answer:
@@ -575,6 +640,10 @@ class FakeStripe:
                 "The payment method you provided is not attached to a customer so "
                 "detachment is impossible."
             )
+        owner = self._customers.get(method["customer"]) or {}
+        invoice = owner.get("invoice_settings") or {}
+        if invoice.get("default_payment_method") == pm_id:
+            invoice["default_payment_method"] = None  # as Stripe does
         method["customer"] = None
         self._detached.add(pm_id)
         return _Answer(200, method)

@@ -30,6 +30,7 @@ def test_readyz_when_everything_is_up(client: TestClient) -> None:
         "vault": "ok",
         "database": "ok",
         "rate_limits": "ok",
+        "stripe": "ok",
     }
 
 
@@ -99,6 +100,7 @@ def test_readyz_and_settings_when_the_database_is_unreachable(
         "vault": "ok",
         "database": "unreachable",
         "rate_limits": "ok",
+        "stripe": "ok",
     }
     assert int(ready.headers["retry-after"]) > 0
     response = client.get(
@@ -134,6 +136,7 @@ def test_readyz_is_not_ready_while_vaults_audit_device_cannot_write(
             "vault": "refusing",
             "database": "ok",
             "rate_limits": "ok",
+            "stripe": "unknown",
         }
         assert int(refused.headers["retry-after"]) > 0
     finally:

@@ -5,12 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import stripe
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
+from broker.app import create_app
+from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.models import PaymentMethod
-from broker.payments.service import default_payment_method
+from broker.payments.service import (
+    default_payment_method,
+    reconcile_default_card,
+    reconcile_default_cards,
+)
+from broker.payments.stripe_gateway import STRIPE_API_VERSION
 from broker.vault.gateway import VaultGateway
 from tests.conftest import bearer, make_tenant, token
 from tests.fakes.stripe import FakeStripe
@@ -275,3 +283,94 @@ def test_raw_card_data_is_refused_on_every_route(
         assert digits not in response.text
     with unit_of_work(engine) as session:
         assert session.get(PaymentMethod, (tenant, "pm_x")) is None
+
+
+def _customer(engine: Engine, tenant: str) -> str:
+    with engine.connect() as conn:
+        customer: str = conn.execute(
+            text("SELECT stripe_customer_id FROM payment_profiles WHERE tenant_id = :t"),
+            {"t": tenant},
+        ).scalar_one()
+    return customer
+
+
+def test_the_default_card_is_the_one_stripe_billing_charges(
+    client: TestClient, stripe_server: FakeStripe, engine: Engine
+) -> None:
+    tenant = make_tenant(client)
+    visa, master = stripe_server.add_card(), stripe_server.add_card(last4="4444")
+    assert add(client, tenant, visa).status_code == 201
+    customer = _customer(engine, tenant)
+    assert stripe_server.default_payment_method(customer) == visa  # the first card
+
+    assert add(client, tenant, master).json()["is_default"] is False
+    assert stripe_server.default_payment_method(customer) == visa
+
+    assert client.post(f"{BASE}/{master}/default", headers=finance(tenant)).status_code == 200
+    assert stripe_server.default_payment_method(customer) == master
+
+    # Removing the default moves it, in Stripe too (Stripe alone would leave none).
+    assert client.delete(f"{BASE}/{master}", headers=finance(tenant)).status_code == 204
+    assert stripe_server.default_payment_method(customer) == visa
+    assert [m["is_default"] for m in client.get(BASE, headers=finance(tenant)).json()] == [True]
+
+
+def test_a_default_stripe_refuses_changes_nothing(
+    client: TestClient, stripe_server: FakeStripe, engine: Engine
+) -> None:
+    tenant = make_tenant(client)
+    visa, master = stripe_server.add_card(), stripe_server.add_card(last4="4444")
+    add(client, tenant, visa)
+    add(client, tenant, master)
+    stripe_server.fail_next(503, times=1)
+    response = client.post(f"{BASE}/{master}/default", headers=finance(tenant))
+    assert response.status_code == 503, response.text
+    listed = client.get(BASE, headers=finance(tenant)).json()
+    assert [(m["id"], m["is_default"]) for m in listed] == [(visa, True), (master, False)]
+    assert stripe_server.default_payment_method(_customer(engine, tenant)) == visa
+
+
+def test_a_drifted_stripe_default_is_reconciled_to_the_brokers(
+    client: TestClient, stripe_server: FakeStripe, engine: Engine, app: Any
+) -> None:
+    tenant = make_tenant(client)
+    visa, master = stripe_server.add_card(), stripe_server.add_card(last4="4444")
+    add(client, tenant, visa)
+    add(client, tenant, master)
+    customer = _customer(engine, tenant)
+    stripe_server.set_default_payment_method(customer, master)  # a dashboard edit
+
+    assert reconcile_default_cards(engine, app.state.stripe) >= 1
+    assert stripe_server.default_payment_method(customer) == visa
+    assert reconcile_default_card(engine, app.state.stripe, tenant_id=tenant) is False
+
+
+def test_every_stripe_call_names_the_pinned_api_version(
+    client: TestClient, stripe_server: FakeStripe
+) -> None:
+    # The SDK's typed parameters are generated for one API version: the pin must match.
+    assert stripe._api_version._ApiVersion.CURRENT == STRIPE_API_VERSION
+    before = len(stripe_server.requests)
+    tenant = make_tenant(client)
+    add(client, tenant, stripe_server.add_card())
+    sent = stripe_server.requests[before:]
+    assert sent
+    assert {r.stripe_version for r in sent} == {STRIPE_API_VERSION}
+
+
+def test_no_platform_key_is_a_clear_problem_not_a_retry(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    unset = settings.model_copy(update={"stripe_key_path": "platform/stripe-never-stored"})
+    client = TestClient(create_app(unset, engine=engine, vault=broker_vault))
+    tenant = make_tenant(client)
+    response = client.post(f"{BASE}/setup-intent", headers=finance(tenant))
+    assert response.status_code == 501, response.text
+    assert "retry-after" not in response.headers
+    assert response.json()["title"] == "Stripe is not configured"
+    assert "platform/stripe-never-stored" in response.json()["detail"]
+    documented = client.app.openapi()["paths"][f"{BASE}/setup-intent"]["post"]["responses"]  # type: ignore[attr-defined]
+    assert "501" in documented
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["stripe"] == "not_configured"

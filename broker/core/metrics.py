@@ -1,0 +1,208 @@
+"""What /metrics tells an operator beyond HTTP traffic: dependencies, limits and jobs.
+
+Counters that components keep for themselves (rate-limit rejections, token-cache lookups,
+pool timeouts) are read at scrape time by one collector, so those components need no
+metrics registry of their own; calls to Vault and Stripe are observed as they happen.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterable, Iterator
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.pool import QueuePool
+
+from broker.auth.tokens import TokenVerifier
+from broker.core.db import pool_timeouts
+from broker.core.ratelimit import RateLimiter
+from broker.tenants.deletions import DeletionWatch
+
+VAULT_STATES = ("ok", "sealed", "unreachable", "refusing", "unknown")
+# Vault and Stripe answer in milliseconds to seconds; past the budget is a timeout.
+_CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def package_version() -> str:
+    """The installed broker's version, or `unknown` when run from a bare checkout."""
+    try:
+        return version("tenant-secrets-broker")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class DependencyMetrics:
+    """Vault and Stripe calls, Vault's state as readiness last saw it, and build info."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.vault_latency = Histogram(
+            "broker_vault_request_duration_seconds",
+            "Vault call attempts by operation and node (retries count separately).",
+            ["operation", "node"],
+            buckets=_CALL_BUCKETS,
+            registry=registry,
+        )
+        self.vault_errors = Counter(
+            "broker_vault_request_errors_total",
+            "Vault call attempts that failed, by operation, node and error class.",
+            ["operation", "node", "error"],
+            registry=registry,
+        )
+        self.stripe_latency = Histogram(
+            "broker_stripe_request_duration_seconds",
+            "Stripe API calls by operation.",
+            ["operation"],
+            buckets=_CALL_BUCKETS,
+            registry=registry,
+        )
+        self.stripe_errors = Counter(
+            "broker_stripe_request_errors_total",
+            "Stripe API calls that failed, by operation and error class.",
+            ["operation", "error"],
+            registry=registry,
+        )
+        self.vault_state = Gauge(
+            "broker_vault_state",
+            "1 for Vault's state at the last readiness probe (refusing: its audit device "
+            "cannot write), 0 for the others.",
+            ["state"],
+            registry=registry,
+        )
+        Info("broker_build", "The running broker.", registry=registry).info(
+            {"version": package_version(), "python": platform.python_version()}
+        )
+
+    def vault_call(self, operation: str, node: str, seconds: float, error: str | None) -> None:
+        """Record one Vault attempt (a VaultGateway observer)."""
+        self.vault_latency.labels(operation, node).observe(seconds)
+        if error is not None:
+            self.vault_errors.labels(operation, node, error).inc()
+
+    def stripe_call(self, operation: str, seconds: float, error: str | None) -> None:
+        """Record one Stripe call (a StripeGateway observer)."""
+        self.stripe_latency.labels(operation).observe(seconds)
+        if error is not None:
+            self.stripe_errors.labels(operation, error).inc()
+
+    def saw_vault(self, state: str) -> None:
+        """Vault's state as a readiness probe found it."""
+        for known in VAULT_STATES:
+            self.vault_state.labels(known).set(1.0 if known == state else 0.0)
+
+
+class StateCollector(Collector):
+    """Reads, at scrape time, the counts the broker's components keep themselves."""
+
+    def __init__(
+        self,
+        *,
+        engine: Engine,
+        limiter: RateLimiter,
+        verifier: TokenVerifier,
+        deletions: DeletionWatch,
+    ) -> None:
+        self._engine = engine
+        self._limiter = limiter
+        self._verifier = verifier
+        self._deletions = deletions
+
+    def collect(self) -> Iterator[Metric]:
+        """The current values (a prometheus_client custom collector)."""
+        rejections = CounterMetricFamily(
+            "broker_rate_limit_rejections",
+            "Requests refused with 429 by a named rate limit.",
+            labels=["limit"],
+        )
+        for name in self._limiter.limits:
+            rejections.add_metric([name], self._limiter.rejections[name])
+        yield rejections
+        lookups = CounterMetricFamily(
+            "broker_token_cache_lookups",
+            "Lookups in the cache of verified tokens (a hit skips signature verification).",
+            labels=["result"],
+        )
+        lookups.add_metric(["hit"], self._verifier.cache_hits)
+        lookups.add_metric(["miss"], self._verifier.cache_misses)
+        yield lookups
+        yield from _pool_metrics(self._engine)
+        yield from _job_metrics(self._engine)
+        yield CounterMetricFamily(
+            "broker_deletion_watch_refresh_failures",
+            "Failed refreshes of the list of tenants being deleted (the last list is kept).",
+            value=self._deletions.refresh_failures,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        """Nothing up front: the collector is only ever registered once per registry."""
+        return []
+
+
+def _pool_metrics(engine: Engine) -> Iterator[Metric]:
+    connections = GaugeMetricFamily(
+        "broker_db_pool_connections",
+        "Database connections of this process's pool, by state.",
+        labels=["state"],
+    )
+    pool = engine.pool
+    if isinstance(pool, QueuePool):
+        connections.add_metric(["checked_out"], pool.checkedout())
+        connections.add_metric(["idle"], pool.checkedin())
+        connections.add_metric(["overflow"], max(0, pool.overflow()))
+        yield GaugeMetricFamily(
+            "broker_db_pool_size", "The pool's configured size (without overflow).", pool.size()
+        )
+    yield connections
+    yield CounterMetricFamily(
+        "broker_db_pool_timeouts",
+        "Units of work that found every pooled connection busy (answered 503).",
+        value=pool_timeouts(engine),
+    )
+
+
+# Succeeded jobs are kept a day and failed ones until removed (broker.jobs.housekeeping),
+# so counts by status are the recent outcomes. The table is small; the engine bounds the
+# query like any other.
+_JOB_COUNTS = text(
+    "SELECT queue_name, task_name, status::text, count(*) FROM procrastinate_jobs"
+    " GROUP BY queue_name, task_name, status"
+)
+
+
+def _job_metrics(engine: Engine) -> Iterator[Metric]:
+    jobs = GaugeMetricFamily(
+        "broker_jobs",
+        "Background jobs by queue, task and status (todo, doing, succeeded, failed, ...).",
+        labels=["queue", "task", "status"],
+    )
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(_JOB_COUNTS).all()
+    except SQLAlchemyError:
+        # The scrape must not fail with the database: the family is left empty, and
+        # the pool and readiness metrics tell why.
+        rows = []
+    for queue, task, status, count in rows:
+        jobs.add_metric([str(queue), str(task), str(status)], float(count))
+    yield jobs
+
+
+def install_runtime_collectors(registry: CollectorRegistry) -> None:
+    """The process (CPU, memory, file descriptors), Python platform and GC collectors."""
+    # Each registers itself in the app's own registry, not the global one.
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
