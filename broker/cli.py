@@ -175,7 +175,14 @@ def _serve_dev(
     from broker.jobs.worker import alongside
 
     typer.echo(f"Starting OpenBao, PostgreSQL and the API in {data_dir} ...", err=True)
-    settings = start_dev_stack(stack, data_dir, base)
+    try:
+        settings = start_dev_stack(stack, data_dir, base)
+    except Exception as exc:
+        log.exception("the dev stack did not start")
+        # The dev stack's own errors are written to be read; others may quote anything.
+        reason = str(exc).splitlines()[0] if isinstance(exc, RuntimeError) else type(exc).__name__
+        typer.echo(f"error: the dev stack did not start: {reason} (see {log_path})", err=True)
+        raise typer.Exit(1) from None
     settings = settings.model_copy(update={"host": "127.0.0.1", "port": sock.getsockname()[1]})
     tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
     _print_welcome(

@@ -349,3 +349,16 @@ def test_operator_commands_without_a_stack_fail_in_one_line(tmp_path: Path) -> N
         timeout=60,
     )
     assert "BROKER_VAULT_TOKEN" in _one_clean_line(no_vault)
+
+
+def test_broker_dev_that_cannot_start_says_so_in_one_line(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True)
+    (data_dir / "vault").write_text("not a directory")  # OpenBao cannot keep its files here
+    dev = DevProcess(data_dir, free_port())
+    assert dev.proc.wait(timeout=60) == 1
+    dev.stop()
+    said = [line for line in "".join(dev.output).splitlines() if line.strip()]
+    assert "Traceback" not in "".join(said)
+    assert said[-1].startswith("error: the dev stack did not start: ")
+    assert str(data_dir / "broker.log") in said[-1]
+    assert "Traceback" in (data_dir / "broker.log").read_text()  # for whoever debugs it
