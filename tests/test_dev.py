@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -191,3 +193,172 @@ def test_broker_dev_stopped_with_sigterm_stops_everything_it_started(data_dir: P
         dev.stop(signal.SIGTERM)  # what a process manager, an IDE or `kill` sends
     assert dev.proc.returncode == 0, "".join(dev.output[-40:])
     assert _processes_mentioning(str(data_dir)) == []
+
+
+# -- operator commands against the running stack (issue 14) ------------------------------
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def _broker(cwd: Path, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `broker ARGS` as a user would in the directory of `make dev`: no BROKER_* set."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "BAO_", "VAULT_"))}
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _one_clean_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    return line
+
+
+def test_operator_commands_and_bao_work_against_the_running_dev_stack(data_dir: Path) -> None:
+    port = free_port()
+    dev = DevProcess(data_dir, port)
+    workdir = data_dir.parent
+    stripe_key = "sk_test_" + "Canary" * 6
+    try:
+        tokens = dev.tokens()
+        dev.wait_ready()
+        # The banner comes last and alone: no JSON log line before it on the terminal.
+        assert not [line for line in dev.output if line.lstrip().startswith("{")]
+        (broker_log,) = [line for line in dev.output if line.startswith("Logs:")]
+        assert (data_dir / "broker.log").is_file()
+        assert "broker.log" in broker_log
+
+        env_file = data_dir / "dev.env"
+        assert env_file.stat().st_mode & 0o777 == 0o600
+        values = dict(
+            line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line
+        )
+        vault_line = next(line for line in dev.output if line.startswith("Vault:"))
+        assert values["BAO_ADDR"] in vault_line
+        assert ".broker/vault/init.json" in vault_line
+        assert tokens["PLATFORM_ADMIN_TOKEN"] not in env_file.read_text()
+
+        # The README's bao line, as written, after loading the env file the banner names.
+        bao = subprocess.run(
+            [
+                "sh",
+                "-c",
+                "set -a; . .broker/dev.env; set +a; "
+                f"bao kv put secret/platform/stripe api_key={stripe_key}",
+            ],
+            cwd=workdir,
+            env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HOME": str(workdir)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bao.returncode == 0, bao.stderr
+
+        admin = {"Authorization": f"Bearer {tokens['TENANT_ADMIN_TOKEN']}"}
+        stored = httpx.put(
+            f"{dev.url}/v1/tenants/settings/integrations/openai",
+            json={"fields": {"api_key": "sk-" + "a1" * 16}, "skip_connection_test": True},
+            headers=admin,
+        )
+        assert stored.status_code == 200, stored.text
+
+        audit = _broker(workdir, "audit", "--tenant", "demo", "--since", "1h")
+        assert audit.returncode == 0, audit.stderr
+        assert "demo" in audit.stdout
+        assert "without the broker's trail" not in audit.stderr  # it found the database
+
+        rotated = _broker(workdir, "keys", "rotate", "--all")
+        assert rotated.returncode == 0, rotated.stderr
+        totals = json.loads(rotated.stdout)
+        assert totals["tenants"] >= 1
+        assert totals["rewrapped"] >= 1
+        assert totals["failed"] == 0
+
+        found = _broker(workdir, "audit", "find-value", stdin=stripe_key + "\n")
+        assert found.returncode == 0, found.stderr
+        count = re.search(r"(\d+) audit entries touched the value", found.stderr)
+        assert count is not None, found.stderr
+        assert int(count.group(1)) >= 1
+        assert stripe_key not in found.stdout + found.stderr
+
+        # From elsewhere, told where the data dir is.
+        elsewhere = _broker(
+            Path("/"), "--data-dir", str(data_dir), "keys", "rotate", "--tenant", "demo"
+        )
+        assert elsewhere.returncode == 0, elsewhere.stderr
+
+        # A broker error is one line, not a traceback.
+        missing = _broker(workdir, "keys", "rotate", "--tenant", "no-such-tenant")
+        assert "tenant" in _one_clean_line(missing)
+
+        # A second `make dev` in the same directory says who runs and leaves it alone.
+        config = (data_dir / "vault" / "config.hcl").read_bytes()
+        second = DevProcess(data_dir, free_port())
+        assert second.proc.wait(timeout=60) == 1
+        second.stop()
+        said = "".join(second.output)
+        assert f"already running (pid {dev.proc.pid}, {dev.url})" in said, said
+        assert "Traceback" not in said
+        assert (data_dir / "vault" / "config.hcl").read_bytes() == config
+        assert httpx.get(f"{dev.url}/readyz").status_code == 200
+    finally:
+        dev.stop()
+    assert dev.proc.returncode == 0, "".join(dev.output[-40:])
+    # The env file's addresses and token die with the stack.
+    assert not (data_dir / "dev.env").exists()
+
+
+def test_broker_dev_with_a_busy_port_stops_before_starting_anything(data_dir: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        dev = DevProcess(data_dir, port)
+        assert dev.proc.wait(timeout=60) == 1
+        dev.stop()
+    said = "".join(dev.output)
+    assert f"port {port} on 127.0.0.1 is in use" in said
+    assert "--port" in said
+    assert "Traceback" not in said
+    assert not (data_dir / "vault").exists()  # neither OpenBao nor PostgreSQL was started
+    assert not (data_dir / "postgres").exists()
+
+
+def test_operator_commands_without_a_stack_fail_in_one_line(tmp_path: Path) -> None:
+    rotate = _broker(tmp_path, "keys", "rotate", "--all")
+    assert "BROKER_DATABASE_URL" in _one_clean_line(rotate)
+    find = _broker(tmp_path, "audit", "find-value", str(tmp_path), stdin="x")
+    assert find.returncode == 2
+    no_vault = subprocess.run(
+        [sys.executable, "-m", "broker.cli", "keys", "backfill"],
+        cwd=tmp_path,
+        env={
+            **{k: v for k, v in os.environ.items() if not k.startswith("BROKER_")},
+            "BROKER_DATABASE_URL": "postgresql+psycopg://u@127.0.0.1:1/x",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "BROKER_VAULT_TOKEN" in _one_clean_line(no_vault)
+
+
+def test_broker_dev_that_cannot_start_says_so_in_one_line(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True)
+    (data_dir / "vault").write_text("not a directory")  # OpenBao cannot keep its files here
+    dev = DevProcess(data_dir, free_port())
+    assert dev.proc.wait(timeout=60) == 1
+    dev.stop()
+    said = [line for line in "".join(dev.output).splitlines() if line.strip()]
+    assert "Traceback" not in "".join(said)
+    assert said[-1].startswith("error: the dev stack did not start: ")
+    assert str(data_dir / "broker.log") in said[-1]
+    assert "Traceback" in (data_dir / "broker.log").read_text()  # for whoever debugs it

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
-import secrets
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +14,7 @@ from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
 from broker.core.config import Settings
 from broker.core.db import make_engine, unit_of_work, upgrade
+from broker.devstack.datadir import dev_signing_key, remove_env_file, write_env_file
 from broker.devstack.openbao import OpenBaoServer
 from broker.devstack.postgres import EmbeddedPostgres
 from broker.models import Tenant
@@ -28,17 +27,6 @@ log = logging.getLogger(__name__)
 
 DEMO_TENANT = "demo"
 SYSTEM = Principal(subject="broker-dev", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
-
-
-def dev_signing_key(data_dir: Path) -> str:
-    """The dev HS256 key, created once and kept (0600) in the data dir."""
-    path = data_dir / "dev-signing.key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_urlsafe(48))
-    return path.read_text().strip()
 
 
 @dataclass(frozen=True)
@@ -120,7 +108,27 @@ def start_dev_stack(stack: ExitStack, data_dir: Path, base: Settings) -> Setting
         }
     )
     ensure_demo_tenant(settings)
+    # For `broker` commands and `bao` run beside this stack; its addresses change on
+    # every start, so the file goes when the stack stops.
+    stack.callback(remove_env_file, data_dir)
+    write_env_file(data_dir, dev_env(settings, root_token=bao.root_token))
     return settings
+
+
+def dev_env(settings: Settings, *, root_token: str) -> dict[str, str]:
+    """What operator commands need to reach this stack: a privileged token, not the AppRole."""
+    assert settings.database_url is not None
+    addr = settings.vault_addrs[0]
+    return {
+        "BROKER_DATA_DIR": str(settings.data_dir),
+        "BROKER_DATABASE_URL": settings.database_url.get_secret_value(),
+        "BROKER_VAULT_ADDRS": addr,
+        "BROKER_VAULT_TOKEN": root_token,
+        "BAO_ADDR": addr,
+        "BAO_TOKEN": root_token,
+        "VAULT_ADDR": addr,
+        "VAULT_TOKEN": root_token,
+    }
 
 
 def ensure_demo_tenant(settings: Settings) -> None:

@@ -210,13 +210,14 @@ def _migrate_text(report: dict[str, Any]) -> str:
     summary = report["summary"]
     lines = _header(report, "Legacy migration")
     lines += [
-        f"  tenants        {summary['tenants']}",
-        f"  migrated       {summary['migrated']}",
-        f"  skipped        {summary['skipped']}",
-        f"  conflicts      {summary['conflicts']}",
-        f"  failed         {summary['failed']}",
-        f"  unmapped keys  {summary['unmapped_keys']}",
-        f"  not reached    {summary['not_reached']}",
+        f"  tenants           {summary['tenants']}",
+        f"  migrated          {summary['migrated']}",
+        f"  already migrated  {summary['already_migrated']}",
+        f"  skipped           {summary['skipped']}",
+        f"  conflicts         {summary['conflicts']}",
+        f"  failed            {summary['failed']}",
+        f"  unmapped keys     {summary['unmapped_keys']}",
+        f"  not reached       {summary['not_reached']}",
     ]
     if report["stopped"]:
         lines.append(f"STOPPED: {report['stopped']}")

@@ -221,6 +221,11 @@ class MigrationReport(_RunReport[TenantOutcome, OutcomeStatus]):
     """The summary of one `broker migrate legacy` run."""
 
     @property
+    def already_migrated(self) -> int:
+        """Skipped tenants that an earlier run migrated (a rerun), apart from those lacking data."""
+        return sum(1 for o in self.outcomes if o.status == "skipped" and o.reason in ALREADY_DONE)
+
+    @property
     def unmapped_keys(self) -> int:
         """How many metadata keys were not migrated, over all tenants."""
         return sum(len(o.unmapped) for o in self.outcomes)
@@ -255,7 +260,8 @@ class MigrationReport(_RunReport[TenantOutcome, OutcomeStatus]):
             "summary": {
                 "tenants": self.total,
                 "migrated": self.count("migrated"),
-                "skipped": self.count("skipped"),
+                "already_migrated": self.already_migrated,
+                "skipped": self.count("skipped") - self.already_migrated,
                 "conflicts": self.count("conflict"),
                 "failed": self.count("failed"),
                 "unmapped_keys": self.unmapped_keys,
@@ -266,6 +272,9 @@ class MigrationReport(_RunReport[TenantOutcome, OutcomeStatus]):
             "tenants": [o.as_dict() for o in self.outcomes],
         }
 
+
+# Reasons of a "skipped" outcome that mean an earlier run did the work.
+ALREADY_DONE = frozenset({"already migrated", "already finalized"})
 
 FinalizeStatus = Literal["finalized", "already_finalized", "left_alone", "failed"]
 

@@ -13,7 +13,8 @@ import hvac.exceptions
 
 from broker.vault.gateway import AUDITED_HEADERS, VaultGateway
 
-DEFAULT_POLICIES_DIR = Path(__file__).resolve().parents[2] / "policies"
+# Package data, so an installed broker (the production image) bootstraps without a checkout.
+DEFAULT_POLICIES_DIR = Path(__file__).resolve().parent / "policies"
 BROKER_ROLE = "broker"
 
 

