@@ -96,7 +96,21 @@ class Settings(BaseSettings):
     # written to the audit trail as one event per window (issue 12, section I).
     rate_limit_denials: str = "30/minute"
 
-    @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
+    # OAuth connect and refresh (issue 13, Shopify first). The callback the provider
+    # sends the browser to is `<oauth_redirect_base_url>/v1/oauth/callback/<provider>`;
+    # afterwards the browser goes to one of `oauth_return_urls` (an exact allowlist, the
+    # first is the default), never to a URL a request names.
+    oauth_redirect_base_url: str | None = None
+    oauth_return_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    oauth_state_ttl_s: int = Field(default=600, ge=60, le=3600)
+    # A fetch refreshes an access token with less than this left.
+    oauth_refresh_margin_s: int = Field(default=60, ge=0, le=1800)
+    # How long a fetch waits for another process's refresh of the same credential.
+    oauth_refresh_lock_timeout_s: float = Field(default=12.0, gt=0, le=30)
+
+    @field_validator(
+        "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
@@ -26,7 +26,10 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     responses=problem_responses(
         {
             404: "No such credentials, or a tenant outside the token",
-            409: "The stored data does not verify against its sealed copy (tampered with)",
+            409: (
+                "The stored data does not verify against its sealed copy (tampered with), "
+                "or the OAuth connection was revoked and the tenant must reconnect"
+            ),
             503: "Vault is unavailable; retry after Retry-After",
         }
     ),
@@ -34,6 +37,7 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
 def fetch_credentials(
     tenant_id: str,
     provider: str,
+    request: Request,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
@@ -54,7 +58,14 @@ def fetch_credentials(
         provider, default_s=settings.credential_lease_s, caps=settings.credential_lease_caps
     )
     try:
-        lease = service.fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
+        lease = service.fetch(
+            vault,
+            tenant_id=tenant_id,
+            provider=provider,
+            lease_s=lease_s,
+            principal=principal,
+            access=request.app.state.oauth,
+        )
     except StoredDataUnverified:
         service.record_unverified(engine, principal, tenant_id=tenant_id, provider=provider)
         raise

@@ -1,6 +1,10 @@
 """Service delivery: a tenant's credentials as a short lease, or wrapped for one unwrap.
 
-Only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
+An OAuth connection delivers only its access token, leased until the token's own
+expiry; the refresh token never leaves the broker. An expired access token is
+refreshed first (see broker/integrations/oauth.py), the one case that needs
+PostgreSQL. Otherwise only Vault is needed on this path (a PostgreSQL outage must
+not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit
 trail as well, best effort.
@@ -18,8 +22,9 @@ from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.errors import Forbidden, NotFound, ValidationFailed
-from broker.integrations.providers import get_provider
-from broker.integrations.service import read_credentials
+from broker.integrations import oauth
+from broker.integrations.providers import Credentials, get_provider
+from broker.integrations.service import read_sealed
 from broker.vault.gateway import VaultGateway, WrappedSecret
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
@@ -80,18 +85,47 @@ def authorize(engine: Engine, principal: Principal, *, tenant_id: str, provider:
         raise NotFound(NO_SUCH)
 
 
-def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -> Lease:
+def fetch(
+    vault: VaultGateway,
+    *,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    principal: Principal,
+    access: oauth.OAuthAccess,
+) -> Lease:
     """Read and decrypt the current credentials and attach a lease."""
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
     try:
-        creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
+        record, sealed = read_sealed(vault, tenant_id=tenant_id, provider=provider)
     except NotFound:
         raise NotFound(NO_SUCH) from None
+    identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
+    if record.public.get("kind") == "oauth":
+        tokens, version = oauth.current_tokens(
+            access,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            version=record.version,
+            public=record.public,
+            sealed=sealed,
+        )
+        return Lease(
+            tenant_id=tenant_id,
+            provider=provider,
+            version=version,
+            fields={**identifiers, "access_token": tokens.access_token},
+            issued_at=access.clock(),
+            # The lease is the token's own life: past it the provider refuses the token.
+            expires_at=tokens.access_expires_at,
+        )
+    creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
     return Lease(
         tenant_id=tenant_id,
         provider=provider,
-        version=version,
+        version=record.version,
         fields={name: creds.reveal(name) or "" for name in sorted(creds.names())},
         issued_at=now,
         expires_at=now + timedelta(seconds=lease_s),

@@ -1,19 +1,22 @@
-"""Integration credential routes: set, test, list, delete, versions and restore."""
+"""Integration credential routes: set, test, list, delete, versions, restore, OAuth connect."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi.responses import RedirectResponse
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.deps import EngineDep, VaultDep
-from broker.integrations import service
+from broker.integrations import oauth, service
 from broker.integrations.providers import PROVIDERS, get_provider
 from broker.integrations.schemas import (
+    ConnectRequest,
+    ConnectView,
     CredentialsTest,
     CredentialsWrite,
     IntegrationView,
@@ -23,6 +26,8 @@ from broker.integrations.schemas import (
 from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
+# The provider sends the admin's browser here: no bearer token, the signed query is the proof.
+callback_router = APIRouter(prefix="/v1/oauth/callback", tags=["integrations"])
 
 Viewer = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
@@ -172,3 +177,44 @@ def restore_version(
     )
     response.headers["ETag"] = service.etag(row)
     return IntegrationView.of(get_provider(provider), row)
+
+
+def _oauth(request: Request) -> oauth.OAuthAccess:
+    access: oauth.OAuthAccess = request.app.state.oauth
+    return access
+
+
+@router.post(
+    "/{provider}/connect",
+    response_model=ConnectView,
+    responses=problem_responses(
+        {404: "No such provider, none with OAuth, or no tenant", 503: "OAuth is not configured"}
+    ),
+)
+def start_connect(
+    provider: ProviderName, body: ConnectRequest, request: Request, principal: Writer
+) -> ConnectView:
+    """The provider's consent URL for one account; its single-use state lasts 10 minutes."""
+    found = oauth.start_connect(
+        _oauth(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        account=body.shop,
+        return_url=body.return_url,
+    )
+    return ConnectView(authorization_url=found.url, expires_at=found.expires_at)
+
+
+@callback_router.get(
+    "/{provider}", response_class=RedirectResponse, status_code=303, include_in_schema=True
+)
+def finish_connect(provider: ProviderName, request: Request) -> RedirectResponse:
+    """Verify the provider's signed callback, store the tokens, redirect to the platform."""
+    location = oauth.finish_connect(
+        _oauth(request), provider=provider, query=request.query_params.multi_items()
+    )
+    response = RedirectResponse(location, status_code=303)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response
