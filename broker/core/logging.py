@@ -28,7 +28,7 @@ _SECRET_PATTERNS = [
     re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{8,}"),  # Stripe keys
     re.compile(r"\b(?:seti|pi)_[A-Za-z0-9]+_secret_[A-Za-z0-9]+"),  # Stripe client secrets
     re.compile(r"\b(?:ck|cs)_[A-Za-z0-9]{16,}"),  # WooCommerce keys
-    re.compile(r"\bshp(?:at|ca|pa|ss)_[A-Za-z0-9]{16,}"),  # Shopify tokens
+    re.compile(r"\bshp(?:at|ca|pa|ss|rt)_[A-Za-z0-9]{16,}"),  # Shopify tokens
     re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),  # OpenAI keys
     re.compile(r"(?i)(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]+:)[^@\s]+@"),  # DSN passwords
 ]
@@ -37,6 +37,10 @@ _SENSITIVE_KEY = re.compile(
     r"|unseal|cookie|signature)"
 )
 
+
+# An OAuth callback's query (in an access log line, a library's debug output): the
+# code, the state and the signature are single-use credentials while they live.
+_OAUTH_QUERY = re.compile(r"(?i)([?&](?:code|state|hmac|signature)=)[^&\s\"'#]+")
 
 # 13-19 digits, optionally in groups split by single spaces or dashes: a card
 # number that reached a URL (which access logs record) must not reach the log.
@@ -63,6 +67,7 @@ def redact_text(text: str) -> str:
             text = pattern.sub(lambda m: m.group(1) + REDACTED + "@", text)
         else:
             text = pattern.sub(REDACTED, text)
+    text = _OAUTH_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
     return _CARD_LIKE.sub(_redact_card, text)
 
 

@@ -356,3 +356,19 @@ def test_card_numbers_in_log_text_are_redacted(logged: str) -> None:
 def test_long_numbers_that_are_not_cards_are_kept() -> None:
     text = "tenant t-1 kv_version 12 took 1234567890123 ns"  # 13 digits, fails Luhn
     assert redact_text(text) == text
+
+
+def test_an_oauth_callback_in_an_access_log_line_is_redacted(log_output: io.StringIO) -> None:
+    code, state, signature = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_hex(32)
+    refresh = "shprt_" + secrets.token_hex(16)
+    line = (
+        f'127.0.0.1:5000 - "GET /v1/oauth/callback/shopify?code={code}&host=aG9zdA'
+        f'&shop=a.myshopify.com&state={state}&timestamp=1&hmac={signature} HTTP/1.1" 303'
+    )
+    logging.getLogger("uvicorn.access").info(line)
+    logging.getLogger("httpx").debug("answer %s", {"refresh_token": refresh})
+
+    output = log_output.getvalue()
+    for value in (code, state, signature, refresh):
+        assert value not in output
+    assert "shop=a.myshopify.com" in output
