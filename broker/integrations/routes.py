@@ -28,6 +28,8 @@ from broker.settings.service import own_tenant
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
 # The provider sends the admin's browser here: no bearer token, the signed query is the proof.
 callback_router = APIRouter(prefix="/v1/oauth/callback", tags=["integrations"])
+UNAUTHENTICATED_PATHS = frozenset({"/v1/oauth/callback/{provider}"})
+"""Routes without `require(...)`: their proof is the provider's signature and the state."""
 
 Viewer = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
