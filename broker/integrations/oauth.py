@@ -46,6 +46,7 @@ from broker.core.errors import (
     BrokerError,
     Conflict,
     NotFound,
+    PreconditionFailed,
     UpstreamUnavailable,
     ValidationFailed,
 )
@@ -362,8 +363,8 @@ def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str,
         if not access.return_urls:
             raise OAuthNotConfigured("no platform return URL is configured for OAuth")
         try:
-            row = _verify_callback(access, spec, oauth, query, seen)
-            _connect(access, spec, oauth, row, query, seen)
+            row, app = _verify_callback(access, oauth, query, seen)
+            _connect(access, spec, oauth, app, row, query, seen)
         except UpstreamUnavailable as exc:
             raise _Refused(_reason_of(exc), "failed") from None
     except _Refused as refused:
@@ -386,12 +387,8 @@ def _reason_of(exc: BrokerError) -> str:
 
 
 def _verify_callback(
-    access: OAuthAccess,
-    spec: ProviderSpec,
-    oauth: OAuthSpec,
-    query: list[tuple[str, str]],
-    seen: _Callback,
-) -> OAuthState:
+    access: OAuthAccess, oauth: OAuthSpec, query: list[tuple[str, str]], seen: _Callback
+) -> tuple[OAuthState, OAuthApp]:
     names = [name for name, _ in query]
     if len(names) != len(set(names)):
         raise _Refused("malformed")
@@ -407,7 +404,7 @@ def _verify_callback(
     if not oauth.account_pattern.fullmatch(params["shop"]):
         raise _Refused("bad_account")
     seen.account = params["shop"].lower()
-    return _consume_state(access, params["state"], seen)
+    return _consume_state(access, params["state"], seen), app
 
 
 def _attribute(access: OAuthAccess, state: str, seen: _Callback) -> None:
@@ -452,12 +449,12 @@ def _connect(
     access: OAuthAccess,
     spec: ProviderSpec,
     oauth: OAuthSpec,
+    app: OAuthApp,
     state: OAuthState,
     query: list[tuple[str, str]],
     seen: _Callback,
 ) -> None:
     code = dict(query)["code"]
-    app = platform_app(access.vault, oauth)
     redirect_uri = access.redirect_uri(seen.provider)
     now = access.clock()
     try:
@@ -656,17 +653,23 @@ def _refresh(
         ) from None
     new = _token_set(oauth, answer, now, spec.title)
     # Persisted (check-and-set against the version refreshed) before anyone uses it.
-    stored = service.store_token_set(
-        access.engine,
-        access.vault,
-        principal=principal,
-        tenant_id=tenant_id,
-        provider=spec.name,
-        secrets=new.secrets(),
-        identifiers={oauth.account_field: account},
-        public=_public(oauth, account, new, principal, None),
-        action="integration.oauth.refresh",
-        if_match=service.etag_of(version),
-        test=None,
-    )
+    try:
+        stored = service.store_token_set(
+            access.engine,
+            access.vault,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=spec.name,
+            secrets=new.secrets(),
+            identifiers={oauth.account_field: account},
+            public=_public(oauth, account, new, principal, None),
+            action="integration.oauth.refresh",
+            if_match=service.etag_of(version),
+            test=None,
+        )
+    except (Conflict, PreconditionFailed):
+        # An admin saved or connected meanwhile: theirs stands; the next fetch reads it.
+        raise UpstreamUnavailable(
+            "the credentials changed during the refresh; retry", retry_after=1
+        ) from None
     return new, stored.kv_version

@@ -209,7 +209,13 @@ def start_connect(
 
 
 @callback_router.get(
-    "/{provider}", response_class=RedirectResponse, status_code=303, include_in_schema=True
+    "/{provider}",
+    response_class=RedirectResponse,
+    status_code=303,
+    responses={
+        303: {"description": "To the platform's return URL, with `outcome` (and `reason`)"},
+        **problem_responses({404: "No such provider, or none that connects through OAuth"}),
+    },
 )
 def finish_connect(provider: ProviderName, request: Request) -> RedirectResponse:
     """Verify the provider's signed callback, store the tokens, redirect to the platform."""
