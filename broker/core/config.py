@@ -151,6 +151,10 @@ class Settings(BaseSettings):
             problems.append("no database (BROKER_DATABASE_URL)")
         if self.egress_allow_http or self.egress_allow_loopback:
             problems.append("provider calls may reach plain HTTP or loopback (BROKER_EGRESS_*)")
+        # OAuth codes and outcomes travel in these URLs' queries.
+        oauth_urls = [*self.oauth_return_urls, *filter(None, [self.oauth_redirect_base_url])]
+        if any(not url.startswith("https://") for url in oauth_urls):
+            problems.append("an OAuth callback or return URL is not https (BROKER_OAUTH_*)")
         if problems:
             raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
         return self

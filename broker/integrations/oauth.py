@@ -37,7 +37,7 @@ import httpx
 import psycopg.errors
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session
+from sqlmodel import Session, col, delete
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -285,6 +285,10 @@ def start_connect(
     expires_at = now + access.state_ttl
     with unit_of_work(access.engine) as session:
         service.live_tenant(session, tenant_id)
+        # States long expired are of no use, not even to recognise a replay.
+        session.execute(
+            delete(OAuthState).where(col(OAuthState.expires_at) < now - timedelta(days=1))
+        )
         session.add(
             OAuthState(
                 state_hash=_hash(state),
