@@ -677,3 +677,99 @@ def _refresh(
             "the credentials changed during the refresh; retry", retry_after=1
         ) from None
     return new, stored.kv_version
+
+
+# -- migrating a pasted token ---------------------------------------------------------------
+
+MigrationOutcome = Literal["migrated", "already_expiring", "not_configured", "would_migrate"]
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What migrating one tenant's pasted token did."""
+
+    tenant_id: str
+    outcome: MigrationOutcome
+    version: int | None = None
+
+
+def migrate_to_expiring(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    dry_run: bool = False,
+) -> Migration:
+    """Exchange a pasted non-expiring token for an expiring set, stored like a connect.
+
+    The provider revokes the pasted token when it answers, so the answer is stored
+    through the write protocol before anything else; a lost answer is recovered by
+    repeating the exchange with the same pasted token, which Shopify answers with
+    the same set for 7 days. Migrations and refreshes of one credential share one
+    lock, so two operators (or a fetch) never run one at the same time.
+    """
+    spec, oauth = oauth_spec(provider)
+    if not oauth.token_exchange:
+        raise NotFound("this provider has no token exchange")
+    with unit_of_work(access.engine) as session:
+        service.live_tenant(session, tenant_id)
+    try:
+        record, _ = service.read_sealed(access.vault, tenant_id=tenant_id, provider=provider)
+    except NotFound:
+        return Migration(tenant_id, "not_configured")
+    if record.public.get("kind") == "oauth":
+        return Migration(tenant_id, "already_expiring", record.version)
+    if dry_run:
+        return Migration(tenant_id, "would_migrate", record.version)
+    with unit_of_work(access.engine) as session:
+        _refresh_lock(session, tenant_id, provider, access.lock_timeout_s)
+        record, sealed = service.read_sealed(access.vault, tenant_id=tenant_id, provider=provider)
+        if record.public.get("kind") == "oauth":
+            return Migration(tenant_id, "already_expiring", record.version)
+        account = str((record.public.get("identifiers") or {}).get(oauth.account_field) or "")
+        if not oauth.account_pattern.fullmatch(account):
+            raise ValidationFailed(f"the stored {spec.title} account is not a valid one")
+        app = platform_app(access.vault, oauth)
+        now = access.clock()
+        try:
+            answer = _token_request(
+                access,
+                app,
+                spec.title,
+                lambda client: client.fetch_token(
+                    oauth.token_url(access.outbound.endpoints, account),
+                    subject_token=sealed["access_token"],
+                    **oauth.token_exchange,
+                    **oauth.token_params,
+                ),
+            )
+        except TokenRefused as exc:
+            trail.record_separately(
+                access.engine,
+                action="integration.oauth.migrate",
+                resource=f"tenants/{tenant_id}/integrations/{provider}",
+                outcome="failed",
+                principal=principal,
+                tenant_id=tenant_id,
+                detail={"reason": exc.error},
+            )
+            raise ValidationFailed(
+                f"{spec.title} refused to exchange the stored token ({exc.error}); "
+                "connect the account instead"
+            ) from None
+        tokens = _token_set(oauth, answer, now, spec.title)
+        stored = service.store_token_set(
+            access.engine,
+            access.vault,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            secrets=tokens.secrets(),
+            identifiers={oauth.account_field: account},
+            public=_public(oauth, account, tokens, principal, None),
+            action="integration.oauth.migrate",
+            if_match=service.etag_of(record.version),
+            test=None,
+        )
+        return Migration(tenant_id, "migrated", stored.kv_version)

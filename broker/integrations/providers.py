@@ -376,7 +376,11 @@ class OAuthSpec:
     account_pattern: re.Pattern[str] = field(repr=False)
     scope_separator: str = ","
     token_params: Mapping[str, str] = field(default_factory=dict)
-    """Extra parameters of every token request (Shopify: ``expiring=1``)."""
+    """Extra parameters of the code exchange and token exchange (Shopify: ``expiring=1``)."""
+    token_exchange: Mapping[str, str] = field(default_factory=dict)
+    """How a pasted long-lived token is exchanged for an expiring set (RFC 8693 parameters,
+    the pasted token going in ``subject_token``); empty when the provider has no such
+    migration."""
     mapping: TokenMapping = field(default_factory=TokenMapping)
     client_path: str = ""
     """KV path (under the platform's secrets) of the app's client_id and client_secret."""
@@ -656,6 +660,11 @@ _SHOPIFY_OAUTH = OAuthSpec(
     account_pattern=SHOP_DOMAIN,
     # Expiring offline tokens: one hour, with a rotating 90-day refresh token.
     token_params={"expiring": "1"},
+    token_exchange={
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token_type": "urn:shopify:params:oauth:token-type:offline-access-token",
+        "requested_token_type": "urn:shopify:params:oauth:token-type:offline-access-token",
+    },
     client_path="platform/shopify",
 )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
 from broker.auth.dependencies import require
@@ -20,6 +20,7 @@ from broker.integrations.schemas import (
     CredentialsTest,
     CredentialsWrite,
     IntegrationView,
+    MigrationView,
     TestResult,
     VersionView,
 )
@@ -179,6 +180,36 @@ def restore_version(
     )
     response.headers["ETag"] = service.etag(row)
     return IntegrationView.of(get_provider(provider), row)
+
+
+@router.post(
+    "/{provider}/migrate-expiring",
+    response_model=MigrationView,
+    responses=problem_responses(
+        {
+            404: "No such provider, none with a token exchange, or no tenant",
+            409: CHANGED,
+            412: "The credentials changed while they were migrated; retry",
+            422: "The provider refused to exchange the stored token: connect instead",
+            503: "The provider or Vault did not answer; retrying is safe",
+        }
+    ),
+)
+def migrate_to_expiring(
+    provider: ProviderName,
+    request: Request,
+    principal: Writer,
+    dry_run: Annotated[bool, Query(description="Only say what would happen.")] = False,
+) -> MigrationView:
+    """Exchange the pasted long-lived token for an expiring, refreshed one (irreversible)."""
+    done = oauth.migrate_to_expiring(
+        _oauth(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        dry_run=dry_run,
+    )
+    return MigrationView(outcome=done.outcome, version=done.version)
 
 
 def _oauth(request: Request) -> oauth.OAuthAccess:

@@ -151,6 +151,13 @@ class ConnectView(BaseModel):
     expires_at: datetime
 
 
+class MigrationView(BaseModel):
+    """What migrating the pasted token to an expiring OAuth set did."""
+
+    outcome: Literal["migrated", "already_expiring", "not_configured", "would_migrate"]
+    version: int | None = Field(description="The KV version now current, when configured.")
+
+
 class VersionView(BaseModel):
     """One kept KV version of a provider's credentials (no data)."""
 

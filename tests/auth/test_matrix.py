@@ -252,6 +252,12 @@ ROUTES: dict[tuple[str, str], Case] = {
         insufficient=("integrations:view",),
         body=lambda: {"shop": "matrix-shop.myshopify.com"},
     ),
+    ("POST", INTEGRATION + "/migrate-expiring"): Case(
+        "POST",
+        "/v1/tenants/settings/integrations/shopify/migrate-expiring",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+    ),
     ("POST", INTEGRATION + "/versions/{version}/restore"): Case(
         "POST",
         OPENAI + "/versions/1/restore",

@@ -13,7 +13,10 @@ the token endpoint and the Admin API find the shop from the code or token instea
 fake's own `clock`, which tests move forward. With `expiring=1` an access token lasts
 3600 s and comes with a rotating refresh token: using refresh token R returns a new pair
 (A', R'); R stays usable until R' is used, after which R is `invalid_grant`. A new grant
-for a shop (code exchange, token exchange) retires every older refresh token.
+for a shop (code exchange, token exchange) retires every older refresh token. Token
+exchange revokes the pasted token it is given and, repeated with it within 7 days,
+answers the same set until that set is refreshed. `lose_next_refresh_reply` and
+`lose_next_exchange_reply` make the next such request take effect and then hang up.
 
 Nothing is logged; tokens live in memory only.
 """
@@ -36,6 +39,7 @@ from typing import Any
 ACCESS_TTL_S = 3600
 REFRESH_TTL_S = 90 * 24 * 3600
 CODE_TTL_S = 600
+EXCHANGE_REPLAY_S = 7 * 24 * 3600
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 OFFLINE_TOKEN_TYPE = "urn:shopify:params:oauth:token-type:offline-access-token"
 
@@ -103,6 +107,8 @@ class FakeShopifyOAuth:
         self.refresh_calls = 0
         self.exchange_calls = 0
         self.lose_next_refresh_reply = False
+        self.lose_next_exchange_reply = False
+        self._exchanged: dict[str, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()
         self._codes: dict[str, tuple[str, float]] = {}
         self._used_codes: set[str] = set()
@@ -284,15 +290,33 @@ class FakeShopifyOAuth:
     def _exchange(self, form: dict[str, str], expiring: bool) -> tuple[int, dict[str, Any] | None]:
         self.exchange_calls += 1
         subject = form.get("subject_token", "")
-        found = self._access.get(subject)
-        if (
-            found is None
-            or found.expires_at is not None
-            or form.get("subject_token_type") != OFFLINE_TOKEN_TYPE
+        if form.get("subject_token_type") != OFFLINE_TOKEN_TYPE or (
+            form.get("requested_token_type") != OFFLINE_TOKEN_TYPE
         ):
+            return 400, {"error": "invalid_request", "error_description": "Bad token types"}
+        earlier = self._exchanged.get(subject)
+        if earlier is not None:
+            # Repeating with the revoked token within 7 days returns the same pair, until
+            # that pair is refreshed or replaced.
+            shop, pair, at = earlier
+            state = self._shops.get(shop)
+            if (
+                self.clock.now() - at < EXCHANGE_REPLAY_S
+                and state is not None
+                and state.current == pair.get("refresh_token")
+                and state.parent is None
+            ):
+                return 200, dict(pair)
+        found = self._access.get(subject)
+        if found is None or found.expires_at is not None:
             return 400, {"error": "invalid_grant", "error_description": "Invalid subject token"}
         del self._access[subject]  # revoked on success, irreversibly
-        return 200, self._grant(found.shop, expiring)
+        pair = self._grant(found.shop, expiring)
+        self._exchanged[subject] = (found.shop, dict(pair), self.clock.now())
+        if self.lose_next_exchange_reply:
+            self.lose_next_exchange_reply = False
+            return 200, None
+        return 200, pair
 
     def admin_api(self, token: str | None) -> tuple[int, dict[str, Any]]:
         """GET shop.json."""

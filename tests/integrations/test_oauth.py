@@ -598,3 +598,93 @@ def test_tokens_codes_and_the_client_secret_never_leak(
                 assert form not in text, f"a planted secret appears in the {where}"
     assert haystacks["logs"], "the scan must have seen some logs"
     assert tenant in haystacks["database"]
+
+
+# -- migrating pasted tokens ----------------------------------------------------------------
+
+MIGRATE = "/v1/tenants/settings/integrations/shopify/migrate-expiring"
+
+
+def pasted(client: TestClient, shopify: FakeShopifyOAuth, shop: str) -> tuple[str, str]:
+    """A tenant whose admin pasted a non-expiring Shopify token, as before OAuth."""
+    tenant = make_tenant(client)
+    old = shopify.issue_offline_token(shop)
+    saved = client.put(
+        "/v1/tenants/settings/integrations/shopify",
+        json={"fields": {"shop_domain": shop, "access_token": old}},
+        headers=_admin(tenant),
+    )
+    assert saved.status_code == 200, saved.text
+    return tenant, old
+
+
+def test_a_pasted_token_is_exchanged_for_an_expiring_set(
+    app_client: TestClient,
+    shopify: FakeShopifyOAuth,
+    broker_vault: VaultGateway,
+    engine: Engine,
+) -> None:
+    shop = _shop()
+    tenant, old = pasted(app_client, shopify, shop)
+    dry = app_client.post(MIGRATE, params={"dry_run": "true"}, headers=_admin(tenant))
+    assert dry.json() == {"outcome": "would_migrate", "version": 1}
+    assert shopify.token_valid(old)
+
+    done = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert done.status_code == 200, done.text
+    assert done.json() == {"outcome": "migrated", "version": 2}
+    assert not shopify.token_valid(old)  # Shopify revoked it
+    record, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    assert record.public["kind"] == "oauth"
+    assert shopify.refresh_token_valid(shop, sealed["refresh_token"])
+    fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
+    assert old not in done.text + fetched.text
+    (event,) = events(engine, action="integration.oauth.migrate", tenant=tenant)
+    assert (event.outcome, event.detail["kv_version"]) == ("success", 2)
+
+    again = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert again.json() == {"outcome": "already_expiring", "version": 2}
+    nothing = app_client.post(MIGRATE, headers=_admin(make_tenant(app_client)))
+    assert nothing.json() == {"outcome": "not_configured", "version": None}
+
+
+def test_a_lost_exchange_reply_is_recovered_with_the_same_pasted_token(
+    app_client: TestClient, shopify: FakeShopifyOAuth, broker_vault: VaultGateway
+) -> None:
+    shop = _shop()
+    tenant, old = pasted(app_client, shopify, shop)
+    shopify.lose_next_exchange_reply = True
+    lost = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert lost.status_code == 503
+    assert not shopify.token_valid(old)  # revoked, though the broker never heard back
+    assert read_sealed(broker_vault, tenant_id=tenant, provider="shopify")[0].version == 1
+    retried = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert retried.json() == {"outcome": "migrated", "version": 2}
+    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    assert shopify.token_valid(sealed["access_token"])
+    assert shopify.refresh_token_valid(shop, sealed["refresh_token"])
+
+
+def test_a_token_shopify_will_not_exchange_is_refused_and_kept(
+    app_client: TestClient, shopify: FakeShopifyOAuth, broker_vault: VaultGateway, engine: Engine
+) -> None:
+    tenant = make_tenant(app_client)
+    stranger = "shpat_" + secrets.token_hex(16)  # Shopify never issued it
+    saved = app_client.put(
+        "/v1/tenants/settings/integrations/shopify",
+        json={
+            "fields": {"shop_domain": _shop(), "access_token": stranger},
+            "skip_connection_test": True,
+        },
+        headers=_admin(tenant),
+    )
+    assert saved.status_code == 200
+    refused = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert refused.status_code == 422
+    assert "invalid_grant" in refused.json()["detail"]
+    assert stranger not in refused.text
+    record, _ = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    assert (record.version, record.public.get("kind")) == (1, None)
+    (event,) = events(engine, action="integration.oauth.migrate", tenant=tenant)
+    assert (event.outcome, event.detail["reason"]) == ("failed", "invalid_grant")
