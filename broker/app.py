@@ -87,16 +87,8 @@ def create_app(
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)
-    app.state.oauth = OAuthAccess(
-        engine=engine,
-        vault=vault,
-        outbound=app.state.outbound,
-        redirect_base_url=settings.oauth_redirect_base_url,
-        return_urls=tuple(settings.oauth_return_urls),
-        state_ttl=timedelta(seconds=settings.oauth_state_ttl_s),
-        refresh_margin=timedelta(seconds=settings.oauth_refresh_margin_s),
-        lock_timeout_s=settings.oauth_refresh_lock_timeout_s,
-        clock=clock,
+    app.state.oauth = oauth_access_for(
+        settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
     )
     app.state.stripe = StripeAccess(
         vault, api_base=settings.stripe_api_base, key_path=settings.stripe_key_path
@@ -127,6 +119,28 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def oauth_access_for(
+    settings: Settings,
+    *,
+    engine: Engine,
+    vault: VaultGateway,
+    outbound: Outbound,
+    clock: Clock = utcnow,
+) -> OAuthAccess:
+    """What the OAuth connect, refresh and migration need, from the settings."""
+    return OAuthAccess(
+        engine=engine,
+        vault=vault,
+        outbound=outbound,
+        redirect_base_url=settings.oauth_redirect_base_url,
+        return_urls=tuple(settings.oauth_return_urls),
+        state_ttl=timedelta(seconds=settings.oauth_state_ttl_s),
+        refresh_margin=timedelta(seconds=settings.oauth_refresh_margin_s),
+        lock_timeout_s=settings.oauth_refresh_lock_timeout_s,
+        clock=clock,
+    )
 
 
 def outbound_for(settings: Settings) -> Outbound:

@@ -37,7 +37,7 @@ import httpx
 import psycopg.errors
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
-from sqlmodel import Session, col, delete
+from sqlmodel import Session, col, delete, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -773,3 +773,62 @@ def migrate_to_expiring(
             test=None,
         )
         return Migration(tenant_id, "migrated", stored.kv_version)
+
+
+@dataclass
+class MigrationReport:
+    """What a run over many tenants did; `failures` hold safe messages only."""
+
+    outcomes: dict[str, int] = field(default_factory=dict)
+    failures: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when no tenant failed."""
+        return not self.failures
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"outcomes": dict(self.outcomes), "failures": list(self.failures), "ok": self.ok}
+
+
+def pasted_tenants(engine: Engine, *, provider: str) -> list[str]:
+    """Tenants whose credentials for `provider` are a pasted token: what is left to migrate."""
+    with unit_of_work(engine) as session:
+        return list(
+            session.exec(
+                select(IntegrationCredential.tenant_id)
+                .where(IntegrationCredential.provider == provider)
+                .where(IntegrationCredential.configured == True)  # noqa: E712
+                .where(IntegrationCredential.credential_kind == "static")
+                .order_by(col(IntegrationCredential.tenant_id))
+            )
+        )
+
+
+def migrate_tenants(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    provider: str,
+    tenant_ids: Iterable[str],
+    dry_run: bool,
+    on_done: Callable[[str, str], None] | None = None,
+) -> MigrationReport:
+    """Migrate each tenant in turn; one tenant's failure is reported, never fatal.
+
+    Resumable by construction: a migrated tenant answers `already_expiring`.
+    """
+    report = MigrationReport()
+    for tenant_id in tenant_ids:
+        try:
+            outcome: str = migrate_to_expiring(
+                access, principal=principal, tenant_id=tenant_id, provider=provider, dry_run=dry_run
+            ).outcome
+        except BrokerError as exc:
+            outcome = "failed"
+            report.failures.append({"tenant_id": tenant_id, "error": exc.message})
+        report.outcomes[outcome] = report.outcomes.get(outcome, 0) + 1
+        if on_done is not None:
+            on_done(tenant_id, outcome)
+    return report
