@@ -26,9 +26,12 @@ import hmac
 import logging
 import re
 import secrets
+import threading
+import time
 import urllib.parse
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -41,6 +44,7 @@ from sqlmodel import Session, col, delete, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import (
     BrokerError,
@@ -137,6 +141,53 @@ class TokenSet:
         }
 
 
+class RefreshGate:
+    """Within one process: one thread per credential goes on to refresh, a few at a time.
+
+    Threads waiting here hold no database connection, unlike those waiting on the
+    advisory lock; so a burst of fetches at the expiry moment cannot take the whole
+    connection pool away from the refresh they all wait for.
+    """
+
+    def __init__(self, concurrency: int = 4) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+        self._slots = threading.BoundedSemaphore(concurrency)
+
+    @contextmanager
+    def hold(self, key: str, timeout_s: float) -> Iterator[None]:
+        """Be the one thread working on `key`, waiting at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        try:
+            if not lock.acquire(timeout=timeout_s):
+                raise _busy()
+            try:
+                if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                    raise _busy()
+                try:
+                    yield
+                finally:
+                    self._slots.release()
+            finally:
+                lock.release()
+        finally:
+            with self._guard:
+                lock, users = self._locks[key]
+                if users == 1:
+                    del self._locks[key]
+                else:
+                    self._locks[key] = (lock, users - 1)
+
+
+def _busy() -> UpstreamUnavailable:
+    return UpstreamUnavailable(
+        "another refresh of these credentials is still running; retry", retry_after=1
+    )
+
+
 @dataclass(frozen=True)
 class OAuthAccess:
     """What the OAuth flows need from the app: stores, egress, settings and a clock."""
@@ -150,6 +201,7 @@ class OAuthAccess:
     refresh_margin: timedelta
     lock_timeout_s: float
     clock: Clock
+    gate: RefreshGate = field(default_factory=RefreshGate)
 
     def redirect_uri(self, provider: str) -> str:
         """The callback the provider sends the browser to."""
@@ -482,6 +534,7 @@ def _connect(
     result = _test(access, spec, oauth, state.shop, tokens)
     if not result.ok:
         raise _Refused(f"connection_test_{result.code}", "failed")
+    context.restart_vault_budget()  # the code exchange and the test were Shopify's time
     # The admin who started the connect is the one who stored the tokens.
     principal = Principal(
         subject=state.actor.split(":", 1)[-1],
@@ -581,8 +634,7 @@ def current_tokens(
     if tokens.fresh(access.clock(), access.refresh_margin):
         return tokens, version
     spec, oauth = oauth_spec(provider)
-    with unit_of_work(access.engine) as session:
-        _refresh_lock(session, tenant_id, provider, access.lock_timeout_s)
+    with _exclusive(access, tenant_id, provider) as session:
         row = session.get(IntegrationCredential, (tenant_id, provider))
         if row is not None and row.needs_reconnect:
             raise ReconnectRequired(_RECONNECT.format(title=spec.title), reconnect_required=True)
@@ -606,6 +658,22 @@ _RECONNECT = (
 )
 
 
+@contextmanager
+def _exclusive(access: OAuthAccess, tenant_id: str, provider: str) -> Iterator[Session]:
+    """Refresh or migrate one credential alone: this process's gate, then every process's lock.
+
+    Yields the transaction that holds the advisory lock.
+    """
+    with (
+        access.gate.hold(f"{tenant_id}/{provider}", access.lock_timeout_s),
+        unit_of_work(access.engine) as session,
+    ):
+        _refresh_lock(session, tenant_id, provider, access.lock_timeout_s)
+        # The wait for another refresh was not spent on Vault.
+        context.restart_vault_budget()
+        yield session
+
+
 def _refresh_lock(session: Session, tenant_id: str, provider: str, timeout_s: float) -> None:
     """Take the credential's refresh lock for this transaction, waiting at most `timeout_s`."""
     # lock_timeout cannot be a bind parameter; it is a number formatted here.
@@ -617,9 +685,7 @@ def _refresh_lock(session: Session, tenant_id: str, provider: str, timeout_s: fl
         )
     except OperationalError as exc:
         if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
-            raise UpstreamUnavailable(
-                "another refresh of these credentials is still running; retry", retry_after=1
-            ) from None
+            raise _busy() from None
         raise
 
 
@@ -656,6 +722,8 @@ def _refresh(
             _RECONNECT.format(title=spec.title), reconnect_required=True
         ) from None
     new = _token_set(oauth, answer, now, spec.title)
+    # Shopify has rotated: the store must not fail for time the provider took.
+    context.restart_vault_budget()
     # Persisted (check-and-set against the version refreshed) before anyone uses it.
     try:
         stored = service.store_token_set(
@@ -722,8 +790,7 @@ def migrate_to_expiring(
         return Migration(tenant_id, "already_expiring", record.version)
     if dry_run:
         return Migration(tenant_id, "would_migrate", record.version)
-    with unit_of_work(access.engine) as session:
-        _refresh_lock(session, tenant_id, provider, access.lock_timeout_s)
+    with _exclusive(access, tenant_id, provider):
         record, sealed = service.read_sealed(access.vault, tenant_id=tenant_id, provider=provider)
         if record.public.get("kind") == "oauth":
             return Migration(tenant_id, "already_expiring", record.version)
@@ -759,6 +826,7 @@ def migrate_to_expiring(
                 "connect the account instead"
             ) from None
         tokens = _token_set(oauth, answer, now, spec.title)
+        context.restart_vault_budget()
         stored = service.store_token_set(
             access.engine,
             access.vault,

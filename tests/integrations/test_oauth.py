@@ -86,6 +86,8 @@ def app_client(
         **{
             **provider_overrides(providers),
             "shopify_base_url": shopify.base_url,
+            # Room for a slow token endpoint (longer than the Vault budget).
+            "egress_timeout_s": 8.0,
             "oauth_redirect_base_url": REDIRECT_BASE,
             "oauth_return_urls": [RETURN, RETURN_ALT],
         },
@@ -688,3 +690,23 @@ def test_a_token_shopify_will_not_exchange_is_refused_and_kept(
     assert (record.version, record.public.get("kind")) == (1, None)
     (event,) = events(engine, action="integration.oauth.migrate", tenant=tenant)
     assert (event.outcome, event.detail["reason"]) == ("failed", "invalid_grant")
+
+
+def test_a_slow_token_endpoint_does_not_eat_the_vault_budget_of_the_store(
+    app_client: TestClient,
+    shopify: FakeShopifyOAuth,
+    broker_vault: VaultGateway,
+    clock: FakeClock,
+) -> None:
+    # Longer than the request's Vault budget (3 s in tests), shorter than the egress timeout.
+    shop = _shop()
+    tenant = connected(app_client, shop)
+    clock.advance(3600)
+    shopify.refresh_reply_delay_s = 3.5
+    try:
+        fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    finally:
+        shopify.refresh_reply_delay_s = 0
+    assert fetched.status_code == 200, fetched.text
+    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
