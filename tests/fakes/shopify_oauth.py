@@ -31,8 +31,10 @@ import secrets
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -45,11 +47,18 @@ OFFLINE_TOKEN_TYPE = "urn:shopify:params:oauth:token-type:offline-access-token"
 
 
 class FakeClock:
-    """Epoch seconds that a test moves forward; shared by the fake and the broker."""
+    """Epoch seconds that a test moves forward; shared by the fake and the broker.
 
-    def __init__(self) -> None:
+    With a `path`, every move is also written there (the offset in seconds), so broker
+    processes started by a test follow the same time (tests/support/broker_process.py).
+    """
+
+    def __init__(self, path: Path | None = None) -> None:
         self._offset = 0.0
         self._lock = threading.Lock()
+        self._path = path
+        if path is not None:
+            path.write_text("0")
 
     def now(self) -> float:
         """The current fake time."""
@@ -60,6 +69,8 @@ class FakeClock:
         """Move time forward."""
         with self._lock:
             self._offset += seconds
+            if self._path is not None:
+                self._path.write_text(repr(self._offset))
 
 
 def sign(params: dict[str, str], secret: str) -> str:
@@ -106,8 +117,14 @@ class FakeShopifyOAuth:
         self.allowed_redirect_uris: list[str] = []
         self.refresh_calls = 0
         self.exchange_calls = 0
+        self.refresh_calls_by_shop: Counter[str] = Counter()
         self.lose_next_refresh_reply = False
         self.lose_next_exchange_reply = False
+        # After a refresh has rotated, wait this long before answering (a slow Shopify,
+        # or time for a test to kill the process waiting for the answer).
+        self.refresh_reply_delay_s = 0.0
+        self.refresh_rotated = threading.Event()
+        self._stop = threading.Event()
         self._exchanged: dict[str, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()
         self._codes: dict[str, tuple[str, float]] = {}
@@ -140,6 +157,7 @@ class FakeShopifyOAuth:
         server, thread = self._server, self._thread
         self._server = self._thread = None
         if server is not None and thread is not None:
+            self._stop.set()
             server.shutdown()
             server.server_close()
             thread.join(5)
@@ -275,7 +293,9 @@ class FakeShopifyOAuth:
                 "error": "invalid_grant",
                 "error_description": "The refresh token is invalid or has been revoked",
             }
+        self.refresh_calls_by_shop[shop] += 1
         pair = self._new_pair(shop, state)
+        self.refresh_rotated.set()
         if token == state.current:
             # The replacement is used: the token before it is retired.
             state.parent, state.current = token, pair["refresh_token"]
@@ -400,6 +420,9 @@ def _make_handler(fake: FakeShopifyOAuth) -> type[BaseHTTPRequestHandler]:
             else:
                 form = dict(urllib.parse.parse_qsl(raw))
             status, body = fake.token_endpoint(form)
+            if form.get("grant_type") == "refresh_token" and fake.refresh_reply_delay_s:
+                if fake._stop.wait(fake.refresh_reply_delay_s):
+                    return
             if body is None:
                 # The refresh happened; its answer never arrives.
                 self.close_connection = True
