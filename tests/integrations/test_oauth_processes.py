@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from broker.client import BrokerClient, ReconnectRequired
 from broker.devstack.openbao import free_port
 from broker.vault.gateway import VaultGateway
 from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
@@ -232,3 +233,36 @@ def test_a_broker_killed_mid_refresh_burns_no_token(
     assert survivor.status_code == 200, survivor.text
     assert shopify.token_valid(survivor.json()["fields"]["access_token"])
     assert shopify.refresh_calls_by_shop[shop] == calls + 2
+
+
+def test_the_sdk_keeps_an_oauth_token_for_its_own_hour_and_says_when_to_reconnect(
+    brokers: list[Broker], shopify: FakeShopifyOAuth, clock: FakeClock
+) -> None:
+    shop = f"sdk-{os.urandom(3).hex()}.myshopify.com"
+    tenant = connect(brokers[0], shop)
+    ticks = [1000.0]
+    with BrokerClient(
+        brokers[1].url,
+        token=token("credentials:read", kind="service", tenants=(tenant,), subject="sync"),
+        clock=lambda: ticks[0],
+    ) as sdk:
+        first = sdk.shopify(tenant)
+        assert shopify.token_valid(first.access_token)
+        ticks[0] += 1800  # far past a static lease (300 s), within the token's hour
+        assert sdk.lease(tenant, "shopify").fields["access_token"] == first.access_token
+        assert sdk.shopify(tenant) == first
+        calls = shopify.refresh_calls_by_shop[shop]
+
+        clock.advance(3600)
+        ticks[0] += 1800  # the hour is over on both clocks
+        second = sdk.shopify(tenant)
+        assert second.access_token != first.access_token
+        assert shopify.token_valid(second.access_token)
+        assert shopify.refresh_calls_by_shop[shop] == calls + 1
+
+        shopify.revoke_grant(shop)
+        clock.advance(3600)
+        ticks[0] += 3600
+        with pytest.raises(ReconnectRequired) as refused:
+            sdk.shopify(tenant)
+        assert "must reconnect" in str(refused.value)
