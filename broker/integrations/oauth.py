@@ -623,15 +623,17 @@ def current_tokens(
     version: int,
     public: Mapping[str, Any],
     sealed: Mapping[str, str],
+    margin: timedelta | None = None,
 ) -> tuple[TokenSet, int]:
-    """The stored token set if its access token is still fresh, else a refreshed one.
+    """The stored token set if its access token has more than `margin` left, else a new one.
 
     One refresh per credential at a time, across every process: an advisory lock
     keyed by tenant and provider, waited for at most `lock_timeout_s`. Whoever
     waited finds the new set in Vault and does not refresh again.
     """
+    margin = access.refresh_margin if margin is None else margin
     tokens = stored_tokens(public, sealed)
-    if tokens.fresh(access.clock(), access.refresh_margin):
+    if tokens.fresh(access.clock(), margin):
         return tokens, version
     spec, oauth = oauth_spec(provider)
     with _exclusive(access, tenant_id, provider) as session:
@@ -645,11 +647,67 @@ def current_tokens(
         if record.public.get("kind") != "oauth":
             raise Conflict("the credentials changed while they were read; retry")
         tokens = stored_tokens(record.public, sealed_now)
-        if tokens.fresh(access.clock(), access.refresh_margin):
+        if tokens.fresh(access.clock(), margin):
             return tokens, record.version
         return _refresh(
             access, spec, oauth, principal, tenant_id, record.version, record.public, tokens
         )
+
+
+def due_for_refresh(
+    engine: Engine, *, provider: str, before: datetime, limit: int = 100
+) -> list[str]:
+    """Tenants whose OAuth access token for `provider` expires before `before`, soonest first.
+
+    For a periodic job: refreshing them ahead of time keeps fetches off the slow path.
+    Integrations that need a reconnect are left out; only the tenant can fix them.
+    """
+    with unit_of_work(engine) as session:
+        return list(
+            session.exec(
+                select(IntegrationCredential.tenant_id)
+                .where(IntegrationCredential.provider == provider)
+                .where(IntegrationCredential.credential_kind == "oauth")
+                .where(IntegrationCredential.needs_reconnect == False)  # noqa: E712
+                .where(col(IntegrationCredential.token_expires_at) < before)
+                .order_by(col(IntegrationCredential.token_expires_at))
+                .limit(limit)
+            )
+        )
+
+
+def refresh_if_due(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    within: timedelta,
+) -> bool:
+    """Refresh one credential whose access token expires within `within`.
+
+    True when a newer token set is stored afterwards (this call's, or a concurrent one's).
+
+    Idempotent, and safe beside fetches and other workers: it takes the same locks,
+    and finds a token someone else refreshed meanwhile fresh enough.
+    """
+    try:
+        record, sealed = service.read_sealed(access.vault, tenant_id=tenant_id, provider=provider)
+    except NotFound:
+        return False
+    if record.public.get("kind") != "oauth":
+        return False
+    _, version = current_tokens(
+        access,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        version=record.version,
+        public=record.public,
+        sealed=sealed,
+        margin=within,
+    )
+    return version != record.version
 
 
 _RECONNECT = (

@@ -84,6 +84,9 @@ class IntegrationView(BaseModel):
     needs_reconnect: bool = Field(
         default=False, description="The provider refused the OAuth grant; connect again."
     )
+    token_expires_at: datetime | None = Field(
+        default=None, description="When the current OAuth access token expires."
+    )
 
     @classmethod
     def of(cls, spec: ProviderSpec, row: IntegrationCredential | None) -> IntegrationView:
@@ -124,6 +127,7 @@ class IntegrationView(BaseModel):
             sync_pending=row.vault_sync_pending,
             kind="oauth" if row.credential_kind == "oauth" else "static",
             needs_reconnect=row.needs_reconnect,
+            token_expires_at=row.token_expires_at,
         )
 
 

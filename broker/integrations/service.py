@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -282,6 +283,7 @@ def delete_credentials(
             row.configured = False
             row.hints = {}
             row.identifiers = {}
+            row.token_expires_at = None
             row.updated_at = utcnow()
             row.updated_by = principal.actor
             _settle(row)
@@ -483,10 +485,17 @@ def _describe(
     row.updated_by = actor
     row.connection_test_skipped = skipped
     row.credential_kind = str(public.get("kind") or "static")
+    row.token_expires_at = _token_expiry(public)
     # A new grant (or a pasted token) replaces whatever the provider refused.
     row.needs_reconnect = False
     if test is not None:
         _apply_test(row, test)
+
+
+def _token_expiry(public: Mapping[str, Any]) -> datetime | None:
+    """An OAuth record's access token expiry (sealed with it), None for static ones."""
+    value = public.get("access_expires_at") if public.get("kind") == "oauth" else None
+    return datetime.fromisoformat(str(value)) if value else None
 
 
 def _view(row: IntegrationCredential) -> IntegrationCredential:
@@ -634,9 +643,11 @@ def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
         row.updated_by = record.public.get("updated_by")
         row.connection_test_skipped = record.public.get("connection_test") == "skipped"
         row.credential_kind = str(record.public.get("kind") or "static")
+        row.token_expires_at = _token_expiry(record.public)
         row.needs_reconnect = False
     else:
         row.hints, row.identifiers = {}, {}
+        row.token_expires_at = None
     row.updated_at = utcnow()
     row.kv_version = version
     row.configured = record is not None

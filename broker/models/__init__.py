@@ -156,6 +156,10 @@ class IntegrationCredential(SQLModel, table=True):
     credential_kind: str = Field(default="static", max_length=16)
     # The provider refused the refresh token (invalid_grant): only a new connect helps.
     needs_reconnect: bool = Field(default=False)
+    # When the OAuth access token in Vault expires (None for static credentials).
+    token_expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
 
 
 class OAuthState(SQLModel, table=True):

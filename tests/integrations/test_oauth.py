@@ -13,7 +13,7 @@ import secrets
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,8 +24,9 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from broker.app import create_app
+from broker.auth.principal import Principal
 from broker.core.logging import configure_logging
-from broker.integrations.oauth import callback_signature
+from broker.integrations.oauth import callback_signature, due_for_refresh, refresh_if_due
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, TenantSettings
 from broker.vault.gateway import VaultGateway
@@ -710,3 +711,45 @@ def test_a_slow_token_endpoint_does_not_eat_the_vault_budget_of_the_store(
     assert fetched.status_code == 200, fetched.text
     _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
     assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
+
+
+def test_a_token_near_expiry_is_listed_and_refreshed_ahead_once(
+    app_client: TestClient,
+    shopify: FakeShopifyOAuth,
+    broker_vault: VaultGateway,
+    engine: Engine,
+    clock: FakeClock,
+) -> None:
+    shop = _shop()
+    tenant = connected(app_client, shop)
+    access = app_client.app.state.oauth  # type: ignore[attr-defined]
+
+    def now() -> datetime:
+        return datetime.fromtimestamp(clock.now(), UTC)
+
+    def due() -> list[str]:
+        window = now() + timedelta(minutes=10)
+        return due_for_refresh(engine, provider="shopify", before=window, limit=100_000)
+
+    listed = app_client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    expires = next(i for i in listed if i["provider"] == "shopify")["token_expires_at"]
+    assert abs(datetime.fromisoformat(expires).timestamp() - (clock.now() + 3600)) < 60
+    assert tenant not in due()
+
+    clock.advance(3600 - 300)  # five minutes left
+    assert tenant in due()
+    worker = Principal(subject="refresher", kind="service", scopes=frozenset())
+    calls = shopify.refresh_calls
+    ahead = timedelta(minutes=10)
+    assert refresh_if_due(
+        access, principal=worker, tenant_id=tenant, provider="shopify", within=ahead
+    )
+    assert not refresh_if_due(
+        access, principal=worker, tenant_id=tenant, provider="shopify", within=ahead
+    )
+    assert shopify.refresh_calls == calls + 1
+    assert tenant not in due()
+    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
+    assert shopify.refresh_calls == calls + 1

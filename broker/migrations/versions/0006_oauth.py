@@ -45,9 +45,22 @@ def upgrade() -> None:
         "integration_credentials",
         sa.Column("needs_reconnect", sa.Boolean, nullable=False, server_default=sa.false()),
     )
+    # When an OAuth access token expires: what a background refresh looks for.
+    op.add_column(
+        "integration_credentials",
+        sa.Column("token_expires_at", sa.DateTime(timezone=True), nullable=True),
+    )
+    op.create_index(
+        "ix_integration_credentials_token_expires_at",
+        "integration_credentials",
+        ["token_expires_at"],
+        postgresql_where=sa.text("token_expires_at IS NOT NULL"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_integration_credentials_token_expires_at", "integration_credentials")
+    op.drop_column("integration_credentials", "token_expires_at")
     op.drop_column("integration_credentials", "needs_reconnect")
     op.drop_column("integration_credentials", "credential_kind")
     op.drop_index("ix_oauth_states_expires_at", "oauth_states")
