@@ -13,7 +13,13 @@ under a PostgreSQL advisory lock per credential, so replicas never spend one
 refresh token twice; the new set is in Vault before anyone gets it. A lost reply
 needs no special path: nothing was stored, and the provider keeps the previous
 refresh token valid until its replacement is used, so the next fetch repeats the
-refresh with it. `invalid_grant` marks the integration `needs_reconnect`.
+refresh with it. `invalid_grant` marks the integration `needs_reconnect`. Within a
+process, a gate lets one thread per credential (and a few credentials at once) go on
+to the advisory lock, so waiters do not hold database connections the refresher
+needs. `refresh_if_due` and `due_for_refresh` do the same ahead of expiry, for a job.
+
+Migration: `migrate_to_expiring` exchanges a pasted long-lived token for an expiring
+set (token exchange), under the same locks and through the same write protocol.
 
 Token requests go through Authlib's OAuth2Client over the egress guard's transport.
 No token, code, state or client secret appears in a message, log line or audit row.

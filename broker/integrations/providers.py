@@ -4,6 +4,10 @@ them, and how to test a set of credentials against the provider's API.
 Secret fields end up encrypted in Vault and are only ever shown as a masked hint;
 identifier fields (a store URL, a shop domain) are stored in PostgreSQL and shown as-is.
 No message produced here ever contains a field's value.
+
+Credentials are of the "static" kind (pasted by an admin, validated by these fields) or,
+for a provider whose spec has an `OAuthSpec`, of the "oauth" kind: connected through
+the provider's consent and refreshed by the broker (broker/integrations/oauth.py).
 """
 
 from __future__ import annotations
