@@ -885,9 +885,10 @@ def migrate_to_expiring(
                 tenant_id=tenant_id,
                 detail={"reason": exc.error},
             )
+            # invalid_grant: the token itself is refused; others (invalid_client) are ours.
+            hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
             raise ValidationFailed(
-                f"{spec.title} refused to exchange the stored token ({exc.error}); "
-                "connect the account instead"
+                f"{spec.title} refused to exchange the stored token ({exc.error}){hint}"
             ) from None
         tokens = _token_set(oauth, answer, now, spec.title)
         context.restart_vault_budget()
