@@ -413,8 +413,16 @@ class _Refused(Exception):
         self.outcome: Outcome = outcome
 
 
-def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str, str]]) -> str:
-    """Verify a provider's callback, exchange its code and store the tokens; the redirect URL.
+@dataclass(frozen=True)
+class Finished:
+    """Where the callback sends the browser, and whether the callback was refused."""
+
+    location: str
+    refused: bool
+
+
+def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str, str]]) -> Finished:
+    """Verify a provider's callback, exchange its code and store the tokens; then redirect.
 
     Every refusal stores nothing, is recorded in the audit trail, and still ends on a
     platform URL from the allowlist (never one named by the request).
@@ -438,8 +446,9 @@ def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str,
             tenant_id=seen.tenant_id,
             detail={"reason": refused.reason, "account": seen.account},
         )
-        return _outcome_url(access, seen, refused.outcome, refused.reason)
-    return _outcome_url(access, seen, "connected", None)
+        location = _outcome_url(access, seen, refused.outcome, refused.reason)
+        return Finished(location, refused=refused.outcome == "refused")
+    return Finished(_outcome_url(access, seen, "connected", None), refused=False)
 
 
 def _reason_of(exc: BrokerError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
@@ -10,7 +11,10 @@ from fastapi.responses import RedirectResponse
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core import context
+from broker.core.errors import RateLimited
 from broker.core.http import problem_responses
+from broker.core.ratelimit import RateLimiter
 from broker.deps import EngineDep, VaultDep
 from broker.integrations import oauth, service
 from broker.integrations.providers import PROVIDERS, get_provider
@@ -245,15 +249,31 @@ def start_connect(
     status_code=303,
     responses={
         303: {"description": "To the platform's return URL, with `outcome` (and `reason`)"},
-        **problem_responses({404: "No such provider, or none that connects through OAuth"}),
+        **problem_responses(
+            {
+                404: "No such provider, or none that connects through OAuth",
+                429: "Too many refused callbacks from this address; retry after Retry-After",
+            }
+        ),
     },
 )
 def finish_connect(provider: ProviderName, request: Request) -> RedirectResponse:
     """Verify the provider's signed callback, store the tokens, redirect to the platform."""
-    location = oauth.finish_connect(
+    # A refused callback is a failed authentication: past the address's limit, forged
+    # callbacks get a 429 before any work (or audit row) is spent on them.
+    limiter: RateLimiter = request.app.state.limiter
+    ctx = context.current()
+    key = f"addr:{ctx.client_addr if ctx else None}"
+    if limiter.exceeded("auth_failures", key):
+        wait = limiter.retry_after("auth_failures", key)
+        raise RateLimited("too many refused callbacks; retry later", retry_after=wait)
+    done = oauth.finish_connect(
         _oauth(request), provider=provider, query=request.query_params.multi_items()
     )
-    response = RedirectResponse(location, status_code=303)
+    if done.refused:
+        with contextlib.suppress(RateLimited):
+            limiter.hit("auth_failures", key)
+    response = RedirectResponse(done.location, status_code=303)
     response.headers["Cache-Control"] = "no-store"
     response.headers["Referrer-Policy"] = "no-referrer"
     return response

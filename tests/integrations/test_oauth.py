@@ -80,28 +80,36 @@ def app_client(
     vault_admin.kv_write(
         "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
     )
-    settings = make_settings(
-        vault_endpoint,
-        broker_vault_token,
-        database_url,
-        **{
-            **provider_overrides(providers),
-            "shopify_base_url": shopify.base_url,
-            # Room for a slow token endpoint (longer than the Vault budget).
-            "egress_timeout_s": 8.0,
-            "oauth_redirect_base_url": REDIRECT_BASE,
-            "oauth_return_urls": [RETURN, RETURN_ALT],
-        },
-    )
-    vault = VaultGateway.from_settings(settings)
-    app = create_app(
-        settings,
-        engine=engine,
-        vault=vault,
-        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
-    )
-    yield TestClient(app, raise_server_exceptions=False)
-    vault.close()
+    vaults: list[VaultGateway] = []
+
+    def build(**overrides: Any) -> TestClient:
+        settings = make_settings(
+            vault_endpoint,
+            broker_vault_token,
+            database_url,
+            **{
+                **provider_overrides(providers),
+                "shopify_base_url": shopify.base_url,
+                # Room for a slow token endpoint (longer than the Vault budget).
+                "egress_timeout_s": 8.0,
+                "oauth_redirect_base_url": REDIRECT_BASE,
+                "oauth_return_urls": [RETURN, RETURN_ALT],
+                **overrides,
+            },
+        )
+        vaults.append(VaultGateway.from_settings(settings))
+        app = create_app(
+            settings,
+            engine=engine,
+            vault=vaults[-1],
+            clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
+        )
+        app.state.build = build  # for tests that need other settings
+        return TestClient(app, raise_server_exceptions=False)
+
+    yield build()
+    for vault in vaults:
+        vault.close()
 
 
 def _shop() -> str:
@@ -753,3 +761,20 @@ def test_a_token_near_expiry_is_listed_and_refreshed_ahead_once(
     fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
     assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
     assert shopify.refresh_calls == calls + 1
+
+
+def test_forged_callbacks_past_the_failure_limit_are_answered_429_unrecorded(
+    app_client: TestClient, shopify: FakeShopifyOAuth, engine: Engine
+) -> None:
+    strict = app_client.app.state.build(rate_limit_auth_failures="3/hour")  # type: ignore[attr-defined]
+    tenant, shop = make_tenant(strict), _shop()
+    state = start(strict, tenant, shop)
+    forged = shopify.callback_query(shop=shop, state=state, secret="guessed")
+    answers = [callback(strict, forged) for _ in range(5)]
+    assert [a.status_code for a in answers] == [303, 303, 303, 429, 429]
+    assert answers[-1].headers["Retry-After"]
+    assert len(events(engine, action="integration.oauth.callback", tenant=tenant)) == 3
+    # The genuine callback from elsewhere still works; here it waits like the rest.
+    assert callback(strict, shopify.callback_query(shop=shop, state=state)).status_code == 429
+    genuine = callback(app_client, shopify.callback_query(shop=shop, state=state))
+    assert outcome(genuine)["outcome"] == "connected"
