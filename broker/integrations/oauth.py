@@ -71,6 +71,7 @@ from broker.integrations.providers import (
     mask_hint,
 )
 from broker.models import IntegrationCredential, OAuthState
+from broker.vault.errors import VaultUnavailable
 from broker.vault.gateway import VaultGateway
 
 with warnings.catch_warnings():
@@ -101,6 +102,12 @@ class OAuthNotConfigured(UpstreamUnavailable):
     """The platform's OAuth app or the broker's callback settings are missing."""
 
     title = "OAuth is not configured"
+
+
+class ProviderUnavailable(UpstreamUnavailable):
+    """The provider's token endpoint did not answer usefully; retrying may help."""
+
+    title = "Provider unavailable"
 
 
 class TokenRefused(Exception):
@@ -273,10 +280,10 @@ def _token_request(
         code = exc.error if isinstance(exc.error, str) and _SAFE_CODE.fullmatch(exc.error) else ""
         raise TokenRefused(code or "unrecognised_error") from None
     except EgressRefused as exc:
-        raise UpstreamUnavailable(f"{title} is not a permitted egress target ({exc})") from None
+        raise ProviderUnavailable(f"{title} is not a permitted egress target ({exc})") from None
     except (httpx.HTTPError, EgressFailed, ValueError):
         # httpx messages may carry the URL; only the provider's name is said.
-        raise UpstreamUnavailable(f"{title} did not answer the token request") from None
+        raise ProviderUnavailable(f"{title} did not answer the token request") from None
     finally:
         client.close()
 
@@ -293,7 +300,7 @@ def _token_set(oauth: OAuthSpec, token: Mapping[str, Any], now: datetime, title:
         or expires_in <= 0
         or not (refresh_in is None or isinstance(refresh_in, int))
     ):
-        raise UpstreamUnavailable(f"{title} answered without an expiring token and refresh token")
+        raise ProviderUnavailable(f"{title} answered without an expiring token and refresh token")
     return TokenSet(
         access_token=access_token,
         refresh_token=refresh_token,
@@ -454,7 +461,11 @@ def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str,
 def _reason_of(exc: BrokerError) -> str:
     if isinstance(exc, OAuthNotConfigured):
         return "not_configured"
-    return "provider_unavailable"
+    if isinstance(exc, ProviderUnavailable):
+        return "provider_unavailable"
+    if isinstance(exc, VaultUnavailable):
+        return "vault_unavailable"
+    return "unavailable"
 
 
 def _verify_callback(
@@ -571,9 +582,15 @@ def _connect(
             if_match=None,
             test=result,
         )
+    except UpstreamUnavailable:
+        raise
     except (Conflict, NotFound) as exc:
         reason = "store_conflict" if isinstance(exc, Conflict) else "no_tenant"
         raise _Refused(reason, "failed") from None
+    except BrokerError:
+        # Whatever else refused the write (tampered data, a precondition): the browser
+        # still goes back to the platform, and the trail says it failed.
+        raise _Refused("store_failed", "failed") from None
 
 
 def _public(
@@ -787,7 +804,7 @@ def _refresh(
         )
     except TokenRefused as exc:
         if exc.error != "invalid_grant":
-            raise UpstreamUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
+            raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
         service.mark_needs_reconnect(
             access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
         )

@@ -60,6 +60,11 @@ class FakeClock:
         if path is not None:
             path.write_text("0")
 
+    @property
+    def path(self) -> Path | None:
+        """The file the offset is written to, if any."""
+        return self._path
+
     def now(self) -> float:
         """The current fake time."""
         with self._lock:

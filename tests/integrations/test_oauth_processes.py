@@ -77,7 +77,7 @@ def start_broker(
 ) -> Iterator[object]:
     """Starts broker processes on free loopback ports; every one is stopped at the end."""
     started: list[Broker] = []
-    clock_file = clock._path
+    clock_file = clock.path
     assert clock_file is not None
 
     def start() -> Broker:
