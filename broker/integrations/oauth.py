@@ -557,7 +557,11 @@ def _connect(
     granted = {s.strip() for s in tokens.scope.split(oauth.scope_separator) if s.strip()}
     if not set(oauth.scopes) <= granted:
         raise _Refused("scope_not_granted", "failed")
-    result = _test(access, spec, oauth, state.shop, tokens)
+    try:
+        result = _test(access, spec, oauth, state.shop, tokens)
+    except ValidationFailed:
+        # The token does not look like one of this provider's: never store it.
+        raise _Refused("unexpected_token", "failed") from None
     if not result.ok:
         raise _Refused(f"connection_test_{result.code}", "failed")
     context.restart_vault_budget()  # the code exchange and the test were Shopify's time
