@@ -12,10 +12,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 from typer.testing import CliRunner
 
 from broker.cli import app as cli
 from broker.core.config import get_settings
+from broker.integrations.oauth import pasted_tenants
 from broker.integrations.service import read_sealed
 from broker.vault.gateway import VaultGateway
 from tests.conftest import VaultEndpoint, bearer, make_tenant, token
@@ -75,6 +77,7 @@ def test_migrate_expiring_reports_and_resumes(
     app_client: TestClient,  # noqa: F811
     shopify: FakeShopifyOAuth,  # noqa: F811
     broker_vault: VaultGateway,
+    engine: Engine,
 ) -> None:
     shops = [_shop(), _shop()]
     tenants = [pasted(app_client, shopify, shop)[0] for shop in shops]
@@ -88,6 +91,8 @@ def test_migrate_expiring_reports_and_resumes(
         headers=bearer(token("integrations:manage", tenant_id=stranger)),
     )
     picked = [arg for tenant in [*tenants, stranger] for arg in ("--tenant", tenant)]
+    # What --all would work through: every pasted Shopify token, these among them.
+    assert {*tenants, stranger} <= set(pasted_tenants(engine, provider="shopify"))
 
     dry = run(*picked, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
@@ -102,6 +107,9 @@ def test_migrate_expiring_reports_and_resumes(
     for tenant in tenants:
         record, _ = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
         assert record.public["kind"] == "oauth"
+    left = set(pasted_tenants(engine, provider="shopify"))
+    assert stranger in left
+    assert not left & set(tenants)
 
     # Run again: the migrated ones are skipped, the failure is reported again.
     again = run(*picked)
