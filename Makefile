@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench fuzz clean
+.PHONY: dev test lint bench fuzz clean system-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,22 @@ $(STAMP): pyproject.toml
 dev: $(STAMP)
 	$(BIN)/broker dev
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
+
+# System packages some tests need (real Redis for the shared rate limits), installed
+# with apt where we are root on Debian; elsewhere those tests skip and say why.
+SYSTEM_BINARIES := redis-server
+system-deps:
+	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; \
+	  else \
+	    echo "not installed:$$missing (the tests that need them will skip)"; \
+	  fi; \
+	fi
 
 # Figures, not assertions: see bench/README.md. BENCH_QUICK=1 for a smoke run.
 bench: $(STAMP)

@@ -16,7 +16,7 @@ from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
-from broker.core.db import make_engine
+from broker.core.db import DatabaseBounds, make_engine
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
@@ -32,6 +32,7 @@ from broker.payments.guard import CardDataGuard
 from broker.payments.platform import StripeAccess
 from broker.payments.routes import router as payments_router
 from broker.settings.routes import router as settings_router
+from broker.tenants.deletions import DeletionWatch
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
@@ -60,7 +61,10 @@ def create_app(
     that OAuth token expiry is judged by."""
     if settings.database_url is None and engine is None:
         raise ValueError("a database is required (BROKER_DATABASE_URL)")
-    engine = engine or make_engine(settings.database_url.get_secret_value())  # type: ignore[union-attr]
+    engine = engine or make_engine(
+        settings.database_url.get_secret_value(),  # type: ignore[union-attr]
+        DatabaseBounds.from_settings(settings),
+    )
     vault = vault or VaultGateway.from_settings(settings)
 
     @asynccontextmanager
@@ -84,6 +88,8 @@ def create_app(
     app.state.settings = settings
     app.state.engine = engine
     app.state.vault = vault
+    app.state.deletions = DeletionWatch(engine, ttl_s=settings.tenant_status_ttl_s)
+    app.state.deletions.revalidate()  # known before the first fetch, in the background
     app.state.verifier = TokenVerifier.from_settings(settings)
     app.state.metrics = Metrics()
     app.state.outbound = outbound_for(settings)

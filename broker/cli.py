@@ -57,6 +57,7 @@ def dev(
     """Run the embedded default: OpenBao, PostgreSQL, bootstrap, demo tenant, API."""
     from broker.app import create_app
     from broker.devstack.stack import dev_signing_key, mint_dev_tokens, start_dev_stack
+    from broker.jobs.worker import alongside
 
     base = _settings()
     if base.env == "production":
@@ -70,7 +71,7 @@ def dev(
         tokens = mint_dev_tokens(settings, dev_signing_key(settings.data_dir))
         url = f"http://127.0.0.1:{port}"
         _print_welcome(url, tokens)
-        _run(create_app(settings), host="127.0.0.1", port=port)
+        _run(alongside(create_app(settings), settings), host="127.0.0.1", port=port)
 
 
 def _exit_on_sigterm() -> None:
@@ -105,7 +106,7 @@ def _print_welcome(url: str, tokens: object) -> None:
         "Try it:",
         f'curl -s -H "Authorization: Bearer $TENANT_ADMIN_TOKEN" {url}/v1/tenants/settings',
         "",
-        "Ctrl-C stops the API, OpenBao and PostgreSQL; the data dir keeps their state.",
+        "Ctrl-C stops the API, the job worker, OpenBao and PostgreSQL; the data dir keeps state.",
         "",
     ]
     # Printed, not logged: these are meant for the developer's terminal only.
@@ -123,14 +124,38 @@ def serve() -> None:
 
 
 def _run(api: FastAPI, *, host: str, port: int) -> None:
-    """Serve `api` with uvicorn, which must not rewrite the caller's address itself.
+    """Serve `api` with uvicorn, which must neither rewrite the caller's address nor log URLs.
 
     Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, before the
     broker sees the request: a local caller could then name any address, dodge
     the per-address limits and write it into the audit trails. The broker reads
     the header itself, from BROKER_TRUSTED_PROXIES only.
     """
-    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False)
+    # access_log=False: uvicorn's access log holds raw paths and query strings, which may
+    # carry a card number or a token; the broker logs route templates itself (broker.access).
+    uvicorn.run(api, host=host, port=port, log_config=None, proxy_headers=False, access_log=False)
+
+
+@app.command()
+def worker(
+    queue: Annotated[
+        list[str] | None,
+        typer.Option("--queue", "-q", help="A queue to take jobs from; repeat for several."),
+    ] = None,
+    concurrency: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="Jobs run at once (default: BROKER_JOBS_CONCURRENCY)."),
+    ] = None,
+) -> None:
+    """Run background jobs (all queues by default) until SIGTERM or Ctrl-C, then stop cleanly."""
+    import asyncio
+
+    from broker.jobs.worker import run_worker
+
+    settings = _settings()
+    configure_logging(settings.log_level)
+    _database_url(settings)
+    asyncio.run(run_worker(settings, queues=queue, concurrency=concurrency))
 
 
 @app.command()
@@ -247,7 +272,7 @@ def keys_rotate(
     principal = _operator()
     engine = make_engine(_database_url(settings))
     vault = VaultGateway.from_settings(settings)
-    totals = {"tenants": 0, "rewrapped": 0, "already_current": 0}
+    totals = {"tenants": 0, "rewrapped": 0, "already_current": 0, "failed": 0}
     try:
         tenant_ids = [tenant] if tenant else live_tenant_ids(engine)
         with typer.progressbar(length=len(tenant_ids), label="rotating", file=sys.stderr) as bar:
@@ -256,6 +281,9 @@ def keys_rotate(
                 totals["tenants"] += 1
                 totals["rewrapped"] += report.rewrapped
                 totals["already_current"] += report.already_current
+                totals["failed"] += len(report.failed)
+                for item in report.failed:
+                    typer.echo(f"{report.tenant_id}: {item} could not be rewrapped", err=True)
                 bar.update(1)
 
             rotate_all(engine, vault, principal=principal, tenant_ids=tenant_ids, on_done=done)

@@ -7,15 +7,21 @@ for three attribute reads cost more than the work of most routes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
+from weakref import WeakKeyDictionary
 
+import anyio
+from anyio.lowlevel import RunVar
 from fastapi import Depends, Request
+from fastapi.concurrency import contextmanager_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
 from broker.core.config import Settings
-from broker.core.db import unit_of_work
+from broker.core.db import bounds_of, unit_of_work
+from broker.core.errors import UpstreamUnavailable
+from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
 
 
@@ -31,10 +37,42 @@ async def get_engine(request: Request) -> Engine:
     return engine
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    """One unit of work per request: commit on success, roll back on error."""
-    with unit_of_work(request.app.state.engine) as session:
-        yield session
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """One unit of work per request: commit on success, roll back on error.
+
+    A request waits for a session here, on the event loop, and not for a pool
+    connection on a worker thread: requests blocked on the pool once held every
+    worker thread while the one holding a row lock needed a thread to finish,
+    so a burst of PATCHes on one tenant deadlocked until the pool timed out.
+    At most as many requests as the pool has connections hold a session.
+    """
+    engine: Engine = request.app.state.engine
+    bounds = bounds_of(engine)
+    slots = _session_slots(engine, bounds.pool_size + bounds.max_overflow)
+    with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+        await slots.acquire()
+    if waiting.cancelled_caught:
+        raise UpstreamUnavailable("the database is busy", retry_after=bounds.retry_after_s)
+    try:
+        async with contextmanager_in_threadpool(unit_of_work(engine)) as session:
+            yield session
+    finally:
+        slots.release()
+
+
+# Per event loop (anyio primitives belong to one), per engine.
+_SLOTS: RunVar[WeakKeyDictionary[Engine, anyio.Semaphore]] = RunVar("broker_session_slots")
+
+
+def _session_slots(engine: Engine, count: int) -> anyio.Semaphore:
+    try:
+        slots = _SLOTS.get()
+    except LookupError:
+        slots = WeakKeyDictionary()
+        _SLOTS.set(slots)
+    if engine not in slots:
+        slots[engine] = anyio.Semaphore(count)
+    return slots[engine]
 
 
 async def get_vault(request: Request) -> VaultGateway:
@@ -43,9 +81,35 @@ async def get_vault(request: Request) -> VaultGateway:
     return vault
 
 
+async def get_vault_threads(request: Request) -> anyio.CapacityLimiter:
+    """Worker threads for Vault-only work, apart from the shared ones database work can fill."""
+    vault: VaultGateway = request.app.state.vault
+    try:
+        limiters = _VAULT_THREADS.get()
+    except LookupError:
+        limiters = WeakKeyDictionary()
+        _VAULT_THREADS.set(limiters)
+    if vault not in limiters:
+        limiters[vault] = anyio.CapacityLimiter(request.app.state.settings.vault_threads)
+    return limiters[vault]
+
+
+_VAULT_THREADS: RunVar[WeakKeyDictionary[VaultGateway, anyio.CapacityLimiter]] = RunVar(
+    "broker_vault_threads"
+)
+
+
+async def get_deletions(request: Request) -> DeletionWatch:
+    """The tenants this process knows are being deleted."""
+    deletions: DeletionWatch = request.app.state.deletions
+    return deletions
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # scope="function": the commit happens before the response is sent, so a failed
 # commit becomes an error response instead of a 2xx for work that was lost.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 VaultDep = Annotated[VaultGateway, Depends(get_vault)]
+VaultThreadsDep = Annotated[anyio.CapacityLimiter, Depends(get_vault_threads)]
+DeletionsDep = Annotated[DeletionWatch, Depends(get_deletions)]

@@ -322,6 +322,24 @@ def app_on(
     )
 
 
+def app_through(
+    vault_addr: str,
+    broker_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders | None = None,
+    **overrides: Any,
+) -> TestClient:
+    """A client for an app whose Vault calls go to `vault_addr` (a fault proxy, say)."""
+    extra = provider_overrides(providers) if providers else {}
+    settings = make_settings(
+        VaultEndpoint(vault_addr, "", None), broker_token, database_url, **extra, **overrides
+    )
+    return TestClient(
+        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
+    )
+
+
 @pytest.fixture
 def tenant(client: TestClient) -> str:
     """A fresh tenant for one test."""

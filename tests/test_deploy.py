@@ -30,7 +30,7 @@ COMPOSE = REPO_ROOT / "docker-compose.yml"
 DOCKERFILE = REPO_ROOT / "deploy" / "Dockerfile"
 SERVER_HCL = REPO_ROOT / "deploy" / "openbao" / "server.hcl"
 BOOTSTRAP_SH = REPO_ROOT / "deploy" / "openbao" / "bootstrap.sh"
-BROKER_IMAGE_SERVICES = ("broker-bootstrap", "broker")
+BROKER_IMAGE_SERVICES = ("broker-bootstrap", "broker", "broker-worker")
 BROKER_VAR = re.compile(r"\bBROKER_[A-Z0-9_]+\b")
 
 
@@ -220,6 +220,19 @@ def test_root_token_stays_out_of_the_broker(services: dict[str, dict[str, Any]])
     assert "BROKER_VAULT_TOKEN" not in json.dumps(broker)
     assert ("broker-approle", "/var/lib/broker/approle", "ro") in volume_entries(broker)
     assert ("openbao-keys", "/keys", "ro") in volume_entries(services["broker-bootstrap"])
+
+
+def test_a_job_worker_runs_beside_the_api_as_the_broker_logs_in(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    worker, broker = services["broker-worker"], services["broker"]
+    script = shell_script(worker)
+    assert script.rstrip().endswith("exec broker worker")  # exec: SIGTERM reaches the worker
+    assert script.replace("broker worker", "") == shell_script(broker).replace("broker serve", "")
+    assert worker["depends_on"] == broker["depends_on"]  # after the migrations
+    assert volume_entries(worker) == [("broker-approle", "/var/lib/broker/approle", "ro")]
+    assert "BROKER_VAULT_TOKEN" not in json.dumps(worker)
+    assert worker["healthcheck"] == {"disable": True}  # the image's probes /healthz; no API here
 
 
 def test_openbao_service_loads_server_hcl_once(services: dict[str, dict[str, Any]]) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 from broker.devstack.openbao import free_port
 
@@ -136,6 +138,8 @@ def test_broker_dev_serves_prints_tokens_stops_cleanly_and_keeps_its_data(data_d
         assert httpx.get(f"{dev.url}/docs").status_code == 200
         finance = {"Authorization": f"Bearer {tokens['FINANCE_TOKEN']}"}
         assert httpx.get(f"{dev.url}/v1/tenants/settings", headers=finance).status_code == 403
+        first_workers = _wait_for_job_workers(data_dir, other_than=set())
+        assert len(first_workers) == 1  # one job worker runs in-process
     finally:
         dev.stop()
     assert dev.proc.returncode == 0, "".join(dev.output[-40:])
@@ -149,9 +153,32 @@ def test_broker_dev_serves_prints_tokens_stops_cleanly_and_keeps_its_data(data_d
         admin = {"Authorization": f"Bearer {tokens['TENANT_ADMIN_TOKEN']}"}
         body = httpx.get(f"{again.url}/v1/tenants/settings", headers=admin).json()
         assert body["branding"]["business_name"] == "Survives restarts"
+        # The first worker deregistered when Ctrl-C stopped it: a clean stop, not a crash.
+        assert len(_wait_for_job_workers(data_dir, other_than=first_workers)) == 1
     finally:
         again.stop()
     assert _processes_mentioning(str(data_dir)) == []
+
+
+def _job_workers(data_dir: Path) -> set[int]:
+    """The job workers registered in the dev stack's own PostgreSQL."""
+    (socket,) = (data_dir / "postgres").glob("**/.s.PGSQL.*[0-9]")
+    engine = create_engine(
+        f"postgresql+psycopg://postgres@/postgres?host={socket.parent}", poolclass=NullPool
+    )
+    try:
+        with engine.connect() as conn:
+            return set(conn.execute(text("SELECT id FROM procrastinate_workers")).scalars())
+    finally:
+        engine.dispose()
+
+
+def _wait_for_job_workers(data_dir: Path, other_than: set[int]) -> set[int]:
+    deadline = time.monotonic() + STARTUP_DEADLINE_S
+    while not (workers := _job_workers(data_dir)) - other_than:
+        assert time.monotonic() < deadline, "no job worker registered"
+        time.sleep(0.2)
+    return workers
 
 
 def test_broker_dev_stopped_with_sigterm_stops_everything_it_started(data_dir: Path) -> None:

@@ -19,6 +19,8 @@ router = APIRouter(prefix="/v1/audit", tags=["audit"])
 Auditor = Annotated[Principal, require(Scope.AUDIT_READ)]
 # PostgreSQL text holds no NUL; a filter with one is refused here, not at the database.
 NO_NUL = r"^[^\x00]*$"
+# Event ids are PostgreSQL bigints; a larger cursor cannot name an event.
+MAX_EVENT_ID = 2**63 - 1
 
 
 @router.get("/events", response_model=list[AuditEventView])
@@ -30,7 +32,7 @@ def list_events(
     outcome: Literal["success", "denied", "failed"] | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-    after_id: Annotated[int | None, Query(ge=0)] = None,
+    after_id: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventView]:
     """Trail events, oldest first, filtered; page with `after_id`. Reading it is audited too."""

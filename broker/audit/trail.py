@@ -8,10 +8,15 @@ the secret accesses themselves; `broker audit` joins the two by request id.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import re
+import threading
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, Literal
 
+import anyio
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
@@ -19,11 +24,15 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
+from broker.core.logging import is_plain_name
 from broker.models import AuditEvent
 
 log = logging.getLogger(__name__)
 
 Outcome = Literal["success", "denied", "failed"]
+
+_PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
+_MAX_IDENTIFIER = 63
 
 
 def _fit(value: str, limit: int) -> str:
@@ -35,6 +44,27 @@ def _fit(value: str, limit: int) -> str:
     """
     value = value.replace("\x00", "\N{REPLACEMENT CHARACTER}")
     return value if len(value) <= limit else value[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def route_resource(scope: Mapping[str, Any]) -> str:
+    """The resource of a request as its route template, with only validated identifiers filled in.
+
+    Never the raw path: a refused request's path is caller input, and may hold a card
+    number or a token. A path parameter is filled in only when it reads as a plain name
+    (a tenant id, a provider); anything else, a hash or an opaque id included, stays `{name}`.
+    """
+    template = getattr(scope.get("route"), "path", None)
+    if not isinstance(template, str):
+        return "unmatched"
+    params = scope.get("path_params") or {}
+
+    def fill(match: re.Match[str]) -> str:
+        value = params.get(match.group(1))
+        if isinstance(value, str) and is_plain_name(value, max_length=_MAX_IDENTIFIER):
+            return value
+        return "{" + match.group(1) + "}"
+
+    return _PARAMETER.sub(fill, template)
 
 
 def record(
@@ -85,6 +115,46 @@ def record_separately(engine: Engine, **event: Any) -> None:
             "audit trail unavailable; event logged instead",
             extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
         )
+
+
+# Events being written on threads of their own, at most; past it (a stalled
+# database) an event is logged instead, as when the database is down.
+_BACKGROUND = threading.BoundedSemaphore(8)
+
+
+def record_in_background(engine: Engine, **event: Any) -> threading.Event:
+    """Append one event on a thread of its own; the returned event is set once it is done."""
+    done = threading.Event()
+    if not _BACKGROUND.acquire(blocking=False):
+        log.warning(
+            "audit trail busy; event logged instead",
+            extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
+        )
+        done.set()
+        return done
+    # The request's id and client address travel with the event.
+    request_context = contextvars.copy_context()
+
+    def write() -> None:
+        try:
+            request_context.run(record_separately, engine, **event)
+        finally:
+            _BACKGROUND.release()
+            done.set()
+
+    threading.Thread(target=write, name="audit-trail", daemon=True).start()
+    return done
+
+
+async def settle(done: threading.Event, *, within_s: float) -> None:
+    """Wait for a background record, at most `within_s`; past that it carries on alone.
+
+    Polled, not awaited on a worker thread: the shared threads may be the very
+    thing a stalled database has filled.
+    """
+    with anyio.move_on_after(within_s):
+        while not done.is_set():
+            await anyio.sleep(0.005)
 
 
 def search(

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     # How long one request may retry Vault (node failover, elections) before a 503.
     vault_retry_budget_s: float = Field(default=3.0, gt=0, le=30)
 
+    # Database bounds (issue 12, section B: a stalled database). Every database
+    # call has a deadline, so a paused PostgreSQL answers 503 instead of hanging
+    # requests; credential fetches run on their own threads, never the ones
+    # database work can fill.
+    database_statement_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    database_pool_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    database_connect_timeout_s: int = Field(default=3, ge=2, le=60)
+    database_idle_in_transaction_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    database_pool_size: int = Field(default=10, ge=1, le=200)
+    database_max_overflow: int = Field(default=10, ge=0, le=200)
+    vault_threads: int = Field(default=16, ge=1, le=200)
+    # How stale this process's view of tenant deletions may get (issue 12, section H).
+    tenant_status_ttl_s: float = Field(default=2.0, gt=0, le=60)
+
     # Bearer tokens. Exactly one key source is used: JWKS URL, PEM public key,
     # or (dev and test only) an HS256 shared secret.
     jwt_issuer: str = "tenant-secrets-broker"
@@ -95,6 +109,17 @@ class Settings(BaseSettings):
     # Denied requests (403) per principal; past it they are answered 429 and
     # written to the audit trail as one event per window (issue 12, section I).
     rate_limit_denials: str = "30/minute"
+
+    # Background jobs (broker/jobs: procrastinate on the broker's PostgreSQL).
+    # A worker writes a heartbeat every `jobs_heartbeat_s`; the jobs of a worker
+    # silent for `jobs_stalled_after_s` (killed, frozen, cut off) are retried by
+    # another worker, looked for every `jobs_stalled_check_s` (divides 60).
+    # Jobs start within `jobs_poll_interval_s` even if a notification is lost.
+    jobs_concurrency: int = Field(default=4, ge=1, le=64)
+    jobs_heartbeat_s: float = Field(default=10.0, gt=0, le=300)
+    jobs_stalled_after_s: float = Field(default=30.0, gt=0, le=3600)
+    jobs_stalled_check_s: int = Field(default=15, ge=1, le=60)
+    jobs_poll_interval_s: float = Field(default=5.0, gt=0, le=60)
 
     # OAuth connect and refresh (issue 13, Shopify first). The callback the provider
     # sends the browser to is `<oauth_redirect_base_url>/v1/oauth/callback/<provider>`;

@@ -2,31 +2,113 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
+from broker.core.config import Settings
 from broker.core.errors import UpstreamUnavailable
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
+# The bounds each engine was made with (Engine has no slot of its own for them).
+_BOUNDS: weakref.WeakKeyDictionary[Engine, DatabaseBounds] = weakref.WeakKeyDictionary()
 
-def make_engine(url: str) -> Engine:
-    """An engine with pre-ping, so a restarted PostgreSQL heals without a broker restart."""
-    return create_engine(
+# How much longer the client waits than the server's own statement timeout: the
+# server normally cancels first, cleanly; the client deadline is for a server
+# that cannot answer at all (paused, or its host frozen).
+_CLIENT_SLACK_S = 2.0
+
+
+@dataclass(frozen=True)
+class DatabaseBounds:
+    """How long any one database call may take, end to end."""
+
+    statement_timeout_s: float = 5.0
+    pool_timeout_s: float = 3.0
+    connect_timeout_s: int = 3
+    idle_in_transaction_timeout_s: float = 30.0
+    pool_size: int = 10
+    max_overflow: int = 10
+    retry_after_s: int = 5
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> DatabaseBounds:
+        """The bounds the settings ask for."""
+        return cls(
+            statement_timeout_s=settings.database_statement_timeout_s,
+            pool_timeout_s=settings.database_pool_timeout_s,
+            connect_timeout_s=settings.database_connect_timeout_s,
+            idle_in_transaction_timeout_s=settings.database_idle_in_transaction_timeout_s,
+            pool_size=settings.database_pool_size,
+            max_overflow=settings.database_max_overflow,
+            retry_after_s=settings.retry_after_s,
+        )
+
+    @property
+    def client_deadline_s(self) -> float:
+        """How long the client waits on the server for any one exchange."""
+        return self.statement_timeout_s + _CLIENT_SLACK_S
+
+
+class BoundedConnection(psycopg.Connection[Any]):
+    """A psycopg connection that gives up on a server that stops answering.
+
+    PostgreSQL's `statement_timeout` only helps while the server runs: a paused
+    or frozen server never sends its cancellation, and psycopg would wait on the
+    socket forever (queries, COMMIT, and the pool's pre-ping alike). Every wait
+    here has a deadline; past it the connection is closed, so the pool discards
+    it and the caller sees an OperationalError (a 503).
+    """
+
+    deadline_s: float | None = None
+
+    def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        """Consume a protocol generator, never for longer than the deadline."""
+        try:
+            return super().wait(gen, interval, timeout if timeout is not None else self.deadline_s)
+        except psycopg.errors._WaitTimeout:
+            # Mid-exchange the protocol state is unknown: the connection cannot be reused.
+            self.pgconn.finish()
+            raise psycopg.OperationalError("the database did not answer in time") from None
+
+
+def make_engine(url: str, bounds: DatabaseBounds | None = None) -> Engine:
+    """An engine whose every call is bounded, with pre-ping so a restarted PostgreSQL heals."""
+    bounds = bounds or DatabaseBounds()
+    statement_ms = int(bounds.statement_timeout_s * 1000)
+    idle_ms = int(bounds.idle_in_transaction_timeout_s * 1000)
+    options = (
+        f"-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={idle_ms}"
+    )
+    engine = create_engine(
         url,
         pool_pre_ping=True,
-        pool_size=10,
-        max_overflow=10,
-        pool_timeout=5,
-        connect_args={"connect_timeout": 5},
+        pool_size=bounds.pool_size,
+        max_overflow=bounds.max_overflow,
+        pool_timeout=bounds.pool_timeout_s,
+        connect_args={"connect_timeout": bounds.connect_timeout_s, "options": options},
     )
+    _BOUNDS[engine] = bounds
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(dialect: Any, record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        connection = BoundedConnection.connect(*cargs, **cparams)
+        connection.deadline_s = bounds.client_deadline_s
+        return connection
+
+    return engine
 
 
 @contextmanager
@@ -44,12 +126,29 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
             except BaseException:
                 session.rollback()
                 raise
+    except PoolTimeout as exc:
+        # Every connection is busy (a burst, or a stalled server): retry, not a bug.
+        raise UpstreamUnavailable("the database is busy", retry_after=_retry_after(engine)) from exc
     except OperationalError as exc:
-        raise UpstreamUnavailable("the database is unavailable") from exc
+        # Includes statement and lock timeouts (QueryCanceled) and client deadlines.
+        raise UpstreamUnavailable(
+            "the database is unavailable", retry_after=_retry_after(engine)
+        ) from exc
     except DBAPIError as exc:
         if exc.connection_invalidated:
-            raise UpstreamUnavailable("the database is unavailable") from exc
+            raise UpstreamUnavailable(
+                "the database is unavailable", retry_after=_retry_after(engine)
+            ) from exc
         raise
+
+
+def bounds_of(engine: Engine) -> DatabaseBounds:
+    """The bounds an engine was made with (the defaults for one made elsewhere)."""
+    return _BOUNDS.get(engine) or DatabaseBounds()
+
+
+def _retry_after(engine: Engine) -> int:
+    return bounds_of(engine).retry_after_s
 
 
 def ping(engine: Engine) -> bool:
@@ -58,7 +157,7 @@ def ping(engine: Engine) -> bool:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         return True
-    except DBAPIError:
+    except (DBAPIError, PoolTimeout):
         return False
 
 

@@ -20,13 +20,26 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from broker.audit import denials, trail
 from broker.audit.denials import DenialTally
 from broker.core import context
-from broker.core.errors import BrokerError, RateLimited, TooManyFailures, UpstreamUnavailable
+from broker.core.errors import (
+    BrokerError,
+    RateLimited,
+    TooManyFailures,
+    UpstreamUnavailable,
+    error_location,
+    schema_names,
+    unknown_field_message,
+)
+from broker.core.logging import redact_text
 from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("broker.access")
 
 PROBLEM = "application/problem+json"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,100}$")
+# A caller's request id is echoed in the response and stored in the logs, the audit trail
+# and Vault's audit log (whose audited headers are not HMAC-ed): only an id of this shape,
+# with no card number or credential in it, is kept; any other gets a fresh one.
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
 
 
@@ -156,8 +169,7 @@ class RequestContextMiddleware:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        incoming = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = incoming if _REQUEST_ID.match(incoming) else str(uuid.uuid4())
+        request_id = valid_request_id(headers.get(b"x-request-id", b"").decode("latin-1"))
         client = scope.get("client")
         forwarded = headers.get(b"x-forwarded-for", b"").decode("latin-1") or None
         address = client_address(client[0] if client else None, forwarded, self.trusted_proxies)
@@ -183,8 +195,32 @@ class RequestContextMiddleware:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
             method = scope.get("method", "")
+            elapsed = time.perf_counter() - started
             self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(time.perf_counter() - started)
+            self.metrics.latency.labels(template, method).observe(elapsed)
+            # The access log names the route template, never the raw path or query string:
+            # those are caller input, and may hold a card number or a token.
+            access_log.info(
+                "%s %s %s",
+                method,
+                template,
+                status,
+                extra={
+                    "fields": {
+                        "method": method,
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 1),
+                    }
+                },
+            )
+
+
+def valid_request_id(incoming: str) -> str:
+    """The caller's request id if it has the accepted shape and no secret in it, else a new one."""
+    if _REQUEST_ID.match(incoming) and redact_text(incoming) == incoming:
+        return incoming
+    return str(uuid.uuid4())
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -218,14 +254,27 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         # Pydantic's default error carries the rejected input; it may be a
-        # secret, so only the location and the message are returned.
-        errors = [
-            {
-                "field": ".".join(str(p) for p in err.get("loc", ()) if p != "body"),
-                "message": err.get("msg", ""),
-            }
-            for err in exc.errors()
-        ]
+        # secret, so only the location and the message are returned, and the
+        # location names only names the API declares (an unknown field's name
+        # may be a pasted secret too).
+        known = _declared_names(request.app)
+        body_field = getattr(request.scope.get("route"), "body_field", None)
+        body_model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+        errors = []
+        for err in exc.errors():
+            loc = tuple(err.get("loc", ()))
+            in_body = loc[:1] == ("body",)
+            message = err.get("msg", "")
+            if err.get("type") == "extra_forbidden":
+                message = unknown_field_message(body_model if in_body else None, loc[1:-1])
+            errors.append(
+                {
+                    "field": error_location(
+                        loc[1:] if in_body else loc, exc.body if in_body else None, known=known
+                    ),
+                    "message": message,
+                }
+            )
         fields = ", ".join(e["field"] or "body" for e in errors[:5])
         return problem(422, "Validation failed", f"invalid input: {fields}", errors=errors)
 
@@ -240,6 +289,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
 
 
+def _declared_names(app: FastAPI) -> frozenset[str]:
+    names: frozenset[str] | None = getattr(app.state, "declared_names", None)
+    if names is None:
+        # The request locations FastAPI reports besides the parameter names themselves.
+        names = schema_names(app.openapi()) | {"query", "path", "header", "cookie"}
+        app.state.declared_names = names
+    return names
+
+
 def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
     """Record a 401 or 403 in the trail, and return the error to answer.
 
@@ -251,8 +309,9 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
     state = request.app.state
     principal = getattr(request.state, "principal", None)
     engine = getattr(state, "engine", None)
+    # Route templates, never the raw path: a refused request's path is caller input.
     template = getattr(request.scope.get("route"), "path", None)
-    action = f"{request.method} {template or request.url.path}"
+    action = f"{request.method} {template or 'unmatched'}"
     tally: DenialTally | None = getattr(state, "denials", None)
     closed = tally.closed() if tally is not None else []
     answer = exc
@@ -286,7 +345,7 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
         trail.record_separately(
             engine,
             action=action,
-            resource=request.url.path,
+            resource=trail.route_resource(request.scope),
             outcome="denied",
             principal=principal,
             detail={"status": exc.status, "reason": exc.message},

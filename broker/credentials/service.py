@@ -13,6 +13,7 @@ trail as well, best effort.
 from __future__ import annotations
 
 import re
+import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -25,6 +26,8 @@ from broker.core.errors import Forbidden, NotFound, ValidationFailed
 from broker.integrations import oauth
 from broker.integrations.providers import Credentials, get_provider
 from broker.integrations.service import read_sealed
+from broker.tenants.deletions import DeletionWatch
+from broker.vault.errors import CiphertextRetired
 from broker.vault.gateway import VaultGateway, WrappedSecret
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
@@ -66,23 +69,55 @@ def lease_seconds(provider: str, *, default_s: int, caps: dict[str, int]) -> int
     return min(default_s, caps.get(provider, default_s))
 
 
-def authorize(engine: Engine, principal: Principal, *, tenant_id: str, provider: str) -> None:
-    """Only a service token listing the tenant may fetch; others get a 404, recorded."""
+def authorize(principal: Principal, *, tenant_id: str, provider: str) -> bool:
+    """Whether a service token may fetch this tenant's credentials (no I/O at all)."""
     get_provider(provider)
     if principal.kind != "service":
         raise Forbidden("credentials are delivered to service tokens only")
-    if not principal.may_serve(tenant_id):
-        trail.record_separately(
-            engine,
-            action="credentials.fetch",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
-            outcome="denied",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": "tenant not in the service token"},
-        )
-        # The same answer as a missing tenant: a service cannot probe which exist.
+    return principal.may_serve(tenant_id)
+
+
+def record_refusal(
+    engine: Engine, principal: Principal, *, tenant_id: str, provider: str
+) -> threading.Event:
+    """Leave a refused fetch in the broker's audit trail, on a thread of its own."""
+    return trail.record_in_background(
+        engine,
+        action="credentials.fetch",
+        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        outcome="denied",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"reason": "tenant not in the service token"},
+    )
+
+
+def deliver(
+    vault: VaultGateway,
+    deletions: DeletionWatch,
+    *,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    wrap_ttl_s: int | None,
+    principal: Principal,
+    access: oauth.OAuthAccess,
+) -> Lease | tuple[Lease, WrappedSecret]:
+    """A lease, or a lease wrapped for one unwrap: Vault only, never the database
+    (except to refresh an expired OAuth access token)."""
+    if deletions.is_deleting(tenant_id):
         raise NotFound(NO_SUCH)
+    lease = fetch(
+        vault,
+        tenant_id=tenant_id,
+        provider=provider,
+        lease_s=lease_s,
+        principal=principal,
+        access=access,
+    )
+    if wrap_ttl_s is None:
+        return lease
+    return lease, wrap(vault, lease, ttl_s=wrap_ttl_s)
 
 
 def fetch(
@@ -98,7 +133,9 @@ def fetch(
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
     try:
         record, sealed = read_sealed(vault, tenant_id=tenant_id, provider=provider)
-    except NotFound:
+    except (NotFound, CiphertextRetired):
+        # A retired key version: the tenant's deletion has begun (see
+        # broker.tenants.deletions), so there is nothing to deliver.
         raise NotFound(NO_SUCH) from None
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import anyio
+import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 
+from broker.core import context
 from broker.core.db import ping
-from broker.deps import EngineDep, SettingsDep, VaultDep
+from broker.core.errors import BrokerError
+from broker.deps import EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.vault.gateway import VaultGateway
 
 router = APIRouter(tags=["health"])
 
 PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# A path no tenant can have (tenant ids are slugs, without "_"), within the
+# broker's policy: reading it is a no-op that Vault audits.
+PROBE_PATH = "tenants/_readiness/payout"
+DATABASE_PROBE_S = 1.0
 
 
 @router.get("/healthz")
@@ -21,19 +29,74 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", responses={503: {"description": "Vault or the database is not ready"}})
-async def readyz(engine: EngineDep, vault: VaultDep, settings: SettingsDep) -> JSONResponse:
-    """Vault is reachable and unsealed, and the database answers."""
-    health = await run_in_threadpool(vault.health)
-    database = await run_in_threadpool(ping, engine)
-    ready = health.ready and database
+@router.get(
+    "/readyz",
+    responses={
+        200: {"description": "Ready, or degraded: the database is down, credential fetches work"},
+        503: {"description": "Vault cannot serve credential operations"},
+    },
+)
+async def readyz(
+    request: Request,
+    engine: EngineDep,
+    vault: VaultDep,
+    vault_threads: VaultThreadsDep,
+    settings: SettingsDep,
+) -> JSONResponse:
+    """Whether credential operations can succeed now (Vault), and whether settings can (database).
+
+    A database outage alone is `degraded` with a 200: this replica still serves
+    credential fetches, which need only Vault, so it must stay in rotation. So
+    is a shared rate-limit store (Redis) that cannot be reached: this replica
+    then limits on its own counters until it reconnects.
+    """
+    vault_state = "unknown"
+    database = False
+
+    async def check_vault() -> None:
+        nonlocal vault_state
+        vault_state = await anyio.to_thread.run_sync(_vault_state, vault, limiter=vault_threads)
+
+    async def check_database() -> None:
+        nonlocal database
+        # A stalled database would hold the probe for its whole deadline, and
+        # a probe that times out takes the replica out of rotation: answer
+        # "unreachable" sooner and leave the ping to finish on its own.
+        with anyio.move_on_after(DATABASE_PROBE_S):
+            database = await anyio.to_thread.run_sync(ping, engine, abandon_on_cancel=True)
+
+    async with anyio.create_task_group() as checks:
+        checks.start_soon(check_vault)
+        checks.start_soon(check_database)
+    ready = vault_state == "ok"
+    limits_shared = not request.app.state.limiter.degraded
+    status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
     body = {
-        "status": "ready" if ready else "unavailable",
-        "vault": "ok" if health.ready else ("sealed" if health.reachable else "unreachable"),
+        "status": status,
+        "vault": vault_state,
         "database": "ok" if database else "unreachable",
+        "rate_limits": "ok" if limits_shared else "degraded",
     }
-    headers = None if ready else {"Retry-After": str(settings.retry_after_s)}
+    headers = None if status == "ready" else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+
+def _vault_state(vault: VaultGateway) -> str:
+    """`ok`, `sealed`, `unreachable`, or `refusing` (answers health, but not requests)."""
+    health = vault.health()
+    if not health.reachable:
+        return "unreachable"
+    if not health.ready:
+        return "sealed"
+    context.update(action="readiness")
+    try:
+        # sys/health is neither authenticated nor audited: a Vault whose audit
+        # device cannot write refuses every credential operation yet reports
+        # healthy. A KV read is audited like them, and cheap.
+        vault.kv_read(PROBE_PATH)
+    except BrokerError:
+        return "refusing"
+    return "ok"
 
 
 @router.get("/metrics", response_class=Response)

@@ -441,8 +441,16 @@ class ProviderSpec:
         errors: list[dict[str, str]] = []
         for name in raw:
             if not isinstance(name, str) or self.field_spec(name) is None:
-                location, message = _unknown_field(name, self.title)
-                errors.append({"field": location, "message": message})
+                # An unknown name may be a secret pasted as a key: give the allowed names,
+                # never the name itself.
+                allowed = ", ".join(spec.name for spec in self.fields)
+                errors.append(
+                    {
+                        "field": "fields",
+                        "message": f"unknown field for {self.title}; the allowed fields are "
+                        + allowed,
+                    }
+                )
         values: dict[str, str] = {}
         for spec in self.fields:
             raw_value = raw.get(spec.name)
@@ -578,14 +586,6 @@ class ProviderSpec:
         return ConnectionResult(
             False, "provider_error", f"{title} answered with HTTP {status}", status
         )
-
-
-def _unknown_field(name: object, title: str) -> tuple[str, str]:
-    # Field names are not values, but a pasted secret can end up as a key: only echo
-    # names that look like field names.
-    if isinstance(name, str) and re.fullmatch(r"[a-z][a-z0-9_]{0,39}", name, re.ASCII):
-        return f"fields.{name}", f"unknown field {name!r} for {title}"
-    return "fields", f"unknown field name for {title}"
 
 
 _TWILIO = ProviderSpec(

@@ -29,6 +29,7 @@ from broker.integrations.schemas import (
     VersionView,
 )
 from broker.settings.service import own_tenant
+from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
 # The provider sends the admin's browser here: no bearer token, the signed query is the proof.
@@ -150,8 +151,12 @@ def delete_credentials(
     response_model=list[VersionView],
     responses=problem_responses({404: NOT_FOUND}),
 )
-def list_versions(provider: ProviderName, vault: VaultDep, principal: Manager) -> list[VersionView]:
+def list_versions(
+    provider: ProviderName, engine: EngineDep, vault: VaultDep, principal: Manager
+) -> list[VersionView]:
     """The kept KV versions of a provider's credentials."""
+    # Vault alone cannot tell a missing tenant from one without versions.
+    tenants.require_live(engine, tenant_id=own_tenant(principal))
     found = service.versions(vault, tenant_id=own_tenant(principal), provider=provider)
     return [VersionView.model_validate(v) for v in found]
 

@@ -424,7 +424,9 @@ def _write(
     begun = _begin(
         engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, content=content
     )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
     if begun.done is not None:
+        _record_applied(engine, principal, tenant_id, action, resource, begun.done.kv_version)
         return begun.done
     try:
         version = store.write(tenant_id, item, ciphertext=ciphertext, public=public, cas=begun.cas)
@@ -436,7 +438,9 @@ def _write(
         # earlier attempt of this same request, answered late.
         row = _try_reconcile(engine, store, tenant_id, provider)
         if row is not None and _holds(store, tenant_id, provider, content):
+            _record_applied(engine, principal, tenant_id, action, resource, row.kv_version)
             return _view(row)
+        _abandon(engine, store, tenant_id, provider, begun)
         raise
     except BrokerError:
         _abandon(engine, store, tenant_id, provider, begun)
@@ -453,7 +457,7 @@ def _write(
         trail.record(
             session,
             action=action,
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            resource=resource,
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
@@ -467,6 +471,21 @@ def _write(
         own = _view(row)
         _describe(own, version, public, principal.actor, test, skipped)
         return own
+
+
+def _record_applied(
+    engine: Engine, principal: Principal, tenant_id: str, action: str, resource: str, version: int
+) -> None:
+    """Audit a write Vault already held: an earlier, unanswered attempt of the same request."""
+    trail.record_separately(
+        engine,
+        action=action,
+        resource=resource,
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"kv_version": version, "already_applied": True},
+    )
 
 
 def _describe(
@@ -591,18 +610,23 @@ def _keep_pending(engine: Engine, tenant_id: str, provider: str, begun: _Begun) 
 def _abandon(
     engine: Engine, store: SealedStore, tenant_id: str, provider: str, begun: _Begun
 ) -> None:
-    """Vault refused the write (nothing new there): clear the mark, if it is ours alone."""
+    """This write failed without landing: clear the mark unless another write is open.
+
+    Once the row records a version newer than `cas`, nothing based on `cas` can
+    land. At `cas` itself, the mark is cleared only if it was this write's alone
+    (the row was not already pending when it began).
+    """
     if begun.inherited:
         _try_reconcile(engine, store, tenant_id, provider)
         return
     try:
         with unit_of_work(engine) as session:
             row = _locked_row(session, tenant_id, provider)
-            if row is not None and row.vault_sync_pending and row.kv_version == begun.cas:
+            if row is not None and row.vault_sync_pending and row.kv_version >= begun.cas:
                 _settle(row)
                 session.add(row)
     except BrokerError:
-        log.warning("could not clear a refused write's mark; the next reader will")
+        log.warning("could not clear a failed write's mark; the next reader will")
 
 
 def _try_reconcile(

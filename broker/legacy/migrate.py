@@ -60,7 +60,10 @@ from broker.core.errors import (
     PreconditionFailed,
     UpstreamUnavailable,
     ValidationFailed,
+    error_location,
+    unknown_field_message,
 )
+from broker.core.logging import is_plain_name
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import PROVIDERS, Credentials, ProviderEndpoints
 from broker.integrations.service import (
@@ -77,6 +80,8 @@ from broker.settings.schemas import (
     SETTINGS_GROUPS,
     apply_merge_patch,
     default_group,
+    group_field_names,
+    group_model,
     validate_group,
 )
 from broker.settings.service import default_settings_row, patch_settings
@@ -110,7 +115,6 @@ DEFAULT_WORKERS = 4
 """Tenants in flight at once: each waits mostly on Vault and PostgreSQL round trips."""
 
 _TENANT_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
-_SAFE_KEY = re.compile(r"[A-Za-z0-9_.\- ]{1,100}", re.ASCII)
 
 GROUP_ALIASES: dict[str, str] = {
     **{name: name for name in SETTINGS_GROUPS if name not in READ_ONLY_GROUPS},
@@ -378,7 +382,8 @@ def map_metadata(
         try:
             validate_group(group, apply_merge_patch(dict(current(group)), candidate))
         except ValidationError as exc:
-            unmapped.append(UnmappedKey(name, f"not valid for {group}: {_describe(exc)}"))
+            reason = _describe(group, candidate, exc)
+            unmapped.append(UnmappedKey(name, f"not valid for {group}: {reason}"))
             continue
         patches[group] = candidate
     return patches, unmapped
@@ -408,16 +413,21 @@ def _target(key: object) -> tuple[str, tuple[str, ...]] | str:
 
 def _safe_key(key: object) -> str:
     # Key names are not values, but a pasted secret can end up as a key: only
-    # echo names that look like names.
-    if isinstance(key, str) and _SAFE_KEY.fullmatch(key):
+    # echo names that read as plain names (short words, no credential or number).
+    if isinstance(key, str) and is_plain_name(key):
         return key
     return "(a key that is not shown)"
 
 
-def _describe(exc: ValidationError) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
-    return f"{where}: {first['msg']}" if where else str(first["msg"])
+def _describe(group: str, submitted: Any, exc: ValidationError) -> str:
+    # The report, `legacy_migrations` and the trail keep this: a name the group does
+    # not declare is given by its position, and the value is never repeated.
+    first = exc.errors(include_input=False, include_url=False)[0]
+    where = error_location(first["loc"], submitted, known=group_field_names(group))
+    message = first["msg"]
+    if first["type"] == "extra_forbidden":
+        message = unknown_field_message(group_model(group), first["loc"][:-1])
+    return f"{where}: {message}" if where else message
 
 
 def _clean(value: Any) -> str | None:

@@ -3,9 +3,11 @@
 Cards are tokenised in the browser with Stripe.js; the broker only ever sees a
 payment method id. `CardDataGuard` sits in front of every route and answers 422
 to a request that carries a primary account number (PAN) or a field named like
-one (card_number, cvc, pin, ...), before any route, log line or database sees
-it. Keeping PANs out entirely keeps the broker out of PCI DSS cardholder-data
-scope; a route that merely "ignores" a PAN has still received and logged it.
+one (card_number, cvc, pin, ...) in its body, path, query string or headers,
+before any route, log line or database sees it. A PAN is found in any notation
+by `broker.core.carddata`, the detector the log redactor uses too. Keeping PANs
+out entirely keeps the broker out of PCI DSS cardholder-data scope; a route that
+merely "ignores" a PAN has still received and logged it.
 
 Install it inside `RequestContextMiddleware` (add it to the app first) so the
 422 carries the request id.
@@ -18,10 +20,12 @@ import logging
 import re
 from collections.abc import Iterator
 from typing import Any, Final
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from broker.core.carddata import contains_card_number, normalise
+from broker.core.carddata import luhn_valid as luhn_valid  # re-exported: one Luhn check
 from broker.core.http import problem
 
 log = logging.getLogger(__name__)
@@ -60,79 +64,38 @@ SENSITIVE_FIELDS: Final = frozenset(
     }
 )
 
-# A run of digit groups separated by single spaces or dashes. It may not touch
-# a letter or digit on either side (so hex ids, hashes and base64 never match),
-# nor follow a "+" (E.164 phones) or "<digit>." (the fraction of a decimal).
-_DIGIT_RUN = re.compile(r"(?<![0-9A-Za-z+])(?<![0-9]\.)[0-9]+(?:[ -][0-9]+)*(?![0-9A-Za-z])")
-_GROUP_SEPARATOR = re.compile(r"[ -]")
-_UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
-# Printed cards group digits in 4s (Amex 4-6-5); a one- or two-digit group is
-# a date or an expiry ("12 25"), and must not stitch numbers together.
-_MIN_GROUP = 3
-_MIN_PAN, _MAX_PAN = 13, 19
-# Leading digits of the card networks PCI DSS covers: 2 (Mastercard 2-series,
-# Mir), 3 (Amex, Diners, JCB), 4 (Visa), 5 (Mastercard, Maestro), 6 (Discover,
-# UnionPay, Maestro, RuPay), 81/82 (UnionPay, RuPay). Excluding the rest keeps
-# epoch-millisecond timestamps (13 digits, leading 1), which pass Luhn one time
-# in ten, and SIM ICCIDs (89..., Luhn-valid by design) from being refused.
-_PAN_PREFIX = re.compile(r"^(?:[2-6]|8[12])")
+# Headers that proxies and tracers fill with random machine ids, which the broker neither
+# logs nor stores. Datadog's are 64-bit decimals: about one in twenty would pass for a card.
+TRACING_HEADERS: Final = frozenset(
+    {
+        b"traceparent",
+        b"tracestate",
+        b"baggage",
+        b"b3",
+        b"x-b3-traceid",
+        b"x-b3-spanid",
+        b"x-b3-parentspanid",
+        b"x-b3-sampled",
+        b"x-b3-flags",
+        b"uber-trace-id",
+        b"x-datadog-trace-id",
+        b"x-datadog-parent-id",
+        b"x-datadog-sampling-priority",
+        b"x-datadog-origin",
+        b"x-datadog-tags",
+        b"x-amzn-trace-id",
+        b"x-cloud-trace-context",
+        b"sentry-trace",
+    }
+)
 _KEY_PARTS = re.compile(r"[\[\].]+")
 _NOT_ALNUM = re.compile(r"[^0-9a-z]")
 _MULTIPART_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
-_LOGGED_DIGITS = re.compile(r"[0-9][0-9 -]{10,}[0-9]")
-
-
-def luhn_valid(digits: str) -> bool:
-    """True when `digits` (ASCII digits only) passes the Luhn mod-10 check."""
-    if not digits or not digits.isascii() or not digits.isdigit():
-        return False
-    total = 0
-    for index, char in enumerate(reversed(digits)):
-        value = ord(char) - 48
-        if index % 2 == 1:
-            value *= 2
-            if value > 9:
-                value -= 9
-        total += value
-    return total % 10 == 0
-
-
-def _looks_like_pan(digits: str) -> bool:
-    return (
-        _MIN_PAN <= len(digits) <= _MAX_PAN
-        and _PAN_PREFIX.match(digits) is not None
-        and luhn_valid(digits)
-    )
-
-
-def _contains_card_number(text: str) -> bool:
-    """True when `text` holds a Luhn-valid 13-19 digit card number, grouped or not."""
-    if len(text) < _MIN_PAN:
-        return False
-    text = _UUID.sub("#", text)
-    for run in _DIGIT_RUN.finditer(text):
-        groups = _GROUP_SEPARATOR.split(run.group())
-        if len(groups) == 1:
-            if _looks_like_pan(groups[0]):
-                return True
-            continue
-        # "4242 4242 4242 4242 12 25 123" is a card pasted with its expiry and
-        # CVC: try every span of whole groups, between the short groups.
-        for start in range(len(groups)):
-            digits = ""
-            for group in groups[start:]:
-                if len(group) < _MIN_GROUP:
-                    break
-                digits += group
-                if len(digits) > _MAX_PAN:
-                    break
-                if _looks_like_pan(digits):
-                    return True
-    return False
 
 
 def _sensitive_name(key: str) -> str | None:
     """The normalised sensitive name `key` matches, if any: card[cvc] and cvc alike."""
+    key = normalise(key)
     parts = [part for part in _KEY_PARTS.split(key) if part]
     candidates = [key]
     if len(parts) > 1:
@@ -148,7 +111,7 @@ def _check_key(key: str) -> str | None:
     name = _sensitive_name(key)
     if name is not None:
         return _SENSITIVE_PREFIX + name
-    return CARD_NUMBER if _contains_card_number(key) else None
+    return CARD_NUMBER if contains_card_number(key) else None
 
 
 class _Pairs(list[tuple[str, Any]]):
@@ -173,12 +136,12 @@ def _walk(obj: Any) -> Iterator[str]:
         if isinstance(item, _KeyMarker):
             hit = _check_key(item.key)
         elif isinstance(item, str):
-            hit = CARD_NUMBER if _contains_card_number(item) else None
+            hit = CARD_NUMBER if contains_card_number(item) else None
         elif isinstance(item, bytes):
-            hit = CARD_NUMBER if _contains_card_number(_text(item)) else None
+            hit = CARD_NUMBER if contains_card_number(_text(item)) else None
         elif isinstance(item, int | float) and not isinstance(item, bool):
             # 4242424242424242 sent as a JSON number is still a PAN.
-            hit = CARD_NUMBER if _contains_card_number(str(item)) else None
+            hit = CARD_NUMBER if contains_card_number(str(item)) else None
         elif isinstance(item, dict | _Pairs):
             pairs = list(item.items()) if isinstance(item, dict) else list(item)
             for key, value in reversed(pairs):
@@ -203,7 +166,7 @@ def _text(raw: bytes) -> str:
 
 def _find_in_pairs(pairs: list[tuple[str, str]]) -> str | None:
     for key, value in pairs:
-        hit = _check_key(key) or (CARD_NUMBER if _contains_card_number(value) else None)
+        hit = _check_key(key) or (CARD_NUMBER if contains_card_number(value) else None)
         if hit is not None:
             return hit
     return None
@@ -247,19 +210,40 @@ def find_in_body(content_type: str, raw: bytes) -> str | None:
 
 
 def find_in_url(scope: Scope) -> str | None:
-    """Inspect the request path and query string (names and values)."""
+    """Inspect the request path and query string (names and values), decoded and raw."""
     query = scope.get("query_string", b"")
     if query:
         pairs = parse_qsl(_text(query), keep_blank_values=True)
-        hit = _find_in_pairs(pairs) or find_card_data(unquote(_text(query)))
+        raw = _text(query)
+        hit = _find_in_pairs(pairs) or (
+            CARD_NUMBER if contains_card_number(raw, url=True) else None
+        )
         if hit is not None:
             return hit
+    path = scope.get("raw_path") or b""
+    if contains_card_number(_text(path), url=True):
+        return CARD_NUMBER
     return find_card_data(str(scope.get("path", "")))
 
 
-def _loggable_path(scope: Scope) -> str:
-    # The path itself may be where the PAN was: never log a long digit run.
-    return _LOGGED_DIGITS.sub("[REDACTED]", str(scope.get("path", "")))
+def find_in_headers(scope: Scope) -> str | None:
+    """Inspect every request header, names and values, but the tracing ones.
+
+    Headers are input like any other: an `X-Request-Id` or a custom header holding a PAN
+    would otherwise reach the logs, the audit trail and Vault's audit log.
+    """
+    for name, value in scope.get("headers") or []:
+        if name in TRACING_HEADERS:
+            continue
+        # Clients send UTF-8 in header values, whatever RFC 9110 says: read them as such, so
+        # that digits of other scripts are seen as digits.
+        text = value.decode("utf-8", errors="replace")
+        hit = _check_key(name.decode("latin-1")) or (
+            CARD_NUMBER if contains_card_number(text, url=True) else None
+        )
+        if hit is not None:
+            return hit
+    return None
 
 
 class CardDataGuard:
@@ -278,7 +262,7 @@ class CardDataGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        hit = find_in_url(scope)
+        hit = find_in_url(scope) or find_in_headers(scope)
         if hit is not None:
             await self._refuse(scope, receive, send, hit)
             return
@@ -328,13 +312,14 @@ class CardDataGuard:
         return 0
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, hit: str) -> None:
-        # The hit kind names a field or "card_number"; never the value.
-        path = _loggable_path(scope)
+        # The hit kind names a field or "card_number"; never the value. Nor the path: it may
+        # be where the card number was, and no route has matched it yet to give a template.
+        method = str(scope.get("method", ""))
         log.warning(
-            "raw card data refused on %s (%s)",
-            path,
+            "raw card data refused on a %s request (%s)",
+            method,
             hit,
-            extra={"fields": {"path": path, "hit": hit}},
+            extra={"fields": {"method": method, "hit": hit}},
         )
         await problem(422, TITLE, DETAIL)(scope, receive, send)
 

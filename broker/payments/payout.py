@@ -29,7 +29,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from broker.core.errors import ValidationFailed
+from broker.core.carddata import contains_card_number, normalise
+from broker.core.carddata import iban_checksum_valid as iban_checksum_valid  # one mod-97 check
+from broker.core.errors import ValidationFailed, error_location, unknown_field_message
 
 PayoutMethod: TypeAlias = Literal["bank_transfer", "mobile_money", "paypal"]
 MobileMoneyProvider: TypeAlias = Literal[
@@ -70,26 +72,17 @@ _TWO_DIGIT_COUNTRY_CODES: Final = frozenset(
 )
 
 
-def iban_checksum_valid(iban: str) -> bool:
-    """ISO 13616 / ISO 7064 mod-97-10: the rearranged IBAN, letters as 10..35, is 1 mod 97."""
-    if not iban.isascii() or not iban.isalnum():
-        return False
-    rearranged = iban[4:] + iban[:4]
-    remainder = 0
-    for char in rearranged:
-        # int(char, 36) maps 0-9 to themselves and A-Z to 10..35, as the standard does.
-        value = int(char, 36)
-        remainder = (remainder * (100 if value > 9 else 10) + value) % 97
-    return remainder == 1
-
-
 def _plain(value: Any, field: str) -> str:
-    """The text of a submitted value; a type error that does not repeat the value."""
+    """The normalised text of a submitted value; a type error that does not repeat the value.
+
+    Normalised (NFKC, every Unicode digit as ASCII, no zero-width characters) before any
+    check, so that what is checked is what is sealed.
+    """
     if isinstance(value, SecretStr):
-        return value.get_secret_value()
+        value = value.get_secret_value()
     if not isinstance(value, str):
         raise PydanticCustomError("string_type", "{field} must be a string", {"field": field})
-    return value
+    return normalise(value)
 
 
 def _invalid(field: str, message: str) -> PydanticCustomError:
@@ -111,6 +104,21 @@ def _last(value: str, count: int) -> str:
 class _Details(BaseModel):
     # hide_input_in_errors keeps the submitted values out of str(ValidationError).
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+
+    def secret_values(self) -> dict[str, str]:
+        """The plain values, for sealing in Vault."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _no_card_number(self) -> Any:
+        # PCI DSS 3.4.1: checked on the values as they will be sealed, separators stripped,
+        # so "4242 4242\t4242 4242" cannot become a bare card number in Vault.
+        for field, value in self.secret_values().items():
+            if contains_card_number(value):
+                raise _invalid(
+                    field, "{field} looks like a card number; card numbers are not accepted"
+                )
+        return self
 
 
 class BankTransferDetails(_Details):
@@ -322,21 +330,28 @@ def parse_details(method: str, details: Mapping[str, Any]) -> PayoutDetails:
     try:
         return model.model_validate(dict(details))
     except ValidationError as exc:
-        errors = _field_errors(exc)
+        errors = _field_errors(exc, details, model)
         fields = ", ".join(dict.fromkeys(error["field"] for error in errors))
         # `from None`: the pydantic error behind it holds the submitted values.
         raise ValidationFailed(f"invalid {method} details: {fields}", errors=errors) from None
 
 
-def _field_errors(exc: ValidationError) -> list[dict[str, str]]:
+def _field_errors(
+    exc: ValidationError, details: Mapping[str, Any], model: type[PayoutDetails]
+) -> list[dict[str, str]]:
     errors: list[dict[str, str]] = []
     for error in exc.errors(include_input=False, include_url=False):
         ctx = error.get("ctx") or {}
-        loc = [str(part) for part in error["loc"]]
+        loc: list[int | str] = list(error["loc"])
         if not loc and isinstance(ctx.get("field"), str):
             loc = [ctx["field"]]  # a cross-field rule names the field it is about
-        field = ".".join(["details", *loc])
-        errors.append({"field": field, "message": error["msg"]})
+        # An unknown field's name may be a secret pasted in the wrong place: it is given
+        # by its position, with the names that are allowed.
+        place = error_location(loc, dict(details), known=model.model_fields)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = unknown_field_message(model, loc[:-1])
+        errors.append({"field": ".".join(filter(None, ["details", place])), "message": message})
     return errors
 
 

@@ -23,6 +23,7 @@ from broker.payments.schemas import (
     SetupIntentView,
 )
 from broker.settings.service import own_tenant
+from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings", tags=["payments"])
 
@@ -130,6 +131,8 @@ def set_payout(
     body: PayoutRequest, engine: EngineDep, vault: VaultDep, principal: FinanceManager
 ) -> PayoutView:
     """Validate and seal payout details in Vault; the answer is the masked view."""
+    # Before anything is sealed: a missing tenant has no key to seal with.
+    tenants.require_live(engine, tenant_id=own_tenant(principal))
     profile = service.put_payout(
         engine,
         vault,

@@ -222,6 +222,7 @@ def put_payout(
             inherited = not moved
             if moved and _payout_holds(store, tenant_id, method, secrets):
                 session.add(profile)
+                _record_payout(session, principal, tenant_id, method, profile.payout_version, True)
                 return _payout_view(profile)
         profile.payout_sync_pending = True
         cas = profile.payout_version
@@ -233,6 +234,8 @@ def put_payout(
     except Conflict:
         settled = _try_reconcile_payout(engine, store, tenant_id)
         if settled is not None and _payout_holds(store, tenant_id, method, secrets):
+            with unit_of_work(engine) as session:
+                _record_payout(session, principal, tenant_id, method, settled.payout_version, True)
             return _payout_view(settled)
         raise
     except BrokerError:
@@ -251,19 +254,33 @@ def put_payout(
             _describe_payout(profile, version, public)
             profile.payout_sync_pending = False
             session.add(profile)
-        trail.record(
-            session,
-            action="payout.update",
-            resource=f"tenants/{tenant_id}/payout",
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"method": method, "kv_version": version},
-        )
+        _record_payout(session, principal, tenant_id, method, version, False)
         # The answer describes this write, even when a concurrent one is newer.
         own = _payout_view(profile)
         _describe_payout(own, version, public)
         return own
+
+
+def _record_payout(
+    session: Session,
+    principal: Principal,
+    tenant_id: str,
+    method: str,
+    version: int,
+    already_applied: bool,
+) -> None:
+    detail: dict[str, Any] = {"method": method, "kv_version": version}
+    if already_applied:
+        detail["already_applied"] = True  # an earlier, unanswered attempt had landed
+    trail.record(
+        session,
+        action="payout.update",
+        resource=f"tenants/{tenant_id}/payout",
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail=detail,
+    )
 
 
 def _describe_payout(profile: PaymentProfile, version: int, public: dict[str, Any]) -> None:
@@ -332,6 +349,24 @@ def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str) -> 
         profile.payout_sync_pending = True
         session.add(profile)
     _try_reconcile_payout(engine, SealedStore(vault), tenant_id)
+
+
+def reconcile_pending_payouts(engine: Engine, vault: VaultGateway) -> int:
+    """Reconcile every live tenant's pending payout record; returns how many were pending."""
+    with unit_of_work(engine) as session:
+        tenant_ids = list(
+            session.exec(
+                select(PaymentProfile.tenant_id)
+                .join(Tenant, col(Tenant.id) == col(PaymentProfile.tenant_id))
+                .where(col(PaymentProfile.payout_sync_pending).is_(True))
+                .where(col(Tenant.deleting_at).is_(None))
+                .order_by(col(PaymentProfile.tenant_id))
+            )
+        )
+    store = SealedStore(vault)
+    for tenant_id in tenant_ids:
+        _try_reconcile_payout(engine, store, tenant_id)
+    return len(tenant_ids)
 
 
 def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:

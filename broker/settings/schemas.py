@@ -41,9 +41,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from broker.core.errors import schema_names
 from broker.integrations.egress import EgressPolicy, EgressRefused, screen_url
 
 __all__ = [
+    "group_field_names",
+    "group_model",
     "HHMM",
     "READ_ONLY_GROUPS",
     "SETTINGS_GROUPS",
@@ -152,8 +155,8 @@ def _check_time_zone(value: str) -> str:
     if not ok:
         raise PydanticCustomError(
             "time_zone",
-            "unknown time zone '{value}'; use an IANA name such as 'UTC' or 'Africa/Nairobi'",
-            {"value": value},
+            # Never the value: a rejected input may be anything, a secret included.
+            "unknown time zone; use an IANA name such as 'UTC' or 'Africa/Nairobi'",
         )
     return value
 
@@ -518,12 +521,12 @@ class MessagingSettings(_Model):
     @classmethod
     def _unique_template_names(cls, templates: list[MessageTemplate]) -> list[MessageTemplate]:
         seen: set[str] = set()
-        for template in templates:
+        for position, template in enumerate(templates, start=1):
             if template.name in seen:
                 raise PydanticCustomError(
                     "duplicate_template",
-                    "template name '{name}' is used more than once",
-                    {"name": template.name},
+                    "template {position} repeats the name of an earlier template",
+                    {"position": position},
                 )
             seen.add(template.name)
         return templates
@@ -640,6 +643,16 @@ def validate_group(name: str, value: Any) -> dict[str, Any]:
     invalid data and :class:`UnknownSettingsGroupError` for an unknown group.
     """
     return _group_model(name).model_validate(value).model_dump(mode="json")
+
+
+def group_model(name: str) -> type[BaseModel]:
+    """The model of settings group ``name``."""
+    return _group_model(name)
+
+
+def group_field_names(name: str) -> frozenset[str]:
+    """Every field name group ``name``'s schema declares, at any depth."""
+    return schema_names(_group_model(name).model_json_schema())
 
 
 _GroupPatch = dict[str, Any] | None

@@ -16,6 +16,8 @@ from broker.core.errors import (
     PreconditionFailed,
     UpstreamUnavailable,
     ValidationFailed,
+    error_location,
+    unknown_field_message,
 )
 from broker.integrations.egress import EgressClient, EgressFailed, EgressRefused
 from broker.models import SETTINGS_GROUP_COLUMNS, TenantSettings, utcnow
@@ -26,6 +28,8 @@ from broker.settings.schemas import (
     SettingsView,
     apply_merge_patch,
     default_group,
+    group_field_names,
+    group_model,
     group_urls,
     validate_group,
 )
@@ -115,7 +119,8 @@ def patch_settings(
         try:
             validated = validate_group(group, merged if merged is not None else {})
         except ValidationError as exc:
-            raise ValidationFailed(_describe(group, exc), errors=_errors(group, exc)) from None
+            errors = _errors(group, group_patch, exc)
+            raise ValidationFailed(_describe(errors), errors=errors) from None
         if egress is not None:
             # Normally all checked above; a concurrent patch may have changed the group.
             _vet_urls(egress, _new_urls(group, current, validated), checked)
@@ -195,16 +200,22 @@ def _matches(if_match: str, row: TenantSettings) -> bool:
     return "*" in tags or etag(row) in tags
 
 
-def _errors(group: str, exc: ValidationError) -> list[dict[str, str]]:
-    # Never echo the rejected input: only where it is and what is wrong.
-    return [
-        {"field": ".".join([group, *(str(p) for p in err["loc"])]), "message": err["msg"]}
-        for err in exc.errors()
-    ]
+def _errors(group: str, submitted: Any, exc: ValidationError) -> list[dict[str, str]]:
+    # Never echo the rejected input: only where it is and what is wrong. Nor a name the
+    # schema does not declare (it may be a pasted secret): that is given by its position.
+    known = group_field_names(group)
+    errors = []
+    for err in exc.errors(include_input=False, include_url=False):
+        place = error_location(err["loc"], submitted, known=known)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = unknown_field_message(group_model(group), err["loc"][:-1])
+        errors.append({"field": ".".join(filter(None, [group, place])), "message": message})
+    return errors
 
 
-def _describe(group: str, exc: ValidationError) -> str:
-    first = _errors(group, exc)[0]
+def _describe(errors: list[dict[str, str]]) -> str:
+    first = errors[0]
     return f"{first['field']}: {first['message']}"
 
 

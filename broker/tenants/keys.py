@@ -23,12 +23,19 @@ from sqlmodel import col, select
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
-from broker.core.errors import Conflict, NotFound
+from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
 from broker.integrations.service import reconcile_tenant
 from broker.models import IntegrationCredential, KeyRotation, Tenant, utcnow
 from broker.payments.service import reconcile_payout
+from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
-from broker.vault.sealed import SealedStore, binding, ciphertext_key_version, key_name
+from broker.vault.sealed import (
+    SealedRecord,
+    SealedStore,
+    binding,
+    ciphertext_key_version,
+    key_name,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,9 @@ class RotationReport:
     rewrapped: int
     already_current: int
     resumed: bool
+    # Items Vault would not rewrap (e.g. a ciphertext that never decrypted
+    # under this tenant's binding): left as they were, named here for an operator.
+    failed: tuple[str, ...] = ()
 
 
 def backfill_keys(engine: Engine, vault: VaultGateway) -> list[str]:
@@ -88,8 +98,17 @@ def rotate_tenant_key(
             row.pending_since = utcnow()
             session.add(row)
 
-    rewrapped, current = _rewrap_items(store, tenant_id, target)
-    vault.transit_set_min_decryption_version(key_name(tenant_id), target)
+    with unit_of_work(engine) as session:
+        # Held (shared) through the Vault work: a deletion, which locks the row
+        # to mark it, waits for the rotation instead of shredding under it, and
+        # a rotation never starts on a tenant whose deletion has begun.
+        tenant = session.get(Tenant, tenant_id, with_for_update={"read": True})
+        if tenant is None or tenant.deleting_at is not None:
+            raise NotFound("no such tenant")
+        rewrapped, current, failed = _rewrap_items(store, tenant_id, target)
+        # Raised even when some items failed: those never decrypted anyway,
+        # and every other ciphertext is on the new version now.
+        vault.transit_set_min_decryption_version(key_name(tenant_id), target)
 
     reconcile_tenant(engine, store, tenant_id)
     # The payout record's KV version moved too; without this its next write
@@ -113,30 +132,40 @@ def rotate_tenant_key(
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
-            detail={"key_version": target, "rewrapped": rewrapped, "resumed": resumed},
+            detail={
+                "key_version": target,
+                "rewrapped": rewrapped,
+                "resumed": resumed,
+                "failed": list(failed),
+            },
         )
-    return RotationReport(tenant_id, target, rewrapped, current, resumed)
+    return RotationReport(tenant_id, target, rewrapped, current, resumed, failed)
 
 
-def _rewrap_items(store: SealedStore, tenant_id: str, target: int) -> tuple[int, int]:
-    """Rewrap every live item older than `target`; returns (rewrapped, already current)."""
+def _rewrap_items(
+    store: SealedStore, tenant_id: str, target: int
+) -> tuple[int, int, tuple[str, ...]]:
+    """Rewrap every live item older than `target`: (rewrapped, already current, failed)."""
     stale = []
     current = 0
+    failed: list[str] = []
     for item in store.items(tenant_id):
         record = store.read(tenant_id, item)
         if record is None:
             continue
-        if ciphertext_key_version(record.ciphertext) >= target:
+        try:
+            version = ciphertext_key_version(record.ciphertext)
+        except ValueError:
+            failed.append(item)
+            continue
+        if version >= target:
             current += 1
         else:
             stale.append((item, record))
-    if not stale:
-        return 0, current
-    # One batch call for the whole tenant: each entry carries its own context.
-    fresh = store.vault.transit_rewrap(
-        key_name(tenant_id), [(r.ciphertext, binding(tenant_id, item)) for item, r in stale]
-    )
-    for (item, record), ciphertext in zip(stale, fresh, strict=True):
+    rewrapped, unwrappable = _rewrap(store, tenant_id, stale)
+    failed.extend(unwrappable)
+    done = 0
+    for (item, record), ciphertext in rewrapped:
         try:
             store.write(
                 tenant_id, item, ciphertext=ciphertext, public=record.public, cas=record.version
@@ -146,7 +175,41 @@ def _rewrap_items(store: SealedStore, tenant_id: str, target: int) -> tuple[int,
             # with the newest key version, so there is nothing left to rewrap.
             current += 1
             continue
-    return len(stale), current
+        done += 1
+    return done, current, tuple(sorted(failed))
+
+
+def _rewrap(
+    store: SealedStore, tenant_id: str, stale: list[tuple[str, SealedRecord]]
+) -> tuple[list[tuple[tuple[str, SealedRecord], str]], list[str]]:
+    """Rewrap ciphertexts, in one batch call when all succeed, else one by one."""
+    if not stale:
+        return [], []
+    key = key_name(tenant_id)
+    try:
+        # Each entry carries its own context; one bad entry fails the whole batch.
+        fresh = store.vault.transit_rewrap(
+            key, [(r.ciphertext, binding(tenant_id, item)) for item, r in stale]
+        )
+        return list(zip(stale, fresh, strict=True)), []
+    except (UpstreamUnavailable, VaultMisconfigured):
+        raise  # Vault or the broker's policy, not an item: stop here, resumable
+    except BrokerError:
+        pass
+    done: list[tuple[tuple[str, SealedRecord], str]] = []
+    failed: list[str] = []
+    for item, record in stale:
+        try:
+            (ciphertext,) = store.vault.transit_rewrap(
+                key, [(record.ciphertext, binding(tenant_id, item))]
+            )
+        except (UpstreamUnavailable, VaultMisconfigured):
+            raise
+        except BrokerError:
+            failed.append(item)
+            continue
+        done.append(((item, record), ciphertext))
+    return done, failed
 
 
 def rotate_all(

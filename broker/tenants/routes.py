@@ -10,7 +10,7 @@ from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.deps import DeletionsDep, EngineDep, SessionDep, VaultDep
 from broker.tenants import keys, service
 from broker.tenants.schemas import (
     TENANT_ID_PATTERN,
@@ -68,10 +68,16 @@ def get_tenant(
 
 @router.delete("/{tenant_id}", status_code=204, response_class=Response, responses=NO_TENANT)
 def delete_tenant(
-    tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformWriter
+    tenant_id: TenantIdPath,
+    engine: EngineDep,
+    vault: VaultDep,
+    deletions: DeletionsDep,
+    principal: PlatformWriter,
 ) -> Response:
-    """Crypto-shred a tenant: destroy its Vault data and key, then its rows."""
-    service.delete_tenant(engine, vault, principal=principal, tenant_id=tenant_id)
+    """Crypto-shred a tenant: stop delivering it, destroy its Vault data and key, then its rows."""
+    service.delete_tenant(
+        engine, vault, principal=principal, tenant_id=tenant_id, deletions=deletions
+    )
     return Response(status_code=204)
 
 

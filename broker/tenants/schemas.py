@@ -50,3 +50,7 @@ class KeyRotationView(BaseModel):
     rewrapped: int
     already_current: int
     resumed: bool
+    failed: list[str] = Field(
+        default_factory=list,
+        description="Items Vault would not rewrap (they never decrypted); left as they were.",
+    )

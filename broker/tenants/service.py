@@ -12,8 +12,9 @@ from broker.core.db import unit_of_work
 from broker.core.errors import Conflict, NotFound
 from broker.models import Tenant, utcnow
 from broker.settings.service import default_settings_row
+from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
-from broker.vault.sealed import SealedStore
+from broker.vault.sealed import SealedStore, key_name
 
 
 def create_tenant(
@@ -48,15 +49,23 @@ def create_tenant(
 
 
 def delete_tenant(
-    engine: Engine, vault: VaultGateway, *, principal: Principal, tenant_id: str
+    engine: Engine,
+    vault: VaultGateway,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    deletions: DeletionWatch | None = None,
 ) -> int:
     """Crypto-shred a tenant: its Vault data and Transit key first, then its rows.
 
     The tenant is marked as being deleted (committed) before Vault is touched,
     so it accepts no new secrets meanwhile, and a failed deletion can simply be
-    retried. Vault goes first because a row without secrets is harmless, while
-    secrets without a row would be orphans nobody knows to delete. Returns the
-    number of Vault items destroyed.
+    retried. Delivery stops before anything is destroyed: this process stops
+    serving the tenant at once, and the first Vault step retires every version
+    of its key, so Vault refuses its ciphertexts to every replica (see
+    `broker.tenants.deletions`). Vault goes first because a row without secrets
+    is harmless, while secrets without a row would be orphans nobody knows to
+    delete. Returns the number of Vault items destroyed.
     """
     with unit_of_work(engine) as session:
         tenant = session.get(Tenant, tenant_id, with_for_update=True)
@@ -65,6 +74,9 @@ def delete_tenant(
         if tenant.deleting_at is None:
             tenant.deleting_at = utcnow()
             session.add(tenant)
+    if deletions is not None:
+        deletions.mark(tenant_id)
+    retire_key(vault, tenant_id=tenant_id)
     destroyed = SealedStore(vault).shred(tenant_id)
     with unit_of_work(engine) as session:
         tenant = session.get(Tenant, tenant_id)
@@ -79,7 +91,23 @@ def delete_tenant(
             tenant_id=tenant_id,
             detail={"vault_items_destroyed": destroyed, "transit_key": "deleted"},
         )
+    if deletions is not None:
+        deletions.forget(tenant_id)
     return destroyed
+
+
+def retire_key(vault: VaultGateway, *, tenant_id: str) -> None:
+    """Make every ciphertext of the tenant undecryptable now, before anything is destroyed.
+
+    Transit cannot disable a key, but a fresh version that is also the minimum
+    for decryption leaves every existing ciphertext (all older) refused by
+    Vault itself. A tenant without a key has nothing left to refuse.
+    """
+    key = key_name(tenant_id)
+    if vault.transit_key_info(key) is None:
+        return
+    latest = vault.transit_rotate(key)
+    vault.transit_set_min_decryption_version(key, latest)
 
 
 def get_tenant(session: Session, *, tenant_id: str) -> Tenant:
@@ -88,6 +116,12 @@ def get_tenant(session: Session, *, tenant_id: str) -> Tenant:
     if tenant is None or tenant.deleting_at is not None:
         raise NotFound("no such tenant")
     return tenant
+
+
+def require_live(engine: Engine, *, tenant_id: str) -> None:
+    """NotFound unless the tenant exists and is not being deleted (for Vault-only routes)."""
+    with unit_of_work(engine) as session:
+        get_tenant(session, tenant_id=tenant_id)
 
 
 def list_tenants(session: Session, *, limit: int = 100, after: str | None = None) -> list[Tenant]:

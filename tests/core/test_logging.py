@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import pytest
 
 from broker.auth.tokens import mint_token
+from broker.core.carddata import contains_card_number
 from broker.core.logging import REDACTED, configure_logging, redact_text
+from tests.support.cards import VARIANTS
 
 _LIBRARY_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access")
 
@@ -358,14 +360,43 @@ def test_long_numbers_that_are_not_cards_are_kept() -> None:
     assert redact_text(text) == text
 
 
-def test_an_oauth_callback_in_an_access_log_line_is_redacted(log_output: io.StringIO) -> None:
+def test_uvicorns_raw_access_log_is_dropped_and_the_brokers_is_kept(
+    log_output: io.StringIO,
+) -> None:
+    # uvicorn's line carries the raw path and query; the broker logs the route template.
+    logging.getLogger("uvicorn.access").info(
+        '%s - "%s %s HTTP/%s" %d', "127.0.0.1:5000", "GET", "/v1/x?q=secret-ish", "1.1", 422
+    )
+    logging.getLogger("broker.access").info("%s %s %s", "GET", "unmatched", 422)
+
+    output = log_output.getvalue()
+    assert "secret-ish" not in output
+    assert [(e["logger"], e["message"]) for e in json_lines(output)] == [
+        ("broker.access", "GET unmatched 422")
+    ]
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_is_redacted_from_the_log(
+    log_output: io.StringIO, text: str
+) -> None:
+    log.warning("refused %s", text, extra={"fields": {"note": f"was {text}"}})
+
+    (entry,) = json_lines(log_output.getvalue())
+    for logged in (str(entry["message"]), str(entry["note"])):
+        assert REDACTED in logged
+        assert not contains_card_number(logged)
+    assert str(entry["message"]).startswith("refused ")
+
+
+def test_an_oauth_callback_in_a_logged_url_is_redacted(log_output: io.StringIO) -> None:
     code, state, signature = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_hex(32)
     refresh = "shprt_" + secrets.token_hex(16)
     line = (
-        f'127.0.0.1:5000 - "GET /v1/oauth/callback/shopify?code={code}&host=aG9zdA'
-        f'&shop=a.myshopify.com&state={state}&timestamp=1&hmac={signature} HTTP/1.1" 303'
+        f"HTTP Request: GET http://testserver/v1/oauth/callback/shopify?code={code}&host=aG9zdA"
+        f'&shop=a.myshopify.com&state={state}&timestamp=1&hmac={signature} "HTTP/1.1 303"'
     )
-    logging.getLogger("uvicorn.access").info(line)
+    logging.getLogger("httpx").info(line)
     logging.getLogger("httpx").debug("answer %s", {"refresh_token": refresh})
 
     output = log_output.getvalue()

@@ -264,8 +264,8 @@ def test_a_denied_request_with_a_long_path_is_refused_and_recorded(
     assert response.status_code == 403, response.text
     [event] = events(engine, response.headers["x-request-id"])
     assert event.outcome == "denied"
-    assert len(event.resource) <= 300
-    assert event.resource.startswith("/v1/tenants/aaaa")
+    # Recorded by its route template: an overlong id is not a validated identifier.
+    assert event.resource == "/v1/tenants/{tenant_id}"
 
 
 def test_a_denied_request_with_a_nul_in_its_path_is_refused_and_recorded(
@@ -275,8 +275,7 @@ def test_a_denied_request_with_a_nul_in_its_path_is_refused_and_recorded(
     assert response.status_code == 403, response.text
     [event] = events(engine, response.headers["x-request-id"])
     assert event.outcome == "denied"
-    assert "\x00" not in event.resource
-    assert event.resource.startswith("/v1/tenants/a")
+    assert event.resource == "/v1/tenants/{tenant_id}"
 
 
 def test_a_service_asking_for_an_overlong_tenant_gets_the_usual_404(

@@ -52,11 +52,8 @@ from broker.vault.errors import VaultUnavailable
 from broker.vault.gateway import VaultGateway
 from tests.conftest import AUDIENCE, ISSUER, TEST_SIGNING_KEY, VaultEndpoint, bearer, make_settings
 from tests.conftest import token as mint
+from tests.support.redis import redis_server
 
-REDIS_MISSING = (
-    "redis-server is not installed on this machine; shared limits across processes are "
-    "untested here"
-)
 PROVIDER = "openai"
 # Load-test knobs. Every loop below is bounded by a count and a deadline.
 TENANTS = 4
@@ -765,8 +762,10 @@ def test_postgres_restart_is_503_for_settings_while_credentials_keep_flowing(
             fetched = client.get(f"/v1/credentials/{tenant}/{PROVIDER}", headers=service(tenant))
             assert fetched.status_code == 200, fetched.text
             assert fetched.json()["fields"]["api_key"] == api_key
+        # Degraded, not unavailable: this replica still serves credentials.
         ready = client.get("/readyz")
-        assert (ready.status_code, ready.json()["database"]) == (503, "unreachable")
+        assert (ready.status_code, ready.json()["status"]) == (200, "degraded")
+        assert ready.json()["database"] == "unreachable"
 
         assert own_postgres.start() == server_url  # same socket directory: the URL holds
         # The same app, engine and pool: no broker restart.
@@ -789,33 +788,8 @@ def test_postgres_restart_is_503_for_settings_while_credentials_keep_flowing(
 
 @pytest.fixture
 def redis_url() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip(REDIS_MISSING)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent_preexec(),
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with redis_server() as (_, url):
+        yield url
 
 
 def test_two_brokers_share_one_rate_limit_through_redis(

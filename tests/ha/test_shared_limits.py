@@ -6,10 +6,7 @@ SIGCONTinued. Skipped, with the reason, when redis-server is not installed.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,46 +15,16 @@ import pytest
 
 from broker.core.errors import RateLimited
 from broker.core.ratelimit import RateLimiter
-from broker.devstack.openbao import _die_with_parent_preexec, free_port
+from tests.support.redis import redis_server
 
-REDIS_MISSING = (
-    "redis-server is not installed on this machine; shared limits across processes are "
-    "untested here"
-)
 RECOVERY_DEADLINE_S = 15.0  # generous: a reconnect is due every 0.2 s below
 
 
 @pytest.fixture
 def redis() -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A redis-server on a free loopback port, and its URL."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip(REDIS_MISSING)
-    port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=_die_with_parent_preexec(),
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-                break
-            assert proc.poll() is None, "redis-server exited"
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield proc, f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGCONT)  # a stopped process ignores SIGTERM until continued
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with redis_server() as started:
+        yield started
 
 
 def test_replicas_return_to_the_shared_limit_after_a_redis_blip(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 from fastapi.testclient import TestClient
@@ -22,7 +25,29 @@ def test_healthz_is_alive(client: TestClient) -> None:
 def test_readyz_when_everything_is_up(client: TestClient) -> None:
     response = client.get("/readyz")
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "vault": "ok", "database": "ok"}
+    assert response.json() == {
+        "status": "ready",
+        "vault": "ok",
+        "database": "ok",
+        "rate_limits": "ok",
+    }
+
+
+def test_readyz_is_degraded_while_the_shared_rate_limit_store_is_unreachable(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    degraded = settings.model_copy(update={"rate_limit_storage": f"redis://127.0.0.1:{port}/0"})
+    client = TestClient(create_app(degraded, engine=engine, vault=broker_vault))
+    response = client.get("/readyz")
+    # Still in rotation: limits go on per process, and credential operations work.
+    assert response.status_code == 200
+    assert response.json()["status"] == "degraded"
+    assert response.json()["rate_limits"] == "degraded"
 
 
 def test_metrics_count_requests_by_route_template(client: TestClient, tenant: str) -> None:
@@ -67,8 +92,15 @@ def test_readyz_and_settings_when_the_database_is_unreachable(
     dead = make_engine(f"postgresql+psycopg://nobody@/nothing?host={tmp_path}")
     client = TestClient(create_app(settings, engine=dead, vault=broker_vault))
     ready = client.get("/readyz")
-    assert ready.status_code == 503
-    assert ready.json()["database"] == "unreachable"
+    # Degraded, not unavailable: fetches need only Vault, so the replica stays in rotation.
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "status": "degraded",
+        "vault": "ok",
+        "database": "unreachable",
+        "rate_limits": "ok",
+    }
+    assert int(ready.headers["retry-after"]) > 0
     response = client.get(
         "/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id="any"))
     )
@@ -77,3 +109,33 @@ def test_readyz_and_settings_when_the_database_is_unreachable(
     assert "psycopg" not in response.text
     assert "SELECT" not in response.text
     dead.dispose()
+
+
+def test_readyz_is_not_ready_while_vaults_audit_device_cannot_write(
+    own_bao: OpenBaoServer, database_url: str, engine: Engine
+) -> None:
+    # Vault refuses every audited request when no audit device can write, while
+    # sys/health still says all is well: readiness must ask with an audited call.
+    client = app_on(own_bao, database_url, engine)
+    assert client.get("/readyz").json()["status"] == "ready"
+    audit_log = own_bao.audit_log_path
+    audit_log.unlink()
+    audit_log.mkdir()  # the device's file can no longer be opened...
+    try:
+        assert own_bao.pid is not None
+        os.kill(own_bao.pid, signal.SIGHUP)  # ...once OpenBao reopens it
+        deadline = time.monotonic() + 20
+        while (refused := client.get("/readyz")).status_code == 200:
+            assert time.monotonic() < deadline, "readiness never noticed the audit device"
+            time.sleep(0.2)
+        assert refused.status_code == 503
+        assert refused.json() == {
+            "status": "unavailable",
+            "vault": "refusing",
+            "database": "ok",
+            "rate_limits": "ok",
+        }
+        assert int(refused.headers["retry-after"]) > 0
+    finally:
+        audit_log.rmdir()
+        os.kill(own_bao.pid, signal.SIGHUP)

@@ -17,16 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
+from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.slowproxy import SlowProxy
 
@@ -54,16 +46,14 @@ def _slow_client(
     timeout_s: float,
     budget_s: float,
 ) -> TestClient:
-    settings = make_settings(
-        VaultEndpoint(proxy.addr, "", None),
+    return app_through(
+        proxy.addr,
         broker_vault_token,
         database_url,
+        engine,
+        providers,
         vault_timeout_s=timeout_s,
         vault_retry_budget_s=budget_s,
-        **provider_overrides(providers),
-    )
-    return TestClient(
-        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
     )
 
 
@@ -163,6 +153,16 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
     assert again.status_code == 200, again.text
     assert again.headers["etag"] == '"2"'
     assert _current_version(vault_admin, path) == 2
+    with engine.connect() as conn:
+        saves = conn.execute(
+            text(
+                "SELECT detail FROM audit_events WHERE tenant_id = :t"
+                " AND action = 'integration.save' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    # The version the lost attempt wrote is in the trail, once, as already applied.
+    assert [d.detail.get("already_applied", False) for d in saves] == [False, True]
     # The next, different write is no false conflict.
     third = _put(slow, tenant, THIRD)
     assert third.status_code == 200, third.text

@@ -980,3 +980,59 @@ def test_the_progress_bar_shows_on_a_terminal_only(monkeypatch: pytest.MonkeyPat
     quiet(1, 1)
     quiet.close()
     assert pipe.getvalue() == ""
+
+
+def test_unmapped_keys_and_invalid_values_are_never_stored_verbatim(
+    legacy: LegacyDb, engine: Engine, broker_vault: VaultGateway, prefix: str
+) -> None:
+    # Secrets an old admin form let people paste anywhere: as keys, as nested keys, as values.
+    sid, tok = twilio_pair()
+    stripe_key = "sk_live_" + "a1b2c3d4" * 3
+    meta_token = "EAAB" + "0f1e2d3c4b5a" * 4
+    pasted = [stripe_key, tok, meta_token, "4242 4242 4242 4242", "de89370400440532013000"]
+    legacy.insert(
+        [
+            {
+                "id": f"pasted-{prefix}",
+                "twilio_sid": sid,
+                "twilio_token": tok,
+                "metadata": {
+                    stripe_key: "x",
+                    tok: True,
+                    "de89370400440532013000": 1,
+                    "branding": {meta_token: "#ffffff"},
+                    "business_hours": {"timezone": stripe_key},
+                    "branding.primary_color": "4242 4242 4242 4242",
+                    "legacy_plan": "gold",
+                },
+            }
+        ]
+    )
+    source = legacy.source(engine)
+
+    report = migrate_legacy(engine, broker_vault, source)
+
+    [outcome] = report.outcomes
+    reasons = {u.key: u.reason for u in outcome.unmapped}
+    assert reasons["legacy_plan"] == "no settings group for this key"
+    assert reasons["branding"].startswith("not valid for branding: (field 1): unknown field; ")
+    assert reasons["business_hours"].startswith("not valid for business_hours: timezone: ")
+    assert "(a key that is not shown)" in reasons
+    with engine.connect() as conn:
+        stored = conn.execute(
+            text("SELECT l::text FROM legacy_migrations l WHERE source = :s"), {"s": source.label}
+        ).scalar_one()
+    with Session(engine) as session:
+        [event] = session.exec(
+            select(AuditEvent).where(
+                AuditEvent.tenant_id == f"pasted-{prefix}", AuditEvent.action == "legacy.migrate"
+            )
+        ).all()
+    kept = {
+        "report": json.dumps(report.as_dict()),
+        "legacy_migrations": stored,
+        "trail": json.dumps([event.resource, event.detail]),
+    }
+    for where, text_kept in kept.items():
+        for secret in pasted:
+            assert secret not in text_kept, (where, secret)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +17,13 @@ from fastapi.testclient import TestClient
 from broker.core.http import Metrics, RequestContextMiddleware
 from broker.payments.guard import (
     DETAIL,
+    MAX_INSPECTED_BYTES,
     TITLE,
     CardDataGuard,
     find_card_data,
     luhn_valid,
 )
+from tests.support.cards import VARIANTS
 
 REQUEST_ID = "guard-test-request"
 
@@ -245,7 +248,11 @@ def test_sensitive_field_name_in_query_is_refused(guarded: GuardedApp) -> None:
         {"ref": 4242424242424241},
         {"epoch_ms": 1718000000000},
         {"sha": "a3f5c1b2d4e6f7089a1b2c3d4e5f60718293a4b5c6d7e8f9"},
-        {"payment_method": "pm_1N4242424242424242abcd"},
+        {"payment_method": "pm_1MqM05LkdIwHu7ixlDxxO6Mc"},
+        {"twilio": "AC" + "0123456789" * 3 + "ab", "token": "9" * 24 + "deadbeef"},
+        {"iban": "BE68539007547034", "spaced": "DE89 3704 0044 0532 0130 00"},
+        {"mongo_id": "507f1f77bcf86cd799439011", "at": "2024-06-01T23:34:56.123456+00:00"},
+        {"price": "36.8219123456789", "version": "1.2.3", "ip": "192.168.100.200:8080"},
         {"pinned": True, "company": "Acme", "spinner": "x", "span": 2, "pane": 1},
         {"pin_code_hint": "set", "card_brand": "visa", "last4": "4242"},
         {"amount": 1999, "currency": "kes", "note": "order 12345 for 2 items"},
@@ -308,7 +315,7 @@ def test_default_cap_is_one_mebibyte(guarded: GuardedApp) -> None:
 # --- logging --------------------------------------------------------------------------
 
 
-def test_refusal_logs_path_and_kind_but_never_the_value(
+def test_refusal_logs_method_and_kind_but_never_the_value_or_the_path(
     guarded: GuardedApp, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
@@ -323,7 +330,8 @@ def test_refusal_logs_path_and_kind_but_never_the_value(
         "sensitive_field:cvc",
         "card_number",
     ]
-    assert warnings[0].fields["path"] == "/echo"  # type: ignore[attr-defined]
+    assert [r.fields["method"] for r in warnings] == ["POST", "POST", "GET"]  # type: ignore[attr-defined]
+    assert all("path" not in r.fields for r in warnings)  # type: ignore[attr-defined]
     # httpx is the test's own client logging the URL it requested; every
     # record the server side writes must be clean.
     server = [r for r in caplog.records if not r.name.startswith(("httpx", "httpcore"))]
@@ -357,13 +365,102 @@ def test_luhn_rejects_non_digits(value: str) -> None:
         ({"payment_method_data[card][number]": "x"}, "sensitive_field:cardnumber"),
         ({"pinned": 1, "company": 2, "spinner": 3, "pan_id": 4}, None),
         ("4242424242424241", None),
-        ("+4242424242424242", None),
+        ("+4242424242424242", "card_number"),
+        ("+4915112345678", None),
         ("1234567890123", None),
         ("89014103211118510720", None),
-        ("x4242424242424242y", None),
+        ("x4242424242424242y", "card_number"),
         (True, None),
         (None, None),
     ],
 )
 def test_find_card_data(obj: Any, expected: str | None) -> None:
     assert find_card_data(obj) == expected
+
+
+# --- every notation, everywhere (one detector for the guard and the logs) ---------------
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_in_a_body_is_refused(guarded: GuardedApp, text: str) -> None:
+    assert_refused(guarded.post(json={"note": text}), guarded)
+    assert_refused(guarded.post(data={"note": text}), guarded)
+
+
+@pytest.mark.parametrize("text", VARIANTS.values(), ids=VARIANTS.keys())
+def test_every_notation_of_a_card_in_a_query_is_refused(guarded: GuardedApp, text: str) -> None:
+    assert_refused(guarded.get("/echo", params={"q": text}), guarded)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/echo/4242+4242+4242+4242", "/echo/4242.4242.4242.4242", "/echo/card4242424242424242"],
+)
+def test_card_in_the_path_is_refused(guarded: GuardedApp, path: str) -> None:
+    assert_refused(guarded.get(path), guarded)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-request-id", "4242424242424242"),
+        ("x-request-id", "req-4242-4242-4242-4242"),
+        ("x-note", "4242 4242 4242 4242"),
+        ("user-agent", ("client/1.0 (" + VARIANTS["arabic-indic"] + ")").encode()),
+        ("x-card", "%34%32%34%32%34%32%34%32%34%32%34%32%34%32%34%32"),
+        ("cvc", "123"),
+    ],
+)
+def test_card_data_in_a_header_is_refused_and_not_echoed(
+    guarded: GuardedApp, name: str, value: str | bytes
+) -> None:
+    response = guarded.client.get("/echo", headers={name: value})
+    assert response.status_code == 422
+    assert response.json()["title"] == TITLE
+    assert guarded.calls == []
+    # The refused request id is not echoed either: a fresh one names the request.
+    assert "4242" not in response.headers["x-request-id"]
+    assert "4242" not in response.text
+
+
+def test_ordinary_headers_pass(guarded: GuardedApp) -> None:
+    response = guarded.client.get(
+        "/echo",
+        headers={
+            "x-request-id": "req-2024-06-01-000123",
+            "authorization": "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjMifQ.c2lnbmF0dXJl",
+            "if-match": '"42"',
+            "user-agent": "python-httpx/0.27.0",
+            "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-4242424242424242-01",
+            "x-datadog-trace-id": "4242424242424242",
+            "x-b3-spanid": "a3ce929d0e0e4736",
+        },
+    )
+    assert response.status_code == 200
+    assert response.headers["x-request-id"] == "req-2024-06-01-000123"
+
+
+# --- cost --------------------------------------------------------------------------------
+
+# Far above what the inspection takes (about a second on a busy CI core), far below what a
+# detector that is quadratic in the number of digit groups took (minutes).
+INSPECTION_BUDGET_S = 30
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "1234 5678 9012 " * 69905,
+        "DE89 3704 0044 0532 0130 00 " * 37449,
+        "a3f5c1b2d4e6f7089a1b2c3d4e5f6071 " * 31775,
+        "\u00e9 1234 5678 " * 80659,
+    ],
+    ids=["digit-groups", "ibans", "hex-tokens", "non-ascii"],
+)
+def test_a_full_size_body_is_inspected_within_the_budget(guarded: GuardedApp, body: str) -> None:
+    raw = body.encode()[: MAX_INSPECTED_BYTES - 16]
+    started = time.monotonic()
+    response = guarded.post(content=raw, headers={"content-type": "text/plain"})
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert elapsed < INSPECTION_BUDGET_S

@@ -118,7 +118,7 @@ def test_account_number_with_bank_code() -> None:
         ({"iban": "DE89370400440532013000", "bic": "DEUT"}, "details.bic"),
         ({"iban": "DE89370400440532013000", "account_holder": ""}, "details.account_holder"),
         ({"iban": "DE89370400440532013000", "account_holder": "x" * 141}, None),
-        ({"iban": "DE89370400440532013000", "routing": "021000021"}, "details.routing"),
+        ({"iban": "DE89370400440532013000", "routing": "021000021"}, "details.(field 2)"),
     ],
 )
 def test_bank_transfer_form_errors(details: dict[str, Any], field: str | None) -> None:
@@ -303,3 +303,53 @@ def test_planted_values_never_appear_in_errors(model: Any, details: dict[str, st
     said = everything_said(rejected(method, details)) + pydantic_text
     for value in details.values():
         assert value not in said
+
+
+# --- checked after normalisation: what is checked is what is sealed ---------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "details", "field"),
+    [
+        (
+            "bank_transfer",
+            {"account_number": "4242\n4242\n4242\n4242", "bank_code": "021000021"},
+            "account_number",
+        ),
+        (
+            "bank_transfer",
+            {"account_number": "\uff14\uff12\uff14\uff12" * 4, "bank_code": "021000021"},
+            "account_number",
+        ),
+        (
+            "bank_transfer",
+            {"account_number": "1234567", "bank_code": "4242\u200b4242\u200b4242\u200b4242"},
+            "bank_code",
+        ),
+        ("mobile_money", {"phone": "+378282246310005", "provider": "mpesa"}, "phone"),
+        ("paypal", {"email": "4242424242424242@example.com"}, "email"),
+    ],
+    ids=["newlines", "fullwidth", "zero-width", "amex-after-plus", "email"],
+)
+def test_a_card_number_is_refused_in_any_payout_field(
+    method: str, details: dict[str, str], field: str
+) -> None:
+    holder = {"account_holder": "Acme Ltd"} if method == "bank_transfer" else {}
+    exc = rejected(method, {**details, **holder})
+    assert error_fields(exc) == [f"details.{field}"]
+    assert "looks like a card number" in exc.extra["errors"][0]["message"]
+    assert "4242" not in everything_said(exc)
+
+
+def test_a_card_number_in_the_account_holder_is_refused() -> None:
+    exc = rejected(
+        "bank_transfer",
+        {"iban": "DE89370400440532013000", "account_holder": "Jane 4242 4242 4242 4242"},
+    )
+    assert error_fields(exc) == ["details.account_holder"]
+
+
+def test_unicode_digits_are_sealed_as_ascii() -> None:
+    phone = "+\u0662\u0665\u0664\u0667\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668"
+    details = parse_details("mobile_money", {"phone": phone, "provider": "mpesa"})
+    assert details.secret_values()["phone"] == "+254712345678"

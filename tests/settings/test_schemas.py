@@ -133,7 +133,9 @@ def test_time_zone_rejects_unknown_names(value: str) -> None:
 def test_time_zone_error_is_clear() -> None:
     errors = errors_of("localization", {"timezone": "Mars/Olympus"})
     assert [(e["loc"], e["type"]) for e in errors] == [(("timezone",), "time_zone")]
-    assert "Mars/Olympus" in errors[0]["msg"]
+    # Clear, but without the rejected value: it could be anything, a secret included.
+    assert "Mars/Olympus" not in errors[0]["msg"]
+    assert "IANA" in errors[0]["msg"]
     assert "IANA" in errors[0]["msg"]
 
 

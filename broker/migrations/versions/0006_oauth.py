@@ -1,7 +1,7 @@
 """OAuth connections: single-use connect states, and integrations that need a reconnect.
 
-Revision ID: 0006
-Revises: 0004 (to be chained after 0005, the job queue)
+Revision ID: 0006_oauth
+Revises: 0005_job_queue
 Create Date: 2026-11-30
 """
 
@@ -10,9 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
-# TODO(lead): "0005" once the job queue's revision lands; 0004 is today's head.
-down_revision = "0004"
+revision = "0006_oauth"
+down_revision = "0005_job_queue"
 branch_labels = None
 depends_on = None
 
