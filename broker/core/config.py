@@ -132,6 +132,8 @@ class Settings(BaseSettings):
     oauth_refresh_margin_s: int = Field(default=60, ge=0, le=1800)
     # How long a fetch waits for another process's refresh of the same credential.
     oauth_refresh_lock_timeout_s: float = Field(default=12.0, gt=0, le=30)
+    # The background job refreshes access tokens with less than this left.
+    oauth_refresh_ahead_s: int = Field(default=600, ge=60, le=3600)
 
     @field_validator(
         "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"

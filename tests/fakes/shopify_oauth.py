@@ -123,6 +123,8 @@ class FakeShopifyOAuth:
         self.refresh_calls = 0
         self.exchange_calls = 0
         self.refresh_calls_by_shop: Counter[str] = Counter()
+        # What `expires_in` says for new access tokens (Shopify: one hour).
+        self.access_ttl_s = ACCESS_TTL_S
         self.lose_next_refresh_reply = False
         self.lose_next_exchange_reply = False
         # After a refresh has rotated, wait this long before answering (a slow Shopify,
@@ -233,12 +235,12 @@ class FakeShopifyOAuth:
         now = self.clock.now()
         access = "shpat_" + secrets.token_hex(16)
         refresh = "shprt_" + secrets.token_hex(16)
-        self._access[access] = _Access(shop, now + ACCESS_TTL_S)
+        self._access[access] = _Access(shop, now + self.access_ttl_s)
         state.refresh_expiry[refresh] = now + REFRESH_TTL_S
         return {
             "access_token": access,
             "scope": state.scope or self.granted_scopes,
-            "expires_in": ACCESS_TTL_S,
+            "expires_in": self.access_ttl_s,
             "refresh_token": refresh,
             "refresh_token_expires_in": REFRESH_TTL_S,
         }
