@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 from prometheus_client import Gauge
@@ -24,10 +25,13 @@ from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
+from broker.integrations.oauth import Clock, OAuthAccess
 from broker.integrations.providers import ProviderEndpoints
+from broker.integrations.routes import callback_router as oauth_callback_router
 from broker.integrations.routes import router as integrations_router
 from broker.integrations.schemas import document_provider_fields
 from broker.integrations.service import Outbound
+from broker.models import utcnow
 from broker.payments.guard import CardDataGuard
 from broker.payments.platform import StripeAccess
 from broker.payments.routes import router as payments_router
@@ -43,6 +47,7 @@ ROUTERS = (
     audit_router,
     credentials_router,
     integrations_router,
+    oauth_callback_router,
     payments_router,
     settings_router,
     tenants_router,
@@ -54,8 +59,10 @@ def create_app(
     *,
     engine: Engine | None = None,
     vault: VaultGateway | None = None,
+    clock: Clock = utcnow,
 ) -> FastAPI:
-    """Build the app. Tests may hand in their own engine and gateway (real ones)."""
+    """Build the app. Tests may hand in their own engine and gateway (real ones), and a clock
+    that OAuth token expiry is judged by."""
     if settings.database_url is None and engine is None:
         raise ValueError("a database is required (BROKER_DATABASE_URL)")
     engine = engine or make_engine(
@@ -95,6 +102,9 @@ def create_app(
     app.state.outbound = outbound_for(settings)
     app.state.dependency_metrics = dependencies = DependencyMetrics(app.state.metrics.registry)
     vault.observe = dependencies.vault_call
+    app.state.oauth = oauth_access_for(
+        settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
+    )
     app.state.stripe = StripeAccess(
         vault,
         api_base=settings.stripe_api_base,
@@ -138,6 +148,28 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
     return app
+
+
+def oauth_access_for(
+    settings: Settings,
+    *,
+    engine: Engine,
+    vault: VaultGateway,
+    outbound: Outbound,
+    clock: Clock = utcnow,
+) -> OAuthAccess:
+    """What the OAuth connect, refresh and migration need, from the settings."""
+    return OAuthAccess(
+        engine=engine,
+        vault=vault,
+        outbound=outbound,
+        redirect_base_url=settings.oauth_redirect_base_url,
+        return_urls=tuple(settings.oauth_return_urls),
+        state_ttl=timedelta(seconds=settings.oauth_state_ttl_s),
+        refresh_margin=timedelta(seconds=settings.oauth_refresh_margin_s),
+        lock_timeout_s=settings.oauth_refresh_lock_timeout_s,
+        clock=clock,
+    )
 
 
 def outbound_for(settings: Settings) -> Outbound:

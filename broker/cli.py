@@ -24,6 +24,7 @@ from broker.audit.cli import audit_app
 from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
+from broker.integrations.cli import shopify_app
 from broker.legacy.cli import migrate_app
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(migrate_app, name="migrate")
+app.add_typer(shopify_app, name="shopify")
 log = logging.getLogger("broker.cli")
 
 

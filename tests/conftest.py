@@ -191,12 +191,29 @@ def stripe_server(vault_admin: VaultGateway) -> Iterator[FakeStripe]:
 
 
 @pytest.fixture(scope="session")
+def shopify_app(vault_admin: VaultGateway) -> None:
+    """The platform's Shopify app in Vault, as operators store it (OAuth connect needs it)."""
+    vault_admin.kv_write(
+        "platform/shopify",
+        {"client_id": "session-client-id", "client_secret": "shpss_" + uuid.uuid4().hex},
+        cas=None,
+    )
+
+
+OAUTH_SETTINGS: dict[str, Any] = {
+    "oauth_redirect_base_url": "https://broker.platform.test",
+    "oauth_return_urls": ["https://app.platform.test/settings/integrations"],
+}
+
+
+@pytest.fixture(scope="session")
 def settings(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
     database_url: str,
     providers: FakeProviders,
     stripe_server: FakeStripe,
+    shopify_app: None,
 ) -> Settings:
     """The broker's settings for the session."""
     return make_settings(
@@ -205,6 +222,7 @@ def settings(
         database_url,
         stripe_api_base=stripe_server.base_url,
         **provider_overrides(providers),
+        **OAUTH_SETTINGS,
     )
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Lease",
     "OpenAICredentials",
     "ProviderCredentials",
+    "ReconnectRequired",
     "ShopifyCredentials",
     "TwilioCredentials",
     "WhatsAppCredentials",
@@ -100,6 +101,12 @@ class CredentialsNotFound(BrokerClientError):
 
 class AccessDenied(BrokerClientError):
     """The token is missing, invalid, expired, or lacks credentials:read (401/403)."""
+
+
+class ReconnectRequired(BrokerClientError):
+    """The provider revoked the tenant's OAuth connection: only the tenant can reconnect it.
+
+    Retrying does not help; tell the tenant (the broker's integrations list says so too)."""
 
 
 class WrappingTokenTampered(BrokerClientError):
@@ -270,6 +277,10 @@ class _Entry:
     refresh_mono: float
 
 
+# Revoked, deleted, disconnected or suspicious: the cached copy is never served again.
+_FORGET_ON = (CredentialsNotFound, AccessDenied, WrappingTokenTampered, ReconnectRequired)
+
+
 class _Flight:
     """One fetch in progress; other callers for the same key wait for its outcome."""
 
@@ -305,6 +316,17 @@ def _retry_after(response: httpx.Response) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _reconnect_required(response: httpx.Response) -> bool:
+    """Whether a problem+json answer says the tenant must reconnect an OAuth connection."""
+    if not response.headers.get("content-type", "").startswith("application/problem+json"):
+        return False
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("reconnect_required") is True
 
 
 def _problem_detail(response: httpx.Response) -> str:
@@ -484,9 +506,7 @@ class BrokerClient:
                     del self._flights[key]
                     if flight.entry is not None:
                         self._cache[key] = flight.entry
-                    elif isinstance(
-                        flight.error, CredentialsNotFound | AccessDenied | WrappingTokenTampered
-                    ):
+                    elif isinstance(flight.error, _FORGET_ON):
                         # Revoked, deleted or suspicious: never serve the old copy again.
                         self._cache.pop(key, None)
             flight.done.set()
@@ -612,6 +632,10 @@ class BrokerClient:
         if status in (401, 403):
             raise AccessDenied(
                 f"the broker refused the token ({detail})", status=status, request_id=request_id
+            )
+        if status == 409 and _reconnect_required(response):
+            raise ReconnectRequired(
+                f"the tenant must reconnect ({detail})", status=status, request_id=request_id
             )
         raise BrokerClientError(
             f"the broker refused the request ({detail})", status=status, request_id=request_id

@@ -121,7 +121,23 @@ class Settings(BaseSettings):
     jobs_stalled_check_s: int = Field(default=15, ge=1, le=60)
     jobs_poll_interval_s: float = Field(default=5.0, gt=0, le=60)
 
-    @field_validator("vault_addrs", "jwt_algorithms", "trusted_proxies", mode="before")
+    # OAuth connect and refresh (issue 13, Shopify first). The callback the provider
+    # sends the browser to is `<oauth_redirect_base_url>/v1/oauth/callback/<provider>`;
+    # afterwards the browser goes to one of `oauth_return_urls` (an exact allowlist, the
+    # first is the default), never to a URL a request names.
+    oauth_redirect_base_url: str | None = None
+    oauth_return_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    oauth_state_ttl_s: int = Field(default=600, ge=60, le=3600)
+    # A fetch refreshes an access token with less than this left.
+    oauth_refresh_margin_s: int = Field(default=60, ge=0, le=1800)
+    # How long a fetch waits for another process's refresh of the same credential.
+    oauth_refresh_lock_timeout_s: float = Field(default=12.0, gt=0, le=30)
+    # The background job refreshes access tokens with less than this left.
+    oauth_refresh_ahead_s: int = Field(default=600, ge=60, le=3600)
+
+    @field_validator(
+        "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
+    )
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -162,6 +178,10 @@ class Settings(BaseSettings):
             problems.append("no database (BROKER_DATABASE_URL)")
         if self.egress_allow_http or self.egress_allow_loopback:
             problems.append("provider calls may reach plain HTTP or loopback (BROKER_EGRESS_*)")
+        # OAuth codes and outcomes travel in these URLs' queries.
+        oauth_urls = [*self.oauth_return_urls, *filter(None, [self.oauth_redirect_base_url])]
+        if any(not url.startswith("https://") for url in oauth_urls):
+            problems.append("an OAuth callback or return URL is not https (BROKER_OAUTH_*)")
         if problems:
             raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
         return self

@@ -48,6 +48,10 @@ class VaultBudget:
             self._deadline = time.monotonic() + budget_s
         return self._deadline
 
+    def restart(self) -> None:
+        """Let the next Vault call start a fresh budget."""
+        self._deadline = None
+
     def __repr__(self) -> str:
         return "VaultBudget()"
 
@@ -66,6 +70,17 @@ def vault_deadline(budget_s: float) -> float:
     if ctx is None or ctx.vault_budget is None:
         return time.monotonic() + budget_s
     return ctx.vault_budget.deadline(budget_s)
+
+
+def restart_vault_budget() -> None:
+    """Give the rest of the request a fresh Vault budget.
+
+    For time the request spent on something other than Vault, bounded on its own:
+    waiting for another replica's OAuth refresh, or the provider's token endpoint.
+    """
+    ctx = _current.get()
+    if ctx is not None and ctx.vault_budget is not None:
+        ctx.vault_budget.restart()
 
 
 def bind(ctx: RequestContext) -> None:

@@ -30,7 +30,7 @@ _SECRET_PATTERNS = [
     re.compile(r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{8,}"),  # Stripe keys
     re.compile(r"\b(?:seti|pi)_[A-Za-z0-9]+_secret_[A-Za-z0-9]+"),  # Stripe client secrets
     re.compile(r"\b(?:ck|cs)_[A-Za-z0-9]{16,}"),  # WooCommerce keys
-    re.compile(r"\bshp(?:at|ca|pa|ss)_[A-Za-z0-9]{16,}"),  # Shopify tokens
+    re.compile(r"\bshp(?:at|ca|pa|ss|rt)_[A-Za-z0-9]{16,}"),  # Shopify tokens
     re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),  # OpenAI keys
     re.compile(r"(?i)(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]+:)[^@\s]+@"),  # DSN passwords
 ]
@@ -40,6 +40,11 @@ _SENSITIVE_KEY = re.compile(
 )
 
 
+# An OAuth callback's query (in a library's debug line, an error's URL): the code, the
+# state and the signature are single-use credentials while they live.
+_OAUTH_QUERY = re.compile(r"(?i)([?&](?:code|state|hmac|signature)=)[^&\s\"'#]+")
+
+
 def redact_text(text: str) -> str:
     """Replace every known credential shape, and anything like a card number, in `text`."""
     for pattern in _SECRET_PATTERNS:
@@ -47,6 +52,7 @@ def redact_text(text: str) -> str:
             text = pattern.sub(lambda m: m.group(1) + REDACTED + "@", text)
         else:
             text = pattern.sub(REDACTED, text)
+    text = _OAUTH_QUERY.sub(lambda m: m.group(1) + REDACTED, text)
     # The guard's own detector, with percent escapes decoded: a refused URL is logged in the
     # forms a client sent it ("4242%204242...", "4242+4242..."), not the ones it meant.
     return redact_card_numbers(text, REDACTED, url=True)

@@ -6,7 +6,7 @@ from functools import partial
 from typing import Annotated
 
 import anyio.to_thread
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from broker.audit import trail
@@ -34,7 +34,10 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     responses=problem_responses(
         {
             404: "No such credentials, or a tenant outside the token",
-            409: "The stored data does not verify against its sealed copy (tampered with)",
+            409: (
+                "The stored data does not verify against its sealed copy (tampered with), "
+                "or the OAuth connection was revoked and the tenant must reconnect"
+            ),
             503: "Vault is unavailable; retry after Retry-After",
         }
     ),
@@ -42,6 +45,7 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
 async def fetch_credentials(
     tenant_id: str,
     provider: ProviderName,
+    request: Request,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
@@ -80,6 +84,8 @@ async def fetch_credentials(
                 provider=provider,
                 lease_s=lease_s,
                 wrap_ttl_s=ttl_s,
+                principal=principal,
+                access=request.app.state.oauth,
             ),
             limiter=vault_threads,
         )

@@ -1,6 +1,10 @@
 """Service delivery: a tenant's credentials as a short lease, or wrapped for one unwrap.
 
-Only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
+An OAuth connection delivers only its access token, leased until the token's own
+expiry; the refresh token never leaves the broker. An expired access token is
+refreshed first (see broker/integrations/oauth.py), the one case that needs
+PostgreSQL. Otherwise only Vault is needed on this path (a PostgreSQL outage must
+not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit
 trail as well, best effort.
@@ -19,8 +23,9 @@ from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.errors import Forbidden, NotFound, ValidationFailed
-from broker.integrations.providers import get_provider
-from broker.integrations.service import read_credentials
+from broker.integrations import oauth
+from broker.integrations.providers import Credentials, get_provider
+from broker.integrations.service import read_sealed
 from broker.tenants.deletions import DeletionWatch
 from broker.vault.errors import CiphertextRetired
 from broker.vault.gateway import VaultGateway, WrappedSecret
@@ -95,30 +100,69 @@ def deliver(
     provider: str,
     lease_s: int,
     wrap_ttl_s: int | None,
+    principal: Principal,
+    access: oauth.OAuthAccess,
 ) -> Lease | tuple[Lease, WrappedSecret]:
-    """A lease, or a lease wrapped for one unwrap: Vault only, never the database."""
+    """A lease, or a lease wrapped for one unwrap: Vault only, never the database
+    (except to refresh an expired OAuth access token)."""
     if deletions.is_deleting(tenant_id):
         raise NotFound(NO_SUCH)
-    lease = fetch(vault, tenant_id=tenant_id, provider=provider, lease_s=lease_s)
+    lease = fetch(
+        vault,
+        tenant_id=tenant_id,
+        provider=provider,
+        lease_s=lease_s,
+        principal=principal,
+        access=access,
+    )
     if wrap_ttl_s is None:
         return lease
     return lease, wrap(vault, lease, ttl_s=wrap_ttl_s)
 
 
-def fetch(vault: VaultGateway, *, tenant_id: str, provider: str, lease_s: int) -> Lease:
+def fetch(
+    vault: VaultGateway,
+    *,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    principal: Principal,
+    access: oauth.OAuthAccess,
+) -> Lease:
     """Read and decrypt the current credentials and attach a lease."""
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
     try:
-        creds, version = read_credentials(vault, tenant_id=tenant_id, provider=provider)
+        record, sealed = read_sealed(vault, tenant_id=tenant_id, provider=provider)
     except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.
         raise NotFound(NO_SUCH) from None
+    identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
+    if record.public.get("kind") == "oauth":
+        tokens, version = oauth.current_tokens(
+            access,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            version=record.version,
+            public=record.public,
+            sealed=sealed,
+        )
+        return Lease(
+            tenant_id=tenant_id,
+            provider=provider,
+            version=version,
+            fields={**identifiers, "access_token": tokens.access_token},
+            issued_at=access.clock(),
+            # The lease is the token's own life: past it the provider refuses the token.
+            expires_at=tokens.access_expires_at,
+        )
+    creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
     return Lease(
         tenant_id=tenant_id,
         provider=provider,
-        version=version,
+        version=record.version,
         fields={name: creds.reveal(name) or "" for name in sorted(creds.names())},
         issued_at=now,
         expires_at=now + timedelta(seconds=lease_s),

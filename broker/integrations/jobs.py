@@ -1,14 +1,21 @@
-"""Background work on integration credentials: settle writes Vault never answered."""
+"""Background work on integration credentials: settle writes Vault never answered, and
+refresh OAuth access tokens before they expire."""
 
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 
 from procrastinate import JobContext
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from broker.app import oauth_access_for, outbound_for
+from broker.auth.principal import Principal
 from broker.core import context as request_context
+from broker.core.errors import BrokerError
+from broker.integrations import oauth
+from broker.integrations.providers import PROVIDERS
 from broker.integrations.service import reconcile_tenant
 from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
 from broker.models import IntegrationCredential, Tenant
@@ -17,6 +24,9 @@ from broker.vault.sealed import SealedStore
 log = logging.getLogger(__name__)
 
 RECONCILE_PENDING = "integrations.reconcile_pending"
+REFRESH_DUE = "integrations.refresh_due_tokens"
+# Credentials one run refreshes at most; the next minute's run takes the rest.
+REFRESH_BATCH = 500
 
 
 def tenants_with_pending_writes(engine: Engine) -> list[str]:
@@ -61,3 +71,70 @@ def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
     if pending:
         log.info("reconciled pending credential rows", extra={"fields": {"pending": pending}})
     return pending
+
+
+# One run at a time, at most one waiting; each refresh also takes the credential's own
+# locks, so a fetch refreshing the same token at the same moment never doubles it.
+@app.periodic(cron="* * * * *")
+@app.task(
+    name=REFRESH_DUE,
+    queue=MAINTENANCE_QUEUE,
+    pass_context=True,
+    lock=REFRESH_DUE,
+    queueing_lock=REFRESH_DUE,
+)
+def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
+    """Refresh every OAuth access token that expires within `oauth_refresh_ahead_s`.
+
+    Fetches then never wait on a refresh. Idempotent: a token refreshed meanwhile is
+    fresh enough and skipped. A credential that fails (provider down, grant revoked)
+    is logged and left to the next run, or to `needs_reconnect`. Returns how many
+    were refreshed.
+    """
+    shared = resources(context)
+    request_context.bind(
+        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
+    )
+    outbound = outbound_for(shared.settings)
+    access = oauth_access_for(
+        shared.settings, engine=shared.engine, vault=shared.vault, outbound=outbound
+    )
+    worker = Principal(subject="broker-worker", kind="service", scopes=frozenset())
+    ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)
+    refreshed = failed = 0
+    try:
+        for provider, spec in PROVIDERS.items():
+            if spec.oauth is None:
+                continue
+            due = oauth.due_for_refresh(
+                shared.engine, provider=provider, before=access.clock() + ahead, limit=REFRESH_BATCH
+            )
+            for tenant_id in due:
+                try:
+                    refreshed += oauth.refresh_if_due(
+                        access,
+                        principal=worker,
+                        tenant_id=tenant_id,
+                        provider=provider,
+                        within=ahead,
+                    )
+                except BrokerError as exc:
+                    failed += 1
+                    log.warning(
+                        "could not refresh an OAuth token ahead of its expiry",
+                        extra={
+                            "fields": {
+                                "tenant_id": tenant_id,
+                                "provider": provider,
+                                "error": exc.message,
+                            }
+                        },
+                    )
+    finally:
+        outbound.client.close()
+    if refreshed or failed:
+        log.info(
+            "refreshed OAuth tokens ahead of expiry",
+            extra={"fields": {"refreshed": refreshed, "failed": failed}},
+        )
+    return refreshed

@@ -4,6 +4,10 @@ them, and how to test a set of credentials against the provider's API.
 Secret fields end up encrypted in Vault and are only ever shown as a masked hint;
 identifier fields (a store URL, a shop domain) are stored in PostgreSQL and shown as-is.
 No message produced here ever contains a field's value.
+
+Credentials are of the "static" kind (pasted by an admin, validated by these fields) or,
+for a provider whose spec has an `OAuthSpec`, of the "oauth" kind: connected through
+the provider's consent and refreshed by the broker (broker/integrations/oauth.py).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ __all__ = [
     "ConnectionResult",
     "Credentials",
     "FieldSpec",
+    "OAuthSpec",
     "ProviderEndpoints",
     "ProviderSpec",
     "get_provider",
@@ -352,6 +357,55 @@ def _is_list(body: Any) -> bool:
 
 
 @dataclass(frozen=True)
+class TokenMapping:
+    """Which keys of a token endpoint's JSON answer hold what the broker stores."""
+
+    access_token: str = "access_token"
+    refresh_token: str = "refresh_token"
+    expires_in: str = "expires_in"
+    refresh_expires_in: str = "refresh_token_expires_in"
+    scope: str = "scope"
+
+
+@dataclass(frozen=True)
+class OAuthSpec:
+    """The "oauth" credential kind: how a tenant connects through the provider's consent.
+
+    URLs are templates over ``{base}``, the account's own API base (``https://{shop}``
+    for Shopify). The token set is stored beside the identifier field ``account_field``;
+    the connection is tested with the provider's usual probe, given the access token.
+    """
+
+    base_url: Callable[[ProviderEndpoints, str], str] = field(repr=False, compare=False)
+    """The account's API base URL from the account name (tests point it at a local server)."""
+    authorize_path: str
+    token_path: str
+    scopes: tuple[str, ...]
+    account_field: str
+    """The identifier field naming the account (the shop domain)."""
+    account_pattern: re.Pattern[str] = field(repr=False)
+    scope_separator: str = ","
+    token_params: Mapping[str, str] = field(default_factory=dict)
+    """Extra parameters of the code exchange and token exchange (Shopify: ``expiring=1``)."""
+    token_exchange: Mapping[str, str] = field(default_factory=dict)
+    """How a pasted long-lived token is exchanged for an expiring set (RFC 8693 parameters,
+    the pasted token going in ``subject_token``); empty when the provider has no such
+    migration."""
+    mapping: TokenMapping = field(default_factory=TokenMapping)
+    client_path: str = ""
+    """KV path (under the platform's secrets) of the app's client_id and client_secret."""
+    callback_signature: Literal["shopify_hmac"] = "shopify_hmac"
+
+    def authorize_url(self, endpoints: ProviderEndpoints, account: str) -> str:
+        """Where the admin's browser goes to consent."""
+        return self.base_url(endpoints, account).rstrip("/") + self.authorize_path
+
+    def token_url(self, endpoints: ProviderEndpoints, account: str) -> str:
+        """The token endpoint for code exchange, refresh and token exchange."""
+        return self.base_url(endpoints, account).rstrip("/") + self.token_path
+
+
+@dataclass(frozen=True)
 class ProviderSpec:
     """Everything the broker knows about one provider's credentials."""
 
@@ -368,6 +422,13 @@ class ProviderSpec:
         default=None, repr=False, compare=False
     )
     """The field that names where the broker and the SDK will call, and that base URL."""
+    oauth: OAuthSpec | None = field(default=None, repr=False, compare=False)
+    """Set when the provider can also be connected through OAuth (the "oauth" kind)."""
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The credential kinds this provider accepts: "static", and "oauth" if it has one."""
+        return ("static", "oauth") if self.oauth is not None else ("static",)
 
     def field_spec(self, name: str) -> FieldSpec | None:
         """The spec of one field, or None for an unknown name."""
@@ -612,6 +673,26 @@ _WOOCOMMERCE = ProviderSpec(
     not_found_hint="check the store URL and that the WooCommerce REST API is enabled",
 )
 
+SHOP_DOMAIN = _ascii(r"[a-zA-Z0-9][a-zA-Z0-9-]*\.myshopify\.com")
+"""What Shopify's docs accept as a shop in a callback (also the connect request's input)."""
+
+_SHOPIFY_OAUTH = OAuthSpec(
+    base_url=lambda endpoints, shop: endpoints.shopify_base or f"https://{shop}",
+    authorize_path="/admin/oauth/authorize",
+    token_path="/admin/oauth/access_token",
+    scopes=("read_products", "read_orders"),
+    account_field="shop_domain",
+    account_pattern=SHOP_DOMAIN,
+    # Expiring offline tokens: one hour, with a rotating 90-day refresh token.
+    token_params={"expiring": "1"},
+    token_exchange={
+        "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+        "subject_token_type": "urn:shopify:params:oauth:token-type:offline-access-token",
+        "requested_token_type": "urn:shopify:params:oauth:token-type:offline-access-token",
+    },
+    client_path="platform/shopify",
+)
+
 _SHOPIFY = ProviderSpec(
     name="shopify",
     title="Shopify",
@@ -642,6 +723,7 @@ _SHOPIFY = ProviderSpec(
     rejects=_auth_rejected,
     expects=_is_dict_with("shop", dict),
     not_found_hint="check the shop domain",
+    oauth=_SHOPIFY_OAUTH,
 )
 
 _WHATSAPP = ProviderSpec(

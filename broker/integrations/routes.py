@@ -1,22 +1,30 @@
-"""Integration credential routes: set, test, list, delete, versions and restore."""
+"""Integration credential routes: set, test, list, delete, versions, restore, OAuth connect."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import RedirectResponse
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core import context
+from broker.core.errors import RateLimited
 from broker.core.http import problem_responses
+from broker.core.ratelimit import RateLimiter
 from broker.deps import EngineDep, VaultDep
-from broker.integrations import service
+from broker.integrations import oauth, service
 from broker.integrations.providers import get_provider
 from broker.integrations.schemas import (
+    ConnectRequest,
+    ConnectView,
     CredentialsTest,
     CredentialsWrite,
     IntegrationView,
+    MigrationView,
     ProviderName,
     TestResult,
     VersionView,
@@ -25,6 +33,10 @@ from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
+# The provider sends the admin's browser here: no bearer token, the signed query is the proof.
+callback_router = APIRouter(prefix="/v1/oauth/callback", tags=["integrations"])
+UNAUTHENTICATED_PATHS = frozenset({"/v1/oauth/callback/{provider}"})
+"""Routes without `require(...)`: their proof is the provider's signature and the state."""
 
 Viewer = Annotated[
     Principal, require(Scope.INTEGRATIONS_VIEW, Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN)
@@ -177,3 +189,96 @@ def restore_version(
     )
     response.headers["ETag"] = service.etag(row)
     return IntegrationView.of(get_provider(provider), row)
+
+
+@router.post(
+    "/{provider}/migrate-expiring",
+    response_model=MigrationView,
+    responses=problem_responses(
+        {
+            404: "No such provider, none with a token exchange, or no tenant",
+            409: CHANGED,
+            412: "The credentials changed while they were migrated; retry",
+            422: "The provider refused to exchange the stored token: connect instead",
+            503: "The provider or Vault did not answer; retrying is safe",
+        }
+    ),
+)
+def migrate_to_expiring(
+    provider: ProviderName,
+    request: Request,
+    principal: Writer,
+    dry_run: Annotated[bool, Query(description="Only say what would happen.")] = False,
+) -> MigrationView:
+    """Exchange the pasted long-lived token for an expiring, refreshed one (irreversible)."""
+    done = oauth.migrate_to_expiring(
+        _oauth(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        dry_run=dry_run,
+    )
+    return MigrationView(outcome=done.outcome, version=done.version)
+
+
+def _oauth(request: Request) -> oauth.OAuthAccess:
+    access: oauth.OAuthAccess = request.app.state.oauth
+    return access
+
+
+@router.post(
+    "/{provider}/connect",
+    response_model=ConnectView,
+    responses=problem_responses(
+        {404: "No such provider, none with OAuth, or no tenant", 503: "OAuth is not configured"}
+    ),
+)
+def start_connect(
+    provider: ProviderName, body: ConnectRequest, request: Request, principal: Writer
+) -> ConnectView:
+    """The provider's consent URL for one account; its single-use state lasts 10 minutes."""
+    found = oauth.start_connect(
+        _oauth(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        account=body.shop,
+        return_url=body.return_url,
+    )
+    return ConnectView(authorization_url=found.url, expires_at=found.expires_at)
+
+
+@callback_router.get(
+    "/{provider}",
+    response_class=RedirectResponse,
+    status_code=303,
+    responses={
+        303: {"description": "To the platform's return URL, with `outcome` (and `reason`)"},
+        **problem_responses(
+            {
+                404: "No such provider, or none that connects through OAuth",
+                429: "Too many refused callbacks from this address; retry after Retry-After",
+            }
+        ),
+    },
+)
+def finish_connect(provider: ProviderName, request: Request) -> RedirectResponse:
+    """Verify the provider's signed callback, store the tokens, redirect to the platform."""
+    # A refused callback is a failed authentication: past the address's limit, forged
+    # callbacks get a 429 before any work (or audit row) is spent on them.
+    limiter: RateLimiter = request.app.state.limiter
+    ctx = context.current()
+    key = f"addr:{ctx.client_addr if ctx else None}"
+    if limiter.exceeded("auth_failures", key):
+        wait = limiter.retry_after("auth_failures", key)
+        raise RateLimited("too many refused callbacks; retry later", retry_after=wait)
+    done = oauth.finish_connect(
+        _oauth(request), provider=provider, query=request.query_params.multi_items()
+    )
+    if done.refused:
+        with contextlib.suppress(RateLimited):
+            limiter.hit("auth_failures", key)
+    response = RedirectResponse(done.location, status_code=303)
+    response.headers["Cache-Control"] = "no-store"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    return response

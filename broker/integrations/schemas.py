@@ -94,6 +94,15 @@ class IntegrationView(BaseModel):
     connection_test_skipped: bool
     last_test: TestResult | None
     sync_pending: bool = Field(description="A write is being reconciled with Vault.")
+    kind: Literal["static", "oauth"] = Field(
+        default="static", description="Pasted credentials, or an OAuth connection."
+    )
+    needs_reconnect: bool = Field(
+        default=False, description="The provider refused the OAuth grant; connect again."
+    )
+    token_expires_at: datetime | None = Field(
+        default=None, description="When the current OAuth access token expires."
+    )
 
     @classmethod
     def of(cls, spec: ProviderSpec, row: IntegrationCredential | None) -> IntegrationView:
@@ -132,7 +141,41 @@ class IntegrationView(BaseModel):
             connection_test_skipped=row.connection_test_skipped,
             last_test=last_test,
             sync_pending=row.vault_sync_pending,
+            kind="oauth" if row.credential_kind == "oauth" else "static",
+            needs_reconnect=row.needs_reconnect,
+            token_expires_at=row.token_expires_at,
         )
+
+
+class ConnectRequest(BaseModel):
+    """Start an OAuth connect for one account of the provider."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    shop: str = Field(
+        max_length=255,
+        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9-]*\.myshopify\.com$",
+        description="The shop's myshopify.com domain.",
+    )
+    return_url: str | None = Field(
+        default=None,
+        max_length=2000,
+        description="Where the browser ends up; one of the platform's configured return URLs.",
+    )
+
+
+class ConnectView(BaseModel):
+    """Where to send the admin's browser; the URL works once, until `expires_at`."""
+
+    authorization_url: str
+    expires_at: datetime
+
+
+class MigrationView(BaseModel):
+    """What migrating the pasted token to an expiring OAuth set did."""
+
+    outcome: Literal["migrated", "already_expiring", "not_configured", "would_migrate"]
+    version: int | None = Field(description="The KV version now current, when configured.")
 
 
 class VersionView(BaseModel):

@@ -45,6 +45,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine
@@ -86,7 +87,12 @@ def item_name(provider: str) -> str:
 
 def etag(row: IntegrationCredential | None) -> str:
     """The ETag of one provider's credentials: the KV version they describe."""
-    return f'"{row.kv_version if row else 0}"'
+    return etag_of(row.kv_version if row else 0)
+
+
+def etag_of(version: int) -> str:
+    """The ETag of a KV version."""
+    return f'"{version}"'
 
 
 @dataclass(frozen=True)
@@ -133,6 +139,17 @@ def read_credentials(
     if record is None:
         raise NotFound("this integration is not configured")
     return _open(store, tenant_id, provider, record), record.version
+
+
+def read_sealed(
+    vault: VaultGateway, *, tenant_id: str, provider: str
+) -> tuple[SealedRecord, dict[str, str]]:
+    """The current record and its opened secrets, whatever its kind (Vault only)."""
+    store = SealedStore(vault)
+    record = store.read(tenant_id, item_name(provider))
+    if record is None:
+        raise NotFound("this integration is not configured")
+    return record, store.open(tenant_id, item_name(provider), record)
 
 
 def versions(vault: VaultGateway, *, tenant_id: str, provider: str) -> list[dict[str, Any]]:
@@ -212,6 +229,9 @@ def restore_version(
     record = store.read(tenant_id, item_name(provider), version=version)
     if record is None:
         raise NotFound("no such version (it may have been deleted or destroyed)")
+    if record.public.get("kind") == "oauth":
+        # Its refresh token was rotated away or will be: restoring it would store a dead grant.
+        raise ValidationFailed("an OAuth connection cannot be restored; connect the account again")
     creds = _open(store, tenant_id, provider, record)
     # The old version's URL is written again: it passes today's egress check, as a save
     # would (it may predate the check, or its host may resolve elsewhere now).
@@ -263,6 +283,7 @@ def delete_credentials(
             row.configured = False
             row.hints = {}
             row.identifiers = {}
+            row.token_expires_at = None
             row.updated_at = utcnow()
             row.updated_by = principal.actor
             _settle(row)
@@ -276,6 +297,61 @@ def delete_credentials(
             principal=principal,
             tenant_id=tenant_id,
             detail={"kv_version": begun.cas},
+        )
+
+
+def store_token_set(
+    engine: Engine,
+    vault: VaultGateway,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    secrets: dict[str, str],
+    identifiers: dict[str, str],
+    public: dict[str, Any],
+    action: str,
+    if_match: str | None,
+    test: ConnectionResult | None,
+) -> IntegrationCredential:
+    """Store an OAuth token set through the same write protocol as any credential."""
+    get_provider(provider)
+    return _write(
+        engine,
+        SealedStore(vault),
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        if_match=if_match,
+        action=action,
+        content=_Content(dict(secrets), dict(identifiers)),
+        public=public,
+        test=test,
+        skipped=False,
+    )
+
+
+def mark_needs_reconnect(
+    engine: Engine, *, principal: Principal, tenant_id: str, provider: str
+) -> None:
+    """The provider refused the stored grant: say so in the row, the status and the trail."""
+    with unit_of_work(engine) as session:
+        row = _locked_row(session, tenant_id, provider)
+        if row is None:
+            return
+        if not row.needs_reconnect:
+            row.needs_reconnect = True
+            row.updated_at = utcnow()
+            session.add(row)
+            _update_status(session, row)
+        trail.record(
+            session,
+            action="integration.needs_reconnect",
+            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            outcome="failed",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": "invalid_grant", "kv_version": row.kv_version},
         )
 
 
@@ -427,8 +503,18 @@ def _describe(
     row.updated_at = utcnow()
     row.updated_by = actor
     row.connection_test_skipped = skipped
+    row.credential_kind = str(public.get("kind") or "static")
+    row.token_expires_at = _token_expiry(public)
+    # A new grant (or a pasted token) replaces whatever the provider refused.
+    row.needs_reconnect = False
     if test is not None:
         _apply_test(row, test)
+
+
+def _token_expiry(public: Mapping[str, Any]) -> datetime | None:
+    """An OAuth record's access token expiry (sealed with it), None for static ones."""
+    value = public.get("access_expires_at") if public.get("kind") == "oauth" else None
+    return datetime.fromisoformat(str(value)) if value else None
 
 
 def _view(row: IntegrationCredential) -> IntegrationCredential:
@@ -580,8 +666,12 @@ def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
         row.identifiers = dict(record.public.get("identifiers") or {})
         row.updated_by = record.public.get("updated_by")
         row.connection_test_skipped = record.public.get("connection_test") == "skipped"
+        row.credential_kind = str(record.public.get("kind") or "static")
+        row.token_expires_at = _token_expiry(record.public)
+        row.needs_reconnect = False
     else:
         row.hints, row.identifiers = {}, {}
+        row.token_expires_at = None
     row.updated_at = utcnow()
     row.kv_version = version
     row.configured = record is not None
@@ -637,6 +727,7 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         last_test_at=row.last_test_at.isoformat() if row.last_test_at else None,
         last_test_ok=row.last_test_ok,
         last_test_reason=row.last_test_reason,
+        needs_reconnect=row.needs_reconnect,
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)
@@ -656,6 +747,11 @@ def _locked_row(session: Session, tenant_id: str, provider: str) -> IntegrationC
     ).first()
 
 
+def live_tenant(session: Session, tenant_id: str) -> Tenant:
+    """The tenant, unless missing or being deleted (NotFound)."""
+    return _live_tenant(session, tenant_id)
+
+
 def _live_tenant(session: Session, tenant_id: str) -> Tenant:
     tenant = session.get(Tenant, tenant_id)
     if tenant is None or tenant.deleting_at is not None:
@@ -665,6 +761,9 @@ def _live_tenant(session: Session, tenant_id: str) -> Tenant:
 
 def _open(store: SealedStore, tenant_id: str, provider: str, record: SealedRecord) -> Credentials:
     secrets = store.open(tenant_id, item_name(provider), record)
+    if record.public.get("kind") == "oauth":
+        # The refresh token stays with the OAuth code; a Credentials never carries it.
+        secrets = {"access_token": secrets["access_token"]}
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     return Credentials(provider, {**identifiers, **secrets})
 

@@ -152,6 +152,37 @@ class IntegrationCredential(SQLModel, table=True):
     pending_since: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+    # "static" (pasted by an admin) or "oauth" (connected through the provider's consent).
+    credential_kind: str = Field(default="static", max_length=16)
+    # The provider refused the refresh token (invalid_grant): only a new connect helps.
+    needs_reconnect: bool = Field(default=False)
+    # When the OAuth access token in Vault expires (None for static credentials).
+    token_expires_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class OAuthState(SQLModel, table=True):
+    """One pending OAuth connect: single-use, short-lived, bound to tenant, admin and shop.
+
+    Only the SHA-256 of the `state` parameter is stored.
+    """
+
+    __tablename__ = "oauth_states"
+
+    state_hash: str = Field(primary_key=True, max_length=64)
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    )
+    provider: str = Field(max_length=32)
+    actor: str = Field(max_length=200)
+    shop: str = Field(max_length=255)
+    return_url: str = Field(max_length=2000)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    used_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
 
 
 class KeyRotation(SQLModel, table=True):

@@ -384,6 +384,8 @@ class IntegrationStatus(_Model):
     last_test_at: AwareDatetime | None = None
     last_test_ok: StrictBool | None = None
     last_test_reason: Annotated[str, StringConstraints(max_length=200)] | None = None
+    # An OAuth connection whose grant the provider refused: the tenant must reconnect.
+    needs_reconnect: StrictBool = False
 
 
 class IntegrationsStatus(_Model):

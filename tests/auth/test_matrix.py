@@ -20,11 +20,18 @@ from sqlalchemy import Engine, text
 from broker.app import ROUTERS
 from broker.auth.dependencies import declared_scopes
 from broker.health.routes import PUBLIC_PATHS
+from broker.integrations.routes import UNAUTHENTICATED_PATHS
 from tests.conftest import bearer, make_tenant, new_tenant_id, token
 from tests.fakes.providers import VALID
 from tests.fakes.stripe import FakeStripe
 
-PUBLIC = PUBLIC_PATHS | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+# The OAuth callback carries no bearer token: Shopify's signature and the single-use
+# state are its proof (tests/integrations/test_oauth.py attacks it).
+PUBLIC = (
+    PUBLIC_PATHS
+    | UNAUTHENTICATED_PATHS
+    | {"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,19 @@ ROUTES: dict[tuple[str, str], Case] = {
     ("GET", INTEGRATION + "/versions"): Case(
         "GET",
         OPENAI + "/versions",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+    ),
+    ("POST", INTEGRATION + "/connect"): Case(
+        "POST",
+        "/v1/tenants/settings/integrations/shopify/connect",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        body=lambda: {"shop": "matrix-shop.myshopify.com"},
+    ),
+    ("POST", INTEGRATION + "/migrate-expiring"): Case(
+        "POST",
+        "/v1/tenants/settings/integrations/shopify/migrate-expiring",
         allowed=(("integrations:manage",), ("tenant:admin",)),
         insufficient=("integrations:view",),
     ),

@@ -154,6 +154,11 @@ def test_dev_is_the_default_and_tolerates_a_dev_setup() -> None:
             "JWKS URL is not https",
         ),
         ({"database_url": None}, "database"),
+        ({"oauth_redirect_base_url": "http://broker.example.com"}, "OAuth"),
+        (
+            {"oauth_return_urls": "https://app.example.com/ok,http://app.example.com/x"},
+            "OAuth callback or return URL is not https",
+        ),
     ],
 )
 def test_production_refuses_an_unsafe_configuration(

@@ -387,3 +387,19 @@ def test_every_notation_of_a_card_is_redacted_from_the_log(
         assert REDACTED in logged
         assert not contains_card_number(logged)
     assert str(entry["message"]).startswith("refused ")
+
+
+def test_an_oauth_callback_in_a_logged_url_is_redacted(log_output: io.StringIO) -> None:
+    code, state, signature = secrets.token_hex(16), secrets.token_urlsafe(32), secrets.token_hex(32)
+    refresh = "shprt_" + secrets.token_hex(16)
+    line = (
+        f"HTTP Request: GET http://testserver/v1/oauth/callback/shopify?code={code}&host=aG9zdA"
+        f'&shop=a.myshopify.com&state={state}&timestamp=1&hmac={signature} "HTTP/1.1 303"'
+    )
+    logging.getLogger("httpx").info(line)
+    logging.getLogger("httpx").debug("answer %s", {"refresh_token": refresh})
+
+    output = log_output.getvalue()
+    for value in (code, state, signature, refresh):
+        assert value not in output
+    assert "shop=a.myshopify.com" in output

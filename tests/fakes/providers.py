@@ -515,4 +515,25 @@ def _make_handler(fake: FakeProviders) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass  # the client gave up (a timeout test)
 
+        def do_POST(self) -> None:
+            # Shopify's token endpoint, which knows no app here: OAuth flows are tested
+            # against tests/fakes/shopify_oauth.py; this answers as Shopify would a stranger.
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            if self.path == "/admin/oauth/access_token":
+                status = 401
+                body: Any = {"error": "invalid_client", "error_description": "unknown app"}
+            else:
+                status, body = 404, {"errors": "Not Found"}
+            data = json.dumps(body).encode()
+            self.close_connection = True
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass
+
     return Handler

@@ -1,0 +1,268 @@
+"""Refresh across broker processes: one refresh per credential, and a killed refresher burns
+nothing. Two real broker processes (uvicorn) on one Vault and one PostgreSQL, the fake
+Shopify, and a clock shared through a file.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from broker.client import BrokerClient, ReconnectRequired
+from broker.devstack.openbao import free_port
+from broker.vault.gateway import VaultGateway
+from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
+from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
+
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_ID = "process-client"
+CLIENT_SECRET = "shpss_process" + os.urandom(8).hex()
+REDIRECT_BASE = "https://broker.platform.test"
+RETURN = "https://app.platform.test/settings/integrations"
+STARTUP_DEADLINE_S = 60
+
+
+@dataclass
+class Broker:
+    """One broker process and its base URL."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # it stops by itself when its stdin closes
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def clock(tmp_path_factory: pytest.TempPathFactory) -> FakeClock:
+    """Time for the fake and for every broker process (through a file)."""
+    return FakeClock(tmp_path_factory.mktemp("clock") / "offset")
+
+
+@pytest.fixture(scope="module")
+def shopify(clock: FakeClock, vault_admin: VaultGateway) -> Iterator[FakeShopifyOAuth]:
+    """The fake Shopify; the platform app it knows is the one in Vault."""
+    with FakeShopifyOAuth(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, clock=clock) as fake:
+        fake.allowed_redirect_uris = [f"{REDIRECT_BASE}/v1/oauth/callback/shopify"]
+        vault_admin.kv_write(
+            "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
+        )
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def start_broker(
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+    shopify: FakeShopifyOAuth,
+    clock: FakeClock,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[object]:
+    """Starts broker processes on free loopback ports; every one is stopped at the end."""
+    started: list[Broker] = []
+    clock_file = clock.path
+    assert clock_file is not None
+
+    def start() -> Broker:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+        env |= {
+            "PYTHONPATH": str(ROOT),
+            "BROKER_ENV": "test",
+            "BROKER_PORT": str(port),
+            "BROKER_LOG_LEVEL": "WARNING",
+            "BROKER_DATABASE_URL": database_url,
+            "BROKER_VAULT_ADDRS": vault_endpoint.addr,
+            "BROKER_VAULT_TOKEN": broker_vault_token,
+            "BROKER_JWT_HS256_SECRET": TEST_SIGNING_KEY,
+            "BROKER_EGRESS_ALLOW_HTTP": "true",
+            "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
+            "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
+            "BROKER_OAUTH_REDIRECT_BASE_URL": REDIRECT_BASE,
+            "BROKER_OAUTH_RETURN_URLS": RETURN,
+            "BROKER_RATE_LIMIT_FETCH": "100000/minute",
+            "BROKER_RATE_LIMIT_WRITE": "100000/minute",
+            "BROKER_TEST_CLOCK_FILE": str(clock_file),
+        }
+        workdir = tmp_path_factory.mktemp("broker")  # no stray .env
+        with open(workdir / "stderr.log", "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.broker_process"],
+                env=env,
+                cwd=workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        broker = Broker(f"http://127.0.0.1:{port}", proc)
+        started.append(broker)
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while True:
+            assert proc.poll() is None, "the broker process exited"
+            try:
+                if httpx.get(f"{broker.url}/healthz", timeout=2).status_code == 200:
+                    return broker
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the broker process never answered"
+            time.sleep(0.2)
+
+    yield start
+    for broker in started:
+        broker.stop()
+
+
+@pytest.fixture(scope="module")
+def brokers(start_broker: object) -> list[Broker]:
+    """Two replicas."""
+    return [start_broker(), start_broker()]  # type: ignore[operator]
+
+
+def _tenant(broker: Broker) -> str:
+    tenant = new_tenant_id()
+    created = httpx.post(
+        f"{broker.url}/v1/tenants",
+        json={"id": tenant, "name": tenant},
+        headers=bearer(token("platform:admin", subject="ops")),
+    )
+    assert created.status_code == 201, created.text
+    return tenant
+
+
+def connect(broker: Broker, shop: str) -> str:
+    """A tenant connected to `shop` through `broker`."""
+    tenant = _tenant(broker)
+    started = httpx.post(
+        f"{broker.url}/v1/tenants/settings/integrations/shopify/connect",
+        json={"shop": shop},
+        headers=bearer(token("integrations:manage", tenant_id=tenant)),
+    )
+    assert started.status_code == 200, started.text
+    consent = httpx.get(started.json()["authorization_url"], headers={"Host": shop})
+    query = urllib.parse.urlsplit(consent.headers["location"]).query
+    answer = httpx.get(f"{broker.url}/v1/oauth/callback/shopify?{query}")
+    assert answer.status_code == 303
+    assert answer.headers["location"].endswith("outcome=connected"), answer.headers["location"]
+    return tenant
+
+
+def service(tenant: str) -> dict[str, str]:
+    return bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="sync"))
+
+
+def test_concurrent_fetches_across_expiry_refresh_each_credential_once(
+    brokers: list[Broker], shopify: FakeShopifyOAuth, clock: FakeClock
+) -> None:
+    shops = [f"multi-{os.urandom(3).hex()}.myshopify.com" for _ in range(4)]
+    tenants = [connect(brokers[0], shop) for shop in shops]
+    with httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as http:
+
+        def fetch(i: int) -> tuple[int, str]:
+            tenant = tenants[i % len(tenants)]
+            answer = http.get(
+                f"{brokers[i % 2].url}/v1/credentials/{tenant}/shopify", headers=service(tenant)
+            )
+            assert answer.status_code == 200, answer.text
+            return i, answer.json()["fields"]["access_token"]
+
+        old = dict(zip(tenants, (fetch(i)[1] for i in range(len(tenants))), strict=True))
+        before = {shop: shopify.refresh_calls_by_shop[shop] for shop in shops}
+        with ThreadPoolExecutor(32) as pool:
+            early = [pool.submit(fetch, i) for i in range(100)]
+            clock.advance(3600)  # the hour ends while those are in flight
+            late = [pool.submit(fetch, i) for i in range(100, 200)]
+            served = [f.result() for f in early], [f.result() for f in late]
+
+    refreshes = {shop: shopify.refresh_calls_by_shop[shop] - before[shop] for shop in shops}
+    assert refreshes == dict.fromkeys(shops, 1)
+    new = {tenants[i % len(tenants)]: value for i, value in served[1]}
+    for tenant in tenants:
+        assert new[tenant] != old[tenant]
+        assert shopify.token_valid(new[tenant])
+    for i, value in served[0]:
+        assert value in (old[tenants[i % len(tenants)]], new[tenants[i % len(tenants)]])
+    for i, value in served[1]:  # asked after the hour ended: only the new token
+        assert value == new[tenants[i % len(tenants)]]
+
+
+def test_a_broker_killed_mid_refresh_burns_no_token(
+    brokers: list[Broker], start_broker: object, shopify: FakeShopifyOAuth, clock: FakeClock
+) -> None:
+    shop = f"killed-{os.urandom(3).hex()}.myshopify.com"
+    victim: Broker = start_broker()  # type: ignore[operator]
+    tenant = connect(victim, shop)
+    clock.advance(3600)
+    calls = shopify.refresh_calls_by_shop[shop]
+    shopify.refresh_rotated.clear()
+    shopify.refresh_reply_delay_s = 30
+    with ThreadPoolExecutor(1) as pool:
+        hanging = pool.submit(
+            httpx.get,
+            f"{victim.url}/v1/credentials/{tenant}/shopify",
+            headers=service(tenant),
+            timeout=60,
+        )
+        # Shopify has rotated; the answer is on its way when the process dies.
+        assert shopify.refresh_rotated.wait(30)
+        victim.proc.kill()
+        victim.proc.wait()
+        with pytest.raises(httpx.TransportError):
+            hanging.result()
+    shopify.refresh_reply_delay_s = 0
+
+    survivor = httpx.get(
+        f"{brokers[1].url}/v1/credentials/{tenant}/shopify", headers=service(tenant), timeout=60
+    )
+    assert survivor.status_code == 200, survivor.text
+    assert shopify.token_valid(survivor.json()["fields"]["access_token"])
+    assert shopify.refresh_calls_by_shop[shop] == calls + 2
+
+
+def test_the_sdk_keeps_an_oauth_token_for_its_own_hour_and_says_when_to_reconnect(
+    brokers: list[Broker], shopify: FakeShopifyOAuth, clock: FakeClock
+) -> None:
+    shop = f"sdk-{os.urandom(3).hex()}.myshopify.com"
+    tenant = connect(brokers[0], shop)
+    ticks = [1000.0]
+    with BrokerClient(
+        brokers[1].url,
+        token=token("credentials:read", kind="service", tenants=(tenant,), subject="sync"),
+        clock=lambda: ticks[0],
+    ) as sdk:
+        first = sdk.shopify(tenant)
+        assert shopify.token_valid(first.access_token)
+        ticks[0] += 1800  # far past a static lease (300 s), within the token's hour
+        assert sdk.lease(tenant, "shopify").fields["access_token"] == first.access_token
+        assert sdk.shopify(tenant) == first
+        calls = shopify.refresh_calls_by_shop[shop]
+
+        clock.advance(3600)
+        ticks[0] += 1800  # the hour is over on both clocks
+        second = sdk.shopify(tenant)
+        assert second.access_token != first.access_token
+        assert shopify.token_valid(second.access_token)
+        assert shopify.refresh_calls_by_shop[shop] == calls + 1
+
+        shopify.revoke_grant(shop)
+        clock.advance(3600)
+        ticks[0] += 3600
+        with pytest.raises(ReconnectRequired) as refused:
+            sdk.shopify(tenant)
+        assert "must reconnect" in str(refused.value)
