@@ -60,11 +60,20 @@ def route_resource(scope: Mapping[str, Any]) -> str:
 
     def fill(match: re.Match[str]) -> str:
         value = params.get(match.group(1))
-        if isinstance(value, str) and is_plain_name(value, max_length=_MAX_IDENTIFIER):
+        if isinstance(value, str) and plain_identifier(value) is not None:
             return value
         return "{" + match.group(1) + "}"
 
     return _PARAMETER.sub(fill, template)
+
+
+def plain_identifier(value: str) -> str | None:
+    """`value` when it reads as a plain name the trail may keep (a tenant id), else None.
+
+    For identifiers taken from a request before anything has validated them, such as the
+    tenant of a refused fetch: a token pasted there must not reach the trail or the logs.
+    """
+    return value if is_plain_name(value, max_length=_MAX_IDENTIFIER) else None
 
 
 def record(

@@ -76,13 +76,16 @@ def record_refusal(
     engine: Engine, principal: Principal, *, tenant_id: str, provider: str
 ) -> threading.Event:
     """Leave a refused fetch in the broker's audit trail, on a thread of its own."""
+    # The tenant comes from the path of a request nothing has validated yet: only a plain
+    # name is kept, never a pasted token.
+    named = trail.plain_identifier(tenant_id)
     return trail.record_in_background(
         engine,
         action="credentials.fetch",
-        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        resource=f"tenants/{named or '{tenant_id}'}/integrations/{provider}",
         outcome="denied",
         principal=principal,
-        tenant_id=tenant_id,
+        tenant_id=named,
         detail={"reason": "tenant not in the service token"},
     )
 

@@ -38,3 +38,16 @@ def test_reading_the_trail_is_itself_audited(client: TestClient) -> None:
         "/v1/audit/events", params={"actor": "user:sec-team", "limit": 1000}, headers=AUDITOR
     ).json()
     assert any(e["action"] == "audit.read" for e in mine)
+
+
+def test_a_tenant_filter_that_is_no_tenant_id_is_refused_and_never_kept(
+    client: TestClient,
+) -> None:
+    pasted = "sk_live_" + "Q7" * 12
+    response = client.get("/v1/audit/events", params={"tenant_id": pasted}, headers=AUDITOR)
+    assert response.status_code == 422
+    assert pasted not in response.text
+    mine = client.get(
+        "/v1/audit/events", params={"actor": "user:sec-team", "limit": 1000}, headers=AUDITOR
+    )
+    assert pasted not in mine.text
