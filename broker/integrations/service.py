@@ -247,6 +247,10 @@ def delete_credentials(
     begun = _begin(
         engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, create=False
     )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    if begun.done is not None:
+        _record_applied(engine, principal, tenant_id, "integration.delete", resource, begun.cas)
+        return
     try:
         # That exact version: a delete answered late must not remove a newer save.
         store.delete_version(tenant_id, item_name(provider), begun.cas)
@@ -271,7 +275,7 @@ def delete_credentials(
         trail.record(
             session,
             action="integration.delete",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            resource=resource,
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
@@ -480,6 +484,11 @@ def _begin(
                 session.add(row)
                 return _Begun(row.kv_version, inherited, done=_view(row))
         if not create and not row.configured:
+            # A delete that finds its version already deleted (an earlier, unanswered attempt
+            # of it landed) is done: a retried DELETE succeeds, like a retried PUT.
+            if row.kv_version > 0 and (if_match is None or if_match.strip() == etag(row)):
+                session.add(row)
+                return _Begun(row.kv_version, inherited, done=_view(row))
             raise NotFound("this integration is not configured")
         if if_match is not None and if_match.strip() not in ("*", etag(row)):
             if content is not None and _holds(store, tenant_id, provider, content):
