@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
 from broker.audit import trail
@@ -390,11 +391,15 @@ def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:
 
 
 def _profile(session: Session, tenant_id: str) -> PaymentProfile:
+    # Concurrent first requests (payout writes, a setup intent) race to create the row;
+    # let PostgreSQL pick one, so the others wait on its lock instead of failing on the key.
+    session.execute(
+        pg_insert(PaymentProfile)
+        .values(tenant_id=tenant_id, payout_version=0, payout_sync_pending=False)
+        .on_conflict_do_nothing()
+    )
     profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
-    if profile is None:
-        profile = PaymentProfile(tenant_id=tenant_id)
-        session.add(profile)
-        session.flush()
+    assert profile is not None  # inserted above, or by a concurrent request
     return profile
 
 

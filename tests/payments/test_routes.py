@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -275,3 +276,41 @@ def test_raw_card_data_is_refused_on_every_route(
         assert digits not in response.text
     with unit_of_work(engine) as session:
         assert session.get(PaymentMethod, (tenant, "pm_x")) is None
+
+
+def test_concurrent_first_payout_writes_never_fail_and_each_answers_its_own(
+    client: TestClient,
+) -> None:
+    tenant = make_tenant(client)
+    ibans = [
+        "DE89370400440532013000",
+        "GB82WEST12345698765432",
+        "NL91ABNA0417164300",
+        "BE68539007547034",
+        "CH9300762011623852957",
+        "FR1420041010050500013M02606",
+    ]
+    barrier = threading.Barrier(len(ibans))
+    answers: dict[str, Any] = {}
+
+    def put(iban: str) -> None:
+        barrier.wait()
+        answers[iban] = client.put(
+            "/v1/tenants/settings/payout",
+            json={"method": "bank_transfer", "details": {"iban": iban, "account_holder": "A"}},
+            headers=finance(tenant),
+        )
+
+    threads = [threading.Thread(target=put, args=(iban,)) for iban in ibans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # The first writes race to create the tenant's payment profile: one wins, none is a 500.
+    assert {r.status_code for r in answers.values()} <= {200, 409}, {
+        iban[-4:]: r.status_code for iban, r in answers.items()
+    }
+    accepted = {iban: r for iban, r in answers.items() if r.status_code == 200}
+    assert accepted
+    for iban, response in accepted.items():
+        assert response.json()["hint"].endswith(iban[-4:])
