@@ -391,6 +391,10 @@ def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:
 
 
 def _profile(session: Session, tenant_id: str) -> PaymentProfile:
+    # The tenant may have been deleted since the request began (its rows with it): held
+    # in key-share mode, it stays until this transaction ends, and the insert has its key.
+    if session.get(Tenant, tenant_id, with_for_update={"key_share": True}) is None:
+        raise NotFound("no such tenant")
     # Concurrent first requests (payout writes, a setup intent) race to create the row;
     # let PostgreSQL pick one, so the others wait on its lock instead of failing on the key.
     session.execute(

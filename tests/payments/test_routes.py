@@ -314,3 +314,34 @@ def test_concurrent_first_payout_writes_never_fail_and_each_answers_its_own(
     assert accepted
     for iban, response in accepted.items():
         assert response.json()["hint"].endswith(iban[-4:])
+
+
+def test_payout_writes_racing_the_tenants_deletion_never_fail(client: TestClient) -> None:
+    ops = bearer(token("platform:admin", subject="ops"))
+    statuses: list[int] = []
+    for _ in range(10):  # the steps interleave differently each time
+        tenant = make_tenant(client)
+        barrier = threading.Barrier(4)
+
+        def call(n: int, tenant: str = tenant, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            if n == 0:
+                client.delete(f"/v1/tenants/{tenant}", headers=ops)
+                return
+            response = client.put(
+                "/v1/tenants/settings/payout",
+                json={
+                    "method": "bank_transfer",
+                    "details": {"iban": "DE89370400440532013000", "account_holder": "A"},
+                },
+                headers=finance(tenant),
+            )
+            statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    # Done before the deletion, or refused because the tenant is (being) deleted.
+    assert set(statuses) <= {200, 404, 409, 410}, statuses
