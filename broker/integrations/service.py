@@ -262,7 +262,8 @@ def delete_credentials(
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
-        assert row is not None
+        if row is None:  # the tenant was deleted meanwhile, and its rows with it
+            raise NotFound("no such tenant")
         if row.kv_version == begun.cas:
             row.configured = False
             row.hints = {}
@@ -375,7 +376,8 @@ def _write(
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
-        assert row is not None
+        if row is None:  # the tenant was deleted meanwhile, and its rows with it
+            raise NotFound("no such tenant")
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:
             _describe(row, version, public, principal.actor, test, skipped)

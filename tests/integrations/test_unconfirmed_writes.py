@@ -256,6 +256,38 @@ def test_a_retried_delete_after_an_unanswered_one_succeeds(
     assert never.status_code == 404
 
 
+def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
+    client: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+) -> None:
+    tenant = make_tenant(client)
+    assert _put(client, tenant, FIRST).status_code == 200
+    # Time enough for the whole tenant deletion while the credential delete is in Vault.
+    patient = _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
+    )
+    proxy.delay(KV_DELETE, 3.0)
+    answers: list[Any] = []
+    deleting = threading.Thread(
+        target=lambda: answers.append(
+            patient.delete("/v1/tenants/settings/integrations/twilio", headers=_admin(tenant))
+        )
+    )
+    deleting.start()
+    time.sleep(0.5)  # the credential delete has marked its row and is waiting on Vault
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
+    deleting.join(15)
+    (answer,) = answers
+    # Its row went with the tenant: the answer says so, instead of failing.
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["detail"] == "no such tenant"
+
+
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     client: TestClient,
     proxy: SlowProxy,
