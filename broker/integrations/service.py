@@ -376,7 +376,11 @@ def _write(
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
-        if row is None:  # the tenant was deleted meanwhile, and its rows with it
+        if row is None:
+            # The tenant was deleted while this write was in Vault, its rows with it, and
+            # its shredding may have run before the write landed: destroy what the write
+            # left, or it outlives the tenant. (No lock is held: there is no row.)
+            store.destroy(tenant_id, item)
             raise NotFound("no such tenant")
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:

@@ -249,6 +249,14 @@ def put_payout(
                     profile.payout_sync_pending = False
                     session.add(profile)
         raise
+    try:
+        with unit_of_work(engine) as session:
+            profile = _profile(session, tenant_id)
+    except NotFound:
+        # The tenant was deleted while this write was in Vault, and its shredding may have
+        # run before the write landed: destroy what the write left, or it outlives the tenant.
+        store.destroy(tenant_id, PAYOUT_ITEM)
+        raise
     with unit_of_work(engine) as session:
         profile = _profile(session, tenant_id)
         if version >= profile.payout_version:

@@ -180,6 +180,10 @@ class SealedStore:
                     found.append(item)
         return sorted(found)
 
+    def destroy(self, tenant_id: str, item: str) -> None:
+        """Destroy one item's versions and metadata."""
+        self.vault.kv_destroy(self.path(tenant_id, item))
+
     def shred(self, tenant_id: str) -> int:
         """Destroy every item's versions and metadata, then delete the tenant's key.
 
@@ -188,6 +192,6 @@ class SealedStore:
         """
         items = self.items(tenant_id)
         for item in items:
-            self.vault.kv_destroy(self.path(tenant_id, item))
+            self.destroy(tenant_id, item)
         self.vault.transit_delete_key(key_name(tenant_id))
         return len(items)

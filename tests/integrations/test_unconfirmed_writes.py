@@ -288,6 +288,42 @@ def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
     assert answer.json()["detail"] == "no such tenant"
 
 
+@pytest.mark.parametrize("item", ["integrations/twilio", "payout"])
+def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
+    client: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    vault_admin: VaultGateway,
+    item: str,
+) -> None:
+    tenant = make_tenant(client)
+    patient = _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
+    )
+    proxy.delay(KV_WRITE, 3.0)
+    answers: list[Any] = []
+
+    def write() -> None:
+        if item == "payout":
+            answers.append(_payout(patient, tenant, IBAN))
+        else:
+            answers.append(_put(patient, tenant, FIRST))
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    time.sleep(1.0)  # the write is held on its way to Vault
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
+    writing.join(15)
+    (answer,) = answers
+    assert answer.status_code == 404, answer.text
+    # Nothing of the tenant outlives its deletion, not even what landed after it.
+    assert vault_admin.kv_metadata(f"tenants/{tenant}/{item}") is None
+
+
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     client: TestClient,
     proxy: SlowProxy,
