@@ -24,7 +24,7 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
-from broker.core.logging import is_plain_name
+from broker.core.logging import is_plain_name, redact_text
 from broker.models import AuditEvent
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ Outcome = Literal["success", "denied", "failed"]
 
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _MAX_IDENTIFIER = 63
+_IDENTIFIER = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
+_CARD_OR_PHONE_LENGTH = re.compile(r"[0-9]{11,}")
+# A run of 16+ hex characters is a key or token shape (a Twilio auth token is 32).
+_HEX_TOKEN = re.compile(r"[0-9a-f]{16,}")
 
 
 def _fit(value: str, limit: int) -> str:
@@ -60,11 +64,33 @@ def route_resource(scope: Mapping[str, Any]) -> str:
 
     def fill(match: re.Match[str]) -> str:
         value = params.get(match.group(1))
-        if isinstance(value, str) and is_plain_name(value, max_length=_MAX_IDENTIFIER):
+        if isinstance(value, str) and plain_identifier(value) is not None:
             return value
         return "{" + match.group(1) + "}"
 
     return _PARAMETER.sub(fill, template)
+
+
+def plain_identifier(value: str) -> str | None:
+    """`value` when it reads as a plain name the trail may keep (a tenant id), else None.
+
+    For identifiers taken from a request before anything has validated them, such as the
+    tenant of a refused fetch: a token pasted there must not reach the trail or the logs.
+    A value with a tenant id's shape (lowercase letters, digits and hyphens, which a
+    generated id may fill with a run of digits) is kept unless it holds a credential
+    shape, a run of hex as long as a key, or a number long enough to be a card or a
+    phone number.
+    """
+    if is_plain_name(value, max_length=_MAX_IDENTIFIER):
+        return value
+    if (
+        _IDENTIFIER.fullmatch(value)
+        and _CARD_OR_PHONE_LENGTH.search(value) is None
+        and _HEX_TOKEN.search(value) is None
+        and redact_text(value) == value
+    ):
+        return value
+    return None
 
 
 def record(

@@ -86,6 +86,10 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
         if limit is not None:
             tenant = request.path_params.get("tenant_id") or principal.tenant_id
+            if principal.kind == "service" and tenant and not principal.may_serve(tenant):
+                # Tenants outside the token share one budget: a service must not get a
+                # fresh one, and an audited refusal, for every tenant id it makes up.
+                tenant = "(not served)"
             limiter.hit(limit, f"who:{principal.actor}:{tenant}")
         return principal
 

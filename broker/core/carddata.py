@@ -37,7 +37,10 @@ _MIN_GROUP = 3
 # never join a date into a 16-digit run; line breaks so that lines of numbers stay apart.
 _BREAKS = ":\n\r\x0b\x0c\x1c\x1d\x1e"
 _GAP = rf"[^0-9A-Za-z{re.escape(_BREAKS)}]"
-_CHAIN = re.compile(rf"[0-9]+(?:{_GAP}{{1,3}}[0-9]+)*")
+# A single colon still joins two groups of four digits or more ("4242:4242:4242:4242"): no
+# time, date or address:port has such groups on both sides of one.
+_COLON = r"(?<=[0-9]{4}):(?=[0-9]{4})"
+_CHAIN = re.compile(rf"[0-9]+(?:(?:{_GAP}{{1,3}}|{_COLON})[0-9]+)*")
 _GROUP = re.compile(r"[0-9]+")
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 # An IBAN: country, check digits, then 11 to 30 letters or digits, grouped or not.

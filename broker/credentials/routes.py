@@ -43,9 +43,9 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     ),
 )
 async def fetch_credentials(
+    request: Request,
     tenant_id: str,
     provider: ProviderName,
-    request: Request,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
@@ -64,7 +64,14 @@ async def fetch_credentials(
         service.parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
     )
     if not service.authorize(principal, tenant_id=tenant_id, provider=provider):
-        recorded = service.record_refusal(engine, principal, tenant_id=tenant_id, provider=provider)
+        recorded = service.record_refusal(
+            engine,
+            principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            limiter=request.app.state.limiter,
+            tally=request.app.state.denials,
+        )
         # Recorded before the answer when the database is healthy; never waited on for long.
         await trail.settle(recorded, within_s=REFUSAL_RECORD_GRACE_S)
         # The same answer as a missing tenant: a service cannot probe which exist.

@@ -19,10 +19,12 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Engine
 
-from broker.audit import trail
+from broker.audit import denials, trail
+from broker.audit.denials import DenialTally
 from broker.auth.principal import Principal
 from broker.core import context
-from broker.core.errors import Forbidden, NotFound, ValidationFailed
+from broker.core.errors import Forbidden, NotFound, RateLimited, ValidationFailed
+from broker.core.ratelimit import RateLimiter
 from broker.integrations import oauth
 from broker.integrations.providers import Credentials, get_provider
 from broker.integrations.service import read_sealed
@@ -78,17 +80,52 @@ def authorize(principal: Principal, *, tenant_id: str, provider: str) -> bool:
 
 
 def record_refusal(
-    engine: Engine, principal: Principal, *, tenant_id: str, provider: str
+    engine: Engine,
+    principal: Principal,
+    *,
+    tenant_id: str,
+    provider: str,
+    limiter: RateLimiter | None = None,
+    tally: DenialTally | None = None,
 ) -> threading.Event:
-    """Leave a refused fetch in the broker's audit trail, on a thread of its own."""
+    """Leave a refused fetch in the broker's audit trail, on a thread of its own.
+
+    Refusals count against the `denials` limit, per principal, like 403s: past
+    it the caller gets RateLimited and the refusal is only counted, to be
+    written with the others of its window as one event, so a service token
+    cannot flood the trail with tenants it does not serve.
+    """
+    # The tenant comes from the path of a request nothing has validated yet: only a plain
+    # name is kept, never a pasted token.
+    named = trail.plain_identifier(tenant_id)
+    resource = f"tenants/{named or '{tenant_id}'}/integrations/{provider}"
+    reason = "tenant not in the service token"
+    if limiter is not None and tally is not None:
+        closed = tally.closed()
+        try:
+            limiter.hit("denials", f"who:{principal.actor}")
+        except RateLimited:
+            closed += tally.add(
+                principal=principal,
+                action="credentials.fetch",
+                resource="tenants/{tenant_id}/integrations/" + provider,
+                status=404,
+                reason=reason,
+            )
+            raise
+        finally:
+            if closed:
+                threading.Thread(
+                    target=denials.write, args=(engine, closed), name="audit-denials", daemon=True
+                ).start()
     return trail.record_in_background(
         engine,
         action="credentials.fetch",
-        resource=f"tenants/{tenant_id}/integrations/{provider}",
+        resource=resource,
         outcome="denied",
         principal=principal,
-        tenant_id=tenant_id,
-        detail={"reason": "tenant not in the service token"},
+        tenant_id=named,
+        detail={"reason": reason},
     )
 
 

@@ -57,7 +57,14 @@ async def readyz(
 
     async def check_vault() -> None:
         nonlocal vault_state
-        vault_state = await anyio.to_thread.run_sync(_vault_state, vault, limiter=vault_threads)
+        # `sys/health` is asked of each node in turn, each with the whole socket timeout: a
+        # hung cluster would hold the probe for several of them. Past the request budget
+        # Vault cannot serve a fetch either, so it reads unreachable.
+        vault_state = "unreachable"
+        with anyio.move_on_after(settings.vault_retry_budget_s):
+            vault_state = await anyio.to_thread.run_sync(
+                _vault_state, vault, limiter=vault_threads, abandon_on_cancel=True
+            )
         if vault_state == "ok":
             nonlocal stripe_state
             stripe_state = await anyio.to_thread.run_sync(

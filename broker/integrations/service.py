@@ -267,6 +267,10 @@ def delete_credentials(
     begun = _begin(
         engine, store, tenant_id=tenant_id, provider=provider, if_match=if_match, create=False
     )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    if begun.done is not None:
+        _record_applied(engine, principal, tenant_id, "integration.delete", resource, begun.cas)
+        return
     try:
         # That exact version: a delete answered late must not remove a newer save.
         store.delete_version(tenant_id, item_name(provider), begun.cas)
@@ -278,7 +282,8 @@ def delete_credentials(
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
-        assert row is not None
+        if row is None:  # the tenant was deleted meanwhile, and its rows with it
+            raise NotFound("no such tenant")
         if row.kv_version == begun.cas:
             row.configured = False
             row.hints = {}
@@ -292,7 +297,7 @@ def delete_credentials(
         trail.record(
             session,
             action="integration.delete",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            resource=resource,
             outcome="success",
             principal=principal,
             tenant_id=tenant_id,
@@ -447,7 +452,12 @@ def _write(
         raise
     with unit_of_work(engine) as session:
         row = _locked_row(session, tenant_id, provider)
-        assert row is not None
+        if row is None:
+            # The tenant was deleted while this write was in Vault, its rows with it, and
+            # its shredding may have run before the write landed: destroy what the write
+            # left, or it outlives the tenant. (No lock is held: there is no row.)
+            store.destroy(tenant_id, item)
+            raise NotFound("no such tenant")
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:
             _describe(row, version, public, principal.actor, test, skipped)
@@ -566,6 +576,11 @@ def _begin(
                 session.add(row)
                 return _Begun(row.kv_version, inherited, done=_view(row))
         if not create and not row.configured:
+            # A delete that finds its version already deleted (an earlier, unanswered attempt
+            # of it landed) is done: a retried DELETE succeeds, like a retried PUT.
+            if row.kv_version > 0 and (if_match is None or if_match.strip() == etag(row)):
+                session.add(row)
+                return _Begun(row.kv_version, inherited, done=_view(row))
             raise NotFound("this integration is not configured")
         if if_match is not None and if_match.strip() not in ("*", etag(row)):
             if content is not None and _holds(store, tenant_id, provider, content):

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
 from broker.audit import trail
@@ -319,6 +320,14 @@ def put_payout(
                     profile.payout_sync_pending = False
                     session.add(profile)
         raise
+    try:
+        with unit_of_work(engine) as session:
+            profile = _profile(session, tenant_id)
+    except NotFound:
+        # The tenant was deleted while this write was in Vault, and its shredding may have
+        # run before the write landed: destroy what the write left, or it outlives the tenant.
+        store.destroy(tenant_id, PAYOUT_ITEM)
+        raise
     with unit_of_work(engine) as session:
         profile = _profile(session, tenant_id)
         if version >= profile.payout_version:
@@ -461,11 +470,19 @@ def _reconcile_payout(profile: PaymentProfile, store: SealedStore) -> bool:
 
 
 def _profile(session: Session, tenant_id: str) -> PaymentProfile:
+    # The tenant may have been deleted since the request began (its rows with it): held
+    # in key-share mode, it stays until this transaction ends, and the insert has its key.
+    if session.get(Tenant, tenant_id, with_for_update={"key_share": True}) is None:
+        raise NotFound("no such tenant")
+    # Concurrent first requests (payout writes, a setup intent) race to create the row;
+    # let PostgreSQL pick one, so the others wait on its lock instead of failing on the key.
+    session.execute(
+        pg_insert(PaymentProfile)
+        .values(tenant_id=tenant_id, payout_version=0, payout_sync_pending=False)
+        .on_conflict_do_nothing()
+    )
     profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
-    if profile is None:
-        profile = PaymentProfile(tenant_id=tenant_id)
-        session.add(profile)
-        session.flush()
+    assert profile is not None  # inserted above, or by a concurrent request
     return profile
 
 

@@ -9,7 +9,7 @@ from sqlmodel import Session, select
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
-from broker.core.errors import Conflict, NotFound
+from broker.core.errors import BrokerError, Conflict, NotFound
 from broker.models import Tenant, utcnow
 from broker.settings.service import default_settings_row
 from broker.tenants.deletions import DeletionWatch
@@ -79,7 +79,8 @@ def delete_tenant(
     retire_key(vault, tenant_id=tenant_id)
     destroyed = SealedStore(vault).shred(tenant_id)
     with unit_of_work(engine) as session:
-        tenant = session.get(Tenant, tenant_id)
+        # Locked: a concurrent deletion of the same tenant may be deleting the row too.
+        tenant = session.get(Tenant, tenant_id, with_for_update=True)
         if tenant is not None:
             session.delete(tenant)
         trail.record(
@@ -106,8 +107,14 @@ def retire_key(vault: VaultGateway, *, tenant_id: str) -> None:
     key = key_name(tenant_id)
     if vault.transit_key_info(key) is None:
         return
-    latest = vault.transit_rotate(key)
-    vault.transit_set_min_decryption_version(key, latest)
+    try:
+        latest = vault.transit_rotate(key)
+        vault.transit_set_min_decryption_version(key, latest)
+    except BrokerError:
+        # A concurrent deletion of the same tenant may have deleted the key meanwhile.
+        if vault.transit_key_info(key) is None:
+            return
+        raise
 
 
 def get_tenant(session: Session, *, tenant_id: str) -> Tenant:

@@ -681,7 +681,15 @@ class VaultGateway:
                 if "no existing key" in str(exc) or "not found" in str(exc):
                     return
                 raise
-            client.secrets.transit.delete_key(name=key, mount_point=self.transit_mount)
+            try:
+                client.secrets.transit.delete_key(name=key, mount_point=self.transit_mount)
+            except hvac.exceptions.InvalidPath:
+                return
+            except hvac.exceptions.InvalidRequest as exc:
+                # A concurrent deletion of the same tenant got there first.
+                if "not found" in str(exc):
+                    return
+                raise
 
         self.call("delete an encryption key", delete)
 

@@ -24,7 +24,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from broker.vault.errors import StoredDataUnverified
+from broker.core.errors import NotFound
+from broker.vault.errors import StoredDataUnverified, VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 
 _CIPHERTEXT_VERSION = re.compile(r"^vault:v(\d+):")
@@ -86,9 +87,15 @@ class SealedStore:
         the tenant and item."""
         document = {"secrets": dict(secrets), "public": _normal(public)}
         plaintext = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
-        return self.vault.transit_encrypt(
-            key_name(tenant_id), plaintext, context=binding(tenant_id, item)
-        )
+        key = key_name(tenant_id)
+        try:
+            return self.vault.transit_encrypt(key, plaintext, context=binding(tenant_id, item))
+        except VaultMisconfigured:
+            # Encrypting under a missing key would create it, which the broker's policy
+            # forbids: a deletion shredded the key since the caller found the tenant.
+            if self.vault.transit_key_info(key) is None:
+                raise NotFound("no such tenant") from None
+            raise
 
     def open(self, tenant_id: str, item: str, record: SealedRecord) -> dict[str, str]:
         """Decrypt a record's secrets, after checking its public part is the sealed one."""
@@ -173,6 +180,10 @@ class SealedStore:
                     found.append(item)
         return sorted(found)
 
+    def destroy(self, tenant_id: str, item: str) -> None:
+        """Destroy one item's versions and metadata."""
+        self.vault.kv_destroy(self.path(tenant_id, item))
+
     def shred(self, tenant_id: str) -> int:
         """Destroy every item's versions and metadata, then delete the tenant's key.
 
@@ -181,6 +192,6 @@ class SealedStore:
         """
         items = self.items(tenant_id)
         for item in items:
-            self.vault.kv_destroy(self.path(tenant_id, item))
+            self.destroy(tenant_id, item)
         self.vault.transit_delete_key(key_name(tenant_id))
         return len(items)

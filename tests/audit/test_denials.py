@@ -55,6 +55,31 @@ def test_a_flood_of_denials_is_limited_and_summarised_in_the_trail(
     assert run.request_id is None  # it stands for many requests, not the one that wrote it
 
 
+def test_a_flood_of_refused_fetches_is_limited_and_summarised_in_the_trail(
+    client: TestClient, settings: Settings, engine: Engine
+) -> None:
+    tenant = make_tenant(client)
+    subject = f"prober-{new_tenant_id()}"
+    prober = bearer(token("credentials:read", kind="service", tenants=(tenant,), subject=subject))
+    tight = settings.model_copy(update={"rate_limit_denials": "3/minute"})
+    app = create_app(tight, engine=engine, vault=VaultGateway.from_settings(tight))
+    with TestClient(app) as limited:
+        # Tenants it does not serve: each refusal would otherwise be a trail row of its own.
+        answers = [
+            limited.get(f"/v1/credentials/other-{i}/openai", headers=prober) for i in range(10)
+        ]
+        assert [a.status_code for a in answers] == [404] * 3 + [429] * 7
+        assert all(int(a.headers["retry-after"]) > 0 for a in answers[3:])
+
+    events = _events(engine, f"service:{subject}")
+    individual, summary = events[:3], events[3:]
+    assert [e.request_id for e in individual] == [a.headers["x-request-id"] for a in answers[:3]]
+    [run] = summary
+    assert (run.outcome, run.action) == ("denied", "credentials.fetch")
+    assert run.detail["repeated"] == 7
+    assert run.detail["status"] == 404
+
+
 def test_failed_authentications_past_the_limit_are_summarised_in_the_trail(
     settings: Settings, engine: Engine
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import bearer, make_tenant, token
@@ -38,3 +39,33 @@ def test_reading_the_trail_is_itself_audited(client: TestClient) -> None:
         "/v1/audit/events", params={"actor": "user:sec-team", "limit": 1000}, headers=AUDITOR
     ).json()
     assert any(e["action"] == "audit.read" for e in mine)
+
+
+def test_a_tenant_filter_that_is_no_tenant_id_is_refused_and_never_kept(
+    client: TestClient,
+) -> None:
+    pasted = "sk_live_" + "Q7" * 12
+    response = client.get("/v1/audit/events", params={"tenant_id": pasted}, headers=AUDITOR)
+    assert response.status_code == 422
+    assert pasted not in response.text
+    mine = client.get(
+        "/v1/audit/events", params={"actor": "user:sec-team", "limit": 1000}, headers=AUDITOR
+    )
+    assert pasted not in mine.text
+
+
+@pytest.mark.parametrize(
+    ("value", "kept"),
+    [
+        ("acme-shop", True),
+        ("t-5877187831e6", True),  # a generated id with a run of digits is still a tenant id
+        ("0123456789abcdef0123456789abcdef", False),  # a Twilio auth token's shape
+        ("t-4242424242424242", False),  # a card number
+        ("254712345678", False),  # a phone number
+        ("sk_live_abc", False),
+    ],
+)
+def test_the_trail_keeps_only_identifiers_that_read_as_tenant_ids(value: str, kept: bool) -> None:
+    from broker.audit.trail import plain_identifier
+
+    assert (plain_identifier(value) == value) is kept

@@ -63,6 +63,10 @@ ORDINARY = {
     "iban-letters": "GB82WEST12345698765432",
     "decimal": "36.8219123456789",
     "version-and-ip": "1.2.3 192.168.100.200:8080",
+    "ip-and-port": "52.168.100.200:8443",
+    "date-and-time": "30/11/2026 23:59:59.123456",
+    "ipv6": "[2001:4860:4860::8888]:8443",
+    "resolution": "1920:1080 3840:2160",
     "prose": "order 12345 for 2 items",
     "arabic-short": in_digits("2024", "\u0660"),
 }

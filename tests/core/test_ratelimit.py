@@ -139,6 +139,21 @@ def test_fetch_limits_are_per_principal_not_per_address(
     assert [tight.get(url, headers=quiet).status_code for _ in range(3)] == [200, 200, 200]
 
 
+def test_made_up_tenants_share_one_fetch_budget(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    tight = limited_client(settings, engine, broker_vault, rate_limit_fetch="3/minute")
+    tenant = make_tenant(tight)
+    worker = bearer(token("credentials:read", kind="service", subject="prober", tenants=(tenant,)))
+    # Each refusal is recorded in the trail: a fresh budget per made-up tenant would let
+    # one service token write rows without limit.
+    statuses = [
+        tight.get(f"/v1/credentials/made-up-{i}/openai", headers=worker).status_code
+        for i in range(5)
+    ]
+    assert statuses == [404, 404, 404, 429, 429]
+
+
 def test_expired_tokens_count_against_their_principal(
     settings: Settings, engine: Engine, broker_vault: VaultGateway
 ) -> None:

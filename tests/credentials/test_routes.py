@@ -83,6 +83,24 @@ def test_a_tenant_outside_the_token_is_a_recorded_404(
     assert (row.actor, row.tenant_id, row.outcome) == ("service:messaging-worker", shop, "denied")
 
 
+@pytest.mark.parametrize(
+    "pasted", ["sk_live_" + "Q7" * 12, "0123456789abcdef0123456789abcdef", "hvs.CAESI" + "x" * 24]
+)
+def test_a_refused_fetch_keeps_no_pasted_tenant_in_the_trail(
+    client: TestClient, engine: Engine, shop: str, pasted: str
+) -> None:
+    response = client.get(f"/v1/credentials/{pasted}/shopify", headers=service(shop))
+    assert response.status_code == 404
+    assert pasted not in response.text
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT tenant_id, resource FROM audit_events WHERE request_id = :r"),
+            {"r": response.headers["x-request-id"]},
+        ).one()
+    assert row.tenant_id is None
+    assert row.resource == "tenants/{tenant_id}/integrations/shopify"
+
+
 def test_user_tokens_cannot_fetch_even_with_the_scope(client: TestClient, shop: str) -> None:
     user = bearer(token("credentials:read", "tenant:admin", tenant_id=shop))
     assert client.get(f"/v1/credentials/{shop}/shopify", headers=user).status_code == 403

@@ -15,7 +15,8 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import OpenBaoServer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import app_on, bearer, token
+from tests.conftest import VaultEndpoint, app_on, bearer, make_settings, token
+from tests.support.slowproxy import SlowProxy
 
 
 def test_healthz_is_alive(client: TestClient) -> None:
@@ -142,3 +143,29 @@ def test_readyz_is_not_ready_while_vaults_audit_device_cannot_write(
     finally:
         audit_log.rmdir()
         os.kill(own_bao.pid, signal.SIGHUP)
+
+
+def test_readyz_answers_within_the_vault_budget_when_vault_hangs(
+    vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str, engine: Engine
+) -> None:
+    with SlowProxy(vault_endpoint.addr) as proxy:
+        # A 3 s socket timeout per node, but a 1 s budget for a request.
+        settings = make_settings(
+            VaultEndpoint(proxy.addr, "", None),
+            broker_vault_token,
+            database_url,
+            vault_timeout_s=3.0,
+            vault_retry_budget_s=1.0,
+        )
+        hung = TestClient(
+            create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
+        )
+        proxy.delay(b"", 20.0)
+        started = time.monotonic()
+        response = hung.get("/readyz")
+        elapsed = time.monotonic() - started
+    assert response.status_code == 503
+    assert response.json()["vault"] == "unreachable"
+    assert "retry-after" in response.headers
+    # Under one socket timeout: the budget, plus slack, bounds the probe.
+    assert elapsed < 3.0, elapsed

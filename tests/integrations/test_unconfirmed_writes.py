@@ -23,6 +23,7 @@ from tests.fakes.providers import VALID, FakeProviders
 from tests.support.slowproxy import SlowProxy
 
 KV_WRITE = b"POST /v1/secret/data/"
+KV_DELETE = b"POST /v1/secret/delete/"
 FIRST = dict(VALID["twilio"])
 SECOND = FIRST | {"auth_token": "e" * 32}
 THIRD = FIRST | {"auth_token": "f" * 32}
@@ -192,6 +193,125 @@ def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
     assert _current_version(vault_admin, path) == 2
     row = _row(engine, tenant)
     assert (row.kv_version, row.vault_sync_pending) == (2, False)
+
+
+def _wait_for_deletion(vault: VaultGateway, path: str, version: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        meta = vault.kv_metadata(path)
+        if meta is not None and meta["versions"][str(version)]["deletion_time"]:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} version {version} was never deleted")
+
+
+def test_a_retried_delete_after_an_unanswered_one_succeeds(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    engine: Engine,
+    vault_admin: VaultGateway,
+) -> None:
+    tenant = make_tenant(client)
+    path = f"tenants/{tenant}/integrations/twilio"
+    assert _put(slow, tenant, FIRST).status_code == 200
+    url = "/v1/tenants/settings/integrations/twilio"
+
+    proxy.delay(KV_DELETE, 3.0)
+    response = slow.delete(url, headers=_admin(tenant))
+    proxy.clear()
+    assert response.status_code == 503
+    assert response.json()["title"] == "Vault write not confirmed"
+    assert _row(engine, tenant).vault_sync_pending is True
+    _wait_for_deletion(vault_admin, path, 1)  # ...and there it lands
+
+    # The same DELETE again, as sent or with the ETag it was based on: its work is done.
+    assert slow.delete(url, headers=_admin(tenant)).status_code == 204
+    assert slow.delete(url, headers=_admin(tenant) | {"If-Match": '"1"'}).status_code == 204
+    assert slow.delete(url, headers=_admin(tenant) | {"If-Match": '"7"'}).status_code == 404
+    row = _row(engine, tenant)
+    assert (row.configured, row.vault_sync_pending) == (False, False)
+    with engine.connect() as conn:
+        deletes = conn.execute(
+            text(
+                "SELECT detail FROM audit_events WHERE tenant_id = :t"
+                " AND action = 'integration.delete' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    # The deletion the lost attempt made is in the trail, as already applied.
+    assert [d.detail.get("already_applied") for d in deletes] == [True, True]
+    # Never configured at all is still a 404.
+    never = slow.delete("/v1/tenants/settings/integrations/openai", headers=_admin(tenant))
+    assert never.status_code == 404
+
+
+def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
+    client: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+) -> None:
+    tenant = make_tenant(client)
+    assert _put(client, tenant, FIRST).status_code == 200
+    # Time enough for the whole tenant deletion while the credential delete is in Vault.
+    patient = _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
+    )
+    proxy.delay(KV_DELETE, 3.0)
+    answers: list[Any] = []
+    deleting = threading.Thread(
+        target=lambda: answers.append(
+            patient.delete("/v1/tenants/settings/integrations/twilio", headers=_admin(tenant))
+        )
+    )
+    deleting.start()
+    time.sleep(0.5)  # the credential delete has marked its row and is waiting on Vault
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
+    deleting.join(15)
+    (answer,) = answers
+    # Its row went with the tenant: the answer says so, instead of failing.
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["detail"] == "no such tenant"
+
+
+@pytest.mark.parametrize("item", ["integrations/twilio", "payout"])
+def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
+    client: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    vault_admin: VaultGateway,
+    item: str,
+) -> None:
+    tenant = make_tenant(client)
+    patient = _slow_client(
+        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
+    )
+    proxy.delay(KV_WRITE, 3.0)
+    answers: list[Any] = []
+
+    def write() -> None:
+        if item == "payout":
+            answers.append(_payout(patient, tenant, IBAN))
+        else:
+            answers.append(_put(patient, tenant, FIRST))
+
+    writing = threading.Thread(target=write)
+    writing.start()
+    time.sleep(1.0)  # the write is held on its way to Vault
+    ops = bearer(token("platform:admin", subject="ops"))
+    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
+    writing.join(15)
+    (answer,) = answers
+    assert answer.status_code == 404, answer.text
+    # Nothing of the tenant outlives its deletion, not even what landed after it.
+    assert vault_admin.kv_metadata(f"tenants/{tenant}/{item}") is None
 
 
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -374,3 +375,72 @@ def test_no_platform_key_is_a_clear_problem_not_a_retry(
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["stripe"] == "not_configured"
+
+
+def test_concurrent_first_payout_writes_never_fail_and_each_answers_its_own(
+    client: TestClient,
+) -> None:
+    tenant = make_tenant(client)
+    ibans = [
+        "DE89370400440532013000",
+        "GB82WEST12345698765432",
+        "NL91ABNA0417164300",
+        "BE68539007547034",
+        "CH9300762011623852957",
+        "FR1420041010050500013M02606",
+    ]
+    barrier = threading.Barrier(len(ibans))
+    answers: dict[str, Any] = {}
+
+    def put(iban: str) -> None:
+        barrier.wait()
+        answers[iban] = client.put(
+            "/v1/tenants/settings/payout",
+            json={"method": "bank_transfer", "details": {"iban": iban, "account_holder": "A"}},
+            headers=finance(tenant),
+        )
+
+    threads = [threading.Thread(target=put, args=(iban,)) for iban in ibans]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    # The first writes race to create the tenant's payment profile: one wins, none is a 500.
+    assert {r.status_code for r in answers.values()} <= {200, 409}, {
+        iban[-4:]: r.status_code for iban, r in answers.items()
+    }
+    accepted = {iban: r for iban, r in answers.items() if r.status_code == 200}
+    assert accepted
+    for iban, response in accepted.items():
+        assert response.json()["hint"].endswith(iban[-4:])
+
+
+def test_payout_writes_racing_the_tenants_deletion_never_fail(client: TestClient) -> None:
+    ops = bearer(token("platform:admin", subject="ops"))
+    statuses: list[int] = []
+    for _ in range(10):  # the steps interleave differently each time
+        tenant = make_tenant(client)
+        barrier = threading.Barrier(4)
+
+        def call(n: int, tenant: str = tenant, barrier: threading.Barrier = barrier) -> None:
+            barrier.wait()
+            if n == 0:
+                client.delete(f"/v1/tenants/{tenant}", headers=ops)
+                return
+            response = client.put(
+                "/v1/tenants/settings/payout",
+                json={
+                    "method": "bank_transfer",
+                    "details": {"iban": "DE89370400440532013000", "account_holder": "A"},
+                },
+                headers=finance(tenant),
+            )
+            statuses.append(response.status_code)
+
+        threads = [threading.Thread(target=call, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    # Done before the deletion, or refused because the tenant is (being) deleted.
+    assert set(statuses) <= {200, 404, 409, 410}, statuses

@@ -27,6 +27,7 @@ VARIANTS = {
     "dots": grouped(PAN, "."),
     "slashes": grouped(PAN, "/"),
     "underscores": grouped(PAN, "_"),
+    "colons": grouped(PAN, ":"),
     "nbsp": grouped(PAN, "\u00a0"),
     "narrow-nbsp": grouped(PAN, "\u202f"),
     "tabs": grouped(PAN, "\t"),

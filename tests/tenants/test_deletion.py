@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 from fastapi.testclient import TestClient
@@ -65,3 +66,32 @@ def test_the_first_deletion_step_makes_vault_refuse_every_replica(
     assert fetched.status_code == 404
     assert VALID["openai"]["api_key"] not in fetched.text
     assert client.delete(f"/v1/tenants/{tenant}", headers=OPS).status_code == 204
+
+
+def _delete_at_once(client: TestClient, tenant: str, callers: int) -> list[int]:
+    barrier = threading.Barrier(callers)
+    statuses: list[int] = []
+
+    def delete() -> None:
+        barrier.wait()
+        statuses.append(client.delete(f"/v1/tenants/{tenant}", headers=OPS).status_code)
+
+    threads = [threading.Thread(target=delete) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def test_concurrent_deletions_of_one_tenant_never_fail(
+    client: TestClient, vault_admin: VaultGateway
+) -> None:
+    for _ in range(3):  # the steps interleave differently each time
+        tenant, _service = _with_credentials(client)
+        statuses = _delete_at_once(client, tenant, 4)
+        # Each step is idempotent: whoever comes second finds it done, never a 500.
+        assert set(statuses) <= {204, 404}, statuses
+        assert 204 in statuses
+        assert client.get(f"/v1/tenants/{tenant}", headers=OPS).status_code == 404
+        assert vault_admin.transit_key_info(f"tenant-{tenant}") is None
