@@ -62,7 +62,7 @@ def test_a_tenant_filter_that_is_no_tenant_id_is_refused_and_never_kept(
         ("0123456789abcdef0123456789abcdef", False),  # a Twilio auth token's shape
         ("t-4242424242424242", False),  # a card number
         ("254712345678", False),  # a phone number
-        ("sk_live_abc", False),
+        ("sk_live_51H8aBcDeFgHiJkLmNoPqRsTuVw", False),
     ],
 )
 def test_the_trail_keeps_only_identifiers_that_read_as_tenant_ids(value: str, kept: bool) -> None:
