@@ -148,14 +148,16 @@ def fetch(
             public=record.public,
             sealed=sealed,
         )
+        issued = access.clock()
         return Lease(
             tenant_id=tenant_id,
             provider=provider,
             version=version,
             fields={**identifiers, "access_token": tokens.access_token},
-            issued_at=access.clock(),
+            issued_at=issued,
             # The lease is the token's own life: past it the provider refuses the token.
-            expires_at=tokens.access_expires_at,
+            # A token that never expires (a Meta business token) gets the usual lease.
+            expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
         )
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)

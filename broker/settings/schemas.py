@@ -386,6 +386,8 @@ class IntegrationStatus(_Model):
     last_test_reason: Annotated[str, StringConstraints(max_length=200)] | None = None
     # An OAuth connection whose grant the provider refused: the tenant must reconnect.
     needs_reconnect: StrictBool = False
+    # When the OAuth access token expires (None: never, or not an OAuth connection).
+    token_expires_at: AwareDatetime | None = None
 
 
 class IntegrationsStatus(_Model):
