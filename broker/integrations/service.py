@@ -752,7 +752,7 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         last_test_ok=row.last_test_ok,
         last_test_reason=row.last_test_reason,
         needs_reconnect=row.needs_reconnect,
-        token_expires_at=row.token_expires_at.isoformat() if row.token_expires_at else None,
+        connection_expires_at=_connection_expiry(row),
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)
@@ -761,6 +761,15 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         settings.version += 1
         settings.updated_at = utcnow()
         session.add(settings)
+
+
+def _connection_expiry(row: IntegrationCredential) -> str | None:
+    """The expiry worth showing in the settings: only of a token nothing renews."""
+    oauth = get_provider(row.provider).oauth
+    # A refreshed token's hourly expiry would churn the settings' version for nothing.
+    if row.credential_kind != "oauth" or oauth is None or oauth.refreshable:
+        return None
+    return row.token_expires_at.isoformat() if row.token_expires_at else None
 
 
 def _locked_row(session: Session, tenant_id: str, provider: str) -> IntegrationCredential | None:

@@ -175,7 +175,7 @@ def test_a_sixty_day_token_has_its_expiry_shown_and_leased(
     expected = _now(clock) + timedelta(seconds=SIXTY_DAYS_S)
     shown = datetime.fromisoformat(whatsapp(app_client, tenant)["token_expires_at"])
     assert abs(shown - expected) < timedelta(minutes=1)
-    assert datetime.fromisoformat(status(engine, tenant)["token_expires_at"]) == shown
+    assert datetime.fromisoformat(status(engine, tenant)["connection_expires_at"]) == shown
     fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
     assert fetched.status_code == 200, fetched.text
     # The lease is the token's own life, not the broker's default lease.
