@@ -1195,13 +1195,18 @@ def _token_expiry(
         raise ProviderUnavailable(f"{title} did not answer the token check")
     if data.get("is_valid") is not True or str(data.get("app_id")) != app.client_id:
         raise TokenRefused("invalid_token")
-    granted = {
-        str(target)
+    # The page's ids are the browser's word: the token must be for that very WABA, or a
+    # tenant could post its own code beside another customer's WABA id.
+    grants = [
+        grant
         for grant in data.get("granular_scopes") or []
         if isinstance(grant, dict) and grant.get("scope") == "whatsapp_business_management"
-        for target in grant.get("target_ids") or []
-    }
-    if signup.waba_id not in granted:
+    ]
+    # A grant without target_ids covers every asset the token can reach.
+    if not any(
+        "target_ids" not in grant or signup.waba_id in map(str, grant["target_ids"] or [])
+        for grant in grants
+    ):
         raise TokenRefused("waba_not_granted")
     expires_in, expires_at = answer.get(oauth.mapping.expires_in), data.get("expires_at")
     if isinstance(expires_in, int) and expires_in > 0:

@@ -208,6 +208,18 @@ def test_a_dead_code_is_refused_stores_nothing_and_is_audited(
     assert (event.outcome, event.detail["reason"]) == ("failed", "invalid_code")
 
 
+def test_a_code_posted_beside_another_customers_waba_is_refused(
+    app_client: TestClient, meta: FakeMetaGraph, broker_vault: VaultGateway, engine: Engine
+) -> None:
+    tenant, own, victim = make_tenant(app_client), meta.signup(), meta.signup()
+    body = {**own.body(), "waba_id": victim.waba_id}
+    refused = app_client.post(SIGNUP, json=body, headers=_admin(tenant))
+    assert refused.status_code == 422
+    assert broker_vault.kv_read(f"tenants/{tenant}/integrations/whatsapp") is None
+    (event,) = events(engine, action="integration.oauth.connect", tenant=tenant)
+    assert (event.outcome, event.detail["reason"]) == ("failed", "waba_not_granted")
+
+
 def test_signup_needs_manage_scope_valid_ids_and_is_whatsapps_only(
     app_client: TestClient, meta: FakeMetaGraph
 ) -> None:
