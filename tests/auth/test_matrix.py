@@ -48,8 +48,8 @@ class Case:
     extra_claims: dict[str, Any] = field(default_factory=dict)
     # Runs before an allowed call; may return path substitutions, e.g. {"{pm}": "pm_123"}.
     setup: Callable[[TestClient, str], dict[str, str] | None] | None = None
-    # An answer past authorization that still proves the caller got through: the
-    # embedded signup needs Meta's app, absent here (its success: test_oauth_meta.py).
+    # An answer past authorization that still proves the caller got through: the fake
+    # Graph here issues no signup code (the success is in test_oauth_meta.py).
     passed: tuple[int, ...] = ()
 
 
@@ -260,7 +260,7 @@ ROUTES: dict[tuple[str, str], Case] = {
         "/v1/tenants/settings/integrations/whatsapp/embedded-signup",
         allowed=(("integrations:manage",), ("tenant:admin",)),
         insufficient=("integrations:view",),
-        passed=(503,),
+        passed=(422,),
         body=lambda: {
             "code": "AQmatrix",
             "waba_id": "100000000000001",

@@ -67,8 +67,12 @@ def app_client(
     providers: FakeProviders,
     meta: FakeMetaGraph,
     clock: FakeClock,
+    meta_app: None,
 ) -> Iterator[TestClient]:
-    """The broker, its Graph calls pointed at the fake, the Meta app's secret in Vault."""
+    """The broker, its Graph calls pointed at the fake, the Meta app's secret in Vault.
+
+    Written after the session's `meta_app`, so this module's app is the one in Vault.
+    """
     vault_admin.kv_write(
         "platform/meta", {"client_id": APP_ID, "client_secret": APP_SECRET}, cas=None
     )
