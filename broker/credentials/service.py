@@ -2,9 +2,10 @@
 
 An OAuth connection delivers only its access token, leased until the token's own
 expiry; the refresh token never leaves the broker. An expired access token is
-refreshed first (see broker/integrations/oauth.py), the one case that needs
-PostgreSQL. Otherwise only Vault is needed on this path (a PostgreSQL outage must
-not stop messaging),
+refreshed first (see broker/integrations/oauth.py), which needs PostgreSQL; so does
+a token nothing can refresh (a Meta business token), whose reconnect mark is read
+on every fetch so that a token Graph called dead is never handed out. Otherwise
+only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit
 trail as well, best effort.
@@ -104,7 +105,7 @@ def deliver(
     access: oauth.OAuthAccess,
 ) -> Lease | tuple[Lease, WrappedSecret]:
     """A lease, or a lease wrapped for one unwrap: Vault only, never the database
-    (except to refresh an expired OAuth access token)."""
+    (except to refresh an expired OAuth access token, or to check a Meta token's mark)."""
     if deletions.is_deleting(tenant_id):
         raise NotFound(NO_SUCH)
     lease = fetch(
