@@ -4,7 +4,8 @@ An OAuth connection delivers only its access token, leased until the token's own
 expiry; the refresh token never leaves the broker. An expired access token is
 refreshed first (see broker/integrations/oauth.py), which needs PostgreSQL; so does
 a token nothing can refresh (a Meta business token), whose reconnect mark is read
-on every fetch so that a token Graph called dead is never handed out. Otherwise
+on every fetch (when PostgreSQL answers) so that a token Graph called dead is not
+handed out. Otherwise
 only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit

@@ -37,7 +37,7 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -731,22 +731,29 @@ def _unrefreshable(
     """A token nothing can renew: good until its own expiry, then the tenant reconnects.
 
     The row is read too: a connection test that found the token dead (Graph code 190)
-    marked it, and a dead token must never be handed out.
+    marked it, and a dead token is not handed out while PostgreSQL can say so.
     """
     tokens = stored_tokens(public, sealed)
-    with unit_of_work(access.engine) as session:
-        row = session.get(IntegrationCredential, (tenant_id, spec.name))
-        marked = row is not None and row.needs_reconnect and row.kv_version == version
+    try:
+        with unit_of_work(access.engine) as session:
+            row = session.get(IntegrationCredential, (tenant_id, spec.name))
+            marked = row is not None and row.needs_reconnect and row.kv_version == version
+    except UpstreamUnavailable:
+        # A PostgreSQL outage must not stop messaging: the token's expiry, sealed in
+        # Vault, is still enforced below; only a mark set meanwhile goes unseen.
+        marked = False
     if marked:
         raise ReconnectRequired(_RECONNECT.format(title=spec.title), reconnect_required=True)
     if not tokens.fresh(access.clock(), timedelta(0)):
-        service.mark_needs_reconnect(
-            access.engine,
-            principal=principal,
-            tenant_id=tenant_id,
-            provider=spec.name,
-            reason="token_expired",
-        )
+        # Without PostgreSQL the mark waits for a later fetch; the answer does not.
+        with suppress(UpstreamUnavailable):
+            service.mark_needs_reconnect(
+                access.engine,
+                principal=principal,
+                tenant_id=tenant_id,
+                provider=spec.name,
+                reason="token_expired",
+            )
         raise ReconnectRequired(_RECONNECT.format(title=spec.title), reconnect_required=True)
     return tokens, version
 

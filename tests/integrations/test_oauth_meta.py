@@ -339,3 +339,36 @@ def test_the_code_token_and_app_secret_never_leak(
                 assert form not in text, f"a planted secret appears in the {where}"
     assert haystacks["logs"], "the scan must have seen some logs"
     assert tenant in haystacks["database"]
+
+
+def test_a_postgresql_outage_does_not_stop_a_valid_token_being_served(
+    app_client: TestClient,
+    meta: FakeMetaGraph,
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    providers: FakeProviders,
+    clock: FakeClock,
+) -> None:
+    tenant, _ = connected(app_client, meta, sixty_days=True)
+    # Nothing listens on port 9: every database connection is refused.
+    dead = make_settings(
+        vault_endpoint,
+        broker_vault_token,
+        "postgresql+psycopg://postgres@127.0.0.1:9/broker",
+        **{**provider_overrides(providers), "graph_base_url": meta.base_url},
+    )
+    vault = VaultGateway.from_settings(dead)
+    app = create_app(dead, vault=vault, clock=lambda: _now(clock))
+    try:
+        client = TestClient(app, raise_server_exceptions=False)
+        fetched = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+        assert fetched.status_code == 200, fetched.text
+        # The expiry, sealed in Vault, still holds without the database.
+        clock.advance(SIXTY_DAYS_S + 1)
+        expired = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+        assert expired.status_code == 409
+        assert expired.json()["reconnect_required"] is True
+        assert "access_token" not in expired.text
+    finally:
+        vault.close()
+        app.state.engine.dispose()
