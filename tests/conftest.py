@@ -200,6 +200,16 @@ def shopify_app(vault_admin: VaultGateway) -> None:
     )
 
 
+@pytest.fixture(scope="session")
+def meta_app(vault_admin: VaultGateway) -> None:
+    """The platform's Meta app in Vault (WhatsApp's embedded signup needs it)."""
+    vault_admin.kv_write(
+        "platform/meta",
+        {"client_id": "100000000000000", "client_secret": uuid.uuid4().hex},
+        cas=None,
+    )
+
+
 OAUTH_SETTINGS: dict[str, Any] = {
     "oauth_redirect_base_url": "https://broker.platform.test",
     "oauth_return_urls": ["https://app.platform.test/settings/integrations"],
@@ -214,6 +224,7 @@ def settings(
     providers: FakeProviders,
     stripe_server: FakeStripe,
     shopify_app: None,
+    meta_app: None,
 ) -> Settings:
     """The broker's settings for the session."""
     return make_settings(

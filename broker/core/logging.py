@@ -32,6 +32,7 @@ _SECRET_PATTERNS = [
     re.compile(r"\b(?:ck|cs)_[A-Za-z0-9]{16,}"),  # WooCommerce keys
     re.compile(r"\bshp(?:at|ca|pa|ss|rt)_[A-Za-z0-9]{16,}"),  # Shopify tokens
     re.compile(r"\bsk-[A-Za-z0-9_-]{16,}"),  # OpenAI keys
+    re.compile(r"\bEAA[A-Za-z0-9]{30,}"),  # Meta (Graph) access tokens
     re.compile(r"(?i)(postgres(?:ql)?(?:\+\w+)?://[^:/@\s]+:)[^@\s]+@"),  # DSN passwords
 ]
 _SENSITIVE_KEY = re.compile(
@@ -41,8 +42,13 @@ _SENSITIVE_KEY = re.compile(
 
 
 # An OAuth callback's query (in a library's debug line, an error's URL): the code, the
-# state and the signature are single-use credentials while they live.
-_OAUTH_QUERY = re.compile(r"(?i)([?&](?:code|state|hmac|signature)=)[^&\s\"'#]+")
+# state and the signature are single-use credentials while they live. Graph's code
+# exchange is a GET whose query holds the app secret (httpx logs its URL), and its
+# debug_token a GET whose query holds the token asked about.
+_OAUTH_QUERY = re.compile(
+    r"(?i)([?&](?:code|state|hmac|signature|client_secret|access_token|input_token"
+    r"|refresh_token|fb_exchange_token)=)[^&\s\"'#]+"
+)
 
 
 def redact_text(text: str) -> str:

@@ -2,9 +2,11 @@
 
 An OAuth connection delivers only its access token, leased until the token's own
 expiry; the refresh token never leaves the broker. An expired access token is
-refreshed first (see broker/integrations/oauth.py), the one case that needs
-PostgreSQL. Otherwise only Vault is needed on this path (a PostgreSQL outage must
-not stop messaging),
+refreshed first (see broker/integrations/oauth.py), which needs PostgreSQL; so does
+a token nothing can refresh (a Meta business token), whose reconnect mark is read
+on every fetch (when PostgreSQL answers) so that a token Graph called dead is not
+handed out. Otherwise
+only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit
 trail as well, best effort.
@@ -141,7 +143,7 @@ def deliver(
     access: oauth.OAuthAccess,
 ) -> Lease | tuple[Lease, WrappedSecret]:
     """A lease, or a lease wrapped for one unwrap: Vault only, never the database
-    (except to refresh an expired OAuth access token)."""
+    (except to refresh an expired OAuth access token, or to check a Meta token's mark)."""
     if deletions.is_deleting(tenant_id):
         raise NotFound(NO_SUCH)
     lease = fetch(
@@ -185,14 +187,16 @@ def fetch(
             public=record.public,
             sealed=sealed,
         )
+        issued = access.clock()
         return Lease(
             tenant_id=tenant_id,
             provider=provider,
             version=version,
             fields={**identifiers, "access_token": tokens.access_token},
-            issued_at=access.clock(),
+            issued_at=issued,
             # The lease is the token's own life: past it the provider refuses the token.
-            expires_at=tokens.access_expires_at,
+            # A token that never expires (a Meta business token) gets the usual lease.
+            expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
         )
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)

@@ -104,7 +104,8 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     refreshed = failed = 0
     try:
         for provider, spec in PROVIDERS.items():
-            if spec.oauth is None:
+            if spec.oauth is None or not spec.oauth.refreshable:
+                # Nothing renews a Meta business token: a fetch past its expiry marks it.
                 continue
             due = oauth.due_for_refresh(
                 shared.engine, provider=provider, before=access.clock() + ahead, limit=REFRESH_BATCH

@@ -37,7 +37,7 @@ import time
 import urllib.parse
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
@@ -128,26 +128,34 @@ class OAuthApp:
 
 @dataclass(frozen=True)
 class TokenSet:
-    """One access token with its refresh token and both expiries; `repr` hides the tokens."""
+    """One access token with its refresh token and both expiries; `repr` hides the tokens.
+
+    A Meta business token has no refresh token (""), and may never expire (None).
+    """
 
     access_token: str = field(repr=False)
     refresh_token: str = field(repr=False)
-    access_expires_at: datetime
+    access_expires_at: datetime | None
     refresh_expires_at: datetime | None
     scope: str = ""
 
     def fresh(self, now: datetime, margin: timedelta) -> bool:
         """True while the access token has more than `margin` left."""
-        return self.access_expires_at - margin > now
+        return self.access_expires_at is None or self.access_expires_at - margin > now
 
     def secrets(self) -> dict[str, str]:
-        """What is sealed: both tokens."""
-        return {"access_token": self.access_token, "refresh_token": self.refresh_token}
+        """What is sealed: the tokens there are."""
+        sealed = {"access_token": self.access_token}
+        if self.refresh_token:
+            sealed["refresh_token"] = self.refresh_token
+        return sealed
 
     def times(self) -> dict[str, str | None]:
         """Both expiries, for the sealed public part."""
         return {
-            "access_expires_at": self.access_expires_at.isoformat(),
+            "access_expires_at": (
+                self.access_expires_at.isoformat() if self.access_expires_at else None
+            ),
             "refresh_expires_at": (
                 self.refresh_expires_at.isoformat() if self.refresh_expires_at else None
             ),
@@ -242,6 +250,14 @@ def oauth_spec(provider: str) -> tuple[ProviderSpec, OAuthSpec]:
     return spec, spec.oauth
 
 
+def redirect_spec(provider: str) -> tuple[ProviderSpec, OAuthSpec]:
+    """The provider and its OAuth spec, for the consent-URL-and-callback flow only."""
+    spec, oauth = oauth_spec(provider)
+    if oauth.flow != "redirect":
+        raise NotFound(f"{spec.title} connects through its embedded signup, not a callback")
+    return spec, oauth
+
+
 def platform_app(vault: VaultGateway, oauth: OAuthSpec) -> OAuthApp:
     """The app's client id and secret from Vault KV (never from the environment)."""
     entry = vault.kv_read(oauth.client_path)
@@ -278,7 +294,7 @@ def _token_request(
         return token
     except OAuthError as exc:
         code = exc.error if isinstance(exc.error, str) and _SAFE_CODE.fullmatch(exc.error) else ""
-        raise TokenRefused(code or "unrecognised_error") from None
+        raise TokenRefused(code or _graph_error(exc.error)) from None
     except EgressRefused as exc:
         raise ProviderUnavailable(f"{title} is not a permitted egress target ({exc})") from None
     except (httpx.HTTPError, EgressFailed, ValueError):
@@ -286,6 +302,17 @@ def _token_request(
         raise ProviderUnavailable(f"{title} did not answer the token request") from None
     finally:
         client.close()
+
+
+def _graph_error(error: object) -> str:
+    """A safe name for Graph's error envelope `{"error": {"code", "error_subcode", ...}}`."""
+    # Graph's message may quote the request; only the numeric codes are looked at.
+    code = error.get("code") if isinstance(error, dict) else None
+    if code == 100:
+        return "invalid_code"  # subcodes 36007 (expired) and 36009 (already used)
+    if code == 190:
+        return "invalid_token"
+    return "unrecognised_error"
 
 
 def _token_set(oauth: OAuthSpec, token: Mapping[str, Any], now: datetime, title: str) -> TokenSet:
@@ -327,7 +354,7 @@ def start_connect(
     return_url: str | None,
 ) -> Authorization:
     """An authorization URL with a fresh single-use state bound to tenant, admin and account."""
-    spec, oauth = oauth_spec(provider)
+    spec, oauth = redirect_spec(provider)
     if not oauth.account_pattern.fullmatch(account):
         raise ValidationFailed(
             f"invalid {spec.title} account",
@@ -436,7 +463,7 @@ def finish_connect(access: OAuthAccess, *, provider: str, query: list[tuple[str,
     """
     seen = _Callback(provider)
     try:
-        spec, oauth = oauth_spec(provider)
+        spec, oauth = redirect_spec(provider)
         if not access.return_urls:
             raise OAuthNotConfigured("no platform return URL is configured for OAuth")
         try:
@@ -640,11 +667,11 @@ def _outcome_url(access: OAuthAccess, seen: _Callback, outcome: Outcome, reason:
 
 def stored_tokens(public: Mapping[str, Any], sealed: Mapping[str, str]) -> TokenSet:
     """The token set of an opened oauth record."""
-    refresh_at = public.get("refresh_expires_at")
+    refresh_at, access_at = public.get("refresh_expires_at"), public.get("access_expires_at")
     return TokenSet(
         access_token=sealed["access_token"],
-        refresh_token=sealed["refresh_token"],
-        access_expires_at=datetime.fromisoformat(str(public["access_expires_at"])),
+        refresh_token=sealed.get("refresh_token", ""),
+        access_expires_at=datetime.fromisoformat(str(access_at)) if access_at else None,
         refresh_expires_at=datetime.fromisoformat(str(refresh_at)) if refresh_at else None,
         scope=str(public.get("scope") or ""),
     )
@@ -667,11 +694,13 @@ def current_tokens(
     keyed by tenant and provider, waited for at most `lock_timeout_s`. Whoever
     waited finds the new set in Vault and does not refresh again.
     """
+    spec, oauth = oauth_spec(provider)
+    if not oauth.refreshable:
+        return _unrefreshable(access, spec, principal, tenant_id, version, public, sealed)
     margin = access.refresh_margin if margin is None else margin
     tokens = stored_tokens(public, sealed)
     if tokens.fresh(access.clock(), margin):
         return tokens, version
-    spec, oauth = oauth_spec(provider)
     with _exclusive(access, tenant_id, provider) as session:
         row = session.get(IntegrationCredential, (tenant_id, provider))
         if row is not None and row.needs_reconnect:
@@ -688,6 +717,45 @@ def current_tokens(
         return _refresh(
             access, spec, oauth, principal, tenant_id, record.version, record.public, tokens
         )
+
+
+def _unrefreshable(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    principal: Principal,
+    tenant_id: str,
+    version: int,
+    public: Mapping[str, Any],
+    sealed: Mapping[str, str],
+) -> tuple[TokenSet, int]:
+    """A token nothing can renew: good until its own expiry, then the tenant reconnects.
+
+    The row is read too: a connection test that found the token dead (Graph code 190)
+    marked it, and a dead token is not handed out while PostgreSQL can say so.
+    """
+    tokens = stored_tokens(public, sealed)
+    try:
+        with unit_of_work(access.engine) as session:
+            row = session.get(IntegrationCredential, (tenant_id, spec.name))
+            marked = row is not None and row.needs_reconnect and row.kv_version == version
+    except UpstreamUnavailable:
+        # A PostgreSQL outage must not stop messaging: the token's expiry, sealed in
+        # Vault, is still enforced below; only a mark set meanwhile goes unseen.
+        marked = False
+    if marked:
+        raise ReconnectRequired(_RECONNECT.format(title=spec.title), reconnect_required=True)
+    if not tokens.fresh(access.clock(), timedelta(0)):
+        # Without PostgreSQL the mark waits for a later fetch; the answer does not.
+        with suppress(UpstreamUnavailable):
+            service.mark_needs_reconnect(
+                access.engine,
+                principal=principal,
+                tenant_id=tenant_id,
+                provider=spec.name,
+                reason="token_expired",
+            )
+        raise ReconnectRequired(_RECONNECT.format(title=spec.title), reconnect_required=True)
+    return tokens, version
 
 
 def due_for_refresh(
@@ -995,3 +1063,161 @@ def migrate_tenants(
         if on_done is not None:
             on_done(tenant_id, outcome)
     return report
+
+
+# -- Meta's Embedded Signup -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SignupResult:
+    """What the platform's page got from Embedded Signup; `repr` hides the code."""
+
+    code: str = field(repr=False)
+    waba_id: str
+    phone_number_id: str
+    business_id: str
+
+
+def connect_embedded_signup(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    signup: SignupResult,
+) -> IntegrationCredential:
+    """Exchange an Embedded Signup code for the business token, check it and store it.
+
+    The code dies after 30 s or one use, so a refusal is final: nothing is stored, the
+    trail says why, and the admin runs the signup again.
+    """
+    spec, oauth = oauth_spec(provider)
+    if oauth.flow != "embedded_signup":
+        raise NotFound(f"{spec.title} connects through its consent URL, not an embedded signup")
+    with unit_of_work(access.engine) as session:
+        service.live_tenant(session, tenant_id)
+    app = platform_app(access.vault, oauth)
+    now = access.clock()
+    try:
+        answer = _token_request(
+            access,
+            app,
+            spec.title,
+            # Graph wants client_id, client_secret and code in a GET query, no redirect_uri.
+            lambda client: client.fetch_token(
+                oauth.token_url(access.outbound.endpoints, signup.waba_id),
+                method="GET",
+                auth=httpx.Auth(),
+                code=signup.code,
+                client_id=app.client_id,
+                client_secret=app.client_secret,
+            ),
+        )
+        token = answer.get(oauth.mapping.access_token)
+        if not isinstance(token, str) or not token:
+            raise ProviderUnavailable(f"{spec.title} answered the code without a token")
+        expires_at = _token_expiry(access, oauth, app, spec.title, signup, token, answer, now)
+    except TokenRefused as exc:
+        _signup_refused(access, principal, tenant_id, spec, exc.error)
+        raise ValidationFailed(
+            f"{spec.title} refused the signup code ({exc.error}): it lasts 30 seconds and "
+            "works once; run the embedded signup again"
+        ) from None
+    tokens = TokenSet(
+        access_token=token,
+        refresh_token="",
+        access_expires_at=expires_at,
+        refresh_expires_at=None,
+        scope=oauth.scope_separator.join(oauth.scopes),
+    )
+    result = _test(access, spec, oauth, signup.waba_id, tokens)
+    if not result.ok:
+        _signup_refused(access, principal, tenant_id, spec, f"connection_test_{result.code}")
+        raise ValidationFailed(f"the new {spec.title} token failed its test: {result.reason}")
+    context.restart_vault_budget()  # the exchange and the checks were Meta's time
+    identifiers = {
+        oauth.account_field: signup.waba_id,
+        "phone_number_id": signup.phone_number_id,
+        "business_portfolio_id": signup.business_id,
+    }
+    public = _public(oauth, signup.waba_id, tokens, principal, result)
+    public["identifiers"] = identifiers
+    return service.store_token_set(
+        access.engine,
+        access.vault,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=spec.name,
+        secrets=tokens.secrets(),
+        identifiers=identifiers,
+        public=public,
+        action="integration.oauth.connect",
+        if_match=None,
+        test=result,
+    )
+
+
+def _signup_refused(
+    access: OAuthAccess, principal: Principal, tenant_id: str, spec: ProviderSpec, reason: str
+) -> None:
+    trail.record_separately(
+        access.engine,
+        action="integration.oauth.connect",
+        resource=f"tenants/{tenant_id}/integrations/{spec.name}",
+        outcome="failed",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={"reason": reason},
+    )
+
+
+def _token_expiry(
+    access: OAuthAccess,
+    oauth: OAuthSpec,
+    app: OAuthApp,
+    title: str,
+    signup: SignupResult,
+    token: str,
+    answer: Mapping[str, Any],
+    now: datetime,
+) -> datetime | None:
+    """Ask Graph's debug_token about a new business token: valid, ours, for this WABA.
+
+    Its expiry: `expires_in` of the exchange, else debug_token's `expires_at`; 0 or
+    absent means it never expires.
+    """
+    base = oauth.base_url(access.outbound.endpoints, signup.waba_id).rstrip("/")
+    query = urllib.parse.urlencode({"input_token": token})
+    try:
+        # The app token (id|secret) goes in a header, never in a URL.
+        response = access.outbound.client.get(
+            f"{base}/debug_token?{query}",
+            headers={"Authorization": f"Bearer {app.client_id}|{app.client_secret}"},
+        )
+        body = response.json() if response.status_code == 200 else None
+    except (EgressRefused, EgressFailed):
+        raise ProviderUnavailable(f"{title} did not answer the token check") from None
+    data = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(data, dict):
+        raise ProviderUnavailable(f"{title} did not answer the token check")
+    if data.get("is_valid") is not True or str(data.get("app_id")) != app.client_id:
+        raise TokenRefused("invalid_token")
+    # The page's ids are the browser's word: the token must be for that very WABA, or a
+    # tenant could post its own code beside another customer's WABA id.
+    grants = [
+        grant
+        for grant in data.get("granular_scopes") or []
+        if isinstance(grant, dict) and grant.get("scope") == "whatsapp_business_management"
+    ]
+    # A grant without target_ids covers every asset the token can reach.
+    if not any(
+        "target_ids" not in grant or signup.waba_id in map(str, grant["target_ids"] or [])
+        for grant in grants
+    ):
+        raise TokenRefused("waba_not_granted")
+    expires_in, expires_at = answer.get(oauth.mapping.expires_in), data.get("expires_at")
+    if isinstance(expires_in, int) and expires_in > 0:
+        return now + timedelta(seconds=expires_in)
+    if isinstance(expires_at, int) and expires_at > 0:
+        return datetime.fromtimestamp(expires_at, now.tzinfo)
+    return None

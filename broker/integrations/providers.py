@@ -395,6 +395,12 @@ class OAuthSpec:
     client_path: str = ""
     """KV path (under the platform's secrets) of the app's client_id and client_secret."""
     callback_signature: Literal["shopify_hmac"] = "shopify_hmac"
+    flow: Literal["redirect", "embedded_signup"] = "redirect"
+    """"redirect": the broker hands out the consent URL and receives the callback.
+    "embedded_signup" (Meta): the platform's page runs the consent and posts the code."""
+    refreshable: bool = True
+    """False when the provider documents no refresh for the token (Meta business tokens):
+    past its expiry, the integration needs a reconnect."""
 
     def authorize_url(self, endpoints: ProviderEndpoints, account: str) -> str:
         """Where the admin's browser goes to consent."""
@@ -726,6 +732,23 @@ _SHOPIFY = ProviderSpec(
     oauth=_SHOPIFY_OAUTH,
 )
 
+WHATSAPP_ID = _ascii(r"[0-9]{5,20}")
+"""A Graph object id: the WABA, its phone number, the Meta business."""
+
+_WHATSAPP_OAUTH = OAuthSpec(
+    base_url=lambda endpoints, _: f"{_base(endpoints.graph)}/{endpoints.graph_version}",
+    authorize_path="",
+    # Graph's code exchange: a GET with client_id, client_secret and code, no redirect_uri.
+    token_path="/oauth/access_token",
+    scopes=("whatsapp_business_management", "whatsapp_business_messaging"),
+    account_field="business_id",
+    account_pattern=WHATSAPP_ID,
+    client_path="platform/meta",
+    flow="embedded_signup",
+    # Business tokens never expire, or last 60 days; no refresh is documented for them.
+    refreshable=False,
+)
+
 _WHATSAPP = ProviderSpec(
     name="whatsapp",
     title="WhatsApp",
@@ -752,6 +775,7 @@ _WHATSAPP = ProviderSpec(
     probe=_whatsapp_probe,
     rejects=_graph_rejected,
     expects=_is_dict_with("id", str),
+    oauth=_WHATSAPP_OAUTH,
 )
 
 _OPENAI = ProviderSpec(

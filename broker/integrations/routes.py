@@ -23,6 +23,7 @@ from broker.integrations.schemas import (
     ConnectView,
     CredentialsTest,
     CredentialsWrite,
+    EmbeddedSignupRequest,
     IntegrationView,
     MigrationView,
     ProviderName,
@@ -246,6 +247,31 @@ def start_connect(
         return_url=body.return_url,
     )
     return ConnectView(authorization_url=found.url, expires_at=found.expires_at)
+
+
+@router.post(
+    "/{provider}/embedded-signup",
+    response_model=IntegrationView,
+    responses=problem_responses(
+        {
+            404: "No such provider, none with an embedded signup, or no tenant",
+            422: "The provider refused the code (used or expired): run the signup again",
+            503: "The provider or Vault did not answer, or the Meta app is not configured",
+        }
+    ),
+)
+def embedded_signup(
+    provider: ProviderName, body: EmbeddedSignupRequest, request: Request, principal: Writer
+) -> IntegrationView:
+    """Exchange Embedded Signup's code for the business token and store it sealed."""
+    row = oauth.connect_embedded_signup(
+        _oauth(request),
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        signup=body.signup(),
+    )
+    return IntegrationView.of(get_provider(provider), row)
 
 
 @callback_router.get(

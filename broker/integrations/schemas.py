@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from broker.integrations.oauth import SignupResult
 from broker.integrations.providers import (
     MAX_VALUE_LENGTH,
     PROVIDERS,
@@ -162,6 +163,33 @@ class ConnectRequest(BaseModel):
         max_length=2000,
         description="Where the browser ends up; one of the platform's configured return URLs.",
     )
+
+
+GraphId = Annotated[str, Field(pattern=r"^[0-9]{5,20}$", description="A Graph object id.")]
+
+
+class EmbeddedSignupRequest(BaseModel):
+    """What the platform's page got from Meta's Embedded Signup, posted as it came."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    code: SecretStr = Field(
+        min_length=1,
+        max_length=2000,
+        description="`authResponse.code` of FB.login; valid 30 seconds, once.",
+    )
+    waba_id: GraphId
+    phone_number_id: GraphId
+    business_id: GraphId = Field(description="The customer's Meta business portfolio id.")
+
+    def signup(self) -> SignupResult:
+        """The service's view, the code revealed for the exchange."""
+        return SignupResult(
+            code=self.code.get_secret_value(),
+            waba_id=self.waba_id,
+            phone_number_id=self.phone_number_id,
+            business_id=self.business_id,
+        )
 
 
 class ConnectView(BaseModel):

@@ -337,7 +337,12 @@ def store_token_set(
 
 
 def mark_needs_reconnect(
-    engine: Engine, *, principal: Principal, tenant_id: str, provider: str
+    engine: Engine,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    reason: str = "invalid_grant",
 ) -> None:
     """The provider refused the stored grant: say so in the row, the status and the trail."""
     with unit_of_work(engine) as session:
@@ -356,7 +361,7 @@ def mark_needs_reconnect(
             outcome="failed",
             principal=principal,
             tenant_id=tenant_id,
-            detail={"reason": "invalid_grant", "kv_version": row.kv_version},
+            detail={"reason": reason, "kv_version": row.kv_version},
         )
 
 
@@ -380,7 +385,26 @@ def run_connection_test(
         creds, _ = read_credentials(vault, tenant_id=tenant_id, provider=provider)
     result = spec.connection_test(outbound.client, outbound.endpoints, creds)
     _record_test(engine, principal, tenant_id, provider, result, stored=fields is None)
+    if fields is None and result.code == "rejected" and _unrenewable(engine, tenant_id, spec):
+        # A token nothing can renew (Meta's business token) that the provider refuses
+        # (Graph code 190): only a reconnect helps, and services must not get it.
+        mark_needs_reconnect(
+            engine,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            reason="token_rejected",
+        )
     return result
+
+
+def _unrenewable(engine: Engine, tenant_id: str, spec: ProviderSpec) -> bool:
+    """Whether the stored credentials are an OAuth token the broker cannot refresh."""
+    if spec.oauth is None or spec.oauth.refreshable:
+        return False
+    with unit_of_work(engine) as session:
+        row = session.get(IntegrationCredential, (tenant_id, spec.name))
+        return row is not None and row.credential_kind == "oauth"
 
 
 # -- the write protocol ---------------------------------------------------------------
@@ -743,6 +767,7 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         last_test_ok=row.last_test_ok,
         last_test_reason=row.last_test_reason,
         needs_reconnect=row.needs_reconnect,
+        connection_expires_at=_connection_expiry(row),
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)
@@ -751,6 +776,15 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         settings.version += 1
         settings.updated_at = utcnow()
         session.add(settings)
+
+
+def _connection_expiry(row: IntegrationCredential) -> str | None:
+    """The expiry worth showing in the settings: only of a token nothing renews."""
+    oauth = get_provider(row.provider).oauth
+    # A refreshed token's hourly expiry would churn the settings' version for nothing.
+    if row.credential_kind != "oauth" or oauth is None or oauth.refreshable:
+        return None
+    return row.token_expires_at.isoformat() if row.token_expires_at else None
 
 
 def _locked_row(session: Session, tenant_id: str, provider: str) -> IntegrationCredential | None:
@@ -776,10 +810,13 @@ def _live_tenant(session: Session, tenant_id: str) -> Tenant:
 
 def _open(store: SealedStore, tenant_id: str, provider: str, record: SealedRecord) -> Credentials:
     secrets = store.open(tenant_id, item_name(provider), record)
-    if record.public.get("kind") == "oauth":
-        # The refresh token stays with the OAuth code; a Credentials never carries it.
-        secrets = {"access_token": secrets["access_token"]}
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
+    if record.public.get("kind") == "oauth":
+        # The refresh token stays with the OAuth code; a Credentials never carries it,
+        # nor identifiers that are no field of the provider (WhatsApp's phone number id).
+        secrets = {"access_token": secrets["access_token"]}
+        names = {f.name for f in get_provider(provider).fields}
+        identifiers = {k: v for k, v in identifiers.items() if k in names}
     return Credentials(provider, {**identifiers, **secrets})
 
 

@@ -386,6 +386,9 @@ class IntegrationStatus(_Model):
     last_test_reason: Annotated[str, StringConstraints(max_length=200)] | None = None
     # An OAuth connection whose grant the provider refused: the tenant must reconnect.
     needs_reconnect: StrictBool = False
+    # When a connection the broker cannot refresh (a Meta business token) stops working;
+    # None: it never expires, or the broker renews it (Shopify), or it is pasted.
+    connection_expires_at: AwareDatetime | None = None
 
 
 class IntegrationsStatus(_Model):

@@ -106,6 +106,17 @@ class _Answer:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+_GRAPH_CODE_EXCHANGE = re.compile(r"/v[0-9]+\.[0-9]+/oauth/access_token")
+_GRAPH_BAD_CODE = {
+    "error": {
+        "message": "Invalid verification code format.",
+        "type": "OAuthException",
+        "code": 100,
+        "fbtrace_id": "AbCdEfGhIjK",
+    }
+}
+
+
 def _basic(headers: dict[str, str]) -> tuple[str, str] | None:
     scheme, _, token = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "basic":
@@ -252,6 +263,9 @@ class FakeProviders:
         with self._lock:
             self.hits[provider] += 1
             self.requests.append(RecordedRequest("GET", path, headers, provider))
+        if match is None and _GRAPH_CODE_EXCHANGE.fullmatch(route):
+            # No code is ever issued here: Graph's answer to one it does not know.
+            return _Answer(400, _GRAPH_BAD_CODE)
         if match is None:
             return _Answer(404, {"message": "Not Found"})
 
