@@ -57,6 +57,8 @@ log = logging.getLogger("bench")
 
 PROVIDER = "shopify"
 CLIENT_ID = "bench-shopify-app"
+# Seeding's first chunk aims its expiries with this rate (tenants/s); later ones measure it.
+GUESSED_RATE = 10.0
 # Lets a drain that stopped making progress end the scenario instead of the run.
 STALL_S = 90.0
 
@@ -103,12 +105,15 @@ def seed(
     tenants: list[str],
     workers: int,
 ) -> dict[str, Any]:
-    """Migrate every tenant's pasted token to an expiring set that is due for refresh now."""
+    """Migrate every tenant's pasted token to an expiring set, all expiring at about one time.
+
+    Each chunk is issued in the fake's past, so that its tokens expire `ahead` minus
+    10 s after the seeding is expected to end (from the rate so far): once the clock is
+    back, every token is inside the refresh window, none expired, whatever the seeding
+    took. `ready_at` (epoch seconds) is when the last of them has entered the window.
+    """
     clock = shopify.clock
-    ahead = settings.oauth_refresh_ahead_s
-    # Issued this far in the past, a one-hour token has `ahead` minus 10 s left once the
-    # clock is back: inside the window, and not yet expired for the first refreshes.
-    shift_s = shopify.access_ttl_s - ahead + 10
+    left_s = settings.oauth_refresh_ahead_s - 10
     reaching = settings.model_copy(
         update={
             "shopify_base_url": shopify.base_url,
@@ -137,25 +142,48 @@ def seed(
             log.warning("migrating %s: %s", tenant, exc.message)
             return "failed"
 
-    clock.advance(-shift_s)
+    outcomes: Counter[str] = Counter()
+    chunk = workers * 10
+    started = time.perf_counter()
     try:
-        started = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            outcomes = Counter(pool.map(one, tenants))
+            for at in range(0, len(tenants), chunk):
+                elapsed = time.perf_counter() - started
+                rate = at / elapsed if at else GUESSED_RATE
+                expires_at = time.time() + (len(tenants) - at) / rate + left_s
+                clock.advance(expires_at - shopify.access_ttl_s - clock.now())
+                outcomes.update(pool.map(one, tenants[at : at + chunk]))
         seconds = time.perf_counter() - started
     finally:
-        clock.advance(shift_s)
+        clock.advance(time.time() - clock.now())  # the present again
         outbound.client.close()
         vault.close()
+    first, last = expiry_range(engine, tenants)
     return {
         "credentials": len(tenants),
         "outcomes": dict(outcomes),
         "seconds": round(seconds, 2),
         "migrated_per_s": round(outcomes["migrated"] / seconds, 1) if seconds else None,
         "workers": workers,
-        "fake_clock_shift_s": shift_s,
-        "due_after_seed": count_due(engine, settings),
+        "expiry_spread_s": round((last - first).total_seconds(), 1),
+        "ready_at": (last - timedelta(seconds=settings.oauth_refresh_ahead_s - 1)).timestamp(),
     }
+
+
+def expiry_range(engine: Engine, tenants: list[str]) -> tuple[datetime, datetime]:
+    """The first and last access-token expiry among `tenants`' Shopify credentials."""
+    with Session(engine) as session:
+        first, last = session.exec(
+            select(
+                func.min(IntegrationCredential.token_expires_at),
+                func.max(IntegrationCredential.token_expires_at),
+            )
+            .where(IntegrationCredential.provider == PROVIDER)
+            .where(col(IntegrationCredential.tenant_id).in_(tenants))
+        ).one()
+    if first is None or last is None:
+        raise RuntimeError("no expiring Shopify credentials were seeded")
+    return first, last
 
 
 def count_due(engine: Engine, settings: Settings, *, ahead: bool = True) -> int:
