@@ -166,6 +166,7 @@ def seed(
         "migrated_per_s": round(outcomes["migrated"] / seconds, 1) if seconds else None,
         "workers": workers,
         "expiry_spread_s": round((last - first).total_seconds(), 1),
+        "first_expiry": first.timestamp(),
         "ready_at": (last - timedelta(seconds=settings.oauth_refresh_ahead_s - 1)).timestamp(),
     }
 
@@ -262,11 +263,16 @@ class WorkerProcess:
 class Drain:
     """Keeps one run of the refresh job queued until nothing is due; counts refresh calls."""
 
-    def __init__(self, engine: Engine, settings: Settings, shopify: FakeShopifyOAuth) -> None:
+    def __init__(
+        self, engine: Engine, settings: Settings, shopify: FakeShopifyOAuth, *, expiry: float
+    ) -> None:
         self.engine = engine
         self.settings = settings
         self.shopify = shopify
         self.calls_before = shopify.refresh_calls
+        # The first seeded token's expiry (epoch s): refreshes after it came too late.
+        self.expiry = expiry
+        self.in_time: int | None = None
         self.started = self.finished = 0.0
         self.left_due = -1
         self.expired_at_start = -1
@@ -295,6 +301,8 @@ class Drain:
     def _run(self) -> None:
         progress_at, calls = time.monotonic(), self.shopify.refresh_calls
         while not self._stop.is_set():
+            if self.in_time is None and time.time() >= self.expiry:
+                self.in_time = self.shopify.refresh_calls - self.calls_before
             # Queueing lock: None while a run is still waiting, which is all this needs.
             with unit_of_work(self.engine) as session:
                 defer(session, refresh_due_tokens)
@@ -318,5 +326,6 @@ class Drain:
             "seconds": round(seconds, 2),
             "tokens_per_s": round(refreshed / seconds, 1) if seconds else None,
             "expired_at_start": self.expired_at_start,
+            "refreshed_before_first_expiry": refreshed if self.in_time is None else self.in_time,
             "left_due": self.left_due,
         }
