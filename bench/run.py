@@ -12,7 +12,8 @@ asserts nothing about time.
 
 Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
-BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OUTPUT.
+BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
+BENCH_OUTPUT.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import time
 from base64 import b64encode
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from typing import Any
 import httpx
 import hvac
 
+from bench import oauth_refresh
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -48,8 +50,10 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import free_port
 from broker.devstack.stack import start_dev_stack
+from broker.integrations.jobs import REFRESH_BATCH
 from broker.tenants.keys import rotate_tenant_key
 from broker.vault.gateway import VaultGateway
+from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 
 log = logging.getLogger("bench")
 
@@ -58,6 +62,8 @@ PROVIDER = "shopify"
 CONCURRENCIES = (1, 8)
 MANY = "fetch (broker), many tenants"
 MANY_FLOOR = "fetch floor (Vault), many"
+REFRESHING = "fetch (broker), refreshing"
+REFRESHED = "fetch (broker), oauth settled"
 # Far above anything the load reaches: the benchmark measures the work, not the limiter.
 UNLIMITED = "100000000/minute"
 BENCH_PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
@@ -76,6 +82,7 @@ class Plan:
     setup_concurrency: int
     rotate_workers: int
     settle_s: float
+    oauth_credentials: int
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -94,6 +101,7 @@ class Plan:
             setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
             settle_s=knob("SETTLE_S", 70, 5),
+            oauth_credentials=int(knob("OAUTH_CREDENTIALS", 10_000, 200)),
         )
 
 
@@ -123,7 +131,7 @@ def machine() -> dict[str, Any]:
 class BrokerProcess:
     """`broker serve` in its own process, configured like the dev stack's broker."""
 
-    def __init__(self, settings: Settings, work: Path) -> None:
+    def __init__(self, settings: Settings, work: Path, extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.work = work
@@ -146,6 +154,7 @@ class BrokerProcess:
             "BROKER_RATE_LIMIT_FETCH": UNLIMITED,
             "BROKER_RATE_LIMIT_WRITE": UNLIMITED,
             "BROKER_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
+            **extra_env,
         }
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -277,7 +286,11 @@ def tenant_ids(start: int, stop: int) -> list[str]:
 
 
 async def _create_tenants(
-    base_url: str, tokens: Tokens, tenants: list[str], concurrency: int
+    base_url: str,
+    tokens: Tokens,
+    tenants: list[str],
+    concurrency: int,
+    access_token: Callable[[str], str],
 ) -> None:
     """Each tenant through the API: its Transit key, default settings, and credentials."""
     platform_auth = {"Authorization": f"Bearer {tokens.platform()}"}
@@ -295,8 +308,8 @@ async def _create_tenants(
                 if created.status_code not in (201, 409):
                     raise RuntimeError(f"creating {tenant}: {created.status_code}")
                 fields = {
-                    "shop_domain": f"{tenant}.myshopify.com",
-                    "access_token": "shpat_" + secrets.token_hex(16),
+                    "shop_domain": shop_domain(tenant),
+                    "access_token": access_token(shop_domain(tenant)),
                     "webhook_secret": secrets.token_urlsafe(24),
                 }
                 saved = await client.put(
@@ -310,10 +323,25 @@ async def _create_tenants(
         await asyncio.gather(*(one(t) for t in tenants))
 
 
-def create_tenants(base_url: str, tokens: Tokens, tenants: list[str], concurrency: int) -> float:
-    """Create tenants with credentials; returns tenants per second (setup, not a figure)."""
+def shop_domain(tenant: str) -> str:
+    """The bench tenant's shop at (fake) Shopify."""
+    return f"{tenant}.myshopify.com"
+
+
+def create_tenants(
+    base_url: str,
+    tokens: Tokens,
+    tenants: list[str],
+    concurrency: int,
+    access_token: Callable[[str], str],
+) -> float:
+    """Create tenants with credentials; returns tenants per second (setup, not a figure).
+
+    `access_token(shop)` gives each shop's pasted token: the fake Shopify's, so the
+    OAuth figures can migrate them to expiring ones later.
+    """
     started = time.perf_counter()
-    asyncio.run(_create_tenants(base_url, tokens, tenants, concurrency))
+    asyncio.run(_create_tenants(base_url, tokens, tenants, concurrency, access_token))
     return len(tenants) / (time.perf_counter() - started)
 
 
@@ -353,10 +381,13 @@ class Row:
 class Bench:
     """Runs the measurements against one stack and collects the figures."""
 
-    def __init__(self, plan: Plan, settings: Settings, broker: BrokerProcess) -> None:
+    def __init__(
+        self, plan: Plan, settings: Settings, broker: BrokerProcess, shopify: FakeShopifyOAuth
+    ) -> None:
         self.plan = plan
         self.settings = settings
         self.broker = broker
+        self.shopify = shopify
         assert settings.jwt_hs256_secret is not None
         self.tokens = Tokens(
             settings.jwt_hs256_secret.get_secret_value(),
@@ -420,7 +451,9 @@ class Bench:
         vault = self.settings.vault_addrs[0]
         small = tenant_ids(0, plan.small_tenants)
         log.info("creating %d tenants", len(small))
-        create_tenants(broker, self.tokens, small, plan.setup_concurrency)
+        create_tenants(
+            broker, self.tokens, small, plan.setup_concurrency, self.shopify.issue_offline_token
+        )
         floor_token = vault_token(self.settings)
         floor = {
             "scenario": "vault_fetch",
@@ -525,7 +558,13 @@ class Bench:
 
         large = tenant_ids(0, plan.large_tenants)
         log.info("growing to %d tenants", len(large))
-        rate = create_tenants(broker, self.tokens, large[len(small) :], plan.setup_concurrency)
+        rate = create_tenants(
+            broker,
+            self.tokens,
+            large[len(small) :],
+            plan.setup_concurrency,
+            self.shopify.issue_offline_token,
+        )
         self.results["setup"] = {"tenants_created_per_s": round(rate, 1)}
         # Measure a steady state, not the wake of bulk-loading the tenants: the
         # broker's rate-limit windows (60 s) still hold every setup write, and
@@ -562,6 +601,7 @@ class Bench:
             },
         }
         self.results["rotation"] = self.rotate(large)
+        self.results["oauth_refresh"] = self.oauth_refresh(large)
         self.results["legacy_migration"] = self.legacy()
 
     def _ratio(self, a: str, b: str, c: int, key: str) -> float:
@@ -605,6 +645,79 @@ class Bench:
             "seconds": round(seconds, 2),
             "secrets_per_s": round(rewrapped / seconds, 1),
             "workers": self.plan.rotate_workers,
+        }
+
+    def oauth_refresh(self, existing: list[str]) -> dict[str, Any]:
+        """Shopify credentials all inside their refresh window: the job's rate, fetch latency."""
+        plan, broker = self.plan, self.broker.url
+        tenants = tenant_ids(0, plan.oauth_credentials)
+        if len(tenants) > len(existing):
+            log.info("creating %d more tenants", len(tenants) - len(existing))
+            create_tenants(
+                broker,
+                self.tokens,
+                tenants[len(existing) :],
+                plan.setup_concurrency,
+                self.shopify.issue_offline_token,
+            )
+        assert self.settings.database_url is not None
+        engine = make_engine(self.settings.database_url.get_secret_value())
+        try:
+            log.info("migrating %d Shopify tokens to expiring ones", len(tenants))
+            seeded = oauth_refresh.seed(
+                self.settings,
+                engine,
+                self.shopify,
+                principal=BENCH_PRINCIPAL,
+                tenants=tenants,
+                workers=plan.rotate_workers,
+            )
+            # Until the last token seeded is inside the window too.
+            time.sleep(max(0.0, seeded["ready_at"] - time.time()))
+            seeded["due_at_start"] = oauth_refresh.count_due(engine, self.settings)
+            log.info("refreshing %d due tokens through the worker", seeded["due_at_start"])
+            worker_log = self.broker.work / "worker.log"
+            drain = oauth_refresh.Drain(
+                engine, self.settings, self.shopify, expiry=seeded["first_expiry"]
+            )
+            windows: dict[str, Any] = {}
+            with oauth_refresh.WorkerProcess(self.broker.env, engine, worker_log):
+                drain.start()
+                try:
+                    for c in CONCURRENCIES:
+                        at, calls = drain.snapshot()
+                        self.measure(REFRESHING, broker, c, targets=self.fetch_targets(tenants))
+                        until, calls_after = drain.snapshot()
+                        refreshed = calls_after - calls
+                        windows[f"c{c}"] = {
+                            "refresh_calls": refreshed,
+                            "per_s": round(refreshed / (until - at), 1),
+                        }
+                        note = f"{len(tenants)} oauth, {refreshed} refreshed meanwhile"
+                        self.rows[-1].note = note
+                    drain.wait()
+                finally:
+                    drain.stop()
+                # The same fetches once every token is fresh again: the baseline.
+                for c in CONCURRENCIES:
+                    self.measure(
+                        REFRESHED,
+                        broker,
+                        c,
+                        f"{len(tenants)} oauth credentials",
+                        targets=self.fetch_targets(tenants),
+                    )
+            by_actor = oauth_refresh.refreshes_by_actor(engine)
+        finally:
+            engine.dispose()
+        return {
+            "credentials": len(tenants),
+            "seed": seeded,
+            "drain": drain.figures(),
+            "during_fetch": windows,
+            "refreshes_by_actor": by_actor,
+            "fake_refresh_calls": self.shopify.refresh_calls,
+            "job_batch": REFRESH_BATCH,
         }
 
     def legacy(self) -> dict[str, Any]:
@@ -653,6 +766,29 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
         f"key rotation: {rot['secrets_rewrapped']} secrets rewrapped in {rot['seconds']} s = "
         f"{rot['secrets_per_s']} secrets/s ({rot['workers']} workers)"
     )
+    auth = results["oauth_refresh"]
+    seed, drain = auth["seed"], auth["drain"]
+    lines.append(
+        f"oauth seed: {seed['outcomes'].get('migrated', 0)} pasted tokens migrated to expiring "
+        f"ones in {seed['seconds']} s = {seed['migrated_per_s']}/s ({seed['workers']} workers); "
+        f"{seed['due_at_start']} inside the refresh window (expiries within "
+        f"{seed['expiry_spread_s']} s)"
+    )
+    lines.append(
+        f"oauth refresh: {drain['refresh_calls']} tokens refreshed through the fake Shopify in "
+        f"{drain['seconds']} s = {drain['tokens_per_s']} tokens/s, runs back to back "
+        f"({drain['refreshed_before_first_expiry']} before the first token expired, "
+        f"{drain['expired_at_start']} already expired at the start, {drain['left_due']} left "
+        f"due); by actor: {auth['refreshes_by_actor']}"
+    )
+    for c in CONCURRENCIES:
+        refreshing = results[REFRESHING][f"c{c}"]
+        settled = results[REFRESHED][f"c{c}"]
+        lines.append(
+            f"fetch latency while refreshing vs settled at c{c}: "
+            f"p50 {refreshing['p50_ms']:.2f} vs {settled['p50_ms']:.2f} ms, "
+            f"p99 {refreshing['p99_ms']:.2f} vs {settled['p99_ms']:.2f} ms"
+        )
     legacy = results["legacy_migration"]
     if "skipped" in legacy:
         lines.append(f"legacy migration: skipped, {legacy['skipped']}")
@@ -686,8 +822,12 @@ def main() -> None:
         with ExitStack() as stack:
             base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
             settings = start_dev_stack(stack, work / "data", base)
-            broker = stack.enter_context(BrokerProcess(settings, work))
-            bench = Bench(plan, settings, broker)
+            shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
+            oauth_refresh.store_platform_app(work / "data", settings, shopify)
+            broker = stack.enter_context(
+                BrokerProcess(settings, work, oauth_refresh.egress_env(shopify))
+            )
+            bench = Bench(plan, settings, broker, shopify)
             bench.run()
     finally:
         shutil.rmtree(work, ignore_errors=True)
