@@ -3,7 +3,9 @@ refresh OAuth access tokens before they expire."""
 
 from __future__ import annotations
 
+import contextvars
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 from procrastinate import JobContext
@@ -13,11 +15,13 @@ from sqlmodel import Session, col, select
 from broker.app import oauth_access_for, outbound_for
 from broker.auth.principal import Principal
 from broker.core import context as request_context
+from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
 from broker.integrations import oauth
 from broker.integrations.providers import PROVIDERS
 from broker.integrations.service import reconcile_tenant
 from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
+from broker.jobs.defer import defer
 from broker.models import IntegrationCredential, Tenant
 from broker.vault.sealed import SealedStore
 
@@ -25,8 +29,9 @@ log = logging.getLogger(__name__)
 
 RECONCILE_PENDING = "integrations.reconcile_pending"
 REFRESH_DUE = "integrations.refresh_due_tokens"
-# Credentials one run refreshes at most; the next minute's run takes the rest.
+# Credentials one run refreshes at most; a full run queues the next one at once.
 REFRESH_BATCH = 500
+REFRESH_THREADS = 8
 
 
 def tenants_with_pending_writes(engine: Engine) -> list[str]:
@@ -102,37 +107,51 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     worker = Principal(subject="broker-worker", kind="service", scopes=frozenset())
     ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)
     refreshed = failed = 0
-    try:
-        for provider, spec in PROVIDERS.items():
-            if spec.oauth is None or not spec.oauth.refreshable:
-                # Nothing renews a Meta business token: a fetch past its expiry marks it.
-                continue
-            due = oauth.due_for_refresh(
-                shared.engine, provider=provider, before=access.clock() + ahead, limit=REFRESH_BATCH
+    full = False
+
+    def refresh(provider: str, tenant_id: str) -> int:
+        try:
+            return oauth.refresh_if_due(
+                access, principal=worker, tenant_id=tenant_id, provider=provider, within=ahead
             )
-            for tenant_id in due:
-                try:
-                    refreshed += oauth.refresh_if_due(
-                        access,
-                        principal=worker,
-                        tenant_id=tenant_id,
-                        provider=provider,
-                        within=ahead,
-                    )
-                except BrokerError as exc:
-                    failed += 1
-                    log.warning(
-                        "could not refresh an OAuth token ahead of its expiry",
-                        extra={
-                            "fields": {
-                                "tenant_id": tenant_id,
-                                "provider": provider,
-                                "error": exc.message,
-                            }
-                        },
-                    )
+        except BrokerError as exc:
+            log.warning(
+                "could not refresh an OAuth token ahead of its expiry",
+                extra={
+                    "fields": {"tenant_id": tenant_id, "provider": provider, "error": exc.message}
+                },
+            )
+            return -1
+
+    try:
+        # A few at a time: each refresh waits mostly on the provider and Vault. Each
+        # thread runs in a copy of this job's context, for the audited headers.
+        with ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="oauth-refresh") as pool:
+            for provider, spec in PROVIDERS.items():
+                if spec.oauth is None or not spec.oauth.refreshable:
+                    # Nothing renews a Meta business token: a fetch past its expiry marks it.
+                    continue
+                due = oauth.due_for_refresh(
+                    shared.engine,
+                    provider=provider,
+                    before=access.clock() + ahead,
+                    limit=REFRESH_BATCH,
+                )
+                full = full or len(due) >= REFRESH_BATCH
+                runs = [
+                    pool.submit(contextvars.copy_context().run, refresh, provider, tenant_id)
+                    for tenant_id in due
+                ]
+                for run in runs:
+                    outcome = run.result()
+                    refreshed += max(outcome, 0)
+                    failed += outcome < 0
     finally:
         outbound.client.close()
+    if full:
+        # More are due than one run takes: the next run starts now, not in a minute.
+        with unit_of_work(shared.engine) as session:
+            defer(session, refresh_due_tokens, lock=REFRESH_DUE, queueing_lock=REFRESH_DUE)
     if refreshed or failed:
         log.info(
             "refreshed OAuth tokens ahead of expiry",
