@@ -701,6 +701,8 @@ class _Migration:
             "legacy migration started",
             extra={"fields": {"run_id": self.run_id, "tenants": len(groups), "dry": self.dry_run}},
         )
+        if on_progress is not None:
+            on_progress(0, report.total)  # the bar shows from the start, not after a tenant
         for number, batch in enumerate(_batches(groups, batch_size), start=1):
             try:
                 outcomes = self._batch(batch, report, on_progress)

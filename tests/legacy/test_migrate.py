@@ -961,6 +961,30 @@ def test_progress_rows_hold_nothing_secret(
         )
 
 
+def test_progress_is_reported_from_the_start_then_per_tenant(
+    legacy: LegacyDb, engine: Engine, broker_vault: VaultGateway, prefix: str
+) -> None:
+    """A terminal shows the bar before the first tenant is done, not after a whole batch."""
+    legacy.insert(
+        [
+            {"id": f"prog-{prefix}-{i}", "twilio_sid": s, "twilio_token": t}
+            for i, (s, t) in enumerate(twilio_pair() for _ in range(3))
+        ]
+    )
+    calls: list[tuple[int, int]] = []
+    source = legacy.source(engine)
+    report = migrate_legacy(
+        engine,
+        broker_vault,
+        source,
+        tenants=[f"prog-{prefix}-{i}" for i in range(3)],
+        on_progress=lambda advanced, total: calls.append((advanced, total)),
+    )
+    assert report.ok, report.as_dict()["summary"]
+    assert calls[0] == (0, 3)
+    assert sum(advanced for advanced, _ in calls) == 3
+
+
 def test_the_progress_bar_shows_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
     from broker.legacy.cli import _Progress
 
