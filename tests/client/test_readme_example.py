@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,6 +29,11 @@ broker = BrokerClient("http://127.0.0.1:8000", token_provider=read_service_token
 creds = broker.openai("demo")  # OpenAICredentials, cached until shortly before expiry
 print(creds)                   # the key is masked in repr and str
 '''
+
+
+def test_the_readme_holds_this_example() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    assert "```python" + README_EXAMPLE + "```" in readme
 
 
 def test_the_readme_sdk_example_runs(
