@@ -90,8 +90,16 @@ def _status(engine: Engine, job_id: int) -> str:
 
 
 def _reconcile(engine: Engine) -> int:
-    with unit_of_work(engine) as session:
-        job_id = defer(session, reconcile_pending)
+    """Queue a run and wait for it; a periodic tick may be waiting already (queueing lock)."""
+    job_id: int | None = None
+
+    def queued() -> bool:
+        nonlocal job_id
+        with unit_of_work(engine) as session:
+            job_id = defer(session, reconcile_pending)
+        return job_id is not None
+
+    wait_for(queued, timeout_s=30, what="a reconcile job to be queued")
     assert job_id is not None
     wait_for(lambda: _status(engine, job_id) == "succeeded", timeout_s=30, what="the job")
     return job_id
