@@ -166,12 +166,12 @@ class TokenVerifier:
     def _lookup(self, digest: bytes, now: float) -> Principal | None:
         with self._cache_lock:
             known = self._remembered.get(digest)
+        # The counters feed a metric only: a lost increment under a race is harmless,
+        # a second lock on every fetch is not free.
         if known is None or known.until <= now or not self._key_unchanged(known):
-            with self._cache_lock:
-                self.cache_misses += 1
+            self.cache_misses += 1
             return None
-        with self._cache_lock:
-            self.cache_hits += 1
+        self.cache_hits += 1
         return known.principal
 
     def _key_unchanged(self, known: _Remembered) -> bool:

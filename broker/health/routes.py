@@ -5,6 +5,7 @@ from __future__ import annotations
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -67,9 +68,14 @@ async def readyz(
             )
         if vault_state == "ok":
             nonlocal stripe_state
-            stripe_state = await anyio.to_thread.run_sync(
-                _stripe_state, request.app.state.stripe, limiter=vault_threads
-            )
+            # A Vault read on a cache miss: bounded like the Vault probe, "unknown" past it.
+            with anyio.move_on_after(settings.vault_retry_budget_s):
+                stripe_state = await anyio.to_thread.run_sync(
+                    _stripe_state,
+                    request.app.state.stripe,
+                    limiter=vault_threads,
+                    abandon_on_cancel=True,
+                )
 
     async def check_database() -> None:
         nonlocal database
@@ -129,4 +135,6 @@ def _stripe_state(stripe: StripeAccess) -> str:
 async def metrics(request: Request) -> Response:
     """Prometheus metrics for this process."""
     registry = request.app.state.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    # Off the event loop: some collectors ask PostgreSQL (job counts), which may stall.
+    body = await run_in_threadpool(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

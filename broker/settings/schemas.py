@@ -36,6 +36,7 @@ from pydantic import (
     Field,
     StrictBool,
     StringConstraints,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -198,7 +199,13 @@ def _url_error(reason: str) -> PydanticCustomError:
     return PydanticCustomError("https_url", "invalid https URL: {reason}", {"reason": reason})
 
 
-def _check_https_url(value: str) -> str:
+# Validation context for rows read back from the database: a URL stored before the
+# public-host rule existed must not make the tenant's settings unreadable (it is
+# refused when written again, and anything that calls it goes through the egress guard).
+STORED = {"stored": True}
+
+
+def _check_https_url(value: str, info: ValidationInfo) -> str:
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         # urlsplit silently strips tabs/newlines, so reject them up front.
         raise _url_error("whitespace and control characters are not allowed")
@@ -225,7 +232,8 @@ def _check_https_url(value: str) -> str:
         # Webhooks are called and logos fetched from inside someone's network: the egress
         # policy's DNS-free checks refuse loopback, private and metadata targets in every
         # spelling (2130706433, [::ffff:127.0.0.1], metadata.google.internal, ...).
-        screen_url(value, _URL_POLICY)
+        if not (info.context or {}).get("stored"):
+            screen_url(value, _URL_POLICY)
     except EgressRefused as exc:
         raise _url_error(str(exc)) from None
     # Normalise only the scheme's case; keep the rest exactly as given.

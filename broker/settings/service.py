@@ -25,6 +25,7 @@ from broker.settings import rules
 from broker.settings.schemas import (
     READ_ONLY_GROUPS,
     SETTINGS_GROUPS,
+    STORED,
     SettingsView,
     apply_merge_patch,
     default_group,
@@ -68,12 +69,15 @@ def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
 def to_view(row: TenantSettings) -> SettingsView:
     """The API view: every group typed, no credential of any kind."""
     groups = {name: getattr(row, name) or {} for name in SETTINGS_GROUPS}
-    return SettingsView(
-        tenant_id=row.tenant_id,
-        version=row.version,
-        updated_at=row.updated_at,
-        updated_by=row.updated_by,
-        **groups,
+    return SettingsView.model_validate(
+        {
+            "tenant_id": row.tenant_id,
+            "version": row.version,
+            "updated_at": row.updated_at,
+            "updated_by": row.updated_by,
+            **groups,
+        },
+        context=STORED,
     )
 
 

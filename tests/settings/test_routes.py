@@ -276,3 +276,24 @@ def test_every_write_is_in_the_audit_trail(client: TestClient, engine: Engine, t
     assert row.client_addr
     assert row.detail["changed"] == ["orders"]
     assert row.at is not None
+
+
+def test_a_url_stored_before_the_public_host_rule_keeps_the_settings_readable(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    """Rows written before URLs had to be public still read, and still patch elsewhere."""
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE tenant_settings SET branding = CAST(:b AS jsonb) WHERE tenant_id = :t"),
+            {"b": '{"logo_url": "https://10.0.0.5/logo.png"}', "t": tenant},
+        )
+    headers = bearer(token("tenant:admin", tenant_id=tenant))
+    read = client.get("/v1/tenants/settings", headers=headers)
+    assert read.status_code == 200, read.text
+    assert read.json()["branding"]["logo_url"] == "https://10.0.0.5/logo.png"
+    patched = client.patch(
+        "/v1/tenants/settings",
+        json={"business_hours": {"timezone": "Africa/Nairobi"}},
+        headers=headers,
+    )
+    assert patched.status_code == 200, patched.text
