@@ -432,6 +432,9 @@ class _Begun:
     # Vault already holds exactly this content (an earlier attempt of this very
     # request landed): nothing is written, and this is the answer.
     done: IntegrationCredential | None = None
+    # This write's own pending mark (its timestamp): only the writer whose mark is
+    # still on the row may clear it when its write fails.
+    token: datetime | None = None
 
 
 def _write(
@@ -614,7 +617,7 @@ def _begin(
         row.vault_sync_pending = True
         row.pending_since = utcnow()
         session.add(row)
-        return _Begun(row.kv_version, inherited)
+        return _Begun(row.kv_version, inherited, token=row.pending_since)
 
 
 def _holds(store: SealedStore, tenant_id: str, provider: str, content: _Content) -> bool:
@@ -651,9 +654,9 @@ def _abandon(
 ) -> None:
     """This write failed without landing: clear the mark unless another write is open.
 
-    Once the row records a version newer than `cas`, nothing based on `cas` can
-    land. At `cas` itself, the mark is cleared only if it was this write's alone
-    (the row was not already pending when it began).
+    Only this write's own mark is cleared (another writer that marked the row since
+    may still be in flight, or unanswered), and only if the row was not already
+    pending when it began.
     """
     if begun.inherited:
         _try_reconcile(engine, store, tenant_id, provider)
@@ -661,7 +664,12 @@ def _abandon(
     try:
         with unit_of_work(engine) as session:
             row = _locked_row(session, tenant_id, provider)
-            if row is not None and row.vault_sync_pending and row.kv_version >= begun.cas:
+            if (
+                row is not None
+                and row.vault_sync_pending
+                and row.pending_since == begun.token
+                and row.kv_version >= begun.cas
+            ):
                 _settle(row)
                 session.add(row)
     except BrokerError:

@@ -50,7 +50,7 @@ from tenacity import (
 
 from broker.core import context
 from broker.core.config import Settings
-from broker.core.errors import BrokerError
+from broker.core.errors import BrokerError, Conflict
 from broker.vault.errors import (
     TRANSIENT_TRANSPORT,
     InvalidHeader,
@@ -505,7 +505,10 @@ class VaultGateway:
 
         try:
             return self.call(operation, attempt)
-        except VaultUnavailable:
+        except Conflict:
+            raise  # check-and-set refused: nothing based on this version can land now
+        except BrokerError:
+            # Whatever the last attempt said, an earlier one that went unanswered may land.
             if sent:
                 raise WriteOutcomeUnknown(
                     f"Vault did not confirm the write ({operation}); it may still be applied",
