@@ -31,7 +31,9 @@ RECONCILE_PENDING = "integrations.reconcile_pending"
 REFRESH_DUE = "integrations.refresh_due_tokens"
 # Credentials one run refreshes at most; a full run queues the next one at once.
 REFRESH_BATCH = 500
-REFRESH_THREADS = 8
+# As many as the refresh gate lets through in one process (RefreshGate default):
+# more threads would only wait on it and time out as failures.
+REFRESH_THREADS = 4
 
 
 def tenants_with_pending_writes(engine: Engine) -> list[str]:
@@ -148,8 +150,10 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
                     failed += outcome < 0
     finally:
         outbound.client.close()
-    if full:
-        # More are due than one run takes: the next run starts now, not in a minute.
+    if full and refreshed:
+        # More are due than one run takes, and this run got somewhere: the next run
+        # starts now, not in a minute. A batch that only failed waits for the tick,
+        # so a provider outage is not retried in a tight loop.
         with unit_of_work(shared.engine) as session:
             defer(session, refresh_due_tokens, lock=REFRESH_DUE, queueing_lock=REFRESH_DUE)
     if refreshed or failed:
