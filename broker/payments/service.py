@@ -227,10 +227,11 @@ def remove_method(
             profile = session.get(PaymentProfile, tenant_id)
             customer_id = profile.stripe_customer_id if profile else None
             gateway = stripe.gateway()
-            gateway.detach(method_id, customer_id=customer_id)
-            # Detaching Stripe's invoice default clears it there: name the new one.
+            # The new default first: a detach cannot be undone, so it comes last, and a
+            # failure before it leaves at worst a Stripe default the hourly reconcile resets.
             if doomed.is_default and rest and customer_id:
                 gateway.set_default_card(customer_id, rest[0].id)
+            gateway.detach(method_id, customer_id=customer_id)
             _record(session, principal, tenant_id, "payment_method.remove", method_id, "success")
     except BrokerError as exc:
         _record_failure(engine, principal, tenant_id, "payment_method.remove", method_id, exc)
