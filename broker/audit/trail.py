@@ -25,7 +25,7 @@ from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
 from broker.core.logging import is_plain_name, redact_text
-from broker.models import AuditEvent
+from broker.models import AuditEvent, Tenant
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,15 @@ def plain_identifier(value: str) -> str | None:
     return None
 
 
+def _registered_or_plain(session: Session, value: str) -> str | None:
+    """`value` when it names a registered tenant or reads as a plain name, else None."""
+    if plain_identifier(value) is not None:
+        return value
+    if _IDENTIFIER.fullmatch(value) and session.get(Tenant, value) is not None:
+        return value
+    return None
+
+
 def record(
     session: Session,
     *,
@@ -101,10 +110,25 @@ def record(
     outcome: Outcome,
     principal: Principal | None = None,
     tenant_id: str | None = None,
+    claimed_tenant: str | None = None,
+    path_tenant: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> AuditEvent:
-    """Append one event inside the caller's unit of work."""
+    """Append one event inside the caller's unit of work.
+
+    `claimed_tenant` and `path_tenant` are tenant ids taken from a request nothing has
+    validated. Either is kept when it names a registered tenant, whatever its digits, or
+    else when it reads as a plain name (`plain_identifier`), and then fills a literal
+    `{tenant_id}` in `resource`. A claimed tenant (the tenant of a refused fetch) is also
+    the event's tenant; a path tenant only names the resource.
+    """
     ctx = context.current()
+    for named, is_the_events in ((claimed_tenant, True), (path_tenant, False)):
+        kept = _registered_or_plain(session, named) if named is not None else None
+        if kept is not None:
+            resource = resource.replace("{tenant_id}", kept)
+            if is_the_events:
+                tenant_id = kept
     if tenant_id is None and principal is not None:
         tenant_id = principal.tenant_id
     event = AuditEvent(
@@ -126,6 +150,16 @@ def record(
     return event
 
 
+def _loggable(event: Mapping[str, Any]) -> dict[str, Any]:
+    """An event's fields for the log, when the trail cannot take it: no principal object,
+    and a claimed tenant only if it reads as a plain name (the log cannot tell registered)."""
+    fields = {k: v for k, v in event.items() if k != "principal"}
+    for name in ("claimed_tenant", "path_tenant"):
+        if fields.get(name) is not None:
+            fields[name] = plain_identifier(str(fields[name]))
+    return fields
+
+
 def record_separately(engine: Engine, **event: Any) -> None:
     """Append one event in its own transaction, for requests whose own work rolled back.
 
@@ -139,7 +173,7 @@ def record_separately(engine: Engine, **event: Any) -> None:
     except BrokerError:
         log.warning(
             "audit trail unavailable; event logged instead",
-            extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
+            extra={"fields": _loggable(event)},
         )
 
 
@@ -154,7 +188,7 @@ def record_in_background(engine: Engine, **event: Any) -> threading.Event:
     if not _BACKGROUND.acquire(blocking=False):
         log.warning(
             "audit trail busy; event logged instead",
-            extra={"fields": {k: v for k, v in event.items() if k != "principal"}},
+            extra={"fields": _loggable(event)},
         )
         done.set()
         return done

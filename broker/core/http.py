@@ -364,6 +364,12 @@ def _declared_names(app: FastAPI) -> frozenset[str]:
     return names
 
 
+def _path_tenant(request: Request) -> str | None:
+    """The tenant id in the request's path, unvalidated; the trail decides whether to keep it."""
+    value = (request.scope.get("path_params") or {}).get("tenant_id")
+    return value if isinstance(value, str) else None
+
+
 def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
     """Record a 401 or 403 in the trail, and return the error to answer.
 
@@ -412,6 +418,7 @@ def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
             engine,
             action=action,
             resource=trail.route_resource(request.scope),
+            path_tenant=_path_tenant(request),
             outcome="denied",
             principal=principal,
             detail={"status": exc.status, "reason": exc.message},

@@ -97,10 +97,10 @@ def record_refusal(
     written with the others of its window as one event, so a service token
     cannot flood the trail with tenants it does not serve.
     """
-    # The tenant comes from the path of a request nothing has validated yet: only a plain
-    # name is kept, never a pasted token.
-    named = trail.plain_identifier(tenant_id)
-    resource = f"tenants/{named or '{tenant_id}'}/integrations/{provider}"
+    # The tenant comes from the path of a request nothing has validated yet: the trail
+    # keeps it only when it names a registered tenant or reads as a plain name, never a
+    # pasted token.
+    resource = "tenants/{tenant_id}/integrations/" + provider
     reason = "tenant not in the service token"
     if limiter is not None and tally is not None:
         closed = tally.closed()
@@ -110,7 +110,7 @@ def record_refusal(
             closed += tally.add(
                 principal=principal,
                 action="credentials.fetch",
-                resource="tenants/{tenant_id}/integrations/" + provider,
+                resource=resource,
                 status=404,
                 reason=reason,
             )
@@ -126,7 +126,7 @@ def record_refusal(
         resource=resource,
         outcome="denied",
         principal=principal,
-        tenant_id=named,
+        claimed_tenant=tenant_id,
         detail={"reason": reason},
     )
 

@@ -151,6 +151,24 @@ def test_a_denied_request_keeps_a_validated_tenant_id(client: TestClient, engine
     assert event.resource == f"/v1/tenants/{other}"
 
 
+def test_a_denied_request_names_a_registered_tenant_whatever_its_digits(
+    client: TestClient, engine: Engine
+) -> None:
+    tenant = make_tenant(client)
+    other = make_tenant(client, f"t-{secrets.randbelow(10**12):012d}")
+    request_id = f"deny-{uuid.uuid4().hex[:16]}"
+
+    response = client.delete(
+        f"/v1/tenants/{other}",
+        headers={**bearer(token("tenant:admin", tenant_id=tenant)), "X-Request-Id": request_id},
+    )
+
+    assert response.status_code == 403, response.text
+    [event] = trail_rows(engine, request_id=request_id)
+    assert event.resource == f"/v1/tenants/{other}"
+    assert event.tenant_id == tenant
+
+
 # --- 422s never echo a rejected name ---------------------------------------------------
 
 

@@ -83,6 +83,24 @@ def test_a_tenant_outside_the_token_is_a_recorded_404(
     assert (row.actor, row.tenant_id, row.outcome) == ("service:messaging-worker", shop, "denied")
 
 
+@pytest.mark.parametrize("digits", ["223165835579", "447700900123"])
+def test_a_registered_tenant_with_a_long_number_in_its_id_is_named_in_the_trail(
+    client: TestClient, engine: Engine, shop: str, digits: str
+) -> None:
+    """A generated id may be all digits (12 hex characters from a UUID sometimes are):
+    a refusal against a real tenant names it, as for any other tenant."""
+    registered = make_tenant(client, f"t-{digits}-{shop[-4:]}")
+    response = client.get(f"/v1/credentials/{registered}/shopify", headers=service(shop))
+    assert response.status_code == 404
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT tenant_id, resource FROM audit_events WHERE request_id = :r"),
+            {"r": response.headers["x-request-id"]},
+        ).one()
+    assert row.tenant_id == registered
+    assert row.resource == f"tenants/{registered}/integrations/shopify"
+
+
 @pytest.mark.parametrize(
     "pasted", ["sk_live_" + "Q7" * 12, "0123456789abcdef0123456789abcdef", "hvs.CAESI" + "x" * 24]
 )
