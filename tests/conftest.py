@@ -266,10 +266,14 @@ def token(
     key: str = TEST_SIGNING_KEY,
     audience: str | None = AUDIENCE,
     issuer: str = ISSUER,
-    ttl_s: int = 600,
+    ttl_s: int = 3600,
     not_before_s: int = 0,
 ) -> str:
-    """A signed test token."""
+    """A signed test token.
+
+    Valid for an hour by default: modules mint some at import, and a loaded machine may
+    take well over ten minutes to reach their tests.
+    """
     return mint_token(
         key,
         subject=subject,
