@@ -73,6 +73,22 @@ path "secret/destroy/tenants/+/payout" {
   capabilities = ["update"]
 }
 
+# --- Dynamic credentials: minted lease keys ---------------------------------------------------
+# secret/data/tenants/<tenant_id>/leases/<lease_id>: the key minted for one service lease
+# (broker/leases), sealed with the tenant's Transit key like its credentials. Written once
+# (check-and-set 0), read while the lease is live, destroyed with its metadata when revoked.
+path "secret/data/tenants/+/leases/+" {
+  capabilities = ["create", "read"]
+}
+
+path "secret/metadata/tenants/+/leases/+" {
+  capabilities = ["read", "delete"]
+}
+
+path "secret/metadata/tenants/+/leases/" {
+  capabilities = ["list"]
+}
+
 # --- Platform secrets (read-only) ----------------------------------------------------------
 # secret/data/platform/<name>, e.g. platform/stripe: the platform's own API keys. Written by
 # operators with their own tokens; the broker only reads them.
