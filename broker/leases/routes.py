@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
@@ -12,13 +12,15 @@ from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.deps import EngineDep, SessionDep, VaultDep
 from broker.integrations import service as integrations
-from broker.integrations.providers import get_provider
-from broker.integrations.schemas import IntegrationView, ProviderName
+from broker.integrations.providers import PROVIDERS, get_provider
+from broker.integrations.schemas import IntegrationView
+from broker.integrations.schemas import ProviderName as ProviderPath
 from broker.leases import service
 from broker.leases.schemas import (
     DeliveryWrite,
     LeaseState,
     LeaseView,
+    ProviderName,
     RevocationResult,
     ServiceRevoke,
     Subject,
@@ -38,6 +40,7 @@ Revoker = Annotated[Principal, require(Scope.LEASES_REVOKE, Scope.PLATFORM_ADMIN
 Limit = Annotated[int, Query(ge=1, le=1000)]
 After = Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")]
 
+PROVIDER_ENUM: dict[str, Any] = {"enum": list(PROVIDERS)}
 NOT_FOUND = "No such provider, nothing stored, or the token's tenant does not exist"
 
 
@@ -54,7 +57,7 @@ def _leasing(request: Request) -> service.Leasing:
     ),
 )
 def set_delivery(
-    provider: ProviderName,
+    provider: ProviderPath,
     body: DeliveryWrite,
     request: Request,
     response: Response,
@@ -87,7 +90,7 @@ def set_delivery(
 def list_tenant_leases(
     session: SessionDep,
     principal: Viewer,
-    provider: ProviderName | None = None,
+    provider: Annotated[ProviderName | None, Query(json_schema_extra=PROVIDER_ENUM)] = None,
     subject: Annotated[Subject | None, Query()] = None,
     state: LeaseState | None = None,
     limit: Limit = 100,
@@ -130,7 +133,7 @@ def list_leases(
     session: SessionDep,
     principal: Auditor,
     tenant_id: Annotated[TenantId | None, Query()] = None,
-    provider: ProviderName | None = None,
+    provider: Annotated[ProviderName | None, Query(json_schema_extra=PROVIDER_ENUM)] = None,
     subject: Annotated[Subject | None, Query()] = None,
     state: LeaseState | None = None,
     limit: Limit = 100,

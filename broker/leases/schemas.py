@@ -7,10 +7,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from broker.integrations.schemas import ProviderName
+from broker.integrations.providers import PROVIDERS
 from broker.models import DynamicLease
 from broker.tenants.schemas import TenantId
 
+ProviderName = Annotated[
+    str,
+    Field(pattern=f"^({'|'.join(PROVIDERS)})$", description=f"One of: {', '.join(PROVIDERS)}."),
+]
 LeaseId = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$", description="A lease id.")]
 Subject = Annotated[
     str,

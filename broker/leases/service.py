@@ -215,7 +215,7 @@ def issue(
                 and lease.root_version == record.version
                 and lease.expires_at - now >= useful
             ):
-                reused = _reuse(store, lease)
+                reused = _reuse(store, lease, now=now)
                 if reused is not None:
                     return reused
         if len(live) >= leasing.live_cap:
@@ -238,8 +238,12 @@ def issue(
         )
 
 
-def _reuse(store: SealedStore, lease: DynamicLease) -> IssuedKey | None:
-    """The live lease's key from Vault (None if its sealed copy is gone)."""
+def _reuse(store: SealedStore, lease: DynamicLease, *, now: datetime) -> IssuedKey | None:
+    """The live lease's key from Vault (None if its sealed copy is gone).
+
+    Issued now, as far as the caller is told: a client sizes its cache by
+    `expires_at - issued_at`, which must be what is left of the lease.
+    """
     context.update(action=f"leases.reuse:{lease.provider}")
     sealed = store.read(lease.tenant_id, lease_item(lease.id))
     if sealed is None:
@@ -249,7 +253,7 @@ def _reuse(store: SealedStore, lease: DynamicLease) -> IssuedKey | None:
     return IssuedKey(
         lease_id=lease.id,
         fields={**public, **secrets},
-        issued_at=lease.issued_at,
+        issued_at=now,
         expires_at=lease.expires_at,
         reused=True,
     )
@@ -551,9 +555,11 @@ def due_leases(leasing: Leasing, *, limit: int = SWEEP_BATCH) -> list[str]:
         )
 
 
-def revoke_due(leasing: Leasing, *, limit: int = SWEEP_BATCH) -> Revocations:
+def revoke_due(
+    leasing: Leasing, *, limit: int = SWEEP_BATCH, actor: Principal = WORKER
+) -> Revocations:
     """Revoke every lease that is due (the sweep): expired, requested, or to be retried."""
-    return _revoke_ids(leasing, due_leases(leasing, limit=limit), actor=WORKER, only_if_due=True)
+    return _revoke_ids(leasing, due_leases(leasing, limit=limit), actor=actor, only_if_due=True)
 
 
 def _revoke_ids(
