@@ -81,6 +81,7 @@ def create_app(
         await run_in_threadpool(denials.write, engine, app.state.denials.drain())
         vault.close()
         app.state.outbound.client.close()
+        app.state.leasing.calls.close()
         app.state.stripe.close()
         engine.dispose()
 

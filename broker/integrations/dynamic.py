@@ -86,10 +86,25 @@ class MintedKey:
 
 
 class KeyCalls:
-    """Guarded HTTP calls to a provider's key API (one short-lived client per call)."""
+    """Guarded HTTP calls to a provider's key API, over one shared (thread-safe) client.
+
+    One client for the process: building a transport loads the trust store, tens of
+    milliseconds, which a revocation sweep would pay per key. Every new connection still
+    goes through the egress guard, which pins the address it checked.
+    """
 
     def __init__(self, policy: EgressPolicy) -> None:
         self.policy = policy
+        self._client = httpx.Client(
+            transport=GuardedTransport(policy),
+            timeout=policy.timeout_s,
+            follow_redirects=False,
+            trust_env=False,
+        )
+
+    def close(self) -> None:
+        """Close the pooled connections."""
+        self._client.close()
 
     def call(
         self,
@@ -105,14 +120,9 @@ class KeyCalls:
         """One request; KeyCallFailed for anything but an answer below 500 (save 429)."""
         writes = method != "GET"
         try:
-            with httpx.Client(
-                transport=GuardedTransport(self.policy),
-                timeout=self.policy.timeout_s,
-                follow_redirects=False,
-            ) as client:
-                response = client.request(
-                    method, url, auth=auth, headers=headers, data=data, json=json
-                )
+            response = self._client.request(
+                method, url, auth=auth, headers=headers, data=data, json=json
+            )
         except (EgressRefused, EgressFailed) as exc:
             # The egress messages never contain the path, query or credentials.
             raise KeyCallFailed("refused_address", f"{title}: {exc}") from None

@@ -62,12 +62,14 @@ def _leasing() -> Iterator[Leasing]:
     engine = make_engine(settings.database_url.get_secret_value())
     vault = VaultGateway.from_settings(settings)
     outbound = outbound_for(settings)
+    leasing = Leasing.from_settings(settings, engine=engine, vault=vault, outbound=outbound)
     try:
-        yield Leasing.from_settings(settings, engine=engine, vault=vault, outbound=outbound)
+        yield leasing
     except BrokerError as exc:
         typer.echo(f"error: {exc.message}", err=True)
         raise typer.Exit(EXIT_INCOMPLETE if exc.status >= 500 else EXIT_USAGE) from None
     finally:
+        leasing.calls.close()
         outbound.client.close()
         vault.close()
         engine.dispose()

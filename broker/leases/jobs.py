@@ -28,15 +28,24 @@ REVOKE = "leases.revoke"
 SWEEP = "leases.sweep"
 
 
+# One per worker (its resources): the provider client is built once, not per job.
+_LEASING: dict[int, service.Leasing] = {}
+
+
 def leasing_for(shared: JobResources) -> service.Leasing:
     """The worker's view of leasing: its settings, database, Vault and clock."""
-    return service.Leasing.from_settings(
-        shared.settings,
-        engine=shared.engine,
-        vault=shared.vault,
-        outbound=outbound_for(shared.settings),
-        clock=shared.clock,
-    )
+    found = _LEASING.get(id(shared))
+    if found is None or found.engine is not shared.engine:
+        outbound = outbound_for(shared.settings)
+        outbound.client.close()  # only its policy and endpoints are used
+        found = _LEASING[id(shared)] = service.Leasing.from_settings(
+            shared.settings,
+            engine=shared.engine,
+            vault=shared.vault,
+            outbound=outbound,
+            clock=shared.clock,
+        )
+    return found
 
 
 def _bind(context: JobContext) -> None:
