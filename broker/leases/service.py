@@ -335,10 +335,17 @@ def _mint(
     # T2: the lease is active, unless it was revoked meanwhile (a tenant incident).
     with unit_of_work(leasing.engine) as session:
         row = _locked(session, lease_id)
-        if row is None or row.state == "revoked":
-            revoked = True
-        else:
-            revoked = False
+        revoked = row is None or row.state == "revoked" or row.due_at <= leasing.clock()
+        if row is not None and revoked:
+            # The revoker found no key by this name yet (it was still being minted):
+            # the row takes the key back, due now, so it is deleted and not forgotten.
+            row.state = "active"
+            row.provider_key_id = key.key_id
+            row.revoked_at = None
+            row.due_at = min(row.due_at, leasing.clock())
+            row.next_attempt_at = None
+            session.add(row)
+        elif row is not None:
             row.state = "active"
             row.provider_key_id = key.key_id
             session.add(row)
@@ -357,7 +364,6 @@ def _mint(
                 },
             )
     if revoked:
-        _due_now(leasing, lease_id, key_id=key.key_id, reason=None)
         revoke_one(leasing, lease_id, actor=WORKER)
         raise NotFound("no such credentials")
     return IssuedKey(

@@ -243,3 +243,39 @@ def test_bad_revocation_requests_are_refused_without_echo(dyn: TestClient) -> No
         "/v1/leases/revoke", json={}, headers=bearer(token("platform:admin", subject="ops"))
     )
     assert empty.status_code == 422
+
+
+def test_a_lease_revoked_while_its_key_is_being_minted_does_not_keep_the_key(
+    dyn: TestClient, providers: FakeProviders, engine: Engine
+) -> None:
+    tenant = dynamic_tenant(dyn)
+    fired: list[leases.Revocations] = []
+    started: list[bool] = []
+
+    def incident(provider: str) -> None:
+        # The tenant's incident response lands between the registration and the mint's
+        # answer: nothing is minted yet, so the revoker finds no key by the lease's name.
+        if provider == "twilio" and not started:
+            started.append(True)
+            fired.append(
+                leases.revoke_matching(
+                    leasing(dyn),
+                    leases.Selector(tenant_id=tenant),
+                    principal=leases.WORKER,
+                    reason="requested",
+                )
+            )
+
+    providers.on_request = incident
+    refused = dyn.get(f"/v1/credentials/{tenant}/twilio", headers=service(tenant))
+    providers.on_request = None
+    assert providers.hook_errors == []
+    assert fired[0].revoked == 1
+    assert refused.status_code == 404
+    (lease,) = dyn.get("/v1/tenants/settings/leases", headers=admin(tenant)).json()
+    assert lease["state"] == "revoked"
+    assert lease["provider_key_id"] is not None
+    assert providers.keys.deleted[lease["provider_key_id"]] == 1
+    assert not any(
+        k.friendly_name.endswith(lease["id"]) for k in providers.keys.twilio_keys(ACCOUNT)
+    )
