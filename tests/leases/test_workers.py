@@ -16,11 +16,12 @@ from sqlalchemy import Engine, text
 
 from broker.app import create_app
 from broker.core.config import Settings
+from broker.leases import service as leases
 from broker.vault.gateway import VaultGateway
 from tests.conftest import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.leases.conftest import dynamic_tenant, fetch
+from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.support.workers import Workers, wait_for
 
 LEASES = 100
@@ -135,7 +136,7 @@ def test_a_killed_worker_loses_no_revocation_and_repeats_none(
     _assert_each_revoked_once(engine, providers, tenant, issued)
 
 
-def test_two_workers_revoke_each_lease_once_and_miss_none(
+def test_two_workers_and_a_replica_revoke_each_lease_once_and_miss_none(
     dyn: TestClient,
     providers: FakeProviders,
     clock: FakeClock,
@@ -147,5 +148,10 @@ def test_two_workers_revoke_each_lease_once_and_miss_none(
     env = _worker_env(providers, clock)
     workers.start(LEASE_WORKER, **env)
     workers.start(LEASE_WORKER, **env)
+    # Meanwhile an API replica revokes the same tenant's leases on demand.
+    on_demand = leases.revoke_matching(
+        leasing(dyn), leases.Selector(tenant_id=tenant), principal=leases.WORKER, reason="incident"
+    )
+    assert on_demand.failed == 0
     wait_for(lambda: _revoked(engine, tenant) == LEASES, timeout_s=120, what="every revocation")
     _assert_each_revoked_once(engine, providers, tenant, issued)
