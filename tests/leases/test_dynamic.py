@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -304,3 +305,51 @@ def test_deleting_the_tenant_revokes_every_key_before_the_shred(
     assert gone.status_code == 204, gone.text
     assert not twilio_works(providers, twilio["fields"])
     assert not openai_works(providers, openai["fields"])
+
+
+def test_every_mint_and_revoke_is_in_the_vault_audit_log_with_who_and_why(
+    dyn: TestClient, vault_endpoint: VaultEndpoint
+) -> None:
+    if vault_endpoint.audit_log is None:
+        pytest.skip("the external Vault's audit log is not readable from here")
+    tenant = dynamic_tenant(dyn)
+    minted = dyn.get(f"/v1/credentials/{tenant}/twilio", headers=service(tenant))
+    lease_id = minted.json()["lease_id"]
+    revoked = dyn.post(
+        "/v1/tenants/settings/leases/revoke", json={"lease_id": lease_id}, headers=admin(tenant)
+    )
+    assert revoked.json()["revoked"] == 1
+
+    def entries(request_id: str) -> list[dict[str, Any]]:
+        assert vault_endpoint.audit_log is not None
+        return [
+            json.loads(line)
+            for line in vault_endpoint.audit_log.read_text().splitlines()
+            if request_id in line
+        ]
+
+    def seen(request_id: str) -> set[tuple[str, str, str, str]]:
+        found = set()
+        for entry in entries(request_id):
+            headers = entry["request"].get("headers") or {}
+            found.add(
+                (
+                    headers["x-broker-action"][0],
+                    headers["x-broker-actor"][0],
+                    headers["x-broker-tenant"][0],
+                    entry["request"]["path"],
+                )
+            )
+        return found
+
+    lease_path = f"secret/data/tenants/{tenant}/leases/{lease_id}"
+    root_path = f"secret/data/tenants/{tenant}/integrations/twilio"
+    mint = seen(minted.headers["x-request-id"])
+    assert ("leases.mint:twilio", "service:messaging", tenant, lease_path) in mint
+    assert ("credentials.fetch:twilio", "service:messaging", tenant, root_path) in mint
+    revoke = seen(revoked.headers["x-request-id"])
+    assert ("leases.revoke:twilio", "user:owner", tenant, root_path) in revoke
+    assert any(
+        action == "leases.revoke:twilio" and path.endswith(f"tenants/{tenant}/leases/{lease_id}")
+        for action, _, _, path in revoke
+    )
