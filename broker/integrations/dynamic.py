@@ -197,6 +197,9 @@ class DynamicSpec:
     """Delete a key by id; a key already gone counts as deleted."""
     deliver: Callable[[Credentials, MintedKey], dict[str, str]] = field(repr=False)
     """The fields a service receives: the minted key and non-root identifiers only."""
+    account: Callable[[Credentials], str] = field(repr=False)
+    """Where the keys live (the Twilio account, the OpenAI project): a root credential
+    for another account cannot revoke them."""
 
 
 # ------------------------------------------------------------------------ twilio
@@ -373,6 +376,7 @@ DYNAMIC: dict[str, DynamicSpec] = {
         find=_twilio_find,
         revoke=_twilio_revoke,
         deliver=_twilio_deliver,
+        account=lambda creds: _value(creds, "account_sid"),
     ),
     "openai": DynamicSpec(
         title="OpenAI",
@@ -381,6 +385,7 @@ DYNAMIC: dict[str, DynamicSpec] = {
         find=_openai_find,
         revoke=_openai_revoke,
         deliver=_openai_deliver,
+        account=lambda creds: _value(creds, "project_id"),
     ),
 }
 

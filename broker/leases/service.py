@@ -210,11 +210,9 @@ def issue(
             )
         useful = timedelta(seconds=min(leasing.reuse_min_s, lease_s // 2))
         for lease in live:
-            if (
-                lease.state == "active"
-                and lease.root_version == record.version
-                and lease.expires_at - now >= useful
-            ):
+            # A new root (a save, a restore) made the older leases due already; a key
+            # rotation's rewrap is a new KV version of the same root, and changes nothing.
+            if lease.state == "active" and lease.expires_at - now >= useful:
                 reused = _reuse(store, lease, now=now)
                 if reused is not None:
                     return reused
@@ -290,6 +288,7 @@ def _mint(
                 provider=provider,
                 subject=principal.subject,
                 root_version=record.version,
+                root_account=_account_hash(spec, root),
                 state="minting",
                 issued_at=now,
                 expires_at=expires_at,
@@ -519,7 +518,7 @@ def _delete_key(leasing: Leasing, row: DynamicLease) -> None:
     """Delete the lease's key (found by name when its mint was never confirmed)."""
     spec = _spec(row.provider)
     store = SealedStore(leasing.vault)
-    root = _root_for(store, row)
+    root = _root_for(store, spec, row)
     key_id = row.provider_key_id
     if key_id is None:
         key_id = spec.find(leasing.calls, leasing.endpoints, root, lease_key_name(row.id))
@@ -531,15 +530,27 @@ def _delete_key(leasing: Leasing, row: DynamicLease) -> None:
     store.destroy(row.tenant_id, lease_item(row.id))
 
 
-def _root_for(store: SealedStore, row: DynamicLease) -> Credentials:
-    """The root credential version that minted the key (it knows the account the key is in)."""
+def _account_hash(spec: DynamicSpec, root: Credentials) -> str:
+    return hashlib.sha256(spec.account(root).encode()).hexdigest()
+
+
+def _root_for(store: SealedStore, spec: DynamicSpec, row: DynamicLease) -> Credentials:
+    """A root credential of the account the key lives in: the version that minted it, or
+    the current one (that version may be deleted, or retired by a key rotation)."""
     item = item_name(row.provider)
-    record = store.read(row.tenant_id, item, version=row.root_version)
-    if record is None:
-        record = store.read(row.tenant_id, item)
-    if record is None:
-        raise NotFound("the root credential is gone")
-    return _credentials(store, row.tenant_id, row.provider, record)
+    for version in (row.root_version, None):
+        try:
+            record = store.read(row.tenant_id, item, version=version)
+            if record is None:
+                continue
+            root = _credentials(store, row.tenant_id, row.provider, record)
+        except UpstreamUnavailable:
+            raise
+        except (BrokerError, ValueError):
+            continue  # undecryptable (a retired key version) or incomplete: try the next
+        if row.root_account is None or _account_hash(spec, root) == row.root_account:
+            return root
+    raise NotFound("no root credential of the key's account is left")
 
 
 def due_leases(leasing: Leasing, *, limit: int = SWEEP_BATCH) -> list[str]:
@@ -759,7 +770,7 @@ def list_leases(
     limit: int = 100,
     after: str | None = None,
 ) -> list[DynamicLease]:
-    """Leases, newest first (by id within one issue time), filtered; never a secret."""
+    """Leases filtered, in id order (page with `after`); never a secret."""
     query = select(DynamicLease)
     if tenant_id is not None:
         query = query.where(DynamicLease.tenant_id == tenant_id)

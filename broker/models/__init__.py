@@ -210,6 +210,9 @@ class DynamicLease(SQLModel, table=True):
     provider_key_id: str | None = Field(default=None, max_length=200)
     root_version: int
     """The KV version of the root credential that minted it (and will revoke it)."""
+    root_account: str | None = Field(default=None, max_length=64)
+    """SHA-256 of the account the key lives in (Twilio account, OpenAI project): only a
+    root credential of that account may revoke it."""
     state: str = Field(default="minting", max_length=16)  # minting | active | revoked
     issued_at: datetime = _ts(nullable=False)
     expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))

@@ -135,8 +135,12 @@ def test_broker_writes_a_lease_key_once_reads_lists_and_destroys_it(clients: Cli
     assert ok(clients.broker.get(f"/secret/data/{path}")).json()["data"]["data"] == {"c": "v1"}
     listed = ok(clients.broker.request("LIST", "/secret/metadata/tenants/t3/leases/"))
     assert listed.json()["data"]["keys"] == ["0123456789abcdef0123456789abcdef"]
-    # Written once: a minted key is never replaced, and never soft-deleted, only destroyed.
-    denied(clients.broker.post(f"/secret/data/{path}", json={"data": {"c": "v2"}}))
+    # Rewrapped by a key rotation (check-and-set); never soft-deleted, only destroyed.
+    ok(
+        clients.broker.post(
+            f"/secret/data/{path}", json={"data": {"c": "v2"}, "options": {"cas": 1}}
+        )
+    )
     denied(clients.broker.post(f"/secret/delete/{path}", json={"versions": [1]}))
     ok(clients.broker.delete(f"/secret/metadata/{path}"))
     assert clients.root.get(f"/secret/data/{path}").status_code == 404

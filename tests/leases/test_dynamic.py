@@ -187,14 +187,14 @@ def test_live_leases_are_capped_per_service(
     dyn: TestClient, clock: FakeClock, broker_vault: VaultGateway
 ) -> None:
     tenant = dynamic_tenant(dyn)
-    capped = dataclasses.replace(leasing(dyn), live_cap=2)
     record = SealedStore(broker_vault).read(tenant, "integrations/twilio")
     assert record is not None
     worker = Principal(subject="messaging", kind="service", scopes=frozenset())
 
-    def issue() -> str:
+    def issue(cap: int) -> str:
+        assert record is not None
         return leases.issue(
-            capped,
+            dataclasses.replace(leasing(dyn), live_cap=cap),
             principal=worker,
             tenant_id=tenant,
             provider="twilio",
@@ -202,16 +202,16 @@ def test_live_leases_are_capped_per_service(
             record=record,
         ).lease_id
 
-    first = issue()
-    assert issue() == first
+    first = issue(2)
+    assert issue(2) == first
     clock.advance(245)  # under a minute left: not worth handing out again
-    second = issue()
+    second = issue(2)
     assert second != first
-    # A root version nothing reuses (as if restored) would mint again: the cap stops it.
-    record = dataclasses.replace(record, version=record.version + 1)
+    clock.advance(245)  # now the second is nearly over: one live lease, and the cap is one
     with pytest.raises(RateLimited) as refused:
-        issue()
+        issue(1)
     assert 1 <= refused.value.retry_after <= 56
+    assert issue(2) not in (first, second)  # below a cap of two, a fresh one is minted
     # Another service is not held back by this one's leases.
     fetch(dyn, tenant, subject="other")
     clock.advance(301)
@@ -353,3 +353,19 @@ def test_every_mint_and_revoke_is_in_the_vault_audit_log_with_who_and_why(
         action == "leases.revoke:twilio" and path.endswith(f"tenants/{tenant}/leases/{lease_id}")
         for action, _, _, path in revoke
     )
+
+
+def test_a_key_rotation_rewraps_live_leases_which_are_still_reused(
+    dyn: TestClient, providers: FakeProviders
+) -> None:
+    tenant = dynamic_tenant(dyn)
+    lease = fetch(dyn, tenant)
+    rotated = dyn.post(
+        f"/v1/tenants/{tenant}/keys/rotate", headers=bearer(token("platform:admin", subject="ops"))
+    )
+    assert rotated.status_code == 200, rotated.text
+    assert rotated.json()["rewrapped"] >= 2  # the root credential and the lease's key
+    again = fetch(dyn, tenant)
+    assert again["lease_id"] == lease["lease_id"]
+    assert again["fields"] == lease["fields"]
+    assert twilio_works(providers, again["fields"])

@@ -279,3 +279,24 @@ def test_a_lease_revoked_while_its_key_is_being_minted_does_not_keep_the_key(
     assert not any(
         k.friendly_name.endswith(lease["id"]) for k in providers.keys.twilio_keys(ACCOUNT)
     )
+
+
+def test_moving_to_another_twilio_account_still_revokes_the_old_accounts_keys(
+    dyn: TestClient, providers: FakeProviders, engine: Engine
+) -> None:
+    tenant = dynamic_tenant(dyn)
+    old = fetch(dyn, tenant)
+    other = {"account_sid": "AC" + "b" * 32, "auth_token": "c" * 32}
+    providers.accept("twilio", **other)
+    moved = dyn.put(
+        "/v1/tenants/settings/integrations/twilio", json={"fields": other}, headers=admin(tenant)
+    )
+    assert moved.status_code == 200, moved.text
+    leases.revoke_due(leasing(dyn))
+    # Deleted in the old account, with the root version that minted it.
+    assert not twilio_works(providers, old["fields"])
+    assert providers.keys.deleted[old["fields"]["api_key_sid"]] == 1
+    assert row(engine, old["lease_id"]).state == "revoked"
+    new = fetch(dyn, tenant)
+    assert new["fields"]["account_sid"] == other["account_sid"]
+    assert twilio_works(providers, new["fields"])

@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("subject", sa.String(200), nullable=False),
         sa.Column("provider_key_id", sa.String(200), nullable=True),
         sa.Column("root_version", sa.Integer, nullable=False),
+        sa.Column("root_account", sa.String(64), nullable=True),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("issued_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),

@@ -75,10 +75,11 @@ path "secret/destroy/tenants/+/payout" {
 
 # --- Dynamic credentials: minted lease keys ---------------------------------------------------
 # secret/data/tenants/<tenant_id>/leases/<lease_id>: the key minted for one service lease
-# (broker/leases), sealed with the tenant's Transit key like its credentials. Written once
-# (check-and-set 0), read while the lease is live, destroyed with its metadata when revoked.
+# (broker/leases), sealed with the tenant's Transit key like its credentials. Written with
+# check-and-set 0, rewritten only by a key rotation's rewrap (check-and-set again), read
+# while the lease is live, destroyed with its metadata when revoked; never soft-deleted.
 path "secret/data/tenants/+/leases/+" {
-  capabilities = ["create", "read"]
+  capabilities = ["create", "read", "update"]
 }
 
 path "secret/metadata/tenants/+/leases/+" {
