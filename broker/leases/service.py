@@ -714,19 +714,27 @@ def retire_for_root(leasing: Leasing, *, tenant_id: str, provider: str, reason: 
     """The root credential changed: every lease minted from an older version is due now.
 
     Only marked (the sweep revokes them with the version that minted them): the save
-    that rotated the root has nothing to wait for. Returns how many were marked.
+    that rotated the root has nothing to wait for, and does not fail with this step
+    (the keys then end with their leases, minutes later). Returns how many were marked.
     """
     now = leasing.clock()
-    with unit_of_work(leasing.engine) as session:
-        marked = session.execute(
-            update(DynamicLease)
-            .where(col(DynamicLease.tenant_id) == tenant_id)
-            .where(col(DynamicLease.provider) == provider)
-            .where(col(DynamicLease.state) != "revoked")
-            .where(col(DynamicLease.due_at) > now)
-            .values(due_at=now, next_attempt_at=None, revoke_reason=reason)
+    try:
+        with unit_of_work(leasing.engine) as session:
+            marked = session.execute(
+                update(DynamicLease)
+                .where(col(DynamicLease.tenant_id) == tenant_id)
+                .where(col(DynamicLease.provider) == provider)
+                .where(col(DynamicLease.state) != "revoked")
+                .where(col(DynamicLease.due_at) > now)
+                .values(due_at=now, next_attempt_at=None, revoke_reason=reason)
+            )
+            return int(marked.rowcount or 0)  # type: ignore[attr-defined]
+    except BrokerError:
+        log.warning(
+            "could not mark the leases of a replaced root credential due",
+            extra={"fields": {"tenant_id": tenant_id, "provider": provider}},
         )
-        return int(marked.rowcount or 0)  # type: ignore[attr-defined]
+        return 0
 
 
 def revoke_before_removal(
