@@ -808,7 +808,7 @@ _OPENAI = ProviderSpec(
         ),
         FieldSpec(
             name="project_id",
-            secret=False,
+            secret=True,
             required=False,
             description=(
                 "Project id (proj_...): with an Admin key (sk-admin-...), where dynamic "

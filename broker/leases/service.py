@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,7 +67,11 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 LeaseState = Literal["minting", "active", "revoked"]
-RevokeOutcome = Literal["revoked", "already", "busy", "failed", "not_due", "missing"]
+RevokeOutcome = Literal["revoked", "already", "busy", "failed", "not_due", "missing", "skipped"]
+# A sweep stops calling a provider that failed this many revocations in a row: the rest
+# wait for the next run instead of each waiting out the egress timeout (an outage must
+# not hold a worker for batch x timeout, starving the other jobs of its queue).
+BREAKER_FAILURES = 5
 
 WORKER = Principal(subject="broker-worker", kind="service", scopes=frozenset())
 # On-demand revocation revokes this many leases before answering; the sweep takes the rest.
@@ -126,6 +131,23 @@ class IssuedKey:
 
     def __repr__(self) -> str:
         return f"IssuedKey({self.lease_id}, fields={sorted(self.fields)}, reused={self.reused})"
+
+
+class _Breaker:
+    """Consecutive revocation failures per provider within one run (thread-safe)."""
+
+    def __init__(self, threshold: int = BREAKER_FAILURES) -> None:
+        self._threshold = threshold
+        self._failures: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def is_open(self, provider: str) -> bool:
+        with self._lock:
+            return self._failures.get(provider, 0) >= self._threshold
+
+    def record(self, provider: str, *, ok: bool) -> None:
+        with self._lock:
+            self._failures[provider] = 0 if ok else self._failures.get(provider, 0) + 1
 
 
 @dataclass
@@ -439,6 +461,7 @@ def revoke_one(
     actor: Principal,
     reason: str | None = None,
     only_if_due: bool = False,
+    breaker: _Breaker | None = None,
 ) -> RevokeOutcome:
     """Delete one lease's key at the provider and mark it revoked (at most once, ever).
 
@@ -460,10 +483,14 @@ def revoke_one(
             row.due_at > now or (row.next_attempt_at is not None and row.next_attempt_at > now)
         ):
             return "not_due"
+        if breaker is not None and breaker.is_open(row.provider):
+            return "skipped"
         context.update(tenant_id=row.tenant_id, action=f"leases.revoke:{row.provider}")
         try:
             _delete_key(leasing, row)
         except (KeyCallFailed, BrokerError) as exc:
+            if breaker is not None:
+                breaker.record(row.provider, ok=False)
             error = exc.error if isinstance(exc, KeyCallFailed) else _broker_error_class(exc)
             retry_after = exc.retry_after_s if isinstance(exc, KeyCallFailed) else None
             row.revoke_attempts += 1
@@ -483,6 +510,8 @@ def revoke_one(
                 },
             )
             return "failed"
+        if breaker is not None:
+            breaker.record(row.provider, ok=True)
         row.state = "revoked"
         row.revoked_at = leasing.clock()
         row.revoked_by = actor.actor
@@ -590,11 +619,17 @@ def _revoke_ids(
     result = Revocations()
     if not ids:
         return result
+    breaker = _Breaker()
 
     def one(lease_id: str) -> RevokeOutcome:
         try:
             return revoke_one(
-                leasing, lease_id, actor=actor, reason=reason, only_if_due=only_if_due
+                leasing,
+                lease_id,
+                actor=actor,
+                reason=reason,
+                only_if_due=only_if_due,
+                breaker=breaker,
             )
         except BrokerError:
             # The database went away: the row keeps its state, the next sweep retries.

@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
+from sqlmodel import Session, select
 
 from broker.app import create_app
+from broker.leases import service as leases
 from broker.leases.service import Leasing
+from broker.models import DynamicLease
 from broker.vault.gateway import VaultGateway
 from tests.conftest import (
     OAUTH_SETTINGS,
@@ -67,8 +70,27 @@ def dyn(
         vault=vault,
         clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
     )
-    yield TestClient(app, raise_server_exceptions=False)
+    client = TestClient(app, raise_server_exceptions=False)
+    yield client
+    revoke_what_is_left(leasing(client))
     vault.close()
+
+
+def revoke_what_is_left(machinery: Leasing) -> None:
+    """Revoke every lease still live at the fakes, so no later test's worker (pointed at
+    other providers) inherits them when their revocation jobs fall due."""
+    with Session(machinery.engine) as session:
+        tenants = set(
+            session.exec(select(DynamicLease.tenant_id).where(DynamicLease.state != "revoked"))
+        )
+    for tenant in sorted(tenants):
+        leases.revoke_matching(
+            machinery,
+            leases.Selector(tenant_id=tenant),
+            principal=leases.WORKER,
+            reason="test_teardown",
+            inline=100_000,
+        )
 
 
 def leasing(client: TestClient) -> Leasing:

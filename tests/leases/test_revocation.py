@@ -300,3 +300,29 @@ def test_moving_to_another_twilio_account_still_revokes_the_old_accounts_keys(
     new = fetch(dyn, tenant)
     assert new["fields"]["account_sid"] == other["account_sid"]
     assert twilio_works(providers, new["fields"])
+
+
+def test_a_sweep_stops_calling_a_provider_that_keeps_failing(
+    dyn: TestClient, providers: FakeProviders, clock: FakeClock, engine: Engine
+) -> None:
+    tenant = dynamic_tenant(dyn)
+    issued = [fetch(dyn, tenant, subject=f"breaker-{n}") for n in range(20)]
+    providers.go_down("twilio")
+    leases.revoke_matching(
+        leasing(dyn),
+        leases.Selector(tenant_id=tenant),
+        principal=leases.WORKER,
+        reason="x",
+        inline=0,
+    )
+    before = providers.hits["twilio"]
+    swept = leases.revoke_due(leasing(dyn))
+    # A few failures open the breaker; the rest wait for the next run untouched.
+    assert leases.BREAKER_FAILURES <= swept.failed < 10
+    assert swept.queued >= 10
+    assert providers.hits["twilio"] - before == swept.failed
+    providers.come_back("twilio")
+    clock.advance(3600)
+    leases.revoke_due(leasing(dyn))
+    for lease in issued:
+        assert row(engine, lease["lease_id"]).state == "revoked"

@@ -21,7 +21,7 @@ from broker.vault.gateway import VaultGateway
 from tests.conftest import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.leases.conftest import dynamic_tenant, fetch, leasing
+from tests.leases.conftest import dynamic_tenant, fetch, leasing, revoke_what_is_left
 from tests.support.workers import Workers, wait_for
 
 LEASES = 100
@@ -57,7 +57,9 @@ def dyn(
     app = create_app(
         settings, engine=engine, vault=vault, clock=lambda: datetime.fromtimestamp(clock.now(), UTC)
     )
-    yield TestClient(app, raise_server_exceptions=False)
+    client = TestClient(app, raise_server_exceptions=False)
+    yield client
+    revoke_what_is_left(leasing(client))
     vault.close()
 
 
