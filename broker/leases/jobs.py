@@ -18,12 +18,16 @@ from sqlmodel import Session
 from broker.app import outbound_for
 from broker.core import context as request_context
 from broker.core.db import unit_of_work
-from broker.jobs.app import MAINTENANCE_QUEUE, JobResources, app, resources
+from broker.jobs.app import JobResources, app, resources
 from broker.jobs.defer import defer
 from broker.leases import service
 
 log = logging.getLogger(__name__)
 
+# A queue of their own: during a provider outage revocations wait out their timeouts,
+# and an operator can give them workers of their own (`broker worker -q leases`) so
+# they never hold the slots OAuth refreshes need. A plain `broker worker` reads it too.
+LEASES_QUEUE = "leases"
 REVOKE = "leases.revoke"
 SWEEP = "leases.sweep"
 
@@ -54,7 +58,7 @@ def _bind(context: JobContext) -> None:
     )
 
 
-@app.task(name=REVOKE, queue=MAINTENANCE_QUEUE, pass_context=True)
+@app.task(name=REVOKE, queue=LEASES_QUEUE, pass_context=True)
 def revoke_lease(context: JobContext, lease_id: str) -> str:
     """Revoke one lease once it is due (a lease revoked or retried meanwhile is left)."""
     _bind(context)
@@ -78,7 +82,7 @@ def schedule_revocation(session: Session, lease_id: str, *, in_s: float) -> None
 
 
 # One run at a time across all workers, at most one waiting.
-@app.task(name=SWEEP, queue=MAINTENANCE_QUEUE, pass_context=True, lock=SWEEP, queueing_lock=SWEEP)
+@app.task(name=SWEEP, queue=LEASES_QUEUE, pass_context=True, lock=SWEEP, queueing_lock=SWEEP)
 def sweep(context: JobContext, timestamp: int = 0) -> int:
     """Revoke every lease that is due now; returns how many were revoked.
 
