@@ -13,7 +13,7 @@ asserts nothing about time.
 Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
 BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
-BENCH_OUTPUT.
+BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_OUTPUT.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 import hvac
 
-from bench import oauth_refresh
+from bench import dynamic_leases, oauth_refresh
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -53,6 +53,7 @@ from broker.devstack.stack import start_dev_stack
 from broker.integrations.jobs import REFRESH_BATCH
 from broker.tenants.keys import rotate_tenant_key
 from broker.vault.gateway import VaultGateway
+from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 
 log = logging.getLogger("bench")
@@ -83,6 +84,8 @@ class Plan:
     rotate_workers: int
     settle_s: float
     oauth_credentials: int
+    dynamic_mints: int
+    dynamic_leases: int
 
     @classmethod
     def from_env(cls) -> Plan:
@@ -102,6 +105,8 @@ class Plan:
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
             settle_s=knob("SETTLE_S", 70, 5),
             oauth_credentials=int(knob("OAUTH_CREDENTIALS", 10_000, 200)),
+            dynamic_mints=int(knob("DYNAMIC_MINTS", 500, 50)),
+            dynamic_leases=int(knob("DYNAMIC_LEASES", 10_000, 500)),
         )
 
 
@@ -382,9 +387,15 @@ class Bench:
     """Runs the measurements against one stack and collects the figures."""
 
     def __init__(
-        self, plan: Plan, settings: Settings, broker: BrokerProcess, shopify: FakeShopifyOAuth
+        self,
+        plan: Plan,
+        settings: Settings,
+        broker: BrokerProcess,
+        shopify: FakeShopifyOAuth,
+        providers: FakeProviders,
     ) -> None:
         self.plan = plan
+        self.providers = providers
         self.settings = settings
         self.broker = broker
         self.shopify = shopify
@@ -603,6 +614,9 @@ class Bench:
         self.results["rotation"] = self.rotate(large)
         self.results["oauth_refresh"] = self.oauth_refresh(large)
         self.results["legacy_migration"] = self.legacy()
+        self.results["dynamic_leases"] = dynamic_leases.run(
+            self, self.providers, mints=plan.dynamic_mints, leases=plan.dynamic_leases
+        )
 
     def _ratio(self, a: str, b: str, c: int, key: str) -> float:
         x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
@@ -797,6 +811,21 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
             f"legacy migration: {legacy.get('tenants')} tenants, "
             f"{legacy.get('tenants_per_second')} tenants/s"
         )
+    dyn = results["dynamic_leases"]
+    fresh, revocation = dyn["fresh_mint_c1"], dyn["revocation"]
+    reuse = results[dynamic_leases.REUSE]
+    lines.append(
+        "dynamic fetch: live lease reused p50 "
+        + ", ".join(f"{reuse[f'c{c}']['p50_ms']:.2f} ms at c{c}" for c in CONCURRENCIES)
+        + f"; fresh mint through the fake Twilio p50 {fresh['p50_ms']} ms, "
+        f"p99 {fresh['p99_ms']} ms ({fresh['calls']} calls at c1)"
+    )
+    lines.append(
+        f"lease revocation: {revocation['revoked']} of {revocation['leases']} due leases revoked "
+        f"by one worker in {revocation['seconds_incl_worker_start']} s = "
+        f"{revocation['leases_per_s']} leases/s ({revocation['fake_deletions']} deletions at "
+        "the fake)"
+    )
     mem = results["memory"]
     peak = mem["peak_rss_under_fetch_kb"]
     lines.append(
@@ -823,11 +852,16 @@ def main() -> None:
             base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
             settings = start_dev_stack(stack, work / "data", base)
             shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
+            providers = stack.enter_context(FakeProviders())
             oauth_refresh.store_platform_app(work / "data", settings, shopify)
             broker = stack.enter_context(
-                BrokerProcess(settings, work, oauth_refresh.egress_env(shopify))
+                BrokerProcess(
+                    settings,
+                    work,
+                    oauth_refresh.egress_env(shopify) | dynamic_leases.egress_env(providers),
+                )
             )
-            bench = Bench(plan, settings, broker, shopify)
+            bench = Bench(plan, settings, broker, shopify, providers)
             bench.run()
     finally:
         shutil.rmtree(work, ignore_errors=True)

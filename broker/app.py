@@ -31,6 +31,8 @@ from broker.integrations.routes import callback_router as oauth_callback_router
 from broker.integrations.routes import router as integrations_router
 from broker.integrations.schemas import document_provider_fields
 from broker.integrations.service import Outbound
+from broker.leases.routes import router as leases_router
+from broker.leases.service import Leasing
 from broker.models import utcnow
 from broker.payments.guard import CardDataGuard
 from broker.payments.platform import StripeAccess
@@ -48,6 +50,7 @@ ROUTERS = (
     credentials_router,
     integrations_router,
     oauth_callback_router,
+    leases_router,
     payments_router,
     settings_router,
     tenants_router,
@@ -78,6 +81,7 @@ def create_app(
         await run_in_threadpool(denials.write, engine, app.state.denials.drain())
         vault.close()
         app.state.outbound.client.close()
+        app.state.leasing.calls.close()
         app.state.stripe.close()
         engine.dispose()
 
@@ -103,6 +107,9 @@ def create_app(
     app.state.dependency_metrics = dependencies = DependencyMetrics(app.state.metrics.registry)
     vault.observe = dependencies.vault_call
     app.state.oauth = oauth_access_for(
+        settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
+    )
+    app.state.leasing = Leasing.from_settings(
         settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
     )
     app.state.stripe = StripeAccess(

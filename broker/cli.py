@@ -25,6 +25,7 @@ from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
 from broker.integrations.cli import shopify_app
+from broker.leases.cli import leases_app
 from broker.legacy.cli import migrate_app
 
 if TYPE_CHECKING:
@@ -45,6 +46,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(audit_app, name="audit")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(shopify_app, name="shopify")
+app.add_typer(leases_app, name="leases")
 log = logging.getLogger("broker.cli")
 
 

@@ -16,6 +16,7 @@ class Scope(StrEnum):
     CREDENTIALS_READ = "credentials:read"
     AUDIT_READ = "audit:read"
     PLATFORM_ADMIN = "platform:admin"
+    LEASES_REVOKE = "leases:revoke"
 
 
 KNOWN_SCOPES = frozenset(scope.value for scope in Scope)
@@ -30,6 +31,7 @@ SCOPE_DESCRIPTIONS = {
     Scope.CREDENTIALS_READ.value: "A service fetching the tenant's plain credentials",
     Scope.AUDIT_READ.value: "Read the audit trail (the security team)",
     Scope.PLATFORM_ADMIN.value: "Create, delete and re-key tenants (the platform)",
+    Scope.LEASES_REVOKE.value: "Revoke a service's dynamic keys across tenants (incidents)",
 }
 
 # tenant:admin implies every scope that acts inside its own tenant. It does not

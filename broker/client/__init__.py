@@ -10,6 +10,7 @@ with BrokerClient("https://broker.internal", token_provider=read_service_token) 
 from broker.client.factories import (
     LeaseAuth,
     TargetRefused,
+    create_openai_client_for_tenant,
     create_shopify_service_for_tenant,
     create_twilio_service_for_tenant,
     create_woo_service_for_tenant,
@@ -48,6 +49,7 @@ __all__ = [
     "WhatsAppCredentials",
     "WooCommerceCredentials",
     "WrappingTokenTampered",
+    "create_openai_client_for_tenant",
     "create_shopify_service_for_tenant",
     "create_twilio_service_for_tenant",
     "create_woo_service_for_tenant",

@@ -37,6 +37,7 @@ from broker.integrations.egress import (
 __all__ = [
     "LeaseAuth",
     "TargetRefused",
+    "create_openai_client_for_tenant",
     "create_shopify_service_for_tenant",
     "create_twilio_service_for_tenant",
     "create_woo_service_for_tenant",
@@ -119,10 +120,12 @@ class LeaseAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401:
             return
-        # The tenant may have rotated the credentials since our lease was issued.
+        # The tenant may have rotated the credentials since our lease was issued, or
+        # revoked the key minted for us (dynamic delivery): fetch once more, and retry
+        # only with different credentials.
         self._broker.invalidate(self._tenant_id, self._provider)
         fresh = self._lease()
-        if fresh.version != lease.version:
+        if fresh.version != lease.version or fresh.lease_id != lease.lease_id:
             self._prepare(request, fresh)
             yield request
 
@@ -232,9 +235,41 @@ def create_twilio_service_for_tenant(
         return f"{base_url.rstrip('/')}/2010-04-01/Accounts/{_field(lease, 'account_sid')}"
 
     def apply(request: httpx.Request, lease: Lease) -> None:
-        request.headers["Authorization"] = _basic(
-            _field(lease, "account_sid"), _field(lease, "auth_token")
-        )
+        # Dynamic delivery: a Standard API key minted for this service, the account
+        # still in the path; static: the account SID and auth token.
+        if lease.fields.get("api_key_sid"):
+            user, password = _field(lease, "api_key_sid"), _field(lease, "api_key_secret")
+        else:
+            user, password = _field(lease, "account_sid"), _field(lease, "auth_token")
+        request.headers["Authorization"] = _basic(user, password)
 
     auth = LeaseAuth(client, tenant_id, "twilio", base_for=base_for, apply=apply)
+    return _client(auth, timeout_s, egress, resolver)
+
+
+def create_openai_client_for_tenant(
+    client: BrokerClient,
+    tenant_id: str,
+    *,
+    base_url: str = "https://api.openai.com/v1",
+    timeout_s: float = 30,
+    egress: EgressPolicy | None = None,
+    resolver: Resolver | None = None,
+) -> httpx.Client:
+    """An httpx client on the OpenAI API (`{base}/`, e.g. `client.get("models")`).
+
+    The same in both deliveries: the stored API key, or a service-account key minted for
+    this service and expiring with its lease.
+    """
+
+    def base_for(lease: Lease) -> str:
+        return base_url.rstrip("/")
+
+    def apply(request: httpx.Request, lease: Lease) -> None:
+        request.headers["Authorization"] = f"Bearer {_field(lease, 'api_key')}"
+        org_id = lease.fields.get("org_id")
+        if org_id:
+            request.headers["OpenAI-Organization"] = org_id
+
+    auth = LeaseAuth(client, tenant_id, "openai", base_for=base_for, apply=apply)
     return _client(auth, timeout_s, egress, resolver)

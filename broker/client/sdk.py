@@ -127,6 +127,9 @@ class Lease:
     fields: Mapping[str, str]
     issued_at: datetime
     expires_at: datetime
+    lease_id: str | None = None
+    """Set when the broker minted the key for this service (dynamic delivery); the key is
+    revoked at `expires_at`, or earlier on demand."""
 
     def __repr__(self) -> str:
         return (
@@ -182,12 +185,23 @@ class ProviderCredentials:
 
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class TwilioCredentials(ProviderCredentials):
-    """Twilio account SID, auth token and optional webhook secret."""
+    """Twilio account SID and either the auth token (static delivery) or an API key minted
+    for this service (dynamic delivery); `basic_auth()` is right in both."""
 
     provider: ClassVar[str] = "twilio"
     account_sid: str = dataclasses.field(metadata=_SECRET)
-    auth_token: str = dataclasses.field(metadata=_SECRET)
+    auth_token: str | None = dataclasses.field(default=None, metadata=_SECRET)
     webhook_secret: str | None = dataclasses.field(default=None, metadata=_SECRET)
+    api_key_sid: str | None = dataclasses.field(default=None, metadata=_SECRET)
+    api_key_secret: str | None = dataclasses.field(default=None, metadata=_SECRET)
+
+    def basic_auth(self) -> tuple[str, str]:
+        """What Twilio's Basic auth takes: the API key when there is one, else the account."""
+        if self.api_key_sid and self.api_key_secret:
+            return self.api_key_sid, self.api_key_secret
+        if self.auth_token:
+            return self.account_sid, self.auth_token
+        raise BrokerClientError("the twilio lease lacks auth_token")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
@@ -239,6 +253,7 @@ class _LeaseBody(BaseModel):
     fields: dict[str, str]
     issued_at: datetime
     expires_at: datetime
+    lease_id: str | None = None
 
 
 class _WrapBody(BaseModel):
@@ -721,4 +736,5 @@ def _lease(body: _LeaseBody) -> Lease:
         fields=MappingProxyType(dict(body.fields)),
         issued_at=body.issued_at,
         expires_at=body.expires_at,
+        lease_id=body.lease_id,
     )

@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         default_factory=lambda: {"openai": 600, "twilio": 900, "whatsapp": 900}
     )
     max_wrap_ttl_s: int = Field(default=600, ge=1, le=3600)
+    # Dynamic credentials (broker/leases): how many live leases one service may hold per
+    # tenant and provider; a live lease is handed out again while at least
+    # `lease_reuse_min_s` of it is left (at most half a lease); the sweep revokes what is
+    # due every `lease_sweep_s` (divides 60); a failed revocation is retried after
+    # `lease_revoke_backoff_s`, doubling up to `lease_revoke_backoff_max_s`.
+    lease_live_cap: int = Field(default=5, ge=1, le=1000)
+    lease_reuse_min_s: int = Field(default=60, ge=0, le=3600)
+    lease_sweep_s: int = Field(default=15, ge=1, le=60)
+    lease_revoke_backoff_s: float = Field(default=5.0, gt=0, le=3600)
+    lease_revoke_backoff_max_s: float = Field(default=3600.0, gt=0, le=86400)
 
     # Rate limits (the `limits` library's notation) and where their counters live.
     rate_limit_storage: str = "memory://"

@@ -140,6 +140,7 @@ class StateCollector(Collector):
         yield lookups
         yield from _pool_metrics(self._engine)
         yield from _job_metrics(self._engine)
+        yield from _lease_metrics(self._engine)
         yield CounterMetricFamily(
             "broker_deletion_watch_refresh_failures",
             "Failed refreshes of the list of tenants being deleted (the last list is kept).",
@@ -198,6 +199,57 @@ def _job_metrics(engine: Engine) -> Iterator[Metric]:
     for queue, task, status, count in rows:
         jobs.add_metric([str(queue), str(task), str(status)], float(count))
     yield jobs
+
+
+# Revocations run on job workers, which serve no /metrics: what they did is read from the
+# lease registry, which records every failed attempt.
+_LEASE_COUNTS = text(
+    "SELECT provider, state, count(*),"
+    " count(*) FILTER (WHERE state <> 'revoked' AND revoke_attempts > 0),"
+    " count(*) FILTER (WHERE state <> 'revoked' AND due_at <= now()),"
+    " coalesce(sum(revoke_attempts), 0)"
+    " FROM leases GROUP BY provider, state"
+)
+
+
+def _lease_metrics(engine: Engine) -> Iterator[Metric]:
+    leases = GaugeMetricFamily(
+        "broker_leases",
+        "Dynamic credential leases by provider and state.",
+        labels=["provider", "state"],
+    )
+    failing = GaugeMetricFamily(
+        "broker_lease_revocations_failing",
+        "Leases whose revocation failed and is being retried with backoff (alert above 0).",
+        labels=["provider"],
+    )
+    overdue = GaugeMetricFamily(
+        "broker_lease_revocations_overdue",
+        "Leases past the time they were due to be revoked and not revoked yet.",
+        labels=["provider"],
+    )
+    failures = CounterMetricFamily(
+        "broker_lease_revocation_failures",
+        "Failed revocation attempts recorded in the lease registry.",
+        labels=["provider"],
+    )
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(_LEASE_COUNTS).all()
+    except SQLAlchemyError:
+        rows = []
+    by_provider: dict[str, list[float]] = {}
+    for provider, state, count, failing_n, overdue_n, attempts in rows:
+        leases.add_metric([str(provider), str(state)], float(count))
+        totals = by_provider.setdefault(str(provider), [0.0, 0.0, 0.0])
+        totals[0] += float(failing_n)
+        totals[1] += float(overdue_n)
+        totals[2] += float(attempts)
+    for provider, (failing_n, overdue_n, attempts) in sorted(by_provider.items()):
+        failing.add_metric([provider], failing_n)
+        overdue.add_metric([provider], overdue_n)
+        failures.add_metric([provider], attempts)
+    yield from (leases, failing, overdue, failures)
 
 
 def install_runtime_collectors(registry: CollectorRegistry) -> None:

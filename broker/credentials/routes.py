@@ -93,6 +93,7 @@ async def fetch_credentials(
                 wrap_ttl_s=ttl_s,
                 principal=principal,
                 access=request.app.state.oauth,
+                leasing=request.app.state.leasing,
             ),
             limiter=vault_threads,
         )
@@ -110,5 +111,6 @@ async def fetch_credentials(
         provider=lease.provider,
         version=lease.version,
         expires_at=lease.expires_at,
+        lease_id=lease.lease_id,
         wrap=WrapInfo.model_validate(wrapped, from_attributes=True),
     )

@@ -16,6 +16,10 @@ class CredentialLease(BaseModel):
     fields: dict[str, str]
     issued_at: datetime
     expires_at: datetime
+    lease_id: str | None = Field(
+        default=None,
+        description="Dynamic delivery: the lease the key was minted for; revoked at expires_at.",
+    )
 
 
 class WrapInfo(BaseModel):
@@ -35,4 +39,5 @@ class WrappedCredentialLease(BaseModel):
     provider: str
     version: int
     expires_at: datetime
+    lease_id: str | None = None
     wrap: WrapInfo

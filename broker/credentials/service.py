@@ -10,6 +10,10 @@ only Vault is needed on this path (a PostgreSQL outage must not stop messaging),
 and every Vault call carries the service's identity in the audited headers, so
 the Vault audit log names who read what. Refusals go to the broker's audit
 trail as well, best effort.
+
+A provider in "dynamic" delivery (sealed beside its credentials, so a fetch reads it
+with them) never delivers the stored root credential: the service gets a key minted
+for it (broker/leases), which needs PostgreSQL for the lease registry.
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ from broker.core.errors import Forbidden, NotFound, RateLimited, ValidationFaile
 from broker.core.ratelimit import RateLimiter
 from broker.integrations import oauth
 from broker.integrations.providers import Credentials, get_provider
-from broker.integrations.service import read_sealed
+from broker.integrations.service import item_name
+from broker.leases import service as leases
 from broker.tenants.deletions import DeletionWatch
 from broker.vault.errors import CiphertextRetired
 from broker.vault.gateway import VaultGateway, WrappedSecret
+from broker.vault.sealed import SealedRecord, SealedStore
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
 NO_SUCH = "no such credentials"
@@ -61,6 +67,8 @@ class Lease:
     fields: dict[str, str]
     issued_at: datetime
     expires_at: datetime
+    lease_id: str | None = None
+    """Set for a dynamic key: the lease it was minted for (revoked at `expires_at`)."""
 
     def __repr__(self) -> str:
         return (
@@ -141,6 +149,7 @@ def deliver(
     wrap_ttl_s: int | None,
     principal: Principal,
     access: oauth.OAuthAccess,
+    leasing: leases.Leasing | None = None,
 ) -> Lease | tuple[Lease, WrappedSecret]:
     """A lease, or a lease wrapped for one unwrap: Vault only, never the database
     (except to refresh an expired OAuth access token, or to check a Meta token's mark)."""
@@ -153,6 +162,7 @@ def deliver(
         lease_s=lease_s,
         principal=principal,
         access=access,
+        leasing=leasing,
     )
     if wrap_ttl_s is None:
         return lease
@@ -167,11 +177,25 @@ def fetch(
     lease_s: int,
     principal: Principal,
     access: oauth.OAuthAccess,
+    leasing: leases.Leasing | None = None,
 ) -> Lease:
     """Read and decrypt the current credentials and attach a lease."""
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
+    store = SealedStore(vault)
     try:
-        record, sealed = read_sealed(vault, tenant_id=tenant_id, provider=provider)
+        record = store.read(tenant_id, item_name(provider))
+        if record is None:
+            raise NotFound(NO_SUCH)
+        if record.public.get("delivery") == "dynamic":
+            return _dynamic(
+                leasing,
+                principal=principal,
+                tenant_id=tenant_id,
+                provider=provider,
+                lease_s=lease_s,
+                record=record,
+            )
+        sealed = store.open(tenant_id, item_name(provider), record)
     except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.
@@ -210,6 +234,37 @@ def fetch(
     )
 
 
+def _dynamic(
+    leasing: leases.Leasing | None,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    record: SealedRecord,
+) -> Lease:
+    """A key minted for this service (or its live one again); never the root credential."""
+    if leasing is None:
+        raise RuntimeError("dynamic delivery needs the lease registry")
+    issued = leases.issue(
+        leasing,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        lease_s=lease_s,
+        record=record,
+    )
+    return Lease(
+        tenant_id=tenant_id,
+        provider=provider,
+        version=record.version,
+        fields=issued.fields,
+        issued_at=issued.issued_at,
+        expires_at=issued.expires_at,
+        lease_id=issued.lease_id,
+    )
+
+
 def wrap(vault: VaultGateway, lease: Lease, *, ttl_s: int) -> WrappedSecret:
     """Put the lease in a single-use wrapping token; the broker keeps no copy of it."""
     context.update(action=f"credentials.wrap:{lease.provider}")
@@ -221,6 +276,7 @@ def wrap(vault: VaultGateway, lease: Lease, *, ttl_s: int) -> WrappedSecret:
             "fields": lease.fields,
             "issued_at": lease.issued_at.isoformat(),
             "expires_at": lease.expires_at.isoformat(),
+            **({"lease_id": lease.lease_id} if lease.lease_id else {}),
         },
         ttl=f"{ttl_s}s",
     )

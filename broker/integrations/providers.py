@@ -313,6 +313,14 @@ def _whatsapp_probe(endpoints: ProviderEndpoints, creds: Credentials) -> _Probe:
 
 def _openai_probe(endpoints: ProviderEndpoints, creds: Credentials) -> _Probe:
     headers = {"Authorization": f"Bearer {_value(creds, 'api_key')}"}
+    project_id = creds.reveal("project_id")
+    if _value(creds, "api_key").startswith("sk-admin-") and project_id is not None:
+        # An Admin key works on admin endpoints only (the root of dynamic OpenAI keys):
+        # reading the project it will create service accounts in proves it.
+        return _Probe(
+            url=f"{_base(endpoints.openai)}/v1/organization/projects/{project_id}",
+            headers=headers,
+        )
     org_id = creds.reveal("org_id")
     if org_id is not None:
         headers["OpenAI-Organization"] = org_id
@@ -798,10 +806,21 @@ _OPENAI = ProviderSpec(
             pattern=_ascii(r"org-[A-Za-z0-9]{8,64}"),
             expected="must be 'org-' followed by 8 to 64 letters or digits",
         ),
+        FieldSpec(
+            name="project_id",
+            secret=True,
+            required=False,
+            description=(
+                "Project id (proj_...): with an Admin key (sk-admin-...), where dynamic "
+                "service-account keys are created"
+            ),
+            pattern=_ascii(r"proj_[A-Za-z0-9]{8,64}"),
+            expected="must be 'proj_' followed by 8 to 64 letters or digits",
+        ),
     ),
     probe=_openai_probe,
     rejects=_auth_rejected,
-    expects=_is_dict_with("data", list),
+    expects=lambda body: _is_dict_with("data", list)(body) or _is_dict_with("id", str)(body),
 )
 
 PROVIDERS: dict[str, ProviderSpec] = {

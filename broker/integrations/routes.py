@@ -30,6 +30,7 @@ from broker.integrations.schemas import (
     TestResult,
     VersionView,
 )
+from broker.leases import service as leases
 from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
@@ -94,6 +95,10 @@ def save_credentials(
         if_match=if_match,
         skip_connection_test=body.skip_connection_test,
     )
+    # Keys minted from the replaced root are revoked by the sweep, with the old version.
+    leases.retire_for_root(
+        request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
+    )
     response.headers["ETag"] = service.etag(row)
     return IntegrationView.of(get_provider(provider), row)
 
@@ -130,12 +135,23 @@ def check_credentials(
 )
 def delete_credentials(
     provider: ProviderName,
+    request: Request,
     engine: EngineDep,
     vault: VaultDep,
     principal: Writer,
     if_match: IfMatch = None,
 ) -> Response:
-    """Remove the credentials; earlier versions stay restorable."""
+    """Remove the credentials; earlier versions stay restorable.
+
+    Dynamic keys minted from them are revoked first (nothing could revoke them after).
+    """
+    leases.revoke_before_removal(
+        request.app.state.leasing,
+        principal=principal,
+        tenant_id=own_tenant(principal),
+        provider=provider,
+        reason="root_deleted",
+    )
     service.delete_credentials(
         engine,
         vault,
@@ -187,6 +203,9 @@ def restore_version(
         provider=provider,
         version=version,
         if_match=if_match,
+    )
+    leases.retire_for_root(
+        request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
     )
     response.headers["ETag"] = service.etag(row)
     return IntegrationView.of(get_provider(provider), row)

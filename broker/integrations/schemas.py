@@ -104,6 +104,13 @@ class IntegrationView(BaseModel):
     token_expires_at: datetime | None = Field(
         default=None, description="When the current OAuth access token expires."
     )
+    delivery: Literal["static", "dynamic"] = Field(
+        default="static",
+        description=(
+            "How services receive them: the stored fields, or a key minted per lease "
+            "(Twilio, OpenAI) while the stored root credential never leaves the broker."
+        ),
+    )
 
     @classmethod
     def of(cls, spec: ProviderSpec, row: IntegrationCredential | None) -> IntegrationView:
@@ -145,6 +152,7 @@ class IntegrationView(BaseModel):
             kind="oauth" if row.credential_kind == "oauth" else "static",
             needs_reconnect=row.needs_reconnect,
             token_expires_at=row.token_expires_at,
+            delivery="dynamic" if row.delivery_mode == "dynamic" else "static",
         )
 
 

@@ -46,7 +46,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -62,6 +62,7 @@ from broker.core.errors import (
     PreconditionFailed,
     ValidationFailed,
 )
+from broker.integrations.dynamic import dynamic_spec
 from broker.integrations.egress import EgressClient
 from broker.integrations.providers import (
     PROVIDERS,
@@ -177,7 +178,11 @@ def save_credentials(
     spec = get_provider(provider)
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
+        current = session.get(IntegrationCredential, (tenant_id, provider))
+        delivery = current.delivery_mode if current is not None else "static"
     creds = spec.validate(fields)
+    if delivery == "dynamic":
+        _check_root(provider, creds)
     result: ConnectionResult | None = None
     if skip_connection_test:
         # No call now, but the SDK will send these credentials to the stored URL: it
@@ -196,6 +201,7 @@ def save_credentials(
         "identifiers": creds.identifiers(),
         "updated_by": principal.actor,
         "connection_test": "skipped" if skip_connection_test else "passed",
+        **({"delivery": "dynamic"} if delivery == "dynamic" else {}),
     }
     return _write(
         engine,
@@ -233,10 +239,19 @@ def restore_version(
         # Its refresh token was rotated away or will be: restoring it would store a dead grant.
         raise ValidationFailed("an OAuth connection cannot be restored; connect the account again")
     creds = _open(store, tenant_id, provider, record)
+    with unit_of_work(engine) as session:
+        current = session.get(IntegrationCredential, (tenant_id, provider))
+        delivery = current.delivery_mode if current is not None else "static"
+    if delivery == "dynamic":
+        # A version saved before the switch must not bring static delivery back with it.
+        _check_root(provider, creds)
     # The old version's URL is written again: it passes today's egress check, as a save
     # would (it may predate the check, or its host may resolve elsewhere now).
     spec.check_target(outbound.client, outbound.endpoints, creds)
     public = {**record.public, "updated_by": principal.actor, "restored_from": version}
+    public.pop("delivery", None)
+    if delivery == "dynamic":
+        public["delivery"] = "dynamic"
     return _write(
         engine,
         store,
@@ -303,6 +318,77 @@ def delete_credentials(
             tenant_id=tenant_id,
             detail={"kv_version": begun.cas},
         )
+
+
+DeliveryMode = Literal["static", "dynamic"]
+
+
+def set_delivery(
+    engine: Engine,
+    vault: VaultGateway,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    mode: DeliveryMode,
+    if_match: str | None,
+) -> IntegrationCredential:
+    """Choose how services receive a provider's credentials: as stored, or minted per lease.
+
+    The mode is sealed with the credentials (a new KV version with the same secrets),
+    so a fetch reads it together with them from Vault: no replica, cache or database
+    outage can hand out the root credential of a provider in dynamic delivery.
+    """
+    get_provider(provider)
+    store = SealedStore(vault)
+    with unit_of_work(engine) as session:
+        _live_tenant(session, tenant_id)
+    record = store.read(tenant_id, item_name(provider))
+    if record is None:
+        raise NotFound("this integration is not configured")
+    if mode == "dynamic":
+        if record.public.get("kind") == "oauth":
+            raise ValidationFailed("an OAuth connection cannot be delivered as dynamic keys")
+        creds = _open(store, tenant_id, provider, record)
+        _check_root(provider, creds)
+    else:
+        creds = _open(store, tenant_id, provider, record)
+    if (record.public.get("delivery") or "static") == mode:
+        with unit_of_work(engine) as session:
+            row = session.get(IntegrationCredential, (tenant_id, provider))
+            if row is None:
+                raise NotFound("this integration is not configured")
+            return _view(row)
+    public = {k: v for k, v in record.public.items() if k != "delivery"}
+    if mode == "dynamic":
+        public["delivery"] = "dynamic"
+    public["updated_by"] = principal.actor
+    return _write(
+        engine,
+        store,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        if_match=if_match,
+        action=f"integration.delivery:{mode}",
+        content=_Content(creds.secret_values(), creds.identifiers()),
+        public=public,
+        test=None,
+        skipped=record.public.get("connection_test") == "skipped",
+    )
+
+
+def _check_root(provider: str, creds: Credentials) -> None:
+    """ValidationFailed unless `creds` can mint this provider's dynamic keys."""
+    dynamic = dynamic_spec(provider)
+    if dynamic is None:
+        raise ValidationFailed(
+            f"{get_provider(provider).title} keys cannot be minted per lease; only Twilio "
+            "and OpenAI have dynamic delivery"
+        )
+    problem = dynamic.check(creds)
+    if problem is not None:
+        raise ValidationFailed(f"dynamic delivery: {problem}")
 
 
 def store_token_set(
@@ -541,6 +627,7 @@ def _describe(
     row.updated_by = actor
     row.connection_test_skipped = skipped
     row.credential_kind = str(public.get("kind") or "static")
+    row.delivery_mode = "dynamic" if public.get("delivery") == "dynamic" else "static"
     row.token_expires_at = _token_expiry(public)
     # A new grant (or a pasted token) replaces whatever the provider refused.
     row.needs_reconnect = False
@@ -714,6 +801,7 @@ def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
         row.updated_by = record.public.get("updated_by")
         row.connection_test_skipped = record.public.get("connection_test") == "skipped"
         row.credential_kind = str(record.public.get("kind") or "static")
+        row.delivery_mode = "dynamic" if record.public.get("delivery") == "dynamic" else "static"
         row.token_expires_at = _token_expiry(record.public)
         row.needs_reconnect = False
     else:

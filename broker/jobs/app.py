@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from procrastinate import App, JobContext, PsycopgConnector
@@ -11,11 +13,17 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
 
 # Modules whose import registers tasks. The worker imports them all, so a job
 # deferred by one process is known to every worker, whatever it imported itself.
-TASK_MODULES = ["broker.jobs.housekeeping", "broker.integrations.jobs", "broker.payments.jobs"]
+TASK_MODULES = [
+    "broker.jobs.housekeeping",
+    "broker.integrations.jobs",
+    "broker.payments.jobs",
+    "broker.leases.jobs",
+]
 
 # Queues: the queue's own housekeeping, and the maintenance of stored credentials.
 JOBS_QUEUE = "jobs"
@@ -50,6 +58,8 @@ class JobResources:
     settings: Settings
     engine: Engine
     vault: VaultGateway
+    clock: Callable[[], datetime] = field(default=utcnow)
+    """What time jobs judge expiry by (tests move it)."""
 
 
 def resources(context: JobContext) -> JobResources:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 from procrastinate.app import WorkerOptions
@@ -15,6 +16,8 @@ from broker.core.config import ConfigurationError, Settings
 from broker.core.db import make_engine
 from broker.jobs.app import JobResources, app, conninfo
 from broker.jobs.housekeeping import schedule_stall_check
+from broker.leases.jobs import schedule_sweep
+from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
 
 log = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ async def run_worker(
     concurrency: int | None = None,
     name: str | None = None,
     install_signal_handlers: bool = True,
+    clock: Callable[[], datetime] = utcnow,
 ) -> None:
     """Run jobs from `queues` (all when None) until stopped by SIGTERM/SIGINT or cancellation.
 
@@ -43,7 +47,10 @@ async def run_worker(
     dsn = conninfo(settings)
     assert settings.database_url is not None  # conninfo() refused it already
     concurrency = concurrency or settings.jobs_concurrency
+    if 60 % settings.lease_sweep_s:
+        raise ConfigurationError("BROKER_LEASE_SWEEP_S must divide 60")
     schedule_stall_check(settings.jobs_stalled_check_s)
+    schedule_sweep(settings.lease_sweep_s)
     pool = AsyncConnectionPool(
         dsn,
         open=False,
@@ -61,7 +68,7 @@ async def run_worker(
         "update_heartbeat_interval": settings.jobs_heartbeat_s,
         "stalled_worker_timeout": settings.jobs_stalled_after_s,
         "fetch_job_polling_interval": settings.jobs_poll_interval_s,
-        "additional_context": {"resources": JobResources(settings, engine, vault)},
+        "additional_context": {"resources": JobResources(settings, engine, vault, clock)},
     }
     if queues:  # none given: every queue
         options["queues"] = list(queues)

@@ -160,6 +160,10 @@ class IntegrationCredential(SQLModel, table=True):
     token_expires_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+    # How services receive it: "static" (the stored fields) or "dynamic" (a key minted per
+    # lease from them, see broker/leases). Sealed with the credentials in Vault too, where
+    # a fetch reads it: the root credential is never delivered on a stale view.
+    delivery_mode: str = Field(default="static", max_length=16)
 
 
 class OAuthState(SQLModel, table=True):
@@ -183,6 +187,47 @@ class OAuthState(SQLModel, table=True):
     used_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+class DynamicLease(SQLModel, table=True):
+    """One key minted for a service from a tenant's root credential: never a secret.
+
+    The row is registered (`minting`) and committed before the provider is asked, so a
+    key minted and then lost (a crash, a timeout) is still found by its name and
+    revoked. `due_at` is when revocation is due: the lease's end, or sooner on demand.
+    The minted secret is sealed in Vault (`tenants/<id>/leases/<lease id>`).
+    """
+
+    __tablename__ = "leases"
+
+    id: str = Field(primary_key=True, max_length=32)
+    tenant_id: str = Field(
+        sa_column=Column(String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False)
+    )
+    provider: str = Field(max_length=32)
+    subject: str = Field(max_length=200)
+    """The service the key was minted for (its token's subject)."""
+    provider_key_id: str | None = Field(default=None, max_length=200)
+    root_version: int
+    """The KV version of the root credential that minted it (and will revoke it)."""
+    root_account: str | None = Field(default=None, max_length=64)
+    """SHA-256 of the account the key lives in (Twilio account, OpenAI project): only a
+    root credential of that account may revoke it."""
+    state: str = Field(default="minting", max_length=16)  # minting | active | revoked
+    issued_at: datetime = _ts(nullable=False)
+    expires_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    due_at: datetime = Field(sa_column=Column(DateTime(timezone=True), nullable=False))
+    revoke_reason: str | None = Field(default=None, max_length=32)
+    revoked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    revoked_by: str | None = Field(default=None, max_length=200)
+    revoke_attempts: int = Field(default=0)
+    next_attempt_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    last_error: str | None = Field(default=None, max_length=32)
+    """The class of the last failed revocation (timeout, rate_limited...), never a body."""
 
 
 class KeyRotation(SQLModel, table=True):

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Query, Response
+from fastapi import APIRouter, Path, Query, Request, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.deps import DeletionsDep, EngineDep, SessionDep, VaultDep
+from broker.leases import service as leases
 from broker.tenants import keys, service
 from broker.tenants.schemas import (
     TENANT_ID_PATTERN,
@@ -69,14 +71,28 @@ def get_tenant(
 @router.delete("/{tenant_id}", status_code=204, response_class=Response, responses=NO_TENANT)
 def delete_tenant(
     tenant_id: TenantIdPath,
+    request: Request,
     engine: EngineDep,
     vault: VaultDep,
     deletions: DeletionsDep,
     principal: PlatformWriter,
 ) -> Response:
-    """Crypto-shred a tenant: stop delivering it, destroy its Vault data and key, then its rows."""
+    """Crypto-shred a tenant: stop delivering it, revoke its dynamic keys, destroy its Vault
+    data and key, then its rows."""
     service.delete_tenant(
-        engine, vault, principal=principal, tenant_id=tenant_id, deletions=deletions
+        engine,
+        vault,
+        principal=principal,
+        tenant_id=tenant_id,
+        deletions=deletions,
+        before_shred=partial(
+            leases.revoke_before_removal,
+            request.app.state.leasing,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=None,
+            reason="tenant_deleted",
+        ),
     )
     return Response(status_code=204)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -55,6 +57,7 @@ def delete_tenant(
     principal: Principal,
     tenant_id: str,
     deletions: DeletionWatch | None = None,
+    before_shred: Callable[[], object] | None = None,
 ) -> int:
     """Crypto-shred a tenant: its Vault data and Transit key first, then its rows.
 
@@ -66,6 +69,10 @@ def delete_tenant(
     `broker.tenants.deletions`). Vault goes first because a row without secrets
     is harmless, while secrets without a row would be orphans nobody knows to
     delete. Returns the number of Vault items destroyed.
+
+    `before_shred` runs once delivery has stopped and while the secrets still open:
+    revoking the dynamic keys minted from them, which nothing could revoke afterwards.
+    If it raises, nothing is destroyed and the deletion can be retried.
     """
     with unit_of_work(engine) as session:
         tenant = session.get(Tenant, tenant_id, with_for_update=True)
@@ -76,6 +83,8 @@ def delete_tenant(
             session.add(tenant)
     if deletions is not None:
         deletions.mark(tenant_id)
+    if before_shred is not None:
+        before_shred()
     retire_key(vault, tenant_id=tenant_id)
     destroyed = SealedStore(vault).shred(tenant_id)
     with unit_of_work(engine) as session:

@@ -125,6 +125,27 @@ def test_broker_manages_versions_and_metadata(clients: Clients) -> None:
     assert clients.root.get(f"/secret/data/{path}").status_code == 404
 
 
+def test_broker_writes_a_lease_key_once_reads_lists_and_destroys_it(clients: Clients) -> None:
+    path = "tenants/t3/leases/0123456789abcdef0123456789abcdef"
+    ok(
+        clients.broker.post(
+            f"/secret/data/{path}", json={"data": {"c": "v1"}, "options": {"cas": 0}}
+        )
+    )
+    assert ok(clients.broker.get(f"/secret/data/{path}")).json()["data"]["data"] == {"c": "v1"}
+    listed = ok(clients.broker.request("LIST", "/secret/metadata/tenants/t3/leases/"))
+    assert listed.json()["data"]["keys"] == ["0123456789abcdef0123456789abcdef"]
+    # Rewrapped by a key rotation (check-and-set); never soft-deleted, only destroyed.
+    ok(
+        clients.broker.post(
+            f"/secret/data/{path}", json={"data": {"c": "v2"}, "options": {"cas": 1}}
+        )
+    )
+    denied(clients.broker.post(f"/secret/delete/{path}", json={"versions": [1]}))
+    ok(clients.broker.delete(f"/secret/metadata/{path}"))
+    assert clients.root.get(f"/secret/data/{path}").status_code == 404
+
+
 def test_broker_reads_platform_secrets(clients: Clients) -> None:
     assert ok(clients.broker.get(STRIPE)).json()["data"]["data"] == {"api_key": "sk_test_platform"}
 

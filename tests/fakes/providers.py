@@ -10,6 +10,12 @@ checks authentication the way the real services do, answering with their JSON sh
 | whatsapp    | /v{major}.{minor}/{business_id}       | Authorization: Bearer         |
 | openai      | /v1/models                            | Bearer (+ OpenAI-Organization)|
 
+Twilio's Keys API and OpenAI's admin service accounts are served too, with keys minted
+there authenticating until deleted (or expired): see tests/fakes/provider_keys.py.
+
+Faults per provider: `fail_with` (a status, 429/503 with Retry-After), `delay` (slow),
+`go_down` (the connection is closed without an answer).
+
 Nothing is logged; requests are kept in memory only, and their repr hides credentials.
 """
 
@@ -20,11 +26,26 @@ import collections
 import json
 import re
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
+
+from tests.fakes.provider_keys import (
+    MAX_EXPIRES_IN_S,
+    OPENAI_ADMIN,
+    OPENAI_PROJECT,
+    OPENAI_SERVICE_ACCOUNT,
+    OPENAI_SERVICE_ACCOUNTS,
+    TWILIO_AUTH_ERROR,
+    TWILIO_KEY,
+    TWILIO_KEYS,
+    TWILIO_NOT_FOUND,
+    KeyRegistry,
+    openai_error,
+)
 
 PROVIDER_NAMES = ("twilio", "woocommerce", "shopify", "whatsapp", "openai")
 
@@ -71,6 +92,11 @@ AUTH_ERROR_MESSAGES = (
 _SENSITIVE_HEADERS = frozenset({"authorization", "x-shopify-access-token", "openai-organization"})
 
 _ROUTES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("twilio_keys", TWILIO_KEYS),
+    ("twilio_key", TWILIO_KEY),
+    ("openai_service_accounts", OPENAI_SERVICE_ACCOUNTS),
+    ("openai_service_account", OPENAI_SERVICE_ACCOUNT),
+    ("openai_project", OPENAI_PROJECT),
     ("twilio", re.compile(r"/2010-04-01/Accounts/([^/]+)\.json")),
     ("woocommerce", re.compile(r"(?:/.*)?/wp-json/wc/v3/products")),
     ("shopify", re.compile(r"/admin/api/[0-9]{4}-[0-9]{2}/shop\.json")),
@@ -161,6 +187,9 @@ class FakeProviders:
         self._failures: dict[str, int] = {}
         self._delays: dict[str, float] = {}
         self._redirects: dict[str, str] = {}
+        self._down: set[str] = set()
+        self._retry_after = "30"
+        self.keys = KeyRegistry()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.reset()
@@ -214,11 +243,28 @@ class FakeProviders:
         with self._lock:
             self._accepted[provider].append(dict(fields))
 
-    def fail_with(self, provider: str, status: int) -> None:
-        """Answer every request for ``provider`` with ``status`` (500, 503, 429...)."""
+    def fail_with(self, provider: str, status: int, *, retry_after: str = "30") -> None:
+        """Answer every request for ``provider`` with ``status`` (500, 503, 429...).
+
+        429 and 503 carry ``Retry-After: retry_after``.
+        """
         self._check_provider(provider)
         with self._lock:
             self._failures[provider] = status
+            self._retry_after = retry_after
+
+    def go_down(self, provider: str) -> None:
+        """Close every connection for ``provider`` without answering (until reset)."""
+        self._check_provider(provider)
+        with self._lock:
+            self._down.add(provider)
+
+    def come_back(self, provider: str) -> None:
+        """Undo ``go_down`` and ``fail_with`` for ``provider``."""
+        with self._lock:
+            self._down.discard(provider)
+            self._failures.pop(provider, None)
+            self._delays.pop(provider, None)
 
     def delay(self, provider: str, seconds: float) -> None:
         """Sleep ``seconds`` before answering (cut short when the fake stops)."""
@@ -239,10 +285,13 @@ class FakeProviders:
             self._failures.clear()
             self._delays.clear()
             self._redirects.clear()
+            self._down.clear()
+            self._retry_after = "30"
             self.hits.clear()
             self.requests.clear()
             self.hook_errors.clear()
             self.on_request = None
+        self.keys.reset()
 
     @staticmethod
     def _check_provider(provider: str) -> None:
@@ -251,18 +300,23 @@ class FakeProviders:
 
     # ------------------------------------------------------------- answering
 
-    def _answer(self, path: str, headers: dict[str, str]) -> _Answer | None:
-        """The response for one GET, or None to hang up without answering."""
+    def _answer(
+        self, path: str, headers: dict[str, str], method: str = "GET", body: bytes = b""
+    ) -> _Answer | None:
+        """The response for one request, or None to hang up without answering."""
         route = path.split("?", 1)[0]
-        provider, match = "unknown", None
+        provider, handler, match = "unknown", "unknown", None
         for name, pattern in _ROUTES:
             match = pattern.fullmatch(route)
             if match is not None:
-                provider = name
+                handler = name
+                provider = name.split("_", 1)[0]
                 break
+        if match is not None and method != "GET" and handler in ("twilio", "openai"):
+            match = None
         with self._lock:
             self.hits[provider] += 1
-            self.requests.append(RecordedRequest("GET", path, headers, provider))
+            self.requests.append(RecordedRequest(method, path, headers, provider))
         if match is None and _GRAPH_CODE_EXCHANGE.fullmatch(route):
             # No code is ever issued here: Graph's answer to one it does not know.
             return _Answer(400, _GRAPH_BAD_CODE)
@@ -282,20 +336,180 @@ class FakeProviders:
             delay = self._delays.get(provider)
             location = self._redirects.get(provider)
             failure = self._failures.get(provider)
+            down = provider in self._down
+            retry_after = self._retry_after
             accepted = [dict(item) for item in self._accepted[provider]]
+        if down:
+            return None
         if delay is not None and self._stop.wait(delay):
             return None
         if location is not None:
             return _Answer(302, {}, {"Location": location})
         if failure is not None:
-            extra = {"Retry-After": "30"} if failure in (429, 503) else {}
+            extra = {"Retry-After": retry_after} if failure in (429, 503) else {}
             return _Answer(failure, _error_body(provider, failure), extra)
+        if handler != provider:
+            keyed: _Answer = getattr(self, f"_{handler}")(method, match, headers, body, accepted)
+            return keyed
         check = getattr(self, f"_{provider}")
         answer: _Answer = check(match, headers, accepted)
         return answer
 
+    # ------------------------------------------------------- minted keys
+
+    def _twilio_minter(self, account_sid: str, headers: dict[str, str], accepted: Any) -> bool:
+        """The Keys API takes the account's auth token or a Main key; Standard keys never."""
+        auth = _basic(headers)
+        if auth is None:
+            return False
+        if auth[0] == account_sid:
+            return any(
+                (item.get("account_sid"), item.get("auth_token")) == auth for item in accepted
+            )
+        return self.keys.is_main_key(account_sid, auth[0], auth[1])
+
+    def _twilio_keys(
+        self, method: str, match: re.Match[str], headers: dict[str, str], body: bytes, accepted: Any
+    ) -> _Answer:
+        account_sid = match.group(1)
+        if not self._twilio_minter(account_sid, headers, accepted):
+            return _Answer(401, TWILIO_AUTH_ERROR)
+        if method == "GET":
+            keys = [
+                self.keys.twilio_key_json(k, with_secret=False)
+                for k in self.keys.twilio_keys(account_sid)
+            ]
+            return _Answer(200, {"keys": keys, "page": 0, "page_size": 1000, "next_page_uri": None})
+        if method != "POST":
+            return _Answer(405, {"code": 20004, "message": "Method not allowed", "status": 405})
+        form = urllib.parse.parse_qs(body.decode("utf-8", "replace"))
+        name = (form.get("FriendlyName") or [""])[0]
+        if len(name) > 64:
+            return _Answer(
+                400, {"code": 21200, "message": "FriendlyName is too long", "status": 400}
+            )
+        key = self.keys.create_twilio_key(account_sid, name)
+        return _Answer(201, self.keys.twilio_key_json(key, with_secret=True))
+
+    def _twilio_key(
+        self, method: str, match: re.Match[str], headers: dict[str, str], body: bytes, accepted: Any
+    ) -> _Answer:
+        account_sid, sid = match.group(1), match.group(2)
+        if not self._twilio_minter(account_sid, headers, accepted):
+            return _Answer(401, TWILIO_AUTH_ERROR)
+        if method == "DELETE":
+            if self.keys.delete_twilio_key(account_sid, sid):
+                return _Answer(204, None)
+            return _Answer(404, TWILIO_NOT_FOUND)
+        found = next((k for k in self.keys.twilio_keys(account_sid) if k.sid == sid), None)
+        if method != "GET" or found is None:
+            return _Answer(404, TWILIO_NOT_FOUND)
+        return _Answer(200, self.keys.twilio_key_json(found, with_secret=False))
+
+    def _openai_admin(self, headers: dict[str, str], project_id: str) -> _Answer | None:
+        """None when the admin key is right for the project, else OpenAI's refusal."""
+        if _bearer(headers) != OPENAI_ADMIN["api_key"]:
+            return _Answer(401, openai_error("Invalid admin API key provided.", "invalid_api_key"))
+        if project_id != OPENAI_ADMIN["project_id"]:
+            return _Answer(
+                404, openai_error(f"No such project: {project_id}", "not_found", "not_found_error")
+            )
+        return None
+
+    def _openai_project(
+        self, method: str, match: re.Match[str], headers: dict[str, str], body: bytes, accepted: Any
+    ) -> _Answer:
+        refused = self._openai_admin(headers, match.group(1))
+        if refused is not None:
+            return refused
+        return _Answer(
+            200,
+            {
+                "object": "organization.project",
+                "id": match.group(1),
+                "name": "Demo project",
+                "created_at": 1711471533,
+                "archived_at": None,
+                "status": "active",
+            },
+        )
+
+    def _openai_service_accounts(
+        self, method: str, match: re.Match[str], headers: dict[str, str], body: bytes, accepted: Any
+    ) -> _Answer:
+        project_id = match.group(1)
+        refused = self._openai_admin(headers, project_id)
+        if refused is not None:
+            return refused
+        if method == "GET":
+            data = [
+                self.keys.service_account_json(a, with_key=False)
+                for a in self.keys.service_accounts_of(project_id)
+            ]
+            return _Answer(
+                200,
+                {
+                    "object": "list",
+                    "data": data,
+                    "first_id": data[0]["id"] if data else None,
+                    "last_id": data[-1]["id"] if data else None,
+                    "has_more": False,
+                },
+            )
+        try:
+            request = json.loads(body or b"{}")
+        except ValueError:
+            request = None
+        name = request.get("name") if isinstance(request, dict) else None
+        expires = request.get("expires_in_seconds") if isinstance(request, dict) else None
+        if not isinstance(name, str) or not name:
+            return _Answer(400, openai_error("'name' is a required property", "invalid_value"))
+        if expires is not None and (
+            not isinstance(expires, int)
+            or isinstance(expires, bool)
+            or not 1 <= expires <= MAX_EXPIRES_IN_S
+        ):
+            return _Answer(
+                400,
+                openai_error(
+                    f"expires_in_seconds must be between 1 and {MAX_EXPIRES_IN_S}", "invalid_value"
+                ),
+            )
+        account = self.keys.create_service_account(project_id, name, expires)
+        return _Answer(200, self.keys.service_account_json(account, with_key=True))
+
+    def _openai_service_account(
+        self, method: str, match: re.Match[str], headers: dict[str, str], body: bytes, accepted: Any
+    ) -> _Answer:
+        project_id, account_id = match.group(1), match.group(2)
+        refused = self._openai_admin(headers, project_id)
+        if refused is not None:
+            return refused
+        if method == "DELETE" and self.keys.delete_service_account(project_id, account_id):
+            return _Answer(
+                200,
+                {
+                    "object": "organization.project.service_account.deleted",
+                    "id": account_id,
+                    "deleted": True,
+                },
+            )
+        return _Answer(
+            404,
+            openai_error(f"No such service account: {account_id}", "not_found", "not_found_error"),
+        )
+
     def _twilio(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
         auth = _basic(headers)
+        if (
+            auth is not None
+            and auth[0].startswith("SK")
+            and self.keys.twilio_key_valid(match.group(1), auth[0], auth[1])
+        ):
+            # An API key authenticates for the account in the path (twilio-python
+            # sends the AC sid in the URL and SK:secret as Basic auth).
+            auth = (match.group(1), "")
+            accepted = [{"account_sid": match.group(1), "auth_token": ""}]
         if auth is None or not any(
             (item.get("account_sid"), item.get("auth_token")) == auth for item in accepted
         ):
@@ -446,6 +660,9 @@ class FakeProviders:
     def _openai(self, match: re.Match[str], headers: dict[str, str], accepted: Any) -> _Answer:
         token = _bearer(headers)
         found = next((item for item in accepted if token and item.get("api_key") == token), None)
+        minted = self.keys.openai_key(token) if token else None
+        if minted is not None:
+            found = {"api_key": token}
         if found is None:
             shown = f"{token[:3]}****{token[-4:]}" if token and len(token) > 8 else ""
             return _Answer(
@@ -529,7 +746,39 @@ def _make_handler(fake: FakeProviders) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass  # the client gave up (a timeout test)
 
+        def _keyed(self) -> bool:
+            """Twilio's Keys API and OpenAI's admin API; False for any other path."""
+            route = self.path.split("?", 1)[0]
+            if not (route.startswith("/2010-04-01/") or route.startswith("/v1/organization/")):
+                return False
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            answer = fake._answer(self.path, headers, self.command, body)
+            self.close_connection = True
+            if answer is None:
+                return True
+            data = b"" if answer.body is None else json.dumps(answer.body).encode()
+            try:
+                self.send_response(answer.status)
+                if data:
+                    self.send_header("Content-Type", "application/json; charset=utf-8")
+                for name, value in answer.headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass
+            return True
+
+        def do_DELETE(self) -> None:
+            if not self._keyed():
+                self.send_error(404)
+
         def do_POST(self) -> None:
+            if self._keyed():
+                return
             # Shopify's token endpoint, which knows no app here: OAuth flows are tested
             # against tests/fakes/shopify_oauth.py; this answers as Shopify would a stranger.
             self.rfile.read(int(self.headers.get("Content-Length") or 0))

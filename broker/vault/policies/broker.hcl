@@ -73,6 +73,23 @@ path "secret/destroy/tenants/+/payout" {
   capabilities = ["update"]
 }
 
+# --- Dynamic credentials: minted lease keys ---------------------------------------------------
+# secret/data/tenants/<tenant_id>/leases/<lease_id>: the key minted for one service lease
+# (broker/leases), sealed with the tenant's Transit key like its credentials. Written with
+# check-and-set 0, rewritten only by a key rotation's rewrap (check-and-set again), read
+# while the lease is live, destroyed with its metadata when revoked; never soft-deleted.
+path "secret/data/tenants/+/leases/+" {
+  capabilities = ["create", "read", "update"]
+}
+
+path "secret/metadata/tenants/+/leases/+" {
+  capabilities = ["read", "delete"]
+}
+
+path "secret/metadata/tenants/+/leases/" {
+  capabilities = ["list"]
+}
+
 # --- Platform secrets (read-only) ----------------------------------------------------------
 # secret/data/platform/<name>, e.g. platform/stripe: the platform's own API keys. Written by
 # operators with their own tokens; the broker only reads them.

@@ -1,0 +1,143 @@
+"""Dynamic credentials on real parts: the broker on the session's Vault and PostgreSQL,
+the fake providers' key APIs, and one clock both judge expiry by."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine
+from sqlmodel import Session, select
+
+from broker.app import create_app
+from broker.leases import service as leases
+from broker.leases.service import Leasing
+from broker.models import DynamicLease
+from broker.vault.gateway import VaultGateway
+from tests.conftest import (
+    OAUTH_SETTINGS,
+    VaultEndpoint,
+    bearer,
+    make_settings,
+    make_tenant,
+    provider_overrides,
+    token,
+)
+from tests.fakes.provider_keys import OPENAI_ADMIN
+from tests.fakes.providers import VALID, FakeProviders
+from tests.fakes.shopify_oauth import FakeClock
+
+DELIVERY = "/v1/tenants/settings/integrations/{provider}/delivery"
+
+
+@pytest.fixture(scope="module")
+def clock() -> FakeClock:
+    """The time the broker and the fake providers judge lease expiry by."""
+    return FakeClock()
+
+
+@pytest.fixture(autouse=True)
+def _provider_clock(providers: FakeProviders, clock: FakeClock) -> None:
+    providers.keys.clock = clock.now
+
+
+@pytest.fixture(scope="module")
+def dyn(
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders,
+    clock: FakeClock,
+) -> Iterator[TestClient]:
+    """The broker with a fake clock, its provider calls pointed at the fakes."""
+    settings = make_settings(
+        vault_endpoint,
+        broker_vault_token,
+        database_url,
+        **provider_overrides(providers),
+        **OAUTH_SETTINGS,
+        lease_live_cap=3,
+        lease_revoke_backoff_s=10,
+    )
+    vault = VaultGateway.from_settings(settings)
+    app = create_app(
+        settings,
+        engine=engine,
+        vault=vault,
+        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
+    )
+    client = TestClient(app, raise_server_exceptions=False)
+    yield client
+    revoke_what_is_left(leasing(client))
+    vault.close()
+
+
+def revoke_what_is_left(machinery: Leasing) -> None:
+    """Revoke every lease still live at the fakes, so no later test's worker (pointed at
+    other providers) inherits them when their revocation jobs fall due."""
+    with Session(machinery.engine) as session:
+        tenants = set(
+            session.exec(select(DynamicLease.tenant_id).where(DynamicLease.state != "revoked"))
+        )
+    for tenant in sorted(tenants):
+        leases.revoke_matching(
+            machinery,
+            leases.Selector(tenant_id=tenant),
+            principal=leases.WORKER,
+            reason="test_teardown",
+            inline=100_000,
+        )
+
+
+def leasing(client: TestClient) -> Leasing:
+    """The app's lease machinery (same clock, same stores)."""
+    found: Leasing = client.app.state.leasing  # type: ignore[attr-defined]
+    return found
+
+
+def admin(tenant: str) -> dict[str, str]:
+    return bearer(token("tenant:admin", tenant_id=tenant, subject="owner"))
+
+
+def service(*tenants: str, subject: str = "messaging") -> dict[str, str]:
+    return bearer(token("credentials:read", kind="service", tenants=tenants, subject=subject))
+
+
+def configure(client: TestClient, tenant: str, provider: str, **fields: str) -> None:
+    """Store root credentials (live-tested against the fake) and switch to dynamic delivery."""
+    values: dict[str, Any] = dict(VALID["twilio"]) if provider == "twilio" else dict(OPENAI_ADMIN)
+    values.update(fields)
+    response = client.put(
+        f"/v1/tenants/settings/integrations/{provider}",
+        json={"fields": values},
+        headers=admin(tenant),
+    )
+    assert response.status_code == 200, response.text
+    switched = client.put(
+        DELIVERY.format(provider=provider), json={"mode": "dynamic"}, headers=admin(tenant)
+    )
+    assert switched.status_code == 200, switched.text
+    assert switched.json()["delivery"] == "dynamic"
+
+
+def dynamic_tenant(client: TestClient, provider: str = "twilio") -> str:
+    """A fresh tenant whose `provider` is in dynamic delivery."""
+    tenant = make_tenant(client)
+    configure(client, tenant, provider)
+    return tenant
+
+
+def fetch(
+    client: TestClient, tenant: str, provider: str = "twilio", *, subject: str = "messaging"
+) -> dict[str, Any]:
+    """A service's fetch; asserts it succeeded."""
+    response = client.get(
+        f"/v1/credentials/{tenant}/{provider}", headers=service(tenant, subject=subject)
+    )
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
