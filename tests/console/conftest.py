@@ -60,6 +60,20 @@ def browser(app: Any) -> Iterator[TestClient]:
 
 
 @pytest.fixture
+def browser_factory(app: Any) -> Iterator[Any]:
+    """More browsers, each with its own cookies."""
+    made: list[TestClient] = []
+
+    def make() -> TestClient:
+        made.append(TestClient(app, base_url=ORIGIN, raise_server_exceptions=False))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
 def shop(client: TestClient) -> str:
     """A fresh tenant."""
     return make_tenant(client)

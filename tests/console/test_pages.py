@@ -1,0 +1,264 @@
+"""The console's pages do what the API does, through the same services (real Vault, DB, fakes)."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi.testclient import TestClient
+
+from tests.conftest import bearer, token
+from tests.console.conftest import post_form
+from tests.fakes.providers import VALID, FakeProviders
+from tests.fakes.stripe import FakeStripe
+
+
+def _api(client: TestClient, shop: str) -> dict[str, str]:
+    return bearer(token("tenant:admin", tenant_id=shop))
+
+
+def _version(html: str) -> str:
+    found = re.search(r'name="version" value="(\d+)"', html)
+    assert found
+    return found.group(1)
+
+
+def test_a_settings_group_is_saved_with_its_version(
+    admin: TestClient, client: TestClient, shop: str
+) -> None:
+    page = admin.get("/console/settings/compliance_settings").text
+    saved = post_form(
+        admin,
+        "/console/settings/compliance_settings",
+        {
+            "version": _version(page),
+            "gdpr_enabled": "on",
+            "data_retention_days": "90",
+            "privacy_policy_url": "https://93.184.216.34/privacy",
+            "terms_url": "",
+        },
+        page="/console/settings/compliance_settings",
+    )
+    assert saved.status_code == 303
+    assert saved.headers["location"] == "/console/settings/compliance_settings?saved=1"
+    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    assert stored["compliance_settings"] == {
+        "gdpr_enabled": True,
+        "data_retention_days": 90,
+        "consent_required": False,  # unchecked in the form
+        "privacy_policy_url": "https://93.184.216.34/privacy",
+        "terms_url": None,
+    }
+    assert stored["updated_by"] == "user:console-dev"
+
+
+def test_the_services_validation_errors_are_shown_by_their_fields(
+    admin: TestClient, client: TestClient, shop: str
+) -> None:
+    page = admin.get("/console/settings/compliance_settings").text
+    refused = post_form(
+        admin,
+        "/console/settings/compliance_settings",
+        {
+            "version": _version(page),
+            "data_retention_days": "0",
+            "privacy_policy_url": "http://10.0.0.1/private",
+        },
+        page="/console/settings/compliance_settings",
+    )
+    assert refused.status_code == 422
+    html = refused.text
+    assert 'id="f-data_retention_days-error"' in html
+    assert 'aria-invalid="true" aria-describedby="f-data_retention_days-error"' in html
+    assert "greater than or equal to 1" in html
+    assert "Nothing was saved" in html
+    unreadable = post_form(
+        admin,
+        "/console/settings/compliance_settings",
+        {"version": _version(page), "data_retention_days": "a year"},
+        page="/console/settings/compliance_settings",
+    )
+    assert unreadable.status_code == 422
+    assert "must be a whole number" in unreadable.text
+    version = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()["version"]
+    assert version == 1
+
+
+def test_a_concurrent_change_is_not_overwritten(
+    admin: TestClient, client: TestClient, shop: str
+) -> None:
+    page = admin.get("/console/settings/branding").text
+    meanwhile = client.patch(
+        "/v1/tenants/settings",
+        json={"branding": {"footer_text": "theirs"}},
+        headers=_api(client, shop),
+    )
+    assert meanwhile.status_code == 200
+    stale = post_form(
+        admin,
+        "/console/settings/branding",
+        {"version": _version(page), "primary_color": "#112233", "footer_text": "mine"},
+        page="/console/settings/branding",
+    )
+    assert stale.status_code == 412
+    assert "changed by someone else" in stale.text
+    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    assert stored["branding"]["footer_text"] == "theirs"
+
+
+def test_lists_in_a_group_are_edited_item_by_item(
+    admin: TestClient, client: TestClient, shop: str
+) -> None:
+    page = admin.get("/console/settings/webhooks").text
+    added = post_form(
+        admin,
+        "/console/settings/webhooks",
+        {
+            "version": _version(page),
+            "endpoints.0.present": "1",
+            "endpoints.0.url": "https://93.184.216.34/orders",
+            "endpoints.0.events": ["order.created", "payment.failed"],
+            "endpoints.0.enabled": "on",
+        },
+        page="/console/settings/webhooks",
+    )
+    assert added.status_code == 303, added.text
+    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    assert stored["webhooks"]["endpoints"] == [
+        {
+            "url": "https://93.184.216.34/orders",
+            "events": ["order.created", "payment.failed"],
+            "enabled": True,
+        }
+    ]
+    page = admin.get("/console/settings/webhooks").text
+    assert "https://93.184.216.34/orders" in page
+    removed = post_form(
+        admin,
+        "/console/settings/webhooks",
+        {
+            "version": _version(page),
+            "endpoints.0.present": "1",
+            "endpoints.0.url": "https://93.184.216.34/orders",
+            "endpoints.0.events": "order.created",
+            "endpoints.0.remove": "on",
+            "endpoints.1.present": "1",
+        },
+        page="/console/settings/webhooks",
+    )
+    assert removed.status_code == 303
+    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    assert stored["webhooks"]["endpoints"] == []
+
+
+def _woo(providers: FakeProviders, **changes: str) -> dict[str, str]:
+    fields = dict(VALID["woocommerce"]) | {"store_url": providers.base_url} | changes
+    return {f"field.{name}": value for name, value in fields.items()}
+
+
+def test_pasted_credentials_are_tested_saved_and_never_shown_again(
+    admin: TestClient, providers: FakeProviders
+) -> None:
+    page = "/console/integrations/woocommerce"
+    secret = VALID["woocommerce"]["consumer_secret"]
+    wrong = post_form(
+        admin,
+        f"{page}/credentials",
+        {**_woo(providers, consumer_secret="cs_" + "0" * 40), "action": "test"},
+        page=page,
+    )
+    assert wrong.status_code == 200
+    assert "Connection test failed" in wrong.text
+    assert "cs_" + "0" * 40 not in wrong.text
+    assert providers.base_url in wrong.text  # the store URL is not a secret: kept in the form
+    saved = post_form(
+        admin,
+        f"{page}/credentials",
+        {**_woo(providers), "action": "save", "version": "0"},
+        page=page,
+    )
+    assert saved.status_code == 303, saved.text
+    shown = admin.get(saved.headers["location"]).text
+    assert "Saved. The connection test passed." in shown
+    assert secret not in shown
+    assert VALID["woocommerce"]["consumer_key"] not in shown
+    assert "cs_****" in shown or "****" in shown
+    home = admin.get("/console/integrations").text
+    assert "Working (last test passed)" in home
+    assert secret not in home
+
+
+def test_an_earlier_version_is_restored_and_a_disconnect_keeps_it(
+    admin: TestClient, providers: FakeProviders
+) -> None:
+    page = "/console/integrations/woocommerce"
+    other = {"consumer_key": "ck_" + "1" * 40, "consumer_secret": "cs_" + "2" * 40}
+    providers.accept("woocommerce", **(dict(VALID["woocommerce"]) | other))
+    for version, fields in (("0", {}), ("1", other)):
+        saved = post_form(
+            admin,
+            f"{page}/credentials",
+            {**_woo(providers, **fields), "action": "save", "version": version},
+            page=page,
+        )
+        assert saved.status_code == 303, saved.text
+    html = admin.get(page).text
+    assert 'id="version">2<' in html
+    assert "ck_****1111" in html
+    restored = post_form(admin, f"{page}/versions/1/restore", {"version": "2"}, page=page)
+    assert restored.status_code == 303, restored.text
+    html = admin.get(restored.headers["location"]).text
+    assert "Version restored." in html
+    assert 'id="version">3<' in html
+    assert "ck_****" + VALID["woocommerce"]["consumer_key"][-4:] in html
+    stale = post_form(admin, f"{page}/disconnect", {"version": "2"}, page=page)
+    assert stale.status_code == 412
+    gone = post_form(admin, f"{page}/disconnect", {"version": "3"}, page=page)
+    assert gone.status_code == 303
+    html = admin.get(page).text
+    assert "Not connected" in html
+    assert "Restore version 3" in html
+
+
+def test_cards_are_added_by_reference_made_default_and_removed(
+    admin: TestClient, stripe_server: FakeStripe
+) -> None:
+    first, second = stripe_server.add_card(last4="4242"), stripe_server.add_card(last4="1881")
+    for method in (first, second):
+        added = post_form(
+            admin,
+            "/console/payments/cards",
+            {"payment_method_id": method},
+            page="/console/payments",
+        )
+        assert added.status_code == 303, added.text
+    page = admin.get("/console/payments?done=added").text
+    assert "Card added." in page
+    assert "ending 4242" in page
+    assert "ending 1881" in page
+    made = post_form(
+        admin, f"/console/payments/cards/{second}/default", {}, page="/console/payments"
+    )
+    assert made.status_code == 303
+    page = admin.get("/console/payments").text
+    default_row = re.search(rf'id="card-{second}".*?</li>', page, re.S)
+    assert default_row
+    assert "Default" in default_row.group(0)
+    removed = post_form(
+        admin, f"/console/payments/cards/{first}/remove", {}, page="/console/payments"
+    )
+    assert removed.status_code == 303
+    assert "ending 4242" not in admin.get("/console/payments").text
+    assert stripe_server.attached_to(first) is None
+    not_a_card = post_form(
+        admin,
+        "/console/payments/cards",
+        {"payment_method_id": "4242 4242 4242 4242"},
+        page="/console/payments",
+    )
+    assert not_a_card.status_code == 422  # refused before any route: raw card data
+
+
+def test_the_add_card_page_needs_a_publishable_key(admin: TestClient) -> None:
+    page = admin.get("/console/payments/cards/new")
+    assert page.status_code == 501
+    assert "BROKER_STRIPE_PUBLISHABLE_KEY" in page.text
