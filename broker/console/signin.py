@@ -40,8 +40,13 @@ CALLBACK = "/console/auth/callback"
 
 
 def dev_sign_in_available(settings: Settings) -> bool:
-    """Only outside production, and only with the HS256 dev key the API itself accepts."""
-    return settings.env != "production" and settings.jwt_hs256_secret is not None
+    """Only outside production, and only when the API itself verifies tokens with the HS256
+    dev key (with a JWKS or public key configured, the dev key is not what it checks)."""
+    return (
+        settings.env != "production"
+        and settings.jwt_hs256_secret is not None
+        and not (settings.jwt_jwks_url or settings.jwt_public_key)
+    )
 
 
 def safe_next(value: str | None) -> str:
@@ -289,7 +294,7 @@ async def oidc_callback(
     if principal.subject != answer.subject:
         error = "The identity provider's tokens name different users."
         return _page(request, row, next_path=next_path, status=400, error=error)
-    exp = verifier_expiry(request, answer.access_token)
+    exp = token_lifetime(answer.access_token)
     return await _signed_in(
         request,
         row,
@@ -300,8 +305,8 @@ async def oidc_callback(
     )
 
 
-def verifier_expiry(request: Request, token: str) -> timedelta:
-    """How long the (already verified) access token has left."""
+def token_lifetime(token: str) -> timedelta:
+    """How long the access token (verified just before) has left."""
     claims = jwt.decode(token, options={"verify_signature": False})
     left = float(claims.get("exp", 0)) - utcnow().timestamp()
     return timedelta(seconds=max(0.0, left))

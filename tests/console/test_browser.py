@@ -212,6 +212,8 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
 ) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
+    # The session cookie is httpOnly: no script on the page can read it.
+    assert "broker_console" not in page.execute_script("return document.cookie")
     page.find_element(By.LINK_TEXT, "Settings").click()
     page.find_element(By.LINK_TEXT, "Compliance settings").click()
     retention = _wait(page, "#f-data_retention_days")
@@ -388,13 +390,17 @@ def test_add_cards_through_stripe_js_set_the_default_and_remove_one(
     assert "Card removed." in _wait(page, "#done").text
     assert page.find_elements(By.ID, f"card-{first}") == []
     screenshot(page, "console-payments")
-    # Stripe.js is allowed on the add-card page only.
-    page.execute_script(
+    # Stripe.js is allowed on the add-card page only: here its load is refused.
+    outcome = page.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "document.addEventListener('securitypolicyviolation', function (e) {"
+        "  done('refused ' + e.effectiveDirective + ' ' + e.blockedURI); });"
         "var s = document.createElement('script'); s.src = arguments[0];"
-        " document.head.appendChild(s);",
+        "s.onload = function () { done('loaded'); };"
+        "document.head.appendChild(s);",
         stripe_server.js_url,
     )
-    time.sleep(0.3)  # let the refused load be reported; nothing is asserted on time
+    assert outcome.startswith(f"refused script-src-elem {stripe_server.base_url}"), outcome
     assert page.execute_script("return typeof window.Stripe") == "undefined"
 
 
@@ -479,10 +485,16 @@ def test_stored_markup_is_shown_as_text_and_the_policy_blocks_inline_script(
     assert page.find_elements(By.CSS_SELECTOR, "main script, main img") == []
     assert page.title != "pwned"
     # Suppose markup did get in: an inline script is still refused by the policy.
-    page.execute_script(
-        "var s = document.createElement('script'); s.textContent = \"document.title='pwned'\";"
-        " document.body.appendChild(s);"
+    outcome = page.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "document.addEventListener('securitypolicyviolation', function (e) {"
+        "  done('refused ' + e.effectiveDirective + ' ' + e.blockedURI); });"
+        "var s = document.createElement('script');"
+        "s.textContent = \"document.title='pwned'; window.__ran = true;\";"
+        "document.body.appendChild(s);"
+        "if (window.__ran) { done('ran'); }"
     )
+    assert outcome == "refused script-src-elem inline", outcome
     assert page.title != "pwned"
     violations = [
         entry["message"]

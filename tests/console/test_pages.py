@@ -5,9 +5,13 @@ from __future__ import annotations
 import re
 
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
+from broker.app import create_app
+from broker.core.config import Settings
+from broker.vault.gateway import VaultGateway
 from tests.conftest import bearer, token
-from tests.console.conftest import post_form
+from tests.console.conftest import ORIGIN, post_form, sign_in
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.stripe import FakeStripe
 
@@ -262,3 +266,33 @@ def test_the_add_card_page_needs_a_publishable_key(admin: TestClient) -> None:
     page = admin.get("/console/payments/cards/new")
     assert page.status_code == 501
     assert "BROKER_STRIPE_PUBLISHABLE_KEY" in page.text
+
+
+def test_only_the_add_card_page_lets_stripe_js_in(
+    settings: Settings,
+    engine: Engine,
+    broker_vault: VaultGateway,
+    stripe_server: FakeStripe,
+    shop: str,
+) -> None:
+    configured = settings.model_copy(
+        update={
+            "stripe_publishable_key": stripe_server.publishable_key,
+            "stripe_js_url": stripe_server.js_url,
+        }
+    )
+    web = TestClient(create_app(configured, engine=engine, vault=broker_vault), base_url=ORIGIN)
+    sign_in(web, shop)
+    page = web.get("/console/payments/cards/new")
+    assert page.status_code == 200, page.text
+    policy = page.headers["content-security-policy"]
+    assert f"script-src 'self' {stripe_server.base_url};" in policy
+    assert f"frame-src {stripe_server.base_url}" in policy
+    assert "unsafe-inline" not in policy
+    assert f'<script src="{stripe_server.js_url}"></script>' in page.text
+    secret = re.search(r'data-client-secret="(seti_[A-Za-z0-9]+_secret_[A-Za-z0-9]+)"', page.text)
+    assert secret
+    intent = stripe_server.setup_intents[secret.group(1).split("_secret_")[0]]
+    assert intent["customer"]  # the tenant's Stripe customer: the card lands there
+    elsewhere = web.get("/console/payments").headers["content-security-policy"]
+    assert stripe_server.base_url not in elsewhere
