@@ -61,7 +61,7 @@ def label_of(name: str) -> str:
     return words[:1].upper() + words[1:]
 
 
-def _unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
+def unwrap(annotation: Any) -> tuple[Any, list[Any], bool]:
     """The bare type, its Annotated metadata, and whether None is allowed."""
     metadata: list[Any] = []
     optional = False
@@ -100,7 +100,7 @@ def controls(
     for name, info in model.model_fields.items():
         dotted = f"{prefix}{name}"
         current = value.get(name) if isinstance(value, dict) else None
-        bare, metadata, optional = _unwrap(info.annotation)
+        bare, metadata, optional = unwrap(info.annotation)
         metadata += list(info.metadata)
         label = label_of(name)
         if _is_model(bare):
@@ -131,7 +131,7 @@ def controls(
 
 
 def _list_control(name: str, label: str, item: Any, current: list[Any]) -> Control | Group:
-    bare, _, _ = _unwrap(item)
+    bare, _, _ = unwrap(item)
     if _is_model(bare):
         items = [*current, {}]  # the blank one adds an item
         group = Group(name, label)
@@ -168,7 +168,7 @@ def parse(model: type[BaseModel], form: FormData, prefix: str = "") -> Parsed:
     errors: dict[str, str] = {}
     for name, info in model.model_fields.items():
         dotted = f"{prefix}{name}"
-        bare, _, optional = _unwrap(info.annotation)
+        bare, _, optional = unwrap(info.annotation)
         if _is_model(bare):
             inner = parse(bare, form, f"{dotted}.")
             value[name] = inner.value
@@ -210,7 +210,7 @@ def parse(model: type[BaseModel], form: FormData, prefix: str = "") -> Parsed:
 
 
 def _parse_list(name: str, item: Any, form: FormData, errors: dict[str, str]) -> list[Any]:
-    bare, _, _ = _unwrap(item)
+    bare, _, _ = unwrap(item)
     if _is_model(bare):
         items = []
         index = 0

@@ -7,13 +7,15 @@ the resulting payment method id, exactly like the API.
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal, get_args, get_origin
 
 from fastapi import APIRouter, Request
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.console import forms
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of
@@ -21,10 +23,12 @@ from broker.core.config import Settings
 from broker.core.errors import BrokerError, NotFound, ValidationFailed
 from broker.deps import EngineDep, SessionDep, VaultDep
 from broker.payments import service
+from broker.payments.payout import DETAILS_MODELS, parse_details
 from broker.payments.platform import StripeAccess
 from broker.payments.routes import FinanceManager, FinanceViewer, MethodId
 from broker.payments.schemas import PaymentMethodAdd
 from broker.settings.service import own_tenant
+from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/console/payments", route_class=ConsoleRoute, include_in_schema=False)
 
@@ -36,7 +40,37 @@ DONE = {
     "added": "Card added.",
     "default": "Default card changed.",
     "removed": "Card removed.",
+    "payout": "Payout destination saved.",
 }
+
+
+@dataclass(frozen=True)
+class PayoutField:
+    """One input of a payout method: secret ones are never put back into the form."""
+
+    name: str
+    label: str
+    secret: bool
+    required: bool
+    options: tuple[str, ...] = ()
+
+
+def payout_fields(method: str) -> list[PayoutField]:
+    """The inputs of a payout method, read off its details model."""
+    found = []
+    for name, info in DETAILS_MODELS[method].model_fields.items():
+        bare, _, optional = forms.unwrap(info.annotation)
+        options = tuple(str(o) for o in get_args(bare)) if get_origin(bare) is Literal else ()
+        found.append(
+            PayoutField(
+                name=name,
+                label=forms.label_of(name).replace("Iban", "IBAN").replace("Bic", "BIC"),
+                secret=bare is SecretStr,
+                required=not optional and info.is_required(),
+                options=options,
+            )
+        )
+    return found
 
 
 class StripeJsNotConfigured(BrokerError):
@@ -79,6 +113,64 @@ def payments(
         done=DONE.get(request.query_params.get("done") or ""),
         may_manage=visitor.may(FinanceManager),
     )
+
+
+@router.get("/payout", name="console_payout")
+def payout_page(request: Request, visitor: PageManager) -> Response:
+    """The payout destination form: one method, its details (sealed in Vault on save)."""
+    return _payout_form(request, visitor, method=None, errors={})
+
+
+def _payout_form(
+    request: Request, visitor: Visitor, *, method: str | None, errors: dict[str, str]
+) -> Response:
+    return render(
+        request,
+        "payments/payout.html",
+        visitor=visitor,
+        status=422 if errors else 200,
+        methods=[(m, forms.label_of(m), payout_fields(m)) for m in DETAILS_MODELS],
+        chosen=method,
+        errors=errors,
+    )
+
+
+@router.post("/payout", name="console_save_payout")
+async def save_payout(
+    request: Request, engine: EngineDep, vault: VaultDep, visitor: FormManager
+) -> Response:
+    """Validate and seal the chosen method's details; the page then shows the masked hint."""
+    posted = await request.form()
+    method = str(posted.get("method") or "")
+    if method not in DETAILS_MODELS:
+        return _payout_form(request, visitor, method=None, errors={"method": "choose a method"})
+    details = {
+        field.name: value
+        for field in payout_fields(method)
+        if isinstance(value := posted.get(f"{method}.{field.name}"), str) and value.strip()
+    }
+    tenant_id = own_tenant(visitor.principal)
+
+    def store() -> None:
+        tenants.require_live(engine, tenant_id=tenant_id)
+        service.put_payout(
+            engine,
+            vault,
+            principal=visitor.principal,
+            tenant_id=tenant_id,
+            method=method,
+            details=parse_details(method, details),
+        )
+
+    try:
+        await run_in_threadpool(store)
+    except ValidationFailed as invalid:
+        errors = {
+            f"{method}.{str(e.get('field', '')).removeprefix('details.')}": str(e.get("message"))
+            for e in invalid.extra.get("errors") or []
+        } or {"method": invalid.message}
+        return _payout_form(request, visitor, method=method, errors=errors)
+    return see_other("/console/payments?done=payout")
 
 
 @router.get("/cards/new", name="console_add_card")

@@ -509,7 +509,12 @@ def test_pages_fit_a_phone_and_stay_under_the_script_budget(page: WebDriver, bro
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
     page.set_window_size(390, 844)
-    for path in ("/console", "/console/settings/business_hours", "/console/integrations"):
+    for path in (
+        "/console",
+        "/console/settings/business_hours",
+        "/console/integrations",
+        "/console/payments/payout",
+    ):
         page.get(f"{broker}{path}")
         _wait(page, "main h1")
         overflow = page.execute_script(

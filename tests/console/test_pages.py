@@ -296,3 +296,29 @@ def test_only_the_add_card_page_lets_stripe_js_in(
     assert intent["customer"]  # the tenant's Stripe customer: the card lands there
     elsewhere = web.get("/console/payments").headers["content-security-policy"]
     assert stripe_server.base_url not in elsewhere
+
+
+def test_payout_details_are_sealed_and_shown_masked(admin: TestClient) -> None:
+    page = admin.get("/console/payments/payout")
+    assert page.status_code == 200
+    assert 'name="mobile_money.phone"' in page.text
+    refused = post_form(
+        admin,
+        "/console/payments/payout",
+        {"method": "bank_transfer", "bank_transfer.iban": "DE00 0000 0000 0000 0000 00"},
+        page="/console/payments/payout",
+    )
+    assert refused.status_code == 422
+    assert 'id="payout-bank_transfer-iban-error"' in refused.text
+    assert "DE00" not in refused.text  # a rejected value is never repeated
+    saved = post_form(
+        admin,
+        "/console/payments/payout",
+        {"method": "paypal", "paypal.email": "owner.payouts@example.com"},
+        page="/console/payments/payout",
+    )
+    assert saved.status_code == 303, saved.text
+    shown = admin.get(saved.headers["location"]).text
+    assert "Payout destination saved." in shown
+    assert "o***@example.com" in shown
+    assert "owner.payouts" not in shown
