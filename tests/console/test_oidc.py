@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from broker.app import create_app
 from broker.core.config import Settings
+from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
 from tests.conftest import AUDIENCE, make_tenant
 from tests.console.conftest import ORIGIN, csrf_of
-from tests.fakes.oidc import FakeOIDC
+from tests.fakes.oidc import TOKEN_TTL_S, FakeOIDC
 
 CLIENT_ID = "console"
 CLIENT_SECRET = "console-secret-for-tests"
@@ -81,7 +83,7 @@ def _consent(url: str) -> str:
 
 
 def test_sign_in_through_the_identity_provider_with_pkce(
-    web: TestClient, idp: FakeOIDC, shop_for_oidc: str
+    web: TestClient, idp: FakeOIDC, shop_for_oidc: str, engine: Engine
 ) -> None:
     idp.user = {"sub": "wanjiru", "scope": "tenant:admin", "tenant_id": shop_for_oidc}
     url = _start(web)
@@ -100,6 +102,22 @@ def test_sign_in_through_the_identity_provider_with_pkce(
     assert page.status_code == 200
     assert "wanjiru" in page.text
     assert "access_token" not in page.text
+    with engine.connect() as conn:
+        expires_at, claims = conn.execute(
+            text(
+                "SELECT expires_at, claims FROM console_sessions WHERE tenant_id = :t"
+                " AND status = 'active'"
+            ),
+            {"t": shop_for_oidc},
+        ).one()
+    # The session ends with the provider's token (an hour), not after the 8-hour default.
+    assert expires_at <= utcnow() + timedelta(seconds=TOKEN_TTL_S)
+    assert claims == {
+        "sub": "wanjiru",
+        "kind": "user",
+        "scope": "tenant:admin",
+        "tenant_id": shop_for_oidc,
+    }
 
 
 def test_a_callback_opened_in_another_browser_signs_nobody_in(

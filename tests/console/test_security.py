@@ -9,12 +9,15 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from broker.auth.dependencies import declared_scopes
+from broker.console import sessions
 from broker.console.access import api_scopes
 from broker.console.app import ROUTERS
 from broker.console.rendering import ConsoleRoute
 from broker.console.signin import dev_sign_in_available
 from broker.core.config import Settings
+from broker.core.db import unit_of_work
 from broker.integrations import routes as integration_routes
+from broker.models import ConsoleSession, utcnow
 from broker.payments import routes as payment_routes
 from broker.settings import routes as settings_routes
 from tests.conftest import bearer, token
@@ -312,3 +315,47 @@ def test_docs_pages_load_nothing_from_another_host(client: TestClient) -> None:
         assert "cdn" not in page.lower()
         assert "https://" not in page
         assert "http://" not in page
+
+
+def test_refused_pages_are_in_the_audit_trail_with_the_user(
+    browser: TestClient, shop: str, engine: Engine
+) -> None:
+    sign_in(browser, shop, role="finance")
+    assert browser.get("/console/integrations").status_code == 403
+    with engine.connect() as conn:
+        actors = conn.execute(
+            text(
+                "SELECT actor FROM audit_events WHERE tenant_id = :t AND outcome = 'denied'"
+                " AND action = 'GET /console/integrations'"
+            ),
+            {"t": shop},
+        ).scalars()
+        assert list(actors) == ["user:console-dev"]
+
+
+def test_unknown_pages_are_a_plain_404(admin: TestClient) -> None:
+    for path in ("/console/integrations/myspace", "/console/settings/integrations_status"):
+        answer = admin.get(path)
+        assert answer.status_code == 404, path
+        assert "text/html" in answer.headers["content-type"]
+        assert "frame-ancestors 'none'" in answer.headers["content-security-policy"]
+
+
+def test_under_make_dev_the_cookie_suits_plain_http_on_loopback() -> None:
+    dev = Settings.model_construct(env="dev")
+    assert sessions.cookie_name(dev) == "broker_console"
+    assert not sessions.cookie_secure(dev)
+    test = Settings.model_construct(env="test")
+    assert sessions.cookie_name(test) == "__Host-broker_console"
+    assert sessions.cookie_secure(test)
+
+
+def test_long_expired_sessions_are_deleted_when_new_ones_start(engine: Engine) -> None:
+    now = utcnow()
+    with unit_of_work(engine) as session:
+        old = sessions.start_pending(session, now=now - timedelta(days=1)).row.id_hash
+        recent = sessions.start_pending(session, now=now - timedelta(minutes=20)).row.id_hash
+    with unit_of_work(engine) as session:
+        sessions.start_pending(session, now=now)
+        assert session.get(ConsoleSession, old) is None
+        assert session.get(ConsoleSession, recent) is not None  # expired, kept a while
