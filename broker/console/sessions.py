@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlmodel import Session, col
 
+from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.auth.tokens import principal_from_claims
 from broker.core.config import Settings
@@ -81,6 +82,7 @@ def sign_in(
     token_expires_at: datetime,
     ttl: timedelta,
     now: datetime,
+    method: str,
 ) -> Started:
     """Replace the browser's pending session with a signed-in one under a fresh id.
 
@@ -89,6 +91,15 @@ def sign_in(
     """
     if previous is not None:
         session.delete(previous)
+    trail.record(
+        session,
+        action="console.sign_in",
+        resource=f"tenants/{principal.tenant_id}/console",
+        outcome="success",
+        principal=principal,
+        tenant_id=principal.tenant_id,
+        detail={"method": method},
+    )
     claims: dict[str, Any] = {
         "sub": principal.subject,
         "kind": principal.kind,
@@ -113,6 +124,16 @@ def principal_of(row: ConsoleSession) -> Principal:
 
 def end(session: Session, row: ConsoleSession) -> None:
     """Sign out: the row goes, so the cookie names nothing any more."""
+    if row.status == "active":
+        principal = principal_of(row)
+        trail.record(
+            session,
+            action="console.sign_out",
+            resource=f"tenants/{principal.tenant_id}/console",
+            outcome="success",
+            principal=principal,
+            tenant_id=principal.tenant_id,
+        )
     session.delete(row)
 
 

@@ -185,7 +185,7 @@ async def dev_sign_in(request: Request) -> Response:
     # keeps what it says, the browser only a reference to the session.
     verifier: TokenVerifier = request.app.state.verifier
     principal = await run_in_threadpool(verifier.verify, token)
-    return await _signed_in(request, row, principal, ttl=ttl, next_path=next_path)
+    return await _signed_in(request, row, principal, ttl=ttl, next_path=next_path, method="dev")
 
 
 async def _signed_in(
@@ -195,6 +195,7 @@ async def _signed_in(
     *,
     ttl: timedelta,
     next_path: str,
+    method: str,
     token_ttl: timedelta | None = None,
 ) -> Response:
     settings = _settings(request)
@@ -211,6 +212,7 @@ async def _signed_in(
                 token_expires_at=expires,
                 ttl=ttl,
                 now=now,
+                method=method,
             )
 
     started = await run_in_threadpool(store)
@@ -301,6 +303,7 @@ async def oidc_callback(
         principal,
         ttl=timedelta(seconds=settings.console_session_ttl_s),
         next_path=next_path,
+        method="oidc",
         token_ttl=exp,
     )
 

@@ -211,9 +211,20 @@ def test_stored_markup_in_branding_is_shown_as_text(
     assert "<img src=x" not in page
 
 
-def test_sign_out_ends_the_session_on_the_server(admin: TestClient) -> None:
+def test_sign_out_ends_the_session_on_the_server(
+    admin: TestClient, engine: Engine, shop: str
+) -> None:
     cookie = admin.cookies.get(COOKIE)
     assert post_form(admin, "/console/sign-out", {}).status_code == 303
+    with engine.connect() as conn:
+        actions = conn.execute(
+            text("SELECT action, detail FROM audit_events WHERE tenant_id = :t ORDER BY id"),
+            {"t": shop},
+        ).all()
+    assert [(a, d) for a, d in actions if a.startswith("console.")] == [
+        ("console.sign_in", {"method": "dev"}),
+        ("console.sign_out", {}),
+    ]
     replay = TestClient(admin.app, base_url=ORIGIN)
     replay.cookies.set(COOKIE, cookie)
     assert replay.get("/console/settings", follow_redirects=False).status_code == 303
