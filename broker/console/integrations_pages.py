@@ -153,7 +153,8 @@ def _provider_page(
         test=test,
         error=error,
         field_errors=field_errors or {},
-        identifiers=identifiers or {},
+        # Non-secret identifiers (a store URL) prefill the form; secrets never do.
+        identifiers=identifiers or view.identifiers,
         saved=request.query_params.get("done"),
     )
 
