@@ -22,7 +22,6 @@ from broker.auth.principal import Principal
 from broker.console import sessions
 from broker.console.security import same_origin_post
 from broker.core.config import Settings
-from broker.core.db import unit_of_work
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.models import ConsoleSession, utcnow
 
@@ -112,12 +111,7 @@ async def current_session(request: Request) -> ConsoleSession | None:
     if not cookie:
         return None
     engine: Engine = request.app.state.engine
-    return await run_in_threadpool(_find, engine, cookie)
-
-
-def _find(engine: Engine, cookie: str) -> ConsoleSession | None:
-    with unit_of_work(engine) as session:
-        return sessions.find(session, cookie, now=utcnow())
+    return await run_in_threadpool(lambda: sessions.lookup(engine, cookie, now=utcnow()))
 
 
 async def check_form(request: Request, expected: str) -> None:

@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import Engine, delete
 from sqlmodel import Session, col
 
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.auth.tokens import principal_from_claims
 from broker.core.config import Settings
+from broker.core.db import unit_of_work
+from broker.core.errors import NotFound
 from broker.models import ConsoleSession
 
 COOKIE = "broker_console"
@@ -54,6 +56,71 @@ class Started:
 
     cookie: str
     row: ConsoleSession
+
+
+def open_pending(engine: Engine, *, now: datetime) -> Started:
+    """`start_pending` in a unit of work of its own."""
+    with unit_of_work(engine) as session:
+        return start_pending(session, now=now)
+
+
+def lookup(engine: Engine, cookie: str, *, now: datetime) -> ConsoleSession | None:
+    """`find` in a unit of work of its own."""
+    with unit_of_work(engine) as session:
+        return find(session, cookie, now=now)
+
+
+def remember_login(
+    engine: Engine,
+    pending: ConsoleSession,
+    *,
+    state: str,
+    nonce: str,
+    verifier: str,
+    next_path: str,
+) -> None:
+    """Bind an OpenID Connect login (state hashed, nonce, PKCE verifier) to this browser."""
+    with unit_of_work(engine) as session:
+        row = session.get(ConsoleSession, pending.id_hash)
+        if row is None:
+            raise NotFound("the sign-in expired; start again")
+        row.oidc_state_hash = hash_state(state)
+        row.oidc_nonce = nonce
+        row.pkce_verifier = verifier
+        row.next_path = next_path
+        session.add(row)
+
+
+def begin(
+    engine: Engine,
+    *,
+    pending: ConsoleSession | None,
+    principal: Principal,
+    token_expires_at: datetime,
+    ttl: timedelta,
+    now: datetime,
+    method: str,
+) -> Started:
+    """`sign_in` in a unit of work of its own, replacing the browser's pending session."""
+    with unit_of_work(engine) as session:
+        previous = session.get(ConsoleSession, pending.id_hash) if pending else None
+        return sign_in(
+            session,
+            previous=previous,
+            principal=principal,
+            token_expires_at=token_expires_at,
+            ttl=ttl,
+            now=now,
+            method=method,
+        )
+
+
+def close(engine: Engine, current: ConsoleSession) -> None:
+    """`end` in a unit of work of its own (nothing to do if the row is already gone)."""
+    with unit_of_work(engine) as session:
+        row = session.get(ConsoleSession, current.id_hash)
+        if row is not None:
+            end(session, row)
 
 
 def start_pending(session: Session, *, now: datetime) -> Started:

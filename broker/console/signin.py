@@ -21,7 +21,6 @@ from broker.console.access import Visitor, check_form, current_session, signed_i
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of, own_origin
 from broker.core.config import Settings
-from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, NotFound
 from broker.models import ConsoleSession, utcnow
 from broker.tenants import service as tenants
@@ -129,15 +128,10 @@ async def sign_in_page(
         return see_other(safe_next(next))
     if row is not None:
         return _page(request, row, next_path=safe_next(next))
-    started = await run_in_threadpool(_start_pending, _engine(request))
+    started = await run_in_threadpool(lambda: sessions.open_pending(_engine(request), now=utcnow()))
     response = _page(request, started.row, next_path=safe_next(next))
     set_session_cookie(response, _settings(request), started.cookie, sessions.PENDING_TTL)
     return response
-
-
-def _start_pending(engine: Engine) -> sessions.Started:
-    with unit_of_work(engine) as session:
-        return sessions.start_pending(session, now=utcnow())
 
 
 async def _pending(request: Request) -> ConsoleSession | None:
@@ -203,17 +197,15 @@ async def _signed_in(
     expires = now + (token_ttl if token_ttl is not None else ttl)
 
     def store() -> sessions.Started:
-        with unit_of_work(_engine(request)) as session:
-            old = session.get(ConsoleSession, previous.id_hash) if previous else None
-            return sessions.sign_in(
-                session,
-                previous=old,
-                principal=principal,
-                token_expires_at=expires,
-                ttl=ttl,
-                now=now,
-                method=method,
-            )
+        return sessions.begin(
+            _engine(request),
+            pending=previous,
+            principal=principal,
+            token_expires_at=expires,
+            ttl=ttl,
+            now=now,
+            method=method,
+        )
 
     started = await run_in_threadpool(store)
     response = see_other(next_path)
@@ -236,15 +228,14 @@ async def oidc_sign_in(request: Request) -> Response:
     login = await run_in_threadpool(_idp(request).start, redirect_uri)
 
     def remember() -> None:
-        with unit_of_work(_engine(request)) as session:
-            pending = session.get(ConsoleSession, row.id_hash)
-            if pending is None:
-                raise NotFound("the sign-in expired; start again")
-            pending.oidc_state_hash = sessions.hash_state(login.state)
-            pending.oidc_nonce = login.nonce
-            pending.pkce_verifier = login.verifier
-            pending.next_path = next_path
-            session.add(pending)
+        sessions.remember_login(
+            _engine(request),
+            row,
+            state=login.state,
+            nonce=login.nonce,
+            verifier=login.verifier,
+            next_path=next_path,
+        )
 
     await run_in_threadpool(remember)
     return see_other(login.url)
@@ -330,14 +321,7 @@ async def sign_out(request: Request, visitor: Annotated[Visitor, signed_in()]) -
     """End the session here and in the browser."""
     row = await current_session(request)
     if row is not None:
-
-        def end() -> None:
-            with unit_of_work(_engine(request)) as session:
-                found = session.get(ConsoleSession, row.id_hash)
-                if found is not None:
-                    sessions.end(session, found)
-
-        await run_in_threadpool(end)
+        await run_in_threadpool(sessions.close, _engine(request), row)
     response = see_other("/console/sign-in")
     settings = _settings(request)
     response.delete_cookie(
