@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import secrets
 
+import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from broker.app import create_app
 from broker.core.config import Settings
@@ -322,3 +325,53 @@ def test_payout_details_are_sealed_and_shown_masked(admin: TestClient) -> None:
     assert "Payout destination saved." in shown
     assert "o***@example.com" in shown
     assert "owner.payouts" not in shown
+
+
+def test_secrets_pasted_into_the_console_surface_nowhere(
+    admin: TestClient,
+    providers: FakeProviders,
+    engine: Engine,
+    shop: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    page = "/console/integrations/woocommerce"
+    canary = "cs_" + secrets.token_hex(20)
+    key = "ck_" + secrets.token_hex(20)
+    answers = []
+    with caplog.at_level(logging.DEBUG):
+        for action in ("test", "save"):
+            answers.append(
+                post_form(
+                    admin,
+                    f"{page}/credentials",
+                    {**_woo(providers, consumer_key=key, consumer_secret=canary), "action": action},
+                    page=page,
+                )
+            )
+        # malformed: the service's validation error names the field, never the value
+        answers.append(
+            post_form(
+                admin,
+                f"{page}/credentials",
+                {
+                    **_woo(providers, consumer_key=key + " !", consumer_secret=canary + " !"),
+                    "action": "save",
+                },
+                page=page,
+            )
+        )
+        answers.append(admin.get(page))
+        answers.append(admin.get("/console/integrations"))
+    assert [a.status_code for a in answers[:3]] == [200, 422, 422]
+    for answer in answers:
+        assert canary not in answer.text
+        assert key not in answer.text
+    assert canary not in caplog.text
+    assert key not in caplog.text
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT detail::text FROM audit_events WHERE tenant_id = :t"), {"t": shop}
+        ).scalars()
+        stored = " ".join(rows)
+    assert canary not in stored
+    assert key not in stored
