@@ -108,6 +108,13 @@ class IdentityProvider:
             self._jwks = PyJWKClient(document["jwks_uri"], lifespan=300, timeout=int(TIMEOUT_S))
         return document
 
+    def authorization_endpoint(self) -> str | None:
+        """The authorization endpoint, if discovery has already found it (never fetches)."""
+        with self._lock:
+            document = self._document
+        endpoint = document.get("authorization_endpoint") if document else None
+        return endpoint if isinstance(endpoint, str) else None
+
     def _client(self, redirect_uri: str) -> Any:
         return OAuth2Client(
             client_id=self.client_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import re
 from datetime import timedelta
@@ -21,7 +22,7 @@ from broker.console.access import Visitor, check_form, current_session, signed_i
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of, own_origin
 from broker.core.config import Settings
-from broker.core.errors import BrokerError, NotFound
+from broker.core.errors import BrokerError, NotFound, UpstreamUnavailable
 from broker.models import ConsoleSession, utcnow
 from broker.tenants import service as tenants
 
@@ -87,11 +88,17 @@ def set_session_cookie(response: Response, settings: Settings, value: str, ttl: 
     )
 
 
-def _sign_in_policy(settings: Settings) -> Policy:
-    # The OpenID Connect button's post is answered with a redirect to the IdP.
-    if oidc.configured(settings) and settings.console_oidc_issuer:
-        return Policy(form_targets=(origin_of(settings.console_oidc_issuer),))
-    return Policy()
+def _sign_in_policy(request: Request) -> Policy:
+    """The OpenID Connect button's post is answered with a redirect to the provider's
+    authorization endpoint: its origin (and the issuer's) may be a form's target."""
+    settings = _settings(request)
+    if not (oidc.configured(settings) and settings.console_oidc_issuer):
+        return Policy()
+    targets = {origin_of(settings.console_oidc_issuer)}
+    endpoint = _idp(request).authorization_endpoint()
+    if endpoint:
+        targets.add(origin_of(endpoint))
+    return Policy(form_targets=tuple(sorted(targets)))
 
 
 def _page(
@@ -108,7 +115,7 @@ def _page(
         "signin.html",
         visitor=None,
         status=status,
-        policy=_sign_in_policy(settings),
+        policy=_sign_in_policy(request),
         csrf_token=row.csrf_token,
         next_path=next_path,
         dev=dev_sign_in_available(settings),
@@ -126,6 +133,11 @@ async def sign_in_page(
     row = await current_session(request)
     if row is not None and row.status == "active":
         return see_other(safe_next(next))
+    if oidc.configured(_settings(request)):
+        # Known before the page is drawn, so its policy lets the button's redirect through;
+        # a provider that does not answer now is reported when the button is pressed.
+        with contextlib.suppress(UpstreamUnavailable):
+            await run_in_threadpool(_idp(request).discovery)
     if row is not None:
         return _page(request, row, next_path=safe_next(next))
     started = await run_in_threadpool(lambda: sessions.open_pending(_engine(request), now=utcnow()))

@@ -63,6 +63,8 @@ def _start(web: TestClient) -> str:
     page = web.get("/console/sign-in")
     assert page.status_code == 200
     assert 'id="dev-sign-in"' not in page.text  # no dev sign-in without the dev key
+    policy = page.headers["content-security-policy"]
+    assert f"form-action 'self' {web.app.state.settings.console_oidc_issuer};" in policy
     started = web.post(
         "/console/sign-in/oidc",
         data={"csrf_token": csrf_of(page.text), "next": "/console/settings"},
