@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from broker.devstack.openbao import free_port
 from broker.vault.gateway import VaultGateway
-from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
+from tests.conftest import AUDIENCE, TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
+from tests.fakes.oidc import FakeOIDC
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.fakes.stripe import FakeStripe
@@ -64,41 +66,20 @@ def shopify(
         vault_admin.kv_write("platform/shopify", dict(before.data), cas=None)
 
 
-@pytest.fixture(scope="module")
-def broker(
-    broker_url: str,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
-    shopify: FakeShopifyOAuth,
-    providers: FakeProviders,
-    stripe_server: FakeStripe,
-    tmp_path_factory: pytest.TempPathFactory,
+@contextmanager
+def _broker_process(
+    url: str, workdir: Path, base: dict[str, str], settings: dict[str, str]
 ) -> Iterator[str]:
     """`python -m tests.support.broker_process`: the app under uvicorn on loopback."""
-    workdir = tmp_path_factory.mktemp("console-broker")
     clock_file = workdir / "clock"
     clock_file.write_text("0")
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env |= base | settings
     env |= {
         "PYTHONPATH": str(ROOT),
         "BROKER_ENV": "test",
-        "BROKER_PORT": broker_url.rsplit(":", 1)[1],
+        "BROKER_PORT": url.rsplit(":", 1)[1],
         "BROKER_LOG_LEVEL": "WARNING",
-        "BROKER_DATABASE_URL": database_url,
-        "BROKER_VAULT_ADDRS": vault_endpoint.addr,
-        "BROKER_VAULT_TOKEN": broker_vault_token,
-        "BROKER_JWT_HS256_SECRET": TEST_SIGNING_KEY,
-        "BROKER_EGRESS_ALLOW_HTTP": "true",
-        "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
-        "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
-        "BROKER_OAUTH_REDIRECT_BASE_URL": broker_url,
-        "BROKER_OAUTH_RETURN_URLS": f"{broker_url}/console/integrations",
-        "BROKER_STRIPE_API_BASE": stripe_server.base_url,
-        "BROKER_STRIPE_JS_URL": stripe_server.js_url,
-        "BROKER_STRIPE_PUBLISHABLE_KEY": stripe_server.publishable_key,
-        "BROKER_RATE_LIMIT_WRITE": "100000/minute",
-        "BROKER_RATE_LIMIT_DENIALS": "100000/minute",
         "BROKER_TEST_CLOCK_FILE": str(clock_file),
     }
     with open(workdir / "stderr.log", "wb") as stderr:
@@ -115,13 +96,13 @@ def broker(
         while True:
             assert proc.poll() is None, (workdir / "stderr.log").read_text()[-2000:]
             try:
-                if httpx.get(f"{broker_url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             assert time.monotonic() < deadline, "the broker process never answered"
             time.sleep(0.2)
-        yield broker_url
+        yield url
     finally:
         assert proc.stdin is not None
         proc.stdin.close()  # it stops by itself when its stdin closes
@@ -130,6 +111,46 @@ def broker(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def services(
+    vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str
+) -> dict[str, str]:
+    """The session's real Vault and PostgreSQL, for every broker process here."""
+    return {
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_VAULT_ADDRS": vault_endpoint.addr,
+        "BROKER_VAULT_TOKEN": broker_vault_token,
+        "BROKER_RATE_LIMIT_WRITE": "100000/minute",
+        "BROKER_RATE_LIMIT_DENIALS": "100000/minute",
+    }
+
+
+@pytest.fixture(scope="module")
+def broker(
+    broker_url: str,
+    services: dict[str, str],
+    shopify: FakeShopifyOAuth,
+    providers: FakeProviders,
+    stripe_server: FakeStripe,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[str]:
+    """The broker as `make dev` runs it (a dev sign-in), with every fake plugged in."""
+    settings = {
+        "BROKER_JWT_HS256_SECRET": TEST_SIGNING_KEY,
+        "BROKER_EGRESS_ALLOW_HTTP": "true",
+        "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
+        "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
+        "BROKER_OAUTH_REDIRECT_BASE_URL": broker_url,
+        "BROKER_OAUTH_RETURN_URLS": f"{broker_url}/console/integrations",
+        "BROKER_STRIPE_API_BASE": stripe_server.base_url,
+        "BROKER_STRIPE_JS_URL": stripe_server.js_url,
+        "BROKER_STRIPE_PUBLISHABLE_KEY": stripe_server.publishable_key,
+    }
+    workdir = tmp_path_factory.mktemp("console-broker")
+    with _broker_process(broker_url, workdir, services, settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -547,3 +568,33 @@ def test_api_docs_render_from_local_assets_only(page: WebDriver, broker: str) ->
             assert "Content Security Policy" in refused, url
             assert url in refused, url
         screenshot(page, f"docs{path.replace('/', '-')}")
+
+
+def test_sign_in_through_an_identity_provider_in_the_browser(
+    page: WebDriver, broker: str, services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Production's sign-in: a broker trusting only the provider's tokens, no dev sign-in."""
+    tenant = _tenant(broker)
+    url = f"http://127.0.0.1:{free_port()}"
+    with FakeOIDC(client_id="console", client_secret="s3cret-for-tests", audience=AUDIENCE) as idp:
+        idp.redirect_uris = [f"{url}/console/auth/callback"]
+        idp.user = {"sub": "wanjiru", "scope": "tenant:admin", "tenant_id": tenant}
+        settings = {
+            "BROKER_JWT_JWKS_URL": f"{idp.issuer}/jwks",
+            "BROKER_JWT_ISSUER": idp.issuer,
+            "BROKER_JWT_ALGORITHMS": "RS256",
+            "BROKER_CONSOLE_OIDC_ISSUER": idp.issuer,
+            "BROKER_CONSOLE_OIDC_CLIENT_ID": "console",
+            "BROKER_CONSOLE_OIDC_CLIENT_SECRET": "s3cret-for-tests",
+        }
+        workdir = tmp_path_factory.mktemp("console-oidc")
+        with _broker_process(url, workdir, services, settings):
+            page.get(f"{url}/console/settings")
+            button = _wait(page, "#oidc-sign-in")
+            assert page.find_elements(By.ID, "dev-sign-in") == []
+            button.click()
+            _wait(page, "main h1")
+            assert page.current_url == f"{url}/console/settings"
+            assert "wanjiru" in page.find_element(By.CSS_SELECTOR, ".who").text
+            assert "code_verifier" in idp.token_requests[-1]
+            screenshot(page, "console-oidc-signed-in")
