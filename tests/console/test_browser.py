@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -192,6 +193,21 @@ def _wait(driver: WebDriver, css: str) -> Any:
     )
 
 
+def _go(driver: WebDriver, element: Any, *keys: str) -> None:
+    """Click (or type into) something that loads another page, and wait until it has:
+    until then the old page's elements would still be found."""
+    driver.execute_script("window.__leaving = true;")  # a new page has a new window
+    if keys:
+        element.send_keys(*keys)
+    else:
+        element.click()
+    WebDriverWait(driver, WAIT_S, ignored_exceptions=(WebDriverException,)).until(
+        lambda d: d.execute_script(
+            "return window.__leaving === undefined && document.readyState === 'complete';"
+        )
+    )
+
+
 def _sign_in(driver: WebDriver, broker: str, tenant: str, role: str = "admin") -> None:
     """The dev sign-in, with the keyboard: type, choose, Enter."""
     driver.get(f"{broker}/console")
@@ -200,7 +216,7 @@ def _sign_in(driver: WebDriver, broker: str, tenant: str, role: str = "admin") -
     tenant_box.clear()
     tenant_box.send_keys(tenant)
     Select(driver.find_element(By.ID, "role")).select_by_value(role)
-    driver.find_element(By.ID, "name").send_keys(Keys.ENTER)
+    _go(driver, driver.find_element(By.ID, "name"), Keys.ENTER)
     _wait(driver, "main h1")
     assert driver.current_url == f"{broker}/console", driver.page_source[:500]
 
@@ -235,13 +251,13 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
     _sign_in(page, broker, tenant)
     # The session cookie is httpOnly: no script on the page can read it.
     assert "broker_console" not in page.execute_script("return document.cookie")
-    page.find_element(By.LINK_TEXT, "Settings").click()
-    page.find_element(By.LINK_TEXT, "Compliance settings").click()
+    _go(page, page.find_element(By.LINK_TEXT, "Settings"))
+    _go(page, page.find_element(By.LINK_TEXT, "Compliance settings"))
     retention = _wait(page, "#f-data_retention_days")
     assert _unlabelled(page) == []
     retention.clear()
     retention.send_keys("0")
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     error = _wait(page, "#f-data_retention_days-error")
     assert "greater than or equal to 1" in error.text
     field = page.find_element(By.ID, "f-data_retention_days")
@@ -250,7 +266,7 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
     screenshot(page, "console-settings-validation-error")
     field.clear()
     field.send_keys("90")
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     assert "Saved." in _wait(page, "#saved").text
     stored = httpx.get(f"{broker}/v1/tenants/settings", headers=_api(tenant)).json()
     assert stored["compliance_settings"]["data_retention_days"] == 90
@@ -266,16 +282,16 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
     assert changed.status_code == 200
     footer.clear()
     footer.send_keys("Mine")
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     conflict = _wait(page, "#conflict")
     assert "changed by someone else" in conflict.text
     screenshot(page, "console-settings-conflict")
-    page.find_element(By.ID, "reload").click()
+    _go(page, page.find_element(By.ID, "reload"))
     footer = _wait(page, "#f-footer_text")
     assert footer.get_attribute("value") == "Set by a colleague"
     footer.clear()
     footer.send_keys("Mine, after reading theirs")
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     _wait(page, "#saved")
     stored = httpx.get(f"{broker}/v1/tenants/settings", headers=_api(tenant)).json()
     assert stored["branding"]["footer_text"] == "Mine, after reading theirs"
@@ -291,12 +307,12 @@ def test_connect_shopify_through_the_providers_consent_page(
     page.get(f"{broker}/console/integrations/shopify")
     box = _wait(page, "#shop")
     box.send_keys(shop)
-    page.find_element(By.CSS_SELECTOR, "#connect button").click()
+    _go(page, page.find_element(By.CSS_SELECTOR, "#connect button"))
     install = _wait(page, "#install")
     assert page.current_url.startswith(f"{shopify.base_url}/admin/oauth/authorize?")
     assert shop in page.find_element(By.TAG_NAME, "h1").text
     screenshot(page, "console-shopify-consent")
-    install.click()
+    _go(page, install)
     outcome = _wait(page, "#outcome")
     assert page.current_url.startswith(f"{broker}/console/integrations?")
     assert "Connected." in outcome.text
@@ -335,7 +351,7 @@ def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
     _wait(page, "#field-store_url")
     assert page.find_element(By.ID, "field-consumer_secret").get_attribute("type") == "password"
     _paste_woo(page, providers, good["consumer_key"], "cs_" + "9" * 40)
-    page.find_element(By.ID, "test").click()
+    _go(page, page.find_element(By.ID, "test"))
     result = _wait(page, "#test-result")
     assert "Connection test failed" in result.text
     assert "Nothing was stored" in result.text
@@ -343,10 +359,10 @@ def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
     # A secret is never put back into the form, even a wrong one.
     assert page.find_element(By.ID, "field-consumer_secret").get_attribute("value") == ""
     _paste_woo(page, providers, good["consumer_key"], good["consumer_secret"])
-    page.find_element(By.ID, "test").click()
+    _go(page, page.find_element(By.ID, "test"))
     assert "Connection test passed" in _wait(page, "#test-result").text
     _paste_woo(page, providers, good["consumer_key"], good["consumer_secret"])
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     assert "Saved." in _wait(page, "#done").text
     first_hint = page.find_element(By.CSS_SELECTOR, ".hint-value").text
     assert "****" in first_hint
@@ -355,10 +371,10 @@ def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
     second = {"consumer_key": "ck_" + "5" * 40, "consumer_secret": "cs_" + "6" * 40}
     providers.accept("woocommerce", **(dict(good) | second))
     _paste_woo(page, providers, second["consumer_key"], second["consumer_secret"])
-    page.find_element(By.ID, "save").click()
+    _go(page, page.find_element(By.ID, "save"))
     _wait(page, "#done")
     assert page.find_element(By.ID, "version").text == "2"
-    page.find_element(By.CSS_SELECTOR, "#version-1 button").click()
+    _go(page, page.find_element(By.CSS_SELECTOR, "#version-1 button"))
     assert "Version restored." in _wait(page, "#done").text
     assert page.find_element(By.ID, "version").text == "3"
     assert page.find_element(By.CSS_SELECTOR, ".hint-value").text == first_hint
@@ -383,12 +399,12 @@ def test_add_cards_through_stripe_js_set_the_default_and_remove_one(
     _sign_in(page, broker, tenant)
     for number, last4 in (("4242 4242 4242 4242", "4242"), ("5555 5555 5555 4444", "4444")):
         page.get(f"{broker}/console/payments")
-        page.find_element(By.ID, "add-card-link").click()
+        _go(page, page.find_element(By.ID, "add-card-link"))
         _type_card(page, number)
         assert _script_bytes(page) < JS_BUDGET
         if last4 == "4242":
             screenshot(page, "console-add-card")
-        page.find_element(By.ID, "save-card").click()
+        _go(page, page.find_element(By.ID, "save-card"))
         assert "Card added." in _wait(page, "#done").text
         assert (
             f"ending {last4}"
@@ -403,11 +419,11 @@ def test_add_cards_through_stripe_js_set_the_default_and_remove_one(
     assert [m["last4"] for m in methods] == ["4242", "4444"]
     assert all(m["id"].startswith("pm_") for m in methods)
     second = methods[1]["id"]
-    page.find_element(By.CSS_SELECTOR, f"#card-{second} form[action$='/default'] button").click()
+    _go(page, page.find_element(By.CSS_SELECTOR, f"#card-{second} form[action$='/default'] button"))
     assert "Default card changed." in _wait(page, "#done").text
     assert "Default" in page.find_element(By.ID, f"card-{second}").text
     first = methods[0]["id"]
-    page.find_element(By.CSS_SELECTOR, f"#card-{first} form[action$='/remove'] button").click()
+    _go(page, page.find_element(By.CSS_SELECTOR, f"#card-{first} form[action$='/remove'] button"))
     assert "Card removed." in _wait(page, "#done").text
     assert page.find_elements(By.ID, f"card-{first}") == []
     screenshot(page, "console-payments")
@@ -592,7 +608,7 @@ def test_sign_in_through_an_identity_provider_in_the_browser(
             page.get(f"{url}/console/settings")
             button = _wait(page, "#oidc-sign-in")
             assert page.find_elements(By.ID, "dev-sign-in") == []
-            button.click()
+            _go(page, button)
             _wait(page, "main h1")
             assert page.current_url == f"{url}/console/settings"
             assert "wanjiru" in page.find_element(By.CSS_SELECTOR, ".who").text
