@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.conftest import make_tenant
+from tests.fakes.providers import VALID
 
 ORIGIN = "https://testserver"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -84,3 +85,23 @@ def admin(browser: TestClient, shop: str) -> TestClient:
     """A browser signed in as the shop's tenant admin."""
     sign_in(browser, shop)
     return browser
+
+
+@pytest.fixture
+def admin_of(browser_factory: Any, providers: Any) -> Any:
+    """Sets a shop up the way its admin would: WooCommerce credentials, tested and saved."""
+
+    def setup(shop: str) -> None:
+        admin = browser_factory()
+        sign_in(admin, shop)
+        fields = dict(VALID["woocommerce"]) | {"store_url": providers.base_url}
+        page = "/console/integrations/woocommerce"
+        saved = post_form(
+            admin,
+            f"{page}/credentials",
+            {**{f"field.{k}": v for k, v in fields.items()}, "action": "save", "version": "0"},
+            page=page,
+        )
+        assert saved.status_code == 303, saved.text
+
+    return setup

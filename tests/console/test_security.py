@@ -370,3 +370,22 @@ def test_long_expired_sessions_are_deleted_when_new_ones_start(engine: Engine) -
         sessions.start_pending(session, now=now)
         assert session.get(ConsoleSession, old) is None
         assert session.get(ConsoleSession, recent) is not None  # expired, kept a while
+
+
+def test_a_read_only_user_sees_integrations_without_forms_or_versions(
+    browser: TestClient, admin_of: Any, shop: str, providers: Any
+) -> None:
+    admin_of(shop)
+    sign_in(browser, shop, role="viewer")
+    page = browser.get("/console/integrations/woocommerce")
+    assert page.status_code == 200
+    assert "Working (last test passed)" in page.text
+    for form_id in ('id="credentials"', 'id="disconnect"', 'id="versions-title"'):
+        assert form_id not in page.text
+    refused = post_form(
+        browser,
+        "/console/integrations/woocommerce/disconnect",
+        {"version": "1"},
+        page="/console/integrations/woocommerce",
+    )
+    assert refused.status_code == 403
