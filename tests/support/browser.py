@@ -17,7 +17,7 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 """Screenshots of browser journeys land here (ignored by git)."""
 
 
-def chromium(*, width: int = 1280, height: int = 900, host_rules: str = "") -> webdriver.Chrome:
+def chromium(*, width: int = 1280, height: int = 900) -> webdriver.Chrome:
     """A headless Chromium with its console log kept (CSP violations show up there)."""
     binary = shutil.which("chromium") or CHROMIUM
     driver = shutil.which("chromedriver") or CHROMEDRIVER
@@ -41,8 +41,6 @@ def chromium(*, width: int = 1280, height: int = 900, host_rules: str = "") -> w
         f"--window-size={width},{height}",
     ):
         options.add_argument(argument)
-    if host_rules:
-        options.add_argument(f"--host-resolver-rules={host_rules}")
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
