@@ -19,18 +19,22 @@ dev: $(STAMP)
 test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
-# System packages some tests need (real Redis for the shared rate limits), installed
-# with apt where we are root on Debian; elsewhere those tests skip and say why.
-SYSTEM_BINARIES := redis-server
+# System packages the tests need, installed with apt where we are root on Debian: Redis
+# (the shared rate limits; without it that test skips), and Chromium with its driver (the
+# console's browser tests; nothing downloads a browser at run time, so without them those
+# tests fail and say what to install). Each entry is package:command, since a package's
+# command may have another name (chromium-driver installs chromedriver).
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium chromium-driver:chromedriver
 system-deps:
-	@missing=""; for b in $(SYSTEM_BINARIES); do command -v $$b >/dev/null 2>&1 || missing="$$missing $$b"; done; \
+	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
+	  command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing system packages:$$missing"; \
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; } \
-	      || echo "could not install$$missing (the tests that need them will skip)"; \
+	      || echo "could not install$$missing (the tests that need them will skip or fail)"; \
 	  else \
-	    echo "not installed:$$missing (the tests that need them will skip)"; \
+	    echo "not installed:$$missing (install them; the tests that need them will skip or fail)"; \
 	  fi; \
 	fi
 

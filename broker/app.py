@@ -15,6 +15,7 @@ from broker.audit import denials
 from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
 from broker.auth.tokens import TokenVerifier
+from broker.console.app import install_console
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.docs import install_docs
@@ -154,6 +155,8 @@ def create_app(
     install_docs(app)
     for router in ROUTERS:
         app.include_router(router)
+    # The tenant-admin console: pages over the same services, not part of the API document.
+    install_console(app)
     return app
 
 

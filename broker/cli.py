@@ -251,6 +251,7 @@ def _print_welcome(
         "",
         f"Broker API:    {url}",
         f"OpenAPI docs:  {url}/docs",
+        f"Console:       {url}/console  (dev sign-in: tenant demo, any role)",
         f"Vault:         {vault_addr}  (OpenBao; root token in {data_dir}/vault/init.json)",
         f"Logs:          {log_file}",
         "",

@@ -80,22 +80,34 @@ def require(*scopes: str, limit: str | None = None) -> Any:
             except RateLimited as limited:
                 raise TooManyFailures(failure, retry_after=limited.retry_after) from None
             raise
-        context.update(actor=principal.actor, tenant_id=principal.tenant_id)
-        request.state.principal = principal
-        if not any(principal.has(scope) for scope in scopes):
-            raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
-        if limit is not None:
-            tenant = request.path_params.get("tenant_id") or principal.tenant_id
-            if principal.kind == "service" and tenant and not principal.may_serve(tenant):
-                # Tenants outside the token share one budget: a service must not get a
-                # fresh one, and an audited refusal, for every tenant id it makes up.
-                tenant = "(not served)"
-            limiter.hit(limit, f"who:{principal.actor}:{tenant}")
-        return principal
+        return admit(request, principal, scopes, limit=limit)
 
     setattr(dependency, SCOPES_ATTR, tuple(scopes))
     setattr(dependency, LIMIT_ATTR, limit)
     return Depends(dependency)
+
+
+def admit(
+    request: Request, principal: Principal, scopes: tuple[str, ...], *, limit: str | None
+) -> Principal:
+    """Let an authenticated principal through when it holds one of `scopes`, within `limit`.
+
+    The second half of `require(...)`, shared with the console, whose principal comes
+    from its session instead of an Authorization header.
+    """
+    context.update(actor=principal.actor, tenant_id=principal.tenant_id)
+    request.state.principal = principal
+    if not any(principal.has(scope) for scope in scopes):
+        raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
+    if limit is not None:
+        limiter: RateLimiter = request.app.state.limiter
+        tenant = request.path_params.get("tenant_id") or principal.tenant_id
+        if principal.kind == "service" and tenant and not principal.may_serve(tenant):
+            # Tenants outside the token share one budget: a service must not get a
+            # fresh one, and an audited refusal, for every tenant id it makes up.
+            tenant = "(not served)"
+        limiter.hit(limit, f"who:{principal.actor}:{tenant}")
+    return principal
 
 
 # A verification that may fetch the JWKS runs in a worker thread, so a slow

@@ -145,6 +145,23 @@ class Settings(BaseSettings):
     # The background job refreshes access tokens with less than this left.
     oauth_refresh_ahead_s: int = Field(default=600, ge=60, le=3600)
 
+    # The tenant-admin console (/console). In production users sign in through OpenID
+    # Connect (authorization code with PKCE); the access token the identity provider
+    # issues must be one the API itself accepts (BROKER_JWT_*). Outside production a
+    # dev sign-in mints a token with the HS256 dev key instead.
+    console_oidc_issuer: str | None = None
+    console_oidc_client_id: str | None = None
+    console_oidc_client_secret: SecretStr | None = None
+    console_oidc_scope: str = "openid"
+    # The console's public origin (https://broker.example.com): the OpenID Connect
+    # redirect URI and the Origin every form post must come from. Without it, the
+    # request's own scheme and Host.
+    console_public_url: str | None = None
+    console_session_ttl_s: int = Field(default=8 * 3600, ge=300, le=7 * 24 * 3600)
+    # Stripe.js for the add-card page (the only page whose CSP lets it in).
+    stripe_js_url: str = "https://js.stripe.com/v3/"
+    stripe_publishable_key: str | None = None
+
     @field_validator(
         "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
     )
@@ -192,6 +209,11 @@ class Settings(BaseSettings):
         oauth_urls = [*self.oauth_return_urls, *filter(None, [self.oauth_redirect_base_url])]
         if any(not url.startswith("https://") for url in oauth_urls):
             problems.append("an OAuth callback or return URL is not https (BROKER_OAUTH_*)")
+        console_urls = [*filter(None, [self.console_oidc_issuer, self.console_public_url])]
+        if any(not url.startswith("https://") for url in console_urls):
+            problems.append("a console URL is not https (BROKER_CONSOLE_*)")
+        if not self.stripe_js_url.startswith("https://"):
+            problems.append("Stripe.js is not loaded over https (BROKER_STRIPE_JS_URL)")
         if problems:
             raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
         return self

@@ -242,10 +242,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(BrokerError)
     async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
-            _warn_security_event(request, exc)
-            # First: past the denial limit, the answer becomes a 429.
-            exc = await run_in_threadpool(_record_denial, request, exc)
+        exc = await note_refusal(request, exc)
         headers: dict[str, str] = {}
         if isinstance(exc, UpstreamUnavailable | RateLimited):
             headers["Retry-After"] = str(exc.retry_after)
@@ -304,6 +301,18 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unexpected error", exc_info=exc)
         return problem(500, "Internal error", "the broker failed; the request id identifies it")
+
+
+async def note_refusal(request: Request, exc: BrokerError) -> BrokerError:
+    """Log and audit a 401 or 403 (and a lockout); return the error to answer.
+
+    Past the denial limit the answer becomes a 429. Any other error is returned as is.
+    The API's handler and the console's pages both go through here.
+    """
+    if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
+        _warn_security_event(request, exc)
+        return await run_in_threadpool(_record_denial, request, exc)
+    return exc
 
 
 # A locked-out address keeps failing as fast as it likes: one warning per address per

@@ -332,3 +332,36 @@ class LegacyMigration(SQLModel, table=True):
     finalized_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+
+
+class ConsoleSession(SQLModel, table=True):
+    """One browser's console session: a server-side reference, never a bearer token.
+
+    The cookie holds a random value; only its SHA-256 is kept here, so a copy of this
+    table signs nobody in. A `pending` row belongs to a browser that has not signed in
+    yet (it carries the sign-in form's CSRF token and, for OpenID Connect, the state,
+    nonce and PKCE verifier of the one login under way); `active` rows hold the claims
+    of the token that signed the user in, from which each request rebuilds the
+    principal, and end at that token's expiry at the latest.
+    """
+
+    __tablename__ = "console_sessions"
+
+    id_hash: str = Field(primary_key=True, max_length=64)
+    status: str = Field(max_length=16)  # pending | active
+    csrf_token: str = Field(max_length=64)
+    claims: dict[str, Any] | None = Field(default=None, sa_column=Column(JSONB, nullable=True))
+    tenant_id: str | None = Field(
+        default=None,
+        sa_column=Column(
+            String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True, index=True
+        ),
+    )
+    oidc_state_hash: str | None = Field(default=None, max_length=64)
+    oidc_nonce: str | None = Field(default=None, max_length=64)
+    pkce_verifier: str | None = Field(default=None, max_length=128)
+    next_path: str | None = Field(default=None, max_length=300)
+    created_at: datetime = _ts(nullable=False)
+    expires_at: datetime = Field(
+        sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
+    )

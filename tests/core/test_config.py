@@ -159,6 +159,9 @@ def test_dev_is_the_default_and_tolerates_a_dev_setup() -> None:
             {"oauth_return_urls": "https://app.example.com/ok,http://app.example.com/x"},
             "OAuth callback or return URL is not https",
         ),
+        ({"console_oidc_issuer": "http://idp.internal"}, "console URL is not https"),
+        ({"console_public_url": "http://broker.example.com"}, "console URL is not https"),
+        ({"stripe_js_url": "http://js.stripe.test/v3/"}, "Stripe.js is not loaded over https"),
     ],
 )
 def test_production_refuses_an_unsafe_configuration(

@@ -4,6 +4,8 @@ It follows /work/shared/research/oauth-providers.md:
 
 | path                                  | what                                                  |
 | GET  /admin/oauth/authorize           | consent: 302 to redirect_uri with an HMAC-signed query |
+| GET  /admin/login?shop=...            | a browser signs in to a shop's admin (a cookie)        |
+| POST /admin/oauth/authorize           | the consent page's "Install app": the same 302         |
 | POST /admin/oauth/access_token        | code exchange, refresh, token exchange (form or JSON) |
 | GET  /admin/api/{version}/shop.json   | X-Shopify-Access-Token; 401 when unknown or expired   |
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import json
 import secrets
 import threading
@@ -44,6 +47,9 @@ CODE_TTL_S = 600
 EXCHANGE_REPLAY_S = 7 * 24 * 3600
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"
 OFFLINE_TOKEN_TYPE = "urn:shopify:params:oauth:token-type:offline-access-token"
+# A browser signed in to a shop's admin (GET /admin/login?shop=...) carries this cookie; the
+# consent page then shows that shop, and "Install app" redirects back with a signed query.
+SHOP_COOKIE = "fake_shopify_shop"
 
 
 class FakeClock:
@@ -355,17 +361,36 @@ class FakeShopifyOAuth:
                 "shop": {"id": 548380009, "name": "Demo Shop", "myshopify_domain": found.shop}
             }
 
-    def authorize(self, shop: str, query: dict[str, str]) -> tuple[int, dict[str, str]]:
-        """The merchant approves at once: 302 to the redirect_uri with a signed query."""
+    def refuses(self, query: dict[str, str]) -> bool:
+        """Whether Shopify would refuse this authorization request outright (a 400)."""
         if query.get("client_id") != self.client_id:
-            return 400, {}
+            return True
         redirect_uri = query.get("redirect_uri", "")
         if redirect_uri not in self.allowed_redirect_uris or not query.get("state"):
-            return 400, {}
-        if "grant_options[]" in query:  # online tokens are not what the broker asks for
+            return True
+        return "grant_options[]" in query  # online tokens are not what the broker asks for
+
+    def authorize(self, shop: str, query: dict[str, str]) -> tuple[int, dict[str, str]]:
+        """The merchant approves at once: 302 to the redirect_uri with a signed query."""
+        if self.refuses(query):
             return 400, {}
         params = self.callback_query(shop=shop, state=query["state"])
-        return 302, {"Location": f"{redirect_uri}?{urllib.parse.urlencode(params)}"}
+        return 302, {"Location": f"{query['redirect_uri']}?{urllib.parse.urlencode(params)}"}
+
+    def consent_page(self, shop: str, query: dict[str, str]) -> str:
+        """What a signed-in merchant's browser sees: the app, the shop, the scopes, Install."""
+        fields = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in query.items()
+        )
+        return (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            "<title>Install app</title></head><body>"
+            f"<h1>Install this app on {html.escape(shop)}?</h1>"
+            f"<p>It asks to: {html.escape(query.get('scope', ''))}</p>"
+            f'<form method="post" action="/admin/oauth/authorize">{fields}'
+            '<button type="submit" id="install">Install app</button></form></body></html>'
+        )
 
 
 def _host_param(shop: str) -> str:
@@ -405,18 +430,63 @@ def _make_handler(fake: FakeShopifyOAuth) -> type[BaseHTTPRequestHandler]:
             except OSError:
                 pass
 
+        def _signed_in_shop(self) -> str | None:
+            """The shop whose admin this browser is signed in to (a cookie, as on Shopify)."""
+            for part in (self.headers.get("Cookie") or "").split(";"):
+                name, _, value = part.strip().partition("=")
+                if name == SHOP_COOKIE and value.endswith(".myshopify.com"):
+                    return value
+            return None
+
+        def _page(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+            data = text.encode()
+            self.close_connection = True
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(data)
+            except OSError:
+                pass
+
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            if path == "/admin/oauth/authorize":
-                params = dict(urllib.parse.parse_qsl(query))
+            params = dict(urllib.parse.parse_qsl(query))
+            if path == "/admin/login":
+                # A browser signs in to a shop's admin; the consent page then knows the shop
+                # (on Shopify the host tells it, here every shop shares one address).
+                shop = params.get("shop", "")
+                cookie = f"{SHOP_COOKIE}={shop}; Path=/; HttpOnly; SameSite=Lax"
+                self._page(200, f"<p>Signed in to {html.escape(shop)}</p>", {"Set-Cookie": cookie})
+            elif path == "/admin/oauth/authorize" and self._shop().endswith(".myshopify.com"):
                 status, headers = fake.authorize(self._shop(), params)
                 self._send(status, {}, headers)
+            elif path == "/admin/oauth/authorize":
+                shop = self._signed_in_shop()
+                if shop is None or fake.refuses(params):
+                    self._page(400, "<p>Log in to your store first, or a bad request.</p>")
+                else:
+                    self._page(200, fake.consent_page(shop, params))
             elif path.startswith("/admin/api/") and path.endswith("/shop.json"):
                 self._send(*fake.admin_api(self.headers.get("X-Shopify-Access-Token")))
             else:
                 self._send(404, {"errors": "Not Found"})
 
         def do_POST(self) -> None:
+            if self.path == "/admin/oauth/authorize":
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                shop = self._signed_in_shop()
+                if shop is None:
+                    self._page(400, "<p>Log in to your store first.</p>")
+                    return
+                status, headers = fake.authorize(shop, form)  # the merchant clicked Install
+                self._send(status, {}, headers)
+                return
             if self.path != "/admin/oauth/access_token":
                 self._send(404, {"errors": "Not Found"})
                 return

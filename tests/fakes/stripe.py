@@ -15,6 +15,9 @@ parameters is a 400 ``idempotency_error``) and unknown parameters refused.
 | POST   | /v1/payment_methods/{id}/attach       |
 | POST   | /v1/payment_methods/{id}/detach       |
 | POST   | /v1/setup_intents                     |
+| POST   | /v1/payment_methods                   | publishable key: what Stripe.js sends     |
+| POST   | /v1/setup_intents/{id}/confirm        | publishable key and the client secret     |
+| GET    | /v3/, /v3/elements/card(.js)          | Stripe.js stand-in (fakes/stripe_js.py)   |
 
 Stripe behaviours kept on purpose, since the broker must cope with them:
 
@@ -50,6 +53,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
+
+from tests.fakes.stripe_js import ASSETS
 
 UPSTREAM_DETAIL = "fake-stripe-internal-detail-8d41"
 """Planted in every 5xx and 429 body, so tests can prove it never reaches the caller."""
@@ -156,6 +161,9 @@ class FakeStripe:
     def __init__(self, *, secret_key: str | None = None) -> None:
         # Made up at runtime, so no realistic-looking key is committed.
         self.secret_key = secret_key or "sk_test_" + secrets.token_hex(16)
+        # What a browser's Stripe.js uses: it may only create payment methods and confirm
+        # SetupIntents whose client secret it holds.
+        self.publishable_key = "pk_test_" + secrets.token_hex(12)
         self.requests: list[StripeRequest] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -226,6 +234,11 @@ class FakeStripe:
         if not self._port:
             raise RuntimeError("FakeStripe is not running")
         return f"http://127.0.0.1:{self._port}"
+
+    @property
+    def js_url(self) -> str:
+        """Where the Stripe.js stand-in is served (the fake's `https://js.stripe.com/v3/`)."""
+        return f"{self.base_url}/v3/"
 
     # ------------------------------------------------------------- seeding
 
@@ -442,7 +455,15 @@ class FakeStripe:
                 "Authorization header, using Bearer auth (e.g. 'Authorization: Bearer "
                 "YOUR_SECRET_KEY').",
             )
-        if not secrets.compare_digest(presented, self.secret_key):
+        publishable = secrets.compare_digest(presented, self.publishable_key)
+        if publishable and not _publishable_may(method, path):
+            return _error(
+                401,
+                "invalid_request_error",
+                "This API call cannot be made with a publishable API key. Please use a "
+                "secret API key.",
+            )
+        if not publishable and not secrets.compare_digest(presented, self.secret_key):
             # Stripe masks all but the prefix and the last four characters.
             masked = presented[:8] + "*" * max(0, len(presented) - 12) + presented[-4:]
             return _error(401, "invalid_request_error", f"Invalid API Key provided: {masked}")
@@ -488,6 +509,10 @@ class FakeStripe:
                 return self._detach(pm_id, params)
             case "POST", ["v1", "setup_intents"]:
                 return self._create_setup_intent(params, version)
+            case "POST", ["v1", "payment_methods"]:
+                return self._create_card(params)
+            case "POST", ["v1", "setup_intents", intent_id, "confirm"]:
+                return self._confirm_setup_intent(intent_id, params)
         return _error(
             404,
             "invalid_request_error",
@@ -648,6 +673,73 @@ class FakeStripe:
         self._detached.add(pm_id)
         return _Answer(200, method)
 
+    def _create_card(self, params: dict[str, Any]) -> _Answer:
+        """What Stripe.js does with a typed card: a payment method, checked like Stripe does."""
+        if (
+            refused := _unknown(params, frozenset({"type", "card", "billing_details"}))
+        ) is not None:
+            return refused
+        if params.get("type") != "card":
+            return _error(400, "invalid_request_error", "Invalid type", param="type")
+        card = params.get("card") or {}
+        number = str(card.get("number", ""))
+        if not (number.isdigit() and 13 <= len(number) <= 19 and _luhn(number)):
+            return _card_error("incorrect_number", "Your card number is incorrect.", "number")
+        month, year = str(card.get("exp_month", "")), str(card.get("exp_year", ""))
+        if not (month.isdigit() and 1 <= int(month) <= 12):
+            return _card_error(
+                "invalid_expiry_month", "Your card's expiration month is invalid.", "exp_month"
+            )
+        if not (year.isdigit() and int(year) >= time.gmtime().tm_year):
+            return _card_error(
+                "invalid_expiry_year", "Your card's expiration year is invalid.", "exp_year"
+            )
+        cvc = str(card.get("cvc", ""))
+        if not (cvc.isdigit() and len(cvc) in (3, 4)):
+            return _card_error("invalid_cvc", "Your card's security code is invalid.", "cvc")
+        method = self._new_payment_method("card")
+        method["card"] = {
+            "brand": _brand(number),
+            "exp_month": int(month),
+            "exp_year": int(year),
+            "last4": number[-4:],
+            "country": "US",
+            "funding": "credit",
+            "fingerprint": _random_id("", 16),
+        }
+        self._payment_methods[method["id"]] = method
+        if number == DECLINED_CARD:
+            self._declines[method["id"]] = "generic_decline"
+        return _Answer(200, method)
+
+    def _confirm_setup_intent(self, intent_id: str, params: dict[str, Any]) -> _Answer:
+        """Confirm with a payment method: on success it is attached to the intent's customer."""
+        allowed = frozenset({"payment_method", "client_secret", "expand", "return_url"})
+        if (refused := _unknown(params, allowed)) is not None:
+            return refused
+        intent = self._setup_intents.get(intent_id)
+        secret = str(params.get("client_secret", ""))
+        if intent is None or not secrets.compare_digest(secret, intent["client_secret"]):
+            return _missing("setup_intent", intent_id, "intent")
+        pm_id = str(params.get("payment_method", ""))
+        method = self._payment_methods.get(pm_id)
+        if method is None:
+            return _missing("PaymentMethod", pm_id, "payment_method")
+        if pm_id in self._declines:
+            return _error(
+                402,
+                "card_error",
+                DECLINE_MESSAGE,
+                code="card_declined",
+                decline_code=self._declines[pm_id],
+                setup_intent=intent,
+            )
+        if intent["customer"] is not None:
+            method["customer"] = intent["customer"]
+        intent["payment_method"] = pm_id
+        intent["status"] = "succeeded"
+        return _Answer(200, intent)
+
     def _create_setup_intent(self, params: dict[str, Any], version: str | None) -> _Answer:
         if (refused := _unknown(params, _SETUP_INTENT_PARAMS)) is not None:
             return refused
@@ -714,6 +806,43 @@ class FakeStripe:
         return _Answer(200, intent)
 
 
+def _publishable_may(method: str, path: str) -> bool:
+    """What a publishable key may do here: create a card, confirm a SetupIntent."""
+    parts = path.strip("/").split("/")
+    return method == "POST" and (
+        parts == ["v1", "payment_methods"]
+        or (len(parts) == 4 and parts[:2] == ["v1", "setup_intents"] and parts[3] == "confirm")
+    )
+
+
+def _luhn(number: str) -> bool:
+    total = 0
+    for position, char in enumerate(reversed(number)):
+        digit = int(char)
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
+
+
+def _brand(number: str) -> str:
+    if number.startswith("4"):
+        return "visa"
+    if number[:2] in {"51", "52", "53", "54", "55"} or "2221" <= number[:4] <= "2720":
+        return "mastercard"
+    if number[:2] in {"34", "37"}:
+        return "amex"
+    return "unknown"
+
+
+# Stripe's test card that is declined when it is used (attached or confirmed).
+DECLINED_CARD = "4000000000000002"
+
+
+def _card_error(code: str, message: str, param: str) -> _Answer:
+    return _error(402, "card_error", message, code=code, param=param)
+
+
 def _unknown(params: dict[str, Any], allowed: frozenset[str]) -> _Answer | None:
     extra = sorted(set(params) - allowed)
     if not extra:
@@ -773,6 +902,9 @@ def _make_handler(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:
             self._serve("DELETE")
 
         def _serve(self, method: str) -> None:
+            if method == "GET" and self.path.split("?", 1)[0] in ASSETS:
+                self._asset(*ASSETS[self.path.split("?", 1)[0]])
+                return
             headers = {name.lower(): value for name, value in self.headers.items()}
             length = int(headers.get("content-length") or 0)
             body = self.rfile.read(length).decode("utf-8") if length else ""
@@ -795,5 +927,18 @@ def _make_handler(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:
                 self.wfile.write(payload)
             except OSError:
                 pass  # the client gave up (a timeout test)
+
+        def _asset(self, content_type: str, text: str) -> None:
+            payload = text.encode()
+            self.close_connection = True
+            try:
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.wfile.write(payload)
+            except OSError:
+                pass
 
     return Handler

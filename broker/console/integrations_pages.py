@@ -1,0 +1,332 @@
+"""Integrations pages: status and hints, paste-and-test, OAuth connect, versions, disconnect.
+
+Secrets are write-only here as in the API: a form takes them, the page shows the masked
+hints the service returns, and a secret is never put back into a form, not even after
+a failed test.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Request
+from pydantic import ValidationError
+from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from broker.console.access import Visitor, form, page
+from broker.console.rendering import ConsoleRoute, render, see_other
+from broker.console.security import Policy, origin_of
+from broker.core.errors import PreconditionFailed, ValidationFailed
+from broker.deps import EngineDep, VaultDep
+from broker.integrations import oauth, service
+from broker.integrations.providers import PROVIDERS, ProviderSpec, get_provider
+from broker.integrations.routes import Manager, Viewer, Writer
+from broker.integrations.schemas import ConnectRequest, IntegrationView, TestResult, VersionView
+from broker.settings.service import own_tenant
+
+router = APIRouter(
+    prefix="/console/integrations", route_class=ConsoleRoute, include_in_schema=False
+)
+
+PageViewer = Annotated[Visitor, page(Viewer)]
+FormWriter = Annotated[Visitor, form(Writer)]
+VersionNumber = Annotated[int, Path(ge=1, le=1_000_000)]
+
+OUTCOMES = {
+    "connected": "Connected. The broker now keeps the access token fresh by itself.",
+    "refused": "The provider did not confirm the connection. Try connecting again.",
+    "failed": "The connection could not be completed. Try again in a moment.",
+}
+_REASON = re.compile(r"[a-z_]{1,40}")
+_SAMPLE = "console-csp-sample"
+
+
+def _outbound(request: Request) -> service.Outbound:
+    outbound: service.Outbound = request.app.state.outbound
+    return outbound
+
+
+def consent_origins(request: Request) -> tuple[str, ...]:
+    """Where the connect forms' redirects lead: each OAuth provider's consent page.
+
+    Shopify's lives on the shop's own host, so the policy names `https://*.myshopify.com`.
+    """
+    found = []
+    endpoints = _outbound(request).endpoints
+    for spec in PROVIDERS.values():
+        if spec.oauth is None or spec.oauth.flow != "redirect":
+            continue
+        url = spec.oauth.authorize_url(endpoints, f"{_SAMPLE}.myshopify.com")
+        found.append(origin_of(url).replace(_SAMPLE, "*"))
+    return tuple(found)
+
+
+def health(view: IntegrationView) -> tuple[str, str]:
+    """A one-word state and its explanation, from what the broker records today.
+
+    Issue 16's health checks will feed this; the page shows whatever it returns.
+    """
+    if not view.configured:
+        return "not-connected", "Not connected"
+    if view.needs_reconnect:
+        return "attention", "Needs reconnecting: the provider no longer accepts the grant"
+    if view.sync_pending:
+        return "pending", "A change is being confirmed with the vault"
+    if view.last_test is None:
+        return "unknown", "Not tested yet" if not view.connection_test_skipped else "Saved untested"
+    if not view.last_test.ok:
+        return "attention", f"Last test failed: {view.last_test.reason}"
+    return "ok", "Working (last test passed)"
+
+
+def _views(engine: Engine, vault: Any, tenant_id: str) -> list[IntegrationView]:
+    rows = service.list_integrations(engine, vault, tenant_id=tenant_id)
+    return [IntegrationView.of(spec, row) for spec, row in rows]
+
+
+@router.get("", name="console_integrations")
+def integrations(
+    request: Request, engine: EngineDep, vault: VaultDep, visitor: PageViewer
+) -> Response:
+    """Every provider: state, hints, version, age and expiry."""
+    views = _views(engine, vault, own_tenant(visitor.principal))
+    outcome = request.query_params.get("outcome")
+    reason = request.query_params.get("reason") or ""
+    return render(
+        request,
+        "integrations/index.html",
+        visitor=visitor,
+        views=[(view, health(view)) for view in views],
+        outcome=OUTCOMES.get(outcome or ""),
+        outcome_ok=outcome == "connected",
+        reason=reason if _REASON.fullmatch(reason) else "",
+    )
+
+
+@router.get("/{provider}", name="console_integration")
+def integration(
+    provider: str, request: Request, engine: EngineDep, vault: VaultDep, visitor: PageViewer
+) -> Response:
+    """One provider: its state and hints, and (for managers) its forms and versions."""
+    return _provider_page(request, engine, vault, visitor, get_provider(provider))
+
+
+def _provider_page(
+    request: Request,
+    engine: Engine,
+    vault: Any,
+    visitor: Visitor,
+    spec: ProviderSpec,
+    *,
+    status: int = 200,
+    test: TestResult | None = None,
+    error: str | None = None,
+    field_errors: dict[str, str] | None = None,
+    identifiers: dict[str, str] | None = None,
+) -> Response:
+    tenant_id = own_tenant(visitor.principal)
+    view = next(v for v in _views(engine, vault, tenant_id) if v.provider == spec.name)
+    may_manage = visitor.may(Manager)
+    kept: list[VersionView] = []
+    if may_manage and view.version:
+        found = service.versions(vault, tenant_id=tenant_id, provider=spec.name)
+        kept = sorted((VersionView.model_validate(v) for v in found), key=lambda v: -v.version)
+    connect = spec.oauth is not None and spec.oauth.flow == "redirect"
+    return render(
+        request,
+        "integrations/provider.html",
+        visitor=visitor,
+        status=status,
+        policy=Policy(form_targets=consent_origins(request)) if connect else Policy(),
+        spec=spec,
+        view=view,
+        state=health(view),
+        may_manage=may_manage,
+        may_write=visitor.may(Writer),
+        connect=connect,
+        # Paste-and-test for key-based providers; OAuth ones connect instead.
+        paste=not connect and spec.oauth is None,
+        versions=kept,
+        test=test,
+        error=error,
+        field_errors=field_errors or {},
+        # Non-secret identifiers (a store URL) prefill the form; secrets never do.
+        identifiers=identifiers or view.identifiers,
+        saved=request.query_params.get("done"),
+    )
+
+
+@router.post("/{provider}/credentials", name="console_integration_credentials")
+async def paste_credentials(
+    provider: str, request: Request, engine: EngineDep, vault: VaultDep, visitor: FormWriter
+) -> Response:
+    """Test pasted credentials, or test and save them (the service tests before storing)."""
+    spec = get_provider(provider)
+    posted = await request.form()
+    fields = {
+        f.name: value
+        for f in spec.fields
+        if isinstance(value := posted.get(f"field.{f.name}"), str) and value.strip()
+    }
+    # Non-secret values may be shown again; secrets never are.
+    identifiers = {f.name: fields[f.name] for f in spec.fields if not f.secret and f.name in fields}
+    action = posted.get("action")
+    tenant_id = own_tenant(visitor.principal)
+    principal = visitor.principal
+    outbound = _outbound(request)
+    try:
+        if action == "test":
+            result = await run_in_threadpool(
+                lambda: service.run_connection_test(
+                    engine,
+                    vault,
+                    outbound,
+                    principal=principal,
+                    tenant_id=tenant_id,
+                    provider=spec.name,
+                    fields=fields,
+                )
+            )
+            return await run_in_threadpool(
+                lambda: _provider_page(
+                    request,
+                    engine,
+                    vault,
+                    visitor,
+                    spec,
+                    test=TestResult.of(result),
+                    identifiers=identifiers,
+                )
+            )
+        version = str(posted.get("version") or "")
+        await run_in_threadpool(
+            lambda: service.save_credentials(
+                engine,
+                vault,
+                outbound,
+                principal=principal,
+                tenant_id=tenant_id,
+                provider=spec.name,
+                fields=fields,
+                if_match=service.etag_of(int(version)) if version.isdigit() else None,
+                skip_connection_test=False,
+            )
+        )
+    except ValidationFailed as invalid:
+        message = invalid.message
+        failed = invalid.extra.get("connection_test")
+        test = None
+        if isinstance(failed, dict):
+            test = TestResult(ok=False, code=failed["code"], reason=failed["reason"])
+        errors = {
+            str(e.get("field", "")).removeprefix("fields."): str(e.get("message", ""))
+            for e in invalid.extra.get("errors") or []
+        }
+        return await run_in_threadpool(
+            lambda: _provider_page(
+                request,
+                engine,
+                vault,
+                visitor,
+                spec,
+                status=422,
+                test=test,
+                error=None if test else message,
+                field_errors=errors,
+                identifiers=identifiers,
+            )
+        )
+    except PreconditionFailed:
+        message = "These credentials were changed by someone else meanwhile. Reload and retry."
+        return await run_in_threadpool(
+            lambda: _provider_page(request, engine, vault, visitor, spec, status=412, error=message)
+        )
+    return see_other(f"/console/integrations/{spec.name}?done=saved")
+
+
+@router.post("/{provider}/connect", name="console_integration_connect")
+async def connect(provider: str, request: Request, visitor: FormWriter) -> Response:
+    """Start the provider's consent: a single-use state, then off to the provider."""
+    spec = get_provider(provider)
+    posted = await request.form()
+    try:
+        body = ConnectRequest(shop=str(posted.get("shop") or "").strip().lower())
+    except ValidationError:
+        raise ValidationFailed("the shop must be a domain like example.myshopify.com") from None
+    access: oauth.OAuthAccess = request.app.state.oauth
+    found = await run_in_threadpool(
+        lambda: oauth.start_connect(
+            access,
+            principal=visitor.principal,
+            tenant_id=own_tenant(visitor.principal),
+            provider=spec.name,
+            account=body.shop,
+            return_url=_return_url(access),
+        )
+    )
+    return see_other(found.url)
+
+
+def _return_url(access: oauth.OAuthAccess) -> str | None:
+    """The platform's allowed return URL that is this console's integrations page, if any."""
+    for url in access.return_urls:
+        if url.rstrip("/").endswith("/console/integrations"):
+            return url
+    return None
+
+
+@router.post("/{provider}/versions/{version}/restore", name="console_integration_restore")
+async def restore(
+    provider: str,
+    version: VersionNumber,
+    request: Request,
+    engine: EngineDep,
+    vault: VaultDep,
+    visitor: FormWriter,
+) -> Response:
+    """Make an earlier version current again (tested first, like a save)."""
+    spec = get_provider(provider)
+    if_match = await _if_match(request)
+    outbound = _outbound(request)
+    await run_in_threadpool(
+        lambda: service.restore_version(
+            engine,
+            vault,
+            outbound,
+            principal=visitor.principal,
+            tenant_id=own_tenant(visitor.principal),
+            provider=spec.name,
+            version=version,
+            if_match=if_match,
+        )
+    )
+    return see_other(f"/console/integrations/{spec.name}?done=restored")
+
+
+@router.post("/{provider}/disconnect", name="console_integration_disconnect")
+async def disconnect(
+    provider: str, request: Request, engine: EngineDep, vault: VaultDep, visitor: FormWriter
+) -> Response:
+    """Remove the current credentials; earlier versions stay restorable."""
+    spec = get_provider(provider)
+    if_match = await _if_match(request)
+    await run_in_threadpool(
+        lambda: service.delete_credentials(
+            engine,
+            vault,
+            principal=visitor.principal,
+            tenant_id=own_tenant(visitor.principal),
+            provider=spec.name,
+            if_match=if_match,
+        )
+    )
+    return see_other(f"/console/integrations/{spec.name}?done=disconnected")
+
+
+async def _if_match(request: Request) -> str | None:
+    """The version the page showed: a change made meanwhile by someone else is refused."""
+    version = str((await request.form()).get("version") or "")
+    return service.etag_of(int(version)) if version.isdigit() else None
