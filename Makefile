@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench fuzz clean system-deps
+.PHONY: dev test lint bench fuzz clean system-deps bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,26 +20,37 @@ test: $(STAMP) system-deps
 	$(BIN)/python -m pytest -q
 
 # System packages the tests need, installed with apt where we are root on Debian: Redis
-# (the shared rate limits; without it that test skips), and Chromium with its driver (the
+# (the shared rate limits; without it that test skips), Chromium with its driver (the
 # console's browser tests; nothing downloads a browser at run time, so without them those
-# tests fail and say what to install). Each entry is package:command, since a package's
-# command may have another name (chromium-driver installs chromedriver).
-SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium chromium-driver:chromedriver
+# tests fail and say what to install) and wrk (the bench's own test). Each entry is
+# package:command, since a package's command may have another name (chromium-driver
+# installs chromedriver).
+SYSTEM_PACKAGES := redis-server:redis-server chromium:chromium chromium-driver:chromedriver wrk:wrk
 system-deps:
-	@missing=""; for entry in $(SYSTEM_PACKAGES); do \
-	  command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
-	if [ -n "$$missing" ]; then \
-	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "installing system packages:$$missing"; \
-	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; } \
-	      || echo "could not install$$missing (the tests that need them will skip or fail)"; \
-	  else \
-	    echo "not installed:$$missing (install them; the tests that need them will skip or fail)"; \
-	  fi; \
-	fi
+	@$(call apt_install,$(SYSTEM_PACKAGES),the tests that need them will skip or fail)
+
+# wrk, the load generator for the broker and the Vault floor alike (C, not Python).
+bench-deps:
+	@$(call apt_install,wrk:wrk,make bench needs it)
+
+# $(call apt_install,package:command ...,what happens without them): installs with apt,
+# where we are root, the packages whose command is not on PATH.
+define apt_install
+missing=""; for entry in $(1); do \
+  command -v $${entry#*:} >/dev/null 2>&1 || missing="$$missing $${entry%%:*}"; done; \
+if [ -n "$$missing" ]; then \
+  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+    echo "installing system packages:$$missing"; \
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends$$missing >/dev/null; } \
+      || echo "could not install$$missing ($(2))"; \
+  else \
+    echo "not installed:$$missing (install them; $(2))"; \
+  fi; \
+fi
+endef
 
 # Figures, not assertions: see bench/README.md. BENCH_QUICK=1 for a smoke run.
-bench: $(STAMP)
+bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.run
 
 # A long property-based run against the OpenAPI document, before a release.
