@@ -16,7 +16,9 @@ fake's own `clock`, which tests move forward. With `expiring=1` an access token 
 for a shop (code exchange, token exchange) retires every older refresh token. Token
 exchange revokes the pasted token it is given and, repeated with it within 7 days,
 answers the same set until that set is refreshed. `lose_next_refresh_reply` and
-`lose_next_exchange_reply` make the next such request take effect and then hang up.
+`lose_next_exchange_reply` make the next such request take effect and then hang up;
+`refresh_reply_delay_s`, or clearing `refresh_replies`, holds a refresh's answer after it
+has rotated (`refresh_rotated` is set then), so a test can kill the process waiting for it.
 
 Nothing is logged; tokens live in memory only.
 """
@@ -131,6 +133,10 @@ class FakeShopifyOAuth:
         # or time for a test to kill the process waiting for the answer).
         self.refresh_reply_delay_s = 0.0
         self.refresh_rotated = threading.Event()
+        # Cleared: refresh replies wait (after rotating) until it is set again, so a test
+        # can hold refreshes in flight until something else has happened.
+        self.refresh_replies = threading.Event()
+        self.refresh_replies.set()
         self._stop = threading.Event()
         self._exchanged: dict[str, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()
@@ -430,6 +436,10 @@ def _make_handler(fake: FakeShopifyOAuth) -> type[BaseHTTPRequestHandler]:
             if form.get("grant_type") == "refresh_token" and fake.refresh_reply_delay_s:
                 if fake._stop.wait(fake.refresh_reply_delay_s):
                     return
+            if form.get("grant_type") == "refresh_token":
+                while not fake.refresh_replies.wait(0.05):
+                    if fake._stop.is_set():
+                        return
             if body is None:
                 # The refresh happened; its answer never arrives.
                 self.close_connection = True
