@@ -143,6 +143,7 @@ class FakeShopifyOAuth:
         self._codes: dict[str, tuple[str, float]] = {}
         self._used_codes: set[str] = set()
         self._access: dict[str, _Access] = {}
+        self._issued: set[str] = set()
         self._shops: dict[str, _Shop] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -205,6 +206,7 @@ class FakeShopifyOAuth:
         with self._lock:
             token = "shpat_" + secrets.token_hex(16)
             self._access[token] = _Access(shop, None)
+            self._issued.add(token)
             return token
 
     def token_valid(self, token: str) -> bool:
@@ -217,6 +219,11 @@ class FakeShopifyOAuth:
         with self._lock:
             state = self._shops.get(shop)
             return state is not None and token in (state.current, state.parent)
+
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token this fake has issued, for canary scans."""
+        with self._lock:
+            return set(self._issued)
 
     def revoke_grant(self, shop: str) -> None:
         """The merchant uninstalled the app: every refresh token of the shop dies."""
@@ -243,6 +250,7 @@ class FakeShopifyOAuth:
         refresh = "shprt_" + secrets.token_hex(16)
         self._access[access] = _Access(shop, now + self.access_ttl_s)
         state.refresh_expiry[refresh] = now + REFRESH_TTL_S
+        self._issued.update((access, refresh))
         return {
             "access_token": access,
             "scope": state.scope or self.granted_scopes,
@@ -258,6 +266,7 @@ class FakeShopifyOAuth:
         if not expiring:
             token = "shpat_" + secrets.token_hex(16)
             self._access[token] = _Access(shop, None)
+            self._issued.add(token)
             return {"access_token": token, "scope": self.granted_scopes}
         pair = self._new_pair(shop, state)
         state.current = pair["refresh_token"]
