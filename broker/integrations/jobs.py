@@ -102,7 +102,11 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     )
     outbound = outbound_for(shared.settings)
     access = oauth_access_for(
-        shared.settings, engine=shared.engine, vault=shared.vault, outbound=outbound
+        shared.settings,
+        engine=shared.engine,
+        vault=shared.vault,
+        outbound=outbound,
+        clock=shared.clock,
     )
     worker = Principal(subject="broker-worker", kind="service", scopes=frozenset())
     ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from procrastinate import App, JobContext, PsycopgConnector
@@ -11,6 +13,7 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
 
 # Modules whose import registers tasks. The worker imports them all, so a job
@@ -45,11 +48,15 @@ app = App(
 
 @dataclass(frozen=True)
 class JobResources:
-    """What a worker shares with the jobs it runs: settings, database and Vault."""
+    """What a worker shares with the jobs it runs: settings, database, Vault and the time.
+
+    `clock` is the time jobs judge expiries by: the real one, or a test's.
+    """
 
     settings: Settings
     engine: Engine
     vault: VaultGateway
+    clock: Callable[[], datetime] = utcnow
 
 
 def resources(context: JobContext) -> JobResources:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 
 from fastapi import FastAPI
 from procrastinate.app import WorkerOptions
@@ -15,6 +16,7 @@ from broker.core.config import ConfigurationError, Settings
 from broker.core.db import make_engine
 from broker.jobs.app import JobResources, app, conninfo
 from broker.jobs.housekeeping import schedule_stall_check
+from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
 
 log = logging.getLogger(__name__)
@@ -27,8 +29,11 @@ async def run_worker(
     concurrency: int | None = None,
     name: str | None = None,
     install_signal_handlers: bool = True,
+    clock: Callable[[], datetime] = utcnow,
 ) -> None:
     """Run jobs from `queues` (all when None) until stopped by SIGTERM/SIGINT or cancellation.
+
+    `clock` is the time jobs judge expiries by (tests hand in their own).
 
     Stopping is graceful: no new job starts and running ones finish. A worker
     killed before that (a supervisor's timeout) leaves them to the stall check,
@@ -61,7 +66,7 @@ async def run_worker(
         "update_heartbeat_interval": settings.jobs_heartbeat_s,
         "stalled_worker_timeout": settings.jobs_stalled_after_s,
         "fetch_job_polling_interval": settings.jobs_poll_interval_s,
-        "additional_context": {"resources": JobResources(settings, engine, vault)},
+        "additional_context": {"resources": JobResources(settings, engine, vault, clock)},
     }
     if queues:  # none given: every queue
         options["queues"] = list(queues)
