@@ -50,7 +50,6 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import free_port
 from broker.devstack.stack import start_dev_stack
-from broker.integrations.jobs import REFRESH_BATCH
 from broker.tenants.keys import rotate_tenant_key
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
@@ -788,7 +787,7 @@ class Bench:
             "during_fetch": windows,
             "refreshes_by_actor": by_actor,
             "fake_refresh_calls": self.shopify.refresh_calls,
-            "job_batch": REFRESH_BATCH,
+            "job_batch": self.settings.oauth_refresh_batch,
         }
 
     def legacy(self) -> dict[str, Any]:

@@ -144,6 +144,9 @@ class Settings(BaseSettings):
     oauth_refresh_lock_timeout_s: float = Field(default=12.0, gt=0, le=30)
     # The background job refreshes access tokens with less than this left.
     oauth_refresh_ahead_s: int = Field(default=600, ge=60, le=3600)
+    # Credentials one run of that job takes at most; a full run that made progress
+    # queues the next at once, so a larger backlog drains back to back.
+    oauth_refresh_batch: int = Field(default=500, ge=1, le=10_000)
 
     # The tenant-admin console (/console). In production users sign in through OpenID
     # Connect (authorization code with PKCE); the access token the identity provider

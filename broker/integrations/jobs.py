@@ -29,8 +29,6 @@ log = logging.getLogger(__name__)
 
 RECONCILE_PENDING = "integrations.reconcile_pending"
 REFRESH_DUE = "integrations.refresh_due_tokens"
-# Credentials one run refreshes at most; a full run queues the next one at once.
-REFRESH_BATCH = 500
 # As many as the refresh gate lets through in one process (RefreshGate default):
 # more threads would only wait on it and time out as failures.
 REFRESH_THREADS = 4
@@ -104,10 +102,16 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     )
     outbound = outbound_for(shared.settings)
     access = oauth_access_for(
-        shared.settings, engine=shared.engine, vault=shared.vault, outbound=outbound
+        shared.settings,
+        engine=shared.engine,
+        vault=shared.vault,
+        outbound=outbound,
+        clock=shared.clock,
     )
     worker = Principal(subject="broker-worker", kind="service", scopes=frozenset())
     ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)
+    # At most this many per provider in one run; a full batch queues the next run at once.
+    batch = shared.settings.oauth_refresh_batch
     refreshed = failed = 0
     full = False
 
@@ -137,9 +141,9 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
                     shared.engine,
                     provider=provider,
                     before=access.clock() + ahead,
-                    limit=REFRESH_BATCH,
+                    limit=batch,
                 )
-                full = full or len(due) >= REFRESH_BATCH
+                full = full or len(due) >= batch
                 runs = [
                     pool.submit(contextvars.copy_context().run, refresh, provider, tenant_id)
                     for tenant_id in due

@@ -366,6 +366,17 @@ def start_connect(
     if return_url is None:
         return_url = access.return_urls[0]
     elif return_url not in access.return_urls:
+        # An open-redirect attempt, or a misconfigured platform: either way, on record
+        # (without the URL, which the request chose).
+        trail.record_separately(
+            access.engine,
+            action="integration.oauth.start",
+            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            outcome="denied",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": "return_url_not_allowed", "account": account},
+        )
         raise ValidationFailed(
             "return_url is not one of the platform's configured return URLs",
             errors=[{"field": "return_url", "message": "not an allowed return URL"}],

@@ -53,7 +53,10 @@ app = App(
 
 @dataclass(frozen=True)
 class JobResources:
-    """What a worker shares with the jobs it runs: settings, database and Vault."""
+    """What a worker shares with the jobs it runs: settings, database, Vault and the time.
+
+    `clock` is the time jobs judge expiries by: the real one, or a test's.
+    """
 
     settings: Settings
     engine: Engine

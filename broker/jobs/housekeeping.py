@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 from procrastinate import JobContext, exceptions
+from procrastinate.jobs import Job, Status
+from procrastinate.manager import QUEUEING_LOCK_CONSTRAINT, JobManager
 
 from broker.jobs.app import JOBS_QUEUE, app, resources
 
@@ -26,6 +28,14 @@ async def retry_stalled(context: JobContext, timestamp: int) -> int:
     for job in stalled:
         try:
             await manager.retry_job(job)
+        except exceptions.UniqueViolation as exc:
+            if exc.constraint_name != QUEUEING_LOCK_CONSTRAINT:
+                continue
+            # Another job of its queueing lock is already waiting (the next periodic tick,
+            # a re-queue): it does the same work. Left as it is, this one would hold its
+            # `lock` for ever and keep that waiting job from ever starting.
+            await _give_up(manager, job)
+            continue
         except exceptions.ConnectorException:
             # Another check retried it first, or it finished meanwhile.
             continue
@@ -35,6 +45,18 @@ async def retry_stalled(context: JobContext, timestamp: int) -> int:
             extra={"fields": {"job_id": job.id, "task": job.task_name}},
         )
     return retried
+
+
+async def _give_up(manager: JobManager, job: Job) -> None:
+    """Mark a stalled job failed, freeing its lock for the job waiting in its place."""
+    try:
+        await manager.finish_job(job, status=Status.FAILED, delete_job=False)
+    except exceptions.ConnectorException:
+        return  # another check got to it first
+    log.warning(
+        "a stalled job was superseded by one waiting with its queueing lock",
+        extra={"fields": {"job_id": job.id, "task": job.task_name}},
+    )
 
 
 def schedule_stall_check(every_s: int) -> None:

@@ -34,6 +34,8 @@ async def run_worker(
 ) -> None:
     """Run jobs from `queues` (all when None) until stopped by SIGTERM/SIGINT or cancellation.
 
+    `clock` is the time jobs judge expiries by (tests hand in their own).
+
     Stopping is graceful: no new job starts and running ones finish. A worker
     killed before that (a supervisor's timeout) leaves them to the stall check,
     which retries them on another worker; so no job is lost either way.

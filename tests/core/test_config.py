@@ -71,6 +71,16 @@ def test_prefixed_environment_variables_are_read(monkeypatch: pytest.MonkeyPatch
     assert settings.jwt_algorithms == ["RS256", "ES256"]
 
 
+def test_the_refresh_batch_is_read_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings(_env_file=None).oauth_refresh_batch == 500
+    monkeypatch.setenv("BROKER_OAUTH_REFRESH_BATCH", "2")
+    assert Settings(_env_file=None).oauth_refresh_batch == 2
+    for bad in ("0", "-5", "10001", "lots"):
+        monkeypatch.setenv("BROKER_OAUTH_REFRESH_BATCH", bad)
+        with pytest.raises(ValueError, match="oauth_refresh_batch"):
+            Settings(_env_file=None)
+
+
 def test_unprefixed_variables_are_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9999")
     monkeypatch.setenv("VAULT_ADDRS", "https://elsewhere:8200")

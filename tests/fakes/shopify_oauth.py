@@ -18,7 +18,9 @@ fake's own `clock`, which tests move forward. With `expiring=1` an access token 
 for a shop (code exchange, token exchange) retires every older refresh token. Token
 exchange revokes the pasted token it is given and, repeated with it within 7 days,
 answers the same set until that set is refreshed. `lose_next_refresh_reply` and
-`lose_next_exchange_reply` make the next such request take effect and then hang up.
+`lose_next_exchange_reply` make the next such request take effect and then hang up;
+`refresh_reply_delay_s`, or clearing `refresh_replies`, holds a refresh's answer after it
+has rotated (`refresh_rotated` is set then), so a test can kill the process waiting for it.
 
 Nothing is logged; tokens live in memory only.
 """
@@ -137,12 +139,17 @@ class FakeShopifyOAuth:
         # or time for a test to kill the process waiting for the answer).
         self.refresh_reply_delay_s = 0.0
         self.refresh_rotated = threading.Event()
+        # Cleared: refresh replies wait (after rotating) until it is set again, so a test
+        # can hold refreshes in flight until something else has happened.
+        self.refresh_replies = threading.Event()
+        self.refresh_replies.set()
         self._stop = threading.Event()
         self._exchanged: dict[str, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()
         self._codes: dict[str, tuple[str, float]] = {}
         self._used_codes: set[str] = set()
         self._access: dict[str, _Access] = {}
+        self._issued: set[str] = set()
         self._shops: dict[str, _Shop] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -205,6 +212,7 @@ class FakeShopifyOAuth:
         with self._lock:
             token = "shpat_" + secrets.token_hex(16)
             self._access[token] = _Access(shop, None)
+            self._issued.add(token)
             return token
 
     def token_valid(self, token: str) -> bool:
@@ -217,6 +225,11 @@ class FakeShopifyOAuth:
         with self._lock:
             state = self._shops.get(shop)
             return state is not None and token in (state.current, state.parent)
+
+    def issued_tokens(self) -> set[str]:
+        """Every access and refresh token this fake has issued, for canary scans."""
+        with self._lock:
+            return set(self._issued)
 
     def revoke_grant(self, shop: str) -> None:
         """The merchant uninstalled the app: every refresh token of the shop dies."""
@@ -243,6 +256,7 @@ class FakeShopifyOAuth:
         refresh = "shprt_" + secrets.token_hex(16)
         self._access[access] = _Access(shop, now + self.access_ttl_s)
         state.refresh_expiry[refresh] = now + REFRESH_TTL_S
+        self._issued.update((access, refresh))
         return {
             "access_token": access,
             "scope": state.scope or self.granted_scopes,
@@ -258,6 +272,7 @@ class FakeShopifyOAuth:
         if not expiring:
             token = "shpat_" + secrets.token_hex(16)
             self._access[token] = _Access(shop, None)
+            self._issued.add(token)
             return {"access_token": token, "scope": self.granted_scopes}
         pair = self._new_pair(shop, state)
         state.current = pair["refresh_token"]
@@ -500,6 +515,10 @@ def _make_handler(fake: FakeShopifyOAuth) -> type[BaseHTTPRequestHandler]:
             if form.get("grant_type") == "refresh_token" and fake.refresh_reply_delay_s:
                 if fake._stop.wait(fake.refresh_reply_delay_s):
                     return
+            if form.get("grant_type") == "refresh_token":
+                while not fake.refresh_replies.wait(0.05):
+                    if fake._stop.is_set():
+                        return
             if body is None:
                 # The refresh happened; its answer never arrives.
                 self.close_connection = True

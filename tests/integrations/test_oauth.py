@@ -28,7 +28,7 @@ from broker.auth.principal import Principal
 from broker.core.logging import configure_logging
 from broker.integrations.oauth import callback_signature, due_for_refresh, refresh_if_due
 from broker.integrations.service import read_sealed
-from broker.models import AuditEvent, TenantSettings
+from broker.models import AuditEvent, OAuthState, TenantSettings
 from broker.vault.gateway import VaultGateway
 from tests.conftest import (
     VaultEndpoint,
@@ -259,6 +259,28 @@ def test_connect_checks_shop_scope_and_return_url(app_client: TestClient) -> Non
         headers=_admin(tenant),
     )
     assert static_only.status_code == 404
+
+
+def test_a_connect_asking_to_return_elsewhere_is_refused_and_audited(
+    app_client: TestClient, engine: Engine
+) -> None:
+    tenant, shop = make_tenant(app_client), _shop()
+    elsewhere = app_client.post(
+        CONNECT,
+        json={"shop": shop, "return_url": f"{RETURN}.evil.example/"},
+        headers=_admin(tenant),
+    )
+    assert elsewhere.status_code == 422
+    (event,) = events(engine, action="integration.oauth.start", tenant=tenant)
+    assert (event.outcome, event.actor, event.detail) == (
+        "denied",
+        "user:alice",
+        {"reason": "return_url_not_allowed", "account": shop},
+    )
+    assert "evil.example" not in str(event.resource)
+    with Session(engine) as session:
+        started = select(OAuthState).where(OAuthState.tenant_id == tenant)
+        assert session.exec(started).first() is None
 
 
 def test_connect_url_asks_for_offline_access_with_a_fresh_state(app_client: TestClient) -> None:

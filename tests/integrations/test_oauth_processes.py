@@ -1,6 +1,7 @@
 """Refresh across broker processes: one refresh per credential, and a killed refresher burns
-nothing. Two real broker processes (uvicorn) on one Vault and one PostgreSQL, the fake
-Shopify, and a clock shared through a file.
+nothing. Two real broker processes (uvicorn) and, racing their fetches, two real workers
+running the refresh job, on one Vault and one PostgreSQL; the fake Shopify, and a clock
+shared through a file.
 """
 
 from __future__ import annotations
@@ -17,12 +18,18 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import Engine, text
 
 from broker.client import BrokerClient, ReconnectRequired
+from broker.core.config import Settings
+from broker.core.db import unit_of_work
 from broker.devstack.openbao import free_port
+from broker.integrations.jobs import REFRESH_DUE, refresh_due_tokens
+from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
 from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
+from tests.support.workers import Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "process-client"
@@ -30,6 +37,8 @@ CLIENT_SECRET = "shpss_process" + os.urandom(8).hex()
 REDIRECT_BASE = "https://broker.platform.test"
 RETURN = "https://app.platform.test/settings/integrations"
 STARTUP_DEADLINE_S = 60
+# `broker worker` on the test's clock file.
+CLOCKED_WORKER = [sys.executable, "-m", "tests.support.worker_process"]
 
 
 @dataclass
@@ -167,12 +176,41 @@ def service(tenant: str) -> dict[str, str]:
     return bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="sync"))
 
 
+def _refresh_runs_settled(engine: Engine, after: int) -> bool:
+    with engine.connect() as conn:
+        return not conn.execute(
+            text(
+                "SELECT 1 FROM procrastinate_jobs WHERE task_name = :task AND id >= :after"
+                " AND status IN ('todo', 'doing')"
+            ),
+            {"task": REFRESH_DUE, "after": after},
+        ).first()
+
+
 def test_concurrent_fetches_across_expiry_refresh_each_credential_once(
-    brokers: list[Broker], shopify: FakeShopifyOAuth, clock: FakeClock
+    brokers: list[Broker],
+    shopify: FakeShopifyOAuth,
+    clock: FakeClock,
+    settings: Settings,
+    engine: Engine,
+    tmp_path: Path,
 ) -> None:
     shops = [f"multi-{os.urandom(3).hex()}.myshopify.com" for _ in range(4)]
     tenants = [connect(brokers[0], shop) for shop in shops]
-    with httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as http:
+    assert clock.path is not None
+    with (
+        Workers(settings, engine, tmp_path) as workers,
+        httpx.Client(limits=httpx.Limits(max_connections=64), timeout=60) as http,
+    ):
+        # Two workers on the same clock: their refresh job races the fetches.
+        for _ in range(2):
+            workers.start(
+                CLOCKED_WORKER,
+                BROKER_TEST_CLOCK_FILE=str(clock.path),
+                BROKER_SHOPIFY_BASE_URL=shopify.base_url,
+                BROKER_EGRESS_ALLOW_HTTP="true",
+                BROKER_EGRESS_ALLOW_LOOPBACK="true",
+            )
 
         def fetch(i: int) -> tuple[int, str]:
             tenant = tenants[i % len(tenants)]
@@ -187,8 +225,13 @@ def test_concurrent_fetches_across_expiry_refresh_each_credential_once(
         with ThreadPoolExecutor(32) as pool:
             early = [pool.submit(fetch, i) for i in range(100)]
             clock.advance(3600)  # the hour ends while those are in flight
+            with unit_of_work(engine) as session:  # and a run of the job starts
+                queued = defer(session, refresh_due_tokens)
             late = [pool.submit(fetch, i) for i in range(100, 200)]
             served = [f.result() for f in early], [f.result() for f in late]
+        # (None: a tick was already waiting, and does the same.) Its refreshes count too.
+        mark = queued or 0
+        wait_for(lambda: _refresh_runs_settled(engine, mark), timeout_s=120, what="the job")
 
     refreshes = {shop: shopify.refresh_calls_by_shop[shop] - before[shop] for shop in shops}
     assert refreshes == dict.fromkeys(shops, 1)

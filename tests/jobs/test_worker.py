@@ -48,6 +48,42 @@ def test_a_job_whose_worker_is_killed_is_completed_by_another_worker(
     assert events == [("start", first.pid), ("start", second.pid), ("end", second.pid)]
 
 
+def test_a_killed_job_with_a_successor_waiting_gives_way_to_it(
+    workers: Workers, engine: Engine, tmp_path: Path
+) -> None:
+    # A periodic task's lock and queueing lock: while a killed run still shows "doing",
+    # the next tick queues its successor. Retrying the killed run would break the
+    # queueing lock; leaving it "doing" would hold the lock, and the successor, for ever.
+    key = _key()
+    held = f"periodic:{key}"
+    first = workers.start()
+    with unit_of_work(engine) as session:
+        stalled = defer(
+            session,
+            hang_first_attempt,
+            args={"key": f"{key}-killed"},
+            lock=held,
+            queueing_lock=held,
+        )
+    assert stalled is not None
+    wait_for(lambda: runs(tmp_path, key), timeout_s=20, what="the first attempt to start")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=10)
+    with unit_of_work(engine) as session:
+        successor = defer(
+            session, work, args={"key": f"{key}-next", "seconds": 0}, lock=held, queueing_lock=held
+        )
+    assert successor is not None
+
+    workers.start()
+    wait_for(
+        lambda: _job(engine, successor).status == "succeeded", timeout_s=30, what="the successor"
+    )
+    assert _job(engine, stalled).status == "failed"
+    assert [event for event, *_ in runs(tmp_path, f"{key}-killed")] == ["start"]
+    assert [event for event, *_ in runs(tmp_path, f"{key}-next")] == ["start", "end"]
+
+
 def test_two_workers_never_run_jobs_of_one_lock_at_once(
     workers: Workers, engine: Engine, tmp_path: Path
 ) -> None:

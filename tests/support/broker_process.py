@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -20,9 +21,8 @@ from broker.app import create_app
 from broker.core.config import Settings
 
 
-def main() -> None:
-    """Serve until stdin closes."""
-    settings = Settings()
+def file_clock() -> Callable[[], datetime]:
+    """The time a test's `FakeClock(path)` sets: now plus the offset in `BROKER_TEST_CLOCK_FILE`."""
     clock_file = Path(os.environ["BROKER_TEST_CLOCK_FILE"])
 
     def clock() -> datetime:
@@ -32,7 +32,13 @@ def main() -> None:
             offset = 0.0
         return datetime.now(UTC) + timedelta(seconds=offset)
 
-    app = create_app(settings, clock=clock)
+    return clock
+
+
+def main() -> None:
+    """Serve until stdin closes."""
+    settings = Settings()
+    app = create_app(settings, clock=file_clock())
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=settings.port, log_config=None, lifespan="on")
     )
