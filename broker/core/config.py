@@ -135,6 +135,32 @@ class Settings(BaseSettings):
     # The background job refreshes access tokens with less than this left.
     oauth_refresh_ahead_s: int = Field(default=600, ge=60, le=3600)
 
+    # Events (issue 16). The change feed's long-poll waits at most `events_feed_max_wait_s`
+    # and looks for new events every `events_feed_poll_s` without holding a connection.
+    events_feed_poll_s: float = Field(default=0.5, ge=0.05, le=5)
+    events_feed_max_wait_s: int = Field(default=30, ge=0, le=60)
+    # Webhook deliveries: the delay before each retry (Standard Webhooks' suggested
+    # schedule, over three days in all); when it is spent the endpoint is disabled.
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=10)
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _split_numbers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("the webhook retry schedule needs at least one positive delay")
+        return value
+
     @field_validator(
         "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
     )

@@ -15,7 +15,12 @@ from broker.vault.gateway import VaultGateway
 
 # Modules whose import registers tasks. The worker imports them all, so a job
 # deferred by one process is known to every worker, whatever it imported itself.
-TASK_MODULES = ["broker.jobs.housekeeping", "broker.integrations.jobs", "broker.payments.jobs"]
+TASK_MODULES = [
+    "broker.jobs.housekeeping",
+    "broker.integrations.jobs",
+    "broker.payments.jobs",
+    "broker.events.delivery",
+]
 
 # Queues: the queue's own housekeeping, and the maintenance of stored credentials.
 JOBS_QUEUE = "jobs"
