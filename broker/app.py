@@ -23,6 +23,9 @@ from broker.core.metrics import DependencyMetrics, StateCollector, install_runti
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.routes import router as credentials_router
+from broker.events.routes import platform_router as platform_webhooks_router
+from broker.events.routes import router as events_router
+from broker.events.routes import tenant_router as webhooks_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.oauth import Clock, OAuthAccess
@@ -46,6 +49,9 @@ ROUTERS = (
     health_router,
     audit_router,
     credentials_router,
+    events_router,
+    webhooks_router,
+    platform_webhooks_router,
     integrations_router,
     oauth_callback_router,
     payments_router,

@@ -142,7 +142,17 @@ class Settings(BaseSettings):
     # Webhook deliveries: the delay before each retry (Standard Webhooks' suggested
     # schedule, over three days in all); when it is spent the endpoint is disabled.
     webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
-        default_factory=lambda: [5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400]
+        default_factory=lambda: [
+            5.0,
+            300.0,
+            1800.0,
+            7200.0,
+            18000.0,
+            36000.0,
+            50400.0,
+            72000.0,
+            86400.0,
+        ]
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=10)
     webhook_max_response_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)

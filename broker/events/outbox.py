@@ -201,4 +201,3 @@ def read_after(
         return [], after
     last = events[-1]
     return events, Cursor(int(last.txid or 0), int(last.id or 0))
-

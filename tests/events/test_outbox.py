@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -76,9 +77,13 @@ def test_an_event_is_rolled_back_with_its_transaction(engine: Engine, tenant: st
     class Boom(Exception):
         pass
 
-    with pytest.raises(Boom), unit_of_work(engine) as session:
-        outbox.emit(session, outbox.CREDENTIAL_SAVED, actor="user:x", tenant_id=tenant)
-        raise Boom
+    def failing_change() -> None:
+        with unit_of_work(engine) as session:
+            outbox.emit(session, outbox.CREDENTIAL_SAVED, actor="user:x", tenant_id=tenant)
+            raise Boom
+
+    with pytest.raises(Boom):
+        failing_change()
     assert events_of(engine, tenant) == []
     with unit_of_work(engine) as session:
         outbox.emit(session, outbox.CREDENTIAL_SAVED, actor="user:x", tenant_id=tenant)
