@@ -54,9 +54,12 @@ async def wait_for_events(
     reader does not rescan them on its next call.
     """
     deadline = time.monotonic() + wait_s
+    first = True
     while True:
+        # The first look is the reader's own query; then the shared head says when to look.
         head = await run_in_threadpool(watch.head)
-        if head > after:
+        if first or head > after:
+            first = False
             events, cursor = await run_in_threadpool(_read, watch.engine, after, scope, limit)
             if events:
                 return events, cursor
