@@ -22,6 +22,7 @@ from broker.core.http import Metrics, RequestContextMiddleware, install_error_ha
 from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
+from broker.credential_health.routes import router as health_checks_router
 from broker.credentials.routes import router as credentials_router
 from broker.events.routes import platform_router as platform_webhooks_router
 from broker.events.routes import router as events_router
@@ -53,6 +54,7 @@ ROUTERS = (
     webhooks_router,
     platform_webhooks_router,
     integrations_router,
+    health_checks_router,
     oauth_callback_router,
     payments_router,
     settings_router,

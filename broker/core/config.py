@@ -157,6 +157,18 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=10)
     webhook_max_response_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
 
+    # Scheduled health checks of stored credentials: each is re-tested every interval
+    # (per provider in `health_check_intervals`), spread by up to `health_check_jitter_s`.
+    # A failed check is retried after `health_retry_s` before the state flips to failing;
+    # a provider's 429 pauses its checks for `health_rate_limit_backoff_s`.
+    health_check_interval_s: int = Field(default=6 * 3600, ge=1, le=7 * 86400)
+    health_check_intervals: dict[str, int] = Field(default_factory=dict)
+    health_check_jitter_s: float = Field(default=300.0, ge=0, le=86400)
+    health_retry_s: float = Field(default=60.0, gt=0, le=86400)
+    health_rate_limit_backoff_s: float = Field(default=900.0, gt=0, le=86400)
+    health_schedule_every_s: int = Field(default=15, ge=1, le=60)
+    health_batch: int = Field(default=1000, ge=1, le=100000)
+
     @field_validator("webhook_retry_schedule_s", mode="before")
     @classmethod
     def _split_numbers(cls, value: object) -> object:

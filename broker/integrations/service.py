@@ -593,6 +593,9 @@ def _describe(
     row.needs_reconnect = False
     if test is not None:
         _apply_test(row, test)
+        if test.ok:
+            # A passing live test is a health check too.
+            row.health_state, row.health_checked_at = "healthy", row.last_test_at
 
 
 def _aged(row: IntegrationCredential, version: int) -> None:
@@ -846,6 +849,9 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         last_test_reason=row.last_test_reason,
         needs_reconnect=row.needs_reconnect,
         connection_expires_at=_connection_expiry(row),
+        health=row.health_state,
+        health_reason=row.health_reason[:200] if row.health_reason else None,
+        health_checked_at=row.health_checked_at.isoformat() if row.health_checked_at else None,
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)
@@ -854,6 +860,11 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         settings.version += 1
         settings.updated_at = utcnow()
         session.add(settings)
+
+
+def update_status(session: Session, row: IntegrationCredential) -> None:
+    """Feed `integrations_status` from a changed row (for other domains, e.g. health)."""
+    _update_status(session, row)
 
 
 def _connection_expiry(row: IntegrationCredential) -> str | None:

@@ -20,6 +20,7 @@ TASK_MODULES = [
     "broker.integrations.jobs",
     "broker.payments.jobs",
     "broker.events.delivery",
+    "broker.credential_health.jobs",
 ]
 
 # Queues: the queue's own housekeeping, and the maintenance of stored credentials.

@@ -44,6 +44,11 @@ async def run_worker(
     assert settings.database_url is not None  # conninfo() refused it already
     concurrency = concurrency or settings.jobs_concurrency
     schedule_stall_check(settings.jobs_stalled_check_s)
+    if 60 % settings.health_schedule_every_s:
+        raise ConfigurationError("BROKER_HEALTH_SCHEDULE_EVERY_S must divide 60")
+    from broker.credential_health.jobs import schedule_health_checks
+
+    schedule_health_checks(settings.health_schedule_every_s)
     pool = AsyncConnectionPool(
         dsn,
         open=False,

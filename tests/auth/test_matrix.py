@@ -352,6 +352,20 @@ ROUTES: dict[tuple[str, str], Case] = {
         insufficient=("integrations:view",),
         setup=_configure_openai,
     ),
+    ("GET", INTEGRATION + "/health"): Case(
+        "GET",
+        OPENAI + "/health",
+        allowed=(("integrations:view",), ("integrations:manage",), ("tenant:admin",)),
+        insufficient=("finance:manage",),
+        setup=_configure_openai,
+    ),
+    ("POST", INTEGRATION + "/health/check"): Case(
+        "POST",
+        OPENAI + "/health/check",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        setup=_configure_openai,
+    ),
     ("GET", "/v1/events"): Case(
         "GET",
         "/v1/events",
