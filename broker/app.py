@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.audit import denials
 from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
+from broker.audit.routes import tenant_router as access_report_router
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
@@ -49,6 +50,7 @@ from broker.vault.gateway import VaultGateway
 ROUTERS = (
     health_router,
     audit_router,
+    access_report_router,
     credentials_router,
     events_router,
     webhooks_router,

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     vault_ca_cert: Path | None = None
     vault_timeout_s: float = 5.0
     kv_mount: str = "secret"
+    # Vault's file audit log, read for the tenants' access reports (issue 16); by
+    # default `<data_dir>/vault/audit.log` and its rotated copies.
+    vault_audit_log_paths: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     transit_mount: str = "transit"
     retry_after_s: int = 5
     # How long one request may retry Vault (node failover, elections) before a 503.
@@ -184,7 +187,12 @@ class Settings(BaseSettings):
         return value
 
     @field_validator(
-        "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
+        "vault_addrs",
+        "jwt_algorithms",
+        "trusted_proxies",
+        "oauth_return_urls",
+        "vault_audit_log_paths",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: object) -> object:

@@ -366,6 +366,12 @@ ROUTES: dict[tuple[str, str], Case] = {
         insufficient=("integrations:view",),
         setup=_configure_openai,
     ),
+    ("GET", "/v1/tenants/settings/access-report"): Case(
+        "GET",
+        "/v1/tenants/settings/access-report",
+        allowed=(("tenant:admin",),),
+        insufficient=("integrations:manage",),
+    ),
     ("GET", "/v1/events"): Case(
         "GET",
         "/v1/events",
