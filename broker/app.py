@@ -23,6 +23,7 @@ from broker.core.http import Metrics, RequestContextMiddleware, install_error_ha
 from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
+from broker.credential_health.routes import platform_router as credentials_report_router
 from broker.credential_health.routes import router as health_checks_router
 from broker.credentials.routes import router as credentials_router
 from broker.events.routes import platform_router as platform_webhooks_router
@@ -57,6 +58,7 @@ ROUTERS = (
     platform_webhooks_router,
     integrations_router,
     health_checks_router,
+    credentials_report_router,
     oauth_callback_router,
     payments_router,
     settings_router,

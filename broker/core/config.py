@@ -171,6 +171,14 @@ class Settings(BaseSettings):
     health_rate_limit_backoff_s: float = Field(default=900.0, gt=0, le=86400)
     health_schedule_every_s: int = Field(default=15, ge=1, le=60)
     health_batch: int = Field(default=1000, ge=1, le=100000)
+    # Age (cryptoperiods, see the README): a pasted credential is due for rotation this
+    # many days after its last change (per provider in `rotation_period_days`); reminders
+    # go out `rotation_reminder_days` before, and `expiry_reminder_days` before a token
+    # nothing renews expires.
+    rotation_period_default_days: int = Field(default=365, ge=1, le=3650)
+    rotation_period_days: dict[str, int] = Field(default_factory=dict)
+    rotation_reminder_days: int = Field(default=14, ge=0, le=365)
+    expiry_reminder_days: int = Field(default=7, ge=0, le=365)
 
     @field_validator("webhook_retry_schedule_s", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from sqlmodel import Session
 
 from broker.core import context as request_context
 from broker.core.db import unit_of_work
-from broker.credential_health import service
+from broker.credential_health import age, service
 from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
 from broker.jobs.defer import defer
 
@@ -116,3 +116,20 @@ def schedule_health_checks(every_s: int) -> None:
     if (SCHEDULE, "") in app.periodic_registry.periodic_tasks:
         return
     app.periodic(cron=f"* * * * * */{every_s}")(schedule_checks)
+
+
+@app.periodic(cron="11 * * * *")
+@app.task(
+    name="credential_health.age_sweep",
+    queue=MAINTENANCE_QUEUE,
+    pass_context=True,
+    lock="credential_health.age_sweep",
+    queueing_lock="credential_health.age_sweep",
+)
+def age_sweep(context: JobContext, timestamp: int = 0) -> int:
+    """Announce credentials that became due, overdue, expiring or expired (hourly)."""
+    shared = resources(context)
+    emitted = age.sweep(shared.engine, shared.settings)
+    if emitted:
+        log.info("announced credential age reminders", extra={"fields": {"emitted": emitted}})
+    return emitted

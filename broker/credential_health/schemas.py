@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel
 
+from broker.credential_health.age import Age, ReportRow
 from broker.credential_health.service import Health
 from broker.models import HealthCheck
 
@@ -27,6 +29,16 @@ class CheckView(BaseModel):
         )
 
 
+class AgeView(BaseModel):
+    """A credential's age: created, last rotated, rotation due or expiry, and what that means."""
+
+    created_at: datetime | None
+    rotated_at: datetime | None
+    rotation_due_at: datetime | None
+    expires_at: datetime | None
+    state: Literal["ok", "due", "overdue", "expiring", "expired"]
+
+
 class HealthView(BaseModel):
     """A credential's health: healthy, failing (with the provider's reason) or needs_reconnect."""
 
@@ -34,13 +46,37 @@ class HealthView(BaseModel):
     reason: str | None
     checked_at: datetime | None
     history: list[CheckView]
+    age: AgeView
 
     @classmethod
-    def of(cls, health: Health) -> HealthView:
-        """The view of a credential's health."""
+    def of(cls, health: Health, age: Age) -> HealthView:
+        """The view of a credential's health and age."""
         return cls(
             state=health.state,
             reason=health.reason,
             checked_at=health.checked_at,
             history=[CheckView.of(check) for check in health.history],
+            age=AgeView.model_validate(age, from_attributes=True),
         )
+
+
+class ProblemView(BaseModel):
+    """One credential with a problem, across tenants: identifiers and dates only."""
+
+    tenant_id: str
+    provider: str
+    kind: str
+    version: int
+    problems: list[str]
+    health: str
+    health_reason: str | None
+    age: str
+    created_at: datetime | None
+    rotated_at: datetime | None
+    rotation_due_at: datetime | None
+    expires_at: datetime | None
+
+    @classmethod
+    def of(cls, row: ReportRow) -> ProblemView:
+        """The view of a report row."""
+        return cls.model_validate(row, from_attributes=True)

@@ -248,6 +248,7 @@ class Health:
     reason: str | None
     checked_at: datetime | None
     history: list[HealthCheck]
+    row: IntegrationCredential
 
 
 def health_of(session: Session, *, tenant_id: str, provider: str, limit: int = 50) -> Health:
@@ -266,7 +267,7 @@ def health_of(session: Session, *, tenant_id: str, provider: str, limit: int = 5
             .limit(limit)
         )
     )
-    return Health(row.health_state, row.health_reason, row.health_checked_at, history)
+    return Health(row.health_state, row.health_reason, row.health_checked_at, history, row)
 
 
 def audit_requested(

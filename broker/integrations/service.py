@@ -605,8 +605,9 @@ def _aged(row: IntegrationCredential, version: int) -> None:
         row.rotated_at = now
         if row.first_stored_at is None or not row.configured:
             row.first_stored_at = now
-        # A new secret starts without a health verdict, unless its test gave one.
+        # A new secret starts without a health verdict (unless its test gave one) or reminder.
         row.health_state, row.health_reason, row.health_failures = "unknown", None, 0
+        row.age_notice = None
 
 
 def _token_expiry(public: Mapping[str, Any]) -> datetime | None:

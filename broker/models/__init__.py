@@ -176,6 +176,8 @@ class IntegrationCredential(SQLModel, table=True):
     rotated_at: datetime | None = Field(
         default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
     )
+    # The last age reminder announced for this version: due | overdue | expiring | expired.
+    age_notice: str | None = Field(default=None, max_length=16)
 
 
 class OAuthState(SQLModel, table=True):

@@ -372,6 +372,13 @@ ROUTES: dict[tuple[str, str], Case] = {
         allowed=(("tenant:admin",),),
         insufficient=("integrations:manage",),
     ),
+    ("GET", "/v1/platform/credentials/report"): Case(
+        "GET",
+        "/v1/platform/credentials/report",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
     ("GET", "/v1/events"): Case(
         "GET",
         "/v1/events",

@@ -112,6 +112,7 @@ def upgrade() -> None:
         sa.Column("health_failures", sa.Integer, nullable=False, server_default="0"),
         sa.Column("first_stored_at", _TS, nullable=True),
         sa.Column("rotated_at", _TS, nullable=True),
+        sa.Column("age_notice", sa.String(16), nullable=True),
     ):
         op.add_column("integration_credentials", column)
     # Existing credentials: their last change is the best known age.
@@ -123,6 +124,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     for name in (
+        "age_notice",
         "rotated_at",
         "first_stored_at",
         "health_failures",
