@@ -13,7 +13,8 @@ asserts nothing about time.
 Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
 BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
-BENCH_OUTPUT.
+BENCH_EVENTS_RATE, BENCH_EVENTS_DURATION_S, BENCH_EVENTS_WORKER_CONCURRENCY,
+BENCH_HEALTH_CREDENTIALS, BENCH_OUTPUT.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 import httpx
 import hvac
 
-from bench import oauth_refresh
+from bench import events, oauth_refresh
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -603,6 +604,8 @@ class Bench:
         self.results["rotation"] = self.rotate(large)
         self.results["oauth_refresh"] = self.oauth_refresh(large)
         self.results["legacy_migration"] = self.legacy()
+        log.info("event delivery and health checks")
+        self.results["events"] = events.run(self.settings, self.broker.env, self.broker.work)
 
     def _ratio(self, a: str, b: str, c: int, key: str) -> float:
         x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
@@ -797,6 +800,7 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
             f"legacy migration: {legacy.get('tenants')} tenants, "
             f"{legacy.get('tenants_per_second')} tenants/s"
         )
+    lines.extend(events.describe(results["events"]))
     mem = results["memory"]
     peak = mem["peak_rss_under_fetch_kb"]
     lines.append(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import secrets
+import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -182,7 +184,7 @@ def delete_endpoint(
             principal=principal,
             tenant_id=tenant_id,
         )
-    vault.kv_destroy(secret_path(endpoint_id))
+    forget_secrets(vault, [endpoint_id])
 
 
 def endpoint_ids(session: Session, *, tenant_id: str) -> list[str]:
@@ -193,15 +195,35 @@ def endpoint_ids(session: Session, *, tenant_id: str) -> list[str]:
 def forget_secrets(vault: VaultGateway, endpoint_ids: Sequence[str]) -> None:
     """Destroy the signing secrets of endpoints that are gone."""
     for endpoint_id in endpoint_ids:
+        with _SECRETS_LOCK:
+            _SECRETS.pop(endpoint_id, None)
         vault.kv_destroy(secret_path(endpoint_id))
 
 
+# Signing secrets a worker read recently: a secret never changes for its endpoint, so a
+# burst of deliveries costs one Vault read, not one each. Kept briefly, in memory only.
+_SECRETS: dict[str, tuple[float, str]] = {}
+_SECRETS_LOCK = threading.Lock()
+SECRET_CACHE_S = 300.0
+_SECRET_CACHE_MAX = 10_000
+
+
 def signing_secret(vault: VaultGateway, endpoint_id: str) -> str | None:
-    """An endpoint's signing secret from Vault; None when it is gone."""
+    """An endpoint's signing secret from Vault (or read within the last minutes); None if gone."""
+    now = time.monotonic()
+    with _SECRETS_LOCK:
+        cached = _SECRETS.get(endpoint_id)
+    if cached is not None and now - cached[0] < SECRET_CACHE_S:
+        return cached[1]
     entry = vault.kv_read(secret_path(endpoint_id))
     if entry is None or not isinstance(entry.data.get("secret"), str):
         return None
-    return str(entry.data["secret"])
+    secret = str(entry.data["secret"])
+    with _SECRETS_LOCK:
+        if len(_SECRETS) >= _SECRET_CACHE_MAX:
+            _SECRETS.clear()
+        _SECRETS[endpoint_id] = (now, secret)
+    return secret
 
 
 def enable_endpoint(
