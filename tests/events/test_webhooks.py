@@ -208,9 +208,15 @@ def test_events_are_delivered_signed_and_can_be_replayed(
     for value in valid_fields("openai", providers).values():
         assert value.encode() not in first.body
 
-    listed = client.get(f"{HOOKS}/{endpoint['id']}/deliveries", headers=admin(tenant))
-    assert listed.status_code == 200, listed.text
-    (row,) = listed.json()
+    def listed() -> list[dict[str, Any]]:
+        response = client.get(f"{HOOKS}/{endpoint['id']}/deliveries", headers=admin(tenant))
+        assert response.status_code == 200, response.text
+        rows: list[dict[str, Any]] = response.json()
+        return rows
+
+    # The receiver has it; the worker records the answer right after.
+    wait_for(lambda: listed()[0]["status"] == "delivered", timeout_s=10, what="the record")
+    (row,) = listed()
     assert row["status"] == "delivered"
     assert row["webhook_id"] == first.webhook_id
 
