@@ -194,7 +194,7 @@ def test_events_are_delivered_signed_and_can_be_replayed(
     workers: Workers,
 ) -> None:
     endpoint = register(client, tenant, receiver, event_types=["credential.saved"])
-    start_worker(workers)
+    worker = start_worker(workers)
     save_openai(client, tenant, providers)
     # Filtered out: deletions are not what this endpoint asked for.
     client.delete("/v1/tenants/settings/integrations/openai", headers=admin(tenant))
@@ -230,6 +230,15 @@ def test_events_are_delivered_signed_and_can_be_replayed(
     assert (
         client.post(f"{HOOKS}/{endpoint['id']}/deliveries/{row['id']}/replay", headers=other)
     ).status_code in (403, 404)
+    # The signing secret is nowhere but Vault: not in job arguments, tables or logs.
+    assert endpoint["secret"] not in workers.output(worker)
+    with engine.connect() as conn:
+        for table in ("procrastinate_jobs", "webhook_deliveries", "events", "audit_events"):
+            dump = conn.execute(
+                text(f"SELECT coalesce(string_agg(t::text, ''), '') FROM {table} t")
+            ).scalar_one()
+            assert endpoint["secret"] not in dump
+            assert endpoint["secret"].removeprefix("whsec_") not in dump
 
 
 def test_a_worker_killed_mid_delivery_still_delivers_once_under_the_same_id(
