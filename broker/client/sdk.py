@@ -417,6 +417,7 @@ class BrokerClient:
         self._clock = clock
         self._timeout_s = timeout_s
         self._feed_cursor: str | None = None
+        self._followers: list[ChangeFollower] = []
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         # Two clients on purpose: the broker's bearer token must never reach Vault,
         # and a wrapping token must never reach the broker.
@@ -445,7 +446,9 @@ class BrokerClient:
     # -------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Close the HTTP connections and forget every cached lease."""
+        """Stop following changes, close the HTTP connections and forget every cached lease."""
+        for follower in self._followers:
+            follower.stop(timeout_s=0)
         with self._lock:
             self._cache.clear()
         self._http.close()
@@ -552,6 +555,7 @@ class BrokerClient:
         back to lease expiry.
         """
         follower = ChangeFollower(self, wait_s=wait_s, retry_s=retry_s)
+        self._followers.append(follower)
         follower.start()
         return follower
 
@@ -833,7 +837,8 @@ class ChangeFollower:
                 self.client.poll_changes(wait_s=self.wait_s)
                 self.healthy = True
             except (BrokerClientError, RuntimeError) as exc:
-                # RuntimeError: the client was closed under us.
+                if self._stop.is_set():
+                    return  # RuntimeError: the client was closed under us
                 if self.healthy or self.rounds == 0:
                     log.warning(
                         "cannot follow the broker's change feed (%s); cached leases live "

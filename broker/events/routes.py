@@ -112,9 +112,15 @@ EndpointId = Annotated[str, Path(max_length=40, pattern=r"^ep_[0-9a-f]{32}$")]
 
 
 def _endpoint_routes(
-    target: APIRouter, principal_dep: Any, owner_of: Callable[[Principal], str | None]
+    target: APIRouter,
+    reader_dep: Any,
+    principal_dep: Any,
+    owner_of: Callable[[Principal], str | None],
 ) -> None:
-    """Register the endpoint routes on `target`, for the owner `owner_of` names."""
+    """Register the endpoint routes on `target`, for the owner `owner_of` names.
+
+    `reader_dep` guards the reads, `principal_dep` the changes (rate-limited as writes).
+    """
 
     @target.post(
         "", status_code=201, response_model=EndpointCreated, responses=problem_responses({})
@@ -145,7 +151,7 @@ def _endpoint_routes(
 
     @target.get("", response_model=list[EndpointView])
     def list_endpoints(
-        session: SessionDep, principal: Principal = principal_dep
+        session: SessionDep, principal: Principal = reader_dep
     ) -> list[EndpointView]:
         """The owner's endpoints."""
         rows = webhooks.list_endpoints(session, tenant_id=owner_of(principal))
@@ -155,7 +161,7 @@ def _endpoint_routes(
         "/{endpoint_id}", response_model=EndpointView, responses=problem_responses({404: NOT_FOUND})
     )
     def get_endpoint(
-        endpoint_id: EndpointId, session: SessionDep, principal: Principal = principal_dep
+        endpoint_id: EndpointId, session: SessionDep, principal: Principal = reader_dep
     ) -> EndpointView:
         """One endpoint."""
         row = webhooks.get_endpoint(session, tenant_id=owner_of(principal), endpoint_id=endpoint_id)
@@ -205,7 +211,7 @@ def _endpoint_routes(
     def list_deliveries(
         endpoint_id: EndpointId,
         session: SessionDep,
-        principal: Principal = principal_dep,
+        principal: Principal = reader_dep,
         status: Literal["pending", "delivered", "failed"] | None = None,
         before: Annotated[int | None, Query(ge=1)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -244,5 +250,15 @@ def _endpoint_routes(
         return DeliveryView.of(row)
 
 
-_endpoint_routes(tenant_router, require(Scope.TENANT_ADMIN, limit="write"), own_tenant)
-_endpoint_routes(platform_router, require(Scope.PLATFORM_ADMIN, limit="write"), lambda _: None)
+_endpoint_routes(
+    tenant_router,
+    require(Scope.TENANT_ADMIN),
+    require(Scope.TENANT_ADMIN, limit="write"),
+    own_tenant,
+)
+_endpoint_routes(
+    platform_router,
+    require(Scope.PLATFORM_ADMIN),
+    require(Scope.PLATFORM_ADMIN, limit="write"),
+    lambda _: None,
+)
