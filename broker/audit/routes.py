@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -91,6 +91,11 @@ async def access_report(
     tenant_id = own_tenant(principal)
     if provider is not None and provider not in PROVIDERS:
         raise ValidationFailed(f"provider: one of {', '.join(PROVIDERS)}")
+    # A time without a zone is read as UTC, like every time the broker writes.
+    since, until = (
+        when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when
+        for when in (since, until)
+    )
     report = await run_in_threadpool(
         access.build,
         engine,

@@ -30,6 +30,7 @@ from broker.events.schemas import (
     EventView,
 )
 from broker.settings.service import own_tenant
+from broker.tenants.schemas import TENANT_ID_PATTERN
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 tenant_router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -89,7 +90,7 @@ async def follow_events(
     wait: Annotated[
         float, Query(ge=0, le=60, description="Seconds to wait for a first event (long-poll).")
     ] = 0,
-    tenant: Annotated[str | None, Query(max_length=63)] = None,
+    tenant: Annotated[str | None, Query(max_length=63, pattern=TENANT_ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventPage:
     """Events after `after` in the caller's tenants, oldest first; waits up to `wait` s."""

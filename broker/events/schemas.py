@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -46,10 +46,11 @@ class EndpointCreate(BaseModel):
         max_length=2000,
         description="Public https URL; checked now and again on every delivery.",
     )
-    event_types: list[str] = Field(
+    event_types: list[Annotated[str, Field(max_length=64)]] = Field(
         default_factory=list, max_length=32, description="Types to deliver; empty for all."
     )
-    description: str | None = Field(default=None, max_length=200)
+    # PostgreSQL text holds no NUL: refused here, not at the database.
+    description: str | None = Field(default=None, max_length=200, pattern=r"^[^\x00]*$")
 
 
 class EndpointView(BaseModel):
