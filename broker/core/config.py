@@ -158,6 +158,9 @@ class Settings(BaseSettings):
         ]
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0, le=10)
+    # Events and finished deliveries older than this are deleted (daily); a feed reader
+    # whose cursor is older misses them, and its SDK falls back to lease expiry.
+    events_retention_days: int = Field(default=30, ge=1, le=3650)
     webhook_max_response_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
 
     # Scheduled health checks of stored credentials: each is re-tested every interval

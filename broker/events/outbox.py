@@ -10,7 +10,6 @@ only (names, numbers, flags), and anything longer than a short reason is cut.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from sqlmodel import Session, col, select
 
 from broker.core.errors import ValidationFailed
 from broker.models import Event, utcnow
-
-log = logging.getLogger(__name__)
 
 # Every event type the broker emits; webhook filters are checked against it.
 CREDENTIAL_SAVED = "credential.saved"

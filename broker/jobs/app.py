@@ -20,6 +20,7 @@ TASK_MODULES = [
     "broker.integrations.jobs",
     "broker.payments.jobs",
     "broker.events.delivery",
+    "broker.events.housekeeping",
     "broker.credential_health.jobs",
 ]
 

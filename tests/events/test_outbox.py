@@ -106,3 +106,36 @@ def test_deleting_a_tenant_announces_it(client: TestClient, engine: Engine) -> N
     assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
     events = events_of(engine, tenant)
     assert [(e.type, e.actor) for e in events] == [(outbox.TENANT_DELETED, "user:ops")]
+
+
+def test_old_events_and_finished_deliveries_are_pruned_pending_ones_kept(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from broker.events.housekeeping import prune
+
+    body = {"url": "http://127.0.0.1:9/hook", "event_types": [outbox.HEALTH_CHANGED]}
+    created = client.post("/v1/webhooks", json=body, headers=admin(tenant))
+    assert created.status_code == 201, created.text
+    with unit_of_work(engine) as session:
+        kept = outbox.emit(session, outbox.HEALTH_CHANGED, actor="user:x", tenant_id=tenant)
+        done = outbox.emit(session, outbox.HEALTH_CHANGED, actor="user:x", tenant_id=tenant)
+        gone = outbox.emit(session, outbox.CREDENTIAL_SAVED, actor="user:x", tenant_id=tenant)
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE events SET at = at - interval '40 days' WHERE id IN (:a, :b, :c)"),
+            {"a": kept, "b": done, "c": gone},
+        )
+        conn.execute(
+            text(
+                "UPDATE webhook_deliveries SET created_at = created_at - interval '40 days',"
+                " status = CASE WHEN event_id = :b THEN 'delivered' ELSE status END"
+                " WHERE event_id IN (:a, :b)"
+            ),
+            {"a": kept, "b": done},
+        )
+    prune(engine, older_than=timedelta(days=30))
+    assert [e.id for e in events_of(engine, tenant)] == [kept]
