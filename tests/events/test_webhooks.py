@@ -14,6 +14,7 @@ from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
 from broker.core.config import Settings
+from broker.core.db import unit_of_work
 from broker.events import outbox, webhooks
 from broker.events.delivery import attempt_delivery
 from broker.integrations.egress import EgressClient, EgressPolicy
@@ -158,8 +159,6 @@ def test_a_name_that_moves_inside_after_registration_is_refused_at_delivery(
         event_types=[],
         description=None,
     )
-    from broker.core.db import unit_of_work
-
     with unit_of_work(engine) as session:
         outbox.emit(session, outbox.CREDENTIAL_SAVED, actor="user:x", tenant_id=tenant)
     (delivery,) = deliveries(engine, made.endpoint.id)
@@ -331,8 +330,6 @@ def test_a_410_disables_the_endpoint_at_once(
     with WebhookReceiver() as receiver:
         endpoint = register(client, tenant, receiver)
         receiver.status = 410
-        from broker.core.db import unit_of_work
-
         with unit_of_work(engine) as session:
             outbox.emit(session, outbox.HEALTH_CHANGED, actor="broker-worker", tenant_id=tenant)
         (delivery,) = deliveries(engine, endpoint["id"])
@@ -369,3 +366,29 @@ def test_platform_endpoints_receive_every_tenants_events(
         assert json.loads(json.dumps(event.detail)) == {}
     finally:
         assert client.delete(f"{PLATFORM_HOOKS}/{endpoint['id']}", headers=ops).status_code == 204
+
+
+def test_a_redirect_is_a_failed_attempt_not_followed(
+    client: TestClient, engine: Engine, broker_vault: VaultGateway, tenant: str
+) -> None:
+    with WebhookReceiver() as receiver:
+        endpoint = register(client, tenant, receiver)
+        receiver.status = 307
+        with unit_of_work(engine) as session:
+            outbox.emit(session, outbox.HEALTH_CHANGED, actor="broker-worker", tenant_id=tenant)
+        (delivery,) = deliveries(engine, endpoint["id"])
+        loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True, timeout_s=2))
+        attempt = attempt_delivery(
+            engine, broker_vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=[60]
+        )
+        assert len(receiver.received) == 1
+    assert attempt.outcome == "retry"
+    assert attempt.status_code == 307
+    (after,) = deliveries(engine, endpoint["id"])
+    assert after.status == "pending"
+    assert after.next_attempt_at is not None
+    # The same attempt run again (a duplicate job) changes nothing.
+    again = attempt_delivery(
+        engine, broker_vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=[60]
+    )
+    assert again.outcome == "stale"
