@@ -24,6 +24,8 @@ log = logging.getLogger(__name__)
 SCHEDULE = "credential_health.schedule_checks"
 CHECK = "credential_health.check"
 WORKER_ACTOR = "broker-health-check"
+# Below the default: a burst of due checks never delays a token refresh or a delivery.
+CHECK_PRIORITY = -10
 
 
 def _lock(tenant_id: str, provider: str) -> str:
@@ -39,6 +41,7 @@ def queue_check(session: Session, *, tenant_id: str, provider: str, delay_s: flo
         lock=_lock(tenant_id, provider),
         queueing_lock=_lock(tenant_id, provider),
         schedule_in_s=delay_s,
+        priority=CHECK_PRIORITY,
     )
     return job is not None
 
@@ -78,6 +81,7 @@ def check_credential(context: JobContext, tenant_id: str, provider: str) -> str:
                 args={"tenant_id": tenant_id, "provider": provider},
                 lock=_lock(tenant_id, provider),
                 schedule_in_s=delay,
+                priority=CHECK_PRIORITY,
             )
     if checked.changed:
         log.info(
