@@ -67,13 +67,14 @@ def webhook_egress(settings: Settings) -> EgressClient:
     )
 
 
-def queue_attempt(session: Session, delivery: WebhookDelivery, *, delay_s: float | None) -> None:
-    """Queue the next attempt of a delivery in the session's transaction."""
-    assert delivery.id is not None
+def queue_attempt(
+    session: Session, delivery_id: int, *, expect: int, delay_s: float | None
+) -> None:
+    """Queue the next attempt of a delivery (`expect`: attempts recorded so far)."""
     defer(
         session,
         deliver_webhook,
-        args={"delivery_id": delivery.id, "expect": delivery.attempts},
+        args={"delivery_id": delivery_id, "expect": expect},
         schedule_in_s=delay_s,
     )
 
@@ -210,7 +211,7 @@ def _record(
         delay = _next_delay(schedule_s[delivery.attempts - 1], response)
         delivery.next_attempt_at = now + timedelta(seconds=delay)
         session.add(delivery)
-        queue_attempt(session, delivery, delay_s=delay)
+        queue_attempt(session, delivery_id, expect=delivery.attempts, delay_s=delay)
         return Attempt("retry", code, delivery.last_error)
 
 

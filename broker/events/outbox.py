@@ -10,13 +10,13 @@ only (names, numbers, flags), and anything longer than a short reason is cut.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, ColumnElement, literal, literal_column, tuple_
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import BigInteger, ColumnElement, literal, literal_column, text, tuple_
 from sqlmodel import Session, col, select
 
 from broker.core.errors import ValidationFailed
@@ -103,25 +103,54 @@ def emit(
     """
     if type not in EVENT_TYPES:
         raise ValueError(f"unknown event type {type!r}")
-    event_id = session.execute(
-        pg_insert(Event)
-        .values(
-            at=utcnow(),
-            type=type,
-            tenant_id=tenant_id,
-            provider=provider,
-            version=version,
-            state=state,
-            actor=actor[:200],
-            detail=_plain_detail(detail),
-        )
-        .returning(col(Event.id))
-    ).scalar_one()
-    # Imported here: webhooks needs the job app, which imports most of the broker.
-    from broker.events import webhooks
+    row = session.execute(
+        _EMIT,
+        {
+            "at": utcnow(),
+            "type": type,
+            "tenant_id": tenant_id,
+            "provider": provider,
+            "version": version,
+            "state": state,
+            "actor": actor[:200],
+            "detail": json.dumps(_plain_detail(detail)),
+        },
+    ).one()
+    event_id, deliveries = int(row[0]), list(row[1] or ())
+    if deliveries:
+        # Imported here: delivery needs the job app, which imports most of the broker.
+        from broker.events.delivery import queue_attempt
 
-    webhooks.fan_out(session, event_id=event_id, type=type, tenant_id=tenant_id)
-    return int(event_id)
+        for delivery_id in deliveries:
+            queue_attempt(session, int(delivery_id), expect=0, delay_s=None)
+    return event_id
+
+
+# One round trip per event: the event, and one delivery per enabled endpoint that wants
+# it (a tenant's event goes to that tenant's endpoints and to the platform's; a platform
+# event to the platform's only; an empty filter wants every type). Emitting is on the
+# path of every change, so it is one statement rather than ORM objects.
+_EMIT = text(
+    """
+    WITH event AS (
+        INSERT INTO events (at, type, tenant_id, provider, version, state, actor, detail)
+        VALUES (:at, :type, :tenant_id, :provider, :version, :state, :actor,
+                CAST(:detail AS jsonb))
+        RETURNING id
+    ), delivery AS (
+        INSERT INTO webhook_deliveries
+            (event_id, endpoint_id, webhook_id, status, attempts, created_at)
+        SELECT event.id, endpoint.id, 'msg_' || event.id, 'pending', 0, :at
+        FROM event, webhook_endpoints AS endpoint
+        WHERE endpoint.enabled
+          AND (endpoint.tenant_id IS NULL OR endpoint.tenant_id = :tenant_id)
+          AND (endpoint.event_types = '[]'::jsonb
+               OR endpoint.event_types @> jsonb_build_array(CAST(:type AS text)))
+        RETURNING id
+    )
+    SELECT (SELECT id FROM event), ARRAY(SELECT id FROM delivery ORDER BY id)
+    """
+)
 
 
 # -- the change feed's reads ---------------------------------------------------------------

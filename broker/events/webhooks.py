@@ -18,8 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Engine, String, cast, literal, or_
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import ColumnElement, Engine
 from sqlmodel import Session, col, select
 
 from broker.audit import trail
@@ -247,42 +246,6 @@ def enable_endpoint(
         return endpoint
 
 
-def fan_out(session: Session, *, event_id: int, type: str, tenant_id: str | None) -> int:
-    """Queue one delivery of an event per enabled endpoint that wants it (caller's transaction).
-
-    A tenant's event goes to that tenant's endpoints and to the platform's; a
-    platform event (no tenant) to the platform's only.
-    """
-    owners: ColumnElement[bool] = col(WebhookEndpoint.tenant_id).is_(None)
-    if tenant_id is not None:
-        owners = or_(owners, col(WebhookEndpoint.tenant_id) == tenant_id)
-    wanted = or_(
-        cast(col(WebhookEndpoint.event_types), String) == "[]",
-        col(WebhookEndpoint.event_types).op("@>")(cast(literal(f'["{type}"]'), JSONB)),
-    )
-    endpoints = list(
-        session.exec(
-            select(WebhookEndpoint.id)
-            .where(owners)
-            .where(col(WebhookEndpoint.enabled).is_(True))
-            .where(wanted)
-        )
-    )
-    if not endpoints:
-        return 0
-    from broker.events.delivery import queue_attempt
-
-    for endpoint_id in endpoints:
-        delivery = WebhookDelivery(
-            event_id=event_id, endpoint_id=endpoint_id, webhook_id=message_id(event_id)
-        )
-        session.add(delivery)
-        session.flush()
-        assert delivery.id is not None
-        queue_attempt(session, delivery, delay_s=None)
-    return len(endpoints)
-
-
 def list_deliveries(
     session: Session,
     *,
@@ -333,7 +296,7 @@ def replay(
         delivery.status = "pending"
         delivery.next_attempt_at = utcnow()
         session.add(delivery)
-        queue_attempt(session, delivery, delay_s=None)
+        queue_attempt(session, delivery_id, expect=delivery.attempts, delay_s=None)
         trail.record(
             session,
             action="webhook.replay",
