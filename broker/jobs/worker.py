@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -70,6 +71,13 @@ async def run_worker(
     }
     if queues:  # none given: every queue
         options["queues"] = list(queues)
+    if install_signal_handlers:
+        # Sync tasks run on the loop's default executor, which holds only cpu+4 threads:
+        # a worker of its own makes room for `concurrency` of them (webhook deliveries,
+        # health checks). Under `broker dev` the loop is the API's and is left alone.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="broker-job")
+        )
     try:
         async with pool, app.open_async(pool):
             await app.run_worker_async(**options)
