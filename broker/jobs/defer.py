@@ -43,8 +43,9 @@ def defer(
         priority=priority,
     )
     job = deferrer.make_new_job(**dict(args or {}))
-    if queueing_lock is None:
-        # Nothing to refuse: no savepoint (two round trips fewer, on every webhook delivery).
+    if job.queueing_lock is None:
+        # Nothing to refuse (neither this call nor the task sets a queueing lock): no
+        # savepoint, two round trips fewer on every webhook delivery.
         connection = session.connection().connection.driver_connection
         return _IN_TRANSACTION.defer_job(job=job, connection=connection).id
     try:
