@@ -13,7 +13,8 @@ asserts nothing about time.
 Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
 BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
-BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_OUTPUT.
+BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_EVENTS_RATE, BENCH_EVENTS_DURATION_S,
+BENCH_EVENTS_WORKER_CONCURRENCY, BENCH_HEALTH_CREDENTIALS, BENCH_OUTPUT.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from typing import Any
 import httpx
 import hvac
 
-from bench import dynamic_leases, oauth_refresh, wrk
+from bench import dynamic_leases, events, oauth_refresh, wrk
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -673,6 +674,8 @@ class Bench:
         self.results["dynamic_leases"] = dynamic_leases.run(
             self, self.providers, mints=plan.dynamic_mints, leases=plan.dynamic_leases
         )
+        log.info("event delivery and health checks")
+        self.results["events"] = events.run(self.settings, self.broker.env, self.broker.work)
 
     def _ratio(self, a: str, b: str, c: int, key: str) -> float:
         x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
@@ -882,6 +885,7 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
         f"{revocation['leases_per_s']} leases/s ({revocation['fake_deletions']} deletions at "
         "the fake)"
     )
+    lines.extend(events.describe(results["events"]))
     mem = results["memory"]
     peak = mem["peak_rss_under_fetch_kb"]
     lines.append(

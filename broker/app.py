@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from broker.audit import denials
 from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
+from broker.audit.routes import tenant_router as access_report_router
 from broker.auth.tokens import TokenVerifier
 from broker.console.app import install_console
 from broker.core.config import Settings
@@ -23,7 +24,12 @@ from broker.core.http import Metrics, RequestContextMiddleware, install_error_ha
 from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
+from broker.credential_health.routes import platform_router as credentials_report_router
+from broker.credential_health.routes import router as health_checks_router
 from broker.credentials.routes import router as credentials_router
+from broker.events.routes import platform_router as platform_webhooks_router
+from broker.events.routes import router as events_router
+from broker.events.routes import tenant_router as webhooks_router
 from broker.health.routes import router as health_router
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.oauth import Clock, OAuthAccess
@@ -48,8 +54,14 @@ from broker.vault.gateway import VaultGateway
 ROUTERS = (
     health_router,
     audit_router,
+    access_report_router,
     credentials_router,
+    events_router,
+    webhooks_router,
+    platform_webhooks_router,
     integrations_router,
+    health_checks_router,
+    credentials_report_router,
     oauth_callback_router,
     leases_router,
     payments_router,

@@ -24,6 +24,7 @@ from broker.audit.cli import audit_app
 from broker.auth.principal import Principal
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
+from broker.credential_health.cli import credentials_app
 from broker.integrations.cli import shopify_app
 from broker.leases.cli import leases_app
 from broker.legacy.cli import migrate_app
@@ -47,6 +48,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(migrate_app, name="migrate")
 app.add_typer(shopify_app, name="shopify")
 app.add_typer(leases_app, name="leases")
+app.add_typer(credentials_app, name="credentials")
 log = logging.getLogger("broker.cli")
 
 

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
+from fastapi.responses import PlainTextResponse
+from starlette.concurrency import run_in_threadpool
 
-from broker.audit import trail
-from broker.audit.schemas import AuditEventView
+from broker.audit import access, trail
+from broker.audit.schemas import AccessReportView, AccessRowView, AuditEventView
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.deps import SessionDep
+from broker.core.errors import ValidationFailed
+from broker.deps import EngineDep, SessionDep, SettingsDep
+from broker.integrations.providers import PROVIDERS
+from broker.settings.service import own_tenant
 from broker.tenants.schemas import TENANT_ID_PATTERN
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
+# The tenant's own report lives with its settings: a tenant admin reads it.
+tenant_router = APIRouter(prefix="/v1/tenants/settings", tags=["audit"])
+TenantAdmin = Annotated[Principal, require(Scope.TENANT_ADMIN)]
 
 Auditor = Annotated[Principal, require(Scope.AUDIT_READ)]
 # PostgreSQL text holds no NUL; a filter with one is refused here, not at the database.
@@ -58,3 +66,60 @@ def list_events(
         detail={"returned": len(events)},
     )
     return [AuditEventView.model_validate(e) for e in events]
+
+
+@tenant_router.get(
+    "/access-report",
+    response_model=AccessReportView,
+    responses={200: {"content": {"text/csv": {}}}},
+)
+async def access_report(
+    engine: EngineDep,
+    settings: SettingsDep,
+    principal: TenantAdmin,
+    provider: Annotated[
+        str | None, Query(max_length=32, json_schema_extra={"enum": list(PROVIDERS)})
+    ] = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    format: Literal["json", "csv"] = "json",  # noqa: A002 - the query parameter's name
+) -> AccessReportView | PlainTextResponse:
+    """Who read this tenant's credentials: each read, by whom, when, from where, allowed or not.
+
+    From the broker's trail joined with Vault's audit log. Producing it is audited.
+    """
+    tenant_id = own_tenant(principal)
+    if provider is not None and provider not in PROVIDERS:
+        raise ValidationFailed(f"provider: one of {', '.join(PROVIDERS)}")
+    # A time without a zone is read as UTC, like every time the broker writes.
+    since, until = (
+        when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when
+        for when in (since, until)
+    )
+    report = await run_in_threadpool(
+        access.build,
+        engine,
+        access.log_paths(settings),
+        tenant_id=tenant_id,
+        provider=provider,
+        since=since,
+        until=until,
+    )
+    await run_in_threadpool(
+        access.record_reading,
+        engine,
+        principal,
+        tenant_id=tenant_id,
+        returned=len(report.rows),
+        fmt=format,
+    )
+    if format == "csv":
+        return PlainTextResponse(
+            access.render_csv(report.rows),
+            media_type="text/csv",
+            headers={"Content-Disposition": 'attachment; filename="access-report.csv"'},
+        )
+    return AccessReportView(
+        rows=[AccessRowView.model_validate(row, from_attributes=True) for row in report.rows],
+        vault_log_read=report.vault_log_read,
+    )

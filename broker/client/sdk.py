@@ -44,6 +44,7 @@ __all__ = [
     "BrokerClient",
     "BrokerClientError",
     "BrokerUnavailable",
+    "ChangeFollower",
     "CredentialsNotFound",
     "Lease",
     "OpenAICredentials",
@@ -62,6 +63,18 @@ WRAP_CREATION_PATH: Final = "sys/wrapping/wrap"
 """The only path a genuine broker wrapping token can come from."""
 
 _TRANSIENT_STATUSES = frozenset({429, 502, 503, 504})
+# Change-feed events after which a cached lease must not be served again.
+_CHANGES: Final = frozenset(
+    {
+        "credential.saved",
+        "credential.deleted",
+        "credential.restored",
+        "credential.rotated",
+        "credential.reconnect_needed",
+        "lease.revoked",
+        "tenant.deleted",
+    }
+)
 _USER_AGENT = "tenant-secrets-broker-sdk/0.1"
 
 
@@ -272,6 +285,18 @@ class _LookupBody(BaseModel):
     creation_path: str
 
 
+class _FeedEvent(BaseModel):
+    type: str
+    tenant_id: str | None = None
+    provider: str | None = None
+    version: int | None = None
+
+
+class _FeedPage(BaseModel):
+    events: list[_FeedEvent]
+    cursor: str
+
+
 def _parse(model: type[BaseModel], data: Any, what: str) -> Any:
     try:
         return model.model_validate(data)
@@ -405,6 +430,9 @@ class BrokerClient:
         self._max_backoff_s = max_backoff_s
         self._backoff = wait_random_exponential(multiplier=backoff_base_s, max=max_backoff_s)
         self._clock = clock
+        self._timeout_s = timeout_s
+        self._feed_cursor: str | None = None
+        self._followers: list[ChangeFollower] = []
         headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         # Two clients on purpose: the broker's bearer token must never reach Vault,
         # and a wrapping token must never reach the broker.
@@ -433,7 +461,9 @@ class BrokerClient:
     # -------------------------------------------------------------- lifecycle
 
     def close(self) -> None:
-        """Close the HTTP connections and forget every cached lease."""
+        """Stop following changes, close the HTTP connections and forget every cached lease."""
+        for follower in self._followers:
+            follower.stop(timeout_s=0)
         with self._lock:
             self._cache.clear()
         self._http.close()
@@ -487,6 +517,62 @@ class BrokerClient:
             # A fetch already under way may carry the old version: let it finish for
             # its waiters, but neither cache its result nor let new callers join it.
             self._flights.pop(key, None)
+
+    def invalidate_tenant(self, tenant_id: str) -> None:
+        """Forget every cached lease of one tenant."""
+        with self._lock:
+            for key in [k for k in (*self._cache, *self._flights) if k[0] == tenant_id]:
+                self._cache.pop(key, None)
+                self._flights.pop(key, None)
+
+    # ------------------------------------------------------------ change feed
+
+    def poll_changes(self, *, wait_s: float = 25) -> int:
+        """One round of the broker's change feed: drop cached leases whose credentials changed.
+
+        Waits up to `wait_s` for a change (long-poll); returns how many events were read.
+        The first call only finds the feed's current position. Raises the client's usual
+        errors when the feed cannot be read; cached leases then live to their expiry.
+        """
+        params: dict[str, str | float] = {"wait": wait_s if self._feed_cursor else 0}
+        if self._feed_cursor is not None:
+            params["after"] = self._feed_cursor
+        request_id = str(uuid.uuid4())
+        try:
+            response = self._http.get(
+                "/v1/events",
+                params=params,
+                headers={"Authorization": f"Bearer {self._token()}", "X-Request-Id": request_id},
+                timeout=wait_s + self._timeout_s,
+            )
+        except httpx.TransportError as exc:
+            raise BrokerUnavailable(f"cannot reach the broker ({type(exc).__name__})") from None
+        self._check(response, response.headers.get("X-Request-Id", request_id))
+        try:
+            page: _FeedPage = _parse(_FeedPage, response.json(), "change feed page")
+        except ValueError:
+            raise BrokerClientError("the broker sent no JSON", request_id=request_id) from None
+        for event in page.events:
+            if event.type not in _CHANGES or event.tenant_id is None:
+                continue
+            if event.provider is None:
+                self.invalidate_tenant(event.tenant_id)
+            else:
+                self.invalidate(event.tenant_id, event.provider)
+        self._feed_cursor = page.cursor
+        return len(page.events)
+
+    def follow_changes(self, *, wait_s: float = 25, retry_s: float = 5) -> ChangeFollower:
+        """Follow the change feed on a daemon thread until `stop()` (or `close()`).
+
+        A lease is dropped within one long-poll round of its credentials changing. While
+        the feed cannot be read, the follower retries every `retry_s` and the cache falls
+        back to lease expiry.
+        """
+        follower = ChangeFollower(self, wait_s=wait_s, retry_s=retry_s)
+        self._followers.append(follower)
+        follower.start()
+        return follower
 
     def clear(self) -> None:
         """Forget every cached lease."""
@@ -738,3 +824,43 @@ def _lease(body: _LeaseBody) -> Lease:
         expires_at=body.expires_at,
         lease_id=body.lease_id,
     )
+
+
+class ChangeFollower:
+    """A daemon thread running `BrokerClient.poll_changes` in a loop."""
+
+    def __init__(self, client: BrokerClient, *, wait_s: float, retry_s: float) -> None:
+        self.client = client
+        self.wait_s = wait_s
+        self.retry_s = retry_s
+        self.healthy = False
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="broker-changes", daemon=True)
+
+    def start(self) -> None:
+        """Start following."""
+        self._thread.start()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop after the current round (waits for it up to `timeout_s`)."""
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.client.poll_changes(wait_s=self.wait_s)
+                self.healthy = True
+            except (BrokerClientError, RuntimeError) as exc:
+                if self._stop.is_set():
+                    return  # RuntimeError: the client was closed under us
+                if self.healthy or self.rounds == 0:
+                    log.warning(
+                        "cannot follow the broker's change feed (%s); cached leases live "
+                        "to their expiry",
+                        getattr(exc, "message", type(exc).__name__),
+                    )
+                self.healthy = False
+                self._stop.wait(self.retry_s)
+            self.rounds += 1

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     vault_ca_cert: Path | None = None
     vault_timeout_s: float = 5.0
     kv_mount: str = "secret"
+    # Vault's file audit log, read for the tenants' access reports (issue 16); by
+    # default `<data_dir>/vault/audit.log` and its rotated copies.
+    vault_audit_log_paths: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     transit_mount: str = "transit"
     retry_after_s: int = 5
     # How long one request may retry Vault (node failover, elections) before a 503.
@@ -165,8 +168,72 @@ class Settings(BaseSettings):
     stripe_js_url: str = "https://js.stripe.com/v3/"
     stripe_publishable_key: str | None = None
 
+    # Events (issue 16). The change feed's long-poll waits at most `events_feed_max_wait_s`
+    # and looks for new events every `events_feed_poll_s` without holding a connection.
+    events_feed_poll_s: float = Field(default=0.5, ge=0.05, le=5)
+    events_feed_max_wait_s: int = Field(default=30, ge=0, le=60)
+    # Webhook deliveries: the delay before each retry (Standard Webhooks' suggested
+    # schedule, over three days in all); when it is spent the endpoint is disabled.
+    webhook_retry_schedule_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [
+            5.0,
+            300.0,
+            1800.0,
+            7200.0,
+            18000.0,
+            36000.0,
+            50400.0,
+            72000.0,
+            86400.0,
+        ]
+    )
+    webhook_timeout_s: float = Field(default=10.0, gt=0, le=10)
+    # Events and finished deliveries older than this are deleted (daily); a feed reader
+    # whose cursor is older misses them, and its SDK falls back to lease expiry.
+    events_retention_days: int = Field(default=30, ge=1, le=3650)
+    webhook_max_response_bytes: int = Field(default=64 * 1024, ge=1024, le=1024 * 1024)
+
+    # Scheduled health checks of stored credentials: each is re-tested every interval
+    # (per provider in `health_check_intervals`), spread by up to `health_check_jitter_s`.
+    # A failed check is retried after `health_retry_s` before the state flips to failing;
+    # a provider's 429 pauses its checks for `health_rate_limit_backoff_s`.
+    health_check_interval_s: int = Field(default=6 * 3600, ge=1, le=7 * 86400)
+    health_check_intervals: dict[str, int] = Field(default_factory=dict)
+    health_check_jitter_s: float = Field(default=300.0, ge=0, le=86400)
+    health_retry_s: float = Field(default=60.0, gt=0, le=86400)
+    health_rate_limit_backoff_s: float = Field(default=900.0, gt=0, le=86400)
+    health_schedule_every_s: int = Field(default=15, ge=1, le=60)
+    health_batch: int = Field(default=1000, ge=1, le=100000)
+    # Age (cryptoperiods, see the README): a pasted credential is due for rotation this
+    # many days after its last change (per provider in `rotation_period_days`); reminders
+    # go out `rotation_reminder_days` before, and `expiry_reminder_days` before a token
+    # nothing renews expires.
+    rotation_period_default_days: int = Field(default=365, ge=1, le=3650)
+    rotation_period_days: dict[str, int] = Field(default_factory=dict)
+    rotation_reminder_days: int = Field(default=14, ge=0, le=365)
+    expiry_reminder_days: int = Field(default=7, ge=0, le=365)
+
+    @field_validator("webhook_retry_schedule_s", mode="before")
+    @classmethod
+    def _split_numbers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [float(part) for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_schedule_s")
+    @classmethod
+    def _positive_delays(cls, value: list[float]) -> list[float]:
+        if not value or any(delay <= 0 for delay in value):
+            raise ValueError("the webhook retry schedule needs at least one positive delay")
+        return value
+
     @field_validator(
-        "vault_addrs", "jwt_algorithms", "trusted_proxies", "oauth_return_urls", mode="before"
+        "vault_addrs",
+        "jwt_algorithms",
+        "trusted_proxies",
+        "oauth_return_urls",
+        "vault_audit_log_paths",
+        mode="before",
     )
     @classmethod
     def _split_commas(cls, value: object) -> object:

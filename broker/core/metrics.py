@@ -141,6 +141,7 @@ class StateCollector(Collector):
         yield from _pool_metrics(self._engine)
         yield from _job_metrics(self._engine)
         yield from _lease_metrics(self._engine)
+        yield from _credential_metrics(self._engine)
         yield CounterMetricFamily(
             "broker_deletion_watch_refresh_failures",
             "Failed refreshes of the list of tenants being deleted (the last list is kept).",
@@ -250,6 +251,28 @@ def _lease_metrics(engine: Engine) -> Iterator[Metric]:
         overdue.add_metric([provider], overdue_n)
         failures.add_metric([provider], attempts)
     yield from (leases, failing, overdue, failures)
+
+
+def _credential_metrics(engine: Engine) -> Iterator[Metric]:
+    # Imported here: the credential_health domain imports most of the broker.
+    from broker.core.db import unit_of_work
+    from broker.core.errors import UpstreamUnavailable
+    from broker.credential_health import age
+
+    credentials = GaugeMetricFamily(
+        "broker_credentials",
+        "Stored credentials by health (healthy, failing, needs_reconnect, unknown) and age"
+        " (ok, due, overdue, expiring, expired; as of the hourly sweep), across tenants.",
+        labels=["health", "age"],
+    )
+    try:
+        with unit_of_work(engine) as session:
+            found = age.counts(session)
+    except (SQLAlchemyError, UpstreamUnavailable):
+        found = {}
+    for (health, aged), count in sorted(found.items()):
+        credentials.add_metric([health, aged], float(count))
+    yield credentials
 
 
 def install_runtime_collectors(registry: CollectorRegistry) -> None:

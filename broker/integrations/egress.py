@@ -677,7 +677,7 @@ def _resolve(resolver: Resolver, host: str, port: int, deadline: float) -> list[
 
 
 class EgressClient:
-    """Performs SSRF-guarded GET requests according to an :class:`EgressPolicy`.
+    """Performs SSRF-guarded GET (and POST) requests according to an :class:`EgressPolicy`.
 
     ``resolver(host, port)`` returns the IP addresses for a host name; it defaults to
     :func:`default_resolver` and is called exactly once per request (never for IP
@@ -778,10 +778,38 @@ class EgressClient:
         :class:`EgressFailed` for transport problems, and ``ValueError`` for invalid or
         reserved ``headers`` (programming errors).
         """
+        return self._request(b"GET", url, headers=headers, auth=auth, content=None)
+
+    def post(
+        self,
+        url: str,
+        *,
+        content: bytes,
+        headers: Mapping[str, str] | None = None,
+    ) -> EgressResponse:
+        """POST ``content`` to ``url`` under the same policy and checks as :meth:`get`.
+
+        For webhook deliveries: the address is checked when the connection is made,
+        so a name that resolved to a public address at registration and resolves
+        inside now is refused.
+        """
+        return self._request(b"POST", url, headers=headers, auth=None, content=content)
+
+    def _request(
+        self,
+        method: bytes,
+        url: str,
+        *,
+        headers: Mapping[str, str] | None,
+        auth: tuple[str, str] | None,
+        content: bytes | None,
+    ) -> EgressResponse:
         if self._closed:
             raise RuntimeError("EgressClient is closed")
         deadline = time.monotonic() + self._policy.timeout_s
         extra_headers = self._build_headers(headers, auth)
+        if content is not None:
+            extra_headers.append((b"Content-Length", str(len(content)).encode("ascii")))
         parsed, addresses = self._check(url, deadline)
         origin = _origin_label(parsed)
         host = parsed.raw_host.decode("ascii")
@@ -798,7 +826,7 @@ class EgressClient:
         )
         remaining = _remaining_or_fail(deadline, origin)
         request = httpcore.Request(
-            b"GET",
+            method,
             httpcore.URL(
                 scheme=parsed.raw_scheme,
                 host=parsed.raw_host,
@@ -806,6 +834,7 @@ class EgressClient:
                 target=parsed.raw_path,
             ),
             headers=[(b"Host", parsed.netloc), *extra_headers],
+            content=content,
             extensions={
                 "timeout": {
                     "connect": remaining,

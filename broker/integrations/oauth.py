@@ -60,6 +60,7 @@ from broker.core.errors import (
     UpstreamUnavailable,
     ValidationFailed,
 )
+from broker.events import outbox
 from broker.integrations import service
 from broker.integrations.egress import EgressFailed, EgressRefused, GuardedTransport
 from broker.integrations.providers import (
@@ -885,8 +886,14 @@ def _refresh(
                 refresh_token=tokens.refresh_token,
             ),
         )
+    except ProviderUnavailable as exc:
+        _refresh_failed(access, principal, tenant_id, spec.name, version, "provider_unavailable")
+        raise exc from None
     except TokenRefused as exc:
         if exc.error != "invalid_grant":
+            _refresh_failed(
+                access, principal, tenant_id, spec.name, version, exc.error or "refused"
+            )
             raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
         service.mark_needs_reconnect(
             access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
@@ -918,6 +925,31 @@ def _refresh(
             "the credentials changed during the refresh; retry", retry_after=1
         ) from None
     return new, stored.kv_version
+
+
+def _refresh_failed(
+    access: OAuthAccess,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    version: int,
+    reason: str,
+) -> None:
+    """Announce a refresh that failed for a reason a later try may not share (best effort)."""
+    try:
+        with unit_of_work(access.engine) as session:
+            outbox.emit(
+                session,
+                outbox.REFRESH_FAILED,
+                actor=principal.actor,
+                tenant_id=tenant_id,
+                provider=provider,
+                version=version,
+                state="refresh_failed",
+                detail={"reason": reason},
+            )
+    except UpstreamUnavailable:
+        log.warning("could not record a failed OAuth refresh event")
 
 
 # -- migrating a pasted token ---------------------------------------------------------------

@@ -79,6 +79,9 @@ class TestResult(BaseModel):
         return cls(ok=result.ok, code=result.code, reason=result.reason)
 
 
+_HEALTH_STATES = ("unknown", "healthy", "failing", "needs_reconnect")
+
+
 class IntegrationView(BaseModel):
     """One provider as the tenant admin sees it: masked hints, never a secret."""
 
@@ -110,6 +113,17 @@ class IntegrationView(BaseModel):
             "How services receive them: the stored fields, or a key minted per lease "
             "(Twilio, OpenAI) while the stored root credential never leaves the broker."
         ),
+    )
+    health: Literal["unknown", "healthy", "failing", "needs_reconnect"] = Field(
+        default="unknown", description="The latest scheduled (or requested) health check."
+    )
+    health_reason: str | None = None
+    health_checked_at: datetime | None = None
+    created_at: datetime | None = Field(
+        default=None, description="When these credentials were first stored."
+    )
+    rotated_at: datetime | None = Field(
+        default=None, description="When the secret last changed (a new version)."
     )
 
     @classmethod
@@ -153,6 +167,11 @@ class IntegrationView(BaseModel):
             needs_reconnect=row.needs_reconnect,
             token_expires_at=row.token_expires_at,
             delivery="dynamic" if row.delivery_mode == "dynamic" else "static",
+            health=row.health_state if row.health_state in _HEALTH_STATES else "unknown",
+            health_reason=row.health_reason,
+            health_checked_at=row.health_checked_at,
+            created_at=row.first_stored_at,
+            rotated_at=row.rotated_at,
         )
 
 

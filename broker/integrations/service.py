@@ -62,6 +62,7 @@ from broker.core.errors import (
     PreconditionFailed,
     ValidationFailed,
 )
+from broker.events import outbox
 from broker.integrations.dynamic import dynamic_spec
 from broker.integrations.egress import EgressClient
 from broker.integrations.providers import (
@@ -318,6 +319,15 @@ def delete_credentials(
             tenant_id=tenant_id,
             detail={"kv_version": begun.cas},
         )
+        outbox.emit(
+            session,
+            outbox.CREDENTIAL_DELETED,
+            actor=principal.actor,
+            tenant_id=tenant_id,
+            provider=provider,
+            version=begun.cas,
+            state="deleted",
+        )
 
 
 DeliveryMode = Literal["static", "dynamic"]
@@ -437,9 +447,21 @@ def mark_needs_reconnect(
             return
         if not row.needs_reconnect:
             row.needs_reconnect = True
+            row.health_state = "needs_reconnect"
+            row.health_reason = reason
             row.updated_at = utcnow()
             session.add(row)
             _update_status(session, row)
+            outbox.emit(
+                session,
+                outbox.RECONNECT_NEEDED,
+                actor=principal.actor,
+                tenant_id=tenant_id,
+                provider=provider,
+                version=row.kv_version,
+                state="needs_reconnect",
+                detail={"reason": reason},
+            )
         trail.record(
             session,
             action="integration.needs_reconnect",
@@ -590,10 +612,34 @@ def _write(
                 **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
             },
         )
+        # Same transaction as the row: announced exactly when the new version is on record.
+        outbox.emit(
+            session,
+            _EVENT_OF_ACTION.get(action, outbox.CREDENTIAL_SAVED),
+            actor=principal.actor,
+            tenant_id=tenant_id,
+            provider=provider,
+            version=version,
+            state="configured",
+            detail={
+                "kind": str(public.get("kind") or "static"),
+                **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
+            },
+        )
         # The answer describes this write, even when a concurrent one is newer.
         own = _view(row)
         _describe(own, version, public, principal.actor, test, skipped)
         return own
+
+
+# The event each write action announces (any other write: credential.saved).
+_EVENT_OF_ACTION = {
+    "integration.save": outbox.CREDENTIAL_SAVED,
+    "integration.restore": outbox.CREDENTIAL_RESTORED,
+    "integration.oauth.connect": outbox.CREDENTIAL_SAVED,
+    "integration.oauth.refresh": outbox.CREDENTIAL_ROTATED,
+    "integration.oauth.migrate": outbox.CREDENTIAL_ROTATED,
+}
 
 
 def _record_applied(
@@ -619,6 +665,7 @@ def _describe(
     test: ConnectionResult | None,
     skipped: bool,
 ) -> None:
+    _aged(row, version)
     row.kv_version = version
     row.configured = True
     row.hints = dict(public.get("hints") or {})
@@ -633,6 +680,21 @@ def _describe(
     row.needs_reconnect = False
     if test is not None:
         _apply_test(row, test)
+        if test.ok:
+            # A passing live test is a health check too.
+            row.health_state, row.health_checked_at = "healthy", row.last_test_at
+
+
+def _aged(row: IntegrationCredential, version: int) -> None:
+    """A new version's age: the secret changed now; the credential exists since its first."""
+    if version != row.kv_version or not row.configured:
+        now = utcnow()
+        row.rotated_at = now
+        if row.first_stored_at is None or not row.configured:
+            row.first_stored_at = now
+        # A new secret starts without a health verdict (unless its test gave one) or reminder.
+        row.health_state, row.health_reason, row.health_failures = "unknown", None, 0
+        row.age_notice = None
 
 
 def _token_expiry(public: Mapping[str, Any]) -> datetime | None:
@@ -683,7 +745,7 @@ def _begin(
             raise NotFound("this integration is not configured")
         inherited = False
         if row.vault_sync_pending:
-            moved = _reconcile(row, store)
+            moved = _reconcile(row, store, session)
             inherited = not moved
             # The earlier write may have been this one, retried after an unanswered attempt.
             if moved and content is not None and _holds(store, tenant_id, provider, content):
@@ -771,7 +833,7 @@ def _try_reconcile(
         with unit_of_work(engine) as session:
             row = _locked_row(session, tenant_id, provider)
             if row is not None and row.vault_sync_pending:
-                _reconcile(row, store)
+                _reconcile(row, store, session)
                 session.add(row)
             return row
     except VaultUnavailable:
@@ -781,7 +843,7 @@ def _try_reconcile(
         return None
 
 
-def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
+def _reconcile(row: IntegrationCredential, store: SealedStore, session: Session) -> bool:
     """Rebuild a pending row from Vault, the source of truth; False when Vault shows nothing new.
 
     A KV version or deletion the row does not know settles every write that was
@@ -796,6 +858,7 @@ def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
     record = store.read(row.tenant_id, item) if live else None
     if record is not None:
         store.open(row.tenant_id, item, record)  # adopt only hints that verify
+        _aged(row, version)
         row.hints = dict(record.public.get("hints") or {})
         row.identifiers = dict(record.public.get("identifiers") or {})
         row.updated_by = record.public.get("updated_by")
@@ -811,6 +874,17 @@ def _reconcile(row: IntegrationCredential, store: SealedStore) -> bool:
     row.kv_version = version
     row.configured = record is not None
     _settle(row)
+    # The write whose answer was lost is confirmed only now: announce it now.
+    outbox.emit(
+        session,
+        outbox.CREDENTIAL_SAVED if row.configured else outbox.CREDENTIAL_DELETED,
+        actor=str(row.updated_by or "broker-reconcile") if row.configured else "broker-reconcile",
+        tenant_id=row.tenant_id,
+        provider=row.provider,
+        version=version,
+        state="configured" if row.configured else "deleted",
+        detail={"settled_by": "reconcile"},
+    )
     return True
 
 
@@ -864,6 +938,9 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         last_test_reason=row.last_test_reason,
         needs_reconnect=row.needs_reconnect,
         connection_expires_at=_connection_expiry(row),
+        health=row.health_state,
+        health_reason=row.health_reason[:200] if row.health_reason else None,
+        health_checked_at=row.health_checked_at.isoformat() if row.health_checked_at else None,
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)
@@ -872,6 +949,11 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         settings.version += 1
         settings.updated_at = utcnow()
         session.add(settings)
+
+
+def update_status(session: Session, row: IntegrationCredential) -> None:
+    """Feed `integrations_status` from a changed row (for other domains, e.g. health)."""
+    _update_status(session, row)
 
 
 def _connection_expiry(row: IntegrationCredential) -> str | None:

@@ -23,6 +23,9 @@ TASK_MODULES = [
     "broker.integrations.jobs",
     "broker.payments.jobs",
     "broker.leases.jobs",
+    "broker.events.delivery",
+    "broker.events.housekeeping",
+    "broker.credential_health.jobs",
 ]
 
 # Queues: the queue's own housekeeping, and the maintenance of stored credentials.

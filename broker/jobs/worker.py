@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import datetime
 
@@ -53,6 +54,11 @@ async def run_worker(
         raise ConfigurationError("BROKER_LEASE_SWEEP_S must divide 60")
     schedule_stall_check(settings.jobs_stalled_check_s)
     schedule_sweep(settings.lease_sweep_s)
+    if 60 % settings.health_schedule_every_s:
+        raise ConfigurationError("BROKER_HEALTH_SCHEDULE_EVERY_S must divide 60")
+    from broker.credential_health.jobs import schedule_health_checks
+
+    schedule_health_checks(settings.health_schedule_every_s)
     pool = AsyncConnectionPool(
         dsn,
         open=False,
@@ -74,6 +80,13 @@ async def run_worker(
     }
     if queues:  # none given: every queue
         options["queues"] = list(queues)
+    if install_signal_handlers:
+        # Sync tasks run on the loop's default executor, which holds only cpu+4 threads:
+        # a worker of its own makes room for `concurrency` of them (webhook deliveries,
+        # health checks). Under `broker dev` the loop is the API's and is left alone.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=concurrency + 4, thread_name_prefix="broker-job")
+        )
     try:
         async with pool, app.open_async(pool):
             await app.run_worker_async(**options)

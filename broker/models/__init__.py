@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, String
+from sqlalchemy import BigInteger, Column, DateTime, ForeignKey, String, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlmodel import Field, SQLModel
 
@@ -164,6 +164,24 @@ class IntegrationCredential(SQLModel, table=True):
     # lease from them, see broker/leases). Sealed with the credentials in Vault too, where
     # a fetch reads it: the root credential is never delivered on a stale view.
     delivery_mode: str = Field(default="static", max_length=16)
+    # Scheduled health (broker/credential_health): healthy | failing | needs_reconnect,
+    # or unknown before the first check.
+    health_state: str = Field(default="unknown", max_length=20)
+    health_reason: str | None = Field(default=None, max_length=300)
+    health_checked_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    # Failed checks in a row; the state flips to failing only after a retry fails too.
+    health_failures: int = Field(default=0)
+    # Age (issue 16): when a credential was first stored, and when its secret last changed.
+    first_stored_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    rotated_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    # The last age reminder announced for this version: due | overdue | expiring | expired.
+    age_notice: str | None = Field(default=None, max_length=16)
 
 
 class OAuthState(SQLModel, table=True):
@@ -365,3 +383,117 @@ class ConsoleSession(SQLModel, table=True):
     expires_at: datetime = Field(
         sa_column=Column(DateTime(timezone=True), nullable=False, index=True)
     )
+
+
+class Event(SQLModel, table=True):
+    """One credential or tenant event, in the outbox (see `broker.events`).
+
+    Written in the transaction of the change it describes, so an event exists
+    exactly when its change committed. It never carries a secret: ids, provider,
+    version, state, actor, time. `txid` is the writing transaction's id; the
+    change feed orders by it so a reader never skips an event whose transaction
+    committed late. No foreign key: events outlive the tenant they describe.
+    """
+
+    __tablename__ = "events"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    txid: int | None = Field(
+        default=None,
+        sa_column=Column(
+            BigInteger, nullable=False, server_default=text("pg_current_xact_id()::text::bigint")
+        ),
+    )
+    at: datetime = _ts(nullable=False)
+    type: str = Field(max_length=64)
+    tenant_id: str | None = Field(default=None, max_length=63, index=True)
+    provider: str | None = Field(default=None, max_length=32)
+    version: int | None = None
+    state: str | None = Field(default=None, max_length=32)
+    actor: str = Field(max_length=200)
+    detail: dict[str, Any] = Field(default_factory=dict, sa_column=Column(JSONB, nullable=False))
+
+
+class WebhookEndpoint(SQLModel, table=True):
+    """A receiver of signed event deliveries: a tenant's own, or the platform's (no tenant).
+
+    Its signing secret lives in Vault (KV `webhooks/<id>`), never here.
+    """
+
+    __tablename__ = "webhook_endpoints"
+
+    id: str = Field(primary_key=True, max_length=40)
+    tenant_id: str | None = Field(
+        default=None,
+        sa_column=Column(
+            String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=True, index=True
+        ),
+    )
+    url: str = Field(max_length=2000)
+    description: str | None = Field(default=None, max_length=200)
+    # Event types delivered; empty means every type.
+    event_types: list[str] = Field(default_factory=list, sa_column=Column(JSONB, nullable=False))
+    enabled: bool = Field(default=True)
+    disabled_reason: str | None = Field(default=None, max_length=300)
+    disabled_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    created_at: datetime = _ts(nullable=False)
+    created_by: str = Field(max_length=200)
+
+
+class WebhookDelivery(SQLModel, table=True):
+    """One event sent to one endpoint: its attempts and outcome.
+
+    `webhook_id` is the Standard Webhooks message id: the same on every attempt
+    and on a replay, so the receiver can drop duplicates.
+    """
+
+    __tablename__ = "webhook_deliveries"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    event_id: int = Field(sa_column=Column(BigInteger, nullable=False, index=True))
+    endpoint_id: str = Field(
+        sa_column=Column(
+            String(40),
+            ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+            nullable=False,
+            index=True,
+        )
+    )
+    webhook_id: str = Field(max_length=64)
+    # pending | delivered | failed (retries exhausted, or the endpoint is disabled)
+    status: str = Field(default="pending", max_length=20)
+    attempts: int = Field(default=0)
+    created_at: datetime = _ts(nullable=False)
+    last_attempt_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    next_attempt_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+    last_status_code: int | None = None
+    last_error: str | None = Field(default=None, max_length=300)
+    delivered_at: datetime | None = Field(
+        default=None, sa_column=Column(DateTime(timezone=True), nullable=True)
+    )
+
+
+class HealthCheck(SQLModel, table=True):
+    """One scheduled (or requested) check of stored credentials: the health history."""
+
+    __tablename__ = "credential_health_checks"
+
+    id: int | None = Field(default=None, sa_column=Column(BigInteger, primary_key=True))
+    tenant_id: str = Field(
+        sa_column=Column(
+            String(63), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    provider: str = Field(max_length=32)
+    at: datetime = _ts(nullable=False)
+    ok: bool
+    code: str = Field(max_length=32)
+    reason: str | None = Field(default=None, max_length=300)
+    # The state after this check.
+    state: str = Field(max_length=20)

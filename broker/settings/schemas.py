@@ -397,6 +397,10 @@ class IntegrationStatus(_Model):
     # When a connection the broker cannot refresh (a Meta business token) stops working;
     # None: it never expires, or the broker renews it (Shopify), or it is pasted.
     connection_expires_at: AwareDatetime | None = None
+    # Scheduled health checks (issue 16): the latest verdict, its reason and time.
+    health: Literal["unknown", "healthy", "failing", "needs_reconnect"] = "unknown"
+    health_reason: Annotated[str, StringConstraints(max_length=200)] | None = None
+    health_checked_at: AwareDatetime | None = None
 
 
 class IntegrationsStatus(_Model):

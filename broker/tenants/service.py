@@ -12,6 +12,7 @@ from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, Conflict, NotFound
+from broker.events import outbox, webhooks
 from broker.models import Tenant, utcnow
 from broker.settings.service import default_settings_row
 from broker.tenants.deletions import DeletionWatch
@@ -90,6 +91,7 @@ def delete_tenant(
     with unit_of_work(engine) as session:
         # Locked: a concurrent deletion of the same tenant may be deleting the row too.
         tenant = session.get(Tenant, tenant_id, with_for_update=True)
+        endpoints = webhooks.endpoint_ids(session, tenant_id=tenant_id)
         if tenant is not None:
             session.delete(tenant)
         trail.record(
@@ -101,6 +103,16 @@ def delete_tenant(
             tenant_id=tenant_id,
             detail={"vault_items_destroyed": destroyed, "transit_key": "deleted"},
         )
+        if tenant is not None:
+            outbox.emit(
+                session,
+                outbox.TENANT_DELETED,
+                actor=principal.actor,
+                tenant_id=tenant_id,
+                state="deleted",
+            )
+    # The tenant's endpoints went with its row; their signing secrets go now.
+    webhooks.forget_secrets(vault, endpoints)
     if deletions is not None:
         deletions.forget(tenant_id)
     return destroyed

@@ -102,6 +102,77 @@ def _payout_on_file(client: TestClient, tenant_id: str) -> None:
     assert response.status_code == 200, response.text
 
 
+ENDPOINT = "ep_" + "0" * 32
+DELIVERY = "999999999"
+HOOK_BODY = {"url": "http://127.0.0.1:9/hook", "event_types": ["webhook.endpoint_disabled"]}
+
+
+def _endpoint_of(client: TestClient, tenant_id: str, *, platform: bool) -> dict[str, str]:
+    """An endpoint (and one delivery to it) for the webhook routes."""
+    from broker.core.db import unit_of_work
+    from broker.events import outbox
+
+    headers = bearer(
+        token("platform:admin", subject="ops")
+        if platform
+        else token("tenant:admin", tenant_id=tenant_id)
+    )
+    prefix = "/v1/platform/webhooks" if platform else "/v1/webhooks"
+    response = client.post(prefix, json=HOOK_BODY, headers=headers)
+    assert response.status_code == 201, response.text
+    endpoint = response.json()["id"]
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    with unit_of_work(engine) as session:
+        outbox.emit(session, outbox.ENDPOINT_DISABLED, actor="user:matrix", tenant_id=tenant_id)
+    with engine.connect() as conn:
+        delivery = conn.execute(
+            text("SELECT max(id) FROM webhook_deliveries WHERE endpoint_id = :e"), {"e": endpoint}
+        ).scalar_one()
+    return {ENDPOINT: endpoint, DELIVERY: str(delivery)}
+
+
+def _tenant_endpoint(client: TestClient, tenant_id: str) -> dict[str, str]:
+    return _endpoint_of(client, tenant_id, platform=False)
+
+
+def _platform_endpoint(client: TestClient, tenant_id: str) -> dict[str, str]:
+    return _endpoint_of(client, tenant_id, platform=True)
+
+
+def _webhook_cases(prefix: str, platform: bool) -> dict[tuple[str, str], Case]:
+    allowed = (("platform:admin",),) if platform else (("tenant:admin",),)
+    insufficient = ("tenant:admin",) if platform else ("integrations:manage",)
+    setup = _platform_endpoint if platform else _tenant_endpoint
+    one = f"{prefix}/{ENDPOINT}"
+    rows = [
+        ("POST", prefix, prefix, None, lambda: HOOK_BODY),
+        ("GET", prefix, prefix, None, None),
+        ("GET", prefix + "/{endpoint_id}", one, setup, None),
+        ("DELETE", prefix + "/{endpoint_id}", one, setup, None),
+        ("POST", prefix + "/{endpoint_id}/enable", one + "/enable", setup, None),
+        ("GET", prefix + "/{endpoint_id}/deliveries", one + "/deliveries", setup, None),
+        (
+            "POST",
+            prefix + "/{endpoint_id}/deliveries/{delivery_id}/replay",
+            f"{one}/deliveries/{DELIVERY}/replay",
+            setup,
+            None,
+        ),
+    ]
+    return {
+        (method, route): Case(
+            method,
+            path,
+            allowed=allowed,
+            insufficient=insufficient,
+            tenant_bound=not platform,
+            setup=case_setup,
+            body=body,
+        )
+        for method, route, path, case_setup, body in rows
+    }
+
+
 ROUTES: dict[tuple[str, str], Case] = {
     ("POST", "/v1/tenants"): Case(
         "POST",
@@ -317,6 +388,41 @@ ROUTES: dict[tuple[str, str], Case] = {
         insufficient=("integrations:view",),
         setup=_configure_openai,
     ),
+    ("GET", INTEGRATION + "/health"): Case(
+        "GET",
+        OPENAI + "/health",
+        allowed=(("integrations:view",), ("integrations:manage",), ("tenant:admin",)),
+        insufficient=("finance:manage",),
+        setup=_configure_openai,
+    ),
+    ("POST", INTEGRATION + "/health/check"): Case(
+        "POST",
+        OPENAI + "/health/check",
+        allowed=(("integrations:manage",), ("tenant:admin",)),
+        insufficient=("integrations:view",),
+        setup=_configure_openai,
+    ),
+    ("GET", "/v1/tenants/settings/access-report"): Case(
+        "GET",
+        "/v1/tenants/settings/access-report",
+        allowed=(("tenant:admin",),),
+        insufficient=("integrations:manage",),
+    ),
+    ("GET", "/v1/platform/credentials/report"): Case(
+        "GET",
+        "/v1/platform/credentials/report",
+        allowed=(("platform:admin",),),
+        insufficient=("tenant:admin",),
+        tenant_bound=False,
+    ),
+    ("GET", "/v1/events"): Case(
+        "GET",
+        "/v1/events",
+        allowed=(("tenant:admin",), ("integrations:view",)),
+        insufficient=("finance:view",),
+    ),
+    **_webhook_cases("/v1/webhooks", platform=False),
+    **_webhook_cases("/v1/platform/webhooks", platform=True),
 }
 
 

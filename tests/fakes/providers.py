@@ -243,6 +243,16 @@ class FakeProviders:
         with self._lock:
             self._accepted[provider].append(dict(fields))
 
+    def revoke(self, provider: str, **fields: str) -> None:
+        """Stop accepting credentials that match ``fields`` (a key revoked at the provider)."""
+        self._check_provider(provider)
+        with self._lock:
+            self._accepted[provider] = [
+                accepted
+                for accepted in self._accepted[provider]
+                if any(accepted.get(name) != value for name, value in fields.items())
+            ]
+
     def fail_with(self, provider: str, status: int, *, retry_after: str = "30") -> None:
         """Answer every request for ``provider`` with ``status`` (500, 503, 429...).
 

@@ -12,7 +12,7 @@ from alembic import op
 from sqlalchemy.dialects.postgresql import JSONB
 
 revision = "0009_console"
-down_revision = "0007_leases"
+down_revision = "0008_events"
 branch_labels = None
 depends_on = None
 

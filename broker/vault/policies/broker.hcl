@@ -90,6 +90,18 @@ path "secret/metadata/tenants/+/leases/" {
   capabilities = ["list"]
 }
 
+# --- Webhook signing secrets ---------------------------------------------------------------
+# secret/data/webhooks/<endpoint id>: the whsec_ secret of one registered webhook endpoint.
+# Written once at registration (create), read to sign each delivery; the metadata delete
+# removes every version when the endpoint is deleted.
+path "secret/data/webhooks/+" {
+  capabilities = ["create", "read"]
+}
+
+path "secret/metadata/webhooks/+" {
+  capabilities = ["delete"]
+}
+
 # --- Platform secrets (read-only) ----------------------------------------------------------
 # secret/data/platform/<name>, e.g. platform/stripe: the platform's own API keys. Written by
 # operators with their own tokens; the broker only reads them.
