@@ -71,7 +71,10 @@ def rotate_tenant_key(
     """Rotate one tenant's key and rewrap everything it protects (resumable)."""
     store = SealedStore(vault)
     with unit_of_work(engine) as session:
-        tenant = session.get(Tenant, tenant_id)
+        # Shared lock: a deletion racing this first step waits for its commit rather than
+        # removing the tenant under the KeyRotation row about to be added (a foreign-key
+        # violation, a 500); it then marks the tenant, and the next step answers 404.
+        tenant = session.get(Tenant, tenant_id, with_for_update={"read": True})
         if tenant is None or tenant.deleting_at is not None:
             raise NotFound("no such tenant")
         running = session.exec(
