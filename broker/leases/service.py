@@ -23,6 +23,10 @@ revocation) never revoke one lease twice; a failure is recorded on the row (atte
 error class, next attempt with exponential backoff) and retried by the sweep. The key
 is deleted with the root credential version that minted it, so a rotation that moves
 to another account still revokes the old account's keys.
+
+A key handed out is announced (`lease.minted`) in the transaction that makes its lease
+active, and a key deleted at the provider (`lease.revoked`) in the one that marks it
+revoked: the change feed and webhooks see each once, with identifiers only.
 """
 
 from __future__ import annotations
