@@ -290,6 +290,7 @@ class _FeedEvent(BaseModel):
     tenant_id: str | None = None
     provider: str | None = None
     version: int | None = None
+    detail: dict[str, Any] = {}
 
 
 class _FeedPage(BaseModel):
@@ -518,6 +519,18 @@ class BrokerClient:
             # its waiters, but neither cache its result nor let new callers join it.
             self._flights.pop(key, None)
 
+    def _invalidate_lease(self, tenant_id: str, provider: str, lease_id: str) -> None:
+        """Forget the cached lease if it is the one revoked (a minted key now dead).
+
+        A fetch under way may be handing out that very lease: it is not cached either.
+        """
+        key = (tenant_id, provider)
+        with self._lock:
+            entry = self._cache.get(key)
+            if entry is None or entry.lease.lease_id == lease_id:
+                self._cache.pop(key, None)
+                self._flights.pop(key, None)
+
     def invalidate_tenant(self, tenant_id: str) -> None:
         """Forget every cached lease of one tenant."""
         with self._lock:
@@ -555,7 +568,11 @@ class BrokerClient:
         for event in page.events:
             if event.type not in _CHANGES or event.tenant_id is None:
                 continue
-            if event.provider is None:
+            lease_id = event.detail.get("lease_id")
+            if event.type == "lease.revoked" and event.provider and isinstance(lease_id, str):
+                # Another service's lease ending says nothing about this one's key.
+                self._invalidate_lease(event.tenant_id, event.provider, lease_id)
+            elif event.provider is None:
                 self.invalidate_tenant(event.tenant_id)
             else:
                 self.invalidate(event.tenant_id, event.provider)

@@ -9,7 +9,14 @@ from fastapi.staticfiles import StaticFiles
 from starlette.responses import RedirectResponse, Response
 from starlette.types import Scope
 
-from broker.console import integrations_pages, payments_pages, settings_pages, signin
+from broker.console import (
+    access_pages,
+    integrations_pages,
+    leases_pages,
+    payments_pages,
+    settings_pages,
+    signin,
+)
 from broker.console.security import harden
 
 STATIC = Path(__file__).parent / "static"
@@ -17,7 +24,9 @@ ROUTERS = (
     signin.router,
     settings_pages.router,
     integrations_pages.router,
+    leases_pages.router,
     payments_pages.router,
+    access_pages.router,
 )
 
 

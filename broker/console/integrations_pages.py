@@ -17,8 +17,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from broker.console.access import Visitor, form, page
-from broker.console.rendering import ConsoleRoute, render, see_other
+from broker.console.rendering import ConsoleRoute, ago, render, see_other
 from broker.console.security import Policy, origin_of
+from broker.core.config import Settings
 from broker.core.errors import PreconditionFailed, ValidationFailed
 from broker.deps import EngineDep, VaultDep
 from broker.integrations import oauth, service
@@ -65,16 +66,17 @@ def consent_origins(request: Request) -> tuple[str, ...]:
 
 
 def health(view: IntegrationView) -> tuple[str, str]:
-    """A one-word state and its explanation, from what the broker records today.
-
-    Issue 16's health checks will feed this; the page shows whatever it returns.
-    """
+    """A one-word state and its explanation, from the scheduled health checks' verdict and
+    the last test (a save's, a requested one, or a scheduled check's own)."""
     if not view.configured:
         return "not-connected", "Not connected"
-    if view.needs_reconnect:
+    if view.needs_reconnect or view.health == "needs_reconnect":
         return "attention", "Needs reconnecting: the provider no longer accepts the grant"
     if view.sync_pending:
         return "pending", "A change is being confirmed with the vault"
+    if view.health == "failing":
+        # Flipped only after a retry also failed: the provider really refuses them now.
+        return "attention", f"Failing its health checks: {view.health_reason or 'no reason given'}"
     if view.last_test is None:
         return "unknown", "Not tested yet" if not view.connection_test_skipped else "Saved untested"
     if not view.last_test.ok:
@@ -82,24 +84,37 @@ def health(view: IntegrationView) -> tuple[str, str]:
     return "ok", "Working (last test passed)"
 
 
-def _views(engine: Engine, vault: Any, tenant_id: str) -> list[IntegrationView]:
+def age_note(view: IntegrationView) -> tuple[str, str] | None:
+    """What the credential's age asks of the shop owner, if anything (rotate, reconnect)."""
+    if view.age == "due" and view.rotation_due_at is not None:
+        return "attention", f"Due for rotation {ago(view.rotation_due_at)}: paste a new key"
+    if view.age == "overdue":
+        return "attention", f"Overdue for rotation since {ago(view.rotation_due_at)}"
+    if view.age == "expiring":
+        return "attention", f"Expires {ago(view.token_expires_at)}: reconnect before then"
+    if view.age == "expired":
+        return "attention", f"Expired {ago(view.token_expires_at)}: reconnect"
+    return None
+
+
+def _views(engine: Engine, vault: Any, settings: Settings, tenant_id: str) -> list[IntegrationView]:
     rows = service.list_integrations(engine, vault, tenant_id=tenant_id)
-    return [IntegrationView.of(spec, row) for spec, row in rows]
+    return [IntegrationView.of(spec, row, settings=settings) for spec, row in rows]
 
 
 @router.get("", name="console_integrations")
 def integrations(
     request: Request, engine: EngineDep, vault: VaultDep, visitor: PageViewer
 ) -> Response:
-    """Every provider: state, hints, version, age and expiry."""
-    views = _views(engine, vault, own_tenant(visitor.principal))
+    """Every provider: health, hints, version, age and expiry."""
+    views = _views(engine, vault, request.app.state.settings, own_tenant(visitor.principal))
     outcome = request.query_params.get("outcome")
     reason = request.query_params.get("reason") or ""
     return render(
         request,
         "integrations/index.html",
         visitor=visitor,
-        views=[(view, health(view)) for view in views],
+        views=[(view, health(view), age_note(view)) for view in views],
         outcome=OUTCOMES.get(outcome or ""),
         outcome_ok=outcome == "connected",
         reason=reason if _REASON.fullmatch(reason) else "",
@@ -128,7 +143,8 @@ def _provider_page(
     identifiers: dict[str, str] | None = None,
 ) -> Response:
     tenant_id = own_tenant(visitor.principal)
-    view = next(v for v in _views(engine, vault, tenant_id) if v.provider == spec.name)
+    settings: Settings = request.app.state.settings
+    view = next(v for v in _views(engine, vault, settings, tenant_id) if v.provider == spec.name)
     may_manage = visitor.may(Manager)
     kept: list[VersionView] = []
     if may_manage and view.version:
@@ -144,6 +160,7 @@ def _provider_page(
         spec=spec,
         view=view,
         state=health(view),
+        age=age_note(view),
         may_manage=may_manage,
         may_write=visitor.may(Writer),
         connect=connect,

@@ -113,6 +113,10 @@ def _announce(session: Session, row: IntegrationCredential, age: Age) -> int:
         return 0
     row.age_notice = notice
     session.add(row)
+    # Imported here: the integrations service reaches this module through its schemas.
+    from broker.integrations.service import update_status
+
+    update_status(session, row)  # the settings' integrations_status shows the new age
     if notice is None:
         return 0
     kind = outbox.EXPIRING if notice in ("expiring", "expired") else outbox.ROTATION_DUE

@@ -15,7 +15,7 @@ from broker.core import context
 from broker.core.errors import RateLimited
 from broker.core.http import problem_responses
 from broker.core.ratelimit import RateLimiter
-from broker.deps import EngineDep, VaultDep
+from broker.deps import EngineDep, SettingsDep, VaultDep
 from broker.integrations import oauth, service
 from broker.integrations.providers import get_provider
 from broker.integrations.schemas import (
@@ -61,11 +61,11 @@ def _outbound(request: Request) -> service.Outbound:
 
 @router.get("", response_model=list[IntegrationView], responses=problem_responses({404: NO_TENANT}))
 def list_integrations(
-    engine: EngineDep, vault: VaultDep, principal: Viewer
+    engine: EngineDep, vault: VaultDep, settings: SettingsDep, principal: Viewer
 ) -> list[IntegrationView]:
-    """Every provider: configured or not, masked hints, version, last test."""
+    """Every provider: configured or not, masked hints, version, last test, health and age."""
     rows = service.list_integrations(engine, vault, tenant_id=own_tenant(principal))
-    return [IntegrationView.of(spec, row) for spec, row in rows]
+    return [IntegrationView.of(spec, row, settings=settings) for spec, row in rows]
 
 
 @router.put(
@@ -80,6 +80,7 @@ def save_credentials(
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
+    settings: SettingsDep,
     principal: Writer,
     if_match: IfMatch = None,
 ) -> IntegrationView:
@@ -100,7 +101,7 @@ def save_credentials(
         request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
     )
     response.headers["ETag"] = service.etag(row)
-    return IntegrationView.of(get_provider(provider), row)
+    return IntegrationView.of(get_provider(provider), row, settings=settings)
 
 
 @router.post(
@@ -189,6 +190,7 @@ def restore_version(
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
+    settings: SettingsDep,
     principal: Writer,
     request: Request,
     if_match: IfMatch = None,
@@ -208,7 +210,7 @@ def restore_version(
         request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
     )
     response.headers["ETag"] = service.etag(row)
-    return IntegrationView.of(get_provider(provider), row)
+    return IntegrationView.of(get_provider(provider), row, settings=settings)
 
 
 @router.post(
@@ -280,7 +282,11 @@ def start_connect(
     ),
 )
 def embedded_signup(
-    provider: ProviderName, body: EmbeddedSignupRequest, request: Request, principal: Writer
+    provider: ProviderName,
+    body: EmbeddedSignupRequest,
+    request: Request,
+    settings: SettingsDep,
+    principal: Writer,
 ) -> IntegrationView:
     """Exchange Embedded Signup's code for the business token and store it sealed."""
     row = oauth.connect_embedded_signup(
@@ -290,7 +296,7 @@ def embedded_signup(
         provider=provider,
         signup=body.signup(),
     )
-    return IntegrationView.of(get_provider(provider), row)
+    return IntegrationView.of(get_provider(provider), row, settings=settings)
 
 
 @callback_router.get(

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 from fastapi import Path
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from broker.core.config import Settings
+from broker.credential_health.age import age_of
 from broker.integrations.oauth import SignupResult
 from broker.integrations.providers import (
     MAX_VALUE_LENGTH,
@@ -15,7 +17,7 @@ from broker.integrations.providers import (
     ConnectionResult,
     ProviderSpec,
 )
-from broker.models import IntegrationCredential
+from broker.models import IntegrationCredential, utcnow
 
 FieldValue = Annotated[SecretStr, Field(max_length=500)]
 
@@ -125,10 +127,30 @@ class IntegrationView(BaseModel):
     rotated_at: datetime | None = Field(
         default=None, description="When the secret last changed (a new version)."
     )
+    age: Literal["ok", "due", "overdue", "expiring", "expired"] | None = Field(
+        default=None,
+        description=(
+            "Rotation or expiry state now: due and overdue follow the provider's rotation "
+            "period (a cryptoperiod, NIST SP 800-57); expiring and expired a token nothing "
+            "renews. None when nothing is stored."
+        ),
+    )
+    rotation_due_at: datetime | None = Field(
+        default=None, description="When pasted credentials are due for rotation."
+    )
 
     @classmethod
-    def of(cls, spec: ProviderSpec, row: IntegrationCredential | None) -> IntegrationView:
-        """Build from the provider spec and its metadata row (None when never configured)."""
+    def of(
+        cls,
+        spec: ProviderSpec,
+        row: IntegrationCredential | None,
+        *,
+        settings: Settings | None = None,
+    ) -> IntegrationView:
+        """Build from the provider spec and its metadata row (None when never configured).
+
+        With the settings (the rotation periods), the credential's age is filled in too.
+        """
         if row is None:
             return cls(
                 provider=spec.name,
@@ -151,10 +173,12 @@ class IntegrationView(BaseModel):
                 reason=row.last_test_reason or "",
                 at=row.last_test_at,
             )
+        configured = row.configured and spec.is_configured([*row.hints, *row.identifiers])
+        aged = age_of(row, settings, utcnow()) if configured and settings is not None else None
         return cls(
             provider=spec.name,
             title=spec.title,
-            configured=row.configured and spec.is_configured([*row.hints, *row.identifiers]),
+            configured=configured,
             hints={k: str(v) for k, v in row.hints.items()},
             identifiers={k: str(v) for k, v in row.identifiers.items()},
             version=row.kv_version,
@@ -172,6 +196,8 @@ class IntegrationView(BaseModel):
             health_checked_at=row.health_checked_at,
             created_at=row.first_stored_at,
             rotated_at=row.rotated_at,
+            age=aged.state if aged else None,
+            rotation_due_at=aged.rotation_due_at if aged else None,
         )
 
 

@@ -941,6 +941,10 @@ def _update_status(session: Session, row: IntegrationCredential) -> None:
         health=row.health_state,
         health_reason=row.health_reason[:200] if row.health_reason else None,
         health_checked_at=row.health_checked_at.isoformat() if row.health_checked_at else None,
+        delivery="dynamic" if row.delivery_mode == "dynamic" else "static",
+        created_at=row.first_stored_at.isoformat() if row.first_stored_at else None,
+        rotated_at=row.rotated_at.isoformat() if row.rotated_at else None,
+        age=(row.age_notice or "ok") if row.configured else None,
     )
     status[row.provider] = entry
     validated = validate_group("integrations_status", status)

@@ -10,7 +10,7 @@ from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
 from broker.integrations import service as integrations
 from broker.integrations.providers import PROVIDERS, get_provider
 from broker.integrations.schemas import IntegrationView
@@ -63,6 +63,7 @@ def set_delivery(
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
+    settings: SettingsDep,
     principal: Writer,
     if_match: Annotated[str | None, Header(max_length=100)] = None,
 ) -> IntegrationView:
@@ -83,7 +84,7 @@ def set_delivery(
             _leasing(request), tenant_id=tenant_id, provider=provider, reason="delivery_static"
         )
     response.headers["ETag"] = integrations.etag(row)
-    return IntegrationView.of(get_provider(provider), row)
+    return IntegrationView.of(get_provider(provider), row, settings=settings)
 
 
 @router.get("/v1/tenants/settings/leases", response_model=list[LeaseView])

@@ -23,6 +23,10 @@ revocation) never revoke one lease twice; a failure is recorded on the row (atte
 error class, next attempt with exponential backoff) and retried by the sweep. The key
 is deleted with the root credential version that minted it, so a rotation that moves
 to another account still revokes the old account's keys.
+
+A key handed out is announced (`lease.minted`) in the transaction that makes its lease
+active, and a key deleted at the provider (`lease.revoked`) in the one that marks it
+revoked: the change feed and webhooks see each once, with identifiers only.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from broker.core import context
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, Conflict, NotFound, RateLimited, UpstreamUnavailable
+from broker.events import outbox
 from broker.integrations.dynamic import (
     DynamicSpec,
     KeyCallFailed,
@@ -384,6 +389,18 @@ def _mint(
                     "root_version": record.version,
                 },
             )
+            # Announced with the row that makes the key deliverable, never before: a mint
+            # that fails, or is revoked before it is handed out, is not announced minted.
+            outbox.emit(
+                session,
+                outbox.LEASE_MINTED,
+                actor=principal.actor,
+                tenant_id=tenant_id,
+                provider=provider,
+                version=record.version,
+                state="active",
+                detail=_event_detail(row, expires_at=expires_at.isoformat()),
+            )
     if revoked:
         revoke_one(leasing, lease_id, actor=WORKER)
         raise NotFound("no such credentials")
@@ -532,7 +549,32 @@ def revoke_one(
                 "attempts": row.revoke_attempts + 1,
             },
         )
+        if row.provider_key_id is not None:
+            # A key was deleted at the provider (even one never handed out: an unconfirmed
+            # mint found by its name, a key that could not be sealed). A lease whose mint
+            # left no key revoked nothing, and announces nothing.
+            outbox.emit(
+                session,
+                outbox.LEASE_REVOKED,
+                actor=actor.actor,
+                tenant_id=row.tenant_id,
+                provider=row.provider,
+                version=row.root_version,
+                state="revoked",
+                detail=_event_detail(row, reason=row.revoke_reason),
+            )
         return "revoked"
+
+
+def _event_detail(row: DynamicLease, **extra: str | None) -> dict[str, str | None]:
+    """What a lease event says: identifiers only. The key id is the provider's name for the
+    key (Twilio SK sid, OpenAI service account id), never its secret."""
+    return {
+        "lease_id": row.id,
+        "subject": row.subject,
+        "key_id": row.provider_key_id,
+        **extra,
+    }
 
 
 def _broker_error_class(exc: BrokerError) -> str:

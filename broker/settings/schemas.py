@@ -401,6 +401,13 @@ class IntegrationStatus(_Model):
     health: Literal["unknown", "healthy", "failing", "needs_reconnect"] = "unknown"
     health_reason: Annotated[str, StringConstraints(max_length=200)] | None = None
     health_checked_at: AwareDatetime | None = None
+    # How services receive the credentials: as stored, or a key minted per lease (issue 15).
+    delivery: Literal["static", "dynamic"] = "static"
+    # Age (issue 16): first stored, last rotated, and the rotation or expiry state the
+    # hourly age sweep last announced ("ok" until it announces one; None: nothing stored).
+    created_at: AwareDatetime | None = None
+    rotated_at: AwareDatetime | None = None
+    age: Literal["ok", "due", "overdue", "expiring", "expired"] | None = None
 
 
 class IntegrationsStatus(_Model):

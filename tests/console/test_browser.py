@@ -143,6 +143,7 @@ def broker(
         "BROKER_EGRESS_ALLOW_HTTP": "true",
         "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
         "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
+        "BROKER_TWILIO_BASE_URL": providers.base_url,
         "BROKER_OAUTH_REDIRECT_BASE_URL": broker_url,
         "BROKER_OAUTH_RETURN_URLS": f"{broker_url}/console/integrations",
         "BROKER_STRIPE_API_BASE": stripe_server.base_url,
@@ -379,6 +380,32 @@ def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
     assert page.find_element(By.ID, "version").text == "3"
     assert page.find_element(By.CSS_SELECTOR, ".hint-value").text == first_hint
     screenshot(page, "console-woocommerce-restored")
+
+
+def test_see_a_services_live_twilio_key_and_revoke_it(
+    page: WebDriver, broker: str, providers: FakeProviders
+) -> None:
+    tenant = _tenant(broker)
+    integration = f"{broker}/v1/tenants/settings/integrations/twilio"
+    saved = httpx.put(integration, json={"fields": VALID["twilio"]}, headers=_api(tenant))
+    assert saved.status_code == 200, saved.text
+    dynamic = httpx.put(f"{integration}/delivery", json={"mode": "dynamic"}, headers=_api(tenant))
+    assert dynamic.status_code == 200, dynamic.text
+    service = bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="bot"))
+    lease = httpx.get(f"{broker}/v1/credentials/{tenant}/twilio", headers=service).json()
+    key_sid = lease["fields"]["api_key_sid"]
+
+    _sign_in(page, broker, tenant)
+    _go(page, page.find_element(By.CSS_SELECTOR, 'nav a[href="/console/leases"]'))
+    row = _wait(page, f"#lease-{lease['lease_id']}")
+    assert "bot" in row.text
+    assert key_sid in row.text
+    assert lease["fields"]["api_key_secret"] not in page.page_source
+    screenshot(page, "console-live-leases")
+    _go(page, row.find_element(By.CSS_SELECTOR, "button"))
+    assert "Revoked" in _wait(page, "#done").text
+    assert page.find_elements(By.ID, "no-leases")
+    assert key_sid not in providers.keys.twilio  # deleted at the provider
 
 
 def _type_card(page: WebDriver, number: str) -> None:

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
+from broker.audit import routes as audit_routes
 from broker.auth.dependencies import declared_scopes
 from broker.console import sessions
 from broker.console.access import api_scopes
@@ -17,6 +18,7 @@ from broker.console.signin import dev_sign_in_available
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.integrations import routes as integration_routes
+from broker.leases import routes as lease_routes
 from broker.models import ConsoleSession, utcnow
 from broker.payments import routes as payment_routes
 from broker.settings import routes as settings_routes
@@ -283,6 +285,9 @@ API_ALIASES = {
         integration_routes.Writer,
         payment_routes.FinanceViewer,
         payment_routes.FinanceManager,
+        lease_routes.Viewer,
+        lease_routes.Writer,
+        audit_routes.TenantAdmin,
     )
 }
 # Pages every signed-in user may open, and the sign-in pages themselves.
