@@ -15,10 +15,10 @@ from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.errors import ValidationFailed
+from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import EngineDep, SessionDep, SettingsDep
 from broker.integrations.providers import PROVIDERS
 from broker.settings.service import own_tenant
-from broker.tenants.schemas import TENANT_ID_PATTERN
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 # The tenant's own report lives with its settings: a tenant admin reads it.

@@ -24,6 +24,7 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
+from broker.core.identifiers import TENANT_ID
 from broker.core.logging import is_plain_name, redact_text
 from broker.models import AuditEvent, Tenant
 
@@ -33,7 +34,6 @@ Outcome = Literal["success", "denied", "failed"]
 
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]*)?\}")
 _MAX_IDENTIFIER = 63
-_IDENTIFIER = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 _CARD_OR_PHONE_LENGTH = re.compile(r"[0-9]{11,}")
 # A run of 16+ hex characters is a key or token shape (a Twilio auth token is 32).
 _HEX_TOKEN = re.compile(r"[0-9a-f]{16,}")
@@ -84,7 +84,7 @@ def plain_identifier(value: str) -> str | None:
     if is_plain_name(value, max_length=_MAX_IDENTIFIER):
         return value
     if (
-        _IDENTIFIER.fullmatch(value)
+        TENANT_ID.fullmatch(value)
         and _CARD_OR_PHONE_LENGTH.search(value) is None
         and _HEX_TOKEN.search(value) is None
         and redact_text(value) == value
@@ -97,7 +97,7 @@ def _registered_or_plain(session: Session, value: str) -> str | None:
     """`value` when it names a registered tenant or reads as a plain name, else None."""
     if plain_identifier(value) is not None:
         return value
-    if _IDENTIFIER.fullmatch(value) and session.get(Tenant, value) is not None:
+    if TENANT_ID.fullmatch(value) and session.get(Tenant, value) is not None:
         return value
     return None
 

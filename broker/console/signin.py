@@ -23,6 +23,7 @@ from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of, own_origin
 from broker.core.config import Settings
 from broker.core.errors import BrokerError, NotFound, UpstreamUnavailable
+from broker.core.identifiers import TENANT_ID
 from broker.models import ConsoleSession, utcnow
 from broker.tenants import service as tenants
 
@@ -35,7 +36,6 @@ DEV_ROLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "viewer": ("Read only", (Scope.INTEGRATIONS_VIEW, Scope.FINANCE_VIEW)),
 }
 _DEV_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,39}")
-_TENANT = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_-]{0,62}")
 CALLBACK = "/console/auth/callback"
 
 
@@ -168,8 +168,11 @@ async def dev_sign_in(request: Request) -> Response:
     tenant_id, role, name = (str(form.get(k) or "").strip() for k in ("tenant_id", "role", "name"))
     next_path = safe_next(str(form.get("next") or ""))
     name = name or "console-dev"
-    if role not in DEV_ROLES or not _TENANT.fullmatch(tenant_id) or not _DEV_NAME.fullmatch(name):
-        error = "Choose a role, a tenant id (letters, digits, - and _) and a simple user name."
+    if role not in DEV_ROLES or not TENANT_ID.fullmatch(tenant_id) or not _DEV_NAME.fullmatch(name):
+        error = (
+            "Choose a role, a tenant id (lowercase letters, digits and inner hyphens)"
+            " and a simple user name."
+        )
         return _page(request, row, next_path=next_path, error=error, status=422)
     try:
         await run_in_threadpool(tenants.require_live, _engine(request), tenant_id=tenant_id)

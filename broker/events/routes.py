@@ -18,6 +18,7 @@ from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.errors import Forbidden
 from broker.core.http import problem_responses
+from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
 from broker.events import feed, outbox, webhooks
 from broker.events.delivery import webhook_egress
@@ -30,7 +31,6 @@ from broker.events.schemas import (
     EventView,
 )
 from broker.settings.service import own_tenant
-from broker.tenants.schemas import TENANT_ID_PATTERN
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 tenant_router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])

@@ -63,6 +63,7 @@ from broker.core.errors import (
     error_location,
     unknown_field_message,
 )
+from broker.core.identifiers import TENANT_ID
 from broker.core.logging import is_plain_name
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import PROVIDERS, Credentials, ProviderEndpoints
@@ -114,7 +115,6 @@ OPERATOR_SCOPES = frozenset({"platform:admin", "tenant:admin"})
 DEFAULT_WORKERS = 4
 """Tenants in flight at once: each waits mostly on Vault and PostgreSQL round trips."""
 
-_TENANT_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 
 GROUP_ALIASES: dict[str, str] = {
     **{name: name for name in SETTINGS_GROUPS if name not in READ_ONLY_GROUPS},
@@ -342,7 +342,7 @@ def normalise_tenant_id(legacy_id: str) -> str | None:
     Reserved ids get a `-legacy` suffix.
     """
     text = legacy_id.strip().lower()
-    if not _TENANT_ID.fullmatch(text):
+    if not TENANT_ID.fullmatch(text):
         folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
         text = re.sub(r"[^a-z0-9]+", "-", folded).strip("-")[:63].strip("-")
     if not text:

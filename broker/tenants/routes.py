@@ -11,15 +11,11 @@ from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
+from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import DeletionsDep, EngineDep, SessionDep, VaultDep
 from broker.leases import service as leases
 from broker.tenants import keys, service
-from broker.tenants.schemas import (
-    TENANT_ID_PATTERN,
-    KeyRotationView,
-    TenantCreate,
-    TenantView,
-)
+from broker.tenants.schemas import KeyRotationView, TenantCreate, TenantView
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
-# A tenant id names Vault paths and a Transit key (`tenant-<id>`), so it is a
-# conservative slug: lowercase letters, digits and inner hyphens.
-TENANT_ID_PATTERN = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
+from broker.core.identifiers import TENANT_ID_PATTERN
+
+# A tenant id names Vault paths and a Transit key: see broker/core/identifiers.py.
 TenantId = Annotated[str, StringConstraints(pattern=TENANT_ID_PATTERN, max_length=63)]
 
 # Path segments under /v1/tenants that are not tenant ids.
