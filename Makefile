@@ -58,9 +58,10 @@ fuzz: $(STAMP)
 	FUZZ_EXAMPLES=500 $(BIN)/python -m pytest tests/fuzz -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check broker tests bench
-	$(BIN)/ruff format --check broker tests bench
+	$(BIN)/ruff check broker tests bench tools
+	$(BIN)/ruff format --check broker tests bench tools
 	$(BIN)/mypy
+	$(BIN)/python tools/function_length.py broker tests bench
 
 clean:
 	rm -rf $(VENV) .broker .pytest_cache
