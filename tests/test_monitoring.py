@@ -7,9 +7,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+
+from broker.app import create_app
+from broker.core.config import Settings
+from broker.core.db import DatabaseBounds, make_engine
+from broker.core.errors import BrokerError
+from broker.vault.gateway import VaultGateway
+from tests.conftest import bearer, token
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 # Every metric the files use is the broker's or a standard collector's.
@@ -58,3 +66,46 @@ def test_the_alerts_an_operator_expects_are_there() -> None:
     ):
         assert alert in rules
     assert 'state="refusing"' in rules["BrokerVaultAuditDeviceFailing"]
+
+
+# -- the metrics the alerts rest on move when their event happens --------------------------
+
+
+def _value(client: TestClient, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(client.get("/metrics").text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def test_a_failed_vault_call_is_counted_by_operation_node_and_error(
+    client: TestClient, broker_vault: VaultGateway
+) -> None:
+    labels = {"operation": "read a secret", "node": broker_vault.addrs[0], "error": "Forbidden"}
+    before = _value(client, "broker_vault_request_errors_total", **labels)
+    # Outside the broker's policy: the real Vault refuses it.
+    with pytest.raises(BrokerError):
+        broker_vault.kv_read("outside-the-brokers-policy/metrics")
+    assert _value(client, "broker_vault_request_errors_total", **labels) == before + 1
+
+
+def test_a_unit_of_work_that_finds_the_pool_busy_is_counted(
+    settings: Settings, database_url: str, tenant: str
+) -> None:
+    engine = make_engine(
+        database_url, DatabaseBounds(pool_size=1, max_overflow=0, pool_timeout_s=0.5)
+    )
+    vault = VaultGateway.from_settings(settings)
+    try:
+        client = TestClient(create_app(settings, engine=engine, vault=vault))
+        admin = bearer(token("tenant:admin", tenant_id=tenant))
+        assert _value(client, "broker_db_pool_timeouts_total") == 0
+        with engine.connect():  # the pool's only connection, taken
+            assert client.get("/v1/tenants/settings", headers=admin).status_code == 503
+        assert _value(client, "broker_db_pool_timeouts_total") == 1
+        assert _value(client, "broker_db_pool_connections", state="checked_out") == 0
+    finally:
+        vault.close()
+        engine.dispose()
