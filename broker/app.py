@@ -17,7 +17,7 @@ from broker.audit.routes import router as audit_router
 from broker.audit.routes import tenant_router as access_report_router
 from broker.auth.tokens import TokenVerifier
 from broker.console.app import install_console
-from broker.core.config import Settings
+from broker.core.config import ConfigurationError, Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.docs import install_docs
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
@@ -80,7 +80,7 @@ def create_app(
     """Build the app. Tests may hand in their own engine and gateway (real ones), and a clock
     that OAuth token expiry is judged by."""
     if settings.database_url is None and engine is None:
-        raise ValueError("a database is required (BROKER_DATABASE_URL)")
+        raise ConfigurationError("no database: set BROKER_DATABASE_URL")
     engine = engine or make_engine(
         settings.database_url.get_secret_value(),  # type: ignore[union-attr]
         DatabaseBounds.from_settings(settings),

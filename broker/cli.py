@@ -555,7 +555,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, ValueError) and "Vault auth" in str(exc):
         return (
             "no Vault credentials: set BROKER_VAULT_TOKEN (or BROKER_VAULT_ROLE_ID and "
-            "_SECRET_ID), or start `broker dev` and run this from its directory "
+            "BROKER_VAULT_SECRET_ID), or start `broker dev` and run this from its directory "
             "(or with --data-dir)"
         )
     if isinstance(exc, OSError):
