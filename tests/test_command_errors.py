@@ -26,15 +26,12 @@ COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
-def test_a_command_without_its_services_fails_in_one_clear_line(
-    command: list[str], tmp_path: Path
-) -> None:
+def _fails_in_one_clear_line(command: list[str], cwd: Path, **settings: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "BAO_", "VAULT_"))}
     result = subprocess.run(
         [sys.executable, "-m", "broker.cli", *command],
-        cwd=tmp_path,
-        env=env,
+        cwd=cwd,
+        env={**env, **settings},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -48,3 +45,22 @@ def test_a_command_without_its_services_fails_in_one_clear_line(
     assert "unexpected" not in line, line
     # Whole variable names, so the fix can be pasted.
     assert not [word for word in line.split() if word.startswith("_")], line
+    return line
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_a_command_without_its_services_fails_in_one_clear_line(
+    command: list[str], tmp_path: Path
+) -> None:
+    _fails_in_one_clear_line(command, tmp_path)
+
+
+def test_serve_without_a_token_key_names_the_settings_to_set(tmp_path: Path) -> None:
+    line = _fails_in_one_clear_line(
+        ["serve"],
+        tmp_path,
+        BROKER_DATABASE_URL="postgresql+psycopg://broker@127.0.0.1:1/broker",
+        BROKER_VAULT_TOKEN="not-a-real-token",  # noqa: S106 - never sent anywhere
+    )
+    assert "BROKER_JWT_JWKS_URL" in line
+    assert "BROKER_JWT_PUBLIC_KEY" in line

@@ -18,7 +18,7 @@ from jwt import PyJWKClient
 
 from broker.auth.principal import Principal
 from broker.auth.scopes import KNOWN_SCOPES
-from broker.core.config import Settings
+from broker.core.config import ConfigurationError, Settings
 from broker.core.errors import BadRequest, Forbidden, Unauthenticated
 
 _SYMMETRIC = {"HS256", "HS384", "HS512"}
@@ -105,9 +105,14 @@ class TokenVerifier:
             self._key = hs256_secret
             self.algorithms = ["HS256"]
         else:
-            raise ValueError("no token verification key is configured")
+            raise ConfigurationError(
+                "no token verification key is configured: set BROKER_JWT_JWKS_URL or "
+                "BROKER_JWT_PUBLIC_KEY (outside production, BROKER_JWT_HS256_SECRET)"
+            )
         if not self.algorithms:
-            raise ValueError("no usable signing algorithm is allowed")
+            raise ConfigurationError(
+                "no usable signing algorithm is allowed for this key (BROKER_JWT_ALGORITHMS)"
+            )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TokenVerifier:

@@ -29,7 +29,7 @@ from broker.app import create_app
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope, effective_scopes
 from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
-from broker.core.config import Settings
+from broker.core.config import ConfigurationError, Settings
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.vault.gateway import VaultGateway
 from tests.conftest import make_tenant
@@ -480,14 +480,14 @@ def test_rs256_token_refused_when_the_allowlist_omits_rs256(rsa_key: rsa.RSAPriv
 
 
 def test_verifier_refuses_to_exist_without_a_key() -> None:
-    with pytest.raises(ValueError, match="no token verification key"):
+    with pytest.raises(ConfigurationError, match="no token verification key"):
         TokenVerifier(issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC)
 
 
 def test_verifier_refuses_a_public_key_with_only_symmetric_algorithms(
     rsa_key: rsa.RSAPrivateKey,
 ) -> None:
-    with pytest.raises(ValueError, match="algorithm"):
+    with pytest.raises(ConfigurationError, match="algorithm"):
         TokenVerifier(
             issuer=ISSUER, audience=AUDIENCE, algorithms=["HS256"], public_key=pem(rsa_key)
         )
