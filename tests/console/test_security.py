@@ -5,9 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
+from broker.app import create_app
 from broker.audit import routes as audit_routes
 from broker.auth.dependencies import declared_scopes
 from broker.console import sessions
@@ -22,6 +26,7 @@ from broker.leases import routes as lease_routes
 from broker.models import ConsoleSession, utcnow
 from broker.payments import routes as payment_routes
 from broker.settings import routes as settings_routes
+from broker.vault.gateway import VaultGateway
 from tests.conftest import bearer, token
 from tests.console.conftest import ORIGIN, csrf_of, post_form, sign_in
 
@@ -394,3 +399,26 @@ def test_a_read_only_user_sees_integrations_without_forms_or_versions(
         page="/console/integrations/woocommerce",
     )
     assert refused.status_code == 403
+
+
+def test_without_any_sign_in_the_page_names_the_settings_to_set(
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    public_pem = (
+        key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    # A production-like key source (no HS256 dev key) and no OpenID Connect provider.
+    keyed = settings.model_copy(
+        update={"jwt_hs256_secret": None, "jwt_public_key": SecretStr(public_pem)}
+    )
+    assert not dev_sign_in_available(keyed)
+    # Not as a context manager: the lifespan's shutdown would close the shared resources.
+    unconfigured = TestClient(create_app(keyed, engine=engine, vault=broker_vault), base_url=ORIGIN)
+    page = unconfigured.get("/console/sign-in").text
+    assert "No sign-in is configured" in page
+    # Whole names, so they can be pasted into the environment.
+    assert "BROKER_CONSOLE_OIDC_ISSUER" in page
+    assert "BROKER_CONSOLE_OIDC_CLIENT_ID" in page
