@@ -14,7 +14,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -665,7 +665,7 @@ def test_factories_refuse_non_public_targets_by_default(
     for provider in ("woocommerce", "shopify", "twilio"):
         save(client, tenant, provider, fields_for(provider, providers))
     with sdk(broker_url, tenant) as broker:
-        attempts = {
+        attempts: dict[str, Callable[[], object]] = {
             "woocommerce": lambda: create_woo_service_for_tenant(broker, tenant),
             "shopify": lambda: create_shopify_service_for_tenant(
                 broker, tenant, base_url_override=providers.base_url

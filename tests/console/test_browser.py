@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 from selenium.common.exceptions import WebDriverException
+from selenium.webdriver import Chrome
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
-from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support import expected_conditions as ready
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -155,8 +155,14 @@ def broker(
         yield url
 
 
+def browser_log(driver: Chrome) -> list[dict[str, Any]]:
+    """What the page logged since the last call (CSP violations among it), then forgotten."""
+    entries: list[dict[str, Any]] = driver.get_log("browser")  # type: ignore[no-untyped-call]  # selenium leaves get_log unannotated
+    return entries
+
+
 @pytest.fixture(scope="module")
-def driver() -> Iterator[WebDriver]:
+def driver() -> Iterator[Chrome]:
     browser = chromium()
     try:
         yield browser
@@ -165,11 +171,11 @@ def driver() -> Iterator[WebDriver]:
 
 
 @pytest.fixture
-def page(driver: WebDriver) -> WebDriver:
+def page(driver: Chrome) -> Chrome:
     """The browser with no cookies left from the journey before."""
     driver.execute_cdp_cmd("Network.clearBrowserCookies", {})
     driver.set_window_size(1280, 900)
-    driver.get_log("browser")  # drop what earlier journeys logged
+    browser_log(driver)  # drop what earlier journeys logged
     return driver
 
 
@@ -188,13 +194,13 @@ def _api(tenant: str) -> dict[str, str]:
     return bearer(token("tenant:admin", tenant_id=tenant))
 
 
-def _wait(driver: WebDriver, css: str) -> Any:
+def _wait(driver: Chrome, css: str) -> Any:
     return WebDriverWait(driver, WAIT_S).until(
         ready.visibility_of_element_located((By.CSS_SELECTOR, css))
     )
 
 
-def _go(driver: WebDriver, element: Any, *keys: str) -> None:
+def _go(driver: Chrome, element: Any, *keys: str) -> None:
     """Click (or type into) something that loads another page, and wait until it has:
     until then the old page's elements would still be found."""
     driver.execute_script("window.__leaving = true;")  # a new page has a new window
@@ -209,7 +215,7 @@ def _go(driver: WebDriver, element: Any, *keys: str) -> None:
     )
 
 
-def _sign_in(driver: WebDriver, broker: str, tenant: str, role: str = "admin") -> None:
+def _sign_in(driver: Chrome, broker: str, tenant: str, role: str = "admin") -> None:
     """The dev sign-in, with the keyboard: type, choose, Enter."""
     driver.get(f"{broker}/console")
     tenant_box = _wait(driver, "#tenant_id")
@@ -222,7 +228,7 @@ def _sign_in(driver: WebDriver, broker: str, tenant: str, role: str = "admin") -
     assert driver.current_url == f"{broker}/console", driver.page_source[:500]
 
 
-def _script_bytes(driver: WebDriver) -> int:
+def _script_bytes(driver: Chrome) -> int:
     """Bytes of JavaScript the page loaded (its own and every frame's same-origin scripts)."""
     return int(
         driver.execute_script(
@@ -233,7 +239,7 @@ def _script_bytes(driver: WebDriver) -> int:
     )
 
 
-def _unlabelled(driver: WebDriver) -> list[str]:
+def _unlabelled(driver: Chrome) -> list[str]:
     """Form controls a screen reader could not name."""
     return list(
         driver.execute_script(
@@ -246,7 +252,7 @@ def _unlabelled(driver: WebDriver) -> list[str]:
 
 
 def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
-    page: WebDriver, broker: str
+    page: Chrome, broker: str
 ) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
@@ -263,7 +269,7 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
     assert "greater than or equal to 1" in error.text
     field = page.find_element(By.ID, "f-data_retention_days")
     assert field.get_attribute("aria-invalid") == "true"
-    assert "f-data_retention_days-error" in field.get_attribute("aria-describedby")
+    assert "f-data_retention_days-error" in (field.get_attribute("aria-describedby") or "")
     screenshot(page, "console-settings-validation-error")
     field.clear()
     field.send_keys("90")
@@ -299,7 +305,7 @@ def test_sign_in_edit_settings_see_a_validation_error_and_resolve_a_conflict(
 
 
 def test_connect_shopify_through_the_providers_consent_page(
-    page: WebDriver, broker: str, shopify: FakeShopifyOAuth
+    page: Chrome, broker: str, shopify: FakeShopifyOAuth
 ) -> None:
     tenant = _tenant(broker)
     shop = f"{tenant}.myshopify.com"
@@ -332,7 +338,7 @@ def test_connect_shopify_through_the_providers_consent_page(
     assert access_token not in page.page_source
 
 
-def _paste_woo(page: WebDriver, providers: FakeProviders, key: str, secret: str) -> None:
+def _paste_woo(page: Chrome, providers: FakeProviders, key: str, secret: str) -> None:
     store = page.find_element(By.ID, "field-store_url")
     store.clear()
     store.send_keys(providers.base_url)
@@ -343,7 +349,7 @@ def _paste_woo(page: WebDriver, providers: FakeProviders, key: str, secret: str)
 
 
 def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
-    page: WebDriver, broker: str, providers: FakeProviders
+    page: Chrome, broker: str, providers: FakeProviders
 ) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
@@ -383,7 +389,7 @@ def test_paste_a_woocommerce_key_see_its_test_and_restore_a_version(
 
 
 def test_see_a_services_live_twilio_key_and_revoke_it(
-    page: WebDriver, broker: str, providers: FakeProviders
+    page: Chrome, broker: str, providers: FakeProviders
 ) -> None:
     tenant = _tenant(broker)
     integration = f"{broker}/v1/tenants/settings/integrations/twilio"
@@ -408,7 +414,7 @@ def test_see_a_services_live_twilio_key_and_revoke_it(
     assert key_sid not in providers.keys.twilio  # deleted at the provider
 
 
-def _type_card(page: WebDriver, number: str) -> None:
+def _type_card(page: Chrome, number: str) -> None:
     frame = _wait(page, "#card-element iframe")
     page.switch_to.frame(frame)
     try:
@@ -420,7 +426,7 @@ def _type_card(page: WebDriver, number: str) -> None:
 
 
 def test_add_cards_through_stripe_js_set_the_default_and_remove_one(
-    page: WebDriver, broker: str, stripe_server: FakeStripe
+    page: Chrome, broker: str, stripe_server: FakeStripe
 ) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
@@ -469,7 +475,7 @@ def test_add_cards_through_stripe_js_set_the_default_and_remove_one(
 
 
 def test_a_finance_only_user_sees_payments_and_is_refused_the_integrations_pages(
-    page: WebDriver, broker: str
+    page: Chrome, broker: str
 ) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant, role="finance")
@@ -513,7 +519,7 @@ def _attacker_site(target: str) -> _Attacker:
     return server
 
 
-def test_a_form_posted_from_another_origin_is_refused(page: WebDriver, broker: str) -> None:
+def test_a_form_posted_from_another_origin_is_refused(page: Chrome, broker: str) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
     attacker = _attacker_site(f"{broker}/console/settings/branding")
@@ -532,7 +538,7 @@ def test_a_form_posted_from_another_origin_is_refused(page: WebDriver, broker: s
 
 
 def test_stored_markup_is_shown_as_text_and_the_policy_blocks_inline_script(
-    page: WebDriver, broker: str
+    page: Chrome, broker: str
 ) -> None:
     tenant = _tenant(broker)
     attack = "<script>document.title='pwned'</script><img src=x onerror=\"document.title='pwned'\">"
@@ -562,14 +568,14 @@ def test_stored_markup_is_shown_as_text_and_the_policy_blocks_inline_script(
     assert page.title != "pwned"
     violations = [
         entry["message"]
-        for entry in page.get_log("browser")
+        for entry in browser_log(page)
         if "Content Security Policy" in entry["message"]
     ]
     assert violations, "Chromium reported no CSP violation"
     screenshot(page, "console-stored-xss-escaped")
 
 
-def test_pages_fit_a_phone_and_stay_under_the_script_budget(page: WebDriver, broker: str) -> None:
+def test_pages_fit_a_phone_and_stay_under_the_script_budget(page: Chrome, broker: str) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
     page.set_window_size(390, 844)
@@ -594,7 +600,7 @@ def test_pages_fit_a_phone_and_stay_under_the_script_budget(page: WebDriver, bro
     assert active.get_attribute("class") == "skip"
 
 
-def test_api_docs_render_from_local_assets_only(page: WebDriver, broker: str) -> None:
+def test_api_docs_render_from_local_assets_only(page: Chrome, broker: str) -> None:
     for path, ready_css in (("/docs", ".swagger-ui .info .title"), ("/redoc", ".api-content")):
         page.get(f"{broker}{path}")
         _wait(page, ready_css)
@@ -602,7 +608,7 @@ def test_api_docs_render_from_local_assets_only(page: WebDriver, broker: str) ->
             "return performance.getEntriesByType('resource')"
             ".map(function (e) { return [e.name, e.responseStatus || 0]; });"
         )
-        refused = " ".join(entry["message"] for entry in page.get_log("browser"))
+        refused = " ".join(entry["message"] for entry in browser_log(page))
         for url, status in loaded:
             if url.startswith((broker, "blob:")):
                 continue
@@ -614,7 +620,7 @@ def test_api_docs_render_from_local_assets_only(page: WebDriver, broker: str) ->
 
 
 def test_sign_in_through_an_identity_provider_in_the_browser(
-    page: WebDriver, broker: str, services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+    page: Chrome, broker: str, services: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Production's sign-in: a broker trusting only the provider's tokens, no dev sign-in."""
     tenant = _tenant(broker)

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
@@ -64,6 +65,7 @@ def _start(web: TestClient) -> str:
     assert page.status_code == 200
     assert 'id="dev-sign-in"' not in page.text  # no dev sign-in without the dev key
     policy = page.headers["content-security-policy"]
+    assert isinstance(web.app, FastAPI)
     assert f"form-action 'self' {web.app.state.settings.console_oidc_issuer};" in policy
     started = web.post(
         "/console/sign-in/oidc",
@@ -72,7 +74,7 @@ def _start(web: TestClient) -> str:
         follow_redirects=False,
     )
     assert started.status_code == 303, started.text
-    return started.headers["location"]
+    return str(started.headers["location"])
 
 
 def _consent(url: str) -> str:

@@ -58,7 +58,7 @@ def send(client: TestClient, method: str, url: str, headers: dict[str, str], bod
 
 # (method, path template, url, caller, body, status): answers the fuzzer found
 # missing from the OpenAPI document, or documented with the wrong content type.
-UNDOCUMENTED = [
+UNDOCUMENTED: list[tuple[str, str, str, str | None, Any, int]] = [
     ("GET", "/v1/tenants", "/v1/tenants?limit=0", "platform", None, 422),
     ("POST", "/v1/tenants", "/v1/tenants", "platform", {"id": "{tenant}", "name": "x"}, 409),
     ("GET", "/v1/tenants/{tenant_id}", f"/v1/tenants/{NEVER_A_TENANT}", "platform", None, 404),

@@ -30,6 +30,7 @@ import pytest
 import schemathesis
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
+from requests.structures import CaseInsensitiveDict
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
@@ -68,7 +69,7 @@ def openapi_document() -> dict[str, Any]:
     the session's app serves the very same document.
     """
     placeholder = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         env="test",
         database_url="postgresql+psycopg://fuzz@/unused",
         vault_addrs=["http://127.0.0.1:9"],
@@ -181,12 +182,14 @@ def test_the_fuzzed_document_is_the_apps_own(app: Any) -> None:
 @schema.given(steer=st.booleans())
 @schema.parametrize()
 def test_the_api_conforms_to_its_openapi_document(
-    case: schemathesis.Case, steer: bool, fuzz_tenants: FuzzTenants
+    case: schemathesis.Case[Any], steer: bool, fuzz_tenants: FuzzTenants
 ) -> None:
     operation = case.operation
     if steer and case.path_parameters:
         case.path_parameters = fuzz_tenants.steer(
             operation.method.upper(), operation.path, case.path_parameters
         )
-    case.headers = {**(case.headers or {}), "Authorization": fuzz_tenants.authorization(case.path)}
+    headers: CaseInsensitiveDict[Any] = CaseInsensitiveDict(case.headers or {})
+    headers["Authorization"] = fuzz_tenants.authorization(case.path)
+    case.headers = headers
     case.call_and_validate(checks=CHECKS)

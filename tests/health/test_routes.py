@@ -124,9 +124,10 @@ def test_readyz_is_not_ready_while_vaults_audit_device_cannot_write(
     audit_log = own_bao.audit_log_path
     audit_log.unlink()
     audit_log.mkdir()  # the device's file can no longer be opened...
+    pid = own_bao.pid
+    assert pid is not None
     try:
-        assert own_bao.pid is not None
-        os.kill(own_bao.pid, signal.SIGHUP)  # ...once OpenBao reopens it
+        os.kill(pid, signal.SIGHUP)  # ...once OpenBao reopens it
         deadline = time.monotonic() + 20
         while (refused := client.get("/readyz")).status_code == 200:
             assert time.monotonic() < deadline, "readiness never noticed the audit device"
@@ -142,7 +143,7 @@ def test_readyz_is_not_ready_while_vaults_audit_device_cannot_write(
         assert int(refused.headers["retry-after"]) > 0
     finally:
         audit_log.rmdir()
-        os.kill(own_bao.pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGHUP)
 
 
 def test_readyz_answers_within_the_vault_budget_when_vault_hangs(
