@@ -634,7 +634,8 @@ class BrokerClient:
         if flight.entry is not None:
             return flight.entry.lease
         error = flight.error
-        assert error is not None
+        if error is None:
+            raise RuntimeError("a finished refresh holds neither a lease nor an error")
         if isinstance(error, BrokerUnavailable) and cached is not None:
             overdue = self._clock() - cached.expires_mono
             if overdue < 0:
@@ -680,7 +681,7 @@ class BrokerClient:
         if retry_after is None:
             return backoff
         # Spread clients told the same Retry-After a little, so they do not return at once.
-        spread = random.uniform(0, min(1.0, 0.1 * retry_after))
+        spread = random.uniform(0, min(1.0, 0.1 * retry_after))  # noqa: S311 - jitter, not a secret
         return max(backoff, min(retry_after + spread, self._max_backoff_s), retry_after)
 
     @staticmethod
@@ -764,7 +765,8 @@ class BrokerClient:
     def _open_wrapped(self, body: Any, *, tenant_id: str, provider: str) -> Lease:
         """Check the wrapping token's origin, unwrap it once, and check what was inside."""
         vault = self._vault
-        assert vault is not None
+        if vault is None:
+            raise RuntimeError("wrapped leases need the Vault address (vault_addr)")
         wrapped: _WrappedBody = _parse(_WrappedBody, body, "wrapped lease from the broker")
         if (wrapped.tenant_id, wrapped.provider) != (tenant_id, provider):
             raise WrappingTokenTampered("the wrapped lease names other credentials")

@@ -175,7 +175,8 @@ class IdentityProvider:
 
     def _id_claims(self, id_token: str) -> dict[str, Any]:
         jwks = self._jwks
-        assert jwks is not None  # set by discovery()
+        if jwks is None:
+            raise RuntimeError("the provider's keys are read by discovery(), which has not run")
         try:
             key = jwks.get_signing_key_from_jwt(id_token).key
             claims: dict[str, Any] = jwt.decode(

@@ -159,7 +159,8 @@ async def _pending(request: Request) -> ConsoleSession | None:
 async def dev_sign_in(request: Request) -> Response:
     """Outside production: sign in as a made-up user of a tenant, with a chosen role."""
     settings = _settings(request)
-    if not dev_sign_in_available(settings):
+    dev_key = settings.jwt_hs256_secret
+    if dev_key is None or not dev_sign_in_available(settings):
         raise NotFound("the dev sign-in exists only outside production")
     row = await _pending(request)
     if row is None:
@@ -180,9 +181,8 @@ async def dev_sign_in(request: Request) -> Response:
         error = "There is no tenant with that id."
         return _page(request, row, next_path=next_path, error=error, status=422)
     ttl = timedelta(seconds=settings.console_session_ttl_s)
-    assert settings.jwt_hs256_secret is not None
     token = mint_token(
-        settings.jwt_hs256_secret.get_secret_value(),
+        dev_key.get_secret_value(),
         subject=name,
         scopes=DEV_ROLES[role][1],
         issuer=settings.jwt_issuer,
@@ -268,7 +268,13 @@ async def oidc_callback(
     if not oidc.configured(settings):
         raise NotFound("no identity provider is configured (BROKER_CONSOLE_OIDC_*)")
     row = await current_session(request)
-    if row is None or row.status != "pending" or row.oidc_state_hash is None:
+    if (
+        row is None
+        or row.status != "pending"
+        or row.oidc_state_hash is None
+        or row.pkce_verifier is None
+        or row.oidc_nonce is None
+    ):
         # Not started in this browser (or long ago): a login someone else began is
         # never finished here (login CSRF).
         return see_other("/console/sign-in")
@@ -279,8 +285,6 @@ async def oidc_callback(
         return _page(
             request, row, next_path=next_path, status=400, error="That sign-in link is stale."
         )
-    assert row.pkce_verifier is not None
-    assert row.oidc_nonce is not None
     redirect_uri = own_origin(request, settings) + CALLBACK
     try:
         answer = await run_in_threadpool(

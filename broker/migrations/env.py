@@ -15,7 +15,8 @@ target_metadata = SQLModel.metadata
 def run_migrations_online() -> None:
     """Run every pending migration in one transaction."""
     url = context.config.get_main_option("sqlalchemy.url")
-    assert url, "sqlalchemy.url must be set"
+    if not url:
+        raise RuntimeError("sqlalchemy.url must be set")
     engine = create_engine(url, poolclass=pool.NullPool)
     with engine.connect() as connection:
         # procrastinate's tables come from its own SQL (0005_job_queue), not

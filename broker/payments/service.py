@@ -483,7 +483,8 @@ def _profile(session: Session, tenant_id: str) -> PaymentProfile:
         .on_conflict_do_nothing()
     )
     profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
-    assert profile is not None  # inserted above, or by a concurrent request
+    if profile is None:  # inserted above, or by a concurrent request: never absent
+        raise RuntimeError(f"no payment profile row for {tenant_id} after inserting it")
     return profile
 
 
