@@ -173,40 +173,50 @@ def parse(model: type[BaseModel], form: FormData, prefix: str = "") -> Parsed:
             inner = parse(bare, form, f"{dotted}.")
             value[name] = inner.value
             errors |= inner.errors
-            continue
-        if get_origin(bare) is list:
+        elif get_origin(bare) is list:
             value[name] = _parse_list(dotted, get_args(bare)[0], form, errors)
-            continue
-        if bare is bool:
+        elif bare is bool:
             value[name] = dotted in form
-            continue
-        raw = form.get(dotted)
-        text = raw.strip() if isinstance(raw, str) else ""
-        if text == "":
-            if optional:
-                value[name] = None  # a merge patch's null: back to the default (none)
-            elif bare is str:
-                value[name] = ""
-            else:
-                errors[dotted] = "a value is required"
-            continue
-        if bare is int:
-            try:
-                value[name] = int(text)
-            except ValueError:
-                errors[dotted] = "must be a whole number"
-        elif bare is float:
-            try:
-                number = float(text)
-            except ValueError:
-                number = math.nan
-            if math.isfinite(number):
-                value[name] = number
-            else:
-                errors[dotted] = "must be a number"
         else:
-            value[name] = text
+            read, error = _parse_text(form.get(dotted), bare, optional=optional)
+            if error is None:
+                value[name] = read
+            else:
+                errors[dotted] = error
     return Parsed(value, errors)
+
+
+def _parse_text(raw: object, bare: Any, *, optional: bool) -> tuple[Any, str | None]:
+    """One text field: its value, or why it could not be read."""
+    text = raw.strip() if isinstance(raw, str) else ""
+    if text == "":
+        if optional:
+            return None, None  # a merge patch's null: back to the default (none)
+        if bare is str:
+            return "", None
+        return None, "a value is required"
+    if bare is int:
+        return _whole_number(text)
+    if bare is float:
+        return _finite_number(text)
+    return text, None
+
+
+def _whole_number(text: str) -> tuple[int | None, str | None]:
+    try:
+        return int(text), None
+    except ValueError:
+        return None, "must be a whole number"
+
+
+def _finite_number(text: str) -> tuple[float | None, str | None]:
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number):
+        return number, None
+    return None, "must be a number"
 
 
 def _parse_list(name: str, item: Any, form: FormData, errors: dict[str, str]) -> list[Any]:

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 # rather than passed through: an uninspected body is exactly the gap a PAN
 # would slip through, and no broker route takes anywhere near 1 MiB.
 MAX_INSPECTED_BYTES: Final = 1024 * 1024
+# What _read_body answers instead of a body: the client left, or the body outgrew the limit.
+_GONE: Final = "gone"
+_TOO_LARGE: Final = "too large"
 
 CARD_NUMBER: Final = "card_number"
 _SENSITIVE_PREFIX: Final = "sensitive_field:"
@@ -269,21 +272,11 @@ class CardDataGuard:
         if self._declared_length(scope) > self.max_body_bytes:
             await self._too_large(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client has gone; there is no one to answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
+        body = await self._read_body(receive)
+        if isinstance(body, str):  # nothing to pass on
+            if body == _TOO_LARGE:
                 await self._too_large(scope, receive, send)
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+            return
         content_type = dict(scope.get("headers") or []).get(b"content-type", b"")
         hit = find_in_body(content_type.decode("latin-1"), body)
         if hit is not None:
@@ -300,6 +293,22 @@ class CardDataGuard:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive) -> bytes | str:
+        """The whole body, or _GONE when the client left, or _TOO_LARGE past the limit."""
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _GONE  # the client has gone; there is no one to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return _TOO_LARGE
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:

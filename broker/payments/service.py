@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -286,6 +287,49 @@ def put_payout(
     secrets = details.secret_values()
     public = {"method": method, "hint": details.masked_hint(), "updated_by": principal.actor}
     ciphertext = store.seal(tenant_id, PAYOUT_ITEM, secrets, public)
+    mark = _mark_payout_pending(engine, store, principal, tenant_id, method, secrets)
+    if isinstance(mark, PaymentProfile):
+        return mark  # a retry whose details Vault already holds
+    try:
+        version = store.write(
+            tenant_id, PAYOUT_ITEM, ciphertext=ciphertext, public=public, cas=mark.cas
+        )
+    except WriteOutcomeUnknown:
+        raise  # the mark stays until Vault shows whether this write landed
+    except Conflict:
+        settled = _try_reconcile_payout(engine, store, tenant_id)
+        if settled is not None and _payout_holds(store, tenant_id, method, secrets):
+            with unit_of_work(engine) as session:
+                _record_payout(session, principal, tenant_id, method, settled.payout_version, True)
+            return _payout_view(settled)
+        raise
+    except BrokerError:
+        _clear_refused_mark(engine, store, tenant_id, mark)
+        raise
+    return _record_written_payout(
+        engine, store, principal, tenant_id, method, version=version, public=public
+    )
+
+
+@dataclass(frozen=True)
+class _PayoutMark:
+    """A payout write marked pending: the version to check-and-set against, and whether
+    the mark was another write's, left unresolved, that this one took over."""
+
+    cas: int
+    inherited: bool
+
+
+def _mark_payout_pending(
+    engine: Engine,
+    store: SealedStore,
+    principal: Principal,
+    tenant_id: str,
+    method: str,
+    secrets: dict[str, str],
+) -> _PayoutMark | PaymentProfile:
+    """Mark the profile pending (committed), or answer at once when an earlier unanswered
+    write of these very details turns out to have landed."""
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         profile = _profile(session, tenant_id)
@@ -298,29 +342,36 @@ def put_payout(
                 _record_payout(session, principal, tenant_id, method, profile.payout_version, True)
                 return _payout_view(profile)
         profile.payout_sync_pending = True
-        cas = profile.payout_version
         session.add(profile)
-    try:
-        version = store.write(tenant_id, PAYOUT_ITEM, ciphertext=ciphertext, public=public, cas=cas)
-    except WriteOutcomeUnknown:
-        raise  # the mark stays until Vault shows whether this write landed
-    except Conflict:
-        settled = _try_reconcile_payout(engine, store, tenant_id)
-        if settled is not None and _payout_holds(store, tenant_id, method, secrets):
-            with unit_of_work(engine) as session:
-                _record_payout(session, principal, tenant_id, method, settled.payout_version, True)
-            return _payout_view(settled)
-        raise
-    except BrokerError:
-        if inherited:
-            _try_reconcile_payout(engine, store, tenant_id)
-        else:
-            with unit_of_work(engine) as session:
-                profile = _profile(session, tenant_id)
-                if profile.payout_version == cas:
-                    profile.payout_sync_pending = False
-                    session.add(profile)
-        raise
+        return _PayoutMark(cas=profile.payout_version, inherited=inherited)
+
+
+def _clear_refused_mark(
+    engine: Engine, store: SealedStore, tenant_id: str, mark: _PayoutMark
+) -> None:
+    """Vault refused the write: clear this write's mark (an inherited one is settled from
+    what Vault holds instead)."""
+    if mark.inherited:
+        _try_reconcile_payout(engine, store, tenant_id)
+        return
+    with unit_of_work(engine) as session:
+        profile = _profile(session, tenant_id)
+        if profile.payout_version == mark.cas:
+            profile.payout_sync_pending = False
+            session.add(profile)
+
+
+def _record_written_payout(
+    engine: Engine,
+    store: SealedStore,
+    principal: Principal,
+    tenant_id: str,
+    method: str,
+    *,
+    version: int,
+    public: dict[str, str],
+) -> PaymentProfile:
+    """Record the version Vault took and clear the mark (unless a newer write got there)."""
     try:
         with unit_of_work(engine) as session:
             profile = _profile(session, tenant_id)
