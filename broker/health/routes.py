@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import anyio
 import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import Engine
 
 from broker.core import context
+from broker.core.config import Settings
 from broker.core.db import ping
 from broker.core.errors import BrokerError
 from broker.deps import EngineDep, SettingsDep, VaultDep, VaultThreadsDep
@@ -52,57 +56,67 @@ async def readyz(
     is a shared rate-limit store (Redis) that cannot be reached: this replica
     then limits on its own counters until it reconnects.
     """
-    vault_state = "unknown"
-    database = False
-    stripe_state = "unknown"
-
-    async def check_vault() -> None:
-        nonlocal vault_state
-        # `sys/health` is asked of each node in turn, each with the whole socket timeout: a
-        # hung cluster would hold the probe for several of them. Past the request budget
-        # Vault cannot serve a fetch either, so it reads unreachable.
-        vault_state = "unreachable"
-        with anyio.move_on_after(settings.vault_retry_budget_s):
-            vault_state = await anyio.to_thread.run_sync(
-                _vault_state, vault, limiter=vault_threads, abandon_on_cancel=True
-            )
-        if vault_state == "ok":
-            nonlocal stripe_state
-            # A Vault read on a cache miss: bounded like the Vault probe, "unknown" past it.
-            with anyio.move_on_after(settings.vault_retry_budget_s):
-                stripe_state = await anyio.to_thread.run_sync(
-                    _stripe_state,
-                    request.app.state.stripe,
-                    limiter=vault_threads,
-                    abandon_on_cancel=True,
-                )
-
-    async def check_database() -> None:
-        nonlocal database
-        # A stalled database would hold the probe for its whole deadline, and
-        # a probe that times out takes the replica out of rotation: answer
-        # "unreachable" sooner and leave the ping to finish on its own.
-        with anyio.move_on_after(DATABASE_PROBE_S):
-            database = await anyio.to_thread.run_sync(ping, engine, abandon_on_cancel=True)
-
+    probes = _Probes()
     async with anyio.create_task_group() as checks:
-        checks.start_soon(check_vault)
-        checks.start_soon(check_database)
-    request.app.state.dependency_metrics.saw_vault(vault_state)
-    ready = vault_state == "ok"
+        checks.start_soon(_probe_vault_then_stripe, probes, request, vault, vault_threads, settings)
+        checks.start_soon(_probe_database, probes, engine)
+    request.app.state.dependency_metrics.saw_vault(probes.vault)
+    ready = probes.vault == "ok"
     limits_shared = not request.app.state.limiter.degraded
+    database = probes.database
     status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
     body = {
         "status": status,
-        "vault": vault_state,
+        "vault": probes.vault,
         "database": "ok" if database else "unreachable",
         "rate_limits": "ok" if limits_shared else "degraded",
         # Detail only: payments need an operator's key, not a restart; without one
         # they answer 501, and every other operation is unaffected.
-        "stripe": stripe_state,
+        "stripe": probes.stripe,
     }
     headers = None if status == "ready" else {"Retry-After": str(settings.retry_after_s)}
     return JSONResponse(body, status_code=200 if ready else 503, headers=headers)
+
+
+@dataclass
+class _Probes:
+    """What the readiness probes found (each fills in its own part)."""
+
+    vault: str = "unknown"
+    stripe: str = "unknown"
+    database: bool = False
+
+
+async def _probe_vault_then_stripe(
+    probes: _Probes,
+    request: Request,
+    vault: VaultGateway,
+    vault_threads: anyio.CapacityLimiter,
+    settings: Settings,
+) -> None:
+    # `sys/health` is asked of each node in turn, each with the whole socket timeout: a
+    # hung cluster would hold the probe for several of them. Past the request budget
+    # Vault cannot serve a fetch either, so it reads unreachable.
+    probes.vault = "unreachable"
+    with anyio.move_on_after(settings.vault_retry_budget_s):
+        probes.vault = await anyio.to_thread.run_sync(
+            _vault_state, vault, limiter=vault_threads, abandon_on_cancel=True
+        )
+    if probes.vault != "ok":
+        return
+    # A Vault read on a cache miss: bounded like the Vault probe, "unknown" past it.
+    with anyio.move_on_after(settings.vault_retry_budget_s):
+        probes.stripe = await anyio.to_thread.run_sync(
+            _stripe_state, request.app.state.stripe, limiter=vault_threads, abandon_on_cancel=True
+        )
+
+
+async def _probe_database(probes: _Probes, engine: Engine) -> None:
+    # A stalled database would hold the probe for its whole deadline, and
+    # a probe that times out takes the replica out of rotation: answer
+    # "unreachable" sooner and leave the ping to finish on its own.
+    with anyio.move_on_after(DATABASE_PROBE_S):
+        probes.database = await anyio.to_thread.run_sync(ping, engine, abandon_on_cancel=True)
 
 
 def _vault_state(vault: VaultGateway) -> str:

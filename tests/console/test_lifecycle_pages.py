@@ -125,6 +125,18 @@ def test_an_integration_shows_its_health_age_and_delivery_in_console_api_and_set
 # -- live leases ----------------------------------------------------------------------
 
 
+def revocations_announced(engine: Engine, tenant_id: str) -> list[tuple[str, str]]:
+    """The lease.revoked events of a tenant: who revoked which lease, oldest first."""
+    with Session(engine) as session:
+        announced = session.exec(
+            select(Event)
+            .where(Event.tenant_id == tenant_id)
+            .where(Event.type == outbox.LEASE_REVOKED)
+            .order_by(col(Event.id))
+        ).all()
+    return [(e.actor, str(e.detail["lease_id"])) for e in announced]
+
+
 def test_live_leases_are_listed_and_revoked_through_the_console(
     admin: TestClient,
     client: TestClient,
@@ -160,16 +172,7 @@ def test_live_leases_are_listed_and_revoked_through_the_console(
         assert 'id="done"' in shown
         assert messaging["lease_id"] not in shown
         assert catalog["lease_id"] in shown
-        with Session(engine) as session:
-            announced = session.exec(
-                select(Event)
-                .where(Event.tenant_id == shop)
-                .where(Event.type == outbox.LEASE_REVOKED)
-                .order_by(col(Event.id))
-            ).all()
-        assert [(e.actor, e.detail["lease_id"]) for e in announced] == [
-            ("user:console-dev", messaging["lease_id"])
-        ]
+        assert revocations_announced(engine, shop) == [("user:console-dev", messaging["lease_id"])]
 
         # Another shop's lease cannot be revoked from this console: nothing matches.
         refused = post_form(

@@ -20,6 +20,14 @@ _TS = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    _create_events()
+    _create_webhooks()
+    _create_health_checks()
+    _add_health_and_age_columns()
+
+
+def _create_events() -> None:
+    """The outbox: every change, in commit order, for the feed and the webhooks."""
     op.create_table(
         "events",
         sa.Column("id", sa.BigInteger, primary_key=True),
@@ -42,6 +50,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_events_txid_id", "events", ["txid", "id"])
     op.create_index("ix_events_tenant_id", "events", ["tenant_id", "txid", "id"])
+
+
+def _create_webhooks() -> None:
+    """Webhook endpoints, and one delivery per event and endpoint."""
     op.create_table(
         "webhook_endpoints",
         sa.Column("id", sa.String(40), primary_key=True),
@@ -84,6 +96,10 @@ def upgrade() -> None:
     )
     op.create_index("ix_webhook_deliveries_event_id", "webhook_deliveries", ["event_id"])
     op.create_index("ix_webhook_deliveries_endpoint_id", "webhook_deliveries", ["endpoint_id"])
+
+
+def _create_health_checks() -> None:
+    """The history of stored credentials' health checks."""
     op.create_table(
         "credential_health_checks",
         sa.Column("id", sa.BigInteger, primary_key=True),
@@ -105,6 +121,10 @@ def upgrade() -> None:
         "credential_health_checks",
         ["tenant_id", "provider", "at"],
     )
+
+
+def _add_health_and_age_columns() -> None:
+    """Each credential's health verdict and its age (first stored, last rotated)."""
     for column in (
         sa.Column("health_state", sa.String(20), nullable=False, server_default="unknown"),
         sa.Column("health_reason", sa.String(300), nullable=True),
