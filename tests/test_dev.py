@@ -238,6 +238,7 @@ def test_operator_commands_and_bao_work_against_the_running_dev_stack(data_dir: 
         )
         assert stored.status_code == 200, stored.text
         _run_the_readmes_operator_commands(workdir)
+        _check_the_readmes_token_line(workdir, dev.url)
 
         # From elsewhere, told where the data dir is.
         elsewhere = _broker(
@@ -309,6 +310,25 @@ def _run_the_readmes_operator_commands(workdir: Path) -> None:
     assert count is not None, pasted.stderr
     assert int(count.group(1)) >= 1
     assert stored.group(1) not in pasted.stdout + pasted.stderr
+
+
+def _check_the_readmes_token_line(workdir: Path, url: str) -> None:
+    """The README's `broker token` line mints a token the running API accepts."""
+    line = re.search(r"Mint other tokens with `([^`]+)`", README.read_text())
+    assert line is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BROKER_", "BAO_", "VAULT_"))}
+    minted = subprocess.run(
+        ["sh", "-ec", line.group(1)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert minted.returncode == 0, minted.stderr
+    viewer = {"Authorization": f"Bearer {minted.stdout.strip()}"}
+    listed = httpx.get(f"{url}/v1/tenants/settings/integrations", headers=viewer)
+    assert listed.status_code == 200, listed.text
 
 
 def _check_a_second_dev_refuses_and_touches_nothing(dev: DevProcess, data_dir: Path) -> None:
