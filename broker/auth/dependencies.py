@@ -87,6 +87,13 @@ def require(*scopes: str, limit: str | None = None) -> Any:
     return Depends(dependency)
 
 
+def own_tenant(principal: Principal) -> str:
+    """The tenant a user token acts in; a token that names none cannot reach tenant resources."""
+    if principal.tenant_id is None:
+        raise Forbidden("this token names no tenant")
+    return principal.tenant_id
+
+
 def admit(
     request: Request, principal: Principal, scopes: tuple[str, ...], *, limit: str | None
 ) -> Principal:

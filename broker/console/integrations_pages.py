@@ -16,6 +16,7 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, ago, render, see_other
 from broker.console.security import Policy, origin_of
@@ -26,7 +27,6 @@ from broker.integrations import oauth, service
 from broker.integrations.providers import PROVIDERS, ProviderSpec, get_provider
 from broker.integrations.routes import Manager, Viewer, Writer
 from broker.integrations.schemas import ConnectRequest, IntegrationView, TestResult, VersionView
-from broker.settings.service import own_tenant
 
 router = APIRouter(
     prefix="/console/integrations", route_class=ConsoleRoute, include_in_schema=False

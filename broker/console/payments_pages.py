@@ -15,6 +15,7 @@ from pydantic import SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console import forms
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
@@ -27,7 +28,6 @@ from broker.payments.payout import DETAILS_MODELS, parse_details
 from broker.payments.platform import StripeAccess
 from broker.payments.routes import FinanceManager, FinanceViewer, MethodId
 from broker.payments.schemas import PaymentMethodAdd
-from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/console/payments", route_class=ConsoleRoute, include_in_schema=False)

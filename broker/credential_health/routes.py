@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.db import unit_of_work
@@ -17,7 +17,6 @@ from broker.credential_health.schemas import HealthView, ProblemView
 from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
 from broker.integrations.schemas import ProviderName
 from broker.models import utcnow
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
 platform_router = APIRouter(prefix="/v1/platform/credentials", tags=["credentials"])

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
@@ -22,7 +22,6 @@ from broker.payments.schemas import (
     PayoutView,
     SetupIntentView,
 )
-from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings", tags=["payments"])

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
@@ -40,7 +40,7 @@ def read_settings(
     session: SessionDep, principal: SettingsReader, response: Response
 ) -> SettingsView:
     """The caller's tenant settings. Never contains a credential."""
-    row = service.get_settings(session, tenant_id=service.own_tenant(principal))
+    row = service.get_settings(session, tenant_id=own_tenant(principal))
     response.headers["ETag"] = service.etag(row)
     response.headers["Cache-Control"] = "private, no-cache"
     return service.to_view(row)
@@ -68,7 +68,7 @@ def patch_settings(
     row = service.patch_settings(
         session,
         principal=principal,
-        tenant_id=service.own_tenant(principal),
+        tenant_id=own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
         if_match=if_match,
         egress=_egress(request),
