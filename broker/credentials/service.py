@@ -302,25 +302,15 @@ def fetch(
         raise NotFound(NO_SUCH) from None
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":
-        tokens, version = oauth.current_tokens(
+        return _oauth(
             access,
             principal=principal,
             tenant_id=tenant_id,
             provider=provider,
-            version=record.version,
-            public=record.public,
+            lease_s=lease_s,
+            record=record,
             sealed=sealed,
-        )
-        issued = access.clock()
-        return Lease(
-            tenant_id=tenant_id,
-            provider=provider,
-            version=version,
-            fields={**identifiers, "access_token": tokens.access_token},
-            issued_at=issued,
-            # The lease is the token's own life: past it the provider refuses the token.
-            # A token that never expires (a Meta business token) gets the usual lease.
-            expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
+            identifiers=identifiers,
         )
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
@@ -331,6 +321,40 @@ def fetch(
         fields={name: creds.reveal(name) or "" for name in sorted(creds.names())},
         issued_at=now,
         expires_at=now + timedelta(seconds=lease_s),
+    )
+
+
+def _oauth(
+    access: oauth.OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    record: SealedRecord,
+    sealed: dict[str, str],
+    identifiers: dict[str, str],
+) -> Lease:
+    """An OAuth connection's current access token (refreshed first if it has expired)."""
+    tokens, version = oauth.current_tokens(
+        access,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        version=record.version,
+        public=record.public,
+        sealed=sealed,
+    )
+    issued = access.clock()
+    return Lease(
+        tenant_id=tenant_id,
+        provider=provider,
+        version=version,
+        fields={**identifiers, "access_token": tokens.access_token},
+        issued_at=issued,
+        # The lease is the token's own life: past it the provider refuses the token.
+        # A token that never expires (a Meta business token) gets the usual lease.
+        expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
     )
 
 
