@@ -120,14 +120,12 @@ async def get_delivery(request: Request) -> Delivery:
 
 async def get_outbound(request: Request) -> Outbound:
     """The SSRF-guarded client and the provider endpoints, for connection tests."""
-    outbound: Outbound = request.app.state.outbound
-    return outbound
+    return outbound_of(request)
 
 
 async def get_stripe(request: Request) -> StripeAccess:
     """The platform's Stripe account."""
-    stripe: StripeAccess = request.app.state.stripe
-    return stripe
+    return stripe_of(request)
 
 
 async def get_limiter(request: Request) -> RateLimiter:
@@ -140,14 +138,26 @@ async def get_verifier(request: Request) -> TokenVerifier:
     return verifier_of(request)
 
 
+# The same, typed, for code that has the request but is not a route: `require(...)`
+# itself, and helpers of the console's pages.
+
+
+def outbound_of(request: Request) -> Outbound:
+    outbound: Outbound = request.app.state.outbound
+    return outbound
+
+
+def stripe_of(request: Request) -> StripeAccess:
+    stripe: StripeAccess = request.app.state.stripe
+    return stripe
+
+
 def limiter_of(request: Request) -> RateLimiter:
-    """The rate limiter, for code that runs outside FastAPI's dependency injection."""
     limiter: RateLimiter = request.app.state.limiter
     return limiter
 
 
 def verifier_of(request: Request) -> TokenVerifier:
-    """The token verifier, for code that runs outside FastAPI's dependency injection."""
     verifier: TokenVerifier = request.app.state.verifier
     return verifier
 

@@ -22,7 +22,7 @@ from broker.console.rendering import ConsoleRoute, ago, render, see_other
 from broker.console.security import Policy, origin_of
 from broker.core.config import Settings
 from broker.core.errors import PreconditionFailed, ValidationFailed
-from broker.deps import EngineDep, VaultDep
+from broker.deps import EngineDep, VaultDep, outbound_of
 from broker.integrations import oauth, service
 from broker.integrations.providers import PROVIDERS, ProviderSpec, get_provider
 from broker.integrations.routes import Manager, Viewer, Writer
@@ -46,8 +46,7 @@ _SAMPLE = "console-csp-sample"
 
 
 def _outbound(request: Request) -> service.Outbound:
-    outbound: service.Outbound = request.app.state.outbound
-    return outbound
+    return outbound_of(request)
 
 
 def consent_origins(request: Request) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of
 from broker.core.config import Settings
 from broker.core.errors import BrokerError, NotFound, ValidationFailed
-from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.deps import EngineDep, SessionDep, VaultDep, stripe_of
 from broker.payments import service
 from broker.payments.payout import DETAILS_MODELS, parse_details
 from broker.payments.platform import StripeAccess
@@ -81,8 +81,7 @@ class StripeJsNotConfigured(BrokerError):
 
 
 def _stripe(request: Request) -> StripeAccess:
-    stripe: StripeAccess = request.app.state.stripe
-    return stripe
+    return stripe_of(request)
 
 
 def stripe_policy(settings: Settings) -> Policy:

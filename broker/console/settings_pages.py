@@ -14,7 +14,7 @@ from broker.console import forms
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.core.errors import NotFound, PreconditionFailed, ValidationFailed
-from broker.deps import SessionDep
+from broker.deps import SessionDep, outbound_of
 from broker.integrations.egress import EgressClient
 from broker.settings import service
 from broker.settings.routes import SettingsReader, SettingsWriter
@@ -69,7 +69,7 @@ async def save_group(
     version = str(posted.get("version") or "")
     if parsed.errors:
         return _form_page(request, visitor, name, parsed.value, version, errors=parsed.errors)
-    egress: EgressClient = request.app.state.outbound.client
+    egress = outbound_of(request).client
     try:
         await run_in_threadpool(_patch, session, visitor, name, parsed.value, version, egress)
     except ValidationFailed as invalid:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
@@ -14,7 +14,7 @@ from broker.core.http import problem_responses
 from broker.credential_health import age, service
 from broker.credential_health.jobs import queue_check
 from broker.credential_health.schemas import HealthView, ProblemView
-from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
+from broker.deps import EngineDep, OutboundDep, SessionDep, SettingsDep, VaultDep
 from broker.integrations.schemas import ProviderName
 from broker.models import utcnow
 
@@ -49,7 +49,7 @@ def get_health(
 )
 def check_now(
     provider: ProviderName,
-    request: Request,
+    outbound: OutboundDep,
     engine: EngineDep,
     vault: VaultDep,
     settings: SettingsDep,
@@ -62,7 +62,7 @@ def check_now(
     checked = service.check(
         engine,
         vault,
-        request.app.state.outbound,
+        outbound,
         tenant_id=tenant_id,
         provider=provider,
         actor=principal.actor,

@@ -12,7 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from broker.core import context
 from broker.core.db import ping
 from broker.core.errors import BrokerError
-from broker.deps import EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.deps import (
+    EngineDep,
+    LimiterDep,
+    SettingsDep,
+    StripeDep,
+    VaultDep,
+    VaultThreadsDep,
+)
 from broker.payments.platform import StripeAccess
 from broker.vault.gateway import VaultGateway
 
@@ -44,6 +51,8 @@ async def readyz(
     vault: VaultDep,
     vault_threads: VaultThreadsDep,
     settings: SettingsDep,
+    stripe: StripeDep,
+    limiter: LimiterDep,
 ) -> JSONResponse:
     """Whether credential operations can succeed now (Vault), and whether settings can (database).
 
@@ -72,7 +81,7 @@ async def readyz(
             with anyio.move_on_after(settings.vault_retry_budget_s):
                 stripe_state = await anyio.to_thread.run_sync(
                     _stripe_state,
-                    request.app.state.stripe,
+                    stripe,
                     limiter=vault_threads,
                     abandon_on_cancel=True,
                 )
@@ -90,7 +99,7 @@ async def readyz(
         checks.start_soon(check_database)
     request.app.state.dependency_metrics.saw_vault(vault_state)
     ready = vault_state == "ok"
-    limits_shared = not request.app.state.limiter.degraded
+    limits_shared = not limiter.degraded
     status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
     body = {
         "status": status,

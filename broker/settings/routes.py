@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Response
 
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import SessionDep
-from broker.integrations.egress import EgressClient
+from broker.deps import OutboundDep, SessionDep
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
 
@@ -23,12 +22,6 @@ SettingsReader = Annotated[
 SettingsWriter = Annotated[
     Principal, require(Scope.INTEGRATIONS_MANAGE, Scope.TENANT_ADMIN, limit="write")
 ]
-
-
-def _egress(request: Request) -> EgressClient:
-    """The guarded client whose policy also judges the URLs stored in settings."""
-    client: EgressClient = request.app.state.outbound.client
-    return client
 
 
 @router.get(
@@ -60,7 +53,7 @@ def patch_settings(
     body: SettingsPatch,
     session: SessionDep,
     principal: SettingsWriter,
-    request: Request,
+    outbound: OutboundDep,
     response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SettingsView:
@@ -71,7 +64,8 @@ def patch_settings(
         tenant_id=own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
         if_match=if_match,
-        egress=_egress(request),
+        # The guarded client's policy also judges the URLs stored in settings.
+        egress=outbound.client,
     )
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)
