@@ -271,6 +271,8 @@ def normalise(text: str) -> str:
     Validators apply this before they check a value, so that the value they check is the
     value they keep.
     """
+    if text.isascii():
+        return text  # ASCII is NFKC already, and holds no other digits and no format characters
     text = unicodedata.normalize("NFKC", text)
     return "".join(
         str(unicodedata.decimal(c))
