@@ -10,11 +10,13 @@ from fastapi import FastAPI
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import State
 
 from broker.audit import denials
 from broker.audit.denials import DenialTally
 from broker.audit.routes import router as audit_router
 from broker.audit.routes import tenant_router as access_report_router
+from broker.auth import refusals
 from broker.auth.tokens import TokenVerifier
 from broker.console.app import install_console
 from broker.core.config import ConfigurationError, Settings
@@ -27,6 +29,7 @@ from broker.core.ratelimit import RateLimiter
 from broker.credential_health.routes import platform_router as credentials_report_router
 from broker.credential_health.routes import router as health_checks_router
 from broker.credentials.routes import router as credentials_router
+from broker.credentials.service import Delivery
 from broker.events.routes import platform_router as platform_webhooks_router
 from broker.events.routes import router as events_router
 from broker.events.routes import tenant_router as webhooks_router
@@ -86,52 +89,112 @@ def create_app(
         DatabaseBounds.from_settings(settings),
     )
     vault = vault or VaultGateway.from_settings(settings)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
-        # Denials still being counted would be lost with the process.
-        await run_in_threadpool(denials.write, engine, app.state.denials.drain())
-        vault.close()
-        app.state.outbound.client.close()
-        app.state.leasing.calls.close()
-        app.state.stripe.close()
-        engine.dispose()
-
     app = FastAPI(
         title="Tenant secrets broker",
         version="0.1.0",
         description=(
             "Credentials in Vault, preferences in PostgreSQL, OAuth-style scopes on every call."
         ),
-        lifespan=lifespan,
+        lifespan=_lifespan,
         # FastAPI's own pages load from a CDN: install_docs serves packaged copies.
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.vault = vault
-    app.state.deletions = DeletionWatch(engine, ttl_s=settings.tenant_status_ttl_s)
-    app.state.deletions.revalidate()  # known before the first fetch, in the background
-    app.state.verifier = TokenVerifier.from_settings(settings)
-    app.state.metrics = Metrics()
-    app.state.outbound = outbound_for(settings)
-    app.state.dependency_metrics = dependencies = DependencyMetrics(app.state.metrics.registry)
+    _build_state(app.state, settings, engine=engine, vault=vault, clock=clock)
+    _install_metrics(app.state)
+    # Outermost but one: raw card data is refused before any route or log sees it.
+    app.add_middleware(CardDataGuard)
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=app.state.metrics,
+        trusted_proxies=settings.trusted_proxies,
+    )
+    install_error_handlers(app, record_refusal=refusals.record_refusal)
+    install_openapi(app, ROUTERS, document_provider_fields)
+    install_docs(app)
+    for router in ROUTERS:
+        app.include_router(router)
+    # The tenant-admin console: pages over the same services, not part of the API document.
+    install_console(app)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    yield
+    state = app.state
+    # Denials still being counted would be lost with the process.
+    await run_in_threadpool(denials.write, state.engine, state.denials.drain())
+    state.vault.close()
+    state.outbound.client.close()
+    state.leasing.calls.close()
+    state.stripe.close()
+    state.engine.dispose()
+
+
+def _build_state(
+    state: State, settings: Settings, *, engine: Engine, vault: VaultGateway, clock: Clock
+) -> None:
+    """What the app builds once and the routes reach through `broker.deps`."""
+    state.settings = settings
+    state.engine = engine
+    state.vault = vault
+    state.deletions = DeletionWatch(engine, ttl_s=settings.tenant_status_ttl_s)
+    state.deletions.revalidate()  # known before the first fetch, in the background
+    state.verifier = TokenVerifier.from_settings(settings)
+    state.metrics = Metrics()
+    state.outbound = outbound = outbound_for(settings)
+    state.dependency_metrics = dependencies = DependencyMetrics(state.metrics.registry)
     vault.observe = dependencies.vault_call
-    app.state.oauth = oauth_access_for(
-        settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
+    state.oauth = oauth_access_for(
+        settings, engine=engine, vault=vault, outbound=outbound, clock=clock
     )
-    app.state.leasing = Leasing.from_settings(
-        settings, engine=engine, vault=vault, outbound=app.state.outbound, clock=clock
+    state.leasing = Leasing.from_settings(
+        settings, engine=engine, vault=vault, outbound=outbound, clock=clock
     )
-    app.state.stripe = StripeAccess(
+    state.stripe = StripeAccess(
         vault,
         api_base=settings.stripe_api_base,
         key_path=settings.stripe_key_path,
         observe=dependencies.stripe_call,
     )
-    app.state.limiter = limiter = RateLimiter(
+    state.limiter = limiter = limiter_for(settings)
+    state.denials = DenialTally(limiter.limits["denials"].get_expiry())
+    state.delivery = Delivery(
+        engine=engine,
+        vault=vault,
+        deletions=state.deletions,
+        settings=settings,
+        access=state.oauth,
+        leasing=state.leasing,
+        limiter=limiter,
+        tally=state.denials,
+    )
+
+
+def _install_metrics(state: State) -> None:
+    """The state gauges and the runtime collectors, on the app's own registry."""
+    registry = state.metrics.registry
+    limiter: RateLimiter = state.limiter
+    registry.register(
+        StateCollector(
+            engine=state.engine,
+            limiter=limiter,
+            verifier=state.verifier,
+            deletions=state.deletions,
+        )
+    )
+    install_runtime_collectors(registry)
+    Gauge(
+        "broker_rate_limit_degraded",
+        "1 while the shared rate-limit storage is unreachable and this process limits alone.",
+        registry=registry,
+    ).set_function(lambda: float(limiter.degraded))
+
+
+def limiter_for(settings: Settings) -> RateLimiter:
+    """The named rate limits, from the settings."""
+    return RateLimiter(
         settings.rate_limit_storage,
         {
             "fetch": settings.rate_limit_fetch,
@@ -140,36 +203,6 @@ def create_app(
             "denials": settings.rate_limit_denials,
         },
     )
-    app.state.denials = DenialTally(limiter.limits["denials"].get_expiry())
-    app.state.metrics.registry.register(
-        StateCollector(
-            engine=engine,
-            limiter=limiter,
-            verifier=app.state.verifier,
-            deletions=app.state.deletions,
-        )
-    )
-    install_runtime_collectors(app.state.metrics.registry)
-    Gauge(
-        "broker_rate_limit_degraded",
-        "1 while the shared rate-limit storage is unreachable and this process limits alone.",
-        registry=app.state.metrics.registry,
-    ).set_function(lambda: float(limiter.degraded))
-    # Outermost but one: raw card data is refused before any route or log sees it.
-    app.add_middleware(CardDataGuard)
-    app.add_middleware(
-        RequestContextMiddleware,
-        metrics=app.state.metrics,
-        trusted_proxies=settings.trusted_proxies,
-    )
-    install_error_handlers(app)
-    install_openapi(app, ROUTERS, document_provider_fields)
-    install_docs(app)
-    for router in ROUTERS:
-        app.include_router(router)
-    # The tenant-admin console: pages over the same services, not part of the API document.
-    install_console(app)
-    return app
 
 
 def oauth_access_for(

@@ -1,5 +1,7 @@
 """Shared request dependencies, defined once and reached through Annotated aliases.
 
+What the app builds once (`broker.app.create_app`) lives on `app.state`; routes
+reach it only through the typed dependencies here, never by reading `app.state`.
 The ones that only read `app.state` are `async def` on purpose: FastAPI runs a
 plain `def` dependency in the thread pool, and three thread hops per request
 for three attribute reads cost more than the work of most routes.
@@ -18,9 +20,14 @@ from fastapi.concurrency import contextmanager_in_threadpool
 from sqlalchemy import Engine
 from sqlmodel import Session
 
+from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
 from broker.core.db import bounds_of, unit_of_work
 from broker.core.errors import UpstreamUnavailable
+from broker.core.ratelimit import RateLimiter
+from broker.credentials.service import Delivery
+from broker.integrations.service import Outbound
+from broker.payments.platform import StripeAccess
 from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
 
@@ -105,6 +112,56 @@ async def get_deletions(request: Request) -> DeletionWatch:
     return deletions
 
 
+async def get_delivery(request: Request) -> Delivery:
+    """What a credential fetch uses."""
+    delivery: Delivery = request.app.state.delivery
+    return delivery
+
+
+async def get_outbound(request: Request) -> Outbound:
+    """The SSRF-guarded client and the provider endpoints, for connection tests."""
+    return outbound_of(request)
+
+
+async def get_stripe(request: Request) -> StripeAccess:
+    """The platform's Stripe account."""
+    return stripe_of(request)
+
+
+async def get_limiter(request: Request) -> RateLimiter:
+    """The named rate limits."""
+    return limiter_of(request)
+
+
+async def get_verifier(request: Request) -> TokenVerifier:
+    """The bearer-token verifier."""
+    return verifier_of(request)
+
+
+# The same, typed, for code that has the request but is not a route: `require(...)`
+# itself, and helpers of the console's pages.
+
+
+def outbound_of(request: Request) -> Outbound:
+    outbound: Outbound = request.app.state.outbound
+    return outbound
+
+
+def stripe_of(request: Request) -> StripeAccess:
+    stripe: StripeAccess = request.app.state.stripe
+    return stripe
+
+
+def limiter_of(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.limiter
+    return limiter
+
+
+def verifier_of(request: Request) -> TokenVerifier:
+    verifier: TokenVerifier = request.app.state.verifier
+    return verifier
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 # scope="function": the commit happens before the response is sent, so a failed
@@ -113,3 +170,8 @@ SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 VaultDep = Annotated[VaultGateway, Depends(get_vault)]
 VaultThreadsDep = Annotated[anyio.CapacityLimiter, Depends(get_vault_threads)]
 DeletionsDep = Annotated[DeletionWatch, Depends(get_deletions)]
+DeliveryDep = Annotated[Delivery, Depends(get_delivery)]
+OutboundDep = Annotated[Outbound, Depends(get_outbound)]
+StripeDep = Annotated[StripeAccess, Depends(get_stripe)]
+LimiterDep = Annotated[RateLimiter, Depends(get_limiter)]
+VerifierDep = Annotated[TokenVerifier, Depends(get_verifier)]

@@ -11,14 +11,13 @@ from starlette.concurrency import run_in_threadpool
 
 from broker.audit import access, trail
 from broker.audit.schemas import AccessReportView, AccessRowView, AuditEventView
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.errors import ValidationFailed
 from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import EngineDep, SessionDep, SettingsDep
 from broker.integrations.providers import PROVIDERS
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/v1/audit", tags=["audit"])
 # The tenant's own report lives with its settings: a tenant admin reads it.

@@ -13,7 +13,7 @@ from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier, bearer_token
 from broker.core import context
 from broker.core.errors import Forbidden, RateLimited, TooManyFailures, Unauthenticated
-from broker.core.ratelimit import RateLimiter
+from broker.deps import limiter_of, verifier_of
 
 
 class _AuthorizationHeaders(HTTPBearer):
@@ -58,12 +58,12 @@ def require(*scopes: str, limit: str | None = None) -> Any:
     async def dependency(
         request: Request, authorization: list[str] = Depends(_bearer)
     ) -> Principal:
-        limiter: RateLimiter = request.app.state.limiter
+        limiter = limiter_of(request)
         try:
             token = bearer_token(authorization)
             if token is None:
                 raise Unauthenticated("a bearer token is required")
-            verifier: TokenVerifier = request.app.state.verifier
+            verifier = verifier_of(request)
             if verifier.may_block:  # a JWKS: only a remembered token is checked here
                 principal = verifier.remembered(token) or await _verify_in_thread(
                     request, verifier, token
@@ -87,6 +87,13 @@ def require(*scopes: str, limit: str | None = None) -> Any:
     return Depends(dependency)
 
 
+def own_tenant(principal: Principal) -> str:
+    """The tenant a user token acts in; a token that names none cannot reach tenant resources."""
+    if principal.tenant_id is None:
+        raise Forbidden("this token names no tenant")
+    return principal.tenant_id
+
+
 def admit(
     request: Request, principal: Principal, scopes: tuple[str, ...], *, limit: str | None
 ) -> Principal:
@@ -100,13 +107,12 @@ def admit(
     if not any(principal.has(scope) for scope in scopes):
         raise Forbidden(f"this needs one of the scopes: {', '.join(scopes)}")
     if limit is not None:
-        limiter: RateLimiter = request.app.state.limiter
         tenant = request.path_params.get("tenant_id") or principal.tenant_id
         if principal.kind == "service" and tenant and not principal.may_serve(tenant):
             # Tenants outside the token share one budget: a service must not get a
             # fresh one, and an audited refusal, for every tenant id it makes up.
             tenant = "(not served)"
-        limiter.hit(limit, f"who:{principal.actor}:{tenant}")
+        limiter_of(request).hit(limit, f"who:{principal.actor}:{tenant}")
     return principal
 
 

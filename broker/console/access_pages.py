@@ -14,13 +14,13 @@ from starlette.responses import PlainTextResponse, Response
 
 from broker.audit import access
 from broker.audit.routes import TenantAdmin
+from broker.auth.dependencies import own_tenant
 from broker.console.access import Visitor, page
 from broker.console.rendering import ConsoleRoute, render
 from broker.core.config import Settings
 from broker.core.errors import ValidationFailed
 from broker.deps import EngineDep
 from broker.integrations.providers import PROVIDERS
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/console", route_class=ConsoleRoute, include_in_schema=False)
 

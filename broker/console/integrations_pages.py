@@ -16,17 +16,17 @@ from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, ago, render, see_other
 from broker.console.security import Policy, origin_of
 from broker.core.config import Settings
 from broker.core.errors import PreconditionFailed, ValidationFailed
-from broker.deps import EngineDep, VaultDep
+from broker.deps import EngineDep, VaultDep, outbound_of
 from broker.integrations import oauth, service
 from broker.integrations.providers import PROVIDERS, ConnectionResult, ProviderSpec, get_provider
 from broker.integrations.routes import Manager, Viewer, Writer
 from broker.integrations.schemas import ConnectRequest, IntegrationView, TestResult, VersionView
-from broker.settings.service import own_tenant
 from broker.vault.gateway import VaultGateway
 
 router = APIRouter(
@@ -47,8 +47,7 @@ _SAMPLE = "console-csp-sample"
 
 
 def _outbound(request: Request) -> service.Outbound:
-    outbound: service.Outbound = request.app.state.outbound
-    return outbound
+    return outbound_of(request)
 
 
 def consent_origins(request: Request) -> tuple[str, ...]:

@@ -15,13 +15,13 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.deps import SessionDep
 from broker.leases import service
 from broker.leases.routes import Viewer, Writer
 from broker.leases.schemas import LeaseView
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/console/leases", route_class=ConsoleRoute, include_in_schema=False)
 

@@ -15,19 +15,19 @@ from pydantic import SecretStr, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console import forms
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.console.security import Policy, origin_of
 from broker.core.config import Settings
 from broker.core.errors import BrokerError, NotFound, ValidationFailed
-from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.deps import EngineDep, SessionDep, VaultDep, stripe_of
 from broker.payments import service
 from broker.payments.payout import DETAILS_MODELS, parse_details
 from broker.payments.platform import StripeAccess
 from broker.payments.routes import FinanceManager, FinanceViewer, MethodId
 from broker.payments.schemas import PaymentMethodAdd
-from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/console/payments", route_class=ConsoleRoute, include_in_schema=False)
@@ -81,8 +81,7 @@ class StripeJsNotConfigured(BrokerError):
 
 
 def _stripe(request: Request) -> StripeAccess:
-    stripe: StripeAccess = request.app.state.stripe
-    return stripe
+    return stripe_of(request)
 
 
 def stripe_policy(settings: Settings) -> Policy:

@@ -9,11 +9,12 @@ from sqlmodel import Session
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
+from broker.auth.dependencies import own_tenant
 from broker.console import forms
 from broker.console.access import Visitor, form, page
 from broker.console.rendering import ConsoleRoute, render, see_other
 from broker.core.errors import NotFound, PreconditionFailed, ValidationFailed
-from broker.deps import SessionDep
+from broker.deps import SessionDep, outbound_of
 from broker.integrations.egress import EgressClient
 from broker.settings import service
 from broker.settings.routes import SettingsReader, SettingsWriter
@@ -36,7 +37,7 @@ def _group(name: str) -> str:
 @router.get("", name="console_settings")
 def settings_index(request: Request, session: SessionDep, visitor: Reader) -> Response:
     """The settings groups, with who changed them last."""
-    row = service.get_settings(session, tenant_id=service.own_tenant(visitor.principal))
+    row = service.get_settings(session, tenant_id=own_tenant(visitor.principal))
     groups = [(name, forms.label_of(name)) for name in EDITABLE]
     return render(request, "settings/index.html", visitor=visitor, groups=groups, row=row)
 
@@ -45,7 +46,7 @@ def settings_index(request: Request, session: SessionDep, visitor: Reader) -> Re
 def settings_group(group: str, request: Request, session: SessionDep, visitor: Reader) -> Response:
     """One group's form, filled with the stored values and the version it was read at."""
     name = _group(group)
-    row = service.get_settings(session, tenant_id=service.own_tenant(visitor.principal))
+    row = service.get_settings(session, tenant_id=own_tenant(visitor.principal))
     value = getattr(row, name) or {}
     return _form_page(
         request,
@@ -68,7 +69,7 @@ async def save_group(
     version = str(posted.get("version") or "")
     if parsed.errors:
         return _form_page(request, visitor, name, parsed.value, version, errors=parsed.errors)
-    egress: EgressClient = request.app.state.outbound.client
+    egress = outbound_of(request).client
     try:
         await run_in_threadpool(_patch, session, visitor, name, parsed.value, version, egress)
     except ValidationFailed as invalid:
@@ -93,7 +94,7 @@ def _patch(
     service.patch_settings(
         session,
         principal=visitor.principal,
-        tenant_id=service.own_tenant(visitor.principal),
+        tenant_id=own_tenant(visitor.principal),
         patch={name: value},
         # The version this form was read at: a save over someone else's change is refused.
         if_match=f'"{version}"' if version.isdigit() else '"0"',

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.auth.tokens import TokenVerifier, mint_token
+from broker.auth.tokens import mint_token
 from broker.console import oidc, sessions
 from broker.console.access import Visitor, check_form, current_session, signed_in
 from broker.console.rendering import ConsoleRoute, render, see_other
@@ -24,6 +24,7 @@ from broker.console.security import Policy, origin_of, own_origin
 from broker.core.config import Settings
 from broker.core.errors import BrokerError, NotFound, UpstreamUnavailable
 from broker.core.identifiers import TENANT_ID
+from broker.deps import verifier_of
 from broker.models import ConsoleSession, utcnow
 from broker.tenants import service as tenants
 
@@ -192,8 +193,7 @@ async def dev_sign_in(request: Request) -> Response:
     )
     # The token goes through the API's own verifier and is then forgotten: the session
     # keeps what it says, the browser only a reference to the session.
-    verifier: TokenVerifier = request.app.state.verifier
-    principal = await run_in_threadpool(verifier.verify, token)
+    principal = await run_in_threadpool(verifier_of(request).verify, token)
     return await _signed_in(request, row, principal, ttl=ttl, next_path=next_path, method="dev")
 
 
@@ -294,8 +294,7 @@ async def oidc_callback(
             verifier=row.pkce_verifier,
             nonce=row.oidc_nonce,
         )
-        verifier: TokenVerifier = request.app.state.verifier
-        principal = await run_in_threadpool(verifier.verify, answer.access_token)
+        principal = await run_in_threadpool(verifier_of(request).verify, answer.access_token)
     except oidc.SignInFailed as failed:
         return _page(request, row, next_path=next_path, status=400, error=failed.message)
     except BrokerError as refused:

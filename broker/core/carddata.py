@@ -225,8 +225,14 @@ def _chain_hits(text: str, groups: list[tuple[int, int]]) -> Iterator[tuple[int,
 
 
 def _hits(folded: str) -> Iterator[tuple[int, int]]:
+    # A card needs a run of at least 13 characters, and masking identifiers only breaks runs
+    # apart: text without such a run (most headers, a JWT's base64) is done in one pass.
+    if all(chain.end() - chain.start() < _MIN_PAN for chain in _CHAIN.finditer(folded)):
+        return
     masked = _mask_identifiers(folded)
     for chain in _CHAIN.finditer(masked):
+        if chain.end() - chain.start() < _MIN_PAN:
+            continue
         groups = [
             (chain.start() + m.start(), chain.start() + m.end())
             for m in _GROUP.finditer(chain.group())
@@ -265,6 +271,8 @@ def normalise(text: str) -> str:
     Validators apply this before they check a value, so that the value they check is the
     value they keep.
     """
+    if text.isascii():
+        return text  # ASCII is NFKC already, and holds no other digits and no format characters
     text = unicodedata.normalize("NFKC", text)
     return "".join(
         str(unicodedata.decimal(c))

@@ -259,6 +259,15 @@ class Settings(BaseSettings):
     def _refuse_unsafe_production(self) -> Settings:
         if self.env != "production":
             return self
+        problems = [*self._token_problems(), *self._transport_problems()]
+        if self.database_url is None:
+            problems.append("no database (BROKER_DATABASE_URL)")
+        if problems:
+            raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
+        return self
+
+    def _token_problems(self) -> list[str]:
+        """What makes bearer-token verification unsafe in production."""
         problems = []
         if self.jwt_hs256_secret is not None:
             problems.append("an HS256 dev signing key is configured (BROKER_JWT_HS256_SECRET)")
@@ -268,11 +277,14 @@ class Settings(BaseSettings):
             problems.append("no token verification key (BROKER_JWT_JWKS_URL or _PUBLIC_KEY)")
         if self.jwt_jwks_url and not self.jwt_jwks_url.startswith("https://"):
             problems.append("the JWKS URL is not https")
+        return problems
+
+    def _transport_problems(self) -> list[str]:
+        """Connections that would travel, or could be sent, in plain text."""
+        problems = []
         plain = [addr for addr in self.vault_addrs if not addr.startswith("https://")]
         if plain:
             problems.append(f"Vault addresses without TLS: {', '.join(plain)}")
-        if self.database_url is None:
-            problems.append("no database (BROKER_DATABASE_URL)")
         if self.egress_allow_http or self.egress_allow_loopback:
             problems.append("provider calls may reach plain HTTP or loopback (BROKER_EGRESS_*)")
         # OAuth codes and outcomes travel in these URLs' queries.
@@ -284,9 +296,7 @@ class Settings(BaseSettings):
             problems.append("a console URL is not https (BROKER_CONSOLE_*)")
         if not self.stripe_js_url.startswith("https://"):
             problems.append("Stripe.js is not loaded over https (BROKER_STRIPE_JS_URL)")
-        if problems:
-            raise ConfigurationError("refusing to start in production: " + "; ".join(problems))
-        return self
+        return problems
 
 
 @lru_cache

@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,8 +19,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from broker.audit import denials, trail
-from broker.audit.denials import DenialTally
 from broker.core import context
 from broker.core.errors import (
     BrokerError,
@@ -229,8 +228,16 @@ def valid_request_id(incoming: str) -> str:
     return str(uuid.uuid4())
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Turn every error into one problem+json shape, with no internals in it, and document it."""
+# What the app wires in to record refused requests (a 401, a 403, a lockout) in its audit
+# trail: it returns the error to answer, which may become a 429 past the denial limit.
+RefusalRecorder = Callable[[Request, BrokerError], BrokerError]
+
+
+def install_error_handlers(app: FastAPI, *, record_refusal: RefusalRecorder | None = None) -> None:
+    """Turn every error into one problem+json shape, with no internals in it, and document it.
+
+    `record_refusal` is called (on a worker thread) for every 401 and 403 after it is logged.
+    """
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -239,79 +246,81 @@ def install_error_handlers(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+    app.state.refusal_recorder = record_refusal
+    app.add_exception_handler(BrokerError, _broker_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _unexpected)
 
-    @app.exception_handler(BrokerError)
-    async def broker_error(request: Request, exc: BrokerError) -> JSONResponse:
-        exc = await note_refusal(request, exc)
-        headers: dict[str, str] = {}
-        if isinstance(exc, UpstreamUnavailable | RateLimited):
-            headers["Retry-After"] = str(exc.retry_after)
-        if exc.status == 401:
-            headers["WWW-Authenticate"] = 'Bearer realm="broker"'
-        if exc.status >= 500:
-            log.error(
-                "request failed",
-                extra={"fields": {"error": type(exc).__name__, "detail": exc.message}},
-            )
-        return problem(exc.status, exc.title, exc.message, headers=headers or None, **exc.extra)
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Pydantic's default error carries the rejected input; it may be a
-        # secret, so only the location and the message are returned, and the
-        # location names only names the API declares (an unknown field's name
-        # may be a pasted secret too).
-        known = _declared_names(request.app)
-        body_field = getattr(request.scope.get("route"), "body_field", None)
-        body_model = getattr(getattr(body_field, "field_info", None), "annotation", None)
-        errors = []
-        for err in exc.errors():
-            loc = tuple(err.get("loc", ()))
-            in_body = loc[:1] == ("body",)
-            message = err.get("msg", "")
-            if err.get("type") == "extra_forbidden":
-                message = unknown_field_message(body_model if in_body else None, loc[1:-1])
-            elif in_body and err.get("type") == "json_invalid":
-                # FastAPI puts the character offset where a field name goes. The decoder's
-                # own reason ("Expecting ',' delimiter") never quotes the input.
-                reason = str((err.get("ctx") or {}).get("error") or "malformed")
-                where = f", at character {loc[1]}" if len(loc) > 1 else ""
-                errors.append({"field": "", "message": f"not valid JSON: {reason}{where}"})
-                continue
-            elif in_body and len(loc) == 1 and isinstance(exc.body, bytes | bytearray):
-                # Without a JSON Content-Type FastAPI does not parse the body at all.
-                message = "the body must be JSON, sent with Content-Type: application/json"
-            errors.append(
-                {
-                    "field": error_location(
-                        loc[1:] if in_body else loc, exc.body if in_body else None, known=known
-                    ),
-                    "message": message,
-                }
-            )
-        fields = ", ".join(e["field"] or "body" for e in errors[:5])
-        return problem(422, "Validation failed", f"invalid input: {fields}", errors=errors)
+async def _broker_error(request: Request, exc: BrokerError) -> JSONResponse:
+    exc = await note_refusal(request, exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, UpstreamUnavailable | RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
+    if exc.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="broker"'
+    if exc.status >= 500:
+        log.error(
+            "request failed",
+            extra={"fields": {"error": type(exc).__name__, "detail": exc.message}},
+        )
+    return problem(exc.status, exc.title, exc.message, headers=headers or None, **exc.extra)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        detail = exc.detail if isinstance(exc.detail, str) else "request failed"
-        return problem(exc.status_code, detail, detail, headers=dict(exc.headers or {}) or None)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error", exc_info=exc)
-        return problem(500, "Internal error", "the broker failed; the request id identifies it")
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    # Pydantic's default error carries the rejected input; it may be a secret, so only
+    # the location and the message are returned, and the location names only names the
+    # API declares (an unknown field's name may be a pasted secret too).
+    known = _declared_names(request.app)
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    body_model = getattr(getattr(body_field, "field_info", None), "annotation", None)
+    errors = [_field_problem(err, exc.body, body_model, known) for err in exc.errors()]
+    fields = ", ".join(e["field"] or "body" for e in errors[:5])
+    return problem(422, "Validation failed", f"invalid input: {fields}", errors=errors)
+
+
+def _field_problem(err: Any, body: Any, body_model: Any, known: frozenset[str]) -> dict[str, str]:
+    """One rejected input as `{"field", "message"}`, never quoting the input."""
+    loc = tuple(err.get("loc", ()))
+    in_body = loc[:1] == ("body",)
+    message = err.get("msg", "")
+    if err.get("type") == "extra_forbidden":
+        message = unknown_field_message(body_model if in_body else None, loc[1:-1])
+    elif in_body and err.get("type") == "json_invalid":
+        # FastAPI puts the character offset where a field name goes. The decoder's
+        # own reason ("Expecting ',' delimiter") never quotes the input.
+        reason = str((err.get("ctx") or {}).get("error") or "malformed")
+        where = f", at character {loc[1]}" if len(loc) > 1 else ""
+        return {"field": "", "message": f"not valid JSON: {reason}{where}"}
+    elif in_body and len(loc) == 1 and isinstance(body, bytes | bytearray):
+        # Without a JSON Content-Type FastAPI does not parse the body at all.
+        message = "the body must be JSON, sent with Content-Type: application/json"
+    field = error_location(loc[1:] if in_body else loc, body if in_body else None, known=known)
+    return {"field": field, "message": message}
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    detail = exc.detail if isinstance(exc.detail, str) else "request failed"
+    return problem(exc.status_code, detail, detail, headers=dict(exc.headers or {}) or None)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.error("unexpected error", exc_info=exc)
+    return problem(500, "Internal error", "the broker failed; the request id identifies it")
 
 
 async def note_refusal(request: Request, exc: BrokerError) -> BrokerError:
-    """Log and audit a 401 or 403 (and a lockout); return the error to answer.
+    """Log and record a 401 or 403 (and a lockout); return the error to answer.
 
     Past the denial limit the answer becomes a 429. Any other error is returned as is.
     The API's handler and the console's pages both go through here.
     """
     if exc.status in (401, 403) or isinstance(exc, TooManyFailures):
         _warn_security_event(request, exc)
-        return await run_in_threadpool(_record_denial, request, exc)
+        recorder: RefusalRecorder | None = getattr(request.app.state, "refusal_recorder", None)
+        if recorder is not None:
+            return await run_in_threadpool(recorder, request, exc)
     return exc
 
 
@@ -371,66 +380,3 @@ def _declared_names(app: FastAPI) -> frozenset[str]:
         names = schema_names(app.openapi()) | {"query", "path", "header", "cookie"}
         app.state.declared_names = names
     return names
-
-
-def _path_tenant(request: Request) -> str | None:
-    """The tenant id in the request's path, unvalidated; the trail decides whether to keep it."""
-    value = (request.scope.get("path_params") or {}).get("tenant_id")
-    return value if isinstance(value, str) else None
-
-
-def _record_denial(request: Request, exc: BrokerError) -> BrokerError:
-    """Record a 401 or 403 in the trail, and return the error to answer.
-
-    403s count against the `denials` limit, per principal (per address when
-    the token named none). Past it the caller gets a 429 and the denial is
-    only counted, to be written with the others of its window as one event;
-    so are failed authentications past the `auth_failures` limit.
-    """
-    state = request.app.state
-    principal = getattr(request.state, "principal", None)
-    engine = getattr(state, "engine", None)
-    # Route templates, never the raw path: a refused request's path is caller input.
-    template = getattr(request.scope.get("route"), "path", None)
-    action = f"{request.method} {template or 'unmatched'}"
-    tally: DenialTally | None = getattr(state, "denials", None)
-    closed = tally.closed() if tally is not None else []
-    answer = exc
-    if isinstance(exc, TooManyFailures) and tally is not None:
-        closed += tally.add(
-            principal=None,
-            action=action,
-            resource=template or "unmatched",
-            status=exc.failure.status,
-            reason=exc.failure.message,
-        )
-    elif exc.status == 403 and tally is not None:
-        ctx = context.current()
-        key = f"who:{principal.actor}" if principal else f"addr:{ctx.client_addr if ctx else None}"
-        try:
-            state.limiter.hit("denials", key)
-        except RateLimited as limited:
-            closed += tally.add(
-                principal=principal,
-                action=action,
-                resource=template or "unmatched",
-                status=exc.status,
-                reason=exc.message,
-            )
-            answer = RateLimited(
-                "too many denied requests; retry later", retry_after=limited.retry_after
-            )
-    if engine is None:
-        return answer
-    if answer is exc and not isinstance(exc, TooManyFailures):
-        trail.record_separately(
-            engine,
-            action=action,
-            resource=trail.route_resource(request.scope),
-            path_tenant=_path_tenant(request),
-            outcome="denied",
-            principal=principal,
-            detail={"status": exc.status, "reason": exc.message},
-        )
-    denials.write(engine, closed)
-    return answer

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.db import unit_of_work
@@ -14,10 +14,9 @@ from broker.core.http import problem_responses
 from broker.credential_health import age, service
 from broker.credential_health.jobs import queue_check
 from broker.credential_health.schemas import HealthView, ProblemView
-from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
+from broker.deps import EngineDep, OutboundDep, SessionDep, SettingsDep, VaultDep
 from broker.integrations.schemas import ProviderName
 from broker.models import utcnow
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
 platform_router = APIRouter(prefix="/v1/platform/credentials", tags=["credentials"])
@@ -50,7 +49,7 @@ def get_health(
 )
 def check_now(
     provider: ProviderName,
-    request: Request,
+    outbound: OutboundDep,
     engine: EngineDep,
     vault: VaultDep,
     settings: SettingsDep,
@@ -63,7 +62,7 @@ def check_now(
     checked = service.check(
         engine,
         vault,
-        request.app.state.outbound,
+        outbound,
         tenant_id=tenant_id,
         provider=provider,
         actor=principal.actor,

@@ -22,21 +22,27 @@ import re
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 
+import anyio
+import anyio.to_thread
 from sqlalchemy import Engine
+from starlette.concurrency import run_in_threadpool
 
 from broker.audit import denials, trail
 from broker.audit.denials import DenialTally
 from broker.auth.principal import Principal
 from broker.core import context
+from broker.core.config import Settings
 from broker.core.errors import Forbidden, NotFound, RateLimited, ValidationFailed
 from broker.core.ratelimit import RateLimiter
+from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.integrations import oauth
 from broker.integrations.providers import Credentials, get_provider
 from broker.integrations.service import item_name
 from broker.leases import service as leases
 from broker.tenants.deletions import DeletionWatch
-from broker.vault.errors import CiphertextRetired
+from broker.vault.errors import CiphertextRetired, StoredDataUnverified
 from broker.vault.gateway import VaultGateway, WrappedSecret
 from broker.vault.sealed import SealedRecord, SealedStore
 
@@ -44,6 +50,100 @@ from broker.vault.sealed import SealedRecord, SealedStore
 NO_SUCH = "no such credentials"
 _TTL = re.compile(r"^(\d{1,5})(s|m|h)?$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
+# A refusal is recorded before the answer when the database is healthy; never waited on longer.
+REFUSAL_RECORD_GRACE_S = 0.25
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Everything a credential fetch uses, built once with the app (see `delivery_for`)."""
+
+    engine: Engine
+    vault: VaultGateway
+    deletions: DeletionWatch
+    settings: Settings
+    access: oauth.OAuthAccess
+    leasing: leases.Leasing | None
+    limiter: RateLimiter
+    tally: DenialTally
+
+
+async def serve(
+    delivery: Delivery,
+    principal: Principal,
+    *,
+    tenant_id: str,
+    provider: str,
+    wrap_ttl: str | None,
+    threads: anyio.CapacityLimiter,
+) -> CredentialLease | WrappedCredentialLease:
+    """`GET /v1/credentials/{tenant_id}/{provider}`: check, deliver, and answer.
+
+    The Vault work runs on `threads`, apart from the shared worker threads: a stalled
+    database can fill those, and deliveries must not queue behind it.
+    """
+    settings = delivery.settings
+    ttl_s = parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
+    if not authorize(principal, tenant_id=tenant_id, provider=provider):
+        await _refuse(delivery, principal, tenant_id=tenant_id, provider=provider)
+    lease_s = lease_seconds(
+        provider, default_s=settings.credential_lease_s, caps=settings.credential_lease_caps
+    )
+    work = partial(
+        deliver,
+        delivery.vault,
+        delivery.deletions,
+        tenant_id=tenant_id,
+        provider=provider,
+        lease_s=lease_s,
+        wrap_ttl_s=ttl_s,
+        principal=principal,
+        access=delivery.access,
+        leasing=delivery.leasing,
+    )
+    try:
+        delivered = await anyio.to_thread.run_sync(work, limiter=threads)
+    except StoredDataUnverified:
+        # Tampering, not a delivery: its record may wait on the shared threads.
+        await run_in_threadpool(
+            record_unverified, delivery.engine, principal, tenant_id=tenant_id, provider=provider
+        )
+        raise
+    return answer(delivered)
+
+
+async def _refuse(
+    delivery: Delivery, principal: Principal, *, tenant_id: str, provider: str
+) -> None:
+    """Record a fetch for a tenant outside the token, then answer as for a missing one."""
+    recorded = record_refusal(
+        delivery.engine,
+        principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        limiter=delivery.limiter,
+        tally=delivery.tally,
+    )
+    await trail.settle(recorded, within_s=REFUSAL_RECORD_GRACE_S)
+    # The same answer as a missing tenant: a service cannot probe which exist.
+    raise NotFound(NO_SUCH)
+
+
+def answer(
+    delivered: Lease | tuple[Lease, WrappedSecret],
+) -> CredentialLease | WrappedCredentialLease:
+    """The response body: the lease, or only the wrapping token and the lease's metadata."""
+    if not isinstance(delivered, tuple):
+        return CredentialLease.model_validate(delivered, from_attributes=True)
+    lease, wrapped = delivered
+    return WrappedCredentialLease(
+        tenant_id=lease.tenant_id,
+        provider=lease.provider,
+        version=lease.version,
+        expires_at=lease.expires_at,
+        lease_id=lease.lease_id,
+        wrap=WrapInfo.model_validate(wrapped, from_attributes=True),
+    )
 
 
 def parse_wrap_ttl(value: str, *, maximum_s: int) -> int:
@@ -202,25 +302,15 @@ def fetch(
         raise NotFound(NO_SUCH) from None
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":
-        tokens, version = oauth.current_tokens(
+        return _oauth(
             access,
             principal=principal,
             tenant_id=tenant_id,
             provider=provider,
-            version=record.version,
-            public=record.public,
+            lease_s=lease_s,
+            record=record,
             sealed=sealed,
-        )
-        issued = access.clock()
-        return Lease(
-            tenant_id=tenant_id,
-            provider=provider,
-            version=version,
-            fields={**identifiers, "access_token": tokens.access_token},
-            issued_at=issued,
-            # The lease is the token's own life: past it the provider refuses the token.
-            # A token that never expires (a Meta business token) gets the usual lease.
-            expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
+            identifiers=identifiers,
         )
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
@@ -231,6 +321,40 @@ def fetch(
         fields={name: creds.reveal(name) or "" for name in sorted(creds.names())},
         issued_at=now,
         expires_at=now + timedelta(seconds=lease_s),
+    )
+
+
+def _oauth(
+    access: oauth.OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    lease_s: int,
+    record: SealedRecord,
+    sealed: dict[str, str],
+    identifiers: dict[str, str],
+) -> Lease:
+    """An OAuth connection's current access token (refreshed first if it has expired)."""
+    tokens, version = oauth.current_tokens(
+        access,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        version=record.version,
+        public=record.public,
+        sealed=sealed,
+    )
+    issued = access.clock()
+    return Lease(
+        tenant_id=tenant_id,
+        provider=provider,
+        version=version,
+        fields={**identifiers, "access_token": tokens.access_token},
+        issued_at=issued,
+        # The lease is the token's own life: past it the provider refuses the token.
+        # A token that never expires (a Meta business token) gets the usual lease.
+        expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
     )
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Path, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.errors import Forbidden
@@ -30,7 +30,6 @@ from broker.events.schemas import (
     EventPage,
     EventView,
 )
-from broker.settings.service import own_tenant
 
 router = APIRouter(prefix="/v1/events", tags=["events"])
 tenant_router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])

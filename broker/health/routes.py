@@ -16,7 +16,14 @@ from broker.core import context
 from broker.core.config import Settings
 from broker.core.db import ping
 from broker.core.errors import BrokerError
-from broker.deps import EngineDep, SettingsDep, VaultDep, VaultThreadsDep
+from broker.deps import (
+    EngineDep,
+    LimiterDep,
+    SettingsDep,
+    StripeDep,
+    VaultDep,
+    VaultThreadsDep,
+)
 from broker.payments.platform import StripeAccess
 from broker.vault.gateway import VaultGateway
 
@@ -48,6 +55,8 @@ async def readyz(
     vault: VaultDep,
     vault_threads: VaultThreadsDep,
     settings: SettingsDep,
+    stripe: StripeDep,
+    limiter: LimiterDep,
 ) -> JSONResponse:
     """Whether credential operations can succeed now (Vault), and whether settings can (database).
 
@@ -58,11 +67,11 @@ async def readyz(
     """
     probes = _Probes()
     async with anyio.create_task_group() as checks:
-        checks.start_soon(_probe_vault_then_stripe, probes, request, vault, vault_threads, settings)
+        checks.start_soon(_probe_vault_then_stripe, probes, stripe, vault, vault_threads, settings)
         checks.start_soon(_probe_database, probes, engine)
     request.app.state.dependency_metrics.saw_vault(probes.vault)
     ready = probes.vault == "ok"
-    limits_shared = not request.app.state.limiter.degraded
+    limits_shared = not limiter.degraded
     database = probes.database
     status = "unavailable" if not ready else ("ready" if database and limits_shared else "degraded")
     body = {
@@ -89,7 +98,7 @@ class _Probes:
 
 async def _probe_vault_then_stripe(
     probes: _Probes,
-    request: Request,
+    stripe: StripeAccess,
     vault: VaultGateway,
     vault_threads: anyio.CapacityLimiter,
     settings: Settings,
@@ -107,7 +116,7 @@ async def _probe_vault_then_stripe(
     # A Vault read on a cache miss: bounded like the Vault probe, "unknown" past it.
     with anyio.move_on_after(settings.vault_retry_budget_s):
         probes.stripe = await anyio.to_thread.run_sync(
-            _stripe_state, request.app.state.stripe, limiter=vault_threads, abandon_on_cancel=True
+            _stripe_state, stripe, limiter=vault_threads, abandon_on_cancel=True
         )
 
 

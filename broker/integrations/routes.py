@@ -8,14 +8,13 @@ from typing import Annotated
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core import context
 from broker.core.errors import RateLimited
 from broker.core.http import problem_responses
-from broker.core.ratelimit import RateLimiter
-from broker.deps import EngineDep, SettingsDep, VaultDep
+from broker.deps import EngineDep, LimiterDep, OutboundDep, SettingsDep, VaultDep
 from broker.integrations import oauth, service
 from broker.integrations.providers import get_provider
 from broker.integrations.schemas import (
@@ -31,7 +30,6 @@ from broker.integrations.schemas import (
     VersionView,
 )
 from broker.leases import service as leases
-from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
@@ -54,11 +52,6 @@ CHANGED = "Changed concurrently; reload and retry"
 STALE = "If-Match did not match the current ETag"
 
 
-def _outbound(request: Request) -> service.Outbound:
-    outbound: service.Outbound = request.app.state.outbound
-    return outbound
-
-
 @router.get("", response_model=list[IntegrationView], responses=problem_responses({404: NO_TENANT}))
 def list_integrations(
     engine: EngineDep, vault: VaultDep, settings: SettingsDep, principal: Viewer
@@ -77,6 +70,7 @@ def save_credentials(
     provider: ProviderName,
     body: CredentialsWrite,
     request: Request,
+    outbound: OutboundDep,
     response: Response,
     engine: EngineDep,
     vault: VaultDep,
@@ -88,7 +82,7 @@ def save_credentials(
     row = service.save_credentials(
         engine,
         vault,
-        _outbound(request),
+        outbound,
         principal=principal,
         tenant_id=own_tenant(principal),
         provider=provider,
@@ -109,7 +103,7 @@ def save_credentials(
 )
 def check_credentials(
     provider: ProviderName,
-    request: Request,
+    outbound: OutboundDep,
     engine: EngineDep,
     vault: VaultDep,
     principal: Writer,
@@ -119,7 +113,7 @@ def check_credentials(
     result = service.run_connection_test(
         engine,
         vault,
-        _outbound(request),
+        outbound,
         principal=principal,
         tenant_id=own_tenant(principal),
         provider=provider,
@@ -193,13 +187,14 @@ def restore_version(
     settings: SettingsDep,
     principal: Writer,
     request: Request,
+    outbound: OutboundDep,
     if_match: IfMatch = None,
 ) -> IntegrationView:
     """Make an earlier version current again."""
     row = service.restore_version(
         engine,
         vault,
-        _outbound(request),
+        outbound,
         principal=principal,
         tenant_id=own_tenant(principal),
         provider=provider,
@@ -313,11 +308,12 @@ def embedded_signup(
         ),
     },
 )
-def finish_connect(provider: ProviderName, request: Request) -> RedirectResponse:
+def finish_connect(
+    provider: ProviderName, request: Request, limiter: LimiterDep
+) -> RedirectResponse:
     """Verify the provider's signed callback, store the tokens, redirect to the platform."""
     # A refused callback is a failed authentication: past the address's limit, forged
     # callbacks get a 429 before any work (or audit row) is spent on them.
-    limiter: RateLimiter = request.app.state.limiter
     ctx = context.current()
     key = f"addr:{ctx.client_addr if ctx else None}"
     if limiter.exceeded("auth_failures", key):

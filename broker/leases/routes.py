@@ -6,7 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request, Response
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
@@ -26,7 +26,6 @@ from broker.leases.schemas import (
     Subject,
     TenantRevoke,
 )
-from broker.settings.service import own_tenant
 from broker.tenants.schemas import TenantId
 
 router = APIRouter(tags=["leases"])

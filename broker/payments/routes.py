@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Path, Response
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import EngineDep, SessionDep, VaultDep
+from broker.deps import EngineDep, SessionDep, StripeDep, VaultDep
 from broker.models import PaymentProfile
 from broker.payments import service
-from broker.payments.platform import StripeAccess
 from broker.payments.schemas import (
     PAYMENT_METHOD_ID,
     PaymentMethodAdd,
@@ -22,7 +21,6 @@ from broker.payments.schemas import (
     PayoutView,
     SetupIntentView,
 )
-from broker.settings.service import own_tenant
 from broker.tenants import service as tenants
 
 router = APIRouter(prefix="/v1/tenants/settings", tags=["payments"])
@@ -35,11 +33,6 @@ NO_TENANT = problem_responses({404: "The token's tenant does not exist"})
 NO_METHOD = problem_responses({404: "No such payment method, or no such tenant"})
 # Routes that call Stripe: without a platform key they cannot work, and retrying won't help.
 NO_STRIPE = problem_responses({501: "Stripe is not configured (no platform key in Vault)"})
-
-
-def _stripe(request: Request) -> StripeAccess:
-    stripe: StripeAccess = request.app.state.stripe
-    return stripe
 
 
 @router.get("/payment-methods", response_model=list[PaymentMethodView], responses=NO_TENANT)
@@ -55,11 +48,11 @@ def list_payment_methods(session: SessionDep, principal: FinanceViewer) -> list[
     responses=NO_TENANT | NO_STRIPE,
 )
 def create_setup_intent(
-    request: Request, engine: EngineDep, principal: FinanceManager
+    engine: EngineDep, stripe: StripeDep, principal: FinanceManager
 ) -> SetupIntentView:
     """A SetupIntent client secret, so Stripe.js tokenizes the card in the browser."""
     intent = service.create_setup_intent(
-        engine, _stripe(request), principal=principal, tenant_id=own_tenant(principal)
+        engine, stripe, principal=principal, tenant_id=own_tenant(principal)
     )
     return SetupIntentView(id=intent.id, client_secret=intent.client_secret)
 
@@ -74,12 +67,12 @@ def create_setup_intent(
     | NO_STRIPE,
 )
 def add_payment_method(
-    body: PaymentMethodAdd, request: Request, engine: EngineDep, principal: FinanceManager
+    body: PaymentMethodAdd, engine: EngineDep, stripe: StripeDep, principal: FinanceManager
 ) -> PaymentMethodView:
     """Attach a tokenized card (`pm_...`) to the tenant; the first becomes the default."""
     method = service.add_method(
         engine,
-        _stripe(request),
+        stripe,
         principal=principal,
         tenant_id=own_tenant(principal),
         payment_method_id=body.payment_method_id,
@@ -93,12 +86,12 @@ def add_payment_method(
     responses=NO_METHOD | NO_STRIPE,
 )
 def set_default_payment_method(
-    method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
+    method_id: MethodId, engine: EngineDep, stripe: StripeDep, principal: FinanceManager
 ) -> PaymentMethodView:
     """Make this card the default, also as the card Stripe Billing charges."""
     method = service.set_default(
         engine,
-        _stripe(request),
+        stripe,
         principal=principal,
         tenant_id=own_tenant(principal),
         method_id=method_id,
@@ -113,12 +106,12 @@ def set_default_payment_method(
     responses=NO_METHOD | NO_STRIPE,
 )
 def delete_payment_method(
-    method_id: MethodId, request: Request, engine: EngineDep, principal: FinanceManager
+    method_id: MethodId, engine: EngineDep, stripe: StripeDep, principal: FinanceManager
 ) -> Response:
     """Detach the card in Stripe and remove it; the default moves to another card."""
     service.remove_method(
         engine,
-        _stripe(request),
+        stripe,
         principal=principal,
         tenant_id=own_tenant(principal),
         method_id=method_id,

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request, Response
+from fastapi import APIRouter, Header, Response
 
-from broker.auth.dependencies import require
+from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import SessionDep
-from broker.integrations.egress import EgressClient
+from broker.deps import OutboundDep, SessionDep
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
 
@@ -25,12 +24,6 @@ SettingsWriter = Annotated[
 ]
 
 
-def _egress(request: Request) -> EgressClient:
-    """The guarded client whose policy also judges the URLs stored in settings."""
-    client: EgressClient = request.app.state.outbound.client
-    return client
-
-
 @router.get(
     "",
     response_model=SettingsView,
@@ -40,7 +33,7 @@ def read_settings(
     session: SessionDep, principal: SettingsReader, response: Response
 ) -> SettingsView:
     """The caller's tenant settings. Never contains a credential."""
-    row = service.get_settings(session, tenant_id=service.own_tenant(principal))
+    row = service.get_settings(session, tenant_id=own_tenant(principal))
     response.headers["ETag"] = service.etag(row)
     response.headers["Cache-Control"] = "private, no-cache"
     return service.to_view(row)
@@ -60,7 +53,7 @@ def patch_settings(
     body: SettingsPatch,
     session: SessionDep,
     principal: SettingsWriter,
-    request: Request,
+    outbound: OutboundDep,
     response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SettingsView:
@@ -68,10 +61,11 @@ def patch_settings(
     row = service.patch_settings(
         session,
         principal=principal,
-        tenant_id=service.own_tenant(principal),
+        tenant_id=own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
         if_match=if_match,
-        egress=_egress(request),
+        # The guarded client's policy also judges the URLs stored in settings.
+        egress=outbound.client,
     )
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)

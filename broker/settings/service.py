@@ -11,7 +11,6 @@ from sqlmodel import Session, select
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.errors import (
-    Forbidden,
     NotFound,
     PreconditionFailed,
     UpstreamUnavailable,
@@ -44,13 +43,6 @@ def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
     for name in SETTINGS_GROUPS:
         setattr(row, name, default_group(name))
     return row
-
-
-def own_tenant(principal: Principal) -> str:
-    """The tenant a user token acts in; a token without one cannot reach tenant settings."""
-    if principal.tenant_id is None:
-        raise Forbidden("this token names no tenant")
-    return principal.tenant_id
 
 
 def etag(row: TenantSettings) -> str:

@@ -77,11 +77,10 @@ def hs256(payload: dict[str, Any], secret: str = SECRET) -> str:
 
 
 def pem(private_key: Any) -> str:
-    return (
-        private_key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
+    encoded: bytes = private_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return encoded.decode()
 
 
 def hs_verifier(cls: type[TokenVerifier] = TokenVerifier, **overrides: Any) -> TokenVerifier:

@@ -6,6 +6,7 @@ by another transaction, and a private PostgreSQL paused with SIGSTOP.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -37,7 +38,7 @@ SLACK_S = 20.0
 
 def _app(settings: Settings, engine: Engine, **overrides: Any) -> TestClient:
     values = settings.model_dump() | overrides
-    own = Settings(_env_file=None, **values)  # type: ignore[call-arg]
+    own = Settings(_env_file=None, **values)
     return TestClient(create_app(own, engine=engine, vault=VaultGateway.from_settings(own)))
 
 
@@ -194,6 +195,37 @@ def paused(pid: int) -> Iterator[None]:
                 os.kill(member, signal.SIGCONT)
 
 
+def _finished(thread: threading.Thread) -> bool:
+    """True when `thread` ends within the slack (it is left running otherwise)."""
+    thread.join(SLACK_S)
+    return not thread.is_alive()
+
+
+def _tenant_with_openai(client: TestClient) -> tuple[str, dict[str, str]]:
+    """A new tenant with OpenAI credentials stored; and its admin's Authorization header."""
+    tenant = make_tenant(client)
+    admin = bearer(token("tenant:admin", tenant_id=tenant))
+    saved = client.put(
+        "/v1/tenants/settings/integrations/openai",
+        json={"fields": dict(VALID["openai"]), "skip_connection_test": True},
+        headers=admin,
+    )
+    assert saved.status_code == 200, saved.text
+    return tenant, admin
+
+
+def _assert_bounded_503s(stalled: list[tuple[threading.Thread, list[Any]]]) -> None:
+    """Every stalled settings request was answered: a 200, or a 503 with Retry-After."""
+    statuses = {result[0].status_code for _, result in stalled}
+    assert statuses <= {200, 503}, statuses
+    assert 503 in statuses
+    assert all(
+        int(result[0].headers["retry-after"]) > 0
+        for _, result in stalled
+        if result[0].status_code == 503
+    )
+
+
 def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
     settings: Settings, own_postgres: tuple[int, str]
 ) -> None:
@@ -202,15 +234,9 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
         url, DatabaseBounds(statement_timeout_s=1.0, pool_timeout_s=1.0, connect_timeout_s=2)
     )
     with _app(settings, engine, database_url=url) as client:
-        tenant = make_tenant(client)
-        admin = bearer(token("tenant:admin", tenant_id=tenant))
-        saved = client.put(
-            "/v1/tenants/settings/integrations/openai",
-            json={"fields": dict(VALID["openai"]), "skip_connection_test": True},
-            headers=admin,
-        )
-        assert saved.status_code == 200, saved.text
+        tenant, admin = _tenant_with_openai(client)
         service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
+        rogue = bearer(token("credentials:read", kind="service", tenants=("other",)))
         assert client.get(f"/v1/credentials/{tenant}/openai", headers=service).status_code == 200
         with paused(pid):
             # More settings requests than the shared worker threads (40), so
@@ -222,24 +248,19 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
             fetch, fetched = _in_thread(
                 lambda: client.get(f"/v1/credentials/{tenant}/openai", headers=service)
             )
-            rogue = bearer(token("credentials:read", kind="service", tenants=("other",)))
             refusal, refused = _in_thread(
                 lambda: client.get(f"/v1/credentials/{tenant}/openai", headers=rogue)
             )
             probe, probed = _in_thread(lambda: client.get("/readyz"))
-            fetch.join(SLACK_S)
-            fetched_while_paused = not fetch.is_alive()
-            probe.join(SLACK_S)
-            probed_while_paused = not probe.is_alive()
-            refusal.join(SLACK_S)
-            refused_while_paused = not refusal.is_alive()
-            for thread, _ in stalled:
-                thread.join(SLACK_S)
-            answered_while_paused = sum(not thread.is_alive() for thread, _ in stalled)
+            fetched_while_paused = _finished(fetch)
+            probed_while_paused = _finished(probe)
+            refused_while_paused = _finished(refusal)
+            answered_while_paused = sum(_finished(thread) for thread, _ in stalled)
         assert fetched_while_paused, "a credential fetch waited on the stopped database"
         assert fetched[0].status_code == 200
         assert fetched[0].json()["fields"]["api_key"] == VALID["openai"]["api_key"]
         assert refused_while_paused, "a refused fetch waited on the stopped database"
+        assert refused[0].status_code == 404
         # Degraded, not down: this replica still serves fetches.
         assert probed_while_paused, "readiness waited on the stopped database"
         assert probed[0].status_code == 200
@@ -250,16 +271,8 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
             "rate_limits": "ok",
             "stripe": "ok",
         }
-        assert refused[0].status_code == 404
         assert answered_while_paused == len(stalled), "settings requests hung through the stall"
-        statuses = {result[0].status_code for _, result in stalled}
-        assert statuses <= {200, 503}, statuses
-        assert 503 in statuses
-        assert all(
-            int(result[0].headers["retry-after"]) > 0
-            for _, result in stalled
-            if result[0].status_code == 503
-        )
+        _assert_bounded_503s(stalled)
         # The server is back: the next requests (on the same client) succeed.
         assert client.get("/v1/tenants/settings", headers=admin).status_code == 200
     engine.dispose()
@@ -272,16 +285,16 @@ def test_a_burst_of_concurrent_patches_on_one_tenant_all_succeed(
     engine = make_engine(database_url)
     with _app(settings, engine) as client:
         admin = bearer(token("tenant:admin", tenant_id=tenant))
-        burst = [
-            _in_thread(
-                lambda days=days: client.patch(
-                    "/v1/tenants/settings",
-                    json={"compliance_settings": {"data_retention_days": 30 + days}},
-                    headers=admin,
-                )
+
+        def patch(days: int) -> httpx.Response:
+            response: httpx.Response = client.patch(
+                "/v1/tenants/settings",
+                json={"compliance_settings": {"data_retention_days": 30 + days}},
+                headers=admin,
             )
-            for days in range(50)
-        ]
+            return response
+
+        burst = [_in_thread(functools.partial(patch, days)) for days in range(50)]
         for thread, _ in burst:
             thread.join(SLACK_S * 3)
     statuses = [result[0].status_code for _, result in burst]

@@ -7,9 +7,11 @@ unknown field by its position, never by its name.
 
 from __future__ import annotations
 
+import ast
 import logging
 import secrets
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+import broker.core
 from broker.models import AuditEvent
 from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 
@@ -286,3 +289,27 @@ def test_a_refused_request_id_never_reaches_vaults_audit_log(
     audit_log = vault_endpoint.audit_log.read_text()
     assert response.headers["x-request-id"] in audit_log
     assert incoming not in audit_log
+
+
+def _imports(source: Path) -> set[str]:
+    """The modules a Python file imports."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            found.add(node.module or "")
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def test_core_does_not_depend_on_the_audit_trail() -> None:
+    # The app wires the trail into core (install_error_handlers(record_refusal=...)):
+    # core stays below every domain folder.
+    core = Path(broker.core.__file__).parent
+    importers = [
+        f"{module.name}: {name}"
+        for module in sorted(core.glob("*.py"))
+        for name in sorted(_imports(module))
+        if name == "broker.audit" or name.startswith("broker.audit.")
+    ]
+    assert importers == []

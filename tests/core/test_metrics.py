@@ -28,7 +28,7 @@ def samples(client: TestClient) -> dict[str, list[tuple[dict[str, str], float]]]
 
 
 def value(found: dict[str, Any], name: str, **labels: str) -> float:
-    return sum(v for have, v in found.get(name, []) if labels.items() <= have.items())
+    return float(sum(v for have, v in found.get(name, []) if labels.items() <= have.items()))
 
 
 def test_metrics_cover_vault_stripe_limits_tokens_pool_and_process(
