@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from broker.audit.query import TrailQuery, in_window
+
 Outcome = Literal["allowed", "denied", "failed", "unknown"]
 
 # The audit device's HMAC prefix: values in `data`, tokens and accessors.
@@ -447,10 +449,19 @@ class Filters:
                 raise ValueError(f"{name} must be an aware datetime")
 
     def time_ok(self, when: datetime) -> bool:
-        """Inside [since, until]."""
-        if self.since is not None and when < self.since:
-            return False
-        return not (self.until is not None and when > self.until)
+        """Inside `[since, until)`, the window the broker's trail is queried with."""
+        return in_window(when, self.since, self.until)
+
+    def trail_query(self) -> TrailQuery:
+        """The same filters as a query over the broker's trail."""
+        return TrailQuery(
+            tenant=self.tenant,
+            actor=self.actor,
+            provider=self.provider,
+            outcome="denied" if self.denied else None,
+            since=self.since,
+            until=self.until,
+        )
 
     def matches(self, entry: VaultAuditEntry) -> bool:
         """True when the Vault call passes every filter.
