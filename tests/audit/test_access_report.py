@@ -33,7 +33,8 @@ def reporting(
 
 def fetch(client: TestClient, tenant: str, provider: str, *served: str) -> int:
     headers = bearer(token("credentials:read", kind="service", tenants=served, subject="sync"))
-    return client.get(f"/v1/credentials/{tenant}/{provider}", headers=headers).status_code
+    status: int = client.get(f"/v1/credentials/{tenant}/{provider}", headers=headers).status_code
+    return status
 
 
 def test_the_report_names_each_read_and_each_refusal_of_the_tenants_credentials(

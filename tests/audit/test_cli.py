@@ -300,7 +300,7 @@ def test_who_accessed_tenant_x_in_the_last_24_hours_in_one_command(scenario: Sce
     def line_of(request_id: str, needle: str) -> str:
         found = [line for line in lines if request_id in line and needle in line]
         assert found, f"no line for {request_id} with {needle!r}:\n{result.stdout}"
-        return found[0]
+        return str(found[0])
 
     save = line_of(s.save, f"secret/data/tenants/{s.tenant}/integrations/shopify")
     for word in ("vault", "user:alice", s.tenant, "testclient", "allowed"):
