@@ -26,6 +26,8 @@ from typing import Any, Literal
 from sqlalchemy import ColumnElement, case, func, literal, or_
 from sqlmodel import Session, col, select
 
+from broker.audit import trail
+from broker.auth.principal import Principal
 from broker.models import AuditEvent
 
 Outcome = Literal["success", "denied", "failed"]
@@ -137,3 +139,18 @@ def search(session: Session, query: TrailQuery) -> list[AuditEvent]:
     if query.limit is not None:
         statement = statement.limit(query.limit)
     return list(session.exec(statement))
+
+
+def read(session: Session, query: TrailQuery, *, principal: Principal) -> list[AuditEvent]:
+    """`search`, with the reading itself recorded in the trail (who read, with what filter)."""
+    events = search(session, query)
+    trail.record(
+        session,
+        action="audit.read",
+        resource="audit/events",
+        outcome="success",
+        principal=principal,
+        tenant_id=query.tenant,
+        detail={"returned": len(events)},
+    )
+    return events

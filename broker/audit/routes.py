@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from broker.audit import access, query, trail
+from broker.audit import access, query
 from broker.audit.query import Outcome, TrailQuery
 from broker.audit.schemas import AccessReportView, AccessRowView, AuditEventView
 from broker.auth.dependencies import require
@@ -71,16 +71,7 @@ def list_events(
         after_id=after_id,
         limit=limit,
     )
-    events = query.search(session, filters)
-    trail.record(
-        session,
-        action="audit.read",
-        resource="audit/events",
-        outcome="success",
-        principal=principal,
-        tenant_id=tenant_id,
-        detail={"returned": len(events)},
-    )
+    events = query.read(session, filters, principal=principal)
     return [AuditEventView.model_validate(e) for e in events]
 
 
