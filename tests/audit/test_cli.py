@@ -27,8 +27,10 @@ from broker.core.config import get_settings
 from broker.vault.bootstrap import create_policy_token
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 # Registered the way broker.cli registers it.
 root = typer.Typer()

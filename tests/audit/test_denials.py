@@ -15,7 +15,8 @@ from broker.auth.principal import Principal
 from broker.core.config import Settings
 from broker.models import AuditEvent
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, new_tenant_id, token
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import bearer, token
 
 
 def _events(engine: Engine, actor: str) -> list[AuditEvent]:

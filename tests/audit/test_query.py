@@ -21,7 +21,7 @@ from broker.audit.cli import audit_app
 from broker.audit.report import trail_row
 from broker.core.db import unit_of_work
 from broker.models import AuditEvent
-from tests.conftest import bearer, token
+from tests.support.tokens import bearer, token
 
 AUDITOR = bearer(token("audit:read", subject="query-parity"))
 T0 = datetime(2021, 6, 1, 12, 0, 0, tzinfo=UTC)

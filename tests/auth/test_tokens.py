@@ -32,8 +32,8 @@ from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.vault.gateway import VaultGateway
-from tests.conftest import make_tenant
-from tests.conftest import token as signed_token
+from tests.support.tenants import make_tenant
+from tests.support.tokens import token as signed_token
 
 SECRET = "unit-test-hs256-signing-key-0123456789abcdef"
 ISSUER = "tenant-secrets-broker"

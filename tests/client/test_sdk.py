@@ -43,8 +43,10 @@ from broker.client import (
     create_woo_service_for_tenant,
 )
 from broker.integrations.egress import EgressPolicy
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 CREDENTIALS_ROUTE = "/v1/credentials/{tenant_id}/{provider}"
 LEASE_S = 300  # the broker's default lease; no provider cap is lower

@@ -20,10 +20,10 @@ from broker.events.delivery import attempt_delivery
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.models import Event, WebhookDelivery, WebhookEndpoint
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, token
 from tests.fakes.providers import FakeProviders
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.integrations.test_routes import put, valid_fields
+from tests.support.tokens import bearer, token
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
 
 HOOKS = "/v1/webhooks"

@@ -30,17 +30,12 @@ from broker.integrations.oauth import callback_signature, due_for_refresh, refre
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, OAuthState, TenantSettings
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.integrations.test_canaries import _pg_dump
+from tests.support.apps import VaultEndpoint, make_settings, provider_overrides
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 CLIENT_ID = "canary-client-" + secrets.token_hex(8)
 CLIENT_SECRET = "shpss_canary" + secrets.token_hex(16)

@@ -27,8 +27,10 @@ from broker.devstack.openbao import free_port
 from broker.integrations.jobs import REFRESH_DUE, refresh_due_tokens
 from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import new_tenant_id
+from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 from tests.support.workers import Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,10 @@ from sqlalchemy import Engine, text
 
 from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
+from tests.support.apps import VaultEndpoint, app_through
 from tests.support.slowproxy import SlowProxy
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 from tests.support.workers import wait_for
 
 KV_WRITE = b"POST /v1/secret/data/"
