@@ -1,5 +1,7 @@
 """A local OpenID Connect provider on 127.0.0.1, for the console's production sign-in.
 
+from tests.support.loopback import LoopbackServer
+
 | GET  /.well-known/openid-configuration | discovery                                            |
 | GET  /jwks                             | the signing key (RS256)                              |
 | GET  /authorize                        | code flow; PKCE S256 required; 302 with code + state |
@@ -21,22 +23,27 @@ import secrets
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.support.loopback import LoopbackServer
+
 CODE_TTL_S = 60
 TOKEN_TTL_S = 3600
 
 
-class FakeOIDC:
+class FakeOIDC(LoopbackServer):
     """An OpenID Connect provider for one client; a context manager."""
 
+    thread_name = "fake-oidc"
+    join_handlers = False
+
     def __init__(self, *, client_id: str, client_secret: str, audience: str) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
         self.audience = audience
@@ -48,38 +55,15 @@ class FakeOIDC:
         self._kid = secrets.token_hex(8)
         self._codes: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> FakeOIDC:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
-        self._server = self._thread = None
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Discovery, authorize, token and JWKS, answered from this fake's state."""
+        return _make_handler(self)
 
     @property
     def issuer(self) -> str:
         """The provider's issuer URL (also its base URL)."""
-        if self._server is None:
-            raise RuntimeError("FakeOIDC is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.base_url
 
     def discovery(self) -> dict[str, Any]:
         return {

@@ -49,12 +49,12 @@ import string
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.fakes.stripe_js import ASSETS
+from tests.support.loopback import LoopbackServer
 
 UPSTREAM_DETAIL = "fake-stripe-internal-detail-8d41"
 """Planted in every 5xx and 429 body, so tests can prove it never reaches the caller."""
@@ -155,10 +155,13 @@ class _Failure:
     retry_after: str | None
 
 
-class FakeStripe:
+class FakeStripe(LoopbackServer):
     """Stripe's API for customers, payment methods and SetupIntents; a context manager."""
 
+    thread_name = "fake-stripe"
+
     def __init__(self, *, secret_key: str | None = None) -> None:
+        super().__init__()
         # Made up at runtime, so no realistic-looking key is committed.
         self.secret_key = secret_key or "sk_test_" + secrets.token_hex(16)
         # What a browser's Stripe.js uses: it may only create payment methods and confirm
@@ -166,7 +169,6 @@ class FakeStripe:
         self.publishable_key = "pk_test_" + secrets.token_hex(12)
         self.requests: list[StripeRequest] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._customers: dict[str, dict[str, Any]] = {}
         self._payment_methods: dict[str, dict[str, Any]] = {}
         self._setup_intents: dict[str, dict[str, Any]] = {}
@@ -176,9 +178,6 @@ class FakeStripe:
         self._failures: list[_Failure] = []
         self._delays: list[float] = []
         self._hang_up = False
-        self._port = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._holder: socket.socket | None = None
 
     def __repr__(self) -> str:
@@ -186,54 +185,16 @@ class FakeStripe:
 
     # ------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> FakeStripe:
-        self._stop.clear()
-        self._start(0)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Stripe's API, answered from this fake's state."""
+        return _make_handler(self)
 
     def close(self) -> None:
         """Stop serving; delayed answers are abandoned and every handler thread joined."""
-        self._stop.set()
-        self._stop_server()
+        super().close()
         if self._holder is not None:
             self._holder.close()
             self._holder = None
-
-    def _start(self, port: int) -> None:
-        server = _Server(("127.0.0.1", port), _make_handler(self))
-        self._port = server.server_address[1]
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-stripe",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-
-    def _stop_server(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.server_close()  # joins the handler threads (they are not daemonic)
-        thread.join(5)
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: what the SDK takes as its API base."""
-        if not self._port:
-            raise RuntimeError("FakeStripe is not running")
-        return f"http://127.0.0.1:{self._port}"
 
     @property
     def js_url(self) -> str:
@@ -362,7 +323,7 @@ class FakeStripe:
         if self._holder is not None:
             return
         port = self._port
-        self._stop_server()
+        self.unlisten()
         holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", port))
@@ -375,7 +336,7 @@ class FakeStripe:
         if self._holder is not None:
             self._holder.close()
             self._holder = None
-            self._start(self._port)
+            self.listen()
 
     # ------------------------------------------------------------- inspection
 
@@ -440,7 +401,7 @@ class FakeStripe:
             delay = self._delays.pop(0) if self._delays else None
         if hang_up:
             return None
-        if delay is not None and self._stop.wait(delay):
+        if delay is not None and self.stopping.wait(delay):
             return None
         if failure is not None:
             return _failure_answer(failure)
@@ -873,15 +834,6 @@ def _failure_answer(failure: _Failure) -> _Answer:
             f"Sorry, something went wrong on Stripe's end. ({UPSTREAM_DETAIL})",
         )
     return _Answer(answer.status, answer.body, headers)
-
-
-class _Server(ThreadingHTTPServer):
-    # Non-daemonic handler threads: server_close() joins them, so nothing outlives the
-    # fake.  Delays wait on the stop event, so joining is quick.
-    daemon_threads = False
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients hang up on purpose (timeouts); nothing to report
 
 
 def _make_handler(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:
