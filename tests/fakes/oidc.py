@@ -1,6 +1,6 @@
 """A local OpenID Connect provider on 127.0.0.1, for the console's production sign-in.
 
-from tests.support.loopback import LoopbackServer
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 | GET  /.well-known/openid-configuration | discovery                                            |
 | GET  /jwks                             | the signing key (RS256)                              |
@@ -24,13 +24,13 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler
-from typing import Any
+from typing import Any, ClassVar
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
-from tests.support.loopback import LoopbackServer
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 CODE_TTL_S = 60
 TOKEN_TTL_S = 3600
@@ -161,43 +161,48 @@ class FakeOIDC(LoopbackServer):
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self._kid})
 
 
+class _Handler(QuietHandler):
+    """Discovery, JWKS, authorize and token; `fake` is the FakeOIDC whose state answers."""
+
+    fake: ClassVar[FakeOIDC]
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path == "/.well-known/openid-configuration":
+            self._send(200, self.fake.discovery())
+        elif path == "/jwks":
+            self._send(200, self.fake.jwks())
+        elif path == "/authorize":
+            self._authorize(dict(urllib.parse.parse_qsl(query)))
+        else:
+            self._send(404, {"error": "not_found"})
+
+    def _authorize(self, params: dict[str, str]) -> None:
+        location = self.fake.authorize(params)
+        if location is None:
+            self._send(400, {"error": "invalid_request"})
+        else:
+            self._send(302, {}, {"Location": location})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+        if self.path != "/token":
+            self._send(404, {"error": "not_found"})
+            return
+        self._send(*self.fake.token(form, self.headers.get("Authorization", "")))
+
+
 def _make_handler(fake: FakeOIDC) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # codes and tokens
-
-        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Cache-Control", "no-store")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            path, _, query = self.path.partition("?")
-            if path == "/.well-known/openid-configuration":
-                self._send(200, fake.discovery())
-            elif path == "/jwks":
-                self._send(200, fake.jwks())
-            elif path == "/authorize":
-                location = fake.authorize(dict(urllib.parse.parse_qsl(query)))
-                if location is None:
-                    self._send(400, {"error": "invalid_request"})
-                else:
-                    self._send(302, {}, {"Location": location})
-            else:
-                self._send(404, {"error": "not_found"})
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-            if self.path != "/token":
-                self._send(404, {"error": "not_found"})
-                return
-            self._send(*fake.token(form, self.headers.get("Authorization", "")))
-
-    return Handler
+    return type("Handler", (_Handler,), {"fake": fake})
