@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.vault.gateway import VaultGateway
+from tests.support.loopback import Serving
 from tests.support.tenants import make_tenant
 from tests.support.tokens import token as signed_token
 
@@ -538,16 +538,10 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[JwksServer]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-    try:
+    # Stalled answers are not waited for when the test ends.
+    with Serving(Handler, join_handlers=False) as server:
+        state.url = f"{server.base_url}/.well-known/jwks.json"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def jwks_verifier(server: JwksServer, **overrides: Any) -> TokenVerifier:

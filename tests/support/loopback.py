@@ -105,3 +105,22 @@ class LoopbackServer:
     def base_url(self) -> str:
         """`http://127.0.0.1:<port>`."""
         return f"http://{HOST}:{self.port}"
+
+
+class Serving(LoopbackServer):
+    """A loopback server for a handler class a test defines itself.
+
+    with Serving(Handler) as server:
+        httpx.get(f"{server.base_url}/path")
+    """
+
+    def __init__(
+        self, handler: type[BaseHTTPRequestHandler], *, join_handlers: bool = True
+    ) -> None:
+        super().__init__()
+        self._handler = handler
+        self.join_handlers = join_handlers
+
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The test's own handler class."""
+        return self._handler
