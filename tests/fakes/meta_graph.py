@@ -27,7 +27,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.fakes.shopify_oauth import FakeClock
-from tests.support.loopback import LoopbackServer
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 CODE_TTL_S = 30
 SIXTY_DAYS_S = 60 * 24 * 3600
@@ -205,7 +205,7 @@ def _error(
 
 
 def _make_handler(fake: FakeMetaGraph) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         protocol_version = "HTTP/1.1"
         timeout = 5
 
@@ -214,16 +214,7 @@ def _make_handler(fake: FakeMetaGraph) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, status: int, body: Any) -> None:
             data = json.dumps(body).encode()
-            self.close_connection = True
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
+            self.answer(status, data, {"Content-Type": "application/json; charset=UTF-8"})
 
         def do_GET(self) -> None:
             path, _, raw = self.path.partition("?")

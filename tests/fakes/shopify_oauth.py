@@ -394,26 +394,16 @@ class _Handler(QuietHandler):
     def _shop(self) -> str:
         return (self.headers.get("Host") or "").split(":", 1)[0].lower()
 
-    def _reply(self, status: int, data: bytes, content_type: str, headers: dict[str, str]) -> None:
-        self.close_connection = True
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            pass
-
     def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(body).encode()
-        self._reply(status, data, "application/json; charset=utf-8", headers or {})
+        self.answer(
+            status, data, {"Content-Type": "application/json; charset=utf-8"} | (headers or {})
+        )
 
     def _page(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-        self._reply(status, text.encode(), "text/html; charset=utf-8", headers or {})
+        self.answer(
+            status, text.encode(), {"Content-Type": "text/html; charset=utf-8"} | (headers or {})
+        )
 
     def _signed_in_shop(self) -> str | None:
         """The shop whose admin this browser is signed in to (a cookie, as on Shopify)."""

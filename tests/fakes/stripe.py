@@ -871,7 +871,7 @@ class _Handler(QuietHandler):
     def do_GET(self) -> None:
         asset = ASSETS.get(self.path.split("?", 1)[0])
         if asset is not None:
-            self._reply(200, asset[1].encode(), {"Content-Type": asset[0]})
+            self.answer(200, asset[1].encode(), {"Content-Type": asset[0]})
         else:
             self._serve("GET")
 
@@ -892,20 +892,7 @@ class _Handler(QuietHandler):
         sent = {"Content-Type": "application/json", "Request-Id": _random_id("req_", 14)}
         if "stripe-version" in headers:
             sent["Stripe-Version"] = headers["stripe-version"]
-        self._reply(answer.status, json.dumps(answer.body).encode(), sent | answer.headers)
-
-    def _reply(self, status: int, payload: bytes, headers: dict[str, str]) -> None:
-        self.close_connection = True
-        try:
-            self.send_response(status)
-            for name, value in headers.items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(payload)))
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(payload)
-        except OSError:
-            pass  # the client gave up (a timeout test)
+        self.answer(answer.status, json.dumps(answer.body).encode(), sent | answer.headers)
 
 
 def _make_handler(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:

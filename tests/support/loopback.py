@@ -10,6 +10,7 @@ nothing it started outlives it. Handlers that wait (delays, held requests) wait 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
@@ -27,6 +28,20 @@ class QuietHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base's name
         pass
+
+    def answer(self, status: int, data: bytes, headers: Mapping[str, str] | None = None) -> None:
+        """Send one whole response and close the connection; a client that left is no error."""
+        self.close_connection = True
+        try:
+            self.send_response(status)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            pass  # the client gave up (a timeout test)
 
 
 class LoopbackServer:
