@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import sys
-import uuid
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType
@@ -21,7 +20,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from broker.audit.cli import audit_app
-from broker.auth.principal import Principal
+from broker.cli_support import database_url, describe_invalid, load_settings, operator
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.core.logging import configure_logging
 from broker.credential_health.cli import credentials_app
@@ -50,14 +49,6 @@ app.add_typer(shopify_app, name="shopify")
 app.add_typer(leases_app, name="leases")
 app.add_typer(credentials_app, name="credentials")
 log = logging.getLogger("broker.cli")
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _version(value: bool) -> None:
@@ -144,7 +135,7 @@ def dev(
     """Run the embedded default: OpenBao, PostgreSQL, bootstrap, demo tenant, API."""
     from broker.devstack.datadir import AlreadyRunning, DataDirLock
 
-    base = _settings()
+    base = load_settings()
     if base.env == "production":
         typer.echo("error: `broker dev` is for development; use `broker serve`", err=True)
         raise typer.Exit(2)
@@ -283,7 +274,7 @@ def serve() -> None:
     """Serve the API against the Vault and PostgreSQL given by configuration."""
     from broker.app import create_app
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
     _run(create_app(settings), host=settings.host, port=settings.port)
 
@@ -325,9 +316,9 @@ def worker(
 
     from broker.jobs.worker import run_worker
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    _database_url(settings)
+    database_url(settings)
     asyncio.run(run_worker(settings, queues=queue, concurrency=concurrency))
 
 
@@ -349,7 +340,7 @@ def token(
     # production image does not install.
     from broker.devstack.datadir import dev_signing_key
 
-    settings = _settings()
+    settings = load_settings()
     if settings.env == "production":
         typer.echo("error: tokens come from your identity provider in production", err=True)
         raise typer.Exit(2)
@@ -389,7 +380,7 @@ def bootstrap_command(
     from broker.vault.bootstrap import DEFAULT_POLICIES_DIR, bootstrap
     from broker.vault.gateway import VaultGateway
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
     gateway = VaultGateway.from_settings(settings)
     try:
@@ -408,26 +399,8 @@ def db_upgrade(revision: str = "head") -> None:
     """Apply database migrations."""
     from broker.core.db import upgrade
 
-    settings = _settings()
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(2)
-    upgrade(settings.database_url.get_secret_value(), revision)
+    upgrade(database_url(load_settings()), revision)
     typer.echo(f"database at {revision}")
-
-
-OPERATOR_SCOPES = frozenset({"platform:admin"})
-
-
-def _operator() -> Principal:
-    """The CLI acts as the operator running it; Vault's audit log names them."""
-    import getpass
-
-    from broker.core import context
-
-    principal = Principal(subject=f"cli:{getpass.getuser()}", kind="user", scopes=OPERATOR_SCOPES)
-    context.bind(context.RequestContext(request_id=f"cli-{uuid.uuid4()}", actor=principal.actor))
-    return principal
 
 
 @keys_app.command("rotate")
@@ -443,10 +416,10 @@ def keys_rotate(
     if bool(tenant) == all_tenants:
         typer.echo("error: give exactly one of --tenant T or --all", err=True)
         raise typer.Exit(2)
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    principal = _operator()
-    engine = make_engine(_database_url(settings))
+    principal = operator()
+    engine = make_engine(database_url(settings))
     vault = VaultGateway.from_settings(settings)
     totals = {"tenants": 0, "rewrapped": 0, "already_current": 0, "failed": 0}
     try:
@@ -482,10 +455,10 @@ def keys_backfill() -> None:
     from broker.tenants.keys import backfill_keys
     from broker.vault.gateway import VaultGateway
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    _operator()
-    engine = make_engine(_database_url(settings))
+    operator()
+    engine = make_engine(database_url(settings))
     vault = VaultGateway.from_settings(settings)
     try:
         created = backfill_keys(engine, vault)
@@ -493,13 +466,6 @@ def keys_backfill() -> None:
         vault.close()
         engine.dispose()
     typer.echo(json.dumps({"created": created}))
-
-
-def _database_url(settings: Settings) -> str:
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(2)
-    return settings.database_url.get_secret_value()
 
 
 def main() -> None:
@@ -541,11 +507,7 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, ConfigurationError):
         return str(exc)
     if isinstance(exc, ValidationError):
-        problems = "; ".join(
-            f"BROKER_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
-            for e in exc.errors(include_input=False, include_url=False)
-        )
-        return f"invalid configuration: {problems}"
+        return describe_invalid(exc)
     if isinstance(exc, SQLAlchemyError):
         # Never the driver's text: it may quote the URL or a statement's values.
         return (

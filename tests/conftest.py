@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,27 +24,21 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from broker.app import create_app
-from broker.auth.tokens import mint_token
 from broker.core.config import Settings
 from broker.core.db import make_engine, upgrade
-from broker.vault.bootstrap import bootstrap, create_policy_token
+from broker.vault.bootstrap import create_policy_token
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
 from tests.fakes.stripe import FakeStripe
 from tests.support import containers
-
-TEST_SIGNING_KEY = "test-signing-key-" + uuid.uuid4().hex
-ISSUER = "tenant-secrets-broker"
-AUDIENCE = "tenant-secrets-broker"
-
-
-@dataclass(frozen=True)
-class VaultEndpoint:
-    """A real Vault/OpenBao the tests may use, with a privileged token."""
-
-    addr: str
-    root_token: str
-    audit_log: Path | None
+from tests.support.apps import (
+    OAUTH_SETTINGS,
+    VaultEndpoint,
+    bootstrap_vault,
+    make_settings,
+    provider_overrides,
+)
+from tests.support.tenants import make_tenant
 
 
 @pytest.fixture(scope="session")
@@ -53,29 +46,21 @@ def vault_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEn
     """A bootstrapped Vault for the whole session."""
     if os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN"):
         endpoint = VaultEndpoint(os.environ["VAULT_ADDR"], os.environ["VAULT_TOKEN"], None)
-        _bootstrap(endpoint)
+        bootstrap_vault(endpoint)
         yield endpoint
         return
     if containers.requested():
         with containers.openbao() as (addr, token):
             endpoint = VaultEndpoint(addr, token, None)
-            _bootstrap(endpoint)
+            bootstrap_vault(endpoint)
             yield endpoint
         return
     from broker.devstack.openbao import OpenBaoServer
 
     with OpenBaoServer(tmp_path_factory.mktemp("openbao"), ephemeral=True) as bao:
         endpoint = VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path)
-        _bootstrap(endpoint)
+        bootstrap_vault(endpoint)
         yield endpoint
-
-
-def _bootstrap(endpoint: VaultEndpoint) -> None:
-    admin = VaultGateway(addrs=[endpoint.addr], token=endpoint.root_token)
-    try:
-        bootstrap(admin)
-    finally:
-        admin.close()
 
 
 @pytest.fixture(scope="session")
@@ -131,30 +116,6 @@ def engine(database_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
-def make_settings(
-    vault_endpoint: VaultEndpoint, token: str, database_url: str, **overrides: Any
-) -> Settings:
-    """Test settings: real Vault and database, the test signing key."""
-    values: dict[str, Any] = {
-        "env": "test",
-        "database_url": database_url,
-        "vault_addrs": [vault_endpoint.addr],
-        "vault_token": token,
-        "jwt_hs256_secret": TEST_SIGNING_KEY,
-        "jwt_issuer": ISSUER,
-        "jwt_audience": AUDIENCE,
-        "retry_after_s": 2,
-        # The suite sends far more from one address than any real caller;
-        # the rate-limit tests build their own apps with tight limits.
-        "rate_limit_fetch": "100000/minute",
-        "rate_limit_write": "100000/minute",
-        "rate_limit_auth_failures": "100000/hour",
-        "rate_limit_denials": "100000/minute",
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
 @pytest.fixture(scope="session")
 def providers() -> Iterator[FakeProviders]:
     """Local stand-ins for Twilio, WooCommerce, Shopify, WhatsApp and OpenAI."""
@@ -167,19 +128,6 @@ def _reset_providers(request: pytest.FixtureRequest) -> Iterator[None]:
     yield
     if "providers" in request.fixturenames:
         request.getfixturevalue("providers").reset()
-
-
-def provider_overrides(fake: FakeProviders) -> dict[str, Any]:
-    """Settings that point connection tests at the fake providers on loopback."""
-    return {
-        "egress_allow_http": True,
-        "egress_allow_loopback": True,
-        "egress_timeout_s": 2.0,
-        "twilio_base_url": fake.base_url,
-        "openai_base_url": fake.base_url,
-        "graph_base_url": fake.base_url,
-        "shopify_base_url": fake.base_url,
-    }
 
 
 @pytest.fixture(scope="session")
@@ -208,12 +156,6 @@ def meta_app(vault_admin: VaultGateway) -> None:
         {"client_id": "100000000000000", "client_secret": uuid.uuid4().hex},
         cas=None,
     )
-
-
-OAUTH_SETTINGS: dict[str, Any] = {
-    "oauth_redirect_base_url": "https://broker.platform.test",
-    "oauth_return_urls": ["https://app.platform.test/settings/integrations"],
-}
 
 
 @pytest.fixture(scope="session")
@@ -257,102 +199,14 @@ def client(app: Any) -> Iterator[TestClient]:
     return TestClient(app, raise_server_exceptions=False)
 
 
-def token(
-    *scopes: str,
-    tenant_id: str | None = None,
-    kind: str = "user",
-    tenants: tuple[str, ...] = (),
-    subject: str = "alice",
-    key: str = TEST_SIGNING_KEY,
-    audience: str | None = AUDIENCE,
-    issuer: str = ISSUER,
-    ttl_s: int = 3600,
-    not_before_s: int = 0,
-) -> str:
-    """A signed test token.
-
-    Valid for an hour by default: modules mint some at import, and a loaded machine may
-    take well over ten minutes to reach their tests.
-    """
-    return mint_token(
-        key,
-        subject=subject,
-        scopes=scopes,
-        issuer=issuer,
-        audience=audience,
-        tenant_id=tenant_id,
-        kind=kind,
-        tenants=tenants,
-        ttl_s=ttl_s,
-        not_before_s=not_before_s,
-    )
-
-
-def bearer(jwt: str) -> dict[str, str]:
-    """An Authorization header."""
-    return {"Authorization": f"Bearer {jwt}"}
-
-
-def new_tenant_id(prefix: str = "t") -> str:
-    """A tenant id no other test uses."""
-    return f"{prefix}-{uuid.uuid4().hex[:12]}"
-
-
-def make_tenant(client: TestClient, tenant_id: str | None = None, **overrides: Any) -> str:
-    """Create a tenant through the API, as a platform admin would."""
-    tenant_id = tenant_id or new_tenant_id()
-    body = {"id": tenant_id, "name": f"Shop {tenant_id}", **overrides}
-    response = client.post(
-        "/v1/tenants", json=body, headers=bearer(token("platform:admin", subject="ops"))
-    )
-    assert response.status_code == 201, response.text
-    return tenant_id
-
-
 @pytest.fixture
 def own_bao(tmp_path: Path) -> Iterator[Any]:
     """A bootstrapped OpenBao that only this test uses, so it may seal, throttle or kill it."""
     from broker.devstack.openbao import OpenBaoServer
 
     with OpenBaoServer(tmp_path, ephemeral=True) as bao:
-        _bootstrap(VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path))
+        bootstrap_vault(VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path))
         yield bao
-
-
-def app_on(
-    bao: Any, database_url: str, engine: Engine, providers: FakeProviders | None = None
-) -> TestClient:
-    """A client for an app whose Vault is `bao`, with a broker-policy token, on the shared DB."""
-    admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
-    try:
-        broker_token = create_policy_token(admin, "broker")
-    finally:
-        admin.close()
-    overrides = provider_overrides(providers) if providers else {}
-    settings = make_settings(
-        VaultEndpoint(bao.addr, bao.root_token, None), broker_token, database_url, **overrides
-    )
-    return TestClient(
-        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
-    )
-
-
-def app_through(
-    vault_addr: str,
-    broker_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders | None = None,
-    **overrides: Any,
-) -> TestClient:
-    """A client for an app whose Vault calls go to `vault_addr` (a fault proxy, say)."""
-    extra = provider_overrides(providers) if providers else {}
-    settings = make_settings(
-        VaultEndpoint(vault_addr, "", None), broker_token, database_url, **extra, **overrides
-    )
-    return TestClient(
-        create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
-    )
 
 
 @pytest.fixture

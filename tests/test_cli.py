@@ -9,6 +9,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 import broker
 from broker.vault.bootstrap import DEFAULT_POLICIES_DIR
 
@@ -78,3 +80,64 @@ def test_bootstrap_policies_are_package_data() -> None:
         assert any(fnmatch.fnmatch(relative, p) for p in patterns), relative
     # The repository's policies/ is the same files, for the README's and compose's paths.
     assert (ROOT / "policies").resolve() == DEFAULT_POLICIES_DIR
+
+
+def test_every_command_group_needing_the_database_says_so_the_same_way(tmp_path: Path) -> None:
+    commands = [
+        ("keys", "backfill"),
+        ("leases", "sweep"),
+        ("credentials", "report"),
+        ("shopify", "migrate-expiring", "--all"),
+        ("db", "upgrade"),
+    ]
+    for command in commands:
+        result = _broker(tmp_path, *command)
+        assert (result.returncode, result.stderr) == (
+            2,
+            "error: BROKER_DATABASE_URL is not set\n",
+        ), command
+
+
+def test_the_operator_acts_as_the_platform_and_is_named_on_its_calls(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import contextvars
+    import getpass
+
+    from broker.cli_support import OPERATOR_SCOPES, operator
+    from broker.core import context
+
+    monkeypatch.setattr(getpass, "getuser", lambda: "ops-anna")
+    principal, bound = contextvars.Context().run(
+        lambda: (operator(action="keys.rotate"), context.current())
+    )
+    assert OPERATOR_SCOPES == {"platform:admin"}
+    assert principal.scopes == OPERATOR_SCOPES
+    assert not principal.has("tenant:admin")
+    assert principal.actor == "user:cli:ops-anna"
+    assert bound is not None
+    assert (bound.actor, bound.action) == ("user:cli:ops-anna", "keys.rotate")
+    assert bound.request_id.startswith("cli-")
+
+
+def test_a_bad_setting_is_named_but_its_value_never_printed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import typer
+
+    from broker.cli_support import load_settings
+    from broker.core.config import get_settings
+
+    secret = "sk_live_" + "P4" * 12
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BROKER_PORT", secret)
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(typer.Exit) as exited:
+            load_settings()
+    finally:
+        get_settings.cache_clear()
+    assert exited.value.exit_code == 2
+    err = capsys.readouterr().err
+    assert "BROKER_PORT" in err
+    assert secret not in err

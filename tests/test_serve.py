@@ -17,7 +17,7 @@ from sqlmodel import Session, select
 from broker.core.config import Settings
 from broker.devstack.openbao import free_port
 from broker.models import AuditEvent
-from tests.conftest import TEST_SIGNING_KEY, bearer, token
+from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 
 STARTUP_DEADLINE_S = 60
 

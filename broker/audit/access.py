@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from broker.audit import trail, vault_log
+from broker.audit.query import TrailQuery, search
 from broker.audit.report import format_time
 from broker.audit.vault_log import resource_tenant_and_provider
 from broker.auth.principal import Principal
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
-from broker.models import AuditEvent
 
 Via = Literal["broker", "vault"]
 CSV_COLUMNS = ("time", "provider", "actor", "via", "action", "from_addr", "outcome", "request_id")
@@ -89,7 +89,7 @@ def build(
     since: datetime | None = None,
     until: datetime | None = None,
 ) -> AccessReport:
-    """The tenant's access report for [since, until]."""
+    """The tenant's access report for `[since, until)`."""
     filters = vault_log.Filters(tenant=tenant_id, provider=provider, since=since, until=until)
     rows: list[AccessRow] = []
     vault_read = bool(paths)
@@ -131,23 +131,14 @@ def _refused_fetches(
     until: datetime | None,
 ) -> list[AccessRow]:
     """Fetches of the tenant's credentials the broker refused before Vault saw them."""
+    refused = TrailQuery(
+        tenant=tenant_id, provider=provider, action="credentials.fetch", since=since, until=until
+    )
     with Session(engine) as session:
-        query = (
-            select(AuditEvent)
-            .where(AuditEvent.action == "credentials.fetch")
-            .where(AuditEvent.tenant_id == tenant_id)
-            .where(col(AuditEvent.outcome) != "success")
-        )
-        if since is not None:
-            query = query.where(col(AuditEvent.at) >= since)
-        if until is not None:
-            query = query.where(col(AuditEvent.at) <= until)
-        events = list(session.exec(query.order_by(col(AuditEvent.at))))
+        events = [e for e in search(session, refused) if e.outcome != "success"]
     rows = []
     for event in events:
         _, event_provider = resource_tenant_and_provider(event.resource)
-        if provider is not None and event_provider != provider:
-            continue
         rows.append(
             AccessRow(
                 time=event.at,

@@ -12,9 +12,7 @@ command's name.
 from __future__ import annotations
 
 import contextvars
-import getpass
 import sys
-import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
@@ -27,7 +25,8 @@ from typer.core import TyperGroup
 from broker.audit import vault_log
 from broker.audit.report import TimelineRow, render, timeline
 from broker.audit.vault_log import Filters, ReadStats
-from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.cli_support import configured_database_url, fail, load_settings, operator
+from broker.core.config import ConfigurationError
 
 _HELP = """\
 Audit reports for the security team: who touched which tenant's secrets, when,
@@ -94,20 +93,6 @@ FormatOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    typer.echo(f"error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        raise _fail(str(exc), 2) from None
-    except ValueError as exc:  # pydantic's ValidationError
-        raise _fail(f"invalid configuration: {exc}", 2) from None
-
-
 def _when(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
@@ -121,19 +106,19 @@ def _log_paths(logs: Sequence[Path] | None, *, name_missing: bool = True) -> lis
     if logs:
         missing = [str(path) for path in logs if not path.is_file()]
         if missing and name_missing:
-            raise _fail(f"no such audit log: {', '.join(missing)}", 2)
+            raise fail(f"no such audit log: {', '.join(missing)}", 2)
         if missing:
             # find-value: a stray argument may be the secret itself; never echo it.
-            raise _fail(
+            raise fail(
                 f"{len(missing)} LOG argument(s) are not files; the value is read from stdin, "
                 "never from the command line",
                 2,
             )
         return list(logs)
-    data_dir = _settings().data_dir
+    data_dir = load_settings().data_dir
     found = vault_log.default_log_paths(data_dir)
     if not found:
-        raise _fail(
+        raise fail(
             f"no audit log under {data_dir / 'vault'}; name the files, "
             "e.g. broker audit /var/log/openbao/audit.log*",
             2,
@@ -215,17 +200,29 @@ def report_command(
     try:
         entries = vault_log.load(paths, filters, stats=stats)
     except OSError as exc:
-        raise _fail(f"cannot read the audit log: {exc}") from None
+        raise fail(f"cannot read the audit log: {exc}") from None
     _report_stats(stats)
 
-    url = None if no_trail else (database_url or _database_url_from_settings())
-    if url is None and not no_trail:
+    rows = _timeline(entries, _trail_url(database_url, no_trail=no_trail), filters)
+    _print_report(rows, fmt)
+
+
+def _trail_url(database_url: str | None, *, no_trail: bool) -> str | None:
+    """The database with the broker's trail: the option, else the configuration, else none."""
+    if no_trail:
+        return None
+    url = database_url or configured_database_url(load_settings())
+    if url is None:
         typer.echo(
             "note: no database (--database-url or BROKER_DATABASE_URL): "
             "Vault's audit log only, without the broker's trail",
             err=True,
         )
-    rows = _timeline(entries, url, filters)
+    return url
+
+
+def _print_report(rows: list[TimelineRow], fmt: OutputFormat) -> None:
+    """The rows on stdout; for people, a one-line summary on stderr."""
     if not rows:
         typer.echo("no matching entries", err=True)
         if fmt is not OutputFormat.table:
@@ -239,11 +236,6 @@ def report_command(
             f"{len(rows) - vault_count} broker events, {denied_count} denied",
             err=True,
         )
-
-
-def _database_url_from_settings() -> str | None:
-    settings = _settings()
-    return settings.database_url.get_secret_value() if settings.database_url else None
 
 
 def _timeline(
@@ -260,7 +252,7 @@ def _timeline(
         return timeline(entries, engine, filters)
     except SQLAlchemyError as exc:
         # Never print the URL: it may carry a password.
-        raise _fail(
+        raise fail(
             f"cannot read the broker's audit trail ({type(exc).__name__}); "
             "check BROKER_DATABASE_URL or use --no-trail"
         ) from None
@@ -279,42 +271,35 @@ def _read_secret() -> str:
     elif value.endswith("\n"):
         value = value[:-1]
     if not value:
-        raise _fail("no value on stdin; pipe it in, e.g. broker audit find-value < value.txt", 2)
+        raise fail("no value on stdin; pipe it in, e.g. broker audit find-value < value.txt", 2)
     return value
 
 
 def _audit_hash(device: str, value: str) -> str:
-    from broker.core import context
     from broker.core.errors import BrokerError
     from broker.vault.errors import VaultMisconfigured, VaultUnavailable
     from broker.vault.gateway import VaultGateway
 
-    settings = _settings()
+    settings = load_settings()
     gateway = VaultGateway.from_settings(settings)
 
     def call() -> str:
         # The lookup is itself audited: name who ran it.
-        context.bind(
-            context.RequestContext(
-                request_id=f"cli-{uuid.uuid4()}",
-                actor=f"user:cli:{getpass.getuser()}",
-                action="audit.find-value",
-            )
-        )
+        operator(action="audit.find-value")
         return gateway.audit_hash(device, value)
 
     try:
         # In a copy of the context, so the binding never outlives the call.
         return contextvars.copy_context().run(call)
     except VaultMisconfigured:
-        raise _fail(
+        raise fail(
             "Vault refused to hash the value: the token in BROKER_VAULT_TOKEN needs "
             f"the security-auditor policy (and {device!r} must be an enabled audit device)"
         ) from None
     except BrokerError as exc:
         unreachable = isinstance(exc, VaultUnavailable)
         hint = "" if unreachable else f"; is {device!r} an enabled audit device?"
-        raise _fail(f"{exc.message}{hint}") from None
+        raise fail(f"{exc.message}{hint}") from None
     finally:
         gateway.close()
 
@@ -353,12 +338,12 @@ def find_value_command(
     value = _read_secret()
     hmac = _audit_hash(device, value)
     if not hmac.startswith(vault_log.HMAC_PREFIX):
-        raise _fail("Vault returned an unexpected hash")
+        raise fail("Vault returned an unexpected hash")
     stats = ReadStats()
     try:
         entries = vault_log.load(paths, filters, stats=stats, where=vault_log.contains_text(hmac))
     except OSError as exc:
-        raise _fail(f"cannot read the audit log: {exc}") from None
+        raise fail(f"cannot read the audit log: {exc}") from None
     _report_stats(stats)
     if not include_lookups:
         entries = [e for e in entries if not e.path.startswith("sys/audit-hash/")]

@@ -20,15 +20,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import Engine, or_
+from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
-from broker.audit.vault_log import (
-    Filters,
-    VaultAuditEntry,
-    actor_matches,
-    resource_tenant_and_provider,
-)
+from broker.audit import query
+from broker.audit.vault_log import Filters, VaultAuditEntry, resource_tenant_and_provider
 from broker.models import AuditEvent
 
 Source = Literal["vault", "broker"]
@@ -132,51 +128,19 @@ def read_trail(
 ) -> list[AuditEvent]:
     """Broker trail events matching `filters`, or, with `request_ids`, those requests' events.
 
-    The filters that map onto columns are applied in SQL; `trail_matches`
-    applies all of them exactly afterwards.
+    The filters are the trail query's (`broker.audit.query`), the API's own semantics.
     """
     with Session(engine) as session:
         ids = sorted(set(request_ids))
-        if ids:
-            found: list[AuditEvent] = []
+        if not ids:
+            events = query.search(session, (filters or Filters()).trail_query())
+        else:
+            events = []
             for start in range(0, len(ids), _CHUNK):
                 chunk = ids[start : start + _CHUNK]
-                query = select(AuditEvent).where(col(AuditEvent.request_id).in_(chunk))
-                found.extend(session.exec(query).all())
-            return sorted(found, key=lambda e: (e.at, e.id or 0))
-        filters = filters or Filters()
-        query = select(AuditEvent)
-        if filters.since is not None:
-            query = query.where(col(AuditEvent.at) >= filters.since)
-        if filters.until is not None:
-            query = query.where(col(AuditEvent.at) <= filters.until)
-        if filters.tenant is not None:
-            query = query.where(
-                or_(
-                    col(AuditEvent.tenant_id) == filters.tenant,
-                    col(AuditEvent.resource).contains(
-                        f"tenants/{filters.tenant}/", autoescape=True
-                    ),
-                    col(AuditEvent.resource).contains(
-                        f"credentials/{filters.tenant}", autoescape=True
-                    ),
-                )
-            )
-        if filters.actor is not None:
-            if ":" in filters.actor:
-                query = query.where(col(AuditEvent.actor) == filters.actor)
-            else:
-                query = query.where(
-                    or_(
-                        col(AuditEvent.actor) == filters.actor,
-                        col(AuditEvent.actor).endswith(f":{filters.actor}", autoescape=True),
-                    )
-                )
-        if filters.denied:
-            query = query.where(col(AuditEvent.outcome) == "denied")
-        query = query.order_by(col(AuditEvent.at), col(AuditEvent.id))
-        events = list(session.exec(query).all())
-    return [event for event in events if trail_matches(filters, event)]
+                statement = select(AuditEvent).where(col(AuditEvent.request_id).in_(chunk))
+                events.extend(session.exec(statement).all())
+    return sorted(events, key=lambda e: (_aware(e.at), e.id or 0))
 
 
 def _trail_tenant_provider(event: AuditEvent) -> tuple[str | None, str | None]:
@@ -185,20 +149,6 @@ def _trail_tenant_provider(event: AuditEvent) -> tuple[str | None, str | None]:
     return tenant or event.tenant_id, provider or (
         detail_provider if isinstance(detail_provider, str) else None
     )
-
-
-def trail_matches(filters: Filters, event: AuditEvent) -> bool:
-    """True when a broker trail event passes every filter."""
-    if not filters.time_ok(_aware(event.at)):
-        return False
-    tenant, provider = _trail_tenant_provider(event)
-    if filters.tenant is not None and filters.tenant not in (tenant, event.tenant_id):
-        return False
-    if filters.actor is not None and not actor_matches(filters.actor, event.actor):
-        return False
-    if filters.provider is not None and provider != filters.provider:
-        return False
-    return not (filters.denied and event.outcome != "denied")
 
 
 def _aware(when: datetime) -> datetime:

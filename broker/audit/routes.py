@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
-from broker.audit import access, trail
+from broker.audit import access, query
+from broker.audit.query import Outcome, TrailQuery
 from broker.audit.schemas import AccessReportView, AccessRowView, AuditEventView
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
@@ -31,6 +32,12 @@ NO_NUL = r"^[^\x00]*$"
 MAX_EVENT_ID = 2**63 - 1
 
 
+def _known_provider(provider: str | None) -> None:
+    """Refuse a provider the broker does not know (without echoing it)."""
+    if provider is not None and provider not in PROVIDERS:
+        raise ValidationFailed(f"provider: one of {', '.join(PROVIDERS)}")
+
+
 @router.get("/events", response_model=list[AuditEventView])
 def list_events(
     session: SessionDep,
@@ -38,32 +45,32 @@ def list_events(
     # A tenant id's own shape: the filter is kept in the trail's record of this read.
     tenant_id: Annotated[str | None, Query(max_length=63, pattern=TENANT_ID_PATTERN)] = None,
     actor: Annotated[str | None, Query(max_length=200, pattern=NO_NUL)] = None,
-    outcome: Literal["success", "denied", "failed"] | None = None,
+    provider: Annotated[
+        str | None, Query(max_length=32, json_schema_extra={"enum": list(PROVIDERS)})
+    ] = None,
+    outcome: Outcome | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     after_id: Annotated[int | None, Query(ge=0, le=MAX_EVENT_ID)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditEventView]:
-    """Trail events, oldest first, filtered; page with `after_id`. Reading it is audited too."""
-    events = trail.search(
-        session,
-        tenant_id=tenant_id,
+    """Trail events in `[since, until)`, oldest first; page with `after_id`. Reading is audited.
+
+    `tenant_id` also matches events whose resource names the tenant; a bare `actor`
+    (`alice`) matches any kind (`user:alice`, `service:alice`), as `broker audit` does.
+    """
+    _known_provider(provider)
+    filters = TrailQuery(
+        tenant=tenant_id,
         actor=actor,
+        provider=provider,
         outcome=outcome,
         since=since,
         until=until,
         after_id=after_id,
         limit=limit,
     )
-    trail.record(
-        session,
-        action="audit.read",
-        resource="audit/events",
-        outcome="success",
-        principal=principal,
-        tenant_id=tenant_id,
-        detail={"returned": len(events)},
-    )
+    events = query.read(session, filters, principal=principal)
     return [AuditEventView.model_validate(e) for e in events]
 
 
@@ -88,13 +95,8 @@ async def access_report(
     From the broker's trail joined with Vault's audit log. Producing it is audited.
     """
     tenant_id = own_tenant(principal)
-    if provider is not None and provider not in PROVIDERS:
-        raise ValidationFailed(f"provider: one of {', '.join(PROVIDERS)}")
-    # A time without a zone is read as UTC, like every time the broker writes.
-    since, until = (
-        when.replace(tzinfo=UTC) if when is not None and when.tzinfo is None else when
-        for when in (since, until)
-    )
+    _known_provider(provider)
+    since, until = query.as_utc(since), query.as_utc(until)
     report = await run_in_threadpool(
         access.build,
         engine,

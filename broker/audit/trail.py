@@ -13,12 +13,11 @@ import logging
 import re
 import threading
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Literal
 
 import anyio
 from sqlalchemy import Engine
-from sqlmodel import Session, col, select
+from sqlmodel import Session
 
 from broker.auth.principal import Principal
 from broker.core import context
@@ -215,31 +214,3 @@ async def settle(done: threading.Event, *, within_s: float) -> None:
     with anyio.move_on_after(within_s):
         while not done.is_set():
             await anyio.sleep(0.005)
-
-
-def search(
-    session: Session,
-    *,
-    tenant_id: str | None = None,
-    actor: str | None = None,
-    outcome: str | None = None,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    after_id: int | None = None,
-    limit: int = 100,
-) -> list[AuditEvent]:
-    """Events matching every given filter, oldest first."""
-    query = select(AuditEvent).order_by(col(AuditEvent.id)).limit(limit)
-    if tenant_id is not None:
-        query = query.where(AuditEvent.tenant_id == tenant_id)
-    if actor is not None:
-        query = query.where(AuditEvent.actor == actor)
-    if outcome is not None:
-        query = query.where(AuditEvent.outcome == outcome)
-    if since is not None:
-        query = query.where(col(AuditEvent.at) >= since)
-    if until is not None:
-        query = query.where(col(AuditEvent.at) < until)
-    if after_id is not None:
-        query = query.where(col(AuditEvent.id) > after_id)
-    return list(session.exec(query))

@@ -24,6 +24,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from broker.audit.query import TrailQuery, in_window
+
 Outcome = Literal["allowed", "denied", "failed", "unknown"]
 
 # The audit device's HMAC prefix: values in `data`, tokens and accessors.
@@ -276,6 +278,35 @@ def _policy_allowed(entry: Mapping[str, Any]) -> bool | None:
     return allowed if isinstance(allowed, bool) else None
 
 
+def _outcome(
+    request: Mapping[str, Any] | None, response: Mapping[str, Any] | None
+) -> tuple[Outcome, str | None]:
+    """How one call ended (allowed, denied, failed, unknown) and Vault's error, if any."""
+    primary = response or request or {}
+    error = _error_of(response) if response else None
+    error = error or (_error_of(request) if request else None)
+    status = _status_of(response) if response else None
+    policy_allowed = _policy_allowed(primary)
+    if request is not None and policy_allowed is None:
+        policy_allowed = _policy_allowed(request)
+    if (
+        is_permission_denied(error)
+        or policy_allowed is False
+        or (status is not None and status in (401, 403))
+    ):
+        return "denied", error
+    if response is None:
+        return "unknown", error
+    if error is not None or (status is not None and status >= 400):
+        return "failed", error
+    return "allowed", error
+
+
+def _text(holder: Mapping[str, Any], key: str) -> str | None:
+    value = holder.get(key)
+    return value if isinstance(value, str) else None
+
+
 def build_entry(
     request: Mapping[str, Any] | None, response: Mapping[str, Any] | None
 ) -> VaultAuditEntry | None:
@@ -284,38 +315,16 @@ def build_entry(
     if primary is None:
         return None
     req = _mapping(primary.get("request"))
-    vault_id = req.get("id")
-    path = req.get("path")
+    vault_id, path = _text(req, "id"), _text(req, "path")
     when = parse_time((request or primary).get("time"))
-    if not isinstance(vault_id, str) or not isinstance(path, str) or when is None:
+    if vault_id is None or path is None or when is None:
         return None
     headers = _mapping(req.get("headers"))
     auth = _mapping(primary.get("auth"))
-    error = _error_of(response) if response else None
-    error = error or (_error_of(request) if request else None)
-    status = _status_of(response) if response else None
-    policy_allowed = _policy_allowed(primary)
-    if request is not None and policy_allowed is None:
-        policy_allowed = _policy_allowed(request)
-
-    denied = (
-        is_permission_denied(error)
-        or policy_allowed is False
-        or (status is not None and status in (401, 403))
-    )
-    outcome: Outcome
-    if denied:
-        outcome = "denied"
-    elif response is None:
-        outcome = "unknown"
-    elif error is not None or (status is not None and status >= 400):
-        outcome = "failed"
-    else:
-        outcome = "allowed"
-
+    outcome, error = _outcome(request, response)
     path_tenant, path_provider = tenant_and_provider(path)
     header_tenant = _header(headers, "x-broker-tenant")
-    display_name = auth.get("display_name") if isinstance(auth.get("display_name"), str) else None
+    display_name = _text(auth, "display_name")
     actor = _header(headers, "x-broker-actor") or (
         f"vault:{display_name}" if display_name else None
     )
@@ -329,11 +338,9 @@ def build_entry(
         provider=path_provider,
         action=_header(headers, "x-broker-action"),
         path=path,
-        operation=req.get("operation") if isinstance(req.get("operation"), str) else None,
-        remote_address=req.get("remote_address")
-        if isinstance(req.get("remote_address"), str)
-        else None,
-        allowed=not denied,
+        operation=_text(req, "operation"),
+        remote_address=_text(req, "remote_address"),
+        allowed=outcome != "denied",
         error=error,
         outcome=outcome,
         header_tenant=header_tenant,
@@ -362,37 +369,37 @@ def join(
     pending: dict[str, tuple[Mapping[str, Any], bool]] = {}
     for raw in entries:
         kind = raw.get("type")
-        req = _mapping(raw.get("request"))
-        vault_id = req.get("id")
-        if kind not in ("request", "response") or not isinstance(vault_id, str):
+        vault_id = _text(_mapping(raw.get("request")), "id")
+        if kind not in ("request", "response") or vault_id is None:
             stats.malformed += 1
             continue
         hit = where(raw) if where is not None else True
         if kind == "request":
-            if vault_id in pending:  # a duplicate id: report the first one alone
-                earlier, earlier_hit = pending.pop(vault_id)
-                if earlier_hit:
-                    built = build_entry(earlier, None)
-                    if built is not None:
-                        yield built
+            earlier = pending.pop(vault_id, None)
+            if earlier is not None:  # a duplicate id: report the first one alone
+                yield from _built(earlier[0], None, earlier[1], stats)
             pending[vault_id] = (raw, hit)
             continue
         request, request_hit = pending.pop(vault_id, (None, False))
-        if not (hit or request_hit):
-            continue
-        built = build_entry(request, raw)
-        if built is None:
-            stats.malformed += 1
-            continue
-        yield built
+        yield from _built(request, raw, hit or request_hit, stats)
     for request, request_hit in pending.values():
-        if not request_hit:
-            continue
-        built = build_entry(request, None)
-        if built is None:
-            stats.malformed += 1
-            continue
-        yield built
+        yield from _built(request, None, request_hit, stats)
+
+
+def _built(
+    request: Mapping[str, Any] | None,
+    response: Mapping[str, Any] | None,
+    wanted: bool,
+    stats: ReadStats,
+) -> Iterator[VaultAuditEntry]:
+    """The call, when it is wanted; a call that cannot be built is counted as malformed."""
+    if not wanted:
+        return
+    built = build_entry(request, response)
+    if built is None:
+        stats.malformed += 1
+        return
+    yield built
 
 
 def fill_providers(entries: Sequence[VaultAuditEntry]) -> list[VaultAuditEntry]:
@@ -447,10 +454,19 @@ class Filters:
                 raise ValueError(f"{name} must be an aware datetime")
 
     def time_ok(self, when: datetime) -> bool:
-        """Inside [since, until]."""
-        if self.since is not None and when < self.since:
-            return False
-        return not (self.until is not None and when > self.until)
+        """Inside `[since, until)`, the window the broker's trail is queried with."""
+        return in_window(when, self.since, self.until)
+
+    def trail_query(self) -> TrailQuery:
+        """The same filters as a query over the broker's trail."""
+        return TrailQuery(
+            tenant=self.tenant,
+            actor=self.actor,
+            provider=self.provider,
+            outcome="denied" if self.denied else None,
+            since=self.since,
+            until=self.until,
+        )
 
     def matches(self, entry: VaultAuditEntry) -> bool:
         """True when the Vault call passes every filter.

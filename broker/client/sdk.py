@@ -249,11 +249,12 @@ class WhatsAppCredentials(ProviderCredentials):
 
 @dataclasses.dataclass(frozen=True, kw_only=True, repr=False)
 class OpenAICredentials(ProviderCredentials):
-    """OpenAI API key and optional organization id."""
+    """OpenAI API key and optional organization and project ids."""
 
     provider: ClassVar[str] = "openai"
     api_key: str = dataclasses.field(metadata=_SECRET)
     org_id: str | None = dataclasses.field(default=None, metadata=_SECRET)
+    project_id: str | None = dataclasses.field(default=None, metadata=_SECRET)
 
 
 # ------------------------------------------------------------- wire formats

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.core.config import ConfigurationError, get_settings
+from broker.cli_support import database_url, load_settings
 
 if TYPE_CHECKING:
     from broker.credential_health.age import ReportRow
@@ -51,15 +51,8 @@ def report_command(
     if unknown:
         typer.echo(f"error: unknown problem(s): {', '.join(sorted(unknown))}", err=True)
         raise typer.Exit(EXIT_USAGE)
-    try:
-        settings = get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    engine = make_engine(settings.database_url.get_secret_value())
+    settings = load_settings()
+    engine = make_engine(database_url(settings))
     try:
         rows = age.report(engine, settings, problems=wanted, limit=limit)
     finally:

@@ -217,7 +217,7 @@ def _record(
 
 def _next_delay(base_s: float, response: EgressResponse | None) -> float:
     """The schedule's delay with ±10 % jitter, or the receiver's longer Retry-After."""
-    delay = base_s * random.uniform(0.9, 1.1)
+    delay = base_s * random.uniform(0.9, 1.1)  # noqa: S311 - retry jitter, not a secret
     if response is not None and response.status_code in (429, 502, 503, 504):
         value = response.headers.get("retry-after", "")
         if value.isdigit():

@@ -15,7 +15,10 @@ import anyio
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
+from broker.auth.principal import Principal
+from broker.auth.scopes import Scope
 from broker.core.db import unit_of_work
+from broker.core.errors import Forbidden
 from broker.events import outbox
 from broker.models import Event
 
@@ -76,6 +79,39 @@ def _read(
 ) -> tuple[list[Event], outbox.Cursor]:
     with unit_of_work(engine) as session:
         return outbox.read_after(session, after=after, scope=scope, limit=limit)
+
+
+async def follow(
+    watch: FeedWatch,
+    *,
+    after: outbox.Cursor | None,
+    scope: outbox.Scope,
+    wait_s: float,
+    limit: int,
+) -> tuple[list[Event], outbox.Cursor]:
+    """A reader's next page: none and the current head for a new reader (`after` None),
+    else the events after `after` in `scope`, waiting up to `wait_s` for the first one."""
+    if after is None:
+        return [], await run_in_threadpool(start, watch.engine)
+    return await wait_for_events(watch, after=after, scope=scope, wait_s=wait_s, limit=limit)
+
+
+def reader_scope(principal: Principal, tenant: str | None) -> outbox.Scope:
+    """The tenants a reader may follow: all (platform, security), those a service serves,
+    or a tenant user's own; narrowed to `tenant` when given."""
+    if principal.has(Scope.PLATFORM_ADMIN) or principal.has(Scope.AUDIT_READ):
+        return outbox.Scope(None if tenant is None else frozenset({tenant}))
+    if principal.kind == "service" and principal.has(Scope.CREDENTIALS_READ):
+        served = principal.tenants
+    elif principal.tenant_id is not None:
+        served = frozenset({principal.tenant_id})
+    else:
+        raise Forbidden("this token names no tenant")
+    if tenant is not None:
+        if tenant not in served:
+            raise Forbidden("this token does not serve that tenant")
+        served = frozenset({tenant})
+    return outbox.Scope(served)
 
 
 def start(engine: Engine) -> outbox.Cursor:

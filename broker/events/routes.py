@@ -10,13 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Path, Query, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
 
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.core.errors import Forbidden
 from broker.core.http import problem_responses
 from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
@@ -48,24 +46,6 @@ Reader = Annotated[
 NOT_FOUND = "No such endpoint or delivery (another owner's are not found either)"
 
 
-def feed_scope(principal: Principal, tenant: str | None) -> outbox.Scope:
-    """The tenants a reader may follow: all (platform, security), those a service serves,
-    or a tenant user's own; narrowed to `tenant` when given."""
-    if principal.has(Scope.PLATFORM_ADMIN) or principal.has(Scope.AUDIT_READ):
-        return outbox.Scope(None if tenant is None else frozenset({tenant}))
-    if principal.kind == "service" and principal.has(Scope.CREDENTIALS_READ):
-        served = principal.tenants
-    elif principal.tenant_id is not None:
-        served = frozenset({principal.tenant_id})
-    else:
-        raise Forbidden("this token names no tenant")
-    if tenant is not None:
-        if tenant not in served:
-            raise Forbidden("this token does not serve that tenant")
-        served = frozenset({tenant})
-    return outbox.Scope(served)
-
-
 def _watch(request: Request) -> feed.FeedWatch:
     state = request.app.state
     watch: feed.FeedWatch | None = getattr(state, "feed_watch", None)
@@ -79,7 +59,6 @@ def _watch(request: Request) -> feed.FeedWatch:
 @router.get("", response_model=EventPage, responses=problem_responses({403: "Tenant not served"}))
 async def follow_events(
     request: Request,
-    engine: EngineDep,
     settings: SettingsDep,
     principal: Reader,
     after: Annotated[
@@ -93,13 +72,10 @@ async def follow_events(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> EventPage:
     """Events after `after` in the caller's tenants, oldest first; waits up to `wait` s."""
-    scope = feed_scope(principal, tenant)
-    if after is None:
-        return EventPage(events=[], cursor=str(await run_in_threadpool(feed.start, engine)))
-    events, cursor = await feed.wait_for_events(
+    events, cursor = await feed.follow(
         _watch(request),
-        after=outbox.Cursor.parse(after),
-        scope=scope,
+        after=None if after is None else outbox.Cursor.parse(after),
+        scope=feed.reader_scope(principal, tenant),
         wait_s=min(wait, settings.events_feed_max_wait_s),
         limit=limit,
     )
@@ -111,17 +87,31 @@ async def follow_events(
 EndpointId = Annotated[str, Path(max_length=40, pattern=r"^ep_[0-9a-f]{32}$")]
 
 
+def owner_dependency(scope: Scope, owner_of: Callable[[Principal], str | None], **kw: Any) -> Any:
+    """A dependency that authorises the caller (`scope`) and names whose endpoints it acts on."""
+
+    def owner(principal: Principal = require(scope, **kw)) -> webhooks.Owner:
+        return webhooks.Owner(principal, owner_of(principal))
+
+    return Depends(owner)
+
+
 def _endpoint_routes(
-    target: APIRouter,
-    reader_dep: Any,
-    principal_dep: Any,
-    owner_of: Callable[[Principal], str | None],
+    target: APIRouter, scope: Scope, owner_of: Callable[[Principal], str | None]
 ) -> None:
     """Register the endpoint routes on `target`, for the owner `owner_of` names.
 
-    `reader_dep` guards the reads, `principal_dep` the changes (rate-limited as writes).
+    Reads need `scope`; changes need it too, rate-limited as writes.
     """
+    reader = owner_dependency(scope, owner_of)
+    writer = owner_dependency(scope, owner_of, limit="write")
+    _register_route(target, writer)
+    _read_routes(target, reader)
+    _change_routes(target, writer)
+    _replay_route(target, writer)
 
+
+def _register_route(target: APIRouter, writer: Any) -> None:
     @target.post(
         "", status_code=201, response_model=EndpointCreated, responses=problem_responses({})
     )
@@ -130,7 +120,7 @@ def _endpoint_routes(
         engine: EngineDep,
         vault: VaultDep,
         settings: SettingsDep,
-        principal: Principal = principal_dep,
+        owner: webhooks.Owner = writer,
     ) -> EndpointCreated:
         """Register a receiver; the answer carries its signing secret, this once."""
         client = webhook_egress(settings)
@@ -139,8 +129,8 @@ def _endpoint_routes(
                 engine,
                 vault,
                 client,
-                principal=principal,
-                tenant_id=owner_of(principal),
+                principal=owner.principal,
+                tenant_id=owner.tenant_id,
                 url=body.url,
                 event_types=body.event_types,
                 description=body.description,
@@ -149,58 +139,22 @@ def _endpoint_routes(
             client.close()
         return EndpointCreated(**EndpointView.of(made.endpoint).model_dump(), secret=made.secret)
 
+
+def _read_routes(target: APIRouter, reader: Any) -> None:
     @target.get("", response_model=list[EndpointView])
-    def list_endpoints(
-        session: SessionDep, principal: Principal = reader_dep
-    ) -> list[EndpointView]:
+    def list_endpoints(session: SessionDep, owner: webhooks.Owner = reader) -> list[EndpointView]:
         """The owner's endpoints."""
-        rows = webhooks.list_endpoints(session, tenant_id=owner_of(principal))
+        rows = webhooks.list_endpoints(session, tenant_id=owner.tenant_id)
         return [EndpointView.of(row) for row in rows]
 
     @target.get(
         "/{endpoint_id}", response_model=EndpointView, responses=problem_responses({404: NOT_FOUND})
     )
     def get_endpoint(
-        endpoint_id: EndpointId, session: SessionDep, principal: Principal = reader_dep
+        endpoint_id: EndpointId, session: SessionDep, owner: webhooks.Owner = reader
     ) -> EndpointView:
         """One endpoint."""
-        row = webhooks.get_endpoint(session, tenant_id=owner_of(principal), endpoint_id=endpoint_id)
-        return EndpointView.of(row)
-
-    @target.delete(
-        "/{endpoint_id}",
-        status_code=204,
-        response_class=Response,
-        responses=problem_responses({404: NOT_FOUND}),
-    )
-    def delete_endpoint(
-        endpoint_id: EndpointId,
-        engine: EngineDep,
-        vault: VaultDep,
-        principal: Principal = principal_dep,
-    ) -> Response:
-        """Remove an endpoint, its deliveries and its signing secret."""
-        webhooks.delete_endpoint(
-            engine,
-            vault,
-            principal=principal,
-            tenant_id=owner_of(principal),
-            endpoint_id=endpoint_id,
-        )
-        return Response(status_code=204)
-
-    @target.post(
-        "/{endpoint_id}/enable",
-        response_model=EndpointView,
-        responses=problem_responses({404: NOT_FOUND}),
-    )
-    def enable_endpoint(
-        endpoint_id: EndpointId, engine: EngineDep, principal: Principal = principal_dep
-    ) -> EndpointView:
-        """Turn a disabled endpoint back on."""
-        row = webhooks.enable_endpoint(
-            engine, principal=principal, tenant_id=owner_of(principal), endpoint_id=endpoint_id
-        )
+        row = webhooks.get_endpoint(session, tenant_id=owner.tenant_id, endpoint_id=endpoint_id)
         return EndpointView.of(row)
 
     @target.get(
@@ -211,7 +165,7 @@ def _endpoint_routes(
     def list_deliveries(
         endpoint_id: EndpointId,
         session: SessionDep,
-        principal: Principal = reader_dep,
+        owner: webhooks.Owner = reader,
         status: Literal["pending", "delivered", "failed"] | None = None,
         before: Annotated[int | None, Query(ge=1)] = None,
         limit: Annotated[int, Query(ge=1, le=500)] = 100,
@@ -219,7 +173,7 @@ def _endpoint_routes(
         """The endpoint's deliveries, newest first."""
         rows = webhooks.list_deliveries(
             session,
-            tenant_id=owner_of(principal),
+            tenant_id=owner.tenant_id,
             endpoint_id=endpoint_id,
             status=status,
             before=before,
@@ -227,6 +181,43 @@ def _endpoint_routes(
         )
         return [DeliveryView.of(row) for row in rows]
 
+
+def _change_routes(target: APIRouter, writer: Any) -> None:
+    @target.delete(
+        "/{endpoint_id}",
+        status_code=204,
+        response_class=Response,
+        responses=problem_responses({404: NOT_FOUND}),
+    )
+    def delete_endpoint(
+        endpoint_id: EndpointId, engine: EngineDep, vault: VaultDep, owner: webhooks.Owner = writer
+    ) -> Response:
+        """Remove an endpoint, its deliveries and its signing secret."""
+        webhooks.delete_endpoint(
+            engine,
+            vault,
+            principal=owner.principal,
+            tenant_id=owner.tenant_id,
+            endpoint_id=endpoint_id,
+        )
+        return Response(status_code=204)
+
+    @target.post(
+        "/{endpoint_id}/enable",
+        response_model=EndpointView,
+        responses=problem_responses({404: NOT_FOUND}),
+    )
+    def enable_endpoint(
+        endpoint_id: EndpointId, engine: EngineDep, owner: webhooks.Owner = writer
+    ) -> EndpointView:
+        """Turn a disabled endpoint back on."""
+        row = webhooks.enable_endpoint(
+            engine, principal=owner.principal, tenant_id=owner.tenant_id, endpoint_id=endpoint_id
+        )
+        return EndpointView.of(row)
+
+
+def _replay_route(target: APIRouter, writer: Any) -> None:
     @target.post(
         "/{endpoint_id}/deliveries/{delivery_id}/replay",
         response_model=DeliveryView,
@@ -237,28 +228,18 @@ def _endpoint_routes(
         endpoint_id: EndpointId,
         delivery_id: Annotated[int, Path(ge=1)],
         engine: EngineDep,
-        principal: Principal = principal_dep,
+        owner: webhooks.Owner = writer,
     ) -> DeliveryView:
         """Send a delivery again, now, with the same webhook-id."""
         row = webhooks.replay(
             engine,
-            principal=principal,
-            tenant_id=owner_of(principal),
+            principal=owner.principal,
+            tenant_id=owner.tenant_id,
             endpoint_id=endpoint_id,
             delivery_id=delivery_id,
         )
         return DeliveryView.of(row)
 
 
-_endpoint_routes(
-    tenant_router,
-    require(Scope.TENANT_ADMIN),
-    require(Scope.TENANT_ADMIN, limit="write"),
-    own_tenant,
-)
-_endpoint_routes(
-    platform_router,
-    require(Scope.PLATFORM_ADMIN),
-    require(Scope.PLATFORM_ADMIN, limit="write"),
-    lambda _: None,
-)
+_endpoint_routes(tenant_router, Scope.TENANT_ADMIN, own_tenant)
+_endpoint_routes(platform_router, Scope.PLATFORM_ADMIN, lambda _: None)

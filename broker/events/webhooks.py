@@ -15,8 +15,10 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import ColumnElement, Engine
 from sqlmodel import Session, col, select
@@ -133,6 +135,41 @@ def register(
     return Registered(view, secret)
 
 
+@dataclass(frozen=True)
+class Owner:
+    """Who acts on endpoints, and whose endpoints they are: a tenant's, or the platform's (None).
+
+    Every change to one endpoint goes through `change`, which finds the endpoint among
+    the owner's (another owner's is NotFound like a missing one) and records the change.
+    """
+
+    principal: Principal
+    tenant_id: str | None
+
+    @contextmanager
+    def change(
+        self,
+        engine: Engine,
+        endpoint_id: str,
+        *,
+        action: str,
+        detail: dict[str, Any] | None = None,
+    ) -> Iterator[tuple[Session, WebhookEndpoint]]:
+        """One unit of work on the owner's endpoint, recorded in the trail when it succeeds."""
+        with unit_of_work(engine) as session:
+            endpoint = get_endpoint(session, tenant_id=self.tenant_id, endpoint_id=endpoint_id)
+            yield session, endpoint
+            trail.record(
+                session,
+                action=action,
+                resource=_resource(self.tenant_id, endpoint_id),
+                outcome="success",
+                principal=self.principal,
+                tenant_id=self.tenant_id,
+                detail=detail,
+            )
+
+
 def _owned(tenant_id: str | None) -> ColumnElement[bool]:
     if tenant_id is None:
         return col(WebhookEndpoint.tenant_id).is_(None)
@@ -172,17 +209,9 @@ def delete_endpoint(
     endpoint_id: str,
 ) -> None:
     """Remove an endpoint, its deliveries and its signing secret."""
-    with unit_of_work(engine) as session:
-        endpoint = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    owner = Owner(principal, tenant_id)
+    with owner.change(engine, endpoint_id, action="webhook.delete") as (session, endpoint):
         session.delete(endpoint)
-        trail.record(
-            session,
-            action="webhook.delete",
-            resource=_resource(tenant_id, endpoint_id),
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-        )
     forget_secrets(vault, [endpoint_id])
 
 
@@ -229,21 +258,13 @@ def enable_endpoint(
     engine: Engine, *, principal: Principal, tenant_id: str | None, endpoint_id: str
 ) -> WebhookEndpoint:
     """Turn a disabled endpoint back on (its failed deliveries can then be replayed)."""
-    with unit_of_work(engine) as session:
-        endpoint = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    owner = Owner(principal, tenant_id)
+    with owner.change(engine, endpoint_id, action="webhook.enable") as (session, endpoint):
         endpoint.enabled = True
         endpoint.disabled_reason = None
         endpoint.disabled_at = None
         session.add(endpoint)
-        trail.record(
-            session,
-            action="webhook.enable",
-            resource=_resource(tenant_id, endpoint_id),
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-        )
-        return endpoint
+    return endpoint
 
 
 def list_deliveries(
@@ -281,8 +302,12 @@ def replay(
     """Send a delivery again now, with the same `webhook-id` (the receiver may have lost it)."""
     from broker.events.delivery import queue_attempt
 
-    with unit_of_work(engine) as session:
-        endpoint = get_endpoint(session, tenant_id=tenant_id, endpoint_id=endpoint_id)
+    owner = Owner(principal, tenant_id)
+    detail = {"delivery_id": delivery_id}
+    with owner.change(engine, endpoint_id, action="webhook.replay", detail=detail) as (
+        session,
+        endpoint,
+    ):
         if not endpoint.enabled:
             raise ValidationFailed("the endpoint is disabled; enable it first")
         delivery = session.exec(
@@ -297,13 +322,4 @@ def replay(
         delivery.next_attempt_at = utcnow()
         session.add(delivery)
         queue_attempt(session, delivery_id, expect=delivery.attempts, delay_s=None)
-        trail.record(
-            session,
-            action="webhook.replay",
-            resource=_resource(tenant_id, endpoint_id),
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"delivery_id": delivery_id},
-        )
         return WebhookDelivery.model_validate(delivery.model_dump())

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.cli_support import database_url, load_settings, operator
 from broker.core.errors import BrokerError
 
 EXIT_USAGE = 2
@@ -42,7 +42,6 @@ def migrate_expiring(
 ) -> None:
     """Exchange pasted non-expiring Shopify tokens for expiring ones (resumable, irreversible)."""
     from broker.app import oauth_access_for, outbound_for
-    from broker.cli import _operator
     from broker.core.db import make_engine
     from broker.core.logging import configure_logging
     from broker.integrations import oauth
@@ -51,13 +50,10 @@ def migrate_expiring(
     if bool(tenant) == all_tenants:
         typer.echo("error: give --tenant T (repeatable) or --all", err=True)
         raise typer.Exit(EXIT_USAGE)
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    principal = _operator()
-    engine = make_engine(settings.database_url.get_secret_value())
+    principal = operator()
+    engine = make_engine(database_url(settings))
     vault = VaultGateway.from_settings(settings)
     outbound = outbound_for(settings)
     access = oauth_access_for(settings, engine=engine, vault=vault, outbound=outbound)
@@ -93,11 +89,3 @@ def migrate_expiring(
         typer.echo("\n".join(lines))
     if not report.ok:
         raise typer.Exit(EXIT_INCOMPLETE)
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None

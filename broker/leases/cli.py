@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.cli_support import database_url, load_settings, operator
 from broker.core.errors import BrokerError
 
 if TYPE_CHECKING:
@@ -37,14 +37,6 @@ def _group() -> None:
     """Dynamic credential leases."""
 
 
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
-
-
 @contextmanager
 def _leasing() -> Iterator[Leasing]:
     """The lease machinery on the configured database and Vault (closed afterwards)."""
@@ -54,12 +46,9 @@ def _leasing() -> Iterator[Leasing]:
     from broker.leases.service import Leasing
     from broker.vault.gateway import VaultGateway
 
-    settings = _settings()
+    settings = load_settings()
     configure_logging(settings.log_level)
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    engine = make_engine(settings.database_url.get_secret_value())
+    engine = make_engine(database_url(settings))
     vault = VaultGateway.from_settings(settings)
     outbound = outbound_for(settings)
     leasing = Leasing.from_settings(settings, engine=engine, vault=vault, outbound=outbound)
@@ -132,13 +121,12 @@ def revoke(
     service: ServiceOpt = None,
 ) -> None:
     """Revoke now: one lease, a tenant's (or one provider's of it), or a service's everywhere."""
-    from broker.cli import _operator
     from broker.leases import service as leases
 
     if not (lease or tenant or service):
         typer.echo("error: give --lease ID, --tenant T [--provider P], or --service S", err=True)
         raise typer.Exit(EXIT_USAGE)
-    principal = _operator()
+    principal = operator()
     with _leasing() as leasing:
         result = leases.revoke_matching(
             leasing,
@@ -159,10 +147,9 @@ def revoke(
 @leases_app.command("sweep")
 def sweep() -> None:
     """Revoke every lease that is due now (what the worker's periodic sweep does)."""
-    from broker.cli import _operator
     from broker.leases import service as leases
 
-    principal = _operator()
+    principal = operator()
     total = leases.Revocations()
     with _leasing() as leasing:
         while True:

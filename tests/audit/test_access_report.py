@@ -13,9 +13,11 @@ from sqlalchemy import Engine, text
 from broker.app import create_app
 from broker.core.config import Settings
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import FakeProviders
 from tests.integrations.test_routes import admin, put, valid_fields
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 REPORT = "/v1/tenants/settings/access-report"
 
@@ -33,7 +35,8 @@ def reporting(
 
 def fetch(client: TestClient, tenant: str, provider: str, *served: str) -> int:
     headers = bearer(token("credentials:read", kind="service", tenants=served, subject="sync"))
-    return client.get(f"/v1/credentials/{tenant}/{provider}", headers=headers).status_code
+    status: int = client.get(f"/v1/credentials/{tenant}/{provider}", headers=headers).status_code
+    return status
 
 
 def test_the_report_names_each_read_and_each_refusal_of_the_tenants_credentials(

@@ -27,8 +27,10 @@ from broker.core.config import get_settings
 from broker.vault.bootstrap import create_policy_token
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 # Registered the way broker.cli registers it.
 root = typer.Typer()
@@ -83,6 +85,29 @@ class Scenario:
     database_url: str
 
 
+BRANDING = {"branding": {"business_name": "Audited Shop"}}
+TWILIO = "/v1/tenants/settings/integrations/twilio"
+
+
+def _denied_by_vault(
+    vault_endpoint: VaultEndpoint, vault_admin: VaultGateway, tenant: str, request_id: str
+) -> None:
+    """A service whose Vault token lacks the broker policy reads the tenant's secret."""
+    rogue = VaultGateway(
+        addrs=[vault_endpoint.addr], token=create_policy_token(vault_admin, "service-reader")
+    )
+    try:
+        with pytest.raises(VaultMisconfigured):
+            in_fresh_context(
+                lambda: rogue.kv_read(f"tenants/{tenant}/integrations/shopify"),
+                context.RequestContext(
+                    request_id=request_id, actor="service:rogue", action="credentials.fetch"
+                ),
+            )
+    finally:
+        rogue.close()
+
+
 @pytest.fixture(scope="module")
 def scenario(
     client: TestClient,
@@ -101,62 +126,30 @@ def scenario(
     }
 
     alice = bearer(token("tenant:admin", tenant_id=tenant, subject="alice"))
-    saved = client.put(
-        "/v1/tenants/settings/integrations/shopify",
-        json={"fields": dict(VALID["shopify"])},
-        headers=alice | {"X-Request-Id": ids["save"]},
-    )
-    assert saved.status_code == 200, saved.text
-    patched = client.patch(
-        "/v1/tenants/settings",
-        json={"branding": {"business_name": "Audited Shop"}},
-        headers=alice | {"X-Request-Id": ids["patch"]},
-    )
-    assert patched.status_code == 200, patched.text
     mallory = bearer(token("integrations:view", tenant_id=tenant, subject="mallory"))
-    refused = client.put(
-        "/v1/tenants/settings/integrations/shopify",
-        json={"fields": dict(VALID["shopify"])},
-        headers=mallory | {"X-Request-Id": ids["denied"]},
-    )
-    assert refused.status_code == 403, refused.text
     bob_name = f"bob-{uuid.uuid4().hex[:8]}"
     bob = bearer(token("tenant:admin", tenant_id=other, subject=bob_name))
-    other_saved = client.put(
-        "/v1/tenants/settings/integrations/twilio",
-        json={"fields": dict(VALID["twilio"])},
-        headers=bob | {"X-Request-Id": ids["other"]},
-    )
-    assert other_saved.status_code == 200, other_saved.text
-
     service_name = f"catalog-{uuid.uuid4().hex[:8]}"
     worker = bearer(
         token("credentials:read", kind="service", tenants=(tenant,), subject=service_name)
     )
-    fetched = client.get(
-        f"/v1/credentials/{tenant}/shopify", headers=worker | {"X-Request-Id": ids["fetch"]}
-    )
-    assert fetched.status_code == 200, fetched.text
     stranger = bearer(token("credentials:read", kind="service", tenants=(other,), subject="nosy"))
-    outside = client.get(
-        f"/v1/credentials/{tenant}/shopify", headers=stranger | {"X-Request-Id": ids["outside"]}
-    )
-    assert outside.status_code == 404, outside.text
-
-    # A service whose Vault token lacks the broker policy reads the tenant's secret.
-    rogue = VaultGateway(
-        addrs=[vault_endpoint.addr], token=create_policy_token(vault_admin, "service-reader")
-    )
-    try:
-        with pytest.raises(VaultMisconfigured):
-            in_fresh_context(
-                lambda: rogue.kv_read(f"tenants/{tenant}/integrations/shopify"),
-                context.RequestContext(
-                    request_id=ids["vdeny"], actor="service:rogue", action="credentials.fetch"
-                ),
-            )
-    finally:
-        rogue.close()
+    shopify, fields = "/v1/tenants/settings/integrations/shopify", dict(VALID["shopify"])
+    fetch = f"/v1/credentials/{tenant}/shopify"
+    calls: list[tuple[str, str, dict[str, str], str, int, Any]] = [
+        ("PUT", shopify, alice, ids["save"], 200, {"fields": fields}),
+        ("PATCH", "/v1/tenants/settings", alice, ids["patch"], 200, BRANDING),
+        ("PUT", shopify, mallory, ids["denied"], 403, {"fields": fields}),
+        ("PUT", TWILIO, bob, ids["other"], 200, {"fields": dict(VALID["twilio"])}),
+        ("GET", fetch, worker, ids["fetch"], 200, None),
+        ("GET", fetch, stranger, ids["outside"], 404, None),
+    ]
+    for method, path, headers, request_id, status, body in calls:
+        answer = client.request(
+            method, path, json=body, headers=headers | {"X-Request-Id": request_id}
+        )
+        assert answer.status_code == status, answer.text
+    _denied_by_vault(vault_endpoint, vault_admin, tenant, ids["vdeny"])
     return Scenario(
         tenant=tenant,
         other_tenant=other,
@@ -198,91 +191,130 @@ def by_request(rows: list[dict[str, Any]]) -> dict[str | None, list[dict[str, An
 # -- the report ---------------------------------------------------------------------------
 
 
-def test_report_names_actor_tenant_path_and_outcome_of_each_request(scenario: Scenario) -> None:
+@pytest.fixture(scope="module")
+def report(scenario: Scenario) -> dict[str | None, list[dict[str, Any]]]:
+    """The tenant's report as JSON lines, grouped by request id."""
     s = scenario
     rows = jsonl(
         run(str(s.log), "--tenant", s.tenant, "--format", "jsonl", "--database-url", s.database_url)
     )
     assert rows == sorted(rows, key=lambda r: r["time"])
     assert {row["tenant"] for row in rows} == {s.tenant}
-    grouped = by_request(rows)
+    return by_request(rows)
 
-    # The save: Vault calls named after alice, plus the broker's own event.
-    save = grouped[s.save]
+
+def _subset(row: dict[str, Any], **expected: Any) -> dict[str, Any]:
+    return {name: row[name] for name in expected}
+
+
+def test_a_save_shows_its_vault_calls_and_its_broker_event(
+    scenario: Scenario, report: dict[str | None, list[dict[str, Any]]]
+) -> None:
+    s = scenario
+    save = report[s.save]
     vault = [r for r in save if r["source"] == "vault"]
     assert vault, "the save left no Vault audit entries"
+    expected: dict[str, Any] = {
+        "actor": "user:alice",
+        "tenant": s.tenant,
+        "provider": "shopify",  # Transit calls inherit it from the KV path
+        "outcome": "allowed",
+        "allowed": True,
+        "from": "testclient",  # the caller's address, from the broker trail
+        "remote_address": "127.0.0.1",  # what Vault saw: the broker
+    }
     for row in vault:
-        assert row["actor"] == "user:alice"
-        assert row["tenant"] == s.tenant
-        assert row["provider"] == "shopify"  # Transit calls inherit it from the KV path
-        assert row["outcome"] == "allowed"
-        assert row["allowed"] is True
-        assert row["from"] == "testclient"  # the caller's address, from the broker trail
-        assert row["remote_address"] == "127.0.0.1"  # what Vault saw: the broker
+        assert _subset(row, **expected) == expected
     kv_path = f"secret/data/tenants/{s.tenant}/integrations/shopify"
     assert any(r["path"] == kv_path and r["operation"] in ("create", "update") for r in vault)
     assert any(r["path"] == f"transit/encrypt/tenant-{s.tenant}" for r in vault)
     [event] = [r for r in save if r["source"] == "broker"]
-    assert event["action"] == "integration.save"
-    assert event["actor"] == "user:alice"
-    assert event["path"] == f"tenants/{s.tenant}/integrations/shopify"
-    assert event["outcome"] == "allowed"
+    expected = {
+        "action": "integration.save",
+        "actor": "user:alice",
+        "path": f"tenants/{s.tenant}/integrations/shopify",
+        "outcome": "allowed",
+    }
+    assert _subset(event, **expected) == expected
     assert event["detail"]["kv_version"] == 1
 
-    # Settings change: the broker trail alone (it never touches Vault).
-    [patch] = grouped[s.patch]
-    assert patch["source"] == "broker"
-    assert patch["action"] == "settings.update"
-    assert patch["actor"] == "user:alice"
-    assert patch["path"] == f"tenants/{s.tenant}/settings"
-    assert patch["outcome"] == "allowed"
-    assert patch["from"] == "testclient"
 
-    # Denied by the broker (missing scope): it never reached Vault.
-    [denied] = grouped[s.denied]
-    assert denied["source"] == "broker"
-    assert denied["actor"] == "user:mallory"
-    assert denied["tenant"] == s.tenant
-    assert denied["outcome"] == "denied"
-    assert denied["allowed"] is False
-    assert denied["provider"] == "shopify"
+def test_a_settings_change_and_a_broker_denial_are_trail_only(
+    scenario: Scenario, report: dict[str | None, list[dict[str, Any]]]
+) -> None:
+    s = scenario
+    [patch] = report[s.patch]  # a settings change never touches Vault
+    expected: dict[str, Any] = {
+        "source": "broker",
+        "action": "settings.update",
+        "actor": "user:alice",
+        "path": f"tenants/{s.tenant}/settings",
+        "outcome": "allowed",
+        "from": "testclient",
+    }
+    assert _subset(patch, **expected) == expected
+    [denied] = report[s.denied]  # a missing scope: it never reached Vault
+    expected = {
+        "source": "broker",
+        "actor": "user:mallory",
+        "tenant": s.tenant,
+        "outcome": "denied",
+        "allowed": False,
+        "provider": "shopify",
+    }
+    assert _subset(denied, **expected) == expected
     assert "integrations:manage" in (denied["error"] or "")
 
-    # A service fetched the credentials: Vault reads named after it.
-    fetch = grouped[s.fetch]
+
+def test_service_fetches_are_named_after_the_service(
+    scenario: Scenario, report: dict[str | None, list[dict[str, Any]]]
+) -> None:
+    s = scenario
+    fetch = report[s.fetch]
     assert {r["source"] for r in fetch} == {"vault"}
+    expected: dict[str, Any] = {
+        "actor": f"service:{s.service}",
+        "tenant": s.tenant,
+        "provider": "shopify",
+        "outcome": "allowed",
+        "action": "credentials.fetch:shopify",
+    }
     for row in fetch:
-        assert row["actor"] == f"service:{s.service}"
-        assert row["tenant"] == s.tenant
-        assert row["provider"] == "shopify"
-        assert row["outcome"] == "allowed"
-        assert row["action"] == "credentials.fetch:shopify"
+        assert _subset(row, **expected) == expected
+    kv_path = f"secret/data/tenants/{s.tenant}/integrations/shopify"
     assert any(r["path"] == kv_path and r["operation"] == "read" for r in fetch)
     assert any(r["path"] == f"transit/decrypt/tenant-{s.tenant}" for r in fetch)
-
     # A service that does not serve this tenant: refused (as a 404) before Vault.
-    [outside] = grouped[s.outside]
-    assert outside["source"] == "broker"
-    assert outside["actor"] == "service:nosy"
-    assert outside["tenant"] == s.tenant
-    assert outside["provider"] == "shopify"
-    assert outside["outcome"] == "denied"
-    assert outside["from"] == "testclient"
+    [outside] = report[s.outside]
+    expected = {
+        "source": "broker",
+        "actor": "service:nosy",
+        "tenant": s.tenant,
+        "provider": "shopify",
+        "outcome": "denied",
+        "from": "testclient",
+    }
+    assert _subset(outside, **expected) == expected
 
-    # Denied by Vault (the token's policy).
-    [vault_denied] = grouped[s.vault_denied]
-    assert vault_denied["source"] == "vault"
-    assert vault_denied["actor"] == "service:rogue"
-    assert vault_denied["tenant"] == s.tenant
-    assert vault_denied["path"] == kv_path
-    assert vault_denied["operation"] == "read"
-    assert vault_denied["outcome"] == "denied"
-    assert vault_denied["error"] == "permission denied"
-    assert vault_denied["action"] == "credentials.fetch"
+
+def test_vault_denials_show_and_other_tenants_stay_out(
+    scenario: Scenario, report: dict[str | None, list[dict[str, Any]]]
+) -> None:
+    s = scenario
+    [vault_denied] = report[s.vault_denied]
+    expected: dict[str, Any] = {
+        "source": "vault",
+        "actor": "service:rogue",
+        "tenant": s.tenant,
+        "path": f"secret/data/tenants/{s.tenant}/integrations/shopify",
+        "operation": "read",
+        "outcome": "denied",
+        "error": "permission denied",
+        "action": "credentials.fetch",
+    }
+    assert _subset(vault_denied, **expected) == expected
     assert vault_denied["detail"]["policies"] == ["service-reader"]
-
-    # The other tenant stays out of this tenant's report.
-    assert s.other_save not in grouped
+    assert s.other_save not in report
 
 
 def test_who_accessed_tenant_x_in_the_last_24_hours_in_one_command(scenario: Scenario) -> None:
@@ -300,7 +332,7 @@ def test_who_accessed_tenant_x_in_the_last_24_hours_in_one_command(scenario: Sce
     def line_of(request_id: str, needle: str) -> str:
         found = [line for line in lines if request_id in line and needle in line]
         assert found, f"no line for {request_id} with {needle!r}:\n{result.stdout}"
-        return found[0]
+        return str(found[0])
 
     save = line_of(s.save, f"secret/data/tenants/{s.tenant}/integrations/shopify")
     for word in ("vault", "user:alice", s.tenant, "testclient", "allowed"):

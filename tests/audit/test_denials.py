@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
@@ -14,7 +15,8 @@ from broker.auth.principal import Principal
 from broker.core.config import Settings
 from broker.models import AuditEvent
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, new_tenant_id, token
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import bearer, token
 
 
 def _events(engine: Engine, actor: str) -> list[AuditEvent]:
@@ -129,7 +131,7 @@ def test_the_tally_hands_back_each_window_once_it_closes() -> None:
     clock = Clock()
     tally = DenialTally(60, clock=clock)
     mallory = Principal(subject="mallory", kind="user", scopes=frozenset(), tenant_id="t")
-    deny = {"action": "GET /x", "resource": "/x", "status": 403, "reason": "no"}
+    deny: dict[str, Any] = {"action": "GET /x", "resource": "/x", "status": 403, "reason": "no"}
     assert all(tally.add(principal=mallory, **deny) == [] for _ in range(5))
     assert tally.add(principal=None, **deny) == []  # another caller: another run
     assert tally.closed() == []

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, make_tenant, token
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 AUDITOR = bearer(token("audit:read", subject="sec-team"))
 

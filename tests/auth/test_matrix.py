@@ -21,9 +21,10 @@ from broker.app import ROUTERS
 from broker.auth.dependencies import declared_scopes
 from broker.health.routes import PUBLIC_PATHS
 from broker.integrations.routes import UNAUTHENTICATED_PATHS
-from tests.conftest import bearer, make_tenant, new_tenant_id, token
 from tests.fakes.providers import VALID
 from tests.fakes.stripe import FakeStripe
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import bearer, token
 
 # The OAuth callback carries no bearer token: Shopify's signature and the single-use
 # state are its proof (tests/integrations/test_oauth.py attacks it).

@@ -7,7 +7,6 @@ import base64
 import hashlib
 import hmac
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,8 +31,9 @@ from broker.auth.tokens import TokenVerifier, mint_token, principal_from_claims
 from broker.core.config import ConfigurationError, Settings
 from broker.core.errors import Forbidden, Unauthenticated
 from broker.vault.gateway import VaultGateway
-from tests.conftest import make_tenant
-from tests.conftest import token as signed_token
+from tests.support.loopback import Serving
+from tests.support.tenants import make_tenant
+from tests.support.tokens import token as signed_token
 
 SECRET = "unit-test-hs256-signing-key-0123456789abcdef"
 ISSUER = "tenant-secrets-broker"
@@ -537,16 +537,10 @@ def jwks_server(rsa_key: rsa.RSAPrivateKey) -> Iterator[JwksServer]:
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/.well-known/jwks.json"
-    try:
+    # Stalled answers are not waited for when the test ends.
+    with Serving(Handler, join_handlers=False) as server:
+        state.url = f"{server.base_url}/.well-known/jwks.json"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def jwks_verifier(server: JwksServer, **overrides: Any) -> TokenVerifier:

@@ -17,8 +17,8 @@ from tests.client.test_sdk import (  # noqa: F401 - fixtures
     save,
     sdk,
 )
-from tests.conftest import make_tenant
 from tests.fakes.providers import FakeProviders
+from tests.support.tenants import make_tenant
 from tests.support.workers import wait_for
 
 LEASE_S = 300

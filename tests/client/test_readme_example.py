@@ -9,7 +9,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from tests.client.test_sdk import broker_url  # noqa: F401 - the live app fixture
-from tests.conftest import bearer, make_tenant, token
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 # Keep identical to the README's "For services: the client SDK" block: only the
 # address and the tenant are substituted below.

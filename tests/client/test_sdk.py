@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -43,8 +43,11 @@ from broker.client import (
     create_woo_service_for_tenant,
 )
 from broker.integrations.egress import EgressPolicy
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint
+from tests.support.loopback import LoopbackServer
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 CREDENTIALS_ROUTE = "/v1/credentials/{tenant_id}/{provider}"
 LEASE_S = 300  # the broker's default lease; no provider cap is lower
@@ -102,10 +105,14 @@ def fetch_count(broker_url: str) -> int:
 # ------------------------------------------------------------------ the proxy
 
 
-class BrokerProxy:
+class BrokerProxy(LoopbackServer):
     """A real HTTP server in front of the broker that can fail, hang up or alter answers."""
 
+    thread_name = "broker-proxy"
+    join_handlers = False
+
     def __init__(self, upstream: str) -> None:
+        super().__init__()
         self.upstream = httpx.Client(base_url=upstream, timeout=10)
         self.failures: list[tuple[int, str | None]] = []
         self.outage: str | None = None
@@ -115,33 +122,19 @@ class BrokerProxy:
         self.arrivals: list[float] = []
         self._last_wrapped: bytes | None = None
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="broker-proxy",
-            daemon=True,
-        )
 
     @property
     def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.base_url
 
     def fail_next(self, count: int, status: int = 503, retry_after: str | None = "1") -> None:
         """Answer the next `count` requests with `status` (and Retry-After) instead."""
         with self._lock:
             self.failures.extend([(status, retry_after)] * count)
 
-    def __enter__(self) -> BrokerProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+    def close(self) -> None:
+        """Stop serving, then let go of the broker."""
+        super().close()
         self.upstream.close()
 
     def _answer(self, path: str, headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
@@ -171,7 +164,7 @@ class BrokerProxy:
         }
         return response.status_code, kept, content
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):

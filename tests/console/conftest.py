@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import make_tenant
 from tests.fakes.providers import VALID
+from tests.support.tenants import make_tenant
 
 ORIGIN = "https://testserver"
 CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')

@@ -30,12 +30,14 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from broker.devstack.openbao import free_port
 from broker.vault.gateway import VaultGateway
-from tests.conftest import AUDIENCE, TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
 from tests.fakes.oidc import FakeOIDC
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.fakes.stripe import FakeStripe
+from tests.support.apps import VaultEndpoint
 from tests.support.browser import chromium, screenshot
+from tests.support.tenants import new_tenant_id
+from tests.support.tokens import AUDIENCE, TEST_SIGNING_KEY, bearer, token
 
 ROOT = Path(__file__).resolve().parents[2]
 STARTUP_DEADLINE_S = 60

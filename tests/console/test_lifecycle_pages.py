@@ -21,12 +21,14 @@ from broker.credential_health import age
 from broker.events import outbox
 from broker.models import DynamicLease, Event
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.console.conftest import ORIGIN, csrf_of, post_form, sign_in
 from tests.fakes.providers import VALID, FakeProviders
 from tests.health_checks.test_age import age_back
 from tests.integrations.test_routes import admin as api_admin
 from tests.integrations.test_routes import listing, put, valid_fields
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 DELIVERY = "/v1/tenants/settings/integrations/{provider}/delivery"
 

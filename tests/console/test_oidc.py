@@ -18,9 +18,10 @@ from broker.app import create_app
 from broker.core.config import Settings
 from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
-from tests.conftest import AUDIENCE, make_tenant
 from tests.console.conftest import ORIGIN, csrf_of
 from tests.fakes.oidc import TOKEN_TTL_S, FakeOIDC
+from tests.support.tenants import make_tenant
+from tests.support.tokens import AUDIENCE
 
 CLIENT_ID = "console"
 CLIENT_SECRET = "console-secret-for-tests"

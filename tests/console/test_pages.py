@@ -13,10 +13,10 @@ from sqlalchemy import Engine, text
 from broker.app import create_app
 from broker.core.config import Settings
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, token
 from tests.console.conftest import ORIGIN, post_form, sign_in
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.stripe import FakeStripe
+from tests.support.tokens import bearer, token
 
 
 def _api(client: TestClient, shop: str) -> dict[str, str]:

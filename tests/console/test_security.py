@@ -27,8 +27,8 @@ from broker.models import ConsoleSession, utcnow
 from broker.payments import routes as payment_routes
 from broker.settings import routes as settings_routes
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, token
 from tests.console.conftest import ORIGIN, csrf_of, post_form, sign_in
+from tests.support.tokens import bearer, token
 
 COOKIE = "__Host-broker_console"
 

@@ -29,8 +29,9 @@ from broker.app import create_app
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine, upgrade
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import VALID
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 # Generous: the machines running the suite are small and shared.
 SLACK_S = 20.0

@@ -21,7 +21,9 @@ from sqlmodel import Session, col, select
 
 import broker.core
 from broker.models import AuditEvent
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 # Shapes of secrets a caller might paste into a URL, a header or a field name.
 TWILIO_TOKEN = secrets.token_hex(16)

@@ -15,8 +15,9 @@ from broker.app import create_app
 from broker.core.config import Settings
 from broker.core.logging import JsonFormatter, RedactionFilter
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.stripe import FakeStripe
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 def samples(client: TestClient) -> dict[str, list[tuple[dict[str, str], float]]]:

@@ -13,8 +13,8 @@ from broker.auth.scopes import KNOWN_SCOPES
 from broker.core.openapi import OAUTH2, route_scopes
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import PROVIDERS, ProviderEndpoints, get_provider
-from tests.conftest import bearer, token
 from tests.fakes.providers import VALID
+from tests.support.tokens import bearer, token
 
 INTEGRATIONS = "/v1/tenants/settings/integrations"
 

@@ -19,8 +19,9 @@ from broker.core.config import Settings
 from broker.core.ratelimit import LocalWindows, RateLimiter, client_address
 from broker.devstack.openbao import free_port
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import VALID
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 def limited_client(

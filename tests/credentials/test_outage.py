@@ -5,13 +5,10 @@ from __future__ import annotations
 from sqlalchemy import Engine
 
 from broker.devstack.openbao import OpenBaoServer
-from tests.conftest import (
-    app_on,
-    bearer,
-    make_tenant,
-    token,
-)
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import app_on
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 def test_sealed_then_dead_vault_is_503_with_retry_after(

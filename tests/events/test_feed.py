@@ -11,9 +11,10 @@ from sqlalchemy import Engine
 
 from broker.core.db import unit_of_work
 from broker.events import outbox
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import FakeProviders
 from tests.integrations.test_routes import put, valid_fields
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 FEED = "/v1/events"
 

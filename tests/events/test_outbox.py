@@ -12,9 +12,10 @@ from sqlmodel import Session, col, select
 from broker.core.db import unit_of_work
 from broker.events import outbox
 from broker.models import Event
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import FakeProviders
 from tests.integrations.test_routes import admin, put, valid_fields
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 def events_of(engine: Engine, tenant: str) -> list[Event]:

@@ -23,11 +23,11 @@ import threading
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from tests.fakes.shopify_oauth import FakeClock
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 CODE_TTL_S = 30
 SIXTY_DAYS_S = 60 * 24 * 3600
@@ -67,12 +67,16 @@ class _Token:
     revoked: bool = False
 
 
-class FakeMetaGraph:
+class FakeMetaGraph(LoopbackServer):
     """Graph's code exchange, debug_token, /me and WABA read; a context manager."""
+
+    thread_name = "fake-meta-graph"
+    join_handlers = False
 
     def __init__(
         self, *, app_id: str, app_secret: str, clock: FakeClock, version: str = "v21.0"
     ) -> None:
+        super().__init__()
         self.app_id = app_id
         self.app_secret = app_secret
         self.clock = clock
@@ -84,33 +88,10 @@ class FakeMetaGraph:
         self._codes: dict[str, _Code] = {}
         self._tokens: dict[str, _Token] = {}
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> FakeMetaGraph:
-        self._server = _Server(("127.0.0.1", 0), _make_handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None
-        assert self._thread is not None
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-
-    @property
-    def base_url(self) -> str:
-        """Where the broker reaches this Graph (its `graph_base_url`)."""
-        assert self._server is not None
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Graph's endpoints, answered from this fake's state."""
+        return _make_handler(self)
 
     # -- what tests do ----------------------------------------------------------------------
 
@@ -223,15 +204,8 @@ def _error(
     return status, {"error": error}
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
-
-
 def _make_handler(fake: FakeMetaGraph) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         protocol_version = "HTTP/1.1"
         timeout = 5
 
@@ -240,16 +214,7 @@ def _make_handler(fake: FakeMetaGraph) -> type[BaseHTTPRequestHandler]:
 
         def _send(self, status: int, body: Any) -> None:
             data = json.dumps(body).encode()
-            self.close_connection = True
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=UTF-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
+            self.answer(status, data, {"Content-Type": "application/json; charset=UTF-8"})
 
         def do_GET(self) -> None:
             path, _, raw = self.path.partition("?")

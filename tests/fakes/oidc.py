@@ -1,5 +1,7 @@
 """A local OpenID Connect provider on 127.0.0.1, for the console's production sign-in.
 
+from tests.support.loopback import LoopbackServer, QuietHandler
+
 | GET  /.well-known/openid-configuration | discovery                                            |
 | GET  /jwks                             | the signing key (RS256)                              |
 | GET  /authorize                        | code flow; PKCE S256 required; 302 with code + state |
@@ -21,22 +23,27 @@ import secrets
 import threading
 import time
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 import jwt
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from tests.support.loopback import LoopbackServer, QuietHandler
+
 CODE_TTL_S = 60
 TOKEN_TTL_S = 3600
 
 
-class FakeOIDC:
+class FakeOIDC(LoopbackServer):
     """An OpenID Connect provider for one client; a context manager."""
 
+    thread_name = "fake-oidc"
+    join_handlers = False
+
     def __init__(self, *, client_id: str, client_secret: str, audience: str) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
         self.audience = audience
@@ -48,38 +55,15 @@ class FakeOIDC:
         self._kid = secrets.token_hex(8)
         self._codes: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> FakeOIDC:
-        server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
-        server.daemon_threads = True
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._server is not None and self._thread is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(5)
-        self._server = self._thread = None
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Discovery, authorize, token and JWKS, answered from this fake's state."""
+        return _make_handler(self)
 
     @property
     def issuer(self) -> str:
         """The provider's issuer URL (also its base URL)."""
-        if self._server is None:
-            raise RuntimeError("FakeOIDC is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+        return self.base_url
 
     def discovery(self) -> dict[str, Any]:
         return {
@@ -177,43 +161,48 @@ class FakeOIDC:
         return jwt.encode(claims, self._key, algorithm="RS256", headers={"kid": self._kid})
 
 
+class _Handler(QuietHandler):
+    """Discovery, JWKS, authorize and token; `fake` is the FakeOIDC whose state answers."""
+
+    fake: ClassVar[FakeOIDC]
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Cache-Control", "no-store")
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        if path == "/.well-known/openid-configuration":
+            self._send(200, self.fake.discovery())
+        elif path == "/jwks":
+            self._send(200, self.fake.jwks())
+        elif path == "/authorize":
+            self._authorize(dict(urllib.parse.parse_qsl(query)))
+        else:
+            self._send(404, {"error": "not_found"})
+
+    def _authorize(self, params: dict[str, str]) -> None:
+        location = self.fake.authorize(params)
+        if location is None:
+            self._send(400, {"error": "invalid_request"})
+        else:
+            self._send(302, {}, {"Location": location})
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+        if self.path != "/token":
+            self._send(404, {"error": "not_found"})
+            return
+        self._send(*self.fake.token(form, self.headers.get("Authorization", "")))
+
+
 def _make_handler(fake: FakeOIDC) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # codes and tokens
-
-        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Cache-Control", "no-store")
-            for name, value in (headers or {}).items():
-                self.send_header(name, value)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self) -> None:
-            path, _, query = self.path.partition("?")
-            if path == "/.well-known/openid-configuration":
-                self._send(200, fake.discovery())
-            elif path == "/jwks":
-                self._send(200, fake.jwks())
-            elif path == "/authorize":
-                location = fake.authorize(dict(urllib.parse.parse_qsl(query)))
-                if location is None:
-                    self._send(400, {"error": "invalid_request"})
-                else:
-                    self._send(302, {}, {"Location": location})
-            else:
-                self._send(404, {"error": "not_found"})
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-            if self.path != "/token":
-                self._send(404, {"error": "not_found"})
-                return
-            self._send(*fake.token(form, self.headers.get("Authorization", "")))
-
-    return Handler
+    return type("Handler", (_Handler,), {"fake": fake})

@@ -27,11 +27,10 @@ import json
 import re
 import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 
 from tests.fakes.provider_keys import (
     MAX_EXPIRES_IN_S,
@@ -46,6 +45,7 @@ from tests.fakes.provider_keys import (
     KeyRegistry,
     openai_error,
 )
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 PROVIDER_NAMES = ("twilio", "woocommerce", "shopify", "whatsapp", "openai")
 
@@ -173,16 +173,18 @@ def _error_body(provider: str, status: int) -> Any:
     return {"error": {"message": detail, "type": "server_error", "code": None}}
 
 
-class FakeProviders:
+class FakeProviders(LoopbackServer):
     """All five provider APIs on one local server; use it as a context manager."""
 
+    thread_name = "fake-providers"
+
     def __init__(self) -> None:
+        super().__init__()
         self.hits: collections.Counter[str] = collections.Counter()
         self.requests: list[RecordedRequest] = []
         self.on_request: Callable[[str], None] | None = None
         self.hook_errors: list[BaseException] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._accepted: dict[str, list[dict[str, str]]] = {}
         self._failures: dict[str, int] = {}
         self._delays: dict[str, float] = {}
@@ -190,50 +192,13 @@ class FakeProviders:
         self._down: set[str] = set()
         self._retry_after = "30"
         self.keys = KeyRegistry()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self.reset()
 
     # ------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> FakeProviders:
-        self._stop.clear()
-        server = _Server(("127.0.0.1", 0), _make_handler(self))
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-providers",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Stop serving; delayed answers are abandoned and every handler thread joined."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        self._stop.set()
-        server.shutdown()
-        server.server_close()  # joins the handler threads (they are not daemonic)
-        thread.join(5)
-
-    @property
-    def base_url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeProviders is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """The five providers' APIs, answered from this fake's state."""
+        return _make_handler(self)
 
     # ------------------------------------------------------------- behaviour
 
@@ -315,15 +280,7 @@ class FakeProviders:
     ) -> _Answer | None:
         """The response for one request, or None to hang up without answering."""
         route = path.split("?", 1)[0]
-        provider, handler, match = "unknown", "unknown", None
-        for name, pattern in _ROUTES:
-            match = pattern.fullmatch(route)
-            if match is not None:
-                handler = name
-                provider = name.split("_", 1)[0]
-                break
-        if match is not None and method != "GET" and handler in ("twilio", "openai"):
-            match = None
+        provider, handler, match = _route(route, method)
         with self._lock:
             self.hits[provider] += 1
             self.requests.append(RecordedRequest(method, path, headers, provider))
@@ -332,16 +289,34 @@ class FakeProviders:
             return _Answer(400, _GRAPH_BAD_CODE)
         if match is None:
             return _Answer(404, {"message": "Not Found"})
+        failed = self._hook_failed(provider)
+        if failed is not None:
+            return failed
+        return self._behave(provider, handler, match, method, headers, body)
 
+    def _hook_failed(self, provider: str) -> _Answer | None:
+        """Run the test's `on_request` hook; its exception is kept and answered with a 500."""
         hook = self.on_request
-        if hook is not None:
-            try:
-                hook(provider)
-            except Exception as exc:  # surfaced to the test through hook_errors
-                with self._lock:
-                    self.hook_errors.append(exc)
-                return _Answer(500, _error_body(provider, 500))
+        if hook is None:
+            return None
+        try:
+            hook(provider)
+        except Exception as exc:  # surfaced to the test through hook_errors
+            with self._lock:
+                self.hook_errors.append(exc)
+            return _Answer(500, _error_body(provider, 500))
+        return None
 
+    def _behave(
+        self,
+        provider: str,
+        handler: str,
+        match: re.Match[str],
+        method: str,
+        headers: dict[str, str],
+        body: bytes,
+    ) -> _Answer | None:
+        """The fault the test set for `provider` (down, slow, redirect, failure), or its API."""
         with self._lock:
             delay = self._delays.get(provider)
             location = self._redirects.get(provider)
@@ -349,9 +324,7 @@ class FakeProviders:
             down = provider in self._down
             retry_after = self._retry_after
             accepted = [dict(item) for item in self._accepted[provider]]
-        if down:
-            return None
-        if delay is not None and self._stop.wait(delay):
+        if down or (delay is not None and self.stopping.wait(delay)):
             return None
         if location is not None:
             return _Answer(302, {}, {"Location": location})
@@ -361,8 +334,7 @@ class FakeProviders:
         if handler != provider:
             keyed: _Answer = getattr(self, f"_{handler}")(method, match, headers, body, accepted)
             return keyed
-        check = getattr(self, f"_{provider}")
-        answer: _Answer = check(match, headers, accepted)
+        answer: _Answer = getattr(self, f"_{provider}")(match, headers, accepted)
         return answer
 
     # ------------------------------------------------------- minted keys
@@ -720,93 +692,75 @@ class FakeProviders:
         )
 
 
-class _Server(ThreadingHTTPServer):
-    # Non-daemonic handler threads: server_close() joins them, so nothing outlives the
-    # fixture.  Delays wait on the stop event, so joining is quick.
-    daemon_threads = False
+class _Handler(QuietHandler):
+    """The five providers' paths; `fake` is the FakeProviders whose state answers."""
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients hang up on purpose (timeouts); nothing to report
+    protocol_version = "HTTP/1.1"
+    timeout = 5  # a client that never sends its request cannot pin the thread
+    fake: ClassVar[FakeProviders]
+
+    def _headers(self) -> dict[str, str]:
+        return {name.lower(): value for name, value in self.headers.items()}
+
+    def _reply(
+        self,
+        status: int,
+        body: Any,
+        headers: Mapping[str, str] | None = None,
+        *,
+        none_is_empty: bool = True,
+    ) -> None:
+        """Answer JSON (no body for None, unless told) and close; a client that gave up is fine."""
+        data = b"" if body is None and none_is_empty else json.dumps(body).encode()
+        sent = {"Content-Type": "application/json; charset=utf-8"} if data else {}
+        self.answer(status, data, sent | dict(headers or {}))
+
+    def do_GET(self) -> None:
+        answer = self.fake._answer(self.path, self._headers())
+        self.close_connection = True
+        if answer is not None:
+            self._reply(answer.status, answer.body, answer.headers, none_is_empty=False)
+
+    def _keyed(self) -> bool:
+        """Twilio's Keys API and OpenAI's admin API; False for any other path."""
+        route = self.path.split("?", 1)[0]
+        if not (route.startswith("/2010-04-01/") or route.startswith("/v1/organization/")):
+            return False
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        answer = self.fake._answer(self.path, self._headers(), self.command, body)
+        self.close_connection = True
+        if answer is not None:
+            self._reply(answer.status, answer.body, answer.headers)
+        return True
+
+    def do_DELETE(self) -> None:
+        if not self._keyed():
+            self.send_error(404)
+
+    def do_POST(self) -> None:
+        if self._keyed():
+            return
+        # Shopify's token endpoint, which knows no app here: OAuth flows are tested
+        # against tests/fakes/shopify_oauth.py; this answers as Shopify would a stranger.
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path == "/admin/oauth/access_token":
+            self._reply(401, {"error": "invalid_client", "error_description": "unknown app"})
+        else:
+            self._reply(404, {"errors": "Not Found"})
+
+
+def _route(route: str, method: str) -> tuple[str, str, re.Match[str] | None]:
+    """The provider, its handler's name and the path's match (None: no API answers it)."""
+    for name, pattern in _ROUTES:
+        match = pattern.fullmatch(route)
+        if match is not None:
+            provider = name.split("_", 1)[0]
+            # Twilio's and OpenAI's read paths only read; their keys APIs have own routes.
+            if method != "GET" and name in ("twilio", "openai"):
+                return provider, name, None
+            return provider, name, match
+    return "unknown", "unknown", None
 
 
 def _make_handler(fake: FakeProviders) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 5  # a client that never sends its request cannot pin the thread
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # request lines and headers may carry credentials
-
-        def do_GET(self) -> None:
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            answer = fake._answer(self.path, headers)
-            self.close_connection = True
-            if answer is None:
-                return
-            body = json.dumps(answer.body).encode()
-            try:
-                self.send_response(answer.status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(body)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-            except OSError:
-                pass  # the client gave up (a timeout test)
-
-        def _keyed(self) -> bool:
-            """Twilio's Keys API and OpenAI's admin API; False for any other path."""
-            route = self.path.split("?", 1)[0]
-            if not (route.startswith("/2010-04-01/") or route.startswith("/v1/organization/")):
-                return False
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            answer = fake._answer(self.path, headers, self.command, body)
-            self.close_connection = True
-            if answer is None:
-                return True
-            data = b"" if answer.body is None else json.dumps(answer.body).encode()
-            try:
-                self.send_response(answer.status)
-                if data:
-                    self.send_header("Content-Type", "application/json; charset=utf-8")
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
-            return True
-
-        def do_DELETE(self) -> None:
-            if not self._keyed():
-                self.send_error(404)
-
-        def do_POST(self) -> None:
-            if self._keyed():
-                return
-            # Shopify's token endpoint, which knows no app here: OAuth flows are tested
-            # against tests/fakes/shopify_oauth.py; this answers as Shopify would a stranger.
-            self.rfile.read(int(self.headers.get("Content-Length") or 0))
-            if self.path == "/admin/oauth/access_token":
-                status = 401
-                body: Any = {"error": "invalid_client", "error_description": "unknown app"}
-            else:
-                status, body = 404, {"errors": "Not Found"}
-            data = json.dumps(body).encode()
-            self.close_connection = True
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
-
-    return Handler
+    return type("Handler", (_Handler,), {"fake": fake})

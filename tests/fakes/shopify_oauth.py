@@ -38,10 +38,11 @@ import time
 import urllib.parse
 from collections import Counter
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
+
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 ACCESS_TTL_S = 3600
 REFRESH_TTL_S = 90 * 24 * 3600
@@ -112,8 +113,10 @@ class _Shop:
     scope: str = ""
 
 
-class FakeShopifyOAuth:
+class FakeShopifyOAuth(LoopbackServer):
     """Shopify's OAuth and Admin API for any number of shops; a context manager."""
+
+    thread_name = "fake-shopify-oauth"
 
     def __init__(
         self,
@@ -123,6 +126,7 @@ class FakeShopifyOAuth:
         clock: FakeClock,
         scopes: str = "read_products,read_orders",
     ) -> None:
+        super().__init__()
         self.client_id = client_id
         self.client_secret = client_secret
         self.clock = clock
@@ -143,7 +147,6 @@ class FakeShopifyOAuth:
         # can hold refreshes in flight until something else has happened.
         self.refresh_replies = threading.Event()
         self.refresh_replies.set()
-        self._stop = threading.Event()
         self._exchanged: dict[str, tuple[str, dict[str, Any], float]] = {}
         self._lock = threading.Lock()
         self._codes: dict[str, tuple[str, float]] = {}
@@ -151,43 +154,12 @@ class FakeShopifyOAuth:
         self._access: dict[str, _Access] = {}
         self._issued: set[str] = set()
         self._shops: dict[str, _Shop] = {}
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> FakeShopifyOAuth:
-        server = _Server(("127.0.0.1", 0), _make_handler(self))
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-shopify-oauth",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None and thread is not None:
-            self._stop.set()
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
-
-    @property
-    def base_url(self) -> str:
-        if self._server is None:
-            raise RuntimeError("FakeShopifyOAuth is not running")
-        host, port = self._server.server_address[:2]
-        return f"http://{host!s}:{port}"
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Shopify's OAuth endpoints and Admin API, answered from this fake's state."""
+        return _make_handler(self)
 
     # ------------------------------------------------------------- test helpers
 
@@ -412,117 +384,111 @@ def _host_param(shop: str) -> str:
     return base64.b64encode(f"{shop}/admin".encode()).decode().rstrip("=")
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = False
+class _Handler(QuietHandler):
+    """Shopify's endpoints; `fake` is the FakeShopifyOAuth whose state answers."""
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass
+    protocol_version = "HTTP/1.1"
+    timeout = 5
+    fake: ClassVar[FakeShopifyOAuth]
+
+    def _shop(self) -> str:
+        return (self.headers.get("Host") or "").split(":", 1)[0].lower()
+
+    def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.answer(
+            status, data, {"Content-Type": "application/json; charset=utf-8"} | (headers or {})
+        )
+
+    def _page(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
+        self.answer(
+            status, text.encode(), {"Content-Type": "text/html; charset=utf-8"} | (headers or {})
+        )
+
+    def _signed_in_shop(self) -> str | None:
+        """The shop whose admin this browser is signed in to (a cookie, as on Shopify)."""
+        for part in (self.headers.get("Cookie") or "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SHOP_COOKIE and value.endswith(".myshopify.com"):
+                return value
+        return None
+
+    def _body(self) -> str:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length).decode()
+
+    def do_GET(self) -> None:
+        path, _, query = self.path.partition("?")
+        params = dict(urllib.parse.parse_qsl(query))
+        if path == "/admin/login":
+            self._sign_in(params.get("shop", ""))
+        elif path == "/admin/oauth/authorize":
+            self._authorize_page(params)
+        elif path.startswith("/admin/api/") and path.endswith("/shop.json"):
+            self._send(*self.fake.admin_api(self.headers.get("X-Shopify-Access-Token")))
+        else:
+            self._send(404, {"errors": "Not Found"})
+
+    def _sign_in(self, shop: str) -> None:
+        # A browser signs in to a shop's admin; the consent page then knows the shop
+        # (on Shopify the host tells it, here every shop shares one address).
+        cookie = f"{SHOP_COOKIE}={shop}; Path=/; HttpOnly; SameSite=Lax"
+        self._page(200, f"<p>Signed in to {html.escape(shop)}</p>", {"Set-Cookie": cookie})
+
+    def _authorize_page(self, params: dict[str, str]) -> None:
+        if self._shop().endswith(".myshopify.com"):
+            status, headers = self.fake.authorize(self._shop(), params)
+            self._send(status, {}, headers)
+            return
+        shop = self._signed_in_shop()
+        if shop is None or self.fake.refuses(params):
+            self._page(400, "<p>Log in to your store first, or a bad request.</p>")
+        else:
+            self._page(200, self.fake.consent_page(shop, params))
+
+    def do_POST(self) -> None:
+        if self.path == "/admin/oauth/authorize":
+            self._install()
+        elif self.path == "/admin/oauth/access_token":
+            self._token()
+        else:
+            self._send(404, {"errors": "Not Found"})
+
+    def _install(self) -> None:
+        """The merchant clicked Install on the consent page."""
+        form = dict(urllib.parse.parse_qsl(self._body()))
+        shop = self._signed_in_shop()
+        if shop is None:
+            self._page(400, "<p>Log in to your store first.</p>")
+            return
+        status, headers = self.fake.authorize(shop, form)
+        self._send(status, {}, headers)
+
+    def _token(self) -> None:
+        raw = self._body()
+        if (self.headers.get("Content-Type") or "").startswith("application/json"):
+            form = {str(k): str(v) for k, v in json.loads(raw or "{}").items()}
+        else:
+            form = dict(urllib.parse.parse_qsl(raw))
+        status, body = self.fake.token_endpoint(form)
+        if form.get("grant_type") == "refresh_token" and not self._refresh_reply_may_go():
+            return
+        if body is None:
+            # The refresh happened; its answer never arrives.
+            self.close_connection = True
+            return
+        self._send(status, body)
+
+    def _refresh_reply_may_go(self) -> bool:
+        """Hold a refresh's answer as the test set (delay, or until released); False if stopped."""
+        fake = self.fake
+        if fake.refresh_reply_delay_s and fake.stopping.wait(fake.refresh_reply_delay_s):
+            return False
+        while not fake.refresh_replies.wait(0.05):
+            if fake.stopping.is_set():
+                return False
+        return True
 
 
 def _make_handler(fake: FakeShopifyOAuth) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 5
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # queries and bodies carry codes and tokens
-
-        def _shop(self) -> str:
-            return (self.headers.get("Host") or "").split(":", 1)[0].lower()
-
-        def _send(self, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.close_connection = True
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
-
-        def _signed_in_shop(self) -> str | None:
-            """The shop whose admin this browser is signed in to (a cookie, as on Shopify)."""
-            for part in (self.headers.get("Cookie") or "").split(";"):
-                name, _, value = part.strip().partition("=")
-                if name == SHOP_COOKIE and value.endswith(".myshopify.com"):
-                    return value
-            return None
-
-        def _page(self, status: int, text: str, headers: dict[str, str] | None = None) -> None:
-            data = text.encode()
-            self.close_connection = True
-            try:
-                self.send_response(status)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                for name, value in (headers or {}).items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-            except OSError:
-                pass
-
-        def do_GET(self) -> None:
-            path, _, query = self.path.partition("?")
-            params = dict(urllib.parse.parse_qsl(query))
-            if path == "/admin/login":
-                # A browser signs in to a shop's admin; the consent page then knows the shop
-                # (on Shopify the host tells it, here every shop shares one address).
-                shop = params.get("shop", "")
-                cookie = f"{SHOP_COOKIE}={shop}; Path=/; HttpOnly; SameSite=Lax"
-                self._page(200, f"<p>Signed in to {html.escape(shop)}</p>", {"Set-Cookie": cookie})
-            elif path == "/admin/oauth/authorize" and self._shop().endswith(".myshopify.com"):
-                status, headers = fake.authorize(self._shop(), params)
-                self._send(status, {}, headers)
-            elif path == "/admin/oauth/authorize":
-                shop = self._signed_in_shop()
-                if shop is None or fake.refuses(params):
-                    self._page(400, "<p>Log in to your store first, or a bad request.</p>")
-                else:
-                    self._page(200, fake.consent_page(shop, params))
-            elif path.startswith("/admin/api/") and path.endswith("/shop.json"):
-                self._send(*fake.admin_api(self.headers.get("X-Shopify-Access-Token")))
-            else:
-                self._send(404, {"errors": "Not Found"})
-
-        def do_POST(self) -> None:
-            if self.path == "/admin/oauth/authorize":
-                length = int(self.headers.get("Content-Length") or 0)
-                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
-                shop = self._signed_in_shop()
-                if shop is None:
-                    self._page(400, "<p>Log in to your store first.</p>")
-                    return
-                status, headers = fake.authorize(shop, form)  # the merchant clicked Install
-                self._send(status, {}, headers)
-                return
-            if self.path != "/admin/oauth/access_token":
-                self._send(404, {"errors": "Not Found"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            raw = self.rfile.read(length).decode()
-            if (self.headers.get("Content-Type") or "").startswith("application/json"):
-                form = {str(k): str(v) for k, v in json.loads(raw or "{}").items()}
-            else:
-                form = dict(urllib.parse.parse_qsl(raw))
-            status, body = fake.token_endpoint(form)
-            if form.get("grant_type") == "refresh_token" and fake.refresh_reply_delay_s:
-                if fake._stop.wait(fake.refresh_reply_delay_s):
-                    return
-            if form.get("grant_type") == "refresh_token":
-                while not fake.refresh_replies.wait(0.05):
-                    if fake._stop.is_set():
-                        return
-            if body is None:
-                # The refresh happened; its answer never arrives.
-                self.close_connection = True
-                return
-            self._send(status, body)
-
-    return Handler
+    return type("Handler", (_Handler,), {"fake": fake})

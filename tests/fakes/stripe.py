@@ -49,12 +49,12 @@ import string
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
-from typing import Any
+from http.server import BaseHTTPRequestHandler
+from typing import Any, ClassVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tests.fakes.stripe_js import ASSETS
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 UPSTREAM_DETAIL = "fake-stripe-internal-detail-8d41"
 """Planted in every 5xx and 429 body, so tests can prove it never reaches the caller."""
@@ -155,10 +155,13 @@ class _Failure:
     retry_after: str | None
 
 
-class FakeStripe:
+class FakeStripe(LoopbackServer):
     """Stripe's API for customers, payment methods and SetupIntents; a context manager."""
 
+    thread_name = "fake-stripe"
+
     def __init__(self, *, secret_key: str | None = None) -> None:
+        super().__init__()
         # Made up at runtime, so no realistic-looking key is committed.
         self.secret_key = secret_key or "sk_test_" + secrets.token_hex(16)
         # What a browser's Stripe.js uses: it may only create payment methods and confirm
@@ -166,7 +169,6 @@ class FakeStripe:
         self.publishable_key = "pk_test_" + secrets.token_hex(12)
         self.requests: list[StripeRequest] = []
         self._lock = threading.Lock()
-        self._stop = threading.Event()
         self._customers: dict[str, dict[str, Any]] = {}
         self._payment_methods: dict[str, dict[str, Any]] = {}
         self._setup_intents: dict[str, dict[str, Any]] = {}
@@ -176,9 +178,6 @@ class FakeStripe:
         self._failures: list[_Failure] = []
         self._delays: list[float] = []
         self._hang_up = False
-        self._port = 0
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
         self._holder: socket.socket | None = None
 
     def __repr__(self) -> str:
@@ -186,54 +185,16 @@ class FakeStripe:
 
     # ------------------------------------------------------------- lifecycle
 
-    def __enter__(self) -> FakeStripe:
-        self._stop.clear()
-        self._start(0)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Stripe's API, answered from this fake's state."""
+        return _make_handler(self)
 
     def close(self) -> None:
         """Stop serving; delayed answers are abandoned and every handler thread joined."""
-        self._stop.set()
-        self._stop_server()
+        super().close()
         if self._holder is not None:
             self._holder.close()
             self._holder = None
-
-    def _start(self, port: int) -> None:
-        server = _Server(("127.0.0.1", port), _make_handler(self))
-        self._port = server.server_address[1]
-        thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="fake-stripe",
-            daemon=True,
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-
-    def _stop_server(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is None or thread is None:
-            return
-        server.shutdown()
-        server.server_close()  # joins the handler threads (they are not daemonic)
-        thread.join(5)
-
-    @property
-    def base_url(self) -> str:
-        """``http://127.0.0.1:<port>``: what the SDK takes as its API base."""
-        if not self._port:
-            raise RuntimeError("FakeStripe is not running")
-        return f"http://127.0.0.1:{self._port}"
 
     @property
     def js_url(self) -> str:
@@ -362,7 +323,7 @@ class FakeStripe:
         if self._holder is not None:
             return
         port = self._port
-        self._stop_server()
+        self.unlisten()
         holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         holder.bind(("127.0.0.1", port))
@@ -375,7 +336,7 @@ class FakeStripe:
         if self._holder is not None:
             self._holder.close()
             self._holder = None
-            self._start(self._port)
+            self.listen()
 
     # ------------------------------------------------------------- inspection
 
@@ -440,13 +401,19 @@ class FakeStripe:
             delay = self._delays.pop(0) if self._delays else None
         if hang_up:
             return None
-        if delay is not None and self._stop.wait(delay):
+        if delay is not None and self.stopping.wait(delay):
             return None
         if failure is not None:
             return _failure_answer(failure)
 
-        token = headers.get("authorization", "")
-        scheme, _, presented = token.partition(" ")
+        refused = self._authenticate(method, path, headers.get("authorization", ""))
+        if refused is not None:
+            return refused
+        return self._answer_once(method, path, params, key, version)
+
+    def _authenticate(self, method: str, path: str, authorization: str) -> _Answer | None:
+        """Stripe's 401 for a missing, wrong or publishable-where-not-allowed key; else None."""
+        scheme, _, presented = authorization.partition(" ")
         if scheme.lower() != "bearer" or not presented:
             return _error(
                 401,
@@ -467,7 +434,12 @@ class FakeStripe:
             # Stripe masks all but the prefix and the last four characters.
             masked = presented[:8] + "*" * max(0, len(presented) - 12) + presented[-4:]
             return _error(401, "invalid_request_error", f"Invalid API Key provided: {masked}")
+        return None
 
+    def _answer_once(
+        self, method: str, path: str, params: dict[str, Any], key: str | None, version: str | None
+    ) -> _Answer:
+        """The answer, or with an idempotency key seen before, the first answer replayed."""
         with self._lock:
             # One request at a time: keeps replay and state changes atomic, like
             # Stripe's lock on an idempotency key.
@@ -563,6 +535,24 @@ class FakeStripe:
             return _missing("customer", customer_id, "id")
         return _Answer(200, customer)
 
+    def _not_attached(self, customer_id: str, pm_id: str | None) -> _Answer | None:
+        """Stripe's refusal of a default payment method the customer does not have."""
+        if pm_id is None:
+            return None
+        method = self._payment_methods.get(pm_id)
+        if method is None:
+            return _missing("PaymentMethod", pm_id, "invoice_settings[default_payment_method]")
+        if method["customer"] != customer_id:
+            return _error(
+                400,
+                "invalid_request_error",
+                f"The customer does not have a payment method with the ID {pm_id}. "
+                "The payment method must be attached to the customer.",
+                code="resource_missing",
+                param="invoice_settings[default_payment_method]",
+            )
+        return None
+
     def _update_customer(self, customer_id: str, params: dict[str, Any]) -> _Answer:
         if (refused := _unknown(params, _CUSTOMER_UPDATE_PARAMS)) is not None:
             return refused
@@ -582,21 +572,8 @@ class FakeStripe:
             return refused
         if "default_payment_method" in invoice:
             pm_id = invoice["default_payment_method"] or None
-            if pm_id is not None:
-                method = self._payment_methods.get(pm_id)
-                if method is None:
-                    return _missing(
-                        "PaymentMethod", pm_id, "invoice_settings[default_payment_method]"
-                    )
-                if method["customer"] != customer_id:
-                    return _error(
-                        400,
-                        "invalid_request_error",
-                        f"The customer does not have a payment method with the ID {pm_id}. "
-                        "The payment method must be attached to the customer.",
-                        code="resource_missing",
-                        param="invoice_settings[default_payment_method]",
-                    )
+            if (refused := self._not_attached(customer_id, pm_id)) is not None:
+                return refused
             customer["invoice_settings"]["default_payment_method"] = pm_id
         for name in ("name", "email", "description", "phone"):
             if name in params:
@@ -766,44 +743,53 @@ class FakeStripe:
                 code="parameter_invalid_string",
                 param="usage",
             )
-        allowed = params.get("allowed_payment_method_types")
-        types = allowed or params.get("payment_method_types") or ["card"]
-        intent_id = _random_id("seti_")
-        intent = {
-            "id": intent_id,
-            "object": "setup_intent",
-            "allowed_payment_method_types": allowed,
-            "application": None,
-            "automatic_payment_methods": None,
-            "cancellation_reason": None,
-            "client_secret": f"{intent_id}_secret_{_random_id('', 24)}",
-            "created": int(time.time()),
-            "customer": customer_id,
-            "description": params.get("description"),
-            "excluded_payment_method_types": None,
-            "flow_directions": None,
-            "last_setup_error": None,
-            "latest_attempt": None,
-            "livemode": False,
-            "mandate": None,
-            "metadata": params.get("metadata", {}),
-            "next_action": None,
-            "on_behalf_of": None,
-            "payment_method": None,
-            "payment_method_options": {
-                "card": {
-                    "mandate_options": None,
-                    "network": None,
-                    "request_three_d_secure": "automatic",
-                }
-            },
-            "payment_method_types": types,
-            "single_use_mandate": None,
-            "status": "requires_payment_method",
-            "usage": usage,
-        }
+        intent = _new_setup_intent(params, customer_id, usage)
+        intent_id = intent["id"]
         self._setup_intents[intent_id] = intent
         return _Answer(200, intent)
+
+
+def _new_setup_intent(
+    params: dict[str, Any], customer_id: str | None, usage: str
+) -> dict[str, Any]:
+    """A SetupIntent object as Stripe creates it, awaiting its payment method."""
+    allowed = params.get("allowed_payment_method_types")
+    types = allowed or params.get("payment_method_types") or ["card"]
+    intent_id = _random_id("seti_")
+    intent = {
+        "id": intent_id,
+        "object": "setup_intent",
+        "allowed_payment_method_types": allowed,
+        "application": None,
+        "automatic_payment_methods": None,
+        "cancellation_reason": None,
+        "client_secret": f"{intent_id}_secret_{_random_id('', 24)}",
+        "created": int(time.time()),
+        "customer": customer_id,
+        "description": params.get("description"),
+        "excluded_payment_method_types": None,
+        "flow_directions": None,
+        "last_setup_error": None,
+        "latest_attempt": None,
+        "livemode": False,
+        "mandate": None,
+        "metadata": params.get("metadata", {}),
+        "next_action": None,
+        "on_behalf_of": None,
+        "payment_method": None,
+        "payment_method_options": {
+            "card": {
+                "mandate_options": None,
+                "network": None,
+                "request_three_d_secure": "automatic",
+            }
+        },
+        "payment_method_types": types,
+        "single_use_mandate": None,
+        "status": "requires_payment_method",
+        "usage": usage,
+    }
+    return intent
 
 
 def _publishable_may(method: str, path: str) -> bool:
@@ -875,70 +861,39 @@ def _failure_answer(failure: _Failure) -> _Answer:
     return _Answer(answer.status, answer.body, headers)
 
 
-class _Server(ThreadingHTTPServer):
-    # Non-daemonic handler threads: server_close() joins them, so nothing outlives the
-    # fake.  Delays wait on the stop event, so joining is quick.
-    daemon_threads = False
+class _Handler(QuietHandler):
+    """Stripe's API and Stripe.js; `fake` is the FakeStripe whose state answers."""
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients hang up on purpose (timeouts); nothing to report
+    protocol_version = "HTTP/1.1"
+    timeout = 5  # a client that never sends its request cannot pin the thread
+    fake: ClassVar[FakeStripe]
+
+    def do_GET(self) -> None:
+        asset = ASSETS.get(self.path.split("?", 1)[0])
+        if asset is not None:
+            self.answer(200, asset[1].encode(), {"Content-Type": asset[0]})
+        else:
+            self._serve("GET")
+
+    def do_POST(self) -> None:
+        self._serve("POST")
+
+    def do_DELETE(self) -> None:
+        self._serve("DELETE")
+
+    def _serve(self, method: str) -> None:
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        length = int(headers.get("content-length") or 0)
+        body = self.rfile.read(length).decode("utf-8") if length else ""
+        answer = self.fake._answer(method, self.path, headers, body)
+        self.close_connection = True
+        if answer is None:
+            return  # hang up without a word
+        sent = {"Content-Type": "application/json", "Request-Id": _random_id("req_", 14)}
+        if "stripe-version" in headers:
+            sent["Stripe-Version"] = headers["stripe-version"]
+        self.answer(answer.status, json.dumps(answer.body).encode(), sent | answer.headers)
 
 
 def _make_handler(fake: FakeStripe) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        timeout = 5  # a client that never sends its request cannot pin the thread
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass  # request lines and headers carry the secret key
-
-        def do_GET(self) -> None:
-            self._serve("GET")
-
-        def do_POST(self) -> None:
-            self._serve("POST")
-
-        def do_DELETE(self) -> None:
-            self._serve("DELETE")
-
-        def _serve(self, method: str) -> None:
-            if method == "GET" and self.path.split("?", 1)[0] in ASSETS:
-                self._asset(*ASSETS[self.path.split("?", 1)[0]])
-                return
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            length = int(headers.get("content-length") or 0)
-            body = self.rfile.read(length).decode("utf-8") if length else ""
-            answer = fake._answer(method, self.path, headers, body)
-            self.close_connection = True
-            if answer is None:
-                return  # hang up without a word
-            payload = json.dumps(answer.body).encode()
-            try:
-                self.send_response(answer.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Request-Id", _random_id("req_", 14))
-                if "stripe-version" in headers:
-                    self.send_header("Stripe-Version", headers["stripe-version"])
-                for name, value in answer.headers.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(payload)
-            except OSError:
-                pass  # the client gave up (a timeout test)
-
-        def _asset(self, content_type: str, text: str) -> None:
-            payload = text.encode()
-            self.close_connection = True
-            try:
-                self.send_response(200)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(payload)))
-                self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(payload)
-            except OSError:
-                pass
-
-    return Handler
+    return type("Handler", (_Handler,), {"fake": fake})

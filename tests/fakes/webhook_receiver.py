@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.support.loopback import LoopbackServer
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,14 @@ class Received:
     payload: Any = field(default=None, repr=False)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-class WebhookReceiver:
+class WebhookReceiver(LoopbackServer):
     """A receiver; use it as a context manager."""
 
+    thread_name = "webhook-receiver"
+    join_handlers = False
+
     def __init__(self) -> None:
+        super().__init__()
         self.secret: str | None = None
         self.received: list[Received] = []
         self.status = 204
@@ -48,47 +48,29 @@ class WebhookReceiver:
         self.held_ids: list[str] = []
         self._release = threading.Event()
         self._lock = threading.Lock()
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._port = 0
 
     # -- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> WebhookReceiver:
-        self.up()
-        return self
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        """Deliveries, verified and kept; answered as the test set."""
+        return _handler(self)
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Release held requests, then stop."""
         self._release.set()
-        self.down()
+        super().close()
 
     def up(self) -> None:
-        """Listen (again, on the same port once it had one)."""
-        server = _Server(("127.0.0.1", self._port), _handler(self))
-        self._port = server.server_address[1]
-        thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        thread.start()
-        self._server, self._thread = server, thread
+        """Listen again, on the same port: deliveries arrive again."""
+        self.listen()
 
     def down(self) -> None:
         """Stop listening: connections are refused until `up()`."""
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
-        if server is not None and thread is not None:
-            server.shutdown()
-            server.server_close()
-            thread.join(5)
+        self.unlisten()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._port}/hooks"
+        return f"{self.base_url}/hooks"
 
     def release(self) -> None:
         """Let held requests finish (and stop holding new ones)."""

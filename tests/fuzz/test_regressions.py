@@ -23,7 +23,8 @@ from sqlmodel import Session, select
 
 from broker.core.ratelimit import LocalWindows
 from broker.models import AuditEvent
-from tests.conftest import bearer, make_tenant, new_tenant_id, token
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import bearer, token
 
 PROBLEM = "application/problem+json"
 NEVER_A_TENANT = "no-such-tenant-anywhere"

@@ -40,8 +40,9 @@ from schemathesis.specs.openapi.checks import (
 
 from broker.app import create_app
 from broker.core.config import Settings
-from tests.conftest import TEST_SIGNING_KEY, bearer, make_tenant, new_tenant_id, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 
 # FUZZ_EXAMPLES=500 (make fuzz) for the long run; the suite's own run stays small.
 LONG_RUN = int(os.environ.get("FUZZ_EXAMPLES") or 0)

@@ -50,9 +50,10 @@ from broker.integrations.service import read_credentials
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.errors import VaultUnavailable
 from broker.vault.gateway import VaultGateway
-from tests.conftest import AUDIENCE, ISSUER, TEST_SIGNING_KEY, VaultEndpoint, bearer, make_settings
-from tests.conftest import token as mint
+from tests.support.apps import VaultEndpoint, make_settings
 from tests.support.redis import redis_server
+from tests.support.tokens import AUDIENCE, ISSUER, TEST_SIGNING_KEY, bearer
+from tests.support.tokens import token as mint
 
 PROVIDER = "openai"
 # Load-test knobs. Every loop below is bounded by a count and a deadline.

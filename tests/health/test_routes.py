@@ -15,8 +15,9 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import OpenBaoServer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, app_on, bearer, make_settings, token
+from tests.support.apps import VaultEndpoint, app_on, make_settings
 from tests.support.slowproxy import SlowProxy
+from tests.support.tokens import bearer, token
 
 
 def test_healthz_is_alive(client: TestClient) -> None:

@@ -19,10 +19,11 @@ from broker.core.config import Settings, get_settings
 from broker.credential_health import age
 from broker.events import outbox
 from broker.models import Event, IntegrationCredential, utcnow
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import FakeProviders
 from tests.health_checks.test_health import check_now, health, own_twilio
 from tests.integrations.test_routes import put, valid_fields
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 REPORT = "/v1/platform/credentials/report"
 OPS = bearer(token("platform:admin", subject="ops"))

@@ -16,9 +16,9 @@ from sqlmodel import Session, col, select
 from broker.core.config import Settings
 from broker.events import outbox
 from broker.models import Event
-from tests.conftest import bearer, token
 from tests.fakes.providers import FakeProviders
 from tests.integrations.test_routes import admin, listing, put, valid_fields
+from tests.support.tokens import bearer, token
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
 
 INTEGRATIONS = "/v1/tenants/settings/integrations"

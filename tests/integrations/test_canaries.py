@@ -23,8 +23,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy.engine import make_url
 
 from broker.core.logging import configure_logging
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import FakeProviders
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 def _canaries() -> dict[str, dict[str, str]]:

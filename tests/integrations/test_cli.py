@@ -20,7 +20,6 @@ from broker.core.config import get_settings
 from broker.integrations.oauth import pasted_tenants
 from broker.integrations.service import read_sealed
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.shopify_oauth import FakeShopifyOAuth
 from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     CLIENT_SECRET,
@@ -30,6 +29,9 @@ from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     pasted,
     shopify,
 )
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 @pytest.fixture

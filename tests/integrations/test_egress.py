@@ -30,6 +30,7 @@ from broker.integrations.egress import (
     GuardedTransport,
     screen_url,
 )
+from tests.support.loopback import Serving
 
 CAP = 1024
 SECRET_BODY = "PROVIDER-INTERNAL-STACKTRACE-7f3a9c"
@@ -521,18 +522,11 @@ class _QuietServer(ThreadingHTTPServer):
 @pytest.fixture
 def local_server() -> Iterator[LocalServer]:
     state = ServerState()
-    server = _QuietServer(("127.0.0.1", 0), _make_handler(state))
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
     try:
-        yield LocalServer(port=server.server_address[1], state=state)
+        with Serving(_make_handler(state), join_handlers=False) as server:
+            yield LocalServer(port=server.port, state=state)
     finally:
         state.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def dev_client(**overrides: Any) -> EgressClient:

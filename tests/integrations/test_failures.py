@@ -15,13 +15,10 @@ from sqlalchemy import Engine, text
 
 from broker.devstack.openbao import OpenBaoServer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    app_on,
-    bearer,
-    make_tenant,
-    token,
-)
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import app_on
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 
 @pytest.fixture

@@ -15,15 +15,11 @@ from broker.core.db import unit_of_work
 from broker.integrations.jobs import reconcile_pending
 from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    app_through,
-    bearer,
-    make_tenant,
-    token,
-)
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint, app_through
 from tests.support.slowproxy import SlowProxy
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
 
 KV_WRITE = b"POST /v1/secret/data/"

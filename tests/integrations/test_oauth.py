@@ -30,17 +30,13 @@ from broker.integrations.oauth import callback_signature, due_for_refresh, refre
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, OAuthState, TenantSettings
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.integrations.test_canaries import _pg_dump
+from tests.support import oauth as oauth_connect
+from tests.support.apps import VaultEndpoint, make_settings, provider_overrides
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 CLIENT_ID = "canary-client-" + secrets.token_hex(8)
 CLIENT_SECRET = "shpss_canary" + secrets.token_hex(16)
@@ -134,22 +130,16 @@ def start(client: TestClient, tenant: str, shop: str, **body: Any) -> str:
 
 def consent(client: TestClient, tenant: str, shop: str) -> dict[str, str]:
     """Start a connect and let the merchant approve it at the fake: the signed callback query."""
-    response = client.post(CONNECT, json={"shop": shop}, headers=_admin(tenant))
-    assert response.status_code == 200, response.text
-    # The browser at Shopify: the shop is the host it talks to.
-    answer = httpx.get(
-        response.json()["authorization_url"], headers={"Host": shop}, follow_redirects=False
+    location = urllib.parse.urlsplit(
+        oauth_connect.consent(client, tenant, shop).headers["location"]
     )
-    assert answer.status_code == 302, answer.text
-    location = urllib.parse.urlsplit(answer.headers["location"])
     assert f"{location.scheme}://{location.netloc}{location.path}" == CALLBACK
     return dict(urllib.parse.parse_qsl(location.query))
 
 
 def callback(client: TestClient, params: dict[str, str] | list[tuple[str, str]]) -> httpx.Response:
     """The browser arriving at the broker's callback."""
-    query = urllib.parse.urlencode(params)
-    return client.get(f"/v1/oauth/callback/shopify?{query}", follow_redirects=False)
+    return oauth_connect.callback(client, params)
 
 
 def connected(client: TestClient, shop: str) -> str:

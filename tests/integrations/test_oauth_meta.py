@@ -25,18 +25,13 @@ from broker.core.logging import configure_logging
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, TenantSettings
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
 from tests.fakes.meta_graph import SIXTY_DAYS_S, FakeMetaGraph, Signup
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.integrations.test_canaries import _pg_dump
+from tests.support.apps import VaultEndpoint, make_settings, provider_overrides
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 APP_ID = str(secrets.randbelow(10**15) + 10**14)
 APP_SECRET = "metacanary" + secrets.token_hex(16)

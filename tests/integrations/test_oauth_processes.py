@@ -27,8 +27,11 @@ from broker.devstack.openbao import free_port
 from broker.integrations.jobs import REFRESH_DUE, refresh_due_tokens
 from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
-from tests.conftest import TEST_SIGNING_KEY, VaultEndpoint, bearer, new_tenant_id, token
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
+from tests.support import oauth as oauth_connect
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import new_tenant_id
+from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 from tests.support.workers import Workers, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -158,15 +161,10 @@ def _tenant(broker: Broker) -> str:
 def connect(broker: Broker, shop: str) -> str:
     """A tenant connected to `shop` through `broker`."""
     tenant = _tenant(broker)
-    started = httpx.post(
-        f"{broker.url}/v1/tenants/settings/integrations/shopify/connect",
-        json={"shop": shop},
-        headers=bearer(token("integrations:manage", tenant_id=tenant)),
-    )
-    assert started.status_code == 200, started.text
-    consent = httpx.get(started.json()["authorization_url"], headers={"Host": shop})
-    query = urllib.parse.urlsplit(consent.headers["location"]).query
-    answer = httpx.get(f"{broker.url}/v1/oauth/callback/shopify?{query}")
+    with httpx.Client() as http:
+        approved = oauth_connect.consent(http, tenant, shop, base=broker.url)
+        query = urllib.parse.urlsplit(approved.headers["location"]).query
+        answer = oauth_connect.callback(http, query, base=broker.url)
     assert answer.status_code == 303
     assert answer.headers["location"].endswith("outcome=connected"), answer.headers["location"]
     return tenant

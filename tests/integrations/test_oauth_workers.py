@@ -35,10 +35,10 @@ from broker.integrations.service import read_sealed
 from broker.jobs.defer import defer
 from broker.models import AuditEvent, IntegrationCredential
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, make_settings
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.integrations.test_canaries import _pg_dump
 from tests.integrations.test_oauth import CALLBACK, REDIRECT_BASE, RETURN, _shop, connected
+from tests.support.apps import VaultEndpoint, make_settings
 from tests.support.workers import BROKER_WORKER, Workers, registered_workers, wait_for
 
 CLIENT_ID = "workers-client-" + secrets.token_hex(4)

@@ -10,8 +10,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.tokens import bearer, token
 
 PROVIDER_NAMES = ["twilio", "woocommerce", "shopify", "whatsapp", "openai"]
 
@@ -305,7 +305,7 @@ def test_a_ciphertext_only_decrypts_for_its_own_tenant_and_provider(
 ) -> None:
     from broker.integrations.service import read_credentials
     from broker.vault.errors import CiphertextRejected
-    from tests.conftest import make_tenant
+    from tests.support.tenants import make_tenant
 
     victim, other = make_tenant(client), make_tenant(client)
     assert put(client, victim, "shopify", valid_fields("shopify", providers)).status_code == 200

@@ -18,9 +18,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.apps import VaultEndpoint, app_through
 from tests.support.slowproxy import SlowProxy
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 KV_WRITE = b"POST /v1/secret/data/"
 KV_DELETE = b"POST /v1/secret/delete/"

@@ -17,18 +17,12 @@ from broker.leases import service as leases
 from broker.leases.service import Leasing
 from broker.models import DynamicLease
 from broker.vault.gateway import VaultGateway
-from tests.conftest import (
-    OAUTH_SETTINGS,
-    VaultEndpoint,
-    bearer,
-    make_settings,
-    make_tenant,
-    provider_overrides,
-    token,
-)
 from tests.fakes.provider_keys import OPENAI_ADMIN
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
+from tests.support.apps import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 DELIVERY = "/v1/tenants/settings/integrations/{provider}/delivery"
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from broker.cli import app as cli
 from broker.core.config import get_settings
 from broker.leases import service as leases
-from tests.conftest import VaultEndpoint
 from tests.fakes.providers import VALID, FakeProviders
 from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.leases.test_dynamic import twilio_works
+from tests.support.apps import VaultEndpoint
 
 
 @pytest.fixture

@@ -20,7 +20,6 @@ from broker.leases import service as leases
 from broker.models import AuditEvent, DynamicLease
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.provider_keys import OPENAI_ADMIN
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
@@ -33,6 +32,9 @@ from tests.leases.conftest import (
     leasing,
     service,
 )
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 ROOT_VALUES = (VALID["twilio"]["auth_token"], OPENAI_ADMIN["api_key"])
 

@@ -20,13 +20,13 @@ from broker.leases import service as leases
 from broker.models import Event, WebhookDelivery
 from broker.vault.gateway import VaultGateway
 from tests.client.test_sdk import BrokerProxy
-from tests.conftest import bearer, token
 from tests.fakes.provider_keys import OPENAI_ADMIN
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.fakes.webhook_receiver import WebhookReceiver
 from tests.leases.conftest import admin, dynamic_tenant, fetch, leasing, service
 from tests.leases.test_sdk import broker_url  # noqa: F401 - fixture
+from tests.support.tokens import bearer, token
 
 LEASE_EVENTS = (outbox.LEASE_MINTED, outbox.LEASE_REVOKED)
 REVOKE = "/v1/tenants/settings/leases/revoke"

@@ -15,11 +15,12 @@ from broker.leases.service import lease_item
 from broker.models import DynamicLease
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.leases.conftest import admin, configure, dynamic_tenant, fetch, leasing, service
 from tests.leases.test_dynamic import openai_works, twilio_works
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 ACCOUNT = VALID["twilio"]["account_sid"]
 

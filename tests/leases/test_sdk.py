@@ -19,10 +19,10 @@ from broker.client import (
     create_twilio_service_for_tenant,
 )
 from broker.integrations.egress import EgressPolicy
-from tests.conftest import token
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.leases.conftest import admin, dynamic_tenant
+from tests.support.tokens import token
 
 LOCAL = EgressPolicy(allow_http=True, allow_loopback=True)
 SID = VALID["twilio"]["account_sid"]

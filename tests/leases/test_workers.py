@@ -18,10 +18,10 @@ from broker.app import create_app
 from broker.core.config import Settings
 from broker.leases import service as leases
 from broker.vault.gateway import VaultGateway
-from tests.conftest import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.leases.conftest import dynamic_tenant, fetch, leasing, revoke_what_is_left
+from tests.support.apps import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
 from tests.support.workers import Workers, wait_for
 
 LEASES = 100

@@ -44,9 +44,11 @@ from broker.settings.schemas import default_group
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, bearer, make_tenant, token
 from tests.fakes.providers import VALID
 from tests.legacy.conftest import LegacyDb, twilio_pair
+from tests.support.apps import VaultEndpoint
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 T = TypeVar("T")
 

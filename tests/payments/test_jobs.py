@@ -17,9 +17,11 @@ from broker.jobs.defer import defer
 from broker.payments.jobs import reconcile_default_cards
 from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint, app_through, bearer, make_tenant, token
 from tests.fakes.stripe import FakeStripe
+from tests.support.apps import VaultEndpoint, app_through
 from tests.support.slowproxy import SlowProxy
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
 
 KV_WRITE = b"POST /v1/secret/data/"

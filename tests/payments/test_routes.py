@@ -21,8 +21,9 @@ from broker.payments.service import (
 )
 from broker.payments.stripe_gateway import STRIPE_API_VERSION
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.stripe import FakeStripe
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 BASE = "/v1/tenants/settings/payment-methods"
 

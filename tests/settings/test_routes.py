@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from broker.settings.schemas import SETTINGS_GROUPS
-from tests.conftest import bearer, token
+from tests.support.tokens import bearer, token
 
 
 def admin(tenant: str) -> dict[str, str]:

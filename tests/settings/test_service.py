@@ -14,7 +14,8 @@ from broker.core.db import unit_of_work
 from broker.core.errors import NotFound, UpstreamUnavailable, ValidationFailed
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.settings import service
-from tests.conftest import bearer, new_tenant_id, token
+from tests.support.tenants import new_tenant_id
+from tests.support.tokens import bearer, token
 
 
 @pytest.fixture

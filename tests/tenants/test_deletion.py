@@ -11,8 +11,10 @@ from sqlalchemy import Engine
 from broker.devstack.openbao import OpenBaoServer
 from broker.tenants.service import retire_key
 from broker.vault.gateway import VaultGateway
-from tests.conftest import app_on, bearer, make_tenant, token
 from tests.fakes.providers import VALID
+from tests.support.apps import app_on
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 OPS = bearer(token("platform:admin", subject="ops"))
 

@@ -12,8 +12,9 @@ from broker.integrations.service import read_credentials
 from broker.tenants.keys import backfill_keys, rotate_tenant_key
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import binding, key_name
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 
 OPS = bearer(token("platform:admin", subject="ops"))
 OPERATOR = Principal(subject="ops", kind="user", scopes=frozenset({"platform:admin"}))

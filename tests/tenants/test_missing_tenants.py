@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, new_tenant_id, token
+from tests.support.tenants import new_tenant_id
+from tests.support.tokens import bearer, token
 
 IBAN = "DE89370400440532013000"
 

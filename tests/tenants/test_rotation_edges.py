@@ -9,8 +9,9 @@ from fastapi.testclient import TestClient
 
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import key_name
-from tests.conftest import bearer, make_tenant, token
 from tests.fakes.providers import VALID, FakeProviders
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
 from tests.tenants.test_keys import OPS, save
 
 

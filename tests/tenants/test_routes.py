@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.conftest import bearer, make_tenant, new_tenant_id, token
+from tests.support.tenants import make_tenant, new_tenant_id
+from tests.support.tokens import bearer, token
 
 OPS = bearer(token("platform:admin", subject="ops"))
 

@@ -13,7 +13,7 @@ from broker.devstack.openbao import OpenBaoServer, free_port
 from broker.vault.bootstrap import bootstrap, issue_broker_credentials
 from broker.vault.errors import CiphertextRejected, VaultMisconfigured, VaultUnavailable
 from broker.vault.gateway import VaultGateway
-from tests.conftest import VaultEndpoint
+from tests.support.apps import VaultEndpoint
 
 
 def _path() -> str:
