@@ -17,7 +17,7 @@ from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.errors import BrokerError
 from broker.vault.gateway import VaultGateway
-from tests.conftest import bearer, token
+from tests.support.tokens import bearer, token
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
 # Every metric the files use is the broker's or a standard collector's.
