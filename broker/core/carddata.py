@@ -41,6 +41,13 @@ _GAP = rf"[^0-9A-Za-z{re.escape(_BREAKS)}]"
 # time, date or address:port has such groups on both sides of one.
 _COLON = r"(?<=[0-9]{4}):(?=[0-9]{4})"
 _CHAIN = re.compile(rf"[0-9]+(?:(?:{_GAP}{{1,3}}|{_COLON})[0-9]+)*")
+# A card printed in its own groups (4-4-4-4, Amex 4-6-5) with the same whitespace between
+# every group joins across longer runs and line breaks too: "4242\n4242\n4242\n4242" in a
+# text field, or groups padded into columns. The repeated separator keeps lines of numbers
+# apart.
+_PRINTED = re.compile(
+    r"(?<![0-9])[0-9]{4}(\s{1,16})(?:[0-9]{4}\1[0-9]{4}\1[0-9]{4}|[0-9]{6}\1[0-9]{5})(?![0-9])"
+)
 _GROUP = re.compile(r"[0-9]+")
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 # An IBAN: country, check digits, then 11 to 30 letters or digits, grouped or not.
@@ -226,12 +233,19 @@ def _chain_hits(text: str, groups: list[tuple[int, int]]) -> Iterator[tuple[int,
 
 def _hits(folded: str) -> Iterator[tuple[int, int]]:
     masked = _mask_identifiers(folded)
+    hits: list[tuple[int, int]] = []
     for chain in _CHAIN.finditer(masked):
         groups = [
             (chain.start() + m.start(), chain.start() + m.end())
             for m in _GROUP.finditer(chain.group())
         ]
-        yield from _chain_hits(masked, groups)
+        hits.extend(_chain_hits(masked, groups))
+    for printed in _PRINTED.finditer(masked):
+        start, end = printed.span()
+        overlaps = any(start < hit_end and hit_start < end for hit_start, hit_end in hits)
+        if not overlaps and looks_like_pan("".join(_GROUP.findall(printed.group()))):
+            hits.append((start, end))
+    yield from sorted(hits)
 
 
 def contains_card_number(text: str, *, url: bool = False) -> bool:
