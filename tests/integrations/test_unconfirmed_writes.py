@@ -528,3 +528,50 @@ def test_restoring_a_version_from_before_a_key_rotation_is_410(client: TestClien
     )
     assert response.status_code == 410, response.text
     assert "rotation" in response.json()["detail"]
+
+
+# -- A: key rotation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item", ["integrations/twilio", "payout"])
+def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    engine: Engine,
+    vault_admin: VaultGateway,
+    item: str,
+) -> None:
+    tenant = make_tenant(client)
+    providers.accept("twilio", **SECOND)
+    if item == "payout":
+        assert _payout(client, tenant, IBAN).status_code == 200
+    else:
+        assert _put(client, tenant, FIRST).status_code == 200
+    ops = bearer(token("platform:admin", subject="ops"))
+
+    proxy.delay(KV_WRITE, 3.0)
+    response = slow.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
+    proxy.clear()
+    assert response.status_code == 503, response.text
+    _wait_for_version(vault_admin, f"tenants/{tenant}/{item}", 2)  # the rewrap lands
+
+    # The version only the rotation wrote is no reason to refuse the next write.
+    if item == "payout":
+        again = _payout(client, tenant, OTHER_IBAN)
+        assert again.status_code == 200, again.text
+        assert again.json()["hint"].endswith("5432")
+    else:
+        again = _put(client, tenant, SECOND)
+        assert again.status_code == 200, again.text
+        assert again.json()["version"] == 3
+    # The rotation sent again finishes what it began.
+    finished = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
+    assert finished.status_code == 200, finished.text
+    assert finished.json()["resumed"] is True
+    if item == "payout":
+        assert _payout_row(engine, tenant).payout_sync_pending is False
+    else:
+        assert _row(engine, tenant).vault_sync_pending is False
+
