@@ -575,3 +575,42 @@ def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
     else:
         assert _row(engine, tenant).vault_sync_pending is False
 
+
+def _failed_reads(engine: Engine, tenant: str) -> list[tuple[str, str | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT action, detail FROM audit_events WHERE tenant_id = :t"
+                " AND outcome = 'failed' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    return [(r.action, r.detail.get("reason")) for r in rows]
+
+
+def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
+) -> None:
+    """Not only a service's fetch: an admin's test of the stored credentials, and a restore."""
+    tenant = make_tenant(client)
+    fields = dict(VALID["woocommerce"], store_url=providers.base_url)
+    url = "/v1/tenants/settings/integrations/woocommerce"
+    assert client.put(url, json={"fields": fields}, headers=_admin(tenant)).status_code == 200
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    forged = dict(entry.data)
+    forged["public"] = dict(entry.data["public"])
+    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
+    vault_admin.kv_write(path, forged, cas=entry.version)
+
+    tested = client.post(f"{url}/test", headers=_admin(tenant))
+    restored = client.post(f"{url}/versions/2/restore", headers=_admin(tenant))
+    for response in (tested, restored):
+        assert response.status_code == 409, response.text
+        assert response.json()["title"] == "Stored data does not verify"
+        assert "attacker" not in response.text
+    assert _failed_reads(engine, tenant) == [
+        ("integration.test", "unverified"),
+        ("integration.restore", "unverified"),
+    ]
