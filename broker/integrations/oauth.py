@@ -276,7 +276,7 @@ def _client(access: OAuthAccess, app: OAuthApp, *, redirect_uri: str | None = No
     return OAuth2Client(
         client_id=app.client_id,
         client_secret=app.client_secret,
-        token_endpoint_auth_method="client_secret_post",
+        token_endpoint_auth_method="client_secret_post",  # noqa: S106 - a method name
         redirect_uri=redirect_uri,
         transport=GuardedTransport(policy),
         timeout=policy.timeout_s,

@@ -48,7 +48,8 @@ async def run_worker(
         # It becomes a cron seconds field, which only ticks evenly on divisors of 60.
         raise ConfigurationError("BROKER_JOBS_STALLED_CHECK_S must divide 60")
     dsn = conninfo(settings)
-    assert settings.database_url is not None  # conninfo() refused it already
+    if settings.database_url is None:  # conninfo() refused it already; for the type checker
+        raise ConfigurationError("BROKER_DATABASE_URL is required")
     concurrency = concurrency or settings.jobs_concurrency
     if 60 % settings.lease_sweep_s:
         raise ConfigurationError("BROKER_LEASE_SWEEP_S must divide 60")
