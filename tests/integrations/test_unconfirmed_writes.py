@@ -614,3 +614,42 @@ def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
         ("integration.test", "unverified"),
         ("integration.restore", "unverified"),
     ]
+
+
+def test_a_row_rebuilt_from_vault_never_adopts_hints_that_do_not_verify(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
+) -> None:
+    """A pending row is rebuilt from KV's public part only once it verifies against the seal."""
+    mine, other = make_tenant(client), make_tenant(client)
+    url = "/v1/tenants/settings/integrations/woocommerce"
+    for tenant, key in ((mine, "ck_" + "1" * 40), (other, "ck_" + "2" * 40)):
+        fields = dict(VALID["woocommerce"], store_url=providers.base_url, consumer_key=key)
+        providers.accept("woocommerce", **fields)
+        saved = client.put(url, json={"fields": fields}, headers=_admin(tenant))
+        assert saved.status_code == 200, saved.text
+    path = f"tenants/{mine}/integrations/woocommerce"
+    entry = vault_admin.kv_read(path)
+    theirs = vault_admin.kv_read(f"tenants/{other}/integrations/woocommerce")
+    assert entry is not None
+    assert theirs is not None
+    # A write interrupted after T1 left the row pending, and KV now shows a version whose
+    # public part (another tenant's hints and identifiers) is not the one sealed inside it.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE integration_credentials"
+                " SET vault_sync_pending = true, pending_since = now()"
+                " WHERE tenant_id = :t AND provider = 'woocommerce'"
+            ),
+            {"t": mine},
+        )
+    vault_admin.kv_write(path, {**entry.data, "public": theirs.data["public"]}, cas=entry.version)
+
+    answer = client.get("/v1/tenants/settings/integrations", headers=_admin(mine))
+    assert answer.status_code == 200, answer.text
+    items = answer.json()
+    listed = next(i for i in items if i["provider"] == "woocommerce")
+    assert listed["hints"]["consumer_key"].endswith("1111")
+    assert (listed["version"], listed["sync_pending"]) == (1, True)
+    fetched = client.get(f"/v1/credentials/{mine}/woocommerce", headers=_service(mine))
+    assert fetched.status_code == 409, fetched.text
