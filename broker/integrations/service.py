@@ -301,13 +301,7 @@ def delete_credentials(
         if row is None:  # the tenant was deleted meanwhile, and its rows with it
             raise NotFound("no such tenant")
         if row.kv_version == begun.cas:
-            row.configured = False
-            row.hints = {}
-            row.identifiers = {}
-            row.token_expires_at = None
-            row.updated_at = utcnow()
-            row.updated_by = principal.actor
-            _settle(row)
+            _describe_deleted(row, principal.actor)
         session.add(row)
         _update_status(session, row)
         trail.record(
@@ -328,6 +322,17 @@ def delete_credentials(
             version=begun.cas,
             state="deleted",
         )
+
+
+def _describe_deleted(row: IntegrationCredential, actor: str) -> None:
+    """The row of credentials just deleted in Vault: nothing configured, nothing pending."""
+    row.configured = False
+    row.hints = {}
+    row.identifiers = {}
+    row.token_expires_at = None
+    row.updated_at = utcnow()
+    row.updated_by = actor
+    _settle(row)
 
 
 DeliveryMode = Literal["static", "dynamic"]
@@ -585,14 +590,37 @@ def _write(
     except BrokerError:
         _abandon(engine, store, tenant_id, provider, begun)
         raise
+    return _finish_write(
+        engine,
+        store,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        action=action,
+        version=version,
+        public=public,
+        test=test,
+        skipped=skipped,
+    )
+
+
+def _finish_write(
+    engine: Engine,
+    store: SealedStore,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    action: str,
+    version: int,
+    public: dict[str, Any],
+    test: ConnectionResult | None,
+    skipped: bool,
+) -> IntegrationCredential:
+    """T2: the row takes the version Vault accepted, with the audit event and the change event."""
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
     with unit_of_work(engine) as session:
-        row = _locked_row(session, tenant_id, provider)
-        if row is None:
-            # The tenant was deleted while this write was in Vault, its rows with it, and
-            # its shredding may have run before the write landed: destroy what the write
-            # left, or it outlives the tenant. (No lock is held: there is no row.)
-            store.destroy(tenant_id, item)
-            raise NotFound("no such tenant")
+        row = _row_or_shred(session, store, tenant_id, provider)
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:
             _describe(row, version, public, principal.actor, test, skipped)
@@ -630,6 +658,22 @@ def _write(
         own = _view(row)
         _describe(own, version, public, principal.actor, test, skipped)
         return own
+
+
+def _row_or_shred(
+    session: Session, store: SealedStore, tenant_id: str, provider: str
+) -> IntegrationCredential:
+    """The locked row a write landed for; NotFound when its tenant was deleted meanwhile.
+
+    Its rows went with the tenant, and its shredding may have run before the write
+    landed: what the write left is destroyed, or it outlives the tenant. (No lock is
+    held: there is no row.)
+    """
+    row = _locked_row(session, tenant_id, provider)
+    if row is None:
+        store.destroy(tenant_id, item_name(provider))
+        raise NotFound("no such tenant")
+    return row
 
 
 # The event each write action announces (any other write: credential.saved).
