@@ -119,6 +119,34 @@ def _unrenewable(engine: Engine, tenant_id: str, provider: str) -> bool:
         return row is not None and row.credential_kind == "oauth"
 
 
+def _judge(
+    row: IntegrationCredential, result: ConnectionResult, now: datetime
+) -> tuple[str, str, Next]:
+    """Apply one check's result to the row: (the code to record, the new state, what next)."""
+    before = row.health_state
+    code: str = result.code
+    upcoming: Next
+    if result.status_code == 429:
+        code, state, upcoming = RATE_LIMITED, before, "rate_limited"
+    elif result.ok:
+        row.health_failures, state, upcoming = 0, "healthy", "done"
+    else:
+        row.health_failures += 1
+        flips = row.health_failures >= FAILURES_TO_FLIP or before == "failing"
+        state = "failing" if flips else before
+        upcoming = "done" if flips else "retry"
+    row.health_checked_at = now
+    if code != RATE_LIMITED:
+        row.last_test_at, row.last_test_ok = now, result.ok
+        row.last_test_code, row.last_test_reason = result.code, result.reason[:300]
+    row.health_state = state
+    if state == "healthy":
+        row.health_reason = None
+    elif state == "failing" and not result.ok:
+        row.health_reason = result.reason[:300]
+    return code, state, upcoming
+
+
 def _record(
     engine: Engine,
     tenant_id: str,
@@ -139,26 +167,7 @@ def _record(
             return Checked(row.health_state if row else "unknown", False, "skipped", result)
         now = utcnow()
         before = row.health_state
-        code: str = result.code
-        upcoming: Next
-        if result.status_code == 429:
-            code, state, upcoming = RATE_LIMITED, before, "rate_limited"
-        elif result.ok:
-            row.health_failures, state, upcoming = 0, "healthy", "done"
-        else:
-            row.health_failures += 1
-            flips = row.health_failures >= FAILURES_TO_FLIP or before == "failing"
-            state = "failing" if flips else before
-            upcoming = "done" if flips else "retry"
-        row.health_checked_at = now
-        if code != RATE_LIMITED:
-            row.last_test_at, row.last_test_ok = now, result.ok
-            row.last_test_code, row.last_test_reason = result.code, result.reason[:300]
-        row.health_state = state
-        if state == "healthy":
-            row.health_reason = None
-        elif state == "failing" and not result.ok:
-            row.health_reason = result.reason[:300]
+        code, state, upcoming = _judge(row, result, now)
         session.add(row)
         session.add(
             HealthCheck(
