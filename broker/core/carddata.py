@@ -3,8 +3,9 @@
 The guard refuses what it finds; the redactor masks it. Text is folded before it is searched:
 NFKC, every Unicode decimal digit as its ASCII digit, every other character that is neither a
 letter nor a digit as a separator, and (for URLs) percent escapes decoded. A card number is
-then a run of digit groups joined by short runs of separators, 13 to 19 digits long, with a
-card network's leading digits and a valid Luhn check digit. Digits glued to letters count too;
+then a run of digit groups joined by short runs of separators (or a card printed in its
+groups with the same whitespace between them, line breaks included), 13 to 19 digits long,
+with a card network's leading digits and a valid Luhn check digit. Digits glued to letters count too;
 only long hexadecimal tokens (hashes, API keys), UUIDs and IBANs are set aside, so that
 ordinary identifiers are not mistaken for cards.
 """
