@@ -5,9 +5,9 @@ NFKC, every Unicode decimal digit as its ASCII digit, every other character that
 letter nor a digit as a separator, and (for URLs) percent escapes decoded. A card number is
 then a run of digit groups joined by short runs of separators (or a card printed in its
 groups with the same whitespace between them, line breaks included), 13 to 19 digits long,
-with a card network's leading digits and a valid Luhn check digit. Digits glued to letters count too;
-only long hexadecimal tokens (hashes, API keys), UUIDs and IBANs are set aside, so that
-ordinary identifiers are not mistaken for cards.
+with a card network's leading digits and a valid Luhn check digit. Digits glued to letters
+count too; only long hexadecimal tokens (hashes, API keys), UUIDs and IBANs are set aside, so
+that ordinary identifiers are not mistaken for cards.
 """
 
 from __future__ import annotations
