@@ -345,6 +345,38 @@ def _hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+def _allowed_return_url(
+    access: OAuthAccess,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    account: str,
+    return_url: str | None,
+) -> str:
+    """The platform return URL the connect ends on: the one asked for, if it is configured."""
+    if not access.return_urls:
+        raise OAuthNotConfigured("no platform return URL is configured for OAuth")
+    if return_url is None:
+        return access.return_urls[0]
+    if return_url not in access.return_urls:
+        # An open-redirect attempt, or a misconfigured platform: either way, on record
+        # (without the URL, which the request chose).
+        trail.record_separately(
+            access.engine,
+            action="integration.oauth.start",
+            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            outcome="denied",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": "return_url_not_allowed", "account": account},
+        )
+        raise ValidationFailed(
+            "return_url is not one of the platform's configured return URLs",
+            errors=[{"field": "return_url", "message": "not an allowed return URL"}],
+        )
+    return return_url
+
+
 def start_connect(
     access: OAuthAccess,
     *,
@@ -362,26 +394,7 @@ def start_connect(
             errors=[{"field": "shop", "message": "must be a domain like example.myshopify.com"}],
         )
     account = account.lower()
-    if not access.return_urls:
-        raise OAuthNotConfigured("no platform return URL is configured for OAuth")
-    if return_url is None:
-        return_url = access.return_urls[0]
-    elif return_url not in access.return_urls:
-        # An open-redirect attempt, or a misconfigured platform: either way, on record
-        # (without the URL, which the request chose).
-        trail.record_separately(
-            access.engine,
-            action="integration.oauth.start",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
-            outcome="denied",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": "return_url_not_allowed", "account": account},
-        )
-        raise ValidationFailed(
-            "return_url is not one of the platform's configured return URLs",
-            errors=[{"field": "return_url", "message": "not an allowed return URL"}],
-        )
+    return_url = _allowed_return_url(access, principal, tenant_id, provider, account, return_url)
     redirect_uri = access.redirect_uri(provider)
     app = platform_app(access.vault, oauth)
     state = secrets.token_urlsafe(32)
@@ -414,7 +427,15 @@ def start_connect(
             tenant_id=tenant_id,
             detail={"account": account},
         )
-    client = _client(access, app, redirect_uri=redirect_uri)
+    url = _authorization_url(access, app, oauth, account, state, redirect_uri)
+    return Authorization(url=url, expires_at=expires_at)
+
+
+def _authorization_url(
+    access: OAuthAccess, app: OAuthApp, oauth: OAuthSpec, account: str, state: str, redirect: str
+) -> str:
+    """Where the admin's browser goes to grant the platform app access to `account`."""
+    client = _client(access, app, redirect_uri=redirect)
     try:
         url, _ = client.create_authorization_url(
             oauth.authorize_url(access.outbound.endpoints, account),
@@ -423,7 +444,7 @@ def start_connect(
         )
     finally:
         client.close()
-    return Authorization(url=str(url), expires_at=expires_at)
+    return str(url)
 
 
 def callback_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
@@ -566,7 +587,7 @@ def _consume_state(access: OAuthAccess, state: str, seen: _Callback) -> OAuthSta
         return row
 
 
-def _connect(
+def _exchange_code(
     access: OAuthAccess,
     spec: ProviderSpec,
     oauth: OAuthSpec,
@@ -574,7 +595,8 @@ def _connect(
     state: OAuthState,
     query: list[tuple[str, str]],
     seen: _Callback,
-) -> None:
+) -> TokenSet:
+    """The token set the callback's code buys, refused unless every scope was granted."""
     code = dict(query)["code"]
     redirect_uri = access.redirect_uri(seen.provider)
     now = access.clock()
@@ -596,6 +618,19 @@ def _connect(
     granted = {s.strip() for s in tokens.scope.split(oauth.scope_separator) if s.strip()}
     if not set(oauth.scopes) <= granted:
         raise _Refused("scope_not_granted", "failed")
+    return tokens
+
+
+def _connect(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    app: OAuthApp,
+    state: OAuthState,
+    query: list[tuple[str, str]],
+    seen: _Callback,
+) -> None:
+    tokens = _exchange_code(access, spec, oauth, app, state, query, seen)
     try:
         result = _test(access, spec, oauth, state.shop, tokens)
     except ValidationFailed:
@@ -873,34 +908,9 @@ def _refresh(
     public: Mapping[str, Any],
     tokens: TokenSet,
 ) -> tuple[TokenSet, int]:
-    app = platform_app(access.vault, oauth)
     account = str((public.get("identifiers") or {}).get(oauth.account_field) or "")
     now = access.clock()
-    try:
-        answer = _token_request(
-            access,
-            app,
-            spec.title,
-            lambda client: client.refresh_token(
-                oauth.token_url(access.outbound.endpoints, account),
-                refresh_token=tokens.refresh_token,
-            ),
-        )
-    except ProviderUnavailable as exc:
-        _refresh_failed(access, principal, tenant_id, spec.name, version, "provider_unavailable")
-        raise exc from None
-    except TokenRefused as exc:
-        if exc.error != "invalid_grant":
-            _refresh_failed(
-                access, principal, tenant_id, spec.name, version, exc.error or "refused"
-            )
-            raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
-        service.mark_needs_reconnect(
-            access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
-        )
-        raise ReconnectRequired(
-            _RECONNECT.format(title=spec.title), reconnect_required=True
-        ) from None
+    answer = _request_refresh(access, spec, oauth, principal, tenant_id, version, account, tokens)
     new = _token_set(oauth, answer, now, spec.title)
     # Shopify has rotated: the store must not fail for time the provider took.
     context.restart_vault_budget()
@@ -925,6 +935,45 @@ def _refresh(
             "the credentials changed during the refresh; retry", retry_after=1
         ) from None
     return new, stored.kv_version
+
+
+def _request_refresh(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    principal: Principal,
+    tenant_id: str,
+    version: int,
+    account: str,
+    tokens: TokenSet,
+) -> Mapping[str, Any]:
+    """The provider's answer to the refresh; a refusal is recorded and raised as what it means."""
+    app = platform_app(access.vault, oauth)
+    try:
+        return _token_request(
+            access,
+            app,
+            spec.title,
+            lambda client: client.refresh_token(
+                oauth.token_url(access.outbound.endpoints, account),
+                refresh_token=tokens.refresh_token,
+            ),
+        )
+    except ProviderUnavailable as exc:
+        _refresh_failed(access, principal, tenant_id, spec.name, version, "provider_unavailable")
+        raise exc from None
+    except TokenRefused as exc:
+        if exc.error != "invalid_grant":
+            _refresh_failed(
+                access, principal, tenant_id, spec.name, version, exc.error or "refused"
+            )
+            raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
+        service.mark_needs_reconnect(
+            access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
+        )
+        raise ReconnectRequired(
+            _RECONNECT.format(title=spec.title), reconnect_required=True
+        ) from None
 
 
 def _refresh_failed(
