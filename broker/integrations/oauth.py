@@ -1015,6 +1015,46 @@ class Migration:
     version: int | None = None
 
 
+def _exchange_pasted(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    principal: Principal,
+    tenant_id: str,
+    account: str,
+    pasted: str,
+) -> Mapping[str, Any]:
+    """The expiring token set the provider gives for a pasted token; a refusal is recorded."""
+    app = platform_app(access.vault, oauth)
+    try:
+        return _token_request(
+            access,
+            app,
+            spec.title,
+            lambda client: client.fetch_token(
+                oauth.token_url(access.outbound.endpoints, account),
+                subject_token=pasted,
+                **oauth.token_exchange,
+                **oauth.token_params,
+            ),
+        )
+    except TokenRefused as exc:
+        trail.record_separately(
+            access.engine,
+            action="integration.oauth.migrate",
+            resource=f"tenants/{tenant_id}/integrations/{spec.name}",
+            outcome="failed",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": exc.error},
+        )
+        # invalid_grant: the token itself is refused; others (invalid_client) are ours.
+        hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
+        raise ValidationFailed(
+            f"{spec.title} refused to exchange the stored token ({exc.error}){hint}"
+        ) from None
+
+
 def migrate_to_expiring(
     access: OAuthAccess,
     *,
@@ -1051,35 +1091,10 @@ def migrate_to_expiring(
         account = str((record.public.get("identifiers") or {}).get(oauth.account_field) or "")
         if not oauth.account_pattern.fullmatch(account):
             raise ValidationFailed(f"the stored {spec.title} account is not a valid one")
-        app = platform_app(access.vault, oauth)
         now = access.clock()
-        try:
-            answer = _token_request(
-                access,
-                app,
-                spec.title,
-                lambda client: client.fetch_token(
-                    oauth.token_url(access.outbound.endpoints, account),
-                    subject_token=sealed["access_token"],
-                    **oauth.token_exchange,
-                    **oauth.token_params,
-                ),
-            )
-        except TokenRefused as exc:
-            trail.record_separately(
-                access.engine,
-                action="integration.oauth.migrate",
-                resource=f"tenants/{tenant_id}/integrations/{provider}",
-                outcome="failed",
-                principal=principal,
-                tenant_id=tenant_id,
-                detail={"reason": exc.error},
-            )
-            # invalid_grant: the token itself is refused; others (invalid_client) are ours.
-            hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
-            raise ValidationFailed(
-                f"{spec.title} refused to exchange the stored token ({exc.error}){hint}"
-            ) from None
+        answer = _exchange_pasted(
+            access, spec, oauth, principal, tenant_id, account, sealed["access_token"]
+        )
         tokens = _token_set(oauth, answer, now, spec.title)
         context.restart_vault_budget()
         stored = service.store_token_set(
@@ -1170,24 +1185,15 @@ class SignupResult:
     business_id: str
 
 
-def connect_embedded_signup(
+def _signup_tokens(
     access: OAuthAccess,
-    *,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
     principal: Principal,
     tenant_id: str,
-    provider: str,
     signup: SignupResult,
-) -> IntegrationCredential:
-    """Exchange an Embedded Signup code for the business token, check it and store it.
-
-    The code dies after 30 s or one use, so a refusal is final: nothing is stored, the
-    trail says why, and the admin runs the signup again.
-    """
-    spec, oauth = oauth_spec(provider)
-    if oauth.flow != "embedded_signup":
-        raise NotFound(f"{spec.title} connects through its consent URL, not an embedded signup")
-    with unit_of_work(access.engine) as session:
-        service.live_tenant(session, tenant_id)
+) -> TokenSet:
+    """The business token an Embedded Signup code buys; a refusal is recorded and final."""
     app = platform_app(access.vault, oauth)
     now = access.clock()
     try:
@@ -1215,13 +1221,34 @@ def connect_embedded_signup(
             f"{spec.title} refused the signup code ({exc.error}): it lasts 30 seconds and "
             "works once; run the embedded signup again"
         ) from None
-    tokens = TokenSet(
+    return TokenSet(
         access_token=token,
         refresh_token="",
         access_expires_at=expires_at,
         refresh_expires_at=None,
         scope=oauth.scope_separator.join(oauth.scopes),
     )
+
+
+def connect_embedded_signup(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    signup: SignupResult,
+) -> IntegrationCredential:
+    """Exchange an Embedded Signup code for the business token, check it and store it.
+
+    The code dies after 30 s or one use, so a refusal is final: nothing is stored, the
+    trail says why, and the admin runs the signup again.
+    """
+    spec, oauth = oauth_spec(provider)
+    if oauth.flow != "embedded_signup":
+        raise NotFound(f"{spec.title} connects through its consent URL, not an embedded signup")
+    with unit_of_work(access.engine) as session:
+        service.live_tenant(session, tenant_id)
+    tokens = _signup_tokens(access, spec, oauth, principal, tenant_id, signup)
     result = _test(access, spec, oauth, signup.waba_id, tokens)
     if not result.ok:
         _signup_refused(access, principal, tenant_id, spec, f"connection_test_{result.code}")
