@@ -36,6 +36,7 @@ from broker.integrations import service as integrations
 from broker.integrations.providers import ConnectionResult, get_provider
 from broker.integrations.service import Outbound
 from broker.models import HealthCheck, IntegrationCredential, Tenant, utcnow
+from broker.vault.errors import StoredDataUnverified
 from broker.vault.gateway import VaultGateway
 
 # Failed checks in a row that flip a credential to `failing`: the first is retried.
@@ -91,6 +92,11 @@ def check(
         )
     except NotFound:
         return Checked("unknown", False, "skipped")
+    except StoredDataUnverified:
+        integrations.record_unverified(
+            engine, vault, tenant_id, provider, action="integration.health_check"
+        )
+        raise
     result = spec.connection_test(outbound.client, outbound.endpoints, creds)
     checked = _record(engine, tenant_id, provider, version, result, actor)
     if (

@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -73,9 +73,9 @@ from broker.integrations.providers import (
     ProviderSpec,
     get_provider,
 )
-from broker.models import IntegrationCredential, Tenant, TenantSettings, utcnow
+from broker.models import AuditEvent, IntegrationCredential, Tenant, TenantSettings, utcnow
 from broker.settings.schemas import validate_group
-from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
+from broker.vault.errors import StoredDataUnverified, VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
 
@@ -882,9 +882,48 @@ def _try_reconcile(
             return row
     except VaultUnavailable:
         return None
+    except StoredDataUnverified:
+        record_unverified(engine, store.vault, tenant_id, provider, action="integration.reconcile")
+        return None
     except BrokerError:
         log.warning("could not reconcile integration metadata with Vault")
         return None
+
+
+def record_unverified(
+    engine: Engine, vault: VaultGateway, tenant_id: str, provider: str, *, action: str
+) -> None:
+    """KV shows a version whose public part is not the sealed one: tampering.
+
+    Nothing was used (a rebuilt row keeps what it had, flagged pending); the trail says
+    so once per KV version and action, not once per reader or scheduled run.
+    """
+    log.warning(
+        "stored data does not verify; it was not used", extra={"fields": {"action": action}}
+    )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    try:
+        version, _ = SealedStore(vault).current_version(tenant_id, item_name(provider))
+        with unit_of_work(engine) as session:
+            seen = session.exec(
+                select(AuditEvent.id).where(
+                    AuditEvent.tenant_id == tenant_id,
+                    AuditEvent.action == action,
+                    AuditEvent.resource == resource,
+                    col(AuditEvent.detail)["kv_version"].as_integer() == version,
+                )
+            ).first()
+            if seen is None:
+                trail.record(
+                    session,
+                    action=action,
+                    resource=resource,
+                    outcome="failed",
+                    tenant_id=tenant_id,
+                    detail={"reason": "unverified", "kv_version": version},
+                )
+    except BrokerError:
+        log.warning("could not record unverified stored data in the trail")
 
 
 def _reconcile(row: IntegrationCredential, store: SealedStore, session: Session) -> bool:

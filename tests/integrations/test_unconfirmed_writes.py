@@ -591,7 +591,8 @@ def _failed_reads(engine: Engine, tenant: str) -> list[tuple[str, str | None]]:
 def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
     client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
 ) -> None:
-    """Not only a service's fetch: an admin's test of the stored credentials, and a restore."""
+    """Not only a service's fetch: an admin's test of the stored credentials, a restore, a
+    health check and a change of delivery."""
     tenant = make_tenant(client)
     fields = dict(VALID["woocommerce"], store_url=providers.base_url)
     url = "/v1/tenants/settings/integrations/woocommerce"
@@ -606,13 +607,17 @@ def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
 
     tested = client.post(f"{url}/test", headers=_admin(tenant))
     restored = client.post(f"{url}/versions/2/restore", headers=_admin(tenant))
-    for response in (tested, restored):
+    checked = client.post(f"{url}/health/check", headers=_admin(tenant))
+    delivery = client.put(f"{url}/delivery", json={"mode": "static"}, headers=_admin(tenant))
+    for response in (tested, restored, checked, delivery):
         assert response.status_code == 409, response.text
         assert response.json()["title"] == "Stored data does not verify"
         assert "attacker" not in response.text
     assert _failed_reads(engine, tenant) == [
         ("integration.test", "unverified"),
         ("integration.restore", "unverified"),
+        ("integration.health_check", "unverified"),
+        ("integration.delivery", "unverified"),
     ]
 
 
@@ -645,11 +650,14 @@ def test_a_row_rebuilt_from_vault_never_adopts_hints_that_do_not_verify(
         )
     vault_admin.kv_write(path, {**entry.data, "public": theirs.data["public"]}, cas=entry.version)
 
-    answer = client.get("/v1/tenants/settings/integrations", headers=_admin(mine))
-    assert answer.status_code == 200, answer.text
-    items = answer.json()
-    listed = next(i for i in items if i["provider"] == "woocommerce")
-    assert listed["hints"]["consumer_key"].endswith("1111")
-    assert (listed["version"], listed["sync_pending"]) == (1, True)
+    for _ in range(2):  # every reader tries the rebuild again
+        answer = client.get("/v1/tenants/settings/integrations", headers=_admin(mine))
+        assert answer.status_code == 200, answer.text
+        listed = next(i for i in answer.json() if i["provider"] == "woocommerce")
+        assert listed["hints"]["consumer_key"].endswith("1111")
+        assert (listed["version"], listed["sync_pending"]) == (1, True)
+    # The refusal is in the trail, once for that KV version.
+    assert _failed_reads(engine, mine) == [("integration.reconcile", "unverified")]
     fetched = client.get(f"/v1/credentials/{mine}/woocommerce", headers=_service(mine))
     assert fetched.status_code == 409, fetched.text
+    assert _failed_reads(engine, mine)[-1] == ("credentials.fetch", "unverified")
