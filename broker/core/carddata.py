@@ -3,10 +3,11 @@
 The guard refuses what it finds; the redactor masks it. Text is folded before it is searched:
 NFKC, every Unicode decimal digit as its ASCII digit, every other character that is neither a
 letter nor a digit as a separator, and (for URLs) percent escapes decoded. A card number is
-then a run of digit groups joined by short runs of separators, 13 to 19 digits long, with a
-card network's leading digits and a valid Luhn check digit. Digits glued to letters count too;
-only long hexadecimal tokens (hashes, API keys), UUIDs and IBANs are set aside, so that
-ordinary identifiers are not mistaken for cards.
+then a run of digit groups joined by short runs of separators (or a card printed in its
+groups with the same whitespace between them, line breaks included), 13 to 19 digits long,
+with a card network's leading digits and a valid Luhn check digit. Digits glued to letters
+count too; only long hexadecimal tokens (hashes, API keys), UUIDs and IBANs are set aside, so
+that ordinary identifiers are not mistaken for cards.
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ _GAP = rf"[^0-9A-Za-z{re.escape(_BREAKS)}]"
 # time, date or address:port has such groups on both sides of one.
 _COLON = r"(?<=[0-9]{4}):(?=[0-9]{4})"
 _CHAIN = re.compile(rf"[0-9]+(?:(?:{_GAP}{{1,3}}|{_COLON})[0-9]+)*")
+# A card printed in its own groups (4-4-4-4, Amex 4-6-5) with the same whitespace between
+# every group joins across longer runs and line breaks too: "4242\n4242\n4242\n4242" in a
+# text field, or groups padded into columns. The repeated separator keeps lines of numbers
+# apart.
+_PRINTED = re.compile(
+    r"(?<![0-9])[0-9]{4}(\s{1,16})(?:[0-9]{4}\1[0-9]{4}\1[0-9]{4}|[0-9]{6}\1[0-9]{5})(?![0-9])"
+)
 _GROUP = re.compile(r"[0-9]+")
 _UUID = re.compile(r"[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}")
 # An IBAN: country, check digits, then 11 to 30 letters or digits, grouped or not.
@@ -230,6 +238,7 @@ def _hits(folded: str) -> Iterator[tuple[int, int]]:
     if all(chain.end() - chain.start() < _MIN_PAN for chain in _CHAIN.finditer(folded)):
         return
     masked = _mask_identifiers(folded)
+    hits: list[tuple[int, int]] = []
     for chain in _CHAIN.finditer(masked):
         if chain.end() - chain.start() < _MIN_PAN:
             continue
@@ -237,7 +246,13 @@ def _hits(folded: str) -> Iterator[tuple[int, int]]:
             (chain.start() + m.start(), chain.start() + m.end())
             for m in _GROUP.finditer(chain.group())
         ]
-        yield from _chain_hits(masked, groups)
+        hits.extend(_chain_hits(masked, groups))
+    for printed in _PRINTED.finditer(masked):
+        start, end = printed.span()
+        overlaps = any(start < hit_end and hit_start < end for hit_start, hit_end in hits)
+        if not overlaps and looks_like_pan("".join(_GROUP.findall(printed.group()))):
+            hits.append((start, end))
+    yield from sorted(hits)
 
 
 def contains_card_number(text: str, *, url: bool = False) -> bool:

@@ -36,6 +36,7 @@ from broker.integrations import service as integrations
 from broker.integrations.providers import ConnectionResult, get_provider
 from broker.integrations.service import Outbound
 from broker.models import HealthCheck, IntegrationCredential, Tenant, utcnow
+from broker.vault.errors import StoredDataUnverified
 from broker.vault.gateway import VaultGateway
 
 # Failed checks in a row that flip a credential to `failing`: the first is retried.
@@ -63,7 +64,8 @@ def interval_s(settings: Settings, provider: str) -> int:
 
 def jitter_s(settings: Settings, provider: str) -> float:
     """A random delay spreading the checks that fall due together."""
-    return random.uniform(0, min(settings.health_check_jitter_s, interval_s(settings, provider)))
+    limit = min(settings.health_check_jitter_s, interval_s(settings, provider))
+    return random.uniform(0, limit)  # noqa: S311 - spreading checks in time, not a secret
 
 
 def check(
@@ -90,6 +92,11 @@ def check(
         )
     except NotFound:
         return Checked("unknown", False, "skipped")
+    except StoredDataUnverified:
+        integrations.record_unverified(
+            engine, vault, tenant_id, provider, action="integration.health_check"
+        )
+        raise
     result = spec.connection_test(outbound.client, outbound.endpoints, creds)
     checked = _record(engine, tenant_id, provider, version, result, actor)
     if (
@@ -118,6 +125,34 @@ def _unrenewable(engine: Engine, tenant_id: str, provider: str) -> bool:
         return row is not None and row.credential_kind == "oauth"
 
 
+def _judge(
+    row: IntegrationCredential, result: ConnectionResult, now: datetime
+) -> tuple[str, str, Next]:
+    """Apply one check's result to the row: (the code to record, the new state, what next)."""
+    before = row.health_state
+    code: str = result.code
+    upcoming: Next
+    if result.status_code == 429:
+        code, state, upcoming = RATE_LIMITED, before, "rate_limited"
+    elif result.ok:
+        row.health_failures, state, upcoming = 0, "healthy", "done"
+    else:
+        row.health_failures += 1
+        flips = row.health_failures >= FAILURES_TO_FLIP or before == "failing"
+        state = "failing" if flips else before
+        upcoming = "done" if flips else "retry"
+    row.health_checked_at = now
+    if code != RATE_LIMITED:
+        row.last_test_at, row.last_test_ok = now, result.ok
+        row.last_test_code, row.last_test_reason = result.code, result.reason[:300]
+    row.health_state = state
+    if state == "healthy":
+        row.health_reason = None
+    elif state == "failing" and not result.ok:
+        row.health_reason = result.reason[:300]
+    return code, state, upcoming
+
+
 def _record(
     engine: Engine,
     tenant_id: str,
@@ -138,26 +173,7 @@ def _record(
             return Checked(row.health_state if row else "unknown", False, "skipped", result)
         now = utcnow()
         before = row.health_state
-        code: str = result.code
-        upcoming: Next
-        if result.status_code == 429:
-            code, state, upcoming = RATE_LIMITED, before, "rate_limited"
-        elif result.ok:
-            row.health_failures, state, upcoming = 0, "healthy", "done"
-        else:
-            row.health_failures += 1
-            flips = row.health_failures >= FAILURES_TO_FLIP or before == "failing"
-            state = "failing" if flips else before
-            upcoming = "done" if flips else "retry"
-        row.health_checked_at = now
-        if code != RATE_LIMITED:
-            row.last_test_at, row.last_test_ok = now, result.ok
-            row.last_test_code, row.last_test_reason = result.code, result.reason[:300]
-        row.health_state = state
-        if state == "healthy":
-            row.health_reason = None
-        elif state == "failing" and not result.ok:
-            row.health_reason = result.reason[:300]
+        code, state, upcoming = _judge(row, result, now)
         session.add(row)
         session.add(
             HealthCheck(

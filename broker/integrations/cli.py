@@ -9,12 +9,15 @@ from __future__ import annotations
 import io
 import json
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from broker.cli_support import database_url, load_settings, operator
 from broker.core.errors import BrokerError
+
+if TYPE_CHECKING:
+    from broker.integrations.oauth import MigrationReport
 
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3
@@ -80,12 +83,17 @@ def migrate_expiring(
         outbound.client.close()
         vault.close()
         engine.dispose()
-    if as_json:
-        typer.echo(json.dumps(report.as_dict(), indent=2))
-    else:
-        lines = [f"{'dry run: ' if dry_run else ''}{len(tenant_ids)} tenant(s)"]
-        lines += [f"  {outcome}: {count}" for outcome, count in sorted(report.outcomes.items())]
-        lines += [f"  failed {item['tenant_id']}: {item['error']}" for item in report.failures]
-        typer.echo("\n".join(lines))
+    _print_report(report, len(tenant_ids), dry_run=dry_run, as_json=as_json)
     if not report.ok:
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+def _print_report(report: MigrationReport, tenants: int, *, dry_run: bool, as_json: bool) -> None:
+    """The migration's outcome: counts by outcome, then each failure."""
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+        return
+    lines = [f"{'dry run: ' if dry_run else ''}{tenants} tenant(s)"]
+    lines += [f"  {outcome}: {count}" for outcome, count in sorted(report.outcomes.items())]
+    lines += [f"  failed {item['tenant_id']}: {item['error']}" for item in report.failures]
+    typer.echo("\n".join(lines))

@@ -825,25 +825,7 @@ class EgressClient:
             network_backend=backend,
         )
         remaining = _remaining_or_fail(deadline, origin)
-        request = httpcore.Request(
-            method,
-            httpcore.URL(
-                scheme=parsed.raw_scheme,
-                host=parsed.raw_host,
-                port=port,
-                target=parsed.raw_path,
-            ),
-            headers=[(b"Host", parsed.netloc), *extra_headers],
-            content=content,
-            extensions={
-                "timeout": {
-                    "connect": remaining,
-                    "read": remaining,
-                    "write": remaining,
-                    "pool": remaining,
-                }
-            },
-        )
+        request = _request_for(method, parsed, port, extra_headers, content, remaining)
         try:
             with pool:
                 response = pool.handle_request(request)
@@ -890,6 +872,36 @@ class EgressClient:
             if len(body) > cap:
                 raise EgressFailed(too_large)
         return bytes(body)
+
+
+def _request_for(
+    method: bytes,
+    parsed: httpx.URL,
+    port: int,
+    headers: list[tuple[bytes, bytes]],
+    content: bytes | None,
+    remaining: float,
+) -> httpcore.Request:
+    """The request to send on a pinned connection, every phase bounded by what is left."""
+    return httpcore.Request(
+        method,
+        httpcore.URL(
+            scheme=parsed.raw_scheme,
+            host=parsed.raw_host,
+            port=port,
+            target=parsed.raw_path,
+        ),
+        headers=[(b"Host", parsed.netloc), *headers],
+        content=content,
+        extensions={
+            "timeout": {
+                "connect": remaining,
+                "read": remaining,
+                "write": remaining,
+                "pool": remaining,
+            }
+        },
+    )
 
 
 def _remaining_or_fail(deadline: float, origin: str) -> float:

@@ -20,7 +20,7 @@ from broker.core.errors import BrokerError
 from broker.integrations import oauth
 from broker.integrations.providers import PROVIDERS
 from broker.integrations.service import reconcile_tenant
-from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
+from broker.jobs.app import MAINTENANCE_QUEUE, JobResources, app, resources
 from broker.jobs.defer import defer
 from broker.models import IntegrationCredential, Tenant
 from broker.vault.sealed import SealedStore
@@ -78,6 +78,62 @@ def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
     return pending
 
 
+def _refresh_one(
+    access: oauth.OAuthAccess, worker: Principal, provider: str, tenant_id: str, ahead: timedelta
+) -> int:
+    """Refresh one token if due: 1 refreshed, 0 fresh enough, -1 failed (logged)."""
+    try:
+        return oauth.refresh_if_due(
+            access, principal=worker, tenant_id=tenant_id, provider=provider, within=ahead
+        )
+    except BrokerError as exc:
+        log.warning(
+            "could not refresh an OAuth token ahead of its expiry",
+            extra={"fields": {"tenant_id": tenant_id, "provider": provider, "error": exc.message}},
+        )
+        return -1
+
+
+def _refresh_providers(
+    shared: JobResources,
+    access: oauth.OAuthAccess,
+    worker: Principal,
+    ahead: timedelta,
+    batch: int,
+) -> tuple[int, int, bool]:
+    """One batch per refreshable provider: (refreshed, failed, whether a batch was full)."""
+    refreshed = failed = 0
+    full = False
+    # A few at a time: each refresh waits mostly on the provider and Vault. Each
+    # thread runs in a copy of this job's context, for the audited headers.
+    with ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="oauth-refresh") as pool:
+        for provider, spec in PROVIDERS.items():
+            if spec.oauth is None or not spec.oauth.refreshable:
+                # Nothing renews a Meta business token: a fetch past its expiry marks it.
+                continue
+            due = oauth.due_for_refresh(
+                shared.engine, provider=provider, before=access.clock() + ahead, limit=batch
+            )
+            full = full or len(due) >= batch
+            runs = [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    _refresh_one,
+                    access,
+                    worker,
+                    provider,
+                    tenant_id,
+                    ahead,
+                )
+                for tenant_id in due
+            ]
+            for run in runs:
+                outcome = run.result()
+                refreshed += max(outcome, 0)
+                failed += outcome < 0
+    return refreshed, failed, full
+
+
 # One run at a time, at most one waiting; each refresh also takes the credential's own
 # locks, so a fetch refreshing the same token at the same moment never doubles it.
 @app.periodic(cron="* * * * *")
@@ -112,46 +168,8 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)
     # At most this many per provider in one run; a full batch queues the next run at once.
     batch = shared.settings.oauth_refresh_batch
-    refreshed = failed = 0
-    full = False
-
-    def refresh(provider: str, tenant_id: str) -> int:
-        try:
-            return oauth.refresh_if_due(
-                access, principal=worker, tenant_id=tenant_id, provider=provider, within=ahead
-            )
-        except BrokerError as exc:
-            log.warning(
-                "could not refresh an OAuth token ahead of its expiry",
-                extra={
-                    "fields": {"tenant_id": tenant_id, "provider": provider, "error": exc.message}
-                },
-            )
-            return -1
-
     try:
-        # A few at a time: each refresh waits mostly on the provider and Vault. Each
-        # thread runs in a copy of this job's context, for the audited headers.
-        with ThreadPoolExecutor(REFRESH_THREADS, thread_name_prefix="oauth-refresh") as pool:
-            for provider, spec in PROVIDERS.items():
-                if spec.oauth is None or not spec.oauth.refreshable:
-                    # Nothing renews a Meta business token: a fetch past its expiry marks it.
-                    continue
-                due = oauth.due_for_refresh(
-                    shared.engine,
-                    provider=provider,
-                    before=access.clock() + ahead,
-                    limit=batch,
-                )
-                full = full or len(due) >= batch
-                runs = [
-                    pool.submit(contextvars.copy_context().run, refresh, provider, tenant_id)
-                    for tenant_id in due
-                ]
-                for run in runs:
-                    outcome = run.result()
-                    refreshed += max(outcome, 0)
-                    failed += outcome < 0
+        refreshed, failed, full = _refresh_providers(shared, access, worker, ahead, batch)
     finally:
         outbound.client.close()
     if full and refreshed:

@@ -276,7 +276,7 @@ def _client(access: OAuthAccess, app: OAuthApp, *, redirect_uri: str | None = No
     return OAuth2Client(
         client_id=app.client_id,
         client_secret=app.client_secret,
-        token_endpoint_auth_method="client_secret_post",
+        token_endpoint_auth_method="client_secret_post",  # noqa: S106 - a method name
         redirect_uri=redirect_uri,
         transport=GuardedTransport(policy),
         timeout=policy.timeout_s,
@@ -345,6 +345,38 @@ def _hash(state: str) -> str:
     return hashlib.sha256(state.encode()).hexdigest()
 
 
+def _allowed_return_url(
+    access: OAuthAccess,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    account: str,
+    return_url: str | None,
+) -> str:
+    """The platform return URL the connect ends on: the one asked for, if it is configured."""
+    if not access.return_urls:
+        raise OAuthNotConfigured("no platform return URL is configured for OAuth")
+    if return_url is None:
+        return access.return_urls[0]
+    if return_url not in access.return_urls:
+        # An open-redirect attempt, or a misconfigured platform: either way, on record
+        # (without the URL, which the request chose).
+        trail.record_separately(
+            access.engine,
+            action="integration.oauth.start",
+            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            outcome="denied",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": "return_url_not_allowed", "account": account},
+        )
+        raise ValidationFailed(
+            "return_url is not one of the platform's configured return URLs",
+            errors=[{"field": "return_url", "message": "not an allowed return URL"}],
+        )
+    return return_url
+
+
 def start_connect(
     access: OAuthAccess,
     *,
@@ -362,26 +394,7 @@ def start_connect(
             errors=[{"field": "shop", "message": "must be a domain like example.myshopify.com"}],
         )
     account = account.lower()
-    if not access.return_urls:
-        raise OAuthNotConfigured("no platform return URL is configured for OAuth")
-    if return_url is None:
-        return_url = access.return_urls[0]
-    elif return_url not in access.return_urls:
-        # An open-redirect attempt, or a misconfigured platform: either way, on record
-        # (without the URL, which the request chose).
-        trail.record_separately(
-            access.engine,
-            action="integration.oauth.start",
-            resource=f"tenants/{tenant_id}/integrations/{provider}",
-            outcome="denied",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": "return_url_not_allowed", "account": account},
-        )
-        raise ValidationFailed(
-            "return_url is not one of the platform's configured return URLs",
-            errors=[{"field": "return_url", "message": "not an allowed return URL"}],
-        )
+    return_url = _allowed_return_url(access, principal, tenant_id, provider, account, return_url)
     redirect_uri = access.redirect_uri(provider)
     app = platform_app(access.vault, oauth)
     state = secrets.token_urlsafe(32)
@@ -414,7 +427,15 @@ def start_connect(
             tenant_id=tenant_id,
             detail={"account": account},
         )
-    client = _client(access, app, redirect_uri=redirect_uri)
+    url = _authorization_url(access, app, oauth, account, state, redirect_uri)
+    return Authorization(url=url, expires_at=expires_at)
+
+
+def _authorization_url(
+    access: OAuthAccess, app: OAuthApp, oauth: OAuthSpec, account: str, state: str, redirect: str
+) -> str:
+    """Where the admin's browser goes to grant the platform app access to `account`."""
+    client = _client(access, app, redirect_uri=redirect)
     try:
         url, _ = client.create_authorization_url(
             oauth.authorize_url(access.outbound.endpoints, account),
@@ -423,7 +444,7 @@ def start_connect(
         )
     finally:
         client.close()
-    return Authorization(url=str(url), expires_at=expires_at)
+    return str(url)
 
 
 def callback_signature(params: Iterable[tuple[str, str]], secret: str) -> str:
@@ -566,7 +587,7 @@ def _consume_state(access: OAuthAccess, state: str, seen: _Callback) -> OAuthSta
         return row
 
 
-def _connect(
+def _exchange_code(
     access: OAuthAccess,
     spec: ProviderSpec,
     oauth: OAuthSpec,
@@ -574,7 +595,8 @@ def _connect(
     state: OAuthState,
     query: list[tuple[str, str]],
     seen: _Callback,
-) -> None:
+) -> TokenSet:
+    """The token set the callback's code buys, refused unless every scope was granted."""
     code = dict(query)["code"]
     redirect_uri = access.redirect_uri(seen.provider)
     now = access.clock()
@@ -596,6 +618,19 @@ def _connect(
     granted = {s.strip() for s in tokens.scope.split(oauth.scope_separator) if s.strip()}
     if not set(oauth.scopes) <= granted:
         raise _Refused("scope_not_granted", "failed")
+    return tokens
+
+
+def _connect(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    app: OAuthApp,
+    state: OAuthState,
+    query: list[tuple[str, str]],
+    seen: _Callback,
+) -> None:
+    tokens = _exchange_code(access, spec, oauth, app, state, query, seen)
     try:
         result = _test(access, spec, oauth, state.shop, tokens)
     except ValidationFailed:
@@ -873,34 +908,9 @@ def _refresh(
     public: Mapping[str, Any],
     tokens: TokenSet,
 ) -> tuple[TokenSet, int]:
-    app = platform_app(access.vault, oauth)
     account = str((public.get("identifiers") or {}).get(oauth.account_field) or "")
     now = access.clock()
-    try:
-        answer = _token_request(
-            access,
-            app,
-            spec.title,
-            lambda client: client.refresh_token(
-                oauth.token_url(access.outbound.endpoints, account),
-                refresh_token=tokens.refresh_token,
-            ),
-        )
-    except ProviderUnavailable as exc:
-        _refresh_failed(access, principal, tenant_id, spec.name, version, "provider_unavailable")
-        raise exc from None
-    except TokenRefused as exc:
-        if exc.error != "invalid_grant":
-            _refresh_failed(
-                access, principal, tenant_id, spec.name, version, exc.error or "refused"
-            )
-            raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
-        service.mark_needs_reconnect(
-            access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
-        )
-        raise ReconnectRequired(
-            _RECONNECT.format(title=spec.title), reconnect_required=True
-        ) from None
+    answer = _request_refresh(access, spec, oauth, principal, tenant_id, version, account, tokens)
     new = _token_set(oauth, answer, now, spec.title)
     # Shopify has rotated: the store must not fail for time the provider took.
     context.restart_vault_budget()
@@ -925,6 +935,45 @@ def _refresh(
             "the credentials changed during the refresh; retry", retry_after=1
         ) from None
     return new, stored.kv_version
+
+
+def _request_refresh(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    principal: Principal,
+    tenant_id: str,
+    version: int,
+    account: str,
+    tokens: TokenSet,
+) -> Mapping[str, Any]:
+    """The provider's answer to the refresh; a refusal is recorded and raised as what it means."""
+    app = platform_app(access.vault, oauth)
+    try:
+        return _token_request(
+            access,
+            app,
+            spec.title,
+            lambda client: client.refresh_token(
+                oauth.token_url(access.outbound.endpoints, account),
+                refresh_token=tokens.refresh_token,
+            ),
+        )
+    except ProviderUnavailable as exc:
+        _refresh_failed(access, principal, tenant_id, spec.name, version, "provider_unavailable")
+        raise exc from None
+    except TokenRefused as exc:
+        if exc.error != "invalid_grant":
+            _refresh_failed(
+                access, principal, tenant_id, spec.name, version, exc.error or "refused"
+            )
+            raise ProviderUnavailable(f"{spec.title} refused the refresh ({exc.error})") from None
+        service.mark_needs_reconnect(
+            access.engine, principal=principal, tenant_id=tenant_id, provider=spec.name
+        )
+        raise ReconnectRequired(
+            _RECONNECT.format(title=spec.title), reconnect_required=True
+        ) from None
 
 
 def _refresh_failed(
@@ -966,6 +1015,46 @@ class Migration:
     version: int | None = None
 
 
+def _exchange_pasted(
+    access: OAuthAccess,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
+    principal: Principal,
+    tenant_id: str,
+    account: str,
+    pasted: str,
+) -> Mapping[str, Any]:
+    """The expiring token set the provider gives for a pasted token; a refusal is recorded."""
+    app = platform_app(access.vault, oauth)
+    try:
+        return _token_request(
+            access,
+            app,
+            spec.title,
+            lambda client: client.fetch_token(
+                oauth.token_url(access.outbound.endpoints, account),
+                subject_token=pasted,
+                **oauth.token_exchange,
+                **oauth.token_params,
+            ),
+        )
+    except TokenRefused as exc:
+        trail.record_separately(
+            access.engine,
+            action="integration.oauth.migrate",
+            resource=f"tenants/{tenant_id}/integrations/{spec.name}",
+            outcome="failed",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": exc.error},
+        )
+        # invalid_grant: the token itself is refused; others (invalid_client) are ours.
+        hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
+        raise ValidationFailed(
+            f"{spec.title} refused to exchange the stored token ({exc.error}){hint}"
+        ) from None
+
+
 def migrate_to_expiring(
     access: OAuthAccess,
     *,
@@ -1002,35 +1091,10 @@ def migrate_to_expiring(
         account = str((record.public.get("identifiers") or {}).get(oauth.account_field) or "")
         if not oauth.account_pattern.fullmatch(account):
             raise ValidationFailed(f"the stored {spec.title} account is not a valid one")
-        app = platform_app(access.vault, oauth)
         now = access.clock()
-        try:
-            answer = _token_request(
-                access,
-                app,
-                spec.title,
-                lambda client: client.fetch_token(
-                    oauth.token_url(access.outbound.endpoints, account),
-                    subject_token=sealed["access_token"],
-                    **oauth.token_exchange,
-                    **oauth.token_params,
-                ),
-            )
-        except TokenRefused as exc:
-            trail.record_separately(
-                access.engine,
-                action="integration.oauth.migrate",
-                resource=f"tenants/{tenant_id}/integrations/{provider}",
-                outcome="failed",
-                principal=principal,
-                tenant_id=tenant_id,
-                detail={"reason": exc.error},
-            )
-            # invalid_grant: the token itself is refused; others (invalid_client) are ours.
-            hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
-            raise ValidationFailed(
-                f"{spec.title} refused to exchange the stored token ({exc.error}){hint}"
-            ) from None
+        answer = _exchange_pasted(
+            access, spec, oauth, principal, tenant_id, account, sealed["access_token"]
+        )
         tokens = _token_set(oauth, answer, now, spec.title)
         context.restart_vault_budget()
         stored = service.store_token_set(
@@ -1121,24 +1185,15 @@ class SignupResult:
     business_id: str
 
 
-def connect_embedded_signup(
+def _signup_tokens(
     access: OAuthAccess,
-    *,
+    spec: ProviderSpec,
+    oauth: OAuthSpec,
     principal: Principal,
     tenant_id: str,
-    provider: str,
     signup: SignupResult,
-) -> IntegrationCredential:
-    """Exchange an Embedded Signup code for the business token, check it and store it.
-
-    The code dies after 30 s or one use, so a refusal is final: nothing is stored, the
-    trail says why, and the admin runs the signup again.
-    """
-    spec, oauth = oauth_spec(provider)
-    if oauth.flow != "embedded_signup":
-        raise NotFound(f"{spec.title} connects through its consent URL, not an embedded signup")
-    with unit_of_work(access.engine) as session:
-        service.live_tenant(session, tenant_id)
+) -> TokenSet:
+    """The business token an Embedded Signup code buys; a refusal is recorded and final."""
     app = platform_app(access.vault, oauth)
     now = access.clock()
     try:
@@ -1166,13 +1221,34 @@ def connect_embedded_signup(
             f"{spec.title} refused the signup code ({exc.error}): it lasts 30 seconds and "
             "works once; run the embedded signup again"
         ) from None
-    tokens = TokenSet(
+    return TokenSet(
         access_token=token,
         refresh_token="",
         access_expires_at=expires_at,
         refresh_expires_at=None,
         scope=oauth.scope_separator.join(oauth.scopes),
     )
+
+
+def connect_embedded_signup(
+    access: OAuthAccess,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    signup: SignupResult,
+) -> IntegrationCredential:
+    """Exchange an Embedded Signup code for the business token, check it and store it.
+
+    The code dies after 30 s or one use, so a refusal is final: nothing is stored, the
+    trail says why, and the admin runs the signup again.
+    """
+    spec, oauth = oauth_spec(provider)
+    if oauth.flow != "embedded_signup":
+        raise NotFound(f"{spec.title} connects through its consent URL, not an embedded signup")
+    with unit_of_work(access.engine) as session:
+        service.live_tenant(session, tenant_id)
+    tokens = _signup_tokens(access, spec, oauth, principal, tenant_id, signup)
     result = _test(access, spec, oauth, signup.waba_id, tokens)
     if not result.ok:
         _signup_refused(access, principal, tenant_id, spec, f"connection_test_{result.code}")

@@ -368,8 +368,8 @@ def _is_list(body: Any) -> bool:
 class TokenMapping:
     """Which keys of a token endpoint's JSON answer hold what the broker stores."""
 
-    access_token: str = "access_token"
-    refresh_token: str = "refresh_token"
+    access_token: str = "access_token"  # noqa: S105 - a JSON key's name
+    refresh_token: str = "refresh_token"  # noqa: S105 - a JSON key's name
     expires_in: str = "expires_in"
     refresh_expires_in: str = "refresh_token_expires_in"
     scope: str = "scope"
@@ -693,7 +693,7 @@ SHOP_DOMAIN = _ascii(r"[a-zA-Z0-9][a-zA-Z0-9-]*\.myshopify\.com")
 _SHOPIFY_OAUTH = OAuthSpec(
     base_url=lambda endpoints, shop: endpoints.shopify_base or f"https://{shop}",
     authorize_path="/admin/oauth/authorize",
-    token_path="/admin/oauth/access_token",
+    token_path="/admin/oauth/access_token",  # noqa: S106 - an endpoint path
     scopes=("read_products", "read_orders"),
     account_field="shop_domain",
     account_pattern=SHOP_DOMAIN,
@@ -747,7 +747,7 @@ _WHATSAPP_OAUTH = OAuthSpec(
     base_url=lambda endpoints, _: f"{_base(endpoints.graph)}/{endpoints.graph_version}",
     authorize_path="",
     # Graph's code exchange: a GET with client_id, client_secret and code, no redirect_uri.
-    token_path="/oauth/access_token",
+    token_path="/oauth/access_token",  # noqa: S106 - an endpoint path
     scopes=("whatsapp_business_management", "whatsapp_business_messaging"),
     account_field="business_id",
     account_pattern=WHATSAPP_ID,

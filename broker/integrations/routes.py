@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import RedirectResponse
 
+from broker.audit import trail
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
@@ -31,6 +33,7 @@ from broker.integrations.schemas import (
 )
 from broker.leases import service as leases
 from broker.tenants import service as tenants
+from broker.vault.errors import StoredDataUnverified
 
 router = APIRouter(prefix="/v1/tenants/settings/integrations", tags=["integrations"])
 # The provider sends the admin's browser here: no bearer token, the signed query is the proof.
@@ -110,16 +113,38 @@ def check_credentials(
     body: CredentialsTest | None = None,
 ) -> TestResult:
     """Test the credentials in the body, or the stored ones; the result is recorded."""
-    result = service.run_connection_test(
-        engine,
-        vault,
-        outbound,
-        principal=principal,
-        tenant_id=own_tenant(principal),
-        provider=provider,
-        fields=body.plain_fields() if body else None,
-    )
+    with _unverified_recorded(engine, principal, "integration.test", provider):
+        result = service.run_connection_test(
+            engine,
+            vault,
+            outbound,
+            principal=principal,
+            tenant_id=own_tenant(principal),
+            provider=provider,
+            fields=body.plain_fields() if body else None,
+        )
     return TestResult.of(result)
+
+
+@contextlib.contextmanager
+def _unverified_recorded(
+    engine: EngineDep, principal: Principal, action: str, provider: str
+) -> Iterator[None]:
+    """Stored data that does not verify is tampering: the 409 is recorded in the trail."""
+    try:
+        yield
+    except StoredDataUnverified:
+        tenant_id = own_tenant(principal)
+        trail.record_separately(
+            engine,
+            action=action,
+            resource=f"tenants/{tenant_id}/integrations/{provider}",
+            outcome="failed",
+            principal=principal,
+            tenant_id=tenant_id,
+            detail={"reason": "unverified"},
+        )
+        raise
 
 
 @router.delete(
@@ -191,16 +216,17 @@ def restore_version(
     if_match: IfMatch = None,
 ) -> IntegrationView:
     """Make an earlier version current again."""
-    row = service.restore_version(
-        engine,
-        vault,
-        outbound,
-        principal=principal,
-        tenant_id=own_tenant(principal),
-        provider=provider,
-        version=version,
-        if_match=if_match,
-    )
+    with _unverified_recorded(engine, principal, "integration.restore", provider):
+        row = service.restore_version(
+            engine,
+            vault,
+            outbound,
+            principal=principal,
+            tenant_id=own_tenant(principal),
+            provider=provider,
+            version=version,
+            if_match=if_match,
+        )
     leases.retire_for_root(
         request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
     )

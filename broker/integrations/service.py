@@ -50,7 +50,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -73,9 +73,9 @@ from broker.integrations.providers import (
     ProviderSpec,
     get_provider,
 )
-from broker.models import IntegrationCredential, Tenant, TenantSettings, utcnow
+from broker.models import AuditEvent, IntegrationCredential, Tenant, TenantSettings, utcnow
 from broker.settings.schemas import validate_group
-from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
+from broker.vault.errors import StoredDataUnverified, VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
 
@@ -301,13 +301,7 @@ def delete_credentials(
         if row is None:  # the tenant was deleted meanwhile, and its rows with it
             raise NotFound("no such tenant")
         if row.kv_version == begun.cas:
-            row.configured = False
-            row.hints = {}
-            row.identifiers = {}
-            row.token_expires_at = None
-            row.updated_at = utcnow()
-            row.updated_by = principal.actor
-            _settle(row)
+            _describe_deleted(row, principal.actor)
         session.add(row)
         _update_status(session, row)
         trail.record(
@@ -328,6 +322,17 @@ def delete_credentials(
             version=begun.cas,
             state="deleted",
         )
+
+
+def _describe_deleted(row: IntegrationCredential, actor: str) -> None:
+    """The row of credentials just deleted in Vault: nothing configured, nothing pending."""
+    row.configured = False
+    row.hints = {}
+    row.identifiers = {}
+    row.token_expires_at = None
+    row.updated_at = utcnow()
+    row.updated_by = actor
+    _settle(row)
 
 
 DeliveryMode = Literal["static", "dynamic"]
@@ -585,14 +590,37 @@ def _write(
     except BrokerError:
         _abandon(engine, store, tenant_id, provider, begun)
         raise
+    return _finish_write(
+        engine,
+        store,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        action=action,
+        version=version,
+        public=public,
+        test=test,
+        skipped=skipped,
+    )
+
+
+def _finish_write(
+    engine: Engine,
+    store: SealedStore,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    action: str,
+    version: int,
+    public: dict[str, Any],
+    test: ConnectionResult | None,
+    skipped: bool,
+) -> IntegrationCredential:
+    """T2: the row takes the version Vault accepted, with the audit event and the change event."""
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
     with unit_of_work(engine) as session:
-        row = _locked_row(session, tenant_id, provider)
-        if row is None:
-            # The tenant was deleted while this write was in Vault, its rows with it, and
-            # its shredding may have run before the write landed: destroy what the write
-            # left, or it outlives the tenant. (No lock is held: there is no row.)
-            store.destroy(tenant_id, item)
-            raise NotFound("no such tenant")
+        row = _row_or_shred(session, store, tenant_id, provider)
         # A later writer may have finished first; never move the row backwards.
         if version >= row.kv_version:
             _describe(row, version, public, principal.actor, test, skipped)
@@ -630,6 +658,22 @@ def _write(
         own = _view(row)
         _describe(own, version, public, principal.actor, test, skipped)
         return own
+
+
+def _row_or_shred(
+    session: Session, store: SealedStore, tenant_id: str, provider: str
+) -> IntegrationCredential:
+    """The locked row a write landed for; NotFound when its tenant was deleted meanwhile.
+
+    Its rows went with the tenant, and its shredding may have run before the write
+    landed: what the write left is destroyed, or it outlives the tenant. (No lock is
+    held: there is no row.)
+    """
+    row = _locked_row(session, tenant_id, provider)
+    if row is None:
+        store.destroy(tenant_id, item_name(provider))
+        raise NotFound("no such tenant")
+    return row
 
 
 # The event each write action announces (any other write: credential.saved).
@@ -838,9 +882,48 @@ def _try_reconcile(
             return row
     except VaultUnavailable:
         return None
+    except StoredDataUnverified:
+        record_unverified(engine, store.vault, tenant_id, provider, action="integration.reconcile")
+        return None
     except BrokerError:
         log.warning("could not reconcile integration metadata with Vault")
         return None
+
+
+def record_unverified(
+    engine: Engine, vault: VaultGateway, tenant_id: str, provider: str, *, action: str
+) -> None:
+    """KV shows a version whose public part is not the sealed one: tampering.
+
+    Nothing was used (a rebuilt row keeps what it had, flagged pending); the trail says
+    so once per KV version and action, not once per reader or scheduled run.
+    """
+    log.warning(
+        "stored data does not verify; it was not used", extra={"fields": {"action": action}}
+    )
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    try:
+        version, _ = SealedStore(vault).current_version(tenant_id, item_name(provider))
+        with unit_of_work(engine) as session:
+            seen = session.exec(
+                select(AuditEvent.id).where(
+                    AuditEvent.tenant_id == tenant_id,
+                    AuditEvent.action == action,
+                    AuditEvent.resource == resource,
+                    col(AuditEvent.detail)["kv_version"].as_integer() == version,
+                )
+            ).first()
+            if seen is None:
+                trail.record(
+                    session,
+                    action=action,
+                    resource=resource,
+                    outcome="failed",
+                    tenant_id=tenant_id,
+                    detail={"reason": "unverified", "kv_version": version},
+                )
+    except BrokerError:
+        log.warning("could not record unverified stored data in the trail")
 
 
 def _reconcile(row: IntegrationCredential, store: SealedStore, session: Session) -> bool:

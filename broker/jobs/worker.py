@@ -24,6 +24,25 @@ from broker.vault.gateway import VaultGateway
 log = logging.getLogger(__name__)
 
 
+def _schedule_periodic(settings: Settings) -> None:
+    """Check the periodic jobs' settings and schedule them: stall check, lease sweep, health."""
+    if settings.jobs_stalled_after_s <= 2 * settings.jobs_heartbeat_s:
+        # A live worker that misses one beat would see its jobs run twice.
+        raise ConfigurationError("BROKER_JOBS_STALLED_AFTER_S must exceed two heartbeats")
+    # Each period becomes a cron seconds field, which only ticks evenly on divisors of 60.
+    if 60 % settings.jobs_stalled_check_s:
+        raise ConfigurationError("BROKER_JOBS_STALLED_CHECK_S must divide 60")
+    if 60 % settings.lease_sweep_s:
+        raise ConfigurationError("BROKER_LEASE_SWEEP_S must divide 60")
+    if 60 % settings.health_schedule_every_s:
+        raise ConfigurationError("BROKER_HEALTH_SCHEDULE_EVERY_S must divide 60")
+    from broker.credential_health.jobs import schedule_health_checks
+
+    schedule_stall_check(settings.jobs_stalled_check_s)
+    schedule_sweep(settings.lease_sweep_s)
+    schedule_health_checks(settings.health_schedule_every_s)
+
+
 async def run_worker(
     settings: Settings,
     *,
@@ -41,24 +60,11 @@ async def run_worker(
     killed before that (a supervisor's timeout) leaves them to the stall check,
     which retries them on another worker; so no job is lost either way.
     """
-    if settings.jobs_stalled_after_s <= 2 * settings.jobs_heartbeat_s:
-        # A live worker that misses one beat would see its jobs run twice.
-        raise ConfigurationError("BROKER_JOBS_STALLED_AFTER_S must exceed two heartbeats")
-    if 60 % settings.jobs_stalled_check_s:
-        # It becomes a cron seconds field, which only ticks evenly on divisors of 60.
-        raise ConfigurationError("BROKER_JOBS_STALLED_CHECK_S must divide 60")
+    _schedule_periodic(settings)
     dsn = conninfo(settings)
-    assert settings.database_url is not None  # conninfo() refused it already
+    if settings.database_url is None:  # conninfo() refused it already; for the type checker
+        raise ConfigurationError("BROKER_DATABASE_URL is required")
     concurrency = concurrency or settings.jobs_concurrency
-    if 60 % settings.lease_sweep_s:
-        raise ConfigurationError("BROKER_LEASE_SWEEP_S must divide 60")
-    schedule_stall_check(settings.jobs_stalled_check_s)
-    schedule_sweep(settings.lease_sweep_s)
-    if 60 % settings.health_schedule_every_s:
-        raise ConfigurationError("BROKER_HEALTH_SCHEDULE_EVERY_S must divide 60")
-    from broker.credential_health.jobs import schedule_health_checks
-
-    schedule_health_checks(settings.health_schedule_every_s)
     pool = AsyncConnectionPool(
         dsn,
         open=False,

@@ -27,6 +27,7 @@ from broker.leases.schemas import (
     TenantRevoke,
 )
 from broker.tenants.schemas import TenantId
+from broker.vault.errors import StoredDataUnverified
 
 router = APIRouter(tags=["leases"])
 
@@ -68,15 +69,21 @@ def set_delivery(
 ) -> IntegrationView:
     """Deliver a provider's credentials as stored, or as a key minted per service lease."""
     tenant_id = own_tenant(principal)
-    row = integrations.set_delivery(
-        engine,
-        vault,
-        principal=principal,
-        tenant_id=tenant_id,
-        provider=provider,
-        mode=body.mode,
-        if_match=if_match,
-    )
+    try:
+        row = integrations.set_delivery(
+            engine,
+            vault,
+            principal=principal,
+            tenant_id=tenant_id,
+            provider=provider,
+            mode=body.mode,
+            if_match=if_match,
+        )
+    except StoredDataUnverified:
+        integrations.record_unverified(
+            engine, vault, tenant_id, provider, action="integration.delivery"
+        )
+        raise
     if body.mode == "static":
         # Minted keys have no place in static delivery: the sweep revokes them now.
         service.retire_for_root(

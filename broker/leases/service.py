@@ -304,38 +304,8 @@ def _mint(
         raise Conflict(f"{problem}; save such credentials or switch the delivery to static")
     lease_id = uuid.uuid4().hex
     expires_at = now + timedelta(seconds=lease_s)
-    # T1: the lease exists, with the job that revokes it at its end, before any key does.
-    from broker.leases import jobs  # the jobs module imports this one
-
-    with unit_of_work(leasing.engine) as session:
-        session.add(
-            DynamicLease(
-                id=lease_id,
-                tenant_id=tenant_id,
-                provider=provider,
-                subject=principal.subject,
-                root_version=record.version,
-                root_account=_account_hash(spec, root),
-                state="minting",
-                issued_at=now,
-                expires_at=expires_at,
-                due_at=expires_at,
-            )
-        )
-        session.flush()
-        jobs.schedule_revocation(session, lease_id, in_s=lease_s)
-    try:
-        key = spec.mint(leasing.calls, leasing.endpoints, root, lease_key_name(lease_id), lease_s)
-    except KeyCallFailed as exc:
-        _mint_failed(leasing, lease_id, exc, principal=principal)
-        if exc.error == "rejected":
-            raise Conflict(
-                f"{spec.title} refused the stored root credential; check it and save it again"
-            ) from None
-        raise UpstreamUnavailable(
-            f"could not mint a {spec.title} key now ({exc.error})",
-            retry_after=exc.retry_after_s or 5,
-        ) from None
+    _open_lease(leasing, spec, principal, tenant_id, provider, lease_id, record, root, now, lease_s)
+    key = _mint_key(leasing, spec, principal, lease_id, root, lease_s)
     context.restart_vault_budget()  # the provider's time was not Vault's
     fields = spec.deliver(root, key)
     identifiers = {name: value for name, value in fields.items() if name not in key.secrets}
@@ -358,7 +328,84 @@ def _mint(
         _due_now(leasing, lease_id, key_id=key.key_id, reason="not_stored")
         revoke_one(leasing, lease_id, actor=WORKER)
         raise
-    # T2: the lease is active, unless it was revoked meanwhile (a tenant incident).
+    if not _activate(leasing, principal, tenant_id, provider, lease_id, key, record, expires_at):
+        revoke_one(leasing, lease_id, actor=WORKER)
+        raise NotFound("no such credentials")
+    return IssuedKey(
+        lease_id=lease_id, fields=fields, issued_at=now, expires_at=expires_at, reused=False
+    )
+
+
+def _open_lease(
+    leasing: Leasing,
+    spec: DynamicSpec,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    lease_id: str,
+    record: SealedRecord,
+    root: Credentials,
+    now: datetime,
+    lease_s: int,
+) -> None:
+    """T1: the lease exists, with the job that revokes it at its end, before any key does."""
+    from broker.leases import jobs  # the jobs module imports this one
+
+    expires_at = now + timedelta(seconds=lease_s)
+    with unit_of_work(leasing.engine) as session:
+        session.add(
+            DynamicLease(
+                id=lease_id,
+                tenant_id=tenant_id,
+                provider=provider,
+                subject=principal.subject,
+                root_version=record.version,
+                root_account=_account_hash(spec, root),
+                state="minting",
+                issued_at=now,
+                expires_at=expires_at,
+                due_at=expires_at,
+            )
+        )
+        session.flush()
+        jobs.schedule_revocation(session, lease_id, in_s=lease_s)
+
+
+def _mint_key(
+    leasing: Leasing,
+    spec: DynamicSpec,
+    principal: Principal,
+    lease_id: str,
+    root: Credentials,
+    lease_s: int,
+) -> MintedKey:
+    """The provider's new key for the lease; a refusal is recorded on the lease."""
+    try:
+        return spec.mint(leasing.calls, leasing.endpoints, root, lease_key_name(lease_id), lease_s)
+    except KeyCallFailed as exc:
+        _mint_failed(leasing, lease_id, exc, principal=principal)
+        if exc.error == "rejected":
+            raise Conflict(
+                f"{spec.title} refused the stored root credential; check it and save it again"
+            ) from None
+        raise UpstreamUnavailable(
+            f"could not mint a {spec.title} key now ({exc.error})",
+            retry_after=exc.retry_after_s or 5,
+        ) from None
+
+
+def _activate(
+    leasing: Leasing,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    lease_id: str,
+    key: MintedKey,
+    record: SealedRecord,
+    expires_at: datetime,
+) -> bool:
+    """T2: the lease is active, unless it was revoked meanwhile (a tenant incident); False
+    when it was."""
     with unit_of_work(leasing.engine) as session:
         row = _locked(session, lease_id)
         revoked = row is None or row.state == "revoked" or row.due_at <= leasing.clock()
@@ -401,12 +448,7 @@ def _mint(
                 state="active",
                 detail=_event_detail(row, expires_at=expires_at.isoformat()),
             )
-    if revoked:
-        revoke_one(leasing, lease_id, actor=WORKER)
-        raise NotFound("no such credentials")
-    return IssuedKey(
-        lease_id=lease_id, fields=fields, issued_at=now, expires_at=expires_at, reused=False
-    )
+    return not revoked
 
 
 def _credentials(
@@ -506,64 +548,83 @@ def revoke_one(
         try:
             _delete_key(leasing, row)
         except (KeyCallFailed, BrokerError) as exc:
-            if breaker is not None:
-                breaker.record(row.provider, ok=False)
-            error = exc.error if isinstance(exc, KeyCallFailed) else _broker_error_class(exc)
-            retry_after = exc.retry_after_s if isinstance(exc, KeyCallFailed) else None
-            row.revoke_attempts += 1
-            row.last_error = error
-            backoff = min(leasing.backoff_max_s, leasing.backoff_s * 2 ** (row.revoke_attempts - 1))
-            row.next_attempt_at = now + timedelta(seconds=max(backoff, retry_after or 0))
-            session.add(row)
-            log.warning(
-                "could not revoke a lease; it will be retried",
-                extra={
-                    "fields": {
-                        "lease_id": row.id,
-                        "provider": row.provider,
-                        "error": error,
-                        "attempts": row.revoke_attempts,
-                    }
-                },
-            )
+            _revoke_failed(leasing, session, row, exc, now, breaker)
             return "failed"
         if breaker is not None:
             breaker.record(row.provider, ok=True)
-        row.state = "revoked"
-        row.revoked_at = leasing.clock()
-        row.revoked_by = actor.actor
-        row.revoke_reason = reason or row.revoke_reason or "expired"
-        row.next_attempt_at = None
-        session.add(row)
-        trail.record(
-            session,
-            action="lease.revoke",
-            resource=_resource(row.tenant_id, row.id),
-            outcome="success",
-            principal=actor,
-            tenant_id=row.tenant_id,
-            detail={
-                "provider": row.provider,
-                "key_id": row.provider_key_id,
-                "reason": row.revoke_reason,
-                "attempts": row.revoke_attempts + 1,
-            },
-        )
-        if row.provider_key_id is not None:
-            # A key was deleted at the provider (even one never handed out: an unconfirmed
-            # mint found by its name, a key that could not be sealed). A lease whose mint
-            # left no key revoked nothing, and announces nothing.
-            outbox.emit(
-                session,
-                outbox.LEASE_REVOKED,
-                actor=actor.actor,
-                tenant_id=row.tenant_id,
-                provider=row.provider,
-                version=row.root_version,
-                state="revoked",
-                detail=_event_detail(row, reason=row.revoke_reason),
-            )
+        _record_revoked(leasing, session, row, actor, reason)
         return "revoked"
+
+
+def _revoke_failed(
+    leasing: Leasing,
+    session: Session,
+    row: DynamicLease,
+    exc: KeyCallFailed | BrokerError,
+    now: datetime,
+    breaker: _Breaker | None,
+) -> None:
+    """The provider did not delete the key: recorded on the row, retried later with backoff."""
+    if breaker is not None:
+        breaker.record(row.provider, ok=False)
+    error = exc.error if isinstance(exc, KeyCallFailed) else _broker_error_class(exc)
+    retry_after = exc.retry_after_s if isinstance(exc, KeyCallFailed) else None
+    row.revoke_attempts += 1
+    row.last_error = error
+    backoff = min(leasing.backoff_max_s, leasing.backoff_s * 2 ** (row.revoke_attempts - 1))
+    row.next_attempt_at = now + timedelta(seconds=max(backoff, retry_after or 0))
+    session.add(row)
+    log.warning(
+        "could not revoke a lease; it will be retried",
+        extra={
+            "fields": {
+                "lease_id": row.id,
+                "provider": row.provider,
+                "error": error,
+                "attempts": row.revoke_attempts,
+            }
+        },
+    )
+
+
+def _record_revoked(
+    leasing: Leasing, session: Session, row: DynamicLease, actor: Principal, reason: str | None
+) -> None:
+    """The key is gone at the provider: the row says so, with the trail and the event."""
+    row.state = "revoked"
+    row.revoked_at = leasing.clock()
+    row.revoked_by = actor.actor
+    row.revoke_reason = reason or row.revoke_reason or "expired"
+    row.next_attempt_at = None
+    session.add(row)
+    trail.record(
+        session,
+        action="lease.revoke",
+        resource=_resource(row.tenant_id, row.id),
+        outcome="success",
+        principal=actor,
+        tenant_id=row.tenant_id,
+        detail={
+            "provider": row.provider,
+            "key_id": row.provider_key_id,
+            "reason": row.revoke_reason,
+            "attempts": row.revoke_attempts + 1,
+        },
+    )
+    if row.provider_key_id is not None:
+        # A key was deleted at the provider (even one never handed out: an unconfirmed
+        # mint found by its name, a key that could not be sealed). A lease whose mint
+        # left no key revoked nothing, and announces nothing.
+        outbox.emit(
+            session,
+            outbox.LEASE_REVOKED,
+            actor=actor.actor,
+            tenant_id=row.tenant_id,
+            provider=row.provider,
+            version=row.root_version,
+            state="revoked",
+            detail=_event_detail(row, reason=row.revoke_reason),
+        )
 
 
 def _event_detail(row: DynamicLease, **extra: str | None) -> dict[str, str | None]:

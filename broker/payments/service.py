@@ -295,7 +295,8 @@ def put_payout(
             tenant_id, PAYOUT_ITEM, ciphertext=ciphertext, public=public, cas=mark.cas
         )
     except WriteOutcomeUnknown:
-        raise  # the mark stays until Vault shows whether this write landed
+        _keep_payout_pending(engine, tenant_id, mark.cas)
+        raise
     except Conflict:
         settled = _try_reconcile_payout(engine, store, tenant_id)
         if settled is not None and _payout_holds(store, tenant_id, method, secrets):
@@ -430,6 +431,19 @@ def _payout_view(profile: PaymentProfile) -> PaymentProfile:
     return copy
 
 
+def _keep_payout_pending(engine: Engine, tenant_id: str, cas: int) -> None:
+    """The write may still land: keep its mark (or put it back, should a key rotation
+    have cleared it meanwhile) until Vault shows whether it did."""
+    try:
+        with unit_of_work(engine) as session:
+            profile = _profile(session, tenant_id)
+            if profile.payout_version <= cas:
+                profile.payout_sync_pending = True
+                session.add(profile)
+    except BrokerError:
+        log.warning("could not keep an unconfirmed payout write marked; its mark stands")
+
+
 def _payout_holds(store: SealedStore, tenant_id: str, method: str, secrets: dict[str, str]) -> bool:
     """True when Vault's current payout details are exactly these."""
     record = store.read(tenant_id, PAYOUT_ITEM)
@@ -472,15 +486,35 @@ def _ensure_customer(engine: Engine, stripe: StripeAccess, *, tenant_id: str) ->
         return profile.stripe_customer_id
 
 
-def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str) -> None:
-    """Mark the payout record pending and rebuild it from Vault (after a key rotation)."""
+def mark_payout_pending(session: Session, tenant_id: str) -> bool:
+    """Mark the payout record pending before a key rotation rewrites it (in `session`).
+
+    False when there is no record, or another write's mark is on it already: that
+    mark stays that write's own.
+    """
+    profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
+    if profile is None or profile.payout_version == 0 or profile.payout_sync_pending:
+        return False
+    profile.payout_sync_pending = True
+    session.add(profile)
+    return True
+
+
+def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str, marked: bool) -> None:
+    """Rebuild the payout record from Vault after a key rotation.
+
+    Every write of the rotation was answered by now, so the rotation's own mark
+    (`marked`) is cleared even when Vault shows nothing new; another write's mark is
+    left to that write.
+    """
+    store = SealedStore(vault)
     with unit_of_work(engine) as session:
         profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
-        if profile is None or profile.payout_version == 0:
+        if profile is None or not profile.payout_sync_pending:
             return
-        profile.payout_sync_pending = True
+        if not _reconcile_payout(profile, store) and marked:
+            profile.payout_sync_pending = False
         session.add(profile)
-    _try_reconcile_payout(engine, SealedStore(vault), tenant_id)
 
 
 def reconcile_pending_payouts(engine: Engine, vault: VaultGateway) -> int:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import Engine
-from sqlmodel import col, select
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -26,7 +27,7 @@ from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
 from broker.integrations.service import reconcile_tenant
 from broker.models import IntegrationCredential, KeyRotation, Tenant, utcnow
-from broker.payments.service import reconcile_payout
+from broker.payments.service import mark_payout_pending, reconcile_payout
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import (
@@ -93,13 +94,8 @@ def rotate_tenant_key(
             )
             session.add(running)
         target = running.target_version
-        # Mark the metadata rows pending: their KV versions are about to move.
-        for row in session.exec(
-            select(IntegrationCredential).where(IntegrationCredential.tenant_id == tenant_id)
-        ):
-            row.vault_sync_pending = True
-            row.pending_since = utcnow()
-            session.add(row)
+        mark = _mark_pending(session, tenant_id)
+        payout_marked = mark_payout_pending(session, tenant_id)
 
     with unit_of_work(engine) as session:
         # Held (shared) through the Vault work: a deletion, which locks the row
@@ -114,9 +110,10 @@ def rotate_tenant_key(
         vault.transit_set_min_decryption_version(key_name(tenant_id), target)
 
     reconcile_tenant(engine, store, tenant_id)
+    _release_marks(engine, tenant_id, mark)
     # The payout record's KV version moved too; without this its next write
     # would fail check-and-set against a version only the rotation wrote.
-    reconcile_payout(engine, vault, tenant_id=tenant_id)
+    reconcile_payout(engine, vault, tenant_id=tenant_id, marked=payout_marked)
     with unit_of_work(engine) as session:
         rotation = session.exec(
             select(KeyRotation)
@@ -143,6 +140,41 @@ def rotate_tenant_key(
             },
         )
     return RotationReport(tenant_id, target, rewrapped, current, resumed, failed)
+
+
+def _mark_pending(session: Session, tenant_id: str) -> datetime:
+    """Mark the metadata rows pending: their KV versions are about to move, and a rewrap
+    whose answer is lost may land later. Returns the rotation's mark; a row another write
+    marked already keeps that write's mark."""
+    mark = utcnow()
+    for row in session.exec(
+        select(IntegrationCredential).where(
+            IntegrationCredential.tenant_id == tenant_id,
+            col(IntegrationCredential.vault_sync_pending).is_(False),
+        )
+    ):
+        row.vault_sync_pending = True
+        row.pending_since = mark
+        session.add(row)
+    return mark
+
+
+def _release_marks(engine: Engine, tenant_id: str, mark: datetime) -> None:
+    """Clear the rotation's own marks that reconciling left: every rewrap it sent was
+    answered, so Vault holds what those rows say (no newer write marked them since)."""
+    with unit_of_work(engine) as session:
+        for row in session.exec(
+            select(IntegrationCredential)
+            .where(
+                IntegrationCredential.tenant_id == tenant_id,
+                col(IntegrationCredential.vault_sync_pending).is_(True),
+                IntegrationCredential.pending_since == mark,
+            )
+            .with_for_update()
+        ):
+            row.vault_sync_pending = False
+            row.pending_since = None
+            session.add(row)
 
 
 def _rewrap_items(

@@ -69,6 +69,8 @@ ORDINARY = {
     "resolution": "1920:1080 3840:2160",
     "prose": "order 12345 for 2 items",
     "arabic-short": in_digits("2024", "\u0660"),
+    "years-a-line": "2021\n2022\n2023\n2024\n2025",
+    "uneven-lines": "4242\n4242\n4242  4242",
 }
 
 

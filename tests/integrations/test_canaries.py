@@ -14,7 +14,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tests.support.tokens import bearer, token
 
 
 def _canaries() -> dict[str, dict[str, str]]:
-    hexa = lambda n: secrets.token_hex(n)  # noqa: E731 - random, so unmistakable in a scan
+    hexa = secrets.token_hex  # random, so unmistakable in a scan
     return {
         "twilio": {
             "account_sid": "AC" + hexa(16),
@@ -96,6 +96,44 @@ def _pg_dump(database_url: str) -> str:
     return subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
 
 
+Call = Callable[[str, str, Any], None]
+
+
+def _plant_credentials(call: Call, planted: dict[str, dict[str, str]], store_url: str) -> None:
+    """Every provider's canaries through every credential write path."""
+    base = "/v1/tenants/settings/integrations"
+    for provider, fields in planted.items():
+        body = dict(fields)
+        if provider == "woocommerce":
+            body["store_url"] = store_url
+        # 1. stored (live test skipped: the fake does not know these values)
+        call("PUT", f"{base}/{provider}", {"fields": body, "skip_connection_test": True})
+        # 2. a failed connection test on write, and an explicit test with the body
+        call("PUT", f"{base}/{provider}", {"fields": body})
+        call("POST", f"{base}/{provider}/test", {"fields": body})
+        # 3. the stored ones, tested
+        call("POST", f"{base}/{provider}/test", None)
+        # 4. failed validation: every field malformed around the canary
+        call("PUT", f"{base}/{provider}", {"fields": {k: v + " !" for k, v in body.items()}})
+        call(
+            "PUT", f"{base}/{provider}", {"fields": {**body, "unexpected": body[next(iter(body))]}}
+        )
+
+
+def _plant_cards(call: Call, responses: list[Any]) -> list[str]:
+    """Raw card numbers, in several encodings, on several routes: refused unseen."""
+    base = "/v1/tenants/settings/integrations"
+    pan = _random_pan()
+    spaced = " ".join(pan[i : i + 4] for i in range(0, 16, 4))
+    dashed = spaced.replace(" ", "-")
+    call("PATCH", "/v1/tenants/settings", {"branding": {"footer_text": spaced}})
+    call("POST", "/v1/tenants/settings/payment-methods", {"payment_method_id": dashed})
+    call("PUT", f"{base}/openai", {"fields": {"api_key": pan}})
+    call("PUT", "/v1/tenants/settings/payout", {"method": "paypal", "details": {"pan": int(pan)}})
+    assert [r.status_code for r in responses[-4:]] == [422] * 4
+    return [pan, spaced, dashed]
+
+
 def test_canaries_never_leak(
     client: TestClient,
     providers: FakeProviders,
@@ -118,32 +156,8 @@ def test_canaries_never_leak(
         responses.append(client.request(method, path, json=body, headers=admin))
 
     base = "/v1/tenants/settings/integrations"
-    for provider, fields in planted.items():
-        body = dict(fields)
-        if provider == "woocommerce":
-            body["store_url"] = providers.base_url
-        # 1. stored (live test skipped: the fake does not know these values)
-        call("PUT", f"{base}/{provider}", {"fields": body, "skip_connection_test": True})
-        # 2. a failed connection test on write, and an explicit test with the body
-        call("PUT", f"{base}/{provider}", {"fields": body})
-        call("POST", f"{base}/{provider}/test", {"fields": body})
-        # 3. the stored ones, tested
-        call("POST", f"{base}/{provider}/test", None)
-        # 4. failed validation: every field malformed around the canary
-        call("PUT", f"{base}/{provider}", {"fields": {k: v + " !" for k, v in body.items()}})
-        call(
-            "PUT", f"{base}/{provider}", {"fields": {**body, "unexpected": body[next(iter(body))]}}
-        )
-    # 5. raw card numbers, in several encodings, on several routes: refused unseen
-    pan = _random_pan()
-    spaced = " ".join(pan[i : i + 4] for i in range(0, 16, 4))
-    dashed = spaced.replace(" ", "-")
-    call("PATCH", "/v1/tenants/settings", {"branding": {"footer_text": spaced}})
-    call("POST", "/v1/tenants/settings/payment-methods", {"payment_method_id": dashed})
-    call("PUT", f"{base}/openai", {"fields": {"api_key": pan}})
-    call("PUT", "/v1/tenants/settings/payout", {"method": "paypal", "details": {"pan": int(pan)}})
-    assert [r.status_code for r in responses[-4:]] == [422] * 4
-    values += [pan, spaced, dashed]
+    _plant_credentials(call, planted, providers.base_url)
+    values += _plant_cards(call, responses)
     # 6. settings writes that fail validation with the canary as the value
     some = values[0]
     call("PATCH", "/v1/tenants/settings", {"branding": {"primary_color": some}})

@@ -176,7 +176,7 @@ HOSTILE: list[Any] = [
     pytest.param("https://mapped.example.com/", DEV_LOOPBACK, id="name-to-mapped-metadata"),
     pytest.param("https://nat64.example.com/", DEV_LOOPBACK, id="name-to-nat64-metadata"),
     # unspecified, broadcast, reserved, multicast, benchmark, documentation
-    pytest.param("https://0.0.0.0/", DEV_LOOPBACK, id="0.0.0.0"),
+    pytest.param("https://0.0.0.0/", DEV_LOOPBACK, id="0.0.0.0"),  # noqa: S104 - a refused URL
     pytest.param("https://0.1.2.3/", STRICT, id="0/8"),
     pytest.param("https://[::]/", DEV_LOOPBACK, id="::"),
     pytest.param("https://255.255.255.255/", STRICT, id="broadcast"),
@@ -442,9 +442,53 @@ class LocalServer:
         return f"{self.scheme}://{host}:{self.port}{path}"
 
 
+def _canned_answers() -> dict[str, tuple[int, bytes, dict[str, str]]]:
+    """The local server's fixed answers by path: status, body, headers."""
+    json_ok = (200, b'{"ok": true}', {"Content-Type": "application/json"})
+    metadata = "http://169.254.169.254/latest/meta-data/"
+    return {
+        "/json": json_ok,
+        "/target": json_ok,
+        "/redirect": (302, b"", {"Location": "/target"}),
+        "/redirect-external": (302, b"", {"Location": metadata}),
+        "/big": (200, b"x" * (CAP + 1), {}),
+        "/error": (500, SECRET_BODY.encode(), {"Content-Type": "text/plain"}),
+        "/error-big": (500, (SECRET_BODY * 200).encode(), {}),
+        "/gzip": (200, gzip.compress(b'{"zipped": 1}'), {"Content-Encoding": "gzip"}),
+        "/gzip-bomb": (
+            200,
+            gzip.compress(b"\0" * (10 * 1024 * 1024)),
+            {"Content-Encoding": "gzip"},
+        ),
+        "/brotli": (200, b"\x0b\x02\x80{}\x03", {"Content-Encoding": "br"}),
+    }
+
+
+def _stream_undeclared(handler: BaseHTTPRequestHandler, state: ServerState) -> None:
+    """An HTTP/1.0 close-delimited body: no Content-Length to reject up front."""
+    handler.send_response(200)
+    handler.end_headers()
+    for _ in range(64):
+        if state.stop.is_set():
+            break
+        handler.wfile.write(b"y" * 1024)
+
+
+def _drip(handler: BaseHTTPRequestHandler, state: ServerState) -> None:
+    """Each byte arrives well within any per-read timeout; only an overall deadline stops
+    this."""
+    handler.send_response(200)
+    handler.send_header("Content-Length", "1000")
+    handler.end_headers()
+    for _ in range(1000):
+        if state.stop.wait(0.05):
+            break
+        handler.wfile.write(b"z")
+        handler.wfile.flush()
+
+
 def _make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
-    big = b"x" * (CAP + 1)
-    bomb = gzip.compress(b"\0" * (10 * 1024 * 1024))
+    canned = _canned_answers()
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
@@ -463,51 +507,30 @@ def _make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
             with state.lock:
                 state.hits[path] = state.hits.get(path, 0) + 1
                 state.requests.append({k.lower(): v for k, v in self.headers.items()})
-            if path in ("/json", "/target"):
-                self._send(200, b'{"ok": true}', {"Content-Type": "application/json"})
-            elif path == "/echo":
-                received = {k.lower(): v for k, v in self.headers.items()}
-                self._send(200, json.dumps(received).encode(), {"X-Seen": "1"})
-            elif path == "/redirect":
-                self._send(302, b"", {"Location": "/target"})
-            elif path == "/redirect-external":
-                self._send(302, b"", {"Location": "http://169.254.169.254/latest/meta-data/"})
-            elif path == "/big":
-                self._send(200, big)
-            elif path == "/big-undeclared":
-                # HTTP/1.0 close-delimited body: no Content-Length to reject up front.
-                self.send_response(200)
-                self.end_headers()
-                for _ in range(64):
-                    if state.stop.is_set():
-                        break
-                    self.wfile.write(b"y" * 1024)
-            elif path == "/slow":
-                state.stop.wait(5)
-                self._send(200, b"{}")
-            elif path == "/drip":
-                # Each byte arrives well within any per-read timeout; only an overall
-                # deadline stops this.
-                self.send_response(200)
-                self.send_header("Content-Length", "1000")
-                self.end_headers()
-                for _ in range(1000):
-                    if state.stop.wait(0.05):
-                        break
-                    self.wfile.write(b"z")
-                    self.wfile.flush()
-            elif path == "/error":
-                self._send(500, SECRET_BODY.encode(), {"Content-Type": "text/plain"})
-            elif path == "/error-big":
-                self._send(500, (SECRET_BODY * 200).encode())
-            elif path == "/gzip":
-                self._send(200, gzip.compress(b'{"zipped": 1}'), {"Content-Encoding": "gzip"})
-            elif path == "/gzip-bomb":
-                self._send(200, bomb, {"Content-Encoding": "gzip"})
-            elif path == "/brotli":
-                self._send(200, b"\x0b\x02\x80{}\x03", {"Content-Encoding": "br"})
+            special = {
+                "/echo": self._echo,
+                "/big-undeclared": self._big_undeclared,
+                "/slow": self._slow,
+                "/drip": self._drip,
+            }.get(path)
+            if special is not None:
+                special()
             else:
-                self._send(404, b"")
+                self._send(*canned.get(path, (404, b"", {})))
+
+        def _echo(self) -> None:
+            received = {k.lower(): v for k, v in self.headers.items()}
+            self._send(200, json.dumps(received).encode(), {"X-Seen": "1"})
+
+        def _big_undeclared(self) -> None:
+            _stream_undeclared(self, state)
+
+        def _slow(self) -> None:
+            state.stop.wait(5)
+            self._send(200, b"{}")
+
+        def _drip(self) -> None:
+            _drip(self, state)
 
     return Handler
 

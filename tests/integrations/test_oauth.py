@@ -125,7 +125,7 @@ def start(client: TestClient, tenant: str, shop: str, **body: Any) -> str:
     response = client.post(CONNECT, json={"shop": shop, **body}, headers=_admin(tenant))
     assert response.status_code == 200, response.text
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(response.json()["authorization_url"]).query)
-    return query["state"][0]
+    return str(query["state"][0])
 
 
 def consent(client: TestClient, tenant: str, shop: str) -> dict[str, str]:
@@ -463,7 +463,10 @@ def test_an_expired_token_is_refreshed_once_and_persisted_before_it_is_served(
     calls = shopify.refresh_calls
 
     def fetch(_: int) -> httpx.Response:
-        return app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+        answer: httpx.Response = app_client.get(
+            f"/v1/credentials/{tenant}/shopify", headers=_service(tenant)
+        )
+        return answer
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(fetch, range(16)))

@@ -78,6 +78,37 @@ def shopify(clock: FakeClock, vault_admin: VaultGateway) -> Iterator[FakeShopify
         yield fake
 
 
+def _broker_env(
+    port: int,
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+    shopify: FakeShopifyOAuth,
+    clock_file: str,
+) -> dict[str, str]:
+    """A broker process's environment: this session's Vault, database and fake Shopify."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
+    env |= {
+        "PYTHONPATH": str(ROOT),
+        "BROKER_ENV": "test",
+        "BROKER_PORT": str(port),
+        "BROKER_LOG_LEVEL": "WARNING",
+        "BROKER_DATABASE_URL": database_url,
+        "BROKER_VAULT_ADDRS": vault_endpoint.addr,
+        "BROKER_VAULT_TOKEN": broker_vault_token,
+        "BROKER_JWT_HS256_SECRET": TEST_SIGNING_KEY,
+        "BROKER_EGRESS_ALLOW_HTTP": "true",
+        "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
+        "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
+        "BROKER_OAUTH_REDIRECT_BASE_URL": REDIRECT_BASE,
+        "BROKER_OAUTH_RETURN_URLS": RETURN,
+        "BROKER_RATE_LIMIT_FETCH": "100000/minute",
+        "BROKER_RATE_LIMIT_WRITE": "100000/minute",
+        "BROKER_TEST_CLOCK_FILE": clock_file,
+    }
+    return env
+
+
 @pytest.fixture(scope="module")
 def start_broker(
     vault_endpoint: VaultEndpoint,
@@ -94,25 +125,9 @@ def start_broker(
 
     def start() -> Broker:
         port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-        env |= {
-            "PYTHONPATH": str(ROOT),
-            "BROKER_ENV": "test",
-            "BROKER_PORT": str(port),
-            "BROKER_LOG_LEVEL": "WARNING",
-            "BROKER_DATABASE_URL": database_url,
-            "BROKER_VAULT_ADDRS": vault_endpoint.addr,
-            "BROKER_VAULT_TOKEN": broker_vault_token,
-            "BROKER_JWT_HS256_SECRET": TEST_SIGNING_KEY,
-            "BROKER_EGRESS_ALLOW_HTTP": "true",
-            "BROKER_EGRESS_ALLOW_LOOPBACK": "true",
-            "BROKER_SHOPIFY_BASE_URL": shopify.base_url,
-            "BROKER_OAUTH_REDIRECT_BASE_URL": REDIRECT_BASE,
-            "BROKER_OAUTH_RETURN_URLS": RETURN,
-            "BROKER_RATE_LIMIT_FETCH": "100000/minute",
-            "BROKER_RATE_LIMIT_WRITE": "100000/minute",
-            "BROKER_TEST_CLOCK_FILE": str(clock_file),
-        }
+        env = _broker_env(
+            port, vault_endpoint, broker_vault_token, database_url, shopify, str(clock_file)
+        )
         workdir = tmp_path_factory.mktemp("broker")  # no stray .env
         with open(workdir / "stderr.log", "wb") as stderr:
             proc = subprocess.Popen(

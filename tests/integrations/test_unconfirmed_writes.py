@@ -530,3 +530,136 @@ def test_restoring_a_version_from_before_a_key_rotation_is_410(client: TestClien
     )
     assert response.status_code == 410, response.text
     assert "rotation" in response.json()["detail"]
+
+
+# -- A: key rotation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("item", ["integrations/twilio", "payout"])
+def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
+    client: TestClient,
+    slow: TestClient,
+    proxy: SlowProxy,
+    providers: FakeProviders,
+    engine: Engine,
+    vault_admin: VaultGateway,
+    item: str,
+) -> None:
+    tenant = make_tenant(client)
+    providers.accept("twilio", **SECOND)
+    if item == "payout":
+        assert _payout(client, tenant, IBAN).status_code == 200
+    else:
+        assert _put(client, tenant, FIRST).status_code == 200
+    ops = bearer(token("platform:admin", subject="ops"))
+
+    proxy.delay(KV_WRITE, 3.0)
+    response = slow.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
+    proxy.clear()
+    assert response.status_code == 503, response.text
+    _wait_for_version(vault_admin, f"tenants/{tenant}/{item}", 2)  # the rewrap lands
+
+    # The version only the rotation wrote is no reason to refuse the next write.
+    if item == "payout":
+        again = _payout(client, tenant, OTHER_IBAN)
+        assert again.status_code == 200, again.text
+        assert again.json()["hint"].endswith("5432")
+    else:
+        again = _put(client, tenant, SECOND)
+        assert again.status_code == 200, again.text
+        assert again.json()["version"] == 3
+    # The rotation sent again finishes what it began.
+    finished = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
+    assert finished.status_code == 200, finished.text
+    assert finished.json()["resumed"] is True
+    if item == "payout":
+        assert _payout_row(engine, tenant).payout_sync_pending is False
+    else:
+        assert _row(engine, tenant).vault_sync_pending is False
+
+
+def _failed_reads(engine: Engine, tenant: str) -> list[tuple[str, str | None]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT action, detail FROM audit_events WHERE tenant_id = :t"
+                " AND outcome = 'failed' ORDER BY id"
+            ),
+            {"t": tenant},
+        ).all()
+    return [(r.action, r.detail.get("reason")) for r in rows]
+
+
+def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
+) -> None:
+    """Not only a service's fetch: an admin's test of the stored credentials, a restore, a
+    health check and a change of delivery."""
+    tenant = make_tenant(client)
+    fields = dict(VALID["woocommerce"], store_url=providers.base_url)
+    url = "/v1/tenants/settings/integrations/woocommerce"
+    assert client.put(url, json={"fields": fields}, headers=_admin(tenant)).status_code == 200
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    entry = vault_admin.kv_read(path)
+    assert entry is not None
+    forged = dict(entry.data)
+    forged["public"] = dict(entry.data["public"])
+    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
+    vault_admin.kv_write(path, forged, cas=entry.version)
+
+    tested = client.post(f"{url}/test", headers=_admin(tenant))
+    restored = client.post(f"{url}/versions/2/restore", headers=_admin(tenant))
+    checked = client.post(f"{url}/health/check", headers=_admin(tenant))
+    delivery = client.put(f"{url}/delivery", json={"mode": "static"}, headers=_admin(tenant))
+    for response in (tested, restored, checked, delivery):
+        assert response.status_code == 409, response.text
+        assert response.json()["title"] == "Stored data does not verify"
+        assert "attacker" not in response.text
+    assert _failed_reads(engine, tenant) == [
+        ("integration.test", "unverified"),
+        ("integration.restore", "unverified"),
+        ("integration.health_check", "unverified"),
+        ("integration.delivery", "unverified"),
+    ]
+
+
+def test_a_row_rebuilt_from_vault_never_adopts_hints_that_do_not_verify(
+    client: TestClient, providers: FakeProviders, vault_admin: VaultGateway, engine: Engine
+) -> None:
+    """A pending row is rebuilt from KV's public part only once it verifies against the seal."""
+    mine, other = make_tenant(client), make_tenant(client)
+    url = "/v1/tenants/settings/integrations/woocommerce"
+    for tenant, key in ((mine, "ck_" + "1" * 40), (other, "ck_" + "2" * 40)):
+        fields = dict(VALID["woocommerce"], store_url=providers.base_url, consumer_key=key)
+        providers.accept("woocommerce", **fields)
+        saved = client.put(url, json={"fields": fields}, headers=_admin(tenant))
+        assert saved.status_code == 200, saved.text
+    path = f"tenants/{mine}/integrations/woocommerce"
+    entry = vault_admin.kv_read(path)
+    theirs = vault_admin.kv_read(f"tenants/{other}/integrations/woocommerce")
+    assert entry is not None
+    assert theirs is not None
+    # A write interrupted after T1 left the row pending, and KV now shows a version whose
+    # public part (another tenant's hints and identifiers) is not the one sealed inside it.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE integration_credentials"
+                " SET vault_sync_pending = true, pending_since = now()"
+                " WHERE tenant_id = :t AND provider = 'woocommerce'"
+            ),
+            {"t": mine},
+        )
+    vault_admin.kv_write(path, {**entry.data, "public": theirs.data["public"]}, cas=entry.version)
+
+    for _ in range(2):  # every reader tries the rebuild again
+        answer = client.get("/v1/tenants/settings/integrations", headers=_admin(mine))
+        assert answer.status_code == 200, answer.text
+        listed = next(i for i in answer.json() if i["provider"] == "woocommerce")
+        assert listed["hints"]["consumer_key"].endswith("1111")
+        assert (listed["version"], listed["sync_pending"]) == (1, True)
+    # The refusal is in the trail, once for that KV version.
+    assert _failed_reads(engine, mine) == [("integration.reconcile", "unverified")]
+    fetched = client.get(f"/v1/credentials/{mine}/woocommerce", headers=_service(mine))
+    assert fetched.status_code == 409, fetched.text
+    assert _failed_reads(engine, mine)[-1] == ("credentials.fetch", "unverified")

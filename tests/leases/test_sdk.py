@@ -83,6 +83,7 @@ def test_the_twilio_factory_works_unchanged_with_a_minted_key(
         assert creds.api_key_sid is not None
         assert creds.basic_auth() == (creds.api_key_sid, creds.api_key_secret)
         assert "****" in repr(creds)
+        assert creds.api_key_secret is not None
         assert creds.api_key_secret not in repr(creds)
         with create_twilio_service_for_tenant(
             broker, tenant, base_url=providers.base_url, egress=LOCAL
