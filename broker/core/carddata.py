@@ -233,9 +233,11 @@ def _chain_hits(text: str, groups: list[tuple[int, int]]) -> Iterator[tuple[int,
 
 
 def _hits(folded: str) -> Iterator[tuple[int, int]]:
-    # A card needs a run of at least 13 characters, and masking identifiers only breaks runs
-    # apart: text without such a run (most headers, a JWT's base64) is done in one pass.
-    if all(chain.end() - chain.start() < _MIN_PAN for chain in _CHAIN.finditer(folded)):
+    # A card needs a run of at least 13 characters or one printed in its groups, and masking
+    # identifiers only breaks runs apart: text with neither (most headers, a JWT's base64) is
+    # done in one pass.
+    short = all(chain.end() - chain.start() < _MIN_PAN for chain in _CHAIN.finditer(folded))
+    if short and not _PRINTED.search(folded):
         return
     masked = _mask_identifiers(folded)
     hits: list[tuple[int, int]] = []
