@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request, Response
@@ -9,8 +10,9 @@ from fastapi import APIRouter, Header, Request, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.db import read_in_thread
 from broker.core.http import problem_responses
-from broker.deps import SessionDep
+from broker.deps import EngineDep, SessionDep
 from broker.integrations.egress import EgressClient
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
@@ -36,14 +38,15 @@ def _egress(request: Request) -> EgressClient:
     response_model=SettingsView,
     responses=problem_responses({404: "The token's tenant does not exist"}),
 )
-def read_settings(
-    session: SessionDep, principal: SettingsReader, response: Response
+async def read_settings(
+    engine: EngineDep, principal: SettingsReader, response: Response
 ) -> SettingsView:
     """The caller's tenant settings. Never contains a credential."""
-    row = service.get_settings(session, tenant_id=service.own_tenant(principal))
-    response.headers["ETag"] = service.etag(row)
+    read = partial(service.read_view, tenant_id=service.own_tenant(principal))
+    tag, view = await read_in_thread(engine, read)
+    response.headers["ETag"] = tag
     response.headers["Cache-Control"] = "private, no-cache"
-    return service.to_view(row)
+    return view
 
 
 @router.patch(

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import Connection, Row
 from sqlmodel import Session, select
 
 from broker.audit import trail
@@ -53,7 +54,7 @@ def own_tenant(principal: Principal) -> str:
     return principal.tenant_id
 
 
-def etag(row: TenantSettings) -> str:
+def etag(row: TenantSettings | Row[Any]) -> str:
     """The strong ETag of a settings row: its version."""
     return f'"{row.version}"'
 
@@ -66,7 +67,21 @@ def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
     return row
 
 
-def to_view(row: TenantSettings) -> SettingsView:
+def read_view(connection: Connection, *, tenant_id: str) -> tuple[str, SettingsView]:
+    """The tenant's settings and their ETag, for a read: one SELECT by primary key.
+
+    Plain columns on a read-only connection (no ORM session, no transaction): a
+    settings read is the broker's most frequent database call.
+    """
+    # On a Connection, an entity's select gives plain rows of its columns.
+    query = select(TenantSettings).where(TenantSettings.tenant_id == tenant_id)
+    row = connection.execute(query).first()
+    if row is None:
+        raise NotFound("no settings for this tenant")
+    return etag(row), to_view(row)
+
+
+def to_view(row: TenantSettings | Row[Any]) -> SettingsView:
     """The API view: every group typed, no credential of any kind."""
     groups = {name: getattr(row, name) or {} for name in SETTINGS_GROUPS}
     return SettingsView.model_validate(
