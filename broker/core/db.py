@@ -204,6 +204,22 @@ async def read_in_thread(engine: Engine, read: Callable[[Connection], T]) -> T:
         return await anyio.to_thread.run_sync(run)
 
 
+async def work_in_thread(engine: Engine, work: Callable[[Session], T]) -> T:
+    """`work(session)` in one unit of work, in a worker thread once a slot is free.
+
+    One thread hop for the whole unit (open, work, commit), where a session
+    dependency and a plain `def` route take three. It commits before it
+    returns, so a failed commit is an error response, never a 2xx for lost work.
+    """
+
+    def run() -> T:
+        with unit_of_work(engine) as session:
+            return work(session)
+
+    async with connection_slot(engine):
+        return await anyio.to_thread.run_sync(run)
+
+
 # Per event loop (anyio primitives belong to one), per engine.
 _SLOTS: RunVar[weakref.WeakKeyDictionary[Engine, anyio.Semaphore]] = RunVar(
     "broker_connection_slots"

@@ -10,9 +10,9 @@ from fastapi import APIRouter, Header, Request, Response
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.core.db import read_in_thread
+from broker.core.db import read_in_thread, work_in_thread
 from broker.core.http import problem_responses
-from broker.deps import EngineDep, SessionDep
+from broker.deps import EngineDep
 from broker.integrations.egress import EgressClient
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
@@ -59,22 +59,23 @@ async def read_settings(
         }
     ),
 )
-def patch_settings(
+async def patch_settings(
     body: SettingsPatch,
-    session: SessionDep,
+    engine: EngineDep,
     principal: SettingsWriter,
     request: Request,
     response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SettingsView:
     """Merge-patch one or more settings groups (RFC 7396); `null` resets to defaults."""
-    row = service.patch_settings(
-        session,
+    patch = partial(
+        service.patch_settings,
         principal=principal,
         tenant_id=service.own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
         if_match=if_match,
         egress=_egress(request),
     )
+    row = await work_in_thread(engine, patch)
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)
