@@ -52,7 +52,8 @@ app.add_typer(shopify_app, name="shopify")
 app.add_typer(leases_app, name="leases")
 app.add_typer(credentials_app, name="credentials")
 log = logging.getLogger("broker.cli")
-# How long a `broker serve --workers N` worker may take to answer the supervisor's ping.
+# How long a `broker serve --workers N` worker may take to answer the supervisor's ping
+# (also how long a worker that failed to start may go unnoticed).
 WORKER_HEALTHCHECK_S = 60
 
 
@@ -317,7 +318,12 @@ def served_app() -> FastAPI:
 
     settings = _settings()
     configure_logging(settings.log_level)
-    return create_app(settings)
+    try:
+        return create_app(settings)
+    except Exception:
+        # Exit as a failed startup, which stops `--workers` instead of restarting forever.
+        log.exception("the API could not be built")
+        sys.exit(STARTUP_FAILURE)
 
 
 def _uvicorn_config(api: FastAPI | str, **options: object) -> uvicorn.Config:
