@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 import uvicorn
 from pydantic import ValidationError
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from broker.audit.cli import audit_app
 from broker.cli_support import database_url, describe_invalid, load_settings, operator
@@ -49,6 +51,9 @@ app.add_typer(shopify_app, name="shopify")
 app.add_typer(leases_app, name="leases")
 app.add_typer(credentials_app, name="credentials")
 log = logging.getLogger("broker.cli")
+# How long a `broker serve --workers N` worker may take to answer the supervisor's ping
+# (also how long a worker that failed to start may go unnoticed).
+WORKER_HEALTHCHECK_S = 60
 
 
 def _version(value: bool) -> None:
@@ -270,34 +275,108 @@ def _print_welcome(
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Processes serving the API, one per core (default: BROKER_WORKERS or 1).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
     """Serve the API against the Vault and PostgreSQL given by configuration."""
-    from broker.app import create_app
+    settings = load_settings()
+    workers = settings.workers if workers is None else workers
+    if workers == 1:
+        _run(served_app(), host=settings.host, port=settings.port)
+        return
+    configure_logging(settings.log_level)
+    if settings.rate_limit_storage.startswith("memory://"):
+        log.warning(
+            "%d workers with in-memory rate limits: each worker counts alone, so a limit "
+            "allows up to %d times its budget; set BROKER_RATE_LIMIT_STORAGE=redis://...",
+            workers,
+            workers,
+        )
+    _run_workers(workers, host=settings.host, port=settings.port)
+
+
+def served_app() -> FastAPI:
+    """The app `broker serve` serves, built from the environment (once in each worker)."""
+    from broker.app import create_app  # before logging is configured: its import is chatty
 
     settings = load_settings()
     configure_logging(settings.log_level)
-    _run(create_app(settings), host=settings.host, port=settings.port)
+    try:
+        return create_app(settings)
+    except ConfigurationError as exc:
+        # What to set, in one line (a worker process's too), then a failed startup.
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    except Exception:
+        # Exit as a failed startup, which stops `--workers` instead of restarting forever.
+        log.exception("the API could not be built")
+        sys.exit(STARTUP_FAILURE)
 
 
-def _run(api: FastAPI, *, host: str, port: int, sock: socket.socket | None = None) -> None:
-    """Serve `api` with uvicorn, which must neither rewrite the caller's address nor log URLs.
+def _uvicorn_config(api: FastAPI | str, **options: object) -> uvicorn.Config:
+    """Uvicorn must neither rewrite the caller's address nor log URLs.
 
     Uvicorn believes X-Forwarded-For from 127.0.0.1 by default, before the
     broker sees the request: a local caller could then name any address, dodge
     the per-address limits and write it into the audit trails. The broker reads
-    the header itself, from BROKER_TRUSTED_PROXIES only.
+    the header itself, from BROKER_TRUSTED_PROXIES only. And uvicorn's access log
+    holds raw paths and query strings, which may carry a card number or a token;
+    the broker logs route templates itself (broker.access).
     """
-    # access_log=False: uvicorn's access log holds raw paths and query strings, which may
-    # carry a card number or a token; the broker logs route templates itself (broker.access).
-    config = uvicorn.Config(
-        api, host=host, port=port, log_config=None, proxy_headers=False, access_log=False
+    return uvicorn.Config(
+        api,
+        log_config=None,
+        proxy_headers=False,
+        access_log=False,
+        **options,  # type: ignore[arg-type]
     )
-    server = uvicorn.Server(config)
+
+
+def _run(api: FastAPI, *, host: str, port: int, sock: socket.socket | None = None) -> None:
+    """Serve `api` in this process."""
+    server = uvicorn.Server(_uvicorn_config(api, host=host, port=port))
     # Ctrl-C: uvicorn shuts down, then raises SIGINT again; a stop, not a failure.
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=[sock] if sock is not None else None)
     if not server.started:  # as uvicorn.run does: a failed startup is not a clean exit
-        sys.exit(3)
+        sys.exit(STARTUP_FAILURE)
+
+
+def _run_workers(workers: int, *, host: str, port: int) -> None:
+    """Serve with `workers` processes sharing one listening socket, as `uvicorn --workers` does.
+
+    Each worker builds its own app (`served_app`): its own event loop, database
+    pool (so up to `workers` times BROKER_DATABASE_POOL_SIZE + MAX_OVERFLOW
+    connections), token cache and view of tenant deletions. The supervisor
+    restarts a worker that dies and stops them all on SIGINT or SIGTERM.
+    """
+    config = _uvicorn_config(
+        "broker.cli:served_app",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        # The supervisor kills a worker that does not answer its ping in time, and a
+        # worker cannot answer while it still imports the broker: on a busy small
+        # machine that takes longer than uvicorn's 5 s, and every worker was killed.
+        timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
+    )
+    sock = config.bind_socket()
+    supervisor = Multiprocess(config, sockets=[sock])
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+    if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
+        sys.exit(STARTUP_FAILURE)  # as with one process: a failed startup is not a clean exit
 
 
 @app.command()

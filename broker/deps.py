@@ -22,8 +22,7 @@ from sqlmodel import Session
 
 from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
-from broker.core.db import bounds_of, unit_of_work
-from broker.core.errors import UpstreamUnavailable
+from broker.core.db import connection_slot, unit_of_work
 from broker.core.ratelimit import RateLimiter
 from broker.credentials.service import Delivery
 from broker.integrations.service import Outbound
@@ -47,39 +46,15 @@ async def get_engine(request: Request) -> Engine:
 async def get_session(request: Request) -> AsyncIterator[Session]:
     """One unit of work per request: commit on success, roll back on error.
 
-    A request waits for a session here, on the event loop, and not for a pool
-    connection on a worker thread: requests blocked on the pool once held every
-    worker thread while the one holding a row lock needed a thread to finish,
-    so a burst of PATCHes on one tenant deadlocked until the pool timed out.
-    At most as many requests as the pool has connections hold a session.
+    The request first waits for a free connection on the event loop
+    (`connection_slot`), then opens the session in a worker thread.
     """
     engine: Engine = request.app.state.engine
-    bounds = bounds_of(engine)
-    slots = _session_slots(engine, bounds.pool_size + bounds.max_overflow)
-    with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
-        await slots.acquire()
-    if waiting.cancelled_caught:
-        raise UpstreamUnavailable("the database is busy", retry_after=bounds.retry_after_s)
-    try:
-        async with contextmanager_in_threadpool(unit_of_work(engine)) as session:
-            yield session
-    finally:
-        slots.release()
-
-
-# Per event loop (anyio primitives belong to one), per engine.
-_SLOTS: RunVar[WeakKeyDictionary[Engine, anyio.Semaphore]] = RunVar("broker_session_slots")
-
-
-def _session_slots(engine: Engine, count: int) -> anyio.Semaphore:
-    try:
-        slots = _SLOTS.get()
-    except LookupError:
-        slots = WeakKeyDictionary()
-        _SLOTS.set(slots)
-    if engine not in slots:
-        slots[engine] = anyio.Semaphore(count)
-    return slots[engine]
+    async with (
+        connection_slot(engine),
+        contextmanager_in_threadpool(unit_of_work(engine)) as session,
+    ):
+        yield session
 
 
 async def get_vault(request: Request) -> VaultGateway:

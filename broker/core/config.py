@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".broker")
     host: str = "127.0.0.1"
     port: int = 8000
+    # Processes `broker serve` runs (uvicorn workers): each has its own event loop,
+    # database pool and caches; rate limits are shared only through Redis.
+    workers: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
 
     # PostgreSQL. A URL may carry a password, so it is a secret too.

@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import psycopg
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, event, text
+from anyio.lowlevel import RunVar
+from sqlalchemy import Connection, Engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
 from broker.core.config import Settings
 from broker.core.errors import UpstreamUnavailable
+
+T = TypeVar("T")
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -120,14 +125,35 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
     Services only `flush()`; this is the one place that commits. Losing the
     database mid-request becomes a 503, never a 500 with SQL in it.
     """
+    with unavailable_as_503(engine), Session(engine, expire_on_commit=False) as session:
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+
+
+@contextmanager
+def read_only(engine: Engine) -> Iterator[Connection]:
+    """A pooled connection for reads alone, bounded and translated like a unit of work.
+
+    Autocommit: a read of one row is one round trip, with no BEGIN and COMMIT
+    around it, and no ORM session to build. Never for writes: nothing here
+    commits or rolls back.
+    """
+    with (
+        unavailable_as_503(engine),
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection,
+    ):
+        yield connection
+
+
+@contextmanager
+def unavailable_as_503(engine: Engine) -> Iterator[None]:
+    """A busy or lost database becomes UpstreamUnavailable (503 with Retry-After)."""
     try:
-        with Session(engine, expire_on_commit=False) as session:
-            try:
-                yield session
-                session.commit()
-            except BaseException:
-                session.rollback()
-                raise
+        yield
     except PoolTimeout as exc:
         # Every connection is busy (a burst, or a stalled server): retry, not a bug.
         _POOL_TIMEOUTS[engine] = _POOL_TIMEOUTS.get(engine, 0) + 1
@@ -143,6 +169,72 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
                 "the database is unavailable", retry_after=_retry_after(engine)
             ) from exc
         raise
+
+
+@asynccontextmanager
+async def connection_slot(engine: Engine) -> AsyncIterator[None]:
+    """Wait, on the event loop, for one of the engine's connections to be free to take.
+
+    Requests wait here and not for a pool connection on a worker thread:
+    requests blocked on the pool once held every worker thread while the one
+    holding a row lock needed a thread to finish, so a burst of PATCHes on one
+    tenant deadlocked until the pool timed out. At most as many requests as the
+    pool has connections go on to a thread; past the pool timeout, a 503.
+    """
+    bounds = bounds_of(engine)
+    slots = _connection_slots(engine, bounds.pool_size + bounds.max_overflow)
+    with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+        await slots.acquire()
+    if waiting.cancelled_caught:
+        raise UpstreamUnavailable("the database is busy", retry_after=bounds.retry_after_s)
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+async def read_in_thread(engine: Engine, read: Callable[[Connection], T]) -> T:
+    """`read(connection)` on a read-only connection, in a worker thread once a slot is free."""
+
+    def run() -> T:
+        with read_only(engine) as connection:
+            return read(connection)
+
+    async with connection_slot(engine):
+        return await anyio.to_thread.run_sync(run)
+
+
+async def work_in_thread(engine: Engine, work: Callable[[Session], T]) -> T:
+    """`work(session)` in one unit of work, in a worker thread once a slot is free.
+
+    One thread hop for the whole unit (open, work, commit), where a session
+    dependency and a plain `def` route take three. It commits before it
+    returns, so a failed commit is an error response, never a 2xx for lost work.
+    """
+
+    def run() -> T:
+        with unit_of_work(engine) as session:
+            return work(session)
+
+    async with connection_slot(engine):
+        return await anyio.to_thread.run_sync(run)
+
+
+# Per event loop (anyio primitives belong to one), per engine.
+_SLOTS: RunVar[weakref.WeakKeyDictionary[Engine, anyio.Semaphore]] = RunVar(
+    "broker_connection_slots"
+)
+
+
+def _connection_slots(engine: Engine, count: int) -> anyio.Semaphore:
+    try:
+        slots = _SLOTS.get()
+    except LookupError:
+        slots = weakref.WeakKeyDictionary()
+        _SLOTS.set(slots)
+    if engine not in slots:
+        slots[engine] = anyio.Semaphore(count)
+    return slots[engine]
 
 
 def bounds_of(engine: Engine) -> DatabaseBounds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Response
@@ -9,8 +10,9 @@ from fastapi import APIRouter, Header, Response
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
+from broker.core.db import read_in_thread, work_in_thread
 from broker.core.http import problem_responses
-from broker.deps import OutboundDep, SessionDep
+from broker.deps import EngineDep, OutboundDep
 from broker.settings import service
 from broker.settings.schemas import SettingsPatch, SettingsView
 
@@ -29,14 +31,15 @@ SettingsWriter = Annotated[
     response_model=SettingsView,
     responses=problem_responses({404: "The token's tenant does not exist"}),
 )
-def read_settings(
-    session: SessionDep, principal: SettingsReader, response: Response
+async def read_settings(
+    engine: EngineDep, principal: SettingsReader, response: Response
 ) -> SettingsView:
     """The caller's tenant settings. Never contains a credential."""
-    row = service.get_settings(session, tenant_id=own_tenant(principal))
-    response.headers["ETag"] = service.etag(row)
+    read = partial(service.read_view, tenant_id=own_tenant(principal))
+    tag, view = await read_in_thread(engine, read)
+    response.headers["ETag"] = tag
     response.headers["Cache-Control"] = "private, no-cache"
-    return service.to_view(row)
+    return view
 
 
 @router.patch(
@@ -49,17 +52,17 @@ def read_settings(
         }
     ),
 )
-def patch_settings(
+async def patch_settings(
     body: SettingsPatch,
-    session: SessionDep,
+    engine: EngineDep,
     principal: SettingsWriter,
     outbound: OutboundDep,
     response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
 ) -> SettingsView:
     """Merge-patch one or more settings groups (RFC 7396); `null` resets to defaults."""
-    row = service.patch_settings(
-        session,
+    patch = partial(
+        service.patch_settings,
         principal=principal,
         tenant_id=own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
@@ -67,5 +70,6 @@ def patch_settings(
         # The guarded client's policy also judges the URLs stored in settings.
         egress=outbound.client,
     )
+    row = await work_in_thread(engine, patch)
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)

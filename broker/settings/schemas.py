@@ -26,7 +26,7 @@ import re
 import zoneinfo
 from datetime import datetime
 from typing import Annotated, Any, Literal, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -206,6 +206,22 @@ STORED = {"stored": True}
 
 
 def _check_https_url(value: str, info: ValidationInfo) -> str:
+    parts = _split_url(value)
+    _check_host(parts)
+    try:
+        # Webhooks are called and logos fetched from inside someone's network: the egress
+        # policy's DNS-free checks refuse loopback, private and metadata targets in every
+        # spelling (2130706433, [::ffff:127.0.0.1], metadata.google.internal, ...).
+        if not (info.context or {}).get("stored"):
+            screen_url(value, _URL_POLICY)
+    except EgressRefused as exc:
+        raise _url_error(str(exc)) from None
+    # Normalise only the scheme's case; keep the rest exactly as given.
+    return "https" + value[len(parts.scheme) :]
+
+
+def _split_url(value: str) -> SplitResult:
+    """The parts of an https URL whose characters, port and scheme are acceptable."""
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
         # urlsplit silently strips tabs/newlines, so reject them up front.
         raise _url_error("whitespace and control characters are not allowed")
@@ -221,6 +237,11 @@ def _check_https_url(value: str, info: ValidationInfo) -> str:
         raise _url_error("port 0 is not allowed")
     if parts.scheme.lower() != "https":
         raise _url_error("scheme must be https")
+    return parts
+
+
+def _check_host(parts: SplitResult) -> None:
+    """A host is present, well formed, and carries no credentials."""
     if "@" in parts.netloc:
         raise _url_error("credentials (user:password@) are not allowed")
     host = parts.netloc.rsplit(":", 1)[0] if not parts.netloc.endswith("]") else parts.netloc
@@ -228,16 +249,6 @@ def _check_https_url(value: str, info: ValidationInfo) -> str:
         raise _url_error("a host is required")
     if _HOST_RE.fullmatch(host) is None and _IPV6_HOST_RE.fullmatch(host) is None:
         raise _url_error("host is not a valid domain name or IP address")
-    try:
-        # Webhooks are called and logos fetched from inside someone's network: the egress
-        # policy's DNS-free checks refuse loopback, private and metadata targets in every
-        # spelling (2130706433, [::ffff:127.0.0.1], metadata.google.internal, ...).
-        if not (info.context or {}).get("stored"):
-            screen_url(value, _URL_POLICY)
-    except EgressRefused as exc:
-        raise _url_error(str(exc)) from None
-    # Normalise only the scheme's case; keep the rest exactly as given.
-    return "https" + value[len(parts.scheme) :]
 
 
 HttpsUrl = Annotated[

@@ -6,6 +6,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import Connection, Row
 from sqlmodel import Session, select
 
 from broker.audit import trail
@@ -34,7 +35,8 @@ from broker.settings.schemas import (
     validate_group,
 )
 
-assert tuple(SETTINGS_GROUPS) == SETTINGS_GROUP_COLUMNS, "schemas and table columns disagree"
+if tuple(SETTINGS_GROUPS) != SETTINGS_GROUP_COLUMNS:
+    raise RuntimeError("the settings schemas and the table's columns disagree")
 
 
 def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
@@ -45,7 +47,7 @@ def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
     return row
 
 
-def etag(row: TenantSettings) -> str:
+def etag(row: TenantSettings | Row[Any]) -> str:
     """The strong ETag of a settings row: its version."""
     return f'"{row.version}"'
 
@@ -58,7 +60,21 @@ def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
     return row
 
 
-def to_view(row: TenantSettings) -> SettingsView:
+def read_view(connection: Connection, *, tenant_id: str) -> tuple[str, SettingsView]:
+    """The tenant's settings and their ETag, for a read: one SELECT by primary key.
+
+    Plain columns on a read-only connection (no ORM session, no transaction): a
+    settings read is the broker's most frequent database call.
+    """
+    # On a Connection, an entity's select gives plain rows of its columns.
+    query = select(TenantSettings).where(TenantSettings.tenant_id == tenant_id)
+    row = connection.execute(query).first()
+    if row is None:
+        raise NotFound("no settings for this tenant")
+    return etag(row), to_view(row)
+
+
+def to_view(row: TenantSettings | Row[Any]) -> SettingsView:
     """The API view: every group typed, no credential of any kind."""
     groups = {name: getattr(row, name) or {} for name in SETTINGS_GROUPS}
     return SettingsView.model_validate(
@@ -91,39 +107,17 @@ def patch_settings(
     With ``egress``, every URL the patch adds must resolve to public addresses only,
     under the policy the integrations' connection test uses.
     """
-    if not patch:
-        raise ValidationFailed("the patch names no settings group")
-    read_only = sorted(set(patch) & READ_ONLY_GROUPS)
-    if read_only:
-        raise ValidationFailed(f"{read_only[0]} is maintained by the broker and is read-only")
+    _check_writable(patch)
     checked: set[str] = set()
-    if egress is not None:
+    if egress is not None and _may_add_urls(patch):
         # Resolve before taking the row lock: a slow DNS answer must not hold it.
         _vet_urls(egress, _added_urls(session, tenant_id, patch), checked)
-    row = session.exec(
-        select(TenantSettings).where(TenantSettings.tenant_id == tenant_id).with_for_update()
-    ).first()
-    if row is None:
-        raise NotFound("no settings for this tenant")
-    if if_match is not None and not _matches(if_match, row):
-        raise PreconditionFailed("the settings changed since they were read; reload and retry")
-
-    changed = []
-    for group, group_patch in patch.items():
-        current = getattr(row, group) or default_group(group)
-        merged = apply_merge_patch(current, group_patch)
-        try:
-            validated = validate_group(group, merged if merged is not None else {})
-        except ValidationError as exc:
-            errors = _errors(group, group_patch, exc)
-            raise ValidationFailed(_describe(errors), errors=errors) from None
-        if egress is not None:
-            # Normally all checked above; a concurrent patch may have changed the group.
-            _vet_urls(egress, _new_urls(group, current, validated), checked)
-        if validated != current:
-            setattr(row, group, validated)
-            changed.append(group)
-
+    row = _locked_row(session, tenant_id, if_match)
+    changed = [
+        group
+        for group, group_patch in patch.items()
+        if _merge_group(row, group, group_patch, egress, checked)
+    ]
     if changed:
         row.version += 1
         row.updated_at = utcnow()
@@ -140,6 +134,65 @@ def patch_settings(
         detail={"groups": sorted(patch), "changed": changed, "version": row.version},
     )
     return row
+
+
+def _check_writable(patch: dict[str, Any]) -> None:
+    if not patch:
+        raise ValidationFailed("the patch names no settings group")
+    read_only = sorted(set(patch) & READ_ONLY_GROUPS)
+    if read_only:
+        raise ValidationFailed(f"{read_only[0]} is maintained by the broker and is read-only")
+
+
+def _locked_row(session: Session, tenant_id: str, if_match: str | None) -> TenantSettings:
+    """The settings row, locked until the unit of work ends; If-Match checked against it."""
+    query = select(TenantSettings).where(TenantSettings.tenant_id == tenant_id).with_for_update()
+    row = session.exec(query).first()
+    if row is None:
+        raise NotFound("no settings for this tenant")
+    if if_match is not None and not _matches(if_match, row):
+        raise PreconditionFailed("the settings changed since they were read; reload and retry")
+    return row
+
+
+def _merge_group(
+    row: TenantSettings,
+    group: str,
+    group_patch: Any,
+    egress: EgressClient | None,
+    checked: set[str],
+) -> bool:
+    """Merge one group's patch into the locked row, validated; True when it changed."""
+    current = getattr(row, group) or default_group(group)
+    merged = apply_merge_patch(current, group_patch)
+    try:
+        validated = validate_group(group, merged if merged is not None else {})
+    except ValidationError as exc:
+        errors = _errors(group, group_patch, exc)
+        raise ValidationFailed(_describe(errors), errors=errors) from None
+    if egress is not None:
+        # Normally all checked before the lock; a concurrent patch may have changed the group.
+        _vet_urls(egress, _new_urls(group, current, validated), checked)
+    if validated == current:
+        return False
+    setattr(row, group, validated)
+    return True
+
+
+def _may_add_urls(patch: Any) -> bool:
+    """Whether the patch holds anything that could be a new URL (an https URL has "://").
+
+    A merge patch adds a URL only by naming it: a removed key falls back to a
+    default, and no default holds a URL. Without one, the unlocked read that
+    resolves new URLs before the lock is skipped; the locked pass still vets.
+    """
+    if isinstance(patch, str):
+        return "://" in patch
+    if isinstance(patch, dict):
+        return any(_may_add_urls(value) for value in patch.values())
+    if isinstance(patch, list):
+        return any(_may_add_urls(item) for item in patch)
+    return False
 
 
 def _added_urls(session: Session, tenant_id: str, patch: dict[str, Any]) -> list[tuple[str, str]]:

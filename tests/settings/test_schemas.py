@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import ErrorDetails
 
 from broker.settings.schemas import (
     HHMM,
@@ -46,7 +47,7 @@ EXPECTED_GROUPS = [
 ]
 
 
-def errors_of(name: str, value: Any) -> list[dict[str, Any]]:
+def errors_of(name: str, value: Any) -> list[ErrorDetails]:
     with pytest.raises(ValidationError) as exc_info:
         validate_group(name, value)
     return exc_info.value.errors()
