@@ -82,6 +82,7 @@ class Plan:
     legacy_tenants: int
     setup_concurrency: int
     rotate_workers: int
+    rotation_secrets: int
     settle_s: float
     oauth_credentials: int
     dynamic_mints: int
@@ -103,6 +104,7 @@ class Plan:
             legacy_tenants=int(knob("LEGACY_TENANTS", 1000, 100)),
             setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
+            rotation_secrets=int(knob("ROTATION_SECRETS", 1000, 200)),
             settle_s=knob("SETTLE_S", 70, 5),
             oauth_credentials=int(knob("OAUTH_CREDENTIALS", 10_000, 200)),
             dynamic_mints=int(knob("DYNAMIC_MINTS", 500, 50)),

@@ -15,6 +15,7 @@ land and reconciled from Vault afterwards, the same protocol the API's writes us
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
@@ -222,14 +223,20 @@ def rotate_all(
     principal: Principal,
     tenant_ids: Iterable[str] | None = None,
     on_done: Callable[[RotationReport], None] | None = None,
+    workers: int = 1,
 ) -> list[RotationReport]:
-    """Rotate several tenants (all by default), reporting each as it finishes."""
+    """Rotate several tenants (all by default), `workers` at a time, reporting each as it
+    finishes (`on_done` is called from one thread at a time)."""
     if tenant_ids is None:
         tenant_ids = live_tenant_ids(engine)
+
+    def one(tenant_id: str) -> RotationReport:
+        return rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)
+
     reports = []
-    for tenant_id in tenant_ids:
-        report = rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)
-        reports.append(report)
-        if on_done is not None:
-            on_done(report)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for report in pool.map(one, tenant_ids):
+            reports.append(report)
+            if on_done is not None:
+                on_done(report)
     return reports
