@@ -3,31 +3,36 @@
 Rotation:
 1. rotate `tenant-<id>` (once; the target version is recorded in PostgreSQL,
    so a rerun after an interruption continues instead of rotating again);
-2. rewrap every sealed item of the tenant to the target version in one batch
-   call, and write each back to KV with check-and-set;
-3. raise `min_decryption_version` to the target, so ciphertexts from before the
-   rotation (older KV versions, backups) can no longer be decrypted.
+2. rewrap every sealed item of the tenant to the target version in batch calls,
+   and write each back to KV with check-and-set (several items at once);
+3. raise `min_decryption_version` to the target once every item is written back,
+   so ciphertexts from before the rotation (older KV versions, backups) can no
+   longer be decrypted.
 
 Integration metadata rows are marked pending before the rewritten KV versions
-land and reconciled from Vault afterwards, the same protocol the API's writes use.
+land, the same protocol the API's writes use; afterwards each row moves to the
+version the rotation wrote (it knows it: check-and-set told it), and only rows it
+did not move itself are reconciled from Vault. `rotate_all` runs several tenants
+at a time: each tenant's steps hold only that tenant's rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
-from sqlalchemy import Engine
-from sqlmodel import col, select
+from sqlalchemy import Engine, update
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, Conflict, NotFound, UpstreamUnavailable
-from broker.integrations.service import reconcile_tenant
+from broker.integrations.service import item_name, reconcile_tenant
 from broker.models import IntegrationCredential, KeyRotation, Tenant, utcnow
-from broker.payments.service import reconcile_payout
+from broker.payments.service import PAYOUT_ITEM, reconcile_payout
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import (
@@ -37,6 +42,13 @@ from broker.vault.sealed import (
     ciphertext_key_version,
     key_name,
 )
+
+# Items of one tenant read and written back at once, and ciphertexts per rewrap call.
+ITEM_CONCURRENCY = 8
+REWRAP_BATCH = 250
+
+_In = TypeVar("_In")
+_Out = TypeVar("_Out")
 
 
 @dataclass(frozen=True)
@@ -70,63 +82,110 @@ def rotate_tenant_key(
     engine: Engine, vault: VaultGateway, *, principal: Principal, tenant_id: str
 ) -> RotationReport:
     """Rotate one tenant's key and rewrap everything it protects (resumable)."""
-    store = SealedStore(vault)
+    target, resumed = _begin(engine, vault, principal, tenant_id)
+    outcome = _rewrap_under_lock(engine, SealedStore(vault), tenant_id, target)
+    _finish(engine, vault, principal, tenant_id, target, resumed, outcome)
+    return RotationReport(
+        tenant_id, target, len(outcome.written), outcome.current, resumed, outcome.failed
+    )
+
+
+@dataclass(frozen=True)
+class _Written:
+    """One item moved from KV version `before` to `after` by the rewrap."""
+
+    item: str
+    before: int
+    after: int
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    written: list[_Written]
+    current: int
+    failed: tuple[str, ...]
+
+
+def _begin(
+    engine: Engine, vault: VaultGateway, principal: Principal, tenant_id: str
+) -> tuple[int, bool]:
+    """Rotate the key once and record the target, or find the run to resume: (target, resumed).
+
+    Committed before any KV write: the recorded target makes a rerun resume instead of
+    rotating again, and the metadata rows are marked pending (their KV versions are
+    about to move) so a crash mid-way leaves them for the reconcile job.
+    """
     with unit_of_work(engine) as session:
         # Shared lock: a deletion racing this first step waits for its commit rather than
         # removing the tenant under the KeyRotation row about to be added (a foreign-key
         # violation, a 500); it then marks the tenant, and the next step answers 404.
-        tenant = session.get(Tenant, tenant_id, with_for_update={"read": True})
-        if tenant is None or tenant.deleting_at is not None:
-            raise NotFound("no such tenant")
-        running = session.exec(
-            select(KeyRotation)
-            .where(KeyRotation.tenant_id == tenant_id, KeyRotation.status == "running")
-            .with_for_update()
-        ).first()
+        _live_tenant(session, tenant_id)
+        running = _running(session, tenant_id)
         resumed = running is not None
         if running is None:
-            target = vault.transit_rotate(key_name(tenant_id))
             running = KeyRotation(
                 tenant_id=tenant_id,
-                target_version=target,
+                target_version=vault.transit_rotate(key_name(tenant_id)),
                 status="running",
                 started_by=principal.actor,
             )
             session.add(running)
-        target = running.target_version
-        # Mark the metadata rows pending: their KV versions are about to move.
-        for row in session.exec(
-            select(IntegrationCredential).where(IntegrationCredential.tenant_id == tenant_id)
-        ):
-            row.vault_sync_pending = True
-            row.pending_since = utcnow()
-            session.add(row)
+        now = utcnow()
+        session.exec(
+            update(IntegrationCredential)
+            .where(col(IntegrationCredential.tenant_id) == tenant_id)
+            .values(vault_sync_pending=True, pending_since=now)
+        )
+        return running.target_version, resumed
 
-    with unit_of_work(engine) as session:
-        # Held (shared) through the Vault work: a deletion, which locks the row
-        # to mark it, waits for the rotation instead of shredding under it, and
-        # a rotation never starts on a tenant whose deletion has begun.
-        tenant = session.get(Tenant, tenant_id, with_for_update={"read": True})
-        if tenant is None or tenant.deleting_at is not None:
-            raise NotFound("no such tenant")
-        rewrapped, current, failed = _rewrap_items(store, tenant_id, target)
-        # Raised even when some items failed: those never decrypted anyway,
-        # and every other ciphertext is on the new version now.
-        vault.transit_set_min_decryption_version(key_name(tenant_id), target)
 
-    reconcile_tenant(engine, store, tenant_id)
-    # The payout record's KV version moved too; without this its next write
-    # would fail check-and-set against a version only the rotation wrote.
-    reconcile_payout(engine, vault, tenant_id=tenant_id)
+def _live_tenant(session: Session, tenant_id: str) -> Tenant:
+    tenant = session.get(Tenant, tenant_id, with_for_update={"read": True})
+    if tenant is None or tenant.deleting_at is not None:
+        raise NotFound("no such tenant")
+    return tenant
+
+
+def _running(session: Session, tenant_id: str) -> KeyRotation | None:
+    return session.exec(
+        select(KeyRotation)
+        .where(KeyRotation.tenant_id == tenant_id, KeyRotation.status == "running")
+        .with_for_update()
+    ).first()
+
+
+def _rewrap_under_lock(engine: Engine, store: SealedStore, tenant_id: str, target: int) -> _Outcome:
+    """Rewrap every item, then retire the old key versions, holding the tenant's row.
+
+    Held (shared) through the Vault work: a deletion, which locks the row to mark it,
+    waits for the rotation instead of shredding under it, and a rotation never starts
+    on a tenant whose deletion has begun.
+    """
     with unit_of_work(engine) as session:
-        rotation = session.exec(
-            select(KeyRotation)
-            .where(KeyRotation.tenant_id == tenant_id, KeyRotation.status == "running")
-            .with_for_update()
-        ).first()
+        _live_tenant(session, tenant_id)
+        outcome = _rewrap_items(store, tenant_id, target)
+        # Only once every rewrapped item is written back, and even when some items
+        # failed: those never decrypted anyway, every other ciphertext is on `target`.
+        store.vault.transit_set_min_decryption_version(key_name(tenant_id), target)
+    return outcome
+
+
+def _finish(
+    engine: Engine,
+    vault: VaultGateway,
+    principal: Principal,
+    tenant_id: str,
+    target: int,
+    resumed: bool,
+    outcome: _Outcome,
+) -> None:
+    """Settle the metadata rows, close the rotation record and audit it, in one commit."""
+    with unit_of_work(engine) as session:
+        unsettled = _settle_rows(session, tenant_id, outcome.written)
+        rotation = _running(session, tenant_id)
         if rotation is not None:
             rotation.status = "done"
-            rotation.rewrapped += rewrapped
+            rotation.rewrapped += len(outcome.written)
             rotation.finished_at = utcnow()
             session.add(rotation)
         trail.record(
@@ -138,23 +197,55 @@ def rotate_tenant_key(
             tenant_id=tenant_id,
             detail={
                 "key_version": target,
-                "rewrapped": rewrapped,
+                "rewrapped": len(outcome.written),
                 "resumed": resumed,
-                "failed": list(failed),
+                "failed": list(outcome.failed),
             },
         )
-    return RotationReport(tenant_id, target, rewrapped, current, resumed, failed)
+    if unsettled:
+        # Rows this run did not move itself (an item that failed, a save that won the
+        # race): Vault tells what they hold now.
+        reconcile_tenant(engine, SealedStore(vault), tenant_id)
+    if any(w.item == PAYOUT_ITEM for w in outcome.written):
+        # The payout record's KV version moved too; without this its next write
+        # would fail check-and-set against a version only the rotation wrote.
+        reconcile_payout(engine, vault, tenant_id=tenant_id)
 
 
-def _rewrap_items(
-    store: SealedStore, tenant_id: str, target: int
-) -> tuple[int, int, tuple[str, ...]]:
-    """Rewrap every live item older than `target`: (rewrapped, already current, failed)."""
-    stale = []
+def _settle_rows(session: Session, tenant_id: str, written: list[_Written]) -> bool:
+    """Move each row whose item this run rewrote to its new KV version and clear its mark.
+
+    A rewrap changes the wrapping, not the secret, its public part or its age: only
+    the version moves. A row whose version is not the one rewritten from belongs to a
+    save that raced the rotation and is left to the reconcile. True when some row
+    stays pending.
+    """
+    moved = {w.item: w for w in written}
+    rows = session.exec(
+        select(IntegrationCredential)
+        .where(IntegrationCredential.tenant_id == tenant_id)
+        .with_for_update()
+    )
+    unsettled = False
+    for row in rows:
+        step = moved.get(item_name(row.provider))
+        if step is not None and row.kv_version == step.before:
+            row.kv_version = step.after
+            row.vault_sync_pending = False
+            row.pending_since = None
+            session.add(row)
+        elif row.vault_sync_pending:
+            unsettled = True
+    return unsettled
+
+
+def _rewrap_items(store: SealedStore, tenant_id: str, target: int) -> _Outcome:
+    """Rewrap every live item older than `target` and write it back with check-and-set."""
+    records = _map(lambda item: (item, store.read(tenant_id, item)), store.items(tenant_id))
+    stale: list[tuple[str, SealedRecord]] = []
     current = 0
     failed: list[str] = []
-    for item in store.items(tenant_id):
-        record = store.read(tenant_id, item)
+    for item, record in records:
         if record is None:
             continue
         try:
@@ -168,27 +259,52 @@ def _rewrap_items(
             stale.append((item, record))
     rewrapped, unwrappable = _rewrap(store, tenant_id, stale)
     failed.extend(unwrappable)
-    done = 0
-    for (item, record), ciphertext in rewrapped:
+
+    def write(entry: tuple[tuple[str, SealedRecord], str]) -> _Written | None:
+        (item, record), ciphertext = entry
         try:
-            store.write(
+            after = store.write(
                 tenant_id, item, ciphertext=ciphertext, public=record.public, cas=record.version
             )
         except Conflict:
             # Someone saved new credentials meanwhile: those are already sealed
             # with the newest key version, so there is nothing left to rewrap.
-            current += 1
-            continue
-        done += 1
-    return done, current, tuple(sorted(failed))
+            return None
+        return _Written(item, record.version, after)
+
+    results = _map(write, rewrapped)
+    written = [w for w in results if w is not None]
+    current += len(results) - len(written)
+    return _Outcome(written, current, tuple(sorted(failed)))
+
+
+def _map(fn: Callable[[_In], _Out], entries: Sequence[_In]) -> list[_Out]:
+    """`fn` over `entries`, several at a time when there are several (Vault round trips)."""
+    if len(entries) <= 1:
+        return [fn(entry) for entry in entries]
+    with ThreadPoolExecutor(min(len(entries), ITEM_CONCURRENCY)) as pool:
+        return list(pool.map(fn, entries))
 
 
 def _rewrap(
     store: SealedStore, tenant_id: str, stale: list[tuple[str, SealedRecord]]
 ) -> tuple[list[tuple[tuple[str, SealedRecord], str]], list[str]]:
-    """Rewrap ciphertexts, in one batch call when all succeed, else one by one."""
-    if not stale:
-        return [], []
+    """Rewrap ciphertexts in batch calls, one by one only within a batch that fails."""
+    done: list[tuple[tuple[str, SealedRecord], str]] = []
+    failed: list[str] = []
+    for start in range(0, len(stale), REWRAP_BATCH):
+        chunk_done, chunk_failed = _rewrap_batch(
+            store, tenant_id, stale[start : start + REWRAP_BATCH]
+        )
+        done.extend(chunk_done)
+        failed.extend(chunk_failed)
+    return done, failed
+
+
+def _rewrap_batch(
+    store: SealedStore, tenant_id: str, stale: list[tuple[str, SealedRecord]]
+) -> tuple[list[tuple[tuple[str, SealedRecord], str]], list[str]]:
+    """One batch call when all succeed, else one by one to name the bad items."""
     key = key_name(tenant_id)
     try:
         # Each entry carries its own context; one bad entry fails the whole batch.
