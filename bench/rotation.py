@@ -26,7 +26,7 @@ from sqlalchemy import Engine
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.config import Settings
-from broker.core.db import make_engine, unit_of_work
+from broker.core.db import DatabaseBounds, make_engine, unit_of_work
 from broker.integrations import service as integrations
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import ProviderEndpoints
@@ -85,7 +85,9 @@ def _tenant(
 def measure(settings: Settings, tenants: list[str], *, workers: int) -> dict[str, Any]:
     """Rotate every tenant's key and rewrap its secrets, `workers` tenants at a time."""
     assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
+    # A connection per worker: each tenant's steps hold one at a time.
+    bounds = DatabaseBounds(pool_size=workers, max_overflow=4)
+    engine = make_engine(settings.database_url.get_secret_value(), bounds)
     vault = VaultGateway.from_settings(settings)
     log.info("rotating %d tenant keys", len(tenants))
     try:

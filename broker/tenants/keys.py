@@ -83,8 +83,9 @@ def rotate_tenant_key(
 ) -> RotationReport:
     """Rotate one tenant's key and rewrap everything it protects (resumable)."""
     target, resumed = _begin(engine, vault, principal, tenant_id)
-    outcome = _rewrap_under_lock(engine, SealedStore(vault), tenant_id, target)
-    _finish(engine, vault, principal, tenant_id, target, resumed, outcome)
+    outcome = _rewrap_and_finish(
+        engine, SealedStore(vault), principal, tenant_id, (target, resumed)
+    )
     return RotationReport(
         tenant_id, target, len(outcome.written), outcome.current, resumed, outcome.failed
     )
@@ -154,62 +155,71 @@ def _running(session: Session, tenant_id: str) -> KeyRotation | None:
     ).first()
 
 
-def _rewrap_under_lock(engine: Engine, store: SealedStore, tenant_id: str, target: int) -> _Outcome:
-    """Rewrap every item, then retire the old key versions, holding the tenant's row.
+def _rewrap_and_finish(
+    engine: Engine,
+    store: SealedStore,
+    principal: Principal,
+    tenant_id: str,
+    started: tuple[int, bool],
+) -> _Outcome:
+    """Rewrap every item, retire the old key versions, settle the rows and close the
+    rotation record, in one transaction holding the tenant's row.
 
     Held (shared) through the Vault work: a deletion, which locks the row to mark it,
     waits for the rotation instead of shredding under it, and a rotation never starts
-    on a tenant whose deletion has begun.
+    on a tenant whose deletion has begun. Should this die after some KV writes, the
+    rows are still marked pending (step one) and the record still running: a rerun
+    resumes, and the reconcile job settles the rows.
     """
+    target, resumed = started
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         outcome = _rewrap_items(store, tenant_id, target)
         # Only once every rewrapped item is written back, and even when some items
         # failed: those never decrypted anyway, every other ciphertext is on `target`.
         store.vault.transit_set_min_decryption_version(key_name(tenant_id), target)
-    return outcome
-
-
-def _finish(
-    engine: Engine,
-    vault: VaultGateway,
-    principal: Principal,
-    tenant_id: str,
-    target: int,
-    resumed: bool,
-    outcome: _Outcome,
-) -> None:
-    """Settle the metadata rows, close the rotation record and audit it, in one commit."""
-    with unit_of_work(engine) as session:
         unsettled = _settle_rows(session, tenant_id, outcome.written)
-        rotation = _running(session, tenant_id)
-        if rotation is not None:
-            rotation.status = "done"
-            rotation.rewrapped += len(outcome.written)
-            rotation.finished_at = utcnow()
-            session.add(rotation)
-        trail.record(
-            session,
-            action="tenant.key.rotate",
-            resource=f"transit/keys/{key_name(tenant_id)}",
-            outcome="success",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={
-                "key_version": target,
-                "rewrapped": len(outcome.written),
-                "resumed": resumed,
-                "failed": list(outcome.failed),
-            },
-        )
+        _close_record(session, principal, tenant_id, started, outcome)
     if unsettled:
         # Rows this run did not move itself (an item that failed, a save that won the
         # race): Vault tells what they hold now.
-        reconcile_tenant(engine, SealedStore(vault), tenant_id)
+        reconcile_tenant(engine, store, tenant_id)
     if any(w.item == PAYOUT_ITEM for w in outcome.written):
         # The payout record's KV version moved too; without this its next write
         # would fail check-and-set against a version only the rotation wrote.
-        reconcile_payout(engine, vault, tenant_id=tenant_id)
+        reconcile_payout(engine, store.vault, tenant_id=tenant_id)
+    return outcome
+
+
+def _close_record(
+    session: Session,
+    principal: Principal,
+    tenant_id: str,
+    started: tuple[int, bool],
+    outcome: _Outcome,
+) -> None:
+    """Mark the rotation done and audit it."""
+    target, resumed = started
+    rotation = _running(session, tenant_id)
+    if rotation is not None:
+        rotation.status = "done"
+        rotation.rewrapped += len(outcome.written)
+        rotation.finished_at = utcnow()
+        session.add(rotation)
+    trail.record(
+        session,
+        action="tenant.key.rotate",
+        resource=f"transit/keys/{key_name(tenant_id)}",
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={
+            "key_version": target,
+            "rewrapped": len(outcome.written),
+            "resumed": resumed,
+            "failed": list(outcome.failed),
+        },
+    )
 
 
 def _settle_rows(session: Session, tenant_id: str, written: list[_Written]) -> bool:
