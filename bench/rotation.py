@@ -132,7 +132,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="broker-bench-rotation-"))
     try:
         with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
+            base = Settings(_env_file=None, env="dev")
             settings = start_dev_stack(stack, work / "data", base)
             log.info("seeding %d tenants", plan.rotation_secrets)
             tenants = seed(settings, plan.rotation_secrets)
