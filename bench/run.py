@@ -546,7 +546,9 @@ class Bench:
         large = tenant_ids(0, plan.large_tenants)
         self.grow(small, large)
         self.many_tenants(large)
-        self.results["memory_soak"] = soak.run(self, large, requests=plan.soak_requests)
+        self.results["memory_soak"] = soak.run(
+            self, large, requests=plan.soak_requests, rate=self.results[MANY]["c8"]["rps"]
+        )
         self.results["rotation"] = self.rotate(large[: plan.rotation_secrets])
         self.results["oauth_refresh"] = self.oauth_refresh(large)
         self.results["legacy_migration"] = self.legacy()

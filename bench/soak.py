@@ -15,7 +15,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from bench import wrk
-from bench.report import MANY
 
 if TYPE_CHECKING:
     from bench.run import Bench
@@ -29,10 +28,13 @@ MAX_ROUNDS = 200
 MIN_ROUND_S = 1.0
 
 
-def run(bench: Bench, tenants: list[str], *, requests: int) -> dict[str, Any]:
-    """Soak the fetch path with `requests` requests; VmRSS before and after each round."""
+def run(bench: Bench, tenants: list[str], *, requests: int, rate: float) -> dict[str, Any]:
+    """Soak the fetch path with `requests` requests; VmRSS before and after each round.
+
+    `rate` (requests per second expected at c=8, from an earlier figure) sizes the rounds.
+    """
     targets = bench.fetch_targets(tenants)
-    round_s = max(MIN_ROUND_S, requests / _expected_rps(bench) / ROUNDS)
+    round_s = max(MIN_ROUND_S, requests / max(rate, 1.0) / ROUNDS)
     log.info("memory soak: %d fetches over %d tenants", requests, len(tenants))
     start = bench.broker.memory_kb()
     peak_reset = bench.broker.reset_peak()
@@ -53,12 +55,6 @@ def run(bench: Bench, tenants: list[str], *, requests: int) -> dict[str, Any]:
         errors += int(result["non_2xx_3xx"]) + sum(result["errors"].values())
         samples.append({"requests": done, "rss_kb": bench.broker.memory_kb()["VmRSS"]})
     return summarise(start, samples, errors, peak_reset, bench.broker.memory_kb())
-
-
-def _expected_rps(bench: Bench) -> float:
-    """The c=8 fetch rate measured earlier over the same tenants, to size the rounds."""
-    measured = bench.results.get(MANY, {}).get(f"c{CONCURRENCY}", {}).get("rps")
-    return float(measured or 500.0)
 
 
 def summarise(
