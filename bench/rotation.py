@@ -1,18 +1,24 @@
 """Key rotation: secrets rewrapped per second, on a stack of its own or the bench's.
 
-    python -m bench.rotation                 # 1,000 tenants, one stored secret each
-    BENCH_ROTATION_SECRETS=10000 python -m bench.rotation
+    python -m bench.rotation                         # 10,000 tenants, one secret each
+    BENCH_ROTATION_SECRETS=1000 python -m bench.rotation
+    BENCH_ROTATION_PER_TENANT=20 python -m bench.rotation   # 500 tenants, 20 secrets each
 
 Every tenant gets its own Transit key and one sealed credential (OpenAI, stored
-through the broker's own `save_credentials`), then `rotate_all` rotates every
-key and rewraps every secret with `BENCH_ROTATE_WORKERS` tenants at a time,
-exactly what `broker keys rotate --all` runs. It measures; it asserts nothing.
+through the broker's own `save_credentials`), plus, with
+`BENCH_ROTATION_PER_TENANT` above 1, more sealed items beside it (`bench/extra-N`,
+sealed with the tenant's key like any other). Then `rotate_all` rotates every key
+and rewraps every secret with `BENCH_ROTATE_WORKERS` tenants at a time, exactly
+what `broker keys rotate --all` runs. `bench.run` calls `measure` on its own
+tenants (one secret each). It measures; it asserts nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -33,6 +39,7 @@ from broker.integrations.providers import ProviderEndpoints
 from broker.tenants.keys import rotate_all
 from broker.tenants.service import create_tenant
 from broker.vault.gateway import VaultGateway
+from broker.vault.sealed import SealedStore
 from tests.fakes.providers import VALID, FakeProviders
 
 log = logging.getLogger("bench")
@@ -41,8 +48,11 @@ PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLAT
 SEED_THREADS = 8
 
 
-def seed(settings: Settings, count: int, prefix: str = "bench-rot") -> list[str]:
-    """`count` fresh tenants with one stored OpenAI key each."""
+def seed(
+    settings: Settings, count: int, prefix: str = "bench-rot", *, per_tenant: int = 1
+) -> list[str]:
+    """`count` fresh tenants with one stored OpenAI key and `per_tenant - 1` more
+    sealed items each."""
     assert settings.database_url is not None
     engine = make_engine(settings.database_url.get_secret_value())
     vault = VaultGateway.from_settings(settings)
@@ -55,7 +65,7 @@ def seed(settings: Settings, count: int, prefix: str = "bench-rot") -> list[str]
             )
             try:
                 with ThreadPoolExecutor(SEED_THREADS) as pool:
-                    list(pool.map(lambda t: _tenant(engine, vault, outbound, t), ids))
+                    list(pool.map(lambda t: _tenant(engine, vault, outbound, t, per_tenant), ids))
             finally:
                 outbound.client.close()
     finally:
@@ -65,7 +75,11 @@ def seed(settings: Settings, count: int, prefix: str = "bench-rot") -> list[str]
 
 
 def _tenant(
-    engine: Engine, vault: VaultGateway, outbound: integrations.Outbound, tenant_id: str
+    engine: Engine,
+    vault: VaultGateway,
+    outbound: integrations.Outbound,
+    tenant_id: str,
+    per_tenant: int,
 ) -> None:
     with unit_of_work(engine) as session:
         create_tenant(session, vault, principal=PRINCIPAL, tenant_id=tenant_id, name=tenant_id)
@@ -80,6 +94,12 @@ def _tenant(
         if_match=None,
         skip_connection_test=True,
     )
+    store = SealedStore(vault)
+    for n in range(1, per_tenant):
+        item = f"bench/extra-{n}"
+        secret = {"token": secrets.token_urlsafe(24)}
+        ciphertext = store.seal(tenant_id, item, secret, {})
+        store.write(tenant_id, item, ciphertext=ciphertext, public={}, cas=0)
 
 
 def measure(settings: Settings, tenants: list[str], *, workers: int) -> dict[str, Any]:
@@ -134,8 +154,10 @@ def main() -> None:
         with ExitStack() as stack:
             base = Settings(_env_file=None, env="dev")
             settings = start_dev_stack(stack, work / "data", base)
-            log.info("seeding %d tenants", plan.rotation_secrets)
-            tenants = seed(settings, plan.rotation_secrets)
+            per_tenant = int(os.environ.get("BENCH_ROTATION_PER_TENANT") or 1)
+            count = -(-plan.rotation_secrets // per_tenant)
+            log.info("seeding %d tenants, %d secrets each", count, per_tenant)
+            tenants = seed(settings, count, per_tenant=per_tenant)
             results = measure(settings, tenants, workers=plan.rotate_workers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
