@@ -19,8 +19,9 @@ at a time: each tenant's steps hold only that tenant's rows.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from itertools import islice
 from typing import TypeVar
 
 from sqlalchemy import Engine, update
@@ -351,18 +352,26 @@ def rotate_all(
     on_done: Callable[[RotationReport], None] | None = None,
     workers: int = 1,
 ) -> list[RotationReport]:
-    """Rotate several tenants (all by default), `workers` at a time, reporting each as it
-    finishes (`on_done` is called from one thread at a time)."""
-    if tenant_ids is None:
-        tenant_ids = live_tenant_ids(engine)
+    """Rotate several tenants (all by default), `workers` at a time, in the order they finish.
+
+    `on_done` is called with each report from the calling thread. The first error
+    stops the run: no further tenant starts, the ones under way finish, the error is
+    raised; a rerun resumes where each tenant stood.
+    """
+    pending = iter(live_tenant_ids(engine) if tenant_ids is None else tenant_ids)
 
     def one(tenant_id: str) -> RotationReport:
         return rotate_tenant_key(engine, vault, principal=principal, tenant_id=tenant_id)
 
-    reports = []
+    reports: list[RotationReport] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for report in pool.map(one, tenant_ids):
-            reports.append(report)
-            if on_done is not None:
-                on_done(report)
+        running = {pool.submit(one, t) for t in islice(pending, max(1, workers))}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                report = future.result()
+                reports.append(report)
+                if on_done is not None:
+                    on_done(report)
+                running.update(pool.submit(one, t) for t in islice(pending, 1))
     return reports
