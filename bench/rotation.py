@@ -6,7 +6,8 @@
 
 Every tenant gets its own Transit key and one sealed credential (OpenAI, stored
 through the broker's own `save_credentials`), plus, with
-`BENCH_ROTATION_PER_TENANT` above 1, more sealed items beside it (`bench/extra-N`,
+`BENCH_ROTATION_PER_TENANT` above 1, more sealed items beside it
+(`integrations/bench-extra-N`,
 sealed with the tenant's key like any other). Then `rotate_all` rotates every key
 and rewraps every secret with `BENCH_ROTATE_WORKERS` tenants at a time, exactly
 what `broker keys rotate --all` runs. `bench.run` calls `measure` on its own
@@ -96,7 +97,7 @@ def _tenant(
     )
     store = SealedStore(vault)
     for n in range(1, per_tenant):
-        item = f"bench/extra-{n}"
+        item = f"integrations/bench-extra-{n}"
         secret = {"token": secrets.token_urlsafe(24)}
         ciphertext = store.seal(tenant_id, item, secret, {})
         store.write(tenant_id, item, ciphertext=ciphertext, public={}, cas=0)
