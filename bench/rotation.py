@@ -5,12 +5,11 @@
     BENCH_ROTATION_PER_TENANT=20 python -m bench.rotation   # 500 tenants, 20 secrets each
 
 Every tenant gets its own Transit key and one sealed credential (OpenAI, stored
-through the broker's own `save_credentials`), plus, with
-`BENCH_ROTATION_PER_TENANT` above 1, more sealed items beside it
-(`integrations/bench-extra-N`,
-sealed with the tenant's key like any other). Then `rotate_all` rotates every key
-and rewraps every secret with `BENCH_ROTATE_WORKERS` tenants at a time, exactly
-what `broker keys rotate --all` runs. `bench.run` calls `measure` on its own
+through the broker's own `save_credentials`), plus, with `BENCH_ROTATION_PER_TENANT`
+above 1, more sealed items beside it (`integrations/bench-extra-N`, sealed with the
+tenant's key like any other). Then `rotate_all` rotates every key and rewraps every
+secret with `BENCH_ROTATE_WORKERS` tenants at a time, exactly what
+`broker keys rotate --all` runs. `bench.run` calls `measure` on its own
 tenants (one secret each). It measures; it asserts nothing.
 """
 
