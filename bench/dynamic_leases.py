@@ -25,12 +25,13 @@ import logging
 import statistics
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
-from sqlalchemy import insert, text
+from sqlalchemy import Engine, insert, text
 
 from bench.oauth_refresh import WorkerProcess
 from broker.core.db import make_engine
@@ -140,29 +141,7 @@ def _revocation(
     engine = make_engine(bench.settings.database_url.get_secret_value())
     try:
         log.info("registering %d due leases", count)
-        now = utcnow()
-        rows = []
-        for _ in range(count):
-            lease_id = uuid.uuid4().hex
-            key = fake.keys.create_twilio_key(TWILIO["account_sid"], f"broker-lease-{lease_id}")
-            rows.append(
-                {
-                    "id": lease_id,
-                    "tenant_id": tenant,
-                    "provider": "twilio",
-                    "subject": REVOKED_SUBJECT,
-                    "provider_key_id": key.sid,
-                    "root_version": root_version,
-                    "state": "active",
-                    "issued_at": now - timedelta(seconds=301),
-                    "expires_at": now - timedelta(seconds=1),
-                    "due_at": now - timedelta(seconds=1),
-                    "revoke_attempts": 0,
-                }
-            )
-        with engine.begin() as conn:
-            for start in range(0, len(rows), 1000):
-                conn.execute(insert(DynamicLease), rows[start : start + 1000])
+        _register_due_leases(engine, fake, tenant, root_version, count)
         deleted_before = sum(fake.keys.deleted.values())
 
         def left() -> int:
@@ -173,15 +152,7 @@ def _revocation(
         log_path = Path(bench.broker.work) / "lease-worker.log"
         started = time.perf_counter()
         with WorkerProcess(bench.broker.env, engine, log_path):
-            last, stalled_since = left(), time.perf_counter()
-            while last:
-                time.sleep(0.5)
-                now_left = left()
-                if now_left < last:
-                    last, stalled_since = now_left, time.perf_counter()
-                elif time.perf_counter() - stalled_since > 120:
-                    log.warning("revocation stopped making progress with %d left", now_left)
-                    break
+            _until_none_left(left)
         seconds = time.perf_counter() - started
         revoked = count - left()
     finally:
@@ -193,3 +164,45 @@ def _revocation(
         "leases_per_s": round(revoked / seconds, 1),
         "fake_deletions": sum(fake.keys.deleted.values()) - deleted_before,
     }
+
+
+def _register_due_leases(
+    engine: Engine, fake: FakeProviders, tenant: str, root_version: int, count: int
+) -> None:
+    """Insert `count` leases already due, each with its own live key at the fake."""
+    now = utcnow()
+    rows = []
+    for _ in range(count):
+        lease_id = uuid.uuid4().hex
+        key = fake.keys.create_twilio_key(TWILIO["account_sid"], f"broker-lease-{lease_id}")
+        rows.append(
+            {
+                "id": lease_id,
+                "tenant_id": tenant,
+                "provider": "twilio",
+                "subject": REVOKED_SUBJECT,
+                "provider_key_id": key.sid,
+                "root_version": root_version,
+                "state": "active",
+                "issued_at": now - timedelta(seconds=301),
+                "expires_at": now - timedelta(seconds=1),
+                "due_at": now - timedelta(seconds=1),
+                "revoke_attempts": 0,
+            }
+        )
+    with engine.begin() as conn:
+        for start in range(0, len(rows), 1000):
+            conn.execute(insert(DynamicLease), rows[start : start + 1000])
+
+
+def _until_none_left(left: Callable[[], int]) -> None:
+    """Wait while the count goes down; give up after 120 s without progress."""
+    last, stalled_since = left(), time.perf_counter()
+    while last:
+        time.sleep(0.5)
+        now_left = left()
+        if now_left < last:
+            last, stalled_since = now_left, time.perf_counter()
+        elif time.perf_counter() - stalled_since > 120:
+            log.warning("revocation stopped making progress with %d left", now_left)
+            break

@@ -83,7 +83,8 @@ def delivery(
     loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True))
     concurrency = int(knob("EVENTS_WORKER_CONCURRENCY", 32, 16))
     try:
-        with _Timed() as receiver:
+        receiver = _Timed()
+        with receiver:
             made = webhooks.register(
                 engine,
                 vault,
@@ -304,7 +305,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="broker-bench-events-"))
     try:
         with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
+            base = Settings(_env_file=None, env="dev")
             settings = start_dev_stack(stack, work / "data", base)
             broker = BrokerProcess(settings, work, {})
             results = run(settings, broker.env, work)

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -113,26 +114,8 @@ def seed(
     back, every token is inside the refresh window, none expired, whatever the seeding
     took. `ready_at` (epoch seconds) is when the last of them has entered the window.
     """
-    clock = shopify.clock
-    left_s = settings.oauth_refresh_ahead_s - 10
-    reaching = settings.model_copy(
-        update={
-            "shopify_base_url": shopify.base_url,
-            "egress_allow_http": True,
-            "egress_allow_loopback": True,
-        }
-    )
     vault = VaultGateway.from_settings(settings)
-    outbound = outbound_for(reaching)
-    access = oauth_access_for(
-        reaching,
-        engine=engine,
-        vault=vault,
-        outbound=outbound,
-        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
-    )
-    # The default gate lets 4 credentials at a time through; the bench wants `workers`.
-    access = replace(access, gate=oauth.RefreshGate(workers))
+    access = _seeding_access(settings, engine, vault, shopify, workers)
 
     def one(tenant: str) -> str:
         try:
@@ -143,25 +126,14 @@ def seed(
             log.warning("migrating %s: %s", tenant, exc.message)
             return "failed"
 
-    outcomes: Counter[str] = Counter()
     started = time.perf_counter()
     try:
-        with ThreadPoolExecutor(workers) as pool:
-            at = 0
-            while at < len(tenants):
-                # A first chunk of one tenant per thread, aimed with the guess: a whole
-                # chunk aimed far off would spread the expiries wider than the window.
-                size = workers if at == 0 else workers * 10
-                elapsed = time.perf_counter() - started
-                rate = at / elapsed if at else GUESSED_RATE
-                expires_at = time.time() + (len(tenants) - at) / rate + left_s
-                clock.advance(expires_at - shopify.access_ttl_s - clock.now())
-                outcomes.update(pool.map(one, tenants[at : at + size]))
-                at += size
+        left_s = settings.oauth_refresh_ahead_s - 10
+        outcomes = _in_aimed_chunks(shopify, tenants, workers, left_s, one)
         seconds = time.perf_counter() - started
     finally:
-        clock.advance(time.time() - clock.now())  # the present again
-        outbound.client.close()
+        shopify.clock.advance(time.time() - shopify.clock.now())  # the present again
+        access.outbound.client.close()
         vault.close()
     first, last = expiry_range(engine, tenants)
     return {
@@ -174,6 +146,60 @@ def seed(
         "first_expiry": first.timestamp(),
         "ready_at": (last - timedelta(seconds=settings.oauth_refresh_ahead_s - 1)).timestamp(),
     }
+
+
+def _seeding_access(
+    settings: Settings,
+    engine: Engine,
+    vault: VaultGateway,
+    shopify: FakeShopifyOAuth,
+    workers: int,
+) -> oauth.OAuthAccess:
+    """The broker's OAuth access, reaching the fake Shopify, on the fake's clock."""
+    clock = shopify.clock
+    reaching = settings.model_copy(
+        update={
+            "shopify_base_url": shopify.base_url,
+            "egress_allow_http": True,
+            "egress_allow_loopback": True,
+        }
+    )
+    access = oauth_access_for(
+        reaching,
+        engine=engine,
+        vault=vault,
+        outbound=outbound_for(reaching),
+        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
+    )
+    # The default gate lets 4 credentials at a time through; the bench wants `workers`.
+    return replace(access, gate=oauth.RefreshGate(workers))
+
+
+def _in_aimed_chunks(
+    shopify: FakeShopifyOAuth,
+    tenants: list[str],
+    workers: int,
+    left_s: float,
+    one: Callable[[str], str],
+) -> Counter[str]:
+    """Run `one` over the tenants chunk by chunk, each issued in the fake's past so that
+    its tokens expire `left_s` after the seeding is expected to end."""
+    clock = shopify.clock
+    outcomes: Counter[str] = Counter()
+    started = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        at = 0
+        while at < len(tenants):
+            # A first chunk of one tenant per thread, aimed with the guess: a whole
+            # chunk aimed far off would spread the expiries wider than the window.
+            size = workers if at == 0 else workers * 10
+            elapsed = time.perf_counter() - started
+            rate = at / elapsed if at else GUESSED_RATE
+            expires_at = time.time() + (len(tenants) - at) / rate + left_s
+            clock.advance(expires_at - shopify.access_ttl_s - clock.now())
+            outcomes.update(pool.map(one, tenants[at : at + size]))
+            at += size
+    return outcomes
 
 
 def expiry_range(engine: Engine, tenants: list[str]) -> tuple[datetime, datetime]:

@@ -1,7 +1,7 @@
 """`make bench`: the broker's figures, all from one run on this machine.
 
     python -m bench.run            # the issue's numbers (10 and 10,000 tenants)
-    BENCH_QUICK=1 python -m bench.run   # a smoke run in well under two minutes
+    BENCH_QUICK=1 python -m bench.run   # a smoke run of a few minutes
 
 It sets up what `make dev` sets up (the bundled OpenBao with its file audit
 device, the embedded PostgreSQL, bootstrap, migrations, the broker's AppRole)
@@ -12,7 +12,8 @@ asserts nothing about time.
 
 Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
-BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
+BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_ROTATION_SECRETS, BENCH_SOAK_REQUESTS,
+BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
 BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_EVENTS_RATE, BENCH_EVENTS_DURATION_S,
 BENCH_EVENTS_WORKER_CONCURRENCY, BENCH_HEALTH_CREDENTIALS, BENCH_OUTPUT.
 """
@@ -42,8 +43,22 @@ from typing import Any
 
 import httpx
 import hvac
+from sqlalchemy import Engine
 
-from bench import dynamic_leases, events, oauth_refresh, wrk
+from bench import dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
+from bench.oauth_refresh import Drain
+from bench.report import (
+    CEILING,
+    CONCURRENCIES,
+    FETCH,
+    FLOOR,
+    MANY,
+    MANY_FLOOR,
+    REFRESHED,
+    REFRESHING,
+    SETTINGS_GET,
+    SETTINGS_PATCH,
+)
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -51,8 +66,6 @@ from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import free_port
 from broker.devstack.stack import start_dev_stack
-from broker.tenants.keys import rotate_tenant_key
-from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 
@@ -60,11 +73,6 @@ log = logging.getLogger("bench")
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "shopify"
-CONCURRENCIES = (1, 8)
-MANY = "fetch (broker), many tenants"
-MANY_FLOOR = "fetch floor (Vault), many"
-REFRESHING = "fetch (broker), refreshing"
-REFRESHED = "fetch (broker), oauth settled"
 # Far above anything the load reaches: the benchmark measures the work, not the limiter.
 UNLIMITED = "100000000/minute"
 BENCH_PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
@@ -82,6 +90,8 @@ class Plan:
     legacy_tenants: int
     setup_concurrency: int
     rotate_workers: int
+    rotation_secrets: int
+    soak_requests: int
     settle_s: float
     oauth_credentials: int
     dynamic_mints: int
@@ -100,9 +110,11 @@ class Plan:
             warmup_s=knob("WARMUP_S", 1, 0.5),
             small_tenants=int(knob("SMALL_TENANTS", 10, 10)),
             large_tenants=int(knob("LARGE_TENANTS", 10_000, 200)),
-            legacy_tenants=int(knob("LEGACY_TENANTS", 1000, 100)),
+            legacy_tenants=int(knob("LEGACY_TENANTS", 10_000, 100)),
             setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
+            rotation_secrets=int(knob("ROTATION_SECRETS", 10_000, 200)),
+            soak_requests=int(knob("SOAK_REQUESTS", 100_000, 5_000)),
             settle_s=knob("SETTLE_S", 70, 5),
             oauth_credentials=int(knob("OAUTH_CREDENTIALS", 10_000, 200)),
             dynamic_mints=int(knob("DYNAMIC_MINTS", 500, 50)),
@@ -418,7 +430,12 @@ class Bench:
             "warmup_s": self.plan.warmup_s,
             **spec,
         }
-        result = loadgen(spec)
+        return self._record(name, concurrency, loadgen(spec), note)
+
+    def _record(
+        self, name: str, concurrency: int, result: dict[str, Any], note: str
+    ) -> dict[str, Any]:
+        """Keep a figure under its name and as a row of the table."""
         self.results.setdefault(name, {})[f"c{concurrency}"] = result
         self.rows.append(
             Row(
@@ -474,52 +491,12 @@ class Bench:
         figures are combined in series (`wrk.in_series`): the floor is what a fetch
         would cost if the broker added nothing between its Vault calls.
         """
-        vault = self.settings.vault_addrs[0]
-        headers = {"X-Vault-Token": self.floor_token}
-        post = {**headers, "Content-Type": "application/json"}
-        ciphertexts = self.ciphertexts(tenants)
-        kv = f"/v1/{self.settings.kv_mount}/data/tenants"
-        calls: dict[str, list[dict[str, Any]]] = {
-            "kv read": [
-                {
-                    "method": "GET",
-                    "path": f"{kv}/{t}/integrations/{PROVIDER}",
-                    "headers": headers,
-                    "body": None,
-                }
-                for t in tenants
-            ],
-            "transit decrypt": [
-                {
-                    "method": "POST",
-                    "path": f"/v1/{self.settings.transit_mount}/decrypt/tenant-{t}",
-                    "headers": post,
-                    "body": json.dumps(
-                        {
-                            "ciphertext": ciphertexts[t],
-                            "context": b64encode(f"{t}/{PROVIDER}".encode()).decode(),
-                        }
-                    ),
-                }
-                for t in tenants
-            ],
-        }
-        if wrap_ttl:
-            lease = {"fields": {"access_token": "shpat_" + "0" * 32}, "expires_at": "x" * 25}
-            calls["response wrap"] = [
-                {
-                    "method": "POST",
-                    "path": "/v1/sys/wrapping/wrap",
-                    "headers": {**post, "X-Vault-Wrap-TTL": wrap_ttl},
-                    "body": json.dumps(lease),
-                }
-            ]
         parts = []
-        for call, targets in calls.items():
+        for call, targets in self._floor_calls(tenants, wrap_ttl).items():
             part = loadgen(
                 {
                     "name": f"{name}: {call}",
-                    "base_url": vault,
+                    "base_url": self.settings.vault_addrs[0],
                     "concurrency": concurrency,
                     "duration_s": self.plan.duration_s,
                     "warmup_s": self.plan.warmup_s,
@@ -527,148 +504,52 @@ class Bench:
                 }
             )
             parts.append({"call": call, **part})
-        result = wrk.in_series(parts)
-        self.results.setdefault(name, {})[f"c{concurrency}"] = result
-        self.rows.append(
-            Row(
-                name,
-                concurrency,
-                result["rps"],
-                result["p50_ms"],
-                result["p99_ms"],
-                result["loadgen_cpu"],
-                note,
-            )
-        )
-        log.info("%s c=%d: %.1f req/s", name, concurrency, result["rps"])
-        return result
+        return self._record(name, concurrency, wrk.in_series(parts), note)
+
+    def _floor_calls(self, tenants: list[str], wrap_ttl: str) -> dict[str, list[dict[str, Any]]]:
+        """wrk targets for each Vault call of a fetch, over `tenants`."""
+        headers = {"X-Vault-Token": self.floor_token}
+        post = {**headers, "Content-Type": "application/json"}
+        ciphertexts = self.ciphertexts(tenants)
+        kv = f"/v1/{self.settings.kv_mount}/data/tenants"
+
+        def decrypt(tenant: str) -> str:
+            context = b64encode(f"{tenant}/{PROVIDER}".encode()).decode()
+            return json.dumps({"ciphertext": ciphertexts[tenant], "context": context})
+
+        transit = f"/v1/{self.settings.transit_mount}/decrypt"
+        calls = {
+            "kv read": [
+                _target("GET", f"{kv}/{t}/integrations/{PROVIDER}", headers) for t in tenants
+            ],
+            "transit decrypt": [
+                _target("POST", f"{transit}/tenant-{t}", post, decrypt(t)) for t in tenants
+            ],
+        }
+        if wrap_ttl:
+            lease = {"fields": {"access_token": "shpat_" + "0" * 32}, "expires_at": "x" * 25}
+            wrap = {**post, "X-Vault-Wrap-TTL": wrap_ttl}
+            calls["response wrap"] = [
+                _target("POST", "/v1/sys/wrapping/wrap", wrap, json.dumps(lease))
+            ]
+        return calls
 
     def run(self) -> None:
+        """Every figure, in an order where each step leaves the stack as the next expects."""
         plan = self.plan
-        broker = self.broker.url
         small = tenant_ids(0, plan.small_tenants)
         log.info("creating %d tenants", len(small))
-        create_tenants(
-            broker, self.tokens, small, plan.setup_concurrency, self.shopify.issue_offline_token
-        )
-
-        with static_server() as static:
-            for c in CONCURRENCIES:
-                self.measure(
-                    "loadgen ceiling",
-                    static,
-                    c,
-                    "static asyncio server",
-                    targets=[{"method": "GET", "path": "/", "headers": {}, "body": None}],
-                )
-        for c in CONCURRENCIES:
-            self.measure(
-                "GET /healthz (broker)",
-                broker,
-                c,
-                "trivial route",
-                targets=[{"method": "GET", "path": "/healthz", "headers": {}, "body": None}],
-            )
-
-        idle = self.broker.memory_kb()
-        peak_reset = self.broker.reset_peak()
-        for c in CONCURRENCIES:
-            self.measure(
-                "fetch (broker)",
-                broker,
-                c,
-                f"{len(small)} tenants",
-                targets=self.fetch_targets(small),
-            )
-            self.floor("fetch floor (Vault)", c, small, "KV read + Transit decrypt, in series")
-        under_fetch = self.broker.memory_kb()
-        for c in CONCURRENCIES:
-            self.measure(
-                "wrapped fetch (broker)",
-                broker,
-                c,
-                "wrap_ttl=60s",
-                targets=self.fetch_targets(small, "?wrap_ttl=60s"),
-            )
-            self.floor("wrapped floor (Vault)", c, small, "KV + decrypt + wrap", wrap_ttl="60s")
-        admin_auth = [{"Authorization": f"Bearer {self.tokens.admin(t)}"} for t in small]
-        for c in CONCURRENCIES:
-            self.measure(
-                "GET /v1/tenants/settings",
-                broker,
-                c,
-                f"{len(small)} tenants",
-                targets=[
-                    {"method": "GET", "path": "/v1/tenants/settings", "headers": h, "body": None}
-                    for h in admin_auth
-                ],
-            )
-        for c in CONCURRENCIES:
-            self.measure(
-                "PATCH /v1/tenants/settings",
-                broker,
-                c,
-                "a change every time",
-                targets=[
-                    {
-                        "method": "PATCH",
-                        "path": "/v1/tenants/settings",
-                        "headers": {**h, "Content-Type": "application/json"},
-                        "body": '{"branding": {"footer_text": "bench {n}"}}',
-                    }
-                    for h in admin_auth
-                ],
-            )
-
-        self.results["memory"] = {
-            "broker_pid": self.broker.pid,
-            "idle_rss_kb": idle.get("VmRSS"),
-            "peak_rss_under_fetch_kb": under_fetch.get("VmHWM"),
-            "peak_is_since_fetch_load_began": peak_reset,
-        }
-        self.results["ratios"] = self.ratios("fetch (broker)", "fetch floor (Vault)")
-        self.results["wrapped_ratios"] = self.ratios(
-            "wrapped fetch (broker)", "wrapped floor (Vault)"
-        )
-
+        self.create(small)
+        self.generator_and_overhead()
+        self.fetch_and_floor(small)
+        self.settings_reads_and_writes(small)
         large = tenant_ids(0, plan.large_tenants)
-        log.info("growing to %d tenants", len(large))
-        rate = create_tenants(
-            broker,
-            self.tokens,
-            large[len(small) :],
-            plan.setup_concurrency,
-            self.shopify.issue_offline_token,
+        self.grow(small, large)
+        self.many_tenants(large)
+        self.results["memory_soak"] = soak.run(
+            self, large, requests=plan.soak_requests, rate=self.results[MANY]["c8"]["rps"]
         )
-        self.results["setup"] = {"tenants_created_per_s": round(rate, 1)}
-        # Measure a steady state, not the wake of bulk-loading the tenants: the
-        # broker's rate-limit windows (60 s) still hold every setup write, and
-        # OpenBao and PostgreSQL are still flushing what it wrote.
-        log.info("letting the stack settle for %.0f s", plan.settle_s)
-        time.sleep(plan.settle_s)
-        for c in CONCURRENCIES:
-            self.measure(
-                MANY,
-                broker,
-                c,
-                f"{len(large)} tenants",
-                targets=self.fetch_targets(large),
-            )
-            # The same floor over the large set: shows how much of any change is Vault's.
-            self.floor(MANY_FLOOR, c, large, f"{len(large)} tenants")
-        self.results["scale"] = {
-            "small_tenants": len(small),
-            "large_tenants": len(large),
-            **{
-                f"c{c}": {
-                    "p50_ratio": self._ratio(MANY, "fetch (broker)", c, "p50_ms"),
-                    "p99_ratio": self._ratio(MANY, "fetch (broker)", c, "p99_ms"),
-                    "floor_p50_ratio": self._ratio(MANY_FLOOR, "fetch floor (Vault)", c, "p50_ms"),
-                }
-                for c in CONCURRENCIES
-            },
-        }
-        self.results["rotation"] = self.rotate(large)
+        self.results["rotation"] = self.rotate(large[: plan.rotation_secrets])
         self.results["oauth_refresh"] = self.oauth_refresh(large)
         self.results["legacy_migration"] = self.legacy()
         self.results["dynamic_leases"] = dynamic_leases.run(
@@ -676,6 +557,114 @@ class Bench:
         )
         log.info("event delivery and health checks")
         self.results["events"] = events.run(self.settings, self.broker.env, self.broker.work)
+        self.results["workers"] = self.workers()
+
+    def create(self, tenants: list[str]) -> float:
+        """Tenants with credentials through the API; tenants per second (setup)."""
+        return create_tenants(
+            self.broker.url,
+            self.tokens,
+            tenants,
+            self.plan.setup_concurrency,
+            self.shopify.issue_offline_token,
+        )
+
+    def generator_and_overhead(self) -> None:
+        """wrk against a trivial server (its ceiling), then the broker's cheapest route."""
+        static_target = [_target("GET", "/", {})]
+        with static_server() as static:
+            for c in CONCURRENCIES:
+                self.measure(CEILING, static, c, "static asyncio server", targets=static_target)
+        for c in CONCURRENCIES:
+            self.measure(
+                "GET /healthz (broker)",
+                self.broker.url,
+                c,
+                "trivial route",
+                targets=[_target("GET", "/healthz", {})],
+            )
+
+    def fetch_and_floor(self, small: list[str]) -> None:
+        """Fetches and their Vault floor, plain and response-wrapped, and the memory meanwhile."""
+        idle = self.broker.memory_kb()
+        peak_reset = self.broker.reset_peak()
+        for c in CONCURRENCIES:
+            self.measure(
+                FETCH,
+                self.broker.url,
+                c,
+                f"{len(small)} tenants",
+                targets=self.fetch_targets(small),
+            )
+            self.floor(FLOOR, c, small, "KV read + Transit decrypt, in series")
+        under_fetch = self.broker.memory_kb()
+        for c in CONCURRENCIES:
+            self.measure(
+                "wrapped fetch (broker)",
+                self.broker.url,
+                c,
+                "wrap_ttl=60s",
+                targets=self.fetch_targets(small, "?wrap_ttl=60s"),
+            )
+            self.floor("wrapped floor (Vault)", c, small, "KV + decrypt + wrap", wrap_ttl="60s")
+        self.results["memory"] = {
+            "broker_pid": self.broker.pid,
+            "idle_rss_kb": idle.get("VmRSS"),
+            "peak_rss_under_fetch_kb": under_fetch.get("VmHWM"),
+            "peak_is_since_fetch_load_began": peak_reset,
+        }
+        self.results["ratios"] = self.ratios(FETCH, FLOOR)
+        self.results["wrapped_ratios"] = self.ratios(
+            "wrapped fetch (broker)", "wrapped floor (Vault)"
+        )
+
+    def settings_reads_and_writes(self, small: list[str]) -> None:
+        """`GET` and `PATCH /v1/tenants/settings`, each PATCH a change."""
+        admin_auth = [{"Authorization": f"Bearer {self.tokens.admin(t)}"} for t in small]
+        reads = [_target("GET", "/v1/tenants/settings", h) for h in admin_auth]
+        change = '{"branding": {"footer_text": "bench {n}"}}'
+        writes = [
+            _target(
+                "PATCH", "/v1/tenants/settings", {**h, "Content-Type": "application/json"}, change
+            )
+            for h in admin_auth
+        ]
+        for c in CONCURRENCIES:
+            self.measure(SETTINGS_GET, self.broker.url, c, f"{len(small)} tenants", targets=reads)
+        for c in CONCURRENCIES:
+            self.measure(SETTINGS_PATCH, self.broker.url, c, "a change every time", targets=writes)
+
+    def grow(self, small: list[str], large: list[str]) -> None:
+        """Bulk-load up to the large set of tenants, then let the stack settle."""
+        log.info("growing to %d tenants", len(large))
+        rate = self.create(large[len(small) :])
+        self.results["setup"] = {"tenants_created_per_s": round(rate, 1)}
+        # Measure a steady state, not the wake of bulk-loading the tenants: the
+        # broker's rate-limit windows (60 s) still hold every setup write, and
+        # OpenBao and PostgreSQL are still flushing what it wrote.
+        log.info("letting the stack settle for %.0f s", self.plan.settle_s)
+        time.sleep(self.plan.settle_s)
+
+    def many_tenants(self, large: list[str]) -> None:
+        """Fetch (and its floor) again over the large set: latency against the small set's."""
+        for c in CONCURRENCIES:
+            self.measure(
+                MANY, self.broker.url, c, f"{len(large)} tenants", targets=self.fetch_targets(large)
+            )
+            # The same floor over the large set: shows how much of any change is Vault's.
+            self.floor(MANY_FLOOR, c, large, f"{len(large)} tenants")
+        self.results["scale"] = {
+            "small_tenants": self.plan.small_tenants,
+            "large_tenants": len(large),
+            **{
+                f"c{c}": {
+                    "p50_ratio": self._ratio(MANY, FETCH, c, "p50_ms"),
+                    "p99_ratio": self._ratio(MANY, FETCH, c, "p99_ms"),
+                    "floor_p50_ratio": self._ratio(MANY_FLOOR, FLOOR, c, "p50_ms"),
+                }
+                for c in CONCURRENCIES
+            },
+        }
 
     def _ratio(self, a: str, b: str, c: int, key: str) -> float:
         x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
@@ -692,47 +681,15 @@ class Bench:
         }
 
     def rotate(self, tenants: list[str]) -> dict[str, Any]:
-        """Rotate every tenant's key and rewrap its secrets, several tenants at a time."""
-        assert self.settings.database_url is not None
-        engine = make_engine(self.settings.database_url.get_secret_value())
-        vault = VaultGateway.from_settings(self.settings)
-        log.info("rotating %d tenant keys", len(tenants))
-        try:
-
-            def one(tenant: str) -> int:
-                report = rotate_tenant_key(
-                    engine, vault, principal=BENCH_PRINCIPAL, tenant_id=tenant
-                )
-                return report.rewrapped
-
-            started = time.perf_counter()
-            with ThreadPoolExecutor(self.plan.rotate_workers) as pool:
-                rewrapped = sum(pool.map(one, tenants))
-            seconds = time.perf_counter() - started
-        finally:
-            vault.close()
-            engine.dispose()
-        return {
-            "tenants": len(tenants),
-            "secrets_rewrapped": rewrapped,
-            "seconds": round(seconds, 2),
-            "secrets_per_s": round(rewrapped / seconds, 1),
-            "workers": self.plan.rotate_workers,
-        }
+        """Every tenant's key rotated and its secret rewrapped (`bench/rotation.py`)."""
+        return rotation.measure(self.settings, tenants, workers=self.plan.rotate_workers)
 
     def oauth_refresh(self, existing: list[str]) -> dict[str, Any]:
         """Shopify credentials all inside their refresh window: the job's rate, fetch latency."""
-        plan, broker = self.plan, self.broker.url
-        tenants = tenant_ids(0, plan.oauth_credentials)
+        tenants = tenant_ids(0, self.plan.oauth_credentials)
         if len(tenants) > len(existing):
             log.info("creating %d more tenants", len(tenants) - len(existing))
-            create_tenants(
-                broker,
-                self.tokens,
-                tenants[len(existing) :],
-                plan.setup_concurrency,
-                self.shopify.issue_offline_token,
-            )
+            self.create(tenants[len(existing) :])
         assert self.settings.database_url is not None
         engine = make_engine(self.settings.database_url.get_secret_value())
         try:
@@ -743,43 +700,16 @@ class Bench:
                 self.shopify,
                 principal=BENCH_PRINCIPAL,
                 tenants=tenants,
-                workers=plan.rotate_workers,
+                workers=self.plan.rotate_workers,
             )
             # Until the last token seeded is inside the window too.
             time.sleep(max(0.0, seeded["ready_at"] - time.time()))
             seeded["due_at_start"] = oauth_refresh.count_due(engine, self.settings)
             log.info("refreshing %d due tokens through the worker", seeded["due_at_start"])
-            worker_log = self.broker.work / "worker.log"
             drain = oauth_refresh.Drain(
                 engine, self.settings, self.shopify, expiry=seeded["first_expiry"]
             )
-            windows: dict[str, Any] = {}
-            with oauth_refresh.WorkerProcess(self.broker.env, engine, worker_log):
-                drain.start()
-                try:
-                    for c in CONCURRENCIES:
-                        at, calls = drain.snapshot()
-                        self.measure(REFRESHING, broker, c, targets=self.fetch_targets(tenants))
-                        until, calls_after = drain.snapshot()
-                        refreshed = calls_after - calls
-                        windows[f"c{c}"] = {
-                            "refresh_calls": refreshed,
-                            "per_s": round(refreshed / (until - at), 1),
-                        }
-                        note = f"{len(tenants)} oauth, {refreshed} refreshed meanwhile"
-                        self.rows[-1].note = note
-                    drain.wait()
-                finally:
-                    drain.stop()
-                # The same fetches once every token is fresh again: the baseline.
-                for c in CONCURRENCIES:
-                    self.measure(
-                        REFRESHED,
-                        broker,
-                        c,
-                        f"{len(tenants)} oauth credentials",
-                        targets=self.fetch_targets(tenants),
-                    )
+            windows = self._drain_while_fetching(engine, drain, tenants)
             by_actor = oauth_refresh.refreshes_by_actor(engine)
         finally:
             engine.dispose()
@@ -793,6 +723,35 @@ class Bench:
             "job_batch": self.settings.oauth_refresh_batch,
         }
 
+    def _drain_while_fetching(
+        self, engine: Engine, drain: Drain, tenants: list[str]
+    ) -> dict[str, Any]:
+        """A real worker drains the due tokens while fetches run; then fetches once settled."""
+        broker = self.broker.url
+        windows: dict[str, Any] = {}
+        worker_log = self.broker.work / "worker.log"
+        with oauth_refresh.WorkerProcess(self.broker.env, engine, worker_log):
+            drain.start()
+            try:
+                for c in CONCURRENCIES:
+                    at, calls = drain.snapshot()
+                    self.measure(REFRESHING, broker, c, targets=self.fetch_targets(tenants))
+                    until, calls_after = drain.snapshot()
+                    refreshed = calls_after - calls
+                    windows[f"c{c}"] = {
+                        "refresh_calls": refreshed,
+                        "per_s": round(refreshed / (until - at), 1),
+                    }
+                    self.rows[-1].note = f"{len(tenants)} oauth, {refreshed} refreshed meanwhile"
+                drain.wait()
+            finally:
+                drain.stop()
+            # The same fetches once every token is fresh again: the baseline.
+            for c in CONCURRENCIES:
+                note = f"{len(tenants)} oauth credentials"
+                self.measure(REFRESHED, broker, c, note, targets=self.fetch_targets(tenants))
+        return windows
+
     def legacy(self) -> dict[str, Any]:
         """The legacy migration's own benchmark, when that feature is in the tree."""
         try:
@@ -803,98 +762,28 @@ class Bench:
         result: dict[str, Any] = legacy_migration.run(self.plan.legacy_tenants)
         return result
 
+    def workers(self) -> dict[str, Any]:
+        """Throughput with 1 and 2 broker workers, from `bench/workers.py` when present.
 
-# -- report -----------------------------------------------------------------------------
+        The hook: `bench.workers.run(bench: Bench) -> dict` serves the broker with
+        `broker serve --workers N` itself (it has `self.settings`, `self.broker.env`,
+        `self.broker.work`, `self.plan`, `self.measure` and `self.fetch_targets`) and
+        returns its figures, which land under `workers` in results.json.
+        """
+        try:
+            from bench import workers
+        except ImportError:
+            return {"skipped": "no bench/workers.py in this tree"}
+        log.info("throughput with 1 and 2 broker workers")
+        result: dict[str, Any] = workers.run(self)
+        return result
 
 
-def table(rows: list[Row], results: dict[str, Any]) -> str:
-    """The figures as a plain-text table, then the derived ones."""
-    lines = [
-        f"{'measurement':<30} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'gen cpu':>7}  note",
-        "-" * 92,
-    ]
-    for r in rows:
-        lines.append(
-            f"{r.name:<30} {r.concurrency:>4} {r.rps:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.loadgen_cpu:>6.0%}  {r.note}"
-        )
-    lines.append("")
-    for label, key in (("fetch", "ratios"), ("wrapped fetch", "wrapped_ratios")):
-        for c, r in results[key].items():
-            lines.append(
-                f"{label} broker/floor at {c}: p50 x{r['p50']}, p99 x{r['p99']}, "
-                f"throughput x{r['throughput']}"
-            )
-    scale = results["scale"]
-    for c in CONCURRENCIES:
-        s = scale[f"c{c}"]
-        lines.append(
-            f"fetch latency, {scale['large_tenants']} vs {scale['small_tenants']} tenants at "
-            f"c{c}: p50 x{s['p50_ratio']}, p99 x{s['p99_ratio']} "
-            f"(Vault floor alone: p50 x{s['floor_p50_ratio']})"
-        )
-    rot = results["rotation"]
-    lines.append(
-        f"key rotation: {rot['secrets_rewrapped']} secrets rewrapped in {rot['seconds']} s = "
-        f"{rot['secrets_per_s']} secrets/s ({rot['workers']} workers)"
-    )
-    auth = results["oauth_refresh"]
-    seed, drain = auth["seed"], auth["drain"]
-    lines.append(
-        f"oauth seed: {seed['outcomes'].get('migrated', 0)} pasted tokens migrated to expiring "
-        f"ones in {seed['seconds']} s = {seed['migrated_per_s']}/s ({seed['workers']} workers); "
-        f"{seed['due_at_start']} inside the refresh window (expiries within "
-        f"{seed['expiry_spread_s']} s)"
-    )
-    lines.append(
-        f"oauth refresh: {drain['refresh_calls']} tokens refreshed through the fake Shopify in "
-        f"{drain['seconds']} s = {drain['tokens_per_s']} tokens/s, runs back to back "
-        f"({drain['refreshed_before_first_expiry']} before the first token expired, "
-        f"{drain['expired_at_start']} already expired at the start, {drain['left_due']} left "
-        f"due); by actor: {auth['refreshes_by_actor']}"
-    )
-    for c in CONCURRENCIES:
-        refreshing = results[REFRESHING][f"c{c}"]
-        settled = results[REFRESHED][f"c{c}"]
-        lines.append(
-            f"fetch latency while refreshing vs settled at c{c}: "
-            f"p50 {refreshing['p50_ms']:.2f} vs {settled['p50_ms']:.2f} ms, "
-            f"p99 {refreshing['p99_ms']:.2f} vs {settled['p99_ms']:.2f} ms"
-        )
-    legacy = results["legacy_migration"]
-    if "skipped" in legacy:
-        lines.append(f"legacy migration: skipped, {legacy['skipped']}")
-    else:
-        lines.append(
-            f"legacy migration: {legacy.get('tenants')} tenants, "
-            f"{legacy.get('tenants_per_second')} tenants/s"
-        )
-    dyn = results["dynamic_leases"]
-    fresh, revocation = dyn["fresh_mint_c1"], dyn["revocation"]
-    reuse = results[dynamic_leases.REUSE]
-    lines.append(
-        "dynamic fetch: live lease reused p50 "
-        + ", ".join(f"{reuse[f'c{c}']['p50_ms']:.2f} ms at c{c}" for c in CONCURRENCIES)
-        + f"; fresh mint through the fake Twilio p50 {fresh['p50_ms']} ms, "
-        f"p99 {fresh['p99_ms']} ms ({fresh['calls']} calls at c1)"
-    )
-    lines.append(
-        f"lease revocation: {revocation['revoked']} of {revocation['leases']} due leases revoked "
-        f"by one worker in {revocation['seconds_incl_worker_start']} s = "
-        f"{revocation['leases_per_s']} leases/s ({revocation['fake_deletions']} deletions at "
-        "the fake)"
-    )
-    lines.extend(events.describe(results["events"]))
-    mem = results["memory"]
-    peak = mem["peak_rss_under_fetch_kb"]
-    lines.append(
-        f"broker peak RSS under fetch load: {peak / 1024:.1f} MiB "
-        f"(idle {mem['idle_rss_kb'] / 1024:.1f} MiB)"
-    )
-    m = results["machine"]
-    lines.append(f"machine: {m['nproc']} x {m['cpu_model']}, Python {m['python']}")
-    return "\n".join(lines)
+def _target(
+    method: str, path: str, headers: dict[str, str], body: str | None = None
+) -> dict[str, Any]:
+    """One request wrk cycles through."""
+    return {"method": method, "path": path, "headers": headers, "body": body}
 
 
 def main() -> None:
@@ -909,7 +798,7 @@ def main() -> None:
     started = time.perf_counter()
     try:
         with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")  # type: ignore[call-arg]
+            base = Settings(_env_file=None, env="dev")
             settings = start_dev_stack(stack, work / "data", base)
             shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
             providers = stack.enter_context(FakeProviders())
@@ -932,8 +821,9 @@ def main() -> None:
         **bench.results,
         "rows": [asdict(r) for r in bench.rows],
     }
+    results = {"summary": report.summary(results), **results}
     output.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(bench.rows, results))  # noqa: T201
+    print(report.table(bench.rows, results))  # noqa: T201
     print(f"\nwritten to {output}")  # noqa: T201
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import httpx
 
 from bench import wrk
-from bench.run import BrokerProcess, Plan, Tokens, tenant_ids
+from bench.run import Bench, BrokerProcess, Plan, Tokens, tenant_ids
 from broker.core.config import Settings
 from broker.devstack.stack import start_dev_stack
 
@@ -157,3 +157,16 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    """The hook `bench.run` calls: settings GET and PATCH with 1 and 2 workers, over the
+    small set of tenants the run already created, on broker processes of their own."""
+    return scaling(
+        bench.settings,
+        bench.broker.work,
+        bench.tokens,
+        tenant_ids(0, bench.plan.small_tenants),
+        bench.plan,
+        write=True,
+    )

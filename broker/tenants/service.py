@@ -75,6 +75,23 @@ def delete_tenant(
     revoking the dynamic keys minted from them, which nothing could revoke afterwards.
     If it raises, nothing is destroyed and the deletion can be retried.
     """
+    _mark_deleting(engine, tenant_id)
+    if deletions is not None:
+        deletions.mark(tenant_id)
+    if before_shred is not None:
+        before_shred()
+    retire_key(vault, tenant_id=tenant_id)
+    destroyed = SealedStore(vault).shred(tenant_id)
+    endpoints = _remove_rows(engine, principal, tenant_id, destroyed)
+    # The tenant's endpoints went with its row; their signing secrets go now.
+    webhooks.forget_secrets(vault, endpoints)
+    if deletions is not None:
+        deletions.forget(tenant_id)
+    return destroyed
+
+
+def _mark_deleting(engine: Engine, tenant_id: str) -> None:
+    """Mark the tenant as being deleted (committed): it accepts no new secrets."""
     with unit_of_work(engine) as session:
         tenant = session.get(Tenant, tenant_id, with_for_update=True)
         if tenant is None:
@@ -82,12 +99,11 @@ def delete_tenant(
         if tenant.deleting_at is None:
             tenant.deleting_at = utcnow()
             session.add(tenant)
-    if deletions is not None:
-        deletions.mark(tenant_id)
-    if before_shred is not None:
-        before_shred()
-    retire_key(vault, tenant_id=tenant_id)
-    destroyed = SealedStore(vault).shred(tenant_id)
+
+
+def _remove_rows(engine: Engine, principal: Principal, tenant_id: str, destroyed: int) -> list[str]:
+    """Delete the tenant's row (its other rows cascade), audit and announce it; returns
+    the ids of the webhook endpoints that went with it."""
     with unit_of_work(engine) as session:
         # Locked: a concurrent deletion of the same tenant may be deleting the row too.
         tenant = session.get(Tenant, tenant_id, with_for_update=True)
@@ -111,11 +127,7 @@ def delete_tenant(
                 tenant_id=tenant_id,
                 state="deleted",
             )
-    # The tenant's endpoints went with its row; their signing secrets go now.
-    webhooks.forget_secrets(vault, endpoints)
-    if deletions is not None:
-        deletions.forget(tenant_id)
-    return destroyed
+    return endpoints
 
 
 def retire_key(vault: VaultGateway, *, tenant_id: str) -> None:

@@ -5,14 +5,18 @@ from __future__ import annotations
 import threading
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine
 
+from broker.core.errors import NotFound
+from broker.tenants import keys
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import key_name
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
-from tests.tenants.test_keys import OPS, save
+from tests.tenants.test_keys import OPERATOR, OPS, save
 
 
 def test_one_undecryptable_item_does_not_stop_the_rotation(
@@ -100,3 +104,55 @@ def test_a_rotation_racing_the_tenants_deletion_never_fails_with_500(
         # Nothing written back after the shredding: the tenant left nothing in Vault.
         assert vault_admin.kv_list(f"tenants/{tenant}/integrations") == []
         assert vault_admin.transit_key_info(key_name(tenant)) is None
+
+
+def test_rewrap_batches_split_and_one_bad_item_is_named(
+    client: TestClient,
+    engine: Engine,
+    vault_admin: VaultGateway,
+    broker_vault: VaultGateway,
+    providers: FakeProviders,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Batches of two: three good items and a bad one span two rewrap calls.
+    monkeypatch.setattr(keys, "REWRAP_BATCH", 2)
+    tenant = make_tenant(client)
+    for provider in ("openai", "twilio", "shopify"):
+        save(client, tenant, provider, providers)
+    other = make_tenant(client)
+    save(client, other, "openai", providers)
+    foreign = vault_admin.kv_read(f"tenants/{other}/integrations/openai")
+    assert foreign is not None
+    vault_admin.kv_write(f"tenants/{tenant}/integrations/zz-planted", foreign.data, cas=None)
+
+    report = keys.rotate_tenant_key(engine, broker_vault, principal=OPERATOR, tenant_id=tenant)
+    assert (report.key_version, report.rewrapped, report.failed) == (
+        2,
+        3,
+        ("integrations/zz-planted",),
+    )
+    for provider in ("openai", "twilio", "shopify"):
+        entry = vault_admin.kv_read(f"tenants/{tenant}/integrations/{provider}")
+        assert entry is not None
+        assert entry.data["ciphertext"].startswith("vault:v2:")
+
+
+def test_rotating_all_stops_at_a_tenant_that_is_gone(
+    client: TestClient, engine: Engine, broker_vault: VaultGateway, providers: FakeProviders
+) -> None:
+    first, last = make_tenant(client), make_tenant(client)
+    save(client, first, "openai", providers)
+    done: list[str] = []
+    with pytest.raises(NotFound):
+        keys.rotate_all(
+            engine,
+            broker_vault,
+            principal=OPERATOR,
+            tenant_ids=[first, "no-such-tenant-here", last],
+            on_done=lambda r: done.append(r.tenant_id),
+        )
+    # The tenant before the missing one finished and was reported; none started after.
+    assert done == [first]
+    info = broker_vault.transit_key_info(key_name(last))
+    assert info is not None
+    assert info["latest_version"] == 1
