@@ -223,27 +223,48 @@ class _Migration:
         return reached, stopped or (stop.message if stop is not None else None)
 
     def _prepare(self, plans: list[TenantPlan]) -> Stop | None:
-        """Tenants, settings rows, Transit keys and metadata: one transaction for the batch.
+        """Tenants, settings rows, Transit keys and metadata, in `workers` concurrent chunks.
 
-        Each tenant has its own savepoint: one that fails is rolled back alone and
-        recorded as failed. When Vault goes away, what was prepared before stays
-        (its progress rows say so) and the rest of the batch is not reached.
+        When Vault goes away, what was prepared stays (its progress rows say so)
+        but nothing more is stored: those tenants are not reached this run.
         """
+        if not plans:
+            return None
+        size = -(-len(plans) // self.workers)
+        chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
+        stopped: Stop | None = None
+        for _, _, stop in fan_out(self._prepare_chunk, chunks, self.workers):
+            stopped = stopped or stop
+        if stopped is not None:
+            for plan in plans:
+                plan.reached = plan.action != "apply"
+        return stopped
+
+    def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
+        """Prepare these tenants in one transaction, each in a savepoint of its own.
+
+        A tenant that fails is rolled back alone and recorded as failed. Raises
+        Stop (once the tenants prepared before are committed) when Vault or
+        PostgreSQL is unavailable.
+        """
+        stop: Stop | None = None
         with unit_of_work(self.engine) as session:
             records = _lock_records(session, self.source.label, [p.group for p in plans])
-            for index, plan in enumerate(plans):
+            for plan in plans:
                 principal = self._bind(plan.group)
                 try:
                     with session.begin_nested():
                         self._ensure_tenant(session, plan, principal, records)
                 except _SYSTEMIC as exc:
-                    for later in plans[index + 1 :] + plans[:index]:
-                        later.reached = later.action != "apply"
-                    return Stop(exc.message, plan.fail(exc.message))
-                except BrokerError as exc:
-                    plan.fail(exc.message)
                     plan.action = "record"
-        return None
+                    stop = Stop(exc.message, plan.fail(exc.message))
+                    break
+                except BrokerError as exc:
+                    plan.action = "record"
+                    plan.fail(exc.message)
+        if stop is not None:
+            raise stop
+        return True
 
     def _ensure_tenant(
         self,
