@@ -42,6 +42,7 @@ import contextvars
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from datetime import datetime
 
 from sqlalchemy import Engine
@@ -95,7 +96,7 @@ from broker.legacy.runner import (
     select_groups,
 )
 from broker.legacy.source import LegacySource
-from broker.models import IntegrationCredential, LegacyMigration, Tenant, TenantSettings, utcnow
+from broker.models import IntegrationCredential, LegacyMigration, TenantSettings, utcnow
 from broker.settings.service import default_settings_row, patch_settings
 from broker.tenants.service import create_tenant
 from broker.vault.errors import VaultMisconfigured
@@ -121,6 +122,10 @@ log = logging.getLogger(__name__)
 
 _SYSTEMIC = (UpstreamUnavailable, VaultMisconfigured)
 """Errors every remaining tenant would meet too: the run stops."""
+
+
+class _OneFailed(Exception):
+    """One tenant of a chunk failed: prepare the chunk again, tenant by tenant."""
 
 
 def migrate_legacy(
@@ -241,30 +246,34 @@ class _Migration:
         return stopped
 
     def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
-        """Prepare these tenants in one transaction, each in a savepoint of its own.
+        """Prepare these tenants in one transaction.
 
-        A tenant that fails is rolled back alone and recorded as failed. Raises
-        Stop (once the tenants prepared before are committed) when Vault or
-        PostgreSQL is unavailable.
+        Should one of them fail (a tenant created or deleted meanwhile), the chunk
+        is rolled back and prepared again with a savepoint per tenant, so only
+        that tenant fails. Raises Stop when Vault or PostgreSQL is unavailable.
         """
-        stop: Stop | None = None
+        try:
+            self._prepare_together(plans, isolated=False)
+        except _OneFailed:
+            self._prepare_together(plans, isolated=True)
+        return True
+
+    def _prepare_together(self, plans: list[TenantPlan], *, isolated: bool) -> None:
         with unit_of_work(self.engine) as session:
             records = _lock_records(session, self.source.label, [p.group for p in plans])
             for plan in plans:
                 principal = self._bind(plan.group)
                 try:
-                    with session.begin_nested():
+                    with session.begin_nested() if isolated else nullcontext():
                         self._ensure_tenant(session, plan, principal, records)
                 except _SYSTEMIC as exc:
                     plan.action = "record"
-                    stop = Stop(exc.message, plan.fail(exc.message))
-                    break
+                    raise Stop(exc.message, plan.fail(exc.message)) from None
                 except BrokerError as exc:
+                    if not isolated:
+                        raise _OneFailed() from None
                     plan.action = "record"
                     plan.fail(exc.message)
-        if stop is not None:
-            raise stop
-        return True
 
     def _ensure_tenant(
         self,
@@ -275,16 +284,16 @@ class _Migration:
     ) -> None:
         """Tenant, settings row and Transit key; the planned settings patch, applied once."""
         tenant_id = plan.tenant_id
-        created = False
-        if session.get(Tenant, tenant_id) is None:
+        created = not plan.tenant_existed
+        if created:
+            # Refused (Conflict) when the tenant was created since the plan: then
+            # this chunk is prepared again, that tenant failing alone.
             name = ((plan.row.name if plan.row else None) or "").strip()[:200] or tenant_id
             create_tenant(session, self.vault, principal=principal, tenant_id=tenant_id, name=name)
-            session.flush()
-            created = True
-        if session.get(TenantSettings, tenant_id) is None:  # from before settings rows existed
-            session.add(default_settings_row(tenant_id, updated_by=principal.actor))
-            session.flush()
-        if not created:
+        else:
+            if session.get(TenantSettings, tenant_id) is None:  # from before settings rows
+                session.add(default_settings_row(tenant_id, updated_by=principal.actor))
+                session.flush()
             self.store.ensure_tenant_key(tenant_id)
         if plan.patch:
             patch_settings(

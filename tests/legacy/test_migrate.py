@@ -718,3 +718,38 @@ def test_the_dry_run_reports_what_the_real_run_then_does(
     # The rerun's plan is that nothing is left to do.
     rerun = migrate_legacy(engine, broker_vault, source, dry_run=True)
     assert (rerun.already_migrated, rerun.count("migrated")) == (2, 0)
+
+
+def test_a_tenant_created_between_plan_and_apply_fails_alone(
+    legacy: LegacyDb, engine: Engine, client: TestClient, broker_vault: VaultGateway, prefix: str
+) -> None:
+    """The race the plan cannot see: its chunk is prepared again, tenant by tenant."""
+    from broker.legacy.migrate import _Migration
+    from broker.legacy.plan import plan_batch
+    from broker.legacy.runner import select_groups
+
+    pairs = [twilio_pair() for _ in range(3)]
+    legacy.insert(
+        [
+            {"id": f"race-{prefix}-{i}", "twilio_sid": sid, "twilio_token": tok}
+            for i, (sid, tok) in enumerate(pairs)
+        ]
+    )
+    source = legacy.source(engine)
+    run = _Migration(engine, broker_vault, source, dry_run=False, subject="t", workers=1)
+    groups, _ = select_groups(source, [f"race-{prefix}-{i}" for i in range(3)])
+    planned = plan_batch(engine, broker_vault, source, groups, workers=1)
+    assert [p.outcome.created for p in planned.plans] == [True, True, True]
+    make_tenant(client, f"race-{prefix}-1")  # after the plan, before the apply
+
+    reached, stopped = run._apply(planned.plans, planned.stopped)
+
+    assert stopped is None
+    assert [(p.outcome.status, p.outcome.reason) for p in reached] == [
+        ("migrated", None),
+        ("failed", f"tenant 'race-{prefix}-1' already exists"),
+        ("migrated", None),
+    ]
+    assert [decrypted(broker_vault, f"race-{prefix}-{i}") for i in (0, 2)] == [pairs[0], pairs[2]]
+    assert kv_version(broker_vault, f"race-{prefix}-1") == 0
+    assert progress(engine, source.label)[f"race-{prefix}-1"].status == "failed"
