@@ -230,8 +230,9 @@ class _Migration:
     def _prepare(self, plans: list[TenantPlan]) -> Stop | None:
         """Tenants, settings rows, Transit keys and metadata, in `workers` concurrent chunks.
 
-        When Vault goes away, what was prepared stays (its progress rows say so)
-        but nothing more is stored: those tenants are not reached this run.
+        When Vault or PostgreSQL goes away, the chunk that met it is rolled back;
+        chunks done before stay (their progress rows say pending, metadata
+        applied), but nothing more is stored: those tenants are not reached.
         """
         if not plans:
             return None
