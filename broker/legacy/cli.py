@@ -11,15 +11,22 @@ configuration; the legacy table from `--source-dsn` (or
 
 from __future__ import annotations
 
-import getpass
 import json
 import sys
-from typing import Annotated, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from broker.core.config import ConfigurationError, Settings, get_settings
+from broker.cli_support import database_url, load_settings, operator_principal
 from broker.core.errors import BrokerError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from broker.legacy.reports import FinalizeReport, MigrationReport
+    from broker.legacy.source import LegacyTable
+    from broker.vault.gateway import VaultGateway
 
 # Tracebacks never show local variables: they would print secrets.
 migrate_app = typer.Typer(
@@ -38,121 +45,78 @@ def _group() -> None:
     """Migrate tenants from the legacy application into the broker."""
 
 
+SourceDsn = Annotated[
+    str,
+    typer.Option(
+        "--source-dsn",
+        envvar="BROKER_LEGACY_SOURCE_DSN",
+        help="Database URL of the legacy application (may be the broker's own database).",
+        show_default=False,
+        show_envvar=True,
+    ),
+]
+DryRun = Annotated[
+    bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")
+]
+Tenants = Annotated[
+    list[str] | None,
+    typer.Option("--tenant", help="Only this legacy tenant (legacy id or tenant id); repeat."),
+]
+Batch = Annotated[int, typer.Option("--batch", min=1, max=10_000, help="Tenants per batch.")]
+Finalize = Annotated[
+    bool,
+    typer.Option("--finalize", help="Phase 4: null the legacy secret columns of verified tenants."),
+]
+Table = Annotated[str, typer.Option("--table", help="Legacy table, optionally schema-qualified.")]
+IdColumn = Annotated[str, typer.Option("--id-column", help="Column of the legacy tenant id.")]
+NameColumn = Annotated[str, typer.Option("--name-column", help="Column of the tenant's name.")]
+SidColumn = Annotated[str, typer.Option("--sid-column", help="Column of the Twilio account SID.")]
+TokenColumn = Annotated[
+    str, typer.Option("--token-column", help="Column of the Twilio auth token.")
+]
+MetadataColumn = Annotated[
+    str, typer.Option("--metadata-column", help="Column of the free-form JSON metadata.")
+]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of text.")]
+
+
 @migrate_app.command("legacy")
 def legacy(
-    source_dsn: Annotated[
-        str,
-        typer.Option(
-            "--source-dsn",
-            envvar="BROKER_LEGACY_SOURCE_DSN",
-            help="Database URL of the legacy application (may be the broker's own database).",
-            show_default=False,
-            show_envvar=True,
-        ),
-    ],
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Report what would happen; change nothing.")
-    ] = False,
-    tenant: Annotated[
-        list[str] | None,
-        typer.Option("--tenant", help="Only this legacy tenant (legacy id or tenant id); repeat."),
-    ] = None,
-    batch: Annotated[
-        int, typer.Option("--batch", min=1, max=10_000, help="Tenants per batch.")
-    ] = 100,
-    finalize: Annotated[
-        bool,
-        typer.Option(
-            "--finalize",
-            help="Phase 4: null the legacy secret columns of verified tenants.",
-        ),
-    ] = False,
-    table: Annotated[
-        str, typer.Option("--table", help="Legacy table, optionally schema-qualified.")
-    ] = "tenants",
-    id_column: Annotated[
-        str, typer.Option("--id-column", help="Column of the legacy tenant id.")
-    ] = "id",
-    name_column: Annotated[
-        str, typer.Option("--name-column", help="Column of the tenant's name.")
-    ] = "name",
-    sid_column: Annotated[
-        str, typer.Option("--sid-column", help="Column of the Twilio account SID.")
-    ] = "twilio_sid",
-    token_column: Annotated[
-        str, typer.Option("--token-column", help="Column of the Twilio auth token.")
-    ] = "twilio_token",
-    metadata_column: Annotated[
-        str, typer.Option("--metadata-column", help="Column of the free-form JSON metadata.")
-    ] = "metadata",
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the report as JSON instead of text.")
-    ] = False,
+    source_dsn: SourceDsn,
+    dry_run: DryRun = False,
+    tenant: Tenants = None,
+    batch: Batch = 100,
+    finalize: Finalize = False,
+    table: Table = "tenants",
+    id_column: IdColumn = "id",
+    name_column: NameColumn = "name",
+    sid_column: SidColumn = "twilio_sid",
+    token_column: TokenColumn = "twilio_token",  # noqa: S107 - a column name, not a secret
+    metadata_column: MetadataColumn = "metadata",
+    as_json: AsJson = False,
 ) -> None:
     """Migrate legacy Twilio credentials into Vault and metadata into settings (resumable).
 
     Exits 1 when any tenant failed, conflicted or was not reached.
     """
-    from broker.core.db import make_engine
-    from broker.core.logging import configure_logging
-    from broker.legacy.migrate import finalize_legacy, migrate_legacy
-    from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
-    from broker.vault.gateway import VaultGateway
+    from broker.legacy.source import LegacyColumns, LegacyTable
 
-    settings = _settings()
-    configure_logging(settings.log_level)
-    if settings.database_url is None:
-        typer.echo("error: BROKER_DATABASE_URL is not set", err=True)
-        raise typer.Exit(EXIT_USAGE)
-    legacy_table = LegacyTable(
-        name=table,
-        columns=LegacyColumns(
-            id=id_column,
-            name=name_column,
-            twilio_sid=sid_column,
-            twilio_token=token_column,
-            metadata=metadata_column,
-        ),
+    columns = LegacyColumns(
+        id=id_column,
+        name=name_column,
+        twilio_sid=sid_column,
+        twilio_token=token_column,
+        metadata=metadata_column,
     )
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
-    progress = _Progress("finalizing" if finalize else "migrating")
-    subject = f"legacy-migration:{getpass.getuser()}"
-    report: Any
-    try:
-        source = LegacySource(source_dsn, broker_engine=engine, table=legacy_table)
-        try:
-            if finalize:
-                report = finalize_legacy(
-                    engine,
-                    vault,
-                    source,
-                    dry_run=dry_run,
-                    tenants=tenant,
-                    batch_size=batch,
-                    subject=subject,
-                    on_progress=progress,
-                )
-            else:
-                report = migrate_legacy(
-                    engine,
-                    vault,
-                    source,
-                    dry_run=dry_run,
-                    tenants=tenant,
-                    batch_size=batch,
-                    subject=subject,
-                    on_progress=progress,
-                )
-        finally:
-            progress.close()
-            source.close()
-    except BrokerError as exc:
-        typer.echo(f"error: {exc.message}", err=True)
-        raise typer.Exit(EXIT_INCOMPLETE if exc.status >= 500 else EXIT_USAGE) from None
-    finally:
-        vault.close()
-        engine.dispose()
+    run = _Run(
+        source_dsn,
+        LegacyTable(name=table, columns=columns),
+        dry_run=dry_run,
+        tenants=tenant,
+        batch_size=batch,
+        finalize=finalize,
+    )
+    report = run.execute()
     if as_json:
         typer.echo(json.dumps(report.as_dict(), indent=2))
     elif finalize:
@@ -161,6 +125,59 @@ def legacy(
         typer.echo(_migrate_text(report.as_dict()))
     if not report.ok:
         raise typer.Exit(EXIT_INCOMPLETE)
+
+
+@dataclass
+class _Run:
+    """One `broker migrate legacy` run: what to read, and how."""
+
+    source_dsn: str = field(repr=False)
+    table: LegacyTable
+    dry_run: bool
+    tenants: list[str] | None
+    batch_size: int
+    finalize: bool
+
+    def execute(self) -> MigrationReport | FinalizeReport:
+        """Connect to the broker's database and Vault and to the legacy table; run."""
+        from broker.core.db import make_engine
+        from broker.core.logging import configure_logging
+        from broker.vault.gateway import VaultGateway
+
+        settings = load_settings()
+        configure_logging(settings.log_level)
+        engine = make_engine(database_url(settings))
+        vault = VaultGateway.from_settings(settings)
+        try:
+            return self._against(engine, vault)
+        except BrokerError as exc:
+            typer.echo(f"error: {exc.message}", err=True)
+            raise typer.Exit(EXIT_INCOMPLETE if exc.status >= 500 else EXIT_USAGE) from None
+        finally:
+            vault.close()
+            engine.dispose()
+
+    def _against(self, engine: Engine, vault: VaultGateway) -> MigrationReport | FinalizeReport:
+        from broker.legacy.finalize import finalize_legacy
+        from broker.legacy.migrate import migrate_legacy
+        from broker.legacy.source import LegacySource
+
+        progress = _Progress("finalizing" if self.finalize else "migrating")
+        source = LegacySource(self.source_dsn, broker_engine=engine, table=self.table)
+        options: dict[str, Any] = {
+            "dry_run": self.dry_run,
+            "tenants": self.tenants,
+            "batch_size": self.batch_size,
+            "subject": operator_principal(subject_prefix="legacy-migration").subject,
+            "on_progress": progress,
+        }
+        try:
+            if self.finalize:
+                return finalize_legacy(engine, vault, source, **options)
+            return migrate_legacy(engine, vault, source, **options)
+        finally:
+            progress.close()
+            source.close()
 
 
 class _Progress:
@@ -183,14 +200,6 @@ class _Progress:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
             self._bar = None
-
-
-def _settings() -> Settings:
-    try:
-        return get_settings()
-    except ConfigurationError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
 
 
 def _header(report: dict[str, Any], what: str) -> list[str]:

@@ -58,7 +58,7 @@ class LegacyColumns:
     id: str = "id"
     name: str = "name"
     twilio_sid: str = "twilio_sid"
-    twilio_token: str = "twilio_token"
+    twilio_token: str = "twilio_token"  # noqa: S105 - a column name, not a secret
     metadata: str = "metadata"
 
     def all(self) -> tuple[str, ...]:

@@ -8,18 +8,22 @@ also puts the table in a separate database.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
+from broker.core.config import get_settings
 from broker.devstack.postgres import create_database
 from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
+from tests.support.apps import VaultEndpoint
 
 LEGACY_DDL = """
 CREATE TABLE {table} (
@@ -64,7 +68,7 @@ class LegacyDb:
         with self.engine.begin() as conn:
             conn.execute(
                 text(
-                    f"INSERT INTO {self.table} ({c.id}, {c.name}, {c.twilio_sid},"
+                    f"INSERT INTO {self.table} ({c.id}, {c.name}, {c.twilio_sid},"  # noqa: S608 - own names
                     f" {c.twilio_token}, {c.metadata}) VALUES"
                     " (:id, :name, :twilio_sid, :twilio_token, CAST(:metadata AS jsonb))"
                 ),
@@ -77,12 +81,35 @@ class LegacyDb:
         with self.engine.connect() as conn:
             result = conn.execute(
                 text(
-                    f"SELECT {c.id} AS id, {c.name} AS name, {c.twilio_sid} AS twilio_sid,"
+                    f"SELECT {c.id} AS id, {c.name} AS name, {c.twilio_sid} AS twilio_sid,"  # noqa: S608 - own names
                     f" {c.twilio_token} AS twilio_token, {c.metadata} AS metadata"
                     f" FROM {self.table} ORDER BY pk"
                 )
             )
             return [dict(r._mapping) for r in result]
+
+    def set_twilio(
+        self, legacy_id: str, *, sid: str | None = None, token: str | None = None
+    ) -> None:
+        """What the still-live old application does: change a tenant's Twilio columns."""
+        c = self.columns
+        values = {c.twilio_sid: sid, c.twilio_token: token}
+        assignments = ", ".join(f"{name} = :{name}" for name, v in values.items() if v is not None)
+        statement = f"UPDATE {self.table} SET {assignments} WHERE {c.id} = :legacy_id"  # noqa: S608 - own names
+        self.execute(statement, legacy_id=legacy_id, **{k: v for k, v in values.items() if v})
+
+    def cli_options(self) -> list[str]:
+        """The `broker migrate legacy` options naming this table and its columns."""
+        c = self.columns
+        return [
+            "--source-dsn",
+            self.url.replace("postgresql+psycopg://", "postgresql://"),  # a plain libpq-style DSN
+            "--table",
+            self.table,
+            *("--id-column", c.id, "--name-column", c.name),
+            *("--sid-column", c.twilio_sid, "--token-column", c.twilio_token),
+            *("--metadata-column", c.metadata),
+        ]
 
     def execute(self, statement: str, **params: Any) -> None:
         """Run one statement against the legacy database."""
@@ -156,3 +183,25 @@ def legacy_elsewhere(database_url: str) -> Iterator[LegacyDb]:
 def prefix() -> str:
     """Keeps this test's tenant ids apart from every other test's."""
     return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture
+def cli_env(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+) -> Iterator[None]:
+    """The broker's configuration for the CLI: the session's PostgreSQL and Vault."""
+    for name in list(os.environ):
+        if name.startswith("BROKER_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    monkeypatch.setenv("BROKER_ENV", "test")
+    monkeypatch.setenv("BROKER_DATABASE_URL", database_url)
+    monkeypatch.setenv("BROKER_VAULT_ADDRS", vault_endpoint.addr)
+    monkeypatch.setenv("BROKER_VAULT_TOKEN", broker_vault_token)
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()

@@ -1,440 +1,67 @@
 """`broker migrate legacy`: a real legacy table in PostgreSQL, real OpenBao, no mocks.
 
-Covers the issue's list: dirty data, 1,000 tenants that all decrypt back to
-their source, nothing left in plaintext after finalize, reruns that change
-nothing, conflicts that overwrite nothing, Vault killed mid-run, dry runs that
-write nothing, and retired columns that refuse to be read.
+Covers the issue's list: 1,000 tenants that all decrypt back to their source,
+nothing left in plaintext after finalize, reruns that change nothing, conflicts
+that overwrite nothing, Vault killed mid-run, dry runs that write nothing, and
+retired columns that refuse to be read. Dirty data is in `test_dirty_data.py`.
 """
 
 from __future__ import annotations
 
-import getpass
 import io
 import json
-import logging
-import re
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-import typer
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
-from typer.testing import CliRunner
 
-from broker.core.config import get_settings
 from broker.core.errors import BrokerError
 from broker.devstack.openbao import OpenBaoServer
 from broker.integrations.service import read_credentials
-from broker.legacy.cli import migrate_app
 from broker.legacy.migrate import (
+    MigrationReport,
     finalize_legacy,
-    map_metadata,
     migrate_legacy,
     normalise_tenant_id,
 )
-from broker.legacy.source import LegacyColumnsRetired, LegacyKey
-from broker.models import AuditEvent, IntegrationCredential, LegacyMigration, Tenant
-from broker.settings.schemas import default_group
+from broker.legacy.source import LegacyColumnsRetired, LegacyKey, LegacySource
+from broker.models import AuditEvent, IntegrationCredential
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.errors import VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID
 from tests.legacy.conftest import LegacyDb, twilio_pair
+from tests.legacy.support import (
+    by_tenant,
+    cli_json,
+    decrypted,
+    kv_version,
+    parallel,
+    plaintext_in_postgres,
+    progress,
+    run_cli,
+    save_twilio,
+    settings_of,
+    tenant_exists,
+)
 from tests.support.apps import VaultEndpoint
 from tests.support.tenants import make_tenant
-from tests.support.tokens import bearer, token
-
-T = TypeVar("T")
-
-# Registered the way broker.cli registers it.
-root = typer.Typer()
-root.add_typer(migrate_app, name="migrate")
 
 
-@root.command()
-def _other() -> None:
-    """A sibling command, so `migrate` is a real sub-group as in the `broker` app."""
-
-
-def run_cli(*args: str) -> Any:
-    # The CLI points the root logger at its (captured, then closed) stderr: put it back.
-    root_logger = logging.getLogger()
-    handlers, level = root_logger.handlers[:], root_logger.level
-    try:
-        return CliRunner().invoke(root, ["migrate", "legacy", *args])
-    finally:
-        root_logger.handlers, root_logger.level = handlers, level
-
-
-def cli_json(*args: str) -> tuple[int, dict[str, Any]]:
-    result = run_cli(*args, "--json")
-    return result.exit_code, json.loads(result.stdout)
-
-
-@pytest.fixture
-def cli_env(
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
-) -> Iterator[None]:
-    """The broker's configuration for the CLI: the session's PostgreSQL and Vault."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("BROKER_ENV", "test")
-    monkeypatch.setenv("BROKER_DATABASE_URL", database_url)
-    monkeypatch.setenv("BROKER_VAULT_ADDRS", vault_endpoint.addr)
-    monkeypatch.setenv("BROKER_VAULT_TOKEN", broker_vault_token)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
-
-
-def parallel(fn: Callable[[str], T], items: list[str]) -> list[T]:
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        return list(pool.map(fn, items))
-
-
-def kv_version(vault: VaultGateway, tenant_id: str) -> int:
-    meta = vault.kv_metadata(f"tenants/{tenant_id}/integrations/twilio")
-    return int(meta["current_version"]) if meta else 0
-
-
-def decrypted(vault: VaultGateway, tenant_id: str) -> tuple[str | None, str | None]:
-    creds, _ = read_credentials(vault, tenant_id=tenant_id, provider="twilio")
-    return creds.reveal("account_sid"), creds.reveal("auth_token")
-
-
-def progress(engine: Engine, source: str) -> dict[str, LegacyMigration]:
-    with Session(engine) as session:
-        rows = session.exec(select(LegacyMigration).where(LegacyMigration.source == source))
-        return {row.legacy_id: row for row in rows}
-
-
-def tenant_exists(engine: Engine, tenant_id: str) -> bool:
-    with Session(engine) as session:
-        return session.get(Tenant, tenant_id) is not None
-
-
-def settings_of(client: TestClient, tenant_id: str) -> dict[str, Any]:
-    response = client.get(
-        "/v1/tenants/settings", headers=bearer(token("tenant:admin", tenant_id=tenant_id))
-    )
-    assert response.status_code == 200, response.text
-    body: dict[str, Any] = response.json()
-    return body
-
-
-def by_tenant(report: dict[str, Any]) -> dict[str | None, dict[str, Any]]:
-    return {t["tenant_id"]: t for t in report["tenants"] if t["tenant_id"]}
-
-
-_HEX_RUN = re.compile(r"[0-9a-f]{32,}")
-
-
-def plaintext_in_postgres(engine: Engine, secrets: set[str]) -> set[str]:
-    """Which of `secrets` (32 lowercase hex each) appear anywhere in the database."""
-    found: set[str] = set()
-    with engine.connect() as conn:
-        tables = conn.execute(
-            text(
-                "SELECT table_schema, table_name FROM information_schema.tables"
-                " WHERE table_type = 'BASE TABLE'"
-                " AND table_schema NOT IN ('pg_catalog', 'information_schema')"
-            )
-        ).all()
-        for schema, table in tables:
-            for (row,) in conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t')):
-                for run in _HEX_RUN.findall(row):
-                    found.update(run[i : i + 32] for i in range(len(run) - 31))
-    return found & secrets
-
-
-# -- pure rules ---------------------------------------------------------------------------
-
-
-def test_legacy_ids_become_tenant_ids_deterministically() -> None:
-    assert normalise_tenant_id("acme-shop") == "acme-shop"
-    assert normalise_tenant_id("  Acme Shop  ") == "acme-shop"
-    assert normalise_tenant_id("ACME__Shop!!") == "acme-shop"
-    assert normalise_tenant_id("Café Olé") == "cafe-ole"
-    assert normalise_tenant_id("42") == "42"
-    assert normalise_tenant_id("settings") == "settings-legacy"
-    assert normalise_tenant_id("x" * 80) == "x" * 63
-    assert normalise_tenant_id("a" * 62 + "-b") == "a" * 62
-    assert normalise_tenant_id("!!!") is None
-    assert normalise_tenant_id("   ") is None
-    # Different spellings of one shop land on one tenant: the migration must notice.
-    assert normalise_tenant_id("Beta_Shop") == normalise_tenant_id("beta shop") == "beta-shop"
-
-
-def test_metadata_keys_map_onto_settings_groups_and_the_rest_is_reported() -> None:
-    metadata = {
-        "business_hours": {"timezone": "Africa/Nairobi", "monday": {"open": "08:00"}},
-        "branding.logo_url": "https://cdn.example.com/logo.png",
-        "branding.primary_color": "blue",
-        "notifications": {"sms": {"payment_failed": False}},
-        "currency": "KES",
-        "integrations_status": {"twilio": {"enabled": True}},
-        "feature_flags": "all",
-        "legacy_plan": "gold",
-        "api_key=sk-live-123": "x",
-        "catalog": None,
-    }
-    patches, unmapped = map_metadata(metadata, default_group)
-    assert patches == {
-        "business_hours": {"timezone": "Africa/Nairobi", "monday": {"open": "08:00"}},
-        "branding": {"logo_url": "https://cdn.example.com/logo.png"},
-        "notification_settings": {"sms": {"payment_failed": False}},
-        "localization": {"currency": "KES"},
-    }
-    reasons = {u.key: u.reason for u in unmapped}
-    assert reasons["branding.primary_color"].startswith("not valid for branding: primary_color")
-    assert "maintained by the broker" in reasons["integrations_status"]
-    assert reasons["feature_flags"] == "feature_flags must be an object"
-    assert reasons["legacy_plan"] == "no settings group for this key"
-    assert reasons["catalog"].startswith("the value is null")
-    # A key that might be a pasted secret is reported, but not by name.
-    assert "(a key that is not shown)" in reasons
-    assert not any("sk-live" in key for key in reasons)
-    assert len(unmapped) == 6
-    # Not an object at all: reported as a whole, never dropped.
-    assert map_metadata("free text", default_group)[1][0].key == "(metadata)"
-    assert map_metadata(None, default_group) == ({}, [])
-
-
-# -- the issue's scenarios ----------------------------------------------------------------
-
-
-def test_dirty_legacy_data_through_the_cli(
-    cli_env: None,
-    legacy: LegacyDb,
-    engine: Engine,
-    client: TestClient,
-    broker_vault: VaultGateway,
-    vault_admin: VaultGateway,
-    vault_endpoint: VaultEndpoint,
-    prefix: str,
-) -> None:
-    p = prefix
-    sid_a, tok_a = twilio_pair()
-    sid_c, _ = twilio_pair()
-    _, tok_d = twilio_pair()
-    sid_e, tok_e = twilio_pair()
-    sid_f, tok_f1 = twilio_pair()
-    _, tok_f2 = twilio_pair()
-    sid_g, tok_g = twilio_pair()
-    _, tok_h = twilio_pair()
-    sid_i, tok_i = twilio_pair()
-    bad_sid = "ACZZ" + "9" * 30
-    legacy.insert(
-        [
-            {
-                "id": f"  Acme Shop {p} ",
-                "name": " Acme Shop ",
-                "twilio_sid": f"  {sid_a}  ",
-                "twilio_token": f"\t{tok_a}\n",
-                "metadata": {
-                    "business_hours": {
-                        "timezone": "Africa/Nairobi",
-                        "monday": {"open": "08:00", "close": "18:00"},
-                    },
-                    "branding.logo_url": "https://cdn.example.com/acme.png",
-                    "branding.primary_color": "blue",
-                    "notifications": {"email": {"daily_summary": False}},
-                    "integrations_status": {"twilio": {"enabled": True}},
-                    "legacy_plan": "gold",
-                },
-            },
-            {
-                "id": f"empty-{p}",
-                "name": "Empty Strings",
-                "twilio_sid": "",
-                "twilio_token": "   ",
-                "metadata": {
-                    "features": {"ai_responses_enabled": False},
-                    "timezone": "Africa/Lagos",
-                },
-            },
-            {
-                "id": f"sid-only-{p}",
-                "twilio_sid": sid_c,
-                "twilio_token": "",
-                "metadata": {"language": "sw"},
-            },
-            {"id": f"token-only-{p}", "twilio_token": tok_d},
-            {"id": f"twins-{p}", "name": "Twins", "twilio_sid": sid_e, "twilio_token": tok_e},
-            {"id": f"twins-{p}", "name": "Twins", "twilio_sid": sid_e, "twilio_token": tok_e},
-            {"id": f"dup-{p}", "twilio_sid": sid_f, "twilio_token": tok_f1},
-            {"id": f"dup-{p}", "twilio_sid": sid_f, "twilio_token": tok_f2},
-            {"id": f"Beta_Shop-{p}", "twilio_sid": sid_g, "twilio_token": tok_g},
-            {
-                "id": f"beta shop-{p}",
-                "twilio_sid": sid_g,
-                "twilio_token": tok_g,
-                "metadata": {"x": 1},
-            },
-            {"id": f"bad-sid-{p}", "twilio_sid": bad_sid, "twilio_token": tok_h},
-            {
-                "id": f"text-meta-{p}",
-                "twilio_sid": sid_i,
-                "twilio_token": tok_i,
-                "metadata": "notes",
-            },
-            {"id": "!!!", "name": "Punctuation"},
-            {"id": None, "name": "No id at all"},
-        ]
-    )
-    acme, empty, sid_only = f"acme-shop-{p}", f"empty-{p}", f"sid-only-{p}"
-    result = run_cli("--source-dsn", legacy.url, "--table", legacy.table, "--batch", "3", "--json")
-    every_secret = [sid_a, tok_a, sid_c, tok_d, sid_e, tok_e, sid_f, tok_f1, tok_f2, sid_g, tok_g]
-    every_secret += [bad_sid, tok_h, sid_i, tok_i]
-    assert not [s for s in every_secret if s in result.output]
-    assert result.exit_code == 1, result.output  # conflicts and failures
-    report = json.loads(result.stdout)
-    assert report["summary"] == {
-        "tenants": 11,
-        "migrated": 4,
-        "already_migrated": 0,
-        "skipped": 2,
-        "conflicts": 2,
-        "failed": 3,
-        "unmapped_keys": 4,
-        "not_reached": 0,
-    }
-    tenants = by_tenant(report)
-
-    # Whitespace stripped, metadata routed into the right groups, the rest reported.
-    assert tenants[acme]["status"] == "migrated"
-    assert tenants[acme]["credential"] == "stored"
-    assert tenants[acme]["settings_groups"] == [
-        "branding",
-        "business_hours",
-        "notification_settings",
-    ]
-    unmapped = {u["key"]: u["reason"] for u in tenants[acme]["unmapped_keys"]}
-    assert set(unmapped) == {"branding.primary_color", "integrations_status", "legacy_plan"}
-    assert report["id_changes"][f"  Acme Shop {p} "] == acme
-    assert decrypted(broker_vault, acme) == (sid_a, tok_a)
-    settings = settings_of(client, acme)
-    assert settings["business_hours"]["timezone"] == "Africa/Nairobi"
-    assert settings["business_hours"]["monday"] == {
-        "open": "08:00",
-        "close": "18:00",
-        "closed": False,
-    }
-    assert settings["branding"]["logo_url"] == "https://cdn.example.com/acme.png"
-    assert settings["branding"]["primary_color"] == "#007bff"  # "blue" was refused, not guessed
-    assert settings["notification_settings"]["email"]["daily_summary"] is False
-    assert settings["integrations_status"]["twilio"]["enabled"] is True  # the broker's own
-    with Session(engine) as session:
-        tenant = session.get(Tenant, acme)
-        assert tenant is not None
-        assert tenant.name == "Acme Shop"
-        row = session.get(IntegrationCredential, (acme, "twilio"))
-        assert row is not None
-        assert row.connection_test_skipped is True  # the skipped live test is recorded
-        events = session.exec(
-            select(AuditEvent).where(
-                AuditEvent.tenant_id == acme, AuditEvent.action == "legacy.migrate"
-            )
-        ).all()
-        assert [e.detail["connection_test"] for e in events] == ["skipped"]
-        assert events[0].actor == f"user:legacy-migration:{getpass.getuser()}"
-    entry = vault_admin.kv_read(f"tenants/{acme}/integrations/twilio")
-    assert entry is not None
-    assert entry.data["public"]["connection_test"] == "skipped"
-
-    # Empty strings are missing values; metadata still moves.
-    assert tenants[empty]["status"] == "migrated"
-    assert tenants[empty]["credential"] == "absent"
-    assert settings_of(client, empty)["feature_flags"]["ai_responses_enabled"] is False
-    assert settings_of(client, empty)["localization"]["timezone"] == "Africa/Lagos"
-    assert kv_version(vault_admin, empty) == 0
-
-    # A sid without a token (and the reverse) is skipped, not failed; metadata moves.
-    for tenant_id, missing in ((sid_only, "auth token"), (f"token-only-{p}", "account SID")):
-        assert tenants[tenant_id]["status"] == "skipped"
-        assert tenants[tenant_id]["credential"] == "incomplete"
-        assert missing in tenants[tenant_id]["reason"]
-        assert kv_version(vault_admin, tenant_id) == 0
-    assert settings_of(client, sid_only)["localization"]["default_language"] == "sw"
-
-    # Identical duplicates are one tenant; disagreeing ones are a conflict, nothing written.
-    assert tenants[f"twins-{p}"]["status"] == "migrated"
-    assert decrypted(broker_vault, f"twins-{p}") == (sid_e, tok_e)
-    assert tenants[f"dup-{p}"]["status"] == "conflict"
-    assert tenants[f"beta-shop-{p}"]["status"] == "conflict"
-    assert tenants[f"beta-shop-{p}"]["legacy_ids"] == [f"Beta_Shop-{p}", f"beta shop-{p}"]
-    assert not tenant_exists(engine, f"dup-{p}")
-    assert not tenant_exists(engine, f"beta-shop-{p}")
-
-    # A malformed sid fails that tenant only, and the report names the field, not the value.
-    assert tenants[f"bad-sid-{p}"]["status"] == "failed"
-    assert "account_sid must be 'AC'" in tenants[f"bad-sid-{p}"]["reason"]
-    assert not tenant_exists(engine, f"bad-sid-{p}")
-    assert tenants[f"text-meta-{p}"]["unmapped_keys"][0]["key"] == "(metadata)"
-    failed = [t for t in report["tenants"] if t["status"] == "failed" and not t["tenant_id"]]
-    assert sorted(t["reason"] for t in failed) == [
-        "1 legacy row(s) have no id and cannot be migrated",
-        "the legacy id has no letters or digits to make a tenant id from",
-    ]
-
-    # Every Vault call named the migration and the tenant in Vault's own audit log.
-    if vault_endpoint.audit_log is not None:
-        entries = [
-            json.loads(line)
-            for line in vault_endpoint.audit_log.read_text().splitlines()
-            if acme in line and '"legacy-' in line
-        ]
-        requests = [e["request"] for e in entries if e["type"] == "request"]
-        assert {r["path"] for r in requests} >= {
-            f"transit/keys/tenant-{acme}",
-            f"transit/encrypt/tenant-{acme}",
-            f"secret/data/tenants/{acme}/integrations/twilio",
-            f"transit/decrypt/tenant-{acme}",
-        }
-        for request in requests:
-            assert request["headers"]["x-broker-actor"] == [
-                f"user:legacy-migration:{getpass.getuser()}"
-            ]
-            assert request["headers"]["x-broker-tenant"] == [acme]
-
-    # A rerun changes nothing and says so.
-    before = (kv_version(vault_admin, acme), settings_of(client, acme)["version"])
-    code, again = cli_json("--source-dsn", legacy.url, "--table", legacy.table)
-    assert code == 1
-    assert again["summary"]["migrated"] == 0
-    # Counted apart: migrated by the first run, and skipped again for missing data.
-    assert (again["summary"]["already_migrated"], again["summary"]["skipped"]) == (4, 2)
-    assert (again["summary"]["conflicts"], again["summary"]["failed"]) == (2, 3)
-    assert by_tenant(again)[acme]["reason"] == "already migrated"
-    assert by_tenant(again)[acme]["unmapped_keys"] == tenants[acme]["unmapped_keys"]
-    assert (kv_version(vault_admin, acme), settings_of(client, acme)["version"]) == before
-
-
-def test_a_thousand_tenants_migrate_verify_and_finalize(
-    legacy: LegacyDb,
-    engine: Engine,
-    broker_vault: VaultGateway,
-    vault_admin: VaultGateway,
-    prefix: str,
-) -> None:
-    rows = []
-    for i in range(1000):
+def shop_rows(prefix: str, n: int) -> tuple[list[dict[str, Any]], dict[str, tuple[str, str]]]:
+    """`n` legacy shops (every tenth with whitespace around its values), and the
+    credentials each tenant id must end up with."""
+    rows: list[dict[str, Any]] = []
+    expected: dict[str, tuple[str, str]] = {}
+    for i in range(n):
         sid, tok = twilio_pair()
-        padded = i % 10 == 0  # some with whitespace around the values
+        padded = i % 10 == 0
         rows.append(
             {
                 "id": f"Shop-{prefix}-{i:04d}",
@@ -444,11 +71,31 @@ def test_a_thousand_tenants_migrate_verify_and_finalize(
                 "metadata": {"branding.logo_url": f"https://cdn.example.com/{i}.png"},
             }
         )
+        expected[f"shop-{prefix}-{i:04d}"] = (sid, tok)
+    return rows, expected
+
+
+def write_marks(engine: Engine) -> Any:
+    """What any write would move: audit events, settings versions, progress timestamps."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM audit_events),"
+                " (SELECT sum(version) FROM tenant_settings),"
+                " (SELECT max(updated_at) FROM legacy_migrations)"
+            )
+        ).one()
+
+
+def test_a_thousand_tenants_migrate_verify_and_finalize(
+    legacy: LegacyDb,
+    engine: Engine,
+    broker_vault: VaultGateway,
+    vault_admin: VaultGateway,
+    prefix: str,
+) -> None:
+    rows, expected = shop_rows(prefix, 1000)
     legacy.insert(rows)
-    expected = {
-        f"shop-{prefix}-{i:04d}": (r["twilio_sid"].strip(), r["twilio_token"].strip())
-        for i, r in enumerate(rows)
-    }
     tenant_ids = sorted(expected)
     source = legacy.source(engine)
 
@@ -464,27 +111,10 @@ def test_a_thousand_tenants_migrate_verify_and_finalize(
     assert {r.connection_test for r in records.values()} == {"skipped"}
 
     # A rerun changes nothing: no Vault writes, no settings or progress updates.
-    with engine.connect() as conn:
-        snapshot = conn.execute(
-            text(
-                "SELECT (SELECT count(*) FROM audit_events),"
-                " (SELECT sum(version) FROM tenant_settings),"
-                " (SELECT max(updated_at) FROM legacy_migrations)"
-            )
-        ).one()
+    before = write_marks(engine)
     again = migrate_legacy(engine, broker_vault, source, batch_size=100)
     assert (again.count("skipped"), again.count("migrated"), again.ok) == (1000, 0, True)
-    with engine.connect() as conn:
-        assert (
-            conn.execute(
-                text(
-                    "SELECT (SELECT count(*) FROM audit_events),"
-                    " (SELECT sum(version) FROM tenant_settings),"
-                    " (SELECT max(updated_at) FROM legacy_migrations)"
-                )
-            ).one()
-            == snapshot
-        )
+    assert write_marks(engine) == before
     # Exactly one KV version each: stored once, never duplicated.
     assert set(parallel(lambda t: kv_version(vault_admin, t), tenant_ids)) == {1}
 
@@ -513,12 +143,7 @@ def test_existing_credentials_are_compared_by_fingerprint_and_never_overwritten(
     differs, same = f"differs-{prefix}", f"same-{prefix}"
     for tenant_id in (differs, same):
         make_tenant(client, tenant_id)
-        response = client.put(
-            "/v1/tenants/settings/integrations/twilio",
-            json={"fields": VALID["twilio"], "skip_connection_test": True},
-            headers=bearer(token("tenant:admin", tenant_id=tenant_id)),
-        )
-        assert response.status_code == 200, response.text
+        save_twilio(client, tenant_id, VALID["twilio"])
     theirs = (VALID["twilio"]["account_sid"], VALID["twilio"]["auth_token"])
     mine = twilio_pair()
     legacy.insert(
@@ -548,15 +173,7 @@ def test_existing_credentials_are_compared_by_fingerprint_and_never_overwritten(
 
     # The tenant saves exactly the legacy set through the API (no webhook secret):
     # now the fingerprints agree and the migration has nothing to do.
-    response = client.put(
-        "/v1/tenants/settings/integrations/twilio",
-        json={
-            "fields": {"account_sid": theirs[0], "auth_token": theirs[1]},
-            "skip_connection_test": True,
-        },
-        headers=bearer(token("tenant:admin", tenant_id=same)),
-    )
-    assert response.status_code == 200, response.text
+    save_twilio(client, same, {"account_sid": theirs[0], "auth_token": theirs[1]})
     version = kv_version(vault_admin, same)
     again = migrate_legacy(engine, broker_vault, legacy.source(engine), tenants=[same])
     assert [(o.status, o.credential, o.reason) for o in again.outcomes] == [
@@ -573,6 +190,19 @@ def test_existing_credentials_are_compared_by_fingerprint_and_never_overwritten(
     assert legacy.rows()[0]["twilio_token"] == mine[1]  # left alone means left alone
 
 
+def row_counts(engine: Engine) -> Any:
+    """How many tenants, settings, progress rows, audit events and credential rows exist."""
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM tenants), (SELECT count(*) FROM tenant_settings),"
+                " (SELECT count(*) FROM legacy_migrations),"
+                " (SELECT count(*) FROM audit_events),"
+                " (SELECT count(*) FROM integration_credentials)"
+            )
+        ).one()
+
+
 def test_dry_run_writes_nothing(
     cli_env: None,
     legacy: LegacyDb,
@@ -582,12 +212,7 @@ def test_dry_run_writes_nothing(
     prefix: str,
 ) -> None:
     taken = make_tenant(client, f"taken-{prefix}")
-    response = client.put(
-        "/v1/tenants/settings/integrations/twilio",
-        json={"fields": VALID["twilio"], "skip_connection_test": True},
-        headers=bearer(token("tenant:admin", tenant_id=taken)),
-    )
-    assert response.status_code == 200, response.text
+    save_twilio(client, taken, VALID["twilio"])
     rows = [
         {
             "id": f"Dry {prefix} {i}",
@@ -603,19 +228,10 @@ def test_dry_run_writes_nothing(
     new = [f"dry-{prefix}-{i}" for i in range(5)]
 
     def state() -> Any:
-        with engine.connect() as conn:
-            counts = conn.execute(
-                text(
-                    "SELECT (SELECT count(*) FROM tenants), (SELECT count(*) FROM tenant_settings),"
-                    " (SELECT count(*) FROM legacy_migrations),"
-                    " (SELECT count(*) FROM audit_events),"
-                    " (SELECT count(*) FROM integration_credentials)"
-                )
-            ).one()
         vault = [
             (kv_version(vault_admin, t), vault_admin.transit_key_info(f"tenant-{t}")) for t in new
         ]
-        return counts, vault, kv_version(vault_admin, taken), legacy.rows()
+        return row_counts(engine), vault, kv_version(vault_admin, taken), legacy.rows()
 
     before = state()
     code, report = cli_json("--source-dsn", legacy.url, "--table", legacy.table, "--dry-run")
@@ -646,13 +262,11 @@ def test_finalize_retires_only_verified_tenants_and_reading_them_raises(
     pairs = {name: twilio_pair() for name in ("ok1", "ok2", "changes", "partial", "bad")}
     legacy.insert(
         [
-            {"id": f"ok1-{prefix}", "twilio_sid": pairs["ok1"][0], "twilio_token": pairs["ok1"][1]},
-            {"id": f"ok2-{prefix}", "twilio_sid": pairs["ok2"][0], "twilio_token": pairs["ok2"][1]},
-            {
-                "id": f"changes-{prefix}",
-                "twilio_sid": pairs["changes"][0],
-                "twilio_token": pairs["changes"][1],
-            },
+            *(
+                {"id": f"{name}-{prefix}", "twilio_sid": sid, "twilio_token": tok}
+                for name, (sid, tok) in pairs.items()
+                if name in ("ok1", "ok2", "changes")
+            ),
             {"id": f"partial-{prefix}", "twilio_sid": pairs["partial"][0]},
             {"id": f"bad-{prefix}", "twilio_sid": "AC-nope", "twilio_token": pairs["bad"][1]},
         ]
@@ -662,9 +276,7 @@ def test_finalize_retires_only_verified_tenants_and_reading_them_raises(
     _, newer = twilio_pair()
     # The old application is still live: one tenant's token changes after migration,
     # and a new tenant appears.
-    legacy.execute(
-        f"UPDATE {legacy.table} SET twilio_token = :t WHERE id = :i", t=newer, i=f"changes-{prefix}"
-    )
+    legacy.set_twilio(f"changes-{prefix}", token=newer)
     late = twilio_pair()
     legacy.insert([{"id": f"late-{prefix}", "twilio_sid": late[0], "twilio_token": late[1]}])
 
@@ -687,14 +299,7 @@ def test_finalize_retires_only_verified_tenants_and_reading_them_raises(
     assert rows[f"partial-{prefix}"]["twilio_sid"] == pairs["partial"][0]
     assert rows[f"late-{prefix}"]["twilio_token"] == late[1]
 
-    # Reading retired columns through the broker's reader is a clear deprecation error.
-    retired = LegacyKey(f"ok1-{prefix}", f"ok1-{prefix}")
-    with pytest.raises(LegacyColumnsRetired) as caught:
-        source.rows([retired])
-    assert isinstance(caught.value, DeprecationWarning)
-    assert f"ok1-{prefix}" in caught.value.message
-    assert "GET /v1/credentials/<tenant>/twilio" in caught.value.message
-    assert source.rows([retired], secrets=False)[0].name is None  # the rest stays readable
+    check_retired_columns_refuse_to_be_read(source, f"ok1-{prefix}")
 
     # The changed tenant is now a conflict for the migration, not a silent overwrite.
     rerun = migrate_legacy(engine, broker_vault, source)
@@ -702,17 +307,23 @@ def test_finalize_retires_only_verified_tenants_and_reading_them_raises(
     assert {o.tenant_id: o.status for o in rerun.outcomes}[f"late-{prefix}"] == "migrated"
 
     # A crash between "finalized" and the UPDATE: the next finalize nulls what is left.
-    legacy.execute(
-        f"UPDATE {legacy.table} SET twilio_sid = :s, twilio_token = :t WHERE id = :i",
-        s=pairs["ok2"][0],
-        t=pairs["ok2"][1],
-        i=f"ok2-{prefix}",
-    )
+    legacy.set_twilio(f"ok2-{prefix}", sid=pairs["ok2"][0], token=pairs["ok2"][1])
     again = finalize_legacy(engine, broker_vault, source)
     assert {o.tenant_id: o.status for o in again.outcomes}[f"ok2-{prefix}"] == "already_finalized"
     assert {o.tenant_id: o.status for o in again.outcomes}[f"late-{prefix}"] == "finalized"
     assert again.rows_nulled == 2
     assert {r["id"]: r["twilio_token"] for r in legacy.rows()}[f"ok2-{prefix}"] is None
+
+
+def check_retired_columns_refuse_to_be_read(source: LegacySource, legacy_id: str) -> None:
+    """Reading retired columns through the broker's reader is a clear deprecation error."""
+    retired = LegacyKey(legacy_id, legacy_id)
+    with pytest.raises(LegacyColumnsRetired) as caught:
+        source.rows([retired])
+    assert isinstance(caught.value, DeprecationWarning)
+    assert legacy_id in caught.value.message
+    assert "GET /v1/credentials/<tenant>/twilio" in caught.value.message
+    assert source.rows([retired], secrets=False)[0].name is None  # the rest stays readable
 
 
 class VaultThatDiesAfterWrites(VaultGateway):
@@ -875,23 +486,7 @@ def test_another_database_other_column_names_text_summary_and_one_tenant_at_a_ti
         ]
     )
     tenant_ids = [normalise_tenant_id(i) for i in ids]
-    columns = legacy.columns
-    options = [
-        "--source-dsn",
-        legacy.url.replace("postgresql+psycopg://", "postgresql://"),  # a plain libpq-style DSN
-        "--table",
-        legacy.table,
-        "--id-column",
-        columns.id,
-        "--name-column",
-        columns.name,
-        "--sid-column",
-        columns.twilio_sid,
-        "--token-column",
-        columns.twilio_token,
-        "--metadata-column",
-        columns.metadata,
-    ]
+    options = legacy.cli_options()
     result = run_cli(*options, "--tenant", ids[1])
     assert result.exit_code == 0, result.output
     assert "migrated          1" in result.stdout
@@ -1065,3 +660,97 @@ def test_unmapped_keys_and_invalid_values_are_never_stored_verbatim(
     for where, text_kept in kept.items():
         for secret in pasted:
             assert secret not in text_kept, (where, secret)
+
+
+def what_each_tenant_got(report: MigrationReport) -> list[tuple[Any, ...]]:
+    """Every field of every outcome, in order."""
+    return [
+        (o.tenant_id, o.status, o.credential, o.created, o.settings_groups, o.reason)
+        + tuple(u.key for u in o.unmapped)
+        for o in report.outcomes
+    ]
+
+
+def test_the_dry_run_reports_what_the_real_run_then_does(
+    legacy: LegacyDb,
+    engine: Engine,
+    client: TestClient,
+    broker_vault: VaultGateway,
+    prefix: str,
+) -> None:
+    """Plan, then apply: the dry run is the plan, so its report is the real run's."""
+    kept = make_tenant(client, f"kept-{prefix}")
+    twilio = {name: VALID["twilio"][name] for name in ("account_sid", "auth_token")}
+    save_twilio(client, kept, twilio)
+    sid, tok = twilio_pair()
+    legacy.insert(
+        [
+            {
+                "id": f"new-{prefix}",
+                "twilio_sid": sid,
+                "twilio_token": tok,
+                "metadata": {"currency": "KES", "legacy_plan": "gold"},
+            },
+            {"id": f"half-{prefix}", "twilio_sid": sid, "metadata": {"language": "sw"}},
+            {
+                "id": kept,
+                "twilio_sid": twilio["account_sid"],
+                "twilio_token": twilio["auth_token"],
+                "metadata": {"timezone": "Africa/Lagos"},
+            },
+            {"id": f"twice-{prefix}", "twilio_sid": sid, "twilio_token": tok},
+            {"id": f"Twice {prefix}", "name": "other"},
+            {"id": f"bad-{prefix}", "twilio_sid": "AC-nope", "twilio_token": tok},
+        ]
+    )
+    source = legacy.source(engine)
+
+    planned = migrate_legacy(engine, broker_vault, source, dry_run=True)
+    applied = migrate_legacy(engine, broker_vault, source)
+    assert what_each_tenant_got(planned) == what_each_tenant_got(applied)
+    assert {o.tenant_id: o.status for o in applied.outcomes} == {
+        f"new-{prefix}": "migrated",
+        f"half-{prefix}": "skipped",
+        kept: "migrated",
+        f"twice-{prefix}": "conflict",
+        f"bad-{prefix}": "failed",
+    }
+    assert {o.tenant_id: o.credential for o in applied.outcomes}[kept] == "unchanged"
+    # The rerun's plan is that nothing is left to do.
+    rerun = migrate_legacy(engine, broker_vault, source, dry_run=True)
+    assert (rerun.already_migrated, rerun.count("migrated")) == (2, 0)
+
+
+def test_a_tenant_created_between_plan_and_apply_fails_alone(
+    legacy: LegacyDb, engine: Engine, client: TestClient, broker_vault: VaultGateway, prefix: str
+) -> None:
+    """The race the plan cannot see: its chunk is prepared again, tenant by tenant."""
+    from broker.legacy.migrate import _Migration
+    from broker.legacy.plan import plan_batch
+    from broker.legacy.runner import select_groups
+
+    pairs = [twilio_pair() for _ in range(3)]
+    legacy.insert(
+        [
+            {"id": f"race-{prefix}-{i}", "twilio_sid": sid, "twilio_token": tok}
+            for i, (sid, tok) in enumerate(pairs)
+        ]
+    )
+    source = legacy.source(engine)
+    run = _Migration(engine, broker_vault, source, dry_run=False, subject="t", workers=1)
+    groups, _ = select_groups(source, [f"race-{prefix}-{i}" for i in range(3)])
+    planned = plan_batch(engine, broker_vault, source, groups, workers=1)
+    assert [p.outcome.created for p in planned.plans] == [True, True, True]
+    make_tenant(client, f"race-{prefix}-1")  # after the plan, before the apply
+
+    reached, stopped = run._apply(planned.plans, planned.stopped)
+
+    assert stopped is None
+    assert [(p.outcome.status, p.outcome.reason) for p in reached] == [
+        ("migrated", None),
+        ("failed", f"tenant 'race-{prefix}-1' already exists"),
+        ("migrated", None),
+    ]
+    assert [decrypted(broker_vault, f"race-{prefix}-{i}") for i in (0, 2)] == [pairs[0], pairs[2]]
+    assert kv_version(broker_vault, f"race-{prefix}-1") == 0
+    assert progress(engine, source.label)[f"race-{prefix}-1"].status == "failed"
