@@ -81,7 +81,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaftCluster]:
             bootstrap(admin)
             # KV keeps 10 versions per secret by default; keep all the load test writes,
             # so that every acknowledged version can be read back afterwards.
-            admin.raw().secrets.kv.v2.configure(max_versions=10_000, mount_point=admin.kv_mount)
+            admin._raw().secrets.kv.v2.configure(max_versions=10_000, mount_point=admin.kv.mount)
         finally:
             admin.close()
         yield raft

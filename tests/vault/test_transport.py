@@ -7,6 +7,7 @@ a real Vault cannot be made to do on demand.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import resource
@@ -108,12 +109,15 @@ def test_calls_reuse_one_keep_alive_connection(node: _Node) -> None:
 
 def test_every_call_carries_the_token_and_the_audited_headers(node: _Node) -> None:
     gateway = _gateway(node.url)
-    context.bind(context.RequestContext(request_id="req-transport-1", client_addr="10.0.0.9"))
-    context.update(actor="service:billing", tenant_id="t1", action="credentials.fetch:shopify")
-    try:
+
+    def serve_a_request() -> None:
+        context.bind(context.RequestContext(request_id="req-transport-1", client_addr="10.0.0.9"))
+        context.update(actor="service:billing", tenant_id="t1", action="credentials.fetch:shopify")
         gateway.kv_read("tenants/t1/integrations/shopify", version=3)
+
+    try:
+        contextvars.copy_context().run(serve_a_request)  # the request's context ends with it
     finally:
-        context.bind(None)
         gateway.close()
     method, path, headers = node.requests[0]
     assert (method, path) == ("GET", "/v1/secret/data/tenants/t1/integrations/shopify?version=3")
@@ -172,7 +176,7 @@ def test_answers_without_a_json_body_come_back_as_responses(broker_vault: VaultG
     answer = broker_vault.call(
         "delete a secret",
         lambda client: client.secrets.kv.v2.delete_latest_version_of_secret(
-            path=path, mount_point=broker_vault.kv_mount
+            path=path, mount_point=broker_vault.kv.mount
         ),
     )
     assert isinstance(answer, VaultResponse)
@@ -257,7 +261,7 @@ def test_keep_alive_works_for_descriptors_above_1024(node: _Node) -> None:
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the descriptor limit here is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
-    filler = []
+    filler: list[int] = []
     try:
         while not filler or filler[-1] < 1100:
             filler.append(os.open(os.devnull, os.O_RDONLY))
