@@ -222,93 +222,105 @@ def _one_clean_line(result: subprocess.CompletedProcess[str]) -> str:
     return line
 
 
-def test_operator_commands_and_bao_work_against_the_running_dev_stack(data_dir: Path) -> None:
-    port = free_port()
-    dev = DevProcess(data_dir, port)
+def _check_banner_and_env_file(dev: DevProcess, data_dir: Path, tokens: dict[str, str]) -> None:
+    # The banner comes last and alone: no JSON log line before it on the terminal.
+    assert not [line for line in dev.output if line.lstrip().startswith("{")]
+    (broker_log,) = [line for line in dev.output if line.startswith("Logs:")]
+    assert (data_dir / "broker.log").is_file()
+    assert "broker.log" in broker_log
+
+    env_file = data_dir / "dev.env"
+    assert env_file.stat().st_mode & 0o777 == 0o600
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line)
+    vault_line = next(line for line in dev.output if line.startswith("Vault:"))
+    assert values["BAO_ADDR"] in vault_line
+    assert ".broker/vault/init.json" in vault_line
+    assert tokens["PLATFORM_ADMIN_TOKEN"] not in env_file.read_text()
+
+
+def _bao_kv_put_as_the_readme_says(workdir: Path, stripe_key: str) -> None:
+    """The README's bao line, as written, after loading the env file the banner names."""
+    bao = subprocess.run(
+        [
+            "sh",
+            "-c",
+            "set -a; . .broker/dev.env; set +a; "
+            f"bao kv put secret/platform/stripe api_key={stripe_key}",
+        ],
+        cwd=workdir,
+        env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HOME": str(workdir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bao.returncode == 0, bao.stderr
+
+
+def _check_operator_commands(
+    dev: DevProcess, data_dir: Path, tokens: dict[str, str], stripe_key: str
+) -> None:
     workdir = data_dir.parent
+    admin = {"Authorization": f"Bearer {tokens['TENANT_ADMIN_TOKEN']}"}
+    stored = httpx.put(
+        f"{dev.url}/v1/tenants/settings/integrations/openai",
+        json={"fields": {"api_key": "sk-" + "a1" * 16}, "skip_connection_test": True},
+        headers=admin,
+    )
+    assert stored.status_code == 200, stored.text
+
+    audit = _broker(workdir, "audit", "--tenant", "demo", "--since", "1h")
+    assert audit.returncode == 0, audit.stderr
+    assert "demo" in audit.stdout
+    assert "without the broker's trail" not in audit.stderr  # it found the database
+
+    rotated = _broker(workdir, "keys", "rotate", "--all")
+    assert rotated.returncode == 0, rotated.stderr
+    totals = json.loads(rotated.stdout)
+    assert totals["tenants"] >= 1
+    assert totals["rewrapped"] >= 1
+    assert totals["failed"] == 0
+
+    found = _broker(workdir, "audit", "find-value", stdin=stripe_key + "\n")
+    assert found.returncode == 0, found.stderr
+    count = re.search(r"(\d+) audit entries touched the value", found.stderr)
+    assert count is not None, found.stderr
+    assert int(count.group(1)) >= 1
+    assert stripe_key not in found.stdout + found.stderr
+
+    # From elsewhere, told where the data dir is.
+    elsewhere = _broker(
+        Path("/"), "--data-dir", str(data_dir), "keys", "rotate", "--tenant", "demo"
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+
+    # A broker error is one line, not a traceback.
+    missing = _broker(workdir, "keys", "rotate", "--tenant", "no-such-tenant")
+    assert "tenant" in _one_clean_line(missing)
+
+
+def _check_a_second_dev_leaves_it_alone(dev: DevProcess, data_dir: Path) -> None:
+    """A second `make dev` in the same directory says who runs and leaves it alone."""
+    config = (data_dir / "vault" / "config.hcl").read_bytes()
+    second = DevProcess(data_dir, free_port())
+    assert second.proc.wait(timeout=60) == 1
+    second.stop()
+    said = "".join(second.output)
+    assert f"already running (pid {dev.proc.pid}, {dev.url})" in said, said
+    assert "Traceback" not in said
+    assert (data_dir / "vault" / "config.hcl").read_bytes() == config
+    assert httpx.get(f"{dev.url}/readyz").status_code == 200
+
+
+def test_operator_commands_and_bao_work_against_the_running_dev_stack(data_dir: Path) -> None:
+    dev = DevProcess(data_dir, free_port())
     stripe_key = "sk_test_" + "Canary" * 6
     try:
         tokens = dev.tokens()
         dev.wait_ready()
-        # The banner comes last and alone: no JSON log line before it on the terminal.
-        assert not [line for line in dev.output if line.lstrip().startswith("{")]
-        (broker_log,) = [line for line in dev.output if line.startswith("Logs:")]
-        assert (data_dir / "broker.log").is_file()
-        assert "broker.log" in broker_log
-
-        env_file = data_dir / "dev.env"
-        assert env_file.stat().st_mode & 0o777 == 0o600
-        values = dict(
-            line.split("=", 1) for line in env_file.read_text().splitlines() if "=" in line
-        )
-        vault_line = next(line for line in dev.output if line.startswith("Vault:"))
-        assert values["BAO_ADDR"] in vault_line
-        assert ".broker/vault/init.json" in vault_line
-        assert tokens["PLATFORM_ADMIN_TOKEN"] not in env_file.read_text()
-
-        # The README's bao line, as written, after loading the env file the banner names.
-        bao = subprocess.run(
-            [
-                "sh",
-                "-c",
-                "set -a; . .broker/dev.env; set +a; "
-                f"bao kv put secret/platform/stripe api_key={stripe_key}",
-            ],
-            cwd=workdir,
-            env={"PATH": f"{VENV_BIN}:{os.environ['PATH']}", "HOME": str(workdir)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert bao.returncode == 0, bao.stderr
-
-        admin = {"Authorization": f"Bearer {tokens['TENANT_ADMIN_TOKEN']}"}
-        stored = httpx.put(
-            f"{dev.url}/v1/tenants/settings/integrations/openai",
-            json={"fields": {"api_key": "sk-" + "a1" * 16}, "skip_connection_test": True},
-            headers=admin,
-        )
-        assert stored.status_code == 200, stored.text
-
-        audit = _broker(workdir, "audit", "--tenant", "demo", "--since", "1h")
-        assert audit.returncode == 0, audit.stderr
-        assert "demo" in audit.stdout
-        assert "without the broker's trail" not in audit.stderr  # it found the database
-
-        rotated = _broker(workdir, "keys", "rotate", "--all")
-        assert rotated.returncode == 0, rotated.stderr
-        totals = json.loads(rotated.stdout)
-        assert totals["tenants"] >= 1
-        assert totals["rewrapped"] >= 1
-        assert totals["failed"] == 0
-
-        found = _broker(workdir, "audit", "find-value", stdin=stripe_key + "\n")
-        assert found.returncode == 0, found.stderr
-        count = re.search(r"(\d+) audit entries touched the value", found.stderr)
-        assert count is not None, found.stderr
-        assert int(count.group(1)) >= 1
-        assert stripe_key not in found.stdout + found.stderr
-
-        # From elsewhere, told where the data dir is.
-        elsewhere = _broker(
-            Path("/"), "--data-dir", str(data_dir), "keys", "rotate", "--tenant", "demo"
-        )
-        assert elsewhere.returncode == 0, elsewhere.stderr
-
-        # A broker error is one line, not a traceback.
-        missing = _broker(workdir, "keys", "rotate", "--tenant", "no-such-tenant")
-        assert "tenant" in _one_clean_line(missing)
-
-        # A second `make dev` in the same directory says who runs and leaves it alone.
-        config = (data_dir / "vault" / "config.hcl").read_bytes()
-        second = DevProcess(data_dir, free_port())
-        assert second.proc.wait(timeout=60) == 1
-        second.stop()
-        said = "".join(second.output)
-        assert f"already running (pid {dev.proc.pid}, {dev.url})" in said, said
-        assert "Traceback" not in said
-        assert (data_dir / "vault" / "config.hcl").read_bytes() == config
-        assert httpx.get(f"{dev.url}/readyz").status_code == 200
+        _check_banner_and_env_file(dev, data_dir, tokens)
+        _bao_kv_put_as_the_readme_says(data_dir.parent, stripe_key)
+        _check_operator_commands(dev, data_dir, tokens, stripe_key)
+        _check_a_second_dev_leaves_it_alone(dev, data_dir)
     finally:
         dev.stop()
     assert dev.proc.returncode == 0, "".join(dev.output[-40:])
