@@ -301,7 +301,7 @@ def _audit_hash(device: str, value: str) -> str:
                 action="audit.find-value",
             )
         )
-        return gateway.audit_hash(device, value)
+        return gateway.audit.hash(device, value)
 
     try:
         # In a copy of the context, so the binding never outlives the call.

@@ -84,7 +84,7 @@ def rotate_tenant_key(
         ).first()
         resumed = running is not None
         if running is None:
-            target = vault.transit_rotate(key_name(tenant_id))
+            target = vault.transit.rotate(key_name(tenant_id))
             running = KeyRotation(
                 tenant_id=tenant_id,
                 target_version=target,
@@ -111,7 +111,7 @@ def rotate_tenant_key(
         rewrapped, current, failed = _rewrap_items(store, tenant_id, target)
         # Raised even when some items failed: those never decrypted anyway,
         # and every other ciphertext is on the new version now.
-        vault.transit_set_min_decryption_version(key_name(tenant_id), target)
+        vault.transit.set_min_decryption_version(key_name(tenant_id), target)
 
     reconcile_tenant(engine, store, tenant_id)
     # The payout record's KV version moved too; without this its next write
@@ -191,7 +191,7 @@ def _rewrap(
     key = key_name(tenant_id)
     try:
         # Each entry carries its own context; one bad entry fails the whole batch.
-        fresh = store.vault.transit_rewrap(
+        fresh = store.vault.transit.rewrap(
             key, [(r.ciphertext, binding(tenant_id, item)) for item, r in stale]
         )
         return list(zip(stale, fresh, strict=True)), []
@@ -203,7 +203,7 @@ def _rewrap(
     failed: list[str] = []
     for item, record in stale:
         try:
-            (ciphertext,) = store.vault.transit_rewrap(
+            (ciphertext,) = store.vault.transit.rewrap(
                 key, [(record.ciphertext, binding(tenant_id, item))]
             )
         except (UpstreamUnavailable, VaultMisconfigured):

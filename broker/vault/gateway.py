@@ -23,7 +23,7 @@ short budget (`retry_budget_s`); after that the caller gets `VaultUnavailable`
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import hvac
@@ -47,12 +47,11 @@ from broker.vault.errors import (
     failure,
     is_transient,
 )
-from broker.vault.kv import Kv, KvEntry
+from broker.vault.kv import Kv
 from broker.vault.login import Login
 from broker.vault.nodes import Nodes, VaultHealth
 from broker.vault.transit import Transit
 from broker.vault.transport import ConnectionPool, PooledAdapter, attempt_timeout
-from broker.vault.wrapping import WrappedSecret as WrappedSecret  # moved; still imported from here
 from broker.vault.wrapping import Wrapping
 
 T = TypeVar("T")
@@ -272,53 +271,3 @@ class VaultGateway:
         there is none within the budget.
         """
         return self.call("find the active Vault node", lambda client: client)
-
-    # -- the flat names callers still use; they move to the engines in one last commit ----
-
-    def kv_read(self, path: str, *, version: int | None = None) -> KvEntry | None:
-        return self.kv.read(path, version=version)
-
-    def kv_write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
-        return self.kv.write(path, data, cas=cas)
-
-    def kv_metadata(self, path: str) -> dict[str, Any] | None:
-        return self.kv.metadata(path)
-
-    def kv_list(self, path: str) -> list[str]:
-        return self.kv.keys(path)
-
-    def kv_delete_versions(self, path: str, versions: list[int]) -> None:
-        self.kv.delete_versions(path, versions)
-
-    def kv_destroy(self, path: str) -> None:
-        self.kv.destroy(path)
-
-    def transit_ensure_key(self, name: str) -> bool:
-        return self.transit.ensure_key(name)
-
-    def transit_key_info(self, name: str) -> dict[str, Any] | None:
-        return self.transit.key_info(name)
-
-    def transit_encrypt(self, key: str, plaintext: bytes, *, context: str) -> str:
-        return self.transit.encrypt(key, plaintext, context=context)
-
-    def transit_decrypt(self, key: str, ciphertext: str, *, context: str) -> bytes:
-        return self.transit.decrypt(key, ciphertext, context=context)
-
-    def transit_rotate(self, key: str) -> int:
-        return self.transit.rotate(key)
-
-    def transit_rewrap(self, key: str, items: list[tuple[str, str]]) -> list[str]:
-        return self.transit.rewrap(key, items)
-
-    def transit_set_min_decryption_version(self, key: str, version: int) -> None:
-        self.transit.set_min_decryption_version(key, version)
-
-    def transit_delete_key(self, key: str) -> None:
-        self.transit.delete_key(key)
-
-    def wrap(self, payload: Mapping[str, Any], *, ttl: str) -> WrappedSecret:
-        return self.wrapping.wrap(payload, ttl=ttl)
-
-    def audit_hash(self, device: str, value: str) -> str:
-        return self.audit.hash(device, value)

@@ -343,8 +343,8 @@ def test_openbao_node_config_forms_a_three_node_tls_cluster(
         bootstrap(gateway)
         assert gateway.address == first.addr
         path = "tenants/deploy-check/integrations/openai"
-        assert gateway.kv_write(path, {"ciphertext": "x"}, cas=0) == 1
-        entry = gateway.kv_read(path)
+        assert gateway.kv.write(path, {"ciphertext": "x"}, cas=0) == 1
+        entry = gateway.kv.read(path)
         assert entry is not None
         assert entry.version == 1
     finally:

@@ -134,11 +134,11 @@ def test_the_gateway_sends_reads_writes_and_wraps_to_the_active_node(
     path = f"tenants/ha-{uuid.uuid4().hex[:10]}/integrations/{PROVIDER}"
     try:
         for version in range(1, 31):
-            assert gateway.kv_write(path, {"ciphertext": f"v{version}"}, cas=version - 1) == version
-            entry = gateway.kv_read(path)  # read-your-write, every time
+            assert gateway.kv.write(path, {"ciphertext": f"v{version}"}, cas=version - 1) == version
+            entry = gateway.kv.read(path)  # read-your-write, every time
             assert entry is not None
             assert (entry.version, entry.data) == (version, {"ciphertext": f"v{version}"})
-        wrapped = gateway.wrap({"probe": "x"}, ttl="60s")
+        wrapped = gateway.wrapping.wrap({"probe": "x"}, ttl="60s")
         assert wrapped.token
         assert gateway.address == leader.addr
     finally:
@@ -301,7 +301,7 @@ def probe_standby(addr: str, vault_token: str, result: dict[str, Any]) -> None:
     pinned = VaultGateway(addrs=[addr], token=vault_token, retry_budget_s=0.5)
     started = time.monotonic()
     try:
-        pinned.kv_write(path, {"x": "y"}, cas=None)
+        pinned.kv.write(path, {"x": "y"}, cas=None)
         result["gateway"] = "written"
     except VaultUnavailable:
         result["gateway"] = "VaultUnavailable"
@@ -612,14 +612,14 @@ def test_a_write_whose_answer_was_lost_is_not_reported_as_a_conflict(
         try:
             # The first attempt lands in Vault but its answer is lost; the retry's
             # check-and-set then fails, and the gateway recognises its own write.
-            assert gateway.kv_write(path, {"ciphertext": "once"}, cas=0) == 1
+            assert gateway.kv.write(path, {"ciphertext": "once"}, cas=0) == 1
             assert proxy.dropped == 1
-            entry = gateway.kv_read(path)
+            entry = gateway.kv.read(path)
             assert entry is not None
             assert (entry.version, entry.data) == (1, {"ciphertext": "once"})
             # Someone else's version is still a conflict.
             with pytest.raises(Conflict):
-                gateway.kv_write(path, {"ciphertext": "other"}, cas=0)
+                gateway.kv.write(path, {"ciphertext": "other"}, cas=0)
         finally:
             gateway.close()
 

@@ -105,7 +105,7 @@ def parallel(fn: Callable[[str], T], items: list[str]) -> list[T]:
 
 
 def kv_version(vault: VaultGateway, tenant_id: str) -> int:
-    meta = vault.kv_metadata(f"tenants/{tenant_id}/integrations/twilio")
+    meta = vault.kv.metadata(f"tenants/{tenant_id}/integrations/twilio")
     return int(meta["current_version"]) if meta else 0
 
 
@@ -350,7 +350,7 @@ def test_dirty_legacy_data_through_the_cli(
         ).all()
         assert [e.detail["connection_test"] for e in events] == ["skipped"]
         assert events[0].actor == f"user:legacy-migration:{getpass.getuser()}"
-    entry = vault_admin.kv_read(f"tenants/{acme}/integrations/twilio")
+    entry = vault_admin.kv.read(f"tenants/{acme}/integrations/twilio")
     assert entry is not None
     assert entry.data["public"]["connection_test"] == "skipped"
 
@@ -611,7 +611,7 @@ def test_dry_run_writes_nothing(
                 )
             ).one()
         vault = [
-            (kv_version(vault_admin, t), vault_admin.transit_key_info(f"tenant-{t}")) for t in new
+            (kv_version(vault_admin, t), vault_admin.transit.key_info(f"tenant-{t}")) for t in new
         ]
         return counts, vault, kv_version(vault_admin, taken), legacy.rows()
 
@@ -836,7 +836,7 @@ def test_vault_killed_mid_run_then_rerun_completes_with_nothing_lost_or_duplicat
         assert first.stopped is not None
         assert "Vault" in first.stopped
         with pytest.raises(BrokerError):
-            vault.kv_metadata("tenants/x/integrations/twilio")
+            vault.kv.metadata("tenants/x/integrations/twilio")
 
         bao.start()  # same raft data, unsealed again
         second = migrate_legacy(engine, vault, source, batch_size=50)
