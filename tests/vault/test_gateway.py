@@ -92,6 +92,25 @@ def test_approle_login(vault_admin: VaultGateway, vault_endpoint: VaultEndpoint)
         gateway.close()
 
 
+def test_a_revoked_approle_token_is_replaced_by_one_more_login(
+    vault_admin: VaultGateway, vault_endpoint: VaultEndpoint
+) -> None:
+    role_id, secret_id = issue_broker_credentials(vault_admin)
+    gateway = VaultGateway(addrs=[vault_endpoint.addr], role_id=role_id, secret_id=secret_id)
+    try:
+        path = _path()
+        gateway.kv.write(path, {"ciphertext": "x"}, cas=0)
+        revoked = gateway._raw().token
+        vault_admin._raw().adapter.post("/v1/auth/token/revoke", json={"token": revoked})
+        # Vault answers 403 to the revoked token; the gateway logs in once more and retries.
+        entry = gateway.kv.read(path)
+        assert entry is not None
+        assert entry.data == {"ciphertext": "x"}
+        assert gateway._raw().token != revoked
+    finally:
+        gateway.close()
+
+
 def test_bad_approle_secret_is_refused(
     vault_admin: VaultGateway, vault_endpoint: VaultEndpoint
 ) -> None:
