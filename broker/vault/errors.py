@@ -182,35 +182,51 @@ def _refused(exc: BaseException, operation: str) -> BrokerError:
 
 
 FAILURES: tuple[Failure, ...] = (
-    Failure((ssl.SSLCertVerificationError,), False, _tls_unverified),
-    Failure((InvalidHeader,), False, _unsendable),
-    Failure(TRANSIENT_TRANSPORT, True, _unavailable("Vault is unreachable")),
+    Failure((ssl.SSLCertVerificationError,), transient=False, explain=_tls_unverified),
+    Failure((InvalidHeader,), transient=False, explain=_unsendable),
+    Failure(TRANSIENT_TRANSPORT, transient=True, explain=_unavailable("Vault is unreachable")),
     Failure(
         (NoActiveNode,),
-        True,
-        _unavailable("no active Vault node; a leader election may be under way"),
+        transient=True,
+        explain=_unavailable("no active Vault node; a leader election may be under way"),
     ),
-    Failure((BudgetSpent,), False, lambda exc, operation: VaultUnavailable(str(exc))),
-    Failure((hvac.exceptions.VaultDown,), True, _unavailable("Vault is sealed")),
+    Failure(
+        (BudgetSpent,), transient=False, explain=lambda exc, operation: VaultUnavailable(str(exc))
+    ),
+    Failure((hvac.exceptions.VaultDown,), transient=True, explain=_unavailable("Vault is sealed")),
     # Not retried: a Vault that is not initialised will not be within the budget.
     Failure(
-        (hvac.exceptions.VaultNotInitialized,), False, _unavailable("Vault is not initialised")
+        (hvac.exceptions.VaultNotInitialized,),
+        transient=False,
+        explain=_unavailable("Vault is not initialised"),
     ),
     Failure(
         (hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway),
-        True,
-        _unavailable("Vault failed"),
+        transient=True,
+        explain=_unavailable("Vault failed"),
     ),
-    Failure((hvac.exceptions.RateLimitExceeded,), True, _unavailable("Vault is rate limiting")),
-    Failure((hvac.exceptions.InvalidPath,), False, lambda exc, operation: NotFound()),
-    Failure((hvac.exceptions.InvalidRequest,), False, _rejected),
-    Failure((hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized), False, _refused),
+    Failure(
+        (hvac.exceptions.RateLimitExceeded,),
+        transient=True,
+        explain=_unavailable("Vault is rate limiting"),
+    ),
+    Failure(
+        (hvac.exceptions.InvalidPath,), transient=False, explain=lambda exc, operation: NotFound()
+    ),
+    Failure((hvac.exceptions.InvalidRequest,), transient=False, explain=_rejected),
+    Failure(
+        (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized), transient=False, explain=_refused
+    ),
     # 3xx (a standby pointing at a dead leader, `StandbyRedirect`) and other oddities.
-    Failure((hvac.exceptions.UnexpectedError,), True, _unavailable("Vault answered unexpectedly")),
+    Failure(
+        (hvac.exceptions.UnexpectedError,),
+        transient=True,
+        explain=_unavailable("Vault answered unexpectedly"),
+    ),
     Failure(
         (hvac.exceptions.VaultError,),
-        False,
-        lambda exc, operation: BrokerError(f"Vault call failed ({operation})"),
+        transient=False,
+        explain=lambda exc, operation: BrokerError(f"Vault call failed ({operation})"),
     ),
 )
 
