@@ -89,7 +89,7 @@ def store_platform_app(data_dir: Path, settings: Settings, shopify: FakeShopifyO
     root_token = shlex.split(values["BROKER_VAULT_TOKEN"])[0]
     admin = VaultGateway(addrs=settings.vault_addrs, token=root_token)
     try:
-        admin.kv_write(
+        admin.kv.write(
             "platform/shopify",
             {"client_id": shopify.client_id, "client_secret": shopify.client_secret},
             cas=None,

@@ -134,14 +134,14 @@ def _reset_providers(request: pytest.FixtureRequest) -> Iterator[None]:
 def stripe_server(vault_admin: VaultGateway) -> Iterator[FakeStripe]:
     """A local Stripe; its secret key is the platform key, stored in Vault as operators do."""
     with FakeStripe() as fake:
-        vault_admin.kv_write("platform/stripe", {"api_key": fake.secret_key}, cas=None)
+        vault_admin.kv.write("platform/stripe", {"api_key": fake.secret_key}, cas=None)
         yield fake
 
 
 @pytest.fixture(scope="session")
 def shopify_app(vault_admin: VaultGateway) -> None:
     """The platform's Shopify app in Vault, as operators store it (OAuth connect needs it)."""
-    vault_admin.kv_write(
+    vault_admin.kv.write(
         "platform/shopify",
         {"client_id": "session-client-id", "client_secret": "shpss_" + uuid.uuid4().hex},
         cas=None,
@@ -151,7 +151,7 @@ def shopify_app(vault_admin: VaultGateway) -> None:
 @pytest.fixture(scope="session")
 def meta_app(vault_admin: VaultGateway) -> None:
     """The platform's Meta app in Vault (WhatsApp's embedded signup needs it)."""
-    vault_admin.kv_write(
+    vault_admin.kv.write(
         "platform/meta",
         {"client_id": "100000000000000", "client_secret": uuid.uuid4().hex},
         cas=None,

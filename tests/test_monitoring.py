@@ -87,7 +87,7 @@ def test_a_failed_vault_call_is_counted_by_operation_node_and_error(
     before = _value(client, "broker_vault_request_errors_total", **labels)
     # Outside the broker's policy: the real Vault refuses it.
     with pytest.raises(BrokerError):
-        broker_vault.kv_read("outside-the-brokers-policy/metrics")
+        broker_vault.kv.read("outside-the-brokers-policy/metrics")
     assert _value(client, "broker_vault_request_errors_total", **labels) == before + 1
 
 

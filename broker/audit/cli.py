@@ -286,7 +286,7 @@ def _audit_hash(device: str, value: str) -> str:
     def call() -> str:
         # The lookup is itself audited: name who ran it.
         operator(action="audit.find-value")
-        return gateway.audit_hash(device, value)
+        return gateway.audit.hash(device, value)
 
     try:
         # In a copy of the context, so the binding never outlives the call.

@@ -43,8 +43,9 @@ from broker.integrations.service import item_name
 from broker.leases import service as leases
 from broker.tenants.deletions import DeletionWatch
 from broker.vault.errors import CiphertextRetired, StoredDataUnverified
-from broker.vault.gateway import VaultGateway, WrappedSecret
+from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
+from broker.vault.wrapping import WrappedSecret
 
 # One answer for "not configured", "no such tenant" and "not your tenant".
 NO_SUCH = "no such credentials"
@@ -392,7 +393,7 @@ def _dynamic(
 def wrap(vault: VaultGateway, lease: Lease, *, ttl_s: int) -> WrappedSecret:
     """Put the lease in a single-use wrapping token; the broker keeps no copy of it."""
     context.update(action=f"credentials.wrap:{lease.provider}")
-    return vault.wrap(
+    return vault.wrapping.wrap(
         {
             "tenant_id": lease.tenant_id,
             "provider": lease.provider,

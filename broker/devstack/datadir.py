@@ -89,7 +89,8 @@ class DataDirLock:
 
     def describe(self, url: str) -> None:
         """Record the holder's pid and API address for a second `broker dev` to report."""
-        assert self._handle is not None
+        if self._handle is None:
+            raise RuntimeError("the data dir is not locked: take the lock before describing it")
         self._handle.seek(0)
         self._handle.truncate()
         self._handle.write(json.dumps({"pid": os.getpid(), "url": url}))

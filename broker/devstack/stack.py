@@ -117,11 +117,10 @@ def start_dev_stack(stack: ExitStack, data_dir: Path, base: Settings) -> Setting
 
 def dev_env(settings: Settings, *, root_token: str) -> dict[str, str]:
     """What operator commands need to reach this stack: a privileged token, not the AppRole."""
-    assert settings.database_url is not None
     addr = settings.vault_addrs[0]
     return {
         "BROKER_DATA_DIR": str(settings.data_dir),
-        "BROKER_DATABASE_URL": settings.database_url.get_secret_value(),
+        "BROKER_DATABASE_URL": _database_url(settings),
         "BROKER_VAULT_ADDRS": addr,
         "BROKER_VAULT_TOKEN": root_token,
         "BAO_ADDR": addr,
@@ -133,8 +132,7 @@ def dev_env(settings: Settings, *, root_token: str) -> dict[str, str]:
 
 def ensure_demo_tenant(settings: Settings) -> None:
     """Create the demo tenant on first start, and any missing tenant keys."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
+    engine = make_engine(_database_url(settings))
     vault = VaultGateway.from_settings(settings)
     try:
         with unit_of_work(engine) as session:
@@ -146,3 +144,10 @@ def ensure_demo_tenant(settings: Settings) -> None:
     finally:
         vault.close()
         engine.dispose()
+
+
+def _database_url(settings: Settings) -> str:
+    """The stack's database URL, which `start_dev_stack` always sets."""
+    if settings.database_url is None:
+        raise RuntimeError("the dev stack's settings name no database")
+    return settings.database_url.get_secret_value()

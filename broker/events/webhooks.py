@@ -106,7 +106,7 @@ def register(
     endpoint_id = "ep_" + uuid.uuid4().hex
     secret = new_secret()
     # Vault first: an endpoint row without its secret could never sign a delivery.
-    vault.kv_write(secret_path(endpoint_id), {"secret": secret}, cas=0)
+    vault.kv.write(secret_path(endpoint_id), {"secret": secret}, cas=0)
     try:
         with unit_of_work(engine) as session:
             endpoint = WebhookEndpoint(
@@ -130,7 +130,7 @@ def register(
             session.flush()
             view = WebhookEndpoint.model_validate(endpoint.model_dump())
     except BaseException:
-        vault.kv_destroy(secret_path(endpoint_id))
+        vault.kv.destroy(secret_path(endpoint_id))
         raise
     return Registered(view, secret)
 
@@ -225,7 +225,7 @@ def forget_secrets(vault: VaultGateway, endpoint_ids: Sequence[str]) -> None:
     for endpoint_id in endpoint_ids:
         with _SECRETS_LOCK:
             _SECRETS.pop(endpoint_id, None)
-        vault.kv_destroy(secret_path(endpoint_id))
+        vault.kv.destroy(secret_path(endpoint_id))
 
 
 # Signing secrets a worker read recently: a secret never changes for its endpoint, so a
@@ -243,7 +243,7 @@ def signing_secret(vault: VaultGateway, endpoint_id: str) -> str | None:
         cached = _SECRETS.get(endpoint_id)
     if cached is not None and now - cached[0] < SECRET_CACHE_S:
         return cached[1]
-    entry = vault.kv_read(secret_path(endpoint_id))
+    entry = vault.kv.read(secret_path(endpoint_id))
     if entry is None or not isinstance(entry.data.get("secret"), str):
         return None
     secret = str(entry.data["secret"])

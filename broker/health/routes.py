@@ -140,7 +140,7 @@ def _vault_state(vault: VaultGateway) -> str:
         # sys/health is neither authenticated nor audited: a Vault whose audit
         # device cannot write refuses every credential operation yet reports
         # healthy. A KV read is audited like them, and cheap.
-        vault.kv_read(PROBE_PATH)
+        vault.kv.read(PROBE_PATH)
     except BrokerError:
         return "refusing"
     return "ok"

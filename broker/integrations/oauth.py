@@ -261,7 +261,7 @@ def redirect_spec(provider: str) -> tuple[ProviderSpec, OAuthSpec]:
 
 def platform_app(vault: VaultGateway, oauth: OAuthSpec) -> OAuthApp:
     """The app's client id and secret from Vault KV (never from the environment)."""
-    entry = vault.kv_read(oauth.client_path)
+    entry = vault.kv.read(oauth.client_path)
     data = entry.data if entry else {}
     client_id, client_secret = data.get("client_id"), data.get("client_secret")
     if not isinstance(client_id, str) or not isinstance(client_secret, str):

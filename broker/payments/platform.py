@@ -50,7 +50,7 @@ class StripeAccess:
         with self._lock:
             if self._gateway is not None and time.monotonic() - self._fetched_at < KEY_CACHE_S:
                 return self._gateway
-            entry = self._vault.kv_read(self._key_path)
+            entry = self._vault.kv.read(self._key_path)
             key = str((entry.data if entry else {}).get("api_key") or "")
             if not key:
                 raise StripeNotConfigured(

@@ -125,9 +125,7 @@ class _Outcome:
     failed: tuple[str, ...]
 
 
-def _begin(
-    engine: Engine, vault: VaultGateway, principal: Principal, tenant_id: str
-) -> _Started:
+def _begin(engine: Engine, vault: VaultGateway, principal: Principal, tenant_id: str) -> _Started:
     """Rotate the key once and record the target, or find the run to resume.
 
     Committed before any KV write: the recorded target makes a rerun resume instead of
@@ -144,7 +142,7 @@ def _begin(
         if running is None:
             running = KeyRotation(
                 tenant_id=tenant_id,
-                target_version=vault.transit_rotate(key_name(tenant_id)),
+                target_version=vault.transit.rotate(key_name(tenant_id)),
                 status="running",
                 started_by=principal.actor,
             )
@@ -201,7 +199,7 @@ def _rewrap_and_finish(
         outcome = _rewrap_items(store, tenant_id, started.target)
         # Only once every rewrapped item is written back, and even when some items
         # failed: those never decrypted anyway, every other ciphertext is on `target`.
-        store.vault.transit_set_min_decryption_version(key_name(tenant_id), started.target)
+        store.vault.transit.set_min_decryption_version(key_name(tenant_id), started.target)
         unsettled = _settle_rows(session, tenant_id, outcome.written)
         _close_record(session, principal, tenant_id, started, outcome)
     if unsettled:
@@ -358,7 +356,7 @@ def _rewrap_batch(
     key = key_name(tenant_id)
     try:
         # Each entry carries its own context; one bad entry fails the whole batch.
-        fresh = store.vault.transit_rewrap(
+        fresh = store.vault.transit.rewrap(
             key, [(r.ciphertext, binding(tenant_id, item)) for item, r in stale]
         )
         return list(zip(stale, fresh, strict=True)), []
@@ -370,7 +368,7 @@ def _rewrap_batch(
     failed: list[str] = []
     for item, record in stale:
         try:
-            (ciphertext,) = store.vault.transit_rewrap(
+            (ciphertext,) = store.vault.transit.rewrap(
                 key, [(record.ciphertext, binding(tenant_id, item))]
             )
         except (UpstreamUnavailable, VaultMisconfigured):

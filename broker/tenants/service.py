@@ -138,14 +138,14 @@ def retire_key(vault: VaultGateway, *, tenant_id: str) -> None:
     Vault itself. A tenant without a key has nothing left to refuse.
     """
     key = key_name(tenant_id)
-    if vault.transit_key_info(key) is None:
+    if vault.transit.key_info(key) is None:
         return
     try:
-        latest = vault.transit_rotate(key)
-        vault.transit_set_min_decryption_version(key, latest)
+        latest = vault.transit.rotate(key)
+        vault.transit.set_min_decryption_version(key, latest)
     except BrokerError:
         # A concurrent deletion of the same tenant may have deleted the key meanwhile.
-        if vault.transit_key_info(key) is None:
+        if vault.transit.key_info(key) is None:
             return
         raise
 

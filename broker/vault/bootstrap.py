@@ -32,7 +32,7 @@ def bootstrap(
     *,
     policies_dir: Path = DEFAULT_POLICIES_DIR,
     approle_mount: str = "approle",
-    broker_token_ttl: str = "1h",
+    broker_token_ttl: str = "1h",  # noqa: S107 - a token lifetime, not a password
     audit_file_path: str | None = None,
 ) -> BootstrapReport:
     """Bring Vault to the layout the broker expects. Needs a privileged token.
@@ -42,8 +42,8 @@ def bootstrap(
     audit devices from its config file, so there the report says so instead.
     """
     report = BootstrapReport()
-    client = admin.raw()
-    _ensure_mounts(client, admin.kv_mount, admin.transit_mount, report)
+    client = admin._raw()
+    _ensure_mounts(client, admin.kv.mount, admin.transit.mount, report)
     _ensure_policies(client, policies_dir, report)
     _ensure_audited_headers(client, report)
     _ensure_approle(client, approle_mount, broker_token_ttl, report)
@@ -159,7 +159,7 @@ def issue_broker_credentials(
     admin: VaultGateway, *, approle_mount: str = "approle"
 ) -> tuple[str, str]:
     """A role_id and a fresh secret_id for the broker's AppRole (dev and operators)."""
-    client = admin.raw()
+    client = admin._raw()
     role_id = client.auth.approle.read_role_id(BROKER_ROLE, mount_point=approle_mount)["data"][
         "role_id"
     ]
@@ -171,6 +171,6 @@ def issue_broker_credentials(
 
 def create_policy_token(admin: VaultGateway, policy: str, *, ttl: str = "24h") -> str:
     """A token holding exactly one policy (tests and dev use it)."""
-    client = admin.raw()
+    client = admin._raw()
     result = client.auth.token.create(policies=[policy], ttl=ttl, no_default_policy=True)
     return str(result["auth"]["client_token"])

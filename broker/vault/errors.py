@@ -1,4 +1,5 @@
-"""Translation of hvac and transport errors into broker errors, at the Vault edge."""
+"""The broker's Vault errors, and the one table that maps every hvac and transport failure
+to one of them and says whether it is worth retrying."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import http.client
 import logging
 import socket
 import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import hvac.exceptions
 
@@ -106,67 +109,140 @@ class InvalidHeader(ValueError):
     """
 
 
-def translate(exc: Exception, *, operation: str) -> BrokerError:
-    """Map one hvac/transport exception to the broker error the caller should see.
+class BudgetSpent(Exception):
+    """The request's Vault time budget ran out before a call could be tried (again)."""
 
-    Messages name the operation, never the payload: hvac exceptions can carry
-    response bodies, and those stay out of anything user-visible.
-    """
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        # Not an outage: the CA setting or the server's certificate is wrong
-        # (or someone is in the middle). Retrying will not fix it.
-        log.error("vault TLS certificate not verified", extra={"fields": {"operation": operation}})
-        return VaultMisconfigured(f"Vault's TLS certificate could not be verified ({operation})")
-    if isinstance(exc, InvalidHeader):
-        return VaultMisconfigured(f"a Vault request could not be sent: {exc} ({operation})")
-    if isinstance(exc, TRANSIENT_TRANSPORT):
-        return VaultUnavailable(f"Vault is unreachable ({operation})")
-    if isinstance(exc, NoActiveNode):
-        return VaultUnavailable(
-            f"no active Vault node; a leader election may be under way ({operation})"
-        )
-    if isinstance(exc, hvac.exceptions.VaultDown):
-        return VaultUnavailable(f"Vault is sealed ({operation})")
-    if isinstance(exc, hvac.exceptions.VaultNotInitialized):
-        return VaultUnavailable(f"Vault is not initialised ({operation})")
-    if isinstance(exc, hvac.exceptions.InternalServerError | hvac.exceptions.BadGateway):
-        return VaultUnavailable(f"Vault failed ({operation})")
-    if isinstance(exc, hvac.exceptions.RateLimitExceeded):
-        return VaultUnavailable(f"Vault is rate limiting ({operation})")
-    if isinstance(exc, hvac.exceptions.InvalidPath):
-        return NotFound()
-    if isinstance(exc, hvac.exceptions.InvalidRequest):
-        text = " ".join(str(e) for e in (exc.errors or []))
-        if "check-and-set" in text:
-            return Conflict("the credential changed since it was read; reload and retry")
-        if "disallowed by policy" in text or "too old" in text:
-            return CiphertextRetired()
-        if "message authentication failed" in text or "decryption failed" in text:
-            return CiphertextRejected()
-        if "encryption key not found" in text or "key not found" in text:
-            return CiphertextRejected("the tenant's encryption key no longer exists")
-        log.error("vault rejected a request", extra={"fields": {"operation": operation}})
-        return BrokerError(f"Vault rejected the request ({operation})")
-    if isinstance(exc, hvac.exceptions.Forbidden | hvac.exceptions.Unauthorized):
-        return VaultMisconfigured(f"the broker's Vault token may not {operation}")
-    if isinstance(exc, hvac.exceptions.UnexpectedError):
-        # 3xx (a standby pointing at a dead leader) and other oddities are transient.
-        return VaultUnavailable(f"Vault answered unexpectedly ({operation})")
-    return BrokerError(f"Vault call failed ({operation})")
+
+# -- the error table -----------------------------------------------------------------------
+#
+# One row per kind of failure: whether it is worth retrying on the same or another node
+# (transient), and the broker error a caller sees when retries are over. Rows are tried in
+# order, so a subclass comes before its base (a TLS verification failure is an OSError).
+# Messages name the operation, never the payload: hvac exceptions can carry response
+# bodies, and those stay out of anything user-visible.
+
+Explain = Callable[[BaseException, str], BrokerError]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What one kind of Vault failure means to the broker."""
+
+    kinds: tuple[type[BaseException], ...]
+    transient: bool
+    explain: Explain
+
+    def error(self, exc: BaseException, operation: str) -> BrokerError:
+        """The broker error for `exc`, raised by a call named `operation`."""
+        return self.explain(exc, operation)
+
+
+def _unavailable(why: str) -> Explain:
+    return lambda exc, operation: VaultUnavailable(f"{why} ({operation})")
+
+
+def _tls_unverified(exc: BaseException, operation: str) -> BrokerError:
+    # Not an outage: the CA setting or the server's certificate is wrong
+    # (or someone is in the middle). Retrying will not fix it.
+    log.error("vault TLS certificate not verified", extra={"fields": {"operation": operation}})
+    return VaultMisconfigured(f"Vault's TLS certificate could not be verified ({operation})")
+
+
+def _unsendable(exc: BaseException, operation: str) -> BrokerError:
+    return VaultMisconfigured(f"a Vault request could not be sent: {exc} ({operation})")
+
+
+# What Vault's 400 says, mapped to what it means for a stored credential.
+_REJECTIONS: tuple[tuple[tuple[str, ...], Callable[[], BrokerError]], ...] = (
+    (
+        ("check-and-set",),
+        lambda: Conflict("the credential changed since it was read; reload and retry"),
+    ),
+    (("disallowed by policy", "too old"), CiphertextRetired),
+    (("message authentication failed", "decryption failed"), CiphertextRejected),
+    (
+        ("encryption key not found", "key not found"),
+        lambda: CiphertextRejected("the tenant's encryption key no longer exists"),
+    ),
+)
+
+
+def _rejected(exc: BaseException, operation: str) -> BrokerError:
+    errors = exc.errors if isinstance(exc, hvac.exceptions.VaultError) else None
+    text = " ".join(str(e) for e in (errors or []))
+    for phrases, error in _REJECTIONS:
+        if any(phrase in text for phrase in phrases):
+            return error()
+    log.error("vault rejected a request", extra={"fields": {"operation": operation}})
+    return BrokerError(f"Vault rejected the request ({operation})")
+
+
+def _refused(exc: BaseException, operation: str) -> BrokerError:
+    return VaultMisconfigured(f"the broker's Vault token may not {operation}")
+
+
+FAILURES: tuple[Failure, ...] = (
+    Failure((ssl.SSLCertVerificationError,), transient=False, explain=_tls_unverified),
+    Failure((InvalidHeader,), transient=False, explain=_unsendable),
+    Failure(TRANSIENT_TRANSPORT, transient=True, explain=_unavailable("Vault is unreachable")),
+    Failure(
+        (NoActiveNode,),
+        transient=True,
+        explain=_unavailable("no active Vault node; a leader election may be under way"),
+    ),
+    Failure(
+        (BudgetSpent,), transient=False, explain=lambda exc, operation: VaultUnavailable(str(exc))
+    ),
+    Failure((hvac.exceptions.VaultDown,), transient=True, explain=_unavailable("Vault is sealed")),
+    # Not retried: a Vault that is not initialised will not be within the budget.
+    Failure(
+        (hvac.exceptions.VaultNotInitialized,),
+        transient=False,
+        explain=_unavailable("Vault is not initialised"),
+    ),
+    Failure(
+        (hvac.exceptions.InternalServerError, hvac.exceptions.BadGateway),
+        transient=True,
+        explain=_unavailable("Vault failed"),
+    ),
+    Failure(
+        (hvac.exceptions.RateLimitExceeded,),
+        transient=True,
+        explain=_unavailable("Vault is rate limiting"),
+    ),
+    Failure(
+        (hvac.exceptions.InvalidPath,), transient=False, explain=lambda exc, operation: NotFound()
+    ),
+    Failure((hvac.exceptions.InvalidRequest,), transient=False, explain=_rejected),
+    Failure(
+        (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized), transient=False, explain=_refused
+    ),
+    # 3xx (a standby pointing at a dead leader, `StandbyRedirect`) and other oddities.
+    Failure(
+        (hvac.exceptions.UnexpectedError,),
+        transient=True,
+        explain=_unavailable("Vault answered unexpectedly"),
+    ),
+    Failure(
+        (hvac.exceptions.VaultError,),
+        transient=False,
+        explain=lambda exc, operation: BrokerError(f"Vault call failed ({operation})"),
+    ),
+)
+
+
+def failure(exc: BaseException) -> Failure | None:
+    """The row of the error table for `exc`; None for an error that is not Vault's."""
+    for row in FAILURES:
+        if isinstance(exc, row.kinds):
+            return row
+    return None
 
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying on the same or another Vault node."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return False
-    return isinstance(exc, (*TRANSIENT_TRANSPORT, NoActiveNode)) or isinstance(
-        exc,
-        hvac.exceptions.VaultDown
-        | hvac.exceptions.InternalServerError
-        | hvac.exceptions.BadGateway
-        | hvac.exceptions.UnexpectedError
-        | hvac.exceptions.RateLimitExceeded,
-    )
+    row = failure(exc)
+    return row is not None and row.transient
 
 
 def may_have_applied(exc: BaseException) -> bool:

@@ -78,7 +78,7 @@ class SealedStore:
 
     def ensure_tenant_key(self, tenant_id: str) -> bool:
         """Create the tenant's Transit key if missing; True when it was created."""
-        return self.vault.transit_ensure_key(key_name(tenant_id))
+        return self.vault.transit.ensure_key(key_name(tenant_id))
 
     def seal(
         self, tenant_id: str, item: str, secrets: Mapping[str, str], public: Mapping[str, Any]
@@ -89,17 +89,17 @@ class SealedStore:
         plaintext = json.dumps(document, sort_keys=True, separators=(",", ":")).encode()
         key = key_name(tenant_id)
         try:
-            return self.vault.transit_encrypt(key, plaintext, context=binding(tenant_id, item))
+            return self.vault.transit.encrypt(key, plaintext, context=binding(tenant_id, item))
         except VaultMisconfigured:
             # Encrypting under a missing key would create it, which the broker's policy
             # forbids: a deletion shredded the key since the caller found the tenant.
-            if self.vault.transit_key_info(key) is None:
+            if self.vault.transit.key_info(key) is None:
                 raise NotFound("no such tenant") from None
             raise
 
     def open(self, tenant_id: str, item: str, record: SealedRecord) -> dict[str, str]:
         """Decrypt a record's secrets, after checking its public part is the sealed one."""
-        plaintext = self.vault.transit_decrypt(
+        plaintext = self.vault.transit.decrypt(
             key_name(tenant_id), record.ciphertext, context=binding(tenant_id, item)
         )
         try:
@@ -116,7 +116,7 @@ class SealedStore:
 
     def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:
         """The latest (or a given) live version of an item, still sealed."""
-        entry = self.vault.kv_read(self.path(tenant_id, item), version=version)
+        entry = self.vault.kv.read(self.path(tenant_id, item), version=version)
         if entry is None or "ciphertext" not in entry.data:
             return None
         return SealedRecord(
@@ -129,7 +129,7 @@ class SealedStore:
         self, tenant_id: str, item: str, *, ciphertext: str, public: Mapping[str, Any], cas: int
     ) -> int:
         """Store a sealed item with check-and-set against KV version `cas`."""
-        return self.vault.kv_write(
+        return self.vault.kv.write(
             self.path(tenant_id, item),
             {"ciphertext": ciphertext, "public": dict(public)},
             cas=cas,
@@ -137,7 +137,7 @@ class SealedStore:
 
     def current_version(self, tenant_id: str, item: str) -> tuple[int, bool]:
         """(current KV version, whether that version is live); (0, False) when absent."""
-        meta = self.vault.kv_metadata(self.path(tenant_id, item))
+        meta = self.vault.kv.metadata(self.path(tenant_id, item))
         if meta is None:
             return 0, False
         current = int(meta.get("current_version") or 0)
@@ -147,7 +147,7 @@ class SealedStore:
 
     def versions(self, tenant_id: str, item: str) -> list[dict[str, Any]]:
         """Every KV version of an item with its timestamps (no data)."""
-        meta = self.vault.kv_metadata(self.path(tenant_id, item))
+        meta = self.vault.kv.metadata(self.path(tenant_id, item))
         if meta is None:
             return []
         return [
@@ -164,7 +164,7 @@ class SealedStore:
 
     def delete_version(self, tenant_id: str, item: str, version: int) -> None:
         """Delete one version (the current one, as the caller knows it); others stay."""
-        self.vault.kv_delete_versions(self.path(tenant_id, item), [version])
+        self.vault.kv.delete_versions(self.path(tenant_id, item), [version])
 
     def items(self, tenant_id: str) -> list[str]:
         """Every item stored for the tenant (recursively), e.g. `integrations/shopify`."""
@@ -172,7 +172,7 @@ class SealedStore:
         pending = [""]
         while pending:
             folder = pending.pop()
-            for name in self.vault.kv_list(self.path(tenant_id, folder).rstrip("/")):
+            for name in self.vault.kv.keys(self.path(tenant_id, folder).rstrip("/")):
                 item = f"{folder}{name}"
                 if name.endswith("/"):
                     pending.append(item)
@@ -182,7 +182,7 @@ class SealedStore:
 
     def destroy(self, tenant_id: str, item: str) -> None:
         """Destroy one item's versions and metadata."""
-        self.vault.kv_destroy(self.path(tenant_id, item))
+        self.vault.kv.destroy(self.path(tenant_id, item))
 
     def shred(self, tenant_id: str) -> int:
         """Destroy every item's versions and metadata, then delete the tenant's key.
@@ -193,5 +193,5 @@ class SealedStore:
         items = self.items(tenant_id)
         for item in items:
             self.destroy(tenant_id, item)
-        self.vault.transit_delete_key(key_name(tenant_id))
+        self.vault.transit.delete_key(key_name(tenant_id))
         return len(items)

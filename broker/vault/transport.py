@@ -329,24 +329,31 @@ class PooledAdapter(hvac.adapters.RawAdapter):
         while "//" in url:  # Vault reads a double slash as one; so does hvac
             url = url.replace("//", "/")
         url = self.urljoin(self.base_uri, url)
-        sent = self._headers_for_call()
-        sent.update(headers or {})
-        sent["X-Vault-Request"] = "true"
-        if self.token:
-            sent["X-Vault-Token"] = self.token
-        if self.namespace:
-            sent["X-Vault-Namespace"] = self.namespace
-        wrap_ttl = kwargs.pop("wrap_ttl", None)
-        if wrap_ttl:
-            sent["X-Vault-Wrap-TTL"] = str(wrap_ttl)
+        sent = self._headers(headers, wrap_ttl=kwargs.pop("wrap_ttl", None))
         body = self._body(kwargs, sent)
         params = kwargs.pop("params", None)
         if kwargs:
             raise TypeError(f"unsupported request options: {sorted(kwargs)}")
         if params:
             url = f"{url}?{urlencode(params, doseq=True)}"
-
         answer = self._pool.request(method.upper(), url, body=body, headers=sent)
+        return self._answer(method, url, answer, raise_exception=raise_exception)
+
+    def _headers(self, extra: Mapping[str, str] | None, *, wrap_ttl: object) -> dict[str, str]:
+        """The audited headers of the request being served, then Vault's own."""
+        sent = self._headers_for_call()
+        sent.update(extra or {})
+        sent["X-Vault-Request"] = "true"
+        if self.token:
+            sent["X-Vault-Token"] = self.token
+        if self.namespace:
+            sent["X-Vault-Namespace"] = self.namespace
+        if wrap_ttl:
+            sent["X-Vault-Wrap-TTL"] = str(wrap_ttl)
+        return sent
+
+    def _answer(self, method: str, url: str, answer: Answer, *, raise_exception: bool) -> Any:
+        """A 200's JSON as a dict; otherwise a `VaultResponse`, or the hvac error for it."""
         status = answer.status
         if status == 200:
             try:

@@ -99,7 +99,7 @@ def _denied_by_vault(
     try:
         with pytest.raises(VaultMisconfigured):
             in_fresh_context(
-                lambda: rogue.kv_read(f"tenants/{tenant}/integrations/shopify"),
+                lambda: rogue.kv.read(f"tenants/{tenant}/integrations/shopify"),
                 context.RequestContext(
                     request_id=request_id, actor="service:rogue", action="credentials.fetch"
                 ),
@@ -510,11 +510,11 @@ def planted(scenario: Scenario, vault_admin: VaultGateway, broker_vault: VaultGa
     path = f"tenants/{scenario.tenant}/integrations/openai"
     writer_id, reader_id = rid("plant"), rid("read")
     in_fresh_context(
-        lambda: vault_admin.kv_write(path, {"api_key": value}, cas=None),
+        lambda: vault_admin.kv.write(path, {"api_key": value}, cas=None),
         context.RequestContext(request_id=writer_id),
     )
     in_fresh_context(
-        lambda: broker_vault.kv_read(path),
+        lambda: broker_vault.kv.read(path),
         context.RequestContext(
             request_id=reader_id, actor="service:catalog-sync", tenant_id=scenario.tenant
         ),

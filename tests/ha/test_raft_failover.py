@@ -1,6 +1,6 @@
 """The broker on a real 3-node OpenBao raft cluster: failover under load, and outages.
 
-- The cluster: three `bao` processes on 127.0.0.1 (`broker.devstack.raft.RaftCluster`),
+- The cluster: three `bao` processes on 127.0.0.1 (`tests.support.raft.RaftCluster`),
   initialised, unsealed, joined, all three voters, torn down at the end of the module.
 - The gateway sends everything to the active node (no stale standby reads, no wraps on a
   standby) and never follows a standby's 307 to a dead leader.
@@ -45,12 +45,12 @@ from broker.core.db import make_engine, upgrade
 from broker.core.errors import Conflict
 from broker.devstack.openbao import _die_with_parent_preexec, free_port
 from broker.devstack.postgres import EmbeddedPostgres, create_database
-from broker.devstack.raft import RaftCluster, RaftNode
 from broker.integrations.service import read_credentials
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.errors import VaultUnavailable
 from broker.vault.gateway import VaultGateway
 from tests.support.apps import VaultEndpoint, make_settings
+from tests.support.raft import RaftCluster, RaftNode
 from tests.support.redis import redis_server
 from tests.support.tokens import AUDIENCE, ISSUER, TEST_SIGNING_KEY, bearer
 from tests.support.tokens import token as mint
@@ -82,7 +82,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RaftCluster]:
             bootstrap(admin)
             # KV keeps 10 versions per secret by default; keep all the load test writes,
             # so that every acknowledged version can be read back afterwards.
-            admin.raw().secrets.kv.v2.configure(max_versions=10_000, mount_point=admin.kv_mount)
+            admin._raw().secrets.kv.v2.configure(max_versions=10_000, mount_point=admin.kv.mount)
         finally:
             admin.close()
         yield raft
@@ -123,7 +123,7 @@ def standbys(cluster: RaftCluster) -> tuple[RaftNode, list[RaftNode]]:
 
 def test_the_cluster_has_three_voters_and_one_active_node(cluster: RaftCluster) -> None:
     assert cluster.wait_for_voters(3) == ["node-0", "node-1", "node-2"]
-    assert sorted(node.health() for node in cluster.nodes) == [200, 429, 429]
+    assert sorted(node.health() or 0 for node in cluster.nodes) == [200, 429, 429]
 
 
 def test_the_gateway_sends_reads_writes_and_wraps_to_the_active_node(
@@ -135,11 +135,11 @@ def test_the_gateway_sends_reads_writes_and_wraps_to_the_active_node(
     path = f"tenants/ha-{uuid.uuid4().hex[:10]}/integrations/{PROVIDER}"
     try:
         for version in range(1, 31):
-            assert gateway.kv_write(path, {"ciphertext": f"v{version}"}, cas=version - 1) == version
-            entry = gateway.kv_read(path)  # read-your-write, every time
+            assert gateway.kv.write(path, {"ciphertext": f"v{version}"}, cas=version - 1) == version
+            entry = gateway.kv.read(path)  # read-your-write, every time
             assert entry is not None
             assert (entry.version, entry.data) == (version, {"ciphertext": f"v{version}"})
-        wrapped = gateway.wrap({"probe": "x"}, ttl="60s")
+        wrapped = gateway.wrapping.wrap({"probe": "x"}, ttl="60s")
         assert wrapped.token
         assert gateway.address == leader.addr
     finally:
@@ -302,7 +302,7 @@ def probe_standby(addr: str, vault_token: str, result: dict[str, Any]) -> None:
     pinned = VaultGateway(addrs=[addr], token=vault_token, retry_budget_s=0.5)
     started = time.monotonic()
     try:
-        pinned.kv_write(path, {"x": "y"}, cas=None)
+        pinned.kv.write(path, {"x": "y"}, cas=None)
         result["gateway"] = "written"
     except VaultUnavailable:
         result["gateway"] = "VaultUnavailable"
@@ -318,6 +318,114 @@ def wait_until(condition: Any, timeout: float, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
+
+
+@dataclass
+class Failover:
+    """What happened around one kill of the leader under load."""
+
+    loads: list[TenantLoad]
+    leader: RaftNode
+    new_leader: RaftNode
+    killed_at: float
+    elected_at: float
+    standby_probe: dict[str, Any]
+
+    @property
+    def statuses(self) -> collections.Counter[tuple[str, int]]:
+        counts: collections.Counter[tuple[str, int]] = collections.Counter()
+        for load in self.loads:
+            counts.update(load.statuses)
+        return counts
+
+    @property
+    def violations(self) -> list[str]:
+        return [v for load in self.loads for v in load.violations]
+
+    @property
+    def first_write(self) -> float:
+        """When the first write started after the kill was acknowledged."""
+        return min(ack.acked for load in self.loads for ack in load.acks_after(self.killed_at))
+
+
+def kill_the_leader_under_load(
+    cluster: RaftCluster, loads: list[TenantLoad], base_url: str, broker_token: str
+) -> Failover:
+    """Run every tenant's writer, kill the leader once they are warm, and stop them once
+    each has written again."""
+    stop = threading.Event()
+    hard_deadline = time.monotonic() + 120
+    workers = [
+        threading.Thread(target=load.run, args=(base_url, stop, hard_deadline)) for load in loads
+    ]
+    for worker in workers:
+        worker.start()
+    standby_probe: dict[str, Any] = {}
+    try:
+        wait_until(lambda: all(len(load.acks) >= WARMUP_ACKS for load in loads), 30, "warm-up")
+        leader, others = standbys(cluster)
+        killed_at = time.monotonic()
+        leader.kill()
+        # Meanwhile, a standby's answer to a write, raw and through a gateway
+        # pinned to it (in a thread, so the election is timed from here).
+        prober = threading.Thread(
+            target=probe_standby, args=(others[0].addr, broker_token, standby_probe)
+        )
+        workers.append(prober)
+        prober.start()
+        new_leader = cluster.wait_for_leader(exclude=leader, timeout=RECOVERY_DEADLINE_S)
+        elected_at = time.monotonic()
+        wait_until(
+            lambda: all(len(load.acks_after(killed_at)) >= AFTER_ACKS for load in loads),
+            RECOVERY_DEADLINE_S,
+            "every tenant to write again after the kill",
+        )
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join(60)
+    assert not any(worker.is_alive() for worker in workers)
+    return Failover(loads, leader, new_leader, killed_at, elected_at, standby_probe)
+
+
+def assert_served_values_are_acknowledged(base_url: str, loads: list[TenantLoad]) -> None:
+    """The last acknowledged write of each tenant is what the broker serves now (or a
+    later one whose answer was a 503: it may have landed anyway)."""
+    with httpx.Client(base_url=base_url, timeout=30) as http:
+        for load in loads:
+            body = http.get(
+                f"/v1/credentials/{load.tenant}/{PROVIDER}", headers=service(load.tenant)
+            ).json()
+            allowed = {load.acks[-1].api_key, *load.unacknowledged}
+            assert body["fields"]["api_key"] in allowed
+
+
+def lost_writes(admin: VaultGateway, loads: list[TenantLoad]) -> list[tuple[str, int]]:
+    """Every acknowledged write, version by version, straight from Vault: the missing ones."""
+    lost = []
+    for load in loads:
+        for ack in load.acks:
+            creds, version = read_credentials(
+                admin, tenant_id=load.tenant, provider=PROVIDER, version=ack.version
+            )
+            if (version, creds.reveal("api_key")) != (ack.version, ack.api_key):
+                lost.append((load.tenant, ack.version))
+    return lost
+
+
+def report(failover: Failover, lost: list[tuple[str, int]], record_property: Any) -> None:
+    kill_to_first_write = failover.first_write - failover.killed_at
+    kill_to_leader = failover.elected_at - failover.killed_at
+    record_property("kill_to_first_write_s", round(kill_to_first_write, 3))
+    record_property("kill_to_new_leader_s", round(kill_to_leader, 3))
+    acknowledged = sum(len(load.acks) for load in failover.loads)
+    print(  # noqa: T201
+        f"\n[raft failover] leader {failover.leader.node_id} killed; new leader "
+        f"{failover.new_leader.node_id} after {kill_to_leader:.2f} s; first acknowledged "
+        f"broker write after {kill_to_first_write:.2f} s; {acknowledged} writes acknowledged, "
+        f"{len(lost)} lost; responses {dict(sorted(failover.statuses.items()))}; a standby's "
+        f"answer to a write just after the kill: HTTP {failover.standby_probe.get('raw')}"
+    )
 
 
 @pytest.mark.timeout(180)
@@ -336,107 +444,38 @@ def test_killing_the_leader_under_load_loses_no_acknowledged_write(
         addrs=cluster.addrs, token=broker_token, retry_after_s=1, retry_budget_s=1.0
     )
     settings = cluster_settings(cluster, broker_token, database_url, retry_after_s=1)
-    app = create_app(settings, engine=engine, vault=gateway)
-    stop = threading.Event()
     try:
-        with ServedApp(app) as served:
+        with ServedApp(create_app(settings, engine=engine, vault=gateway)) as served:
             with httpx.Client(base_url=served.url, timeout=30) as http:
                 loads = [TenantLoad(i, create_tenant(http)) for i in range(TENANTS)]
-            hard_deadline = time.monotonic() + 120
-            workers = [
-                threading.Thread(target=load.run, args=(served.url, stop, hard_deadline))
-                for load in loads
-            ]
-            for worker in workers:
-                worker.start()
-            try:
-                wait_until(
-                    lambda: all(len(load.acks) >= WARMUP_ACKS for load in loads), 30, "warm-up"
-                )
-                leader, others = standbys(cluster)
-                killed_at = time.monotonic()
-                leader.kill()
-
-                # Meanwhile, a standby's answer to a write, raw and through a gateway
-                # pinned to it (in a thread, so the election is timed from here).
-                standby_probe: dict[str, Any] = {}
-                prober = threading.Thread(
-                    target=probe_standby, args=(others[0].addr, broker_token, standby_probe)
-                )
-                prober.start()
-                new_leader = cluster.wait_for_leader(exclude=leader, timeout=RECOVERY_DEADLINE_S)
-                elected_at = time.monotonic()
-                wait_until(
-                    lambda: all(len(load.acks_after(killed_at)) >= AFTER_ACKS for load in loads),
-                    RECOVERY_DEADLINE_S,
-                    "every tenant to write again after the kill",
-                )
-            finally:
-                stop.set()
-                for worker in workers:
-                    worker.join(60)
-            prober.join(30)
-            assert not any(worker.is_alive() for worker in [*workers, prober])
-
-            # The last acknowledged write of each tenant is what the broker serves now
-            # (or a later one whose answer was a 503: it may have landed anyway).
-            with httpx.Client(base_url=served.url, timeout=30) as http:
-                for load in loads:
-                    body = http.get(
-                        f"/v1/credentials/{load.tenant}/{PROVIDER}", headers=service(load.tenant)
-                    ).json()
-                    allowed = {load.acks[-1].api_key, *load.unacknowledged}
-                    assert body["fields"]["api_key"] in allowed
+            failover = kill_the_leader_under_load(cluster, loads, served.url, broker_token)
+            assert_served_values_are_acknowledged(served.url, loads)
     finally:
-        stop.set()
         gateway.close()
-
-    # Every acknowledged write, version by version, straight from Vault: 0 lost.
-    acknowledged = [(load.tenant, ack) for load in loads for ack in load.acks]
-    lost = []
-    for tenant, ack in acknowledged:
-        creds, version = read_credentials(
-            admin, tenant_id=tenant, provider=PROVIDER, version=ack.version
-        )
-        if (version, creds.reveal("api_key")) != (ack.version, ack.api_key):
-            lost.append((tenant, ack.version))
-
-    statuses: collections.Counter[tuple[str, int]] = collections.Counter()
-    for load in loads:
-        statuses.update(load.statuses)
-    violations = [v for load in loads for v in load.violations]
-    first_write = min(ack.acked for load in loads for ack in load.acks_after(killed_at))
-    kill_to_first_write = first_write - killed_at
-    kill_to_leader = elected_at - killed_at
-    record_property("kill_to_first_write_s", round(kill_to_first_write, 3))
-    record_property("kill_to_new_leader_s", round(kill_to_leader, 3))
+    lost = lost_writes(admin, loads)
     with capsys.disabled():
-        print(  # noqa: T201
-            f"\n[raft failover] leader {leader.node_id} killed; new leader {new_leader.node_id} "
-            f"after {kill_to_leader:.2f} s; first acknowledged broker write after "
-            f"{kill_to_first_write:.2f} s; {len(acknowledged)} writes acknowledged, "
-            f"{len(lost)} lost; responses {dict(sorted(statuses.items()))}; a standby's "
-            f"answer to a write just after the kill: HTTP {standby_probe.get('raw')}"
-        )
+        report(failover, lost, record_property)
 
     assert lost == []
-    assert violations == []
+    assert failover.violations == []
     # The standby pointed at the dead leader (307) or failed (5xx); the pinned gateway
     # neither followed the redirect nor crashed on it: a 503 error within its budget.
-    assert standby_probe["raw"] == 307 or standby_probe["raw"] >= 500, standby_probe
-    assert standby_probe["gateway"] == "VaultUnavailable", standby_probe
-    assert standby_probe["gateway_s"] < 5, standby_probe
+    probe = failover.standby_probe
+    assert probe["raw"] == 307 or probe["raw"] >= 500, probe
+    assert probe["gateway"] == "VaultUnavailable", probe
+    assert probe["gateway_s"] < 5, probe
+    statuses = failover.statuses
     assert {status for _kind, status in statuses} <= {200, 503}
     # The election was visible to callers as 503s with Retry-After, never as 500s.
     assert statuses[("write", 503)] + statuses[("read", 503)] > 0
     # The broker recovered by itself, promptly once a leader existed again.
-    assert kill_to_first_write < RECOVERY_DEADLINE_S
-    assert first_write - elected_at < RECOVERY_AFTER_LEADER_S
+    assert failover.first_write - failover.killed_at < RECOVERY_DEADLINE_S
+    assert failover.first_write - failover.elected_at < RECOVERY_AFTER_LEADER_S
 
     # The killed node comes back as a standby and the cluster is three voters again.
-    cluster.restart(leader)
+    cluster.restart(failover.leader)
     assert cluster.wait_for_voters(3) == ["node-0", "node-1", "node-2"]
-    assert leader.health() == 429
+    assert failover.leader.health() == 429
 
 
 # -- a write whose answer is lost ----------------------------------------------------------
@@ -574,14 +613,14 @@ def test_a_write_whose_answer_was_lost_is_not_reported_as_a_conflict(
         try:
             # The first attempt lands in Vault but its answer is lost; the retry's
             # check-and-set then fails, and the gateway recognises its own write.
-            assert gateway.kv_write(path, {"ciphertext": "once"}, cas=0) == 1
+            assert gateway.kv.write(path, {"ciphertext": "once"}, cas=0) == 1
             assert proxy.dropped == 1
-            entry = gateway.kv_read(path)
+            entry = gateway.kv.read(path)
             assert entry is not None
             assert (entry.version, entry.data) == (1, {"ciphertext": "once"})
             # Someone else's version is still a conflict.
             with pytest.raises(Conflict):
-                gateway.kv_write(path, {"ciphertext": "other"}, cas=0)
+                gateway.kv.write(path, {"ciphertext": "other"}, cas=0)
         finally:
             gateway.close()
 

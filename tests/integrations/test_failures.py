@@ -58,7 +58,7 @@ def _row(engine: Engine, tenant: str) -> Any:
 def _vault_version(bao: OpenBaoServer, tenant: str) -> int:
     admin = VaultGateway(addrs=[bao.addr], token=bao.root_token)
     try:
-        meta = admin.kv_metadata(f"tenants/{tenant}/integrations/twilio")
+        meta = admin.kv.metadata(f"tenants/{tenant}/integrations/twilio")
         return int(meta["current_version"]) if meta else 0
     finally:
         admin.close()

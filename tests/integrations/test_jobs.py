@@ -119,7 +119,7 @@ def test_the_worker_settles_a_write_that_landed_after_its_503(
     path = f"tenants/{tenant}/integrations/twilio"
     wait_for(
         lambda: (
-            int((vault_admin.kv_metadata(path) or {"current_version": 0})["current_version"]) == 2
+            int((vault_admin.kv.metadata(path) or {"current_version": 0})["current_version"]) == 2
         ),
         timeout_s=15,
         what="the held write to land",

@@ -73,7 +73,7 @@ def app_client(
     clock: FakeClock,
 ) -> Iterator[TestClient]:
     """The broker, its Shopify calls pointed at the fake, the app's secret in Vault."""
-    vault_admin.kv_write(
+    vault_admin.kv.write(
         "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
     )
     vaults: list[VaultGateway] = []
@@ -171,7 +171,7 @@ def nothing_stored(client: TestClient, vault: VaultGateway, tenant: str) -> None
     listed = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
     shopify = next(item for item in listed if item["provider"] == "shopify")
     assert shopify["configured"] is False
-    assert vault.kv_read(f"tenants/{tenant}/integrations/shopify") is None
+    assert vault.kv.read(f"tenants/{tenant}/integrations/shopify") is None
 
 
 # -- signature ------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def app_client(
 
     Written after the session's `meta_app`, so this module's app is the one in Vault.
     """
-    vault_admin.kv_write(
+    vault_admin.kv.write(
         "platform/meta", {"client_id": APP_ID, "client_secret": APP_SECRET}, cas=None
     )
     settings = make_settings(
@@ -202,7 +202,7 @@ def test_a_dead_code_is_refused_stores_nothing_and_is_audited(
     assert "run the embedded signup again" in refused.json()["detail"]
     assert done.code not in refused.text
     assert whatsapp(app_client, tenant)["configured"] is False
-    assert broker_vault.kv_read(f"tenants/{tenant}/integrations/whatsapp") is None
+    assert broker_vault.kv.read(f"tenants/{tenant}/integrations/whatsapp") is None
     (event,) = events(engine, action="integration.oauth.connect", tenant=tenant)
     assert (event.outcome, event.detail["reason"]) == ("failed", "invalid_code")
 
@@ -214,7 +214,7 @@ def test_a_code_posted_beside_another_customers_waba_is_refused(
     body = {**own.body(), "waba_id": victim.waba_id}
     refused = app_client.post(SIGNUP, json=body, headers=_admin(tenant))
     assert refused.status_code == 422
-    assert broker_vault.kv_read(f"tenants/{tenant}/integrations/whatsapp") is None
+    assert broker_vault.kv.read(f"tenants/{tenant}/integrations/whatsapp") is None
     (event,) = events(engine, action="integration.oauth.connect", tenant=tenant)
     assert (event.outcome, event.detail["reason"]) == ("failed", "waba_not_granted")
 

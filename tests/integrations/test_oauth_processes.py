@@ -72,7 +72,7 @@ def shopify(clock: FakeClock, vault_admin: VaultGateway) -> Iterator[FakeShopify
     """The fake Shopify; the platform app it knows is the one in Vault."""
     with FakeShopifyOAuth(client_id=CLIENT_ID, client_secret=CLIENT_SECRET, clock=clock) as fake:
         fake.allowed_redirect_uris = [f"{REDIRECT_BASE}/v1/oauth/callback/shopify"]
-        vault_admin.kv_write(
+        vault_admin.kv.write(
             "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
         )
         yield fake

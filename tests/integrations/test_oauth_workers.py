@@ -74,7 +74,7 @@ def shopify(vault_admin: VaultGateway) -> Iterator[FakeShopifyOAuth]:
         client_id=CLIENT_ID, client_secret=CLIENT_SECRET, clock=FakeClock()
     ) as fake:
         fake.allowed_redirect_uris = [CALLBACK]
-        vault_admin.kv_write(
+        vault_admin.kv.write(
             "platform/shopify", {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, cas=None
         )
         yield fake

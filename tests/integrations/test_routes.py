@@ -39,7 +39,7 @@ def put(
 
 
 def stored(vault_admin: VaultGateway, tenant: str, provider: str) -> dict[str, Any] | None:
-    entry = vault_admin.kv_read(f"tenants/{tenant}/integrations/{provider}")
+    entry = vault_admin.kv.read(f"tenants/{tenant}/integrations/{provider}")
     return entry.data if entry else None
 
 
@@ -288,7 +288,7 @@ def test_concurrent_saves_never_silently_overwrite(
     for thread in threads:
         thread.join()
     assert set(statuses) <= {200, 409}
-    meta = vault_admin.kv_metadata(f"tenants/{tenant}/integrations/openai")
+    meta = vault_admin.kv.metadata(f"tenants/{tenant}/integrations/openai")
     assert meta is not None
     # Every acknowledged save is its own KV version: none was overwritten unseen.
     assert meta["current_version"] == statuses.count(200)
@@ -312,8 +312,8 @@ def test_a_ciphertext_only_decrypts_for_its_own_tenant_and_provider(
     ciphertext = stored(vault_admin, victim, "shopify")
     assert ciphertext is not None
     # Plant the victim's ciphertext under another provider and another tenant.
-    vault_admin.kv_write(f"tenants/{victim}/integrations/twilio", ciphertext, cas=None)
-    vault_admin.kv_write(f"tenants/{other}/integrations/shopify", ciphertext, cas=None)
+    vault_admin.kv.write(f"tenants/{victim}/integrations/twilio", ciphertext, cas=None)
+    vault_admin.kv.write(f"tenants/{other}/integrations/shopify", ciphertext, cas=None)
     creds, _ = read_credentials(broker_vault, tenant_id=victim, provider="shopify")
     assert creds.reveal("access_token") == VALID["shopify"]["access_token"]
     with pytest.raises(CiphertextRejected):
@@ -402,7 +402,7 @@ def test_restoring_a_version_with_a_non_public_store_url_is_refused(
     secrets = {name: value for name, value in fields.items() if name != "store_url"}
     ciphertext = SealedStore(vault_admin).seal(tenant, "integrations/woocommerce", secrets, public)
     planted = {"ciphertext": ciphertext, "public": public}
-    assert vault_admin.kv_write(path, planted, cas=1) == 2
+    assert vault_admin.kv.write(path, planted, cas=1) == 2
     with engine.begin() as connection:
         # The row catches up with Vault the way an interrupted write would: by reconciling.
         connection.execute(
@@ -419,7 +419,7 @@ def test_restoring_a_version_with_a_non_public_store_url_is_refused(
     assert restore.status_code == 422, restore.text
     assert [error["field"] for error in restore.json()["errors"]] == ["fields.store_url"]
     assert "169.254" not in restore.text
-    entry = vault_admin.kv_read(path)
+    entry = vault_admin.kv.read(path)
     assert entry is not None
     assert entry.data["public"]["identifiers"] == {"store_url": providers.base_url}
     assert listing(client, tenant)["woocommerce"]["version"] == 3

@@ -105,7 +105,7 @@ def _listed(client: TestClient, tenant: str) -> dict[str, Any]:
 def _wait_for_version(vault: VaultGateway, path: str, version: int) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        meta = vault.kv_metadata(path)
+        meta = vault.kv.metadata(path)
         if meta is not None and int(meta["current_version"]) >= version:
             return
         time.sleep(0.1)
@@ -113,7 +113,7 @@ def _wait_for_version(vault: VaultGateway, path: str, version: int) -> None:
 
 
 def _current_version(vault: VaultGateway, path: str) -> int:
-    meta = vault.kv_metadata(path)
+    meta = vault.kv.metadata(path)
     return int(meta["current_version"]) if meta else 0
 
 
@@ -200,7 +200,7 @@ def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
 def _wait_for_deletion(vault: VaultGateway, path: str, version: int) -> None:
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        meta = vault.kv_metadata(path)
+        meta = vault.kv.metadata(path)
         if meta is not None and meta["versions"][str(version)]["deletion_time"]:
             return
         time.sleep(0.1)
@@ -313,7 +313,7 @@ def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
     (answer,) = answers
     assert answer.status_code == 404, answer.text
     # Nothing of the tenant outlives its deletion, not even what landed after it.
-    assert vault_admin.kv_metadata(f"tenants/{tenant}/{item}") is None
+    assert vault_admin.kv.metadata(f"tenants/{tenant}/{item}") is None
 
 
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
@@ -445,7 +445,7 @@ def test_concurrent_saves_each_answer_with_their_own_version_and_etag(
         version = response.json()["version"]
         assert response.headers["etag"] == f'"{version}"'
         assert response.json()["hints"]["auth_token"].endswith(secret[-4:])
-        stored = vault_admin.kv_read(path, version=version)
+        stored = vault_admin.kv.read(path, version=version)
         assert stored is not None
         assert stored.data["public"]["hints"]["auth_token"].endswith(secret[-4:])
 
@@ -469,13 +469,13 @@ def test_an_identifier_changed_in_kv_without_transit_does_not_verify(
     )
     assert saved.status_code == 200, saved.text
     path = f"tenants/{tenant}/integrations/woocommerce"
-    entry = vault_admin.kv_read(path)
+    entry = vault_admin.kv.read(path)
     assert entry is not None
     # Someone with KV write access but no Transit swaps the store URL.
     forged = dict(entry.data)
     forged["public"] = dict(entry.data["public"])
     forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
-    vault_admin.kv_write(path, forged, cas=entry.version)
+    vault_admin.kv.write(path, forged, cas=entry.version)
 
     response = client.get(f"/v1/credentials/{tenant}/woocommerce", headers=_service(tenant))
     assert response.status_code == 409
@@ -503,15 +503,15 @@ def test_a_ciphertext_from_before_sealed_identifiers_does_not_verify(
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
     path = f"tenants/{tenant}/integrations/twilio"
-    entry = vault_admin.kv_read(path)
+    entry = vault_admin.kv.read(path)
     assert entry is not None
-    bare = vault_admin.transit_encrypt(
+    bare = vault_admin.transit.encrypt(
         f"tenant-{tenant}",
         json.dumps({"auth_token": "a" * 32}).encode(),
         context=f"{tenant}/twilio",
     )
     assert base64  # the context is base64-encoded by the gateway itself
-    vault_admin.kv_write(path, {**entry.data, "ciphertext": bare}, cas=entry.version)
+    vault_admin.kv.write(path, {**entry.data, "ciphertext": bare}, cas=entry.version)
     response = client.get(f"/v1/credentials/{tenant}/twilio", headers=_service(tenant))
     assert response.status_code == 409
     assert "a" * 32 not in response.text
@@ -600,12 +600,12 @@ def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
     url = "/v1/tenants/settings/integrations/woocommerce"
     assert client.put(url, json={"fields": fields}, headers=_admin(tenant)).status_code == 200
     path = f"tenants/{tenant}/integrations/woocommerce"
-    entry = vault_admin.kv_read(path)
+    entry = vault_admin.kv.read(path)
     assert entry is not None
     forged = dict(entry.data)
     forged["public"] = dict(entry.data["public"])
     forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
-    vault_admin.kv_write(path, forged, cas=entry.version)
+    vault_admin.kv.write(path, forged, cas=entry.version)
 
     tested = client.post(f"{url}/test", headers=_admin(tenant))
     restored = client.post(f"{url}/versions/2/restore", headers=_admin(tenant))
@@ -635,8 +635,8 @@ def test_a_row_rebuilt_from_vault_never_adopts_hints_that_do_not_verify(
         saved = client.put(url, json={"fields": fields}, headers=_admin(tenant))
         assert saved.status_code == 200, saved.text
     path = f"tenants/{mine}/integrations/woocommerce"
-    entry = vault_admin.kv_read(path)
-    theirs = vault_admin.kv_read(f"tenants/{other}/integrations/woocommerce")
+    entry = vault_admin.kv.read(path)
+    theirs = vault_admin.kv.read(f"tenants/{other}/integrations/woocommerce")
     assert entry is not None
     assert theirs is not None
     # A write interrupted after T1 left the row pending, and KV now shows a version whose
@@ -650,7 +650,7 @@ def test_a_row_rebuilt_from_vault_never_adopts_hints_that_do_not_verify(
             ),
             {"t": mine},
         )
-    vault_admin.kv_write(path, {**entry.data, "public": theirs.data["public"]}, cas=entry.version)
+    vault_admin.kv.write(path, {**entry.data, "public": theirs.data["public"]}, cas=entry.version)
 
     for _ in range(2):  # every reader tries the rebuild again
         answer = client.get("/v1/tenants/settings/integrations", headers=_admin(mine))

@@ -59,7 +59,7 @@ def parallel(fn: Callable[[str], T], items: list[str]) -> list[T]:
 
 def kv_version(vault: VaultGateway, tenant_id: str) -> int:
     """The current KV version of the tenant's Twilio credentials (0: none)."""
-    meta = vault.kv_metadata(f"tenants/{tenant_id}/integrations/twilio")
+    meta = vault.kv.metadata(f"tenants/{tenant_id}/integrations/twilio")
     return int(meta["current_version"]) if meta else 0
 
 

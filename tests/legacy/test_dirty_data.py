@@ -188,7 +188,7 @@ def check_padded_values_and_metadata(
         ).all()
         assert [e.detail["connection_test"] for e in events] == ["skipped"]
         assert events[0].actor == f"user:legacy-migration:{getpass.getuser()}"
-    entry = vault_admin.kv_read(f"tenants/{table.acme}/integrations/twilio")
+    entry = vault_admin.kv.read(f"tenants/{table.acme}/integrations/twilio")
     assert entry is not None
     assert entry.data["public"]["connection_test"] == "skipped"
 

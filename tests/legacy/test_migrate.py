@@ -229,7 +229,7 @@ def test_dry_run_writes_nothing(
 
     def state() -> Any:
         vault = [
-            (kv_version(vault_admin, t), vault_admin.transit_key_info(f"tenant-{t}")) for t in new
+            (kv_version(vault_admin, t), vault_admin.transit.key_info(f"tenant-{t}")) for t in new
         ]
         return row_counts(engine), vault, kv_version(vault_admin, taken), legacy.rows()
 
@@ -449,7 +449,7 @@ def test_vault_killed_mid_run_then_rerun_completes_with_nothing_lost_or_duplicat
         assert first.stopped is not None
         assert "Vault" in first.stopped
         with pytest.raises(BrokerError):
-            vault.kv_metadata("tenants/x/integrations/twilio")
+            vault.kv.metadata("tenants/x/integrations/twilio")
 
         bao.start()  # same raft data, unsealed again
         second = migrate_legacy(engine, vault, source, batch_size=50)

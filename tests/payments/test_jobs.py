@@ -79,7 +79,7 @@ def test_a_payout_write_that_landed_after_its_503_settles_without_a_reader(
     proxy.clear()
     path = f"tenants/{tenant}/payout"
     wait_for(
-        lambda: int((vault_admin.kv_metadata(path) or {}).get("current_version", 0)) == 2,
+        lambda: int((vault_admin.kv.metadata(path) or {}).get("current_version", 0)) == 2,
         timeout_s=15,
         what="the held write to land",
     )

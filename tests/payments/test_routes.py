@@ -209,7 +209,7 @@ def test_payout_is_sealed_in_vault_and_only_a_hint_is_in_postgres(
     assert iban not in response.text
     read = client.get("/v1/tenants/settings/payout", headers=finance(tenant, "finance:view"))
     assert read.json()["hint"] == body["hint"]
-    entry = vault_admin.kv_read(f"tenants/{tenant}/payout")
+    entry = vault_admin.kv.read(f"tenants/{tenant}/payout")
     assert entry is not None
     assert entry.data["ciphertext"].startswith("vault:v1:")
     assert iban not in str(entry.data)

@@ -96,4 +96,4 @@ def test_concurrent_deletions_of_one_tenant_never_fail(
         assert set(statuses) <= {204, 404}, statuses
         assert 204 in statuses
         assert client.get(f"/v1/tenants/{tenant}", headers=OPS).status_code == 404
-        assert vault_admin.transit_key_info(f"tenant-{tenant}") is None
+        assert vault_admin.transit.key_info(f"tenant-{tenant}") is None

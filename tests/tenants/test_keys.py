@@ -36,7 +36,7 @@ def test_a_new_tenant_has_its_own_derived_aes256_key(
     client: TestClient, vault_admin: VaultGateway
 ) -> None:
     tenant = make_tenant(client)
-    info = vault_admin.transit_key_info(key_name(tenant))
+    info = vault_admin.transit.key_info(key_name(tenant))
     assert info is not None
     assert info["type"] == "aes256-gcm96"
     assert info["derived"] is True
@@ -46,10 +46,10 @@ def test_backfill_creates_missing_keys_only(
     client: TestClient, engine: Engine, vault_admin: VaultGateway, broker_vault: VaultGateway
 ) -> None:
     tenant = make_tenant(client)
-    vault_admin.transit_delete_key(key_name(tenant))
+    vault_admin.transit.delete_key(key_name(tenant))
     created = backfill_keys(engine, broker_vault)
     assert tenant in created
-    assert vault_admin.transit_key_info(key_name(tenant)) is not None
+    assert vault_admin.transit.key_info(key_name(tenant)) is not None
     assert tenant not in backfill_keys(engine, broker_vault)
 
 
@@ -62,7 +62,7 @@ def test_rotation_rewraps_everything_and_retires_old_ciphertexts(
     tenant = make_tenant(client)
     for provider in ("twilio", "shopify", "openai"):
         save(client, tenant, provider, providers)
-    old = vault_admin.kv_read(f"tenants/{tenant}/integrations/shopify")
+    old = vault_admin.kv.read(f"tenants/{tenant}/integrations/shopify")
     assert old is not None
     response = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=OPS)
     assert response.status_code == 200, response.text
@@ -70,16 +70,16 @@ def test_rotation_rewraps_everything_and_retires_old_ciphertexts(
     assert report["key_version"] == 2
     assert (report["rewrapped"], report["already_current"], report["resumed"]) == (3, 0, False)
     for provider in ("twilio", "shopify", "openai"):
-        entry = vault_admin.kv_read(f"tenants/{tenant}/integrations/{provider}")
+        entry = vault_admin.kv.read(f"tenants/{tenant}/integrations/{provider}")
         assert entry is not None
         assert entry.data["ciphertext"].startswith("vault:v2:")
         creds, _ = read_credentials(broker_vault, tenant_id=tenant, provider=provider)
         assert creds.reveal(next(iter(VALID[provider]))) == next(iter(VALID[provider].values()))
     with pytest.raises(BrokerError):
-        vault_admin.transit_decrypt(
+        vault_admin.transit.decrypt(
             key_name(tenant), old.data["ciphertext"], context=binding(tenant, "shopify")
         )
-    info = vault_admin.transit_key_info(key_name(tenant))
+    info = vault_admin.transit.key_info(key_name(tenant))
     assert info is not None
     assert info["min_decryption_version"] == 2
     listed = client.get(
@@ -103,7 +103,7 @@ def test_an_interrupted_rotation_resumes_without_rotating_twice(
     save(client, tenant, "twilio", providers)
     save(client, tenant, "openai", providers)
     # Simulate a run that rotated the key and recorded it, then died before rewrapping.
-    target = broker_vault.transit_rotate(key_name(tenant))
+    target = broker_vault.transit.rotate(key_name(tenant))
     with engine.begin() as conn:
         conn.execute(
             text(
@@ -134,16 +134,16 @@ def test_deleting_a_tenant_crypto_shreds_it(
     tenant = make_tenant(client)
     save(client, tenant, "shopify", providers)
     save(client, tenant, "twilio", providers)
-    kept = vault_admin.kv_read(f"tenants/{tenant}/integrations/shopify")
+    kept = vault_admin.kv.read(f"tenants/{tenant}/integrations/shopify")
     assert kept is not None
     response = client.delete(f"/v1/tenants/{tenant}", headers=OPS)
     assert response.status_code == 204
-    assert vault_admin.kv_metadata(f"tenants/{tenant}/integrations/shopify") is None
-    assert vault_admin.kv_metadata(f"tenants/{tenant}/integrations/twilio") is None
-    assert vault_admin.transit_key_info(key_name(tenant)) is None
+    assert vault_admin.kv.metadata(f"tenants/{tenant}/integrations/shopify") is None
+    assert vault_admin.kv.metadata(f"tenants/{tenant}/integrations/twilio") is None
+    assert vault_admin.transit.key_info(key_name(tenant)) is None
     # The ciphertext kept from before (a backup, say) is now undecryptable.
     with pytest.raises(BrokerError):
-        vault_admin.transit_decrypt(
+        vault_admin.transit.decrypt(
             key_name(tenant), kept.data["ciphertext"], context=binding(tenant, "shopify")
         )
     with engine.connect() as conn:
@@ -197,7 +197,7 @@ def test_rotating_many_tenants_side_by_side_settles_every_row(
         # the same, only its wrapping changed.
         assert (version, pending, rotated_at) == (before[key][0] + 1, False, before[key][2])
         tenant, provider = key
-        entry = vault_admin.kv_read(f"tenants/{tenant}/integrations/{provider}")
+        entry = vault_admin.kv.read(f"tenants/{tenant}/integrations/{provider}")
         assert entry is not None
         assert entry.version == version
         assert entry.data["ciphertext"].startswith("vault:v2:")

