@@ -139,9 +139,10 @@ def _build_state(
     state.settings = settings
     state.engine = engine
     state.vault = vault
+    # First: a missing key is a configuration error, said before anything starts.
+    state.verifier = TokenVerifier.from_settings(settings)
     state.deletions = DeletionWatch(engine, ttl_s=settings.tenant_status_ttl_s)
     state.deletions.revalidate()  # known before the first fetch, in the background
-    state.verifier = TokenVerifier.from_settings(settings)
     state.metrics = Metrics()
     state.outbound = outbound = outbound_for(settings)
     state.dependency_metrics = dependencies = DependencyMetrics(state.metrics.registry)
