@@ -11,6 +11,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import Engine
 
 from broker.app import create_app
 from broker.core.config import Settings
@@ -81,8 +82,10 @@ def _value(client: TestClient, name: str, **labels: str) -> float:
 
 
 def test_a_failed_vault_call_is_counted_by_operation_node_and_error(
-    client: TestClient, broker_vault: VaultGateway
+    settings: Settings, engine: Engine, broker_vault: VaultGateway
 ) -> None:
+    # An app of its own: the session's gateway reports to the app built last with it.
+    client = TestClient(create_app(settings, engine=engine, vault=broker_vault))
     labels = {"operation": "read a secret", "node": broker_vault.addrs[0], "error": "Forbidden"}
     before = _value(client, "broker_vault_request_errors_total", **labels)
     # Outside the broker's policy: the real Vault refuses it.

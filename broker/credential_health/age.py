@@ -11,6 +11,8 @@ nothing renews (Meta's business token) is `expiring` before its expiry and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
@@ -169,7 +171,6 @@ def report(
 ) -> list[ReportRow]:
     """Every live tenant's credentials that are overdue, due, expiring, expired or failing."""
     now = now or utcnow()
-    found: list[ReportRow] = []
     with unit_of_work(engine) as session:
         rows = session.exec(
             select(IntegrationCredential)
@@ -179,25 +180,39 @@ def report(
             .order_by(col(IntegrationCredential.tenant_id), col(IntegrationCredential.provider))
             .execution_options(yield_per=1000)
         )
-        for row in rows:
-            age = age_of(row, settings, now)
-            item = ReportRow(
-                tenant_id=row.tenant_id,
-                provider=row.provider,
-                kind=row.credential_kind,
-                version=row.kv_version,
-                health="needs_reconnect" if row.needs_reconnect else row.health_state,
-                health_reason=row.health_reason,
-                age=age.state,
-                created_at=age.created_at,
-                rotated_at=age.rotated_at,
-                rotation_due_at=age.rotation_due_at,
-                expires_at=age.expires_at,
-            )
-            if set(item.problems) & problems:
-                found.append(item)
-                if len(found) >= limit:
-                    break
+        # Closed explicitly: stopping at `limit` leaves the server-side cursor open.
+        with closing(rows):
+            found = _problem_rows(rows, settings, now, problems, limit)
+    return found
+
+
+def _problem_rows(
+    rows: Iterable[IntegrationCredential],
+    settings: Settings,
+    now: datetime,
+    problems: frozenset[str],
+    limit: int,
+) -> list[ReportRow]:
+    found: list[ReportRow] = []
+    for row in rows:
+        age = age_of(row, settings, now)
+        item = ReportRow(
+            tenant_id=row.tenant_id,
+            provider=row.provider,
+            kind=row.credential_kind,
+            version=row.kv_version,
+            health="needs_reconnect" if row.needs_reconnect else row.health_state,
+            health_reason=row.health_reason,
+            age=age.state,
+            created_at=age.created_at,
+            rotated_at=age.rotated_at,
+            rotation_due_at=age.rotation_due_at,
+            expires_at=age.expires_at,
+        )
+        if set(item.problems) & problems:
+            found.append(item)
+            if len(found) >= limit:
+                break
     return found
 
 
