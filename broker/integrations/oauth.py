@@ -224,7 +224,7 @@ class OAuthAccess:
     lock_timeout_s: float
     clock: Clock
     gate: RefreshGate = field(default_factory=RefreshGate)
-    apps: dict[str, OAuthApp] | None = None
+    apps: dict[str, OAuthApp] | None = field(default=None, compare=False)
     """A job run's platform apps, read from Vault once per run; None (the API) reads them
     on every use, so a rotated client secret takes effect at once."""
 
