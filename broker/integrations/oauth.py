@@ -1100,15 +1100,7 @@ def _exchange_pasted(
             ),
         )
     except TokenRefused as exc:
-        trail.record_separately(
-            access.engine,
-            action="integration.oauth.migrate",
-            resource=f"tenants/{tenant_id}/integrations/{spec.name}",
-            outcome="failed",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": exc.error},
-        )
+        _record_failure(access, principal, tenant_id, spec, "migrate", exc.error)
         # invalid_grant: the token itself is refused; others (invalid_client) are ours.
         hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
         raise ValidationFailed(
@@ -1264,7 +1256,7 @@ def _signup_tokens(
             raise ProviderUnavailable(f"{spec.title} answered the code without a token")
         expires_at = _token_expiry(access, oauth, spec.title, signup, token, answer)
     except TokenRefused as exc:
-        _signup_refused(access, principal, tenant_id, spec, exc.error)
+        _record_failure(access, principal, tenant_id, spec, "connect", exc.error)
         raise ValidationFailed(
             f"{spec.title} refused the signup code ({exc.error}): it lasts 30 seconds and "
             "works once; run the embedded signup again"
@@ -1299,7 +1291,8 @@ def connect_embedded_signup(
     tokens = _signup_tokens(access, spec, oauth, principal, tenant_id, signup)
     result = _test(access, spec, oauth, signup.waba_id, tokens)
     if not result.ok:
-        _signup_refused(access, principal, tenant_id, spec, f"connection_test_{result.code}")
+        reason = f"connection_test_{result.code}"
+        _record_failure(access, principal, tenant_id, spec, "connect", reason)
         raise ValidationFailed(f"the new {spec.title} token failed its test: {result.reason}")
     context.restart_vault_budget()  # the exchange and the checks were Meta's time
     identifiers = {
@@ -1324,12 +1317,18 @@ def connect_embedded_signup(
     )
 
 
-def _signup_refused(
-    access: OAuthAccess, principal: Principal, tenant_id: str, spec: ProviderSpec, reason: str
+def _record_failure(
+    access: OAuthAccess,
+    principal: Principal,
+    tenant_id: str,
+    spec: ProviderSpec,
+    step: Literal["connect", "migrate"],
+    reason: str,
 ) -> None:
+    """On record, in its own transaction: a connect or migration the provider refused."""
     trail.record_separately(
         access.engine,
-        action="integration.oauth.connect",
+        action=f"integration.oauth.{step}",
         resource=f"tenants/{tenant_id}/integrations/{spec.name}",
         outcome="failed",
         principal=principal,
