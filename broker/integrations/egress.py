@@ -344,7 +344,19 @@ def _dial(
     raise last_error
 
 
-class _PinnedBackend(httpcore.NetworkBackend):
+class _TcpOnly(httpcore.NetworkBackend):
+    """What both egress backends share: TCP to checked addresses, never a unix socket."""
+
+    def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.NetworkStream:
+        raise httpcore.ConnectError("unix sockets are not allowed")
+
+
+class _PinnedBackend(_TcpOnly):
     """Network backend that dials only the pre-validated addresses of one origin.
 
     httpcore asks it to connect to ``(host name, port)``; instead of resolving the name
@@ -378,19 +390,11 @@ class _PinnedBackend(httpcore.NetworkBackend):
         )
         return _DeadlineStream(stream, self._deadline)
 
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not allowed")
-
     def sleep(self, seconds: float) -> None:
         time.sleep(max(0.0, min(seconds, self._deadline - time.monotonic())))
 
 
-class GuardedBackend(httpcore.NetworkBackend):
+class GuardedBackend(_TcpOnly):
     """Network backend for long-lived clients: vets every host before each new connection.
 
     httpcore hands it the URL's host; it applies the same checks as
@@ -427,14 +431,6 @@ class GuardedBackend(httpcore.NetworkBackend):
             local_address=local_address,
             socket_options=socket_options,
         )
-
-    def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.NetworkStream:
-        raise httpcore.ConnectError("unix sockets are not allowed")
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 
 from procrastinate import JobContext
@@ -14,13 +15,12 @@ from sqlmodel import Session, col, select
 
 from broker.app import oauth_access_for, outbound_for
 from broker.auth.principal import Principal
-from broker.core import context as request_context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
 from broker.integrations import oauth
 from broker.integrations.providers import PROVIDERS
 from broker.integrations.service import reconcile_tenant
-from broker.jobs.app import MAINTENANCE_QUEUE, JobResources, app, resources
+from broker.jobs.app import JobResources, maintenance_task, start_job
 from broker.jobs.defer import defer
 from broker.models import IntegrationCredential, Tenant
 from broker.vault.sealed import SealedStore
@@ -51,24 +51,14 @@ def tenants_with_pending_writes(engine: Engine) -> list[str]:
 
 # One run at a time across all workers (lock), and at most one waiting (queueing
 # lock): a run reconciles every pending row, so a second waiting one adds nothing.
-@app.periodic(cron="* * * * *")
-@app.task(
-    name=RECONCILE_PENDING,
-    queue=MAINTENANCE_QUEUE,
-    pass_context=True,
-    lock=RECONCILE_PENDING,
-    queueing_lock=RECONCILE_PENDING,
-)
+@maintenance_task(RECONCILE_PENDING, cron="* * * * *")
 def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
     """Rebuild every pending credential row from Vault, without waiting for a reader.
 
     Idempotent: a row whose write Vault shows settles, one whose write may still
     land stays pending for the next run. Returns how many rows were pending.
     """
-    shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
+    shared = start_job(context)
     store = SealedStore(shared.vault)
     pending = 0
     for tenant_id in tenants_with_pending_writes(shared.engine):
@@ -136,14 +126,7 @@ def _refresh_providers(
 
 # One run at a time, at most one waiting; each refresh also takes the credential's own
 # locks, so a fetch refreshing the same token at the same moment never doubles it.
-@app.periodic(cron="* * * * *")
-@app.task(
-    name=REFRESH_DUE,
-    queue=MAINTENANCE_QUEUE,
-    pass_context=True,
-    lock=REFRESH_DUE,
-    queueing_lock=REFRESH_DUE,
-)
+@maintenance_task(REFRESH_DUE, cron="* * * * *")
 def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     """Refresh every OAuth access token that expires within `oauth_refresh_ahead_s`.
 
@@ -152,10 +135,7 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
     is logged and left to the next run, or to `needs_reconnect`. Returns how many
     were refreshed.
     """
-    shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
+    shared = start_job(context)
     outbound = outbound_for(shared.settings)
     access = oauth_access_for(
         shared.settings,
@@ -164,6 +144,8 @@ def refresh_due_tokens(context: JobContext, timestamp: int = 0) -> int:
         outbound=outbound,
         clock=shared.clock,
     )
+    # The platform apps are read once for the run, not once per refresh.
+    access = replace(access, apps={})
     worker = Principal(subject="broker-worker", kind="service", scopes=frozenset())
     ahead = timedelta(seconds=shared.settings.oauth_refresh_ahead_s)
     # At most this many per provider in one run; a full batch queues the next run at once.

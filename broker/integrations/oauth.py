@@ -224,6 +224,9 @@ class OAuthAccess:
     lock_timeout_s: float
     clock: Clock
     gate: RefreshGate = field(default_factory=RefreshGate)
+    apps: dict[str, OAuthApp] | None = field(default=None, compare=False)
+    """A job run's platform apps, read from Vault once per run; None (the API) reads them
+    on every use, so a rotated client secret takes effect at once."""
 
     def redirect_uri(self, provider: str) -> str:
         """The callback the provider sends the browser to."""
@@ -271,6 +274,16 @@ def platform_app(vault: VaultGateway, oauth: OAuthSpec) -> OAuthApp:
     return OAuthApp(client_id, client_secret)
 
 
+def _app(access: OAuthAccess, oauth: OAuthSpec) -> OAuthApp:
+    """The platform app, from the run's cache when the access has one."""
+    if access.apps is None:
+        return platform_app(access.vault, oauth)
+    app = access.apps.get(oauth.client_path)
+    if app is None:
+        app = access.apps[oauth.client_path] = platform_app(access.vault, oauth)
+    return app
+
+
 def _client(access: OAuthAccess, app: OAuthApp, *, redirect_uri: str | None = None) -> Any:
     policy = access.outbound.client.policy
     return OAuth2Client(
@@ -305,6 +318,36 @@ def _token_request(
         client.close()
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """A provider's answer to a token grant, with when it was asked (expiries count from
+    then, never late) and the app that asked."""
+
+    token: Mapping[str, Any]
+    asked_at: datetime
+    app: OAuthApp
+
+
+def _grant(
+    access: OAuthAccess,
+    oauth: OAuthSpec,
+    title: str,
+    grant: Callable[[Any, OAuthApp], Any],
+    *,
+    app: OAuthApp | None = None,
+) -> _Answer:
+    """One token grant (code, refresh, exchange) as the platform's app."""
+    asking = app or _app(access, oauth)
+    asked_at = access.clock()
+    token = _token_request(access, asking, title, lambda client: grant(client, asking))
+    return _Answer(token, asked_at, asking)
+
+
+def _account(oauth: OAuthSpec, public: Mapping[str, Any]) -> str:
+    """The provider account a stored credential is for, from its public identifiers."""
+    return str((public.get("identifiers") or {}).get(oauth.account_field) or "")
+
+
 def _graph_error(error: object) -> str:
     """A safe name for Graph's error envelope `{"error": {"code", "error_subcode", ...}}`."""
     # Graph's message may quote the request; only the numeric codes are looked at.
@@ -316,9 +359,9 @@ def _graph_error(error: object) -> str:
     return "unrecognised_error"
 
 
-def _token_set(oauth: OAuthSpec, token: Mapping[str, Any], now: datetime, title: str) -> TokenSet:
+def _token_set(oauth: OAuthSpec, answer: _Answer, title: str) -> TokenSet:
     """Map a token answer to a TokenSet; anything missing or odd is the provider's fault."""
-    keys = oauth.mapping
+    keys, token, now = oauth.mapping, answer.token, answer.asked_at
     access_token, refresh_token = token.get(keys.access_token), token.get(keys.refresh_token)
     expires_in, refresh_in = token.get(keys.expires_in), token.get(keys.refresh_expires_in)
     if (
@@ -396,7 +439,7 @@ def start_connect(
     account = account.lower()
     return_url = _allowed_return_url(access, principal, tenant_id, provider, account, return_url)
     redirect_uri = access.redirect_uri(provider)
-    app = platform_app(access.vault, oauth)
+    app = _app(access, oauth)
     state = secrets.token_urlsafe(32)
     now = access.clock()
     expires_at = now + access.state_ttl
@@ -537,7 +580,7 @@ def _verify_callback(
     params = dict(query)
     if not all(params.get(name) for name in ("code", "hmac", "shop", "state", "timestamp")):
         raise _Refused("malformed")
-    app = platform_app(access.vault, oauth)
+    app = _app(access, oauth)
     expected = callback_signature(query, app.client_secret)
     # Constant time: a timing difference would let an attacker build a valid signature.
     if not hmac.compare_digest(expected.encode(), params["hmac"].lower().encode()):
@@ -599,22 +642,22 @@ def _exchange_code(
     """The token set the callback's code buys, refused unless every scope was granted."""
     code = dict(query)["code"]
     redirect_uri = access.redirect_uri(seen.provider)
-    now = access.clock()
     try:
-        token = _token_request(
+        answer = _grant(
             access,
-            app,
+            oauth,
             spec.title,
-            lambda client: client.fetch_token(
+            lambda client, _: client.fetch_token(
                 oauth.token_url(access.outbound.endpoints, state.shop),
                 code=code,
                 redirect_uri=redirect_uri,
                 **oauth.token_params,
             ),
+            app=app,  # the one that checked the callback's signature
         )
     except TokenRefused:
         raise _Refused("code_refused", "failed") from None
-    tokens = _token_set(oauth, token, now, spec.title)
+    tokens = _token_set(oauth, answer, spec.title)
     granted = {s.strip() for s in tokens.scope.split(oauth.scope_separator) if s.strip()}
     if not set(oauth.scopes) <= granted:
         raise _Refused("scope_not_granted", "failed")
@@ -908,33 +951,53 @@ def _refresh(
     public: Mapping[str, Any],
     tokens: TokenSet,
 ) -> tuple[TokenSet, int]:
-    account = str((public.get("identifiers") or {}).get(oauth.account_field) or "")
-    now = access.clock()
+    account = _account(oauth, public)
     answer = _request_refresh(access, spec, oauth, principal, tenant_id, version, account, tokens)
-    new = _token_set(oauth, answer, now, spec.title)
-    # Shopify has rotated: the store must not fail for time the provider took.
-    context.restart_vault_budget()
+    new = _token_set(oauth, answer, spec.title)
     # Persisted (check-and-set against the version refreshed) before anyone uses it.
     try:
-        stored = service.store_token_set(
-            access.engine,
-            access.vault,
-            principal=principal,
-            tenant_id=tenant_id,
-            provider=spec.name,
-            secrets=new.secrets(),
-            identifiers={oauth.account_field: account},
-            public=_public(oauth, account, new, principal, None),
-            action="integration.oauth.refresh",
-            if_match=service.etag_of(version),
-            test=None,
+        stored = _store_renewed(
+            access, oauth, principal, tenant_id, spec.name, account, new, version, "refresh"
         )
     except (Conflict, PreconditionFailed):
         # An admin saved or connected meanwhile: theirs stands; the next fetch reads it.
         raise UpstreamUnavailable(
             "the credentials changed during the refresh; retry", retry_after=1
         ) from None
-    return new, stored.kv_version
+    return new, stored
+
+
+def _store_renewed(
+    access: OAuthAccess,
+    oauth: OAuthSpec,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    account: str,
+    tokens: TokenSet,
+    version: int,
+    step: Literal["refresh", "migrate"],
+) -> int:
+    """Store a token set the provider renewed over the version it came from (check-and-set).
+
+    Returns the new KV version.
+    """
+    # The provider has already rotated: the store must not fail for time it took.
+    context.restart_vault_budget()
+    stored = service.store_token_set(
+        access.engine,
+        access.vault,
+        principal=principal,
+        tenant_id=tenant_id,
+        provider=provider,
+        secrets=tokens.secrets(),
+        identifiers={oauth.account_field: account},
+        public=_public(oauth, account, tokens, principal, None),
+        action=f"integration.oauth.{step}",
+        if_match=service.etag_of(version),
+        test=None,
+    )
+    return stored.kv_version
 
 
 def _request_refresh(
@@ -946,15 +1009,14 @@ def _request_refresh(
     version: int,
     account: str,
     tokens: TokenSet,
-) -> Mapping[str, Any]:
+) -> _Answer:
     """The provider's answer to the refresh; a refusal is recorded and raised as what it means."""
-    app = platform_app(access.vault, oauth)
     try:
-        return _token_request(
+        return _grant(
             access,
-            app,
+            oauth,
             spec.title,
-            lambda client: client.refresh_token(
+            lambda client, _: client.refresh_token(
                 oauth.token_url(access.outbound.endpoints, account),
                 refresh_token=tokens.refresh_token,
             ),
@@ -1023,15 +1085,14 @@ def _exchange_pasted(
     tenant_id: str,
     account: str,
     pasted: str,
-) -> Mapping[str, Any]:
+) -> _Answer:
     """The expiring token set the provider gives for a pasted token; a refusal is recorded."""
-    app = platform_app(access.vault, oauth)
     try:
-        return _token_request(
+        return _grant(
             access,
-            app,
+            oauth,
             spec.title,
-            lambda client: client.fetch_token(
+            lambda client, _: client.fetch_token(
                 oauth.token_url(access.outbound.endpoints, account),
                 subject_token=pasted,
                 **oauth.token_exchange,
@@ -1039,15 +1100,7 @@ def _exchange_pasted(
             ),
         )
     except TokenRefused as exc:
-        trail.record_separately(
-            access.engine,
-            action="integration.oauth.migrate",
-            resource=f"tenants/{tenant_id}/integrations/{spec.name}",
-            outcome="failed",
-            principal=principal,
-            tenant_id=tenant_id,
-            detail={"reason": exc.error},
-        )
+        _record_failure(access, principal, tenant_id, spec, "migrate", exc.error)
         # invalid_grant: the token itself is refused; others (invalid_client) are ours.
         hint = "; connect the account instead" if exc.error == "invalid_grant" else ""
         raise ValidationFailed(
@@ -1088,29 +1141,18 @@ def migrate_to_expiring(
         record, sealed = service.read_sealed(access.vault, tenant_id=tenant_id, provider=provider)
         if record.public.get("kind") == "oauth":
             return Migration(tenant_id, "already_expiring", record.version)
-        account = str((record.public.get("identifiers") or {}).get(oauth.account_field) or "")
+        account = _account(oauth, record.public)
         if not oauth.account_pattern.fullmatch(account):
             raise ValidationFailed(f"the stored {spec.title} account is not a valid one")
-        now = access.clock()
         answer = _exchange_pasted(
             access, spec, oauth, principal, tenant_id, account, sealed["access_token"]
         )
-        tokens = _token_set(oauth, answer, now, spec.title)
-        context.restart_vault_budget()
-        stored = service.store_token_set(
-            access.engine,
-            access.vault,
-            principal=principal,
-            tenant_id=tenant_id,
-            provider=provider,
-            secrets=tokens.secrets(),
-            identifiers={oauth.account_field: account},
-            public=_public(oauth, account, tokens, principal, None),
-            action="integration.oauth.migrate",
-            if_match=service.etag_of(record.version),
-            test=None,
+        tokens = _token_set(oauth, answer, spec.title)
+        version = record.version
+        stored = _store_renewed(
+            access, oauth, principal, tenant_id, provider, account, tokens, version, "migrate"
         )
-        return Migration(tenant_id, "migrated", stored.kv_version)
+        return Migration(tenant_id, "migrated", stored)
 
 
 @dataclass
@@ -1194,15 +1236,13 @@ def _signup_tokens(
     signup: SignupResult,
 ) -> TokenSet:
     """The business token an Embedded Signup code buys; a refusal is recorded and final."""
-    app = platform_app(access.vault, oauth)
-    now = access.clock()
     try:
-        answer = _token_request(
+        answer = _grant(
             access,
-            app,
+            oauth,
             spec.title,
             # Graph wants client_id, client_secret and code in a GET query, no redirect_uri.
-            lambda client: client.fetch_token(
+            lambda client, app: client.fetch_token(
                 oauth.token_url(access.outbound.endpoints, signup.waba_id),
                 method="GET",
                 auth=httpx.Auth(),
@@ -1211,12 +1251,12 @@ def _signup_tokens(
                 client_secret=app.client_secret,
             ),
         )
-        token = answer.get(oauth.mapping.access_token)
+        token = answer.token.get(oauth.mapping.access_token)
         if not isinstance(token, str) or not token:
             raise ProviderUnavailable(f"{spec.title} answered the code without a token")
-        expires_at = _token_expiry(access, oauth, app, spec.title, signup, token, answer, now)
+        expires_at = _token_expiry(access, oauth, spec.title, signup, token, answer)
     except TokenRefused as exc:
-        _signup_refused(access, principal, tenant_id, spec, exc.error)
+        _record_failure(access, principal, tenant_id, spec, "connect", exc.error)
         raise ValidationFailed(
             f"{spec.title} refused the signup code ({exc.error}): it lasts 30 seconds and "
             "works once; run the embedded signup again"
@@ -1251,7 +1291,8 @@ def connect_embedded_signup(
     tokens = _signup_tokens(access, spec, oauth, principal, tenant_id, signup)
     result = _test(access, spec, oauth, signup.waba_id, tokens)
     if not result.ok:
-        _signup_refused(access, principal, tenant_id, spec, f"connection_test_{result.code}")
+        reason = f"connection_test_{result.code}"
+        _record_failure(access, principal, tenant_id, spec, "connect", reason)
         raise ValidationFailed(f"the new {spec.title} token failed its test: {result.reason}")
     context.restart_vault_budget()  # the exchange and the checks were Meta's time
     identifiers = {
@@ -1276,12 +1317,18 @@ def connect_embedded_signup(
     )
 
 
-def _signup_refused(
-    access: OAuthAccess, principal: Principal, tenant_id: str, spec: ProviderSpec, reason: str
+def _record_failure(
+    access: OAuthAccess,
+    principal: Principal,
+    tenant_id: str,
+    spec: ProviderSpec,
+    step: Literal["connect", "migrate"],
+    reason: str,
 ) -> None:
+    """On record, in its own transaction: a connect or migration the provider refused."""
     trail.record_separately(
         access.engine,
-        action="integration.oauth.connect",
+        action=f"integration.oauth.{step}",
         resource=f"tenants/{tenant_id}/integrations/{spec.name}",
         outcome="failed",
         principal=principal,
@@ -1293,18 +1340,17 @@ def _signup_refused(
 def _token_expiry(
     access: OAuthAccess,
     oauth: OAuthSpec,
-    app: OAuthApp,
     title: str,
     signup: SignupResult,
     token: str,
-    answer: Mapping[str, Any],
-    now: datetime,
+    answer: _Answer,
 ) -> datetime | None:
     """Ask Graph's debug_token about a new business token: valid, ours, for this WABA.
 
     Its expiry: `expires_in` of the exchange, else debug_token's `expires_at`; 0 or
     absent means it never expires.
     """
+    app, now = answer.app, answer.asked_at
     base = oauth.base_url(access.outbound.endpoints, signup.waba_id).rstrip("/")
     query = urllib.parse.urlencode({"input_token": token})
     try:
@@ -1334,7 +1380,7 @@ def _token_expiry(
         for grant in grants
     ):
         raise TokenRefused("waba_not_granted")
-    expires_in, expires_at = answer.get(oauth.mapping.expires_in), data.get("expires_at")
+    expires_in, expires_at = answer.token.get(oauth.mapping.expires_in), data.get("expires_at")
     if isinstance(expires_in, int) and expires_in > 0:
         return now + timedelta(seconds=expires_in)
     if isinstance(expires_at, int) and expires_at > 0:

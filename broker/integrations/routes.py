@@ -14,6 +14,7 @@ from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core import context
+from broker.core.config import Settings
 from broker.core.errors import RateLimited
 from broker.core.http import problem_responses
 from broker.deps import EngineDep, LimiterDep, OutboundDep, SettingsDep, VaultDep
@@ -32,6 +33,7 @@ from broker.integrations.schemas import (
     VersionView,
 )
 from broker.leases import service as leases
+from broker.models import IntegrationCredential
 from broker.tenants import service as tenants
 from broker.vault.errors import StoredDataUnverified
 
@@ -93,12 +95,7 @@ def save_credentials(
         if_match=if_match,
         skip_connection_test=body.skip_connection_test,
     )
-    # Keys minted from the replaced root are revoked by the sweep, with the old version.
-    leases.retire_for_root(
-        request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
-    )
-    response.headers["ETag"] = service.etag(row)
-    return IntegrationView.of(get_provider(provider), row, settings=settings)
+    return _new_root(request, response, settings, provider, row)
 
 
 @router.post(
@@ -124,6 +121,24 @@ def check_credentials(
             fields=body.plain_fields() if body else None,
         )
     return TestResult.of(result)
+
+
+def _new_root(
+    request: Request,
+    response: Response,
+    settings: Settings,
+    provider: str,
+    row: IntegrationCredential,
+) -> IntegrationView:
+    """The answer to a save or restore: the new version's view, its ETag set.
+
+    Keys minted from the replaced root are revoked by the sweep, with the old version.
+    """
+    leases.retire_for_root(
+        request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
+    )
+    response.headers["ETag"] = service.etag(row)
+    return IntegrationView.of(get_provider(provider), row, settings=settings)
 
 
 @contextlib.contextmanager
@@ -227,11 +242,7 @@ def restore_version(
             version=version,
             if_match=if_match,
         )
-    leases.retire_for_root(
-        request.app.state.leasing, tenant_id=row.tenant_id, provider=provider, reason="root_rotated"
-    )
-    response.headers["ETag"] = service.etag(row)
-    return IntegrationView.of(get_provider(provider), row, settings=settings)
+    return _new_root(request, response, settings, provider, row)
 
 
 @router.post(

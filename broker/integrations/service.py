@@ -140,7 +140,7 @@ def read_credentials(
     record = store.read(tenant_id, item_name(provider), version=version)
     if record is None:
         raise NotFound("this integration is not configured")
-    return _open(store, tenant_id, provider, record), record.version
+    return open_credentials(store, tenant_id, provider, record), record.version
 
 
 def read_sealed(
@@ -179,8 +179,7 @@ def save_credentials(
     spec = get_provider(provider)
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
-        current = session.get(IntegrationCredential, (tenant_id, provider))
-        delivery = current.delivery_mode if current is not None else "static"
+        delivery = _delivery_mode(session, tenant_id, provider)
     creds = spec.validate(fields)
     if delivery == "dynamic":
         _check_root(provider, creds)
@@ -239,10 +238,9 @@ def restore_version(
     if record.public.get("kind") == "oauth":
         # Its refresh token was rotated away or will be: restoring it would store a dead grant.
         raise ValidationFailed("an OAuth connection cannot be restored; connect the account again")
-    creds = _open(store, tenant_id, provider, record)
+    creds = open_credentials(store, tenant_id, provider, record)
     with unit_of_work(engine) as session:
-        current = session.get(IntegrationCredential, (tenant_id, provider))
-        delivery = current.delivery_mode if current is not None else "static"
+        delivery = _delivery_mode(session, tenant_id, provider)
     if delivery == "dynamic":
         # A version saved before the switch must not bring static delivery back with it.
         _check_root(provider, creds)
@@ -324,6 +322,12 @@ def delete_credentials(
         )
 
 
+def _delivery_mode(session: Session, tenant_id: str, provider: str) -> DeliveryMode:
+    """How the provider's credentials are handed out now ("static" before the first save)."""
+    current = session.get(IntegrationCredential, (tenant_id, provider))
+    return "dynamic" if current is not None and current.delivery_mode == "dynamic" else "static"
+
+
 def _describe_deleted(row: IntegrationCredential, actor: str) -> None:
     """The row of credentials just deleted in Vault: nothing configured, nothing pending."""
     row.configured = False
@@ -364,10 +368,10 @@ def set_delivery(
     if mode == "dynamic":
         if record.public.get("kind") == "oauth":
             raise ValidationFailed("an OAuth connection cannot be delivered as dynamic keys")
-        creds = _open(store, tenant_id, provider, record)
+        creds = open_credentials(store, tenant_id, provider, record)
         _check_root(provider, creds)
     else:
-        creds = _open(store, tenant_id, provider, record)
+        creds = open_credentials(store, tenant_id, provider, record)
     if (record.public.get("delivery") or "static") == mode:
         with unit_of_work(engine) as session:
             row = session.get(IntegrationCredential, (tenant_id, provider))
@@ -1073,7 +1077,10 @@ def _live_tenant(session: Session, tenant_id: str) -> Tenant:
     return tenant
 
 
-def _open(store: SealedStore, tenant_id: str, provider: str, record: SealedRecord) -> Credentials:
+def open_credentials(
+    store: SealedStore, tenant_id: str, provider: str, record: SealedRecord
+) -> Credentials:
+    """A stored record's credentials: its sealed secrets beside its public identifiers."""
     secrets = store.open(tenant_id, item_name(provider), record)
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":

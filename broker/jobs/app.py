@@ -8,10 +8,12 @@ from datetime import datetime
 from typing import Any
 
 from procrastinate import App, JobContext, PsycopgConnector
+from procrastinate.tasks import Task
 from psycopg_pool import AsyncConnectionPool
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
+from broker.core import context as request_context
 from broker.core.config import ConfigurationError, Settings, get_settings
 from broker.models import utcnow
 from broker.vault.gateway import VaultGateway
@@ -74,3 +76,33 @@ def resources(context: JobContext) -> JobResources:
     if not isinstance(shared, JobResources):
         raise RuntimeError("this job runs outside a broker worker")
     return shared
+
+
+def start_job(context: JobContext) -> JobResources:
+    """The worker's resources, with this job bound as the request: what it audits or logs
+    names the worker as actor and the job as request."""
+    request_context.bind(
+        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
+    )
+    return resources(context)
+
+
+def maintenance_task(
+    name: str, *, cron: str
+) -> Callable[[Callable[[JobContext, int], int]], Task[..., int, ...]]:
+    """A periodic maintenance task that runs alone across all workers, at most one waiting.
+
+    For a task whose run covers everything due: a second one waiting would add nothing.
+    """
+
+    def register(task: Callable[[JobContext, int], int]) -> Task[..., int, ...]:
+        registered = app.task(
+            name=name,
+            queue=MAINTENANCE_QUEUE,
+            pass_context=True,
+            lock=name,
+            queueing_lock=name,
+        )(task)
+        return app.periodic(cron=cron)(registered)
+
+    return register

@@ -16,9 +16,8 @@ from procrastinate import JobContext
 from sqlmodel import Session
 
 from broker.app import outbound_for
-from broker.core import context as request_context
 from broker.core.db import unit_of_work
-from broker.jobs.app import JobResources, app, resources
+from broker.jobs.app import JobResources, app, start_job
 from broker.jobs.defer import defer
 from broker.leases import service
 
@@ -52,18 +51,11 @@ def leasing_for(shared: JobResources) -> service.Leasing:
     return found
 
 
-def _bind(context: JobContext) -> None:
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
-
-
 @app.task(name=REVOKE, queue=LEASES_QUEUE, pass_context=True)
 def revoke_lease(context: JobContext, lease_id: str) -> str:
     """Revoke one lease once it is due (a lease revoked or retried meanwhile is left)."""
-    _bind(context)
     outcome = service.revoke_one(
-        leasing_for(resources(context)), lease_id, actor=service.WORKER, only_if_due=True
+        leasing_for(start_job(context)), lease_id, actor=service.WORKER, only_if_due=True
     )
     return str(outcome)
 
@@ -89,8 +81,7 @@ def sweep(context: JobContext, timestamp: int = 0) -> int:
     A full batch that made progress queues the next run at once; failures wait for
     their backoff, so a provider outage is not retried in a tight loop.
     """
-    _bind(context)
-    leasing = leasing_for(resources(context))
+    leasing = leasing_for(start_job(context))
     result = service.revoke_due(leasing)
     if result.revoked and result.revoked + result.failed >= service.SWEEP_BATCH:
         with unit_of_work(leasing.engine) as session:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from sqlmodel import Session
 
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
@@ -42,6 +44,43 @@ After = Annotated[str | None, Query(pattern=r"^[0-9a-f]{32}$")]
 
 PROVIDER_ENUM: dict[str, Any] = {"enum": list(PROVIDERS)}
 NOT_FOUND = "No such provider, nothing stored, or the token's tenant does not exist"
+
+
+@dataclass(frozen=True)
+class LeaseFilters:
+    """The filters and page both lease lists take."""
+
+    provider: str | None
+    subject: str | None
+    state: str | None
+    limit: int
+    after: str | None
+
+
+def _filters(
+    provider: Annotated[ProviderName | None, Query(json_schema_extra=PROVIDER_ENUM)] = None,
+    subject: Annotated[Subject | None, Query()] = None,
+    state: LeaseState | None = None,
+    limit: Limit = 100,
+    after: After = None,
+) -> LeaseFilters:
+    return LeaseFilters(provider, subject, state, limit, after)
+
+
+Filters = Annotated[LeaseFilters, Depends(_filters)]
+
+
+def _views(session: Session, tenant_id: str | None, filters: LeaseFilters) -> list[LeaseView]:
+    rows = service.list_leases(
+        session,
+        tenant_id=tenant_id,
+        provider=filters.provider,
+        subject=filters.subject,
+        state=filters.state,
+        limit=filters.limit,
+        after=filters.after,
+    )
+    return [LeaseView.of(row) for row in rows]
 
 
 def _leasing(request: Request) -> service.Leasing:
@@ -94,26 +133,9 @@ def set_delivery(
 
 
 @router.get("/v1/tenants/settings/leases", response_model=list[LeaseView])
-def list_tenant_leases(
-    session: SessionDep,
-    principal: Viewer,
-    provider: Annotated[ProviderName | None, Query(json_schema_extra=PROVIDER_ENUM)] = None,
-    subject: Annotated[Subject | None, Query()] = None,
-    state: LeaseState | None = None,
-    limit: Limit = 100,
-    after: After = None,
-) -> list[LeaseView]:
+def list_tenant_leases(session: SessionDep, principal: Viewer, filters: Filters) -> list[LeaseView]:
     """The tenant's leases (dynamic keys minted for its services), oldest id first."""
-    rows = service.list_leases(
-        session,
-        tenant_id=own_tenant(principal),
-        provider=provider,
-        subject=subject,
-        state=state,
-        limit=limit,
-        after=after,
-    )
-    return [LeaseView.of(row) for row in rows]
+    return _views(session, own_tenant(principal), filters)
 
 
 @router.post("/v1/tenants/settings/leases/revoke", response_model=RevocationResult)
@@ -139,24 +161,11 @@ def revoke_tenant_leases(
 def list_leases(
     session: SessionDep,
     principal: Auditor,
+    filters: Filters,
     tenant_id: Annotated[TenantId | None, Query()] = None,
-    provider: Annotated[ProviderName | None, Query(json_schema_extra=PROVIDER_ENUM)] = None,
-    subject: Annotated[Subject | None, Query()] = None,
-    state: LeaseState | None = None,
-    limit: Limit = 100,
-    after: After = None,
 ) -> list[LeaseView]:
     """Every tenant's leases, for the security team ("failing": revocations being retried)."""
-    rows = service.list_leases(
-        session,
-        tenant_id=tenant_id,
-        provider=provider,
-        subject=subject,
-        state=state,
-        limit=limit,
-        after=after,
-    )
-    return [LeaseView.of(row) for row in rows]
+    return _views(session, tenant_id, filters)
 
 
 @router.post("/v1/leases/revoke", response_model=RevocationResult)

@@ -63,7 +63,7 @@ from broker.integrations.dynamic import (
     lease_key_name,
 )
 from broker.integrations.providers import Credentials, ProviderEndpoints
-from broker.integrations.service import Outbound, item_name
+from broker.integrations.service import Outbound, item_name, open_credentials
 from broker.models import DynamicLease, utcnow
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
@@ -298,7 +298,7 @@ def _mint(
 ) -> IssuedKey:
     # The root credential is opened here, in the broker, and never leaves it.
     context.update(action=f"leases.mint:{provider}")
-    root = _credentials(store, tenant_id, provider, record)
+    root = open_credentials(store, tenant_id, provider, record)
     problem = spec.check(root)
     if problem is not None:
         raise Conflict(f"{problem}; save such credentials or switch the delivery to static")
@@ -449,14 +449,6 @@ def _activate(
                 detail=_event_detail(row, expires_at=expires_at.isoformat()),
             )
     return not revoked
-
-
-def _credentials(
-    store: SealedStore, tenant_id: str, provider: str, record: SealedRecord
-) -> Credentials:
-    secrets = store.open(tenant_id, item_name(provider), record)
-    identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
-    return Credentials(provider, {**identifiers, **secrets})
 
 
 def _mint_failed(
@@ -675,7 +667,7 @@ def _root_for(store: SealedStore, spec: DynamicSpec, row: DynamicLease) -> Crede
             record = store.read(row.tenant_id, item, version=version)
             if record is None:
                 continue
-            root = _credentials(store, row.tenant_id, row.provider, record)
+            root = open_credentials(store, row.tenant_id, row.provider, record)
         except UpstreamUnavailable:
             raise
         except (BrokerError, ValueError):

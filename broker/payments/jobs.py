@@ -7,8 +7,7 @@ import logging
 
 from procrastinate import JobContext
 
-from broker.core import context as request_context
-from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
+from broker.jobs.app import maintenance_task, start_job
 from broker.payments import service
 from broker.payments.platform import StripeAccess
 from broker.payments.service import reconcile_pending_payouts
@@ -19,20 +18,10 @@ RECONCILE_PENDING_PAYOUTS = "payments.reconcile_pending_payouts"
 
 
 # One run at a time across all workers, at most one waiting: a run settles them all.
-@app.periodic(cron="* * * * *")
-@app.task(
-    name=RECONCILE_PENDING_PAYOUTS,
-    queue=MAINTENANCE_QUEUE,
-    pass_context=True,
-    lock=RECONCILE_PENDING_PAYOUTS,
-    queueing_lock=RECONCILE_PENDING_PAYOUTS,
-)
+@maintenance_task(RECONCILE_PENDING_PAYOUTS, cron="* * * * *")
 def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
     """Rebuild every pending payout record from Vault, without waiting for a reader."""
-    shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
+    shared = start_job(context)
     pending = reconcile_pending_payouts(shared.engine, shared.vault)
     if pending:
         log.info("reconciled pending payout records", extra={"fields": {"pending": pending}})
@@ -42,20 +31,10 @@ def reconcile_pending(context: JobContext, timestamp: int = 0) -> int:
 RECONCILE_DEFAULT_CARDS = "payments.reconcile_default_cards"
 
 
-@app.periodic(cron="17 * * * *")
-@app.task(
-    name=RECONCILE_DEFAULT_CARDS,
-    queue=MAINTENANCE_QUEUE,
-    pass_context=True,
-    lock=RECONCILE_DEFAULT_CARDS,
-    queueing_lock=RECONCILE_DEFAULT_CARDS,
-)
+@maintenance_task(RECONCILE_DEFAULT_CARDS, cron="17 * * * *")
 def reconcile_default_cards(context: JobContext, timestamp: int = 0) -> int:
     """Put each Stripe customer's invoice default back on the broker's default card."""
-    shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
+    shared = start_job(context)
     stripe = StripeAccess(
         shared.vault,
         api_base=shared.settings.stripe_api_base,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine
+from sqlalchemy import ColumnElement, Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
@@ -125,17 +125,25 @@ def add_method(
         raise
 
 
+def _tenant_methods(
+    session: Session, tenant_id: str, method_id: str
+) -> tuple[list[PaymentMethod], PaymentMethod]:
+    """A live tenant's cards, locked for a change, and the one named (NotFound if none)."""
+    _live_tenant(session, tenant_id)
+    methods = _methods(session, tenant_id, lock=True)
+    named = next((m for m in methods if m.id == method_id), None)
+    if named is None:
+        raise NotFound("no such payment method")
+    return methods, named
+
+
 def set_default(
     engine: Engine, stripe: StripeAccess, *, principal: Principal, tenant_id: str, method_id: str
 ) -> PaymentMethod:
     """Make one card the default, here and as the Stripe customer's invoice default."""
     try:
         with unit_of_work(engine) as session:
-            _live_tenant(session, tenant_id)
-            methods = _methods(session, tenant_id, lock=True)
-            chosen = next((m for m in methods if m.id == method_id), None)
-            if chosen is None:
-                raise NotFound("no such payment method")
+            methods, chosen = _tenant_methods(session, tenant_id, method_id)
             for method in methods:
                 if method.is_default and method is not chosen:
                     method.is_default = False
@@ -183,18 +191,23 @@ def reconcile_default_card(engine: Engine, stripe: StripeAccess, *, tenant_id: s
     return True
 
 
-def reconcile_default_cards(engine: Engine, stripe: StripeAccess) -> int:
-    """Reconcile every live tenant with a Stripe customer; returns how many differed."""
+def _live_tenants_where(engine: Engine, condition: ColumnElement[bool]) -> list[str]:
+    """Tenants not being deleted whose payment profile meets `condition`, in id order."""
     with unit_of_work(engine) as session:
-        tenant_ids = list(
+        return list(
             session.exec(
                 select(PaymentProfile.tenant_id)
                 .join(Tenant, col(Tenant.id) == col(PaymentProfile.tenant_id))
-                .where(col(PaymentProfile.stripe_customer_id).is_not(None))
+                .where(condition)
                 .where(col(Tenant.deleting_at).is_(None))
                 .order_by(col(PaymentProfile.tenant_id))
             )
         )
+
+
+def reconcile_default_cards(engine: Engine, stripe: StripeAccess) -> int:
+    """Reconcile every live tenant with a Stripe customer; returns how many differed."""
+    tenant_ids = _live_tenants_where(engine, col(PaymentProfile.stripe_customer_id).is_not(None))
     differed = 0
     for tenant_id in tenant_ids:
         try:
@@ -214,11 +227,7 @@ def remove_method(
     """Detach the card in Stripe and forget it; the default moves to the oldest remaining."""
     try:
         with unit_of_work(engine) as session:
-            _live_tenant(session, tenant_id)
-            methods = _methods(session, tenant_id, lock=True)
-            doomed = next((m for m in methods if m.id == method_id), None)
-            if doomed is None:
-                raise NotFound("no such payment method")
+            methods, doomed = _tenant_methods(session, tenant_id, method_id)
             session.delete(doomed)
             session.flush()
             rest = [m for m in methods if m is not doomed]
@@ -519,16 +528,7 @@ def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str, mar
 
 def reconcile_pending_payouts(engine: Engine, vault: VaultGateway) -> int:
     """Reconcile every live tenant's pending payout record; returns how many were pending."""
-    with unit_of_work(engine) as session:
-        tenant_ids = list(
-            session.exec(
-                select(PaymentProfile.tenant_id)
-                .join(Tenant, col(Tenant.id) == col(PaymentProfile.tenant_id))
-                .where(col(PaymentProfile.payout_sync_pending).is_(True))
-                .where(col(Tenant.deleting_at).is_(None))
-                .order_by(col(PaymentProfile.tenant_id))
-            )
-        )
+    tenant_ids = _live_tenants_where(engine, col(PaymentProfile.payout_sync_pending).is_(True))
     store = SealedStore(vault)
     for tenant_id in tenant_ids:
         _try_reconcile_payout(engine, store, tenant_id)
