@@ -197,7 +197,7 @@ def health_checks(settings: Settings, tenants: list[str], *, threads: int) -> di
                 ProviderEndpoints(openai=fake.base_url),
             )
             with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda t: _store(engine, vault, outbound, t), tenants))
+                list(pool.map(lambda t: store_openai(engine, vault, outbound, t), tenants))
 
             def one(tenant: str) -> None:
                 health.check(
@@ -229,9 +229,10 @@ def health_checks(settings: Settings, tenants: list[str], *, threads: int) -> di
     return figures
 
 
-def _store(
+def store_openai(
     engine: Engine, vault: VaultGateway, outbound: integrations.Outbound, tenant: str
 ) -> None:
+    """Store working OpenAI credentials for `tenant` through the broker's own write path."""
     integrations.save_credentials(
         engine,
         vault,

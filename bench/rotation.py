@@ -29,8 +29,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from broker.auth.principal import Principal
-from broker.auth.scopes import Scope
+from bench.events import PRINCIPAL, store_openai
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine, unit_of_work
 from broker.integrations import service as integrations
@@ -40,11 +39,10 @@ from broker.tenants.keys import rotate_all
 from broker.tenants.service import create_tenant
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
-from tests.fakes.providers import VALID, FakeProviders
+from tests.fakes.providers import FakeProviders
 
 log = logging.getLogger("bench")
 
-PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 SEED_THREADS = 8
 
 
@@ -83,17 +81,7 @@ def _tenant(
 ) -> None:
     with unit_of_work(engine) as session:
         create_tenant(session, vault, principal=PRINCIPAL, tenant_id=tenant_id, name=tenant_id)
-    integrations.save_credentials(
-        engine,
-        vault,
-        outbound,
-        principal=PRINCIPAL,
-        tenant_id=tenant_id,
-        provider="openai",
-        fields=dict(VALID["openai"]),
-        if_match=None,
-        skip_connection_test=True,
-    )
+    store_openai(engine, vault, outbound, tenant_id)
     store = SealedStore(vault)
     for n in range(1, per_tenant):
         item = f"integrations/bench-extra-{n}"
