@@ -47,6 +47,7 @@ from sqlalchemy import Engine
 
 from bench import dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
 from bench.oauth_refresh import Drain
+from bench.process import BrokerCommand
 from bench.report import (
     CEILING,
     CONCURRENCIES,
@@ -145,20 +146,23 @@ def machine() -> dict[str, Any]:
 # -- processes --------------------------------------------------------------------------
 
 
-class BrokerProcess:
+class BrokerProcess(BrokerCommand):
     """`broker serve` in its own process, configured like the dev stack's broker."""
+
+    command = "serve"
+    stop_signal = signal.SIGINT
+    stop_wait_s = 15.0
 
     def __init__(self, settings: Settings, work: Path, extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.work = work
-        self.log_path = work / "broker.log"
         assert settings.database_url is not None
         assert settings.vault_role_id is not None
         assert settings.vault_secret_id is not None
         assert settings.jwt_hs256_secret is not None
         own = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-        self.env = own | {
+        env = own | {
             "BROKER_ENV": "dev",
             "BROKER_HOST": "127.0.0.1",
             "BROKER_PORT": str(self.port),
@@ -173,36 +177,13 @@ class BrokerProcess:
             "BROKER_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
             **extra_env,
         }
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(env, work / "broker.log")
 
-    def __enter__(self) -> BrokerProcess:
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from broker.cli import main; main()", "serve"],
-                cwd=self.work,  # no stray .env from the caller's directory
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the broker exited; see {self.log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise RuntimeError(f"the broker did not become ready; see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def ready(self) -> bool:
+        """True once the broker answers /readyz."""
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        return False
 
     @property
     def pid(self) -> int:
