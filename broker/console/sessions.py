@@ -101,17 +101,38 @@ def begin(
     now: datetime,
     method: str,
 ) -> Started:
-    """`sign_in` in a unit of work of its own, replacing the browser's pending session."""
+    """Replace the browser's pending session with a signed-in one under a fresh id.
+
+    In a unit of work of its own. What is kept is the verified token's claims, never
+    the token: the session ends when the token would have, or after `ttl`, whichever
+    comes first.
+    """
     with unit_of_work(engine) as session:
         previous = session.get(ConsoleSession, pending.id_hash) if pending else None
-        return sign_in(
+        if previous is not None:
+            session.delete(previous)
+        trail.record(
             session,
-            previous=previous,
+            action="console.sign_in",
+            resource=f"tenants/{principal.tenant_id}/console",
+            outcome="success",
             principal=principal,
-            token_expires_at=token_expires_at,
-            ttl=ttl,
+            tenant_id=principal.tenant_id,
+            detail={"method": method},
+        )
+        claims: dict[str, Any] = {
+            "sub": principal.subject,
+            "kind": principal.kind,
+            "scope": " ".join(sorted(principal.scopes)),
+            "tenant_id": principal.tenant_id,
+        }
+        return _start(
+            session,
+            status="active",
             now=now,
-            method=method,
+            expires_at=min(now + ttl, token_expires_at),
+            claims=claims,
+            tenant_id=principal.tenant_id,
         )
 
 
@@ -139,48 +160,6 @@ def find(session: Session, cookie: str | None, *, now: datetime) -> ConsoleSessi
     if row is None or row.expires_at <= now:
         return None
     return row
-
-
-def sign_in(
-    session: Session,
-    *,
-    previous: ConsoleSession | None,
-    principal: Principal,
-    token_expires_at: datetime,
-    ttl: timedelta,
-    now: datetime,
-    method: str,
-) -> Started:
-    """Replace the browser's pending session with a signed-in one under a fresh id.
-
-    What is kept is the verified token's claims, never the token: the session ends
-    when the token would have, or after `ttl`, whichever comes first.
-    """
-    if previous is not None:
-        session.delete(previous)
-    trail.record(
-        session,
-        action="console.sign_in",
-        resource=f"tenants/{principal.tenant_id}/console",
-        outcome="success",
-        principal=principal,
-        tenant_id=principal.tenant_id,
-        detail={"method": method},
-    )
-    claims: dict[str, Any] = {
-        "sub": principal.subject,
-        "kind": principal.kind,
-        "scope": " ".join(sorted(principal.scopes)),
-        "tenant_id": principal.tenant_id,
-    }
-    return _start(
-        session,
-        status="active",
-        now=now,
-        expires_at=min(now + ttl, token_expires_at),
-        claims=claims,
-        tenant_id=principal.tenant_id,
-    )
 
 
 def principal_of(row: ConsoleSession) -> Principal:
