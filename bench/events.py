@@ -50,6 +50,7 @@ from tests.fakes.webhook_receiver import WebhookReceiver
 
 log = logging.getLogger("bench")
 
+# The platform admin every bench module acts as when it sets up data directly.
 PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 EVENT_TYPE = outbox.LEASE_MINTED  # nothing else emits it yet: only the bench's events
 TICK_S = 0.01

@@ -60,7 +60,6 @@ from bench.report import (
     SETTINGS_GET,
     SETTINGS_PATCH,
 )
-from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
 from broker.core.config import Settings
@@ -76,7 +75,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "shopify"
 # Far above anything the load reaches: the benchmark measures the work, not the limiter.
 UNLIMITED = "100000000/minute"
-BENCH_PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 
 
 @dataclass(frozen=True)
@@ -679,7 +677,7 @@ class Bench:
                 self.settings,
                 engine,
                 self.shopify,
-                principal=BENCH_PRINCIPAL,
+                principal=events.PRINCIPAL,
                 tenants=tenants,
                 workers=self.plan.rotate_workers,
             )
