@@ -111,15 +111,7 @@ def begin(
         previous = session.get(ConsoleSession, pending.id_hash) if pending else None
         if previous is not None:
             session.delete(previous)
-        trail.record(
-            session,
-            action="console.sign_in",
-            resource=f"tenants/{principal.tenant_id}/console",
-            outcome="success",
-            principal=principal,
-            tenant_id=principal.tenant_id,
-            detail={"method": method},
-        )
+        _record(session, "console.sign_in", principal, detail={"method": method})
         claims: dict[str, Any] = {
             "sub": principal.subject,
             "kind": principal.kind,
@@ -171,16 +163,23 @@ def principal_of(row: ConsoleSession) -> Principal:
 def end(session: Session, row: ConsoleSession) -> None:
     """Sign out: the row goes, so the cookie names nothing any more."""
     if row.status == "active":
-        principal = principal_of(row)
-        trail.record(
-            session,
-            action="console.sign_out",
-            resource=f"tenants/{principal.tenant_id}/console",
-            outcome="success",
-            principal=principal,
-            tenant_id=principal.tenant_id,
-        )
+        _record(session, "console.sign_out", principal_of(row))
     session.delete(row)
+
+
+def _record(
+    session: Session, action: str, principal: Principal, detail: dict[str, Any] | None = None
+) -> None:
+    """A sign-in or sign-out in the audit trail, against the user's tenant's console."""
+    trail.record(
+        session,
+        action=action,
+        resource=f"tenants/{principal.tenant_id}/console",
+        outcome="success",
+        principal=principal,
+        tenant_id=principal.tenant_id,
+        detail=detail,
+    )
 
 
 def _start(
