@@ -29,17 +29,14 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from bench.events import PRINCIPAL, store_openai
+from bench.direct import PRINCIPAL, connected, fake_openai, store_openai
 from broker.core.config import Settings
-from broker.core.db import DatabaseBounds, make_engine, unit_of_work
+from broker.core.db import DatabaseBounds, unit_of_work
 from broker.integrations import service as integrations
-from broker.integrations.egress import EgressClient, EgressPolicy
-from broker.integrations.providers import ProviderEndpoints
 from broker.tenants.keys import rotate_all
 from broker.tenants.service import create_tenant
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
-from tests.fakes.providers import FakeProviders
 
 log = logging.getLogger("bench")
 
@@ -51,24 +48,10 @@ def seed(
 ) -> list[str]:
     """`count` fresh tenants with one stored OpenAI key and `per_tenant - 1` more
     sealed items each."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
     ids = [f"{prefix}-{i:06d}" for i in range(count)]
-    try:
-        with FakeProviders() as fake:
-            outbound = integrations.Outbound(
-                EgressClient(EgressPolicy(allow_http=True, allow_loopback=True)),
-                ProviderEndpoints(openai=fake.base_url),
-            )
-            try:
-                with ThreadPoolExecutor(SEED_THREADS) as pool:
-                    list(pool.map(lambda t: _tenant(engine, vault, outbound, t, per_tenant), ids))
-            finally:
-                outbound.client.close()
-    finally:
-        vault.close()
-        engine.dispose()
+    with connected(settings) as (engine, vault), fake_openai() as outbound:
+        with ThreadPoolExecutor(SEED_THREADS) as pool:
+            list(pool.map(lambda t: _tenant(engine, vault, outbound, t, per_tenant), ids))
     return ids
 
 
@@ -92,22 +75,16 @@ def _tenant(
 
 def measure(settings: Settings, tenants: list[str], *, workers: int) -> dict[str, Any]:
     """Rotate every tenant's key and rewrap its secrets, `workers` tenants at a time."""
-    assert settings.database_url is not None
     # A connection per worker: each tenant's steps hold one at a time.
     bounds = DatabaseBounds(pool_size=workers, max_overflow=4)
-    engine = make_engine(settings.database_url.get_secret_value(), bounds)
-    vault = VaultGateway.from_settings(settings)
     log.info("rotating %d tenant keys", len(tenants))
-    try:
+    with connected(settings, bounds) as (engine, vault):
         cpu, started = time.process_time(), time.perf_counter()
         reports = rotate_all(
             engine, vault, principal=PRINCIPAL, tenant_ids=tenants, workers=workers
         )
         seconds = time.perf_counter() - started
         cpu_s = time.process_time() - cpu
-    finally:
-        vault.close()
-        engine.dispose()
     rewrapped = sum(r.rewrapped for r in reports)
     return {
         "tenants": len(tenants),

@@ -45,7 +45,7 @@ import httpx
 import hvac
 from sqlalchemy import Engine
 
-from bench import dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
+from bench import direct, dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
 from bench.oauth_refresh import Drain
 from bench.process import BrokerCommand
 from bench.report import (
@@ -677,7 +677,7 @@ class Bench:
                 self.settings,
                 engine,
                 self.shopify,
-                principal=events.PRINCIPAL,
+                principal=direct.PRINCIPAL,
                 tenants=tenants,
                 workers=self.plan.rotate_workers,
             )
