@@ -21,11 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, closing
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from sqlmodel import Session, col, select
 
 from bench.direct import PRINCIPAL, connected, fake_openai, loopback_egress, store_openai
 from bench.oauth_refresh import WorkerProcess
+from bench.process import own_stack, progress_logging
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.credential_health import service as health
@@ -249,19 +248,11 @@ def describe(results: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     from bench.run import BrokerProcess
-    from broker.devstack.stack import start_dev_stack
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-events-"))
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            broker = BrokerProcess(settings, work, {})
-            results = run(settings, broker.env, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    progress_logging(log)
+    with own_stack("broker-bench-events-") as (_, settings, work):
+        broker = BrokerProcess(settings, work, {})
+        results = run(settings, broker.env, work)
     print(json.dumps(results, indent=2))  # noqa: T201
     print("\n".join(describe(results)))  # noqa: T201
 

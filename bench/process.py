@@ -1,17 +1,47 @@
-"""One `broker <command>` in a process of its own: how the bench starts and stops it."""
+"""The processes the bench runs: a dev stack of its own, and `broker <command>` beside it."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Self
 
+from broker.core.config import Settings
 from broker.devstack.lifecycle import StartsAndStops
+from broker.devstack.stack import start_dev_stack
 
 STARTUP_S = 60.0
+
+
+def progress_logging(log: logging.Logger) -> None:
+    """Only the bench's own progress at INFO: pgserver, alembic and HTTP clients are chatty."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)
+
+
+@contextmanager
+def own_stack(prefix: str) -> Iterator[tuple[ExitStack, Settings, Path]]:
+    """What `make dev` sets up, in a temporary directory named `prefix...`, removed afterwards.
+
+    Yields the exit stack it runs on (for more of the run's services), the stack's
+    settings and the directory. Outside pytest's and the dev stack's directories:
+    pgserver (as root) opens up the permissions of the parents of its data directory.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with ExitStack() as stack:
+            base = Settings(_env_file=None, env="dev")
+            yield stack, start_dev_stack(stack, work / "data", base), work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 class BrokerCommand(StartsAndStops):

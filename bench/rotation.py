@@ -19,17 +19,14 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 
 from bench.direct import PRINCIPAL, connected, fake_openai, store_openai
+from bench.process import own_stack, progress_logging
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, unit_of_work
 from broker.integrations import service as integrations
@@ -109,23 +106,15 @@ def describe(rot: dict[str, Any]) -> str:
 
 def main() -> None:
     from bench.run import Plan
-    from broker.devstack.stack import start_dev_stack
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
+    progress_logging(log)
     plan = Plan.from_env()
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-rotation-"))
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            per_tenant = int(os.environ.get("BENCH_ROTATION_PER_TENANT") or 1)
-            count = -(-plan.rotation_secrets // per_tenant)
-            log.info("seeding %d tenants, %d secrets each", count, per_tenant)
-            tenants = seed(settings, count, per_tenant=per_tenant)
-            results = measure(settings, tenants, workers=plan.rotate_workers)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with own_stack("broker-bench-rotation-") as (_, settings, _work):
+        per_tenant = int(os.environ.get("BENCH_ROTATION_PER_TENANT") or 1)
+        count = -(-plan.rotation_secrets // per_tenant)
+        log.info("seeding %d tenants, %d secrets each", count, per_tenant)
+        tenants = seed(settings, count, per_tenant=per_tenant)
+        results = measure(settings, tenants, workers=plan.rotate_workers)
     print(json.dumps(results, indent=2))  # noqa: T201
     print(describe(results))  # noqa: T201
 

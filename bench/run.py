@@ -27,16 +27,13 @@ import logging
 import os
 import platform
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from base64 import b64encode
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +44,7 @@ from sqlalchemy import Engine
 
 from bench import direct, dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
 from bench.oauth_refresh import Drain
-from bench.process import BrokerCommand
+from bench.process import BrokerCommand, own_stack, progress_logging
 from bench.report import (
     CEILING,
     CONCURRENCIES,
@@ -65,7 +62,6 @@ from broker.auth.tokens import mint_token
 from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import free_port
-from broker.devstack.stack import start_dev_stack
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 
@@ -766,33 +762,23 @@ def _target(
 
 
 def main() -> None:
-    # Progress only: pgserver, alembic and the HTTP clients are chatty at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
+    progress_logging(log)
     plan = Plan.from_env()
     output = Path(os.environ.get("BENCH_OUTPUT") or ROOT / "bench" / "results.json")
-    # Outside pytest's and the dev stack's directories: pgserver (as root) opens up
-    # the permissions of the parents of its data directory.
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     started = time.perf_counter()
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
-            providers = stack.enter_context(FakeProviders())
-            oauth_refresh.store_platform_app(work / "data", settings, shopify)
-            broker = stack.enter_context(
-                BrokerProcess(
-                    settings,
-                    work,
-                    oauth_refresh.egress_env(shopify) | dynamic_leases.egress_env(providers),
-                )
+    with own_stack("broker-bench-") as (stack, settings, work):
+        shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
+        providers = stack.enter_context(FakeProviders())
+        oauth_refresh.store_platform_app(work / "data", settings, shopify)
+        broker = stack.enter_context(
+            BrokerProcess(
+                settings,
+                work,
+                oauth_refresh.egress_env(shopify) | dynamic_leases.egress_env(providers),
             )
-            bench = Bench(plan, settings, broker, shopify, providers)
-            bench.run()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        )
+        bench = Bench(plan, settings, broker, shopify, providers)
+        bench.run()
     results = {
         "machine": machine(),
         "plan": asdict(plan),
