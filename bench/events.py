@@ -21,36 +21,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 from sqlmodel import Session, col, select
 
+from bench.direct import PRINCIPAL, connected, fake_openai, loopback_egress, store_openai
 from bench.oauth_refresh import WorkerProcess
-from broker.auth.principal import Principal
-from broker.auth.scopes import Scope
+from bench.process import own_stack, progress_logging
 from broker.core.config import Settings
-from broker.core.db import make_engine, unit_of_work
+from broker.core.db import unit_of_work
 from broker.credential_health import service as health
 from broker.events import outbox, webhooks
-from broker.integrations import service as integrations
-from broker.integrations.egress import EgressClient, EgressPolicy
-from broker.integrations.providers import ProviderEndpoints
 from broker.models import Event
 from broker.tenants.service import create_tenant
-from broker.vault.gateway import VaultGateway
-from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.webhook_receiver import WebhookReceiver
 
 log = logging.getLogger("bench")
 
-PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 EVENT_TYPE = outbox.LEASE_MINTED  # nothing else emits it yet: only the bench's events
 TICK_S = 0.01
 CHECKS_PER_HOUR = 10_000
@@ -77,12 +69,8 @@ def delivery(
     settings: Settings, env: dict[str, str], work: Path, *, rate: float, duration_s: float
 ) -> dict[str, Any]:
     """Emit `rate` events/s for `duration_s` to one platform endpoint; deliver with a worker."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
-    loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True))
     concurrency = int(knob("EVENTS_WORKER_CONCURRENCY", 32, 16))
-    try:
+    with connected(settings) as (engine, vault), closing(loopback_egress()) as loopback:
         receiver = _Timed()
         with receiver:
             made = webhooks.register(
@@ -114,10 +102,6 @@ def delivery(
             webhooks.delete_endpoint(
                 engine, vault, principal=PRINCIPAL, tenant_id=None, endpoint_id=made.endpoint.id
             )
-    finally:
-        loopback.close()
-        vault.close()
-        engine.dispose()
     return {
         "target_rate": rate,
         "emitted": emitted,
@@ -187,71 +171,40 @@ def _pct(values: list[float], pct: int) -> float:
 
 def health_checks(settings: Settings, tenants: list[str], *, threads: int) -> dict[str, Any]:
     """The cost of one health check, from `len(tenants)` stored OpenAI keys."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
-    try:
-        with FakeProviders() as fake:
-            outbound = integrations.Outbound(
-                EgressClient(EgressPolicy(allow_http=True, allow_loopback=True)),
-                ProviderEndpoints(openai=fake.base_url),
+    with connected(settings) as (engine, vault), fake_openai() as outbound:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda t: store_openai(engine, vault, outbound, t), tenants))
+
+        def one(tenant: str) -> None:
+            health.check(
+                engine, vault, outbound, tenant_id=tenant, provider="openai", actor="bench"
             )
-            with ThreadPoolExecutor(8) as pool:
-                list(pool.map(lambda t: _store(engine, vault, outbound, t), tenants))
 
-            def one(tenant: str) -> None:
-                health.check(
-                    engine, vault, outbound, tenant_id=tenant, provider="openai", actor="bench"
-                )
-
-            figures: dict[str, Any] = {"credentials": len(tenants)}
-            for label, width in (("sequential", 1), (f"{threads}_threads", threads)):
-                cpu, started = time.process_time(), time.perf_counter()
-                with ThreadPoolExecutor(width) as pool:
-                    list(pool.map(one, tenants))
-                seconds = time.perf_counter() - started
-                cpu_s = time.process_time() - cpu
-                figures[label] = {
-                    "seconds": round(seconds, 2),
-                    "checks_per_s": round(len(tenants) / seconds, 1),
-                    "ms_per_check": round(seconds / len(tenants) * 1000, 2),
-                    "bench_cpu_ms_per_check": round(cpu_s / len(tenants) * 1000, 2),
-                }
-            per_check_s = figures["sequential"]["ms_per_check"] / 1000
-            figures["for_10000_per_hour"] = {
-                "checks_per_s": round(CHECKS_PER_HOUR / 3600, 2),
-                "worker_thread_share": round(CHECKS_PER_HOUR / 3600 * per_check_s, 3),
+        figures: dict[str, Any] = {"credentials": len(tenants)}
+        for label, width in (("sequential", 1), (f"{threads}_threads", threads)):
+            cpu, started = time.process_time(), time.perf_counter()
+            with ThreadPoolExecutor(width) as pool:
+                list(pool.map(one, tenants))
+            seconds = time.perf_counter() - started
+            cpu_s = time.process_time() - cpu
+            figures[label] = {
+                "seconds": round(seconds, 2),
+                "checks_per_s": round(len(tenants) / seconds, 1),
+                "ms_per_check": round(seconds / len(tenants) * 1000, 2),
+                "bench_cpu_ms_per_check": round(cpu_s / len(tenants) * 1000, 2),
             }
-            outbound.client.close()
-    finally:
-        vault.close()
-        engine.dispose()
+        per_check_s = figures["sequential"]["ms_per_check"] / 1000
+        figures["for_10000_per_hour"] = {
+            "checks_per_s": round(CHECKS_PER_HOUR / 3600, 2),
+            "worker_thread_share": round(CHECKS_PER_HOUR / 3600 * per_check_s, 3),
+        }
     return figures
-
-
-def _store(
-    engine: Engine, vault: VaultGateway, outbound: integrations.Outbound, tenant: str
-) -> None:
-    integrations.save_credentials(
-        engine,
-        vault,
-        outbound,
-        principal=PRINCIPAL,
-        tenant_id=tenant,
-        provider="openai",
-        fields=dict(VALID["openai"]),
-        if_match=None,
-        skip_connection_test=True,
-    )
 
 
 def make_tenants(settings: Settings, count: int, prefix: str = "bench-hc") -> list[str]:
     """`count` fresh tenants, created directly through the service."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
     ids = [f"{prefix}-{i:06d}" for i in range(count)]
-    try:
+    with connected(settings) as (engine, vault):
 
         def one(tenant_id: str) -> None:
             with unit_of_work(engine) as session:
@@ -261,9 +214,6 @@ def make_tenants(settings: Settings, count: int, prefix: str = "bench-hc") -> li
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(one, ids))
-    finally:
-        vault.close()
-        engine.dispose()
     return ids
 
 
@@ -298,19 +248,11 @@ def describe(results: dict[str, Any]) -> list[str]:
 
 def main() -> None:
     from bench.run import BrokerProcess
-    from broker.devstack.stack import start_dev_stack
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-events-"))
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            broker = BrokerProcess(settings, work, {})
-            results = run(settings, broker.env, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    progress_logging(log)
+    with own_stack("broker-bench-events-") as (_, settings, work):
+        broker = BrokerProcess(settings, work, {})
+        results = run(settings, broker.env, work)
     print(json.dumps(results, indent=2))  # noqa: T201
     print("\n".join(describe(results)))  # noqa: T201
 

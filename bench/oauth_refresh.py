@@ -24,9 +24,6 @@ from __future__ import annotations
 import logging
 import secrets
 import shlex
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -35,12 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from sqlalchemy import Engine, func, text
 from sqlmodel import Session, col, select
 
+from bench.process import BrokerCommand
 from broker.app import oauth_access_for, outbound_for
 from broker.auth.principal import Principal
 from broker.core.config import Settings
@@ -244,51 +241,29 @@ def refreshes_by_actor(engine: Engine) -> dict[str, int]:
     return dict(rows)
 
 
-class WorkerProcess:
+class WorkerProcess(BrokerCommand):
     """`broker worker` in its own process, configured like the bench's broker."""
 
+    command = "worker"
+
     def __init__(self, env: dict[str, str], engine: Engine, log_path: Path) -> None:
-        self.env = {k: v for k, v in env.items() if k not in ("BROKER_PORT", "BROKER_HOST")}
+        own = {k: v for k, v in env.items() if k not in ("BROKER_PORT", "BROKER_HOST")}
+        super().__init__(own, log_path)
         self.engine = engine
-        self.log_path = log_path
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.before: set[int] = set()
+
+    def start(self) -> Self:
+        """Start the worker; it is ready once it has registered itself."""
+        self.before = self._registered()
+        return super().start()
+
+    def ready(self) -> bool:
+        """True once a worker that was not there before has registered."""
+        return bool(self._registered() - self.before)
 
     def _registered(self) -> set[int]:
         with self.engine.connect() as conn:
             return set(conn.execute(text("SELECT id FROM procrastinate_workers")).scalars())
-
-    def __enter__(self) -> WorkerProcess:
-        before = self._registered()
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from broker.cli import main; main()", "worker"],
-                cwd=self.log_path.parent,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while not self._registered() - before:
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__(None, None, None)
-                raise RuntimeError(f"the worker did not start; see {self.log_path}")
-            time.sleep(0.2)
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Drain:

@@ -19,32 +19,24 @@ import json
 import logging
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
 
-from broker.auth.principal import Principal
-from broker.auth.scopes import Scope
+from bench.direct import PRINCIPAL, connected, fake_openai, store_openai
+from bench.process import own_stack, progress_logging
 from broker.core.config import Settings
-from broker.core.db import DatabaseBounds, make_engine, unit_of_work
+from broker.core.db import DatabaseBounds, unit_of_work
 from broker.integrations import service as integrations
-from broker.integrations.egress import EgressClient, EgressPolicy
-from broker.integrations.providers import ProviderEndpoints
 from broker.tenants.keys import rotate_all
 from broker.tenants.service import create_tenant
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
-from tests.fakes.providers import VALID, FakeProviders
 
 log = logging.getLogger("bench")
 
-PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 SEED_THREADS = 8
 
 
@@ -53,24 +45,10 @@ def seed(
 ) -> list[str]:
     """`count` fresh tenants with one stored OpenAI key and `per_tenant - 1` more
     sealed items each."""
-    assert settings.database_url is not None
-    engine = make_engine(settings.database_url.get_secret_value())
-    vault = VaultGateway.from_settings(settings)
     ids = [f"{prefix}-{i:06d}" for i in range(count)]
-    try:
-        with FakeProviders() as fake:
-            outbound = integrations.Outbound(
-                EgressClient(EgressPolicy(allow_http=True, allow_loopback=True)),
-                ProviderEndpoints(openai=fake.base_url),
-            )
-            try:
-                with ThreadPoolExecutor(SEED_THREADS) as pool:
-                    list(pool.map(lambda t: _tenant(engine, vault, outbound, t, per_tenant), ids))
-            finally:
-                outbound.client.close()
-    finally:
-        vault.close()
-        engine.dispose()
+    with connected(settings) as (engine, vault), fake_openai() as outbound:
+        with ThreadPoolExecutor(SEED_THREADS) as pool:
+            list(pool.map(lambda t: _tenant(engine, vault, outbound, t, per_tenant), ids))
     return ids
 
 
@@ -83,17 +61,7 @@ def _tenant(
 ) -> None:
     with unit_of_work(engine) as session:
         create_tenant(session, vault, principal=PRINCIPAL, tenant_id=tenant_id, name=tenant_id)
-    integrations.save_credentials(
-        engine,
-        vault,
-        outbound,
-        principal=PRINCIPAL,
-        tenant_id=tenant_id,
-        provider="openai",
-        fields=dict(VALID["openai"]),
-        if_match=None,
-        skip_connection_test=True,
-    )
+    store_openai(engine, vault, outbound, tenant_id)
     store = SealedStore(vault)
     for n in range(1, per_tenant):
         item = f"integrations/bench-extra-{n}"
@@ -104,22 +72,16 @@ def _tenant(
 
 def measure(settings: Settings, tenants: list[str], *, workers: int) -> dict[str, Any]:
     """Rotate every tenant's key and rewrap its secrets, `workers` tenants at a time."""
-    assert settings.database_url is not None
     # A connection per worker: each tenant's steps hold one at a time.
     bounds = DatabaseBounds(pool_size=workers, max_overflow=4)
-    engine = make_engine(settings.database_url.get_secret_value(), bounds)
-    vault = VaultGateway.from_settings(settings)
     log.info("rotating %d tenant keys", len(tenants))
-    try:
+    with connected(settings, bounds) as (engine, vault):
         cpu, started = time.process_time(), time.perf_counter()
         reports = rotate_all(
             engine, vault, principal=PRINCIPAL, tenant_ids=tenants, workers=workers
         )
         seconds = time.perf_counter() - started
         cpu_s = time.process_time() - cpu
-    finally:
-        vault.close()
-        engine.dispose()
     rewrapped = sum(r.rewrapped for r in reports)
     return {
         "tenants": len(tenants),
@@ -144,23 +106,15 @@ def describe(rot: dict[str, Any]) -> str:
 
 def main() -> None:
     from bench.run import Plan
-    from broker.devstack.stack import start_dev_stack
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
+    progress_logging(log)
     plan = Plan.from_env()
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-rotation-"))
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            per_tenant = int(os.environ.get("BENCH_ROTATION_PER_TENANT") or 1)
-            count = -(-plan.rotation_secrets // per_tenant)
-            log.info("seeding %d tenants, %d secrets each", count, per_tenant)
-            tenants = seed(settings, count, per_tenant=per_tenant)
-            results = measure(settings, tenants, workers=plan.rotate_workers)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with own_stack("broker-bench-rotation-") as (_, settings, _work):
+        per_tenant = int(os.environ.get("BENCH_ROTATION_PER_TENANT") or 1)
+        count = -(-plan.rotation_secrets // per_tenant)
+        log.info("seeding %d tenants, %d secrets each", count, per_tenant)
+        tenants = seed(settings, count, per_tenant=per_tenant)
+        results = measure(settings, tenants, workers=plan.rotate_workers)
     print(json.dumps(results, indent=2))  # noqa: T201
     print(describe(results))  # noqa: T201
 

@@ -27,16 +27,13 @@ import logging
 import os
 import platform
 import secrets
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from base64 import b64encode
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,8 +42,9 @@ import httpx
 import hvac
 from sqlalchemy import Engine
 
-from bench import dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
+from bench import direct, dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
 from bench.oauth_refresh import Drain
+from bench.process import BrokerCommand, own_stack, progress_logging
 from bench.report import (
     CEILING,
     CONCURRENCIES,
@@ -59,13 +57,11 @@ from bench.report import (
     SETTINGS_GET,
     SETTINGS_PATCH,
 )
-from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
 from broker.core.config import Settings
 from broker.core.db import make_engine
 from broker.devstack.openbao import free_port
-from broker.devstack.stack import start_dev_stack
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 
@@ -75,7 +71,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "shopify"
 # Far above anything the load reaches: the benchmark measures the work, not the limiter.
 UNLIMITED = "100000000/minute"
-BENCH_PRINCIPAL = Principal(subject="bench", kind="user", scopes=frozenset({Scope.PLATFORM_ADMIN}))
 
 
 @dataclass(frozen=True)
@@ -145,20 +140,23 @@ def machine() -> dict[str, Any]:
 # -- processes --------------------------------------------------------------------------
 
 
-class BrokerProcess:
+class BrokerProcess(BrokerCommand):
     """`broker serve` in its own process, configured like the dev stack's broker."""
+
+    command = "serve"
+    stop_signal = signal.SIGINT
+    stop_wait_s = 15.0
 
     def __init__(self, settings: Settings, work: Path, extra_env: dict[str, str]) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.work = work
-        self.log_path = work / "broker.log"
         assert settings.database_url is not None
         assert settings.vault_role_id is not None
         assert settings.vault_secret_id is not None
         assert settings.jwt_hs256_secret is not None
         own = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
-        self.env = own | {
+        env = own | {
             "BROKER_ENV": "dev",
             "BROKER_HOST": "127.0.0.1",
             "BROKER_PORT": str(self.port),
@@ -173,36 +171,13 @@ class BrokerProcess:
             "BROKER_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
             **extra_env,
         }
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(env, work / "broker.log")
 
-    def __enter__(self) -> BrokerProcess:
-        with self.log_path.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "from broker.cli import main; main()", "serve"],
-                cwd=self.work,  # no stray .env from the caller's directory
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the broker exited; see {self.log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            time.sleep(0.2)
-        raise RuntimeError(f"the broker did not become ready; see {self.log_path}")
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+    def ready(self) -> bool:
+        """True once the broker answers /readyz."""
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        return False
 
     @property
     def pid(self) -> int:
@@ -698,7 +673,7 @@ class Bench:
                 self.settings,
                 engine,
                 self.shopify,
-                principal=BENCH_PRINCIPAL,
+                principal=direct.PRINCIPAL,
                 tenants=tenants,
                 workers=self.plan.rotate_workers,
             )
@@ -787,33 +762,23 @@ def _target(
 
 
 def main() -> None:
-    # Progress only: pgserver, alembic and the HTTP clients are chatty at INFO.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
+    progress_logging(log)
     plan = Plan.from_env()
     output = Path(os.environ.get("BENCH_OUTPUT") or ROOT / "bench" / "results.json")
-    # Outside pytest's and the dev stack's directories: pgserver (as root) opens up
-    # the permissions of the parents of its data directory.
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-"))
     started = time.perf_counter()
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
-            providers = stack.enter_context(FakeProviders())
-            oauth_refresh.store_platform_app(work / "data", settings, shopify)
-            broker = stack.enter_context(
-                BrokerProcess(
-                    settings,
-                    work,
-                    oauth_refresh.egress_env(shopify) | dynamic_leases.egress_env(providers),
-                )
+    with own_stack("broker-bench-") as (stack, settings, work):
+        shopify = stack.enter_context(oauth_refresh.fake_shopify(FakeClock()))
+        providers = stack.enter_context(FakeProviders())
+        oauth_refresh.store_platform_app(work / "data", settings, shopify)
+        broker = stack.enter_context(
+            BrokerProcess(
+                settings,
+                work,
+                oauth_refresh.egress_env(shopify) | dynamic_leases.egress_env(providers),
             )
-            bench = Bench(plan, settings, broker, shopify, providers)
-            bench.run()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        )
+        bench = Bench(plan, settings, broker, shopify, providers)
+        bench.run()
     results = {
         "machine": machine(),
         "plan": asdict(plan),

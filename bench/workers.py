@@ -18,18 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import wrk
+from bench.process import own_stack, progress_logging
 from bench.run import Bench, BrokerProcess, Plan, Tokens, tenant_ids
 from broker.core.config import Settings
-from broker.devstack.stack import start_dev_stack
 
 log = logging.getLogger("bench.workers")
 
@@ -128,27 +125,20 @@ def create_plain_tenants(base_url: str, tokens: Tokens, tenants: list[str]) -> N
 
 def main() -> None:
     """Settings figures alone: a dev stack, a few tenants, GET and PATCH per worker count."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
-    log.setLevel(logging.INFO)
+    progress_logging(log)
     plan = Plan.from_env()
     counts = tuple(int(n) for n in os.environ.get("BENCH_WORKER_COUNTS", "1,2").split(","))
-    work = Path(tempfile.mkdtemp(prefix="broker-bench-workers-"))
-    try:
-        with ExitStack() as stack:
-            base = Settings(_env_file=None, env="dev")
-            settings = start_dev_stack(stack, work / "data", base)
-            assert settings.jwt_hs256_secret is not None
-            tokens = Tokens(
-                settings.jwt_hs256_secret.get_secret_value(),
-                settings.jwt_issuer,
-                settings.jwt_audience,
-            )
-            tenants = tenant_ids(0, plan.small_tenants)
-            with BrokerProcess(settings, work, {}) as broker:
-                create_plain_tenants(broker.url, tokens, tenants)
-            results = scaling(settings, work, tokens, tenants, plan, counts=counts, write=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with own_stack("broker-bench-workers-") as (_, settings, work):
+        assert settings.jwt_hs256_secret is not None
+        tokens = Tokens(
+            settings.jwt_hs256_secret.get_secret_value(),
+            settings.jwt_issuer,
+            settings.jwt_audience,
+        )
+        tenants = tenant_ids(0, plan.small_tenants)
+        with BrokerProcess(settings, work, {}) as broker:
+            create_plain_tenants(broker.url, tokens, tenants)
+        results = scaling(settings, work, tokens, tenants, plan, counts=counts, write=True)
     for count in counts:
         for method, figures in results[f"workers_{count}"].items():
             print(f"workers={count} {method:5} {_summary(figures)}")  # noqa: T201

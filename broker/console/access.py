@@ -73,14 +73,7 @@ def signed_in() -> Any:
     """A dependency for pages every signed-in user may see (home, sign-out)."""
 
     async def dependency(request: Request) -> Visitor:
-        row = await current_session(request)
-        if row is None or row.status != "active":
-            raise SignInRequired("sign in to continue")
-        principal = sessions.principal_of(row)
-        request.state.principal = principal
-        if request.method == "POST":
-            await check_form(request, row.csrf_token)
-        return Visitor(principal, row.csrf_token)
+        return await _visitor(request, form=request.method == "POST")
 
     return Depends(dependency)
 
@@ -89,15 +82,9 @@ def _access(alias: Any, *, form: bool) -> Any:
     scopes, limit = api_scopes(alias)
 
     async def dependency(request: Request) -> Visitor:
-        row = await current_session(request)
-        if row is None or row.status != "active":
-            raise SignInRequired("sign in to continue")
-        principal = sessions.principal_of(row)
-        request.state.principal = principal
-        if form:
-            await check_form(request, row.csrf_token)
-        admit(request, principal, scopes, limit=limit)
-        return Visitor(principal, row.csrf_token)
+        visitor = await _visitor(request, form=form)
+        admit(request, visitor.principal, scopes, limit=limit)
+        return visitor
 
     setattr(dependency, SCOPES_ATTR, scopes)
     setattr(dependency, LIMIT_ATTR, limit)
@@ -122,3 +109,15 @@ async def check_form(request: Request, expected: str) -> None:
     sent = (await request.form()).get(CSRF_FIELD)
     if not isinstance(sent, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
         raise CrossSiteRefused("this form has expired; reload the page and try again")
+
+
+async def _visitor(request: Request, *, form: bool) -> Visitor:
+    """The signed-in user of this request (and, for a form post, its CSRF token checked)."""
+    row = await current_session(request)
+    if row is None or row.status != "active":
+        raise SignInRequired("sign in to continue")
+    principal = sessions.principal_of(row)
+    request.state.principal = principal
+    if form:
+        await check_form(request, row.csrf_token)
+    return Visitor(principal, row.csrf_token)

@@ -101,17 +101,30 @@ def begin(
     now: datetime,
     method: str,
 ) -> Started:
-    """`sign_in` in a unit of work of its own, replacing the browser's pending session."""
+    """Replace the browser's pending session with a signed-in one under a fresh id.
+
+    In a unit of work of its own. What is kept is the verified token's claims, never
+    the token: the session ends when the token would have, or after `ttl`, whichever
+    comes first.
+    """
     with unit_of_work(engine) as session:
         previous = session.get(ConsoleSession, pending.id_hash) if pending else None
-        return sign_in(
+        if previous is not None:
+            session.delete(previous)
+        _record(session, "console.sign_in", principal, detail={"method": method})
+        claims: dict[str, Any] = {
+            "sub": principal.subject,
+            "kind": principal.kind,
+            "scope": " ".join(sorted(principal.scopes)),
+            "tenant_id": principal.tenant_id,
+        }
+        return _start(
             session,
-            previous=previous,
-            principal=principal,
-            token_expires_at=token_expires_at,
-            ttl=ttl,
+            status="active",
             now=now,
-            method=method,
+            expires_at=min(now + ttl, token_expires_at),
+            claims=claims,
+            tenant_id=principal.tenant_id,
         )
 
 
@@ -141,48 +154,6 @@ def find(session: Session, cookie: str | None, *, now: datetime) -> ConsoleSessi
     return row
 
 
-def sign_in(
-    session: Session,
-    *,
-    previous: ConsoleSession | None,
-    principal: Principal,
-    token_expires_at: datetime,
-    ttl: timedelta,
-    now: datetime,
-    method: str,
-) -> Started:
-    """Replace the browser's pending session with a signed-in one under a fresh id.
-
-    What is kept is the verified token's claims, never the token: the session ends
-    when the token would have, or after `ttl`, whichever comes first.
-    """
-    if previous is not None:
-        session.delete(previous)
-    trail.record(
-        session,
-        action="console.sign_in",
-        resource=f"tenants/{principal.tenant_id}/console",
-        outcome="success",
-        principal=principal,
-        tenant_id=principal.tenant_id,
-        detail={"method": method},
-    )
-    claims: dict[str, Any] = {
-        "sub": principal.subject,
-        "kind": principal.kind,
-        "scope": " ".join(sorted(principal.scopes)),
-        "tenant_id": principal.tenant_id,
-    }
-    return _start(
-        session,
-        status="active",
-        now=now,
-        expires_at=min(now + ttl, token_expires_at),
-        claims=claims,
-        tenant_id=principal.tenant_id,
-    )
-
-
 def principal_of(row: ConsoleSession) -> Principal:
     """The signed-in user, rebuilt from the stored claims with the API's own checks."""
     claims = {k: v for k, v in (row.claims or {}).items() if v is not None}
@@ -192,16 +163,23 @@ def principal_of(row: ConsoleSession) -> Principal:
 def end(session: Session, row: ConsoleSession) -> None:
     """Sign out: the row goes, so the cookie names nothing any more."""
     if row.status == "active":
-        principal = principal_of(row)
-        trail.record(
-            session,
-            action="console.sign_out",
-            resource=f"tenants/{principal.tenant_id}/console",
-            outcome="success",
-            principal=principal,
-            tenant_id=principal.tenant_id,
-        )
+        _record(session, "console.sign_out", principal_of(row))
     session.delete(row)
+
+
+def _record(
+    session: Session, action: str, principal: Principal, detail: dict[str, Any] | None = None
+) -> None:
+    """A sign-in or sign-out in the audit trail, against the user's tenant's console."""
+    trail.record(
+        session,
+        action=action,
+        resource=f"tenants/{principal.tenant_id}/console",
+        outcome="success",
+        principal=principal,
+        tenant_id=principal.tenant_id,
+        detail=detail,
+    )
 
 
 def _start(

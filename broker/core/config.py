@@ -216,13 +216,6 @@ class Settings(BaseSettings):
     rotation_reminder_days: int = Field(default=14, ge=0, le=365)
     expiry_reminder_days: int = Field(default=7, ge=0, le=365)
 
-    @field_validator("webhook_retry_schedule_s", mode="before")
-    @classmethod
-    def _split_numbers(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [float(part) for part in value.split(",") if part.strip()]
-        return value
-
     @field_validator("webhook_retry_schedule_s")
     @classmethod
     def _positive_delays(cls, value: list[float]) -> list[float]:
@@ -236,6 +229,7 @@ class Settings(BaseSettings):
         "trusted_proxies",
         "oauth_return_urls",
         "vault_audit_log_paths",
+        "webhook_retry_schedule_s",
         mode="before",
     )
     @classmethod

@@ -88,6 +88,11 @@ def bind(ctx: RequestContext) -> None:
     _current.set(ctx)
 
 
+def bind_job(job_id: int | None, actor: str) -> None:
+    """Make a background job's context current: its request id names the job (`job-<id>`)."""
+    bind(RequestContext(request_id=f"job-{job_id}", actor=actor))
+
+
 _UNSET = object()
 
 

@@ -12,9 +12,11 @@ class BrokerError(Exception):
 
     status: int = 500
     title: str = "Internal error"
+    default_message: str | None = None
+    """The message when the raiser gives none (the title when this is None too)."""
 
     def __init__(self, message: str | None = None, **extra: Any) -> None:
-        self.message = message or self.title
+        self.message = message or self.default_message or self.title
         self.extra = extra
         super().__init__(self.message)
 

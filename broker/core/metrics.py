@@ -8,8 +8,9 @@ metrics registry of their own; calls to Vault and Stripe are observed as they ha
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,7 +24,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, Row, TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
@@ -184,20 +185,26 @@ _JOB_COUNTS = text(
 )
 
 
+def _rows(engine: Engine, query: TextClause) -> Sequence[Row[*tuple[Any, ...]]]:
+    """The query's rows, or none while the database cannot answer.
+
+    The scrape must not fail with the database: the family is left empty, and the pool
+    and readiness metrics tell why.
+    """
+    try:
+        with engine.connect() as conn:
+            return conn.execute(query).all()
+    except SQLAlchemyError:
+        return []
+
+
 def _job_metrics(engine: Engine) -> Iterator[Metric]:
     jobs = GaugeMetricFamily(
         "broker_jobs",
         "Background jobs by queue, task and status (todo, doing, succeeded, failed, ...).",
         labels=["queue", "task", "status"],
     )
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(_JOB_COUNTS).all()
-    except SQLAlchemyError:
-        # The scrape must not fail with the database: the family is left empty, and
-        # the pool and readiness metrics tell why.
-        rows = []
-    for queue, task, status, count in rows:
+    for queue, task, status, count in _rows(engine, _JOB_COUNTS):
         jobs.add_metric([str(queue), str(task), str(status)], float(count))
     yield jobs
 
@@ -234,13 +241,8 @@ def _lease_metrics(engine: Engine) -> Iterator[Metric]:
         "Failed revocation attempts recorded in the lease registry.",
         labels=["provider"],
     )
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(_LEASE_COUNTS).all()
-    except SQLAlchemyError:
-        rows = []
     by_provider: dict[str, list[float]] = {}
-    for provider, state, count, failing_n, overdue_n, attempts in rows:
+    for provider, state, count, failing_n, overdue_n, attempts in _rows(engine, _LEASE_COUNTS):
         leases.add_metric([str(provider), str(state)], float(count))
         totals = by_provider.setdefault(str(provider), [0.0, 0.0, 0.0])
         totals[0] += float(failing_n)

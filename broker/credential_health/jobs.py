@@ -53,9 +53,7 @@ def check_credential(context: JobContext, tenant_id: str, provider: str) -> str:
     from broker.app import outbound_for
 
     shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor=WORKER_ACTOR)
-    )
+    request_context.bind_job(context.job.id, WORKER_ACTOR)
     outbound = outbound_for(shared.settings)
     try:
         checked = service.check(

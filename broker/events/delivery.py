@@ -250,9 +250,7 @@ def _disable(session: Session, endpoint: WebhookEndpoint, reason: str) -> None:
 def deliver_webhook(context: JobContext, delivery_id: int, expect: int) -> str:
     """One attempt of one webhook delivery."""
     shared = resources(context)
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor=WORKER_ACTOR)
-    )
+    request_context.bind_job(context.job.id, WORKER_ACTOR)
     client = webhook_egress(shared.settings)
     try:
         attempt = attempt_delivery(

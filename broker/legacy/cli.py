@@ -202,11 +202,25 @@ class _Progress:
             self._bar = None
 
 
-def _header(report: dict[str, Any], what: str) -> list[str]:
+def _summary(
+    report: dict[str, Any], what: str, counts: tuple[tuple[str, str], ...], *, width: int
+) -> list[str]:
+    """The heading, the counts (label, summary key) in a column `width` wide, and why it stopped."""
     lines = [f"{what} from {report['source']} (run {report['run_id']})"]
     if report["dry_run"]:
         lines.append("DRY RUN: nothing was changed; the counts say what would happen.")
+    lines += [f"  {label:<{width}}{report['summary'][key]}" for label, key in counts]
+    if report["stopped"]:
+        lines.append(f"STOPPED: {report['stopped']}")
     return lines
+
+
+def _listed(tenants: list[dict[str, Any]], heading: str, status: str) -> list[str]:
+    """The tenants that ended with `status`, under `heading`, with their reasons."""
+    chosen = [t for t in tenants if t["status"] == status]
+    if not chosen:
+        return []
+    return [f"{heading}:", *(f"  {_ids(t)}: {t['reason']}" for t in chosen)]
 
 
 def _ids(entry: dict[str, Any]) -> str:
@@ -215,27 +229,31 @@ def _ids(entry: dict[str, Any]) -> str:
     return f"{tenant} (legacy {legacy})" if legacy else tenant
 
 
+_MIGRATE_COUNTS = (
+    ("tenants", "tenants"),
+    ("migrated", "migrated"),
+    ("already migrated", "already_migrated"),
+    ("skipped", "skipped"),
+    ("conflicts", "conflicts"),
+    ("failed", "failed"),
+    ("unmapped keys", "unmapped_keys"),
+    ("not reached", "not_reached"),
+)
+_FINALIZE_COUNTS = (
+    ("tenants", "tenants"),
+    ("finalized", "finalized"),
+    ("already finalized", "already_finalized"),
+    ("left alone", "left_alone"),
+    ("failed", "failed"),
+    ("legacy rows nulled", "rows_nulled"),
+    ("not reached", "not_reached"),
+)
+
+
 def _migrate_text(report: dict[str, Any]) -> str:
-    summary = report["summary"]
-    lines = _header(report, "Legacy migration")
-    lines += [
-        f"  tenants           {summary['tenants']}",
-        f"  migrated          {summary['migrated']}",
-        f"  already migrated  {summary['already_migrated']}",
-        f"  skipped           {summary['skipped']}",
-        f"  conflicts         {summary['conflicts']}",
-        f"  failed            {summary['failed']}",
-        f"  unmapped keys     {summary['unmapped_keys']}",
-        f"  not reached       {summary['not_reached']}",
-    ]
-    if report["stopped"]:
-        lines.append(f"STOPPED: {report['stopped']}")
+    lines = _summary(report, "Legacy migration", _MIGRATE_COUNTS, width=18)
     tenants = report["tenants"]
-    for title, wanted in (("Conflicts", "conflict"), ("Failed", "failed")):
-        chosen = [t for t in tenants if t["status"] == wanted]
-        if chosen:
-            lines.append(f"{title}:")
-            lines += [f"  {_ids(t)}: {t['reason']}" for t in chosen]
+    lines += _listed(tenants, "Conflicts", "conflict") + _listed(tenants, "Failed", "failed")
     noted = [
         t
         for t in tenants
@@ -258,22 +276,8 @@ def _migrate_text(report: dict[str, Any]) -> str:
 
 
 def _finalize_text(report: dict[str, Any]) -> str:
-    summary = report["summary"]
-    lines = _header(report, "Legacy finalize")
-    lines += [
-        f"  tenants            {summary['tenants']}",
-        f"  finalized          {summary['finalized']}",
-        f"  already finalized  {summary['already_finalized']}",
-        f"  left alone         {summary['left_alone']}",
-        f"  failed             {summary['failed']}",
-        f"  legacy rows nulled {summary['rows_nulled']}",
-        f"  not reached        {summary['not_reached']}",
-    ]
-    if report["stopped"]:
-        lines.append(f"STOPPED: {report['stopped']}")
-    for title, wanted in (("Left alone", "left_alone"), ("Failed", "failed")):
-        chosen = [t for t in report["tenants"] if t["status"] == wanted]
-        if chosen:
-            lines.append(f"{title} (their legacy columns were not touched):")
-            lines += [f"  {_ids(t)}: {t['reason']}" for t in chosen]
+    lines = _summary(report, "Legacy finalize", _FINALIZE_COUNTS, width=19)
+    untouched = "(their legacy columns were not touched)"
+    lines += _listed(report["tenants"], f"Left alone {untouched}", "left_alone")
+    lines += _listed(report["tenants"], f"Failed {untouched}", "failed")
     return "\n".join(lines)

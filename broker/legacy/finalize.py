@@ -8,10 +8,8 @@ them. A dry run takes the same decisions and changes nothing.
 
 from __future__ import annotations
 
-import contextvars
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy import Engine
 
@@ -25,6 +23,7 @@ from broker.legacy.runner import (
     DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
+    Run,
     Stop,
     bind,
     fan_out,
@@ -62,18 +61,13 @@ def finalize_legacy(
     run = _Finalize(engine, vault, source, dry_run=dry_run, subject=subject, workers=workers)
     source.check()
     groups, missing = select_groups(source, tenants)
-    report = FinalizeReport(run_id=run.run_id, source=source.label, dry_run=dry_run)
+    report = run.report
     report.total = len(groups) + len(missing)
     report.outcomes.extend(
         FinalizeOutcome(None, [value], "failed", "no legacy tenant has this id")
         for value in missing
     )
-    run.report = report
-    # A copied context: the per-tenant request contexts bound on the way must not
-    # outlive the run in the caller's thread.
-    contextvars.copy_context().run(
-        run_batches, groups, report, run.batch, batch_size=batch_size, on_progress=on_progress
-    )
+    run_batches(groups, report, run.batch, batch_size=batch_size, on_progress=on_progress)
     return report
 
 
@@ -87,25 +81,12 @@ class _Decision:
     """Verified by the migration: check against Vault, then finalize."""
 
 
-class _Finalize:
-    def __init__(
-        self,
-        engine: Engine,
-        vault: VaultGateway,
-        source: LegacySource,
-        *,
-        dry_run: bool,
-        subject: str,
-        workers: int,
-    ) -> None:
-        self.engine = engine
-        self.vault = vault
-        self.source = source
-        self.dry_run = dry_run
-        self.subject = subject
-        self.workers = workers
-        self.run_id = uuid.uuid4().hex[:12]
-        self.report = FinalizeReport(run_id=self.run_id, source=source.label, dry_run=dry_run)
+@dataclass
+class _Finalize(Run):
+    report: FinalizeReport = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.report = FinalizeReport(self.run_id, self.source.label, self.dry_run)
 
     def batch(self, batch: list[Group]) -> None:
         """Decide, verify against Vault, then (unless dry) mark and retire one batch."""

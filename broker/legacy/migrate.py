@@ -38,11 +38,10 @@ Every Vault call carries the audited headers of the migration's principal
 
 from __future__ import annotations
 
-import contextvars
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import Engine
@@ -88,6 +87,7 @@ from broker.legacy.runner import (
     DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
+    Run,
     Stop,
     bind,
     fan_out,
@@ -166,10 +166,7 @@ def migrate_legacy(
         "legacy migration started",
         extra={"fields": {"run_id": run.run_id, "tenants": len(groups), "dry": dry_run}},
     )
-    # A copied context: the per-tenant request contexts bound on the way must not
-    # outlive the run in the caller's thread.
-    contextvars.copy_context().run(
-        run_batches,
+    run_batches(
         groups,
         report,
         run.batch,
@@ -180,26 +177,15 @@ def migrate_legacy(
     return report
 
 
-class _Migration:
-    def __init__(
-        self,
-        engine: Engine,
-        vault: VaultGateway,
-        source: LegacySource,
-        *,
-        dry_run: bool,
-        subject: str,
-        workers: int,
-    ) -> None:
-        self.engine = engine
-        self.vault = vault
-        self.store = SealedStore(vault)
-        self.source = source
-        self.dry_run = dry_run
-        self.subject = subject
-        self.workers = workers
-        self.run_id = uuid.uuid4().hex[:12]
-        self.report = MigrationReport(run_id=self.run_id, source=source.label, dry_run=dry_run)
+@dataclass
+class _Migration(Run):
+    report: MigrationReport = field(init=False)
+    store: SealedStore = field(init=False)
+    outbound: Outbound = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.report = MigrationReport(self.run_id, self.source.label, self.dry_run)
+        self.store = SealedStore(self.vault)
         # save_credentials wants one even though the connection test is skipped.
         self.outbound = Outbound(EgressClient(EgressPolicy()), ProviderEndpoints())
 

@@ -71,6 +71,8 @@ class _HasStatus(Protocol):
     @property
     def status(self) -> str: ...
 
+    def as_dict(self) -> dict[str, Any]: ...
+
 
 _O = TypeVar("_O", bound=_HasStatus)
 _S = TypeVar("_S", bound=str)  # the status literals of _O
@@ -96,6 +98,32 @@ class RunReport(Generic[_O, _S]):
     def count(self, status: _S) -> int:
         """How many tenants ended with `status`."""
         return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing went wrong and every tenant was reached."""
+        raise NotImplementedError
+
+    def summary(self) -> dict[str, int]:
+        """The counts of this kind of run, between the tenants and those not reached."""
+        raise NotImplementedError
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form (no secret anywhere in it)."""
+        return {
+            "run_id": self.run_id,
+            "source": self.source,
+            "dry_run": self.dry_run,
+            "ok": self.ok,
+            "summary": {"tenants": self.total, **self.summary(), "not_reached": self.remaining},
+            "stopped": self.stopped,
+            **self.extra(),
+            "tenants": [o.as_dict() for o in self.outcomes],
+        }
+
+    def extra(self) -> dict[str, Any]:
+        """What this kind of run reports besides the summary and the tenants."""
+        return {}
 
 
 @dataclass
@@ -132,27 +160,20 @@ class MigrationReport(RunReport[TenantOutcome, OutcomeStatus]):
             if legacy != o.tenant_id
         }
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form (no secret anywhere in it)."""
+    def summary(self) -> dict[str, int]:
+        """The migration's counts."""
         return {
-            "run_id": self.run_id,
-            "source": self.source,
-            "dry_run": self.dry_run,
-            "ok": self.ok,
-            "summary": {
-                "tenants": self.total,
-                "migrated": self.count("migrated"),
-                "already_migrated": self.already_migrated,
-                "skipped": self.count("skipped") - self.already_migrated,
-                "conflicts": self.count("conflict"),
-                "failed": self.count("failed"),
-                "unmapped_keys": self.unmapped_keys,
-                "not_reached": self.remaining,
-            },
-            "stopped": self.stopped,
-            "id_changes": self.id_changes(),
-            "tenants": [o.as_dict() for o in self.outcomes],
+            "migrated": self.count("migrated"),
+            "already_migrated": self.already_migrated,
+            "skipped": self.count("skipped") - self.already_migrated,
+            "conflicts": self.count("conflict"),
+            "failed": self.count("failed"),
+            "unmapped_keys": self.unmapped_keys,
         }
+
+    def extra(self) -> dict[str, Any]:
+        """The legacy ids that became a different tenant id."""
+        return {"id_changes": self.id_changes()}
 
 
 FinalizeStatus = Literal["finalized", "already_finalized", "left_alone", "failed"]
@@ -188,22 +209,12 @@ class FinalizeReport(RunReport[FinalizeOutcome, FinalizeStatus]):
         """True when nothing failed and every tenant was reached (left-alone ones are fine)."""
         return self.stopped is None and self.remaining == 0 and not self.count("failed")
 
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+    def summary(self) -> dict[str, int]:
+        """The finalize run's counts."""
         return {
-            "run_id": self.run_id,
-            "source": self.source,
-            "dry_run": self.dry_run,
-            "ok": self.ok,
-            "summary": {
-                "tenants": self.total,
-                "finalized": self.count("finalized"),
-                "already_finalized": self.count("already_finalized"),
-                "left_alone": self.count("left_alone"),
-                "failed": self.count("failed"),
-                "rows_nulled": self.rows_nulled,
-                "not_reached": self.remaining,
-            },
-            "stopped": self.stopped,
-            "tenants": [o.as_dict() for o in self.outcomes],
+            "finalized": self.count("finalized"),
+            "already_finalized": self.count("already_finalized"),
+            "left_alone": self.count("left_alone"),
+            "failed": self.count("failed"),
+            "rows_nulled": self.rows_nulled,
         }

@@ -12,9 +12,10 @@ from __future__ import annotations
 import contextvars
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
@@ -30,11 +31,13 @@ from broker.legacy.mapping import normalise_tenant_id
 from broker.legacy.reports import RunReport
 from broker.legacy.source import LegacyKey, LegacyRow, LegacySource
 from broker.models import LegacyMigration
+from broker.vault.gateway import VaultGateway
 
 __all__ = [
     "DEFAULT_WORKERS",
     "MIGRATION_SUBJECT",
     "Group",
+    "Run",
     "Stop",
     "bind",
     "fan_out",
@@ -72,6 +75,22 @@ class Stop(Exception):
         super().__init__(message)
         self.message = message
         self.outcome = outcome
+
+
+@dataclass
+class Run:
+    """What one migrate or finalize run works with; its `batch` is the step `run_batches` feeds.
+
+    A subclass makes its report (and whatever else it needs) in `__post_init__`.
+    """
+
+    engine: Engine
+    vault: VaultGateway
+    source: LegacySource
+    dry_run: bool
+    subject: str
+    workers: int
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
 
 def select_groups(
@@ -116,7 +135,22 @@ def run_batches(
     when it had to stop; an UpstreamUnavailable it raises stops the run too.
     `on_progress(advanced, total)` is called at the start (0) and after each
     batch; `on_batch_done(batch_number, outcomes)` after each completed batch.
+    It runs in a copied context: the per-tenant request contexts bound on the way
+    must not outlive the run in the caller's thread.
     """
+    contextvars.copy_context().run(
+        _feed, groups, report, step, batch_size, on_progress, on_batch_done
+    )
+
+
+def _feed(
+    groups: list[Group],
+    report: RunReport[Any, Any],
+    step: Callable[[list[Group]], None],
+    batch_size: int,
+    on_progress: Callable[[int, int], None] | None,
+    on_batch_done: Callable[[int, list[Any]], None] | None,
+) -> None:
     if on_progress is not None:
         on_progress(0, report.total)  # the bar shows from the start, not after a batch
     for number, start in enumerate(range(0, len(groups), batch_size), start=1):

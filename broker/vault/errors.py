@@ -52,14 +52,10 @@ class CiphertextRetired(BrokerError):
 
     status = 410
     title = "Sealed with a retired key version"
-
-    def __init__(self, message: str | None = None, **extra: object) -> None:
-        super().__init__(
-            message
-            or "this version was sealed before a key rotation retired its key version; "
-            "it can no longer be decrypted or restored",
-            **extra,
-        )
+    default_message = (
+        "this version was sealed before a key rotation retired its key version; "
+        "it can no longer be decrypted or restored"
+    )
 
 
 class StoredDataUnverified(BrokerError):
@@ -67,12 +63,7 @@ class StoredDataUnverified(BrokerError):
 
     status = 409
     title = "Stored data does not verify"
-
-    def __init__(self, message: str | None = None, **extra: object) -> None:
-        super().__init__(
-            message or "the stored data does not verify against its sealed copy; it was not used",
-            **extra,
-        )
+    default_message = "the stored data does not verify against its sealed copy; it was not used"
 
 
 class NoActiveNode(Exception):

@@ -50,12 +50,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Any, Self
 
 import httpx
 
-from broker.devstack.openbao import BaoProcess, free_port, hcl_string
+from broker.devstack.lifecycle import StartsAndStops
+from broker.devstack.openbao import (
+    BaoProcess,
+    free_port,
+    hcl_string,
+    initialise_one_share,
+    local_listener_hcl,
+)
 
 __all__ = ["RaftCluster", "RaftNode"]
 
@@ -142,7 +148,7 @@ class RaftNode:
         return self.process.log_tail(lines)
 
 
-class RaftCluster:
+class RaftCluster(StartsAndStops):
     """A local OpenBao raft cluster (see the module docstring)."""
 
     def __init__(
@@ -235,17 +241,6 @@ class RaftCluster:
         for node in self.nodes:
             node.stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- operations -----------------------------------------------------------------------
 
     def leader(self) -> RaftNode | None:
@@ -320,33 +315,15 @@ class RaftCluster:
             '  autopilot_update_interval = "250ms"\n'
             f"{joins}"
             "}\n"
-            'listener "tcp" {\n'
-            f'  address = "127.0.0.1:{node.port}"\n'
-            f'  cluster_address = "127.0.0.1:{node.cluster_port}"\n'
-            "  tls_disable = true\n"
-            "}\n"
-            f'api_addr = "{node.addr}"\n'
-            f'cluster_addr = "https://127.0.0.1:{node.cluster_port}"\n'
             f"disable_standby_reads = {'true' if self.disable_standby_reads else 'false'}\n"
             # Declarative audit devices must be identical on every node (a standby whose
             # device differs fails post-unseal setup when it takes over), so the path is
             # relative: each process runs in its own directory and writes its own file.
-            'audit "file" "broker" {\n'
-            "  options {\n"
-            '    file_path = "audit.log"\n'
-            "  }\n"
-            "}\n"
+            + local_listener_hcl(node.port, node.cluster_port, "audit.log")
         )
 
     def _initialise(self, http: httpx.Client, deadline: float) -> None:
-        response = http.put(
-            "/v1/sys/init",
-            json={"secret_shares": 1, "secret_threshold": 1},
-            timeout=max(deadline - time.monotonic(), 1.0),
-        )
-        if response.status_code != 200:
-            raise self._failure(f"sys/init failed with HTTP {response.status_code}")
-        body = response.json()
+        body = initialise_one_share(http, deadline, self._failure)
         self._unseal_key = body["keys_base64"][0]
         self._root_token = body["root_token"]
 

@@ -1,0 +1,90 @@
+"""The processes the bench runs: a dev stack of its own, and `broker <command>` beside it."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Self
+
+from broker.core.config import Settings
+from broker.devstack.lifecycle import StartsAndStops
+from broker.devstack.stack import start_dev_stack
+
+STARTUP_S = 60.0
+
+
+def progress_logging(log: logging.Logger) -> None:
+    """Only the bench's own progress at INFO: pgserver, alembic and HTTP clients are chatty."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
+    log.setLevel(logging.INFO)
+
+
+@contextmanager
+def own_stack(prefix: str) -> Iterator[tuple[ExitStack, Settings, Path]]:
+    """What `make dev` sets up, in a temporary directory named `prefix...`, removed afterwards.
+
+    Yields the exit stack it runs on (for more of the run's services), the stack's
+    settings and the directory. Outside pytest's and the dev stack's directories:
+    pgserver (as root) opens up the permissions of the parents of its data directory.
+    """
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        with ExitStack() as stack:
+            base = Settings(_env_file=None, env="dev")
+            yield stack, start_dev_stack(stack, work / "data", base), work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class BrokerCommand(StartsAndStops):
+    """`broker <command>` with its output appended to `log_path`; `ready()` says it is up."""
+
+    command: str
+    stop_signal = signal.SIGTERM
+    stop_wait_s = 30.0
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def ready(self) -> bool:
+        """True once the process does what it was started for."""
+        raise NotImplementedError
+
+    def start(self) -> Self:
+        """Start the process (in the log's directory: no stray .env) and wait until ready."""
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", "from broker.cli import main; main()", self.command],
+                cwd=self.log_path.parent,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + STARTUP_S
+        while not self.ready():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"broker {self.command} did not start; see {self.log_path}")
+            time.sleep(0.2)
+        return self
+
+    def stop(self) -> None:
+        """Ask the process to stop; kill it when it has not after `stop_wait_s`."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(self.stop_signal)
+            try:
+                self.proc.wait(self.stop_wait_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
