@@ -13,10 +13,9 @@ import logging
 from procrastinate import JobContext
 from sqlmodel import Session
 
-from broker.core import context as request_context
 from broker.core.db import unit_of_work
 from broker.credential_health import age, service
-from broker.jobs.app import MAINTENANCE_QUEUE, app, resources
+from broker.jobs.app import MAINTENANCE_QUEUE, app, resources, start_job
 from broker.jobs.defer import defer
 
 log = logging.getLogger(__name__)
@@ -52,8 +51,7 @@ def check_credential(context: JobContext, tenant_id: str, provider: str) -> str:
     # broker.app imports the routes, which queue checks through this module.
     from broker.app import outbound_for
 
-    shared = resources(context)
-    request_context.bind_job(context.job.id, WORKER_ACTOR)
+    shared = start_job(context, WORKER_ACTOR)
     outbound = outbound_for(shared.settings)
     try:
         checked = service.check(

@@ -29,7 +29,6 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 from standardwebhooks.webhooks import Webhook
 
-from broker.core import context as request_context
 from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.events import outbox
@@ -41,7 +40,7 @@ from broker.integrations.egress import (
     EgressRefused,
     EgressResponse,
 )
-from broker.jobs.app import app, resources
+from broker.jobs.app import app, start_job
 from broker.jobs.defer import defer
 from broker.models import Event, WebhookDelivery, WebhookEndpoint, utcnow
 from broker.vault.gateway import VaultGateway
@@ -249,8 +248,7 @@ def _disable(session: Session, endpoint: WebhookEndpoint, reason: str) -> None:
 @app.task(name=DELIVER, queue=EVENTS_QUEUE, pass_context=True)
 def deliver_webhook(context: JobContext, delivery_id: int, expect: int) -> str:
     """One attempt of one webhook delivery."""
-    shared = resources(context)
-    request_context.bind_job(context.job.id, WORKER_ACTOR)
+    shared = start_job(context, WORKER_ACTOR)
     client = webhook_egress(shared.settings)
     try:
         attempt = attempt_delivery(

@@ -78,12 +78,10 @@ def resources(context: JobContext) -> JobResources:
     return shared
 
 
-def start_job(context: JobContext) -> JobResources:
+def start_job(context: JobContext, actor: str = "broker-worker") -> JobResources:
     """The worker's resources, with this job bound as the request: what it audits or logs
-    names the worker as actor and the job as request."""
-    request_context.bind(
-        request_context.RequestContext(request_id=f"job-{context.job.id}", actor="broker-worker")
-    )
+    names the worker (`actor`) and the job as request."""
+    request_context.bind_job(context.job.id, actor)
     return resources(context)
 
 
