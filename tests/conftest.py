@@ -39,6 +39,7 @@ from tests.support.apps import (
     provider_overrides,
 )
 from tests.support.tenants import make_tenant
+from tests.support.workers import Workers
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +208,14 @@ def own_bao(tmp_path: Path) -> Iterator[Any]:
     with OpenBaoServer(tmp_path, ephemeral=True) as bao:
         bootstrap_vault(VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path))
         yield bao
+
+
+@pytest.fixture
+def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
+    """Real `broker worker` processes on the session's services; any still running at the
+    end is killed."""
+    with Workers(settings, engine, tmp_path) as started:
+        yield started
 
 
 @pytest.fixture

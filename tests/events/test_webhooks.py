@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +12,6 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
-from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.events import outbox, webhooks
 from broker.events.delivery import attempt_delivery
@@ -38,12 +36,6 @@ def admin(tenant: str) -> dict[str, str]:
 def receiver() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as running:
         yield running
-
-
-@pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
 
 
 def start_worker(workers: Workers, schedule: str = "1,1,1,1,1,1,1,1") -> Any:

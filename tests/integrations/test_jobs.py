@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.integrations.jobs import reconcile_pending
 from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
-from tests.support.apps import VaultEndpoint, app_through
+from tests.support.apps import VaultEndpoint, app_behind_slow_vault
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -28,12 +26,6 @@ SECOND = FIRST | {"auth_token": "e" * 32}
 
 
 @pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
-
-
-@pytest.fixture
 def slow(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
@@ -42,19 +34,10 @@ def slow(
     providers: FakeProviders,
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
     """The broker through a proxy that can hold Vault writes back, with a 1 s Vault timeout."""
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield (
-            app_through(
-                proxy.addr,
-                broker_vault_token,
-                database_url,
-                engine,
-                providers,
-                vault_timeout_s=1.0,
-                vault_retry_budget_s=1.5,
-            ),
-            proxy,
-        )
+    with app_behind_slow_vault(
+        vault_endpoint, broker_vault_token, database_url, engine, providers
+    ) as slowed:
+        yield slowed
 
 
 def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:

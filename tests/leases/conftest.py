@@ -4,6 +4,7 @@ the fake providers' key APIs, and one clock both judge expiry by."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,24 +39,25 @@ def _provider_clock(providers: FakeProviders, clock: FakeClock) -> None:
     providers.keys.clock = clock.now
 
 
-@pytest.fixture(scope="module")
-def dyn(
+@contextmanager
+def leasing_broker(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
     database_url: str,
     engine: Engine,
     providers: FakeProviders,
     clock: FakeClock,
+    **overrides: Any,
 ) -> Iterator[TestClient]:
-    """The broker with a fake clock, its provider calls pointed at the fakes."""
+    """The broker on `clock`, its provider calls pointed at the fakes; on the way out, every
+    lease still live is revoked and its Vault client closed."""
     settings = make_settings(
         vault_endpoint,
         broker_vault_token,
         database_url,
         **provider_overrides(providers),
         **OAUTH_SETTINGS,
-        lease_live_cap=3,
-        lease_revoke_backoff_s=10,
+        **overrides,
     )
     vault = VaultGateway.from_settings(settings)
     app = create_app(
@@ -68,6 +70,29 @@ def dyn(
     yield client
     revoke_what_is_left(leasing(client))
     vault.close()
+
+
+@pytest.fixture(scope="module")
+def dyn(
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders,
+    clock: FakeClock,
+) -> Iterator[TestClient]:
+    """The broker with a fake clock, its provider calls pointed at the fakes."""
+    with leasing_broker(
+        vault_endpoint,
+        broker_vault_token,
+        database_url,
+        engine,
+        providers,
+        clock,
+        lease_live_cap=3,
+        lease_revoke_backoff_s=10,
+    ) as client:
+        yield client
 
 
 def revoke_what_is_left(machinery: Leasing) -> None:

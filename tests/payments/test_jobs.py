@@ -18,7 +18,7 @@ from broker.payments.jobs import reconcile_default_cards
 from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
 from tests.fakes.stripe import FakeStripe
-from tests.support.apps import VaultEndpoint, app_through
+from tests.support.apps import VaultEndpoint, app_behind_slow_vault
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -31,18 +31,8 @@ KV_WRITE = b"POST /v1/secret/data/"
 def slow(
     vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str, engine: Engine
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield (
-            app_through(
-                proxy.addr,
-                broker_vault_token,
-                database_url,
-                engine,
-                vault_timeout_s=1.0,
-                vault_retry_budget_s=1.5,
-            ),
-            proxy,
-        )
+    with app_behind_slow_vault(vault_endpoint, broker_vault_token, database_url, engine) as slowed:
+        yield slowed
 
 
 def _payout(client: TestClient, tenant: str, iban: str) -> Any:
