@@ -8,7 +8,6 @@ also puts the table in a separate database.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -20,10 +19,10 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from broker.core.config import get_settings
 from broker.devstack.postgres import create_database
 from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
 from tests.support.apps import VaultEndpoint
+from tests.support.cli import broker_env, session_services
 
 LEGACY_DDL = """
 CREATE TABLE {table} (
@@ -194,14 +193,6 @@ def cli_env(
     database_url: str,
 ) -> Iterator[None]:
     """The broker's configuration for the CLI: the session's PostgreSQL and Vault."""
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("BROKER_ENV", "test")
-    monkeypatch.setenv("BROKER_DATABASE_URL", database_url)
-    monkeypatch.setenv("BROKER_VAULT_ADDRS", vault_endpoint.addr)
-    monkeypatch.setenv("BROKER_VAULT_TOKEN", broker_vault_token)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+    services = session_services(vault_endpoint, broker_vault_token, database_url)
+    with broker_env(monkeypatch, tmp_path, **services):
+        yield
