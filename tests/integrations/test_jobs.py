@@ -15,6 +15,7 @@ from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.apps import VaultEndpoint, app_behind_slow_vault
+from tests.support.rows import credential_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -46,17 +47,6 @@ def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:
         json={"fields": fields},
         headers=bearer(token("tenant:admin", tenant_id=tenant)),
     )
-
-
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT kv_version, vault_sync_pending, hints FROM integration_credentials"
-                " WHERE tenant_id = :t AND provider = 'twilio'"
-            ),
-            {"t": tenant},
-        ).one()
 
 
 def _status(engine: Engine, job_id: int) -> str:
@@ -108,17 +98,18 @@ def test_the_worker_settles_a_write_that_landed_after_its_503(
         what="the held write to land",
     )
     # Vault holds version 2; the row still says 1, pending, and nobody reads it.
-    assert _row(engine, tenant)[:2] == (1, True)
+    row = credential_row(engine, tenant)
+    assert (row.kv_version, row.vault_sync_pending) == (1, True)
 
     worker = workers.start(BROKER_WORKER, BROKER_LOG_LEVEL="DEBUG")
     _reconcile(engine)
-    kv_version, pending, hints = _row(engine, tenant)
-    assert (kv_version, pending) == (2, False)
-    assert hints["auth_token"].endswith("eeee")
+    settled = credential_row(engine, tenant)
+    assert (settled.kv_version, settled.vault_sync_pending) == (2, False)
+    assert settled.hints["auth_token"].endswith("eeee")
 
     # Idempotent: a second run finds nothing to do and changes nothing.
     _reconcile(engine)
-    assert _row(engine, tenant) == (kv_version, pending, hints)
+    assert credential_row(engine, tenant) == settled
 
     # The secret it handled is in neither the worker's log nor the queue's tables.
     logged = workers.output(worker)

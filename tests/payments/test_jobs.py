@@ -19,6 +19,7 @@ from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
 from tests.fakes.stripe import FakeStripe
 from tests.support.apps import VaultEndpoint, app_behind_slow_vault
+from tests.support.rows import payout_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -43,17 +44,6 @@ def _payout(client: TestClient, tenant: str, iban: str) -> Any:
     )
 
 
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT payout_version, payout_sync_pending, payout_hint FROM payment_profiles"
-                " WHERE tenant_id = :t"
-            ),
-            {"t": tenant},
-        ).one()
-
-
 def test_a_payout_write_that_landed_after_its_503_settles_without_a_reader(
     client: TestClient,
     slow: tuple[TestClient, SlowProxy],
@@ -73,14 +63,14 @@ def test_a_payout_write_that_landed_after_its_503_settles_without_a_reader(
         timeout_s=15,
         what="the held write to land",
     )
-    assert _row(engine, tenant)[:2] == (1, True)
+    assert payout_row(engine, tenant)[:2] == (1, True)
     assert reconcile_pending_payouts(engine, broker_vault) >= 1
-    version, pending, hint = _row(engine, tenant)
+    version, pending, hint = payout_row(engine, tenant)
     assert (version, pending) == (2, False)
     assert hint.endswith("5432")
     # Idempotent: nothing left to do for this tenant.
     reconcile_pending_payouts(engine, broker_vault)
-    assert _row(engine, tenant) == (version, pending, hint)
+    assert payout_row(engine, tenant) == (version, pending, hint)
 
 
 # -- Stripe's default card, kept the broker's by the hourly job --------------------------
