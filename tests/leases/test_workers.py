@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +14,7 @@ from sqlalchemy import Engine, text
 from broker.leases import service as leases
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.leases.conftest import dynamic_tenant, fetch, leasing, leasing_broker
-from tests.support.apps import VaultEndpoint
+from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.support.workers import Workers, wait_for
 
 LEASES = 100
@@ -30,26 +28,9 @@ def clock(tmp_path_factory: pytest.TempPathFactory) -> FakeClock:
 
 
 @pytest.fixture(scope="module")
-def dyn(
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders,
-    clock: FakeClock,
-) -> Iterator[TestClient]:
-    """The broker with 10-second leases: their per-lease jobs fall due during the test."""
-    with leasing_broker(
-        vault_endpoint,
-        broker_vault_token,
-        database_url,
-        engine,
-        providers,
-        clock,
-        credential_lease_s=10,
-        lease_live_cap=LEASES,
-    ) as client:
-        yield client
+def dyn_settings() -> dict[str, Any]:
+    """10-second leases: their per-lease jobs fall due during the test."""
+    return {"credential_lease_s": 10, "lease_live_cap": LEASES}
 
 
 def _worker_env(providers: FakeProviders, clock: FakeClock) -> dict[str, str]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -139,3 +140,19 @@ def app_behind_slow_vault(
             ),
             proxy,
         )
+
+
+@contextmanager
+def clocked_client(
+    settings: Settings, engine: Engine, now: Callable[[], float]
+) -> Iterator[TestClient]:
+    """A client for the broker on `settings` whose time is `now()` (a fake clock's, shared
+    with the fakes); its own Vault client is closed on the way out."""
+    vault = VaultGateway.from_settings(settings)
+    app = create_app(
+        settings, engine=engine, vault=vault, clock=lambda: datetime.fromtimestamp(now(), UTC)
+    )
+    try:
+        yield TestClient(app, raise_server_exceptions=False)
+    finally:
+        vault.close()
