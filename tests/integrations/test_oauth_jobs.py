@@ -15,7 +15,6 @@ from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     CLIENT_SECRET,
     _shop,
     app_client,
-    clock,
     connected,
     shopify,
 )
