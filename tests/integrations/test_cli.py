@@ -21,12 +21,10 @@ from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     CLIENT_SECRET,
     _shop,
     app_client,
-    clock,
     pasted,
     shopify,
 )
-from tests.support.apps import VaultEndpoint
-from tests.support.cli import broker_env, invoke, session_services
+from tests.support.cli import LOOPBACK_EGRESS, broker_env, invoke
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -35,20 +33,16 @@ from tests.support.tokens import bearer, token
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
     shopify: FakeShopifyOAuth,  # noqa: F811
     app_client: TestClient,  # noqa: F811 - stores the platform app in Vault
 ) -> Iterator[None]:
     """The broker's configuration for the CLI, Shopify pointed at the fake."""
-    services = session_services(vault_endpoint, broker_vault_token, database_url)
     with broker_env(
         monkeypatch,
         tmp_path,
-        **services,
-        EGRESS_ALLOW_HTTP="true",
-        EGRESS_ALLOW_LOOPBACK="true",
+        **cli_services,
+        **LOOPBACK_EGRESS,
         SHOPIFY_BASE_URL=shopify.base_url,
     ):
         yield

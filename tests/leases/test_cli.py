@@ -14,27 +14,22 @@ from broker.leases import service as leases
 from tests.fakes.providers import VALID, FakeProviders
 from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.leases.test_dynamic import twilio_works
-from tests.support.apps import VaultEndpoint
-from tests.support.cli import broker_env, invoke, session_services
+from tests.support.cli import LOOPBACK_EGRESS, broker_env, invoke
 
 
 @pytest.fixture
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
     providers: FakeProviders,
 ) -> Iterator[None]:
     """The broker's configuration for the CLI, provider calls pointed at the fakes."""
-    services = session_services(vault_endpoint, broker_vault_token, database_url)
     with broker_env(
         monkeypatch,
         tmp_path,
-        **services,
-        EGRESS_ALLOW_HTTP="true",
-        EGRESS_ALLOW_LOOPBACK="true",
+        **cli_services,
+        **LOOPBACK_EGRESS,
         TWILIO_BASE_URL=providers.base_url,
         OPENAI_BASE_URL=providers.base_url,
     ):

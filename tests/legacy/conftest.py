@@ -21,8 +21,7 @@ from sqlalchemy.engine import make_url
 
 from broker.devstack.postgres import create_database
 from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
-from tests.support.apps import VaultEndpoint
-from tests.support.cli import broker_env, session_services
+from tests.support.cli import broker_env
 
 LEGACY_DDL = """
 CREATE TABLE {table} (
@@ -188,11 +187,8 @@ def prefix() -> str:
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
 ) -> Iterator[None]:
     """The broker's configuration for the CLI: the session's PostgreSQL and Vault."""
-    services = session_services(vault_endpoint, broker_vault_token, database_url)
-    with broker_env(monkeypatch, tmp_path, **services):
+    with broker_env(monkeypatch, tmp_path, **cli_services):
         yield

@@ -16,6 +16,9 @@ from typer.testing import CliRunner, Result
 from broker.core.config import get_settings
 from tests.support.apps import VaultEndpoint
 
+# The fakes listen on http://127.0.0.1: the broker's egress guard must let it through.
+LOOPBACK_EGRESS = {"EGRESS_ALLOW_HTTP": "true", "EGRESS_ALLOW_LOOPBACK": "true"}
+
 
 def session_services(
     vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str
