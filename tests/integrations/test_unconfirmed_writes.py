@@ -40,54 +40,41 @@ def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
         yield proxy
 
 
-def _slow_client(
+@pytest.fixture
+def through_proxy(
     proxy: SlowProxy,
     broker_vault_token: str,
     database_url: str,
     engine: Engine,
     providers: FakeProviders,
-    *,
-    timeout_s: float,
-    budget_s: float,
-) -> TestClient:
-    return app_through(
-        proxy.addr,
-        broker_vault_token,
-        database_url,
-        engine,
-        providers,
-        vault_timeout_s=timeout_s,
-        vault_retry_budget_s=budget_s,
-    )
+) -> Callable[[float, float], TestClient]:
+    """Brokers whose Vault calls go through the proxy, given a timeout and a budget (s)."""
+
+    def build(timeout_s: float, budget_s: float) -> TestClient:
+        return app_through(
+            proxy.addr,
+            broker_vault_token,
+            database_url,
+            engine,
+            providers,
+            vault_timeout_s=timeout_s,
+            vault_retry_budget_s=budget_s,
+        )
+
+    return build
 
 
 @pytest.fixture
-def slow(
-    proxy: SlowProxy,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders,
-) -> TestClient:
+def slow(through_proxy: Callable[[float, float], TestClient]) -> TestClient:
     """The broker, through the proxy, with a 1 s timeout and a 1.5 s budget per request."""
-    return _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=1.0, budget_s=1.5
-    )
+    return through_proxy(1.0, 1.5)
 
 
 @pytest.fixture
-def patient(
-    proxy: SlowProxy,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders,
-) -> TestClient:
+def patient(through_proxy: Callable[[float, float], TestClient]) -> TestClient:
     """The broker, through the proxy, patient enough for a whole tenant deletion to run
     while one of its Vault calls is held."""
-    return _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
-    )
+    return through_proxy(8.0, 9.0)
 
 
 def _admin(tenant: str) -> dict[str, str]:
@@ -303,18 +290,13 @@ def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     client: TestClient,
     proxy: SlowProxy,
-    providers: FakeProviders,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
+    through_proxy: Callable[[float, float], TestClient],
 ) -> None:
     """Each Vault call used to get the whole budget and each attempt the whole timeout."""
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
     # A 3 s socket timeout, but a 1 s budget for the whole request.
-    hung = _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=3.0, budget_s=1.0
-    )
+    hung = through_proxy(3.0, 1.0)
     proxy.delay(b"", 20.0)
     service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
     for method, url, body, headers in (
