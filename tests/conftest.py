@@ -38,7 +38,9 @@ from tests.support.apps import (
     make_settings,
     provider_overrides,
 )
+from tests.support.cli import session_services
 from tests.support.tenants import make_tenant
+from tests.support.workers import Workers
 
 
 @pytest.fixture(scope="session")
@@ -207,6 +209,22 @@ def own_bao(tmp_path: Path) -> Iterator[Any]:
     with OpenBaoServer(tmp_path, ephemeral=True) as bao:
         bootstrap_vault(VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path))
         yield bao
+
+
+@pytest.fixture
+def cli_services(
+    vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str
+) -> dict[str, str]:
+    """BROKER_* settings (without the prefix) for a CLI run on the session's services."""
+    return session_services(vault_endpoint, broker_vault_token, database_url)
+
+
+@pytest.fixture
+def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
+    """Real `broker worker` processes on the session's services; any still running at the
+    end is killed."""
+    with Workers(settings, engine, tmp_path) as started:
+        yield started
 
 
 @pytest.fixture

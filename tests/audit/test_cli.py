@@ -29,6 +29,7 @@ from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.apps import VaultEndpoint
+from tests.support.cli import broker_env
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -170,15 +171,8 @@ def scenario(
 @pytest.fixture
 def cli_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[pytest.MonkeyPatch]:
     """A clean BROKER_* environment for commands that read the configuration."""
-    import os
-
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    get_settings.cache_clear()
-    yield monkeypatch
-    get_settings.cache_clear()
+    with broker_env(monkeypatch, tmp_path):
+        yield monkeypatch
 
 
 def by_request(rows: list[dict[str, Any]]) -> dict[str | None, list[dict[str, Any]]]:

@@ -441,25 +441,20 @@ def test_es256_token_verifies_with_the_pem_public_key(ec_key: ec.EllipticCurvePr
     assert verifier.verify(token).tenant_id == "t-acme"
 
 
-def test_rs256_token_from_another_key_pair_is_refused(
-    rsa_key: rsa.RSAPrivateKey, other_rsa_key: rsa.RSAPrivateKey
+@pytest.mark.parametrize(
+    ("key", "algorithm"),
+    [
+        pytest.param("other_rsa_key", "RS256", id="rs256-from-another-key-pair"),
+        pytest.param("ec_key", "ES256", id="es256-against-an-rsa-public-key"),
+    ],
+)
+def test_a_token_the_configured_rsa_public_key_did_not_sign_is_refused(
+    rsa_key: rsa.RSAPrivateKey, request: pytest.FixtureRequest, key: str, algorithm: str
 ) -> None:
     verifier = TokenVerifier(
         issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
     )
-    token = jwt.encode(claims(), other_rsa_key, algorithm="RS256")
-
-    with pytest.raises(Unauthenticated):
-        verifier.verify(token)
-
-
-def test_es256_token_against_an_rsa_public_key_is_refused(
-    rsa_key: rsa.RSAPrivateKey, ec_key: ec.EllipticCurvePrivateKey
-) -> None:
-    verifier = TokenVerifier(
-        issuer=ISSUER, audience=AUDIENCE, algorithms=ASYMMETRIC, public_key=pem(rsa_key)
-    )
-    token = jwt.encode(claims(), ec_key, algorithm="ES256")
+    token = jwt.encode(claims(), request.getfixturevalue(key), algorithm=algorithm)
 
     with pytest.raises(Unauthenticated):
         verifier.verify(token)
@@ -562,28 +557,22 @@ def test_jwks_token_with_known_kid_verifies(
     assert jwks_verifier(jwks_server).verify(token).subject == "alice"
 
 
-def test_jwks_token_with_unknown_kid_is_unauthenticated(
-    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
+@pytest.mark.parametrize(
+    ("key", "headers"),
+    [
+        pytest.param("rsa_key", {"kid": "key-unknown"}, id="unknown-kid"),
+        pytest.param("rsa_key", None, id="without-kid"),
+        pytest.param("other_rsa_key", {"kid": "key-1"}, id="another-key-under-a-known-kid"),
+    ],
+)
+def test_a_jwks_token_no_published_key_verifies_is_unauthenticated(
+    jwks_server: JwksServer,
+    request: pytest.FixtureRequest,
+    key: str,
+    headers: dict[str, str] | None,
 ) -> None:
-    token = jwt.encode(claims(), rsa_key, algorithm="RS256", headers={"kid": "key-unknown"})
-
-    with pytest.raises(Unauthenticated):
-        jwks_verifier(jwks_server).verify(token)
-
-
-def test_jwks_token_without_kid_is_unauthenticated(
-    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
-) -> None:
-    token = jwt.encode(claims(), rsa_key, algorithm="RS256")
-
-    with pytest.raises(Unauthenticated):
-        jwks_verifier(jwks_server).verify(token)
-
-
-def test_jwks_token_signed_by_another_key_under_a_known_kid_is_refused(
-    jwks_server: JwksServer, other_rsa_key: rsa.RSAPrivateKey
-) -> None:
-    token = jwt.encode(claims(), other_rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+    signing: rsa.RSAPrivateKey = request.getfixturevalue(key)
+    token = jwt.encode(claims(), signing, algorithm="RS256", headers=headers)
 
     with pytest.raises(Unauthenticated):
         jwks_verifier(jwks_server).verify(token)

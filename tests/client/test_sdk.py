@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import socket
 import threading
 import time
 import uuid
@@ -21,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,6 +44,7 @@ from broker.integrations.egress import EgressPolicy
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.apps import VaultEndpoint
 from tests.support.loopback import LoopbackServer
+from tests.support.serving import serving
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -61,30 +60,8 @@ LOCAL = EgressPolicy(allow_http=True, allow_loopback=True)
 @pytest.fixture(scope="module")
 def broker_url(app: Any) -> Iterator[str]:
     """The session's app under uvicorn on 127.0.0.1, for the length of this module."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    # No lifespan: the session fixtures own the engine and the Vault gateway.
-    config = uvicorn.Config(
-        app, lifespan="off", log_level="warning", access_log=False, ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="broker-uvicorn", daemon=True
-    )
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving(app) as url:
+        yield url
 
 
 def fetch_count(broker_url: str) -> int:
@@ -239,6 +216,13 @@ def save(client: TestClient, tenant: str, provider: str, fields: dict[str, str])
     return version
 
 
+def twilio_tenant(client: TestClient, providers: FakeProviders) -> str:
+    """A new tenant with working Twilio credentials saved."""
+    tenant = make_tenant(client)
+    save(client, tenant, "twilio", fields_for("twilio", providers))
+    return tenant
+
+
 def sdk(url: str, tenant: str, **options: Any) -> BrokerClient:
     return BrokerClient(url, token=service_token(tenant), **options)
 
@@ -316,8 +300,7 @@ def test_typed_getters_return_each_providers_fields_and_mask_them_in_repr(
 def test_two_calls_fetch_once(
     client: TestClient, providers: FakeProviders, broker_url: str
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     before = fetch_count(broker_url)
     with sdk(broker_url, tenant) as broker:
         first = broker.twilio(tenant)
@@ -406,26 +389,39 @@ def test_wrapped_mode_unwraps_once_and_a_replayed_token_is_tampering(
     assert not isinstance(caught.value, CredentialsNotFound | AccessDenied | BrokerUnavailable)
 
 
+def wrap_as_root(vault_endpoint: VaultEndpoint) -> dict[str, str]:
+    """Headers for a root call whose answer Vault wraps."""
+    return {"X-Vault-Token": vault_endpoint.root_token, "X-Vault-Wrap-TTL": "60s"}
+
+
+def refused_as_tampered(
+    proxy: BrokerProxy, vault_endpoint: VaultEndpoint, tenant: str, substitute: str, match: str
+) -> None:
+    """The broker's wrapping token swapped for `substitute` on the way: the SDK refuses it."""
+    proxy.swap_wrap_token = substitute
+    with (
+        sdk(proxy.url, tenant, wrapped=True, vault_addr=vault_endpoint.addr) as broker,
+        pytest.raises(WrappingTokenTampered, match=match),
+    ):
+        broker.twilio(tenant)
+
+
 def test_wrapped_token_from_another_vault_path_is_refused_before_unwrapping(
     client: TestClient,
     providers: FakeProviders,
     vault_endpoint: VaultEndpoint,
     proxy: BrokerProxy,
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     # A genuine wrapping token, but of some other Vault response (a token lookup).
     foreign = httpx.get(
         f"{vault_endpoint.addr}/v1/auth/token/lookup-self",
-        headers={"X-Vault-Token": vault_endpoint.root_token, "X-Vault-Wrap-TTL": "60s"},
+        headers=wrap_as_root(vault_endpoint),
     ).json()["wrap_info"]
     assert foreign["creation_path"] != "sys/wrapping/wrap"
-    proxy.swap_wrap_token = foreign["token"]
-    with (
-        sdk(proxy.url, tenant, wrapped=True, vault_addr=vault_endpoint.addr) as broker,
-        pytest.raises(WrappingTokenTampered, match="not created by sys/wrapping/wrap"),
-    ):
-        broker.twilio(tenant)
+    refused_as_tampered(
+        proxy, vault_endpoint, tenant, foreign["token"], "not created by sys/wrapping/wrap"
+    )
     # Refused on the lookup: the token was not consumed and is left for investigation.
     assert vault_wrap_lookup(vault_endpoint, foreign["token"]).status_code == 200
 
@@ -436,11 +432,10 @@ def test_wrapped_token_holding_another_tenants_lease_is_tampering(
     vault_endpoint: VaultEndpoint,
     proxy: BrokerProxy,
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     substitute = httpx.post(
         f"{vault_endpoint.addr}/v1/sys/wrapping/wrap",
-        headers={"X-Vault-Token": vault_endpoint.root_token, "X-Vault-Wrap-TTL": "60s"},
+        headers=wrap_as_root(vault_endpoint),
         json={
             "tenant_id": "someone-else",
             "provider": "twilio",
@@ -450,19 +445,13 @@ def test_wrapped_token_holding_another_tenants_lease_is_tampering(
             "expires_at": "2030-01-01T00:05:00+00:00",
         },
     ).json()["wrap_info"]["token"]
-    proxy.swap_wrap_token = substitute
-    with (
-        sdk(proxy.url, tenant, wrapped=True, vault_addr=vault_endpoint.addr) as broker,
-        pytest.raises(WrappingTokenTampered, match="does not match"),
-    ):
-        broker.twilio(tenant)
+    refused_as_tampered(proxy, vault_endpoint, tenant, substitute, "does not match")
 
 
 def test_token_for_another_tenant_or_missing_credentials_is_not_found_without_retries(
     client: TestClient, providers: FakeProviders, broker_url: str
 ) -> None:
-    tenant, other = make_tenant(client), make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant, other = twilio_tenant(client, providers), make_tenant(client)
     before = fetch_count(broker_url)
     with sdk(broker_url, other, retry_attempts=4) as broker:
         with pytest.raises(CredentialsNotFound):
@@ -475,8 +464,7 @@ def test_token_for_another_tenant_or_missing_credentials_is_not_found_without_re
 def test_invalid_or_wrong_kind_of_token_is_access_denied(
     client: TestClient, providers: FakeProviders, broker_url: str
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     garbage = "not-a-jwt-" + uuid.uuid4().hex
     with BrokerClient(broker_url, token=garbage) as broker, pytest.raises(AccessDenied) as bad:
         broker.twilio(tenant)
@@ -491,8 +479,7 @@ def test_invalid_or_wrong_kind_of_token_is_access_denied(
 def test_503_is_retried_no_sooner_than_retry_after(
     client: TestClient, providers: FakeProviders, proxy: BrokerProxy
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     proxy.fail_next(2, 503, retry_after="1")
     with sdk(proxy.url, tenant, retry_attempts=4, backoff_base_s=0.01, max_backoff_s=5) as broker:
         creds = broker.twilio(tenant)
@@ -505,8 +492,7 @@ def test_503_is_retried_no_sooner_than_retry_after(
 def test_gives_up_after_the_attempts_or_when_told_to_wait_too_long(
     client: TestClient, providers: FakeProviders, proxy: BrokerProxy
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", fields_for("twilio", providers))
+    tenant = twilio_tenant(client, providers)
     proxy.fail_next(10, 429, retry_after=None)
     with (
         sdk(proxy.url, tenant, retry_attempts=3, backoff_base_s=0.01) as broker,

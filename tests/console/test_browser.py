@@ -8,14 +8,10 @@ Stripe.js stand-in. Each journey saves a screenshot under tests/artifacts/.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +31,12 @@ from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.fakes.stripe import FakeStripe
 from tests.support.apps import VaultEndpoint
+from tests.support.broker_process import BrokerProcess
 from tests.support.browser import chromium, screenshot
+from tests.support.loopback import QuietHandler, Serving
 from tests.support.tenants import new_tenant_id
 from tests.support.tokens import AUDIENCE, TEST_SIGNING_KEY, bearer, token
 
-ROOT = Path(__file__).resolve().parents[2]
-STARTUP_DEADLINE_S = 60
 WAIT_S = 15
 CLIENT_ID = "console-browser-client"
 CLIENT_SECRET = "shpss_console_" + uuid.uuid4().hex
@@ -79,41 +75,16 @@ def _broker_process(
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env |= base | settings
     env |= {
-        "PYTHONPATH": str(ROOT),
         "BROKER_ENV": "test",
         "BROKER_PORT": url.rsplit(":", 1)[1],
         "BROKER_LOG_LEVEL": "WARNING",
         "BROKER_TEST_CLOCK_FILE": str(clock_file),
     }
-    with open(workdir / "stderr.log", "wb") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.broker_process"],
-            env=env,
-            cwd=workdir,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
+    broker = BrokerProcess.start(url, env, workdir)
     try:
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            assert proc.poll() is None, (workdir / "stderr.log").read_text()[-2000:]
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the broker process never answered"
-            time.sleep(0.2)
         yield url
     finally:
-        assert proc.stdin is not None
-        proc.stdin.close()  # it stops by itself when its stdin closes
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -492,49 +463,33 @@ def test_a_finance_only_user_sees_payments_and_is_refused_the_integrations_pages
     assert _wait(page, "main h1").text == "Payments"
 
 
-class _Attacker(ThreadingHTTPServer):
-    daemon_threads = True
-
-
-def _attacker_site(target: str) -> _Attacker:
-    """Another origin (another port on loopback: same site, so SameSite cookies are sent)
-    whose page posts a form to the console as soon as it loads."""
+def _attacker_page(target: str) -> type[BaseHTTPRequestHandler]:
+    """Another origin's handler (another port on loopback: same site, so SameSite cookies
+    are sent) whose page posts a form to the console as soon as it loads."""
     page = f"""<!doctype html><html><body>
 <form id="f" method="post" action="{target}">
 <input name="business_name" value="Hacked"><input name="version" value="1">
 <input name="csrf_token" value="guessed"></form>
 <script>document.getElementById("f").submit();</script></body></html>""".encode()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(page)))
-            self.end_headers()
-            self.wfile.write(page)
+            self.answer(200, page, {"Content-Type": "text/html"})
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-            pass
-
-    server = _Attacker(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return Handler
 
 
 def test_a_form_posted_from_another_origin_is_refused(page: Chrome, broker: str) -> None:
     tenant = _tenant(broker)
     _sign_in(page, broker, tenant)
-    attacker = _attacker_site(f"{broker}/console/settings/branding")
-    try:
-        page.get(f"http://127.0.0.1:{attacker.server_address[1]}/")
+    attacker_page = _attacker_page(f"{broker}/console/settings/branding")
+    with Serving(attacker_page, join_handlers=False) as attacker:
+        page.get(f"{attacker.base_url}/")
         heading = _wait(page, "main h1")
         assert page.current_url == f"{broker}/console/settings/branding"
         assert "You don't have access" in heading.text
         assert "not sent from the console" in page.find_element(By.CSS_SELECTOR, "main").text
         screenshot(page, "console-csrf-refused")
-    finally:
-        attacker.shutdown()
-        attacker.server_close()
     stored = httpx.get(f"{broker}/v1/tenants/settings", headers=_api(tenant)).json()
     assert stored["branding"]["business_name"] is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -29,25 +30,33 @@ def _version(html: str) -> str:
     return found.group(1)
 
 
+def submit_group(admin: TestClient, group: str, fields: dict[str, Any]) -> Any:
+    """Open a settings group's page and submit its form with the version it showed."""
+    path = f"/console/settings/{group}"
+    return post_form(admin, path, {"version": _version(admin.get(path).text), **fields}, page=path)
+
+
+def stored_settings(client: TestClient, shop: str) -> Any:
+    """The tenant's settings, as the API has them."""
+    return client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+
+
 def test_a_settings_group_is_saved_with_its_version(
     admin: TestClient, client: TestClient, shop: str
 ) -> None:
-    page = admin.get("/console/settings/compliance_settings").text
-    saved = post_form(
+    saved = submit_group(
         admin,
-        "/console/settings/compliance_settings",
+        "compliance_settings",
         {
-            "version": _version(page),
             "gdpr_enabled": "on",
             "data_retention_days": "90",
             "privacy_policy_url": "https://93.184.216.34/privacy",
             "terms_url": "",
         },
-        page="/console/settings/compliance_settings",
     )
     assert saved.status_code == 303
     assert saved.headers["location"] == "/console/settings/compliance_settings?saved=1"
-    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    stored = stored_settings(client, shop)
     assert stored["compliance_settings"] == {
         "gdpr_enabled": True,
         "data_retention_days": 90,
@@ -61,16 +70,13 @@ def test_a_settings_group_is_saved_with_its_version(
 def test_the_services_validation_errors_are_shown_by_their_fields(
     admin: TestClient, client: TestClient, shop: str
 ) -> None:
-    page = admin.get("/console/settings/compliance_settings").text
-    refused = post_form(
+    refused = submit_group(
         admin,
-        "/console/settings/compliance_settings",
+        "compliance_settings",
         {
-            "version": _version(page),
             "data_retention_days": "0",
             "privacy_policy_url": "http://10.0.0.1/private",
         },
-        page="/console/settings/compliance_settings",
     )
     assert refused.status_code == 422
     html = refused.text
@@ -78,15 +84,11 @@ def test_the_services_validation_errors_are_shown_by_their_fields(
     assert 'aria-invalid="true" aria-describedby="f-data_retention_days-error"' in html
     assert "greater than or equal to 1" in html
     assert "Nothing was saved" in html
-    unreadable = post_form(
-        admin,
-        "/console/settings/compliance_settings",
-        {"version": _version(page), "data_retention_days": "a year"},
-        page="/console/settings/compliance_settings",
-    )
+    # Refused: still version 1, the version the page shows again.
+    unreadable = submit_group(admin, "compliance_settings", {"data_retention_days": "a year"})
     assert unreadable.status_code == 422
     assert "must be a whole number" in unreadable.text
-    version = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()["version"]
+    version = stored_settings(client, shop)["version"]
     assert version == 1
 
 
@@ -108,28 +110,25 @@ def test_a_concurrent_change_is_not_overwritten(
     )
     assert stale.status_code == 412
     assert "changed by someone else" in stale.text
-    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    stored = stored_settings(client, shop)
     assert stored["branding"]["footer_text"] == "theirs"
 
 
 def test_lists_in_a_group_are_edited_item_by_item(
     admin: TestClient, client: TestClient, shop: str
 ) -> None:
-    page = admin.get("/console/settings/webhooks").text
-    added = post_form(
+    added = submit_group(
         admin,
-        "/console/settings/webhooks",
+        "webhooks",
         {
-            "version": _version(page),
             "endpoints.0.present": "1",
             "endpoints.0.url": "https://93.184.216.34/orders",
             "endpoints.0.events": ["order.created", "payment.failed"],
             "endpoints.0.enabled": "on",
         },
-        page="/console/settings/webhooks",
     )
     assert added.status_code == 303, added.text
-    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    stored = stored_settings(client, shop)
     assert stored["webhooks"]["endpoints"] == [
         {
             "url": "https://93.184.216.34/orders",
@@ -153,7 +152,7 @@ def test_lists_in_a_group_are_edited_item_by_item(
         page="/console/settings/webhooks",
     )
     assert removed.status_code == 303
-    stored = client.get("/v1/tenants/settings", headers=_api(client, shop)).json()
+    stored = stored_settings(client, shop)
     assert stored["webhooks"]["endpoints"] == []
 
 

@@ -72,39 +72,29 @@ def test_signing_in_starts_a_new_session_so_a_planted_id_is_worthless(
     assert answer.headers["location"].startswith("/console/sign-in")
 
 
+def sign_in_as_admin(browser: TestClient, page: str, shop: str, next_path: str) -> Any:
+    """Submit the dev sign-in form of `page` as the shop's admin, asking to go to `next_path`."""
+    return browser.post(
+        "/console/sign-in/dev",
+        data={"csrf_token": csrf_of(page), "tenant_id": shop, "role": "admin", "next": next_path},
+        headers={"Origin": ORIGIN},
+        follow_redirects=False,
+    )
+
+
 def test_an_anonymous_visitor_is_sent_to_sign_in_and_back(browser: TestClient, shop: str) -> None:
     answer = browser.get("/console/settings/branding", follow_redirects=False)
     assert answer.status_code == 303
     assert answer.headers["location"] == "/console/sign-in?next=%2Fconsole%2Fsettings%2Fbranding"
     page = browser.get(answer.headers["location"])
-    done = browser.post(
-        "/console/sign-in/dev",
-        data={
-            "csrf_token": csrf_of(page.text),
-            "tenant_id": shop,
-            "role": "admin",
-            "next": "/console/settings/branding",
-        },
-        headers={"Origin": ORIGIN},
-        follow_redirects=False,
-    )
+    done = sign_in_as_admin(browser, page.text, shop, "/console/settings/branding")
     assert done.headers["location"] == "/console/settings/branding"
 
 
 def test_sign_in_never_returns_to_another_site(browser: TestClient, shop: str) -> None:
     page = browser.get("/console/sign-in?next=https://evil.example/x")
     assert 'value="/console"' in page.text
-    done = browser.post(
-        "/console/sign-in/dev",
-        data={
-            "csrf_token": csrf_of(page.text),
-            "tenant_id": shop,
-            "role": "admin",
-            "next": "//evil",
-        },
-        headers={"Origin": ORIGIN},
-        follow_redirects=False,
-    )
+    done = sign_in_as_admin(browser, page.text, shop, "//evil")
     assert done.headers["location"] == "/console"
 
 

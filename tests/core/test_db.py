@@ -10,7 +10,6 @@ import functools
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -21,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
@@ -30,6 +28,7 @@ from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine, upgrade
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID
+from tests.support.serving import serving
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -303,30 +302,6 @@ def test_a_burst_of_concurrent_patches_on_one_tenant_all_succeed(
     assert statuses == [200] * len(burst), statuses
 
 
-@contextmanager
-def serving(client: TestClient) -> Iterator[str]:
-    """The client's app under uvicorn on 127.0.0.1, with keep-alive, until the block ends."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        client.app, lifespan="off", log_level="warning", access_log=False, ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
 def test_a_keep_alive_connection_survives_a_database_stall(
     settings: Settings, own_postgres: tuple[int, str]
 ) -> None:
@@ -339,7 +314,7 @@ def test_a_keep_alive_connection_survives_a_database_stall(
     admin = bearer(token("tenant:admin", tenant_id=tenant))
     one_connection = httpx.Limits(max_connections=1, max_keepalive_connections=1)
     with (
-        serving(app) as base,
+        serving(app.app) as base,
         httpx.Client(base_url=base, limits=one_connection, timeout=SLACK_S) as http,
     ):
         assert http.get("/v1/tenants/settings", headers=admin).status_code == 200

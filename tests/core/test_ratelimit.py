@@ -30,15 +30,21 @@ def limited_client(
     return TestClient(create_app(settings.model_copy(update=limits), engine=engine, vault=vault))
 
 
-def test_fetches_are_limited_per_principal_and_tenant(
-    client: TestClient, settings: Settings, engine: Engine, broker_vault: VaultGateway
-) -> None:
+def openai_tenant(client: TestClient) -> str:
+    """A new tenant with OpenAI credentials stored, for services to fetch."""
     tenant = make_tenant(client)
     client.put(
         "/v1/tenants/settings/integrations/openai",
         json={"fields": dict(VALID["openai"]), "skip_connection_test": True},
         headers=bearer(token("tenant:admin", tenant_id=tenant)),
     )
+    return tenant
+
+
+def test_fetches_are_limited_per_principal_and_tenant(
+    client: TestClient, settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> None:
+    tenant = openai_tenant(client)
     tight = limited_client(settings, engine, broker_vault, rate_limit_fetch="3/minute")
     worker = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
     statuses = [
@@ -125,12 +131,7 @@ def test_failed_authentication_is_limited_per_address_without_locking_out_valid_
 def test_fetch_limits_are_per_principal_not_per_address(
     client: TestClient, settings: Settings, engine: Engine, broker_vault: VaultGateway
 ) -> None:
-    tenant = make_tenant(client)
-    client.put(
-        "/v1/tenants/settings/integrations/openai",
-        json={"fields": dict(VALID["openai"]), "skip_connection_test": True},
-        headers=bearer(token("tenant:admin", tenant_id=tenant)),
-    )
+    tenant = openai_tenant(client)
     tight = limited_client(settings, engine, broker_vault, rate_limit_fetch="3/minute")
     url = f"/v1/credentials/{tenant}/openai"
     busy = bearer(token("credentials:read", kind="service", subject="busy", tenants=(tenant,)))

@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,30 +17,14 @@ import httpx
 import pytest
 
 from broker.devstack.openbao import OpenBaoServer, free_port
+from tests.support import processes
+from tests.support.processes import alive
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
 def wait_dead(pid: int, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return processes.wait_dead(pid, timeout)
 
 
 def api(bao: OpenBaoServer) -> httpx.Client:

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +14,8 @@ import pytest
 import sqlalchemy as sa
 
 from broker.devstack.postgres import EmbeddedPostgres, create_database
+from tests.support import processes
+from tests.support.processes import alive
 
 
 def scalar(url: str, query: str) -> object:
@@ -37,26 +37,8 @@ def execute(url: str, *statements: str) -> None:
         engine.dispose()
 
 
-def alive(pid: int) -> bool:
-    """True if ``pid`` is a live process (a zombie awaiting its reaper counts as dead)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
-
-
 def wait_dead(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return processes.wait_dead(pid, timeout)
 
 
 def fresh_dir() -> Iterator[Path]:

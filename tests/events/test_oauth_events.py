@@ -8,14 +8,14 @@ from sqlalchemy import Engine
 from broker.events import outbox
 from tests.events.test_outbox import events_of
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
+from tests.integrations.conftest import clock  # noqa: F401 - fixture
 from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
-    _service,
     _shop,
     app_client,
-    clock,
     connected,
     shopify,
 )
+from tests.support.oauth import service
 
 
 def lifecycle(engine: Engine, tenant: str) -> list[tuple[str, str | None]]:
@@ -32,8 +32,8 @@ def test_a_refresh_is_a_rotation_and_a_lost_one_is_a_failed_refresh(
     clock.advance(3600)
     shopify.lose_next_refresh_reply = True
     fetch = f"/v1/credentials/{tenant}/shopify"
-    assert app_client.get(fetch, headers=_service(tenant)).status_code == 503
-    assert app_client.get(fetch, headers=_service(tenant)).status_code == 200
+    assert app_client.get(fetch, headers=service(tenant)).status_code == 503
+    assert app_client.get(fetch, headers=service(tenant)).status_code == 200
     assert lifecycle(engine, tenant) == [
         (outbox.CREDENTIAL_SAVED, "user:alice"),
         (outbox.REFRESH_FAILED, "service:sync"),
@@ -56,8 +56,8 @@ def test_a_revoked_grant_announces_one_reconnect(
     shopify.revoke_grant(shop)
     clock.advance(3600)
     fetch = f"/v1/credentials/{tenant}/shopify"
-    assert app_client.get(fetch, headers=_service(tenant)).status_code == 409
-    assert app_client.get(fetch, headers=_service(tenant)).status_code == 409
+    assert app_client.get(fetch, headers=service(tenant)).status_code == 409
+    assert app_client.get(fetch, headers=service(tenant)).status_code == 409
     reconnects = [e for e in events_of(engine, tenant) if e.type == outbox.RECONNECT_NEEDED]
     assert [(e.provider, e.state, e.detail["reason"]) for e in reconnects] == [
         ("shopify", "needs_reconnect", "invalid_grant")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,10 +12,9 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
-from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.events import outbox, webhooks
-from broker.events.delivery import attempt_delivery
+from broker.events.delivery import Attempt, attempt_delivery
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.models import Event, WebhookDelivery, WebhookEndpoint
 from broker.vault.gateway import VaultGateway
@@ -38,12 +36,6 @@ def admin(tenant: str) -> dict[str, str]:
 def receiver() -> Iterator[WebhookReceiver]:
     with WebhookReceiver() as running:
         yield running
-
-
-@pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
 
 
 def start_worker(workers: Workers, schedule: str = "1,1,1,1,1,1,1,1") -> Any:
@@ -74,6 +66,24 @@ def deliveries(engine: Engine, endpoint_id: str) -> list[WebhookDelivery]:
                 .order_by(col(WebhookDelivery.id))
             )
         )
+
+
+def one_pending_delivery(engine: Engine, tenant: str, endpoint: dict[str, Any]) -> WebhookDelivery:
+    """Emit one event of the tenant's: the endpoint's single delivery it queues."""
+    with unit_of_work(engine) as session:
+        outbox.emit(session, outbox.HEALTH_CHANGED, actor="broker-worker", tenant_id=tenant)
+    (delivery,) = deliveries(engine, endpoint["id"])
+    return delivery
+
+
+def attempt_now(
+    engine: Engine, vault: VaultGateway, delivery: WebhookDelivery, *, schedule_s: list[float]
+) -> Attempt:
+    """The delivery's first attempt, made in-process through a loopback-allowing egress."""
+    loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True, timeout_s=2))
+    return attempt_delivery(
+        engine, vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=schedule_s
+    )
 
 
 def save_openai(client: TestClient, tenant: str, providers: FakeProviders) -> None:
@@ -331,13 +341,8 @@ def test_a_410_disables_the_endpoint_at_once(
     with WebhookReceiver() as receiver:
         endpoint = register(client, tenant, receiver)
         receiver.status = 410
-        with unit_of_work(engine) as session:
-            outbox.emit(session, outbox.HEALTH_CHANGED, actor="broker-worker", tenant_id=tenant)
-        (delivery,) = deliveries(engine, endpoint["id"])
-        loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True, timeout_s=2))
-        attempt = attempt_delivery(
-            engine, broker_vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=[1]
-        )
+        delivery = one_pending_delivery(engine, tenant, endpoint)
+        attempt = attempt_now(engine, broker_vault, delivery, schedule_s=[1])
     assert attempt.outcome == "failed"
     assert attempt.status_code == 410
     shown = client.get(f"{HOOKS}/{endpoint['id']}", headers=admin(tenant)).json()
@@ -375,13 +380,8 @@ def test_a_redirect_is_a_failed_attempt_not_followed(
     with WebhookReceiver() as receiver:
         endpoint = register(client, tenant, receiver)
         receiver.status = 307
-        with unit_of_work(engine) as session:
-            outbox.emit(session, outbox.HEALTH_CHANGED, actor="broker-worker", tenant_id=tenant)
-        (delivery,) = deliveries(engine, endpoint["id"])
-        loopback = EgressClient(EgressPolicy(allow_http=True, allow_loopback=True, timeout_s=2))
-        attempt = attempt_delivery(
-            engine, broker_vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=[60]
-        )
+        delivery = one_pending_delivery(engine, tenant, endpoint)
+        attempt = attempt_now(engine, broker_vault, delivery, schedule_s=[60])
         assert len(receiver.received) == 1
     assert attempt.outcome == "retry"
     assert attempt.status_code == 307
@@ -389,7 +389,5 @@ def test_a_redirect_is_a_failed_attempt_not_followed(
     assert after.status == "pending"
     assert after.next_attempt_at is not None
     # The same attempt run again (a duplicate job) changes nothing.
-    again = attempt_delivery(
-        engine, broker_vault, loopback, delivery_id=delivery.id or 0, expect=0, schedule_s=[60]
-    )
+    again = attempt_now(engine, broker_vault, delivery, schedule_s=[60])
     assert again.outcome == "stale"

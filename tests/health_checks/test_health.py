@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlmodel import Session, col, select
 
-from broker.core.config import Settings
 from broker.events import outbox
 from broker.models import Event
 from tests.fakes.providers import FakeProviders
@@ -22,12 +18,6 @@ from tests.support.tokens import bearer, token
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
 
 INTEGRATIONS = "/v1/tenants/settings/integrations"
-
-
-@pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
 
 
 def own_twilio(client: TestClient, providers: FakeProviders, tenant: str) -> dict[str, str]:

@@ -7,24 +7,16 @@ only HMAC'd.
 
 from __future__ import annotations
 
-import base64
 import io
-import logging
-import os
 import secrets
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy.engine import make_url
 
-from broker.core.logging import configure_logging
 from tests.fakes.providers import FakeProviders
 from tests.support.apps import VaultEndpoint
+from tests.support.leaks import assert_absent, pg_dump, with_vault_audit_log
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -63,37 +55,6 @@ def _random_pan() -> str:
         doubled = d * 2 if i % 2 == 0 else d
         total += doubled - 9 if doubled > 9 else doubled
     return "".join(map(str, digits)) + str((10 - total % 10) % 10)
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    stream = io.StringIO()
-    configure_logging("DEBUG", stream=stream)
-    yield stream
-    root.handlers, root.level = saved[0], saved[1]
-
-
-def _pg_dump(database_url: str) -> str:
-    url = make_url(database_url)
-    binary = shutil.which("pg_dump")
-    try:
-        import pgserver  # noqa: F401 - only to locate its bundled binaries
-
-        bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_dump"
-        binary = str(bundled) if bundled.exists() else binary
-    except ImportError:
-        pass
-    assert binary, "pg_dump is needed to scan the database"
-    env = dict(os.environ, PGPASSWORD=url.password or "")
-    args = [binary, "--no-owner", "-d", url.database or "", "-U", url.username or "postgres"]
-    host = url.query.get("host") or url.host
-    if host:
-        args += ["-h", str(host)]
-    if url.port:
-        args += ["-p", str(url.port)]
-    return subprocess.run(args, capture_output=True, text=True, check=True, env=env).stdout
 
 
 Call = Callable[[str, str, Any], None]
@@ -172,14 +133,9 @@ def test_canaries_never_leak(
     haystacks = {
         "responses": "\n".join(f"{r.headers}\n{r.text}" for r in responses),
         "logs": captured_logs.getvalue(),
-        "database": _pg_dump(database_url),
+        "database": pg_dump(database_url),
     }
-    if vault_endpoint.audit_log is not None:
-        haystacks["vault audit log"] = vault_endpoint.audit_log.read_text()
-    for value in values:
-        forms = {value, base64.b64encode(value.encode()).decode()}
-        for where, text in haystacks.items():
-            for form in forms:
-                assert form not in text, f"a planted secret appears in the {where}"
+    haystacks = with_vault_audit_log(haystacks, vault_endpoint)
+    assert_absent(haystacks, values)
     assert haystacks["logs"], "the scan must have seen some logs"
     assert tenant in haystacks["database"], "the dump must cover the tenant's rows"

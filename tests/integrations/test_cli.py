@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,10 +11,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
-from typer.testing import CliRunner
 
 from broker.cli import app as cli
-from broker.core.config import get_settings
 from broker.integrations.oauth import pasted_tenants
 from broker.integrations.service import read_sealed
 from broker.vault.gateway import VaultGateway
@@ -25,11 +21,10 @@ from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     CLIENT_SECRET,
     _shop,
     app_client,
-    clock,
     pasted,
     shopify,
 )
-from tests.support.apps import VaultEndpoint
+from tests.support.cli import LOOPBACK_EGRESS, broker_env, invoke
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -38,40 +33,23 @@ from tests.support.tokens import bearer, token
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
     shopify: FakeShopifyOAuth,  # noqa: F811
     app_client: TestClient,  # noqa: F811 - stores the platform app in Vault
 ) -> Iterator[None]:
     """The broker's configuration for the CLI, Shopify pointed at the fake."""
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    for name, value in {
-        "ENV": "test",
-        "DATABASE_URL": database_url,
-        "VAULT_ADDRS": vault_endpoint.addr,
-        "VAULT_TOKEN": broker_vault_token,
-        "EGRESS_ALLOW_HTTP": "true",
-        "EGRESS_ALLOW_LOOPBACK": "true",
-        "SHOPIFY_BASE_URL": shopify.base_url,
-    }.items():
-        monkeypatch.setenv(f"BROKER_{name}", value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+    with broker_env(
+        monkeypatch,
+        tmp_path,
+        **cli_services,
+        **LOOPBACK_EGRESS,
+        SHOPIFY_BASE_URL=shopify.base_url,
+    ):
+        yield
 
 
 def run(*args: str) -> Any:
-    # The CLI points the root logger at its (captured, then closed) stderr: put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        return CliRunner().invoke(cli, ["shopify", "migrate-expiring", *args])
-    finally:
-        root.handlers, root.level = handlers, level
+    return invoke(cli, ["shopify", "migrate-expiring", *args])
 
 
 def test_migrate_expiring_reports_and_resumes(

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -535,13 +535,6 @@ def _make_handler(state: ServerState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        pass  # clients hanging up mid-response is what several tests do on purpose
-
-
 @pytest.fixture
 def local_server() -> Iterator[LocalServer]:
     state = ServerState()
@@ -762,19 +755,11 @@ def tls_server() -> Iterator[TLSServer]:
 
     context.sni_callback = on_sni
     state = ServerState()
-    server = _QuietServer(("127.0.0.1", 0), _make_handler(state))
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    thread = threading.Thread(
-        target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-    )
-    thread.start()
     try:
-        yield TLSServer(LocalServer(server.server_address[1], state, "https"), ca, sni)
+        with Serving(_make_handler(state), join_handlers=False, ssl_context=context) as server:
+            yield TLSServer(LocalServer(server.port, state, "https"), ca, sni)
     finally:
         state.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
 
 
 def _tls_client(tls: TLSServer, resolver: Callable[[str, int], list[str]]) -> EgressClient:

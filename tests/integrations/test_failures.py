@@ -17,6 +17,7 @@ from broker.devstack.openbao import OpenBaoServer
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.apps import app_on
+from tests.support.rows import credential_row
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -42,17 +43,6 @@ def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:
     return client.put(
         "/v1/tenants/settings/integrations/twilio", json={"fields": fields}, headers=_admin(tenant)
     )
-
-
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT kv_version, configured, hints, vault_sync_pending"
-                " FROM integration_credentials WHERE tenant_id = :t AND provider = 'twilio'"
-            ),
-            {"t": tenant},
-        ).one_or_none()
 
 
 def _vault_version(bao: OpenBaoServer, tenant: str) -> int:
@@ -81,7 +71,7 @@ def test_vault_sealed_mid_flow_is_503_and_nothing_changes(
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) > 0
     assert "e" * 32 not in response.text
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.kv_version, row.configured, row.vault_sync_pending) == (1, True, False)
     assert row.hints["auth_token"].endswith(FIRST["auth_token"][-4:])
     bao.unseal()
@@ -97,7 +87,7 @@ def test_vault_dead_before_the_write_is_503_with_nothing_stored(
     providers.on_request = None
     assert response.status_code == 503
     assert "retry-after" in response.headers
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert row is None or (row.configured, row.hints) == (False, {})
 
 
@@ -125,7 +115,7 @@ def test_kv_refused_after_the_row_is_marked_clears_the_mark_at_once(
     response = _put(client, tenant, SECOND)
     providers.on_request = None
     assert response.status_code == 503
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.kv_version, row.vault_sync_pending) == (1, False)
     assert row.hints["auth_token"].endswith(FIRST["auth_token"][-4:])
 
@@ -169,7 +159,7 @@ def test_database_lost_after_vault_accepted_is_rebuilt_from_vault(
             conn.execute(text(f"DROP FUNCTION {trigger}()"))
     assert response.status_code == 503
     assert _vault_version(bao, tenant) == 2  # Vault has it...
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.kv_version, row.vault_sync_pending) == (1, True)  # ...the row knows it may
     listed = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
     twilio = next(i for i in listed if i["provider"] == "twilio")

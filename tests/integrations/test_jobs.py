@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.integrations.jobs import reconcile_pending
 from broker.jobs.defer import defer
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
-from tests.support.apps import VaultEndpoint, app_through
+from tests.support.apps import VaultEndpoint, app_behind_slow_vault
+from tests.support.rows import credential_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -28,12 +27,6 @@ SECOND = FIRST | {"auth_token": "e" * 32}
 
 
 @pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
-
-
-@pytest.fixture
 def slow(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
@@ -42,19 +35,10 @@ def slow(
     providers: FakeProviders,
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
     """The broker through a proxy that can hold Vault writes back, with a 1 s Vault timeout."""
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield (
-            app_through(
-                proxy.addr,
-                broker_vault_token,
-                database_url,
-                engine,
-                providers,
-                vault_timeout_s=1.0,
-                vault_retry_budget_s=1.5,
-            ),
-            proxy,
-        )
+    with app_behind_slow_vault(
+        vault_endpoint, broker_vault_token, database_url, engine, providers
+    ) as slowed:
+        yield slowed
 
 
 def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:
@@ -63,17 +47,6 @@ def _put(client: TestClient, tenant: str, fields: dict[str, str]) -> Any:
         json={"fields": fields},
         headers=bearer(token("tenant:admin", tenant_id=tenant)),
     )
-
-
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT kv_version, vault_sync_pending, hints FROM integration_credentials"
-                " WHERE tenant_id = :t AND provider = 'twilio'"
-            ),
-            {"t": tenant},
-        ).one()
 
 
 def _status(engine: Engine, job_id: int) -> str:
@@ -125,17 +98,18 @@ def test_the_worker_settles_a_write_that_landed_after_its_503(
         what="the held write to land",
     )
     # Vault holds version 2; the row still says 1, pending, and nobody reads it.
-    assert _row(engine, tenant)[:2] == (1, True)
+    row = credential_row(engine, tenant)
+    assert (row.kv_version, row.vault_sync_pending) == (1, True)
 
     worker = workers.start(BROKER_WORKER, BROKER_LOG_LEVEL="DEBUG")
     _reconcile(engine)
-    kv_version, pending, hints = _row(engine, tenant)
-    assert (kv_version, pending) == (2, False)
-    assert hints["auth_token"].endswith("eeee")
+    settled = credential_row(engine, tenant)
+    assert (settled.kv_version, settled.vault_sync_pending) == (2, False)
+    assert settled.hints["auth_token"].endswith("eeee")
 
     # Idempotent: a second run finds nothing to do and changes nothing.
     _reconcile(engine)
-    assert _row(engine, tenant) == (kv_version, pending, hints)
+    assert credential_row(engine, tenant) == settled
 
     # The secret it handled is in neither the worker's log nor the queue's tables.
     logged = workers.output(worker)

@@ -6,9 +6,7 @@ tests/fakes/shopify_oauth.py, whose clock the broker shares.
 
 from __future__ import annotations
 
-import base64
 import io
-import logging
 import secrets
 import urllib.parse
 from collections.abc import Iterator
@@ -25,16 +23,16 @@ from sqlmodel import Session, select
 
 from broker.app import create_app
 from broker.auth.principal import Principal
-from broker.core.logging import configure_logging
 from broker.integrations.oauth import callback_signature, due_for_refresh, refresh_if_due
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, OAuthState, TenantSettings
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
-from tests.integrations.test_canaries import _pg_dump
 from tests.support import oauth as oauth_connect
 from tests.support.apps import VaultEndpoint, make_settings, provider_overrides
+from tests.support.leaks import assert_served_only_to_fetches, pg_dump
+from tests.support.oauth import admin, service
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -45,12 +43,6 @@ CALLBACK = f"{REDIRECT_BASE}/v1/oauth/callback/shopify"
 RETURN = "https://app.platform.test/settings/integrations"
 RETURN_ALT = "https://admin.platform.test/integrations?tab=shopify"
 CONNECT = "/v1/tenants/settings/integrations/shopify/connect"
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    """The time both the fake Shopify and the broker judge expiry by."""
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +104,9 @@ def _shop() -> str:
     return f"shop-{secrets.token_hex(4)}.myshopify.com"
 
 
-def _admin(tenant: str, subject: str = "alice") -> dict[str, str]:
-    return bearer(token("integrations:manage", tenant_id=tenant, subject=subject))
-
-
-def _service(tenant: str) -> dict[str, str]:
-    return bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="sync"))
-
-
 def start(client: TestClient, tenant: str, shop: str, **body: Any) -> str:
     """The state of a connect the tenant's admin started."""
-    response = client.post(CONNECT, json={"shop": shop, **body}, headers=_admin(tenant))
+    response = client.post(CONNECT, json={"shop": shop, **body}, headers=admin(tenant))
     assert response.status_code == 200, response.text
     query = urllib.parse.parse_qs(urllib.parse.urlsplit(response.json()["authorization_url"]).query)
     return str(query["state"][0])
@@ -151,6 +135,25 @@ def connected(client: TestClient, shop: str) -> str:
     return tenant
 
 
+def new_connection(client: TestClient) -> tuple[str, str]:
+    """A new shop, and a new tenant that completed its connect: (shop, tenant)."""
+    shop = _shop()
+    return shop, connected(client, shop)
+
+
+def get_token(client: TestClient, tenant: str) -> httpx.Response:
+    """The tenant's sync service fetching its Shopify credentials."""
+    answer: httpx.Response = client.get(
+        f"/v1/credentials/{tenant}/shopify", headers=service(tenant)
+    )
+    return answer
+
+
+def stored(vault: VaultGateway, tenant: str) -> tuple[Any, dict[str, str]]:
+    """The tenant's Shopify record in Vault and its unsealed token set."""
+    return read_sealed(vault, tenant_id=tenant, provider="shopify")
+
+
 def outcome(answer: httpx.Response) -> dict[str, str]:
     """The query of the redirect to the platform, after checking it goes to the allowlist."""
     assert answer.status_code == 303
@@ -168,7 +171,7 @@ def events(engine: Engine, *, action: str, tenant: str | None = None) -> list[Au
 
 
 def nothing_stored(client: TestClient, vault: VaultGateway, tenant: str) -> None:
-    listed = client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    listed = client.get("/v1/tenants/settings/integrations", headers=admin(tenant)).json()
     shopify = next(item for item in listed if item["provider"] == "shopify")
     assert shopify["configured"] is False
     assert vault.kv.read(f"tenants/{tenant}/integrations/shopify") is None
@@ -200,10 +203,9 @@ def test_connect_stores_an_expiring_token_set_sealed_and_redirects_to_the_platfo
     engine: Engine,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
+    shop, tenant = new_connection(app_client)
 
-    record, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    record, sealed = stored(broker_vault, tenant)
     assert set(sealed) == {"access_token", "refresh_token"}
     assert shopify.token_valid(sealed["access_token"])
     assert shopify.refresh_token_valid(shop, sealed["refresh_token"])
@@ -214,7 +216,7 @@ def test_connect_stores_an_expiring_token_set_sealed_and_redirects_to_the_platfo
     refresh_expires = datetime.fromisoformat(record.public["refresh_expires_at"]).timestamp()
     assert abs(refresh_expires - (clock.now() + 90 * 86400)) < 60
 
-    listed = app_client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    listed = app_client.get("/v1/tenants/settings/integrations", headers=admin(tenant)).json()
     view = next(item for item in listed if item["provider"] == "shopify")
     assert view["configured"] is True
     assert view["kind"] == "oauth"
@@ -230,7 +232,7 @@ def test_connect_stores_an_expiring_token_set_sealed_and_redirects_to_the_platfo
 def test_connect_checks_shop_scope_and_return_url(app_client: TestClient) -> None:
     tenant = make_tenant(app_client)
     bad_shop = app_client.post(
-        CONNECT, json={"shop": "evil.example.com/x.myshopify.com"}, headers=_admin(tenant)
+        CONNECT, json={"shop": "evil.example.com/x.myshopify.com"}, headers=admin(tenant)
     )
     assert bad_shop.status_code == 422
     assert "evil.example.com" not in bad_shop.text
@@ -239,14 +241,14 @@ def test_connect_checks_shop_scope_and_return_url(app_client: TestClient) -> Non
     elsewhere = app_client.post(
         CONNECT,
         json={"shop": _shop(), "return_url": "https://evil.example/steal"},
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert elsewhere.status_code == 422
     assert "evil.example" not in elsewhere.text
     static_only = app_client.post(
         "/v1/tenants/settings/integrations/twilio/connect",
         json={"shop": _shop()},
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert static_only.status_code == 404
 
@@ -258,7 +260,7 @@ def test_a_connect_asking_to_return_elsewhere_is_refused_and_audited(
     elsewhere = app_client.post(
         CONNECT,
         json={"shop": shop, "return_url": f"{RETURN}.evil.example/"},
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert elsewhere.status_code == 422
     (event,) = events(engine, action="integration.oauth.start", tenant=tenant)
@@ -276,7 +278,7 @@ def test_a_connect_asking_to_return_elsewhere_is_refused_and_audited(
 def test_connect_url_asks_for_offline_access_with_a_fresh_state(app_client: TestClient) -> None:
     tenant = make_tenant(app_client)
     shop = _shop()
-    response = app_client.post(CONNECT, json={"shop": shop}, headers=_admin(tenant))
+    response = app_client.post(CONNECT, json={"shop": shop}, headers=admin(tenant))
     body = response.json()
     url = urllib.parse.urlsplit(body["authorization_url"])
     query = urllib.parse.parse_qs(url.query)
@@ -318,12 +320,12 @@ def test_a_replayed_state_is_refused(
     tenant, shop = make_tenant(app_client), _shop()
     params = consent(app_client, tenant, shop)
     assert outcome(callback(app_client, params))["outcome"] == "connected"
-    before = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")[0].version
+    before = stored(broker_vault, tenant)[0].version
     # The same state again, even with a fresh code Shopify signed.
     again = shopify.callback_query(shop=shop, state=params["state"])
     assert outcome(callback(app_client, again))["reason"] == "replayed_state"
     assert outcome(callback(app_client, params))["reason"] == "replayed_state"
-    assert read_sealed(broker_vault, tenant_id=tenant, provider="shopify")[0].version == before
+    assert stored(broker_vault, tenant)[0].version == before
     refused = events(engine, action="integration.oauth.callback", tenant=tenant)
     assert [e.detail["reason"] for e in refused] == ["replayed_state", "replayed_state"]
 
@@ -422,10 +424,9 @@ def test_a_service_gets_only_the_access_token_leased_until_its_expiry(
     vault_endpoint: VaultEndpoint,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
-    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
-    response = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    shop, tenant = new_connection(app_client)
+    _, sealed = stored(broker_vault, tenant)
+    response = get_token(app_client, tenant)
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["fields"] == {"shop_domain": shop, "access_token": sealed["access_token"]}
@@ -436,7 +437,7 @@ def test_a_service_gets_only_the_access_token_leased_until_its_expiry(
     wrapped = app_client.get(
         f"/v1/credentials/{tenant}/shopify",
         params={"wrap_ttl": "60s"},
-        headers=_service(tenant),
+        headers=service(tenant),
     )
     assert wrapped.status_code == 200
     assert sealed["access_token"] not in wrapped.text
@@ -455,16 +456,15 @@ def test_an_expired_token_is_refreshed_once_and_persisted_before_it_is_served(
     engine: Engine,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
-    before, old = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    shop, tenant = new_connection(app_client)
+    before, old = stored(broker_vault, tenant)
     clock.advance(3600)
     assert not shopify.token_valid(old["access_token"])
     calls = shopify.refresh_calls
 
     def fetch(_: int) -> httpx.Response:
         answer: httpx.Response = app_client.get(
-            f"/v1/credentials/{tenant}/shopify", headers=_service(tenant)
+            f"/v1/credentials/{tenant}/shopify", headers=service(tenant)
         )
         return answer
 
@@ -473,7 +473,7 @@ def test_an_expired_token_is_refreshed_once_and_persisted_before_it_is_served(
     assert [a.status_code for a in answers] == [200] * 16
     assert shopify.refresh_calls == calls + 1
     served = {a.json()["fields"]["access_token"] for a in answers}
-    after, new = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    after, new = stored(broker_vault, tenant)
     assert served == {new["access_token"]}
     assert shopify.token_valid(new["access_token"])
     assert after.version == before.version + 1
@@ -491,21 +491,20 @@ def test_a_lost_refresh_reply_is_recovered_with_the_previous_refresh_token(
     broker_vault: VaultGateway,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
-    before, old = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    shop, tenant = new_connection(app_client)
+    before, old = stored(broker_vault, tenant)
     clock.advance(3600)
     shopify.lose_next_refresh_reply = True
     calls = shopify.refresh_calls
-    lost = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    lost = get_token(app_client, tenant)
     assert lost.status_code == 503
     assert "Retry-After" in lost.headers
     # Nothing was stored: Vault still holds the previous refresh token, still honoured.
-    assert read_sealed(broker_vault, tenant_id=tenant, provider="shopify")[1] == old
-    retried = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    assert stored(broker_vault, tenant)[1] == old
+    retried = get_token(app_client, tenant)
     assert retried.status_code == 200, retried.text
     assert shopify.refresh_calls == calls + 2
-    after, new = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    after, new = stored(broker_vault, tenant)
     assert retried.json()["fields"]["access_token"] == new["access_token"]
     assert shopify.token_valid(new["access_token"])
     assert after.version == before.version + 1
@@ -518,23 +517,22 @@ def test_invalid_grant_marks_the_integration_for_reconnect(
     engine: Engine,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
+    shop, tenant = new_connection(app_client)
     shopify.revoke_grant(shop)  # the merchant uninstalled the app
     clock.advance(3600)
     calls = shopify.refresh_calls
-    refused = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    refused = get_token(app_client, tenant)
     assert refused.status_code == 409
     problem = refused.json()
     assert problem["title"] == "Reconnect required"
     assert "must reconnect" in problem["detail"]
     assert problem["reconnect_required"] is True
     # Known dead: the next fetch does not spend another call at Shopify.
-    again = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    again = get_token(app_client, tenant)
     assert again.status_code == 409
     assert shopify.refresh_calls == calls + 1
 
-    listed = app_client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    listed = app_client.get("/v1/tenants/settings/integrations", headers=admin(tenant)).json()
     assert next(i for i in listed if i["provider"] == "shopify")["needs_reconnect"] is True
     with Session(engine) as session:
         settings = session.get(TenantSettings, tenant)
@@ -547,31 +545,21 @@ def test_invalid_grant_marks_the_integration_for_reconnect(
     assert outcome(callback(app_client, consent(app_client, tenant, shop)))["outcome"] == (
         "connected"
     )
-    fresh = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    fresh = get_token(app_client, tenant)
     assert fresh.status_code == 200
-    listed = app_client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    listed = app_client.get("/v1/tenants/settings/integrations", headers=admin(tenant)).json()
     assert next(i for i in listed if i["provider"] == "shopify")["needs_reconnect"] is False
 
 
 def test_an_oauth_version_cannot_be_restored(app_client: TestClient) -> None:
     tenant = connected(app_client, _shop())
     restored = app_client.post(
-        "/v1/tenants/settings/integrations/shopify/versions/1/restore", headers=_admin(tenant)
+        "/v1/tenants/settings/integrations/shopify/versions/1/restore", headers=admin(tenant)
     )
     assert restored.status_code == 422
 
 
 # -- canaries -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    stream = io.StringIO()
-    configure_logging("DEBUG", stream=stream)
-    yield stream
-    root.handlers, root.level = saved[0], saved[1]
 
 
 def test_tokens_codes_and_the_client_secret_never_leak(
@@ -590,40 +578,32 @@ def test_tokens_codes_and_the_client_secret_never_leak(
     responses.append(callback(app_client, params))
     responses.append(callback(app_client, params))  # replayed
     responses.append(callback(app_client, {**params, "hmac": "0" * 64}))  # forged
-    _, first = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    _, first = stored(broker_vault, tenant)
     clock.advance(3600)
     shopify.lose_next_refresh_reply = True
     fetch = f"/v1/credentials/{tenant}/shopify"
-    responses.append(app_client.get(fetch, headers=_service(tenant)))  # lost reply: 503
-    responses.append(app_client.get(fetch, headers=_service(tenant)))  # recovered
-    _, second = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    responses.append(app_client.get(fetch, headers=service(tenant)))  # lost reply: 503
+    responses.append(app_client.get(fetch, headers=service(tenant)))  # recovered
+    _, second = stored(broker_vault, tenant)
     shopify.revoke_grant(shop)
     clock.advance(3600)
-    responses.append(app_client.get(fetch, headers=_service(tenant)))  # reconnect required
+    responses.append(app_client.get(fetch, headers=service(tenant)))  # reconnect required
     for path in ("/v1/tenants/settings/integrations", "/v1/tenants/settings"):
-        responses.append(app_client.get(path, headers=_admin(tenant)))
+        responses.append(app_client.get(path, headers=admin(tenant)))
     assert [r.status_code for r in responses] == [303, 303, 303, 503, 200, 409, 200, 200]
 
     # The access token a service is given may appear in its own fetch; nothing else may.
-    served = {first["access_token"], second["access_token"]}
-    never = [CLIENT_SECRET, params["code"], first["refresh_token"], second["refresh_token"]]
-    anywhere = never + sorted(served)
-    haystacks = {
-        "responses": "\n".join(
-            f"{r.headers}\n{r.text}" for r in responses if r.request.url.path != fetch
-        ),
-        "fetch responses": "\n".join(f"{r.headers}\n{r.text}" for r in responses),
-        "logs": captured_logs.getvalue(),
-        "database": _pg_dump(database_url),
-    }
-    if vault_endpoint.audit_log is not None:
-        haystacks["vault audit log"] = vault_endpoint.audit_log.read_text()
-    for where, text in haystacks.items():
-        for value in never if where == "fetch responses" else anywhere:
-            for form in (value, base64.b64encode(value.encode()).decode()):
-                assert form not in text, f"a planted secret appears in the {where}"
-    assert haystacks["logs"], "the scan must have seen some logs"
-    assert tenant in haystacks["database"]
+    database = pg_dump(database_url)
+    assert_served_only_to_fetches(
+        responses,
+        fetch,
+        never=[CLIENT_SECRET, params["code"], first["refresh_token"], second["refresh_token"]],
+        served=[first["access_token"], second["access_token"]],
+        logs=captured_logs.getvalue(),
+        database=database,
+        vault=vault_endpoint,
+    )
+    assert tenant in database
 
 
 # -- migrating pasted tokens ----------------------------------------------------------------
@@ -638,7 +618,7 @@ def pasted(client: TestClient, shopify: FakeShopifyOAuth, shop: str) -> tuple[st
     saved = client.put(
         "/v1/tenants/settings/integrations/shopify",
         json={"fields": {"shop_domain": shop, "access_token": old}},
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert saved.status_code == 200, saved.text
     return tenant, old
@@ -652,26 +632,26 @@ def test_a_pasted_token_is_exchanged_for_an_expiring_set(
 ) -> None:
     shop = _shop()
     tenant, old = pasted(app_client, shopify, shop)
-    dry = app_client.post(MIGRATE, params={"dry_run": "true"}, headers=_admin(tenant))
+    dry = app_client.post(MIGRATE, params={"dry_run": "true"}, headers=admin(tenant))
     assert dry.json() == {"outcome": "would_migrate", "version": 1}
     assert shopify.token_valid(old)
 
-    done = app_client.post(MIGRATE, headers=_admin(tenant))
+    done = app_client.post(MIGRATE, headers=admin(tenant))
     assert done.status_code == 200, done.text
     assert done.json() == {"outcome": "migrated", "version": 2}
     assert not shopify.token_valid(old)  # Shopify revoked it
-    record, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    record, sealed = stored(broker_vault, tenant)
     assert record.public["kind"] == "oauth"
     assert shopify.refresh_token_valid(shop, sealed["refresh_token"])
-    fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    fetched = get_token(app_client, tenant)
     assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
     assert old not in done.text + fetched.text
     (event,) = events(engine, action="integration.oauth.migrate", tenant=tenant)
     assert (event.outcome, event.detail["kv_version"]) == ("success", 2)
 
-    again = app_client.post(MIGRATE, headers=_admin(tenant))
+    again = app_client.post(MIGRATE, headers=admin(tenant))
     assert again.json() == {"outcome": "already_expiring", "version": 2}
-    nothing = app_client.post(MIGRATE, headers=_admin(make_tenant(app_client)))
+    nothing = app_client.post(MIGRATE, headers=admin(make_tenant(app_client)))
     assert nothing.json() == {"outcome": "not_configured", "version": None}
 
 
@@ -681,13 +661,13 @@ def test_a_lost_exchange_reply_is_recovered_with_the_same_pasted_token(
     shop = _shop()
     tenant, old = pasted(app_client, shopify, shop)
     shopify.lose_next_exchange_reply = True
-    lost = app_client.post(MIGRATE, headers=_admin(tenant))
+    lost = app_client.post(MIGRATE, headers=admin(tenant))
     assert lost.status_code == 503
     assert not shopify.token_valid(old)  # revoked, though the broker never heard back
-    assert read_sealed(broker_vault, tenant_id=tenant, provider="shopify")[0].version == 1
-    retried = app_client.post(MIGRATE, headers=_admin(tenant))
+    assert stored(broker_vault, tenant)[0].version == 1
+    retried = app_client.post(MIGRATE, headers=admin(tenant))
     assert retried.json() == {"outcome": "migrated", "version": 2}
-    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    _, sealed = stored(broker_vault, tenant)
     assert shopify.token_valid(sealed["access_token"])
     assert shopify.refresh_token_valid(shop, sealed["refresh_token"])
 
@@ -703,14 +683,14 @@ def test_a_token_shopify_will_not_exchange_is_refused_and_kept(
             "fields": {"shop_domain": _shop(), "access_token": stranger},
             "skip_connection_test": True,
         },
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert saved.status_code == 200
-    refused = app_client.post(MIGRATE, headers=_admin(tenant))
+    refused = app_client.post(MIGRATE, headers=admin(tenant))
     assert refused.status_code == 422
     assert "invalid_grant" in refused.json()["detail"]
     assert stranger not in refused.text
-    record, _ = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    record, _ = stored(broker_vault, tenant)
     assert (record.version, record.public.get("kind")) == (1, None)
     (event,) = events(engine, action="integration.oauth.migrate", tenant=tenant)
     assert (event.outcome, event.detail["reason"]) == ("failed", "invalid_grant")
@@ -723,16 +703,15 @@ def test_a_slow_token_endpoint_does_not_eat_the_vault_budget_of_the_store(
     clock: FakeClock,
 ) -> None:
     # Longer than the request's Vault budget (3 s in tests), shorter than the egress timeout.
-    shop = _shop()
-    tenant = connected(app_client, shop)
+    shop, tenant = new_connection(app_client)
     clock.advance(3600)
     shopify.refresh_reply_delay_s = 3.5
     try:
-        fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+        fetched = get_token(app_client, tenant)
     finally:
         shopify.refresh_reply_delay_s = 0
     assert fetched.status_code == 200, fetched.text
-    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
+    _, sealed = stored(broker_vault, tenant)
     assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
 
 
@@ -743,8 +722,7 @@ def test_a_token_near_expiry_is_listed_and_refreshed_ahead_once(
     engine: Engine,
     clock: FakeClock,
 ) -> None:
-    shop = _shop()
-    tenant = connected(app_client, shop)
+    shop, tenant = new_connection(app_client)
     access = app_client.app.state.oauth  # type: ignore[attr-defined]
 
     def now() -> datetime:
@@ -754,7 +732,7 @@ def test_a_token_near_expiry_is_listed_and_refreshed_ahead_once(
         window = now() + timedelta(minutes=10)
         return due_for_refresh(engine, provider="shopify", before=window, limit=100_000)
 
-    listed = app_client.get("/v1/tenants/settings/integrations", headers=_admin(tenant)).json()
+    listed = app_client.get("/v1/tenants/settings/integrations", headers=admin(tenant)).json()
     expires = next(i for i in listed if i["provider"] == "shopify")["token_expires_at"]
     assert abs(datetime.fromisoformat(expires).timestamp() - (clock.now() + 3600)) < 60
     assert tenant not in due()
@@ -772,8 +750,8 @@ def test_a_token_near_expiry_is_listed_and_refreshed_ahead_once(
     )
     assert shopify.refresh_calls == calls + 1
     assert tenant not in due()
-    _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="shopify")
-    fetched = app_client.get(f"/v1/credentials/{tenant}/shopify", headers=_service(tenant))
+    _, sealed = stored(broker_vault, tenant)
+    fetched = get_token(app_client, tenant)
     assert fetched.json()["fields"]["access_token"] == sealed["access_token"]
     assert shopify.refresh_calls == calls + 1
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.core.config import Settings
 from broker.core.db import unit_of_work
 from broker.integrations.jobs import refresh_due_tokens
 from broker.integrations.service import read_sealed
@@ -20,17 +15,10 @@ from tests.integrations.test_oauth import (  # noqa: F401 - fixtures
     CLIENT_SECRET,
     _shop,
     app_client,
-    clock,
     connected,
     shopify,
 )
 from tests.support.workers import BROKER_WORKER, Workers, wait_for
-
-
-@pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
 
 
 def _run(engine: Engine) -> None:

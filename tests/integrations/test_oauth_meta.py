@@ -6,9 +6,7 @@ tests/fakes/meta_graph.py, whose clock the broker shares.
 
 from __future__ import annotations
 
-import base64
 import io
-import logging
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -21,15 +19,15 @@ from sqlalchemy import Engine
 from sqlmodel import Session, select
 
 from broker.app import create_app
-from broker.core.logging import configure_logging
 from broker.integrations.service import read_sealed
 from broker.models import AuditEvent, TenantSettings
 from broker.vault.gateway import VaultGateway
 from tests.fakes.meta_graph import SIXTY_DAYS_S, FakeMetaGraph, Signup
 from tests.fakes.providers import FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.integrations.test_canaries import _pg_dump
-from tests.support.apps import VaultEndpoint, make_settings, provider_overrides
+from tests.support.apps import VaultEndpoint, clocked_client, make_settings, provider_overrides
+from tests.support.leaks import assert_served_only_to_fetches, pg_dump
+from tests.support.oauth import admin, service
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -37,12 +35,6 @@ APP_ID = str(secrets.randbelow(10**15) + 10**14)
 APP_SECRET = "metacanary" + secrets.token_hex(16)
 SIGNUP = "/v1/tenants/settings/integrations/whatsapp/embedded-signup"
 INTEGRATIONS = "/v1/tenants/settings/integrations"
-
-
-@pytest.fixture(scope="module")
-def clock() -> FakeClock:
-    """The time both the fake Graph and the broker judge expiry by."""
-    return FakeClock()
 
 
 @pytest.fixture(scope="module")
@@ -77,23 +69,8 @@ def app_client(
         database_url,
         **{**provider_overrides(providers), "graph_base_url": meta.base_url},
     )
-    vault = VaultGateway.from_settings(settings)
-    app = create_app(
-        settings,
-        engine=engine,
-        vault=vault,
-        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
-    )
-    yield TestClient(app, raise_server_exceptions=False)
-    vault.close()
-
-
-def _admin(tenant: str) -> dict[str, str]:
-    return bearer(token("integrations:manage", tenant_id=tenant, subject="alice"))
-
-
-def _service(tenant: str) -> dict[str, str]:
-    return bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="sync"))
+    with clocked_client(settings, engine, clock.now) as client:
+        yield client
 
 
 def _now(clock: FakeClock) -> datetime:
@@ -101,7 +78,7 @@ def _now(clock: FakeClock) -> datetime:
 
 
 def whatsapp(client: TestClient, tenant: str) -> dict[str, Any]:
-    listed = client.get(INTEGRATIONS, headers=_admin(tenant)).json()
+    listed = client.get(INTEGRATIONS, headers=admin(tenant)).json()
     found: dict[str, Any] = next(item for item in listed if item["provider"] == "whatsapp")
     return found
 
@@ -122,7 +99,7 @@ def events(engine: Engine, *, action: str, tenant: str) -> list[AuditEvent]:
 
 def connected(client: TestClient, meta: FakeMetaGraph, **signup: Any) -> tuple[str, Signup]:
     tenant, done = make_tenant(client), meta.signup(**signup)
-    answer = client.post(SIGNUP, json=done.body(), headers=_admin(tenant))
+    answer = client.post(SIGNUP, json=done.body(), headers=admin(tenant))
     assert answer.status_code == 200, answer.text
     return tenant, done
 
@@ -131,7 +108,7 @@ def test_embedded_signup_stores_the_business_token_sealed_with_the_ids(
     app_client: TestClient, meta: FakeMetaGraph, broker_vault: VaultGateway, engine: Engine
 ) -> None:
     tenant, done = make_tenant(app_client), meta.signup()
-    answer = app_client.post(SIGNUP, json=done.body(), headers=_admin(tenant))
+    answer = app_client.post(SIGNUP, json=done.body(), headers=admin(tenant))
     assert answer.status_code == 200, answer.text
     view = answer.json()
     ids = {
@@ -153,7 +130,7 @@ def test_embedded_signup_stores_the_business_token_sealed_with_the_ids(
     (event,) = events(engine, action="integration.oauth.connect", tenant=tenant)
     assert (event.outcome, event.actor) == ("success", "user:alice")
 
-    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
     assert fetched.status_code == 200, fetched.text
     assert fetched.json()["fields"] == {**ids, "access_token": sealed["access_token"]}
 
@@ -175,7 +152,7 @@ def test_a_sixty_day_token_has_its_expiry_shown_and_leased(
     shown = datetime.fromisoformat(whatsapp(app_client, tenant)["token_expires_at"])
     assert abs(shown - expected) < timedelta(minutes=1)
     assert datetime.fromisoformat(status(engine, tenant)["connection_expires_at"]) == shown
-    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
     assert fetched.status_code == 200, fetched.text
     # The lease is the token's own life, not the broker's default lease.
     assert datetime.fromisoformat(fetched.json()["expires_at"]) == shown
@@ -194,10 +171,10 @@ def test_a_dead_code_is_refused_stores_nothing_and_is_audited(
     if how == "reused":
         # Someone else's page (or a replay) already spent the code.
         other = make_tenant(app_client)
-        assert app_client.post(SIGNUP, json=done.body(), headers=_admin(other)).status_code == 200
+        assert app_client.post(SIGNUP, json=done.body(), headers=admin(other)).status_code == 200
     else:
         clock.advance(31)  # a code lives 30 s
-    refused = app_client.post(SIGNUP, json=done.body(), headers=_admin(tenant))
+    refused = app_client.post(SIGNUP, json=done.body(), headers=admin(tenant))
     assert refused.status_code == 422
     assert "run the embedded signup again" in refused.json()["detail"]
     assert done.code not in refused.text
@@ -212,7 +189,7 @@ def test_a_code_posted_beside_another_customers_waba_is_refused(
 ) -> None:
     tenant, own, victim = make_tenant(app_client), meta.signup(), meta.signup()
     body = {**own.body(), "waba_id": victim.waba_id}
-    refused = app_client.post(SIGNUP, json=body, headers=_admin(tenant))
+    refused = app_client.post(SIGNUP, json=body, headers=admin(tenant))
     assert refused.status_code == 422
     assert broker_vault.kv.read(f"tenants/{tenant}/integrations/whatsapp") is None
     (event,) = events(engine, action="integration.oauth.connect", tenant=tenant)
@@ -225,20 +202,20 @@ def test_signup_needs_manage_scope_valid_ids_and_is_whatsapps_only(
     tenant, done = make_tenant(app_client), meta.signup()
     viewer = bearer(token("integrations:view", tenant_id=tenant))
     assert app_client.post(SIGNUP, json=done.body(), headers=viewer).status_code == 403
-    bad = app_client.post(SIGNUP, json={**done.body(), "waba_id": "../x"}, headers=_admin(tenant))
+    bad = app_client.post(SIGNUP, json={**done.body(), "waba_id": "../x"}, headers=admin(tenant))
     assert bad.status_code == 422
     assert done.code not in bad.text
     shopify = SIGNUP.replace("whatsapp", "shopify")
-    assert app_client.post(shopify, json=done.body(), headers=_admin(tenant)).status_code == 404
+    assert app_client.post(shopify, json=done.body(), headers=admin(tenant)).status_code == 404
     # WhatsApp has no consent URL or callback of the broker's.
     connect = app_client.post(
         f"{INTEGRATIONS}/whatsapp/connect",
         json={"shop": "a.myshopify.com"},
-        headers=_admin(tenant),
+        headers=admin(tenant),
     )
     assert connect.status_code == 404
     # None of this spent the code.
-    assert app_client.post(SIGNUP, json=done.body(), headers=_admin(tenant)).status_code == 200
+    assert app_client.post(SIGNUP, json=done.body(), headers=admin(tenant)).status_code == 200
 
 
 def test_an_expired_token_needs_a_reconnect_and_services_are_told(
@@ -247,7 +224,7 @@ def test_an_expired_token_needs_a_reconnect_and_services_are_told(
     tenant, _ = connected(app_client, meta, sixty_days=True)
     clock.advance(SIXTY_DAYS_S + 1)
     calls = sum(meta.calls.values())
-    refused = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+    refused = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
     assert refused.status_code == 409
     problem = refused.json()
     assert problem["reconnect_required"] is True
@@ -260,9 +237,9 @@ def test_an_expired_token_needs_a_reconnect_and_services_are_told(
 
     # A new signup clears it.
     again = meta.signup()
-    assert app_client.post(SIGNUP, json=again.body(), headers=_admin(tenant)).status_code == 200
+    assert app_client.post(SIGNUP, json=again.body(), headers=admin(tenant)).status_code == 200
     assert whatsapp(app_client, tenant)["needs_reconnect"] is False
-    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+    fetched = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
     assert fetched.status_code == 200
 
 
@@ -272,26 +249,16 @@ def test_a_token_graph_calls_dead_needs_a_reconnect(
     tenant, _ = connected(app_client, meta)
     _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="whatsapp")
     meta.revoke(sealed["access_token"])  # the customer removed the app: code 190
-    tested = app_client.post(f"{INTEGRATIONS}/whatsapp/test", headers=_admin(tenant))
+    tested = app_client.post(f"{INTEGRATIONS}/whatsapp/test", headers=admin(tenant))
     assert tested.status_code == 200
     assert tested.json()["code"] == "rejected"
     assert whatsapp(app_client, tenant)["needs_reconnect"] is True
     assert status(engine, tenant)["needs_reconnect"] is True
-    refused = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+    refused = app_client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
     assert refused.status_code == 409
     assert refused.json()["reconnect_required"] is True
     (event,) = events(engine, action="integration.needs_reconnect", tenant=tenant)
     assert event.detail["reason"] == "token_rejected"
-
-
-@pytest.fixture
-def captured_logs() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    stream = io.StringIO()
-    configure_logging("DEBUG", stream=stream)
-    yield stream
-    root.handlers, root.level = saved[0], saved[1]
 
 
 def test_the_code_token_and_app_secret_never_leak(
@@ -305,35 +272,28 @@ def test_the_code_token_and_app_secret_never_leak(
 ) -> None:
     tenant, done = make_tenant(app_client), meta.signup(sixty_days=True)
     responses: list[httpx.Response] = []
-    responses.append(app_client.post(SIGNUP, json=done.body(), headers=_admin(tenant)))
-    responses.append(app_client.post(SIGNUP, json=done.body(), headers=_admin(tenant)))  # reused
+    responses.append(app_client.post(SIGNUP, json=done.body(), headers=admin(tenant)))
+    responses.append(app_client.post(SIGNUP, json=done.body(), headers=admin(tenant)))  # reused
     _, sealed = read_sealed(broker_vault, tenant_id=tenant, provider="whatsapp")
     fetch = f"/v1/credentials/{tenant}/whatsapp"
-    responses.append(app_client.get(fetch, headers=_service(tenant)))
+    responses.append(app_client.get(fetch, headers=service(tenant)))
     clock.advance(SIXTY_DAYS_S + 1)
-    responses.append(app_client.get(fetch, headers=_service(tenant)))  # reconnect required
+    responses.append(app_client.get(fetch, headers=service(tenant)))  # reconnect required
     for path in (INTEGRATIONS, "/v1/tenants/settings"):
-        responses.append(app_client.get(path, headers=_admin(tenant)))
+        responses.append(app_client.get(path, headers=admin(tenant)))
     assert [r.status_code for r in responses] == [200, 422, 200, 409, 200, 200]
 
-    never = [APP_SECRET, done.code]
-    anywhere = [*never, sealed["access_token"]]
-    haystacks = {
-        "responses": "\n".join(
-            f"{r.headers}\n{r.text}" for r in responses if r.request.url.path != fetch
-        ),
-        "fetch responses": "\n".join(f"{r.headers}\n{r.text}" for r in responses),
-        "logs": captured_logs.getvalue(),
-        "database": _pg_dump(database_url),
-    }
-    if vault_endpoint.audit_log is not None:
-        haystacks["vault audit log"] = vault_endpoint.audit_log.read_text()
-    for where, text in haystacks.items():
-        for value in never if where == "fetch responses" else anywhere:
-            for form in (value, base64.b64encode(value.encode()).decode()):
-                assert form not in text, f"a planted secret appears in the {where}"
-    assert haystacks["logs"], "the scan must have seen some logs"
-    assert tenant in haystacks["database"]
+    database = pg_dump(database_url)
+    assert_served_only_to_fetches(
+        responses,
+        fetch,
+        never=[APP_SECRET, done.code],
+        served=[sealed["access_token"]],
+        logs=captured_logs.getvalue(),
+        database=database,
+        vault=vault_endpoint,
+    )
+    assert tenant in database
 
 
 def test_a_postgresql_outage_does_not_stop_a_valid_token_being_served(
@@ -356,11 +316,11 @@ def test_a_postgresql_outage_does_not_stop_a_valid_token_being_served(
     app = create_app(dead, vault=vault, clock=lambda: _now(clock))
     try:
         client = TestClient(app, raise_server_exceptions=False)
-        fetched = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+        fetched = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
         assert fetched.status_code == 200, fetched.text
         # The expiry, sealed in Vault, still holds without the database.
         clock.advance(SIXTY_DAYS_S + 1)
-        expired = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=_service(tenant))
+        expired = client.get(f"/v1/credentials/{tenant}/whatsapp", headers=service(tenant))
         assert expired.status_code == 409
         assert expired.json()["reconnect_required"] is True
         assert "access_token" not in expired.text

@@ -7,13 +7,10 @@ shared through a file.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-import time
 import urllib.parse
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -30,35 +27,17 @@ from broker.vault.gateway import VaultGateway
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
 from tests.support import oauth as oauth_connect
 from tests.support.apps import VaultEndpoint
+from tests.support.broker_process import BrokerProcess
 from tests.support.tenants import new_tenant_id
 from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 from tests.support.workers import Workers, wait_for
 
-ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "process-client"
 CLIENT_SECRET = "shpss_process" + os.urandom(8).hex()
 REDIRECT_BASE = "https://broker.platform.test"
 RETURN = "https://app.platform.test/settings/integrations"
-STARTUP_DEADLINE_S = 60
 # `broker worker` on the test's clock file.
 CLOCKED_WORKER = [sys.executable, "-m", "tests.support.worker_process"]
-
-
-@dataclass
-class Broker:
-    """One broker process and its base URL."""
-
-    url: str
-    proc: subprocess.Popen[bytes]
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()  # it stops by itself when its stdin closes
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +68,6 @@ def _broker_env(
     """A broker process's environment: this session's Vault, database and fake Shopify."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKER_")}
     env |= {
-        "PYTHONPATH": str(ROOT),
         "BROKER_ENV": "test",
         "BROKER_PORT": str(port),
         "BROKER_LOG_LEVEL": "WARNING",
@@ -119,37 +97,19 @@ def start_broker(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[object]:
     """Starts broker processes on free loopback ports; every one is stopped at the end."""
-    started: list[Broker] = []
+    started: list[BrokerProcess] = []
     clock_file = clock.path
     assert clock_file is not None
 
-    def start() -> Broker:
+    def start() -> BrokerProcess:
         port = free_port()
         env = _broker_env(
             port, vault_endpoint, broker_vault_token, database_url, shopify, str(clock_file)
         )
         workdir = tmp_path_factory.mktemp("broker")  # no stray .env
-        with open(workdir / "stderr.log", "wb") as stderr:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.support.broker_process"],
-                env=env,
-                cwd=workdir,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=stderr,
-            )
-        broker = Broker(f"http://127.0.0.1:{port}", proc)
+        broker = BrokerProcess.start(f"http://127.0.0.1:{port}", env, workdir)
         started.append(broker)
-        deadline = time.monotonic() + STARTUP_DEADLINE_S
-        while True:
-            assert proc.poll() is None, "the broker process exited"
-            try:
-                if httpx.get(f"{broker.url}/healthz", timeout=2).status_code == 200:
-                    return broker
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the broker process never answered"
-            time.sleep(0.2)
+        return broker
 
     yield start
     for broker in started:
@@ -157,12 +117,12 @@ def start_broker(
 
 
 @pytest.fixture(scope="module")
-def brokers(start_broker: object) -> list[Broker]:
+def brokers(start_broker: object) -> list[BrokerProcess]:
     """Two replicas."""
     return [start_broker(), start_broker()]  # type: ignore[operator]
 
 
-def _tenant(broker: Broker) -> str:
+def _tenant(broker: BrokerProcess) -> str:
     tenant = new_tenant_id()
     created = httpx.post(
         f"{broker.url}/v1/tenants",
@@ -173,7 +133,7 @@ def _tenant(broker: Broker) -> str:
     return tenant
 
 
-def connect(broker: Broker, shop: str) -> str:
+def connect(broker: BrokerProcess, shop: str) -> str:
     """A tenant connected to `shop` through `broker`."""
     tenant = _tenant(broker)
     with httpx.Client() as http:
@@ -201,7 +161,7 @@ def _refresh_runs_settled(engine: Engine, after: int) -> bool:
 
 
 def test_concurrent_fetches_across_expiry_refresh_each_credential_once(
-    brokers: list[Broker],
+    brokers: list[BrokerProcess],
     shopify: FakeShopifyOAuth,
     clock: FakeClock,
     settings: Settings,
@@ -259,10 +219,10 @@ def test_concurrent_fetches_across_expiry_refresh_each_credential_once(
 
 
 def test_a_broker_killed_mid_refresh_burns_no_token(
-    brokers: list[Broker], start_broker: object, shopify: FakeShopifyOAuth, clock: FakeClock
+    brokers: list[BrokerProcess], start_broker: object, shopify: FakeShopifyOAuth, clock: FakeClock
 ) -> None:
     shop = f"killed-{os.urandom(3).hex()}.myshopify.com"
-    victim: Broker = start_broker()  # type: ignore[operator]
+    victim: BrokerProcess = start_broker()  # type: ignore[operator]
     tenant = connect(victim, shop)
     clock.advance(3600)
     calls = shopify.refresh_calls_by_shop[shop]
@@ -292,7 +252,7 @@ def test_a_broker_killed_mid_refresh_burns_no_token(
 
 
 def test_the_sdk_keeps_an_oauth_token_for_its_own_hour_and_says_when_to_reconnect(
-    brokers: list[Broker], shopify: FakeShopifyOAuth, clock: FakeClock
+    brokers: list[BrokerProcess], shopify: FakeShopifyOAuth, clock: FakeClock
 ) -> None:
     shop = f"sdk-{os.urandom(3).hex()}.myshopify.com"
     tenant = connect(brokers[0], shop)

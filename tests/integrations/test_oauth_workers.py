@@ -8,7 +8,6 @@ connected with five minutes to live, inside the ten-minute refresh window at onc
 
 from __future__ import annotations
 
-import base64
 import secrets
 import signal
 import subprocess
@@ -36,9 +35,9 @@ from broker.jobs.defer import defer
 from broker.models import AuditEvent, IntegrationCredential
 from broker.vault.gateway import VaultGateway
 from tests.fakes.shopify_oauth import FakeClock, FakeShopifyOAuth
-from tests.integrations.test_canaries import _pg_dump
 from tests.integrations.test_oauth import CALLBACK, REDIRECT_BASE, RETURN, _shop, connected
 from tests.support.apps import VaultEndpoint, make_settings
+from tests.support.leaks import assert_absent, pg_dump, with_vault_audit_log
 from tests.support.workers import BROKER_WORKER, Workers, registered_workers, wait_for
 
 CLIENT_ID = "workers-client-" + secrets.token_hex(4)
@@ -377,12 +376,11 @@ def test_no_token_or_client_secret_reaches_the_queue_the_worker_logs_or_a_dump(
     # Every token Shopify issued in this module (connects, refreshes, the one a killed
     # worker never stored), and the app's secret.
     planted = [*shopify.issued_tokens(), CLIENT_SECRET]
-    dump = _pg_dump(own_database)
+    dump = pg_dump(own_database)
     assert "integrations.refresh_due_tokens" in dump  # the queue's tables were scanned
     haystacks = {"database dump": dump, "worker log": workers.output(worker)}
-    if vault_endpoint.audit_log is not None:
-        haystacks["vault audit log"] = vault_endpoint.audit_log.read_text()
-    for where, seen in haystacks.items():
-        for value in planted:
-            for form in (value, base64.b64encode(value.encode()).decode()):
-                assert form not in seen, f"a token or the client secret appears in the {where}"
+    assert_absent(
+        with_vault_audit_log(haystacks, vault_endpoint),
+        planted,
+        "a token or the client secret appears in the {where}",
+    )

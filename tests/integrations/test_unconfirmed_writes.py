@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -20,6 +20,7 @@ from sqlalchemy import Engine, text
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
 from tests.support.apps import VaultEndpoint, app_through
+from tests.support.rows import credential_row, payout_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -39,43 +40,77 @@ def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
         yield proxy
 
 
-def _slow_client(
+@pytest.fixture
+def through_proxy(
     proxy: SlowProxy,
     broker_vault_token: str,
     database_url: str,
     engine: Engine,
     providers: FakeProviders,
-    *,
-    timeout_s: float,
-    budget_s: float,
-) -> TestClient:
-    return app_through(
-        proxy.addr,
-        broker_vault_token,
-        database_url,
-        engine,
-        providers,
-        vault_timeout_s=timeout_s,
-        vault_retry_budget_s=budget_s,
-    )
+) -> Callable[[float, float], TestClient]:
+    """Brokers whose Vault calls go through the proxy, given a timeout and a budget (s)."""
+
+    def build(timeout_s: float, budget_s: float) -> TestClient:
+        return app_through(
+            proxy.addr,
+            broker_vault_token,
+            database_url,
+            engine,
+            providers,
+            vault_timeout_s=timeout_s,
+            vault_retry_budget_s=budget_s,
+        )
+
+    return build
 
 
 @pytest.fixture
-def slow(
-    proxy: SlowProxy,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders,
-) -> TestClient:
+def slow(through_proxy: Callable[[float, float], TestClient]) -> TestClient:
     """The broker, through the proxy, with a 1 s timeout and a 1.5 s budget per request."""
-    return _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=1.0, budget_s=1.5
-    )
+    return through_proxy(1.0, 1.5)
+
+
+@pytest.fixture
+def patient(through_proxy: Callable[[float, float], TestClient]) -> TestClient:
+    """The broker, through the proxy, patient enough for a whole tenant deletion to run
+    while one of its Vault calls is held."""
+    return through_proxy(8.0, 9.0)
 
 
 def _admin(tenant: str) -> dict[str, str]:
     return bearer(token("tenant:admin", tenant_id=tenant))
+
+
+def _ops() -> dict[str, str]:
+    return bearer(token("platform:admin", subject="ops"))
+
+
+def _answer_with_tenant_deleted_meanwhile(
+    client: TestClient, tenant: str, call: Callable[[], Any], held_s: float
+) -> Any:
+    """Run `call` (whose Vault request the proxy holds), delete the tenant after `held_s`,
+    and return the call's answer."""
+    answers: list[Any] = []
+    running = threading.Thread(target=lambda: answers.append(call()))
+    running.start()
+    time.sleep(held_s)
+    assert client.delete(f"/v1/tenants/{tenant}", headers=_ops()).status_code == 204
+    running.join(15)
+    (answer,) = answers
+    return answer
+
+
+def _audit_details(engine: Engine, tenant: str, action: str) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text(
+                    "SELECT detail FROM audit_events WHERE tenant_id = :t"
+                    " AND action = :action ORDER BY id"
+                ),
+                {"t": tenant, "action": action},
+            ).all()
+        )
 
 
 def _put(client: TestClient, tenant: str, fields: dict[str, str], **headers: str) -> Any:
@@ -84,17 +119,6 @@ def _put(client: TestClient, tenant: str, fields: dict[str, str], **headers: str
         json={"fields": fields},
         headers=_admin(tenant) | headers,
     )
-
-
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT kv_version, configured, hints, vault_sync_pending"
-                " FROM integration_credentials WHERE tenant_id = :t AND provider = 'twilio'"
-            ),
-            {"t": tenant},
-        ).one()
 
 
 def _listed(client: TestClient, tenant: str) -> dict[str, Any]:
@@ -120,19 +144,21 @@ def _current_version(vault: VaultGateway, path: str) -> int:
 # -- A: a write Vault applies after the broker gave up -----------------------------------
 
 
-def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_shows_it(
-    client: TestClient,
-    slow: TestClient,
-    proxy: SlowProxy,
-    providers: FakeProviders,
-    engine: Engine,
-    vault_admin: VaultGateway,
-) -> None:
+@pytest.fixture
+def saved(client: TestClient, slow: TestClient, providers: FakeProviders) -> str:
+    """A tenant with Twilio's FIRST credentials saved through the slow broker; the fake
+    Twilio accepts SECOND and THIRD too."""
     tenant = make_tenant(client)
-    path = f"tenants/{tenant}/integrations/twilio"
     providers.accept("twilio", **SECOND)
     providers.accept("twilio", **THIRD)
     assert _put(slow, tenant, FIRST).status_code == 200
+    return tenant
+
+
+def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_shows_it(
+    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
+) -> None:
+    tenant, path = saved, f"tenants/{saved}/integrations/twilio"
 
     proxy.delay(KV_WRITE, 3.0)
     response = _put(slow, tenant, SECOND)
@@ -142,7 +168,7 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
     assert response.json()["title"] == "Vault write not confirmed"
     assert "e" * 32 not in response.text
     # The outcome is unknown: the row must not claim version 1 is settled.
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.kv_version, row.vault_sync_pending) == (1, True)
 
     _wait_for_version(vault_admin, path, 2)  # ...and there it lands
@@ -156,14 +182,7 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
     assert again.status_code == 200, again.text
     assert again.headers["etag"] == '"2"'
     assert _current_version(vault_admin, path) == 2
-    with engine.connect() as conn:
-        saves = conn.execute(
-            text(
-                "SELECT detail FROM audit_events WHERE tenant_id = :t"
-                " AND action = 'integration.save' ORDER BY id"
-            ),
-            {"t": tenant},
-        ).all()
+    saves = _audit_details(engine, tenant, "integration.save")
     # The version the lost attempt wrote is in the trail, once, as already applied.
     assert [d.detail.get("already_applied", False) for d in saves] == [False, True]
     # The next, different write is no false conflict.
@@ -173,17 +192,9 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
 
 
 def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
-    client: TestClient,
-    slow: TestClient,
-    proxy: SlowProxy,
-    providers: FakeProviders,
-    engine: Engine,
-    vault_admin: VaultGateway,
+    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
 ) -> None:
-    tenant = make_tenant(client)
-    path = f"tenants/{tenant}/integrations/twilio"
-    providers.accept("twilio", **SECOND)
-    assert _put(slow, tenant, FIRST).status_code == 200
+    tenant, path = saved, f"tenants/{saved}/integrations/twilio"
 
     proxy.delay(KV_WRITE, 4.0)
     assert _put(slow, tenant, SECOND).status_code == 503
@@ -193,7 +204,7 @@ def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
     assert retried.json()["version"] == 2
     time.sleep(4.5)  # the held attempts reach Vault now, and fail check-and-set
     assert _current_version(vault_admin, path) == 2
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.kv_version, row.vault_sync_pending) == (2, False)
 
 
@@ -208,15 +219,9 @@ def _wait_for_deletion(vault: VaultGateway, path: str, version: int) -> None:
 
 
 def test_a_retried_delete_after_an_unanswered_one_succeeds(
-    client: TestClient,
-    slow: TestClient,
-    proxy: SlowProxy,
-    engine: Engine,
-    vault_admin: VaultGateway,
+    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
 ) -> None:
-    tenant = make_tenant(client)
-    path = f"tenants/{tenant}/integrations/twilio"
-    assert _put(slow, tenant, FIRST).status_code == 200
+    tenant, path = saved, f"tenants/{saved}/integrations/twilio"
     url = "/v1/tenants/settings/integrations/twilio"
 
     proxy.delay(KV_DELETE, 3.0)
@@ -224,23 +229,16 @@ def test_a_retried_delete_after_an_unanswered_one_succeeds(
     proxy.clear()
     assert response.status_code == 503
     assert response.json()["title"] == "Vault write not confirmed"
-    assert _row(engine, tenant).vault_sync_pending is True
+    assert credential_row(engine, tenant).vault_sync_pending is True
     _wait_for_deletion(vault_admin, path, 1)  # ...and there it lands
 
     # The same DELETE again, as sent or with the ETag it was based on: its work is done.
     assert slow.delete(url, headers=_admin(tenant)).status_code == 204
     assert slow.delete(url, headers=_admin(tenant) | {"If-Match": '"1"'}).status_code == 204
     assert slow.delete(url, headers=_admin(tenant) | {"If-Match": '"7"'}).status_code == 404
-    row = _row(engine, tenant)
+    row = credential_row(engine, tenant)
     assert (row.configured, row.vault_sync_pending) == (False, False)
-    with engine.connect() as conn:
-        deletes = conn.execute(
-            text(
-                "SELECT detail FROM audit_events WHERE tenant_id = :t"
-                " AND action = 'integration.delete' ORDER BY id"
-            ),
-            {"t": tenant},
-        ).all()
+    deletes = _audit_details(engine, tenant, "integration.delete")
     # The deletion the lost attempt made is in the trail, as already applied.
     assert [d.detail.get("already_applied") for d in deletes] == [True, True]
     # Never configured at all is still a 404.
@@ -249,32 +247,18 @@ def test_a_retried_delete_after_an_unanswered_one_succeeds(
 
 
 def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
-    client: TestClient,
-    proxy: SlowProxy,
-    providers: FakeProviders,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
+    client: TestClient, proxy: SlowProxy, patient: TestClient
 ) -> None:
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
-    # Time enough for the whole tenant deletion while the credential delete is in Vault.
-    patient = _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
-    )
     proxy.delay(KV_DELETE, 3.0)
-    answers: list[Any] = []
-    deleting = threading.Thread(
-        target=lambda: answers.append(
-            patient.delete("/v1/tenants/settings/integrations/twilio", headers=_admin(tenant))
-        )
+    answer = _answer_with_tenant_deleted_meanwhile(
+        client,
+        tenant,
+        lambda: patient.delete("/v1/tenants/settings/integrations/twilio", headers=_admin(tenant)),
+        # By then the credential delete has marked its row and is waiting on Vault.
+        held_s=0.5,
     )
-    deleting.start()
-    time.sleep(0.5)  # the credential delete has marked its row and is waiting on Vault
-    ops = bearer(token("platform:admin", subject="ops"))
-    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
-    deleting.join(15)
-    (answer,) = answers
     # Its row went with the tenant: the answer says so, instead of failing.
     assert answer.status_code == 404, answer.text
     assert answer.json()["detail"] == "no such tenant"
@@ -284,33 +268,20 @@ def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
 def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
     client: TestClient,
     proxy: SlowProxy,
-    providers: FakeProviders,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
+    patient: TestClient,
     vault_admin: VaultGateway,
     item: str,
 ) -> None:
     tenant = make_tenant(client)
-    patient = _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=8.0, budget_s=9.0
-    )
     proxy.delay(KV_WRITE, 3.0)
-    answers: list[Any] = []
 
-    def write() -> None:
+    def write() -> Any:
         if item == "payout":
-            answers.append(_payout(patient, tenant, IBAN))
-        else:
-            answers.append(_put(patient, tenant, FIRST))
+            return _payout(patient, tenant, IBAN)
+        return _put(patient, tenant, FIRST)
 
-    writing = threading.Thread(target=write)
-    writing.start()
-    time.sleep(1.0)  # the write is held on its way to Vault
-    ops = bearer(token("platform:admin", subject="ops"))
-    assert client.delete(f"/v1/tenants/{tenant}", headers=ops).status_code == 204
-    writing.join(15)
-    (answer,) = answers
+    # By then the write is held on its way to Vault.
+    answer = _answer_with_tenant_deleted_meanwhile(client, tenant, write, held_s=1.0)
     assert answer.status_code == 404, answer.text
     # Nothing of the tenant outlives its deletion, not even what landed after it.
     assert vault_admin.kv.metadata(f"tenants/{tenant}/{item}") is None
@@ -319,18 +290,13 @@ def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     client: TestClient,
     proxy: SlowProxy,
-    providers: FakeProviders,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
+    through_proxy: Callable[[float, float], TestClient],
 ) -> None:
     """Each Vault call used to get the whole budget and each attempt the whole timeout."""
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
     # A 3 s socket timeout, but a 1 s budget for the whole request.
-    hung = _slow_client(
-        proxy, broker_vault_token, database_url, engine, providers, timeout_s=3.0, budget_s=1.0
-    )
+    hung = through_proxy(3.0, 1.0)
     proxy.delay(b"", 20.0)
     service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
     for method, url, body, headers in (
@@ -362,17 +328,6 @@ def _payout(client: TestClient, tenant: str, iban: str, **headers: str) -> Any:
     )
 
 
-def _payout_row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT payout_version, payout_hint, payout_sync_pending"
-                " FROM payment_profiles WHERE tenant_id = :t"
-            ),
-            {"t": tenant},
-        ).one()
-
-
 def test_an_unanswered_payout_write_stays_pending_and_its_retry_succeeds(
     client: TestClient,
     slow: TestClient,
@@ -388,15 +343,15 @@ def test_an_unanswered_payout_write_stays_pending_and_its_retry_succeeds(
     assert response.status_code == 503
     assert OTHER_IBAN not in response.text
     assert (
-        _payout_row(engine, tenant).payout_sync_pending,
-        _payout_row(engine, tenant).payout_version,
+        payout_row(engine, tenant).payout_sync_pending,
+        payout_row(engine, tenant).payout_version,
     ) == (True, 1)
     _wait_for_version(vault_admin, f"tenants/{tenant}/payout", 2)
     again = _payout(slow, tenant, OTHER_IBAN)
     assert again.status_code == 200, again.text
     assert again.json()["hint"].endswith("5432")
     assert _current_version(vault_admin, f"tenants/{tenant}/payout") == 2
-    row = _payout_row(engine, tenant)
+    row = payout_row(engine, tenant)
     assert (row.payout_version, row.payout_sync_pending) == (2, False)
 
 
@@ -405,7 +360,7 @@ def test_the_first_payout_write_after_a_key_rotation_is_not_a_conflict(
 ) -> None:
     tenant = make_tenant(client)
     assert _payout(client, tenant, IBAN).status_code == 200
-    ops = bearer(token("platform:admin", subject="ops"))
+    ops = _ops()
     assert client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops).status_code == 200
     response = _payout(client, tenant, OTHER_IBAN)
     assert response.status_code == 200, response.text
@@ -453,6 +408,17 @@ def test_concurrent_saves_each_answer_with_their_own_version_and_etag(
 # -- G: identifiers are sealed with the secret --------------------------------------------
 
 
+def _swap_store_url(vault_admin: VaultGateway, tenant: str) -> None:
+    """Point the stored WooCommerce public part at an attacker, in KV only (no Transit)."""
+    path = f"tenants/{tenant}/integrations/woocommerce"
+    entry = vault_admin.kv.read(path)
+    assert entry is not None
+    forged = dict(entry.data)
+    forged["public"] = dict(entry.data["public"])
+    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
+    vault_admin.kv.write(path, forged, cas=entry.version)
+
+
 def _service(tenant: str) -> dict[str, str]:
     return bearer(token("credentials:read", kind="service", tenants=(tenant,)))
 
@@ -468,14 +434,8 @@ def test_an_identifier_changed_in_kv_without_transit_does_not_verify(
         headers=_admin(tenant),
     )
     assert saved.status_code == 200, saved.text
-    path = f"tenants/{tenant}/integrations/woocommerce"
-    entry = vault_admin.kv.read(path)
-    assert entry is not None
     # Someone with KV write access but no Transit swaps the store URL.
-    forged = dict(entry.data)
-    forged["public"] = dict(entry.data["public"])
-    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
-    vault_admin.kv.write(path, forged, cas=entry.version)
+    _swap_store_url(vault_admin, tenant)
 
     response = client.get(f"/v1/credentials/{tenant}/woocommerce", headers=_service(tenant))
     assert response.status_code == 409
@@ -523,7 +483,7 @@ def test_a_ciphertext_from_before_sealed_identifiers_does_not_verify(
 def test_restoring_a_version_from_before_a_key_rotation_is_410(client: TestClient) -> None:
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
-    ops = bearer(token("platform:admin", subject="ops"))
+    ops = _ops()
     assert client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops).status_code == 200
     response = client.post(
         "/v1/tenants/settings/integrations/twilio/versions/1/restore", headers=_admin(tenant)
@@ -551,7 +511,7 @@ def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
         assert _payout(client, tenant, IBAN).status_code == 200
     else:
         assert _put(client, tenant, FIRST).status_code == 200
-    ops = bearer(token("platform:admin", subject="ops"))
+    ops = _ops()
 
     proxy.delay(KV_WRITE, 3.0)
     response = slow.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
@@ -573,9 +533,9 @@ def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
     assert finished.status_code == 200, finished.text
     assert finished.json()["resumed"] is True
     if item == "payout":
-        assert _payout_row(engine, tenant).payout_sync_pending is False
+        assert payout_row(engine, tenant).payout_sync_pending is False
     else:
-        assert _row(engine, tenant).vault_sync_pending is False
+        assert credential_row(engine, tenant).vault_sync_pending is False
 
 
 def _failed_reads(engine: Engine, tenant: str) -> list[tuple[str, str | None]]:
@@ -599,13 +559,7 @@ def test_every_read_of_stored_data_that_does_not_verify_is_refused_and_recorded(
     fields = dict(VALID["woocommerce"], store_url=providers.base_url)
     url = "/v1/tenants/settings/integrations/woocommerce"
     assert client.put(url, json={"fields": fields}, headers=_admin(tenant)).status_code == 200
-    path = f"tenants/{tenant}/integrations/woocommerce"
-    entry = vault_admin.kv.read(path)
-    assert entry is not None
-    forged = dict(entry.data)
-    forged["public"] = dict(entry.data["public"])
-    forged["public"]["identifiers"] = {"store_url": "https://attacker.example.net"}
-    vault_admin.kv.write(path, forged, cas=entry.version)
+    _swap_store_url(vault_admin, tenant)
 
     tested = client.post(f"{url}/test", headers=_admin(tenant))
     restored = client.post(f"{url}/versions/2/restore", headers=_admin(tenant))

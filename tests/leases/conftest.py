@@ -4,7 +4,6 @@ the fake providers' key APIs, and one clock both judge expiry by."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -12,15 +11,19 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 from sqlmodel import Session, select
 
-from broker.app import create_app
 from broker.leases import service as leases
 from broker.leases.service import Leasing
 from broker.models import DynamicLease
-from broker.vault.gateway import VaultGateway
 from tests.fakes.provider_keys import OPENAI_ADMIN
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.support.apps import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
+from tests.support.apps import (
+    OAUTH_SETTINGS,
+    VaultEndpoint,
+    clocked_client,
+    make_settings,
+    provider_overrides,
+)
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -39,6 +42,12 @@ def _provider_clock(providers: FakeProviders, clock: FakeClock) -> None:
 
 
 @pytest.fixture(scope="module")
+def dyn_settings() -> dict[str, Any]:
+    """The settings `dyn` runs with beyond the session's (a module may ask for others)."""
+    return {"lease_live_cap": 3, "lease_revoke_backoff_s": 10}
+
+
+@pytest.fixture(scope="module")
 def dyn(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
@@ -46,28 +55,31 @@ def dyn(
     engine: Engine,
     providers: FakeProviders,
     clock: FakeClock,
+    dyn_settings: dict[str, Any],
 ) -> Iterator[TestClient]:
-    """The broker with a fake clock, its provider calls pointed at the fakes."""
+    """The broker on the fake clock, its provider calls pointed at the fakes; afterwards,
+    every lease still live is revoked."""
     settings = make_settings(
         vault_endpoint,
         broker_vault_token,
         database_url,
         **provider_overrides(providers),
         **OAUTH_SETTINGS,
-        lease_live_cap=3,
-        lease_revoke_backoff_s=10,
+        **dyn_settings,
     )
-    vault = VaultGateway.from_settings(settings)
-    app = create_app(
-        settings,
-        engine=engine,
-        vault=vault,
-        clock=lambda: datetime.fromtimestamp(clock.now(), UTC),
-    )
-    client = TestClient(app, raise_server_exceptions=False)
-    yield client
-    revoke_what_is_left(leasing(client))
-    vault.close()
+    with clocked_client(settings, engine, clock.now) as client:
+        yield client
+        revoke_what_is_left(leasing(client))
+
+
+def refused_mint(dyn: TestClient, providers: FakeProviders) -> tuple[str, Any]:
+    """A dynamic tenant whose fetch Twilio refused to mint for (429, retry in 7 s): the
+    tenant and the broker's 503."""
+    tenant = dynamic_tenant(dyn)
+    providers.fail_with("twilio", 429, retry_after="7")
+    refused = dyn.get(f"/v1/credentials/{tenant}/twilio", headers=service(tenant))
+    assert refused.status_code == 503
+    return tenant, refused
 
 
 def revoke_what_is_left(machinery: Leasing) -> None:

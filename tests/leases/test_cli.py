@@ -3,62 +3,41 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from typer.testing import CliRunner
 
 from broker.cli import app as cli
-from broker.core.config import get_settings
 from broker.leases import service as leases
 from tests.fakes.providers import VALID, FakeProviders
 from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.leases.test_dynamic import twilio_works
-from tests.support.apps import VaultEndpoint
+from tests.support.cli import LOOPBACK_EGRESS, broker_env, invoke
 
 
 @pytest.fixture
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
     providers: FakeProviders,
 ) -> Iterator[None]:
     """The broker's configuration for the CLI, provider calls pointed at the fakes."""
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    for name, value in {
-        "ENV": "test",
-        "DATABASE_URL": database_url,
-        "VAULT_ADDRS": vault_endpoint.addr,
-        "VAULT_TOKEN": broker_vault_token,
-        "EGRESS_ALLOW_HTTP": "true",
-        "EGRESS_ALLOW_LOOPBACK": "true",
-        "TWILIO_BASE_URL": providers.base_url,
-        "OPENAI_BASE_URL": providers.base_url,
-    }.items():
-        monkeypatch.setenv(f"BROKER_{name}", value)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+    with broker_env(
+        monkeypatch,
+        tmp_path,
+        **cli_services,
+        **LOOPBACK_EGRESS,
+        TWILIO_BASE_URL=providers.base_url,
+        OPENAI_BASE_URL=providers.base_url,
+    ):
+        yield
 
 
 def _run(*args: str) -> tuple[int, str, str]:
-    # The CLI points the root logger at its (captured, then closed) stderr: put it back.
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        result = CliRunner().invoke(cli, list(args))
-    finally:
-        root.handlers, root.level = handlers, level
+    result = invoke(cli, args)
     return result.exit_code, result.stdout, result.stderr
 
 

@@ -24,7 +24,7 @@ from tests.fakes.provider_keys import OPENAI_ADMIN
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.fakes.webhook_receiver import WebhookReceiver
-from tests.leases.conftest import admin, dynamic_tenant, fetch, leasing, service
+from tests.leases.conftest import admin, dynamic_tenant, fetch, leasing, refused_mint, service
 from tests.leases.test_sdk import broker_url  # noqa: F401 - fixture
 from tests.support.tokens import bearer, token
 
@@ -130,10 +130,7 @@ def test_the_sweep_announces_an_expired_openai_lease_revoked_by_the_worker(
 def test_a_refused_mint_announces_nothing(
     dyn: TestClient, providers: FakeProviders, engine: Engine
 ) -> None:
-    tenant = dynamic_tenant(dyn)
-    providers.fail_with("twilio", 429, retry_after="7")
-    refused = dyn.get(f"/v1/credentials/{tenant}/twilio", headers=service(tenant))
-    assert refused.status_code == 503
+    tenant, refused = refused_mint(dyn, providers)
     assert lease_events(engine, tenant) == []
     providers.come_back("twilio")
     leases.revoke_matching(

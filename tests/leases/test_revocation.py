@@ -17,7 +17,15 @@ from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.leases.conftest import admin, configure, dynamic_tenant, fetch, leasing, service
+from tests.leases.conftest import (
+    admin,
+    configure,
+    dynamic_tenant,
+    fetch,
+    leasing,
+    refused_mint,
+    service,
+)
 from tests.leases.test_dynamic import openai_works, twilio_works
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -107,10 +115,7 @@ def test_a_rate_limited_revocation_waits_for_retry_after(
 def test_a_refused_mint_leaves_no_key_and_says_retry(
     dyn: TestClient, providers: FakeProviders, engine: Engine
 ) -> None:
-    tenant = dynamic_tenant(dyn)
-    providers.fail_with("twilio", 429, retry_after="7")
-    refused = dyn.get(f"/v1/credentials/{tenant}/twilio", headers=service(tenant))
-    assert refused.status_code == 503
+    tenant, refused = refused_mint(dyn, providers)
     assert refused.headers["Retry-After"] == "7"
     assert VALID["twilio"]["auth_token"] not in refused.text
     listed = dyn.get("/v1/tenants/settings/leases", headers=admin(tenant)).json()

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import base64
-import socket
-import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from broker.client import (
@@ -22,6 +19,7 @@ from broker.integrations.egress import EgressPolicy
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
 from tests.leases.conftest import admin, dynamic_tenant
+from tests.support.serving import serving
 from tests.support.tokens import token
 
 LOCAL = EgressPolicy(allow_http=True, allow_loopback=True)
@@ -31,26 +29,8 @@ SID = VALID["twilio"]["account_sid"]
 @pytest.fixture(scope="module")
 def broker_url(dyn: TestClient) -> Iterator[str]:
     """The dynamic-delivery app under uvicorn on 127.0.0.1, for this module."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        dyn.app, lifespan="off", log_level="warning", access_log=False, ws="none", http="h11"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive(), "uvicorn stopped"
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serving(dyn.app) as url:
+        yield url
 
 
 class SdkClock:

@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import signal
 import sys
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
-from broker.app import create_app
-from broker.core.config import Settings
 from broker.leases import service as leases
-from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
 from tests.fakes.shopify_oauth import FakeClock
-from tests.leases.conftest import dynamic_tenant, fetch, leasing, revoke_what_is_left
-from tests.support.apps import OAUTH_SETTINGS, VaultEndpoint, make_settings, provider_overrides
+from tests.leases.conftest import dynamic_tenant, fetch, leasing
 from tests.support.workers import Workers, wait_for
 
 LEASES = 100
@@ -35,38 +28,9 @@ def clock(tmp_path_factory: pytest.TempPathFactory) -> FakeClock:
 
 
 @pytest.fixture(scope="module")
-def dyn(
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
-    engine: Engine,
-    providers: FakeProviders,
-    clock: FakeClock,
-) -> Iterator[TestClient]:
-    """The broker with 10-second leases: their per-lease jobs fall due during the test."""
-    settings = make_settings(
-        vault_endpoint,
-        broker_vault_token,
-        database_url,
-        **provider_overrides(providers),
-        **OAUTH_SETTINGS,
-        credential_lease_s=10,
-        lease_live_cap=LEASES,
-    )
-    vault = VaultGateway.from_settings(settings)
-    app = create_app(
-        settings, engine=engine, vault=vault, clock=lambda: datetime.fromtimestamp(clock.now(), UTC)
-    )
-    client = TestClient(app, raise_server_exceptions=False)
-    yield client
-    revoke_what_is_left(leasing(client))
-    vault.close()
-
-
-@pytest.fixture
-def workers(settings: Settings, engine: Engine, tmp_path: Path) -> Iterator[Workers]:
-    with Workers(settings, engine, tmp_path) as started:
-        yield started
+def dyn_settings() -> dict[str, Any]:
+    """10-second leases: their per-lease jobs fall due during the test."""
+    return {"credential_lease_s": 10, "lease_live_cap": LEASES}
 
 
 def _worker_env(providers: FakeProviders, clock: FakeClock) -> dict[str, str]:

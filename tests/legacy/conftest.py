@@ -8,7 +8,6 @@ also puts the table in a separate database.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -20,10 +19,9 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-from broker.core.config import get_settings
 from broker.devstack.postgres import create_database
 from broker.legacy.source import LegacyColumns, LegacySource, LegacyTable
-from tests.support.apps import VaultEndpoint
+from tests.support.cli import broker_env
 
 LEGACY_DDL = """
 CREATE TABLE {table} (
@@ -189,19 +187,8 @@ def prefix() -> str:
 def cli_env(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
-    vault_endpoint: VaultEndpoint,
-    broker_vault_token: str,
-    database_url: str,
+    cli_services: dict[str, str],
 ) -> Iterator[None]:
     """The broker's configuration for the CLI: the session's PostgreSQL and Vault."""
-    for name in list(os.environ):
-        if name.startswith("BROKER_"):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)  # no stray .env
-    monkeypatch.setenv("BROKER_ENV", "test")
-    monkeypatch.setenv("BROKER_DATABASE_URL", database_url)
-    monkeypatch.setenv("BROKER_VAULT_ADDRS", vault_endpoint.addr)
-    monkeypatch.setenv("BROKER_VAULT_TOKEN", broker_vault_token)
-    get_settings.cache_clear()
-    yield
-    get_settings.cache_clear()
+    with broker_env(monkeypatch, tmp_path, **cli_services):
+        yield

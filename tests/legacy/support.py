@@ -4,7 +4,6 @@ plain functions that read what the migration left in Vault and PostgreSQL."""
 from __future__ import annotations
 
 import json
-import logging
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -14,12 +13,12 @@ import typer
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlmodel import Session, select
-from typer.testing import CliRunner
 
 from broker.integrations.service import read_credentials
 from broker.legacy.cli import migrate_app
 from broker.models import LegacyMigration, Tenant
 from broker.vault.gateway import VaultGateway
+from tests.support.cli import invoke
 from tests.support.tokens import bearer, token
 
 T = TypeVar("T")
@@ -36,13 +35,7 @@ def _other() -> None:
 
 def run_cli(*args: str) -> Any:
     """`broker migrate legacy ARGS`, captured."""
-    # The CLI points the root logger at its (captured, then closed) stderr: put it back.
-    root_logger = logging.getLogger()
-    handlers, level = root_logger.handlers[:], root_logger.level
-    try:
-        return CliRunner().invoke(root, ["migrate", "legacy", *args])
-    finally:
-        root_logger.handlers, root_logger.level = handlers, level
+    return invoke(root, ["migrate", "legacy", *args])
 
 
 def cli_json(*args: str) -> tuple[int, dict[str, Any]]:

@@ -18,7 +18,8 @@ from broker.payments.jobs import reconcile_default_cards
 from broker.payments.service import reconcile_pending_payouts
 from broker.vault.gateway import VaultGateway
 from tests.fakes.stripe import FakeStripe
-from tests.support.apps import VaultEndpoint, app_through
+from tests.support.apps import VaultEndpoint, app_behind_slow_vault
+from tests.support.rows import payout_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
@@ -31,18 +32,8 @@ KV_WRITE = b"POST /v1/secret/data/"
 def slow(
     vault_endpoint: VaultEndpoint, broker_vault_token: str, database_url: str, engine: Engine
 ) -> Iterator[tuple[TestClient, SlowProxy]]:
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield (
-            app_through(
-                proxy.addr,
-                broker_vault_token,
-                database_url,
-                engine,
-                vault_timeout_s=1.0,
-                vault_retry_budget_s=1.5,
-            ),
-            proxy,
-        )
+    with app_behind_slow_vault(vault_endpoint, broker_vault_token, database_url, engine) as slowed:
+        yield slowed
 
 
 def _payout(client: TestClient, tenant: str, iban: str) -> Any:
@@ -51,17 +42,6 @@ def _payout(client: TestClient, tenant: str, iban: str) -> Any:
         json={"method": "bank_transfer", "details": {"iban": iban, "account_holder": "Acme Ltd"}},
         headers=bearer(token("finance:manage", tenant_id=tenant)),
     )
-
-
-def _row(engine: Engine, tenant: str) -> Any:
-    with engine.connect() as conn:
-        return conn.execute(
-            text(
-                "SELECT payout_version, payout_sync_pending, payout_hint FROM payment_profiles"
-                " WHERE tenant_id = :t"
-            ),
-            {"t": tenant},
-        ).one()
 
 
 def test_a_payout_write_that_landed_after_its_503_settles_without_a_reader(
@@ -83,14 +63,14 @@ def test_a_payout_write_that_landed_after_its_503_settles_without_a_reader(
         timeout_s=15,
         what="the held write to land",
     )
-    assert _row(engine, tenant)[:2] == (1, True)
+    assert payout_row(engine, tenant)[:2] == (1, True)
     assert reconcile_pending_payouts(engine, broker_vault) >= 1
-    version, pending, hint = _row(engine, tenant)
+    version, pending, hint = payout_row(engine, tenant)
     assert (version, pending) == (2, False)
     assert hint.endswith("5432")
     # Idempotent: nothing left to do for this tenant.
     reconcile_pending_payouts(engine, broker_vault)
-    assert _row(engine, tenant) == (version, pending, hint)
+    assert payout_row(engine, tenant) == (version, pending, hint)
 
 
 # -- Stripe's default card, kept the broker's by the hourly job --------------------------

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ from broker.core.config import Settings
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import FakeProviders
+from tests.support.slowproxy import SlowProxy
 from tests.support.tokens import AUDIENCE, ISSUER, TEST_SIGNING_KEY
 
 
@@ -111,3 +115,44 @@ def app_through(
     return TestClient(
         create_app(settings, engine=engine, vault=VaultGateway.from_settings(settings))
     )
+
+
+@contextmanager
+def app_behind_slow_vault(
+    vault_endpoint: VaultEndpoint,
+    broker_token: str,
+    database_url: str,
+    engine: Engine,
+    providers: FakeProviders | None = None,
+) -> Iterator[tuple[TestClient, SlowProxy]]:
+    """The broker through a proxy that can hold Vault writes back, with a 1 s Vault timeout
+    and a 1.5 s budget: a write held longer is answered 503 and lands afterwards."""
+    with SlowProxy(vault_endpoint.addr) as proxy:
+        yield (
+            app_through(
+                proxy.addr,
+                broker_token,
+                database_url,
+                engine,
+                providers,
+                vault_timeout_s=1.0,
+                vault_retry_budget_s=1.5,
+            ),
+            proxy,
+        )
+
+
+@contextmanager
+def clocked_client(
+    settings: Settings, engine: Engine, now: Callable[[], float]
+) -> Iterator[TestClient]:
+    """A client for the broker on `settings` whose time is `now()` (a fake clock's, shared
+    with the fakes); its own Vault client is closed on the way out."""
+    vault = VaultGateway.from_settings(settings)
+    app = create_app(
+        settings, engine=engine, vault=vault, clock=lambda: datetime.fromtimestamp(now(), UTC)
+    )
+    try:
+        yield TestClient(app, raise_server_exceptions=False)
+    finally:
+        vault.close()

@@ -3,22 +3,81 @@
 `python -m tests.support.broker_process` reads its settings from `BROKER_*` like
 `broker serve`, and the time offset (seconds) from `BROKER_TEST_CLOCK_FILE`, which a
 `FakeClock(path)` in the test writes. It stops by itself when its standard input
-closes: the test that started it holds the other end.
+closes: the test that started it holds the other end. `BrokerProcess.start` is that test's
+side: it starts one and waits until it answers.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import uvicorn
 
 from broker.app import create_app
 from broker.core.config import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTUP_DEADLINE_S = 60
+
+
+@dataclass
+class BrokerProcess:
+    """One broker process and its base URL."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+
+    @classmethod
+    def start(cls, url: str, env: dict[str, str], workdir: Path) -> BrokerProcess:
+        """Start one with `env` (its whole environment) in `workdir` (no stray .env) and wait
+        until it answers on `url`; its stderr goes to workdir/stderr.log."""
+        with open(workdir / "stderr.log", "wb") as stderr:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.broker_process"],
+                env=env | {"PYTHONPATH": str(ROOT)},
+                cwd=workdir,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )
+        broker = cls(url, proc)
+        try:
+            broker._wait_healthy(workdir / "stderr.log")
+        except BaseException:
+            broker.stop()
+            raise
+        return broker
+
+    def _wait_healthy(self, log: Path) -> None:
+        deadline = time.monotonic() + STARTUP_DEADLINE_S
+        while True:
+            assert self.proc.poll() is None, log.read_text()[-2000:]
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the broker process never answered"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Close its stdin (it stops by itself) and wait; killed if it does not."""
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def file_clock() -> Callable[[], datetime]:

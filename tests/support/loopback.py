@@ -9,6 +9,8 @@ nothing it started outlives it. Handlers that wait (delays, held requests) wait 
 
 from __future__ import annotations
 
+import socket
+import ssl
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +21,16 @@ HOST = "127.0.0.1"
 
 
 class _Http(ThreadingHTTPServer):
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], owner: LoopbackServer
+    ) -> None:
+        super().__init__(address, handler)
+        self.owner = owner
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        self.owner.accepted += 1  # before a TLS handshake, which may fail
+        return super().get_request()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         pass  # clients hang up on purpose (timeouts, faults); nothing to report
 
@@ -51,9 +63,12 @@ class LoopbackServer:
     # Handler threads are joined when the server stops, unless a fake's clients may
     # keep idle connections open past it (then they end with the process instead).
     join_handlers = True
+    # Serve HTTPS with this context instead of plain HTTP (a test's own CA, say).
+    ssl_context: ssl.SSLContext | None = None
 
     def __init__(self) -> None:
         self.stopping = threading.Event()
+        self.accepted = 0  # connections accepted, including those whose TLS handshake failed
         self._port = 0
         self._http: _Http | None = None
         self._thread: threading.Thread | None = None
@@ -82,8 +97,10 @@ class LoopbackServer:
 
     def listen(self) -> None:
         """Listen (again on the same port, once it had one)."""
-        http = _Http((HOST, self._port), self.handler())
+        http = _Http((HOST, self._port), self.handler(), self)
         http.daemon_threads = not self.join_handlers
+        if self.ssl_context is not None:
+            http.socket = self.ssl_context.wrap_socket(http.socket, server_side=True)
         self._port = http.server_address[1]
         thread = threading.Thread(
             target=http.serve_forever,
@@ -118,8 +135,9 @@ class LoopbackServer:
 
     @property
     def base_url(self) -> str:
-        """`http://127.0.0.1:<port>`."""
-        return f"http://{HOST}:{self.port}"
+        """`http://127.0.0.1:<port>` (`https://` with an SSL context)."""
+        scheme = "http" if self.ssl_context is None else "https"
+        return f"{scheme}://{HOST}:{self.port}"
 
 
 class Serving(LoopbackServer):
@@ -130,11 +148,16 @@ class Serving(LoopbackServer):
     """
 
     def __init__(
-        self, handler: type[BaseHTTPRequestHandler], *, join_handlers: bool = True
+        self,
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        join_handlers: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         super().__init__()
         self._handler = handler
         self.join_handlers = join_handlers
+        self.ssl_context = ssl_context
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
         """The test's own handler class."""

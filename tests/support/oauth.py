@@ -31,6 +31,11 @@ def admin(tenant: str, subject: str = "alice") -> dict[str, str]:
     return bearer(token("integrations:manage", tenant_id=tenant, subject=subject))
 
 
+def service(tenant: str) -> dict[str, str]:
+    """The headers of the tenant's sync service, which fetches the credentials."""
+    return bearer(token("credentials:read", kind="service", tenants=(tenant,), subject="sync"))
+
+
 def consent(http: Http, tenant: str, shop: str, *, base: str = "") -> httpx.Response:
     """Start a connect and let the merchant approve it at the fake: the fake's redirect."""
     response = http.post(f"{base}{CONNECT}", json={"shop": shop}, headers=admin(tenant))

@@ -32,6 +32,14 @@ def save(client: TestClient, tenant: str, provider: str, fake: FakeProviders) ->
     assert response.status_code == 200, response.text
 
 
+def tenant_with(client: TestClient, fake: FakeProviders, *providers: str) -> str:
+    """A new tenant with credentials saved for each of `providers`, in that order."""
+    tenant = make_tenant(client)
+    for provider in providers:
+        save(client, tenant, provider, fake)
+    return tenant
+
+
 def test_a_new_tenant_has_its_own_derived_aes256_key(
     client: TestClient, vault_admin: VaultGateway
 ) -> None:
@@ -59,9 +67,7 @@ def test_rotation_rewraps_everything_and_retires_old_ciphertexts(
     broker_vault: VaultGateway,
     providers: FakeProviders,
 ) -> None:
-    tenant = make_tenant(client)
-    for provider in ("twilio", "shopify", "openai"):
-        save(client, tenant, provider, providers)
+    tenant = tenant_with(client, providers, "twilio", "shopify", "openai")
     old = vault_admin.kv.read(f"tenants/{tenant}/integrations/shopify")
     assert old is not None
     response = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=OPS)
@@ -99,9 +105,7 @@ def test_an_interrupted_rotation_resumes_without_rotating_twice(
     broker_vault: VaultGateway,
     providers: FakeProviders,
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "twilio", providers)
-    save(client, tenant, "openai", providers)
+    tenant = tenant_with(client, providers, "twilio", "openai")
     # Simulate a run that rotated the key and recorded it, then died before rewrapping.
     target = broker_vault.transit.rotate(key_name(tenant))
     with engine.begin() as conn:
@@ -131,9 +135,7 @@ def test_deleting_a_tenant_crypto_shreds_it(
     vault_admin: VaultGateway,
     providers: FakeProviders,
 ) -> None:
-    tenant = make_tenant(client)
-    save(client, tenant, "shopify", providers)
-    save(client, tenant, "twilio", providers)
+    tenant = tenant_with(client, providers, "shopify", "twilio")
     kept = vault_admin.kv.read(f"tenants/{tenant}/integrations/shopify")
     assert kept is not None
     response = client.delete(f"/v1/tenants/{tenant}", headers=OPS)
@@ -173,10 +175,7 @@ def test_rotating_many_tenants_side_by_side_settles_every_row(
     broker_vault: VaultGateway,
     providers: FakeProviders,
 ) -> None:
-    tenants = [make_tenant(client) for _ in range(4)]
-    for tenant in tenants:
-        save(client, tenant, "twilio", providers)
-        save(client, tenant, "openai", providers)
+    tenants = [tenant_with(client, providers, "twilio", "openai") for _ in range(4)]
     before = _rows(engine, tenants)
     seen: list[str] = []
     reports = rotate_all(

@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,72 +24,64 @@ from broker.core import context
 from broker.vault.errors import VaultMisconfigured, VaultUnavailable
 from broker.vault.gateway import VaultGateway
 from broker.vault.transport import ConnectionPool, PooledAdapter, VaultResponse
+from tests.support.loopback import LoopbackServer, QuietHandler
 
 
-class _Node(ThreadingHTTPServer):
+class _Node(LoopbackServer):
     """Answers every request with `status` (and `location`), counting connections."""
 
-    daemon_threads = True
+    # The gateway keeps its connections alive: they end with the process, not the node.
+    join_handlers = False
 
     def __init__(self, status: int, location: str | None = None) -> None:
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__()
         self.status = status
         self.location = location
         self.drop_after_answer = False  # close the connection silently, as an idle timeout does
         self.stall_s = 0.0  # wait this long before answering
-        self.connections = 0
         self.requests: list[tuple[str, str, dict[str, str]]] = []
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
+        return self.base_url
 
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # a client that gave up waiting (the timeout test): expected
+    @property
+    def connections(self) -> int:
+        return self.accepted
 
-    def get_request(self):  # type: ignore[no-untyped-def]
-        self.connections += 1
-        return super().get_request()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        node = self
 
+        class Handler(QuietHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as Vault answers
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as Vault answers
-    server: _Node
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                if length:
+                    self.rfile.read(length)
+                node.requests.append((self.command, self.path, dict(self.headers)))
+                if node.stall_s:
+                    time.sleep(node.stall_s)
+                body = json.dumps({"errors": []}).encode()
+                self.send_response(node.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                if node.location:
+                    self.send_header("Location", node.location)
+                self.end_headers()
+                self.wfile.write(body)
+                if node.drop_after_answer:
+                    self.close_connection = True  # no "Connection: close": the client cannot know
 
-    def _answer(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(length)
-        self.server.requests.append((self.command, self.path, dict(self.headers)))
-        if self.server.stall_s:
-            time.sleep(self.server.stall_s)
-        body = json.dumps({"errors": []}).encode()
-        self.send_response(self.server.status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        if self.server.location:
-            self.send_header("Location", self.server.location)
-        self.end_headers()
-        self.wfile.write(body)
-        if self.server.drop_after_answer:
-            self.close_connection = True  # no "Connection: close": the client cannot know
+            do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _answer
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _answer
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
+        return Handler
 
 
 @pytest.fixture
 def node() -> Iterator[_Node]:
-    server = _Node(404)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with _Node(404) as server:
         yield server
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _gateway(url: str) -> VaultGateway:
@@ -142,17 +134,14 @@ def test_proxy_environment_variables_are_not_consulted(
 
 
 def test_a_redirect_is_never_followed_and_becomes_unavailable(node: _Node) -> None:
-    target = _Node(200)
-    threading.Thread(target=target.serve_forever, daemon=True).start()
-    node.status, node.location = 307, f"{target.url}/v1/secret/data/elsewhere"
-    gateway = _gateway(node.url)
-    try:
-        with pytest.raises(VaultUnavailable) as caught:
-            gateway.kv.read("tenants/t1/integrations/shopify")
-    finally:
-        gateway.close()
-        target.shutdown()
-        target.server_close()
+    with _Node(200) as target:
+        node.status, node.location = 307, f"{target.url}/v1/secret/data/elsewhere"
+        gateway = _gateway(node.url)
+        try:
+            with pytest.raises(VaultUnavailable) as caught:
+                gateway.kv.read("tenants/t1/integrations/shopify")
+        finally:
+            gateway.close()
     assert caught.value.retry_after == gateway.retry_after_s
     assert len(node.requests) >= 2  # retried within the budget, on the same node
     assert target.requests == []
@@ -191,23 +180,21 @@ def test_tls_is_verified_against_the_configured_ca_only(tmp_path: Path) -> None:
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     server = _Node(404)
-    context_ = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    cert.configure_cert(context_)
-    server.socket = context_.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"https://127.0.0.1:{server.server_address[1]}"
-    trusting = VaultGateway(addrs=[url], token="s.x", verify=str(ca_file), retry_budget_s=0.3)
-    default = VaultGateway(addrs=[url], token="s.x", retry_budget_s=0.3)
-    try:
-        assert trusting.kv.read("tenants/t1/integrations/shopify") is None
-        # An unknown CA: refused, never trusted, and not retried as if Vault were down.
-        with pytest.raises(VaultMisconfigured, match="certificate could not be verified"):
-            default.kv.read("tenants/t1/integrations/shopify")
-    finally:
-        trusting.close()
-        default.close()
-        server.shutdown()
-        server.server_close()
+    server.ssl_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    cert.configure_cert(server.ssl_context)
+    with server:
+        url = server.base_url
+        assert url.startswith("https://127.0.0.1:")
+        trusting = VaultGateway(addrs=[url], token="s.x", verify=str(ca_file), retry_budget_s=0.3)
+        default = VaultGateway(addrs=[url], token="s.x", retry_budget_s=0.3)
+        try:
+            assert trusting.kv.read("tenants/t1/integrations/shopify") is None
+            # An unknown CA: refused, never trusted, and not retried as if Vault were down.
+            with pytest.raises(VaultMisconfigured, match="certificate could not be verified"):
+                default.kv.read("tenants/t1/integrations/shopify")
+        finally:
+            trusting.close()
+            default.close()
     assert len(server.requests) == 1
     assert server.connections == 2  # one handshake each: the refusal was final
 
