@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import psycopg
 from alembic import command
 from alembic.config import Config
 from anyio.lowlevel import RunVar
-from sqlalchemy import Connection, Engine, event, text
+from sqlalchemy import Engine, event, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
@@ -86,26 +87,44 @@ class BoundedConnection(psycopg.Connection[Any]):
         try:
             return super().wait(gen, interval, timeout if timeout is not None else self.deadline_s)
         except psycopg.errors._WaitTimeout:
-            # Mid-exchange the protocol state is unknown: the connection cannot be reused.
-            self.pgconn.finish()
-            raise psycopg.OperationalError("the database did not answer in time") from None
+            raise _gave_up(self) from None
+
+
+class BoundedAsyncConnection(psycopg.AsyncConnection[Any]):
+    """The asyncio twin of `BoundedConnection`: every wait on the server has a deadline."""
+
+    deadline_s: float | None = None
+
+    async def wait(self, gen: Any, interval: float = 0.1, timeout: float | None = None) -> Any:
+        """Consume a protocol generator, never for longer than the deadline."""
+        try:
+            return await super().wait(
+                gen, interval, timeout if timeout is not None else self.deadline_s
+            )
+        except psycopg.errors._WaitTimeout:
+            raise _gave_up(self) from None
+
+
+class DatabaseDeadline(psycopg.OperationalError):
+    """The server did not answer within the client's deadline (paused, or its host frozen)."""
+
+
+def _gave_up(connection: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> Exception:
+    # Mid-exchange the protocol state is unknown: the connection cannot be reused.
+    connection.pgconn.finish()
+    return DatabaseDeadline("the database did not answer in time")
 
 
 def make_engine(url: str, bounds: DatabaseBounds | None = None) -> Engine:
     """An engine whose every call is bounded, with pre-ping so a restarted PostgreSQL heals."""
     bounds = bounds or DatabaseBounds()
-    statement_ms = int(bounds.statement_timeout_s * 1000)
-    idle_ms = int(bounds.idle_in_transaction_timeout_s * 1000)
-    options = (
-        f"-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={idle_ms}"
-    )
     engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=bounds.pool_size,
         max_overflow=bounds.max_overflow,
         pool_timeout=bounds.pool_timeout_s,
-        connect_args={"connect_timeout": bounds.connect_timeout_s, "options": options},
+        connect_args=_connect_args(bounds),
     )
     _BOUNDS[engine] = bounds
 
@@ -116,6 +135,16 @@ def make_engine(url: str, bounds: DatabaseBounds | None = None) -> Engine:
         return connection
 
     return engine
+
+
+def _connect_args(bounds: DatabaseBounds) -> dict[str, Any]:
+    """What every connection is opened with: the server-side timeouts of `bounds`."""
+    statement_ms = int(bounds.statement_timeout_s * 1000)
+    idle_ms = int(bounds.idle_in_transaction_timeout_s * 1000)
+    options = (
+        f"-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={idle_ms}"
+    )
+    return {"connect_timeout": bounds.connect_timeout_s, "options": options}
 
 
 @contextmanager
@@ -135,30 +164,14 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
 
 
 @contextmanager
-def read_only(engine: Engine) -> Iterator[Connection]:
-    """A pooled connection for reads alone, bounded and translated like a unit of work.
-
-    Autocommit: a read of one row is one round trip, with no BEGIN and COMMIT
-    around it, and no ORM session to build. Never for writes: nothing here
-    commits or rolls back.
-    """
-    with (
-        unavailable_as_503(engine),
-        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection,
-    ):
-        yield connection
-
-
-@contextmanager
 def unavailable_as_503(engine: Engine) -> Iterator[None]:
     """A busy or lost database becomes UpstreamUnavailable (503 with Retry-After)."""
     try:
         yield
     except PoolTimeout as exc:
         # Every connection is busy (a burst, or a stalled server): retry, not a bug.
-        _POOL_TIMEOUTS[engine] = _POOL_TIMEOUTS.get(engine, 0) + 1
-        raise UpstreamUnavailable("the database is busy", retry_after=_retry_after(engine)) from exc
-    except OperationalError as exc:
+        raise _busy(engine) from exc
+    except (OperationalError, psycopg.OperationalError) as exc:
         # Includes statement and lock timeouts (QueryCanceled) and client deadlines.
         raise UpstreamUnavailable(
             "the database is unavailable", retry_after=_retry_after(engine)
@@ -186,22 +199,139 @@ async def connection_slot(engine: Engine) -> AsyncIterator[None]:
     with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
         await slots.acquire()
     if waiting.cancelled_caught:
-        raise UpstreamUnavailable("the database is busy", retry_after=bounds.retry_after_s)
+        raise _busy(engine)
     try:
         yield
     finally:
         slots.release()
 
 
-async def read_in_thread(engine: Engine, read: Callable[[Connection], T]) -> T:
-    """`read(connection)` on a read-only connection, in a worker thread once a slot is free."""
+async def read(engine: Engine, query: Callable[[AsyncReadConnection], Awaitable[T]]) -> T:
+    """`await query(connection)` on a read-only asyncio connection: no worker thread.
 
-    def run() -> T:
-        with read_only(engine) as connection:
-            return read(connection)
+    For the broker's most frequent reads (one row by primary key). Autocommit: one
+    round trip, no BEGIN and COMMIT; never for writes. Bounded like a unit of work:
+    the wait for a connection (`_read_slot`), every exchange (statement timeout and
+    client deadline), a lost server: each a 503 with Retry-After. A reused
+    connection found dead (the server restarted while it sat idle) takes its idle
+    siblings with it, and the read runs once more on a new connection.
+    """
+    readers = _readers(engine)
+    async with _read_slot(engine, readers):
+        with unavailable_as_503(engine):
+            try:
+                return await _read_once(readers, query, may_retry=True)
+            except _IdleConnectionLost:
+                readers.close_idle()
+            return await _read_once(readers, query, may_retry=False)
 
+
+AsyncReadConnection = psycopg.AsyncConnection[Any]
+
+
+class _IdleConnectionLost(Exception):
+    """A reused connection turned out dead: worth one more try on a new one."""
+
+
+async def _read_once(
+    readers: _Readers, query: Callable[[AsyncReadConnection], Awaitable[T]], *, may_retry: bool
+) -> T:
+    connection, reused = await readers.take()
+    try:
+        return await query(connection)
+    except DatabaseDeadline:
+        raise  # a server that does not answer: trying again would only double the wait
+    except psycopg.OperationalError:
+        if may_retry and reused and connection.broken:
+            raise _IdleConnectionLost from None
+        raise
+    finally:
+        readers.give_back(connection)
+
+
+class _Readers:
+    """The asyncio connections `read` uses for one engine: opened on demand, kept while idle."""
+
+    def __init__(self, engine: Engine) -> None:
+        bounds = bounds_of(engine)
+        url = engine.url.set(drivername="postgresql")
+        self.conninfo = url.render_as_string(hide_password=False)
+        # Named, so an operator (or a test) can tell them from the pool's in pg_stat_activity.
+        self.connect_args = _connect_args(bounds) | {"application_name": READER_NAME}
+        self.deadline_s = bounds.client_deadline_s
+        self.idle: deque[BoundedAsyncConnection] = deque()
+        self.in_use = 0
+
+    async def take(self) -> tuple[BoundedAsyncConnection, bool]:
+        """An idle connection (and True: reused), else a new one."""
+        while self.idle:
+            connection = self.idle.pop()
+            if not connection.closed:
+                return connection, True
+        connection = await BoundedAsyncConnection.connect(
+            self.conninfo, autocommit=True, **self.connect_args
+        )
+        connection.deadline_s = self.deadline_s
+        return connection, False
+
+    def give_back(self, connection: BoundedAsyncConnection) -> None:
+        """Keep a connection that is ready for the next read; close any other."""
+        if connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            self.idle.append(connection)
+        else:
+            connection.pgconn.finish()
+
+    def close_idle(self) -> None:
+        """Close every idle connection (the engine was disposed, or the server restarted)."""
+        while self.idle:
+            connection = self.idle.pop()  # held while closing: its last reference
+            connection.pgconn.finish()
+
+
+READER_NAME = "broker reads"
+
+_READERS: weakref.WeakKeyDictionary[Engine, _Readers] = weakref.WeakKeyDictionary()
+
+# How often a read waiting for room in the engine's budget looks again.
+_ROOM_POLL_S = 0.01
+
+
+def _readers(engine: Engine) -> _Readers:
+    readers = _READERS.get(engine)
+    if readers is None:
+        readers = _READERS[engine] = _Readers(engine)
+        # Disposing of the engine (the app's shutdown) closes these connections too.
+        event.listen(engine, "engine_disposed", lambda _: readers.close_idle())
+    return readers
+
+
+@asynccontextmanager
+async def _read_slot(engine: Engine, readers: _Readers) -> AsyncIterator[None]:
+    """A connection slot, as units of work take, and room in the engine's connection budget.
+
+    One budget per engine, `pool_size + max_overflow`, for its pooled connections
+    and these alike: connections the engine lent outside the request paths (a
+    job, a script) leave that much less room for reads. Past the pool timeout, a 503.
+    """
+    bounds = bounds_of(engine)
+    budget = bounds.pool_size + bounds.max_overflow
     async with connection_slot(engine):
-        return await anyio.to_thread.run_sync(run)
+        with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+            while _checked_out(engine) + readers.in_use >= budget:
+                await anyio.sleep(_ROOM_POLL_S)
+        if waiting.cancelled_caught:
+            raise _busy(engine)
+        readers.in_use += 1
+        try:
+            yield
+        finally:
+            readers.in_use -= 1
+
+
+def _checked_out(engine: Engine) -> int:
+    """How many of the engine's pooled connections are lent out now."""
+    checked_out = getattr(engine.pool, "checkedout", None)
+    return int(checked_out()) if checked_out is not None else 0
 
 
 async def work_in_thread(engine: Engine, work: Callable[[Session], T]) -> T:
@@ -240,6 +370,12 @@ def _connection_slots(engine: Engine, count: int) -> anyio.Semaphore:
 def bounds_of(engine: Engine) -> DatabaseBounds:
     """The bounds an engine was made with (the defaults for one made elsewhere)."""
     return _BOUNDS.get(engine) or DatabaseBounds()
+
+
+def _busy(engine: Engine) -> UpstreamUnavailable:
+    """Every connection is busy (a burst, or a stalled server): counted, and a 503 to retry."""
+    _POOL_TIMEOUTS[engine] = _POOL_TIMEOUTS.get(engine, 0) + 1
+    return UpstreamUnavailable("the database is busy", retry_after=_retry_after(engine))
 
 
 def _retry_after(engine: Engine) -> int:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Response
 from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
-from broker.core.db import read_in_thread, work_in_thread
+from broker.core import db
 from broker.core.http import problem_responses
 from broker.deps import EngineDep, OutboundDep
 from broker.settings import service
@@ -31,15 +31,12 @@ SettingsWriter = Annotated[
     response_model=SettingsView,
     responses=problem_responses({404: "The token's tenant does not exist"}),
 )
-async def read_settings(
-    engine: EngineDep, principal: SettingsReader, response: Response
-) -> SettingsView:
+async def read_settings(engine: EngineDep, principal: SettingsReader) -> Response:
     """The caller's tenant settings. Never contains a credential."""
-    read = partial(service.read_view, tenant_id=own_tenant(principal))
-    tag, view = await read_in_thread(engine, read)
-    response.headers["ETag"] = tag
-    response.headers["Cache-Control"] = "private, no-cache"
-    return view
+    read = partial(service.read_document, tenant_id=own_tenant(principal))
+    tag, body = await db.read(engine, read)
+    headers = {"ETag": tag, "Cache-Control": "private, no-cache"}
+    return Response(body, media_type="application/json", headers=headers)
 
 
 @router.patch(
@@ -70,6 +67,6 @@ async def patch_settings(
         # The guarded client's policy also judges the URLs stored in settings.
         egress=outbound.client,
     )
-    row = await work_in_thread(engine, patch)
+    row = await db.work_in_thread(engine, patch)
     response.headers["ETag"] = service.etag(row)
     return service.to_view(row)

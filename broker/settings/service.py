@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
+from psycopg import AsyncConnection, sql
 from pydantic import ValidationError
-from sqlalchemy import Connection, Row
 from sqlmodel import Session, select
 
 from broker.audit import trail
@@ -47,7 +49,7 @@ def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
     return row
 
 
-def etag(row: TenantSettings | Row[Any]) -> str:
+def etag(row: TenantSettings) -> str:
     """The strong ETag of a settings row: its version."""
     return f'"{row.version}"'
 
@@ -60,29 +62,59 @@ def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
     return row
 
 
-def read_view(connection: Connection, *, tenant_id: str) -> tuple[str, SettingsView]:
-    """The tenant's settings and their ETag, for a read: one SELECT by primary key.
+# The row as `read_document` selects it: the groups as their stored JSON text.
+_DOCUMENT_COLUMNS = ("tenant_id", "version", "updated_at", "updated_by", *SETTINGS_GROUPS)
+_READ_DOCUMENT = sql.SQL("SELECT {columns} FROM {table} WHERE tenant_id = %s").format(
+    columns=sql.SQL(", ").join(
+        [sql.Identifier(name) for name in _DOCUMENT_COLUMNS[:4]]
+        + [sql.SQL("{}::text").format(sql.Identifier(name)) for name in SETTINGS_GROUPS]
+    ),
+    table=sql.Identifier(TenantSettings.__tablename__),
+)
 
-    Plain columns on a read-only connection (no ORM session, no transaction): a
-    settings read is the broker's most frequent database call.
+
+async def read_document(connection: AsyncConnection[Any], *, tenant_id: str) -> tuple[str, bytes]:
+    """The tenant's settings as the JSON body of a read, and their ETag: one SELECT by key.
+
+    A settings read is the broker's most frequent database call: plain columns
+    on an asyncio read connection (`broker.core.db.read`), no ORM, no transaction.
     """
-    # On a Connection, an entity's select gives plain rows of its columns.
-    query = select(TenantSettings).where(TenantSettings.tenant_id == tenant_id)
-    row = connection.execute(query).first()
+    cursor = await connection.execute(_READ_DOCUMENT, (tenant_id,))
+    row = await cursor.fetchone()
     if row is None:
         raise NotFound("no settings for this tenant")
-    return etag(row), to_view(row)
+    return f'"{row[1]}"', _render(tuple(row))
 
 
-def to_view(row: TenantSettings | Row[Any]) -> SettingsView:
+@lru_cache(maxsize=512)
+def _render(row: tuple[Any, ...]) -> bytes:
+    """The JSON body for a stored row, remembered by the row's exact content.
+
+    The key is everything the row holds (version, timestamps, every group's
+    stored text), read afresh from the database on every request: a change by
+    any worker or replica is a new key, so a remembered body is never stale.
+    Validating and serialising the view is most of a read's own work.
+    """
+    fields = dict(zip(_DOCUMENT_COLUMNS, row, strict=True))
+    for name in SETTINGS_GROUPS:
+        stored = fields[name]
+        fields[name] = json.loads(stored) if stored is not None else None
+    return _view(fields).model_dump_json().encode()
+
+
+def to_view(row: TenantSettings) -> SettingsView:
     """The API view: every group typed, no credential of any kind."""
-    groups = {name: getattr(row, name) or {} for name in SETTINGS_GROUPS}
+    return _view({name: getattr(row, name) for name in _DOCUMENT_COLUMNS})
+
+
+def _view(fields: dict[str, Any]) -> SettingsView:
+    groups = {name: fields[name] or {} for name in SETTINGS_GROUPS}
     return SettingsView.model_validate(
         {
-            "tenant_id": row.tenant_id,
-            "version": row.version,
-            "updated_at": row.updated_at,
-            "updated_by": row.updated_by,
+            "tenant_id": fields["tenant_id"],
+            "version": fields["version"],
+            "updated_at": fields["updated_at"],
+            "updated_by": fields["updated_by"],
             **groups,
         },
         context=STORED,
