@@ -3,6 +3,7 @@
     python -m bench.settings_profile              # 1 and 2 workers
     SETTINGS_PROFILE_WORKERS=1 python -m bench.settings_profile
     SETTINGS_PROFILE_PYSPY=out.svg python -m bench.settings_profile   # a flame graph of GET
+    SETTINGS_PROFILE_PYSPY=out.txt SETTINGS_PROFILE_PYSPY_PATCH=1 ...  # collapsed stacks, PATCH
 
 It sets up its own stack (`bench.process.own_stack`), serves the broker with
 `broker serve --workers N`, creates a few tenants through the API and drives
@@ -109,8 +110,8 @@ def targets(tokens: Tokens, tenants: list[str]) -> tuple[list[Any], list[Any]]:
     return reads, writes
 
 
-def flame_graph(broker: BrokerProcess, reads: list[Any], out: str) -> None:
-    """py-spy over every broker process while wrk reads at c=8."""
+def flame_graph(broker: BrokerProcess, targets: list[Any], out: str) -> None:
+    """py-spy over every broker process while wrk drives `targets` at c=8."""
     spy = Path(sys.executable).parent / "py-spy"
     seconds = str(int(DURATION_S))
     form = "raw" if out.endswith(".txt") else "flamegraph"  # raw: collapsed stacks
@@ -118,7 +119,7 @@ def flame_graph(broker: BrokerProcess, reads: list[Any], out: str) -> None:
     command += ["-o", out]
     with subprocess.Popen([*command, "-p", str(broker.pid)]) as recording:
         time.sleep(0.5)
-        measure(broker, "GET under py-spy", reads, 8)
+        measure(broker, "under py-spy", targets, 8)
         recording.wait(120)
 
 
@@ -136,6 +137,10 @@ def run_workers(workers: int) -> dict[str, Any]:
         create(broker.url, tokens, tenants)
         reads, writes = targets(tokens, tenants)
         figures: dict[str, Any] = {}
+        # The cheapest route: what the middleware and the server cost every request.
+        health = [{"method": "GET", "path": "/healthz", "headers": {}}]
+        figures["healthz c=8"] = measure(broker, "healthz", health, 8)
+        log.info("workers=%d healthz c=8 %s", workers, figures["healthz c=8"])
         for c in CONCURRENCIES:
             figures[f"GET c={c}"] = measure(broker, "GET", reads, c)
             log.info("workers=%d GET c=%d %s", workers, c, figures[f"GET c={c}"])
@@ -143,7 +148,8 @@ def run_workers(workers: int) -> dict[str, Any]:
             figures[f"PATCH c={c}"] = measure(broker, "PATCH", writes, c)
             log.info("workers=%d PATCH c=%d %s", workers, c, figures[f"PATCH c={c}"])
         if out := os.environ.get("SETTINGS_PROFILE_PYSPY"):
-            flame_graph(broker, reads, out)
+            profiled = writes if os.environ.get("SETTINGS_PROFILE_PYSPY_PATCH") else reads
+            flame_graph(broker, profiled, out)
         return figures
 
 

@@ -196,10 +196,13 @@ async def connection_slot(engine: Engine) -> AsyncIterator[None]:
     """
     bounds = bounds_of(engine)
     slots = _connection_slots(engine, bounds.pool_size + bounds.max_overflow)
-    with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
-        await slots.acquire()
-    if waiting.cancelled_caught:
-        raise _busy(engine)
+    try:
+        slots.acquire_nowait()  # the common case, without a timer
+    except anyio.WouldBlock:
+        with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+            await slots.acquire()
+        if waiting.cancelled_caught:
+            raise _busy(engine) from None
     try:
         yield
     finally:
@@ -316,11 +319,12 @@ async def _read_slot(engine: Engine, readers: _Readers) -> AsyncIterator[None]:
     bounds = bounds_of(engine)
     budget = bounds.pool_size + bounds.max_overflow
     async with connection_slot(engine):
-        with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
-            while _checked_out(engine) + readers.in_use >= budget:
-                await anyio.sleep(_ROOM_POLL_S)
-        if waiting.cancelled_caught:
-            raise _busy(engine)
+        if _checked_out(engine) + readers.in_use >= budget:
+            with anyio.move_on_after(bounds.pool_timeout_s) as waiting:
+                while _checked_out(engine) + readers.in_use >= budget:
+                    await anyio.sleep(_ROOM_POLL_S)
+            if waiting.cancelled_caught:
+                raise _busy(engine)
         readers.in_use += 1
         try:
             yield

@@ -64,12 +64,15 @@ def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
 
 # The row as `read_document` selects it: the groups as their stored JSON text.
 _DOCUMENT_COLUMNS = ("tenant_id", "version", "updated_at", "updated_by", *SETTINGS_GROUPS)
-_READ_DOCUMENT = sql.SQL("SELECT {columns} FROM {table} WHERE tenant_id = %s").format(
-    columns=sql.SQL(", ").join(
-        [sql.Identifier(name) for name in _DOCUMENT_COLUMNS[:4]]
-        + [sql.SQL("{}::text").format(sql.Identifier(name)) for name in SETTINGS_GROUPS]
-    ),
-    table=sql.Identifier(TenantSettings.__tablename__),
+_COLUMNS_AS_STORED = sql.SQL(", ").join(
+    [sql.Identifier(name) for name in _DOCUMENT_COLUMNS[:4]]
+    + [sql.SQL("{}::text").format(sql.Identifier(name)) for name in SETTINGS_GROUPS]
+)
+# Composed once: psycopg would compose the same statement again on every read.
+_READ_DOCUMENT = (
+    sql.SQL("SELECT {} FROM {} WHERE tenant_id = %s")
+    .format(_COLUMNS_AS_STORED, sql.Identifier(TenantSettings.__tablename__))
+    .as_bytes()
 )
 
 
