@@ -1,4 +1,4 @@
-"""The database engine, one unit of work per request, and Alembic migrations."""
+"""The database engine, one unit of work per request, asyncio reads, and Alembic migrations."""
 
 from __future__ import annotations
 
@@ -262,6 +262,8 @@ class _Readers:
         # Named, so an operator (or a test) can tell them from the pool's in pg_stat_activity.
         self.connect_args = _connect_args(bounds) | {"application_name": READER_NAME}
         self.deadline_s = bounds.client_deadline_s
+        # As many kept open while idle as the engine's pool keeps; past a burst, the rest close.
+        self.keep = bounds.pool_size
         self.idle: deque[BoundedAsyncConnection] = deque()
         self.in_use = 0
 
@@ -278,8 +280,9 @@ class _Readers:
         return connection, False
 
     def give_back(self, connection: BoundedAsyncConnection) -> None:
-        """Keep a connection that is ready for the next read; close any other."""
-        if connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        """Keep a connection that is ready for the next read, if there is room; close any other."""
+        ready = connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        if ready and len(self.idle) < self.keep:
             self.idle.append(connection)
         else:
             connection.pgconn.finish()

@@ -9,6 +9,7 @@ The paused-server and statement-timeout cases are in test_db.py.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -136,15 +137,66 @@ def test_disposing_of_the_engine_closes_its_read_connections(
 ) -> None:
     own = make_engine(database_url)
     admin = bearer(token("tenant:admin", tenant_id=tenant))
+    # Other engines of the session (other apps') may hold read connections of their own.
+    others = _open_read_connections(engine)
     with _app(settings, own) as client:
         assert client.get("/v1/tenants/settings", headers=admin).status_code == 200
+        assert _open_read_connections(engine) == others + 1
     # The app's shutdown disposed of the engine.
+    assert _settles_at(engine, others) == others
+
+
+def _open_read_connections(engine: Engine) -> int:
     with engine.connect() as conn:
-        left = conn.execute(
+        count: int = conn.execute(
             text(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE application_name = :name AND datname = current_database()"
             ),
             {"name": db.READER_NAME},
         ).scalar_one()
-    assert left == 0
+    return count
+
+
+def _settles_at(engine: Engine, expected: int) -> int:
+    """The count of open read connections, once it reaches `expected` (or after a while).
+
+    A closed connection's server process leaves pg_stat_activity a moment later.
+    """
+    deadline = time.monotonic() + 20
+    while (count := _open_read_connections(engine)) != expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count
+
+
+def test_after_a_burst_only_as_many_read_connections_stay_open_as_the_pool_keeps(
+    database_url: str, engine: Engine
+) -> None:
+    bursty = make_engine(database_url, DatabaseBounds(pool_size=1, max_overflow=2))
+    others = _open_read_connections(engine)  # other engines' in this session
+
+    during: list[int] = []
+
+    async def burst() -> None:
+        arrived = 0
+        everyone_in = anyio.Event()
+
+        async def held(connection: Any) -> None:
+            nonlocal arrived
+            arrived += 1
+            if arrived == 3:  # three reads at once, each on a connection of its own
+                during.append(_open_read_connections(engine) - others)
+                everyone_in.set()
+            await everyone_in.wait()
+
+        async with anyio.create_task_group() as tasks:
+            for _ in range(3):
+                tasks.start_soon(db.read, bursty, held)
+
+    try:
+        anyio.run(burst)
+        assert during == [3]
+        assert _settles_at(engine, others + 1) == others + 1
+    finally:
+        bursty.dispose()
+    assert _settles_at(engine, others) == others
