@@ -86,6 +86,23 @@ def test_every_target_is_sent_as_given_and_every_write_differs(server: str) -> N
     assert all(b.startswith(b'{"n": "w ') and b"{n}" not in b for b in writes)
 
 
+def test_the_threads_start_spread_over_the_targets(server: str) -> None:
+    paths = [f"/t{i}" for i in range(20_000)]
+    wrk.measure(
+        {
+            "base_url": server,
+            "concurrency": 2,
+            "duration_s": 1,
+            "warmup_s": 0,
+            "targets": [{"method": "GET", "path": p, "headers": {}} for p in paths],
+        }
+    )
+    seen = {int(path.removeprefix("/t")) for _, path, *_ in _Recorder.seen}
+    # One thread from the start, the other from half-way: not one step behind the first.
+    assert any(n < 100 for n in seen)
+    assert any(10_000 <= n < 10_100 for n in seen)
+
+
 def test_calls_in_series_add_up() -> None:
     a = {
         "concurrency": 1,
