@@ -32,6 +32,7 @@ MANY_FLOOR = "fetch floor (Vault), many"
 REFRESHING = "fetch (broker), refreshing"
 REFRESHED = "fetch (broker), oauth settled"
 NOT_RUN = "not run"
+FAILED = "failed (see section_errors)"
 # The worker counts of `broker serve` fetch and settings are measured with (`bench/workers.py`).
 WORKER_COUNTS = (1, 2)
 # The generator is not the bottleneck when its ceiling is at least this many times the
@@ -96,6 +97,7 @@ def summary(results: dict[str, Any]) -> dict[str, Any]:
     return {
         "sections_run": results.get("sections_run", []),
         "sections_not_run": results.get("sections_not_run", []),
+        "section_errors": results.get("section_errors", {}),
         "targets": targets(results),
         "generator_check": generator_check(results),
         "fetch_floor": _when(results, FLOOR, _fetch_floor),
@@ -232,17 +234,27 @@ def _target(
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 18's targets, each with this run's figure and whether it was met."""
+    """Issue 18's targets, each with this run's figure and whether it was met.
+
+    A target whose section was selected but failed says "failed" instead of "not run".
+    """
+    by_section = [
+        ("", _generator_target(results)),
+        *(("fetch", _fetch_target(results, c)) for c in CONCURRENCIES),
+        ("settings", _settings_get_target(results)),
+        ("settings", _settings_patch_target(results)),
+        ("rotation", _rotation_target(results)),
+        ("legacy", _legacy_target(results)),
+        *(("scale", _scale_target(results, c)) for c in CONCURRENCIES),
+        ("soak", _soak_target(results)),
+        ("workers", _cores_target(results)),
+    ]
+    failed = results.get("section_errors", {})
     return [
-        _generator_target(results),
-        *(_fetch_target(results, c) for c in CONCURRENCIES),
-        _settings_get_target(results),
-        _settings_patch_target(results),
-        _rotation_target(results),
-        _legacy_target(results),
-        *(_scale_target(results, c) for c in CONCURRENCIES),
-        _soak_target(results),
-        _cores_target(results),
+        {**found, "measured": FAILED}
+        if found["measured"] == NOT_RUN and section in failed
+        else found
+        for section, found in by_section
     ]
 
 
@@ -305,13 +317,13 @@ def _rotation_target(results: dict[str, Any]) -> dict[str, Any]:
     rot = results.get("rotation")
     if rot is None:
         return _target(item, target)
+    secrets, per_10k = rot.get("secrets_rewrapped") or 0, rot.get("seconds_per_10000")
     measured = (
-        f"{rot['secrets_rewrapped']} secrets in {rot['seconds']} s "
-        f"({rot['seconds_per_10000']} s per 10,000, {rot.get('failed', 0)} failed)"
+        f"{secrets} secrets in {rot.get('seconds')} s "
+        f"({per_10k} s per 10,000, {rot.get('failed', 0)} failed)"
     )
-    per_10k = rot["seconds_per_10000"]
     met = per_10k is not None and per_10k < ROTATION_MAX_S and not rot.get("failed")
-    full = rot["secrets_rewrapped"] >= ROTATION_SECRETS
+    full = secrets >= ROTATION_SECRETS
     return _target(item, target, measured, met, full_size=full)
 
 
@@ -417,6 +429,8 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
     not_run = results.get("sections_not_run", [])
     if not_run:
         lines.append(f"not run (BENCH_ONLY): {', '.join(not_run)}")
+    for section, error in results.get("section_errors", {}).items():
+        lines.append(f"FAILED section {section}: {error}")
     m = results["machine"]
     lines.append(f"machine: {m['nproc']} x {m['cpu_model']}, Python {m['python']}")
     return "\n".join(lines)
@@ -426,10 +440,11 @@ def _target_lines(found: list[dict[str, Any]]) -> list[str]:
     lines = ["issue 18 targets:"]
     for t in found:
         verdict = {True: "met", False: "UNMET", None: "-"}[t["met"]]
-        if t["measured"] == NOT_RUN:
-            verdict = NOT_RUN
+        if t["measured"] in (NOT_RUN, FAILED):
+            verdict = t["measured"].split(" (")[0]
         size = "" if t.get("full_size", True) else " [reduced size]"
-        lines.append(f"  {verdict:>7}  {t['item']}: {t['measured']} (target {t['target']}){size}")
+        measured = "" if t["measured"] in (NOT_RUN, FAILED) else f": {t['measured']}"
+        lines.append(f"  {verdict:>7}  {t['item']}{measured} (target {t['target']}){size}")
     return lines
 
 

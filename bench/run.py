@@ -628,12 +628,21 @@ class Bench:
         self.section("events", self.event_delivery)
 
     def section(self, name: str, measure: Callable[[], None]) -> None:
-        """Run one section when selected, and keep how long it took."""
+        """Run one section when selected, and keep how long it took.
+
+        A section that fails is logged and recorded under `section_errors` (the
+        run then exits non-zero); the others still run, so one failure late in a
+        long run does not throw away the figures measured before it.
+        """
         if not self.plan.runs(name):
             return
         log.info("section %s", name)
         started = time.perf_counter()
-        measure()
+        try:
+            measure()
+        except Exception as exc:
+            log.exception("section %s failed", name)
+            self.results.setdefault("section_errors", {})[name] = type(exc).__name__
         took = round(time.perf_counter() - started, 1)
         self.results.setdefault("section_wall_s", {})[name] = took
 
@@ -799,7 +808,7 @@ class Bench:
             tenants, seeded = self.created[: plan.rotation_secrets], "the bench's tenants"
         else:
             count = -(-plan.rotation_secrets // per_tenant)
-            log.info("seeding %d tenants for the rotation, %d secrets each", count, per_tenant)
+            log.info("seeding %d tenants for the rotation, %d secret(s) each", count, per_tenant)
             tenants = rotation.seed(self.settings, count, per_tenant=per_tenant)
             seeded = "bench.rotation.seed"
         figures = rotation.measure(self.settings, tenants, workers=plan.rotate_workers)
@@ -925,10 +934,14 @@ def main() -> None:
         **bench.results,
         "rows": [asdict(r) for r in bench.rows],
     }
+    # The figures first, as measured: a summary that cannot be made still leaves them.
+    output.write_text(json.dumps(results, indent=2) + "\n")
     results = {"summary": report.summary(results), **results}
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(report.table(bench.rows, results))  # noqa: T201
     print(f"\nwritten to {output}")  # noqa: T201
+    if "section_errors" in results:
+        raise SystemExit(f"failed sections: {', '.join(results['section_errors'])}")
 
 
 if __name__ == "__main__":

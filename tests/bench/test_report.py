@@ -145,6 +145,18 @@ def test_what_was_not_run_has_no_figure_and_says_so() -> None:
     assert "not run (BENCH_ONLY): fetch, settings" in printed
 
 
+def test_a_section_that_failed_says_so_not_that_it_was_not_run() -> None:
+    results = _generator_only(ceiling=100_000.0)
+    results["sections_run"] = ["rotation"]
+    results["section_errors"] = {"rotation": "RuntimeError"}
+    summary = report.summary(results)
+    rotation = next(t for t in summary["targets"] if t["item"] == "key rotation")
+    assert (rotation["measured"], rotation["met"]) == (report.FAILED, None)
+    assert summary["rotation"] == report.NOT_RUN  # no figure
+    printed = report.table([], {**results, "summary": summary})
+    assert "FAILED section rotation: RuntimeError" in printed
+
+
 def test_the_table_prints_every_target() -> None:
     results = _results(ceiling=100_000.0)
     rows = [Row(r["name"], r["concurrency"], r["rps"], 1.0, 2.0, 0.05) for r in results["rows"]]
