@@ -24,7 +24,7 @@ leaves no figure in results.json, and the summary says "not run" for it.
 Knobs (environment): BENCH_ONLY, BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
 BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_ROTATION_SECRETS,
-BENCH_ROTATION_PER_TENANT, BENCH_SOAK_REQUESTS, BENCH_SOAK_MAX_S, BENCH_SETTLE_S,
+BENCH_SOAK_REQUESTS, BENCH_SOAK_MAX_S, BENCH_SETTLE_S,
 BENCH_OAUTH_CREDENTIALS, BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_EVENTS_RATE,
 BENCH_EVENTS_DURATION_S, BENCH_EVENTS_WORKER_CONCURRENCY, BENCH_HEALTH_CREDENTIALS,
 BENCH_OUTPUT.
@@ -153,7 +153,6 @@ class Plan:
     setup_concurrency: int
     rotate_workers: int
     rotation_secrets: int
-    rotation_per_tenant: int
     soak_requests: int
     soak_max_s: float
     settle_s: float
@@ -179,7 +178,6 @@ class Plan:
             setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
             rotation_secrets=int(knob("ROTATION_SECRETS", 10_000, 200)),
-            rotation_per_tenant=int(knob("ROTATION_PER_TENANT", 1, 1)),
             soak_requests=int(knob("SOAK_REQUESTS", 100_000, 5_000)),
             soak_max_s=knob("SOAK_MAX_S", 600, 60),
             settle_s=knob("SETTLE_S", 70, 5),
@@ -796,27 +794,21 @@ class Bench:
         )
 
     def key_rotation(self) -> None:
-        """Key rotation over `rotation_secrets` secrets (`bench/rotation.py`).
+        """Key rotation of `rotation_secrets` secrets, one per tenant (`bench/rotation.py`).
 
-        One secret per tenant: the bench's own tenants (one Shopify credential
-        each) when it created enough; otherwise, or with several secrets per
-        tenant, tenants seeded the way `python -m bench.rotation` seeds them.
+        The bench's own tenants (one Shopify credential each) when it created
+        enough of them; otherwise tenants seeded with `rotation.seed`'s default
+        (one OpenAI key each). One secret per tenant is the worst case: every
+        secret pays a whole tenant's rotation by itself.
         """
         plan = self.plan
-        per_tenant = plan.rotation_per_tenant
-        if per_tenant == 1 and len(self.created) >= plan.rotation_secrets:
+        if len(self.created) >= plan.rotation_secrets:
             tenants, seeded = self.created[: plan.rotation_secrets], "the bench's tenants"
         else:
-            count = -(-plan.rotation_secrets // per_tenant)
-            log.info("seeding %d tenants for the rotation, %d secret(s) each", count, per_tenant)
-            tenants = rotation.seed(self.settings, count, per_tenant=per_tenant)
-            seeded = "bench.rotation.seed"
+            log.info("seeding %d tenants for the rotation", plan.rotation_secrets)
+            tenants, seeded = rotation.seed(self.settings, plan.rotation_secrets), "rotation.seed"
         figures = rotation.measure(self.settings, tenants, workers=plan.rotate_workers)
-        self.results["rotation"] = {
-            **figures,
-            "secrets_per_tenant": per_tenant,
-            "tenants_from": seeded,
-        }
+        self.results["rotation"] = {**figures, "secrets_per_tenant": 1, "tenants_from": seeded}
 
     def oauth_refresh(self) -> None:
         """Shopify credentials all inside their refresh window: the job's rate, fetch latency."""

@@ -165,6 +165,17 @@ def test_the_table_prints_every_target() -> None:
     assert "met  settings GET at c=8: workers 1: 800 rps" in printed
 
 
+def test_rotation_in_several_distributions_is_judged_on_its_headline_and_shows_each() -> None:
+    results = _results(ceiling=100_000.0)
+    one = {"secrets_rewrapped": 10_000, "seconds": 20.0, "seconds_per_10000": 20.0, "failed": 0}
+    worst = {**one, "seconds": 90.0, "seconds_per_10000": 90.0}
+    results["rotation"] = {**one, "distributions": {"realistic": one, "worst_case": worst}}
+    found = next(t for t in report.targets(results) if t["item"] == "key rotation")
+    assert (found["met"], found["full_size"]) == (True, True)
+    assert "realistic: 10000 secrets in 20.0 s" in found["measured"]
+    assert "worst case: 10000 secrets in 90.0 s" in found["measured"]
+
+
 def test_a_generator_without_headroom_or_busy_is_flagged() -> None:
     low_ceiling = report.summary(_results(ceiling=1000.0))["generator_check"]
     assert low_ceiling["c8"]["headroom"] == 1.2
