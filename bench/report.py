@@ -117,7 +117,11 @@ def _when(results: dict[str, Any], key: str, figures: Callable[[dict[str, Any]],
 
 
 def _figure(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: result[k] for k in ("rps", "p50_ms", "p99_ms")}
+    cpu = result.get("cpu_ms_per_request")
+    return {
+        **{k: result[k] for k in ("rps", "p50_ms", "p99_ms")},
+        **({"cpu_ms_per_request": cpu} if cpu else {}),
+    }
 
 
 def _by_workers(results: dict[str, Any], name: str) -> dict[str, Any]:
@@ -408,14 +412,15 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
     """The figures as a plain-text table, then the targets, then the derived figures."""
     lines = [
         f"{'measurement':<38} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'gen cpu':>7}  note",
-        "-" * 100,
+        f"{'gen cpu':>7} {'brk ms':>7} {'bao ms':>7}  note",
+        "-" * 116,
     ]
     for r in rows:
         lines.append(
             f"{r.name:<38} {r.concurrency:>4} {r.rps:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.loadgen_cpu:>6.0%}  {r.note}"
+            f"{r.loadgen_cpu:>6.0%} {_ms(r.broker_cpu_ms)} {_ms(r.vault_cpu_ms)}  {r.note}"
         )
+    lines.append("brk ms, bao ms: CPU per request of the broker (all its processes) and OpenBao")
     lines.append("")
     lines.extend(_generator_lines(results))
     lines.extend(_target_lines(results["summary"]["targets"]))
@@ -443,6 +448,10 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
     m = results["machine"]
     lines.append(f"machine: {m['nproc']} x {m['cpu_model']}, Python {m['python']}")
     return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>7}" if value is None else f"{value:>7.3f}"
 
 
 def _target_lines(found: list[dict[str, Any]]) -> list[str]:

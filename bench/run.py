@@ -67,7 +67,7 @@ from bench import (
     wrk,
 )
 from bench.oauth_refresh import Drain
-from bench.process import BrokerCommand, own_stack, progress_logging
+from bench.process import BrokerCommand, find_process, own_stack, progress_logging, tree_cpu_s
 from bench.report import (
     CEILING,
     CONCURRENCIES,
@@ -277,6 +277,10 @@ class BrokerProcess(BrokerCommand):
                 found[name] = int(value.split()[0])
         return found
 
+    def cpu_s(self) -> float:
+        """CPU seconds the broker has used so far, its worker processes included."""
+        return tree_cpu_s(self.pid)
+
     def reset_peak(self) -> bool:
         """Start VmHWM afresh (Linux: `5` into clear_refs); False where not allowed."""
         try:
@@ -308,9 +312,11 @@ def static_server() -> Iterator[str]:
         proc.wait(10)
 
 
-def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+def loadgen(
+    spec: dict[str, Any], cpu: dict[str, Callable[[], float]] | None = None
+) -> dict[str, Any]:
     """Run one measurement with wrk (bench/wrk.py), warning about any unexpected answer."""
-    result = wrk.measure(spec)
+    result = wrk.measure(spec, cpu=cpu)
     if result["non_2xx_3xx"] or result["errors"]:
         log.warning(
             "unexpected answers in %s: %d non-2xx, errors %s",
@@ -448,6 +454,9 @@ class Row:
     p99_ms: float
     loadgen_cpu: float
     note: str = ""
+    # CPU per request (ms) of the broker (all its processes) and of OpenBao.
+    broker_cpu_ms: float | None = None
+    vault_cpu_ms: float | None = None
 
 
 class Bench:
@@ -476,14 +485,26 @@ class Bench:
         self.results: dict[str, Any] = {}
         # The Vault floor's token holds the broker's own policy: root would skip the ACLs.
         self.floor_token = vault_token(settings)
+        self.vault_pid = find_process("bao", "server", str(broker.work))
         self._ciphertexts: dict[str, str] = {}
         # Every tenant created so far, in order, and when the bulk load of them ended.
         self.created: list[str] = []
         self.grown_at = time.monotonic()
 
     def measure(
-        self, name: str, base_url: str, concurrency: int, note: str = "", **spec: Any
+        self,
+        name: str,
+        base_url: str,
+        concurrency: int,
+        note: str = "",
+        *,
+        broker: BrokerProcess | None = None,
+        **spec: Any,
     ) -> dict[str, Any]:
+        """One figure with wrk, with the CPU per request of `broker` (the bench's own
+        broker when `base_url` is its) and of OpenBao."""
+        if broker is None and base_url == self.broker.url:
+            broker = self.broker
         spec = {
             "name": name,
             "base_url": base_url,
@@ -492,7 +513,17 @@ class Bench:
             "warmup_s": self.plan.warmup_s,
             **spec,
         }
-        return self._record(name, concurrency, loadgen(spec), note)
+        return self._record(name, concurrency, loadgen(spec, self.cpu_readers(broker)), note)
+
+    def cpu_readers(self, broker: BrokerProcess | None) -> dict[str, Callable[[], float]]:
+        """What reads the CPU used so far by `broker` (if any) and by OpenBao (if found)."""
+        readers: dict[str, Callable[[], float]] = {}
+        if broker is not None:
+            readers["broker"] = broker.cpu_s
+        if self.vault_pid is not None:
+            vault_pid = self.vault_pid
+            readers["vault"] = lambda: tree_cpu_s(vault_pid)
+        return readers
 
     def _record(
         self, name: str, concurrency: int, result: dict[str, Any], note: str
@@ -508,6 +539,8 @@ class Bench:
                 result["p99_ms"],
                 result["loadgen_cpu"],
                 note,
+                result.get("cpu_ms_per_request", {}).get("broker"),
+                result.get("cpu_ms_per_request", {}).get("vault"),
             )
         )
         log.info("%s c=%d: %.1f req/s", name, concurrency, result["rps"])
@@ -563,7 +596,8 @@ class Bench:
                     "duration_s": self.plan.duration_s,
                     "warmup_s": self.plan.warmup_s,
                     "targets": targets,
-                }
+                },
+                self.cpu_readers(None),
             )
             parts.append({"call": call, **part})
         return self._record(name, concurrency, wrk.in_series(parts), note)
@@ -683,7 +717,8 @@ class Bench:
         for c in CONCURRENCIES:
             for count, broker in replicas.items():
                 name = report.named(FETCH, count)
-                self.measure(name, broker.url, c, f"{len(small)} tenants", targets=targets)
+                note = f"{len(small)} tenants"
+                self.measure(name, broker.url, c, note, broker=broker, targets=targets)
             self.floor(FLOOR, c, small, "KV read + Transit decrypt, in series")
         under_fetch = self.broker.memory_kb()
         self.results["memory"] = {
@@ -729,7 +764,8 @@ class Bench:
         ):
             for c in CONCURRENCIES:
                 for count, broker in replicas.items():
-                    self.measure(report.named(name, count), broker.url, c, note, targets=targets)
+                    named = report.named(name, count)
+                    self.measure(named, broker.url, c, note, broker=broker, targets=targets)
 
     def grow(self, large: list[str]) -> None:
         """Bulk-load up to the large set of tenants (setup: its rate is not a figure)."""

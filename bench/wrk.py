@@ -39,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -156,8 +157,16 @@ def _run(base_url: str, concurrency: int, seconds: float, script_path: Path) -> 
     )
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement as `spec` describes, with wrk; return its figures."""
+def measure(
+    spec: dict[str, Any], *, cpu: dict[str, Callable[[], float]] | None = None
+) -> dict[str, Any]:
+    """Run one measurement as `spec` describes, with wrk; return its figures.
+
+    `cpu` names processes (the broker, OpenBao) by a function that reads the CPU
+    seconds each has used so far: read just before and after the measured run,
+    they give each one's CPU per request in ms (`cpu_ms_per_request`), a figure
+    that other load on the machine moves far less than the throughput.
+    """
     if shutil.which(WRK) is None:
         raise WrkMissing("wrk is not installed: `make bench` installs it (apt-get install wrk)")
     url = urlsplit(spec["base_url"])
@@ -178,13 +187,16 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         if warmup_s > 0:
             _run(spec["base_url"], concurrency, warmup_s, warm)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        readers = cpu or {}
+        cpu_before = {name: read() for name, read in readers.items()}
         started = time.perf_counter()
         _run(spec["base_url"], concurrency, float(spec["duration_s"]), measured)
         wall = time.perf_counter() - started
+        cpu_used = {name: read() - cpu_before[name] for name, read in readers.items()}
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         raw = json.loads(figures.read_text())
     seconds = raw["duration_us"] / 1e6
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wrk_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     errors = {k: raw[k] for k in ("connect", "read", "write", "timeout") if raw[k]}
     return {
         "generator": "wrk",
@@ -198,7 +210,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "non_2xx_3xx": raw["non_2xx_3xx"],
         "errors": errors,
         # Share of one core wrk used while measuring (its start and exit included).
-        "loadgen_cpu": round(cpu / wall, 3) if wall else 0.0,
+        "loadgen_cpu": round(wrk_cpu / wall, 3) if wall else 0.0,
+        "cpu_ms_per_request": {
+            name: round(used * 1000 / raw["requests"], 3) if raw["requests"] else None
+            for name, used in cpu_used.items()
+        },
     }
 
 
@@ -220,5 +236,17 @@ def in_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "non_2xx_3xx": sum(p["non_2xx_3xx"] for p in parts),
         "errors": {k: v for p in parts for k, v in p["errors"].items()},
         "loadgen_cpu": max(p["loadgen_cpu"] for p in parts),
+        "cpu_ms_per_request": _cpu_in_series(parts),
         "parts": parts,
+    }
+
+
+def _cpu_in_series(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """Each process's CPU per iteration: the sum over the calls, where every call has it."""
+    per_call = [p.get("cpu_ms_per_request") or {} for p in parts]
+    names = set.intersection(*(set(c) for c in per_call)) if per_call else set()
+    return {
+        name: round(sum(c[name] for c in per_call), 3)
+        for name in sorted(names)
+        if all(c[name] is not None for c in per_call)
     }
