@@ -412,15 +412,19 @@ def table(rows: list[Row], results: dict[str, Any]) -> str:
     """The figures as a plain-text table, then the targets, then the derived figures."""
     lines = [
         f"{'measurement':<38} {'conc':>4} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'gen cpu':>7} {'brk ms':>7} {'bao ms':>7}  note",
-        "-" * 116,
+        f"{'gen cpu':>7} {'brk ms':>7} {'bao ms':>7} {'pg ms':>7}  note",
+        "-" * 124,
     ]
     for r in rows:
         lines.append(
             f"{r.name:<38} {r.concurrency:>4} {r.rps:>9.1f} {r.p50_ms:>8.2f} {r.p99_ms:>8.2f} "
-            f"{r.loadgen_cpu:>6.0%} {_ms(r.broker_cpu_ms)} {_ms(r.vault_cpu_ms)}  {r.note}"
+            f"{r.loadgen_cpu:>6.0%} "
+            + " ".join(_ms(r.cpu_ms.get(n)) for n in ("broker", "vault", "postgres"))
+            + f"  {r.note}"
         )
-    lines.append("brk ms, bao ms: CPU per request of the broker (all its processes) and OpenBao")
+    lines.append(
+        "brk/bao/pg ms: CPU per request of the broker (all its processes), OpenBao, PostgreSQL"
+    )
     lines.append("")
     lines.extend(_generator_lines(results))
     lines.extend(_target_lines(results["summary"]["targets"]))

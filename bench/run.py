@@ -46,7 +46,8 @@ import time
 from base64 import b64encode
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -454,9 +455,8 @@ class Row:
     p99_ms: float
     loadgen_cpu: float
     note: str = ""
-    # CPU per request (ms) of the broker (all its processes) and of OpenBao.
-    broker_cpu_ms: float | None = None
-    vault_cpu_ms: float | None = None
+    # CPU per request (ms) of the broker (all its processes), OpenBao and PostgreSQL.
+    cpu_ms: dict[str, float | None] = field(default_factory=dict)
 
 
 class Bench:
@@ -485,7 +485,15 @@ class Bench:
         self.results: dict[str, Any] = {}
         # The Vault floor's token holds the broker's own policy: root would skip the ACLs.
         self.floor_token = vault_token(settings)
-        self.vault_pid = find_process("bao", "server", str(broker.work))
+        # The stack's own servers, by their command lines under the run's directory.
+        self.servers = {
+            name: pid
+            for name, pid in (
+                ("vault", find_process("bao", "server", str(broker.work))),
+                ("postgres", find_process("bin/postgres", "-D", str(broker.work))),
+            )
+            if pid is not None
+        }
         self._ciphertexts: dict[str, str] = {}
         # Every tenant created so far, in order, and when the bulk load of them ended.
         self.created: list[str] = []
@@ -502,7 +510,7 @@ class Bench:
         **spec: Any,
     ) -> dict[str, Any]:
         """One figure with wrk, with the CPU per request of `broker` (the bench's own
-        broker when `base_url` is its) and of OpenBao."""
+        broker when `base_url` is its), OpenBao and PostgreSQL."""
         if broker is None and base_url == self.broker.url:
             broker = self.broker
         spec = {
@@ -516,13 +524,12 @@ class Bench:
         return self._record(name, concurrency, loadgen(spec, self.cpu_readers(broker)), note)
 
     def cpu_readers(self, broker: BrokerProcess | None) -> dict[str, Callable[[], float]]:
-        """What reads the CPU used so far by `broker` (if any) and by OpenBao (if found)."""
+        """What reads the CPU used so far by `broker` (if any), OpenBao and PostgreSQL."""
         readers: dict[str, Callable[[], float]] = {}
         if broker is not None:
             readers["broker"] = broker.cpu_s
-        if self.vault_pid is not None:
-            vault_pid = self.vault_pid
-            readers["vault"] = lambda: tree_cpu_s(vault_pid)
+        for name, pid in self.servers.items():
+            readers[name] = partial(tree_cpu_s, pid)
         return readers
 
     def _record(
@@ -539,8 +546,7 @@ class Bench:
                 result["p99_ms"],
                 result["loadgen_cpu"],
                 note,
-                result.get("cpu_ms_per_request", {}).get("broker"),
-                result.get("cpu_ms_per_request", {}).get("vault"),
+                result.get("cpu_ms_per_request", {}),
             )
         )
         log.info("%s c=%d: %.1f req/s", name, concurrency, result["rps"])
