@@ -147,14 +147,31 @@ def _fetch(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def fetch_at(results: dict[str, Any], c: int) -> dict[str, Any]:
-    """Each configuration's fetch and ratio at `c`, the best ratio and which one it is."""
-    floor_rps = results[FLOOR][f"c{c}"]["rps"]
+    """Each configuration's fetch and ratio at `c`, the best ratio and which one it is.
+
+    Beside the throughput ratio, `cpu_ratio_to_floor`: the floor's CPU per fetch
+    over the fetch's, every process counted (broker, OpenBao, PostgreSQL). With
+    every process on the same cores, that is the throughput ratio a CPU-bound
+    machine would show, and other load on the machine barely moves it.
+    """
+    floor = results[FLOOR][f"c{c}"]
     shown = {
-        k: {**_figure(f), "ratio_to_floor": round(f["rps"] / floor_rps, 3) if floor_rps else None}
+        k: {
+            **_figure(f),
+            "ratio_to_floor": round(f["rps"] / floor["rps"], 3) if floor["rps"] else None,
+            "cpu_ratio_to_floor": _cpu_ratio(floor, f),
+        }
         for k, f in configurations(results, FETCH, c).items()
     }
     best = max(shown, key=lambda k: shown[k]["rps"])
     return {**shown, "ratio_to_floor": shown[best]["ratio_to_floor"], "ratio_uses": best}
+
+
+def _cpu_ratio(floor: dict[str, Any], fetch: dict[str, Any]) -> float | None:
+    """All the CPU a floor iteration costs over all a fetch costs, when both were read."""
+    floor_ms = sum((floor.get("cpu_ms_per_request") or {}).values())
+    fetch_ms = sum(v or 0.0 for v in (fetch.get("cpu_ms_per_request") or {}).values())
+    return round(floor_ms / fetch_ms, 3) if floor_ms and fetch_ms else None
 
 
 def _rotation(results: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +296,8 @@ def _fetch_target(results: dict[str, Any], c: int) -> dict[str, Any]:
         return _target(item, target)
     fetch = fetch_at(results, c)
     shown = ", ".join(
-        f"{k.replace('_', ' ')} x{fetch[k]['ratio_to_floor']} ({fetch[k]['rps']:.0f} rps)"
+        f"{k.replace('_', ' ')} x{fetch[k]['ratio_to_floor']} ({fetch[k]['rps']:.0f} rps; "
+        f"by CPU x{fetch[k]['cpu_ratio_to_floor']})"
         for k in fetch
         if k.startswith("workers_")
     )

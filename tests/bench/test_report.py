@@ -95,6 +95,7 @@ def test_the_summary_holds_every_figure_of_the_issue() -> None:
         "p50_ms": 1.0,
         "p99_ms": 5.0,
         "ratio_to_floor": 0.5,
+        "cpu_ratio_to_floor": None,  # no CPU figures in this run
     }
     assert summary["settings_get"]["c8"]["workers_2"]["p99_ms"] == 15.0
     assert summary["settings_patch"]["c1"]["workers_1"]["rps"] == 100.0
@@ -112,6 +113,18 @@ def test_the_fetch_ratio_uses_the_faster_worker_count_and_shows_both() -> None:
     assert (fetch["c1"]["ratio_uses"], fetch["c1"]["ratio_to_floor"]) == ("workers_1", 0.5)
     assert (fetch["c8"]["ratio_uses"], fetch["c8"]["ratio_to_floor"]) == ("workers_2", 1.0)
     assert fetch["c8"]["workers_1"]["ratio_to_floor"] == 0.5
+
+
+def test_the_fetch_ratio_by_cpu_counts_every_process_of_both() -> None:
+    results = _results(ceiling=100_000.0)
+    results[report.FLOOR]["c1"]["cpu_ms_per_request"] = {"vault": 1.0, "postgres": 0.0}
+    results[report.FETCH]["c1"] = {
+        **results[report.FETCH]["c1"],
+        "cpu_ms_per_request": {"broker": 2.0, "vault": 1.5, "postgres": 0.5},
+    }
+    fetch = report.summary(results)["fetch"]["c1"]
+    assert fetch["workers_1"]["cpu_ratio_to_floor"] == 0.25
+    assert fetch["workers_1"]["cpu_ms_per_request"]["broker"] == 2.0
 
 
 def test_every_target_says_whether_it_was_met() -> None:
