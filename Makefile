@@ -49,7 +49,8 @@ if [ -n "$$missing" ]; then \
 fi
 endef
 
-# Figures, not assertions: see bench/README.md. BENCH_QUICK=1 for a smoke run.
+# Figures, not assertions: see bench/README.md. BENCH_QUICK=1 for a smoke run;
+# `make bench BENCH_ONLY=issue18` for issue 18's figures alone, at full size.
 bench: $(STAMP) bench-deps
 	$(BIN)/python -m bench.run
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Self
 
@@ -19,6 +20,52 @@ from broker.devstack.lifecycle import StartsAndStops
 from broker.devstack.stack import start_dev_stack
 
 STARTUP_S = 60.0
+# /proc/<pid>/stat after the command name: utime and stime are the 12th and 13th fields.
+_UTIME, _STIME = 11, 12
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of `pid` and every live descendant, from /proc (Linux).
+
+    A `broker serve --workers N` supervisor serves nothing itself: its worker
+    processes do, so a figure of the broker's CPU must count them too.
+    """
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            stat = Path(f"/proc/{member}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks += int(fields[_UTIME]) + int(fields[_STIME])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def find_process(*needles: str) -> int | None:
+    """The first process whose command line holds every one of `needles`, if any."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        line = " ".join(arg.decode(errors="replace") for arg in argv)
+        if all(needle in line for needle in needles):
+            return int(entry.name)
+    return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants, through /proc/<pid>/task/<tid>/children."""
+    found, pending = [], [pid]
+    while pending:
+        member = pending.pop()
+        found.append(member)
+        with suppress(OSError):
+            for task in Path(f"/proc/{member}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+    return found
 
 
 def progress_logging(log: logging.Logger) -> None:

@@ -1,7 +1,9 @@
 """`make bench`: the broker's figures, all from one run on this machine.
 
-    python -m bench.run            # the issue's numbers (10 and 10,000 tenants)
-    BENCH_QUICK=1 python -m bench.run   # a smoke run of a few minutes
+    python -m bench.run                          # every section (10 and 10,000 tenants)
+    BENCH_ONLY=issue18 python -m bench.run       # only what issue 18 asks for, at full size
+    BENCH_ONLY=fetch,settings,workers python -m bench.run
+    BENCH_QUICK=1 python -m bench.run            # a smoke run of a few minutes
 
 It sets up what `make dev` sets up (the bundled OpenBao with its file audit
 device, the embedded PostgreSQL, bootstrap, migrations, the broker's AppRole)
@@ -10,12 +12,22 @@ of its own, and drives it and OpenBao with wrk (`bench/wrk.py`). It prints a
 table and writes the same figures to `bench/results.json`. It measures; it
 asserts nothing about time.
 
-Knobs (environment): BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
+BENCH_ONLY picks sections, comma-separated (default: all of them, in this order):
+fetch, settings, workers, wrapped, scale, soak, rotation, oauth, legacy, dynamic,
+events; `issue18` stands for fetch,settings,workers,scale,soak,rotation,legacy.
+`workers` measures fetch and settings on a second broker served with
+`--workers 2` too (alone, it brings fetch and settings along); `scale` brings
+fetch along (its figure is the ratio to fetch at a few tenants). The loadgen
+ceiling and `GET /healthz` (the generator check) always run. A section not run
+leaves no figure in results.json, and the summary says "not run" for it.
+
+Knobs (environment): BENCH_ONLY, BENCH_QUICK=1, BENCH_DURATION_S, BENCH_WARMUP_S,
 BENCH_SMALL_TENANTS, BENCH_LARGE_TENANTS, BENCH_LEGACY_TENANTS,
-BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_ROTATION_SECRETS, BENCH_SOAK_REQUESTS,
-BENCH_SETTLE_S, BENCH_OAUTH_CREDENTIALS,
-BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_EVENTS_RATE, BENCH_EVENTS_DURATION_S,
-BENCH_EVENTS_WORKER_CONCURRENCY, BENCH_HEALTH_CREDENTIALS, BENCH_OUTPUT.
+BENCH_SETUP_CONCURRENCY, BENCH_ROTATE_WORKERS, BENCH_ROTATION_SECRETS,
+BENCH_SOAK_REQUESTS, BENCH_SOAK_MAX_S, BENCH_SETTLE_S,
+BENCH_OAUTH_CREDENTIALS, BENCH_DYNAMIC_MINTS, BENCH_DYNAMIC_LEASES, BENCH_EVENTS_RATE,
+BENCH_EVENTS_DURATION_S, BENCH_EVENTS_WORKER_CONCURRENCY, BENCH_HEALTH_CREDENTIALS,
+BENCH_OUTPUT.
 """
 
 from __future__ import annotations
@@ -34,7 +46,8 @@ import time
 from base64 import b64encode
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +55,34 @@ import httpx
 import hvac
 from sqlalchemy import Engine
 
-from bench import direct, dynamic_leases, events, oauth_refresh, report, rotation, soak, wrk
+from bench import (
+    direct,
+    dynamic_leases,
+    events,
+    legacy_migration,
+    oauth_refresh,
+    report,
+    rotation,
+    soak,
+    workers,
+    wrk,
+)
 from bench.oauth_refresh import Drain
-from bench.process import BrokerCommand, own_stack, progress_logging
+from bench.process import BrokerCommand, find_process, own_stack, progress_logging, tree_cpu_s
 from bench.report import (
     CEILING,
     CONCURRENCIES,
     FETCH,
     FLOOR,
+    HEALTHZ,
     MANY,
     MANY_FLOOR,
     REFRESHED,
     REFRESHING,
     SETTINGS_GET,
     SETTINGS_PATCH,
+    WRAPPED,
+    WRAPPED_FLOOR,
 )
 from broker.auth.scopes import Scope
 from broker.auth.tokens import mint_token
@@ -73,11 +100,52 @@ PROVIDER = "shopify"
 UNLIMITED = "100000000/minute"
 
 
+# The sections BENCH_ONLY picks from, in the order a run measures them.
+SECTIONS = (
+    "fetch",
+    "settings",
+    "workers",
+    "wrapped",
+    "scale",
+    "soak",
+    "rotation",
+    "oauth",
+    "legacy",
+    "dynamic",
+    "events",
+)
+ALIASES = {
+    "all": SECTIONS,
+    "issue18": ("fetch", "settings", "workers", "scale", "soak", "rotation", "legacy"),
+}
+
+
+def selection(value: str) -> tuple[str, ...]:
+    """The sections BENCH_ONLY names (aliases expanded), in run order; empty means all."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    if not names:
+        return SECTIONS
+    chosen: set[str] = set()
+    for name in names:
+        if name not in SECTIONS and name not in ALIASES:
+            known = ", ".join((*SECTIONS, *ALIASES))
+            raise SystemExit(f"BENCH_ONLY: unknown section {name!r} (known: {known})")
+        chosen.update(ALIASES.get(name, (name,)))
+    if "workers" in chosen and not chosen & {"fetch", "settings"}:
+        # Workers compare the fetch and settings figures of one and two workers.
+        chosen.update(("fetch", "settings"))
+    if "scale" in chosen:
+        # The latency at many tenants is compared with the fetch at a few.
+        chosen.add("fetch")
+    return tuple(section for section in SECTIONS if section in chosen)
+
+
 @dataclass(frozen=True)
 class Plan:
     """How big and how long; the defaults are the issue's numbers."""
 
     quick: bool
+    only: tuple[str, ...]
     duration_s: float
     warmup_s: float
     small_tenants: int
@@ -87,6 +155,7 @@ class Plan:
     rotate_workers: int
     rotation_secrets: int
     soak_requests: int
+    soak_max_s: float
     settle_s: float
     oauth_credentials: int
     dynamic_mints: int
@@ -101,6 +170,7 @@ class Plan:
 
         return cls(
             quick=quick,
+            only=selection(os.environ.get("BENCH_ONLY", "")),
             duration_s=knob("DURATION_S", 8, 2),
             warmup_s=knob("WARMUP_S", 1, 0.5),
             small_tenants=int(knob("SMALL_TENANTS", 10, 10)),
@@ -110,11 +180,16 @@ class Plan:
             rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
             rotation_secrets=int(knob("ROTATION_SECRETS", 10_000, 200)),
             soak_requests=int(knob("SOAK_REQUESTS", 100_000, 5_000)),
+            soak_max_s=knob("SOAK_MAX_S", 600, 60),
             settle_s=knob("SETTLE_S", 70, 5),
             oauth_credentials=int(knob("OAUTH_CREDENTIALS", 10_000, 200)),
             dynamic_mints=int(knob("DYNAMIC_MINTS", 500, 50)),
             dynamic_leases=int(knob("DYNAMIC_LEASES", 10_000, 500)),
         )
+
+    def runs(self, section: str) -> bool:
+        """Whether BENCH_ONLY selected `section`."""
+        return section in self.only
 
 
 def machine() -> dict[str, Any]:
@@ -147,10 +222,14 @@ class BrokerProcess(BrokerCommand):
     stop_signal = signal.SIGINT
     stop_wait_s = 15.0
 
-    def __init__(self, settings: Settings, work: Path, extra_env: dict[str, str]) -> None:
+    def __init__(
+        self, settings: Settings, work: Path, extra_env: dict[str, str], log_name: str = "broker"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.work = work
+        self.settings = settings
+        self.extra_env = extra_env
         assert settings.database_url is not None
         assert settings.vault_role_id is not None
         assert settings.vault_secret_id is not None
@@ -169,9 +248,15 @@ class BrokerProcess(BrokerCommand):
             "BROKER_RATE_LIMIT_FETCH": UNLIMITED,
             "BROKER_RATE_LIMIT_WRITE": UNLIMITED,
             "BROKER_RATE_LIMIT_AUTH_FAILURES": UNLIMITED,
+            "BROKER_WORKERS": "1",
             **extra_env,
         }
-        super().__init__(env, work / "broker.log")
+        super().__init__(env, work / f"{log_name}.log")
+
+    def sibling(self, workers: int) -> BrokerProcess:
+        """Another broker on the same stack and settings, served with `--workers N`."""
+        env = {**self.extra_env, "BROKER_WORKERS": str(workers)}
+        return BrokerProcess(self.settings, self.work, env, log_name=f"broker-{workers}w")
 
     def ready(self) -> bool:
         """True once the broker answers /readyz."""
@@ -192,6 +277,10 @@ class BrokerProcess(BrokerCommand):
             if name in ("VmRSS", "VmHWM"):
                 found[name] = int(value.split()[0])
         return found
+
+    def cpu_s(self) -> float:
+        """CPU seconds the broker has used so far, its worker processes included."""
+        return tree_cpu_s(self.pid)
 
     def reset_peak(self) -> bool:
         """Start VmHWM afresh (Linux: `5` into clear_refs); False where not allowed."""
@@ -224,9 +313,11 @@ def static_server() -> Iterator[str]:
         proc.wait(10)
 
 
-def loadgen(spec: dict[str, Any]) -> dict[str, Any]:
+def loadgen(
+    spec: dict[str, Any], cpu: dict[str, Callable[[], float]] | None = None
+) -> dict[str, Any]:
     """Run one measurement with wrk (bench/wrk.py), warning about any unexpected answer."""
-    result = wrk.measure(spec)
+    result = wrk.measure(spec, cpu=cpu)
     if result["non_2xx_3xx"] or result["errors"]:
         log.warning(
             "unexpected answers in %s: %d non-2xx, errors %s",
@@ -364,6 +455,8 @@ class Row:
     p99_ms: float
     loadgen_cpu: float
     note: str = ""
+    # CPU per request (ms) of the broker (all its processes), OpenBao and PostgreSQL.
+    cpu_ms: dict[str, float | None] = field(default_factory=dict)
 
 
 class Bench:
@@ -392,11 +485,34 @@ class Bench:
         self.results: dict[str, Any] = {}
         # The Vault floor's token holds the broker's own policy: root would skip the ACLs.
         self.floor_token = vault_token(settings)
+        # The stack's own servers, by their command lines under the run's directory.
+        self.servers = {
+            name: pid
+            for name, pid in (
+                ("vault", find_process("bao", "server", str(broker.work))),
+                ("postgres", find_process("bin/postgres", "-D", str(broker.work))),
+            )
+            if pid is not None
+        }
         self._ciphertexts: dict[str, str] = {}
+        # Every tenant created so far, in order, and when the bulk load of them ended.
+        self.created: list[str] = []
+        self.grown_at = time.monotonic()
 
     def measure(
-        self, name: str, base_url: str, concurrency: int, note: str = "", **spec: Any
+        self,
+        name: str,
+        base_url: str,
+        concurrency: int,
+        note: str = "",
+        *,
+        broker: BrokerProcess | None = None,
+        **spec: Any,
     ) -> dict[str, Any]:
+        """One figure with wrk, with the CPU per request of `broker` (the bench's own
+        broker when `base_url` is its), OpenBao and PostgreSQL."""
+        if broker is None and base_url == self.broker.url:
+            broker = self.broker
         spec = {
             "name": name,
             "base_url": base_url,
@@ -405,7 +521,16 @@ class Bench:
             "warmup_s": self.plan.warmup_s,
             **spec,
         }
-        return self._record(name, concurrency, loadgen(spec), note)
+        return self._record(name, concurrency, loadgen(spec, self.cpu_readers(broker)), note)
+
+    def cpu_readers(self, broker: BrokerProcess | None) -> dict[str, Callable[[], float]]:
+        """What reads the CPU used so far by `broker` (if any), OpenBao and PostgreSQL."""
+        readers: dict[str, Callable[[], float]] = {}
+        if broker is not None:
+            readers["broker"] = broker.cpu_s
+        for name, pid in self.servers.items():
+            readers[name] = partial(tree_cpu_s, pid)
+        return readers
 
     def _record(
         self, name: str, concurrency: int, result: dict[str, Any], note: str
@@ -421,6 +546,7 @@ class Bench:
                 result["p99_ms"],
                 result["loadgen_cpu"],
                 note,
+                result.get("cpu_ms_per_request", {}),
             )
         )
         log.info("%s c=%d: %.1f req/s", name, concurrency, result["rps"])
@@ -476,7 +602,8 @@ class Bench:
                     "duration_s": self.plan.duration_s,
                     "warmup_s": self.plan.warmup_s,
                     "targets": targets,
-                }
+                },
+                self.cpu_readers(None),
             )
             parts.append({"call": call, **part})
         return self._record(name, concurrency, wrk.in_series(parts), note)
@@ -510,39 +637,68 @@ class Bench:
         return calls
 
     def run(self) -> None:
-        """Every figure, in an order where each step leaves the stack as the next expects."""
+        """The selected sections, in an order where each leaves the stack as the next expects.
+
+        The generator check (ceiling and `GET /healthz`) always runs; every other
+        section only when BENCH_ONLY selects it, each timed under `section_wall_s`.
+        """
         plan = self.plan
+        self.results["sections_run"] = list(plan.only)
+        self.results["sections_not_run"] = [s for s in SECTIONS if not plan.runs(s)]
         small = tenant_ids(0, plan.small_tenants)
         log.info("creating %d tenants", len(small))
         self.create(small)
         self.generator_and_overhead()
-        self.fetch_and_floor(small)
-        self.settings_reads_and_writes(small)
-        large = tenant_ids(0, plan.large_tenants)
-        self.grow(small, large)
-        self.many_tenants(large)
-        self.results["memory_soak"] = soak.run(
-            self, large, requests=plan.soak_requests, rate=self.results[MANY]["c8"]["rps"]
-        )
-        self.results["rotation"] = self.rotate(large[: plan.rotation_secrets])
-        self.results["oauth_refresh"] = self.oauth_refresh(large)
-        self.results["legacy_migration"] = self.legacy()
-        self.results["dynamic_leases"] = dynamic_leases.run(
-            self, self.providers, mints=plan.dynamic_mints, leases=plan.dynamic_leases
-        )
-        log.info("event delivery and health checks")
-        self.results["events"] = events.run(self.settings, self.broker.env, self.broker.work)
-        self.results["workers"] = self.workers()
+        with workers.replicas(self.broker, self.worker_counts()) as replicas:
+            self.section("fetch", lambda: self.fetch_and_floor(small, replicas))
+            self.section("settings", lambda: self.settings_reads_and_writes(small, replicas))
+        if plan.runs("workers"):
+            self.results["workers"] = workers.gains(self.results)
+        self.section("wrapped", lambda: self.wrapped_fetch(small))
+        if plan.runs("scale") or plan.runs("soak"):
+            self.grow(tenant_ids(0, plan.large_tenants))
+        self.section("scale", self.many_tenants)
+        self.section("soak", self.memory_soak)
+        self.section("rotation", self.key_rotation)
+        self.section("oauth", self.oauth_refresh)
+        self.section("legacy", self.legacy)
+        self.section("dynamic", self.dynamic_credentials)
+        self.section("events", self.event_delivery)
+
+    def section(self, name: str, measure: Callable[[], None]) -> None:
+        """Run one section when selected, and keep how long it took.
+
+        A section that fails is logged and recorded under `section_errors` (the
+        run then exits non-zero); the others still run, so one failure late in a
+        long run does not throw away the figures measured before it.
+        """
+        if not self.plan.runs(name):
+            return
+        log.info("section %s", name)
+        started = time.perf_counter()
+        try:
+            measure()
+        except Exception as exc:
+            log.exception("section %s failed", name)
+            self.results.setdefault("section_errors", {})[name] = type(exc).__name__
+        took = round(time.perf_counter() - started, 1)
+        self.results.setdefault("section_wall_s", {})[name] = took
+
+    def worker_counts(self) -> tuple[int, ...]:
+        """Worker counts fetch and settings are measured with: 1, and 2 with `workers`."""
+        return workers.COUNTS if self.plan.runs("workers") else workers.COUNTS[:1]
 
     def create(self, tenants: list[str]) -> float:
         """Tenants with credentials through the API; tenants per second (setup)."""
-        return create_tenants(
+        rate = create_tenants(
             self.broker.url,
             self.tokens,
             tenants,
             self.plan.setup_concurrency,
             self.shopify.issue_offline_token,
         )
+        self.created.extend(tenants)
+        return rate
 
     def generator_and_overhead(self) -> None:
         """wrk against a trivial server (its ceiling), then the broker's cheapest route."""
@@ -552,49 +708,53 @@ class Bench:
                 self.measure(CEILING, static, c, "static asyncio server", targets=static_target)
         for c in CONCURRENCIES:
             self.measure(
-                "GET /healthz (broker)",
+                HEALTHZ,
                 self.broker.url,
                 c,
                 "trivial route",
                 targets=[_target("GET", "/healthz", {})],
             )
 
-    def fetch_and_floor(self, small: list[str]) -> None:
-        """Fetches and their Vault floor, plain and response-wrapped, and the memory meanwhile."""
+    def fetch_and_floor(self, small: list[str], replicas: dict[int, BrokerProcess]) -> None:
+        """Fetches on each replica and their Vault floor, back to back; the memory meanwhile."""
         idle = self.broker.memory_kb()
         peak_reset = self.broker.reset_peak()
+        targets = self.fetch_targets(small)
         for c in CONCURRENCIES:
-            self.measure(
-                FETCH,
-                self.broker.url,
-                c,
-                f"{len(small)} tenants",
-                targets=self.fetch_targets(small),
-            )
+            for count, broker in replicas.items():
+                name = report.named(FETCH, count)
+                note = f"{len(small)} tenants"
+                self.measure(name, broker.url, c, note, broker=broker, targets=targets)
             self.floor(FLOOR, c, small, "KV read + Transit decrypt, in series")
         under_fetch = self.broker.memory_kb()
-        for c in CONCURRENCIES:
-            self.measure(
-                "wrapped fetch (broker)",
-                self.broker.url,
-                c,
-                "wrap_ttl=60s",
-                targets=self.fetch_targets(small, "?wrap_ttl=60s"),
-            )
-            self.floor("wrapped floor (Vault)", c, small, "KV + decrypt + wrap", wrap_ttl="60s")
         self.results["memory"] = {
             "broker_pid": self.broker.pid,
             "idle_rss_kb": idle.get("VmRSS"),
             "peak_rss_under_fetch_kb": under_fetch.get("VmHWM"),
             "peak_is_since_fetch_load_began": peak_reset,
         }
-        self.results["ratios"] = self.ratios(FETCH, FLOOR)
-        self.results["wrapped_ratios"] = self.ratios(
-            "wrapped fetch (broker)", "wrapped floor (Vault)"
-        )
+        self.results["ratios"] = {
+            f"workers_{count}": report.ratios(self.results, report.named(FETCH, count), FLOOR)
+            for count in replicas
+        }
 
-    def settings_reads_and_writes(self, small: list[str]) -> None:
-        """`GET` and `PATCH /v1/tenants/settings`, each PATCH a change."""
+    def wrapped_fetch(self, small: list[str]) -> None:
+        """Fetches with `?wrap_ttl=60s` and their floor, which adds the response wrap."""
+        for c in CONCURRENCIES:
+            self.measure(
+                WRAPPED,
+                self.broker.url,
+                c,
+                "wrap_ttl=60s",
+                targets=self.fetch_targets(small, "?wrap_ttl=60s"),
+            )
+            self.floor(WRAPPED_FLOOR, c, small, "KV + decrypt + wrap", wrap_ttl="60s")
+        self.results["wrapped_ratios"] = report.ratios(self.results, WRAPPED, WRAPPED_FLOOR)
+
+    def settings_reads_and_writes(
+        self, small: list[str], replicas: dict[int, BrokerProcess]
+    ) -> None:
+        """`GET` and `PATCH /v1/tenants/settings` on each replica, each PATCH a change."""
         admin_auth = [{"Authorization": f"Bearer {self.tokens.admin(t)}"} for t in small]
         reads = [_target("GET", "/v1/tenants/settings", h) for h in admin_auth]
         change = '{"branding": {"footer_text": "bench {n}"}}'
@@ -604,24 +764,42 @@ class Bench:
             )
             for h in admin_auth
         ]
-        for c in CONCURRENCIES:
-            self.measure(SETTINGS_GET, self.broker.url, c, f"{len(small)} tenants", targets=reads)
-        for c in CONCURRENCIES:
-            self.measure(SETTINGS_PATCH, self.broker.url, c, "a change every time", targets=writes)
+        for name, targets, note in (
+            (SETTINGS_GET, reads, f"{len(small)} tenants"),
+            (SETTINGS_PATCH, writes, "a change every time"),
+        ):
+            for c in CONCURRENCIES:
+                for count, broker in replicas.items():
+                    named = report.named(name, count)
+                    self.measure(named, broker.url, c, note, broker=broker, targets=targets)
 
-    def grow(self, small: list[str], large: list[str]) -> None:
-        """Bulk-load up to the large set of tenants, then let the stack settle."""
+    def grow(self, large: list[str]) -> None:
+        """Bulk-load up to the large set of tenants (setup: its rate is not a figure)."""
         log.info("growing to %d tenants", len(large))
-        rate = self.create(large[len(small) :])
-        self.results["setup"] = {"tenants_created_per_s": round(rate, 1)}
-        # Measure a steady state, not the wake of bulk-loading the tenants: the
-        # broker's rate-limit windows (60 s) still hold every setup write, and
-        # OpenBao and PostgreSQL are still flushing what it wrote.
-        log.info("letting the stack settle for %.0f s", self.plan.settle_s)
-        time.sleep(self.plan.settle_s)
+        started = time.monotonic()
+        rate = self.create(large[len(self.created) :])
+        self.grown_at = time.monotonic()
+        self.results["setup"] = {
+            "tenants_created_per_s": round(rate, 1),
+            "grow_s": round(self.grown_at - started, 1),
+        }
 
-    def many_tenants(self, large: list[str]) -> None:
+    def settle(self) -> None:
+        """Wait until `settle_s` have passed since the bulk load.
+
+        Measure a steady state, not the wake of bulk-loading the tenants: the
+        broker's rate-limit windows (60 s) still hold every setup write, and
+        OpenBao and PostgreSQL are still flushing what it wrote.
+        """
+        left = self.plan.settle_s - (time.monotonic() - self.grown_at)
+        if left > 0:
+            log.info("letting the stack settle for %.0f s", left)
+            time.sleep(left)
+
+    def many_tenants(self) -> None:
         """Fetch (and its floor) again over the large set: latency against the small set's."""
+        self.settle()
+        large = self.created
         for c in CONCURRENCIES:
             self.measure(
                 MANY, self.broker.url, c, f"{len(large)} tenants", targets=self.fetch_targets(large)
@@ -633,38 +811,53 @@ class Bench:
             "large_tenants": len(large),
             **{
                 f"c{c}": {
-                    "p50_ratio": self._ratio(MANY, FETCH, c, "p50_ms"),
-                    "p99_ratio": self._ratio(MANY, FETCH, c, "p99_ms"),
-                    "floor_p50_ratio": self._ratio(MANY_FLOOR, FLOOR, c, "p50_ms"),
+                    key: report.ratio(self.results, a, b, c, figure)
+                    for key, a, b, figure in (
+                        ("p50_ratio", MANY, FETCH, "p50_ms"),
+                        ("p99_ratio", MANY, FETCH, "p99_ms"),
+                        ("floor_p50_ratio", MANY_FLOOR, FLOOR, "p50_ms"),
+                    )
+                    if a in self.results and b in self.results
                 }
                 for c in CONCURRENCIES
             },
         }
 
-    def _ratio(self, a: str, b: str, c: int, key: str) -> float:
-        x, y = self.results[a][f"c{c}"][key], self.results[b][f"c{c}"][key]
-        return round(x / y, 2) if y else float("nan")
+    def memory_soak(self) -> None:
+        """The memory soak over every tenant created, at the c=8 fetch rate measured so far."""
+        measured = self.results.get(MANY) or self.results.get(FETCH)
+        rate = measured["c8"]["rps"] if measured else soak.GUESSED_RATE
+        self.results["memory_soak"] = soak.run(
+            self,
+            self.created,
+            requests=self.plan.soak_requests,
+            rate=rate,
+            max_s=self.plan.soak_max_s,
+        )
 
-    def ratios(self, broker: str, floor: str) -> dict[str, Any]:
-        return {
-            f"c{c}": {
-                "p50": self._ratio(broker, floor, c, "p50_ms"),
-                "p99": self._ratio(broker, floor, c, "p99_ms"),
-                "throughput": self._ratio(broker, floor, c, "rps"),
-            }
-            for c in CONCURRENCIES
-        }
+    def key_rotation(self) -> None:
+        """Key rotation of `rotation_secrets` secrets, one per tenant (`bench/rotation.py`).
 
-    def rotate(self, tenants: list[str]) -> dict[str, Any]:
-        """Every tenant's key rotated and its secret rewrapped (`bench/rotation.py`)."""
-        return rotation.measure(self.settings, tenants, workers=self.plan.rotate_workers)
+        The bench's own tenants (one Shopify credential each) when it created
+        enough of them; otherwise tenants seeded with `rotation.seed`'s default
+        (one OpenAI key each). One secret per tenant is the worst case: every
+        secret pays a whole tenant's rotation by itself.
+        """
+        plan = self.plan
+        if len(self.created) >= plan.rotation_secrets:
+            tenants, seeded = self.created[: plan.rotation_secrets], "the bench's tenants"
+        else:
+            log.info("seeding %d tenants for the rotation", plan.rotation_secrets)
+            tenants, seeded = rotation.seed(self.settings, plan.rotation_secrets), "rotation.seed"
+        figures = rotation.measure(self.settings, tenants, workers=plan.rotate_workers)
+        self.results["rotation"] = {**figures, "secrets_per_tenant": 1, "tenants_from": seeded}
 
-    def oauth_refresh(self, existing: list[str]) -> dict[str, Any]:
+    def oauth_refresh(self) -> None:
         """Shopify credentials all inside their refresh window: the job's rate, fetch latency."""
         tenants = tenant_ids(0, self.plan.oauth_credentials)
-        if len(tenants) > len(existing):
-            log.info("creating %d more tenants", len(tenants) - len(existing))
-            self.create(tenants[len(existing) :])
+        if len(tenants) > len(self.created):
+            log.info("creating %d more tenants", len(tenants) - len(self.created))
+            self.create(tenants[len(self.created) :])
         assert self.settings.database_url is not None
         engine = make_engine(self.settings.database_url.get_secret_value())
         try:
@@ -688,7 +881,7 @@ class Bench:
             by_actor = oauth_refresh.refreshes_by_actor(engine)
         finally:
             engine.dispose()
-        return {
+        self.results["oauth_refresh"] = {
             "credentials": len(tenants),
             "seed": seeded,
             "drain": drain.figures(),
@@ -727,31 +920,20 @@ class Bench:
                 self.measure(REFRESHED, broker, c, note, targets=self.fetch_targets(tenants))
         return windows
 
-    def legacy(self) -> dict[str, Any]:
-        """The legacy migration's own benchmark, when that feature is in the tree."""
-        try:
-            from bench import legacy_migration
-        except ImportError as exc:
-            return {"skipped": f"legacy migration not available ({exc.name})"}
+    def legacy(self) -> None:
+        """The legacy migration's own benchmark, on a stack of its own (`legacy_migration.run`)."""
         log.info("migrating %d legacy tenants", self.plan.legacy_tenants)
-        result: dict[str, Any] = legacy_migration.run(self.plan.legacy_tenants)
-        return result
+        self.results["legacy_migration"] = legacy_migration.run(self.plan.legacy_tenants)
 
-    def workers(self) -> dict[str, Any]:
-        """Throughput with 1 and 2 broker workers, from `bench/workers.py` when present.
+    def dynamic_credentials(self) -> None:
+        """Dynamic credentials: a live lease reused, a fresh mint, due leases revoked."""
+        self.results["dynamic_leases"] = dynamic_leases.run(
+            self, self.providers, mints=self.plan.dynamic_mints, leases=self.plan.dynamic_leases
+        )
 
-        The hook: `bench.workers.run(bench: Bench) -> dict` serves the broker with
-        `broker serve --workers N` itself (it has `self.settings`, `self.broker.env`,
-        `self.broker.work`, `self.plan`, `self.measure` and `self.fetch_targets`) and
-        returns its figures, which land under `workers` in results.json.
-        """
-        try:
-            from bench import workers
-        except ImportError:
-            return {"skipped": "no bench/workers.py in this tree"}
-        log.info("throughput with 1 and 2 broker workers")
-        result: dict[str, Any] = workers.run(self)
-        return result
+    def event_delivery(self) -> None:
+        """Event delivery and health checks (`bench/events.py`)."""
+        self.results["events"] = events.run(self.settings, self.broker.env, self.broker.work)
 
 
 def _target(
@@ -786,10 +968,14 @@ def main() -> None:
         **bench.results,
         "rows": [asdict(r) for r in bench.rows],
     }
+    # The figures first, as measured: a summary that cannot be made still leaves them.
+    output.write_text(json.dumps(results, indent=2) + "\n")
     results = {"summary": report.summary(results), **results}
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(report.table(bench.rows, results))  # noqa: T201
     print(f"\nwritten to {output}")  # noqa: T201
+    if "section_errors" in results:
+        raise SystemExit(f"failed sections: {', '.join(results['section_errors'])}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,13 @@ like with like.
      "targets": [{"method": "GET", "path": "/v1/...", "headers": {...}, "body": null}]}
 
 and runs wrk in a closed loop, one keep-alive connection per unit of
-concurrency, cycling through the targets (each wrk thread from its own
-offset). A `{n}` in a body becomes a counter unique per thread and request, so
-writes differ. wrk first runs `warmup_s` unrecorded, then `duration_s`.
+concurrency, cycling through the targets. wrk's threads start evenly spread
+over the list (with two, one at its start and one half-way), so no two walk
+the same targets one step apart, and the warm-up starts them half a spread
+further on: with many targets (10,000 tenants) the measured run begins at
+targets the warm-up did not just visit. A `{n}` in a body becomes a counter
+unique per thread and request, so writes differ. wrk first runs `warmup_s`
+unrecorded, then `duration_s`.
 
 The targets carry bearer tokens and Vault tokens: they go into a Lua script in a
 private temporary directory (mode 0700), never into argv.
@@ -35,6 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -49,6 +54,7 @@ TIMEOUT_S = 10
 _SCRIPT = """
 local targets = {%(targets)s}
 local out = %(out)s
+local nthreads, offset = %(threads)d, %(offset)d
 local i, n = 0, 0
 local threads = {}
 
@@ -58,7 +64,7 @@ function setup(thread)
 end
 
 function init(args)
-  i = tid %% #targets
+  i = (offset + math.floor(tid * #targets / nthreads)) %% #targets
 end
 
 function request()
@@ -112,16 +118,28 @@ def _target(target: dict[str, Any], host: str) -> str:
     )
 
 
-def script(targets: list[dict[str, Any]], host: str, out: Path | None) -> str:
-    """The Lua script that cycles through `targets` and, if `out` is set, writes figures there."""
+def script(
+    targets: list[dict[str, Any]], host: str, out: Path | None, *, threads: int, offset: int = 0
+) -> str:
+    """The Lua script that cycles through `targets` and, if `out` is set, writes figures there.
+
+    Thread `t` of `threads` starts at target `offset + t * len(targets) / threads`.
+    """
     return _SCRIPT % {
         "targets": ",\n".join(_target(t, host) for t in targets),
         "out": _lua(str(out)) if out is not None else "nil",
+        "threads": threads,
+        "offset": offset,
     }
 
 
+def threads_for(concurrency: int) -> int:
+    """wrk's threads for `concurrency` connections: one each, at most MAX_THREADS."""
+    return max(1, min(concurrency, MAX_THREADS))
+
+
 def _run(base_url: str, concurrency: int, seconds: float, script_path: Path) -> None:
-    threads = max(1, min(concurrency, MAX_THREADS))
+    threads = threads_for(concurrency)
     subprocess.run(
         [
             WRK,
@@ -139,8 +157,16 @@ def _run(base_url: str, concurrency: int, seconds: float, script_path: Path) -> 
     )
 
 
-def measure(spec: dict[str, Any]) -> dict[str, Any]:
-    """Run one measurement as `spec` describes, with wrk; return its figures."""
+def measure(
+    spec: dict[str, Any], *, cpu: dict[str, Callable[[], float]] | None = None
+) -> dict[str, Any]:
+    """Run one measurement as `spec` describes, with wrk; return its figures.
+
+    `cpu` names processes (the broker, OpenBao) by a function that reads the CPU
+    seconds each has used so far: read just before and after the measured run,
+    they give each one's CPU per request in ms (`cpu_ms_per_request`), a figure
+    that other load on the machine moves far less than the throughput.
+    """
     if shutil.which(WRK) is None:
         raise WrkMissing("wrk is not installed: `make bench` installs it (apt-get install wrk)")
     url = urlsplit(spec["base_url"])
@@ -151,21 +177,26 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-wrk-") as private:
         work = Path(private)  # mode 0700: the script holds tokens
         figures = work / "figures.json"
+        targets, threads = spec["targets"], threads_for(concurrency)
         warm = work / "warmup.lua"
-        warm.write_text(script(spec["targets"], host, None))
+        ahead = len(targets) // (2 * threads)
+        warm.write_text(script(targets, host, None, threads=threads, offset=ahead))
         measured = work / "measure.lua"
-        measured.write_text(script(spec["targets"], host, figures))
+        measured.write_text(script(targets, host, figures, threads=threads))
         warmup_s = float(spec.get("warmup_s", 1.0))
         if warmup_s > 0:
             _run(spec["base_url"], concurrency, warmup_s, warm)
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        readers = cpu or {}
+        cpu_before = {name: read() for name, read in readers.items()}
         started = time.perf_counter()
         _run(spec["base_url"], concurrency, float(spec["duration_s"]), measured)
         wall = time.perf_counter() - started
+        cpu_used = {name: read() - cpu_before[name] for name, read in readers.items()}
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         raw = json.loads(figures.read_text())
     seconds = raw["duration_us"] / 1e6
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    wrk_cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     errors = {k: raw[k] for k in ("connect", "read", "write", "timeout") if raw[k]}
     return {
         "generator": "wrk",
@@ -179,7 +210,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         "non_2xx_3xx": raw["non_2xx_3xx"],
         "errors": errors,
         # Share of one core wrk used while measuring (its start and exit included).
-        "loadgen_cpu": round(cpu / wall, 3) if wall else 0.0,
+        "loadgen_cpu": round(wrk_cpu / wall, 3) if wall else 0.0,
+        "cpu_ms_per_request": {
+            name: round(used * 1000 / raw["requests"], 3) if raw["requests"] else None
+            for name, used in cpu_used.items()
+        },
     }
 
 
@@ -201,5 +236,17 @@ def in_series(parts: list[dict[str, Any]]) -> dict[str, Any]:
         "non_2xx_3xx": sum(p["non_2xx_3xx"] for p in parts),
         "errors": {k: v for p in parts for k, v in p["errors"].items()},
         "loadgen_cpu": max(p["loadgen_cpu"] for p in parts),
+        "cpu_ms_per_request": _cpu_in_series(parts),
         "parts": parts,
+    }
+
+
+def _cpu_in_series(parts: list[dict[str, Any]]) -> dict[str, float]:
+    """Each process's CPU per iteration: the sum over the calls, where every call has it."""
+    per_call = [p.get("cpu_ms_per_request") or {} for p in parts]
+    names = set.intersection(*(set(c) for c in per_call)) if per_call else set()
+    return {
+        name: round(sum(c[name] for c in per_call), 3)
+        for name in sorted(names)
+        if all(c[name] is not None for c in per_call)
     }

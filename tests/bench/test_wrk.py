@@ -3,13 +3,16 @@ a fresh counter in every write, and figures read back from wrk itself."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from bench import wrk
+from bench import process, wrk
 from tests.support.loopback import Serving
 
 pytestmark = pytest.mark.skipif(
@@ -65,9 +68,12 @@ def test_every_target_is_sent_as_given_and_every_write_differs(server: str) -> N
                 {"method": "PATCH", "path": "/b", "headers": {}, "body": '{"n": "w {n}"}'},
                 {"method": "GET", "path": "/missing", "headers": {}, "body": None},
             ],
-        }
+        },
+        # The recorder serves from this process: its CPU is the server's.
+        cpu={"server": lambda: process.tree_cpu_s(os.getpid())},
     )
     seen = _Recorder.seen
+    assert result["cpu_ms_per_request"]["server"] > 0
     assert result["generator"] == "wrk"
     assert result["requests"] > 0
     assert result["rps"] > 0
@@ -86,6 +92,23 @@ def test_every_target_is_sent_as_given_and_every_write_differs(server: str) -> N
     assert all(b.startswith(b'{"n": "w ') and b"{n}" not in b for b in writes)
 
 
+def test_the_threads_start_spread_over_the_targets(server: str) -> None:
+    paths = [f"/t{i}" for i in range(20_000)]
+    wrk.measure(
+        {
+            "base_url": server,
+            "concurrency": 2,
+            "duration_s": 1,
+            "warmup_s": 0,
+            "targets": [{"method": "GET", "path": p, "headers": {}} for p in paths],
+        }
+    )
+    seen = {int(path.removeprefix("/t")) for _, path, *_ in _Recorder.seen}
+    # One thread from the start, the other from half-way: not one step behind the first.
+    assert any(n < 100 for n in seen)
+    assert any(10_000 <= n < 10_100 for n in seen)
+
+
 def test_calls_in_series_add_up() -> None:
     a = {
         "concurrency": 1,
@@ -97,6 +120,23 @@ def test_calls_in_series_add_up() -> None:
         "loadgen_cpu": 0.1,
     }
     b = {**a, "rps": 500.0, "p50_ms": 2.0, "p99_ms": 3.0, "loadgen_cpu": 0.2}
+    a["cpu_ms_per_request"] = {"vault": 0.25, "broker": 0.0}
+    b["cpu_ms_per_request"] = {"vault": 0.5}
     both = wrk.in_series([a, b])
+    # Only what every call measured adds up.
+    assert both["cpu_ms_per_request"] == {"vault": 0.75}
     assert both["rps"] == pytest.approx(1 / (1 / 1000 + 1 / 500), abs=0.1)
     assert (both["p50_ms"], both["p99_ms"], both["loadgen_cpu"]) == (3.0, 5.0, 0.2)
+
+
+def test_the_cpu_of_a_process_counts_its_live_descendants() -> None:
+    """A `--workers N` supervisor serves nothing itself: its workers' CPU must count."""
+    code = "import sys; sum(range(3_000_000)); print('done', flush=True); sys.stdin.read()"
+    with subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as child:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "done"
+        assert process.tree_cpu_s(child.pid) > 0
+        assert child.pid in process.process_tree(os.getpid())
+        child.communicate("")
