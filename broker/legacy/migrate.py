@@ -43,12 +43,15 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core.context import RequestContext
 from broker.core.db import unit_of_work
 from broker.core.errors import (
     BrokerError,
@@ -60,11 +63,12 @@ from broker.core.errors import (
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import Credentials, ProviderEndpoints
 from broker.integrations.service import (
+    BatchSave,
     Outbound,
+    SaveBatch,
     etag,
     read_credentials,
     reconcile_tenant,
-    save_credentials,
 )
 from broker.legacy.finalize import finalize_legacy
 from broker.legacy.mapping import (
@@ -92,6 +96,7 @@ from broker.legacy.runner import (
     bind,
     fan_out,
     operator,
+    request_context,
     run_batches,
     select_groups,
 )
@@ -299,38 +304,120 @@ class _Migration(Run):
             session.add(record)
 
     def _store_all(self, plans: list[TenantPlan]) -> Stop | None:
-        """Store and verify the credentials, `workers` tenants at once."""
+        """Settle interrupted writes, then store and verify the credentials.
 
-        def settle(plan: TenantPlan) -> bool:
-            self._bind(plan.group)
-            try:
-                self._settle(plan)
-            except _SYSTEMIC as exc:
-                raise Stop(exc.message, plan.fail(exc.message)) from None
-            except BrokerError as exc:
-                plan.fail(exc.message)
-            return True
+        The credentials go through the API's write protocol a batch at a time
+        (`SaveBatch`): one transaction marks every row pending, one settles them,
+        and the Vault calls run `workers` at once. A run that stops part way still
+        settles what it wrote and clears the marks of what it did not.
+        """
+        stop = self._each(self._reconcile, [p for p in plans if p.reconcile])
+        pairs = self._pairs([p for p in plans if p.reached])
+        if stop is not None or not pairs:
+            return stop
+        batch = SaveBatch(self.engine, self.vault, self.outbound, PROVIDER, [s for _, s in pairs])
+        batch.check()
+        stop = self._each(lambda pair: self._step(pair, batch.seal), pairs)
+        if stop is None:
+            batch.mark()
+            stop = _first_stop(pairs)
+        if stop is None:
+            stop = self._each(lambda pair: self._step(pair, batch.write), pairs)
+        batch.settle()
+        for plan, save in pairs:
+            if plan.reached:
+                self._settled(plan, save)
+        verifying = [p for p, _ in pairs if p.reached and p.creds is not None]
+        return stop or self._each(self._verify, verifying)
 
+    def _pairs(self, plans: list[TenantPlan]) -> list[tuple[TenantPlan, BatchSave]]:
+        """A save for each plan with credentials, based on the version its row holds now."""
+        etags = self._etags([p.tenant_id for p in plans if p.tenant_existed])
+        return [
+            (plan, self._save(plan, creds, etags.get(plan.tenant_id, etag(None))))
+            for plan in plans
+            if (creds := plan.creds) is not None
+        ]
+
+    def _save(self, plan: TenantPlan, creds: Credentials, if_match: str) -> BatchSave:
+        principal = operator(self.subject, plan.tenant_id)
+        return BatchSave(
+            principal=principal,
+            tenant_id=plan.tenant_id,
+            fields={name: creds.reveal(name) for name in creds.names()},
+            if_match=if_match,
+            context=self._context(plan.group, principal),
+        )
+
+    def _each(self, step: Callable[[_Item], object], items: list[_Item]) -> Stop | None:
+        """Run `step` over the items, `workers` at once; those not started are not reached."""
         stopped: Stop | None = None
-        for plan, started, stop in fan_out(settle, plans, self.workers):
+        for item, started, stop in fan_out(step, items, self.workers):
             stopped = stopped or stop
-            # Not started because the run stopped first: prepared, but not reached.
-            plan.reached = bool(started) or stop is not None
+            if started is None and stop is None:
+                _plan_of(item).reached = False
         return stopped
 
-    def _settle(self, plan: TenantPlan) -> None:
-        """Settle an interrupted write, then store and verify the credentials if planned."""
-        tenant_id = plan.tenant_id
-        if plan.reconcile:
-            # An earlier run (or API call) was cut off mid-write: settle it first.
-            reconcile_tenant(self.engine, self.store, tenant_id)
-        if plan.creds is None:
+    def _step(self, pair: tuple[TenantPlan, BatchSave], step: Callable[[BatchSave], None]) -> bool:
+        """One save's step of the batch; Stop when it met Vault or PostgreSQL unavailable."""
+        plan, save = pair
+        step(save)
+        if isinstance(save.error, _SYSTEMIC):
+            raise Stop(save.error.message, plan.fail(save.error.message))
+        return True
+
+    def _reconcile(self, plan: TenantPlan) -> bool:
+        """An earlier run (or API call) was cut off mid-write: settle it first."""
+        self._bind(plan.group)
+        try:
+            reconcile_tenant(self.engine, self.store, plan.tenant_id)
+        except _SYSTEMIC as exc:
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        return True
+
+    def _settled(self, plan: TenantPlan, save: BatchSave) -> None:
+        """The plan's outcome from its settled save."""
+        if save.result is not None:
+            plan.kv_version = save.result.kv_version
+        elif isinstance(save.error, Conflict | PreconditionFailed):
+            self._lost_race(plan)
+        elif save.error is not None and not isinstance(save.error, _SYSTEMIC):
+            plan.fail(save.error.message)
+
+    def _lost_race(self, plan: TenantPlan) -> None:
+        """Someone wrote between our check and our write: look again."""
+        creds = plan.creds
+        try:
+            found = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
+        except NotFound:
+            found = None
+        if found is not None and creds is not None and same_credentials(found[0], creds):
+            plan.outcome.credential, plan.kv_version = "unchanged", found[1]
             return
-        # The ETag the metadata row has now; the save fails if anyone moves it meanwhile.
-        if_match = self._etag(tenant_id) if plan.tenant_existed else etag(None)
-        if not self._store(plan, plan.creds, if_match):
-            return
-        if not self._verified(tenant_id, plan.creds):
+        plan.fail(
+            "different Twilio credentials were stored for this tenant while the migration "
+            "ran; both were left untouched",
+            "conflict",
+            credential="conflict",
+            created=plan.outcome.created,
+            settings_groups=plan.outcome.settings_groups,
+            unmapped=plan.outcome.unmapped,
+        )
+
+    def _verify(self, plan: TenantPlan) -> bool:
+        """Read the credentials back from Vault and compare fingerprints."""
+        self._bind(plan.group)
+        try:
+            stored, _ = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
+            verified = plan.creds is not None and same_credentials(stored, plan.creds)
+        except NotFound:
+            verified = False
+        except _SYSTEMIC as exc:
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        except BrokerError as exc:
+            plan.fail(exc.message)
+            return True
+        if not verified:
             plan.fail(
                 "verification failed: the credentials read back from Vault do not match "
                 "the legacy ones",
@@ -339,54 +426,19 @@ class _Migration(Run):
                 settings_groups=plan.outcome.settings_groups,
                 unmapped=plan.outcome.unmapped,
             )
-
-    def _store(self, plan: TenantPlan, creds: Credentials, if_match: str) -> bool:
-        """Save through the API's service; False when someone else's credentials won."""
-        try:
-            row = save_credentials(
-                self.engine,
-                self.vault,
-                self.outbound,
-                principal=operator(self.subject, plan.tenant_id),
-                tenant_id=plan.tenant_id,
-                provider=PROVIDER,
-                fields={name: creds.reveal(name) for name in creds.names()},
-                if_match=if_match,
-                skip_connection_test=True,
-            )
-        except (Conflict, PreconditionFailed):
-            # Someone wrote between our check and our write: look again.
-            try:
-                found = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
-            except NotFound:
-                found = None
-            if found is not None and same_credentials(found[0], creds):
-                plan.outcome.credential, plan.kv_version = "unchanged", found[1]
-                return True
-            plan.fail(
-                "different Twilio credentials were stored for this tenant while the migration "
-                "ran; both were left untouched",
-                "conflict",
-                credential="conflict",
-                created=plan.outcome.created,
-                settings_groups=plan.outcome.settings_groups,
-                unmapped=plan.outcome.unmapped,
-            )
-            return False
-        plan.kv_version = row.kv_version
         return True
 
-    def _etag(self, tenant_id: str) -> str:
+    def _etags(self, tenant_ids: list[str]) -> dict[str, str]:
+        """The ETag each tenant's metadata row has now; a save fails if anyone moves it."""
+        if not tenant_ids:
+            return {}
         with unit_of_work(self.engine) as session:
-            return etag(session.get(IntegrationCredential, (tenant_id, PROVIDER)))
-
-    def _verified(self, tenant_id: str, creds: Credentials) -> bool:
-        """Read back from Vault and compare fingerprints."""
-        try:
-            stored, _ = read_credentials(self.vault, tenant_id=tenant_id, provider=PROVIDER)
-        except NotFound:
-            return False
-        return same_credentials(stored, creds)
+            rows = session.exec(
+                select(IntegrationCredential)
+                .where(col(IntegrationCredential.tenant_id).in_(tenant_ids))
+                .where(IntegrationCredential.provider == PROVIDER)
+            )
+            return {row.tenant_id: etag(row) for row in rows}
 
     # -- record -------------------------------------------------------------------------
 
@@ -410,26 +462,62 @@ class _Migration(Run):
         bind(self.run_id, principal, group.tenant_id, "legacy.migrate")
         return principal
 
+    def _context(self, group: Group, principal: Principal) -> RequestContext:
+        return request_context(self.run_id, principal, group.tenant_id, "legacy.migrate")
+
+
+_Item = TypeVar("_Item", TenantPlan, tuple[TenantPlan, BatchSave])
+
+
+def _plan_of(item: TenantPlan | tuple[TenantPlan, BatchSave]) -> TenantPlan:
+    return item if isinstance(item, TenantPlan) else item[0]
+
+
+def _first_stop(pairs: list[tuple[TenantPlan, BatchSave]]) -> Stop | None:
+    """Stop when marking met Vault or PostgreSQL unavailable: the saves left are not reached."""
+    failed = [(p, s.error) for p, s in pairs if isinstance(s.error, _SYSTEMIC)]
+    if not failed:
+        return None
+    plan, error = failed[0]
+    for other, save in pairs:
+        if other is not plan and save.error is None:
+            other.reached = False
+    return Stop(error.message, plan.fail(error.message))
+
 
 def _lock_records(
     session: Session, source: str, groups: Sequence[Group]
 ) -> dict[str, LegacyMigration]:
-    """The progress rows of `groups`, locked; new (unsaved) ones for legacy ids without one."""
+    """The progress rows of `groups`, locked; created (pending) for legacy ids without one."""
     ids = [legacy for g in groups for legacy in g.legacy_ids]
-    found = {
-        r.legacy_id: r
-        for r in session.exec(
-            select(LegacyMigration)
-            .where(LegacyMigration.source == source)
-            .where(col(LegacyMigration.legacy_id).in_(ids))
-            .with_for_update()
+    now = utcnow()
+    session.execute(
+        pg_insert(LegacyMigration)
+        .values(
+            [
+                {
+                    "source": source,
+                    "legacy_id": legacy,
+                    "status": "pending",
+                    "settings_applied": False,
+                    "settings_groups": [],
+                    "unmapped_keys": [],
+                    "attempts": 0,
+                    "created_at": now,
+                    "updated_at": now,
+                }
+                for legacy in ids
+            ]
         )
-    }
-    return {
-        legacy: found.get(legacy)
-        or LegacyMigration(source=source, legacy_id=legacy, status="pending")
-        for legacy in ids
-    }
+        .on_conflict_do_nothing()
+    )
+    rows = session.exec(
+        select(LegacyMigration)
+        .where(LegacyMigration.source == source)
+        .where(col(LegacyMigration.legacy_id).in_(ids))
+        .with_for_update()
+    )
+    return {row.legacy_id: row for row in rows}
 
 
 def _progress_status(outcome: TenantOutcome) -> str:

@@ -43,6 +43,7 @@ __all__ = [
     "fan_out",
     "load_progress",
     "operator",
+    "request_context",
     "rows_by_group",
     "run_batches",
     "select_groups",
@@ -255,14 +256,19 @@ def operator(subject: str, tenant_id: str | None) -> Principal:
     return Principal(subject=subject, kind="user", scopes=OPERATOR_SCOPES, tenant_id=tenant_id)
 
 
+def request_context(
+    run_id: str, principal: Principal, tenant_id: str | None, action: str
+) -> context.RequestContext:
+    """The context naming the run, the operator and the tenant on Vault calls and trail events."""
+    return context.RequestContext(
+        request_id=f"legacy-{run_id}-{tenant_id or 'none'}",
+        actor=principal.actor,
+        tenant_id=tenant_id,
+        action=action,
+    )
+
+
 def bind(run_id: str, principal: Principal, tenant_id: str | None, action: str) -> None:
     """Name the run, the operator and the tenant on every Vault call and trail event."""
     # The Vault gateway stamps these on every call as audited headers.
-    context.bind(
-        context.RequestContext(
-            request_id=f"legacy-{run_id}-{tenant_id or 'none'}",
-            actor=principal.actor,
-            tenant_id=tenant_id,
-            action=action,
-        )
-    )
+    context.bind(request_context(run_id, principal, tenant_id, action))
