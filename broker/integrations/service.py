@@ -851,27 +851,26 @@ def _begin(
 
 def _create_rows(session: Session, tenant_ids: Sequence[str], provider: str) -> None:
     """The metadata rows of a first save, unless they exist."""
+    if not tenant_ids:
+        return
     now = utcnow()
     # Concurrent first saves race to create the row; let PostgreSQL pick one.
     session.execute(
-        pg_insert(IntegrationCredential)
-        .values(
-            [
-                {
-                    "tenant_id": tenant_id,
-                    "provider": provider,
-                    "configured": False,
-                    "kv_version": 0,
-                    "hints": {},
-                    "identifiers": {},
-                    "updated_at": now,
-                    "connection_test_skipped": False,
-                    "vault_sync_pending": False,
-                }
-                for tenant_id in tenant_ids
-            ]
-        )
-        .on_conflict_do_nothing()
+        pg_insert(IntegrationCredential).on_conflict_do_nothing(),
+        [
+            {
+                "tenant_id": tenant_id,
+                "provider": provider,
+                "configured": False,
+                "kv_version": 0,
+                "hints": {},
+                "identifiers": {},
+                "updated_at": now,
+                "connection_test_skipped": False,
+                "vault_sync_pending": False,
+            }
+            for tenant_id in tenant_ids
+        ],
     )
 
 
@@ -1181,7 +1180,11 @@ def live_tenant(session: Session, tenant_id: str) -> Tenant:
 
 
 def _live_tenant(session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
+    return _live(session.get(Tenant, tenant_id))
+
+
+def _live(tenant: Tenant | None) -> Tenant:
+    """The tenant, unless missing or being deleted (NotFound)."""
     if tenant is None or tenant.deleting_at is not None:
         raise NotFound("no such tenant")
     return tenant
@@ -1294,12 +1297,11 @@ class SaveBatch:
         """Step 1 without Vault: each tenant live, its delivery mode, its fields, its egress."""
         ids = [s.tenant_id for s in self.saves]
         with unit_of_work(self.engine) as session:
-            # Loaded once: the per-save lookups below are found in the session.
-            _load(session, select(Tenant).where(col(Tenant.id).in_(ids)))
-            rows = {r.tenant_id: r for r in _load(session, _rows_of(ids, self.provider))}
+            tenants = {t.id: t for t in session.exec(select(Tenant).where(col(Tenant.id).in_(ids)))}
+            rows = {r.tenant_id: r for r in session.exec(_rows_of(ids, self.provider))}
             for save in self.saves:
                 try:
-                    _live_tenant(session, save.tenant_id)
+                    _live(tenants.get(save.tenant_id))
                     delivery = _delivery_of(rows.get(save.tenant_id))
                     creds = _validated(self.spec, save.fields, delivery)
                     self.spec.check_target(self.outbound.client, self.outbound.endpoints, creds)
@@ -1337,32 +1339,31 @@ class SaveBatch:
         ids = [s.tenant_id for s in ready]
         with unit_of_work(self.engine) as session:
             # Key-share locks: no tenant can be deleted under its new rows.
-            live = _load(
-                session,
-                select(Tenant)
-                .where(col(Tenant.id).in_(ids), col(Tenant.deleting_at).is_(None))
-                .with_for_update(read=True, key_share=True),
-            )
-            _create_rows(session, [t.id for t in live], self.provider)
+            live = {
+                t.id: t
+                for t in session.exec(
+                    select(Tenant)
+                    .where(col(Tenant.id).in_(ids), col(Tenant.deleting_at).is_(None))
+                    .with_for_update(read=True, key_share=True)
+                )
+            }
+            _create_rows(session, list(live), self.provider)
             rows = _locked_rows(session, ids, self.provider)
             for save in ready:
                 try:
-                    save.begun = _as(save, self._begin, session, save, rows)
+                    _live(live.get(save.tenant_id))
+                    save.begun = _as(
+                        save,
+                        _begin_row,
+                        session,
+                        self.store,
+                        rows[save.tenant_id],
+                        if_match=save.if_match,
+                        create=True,
+                        content=save.content,
+                    )
                 except BrokerError as exc:
                     save.error = exc
-
-    def _begin(
-        self, session: Session, save: BatchSave, rows: Mapping[str, IntegrationCredential]
-    ) -> _Begun:
-        _live_tenant(session, save.tenant_id)
-        return _begin_row(
-            session,
-            self.store,
-            rows[save.tenant_id],
-            if_match=save.if_match,
-            create=True,
-            content=save.content,
-        )
 
     def write(self, save: BatchSave) -> None:
         """Step 3, for one save: the KV write with check-and-set."""
@@ -1391,8 +1392,11 @@ class SaveBatch:
                 ids = [s.tenant_id for s in written]
                 rows = _locked_rows(session, ids, self.provider)
                 settings = _locked_settings(session, ids)
-                for save in written:
-                    _as(save, self._record, session, save, rows.get(save.tenant_id), settings)
+                # Flushed once, at the commit: nothing below reads what the loop changes.
+                with session.no_autoflush:
+                    for save in written:
+                        row = rows.get(save.tenant_id)
+                        _as(save, self._record, session, save, row, settings)
         for save in self.saves:
             begun = save.begun
             if begun is not None and save.version is None:
@@ -1484,8 +1488,3 @@ def _locked_rows(
     """These tenants' metadata rows of one provider, locked (in tenant order), by tenant."""
     rows = session.exec(_rows_of(tenant_ids, provider).with_for_update())
     return {row.tenant_id: row for row in rows}
-
-
-def _load(session: Session, statement: Any) -> list[Any]:
-    """Run a select so its rows are in the session (a later `session.get` finds them)."""
-    return list(session.exec(statement))

@@ -103,7 +103,7 @@ from broker.legacy.runner import (
 from broker.legacy.source import LegacySource
 from broker.models import IntegrationCredential, LegacyMigration, TenantSettings, utcnow
 from broker.settings.service import default_settings_row, patch_settings
-from broker.tenants.service import create_tenant
+from broker.tenants.service import add_tenants
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
@@ -219,30 +219,42 @@ class _Migration(Run):
         return reached, stopped or (stop.message if stop is not None else None)
 
     def _prepare(self, plans: list[TenantPlan]) -> Stop | None:
-        """Tenants, settings rows, Transit keys and metadata, in `workers` concurrent chunks.
+        """Transit keys, then tenants, settings rows and metadata in `workers` concurrent chunks.
 
-        When Vault or PostgreSQL goes away, the chunk that met it is rolled back;
-        chunks done before stay (their progress rows say pending, metadata
+        The keys come first (`workers` at once), as `create_tenant` makes them:
+        before the rows are committed; a key left by a run that stopped is simply
+        reused. When Vault or PostgreSQL goes away, the chunk that met it is rolled
+        back; chunks done before stay (their progress rows say pending, metadata
         applied), but nothing more is stored: those tenants are not reached.
         """
         if not plans:
             return None
-        size = -(-len(plans) // self.workers)
-        chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
-        stopped: Stop | None = None
-        for _, _, stop in fan_out(self._prepare_chunk, chunks, self.workers):
-            stopped = stopped or stop
+        stopped = self._each(self._ensure_key, plans)
+        if stopped is None:
+            size = -(-len(plans) // self.workers)
+            chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
+            for _, _, stop in fan_out(self._prepare_chunk, chunks, self.workers):
+                stopped = stopped or stop
         if stopped is not None:
             for plan in plans:
                 plan.reached = plan.action != "apply"
         return stopped
+
+    def _ensure_key(self, plan: TenantPlan) -> bool:
+        self._bind(plan.group)
+        try:
+            self.store.ensure_tenant_key(plan.tenant_id)
+        except _SYSTEMIC as exc:
+            plan.action = "record"
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        return True
 
     def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
         """Prepare these tenants in one transaction.
 
         Should one of them fail (a tenant created or deleted meanwhile), the chunk
         is rolled back and prepared again with a savepoint per tenant, so only
-        that tenant fails. Raises Stop when Vault or PostgreSQL is unavailable.
+        that tenant fails. Raises Stop when PostgreSQL is unavailable.
         """
         try:
             self._prepare_together(plans, isolated=False)
@@ -253,11 +265,19 @@ class _Migration(Run):
     def _prepare_together(self, plans: list[TenantPlan], *, isolated: bool) -> None:
         with unit_of_work(self.engine) as session:
             records = _lock_records(session, self.source.label, [p.group for p in plans])
+            if not isolated:
+                self._add_tenants(session, [p for p in plans if not p.tenant_existed])
             for plan in plans:
                 principal = self._bind(plan.group)
                 try:
-                    with session.begin_nested() if isolated else nullcontext():
-                        self._ensure_tenant(session, plan, principal, records)
+                    # Each patch flushes its own change; the rest waits for the commit.
+                    with (
+                        session.no_autoflush,
+                        session.begin_nested() if isolated else nullcontext(),
+                    ):
+                        if isolated and not plan.tenant_existed:
+                            self._add_tenants(session, [plan])
+                        self._ensure_tenant(session, plan, principal)
                 except _SYSTEMIC as exc:
                     plan.action = "record"
                     raise Stop(exc.message, plan.fail(exc.message)) from None
@@ -266,42 +286,43 @@ class _Migration(Run):
                         raise _OneFailed() from None
                     plan.action = "record"
                     plan.fail(exc.message)
+            # Last, so the progress rows are written together at the commit.
+            for plan in plans:
+                if plan.action == "apply":
+                    _note_prepared(session, records, plan, self.run_id)
 
-    def _ensure_tenant(
-        self,
-        session: Session,
-        plan: TenantPlan,
-        principal: Principal,
-        records: dict[str, LegacyMigration],
-    ) -> None:
-        """Tenant, settings row and Transit key; the planned settings patch, applied once."""
+    def _add_tenants(self, session: Session, plans: list[TenantPlan]) -> None:
+        """The planned new tenants' rows (their keys exist already).
+
+        Refused (Conflict) when one was created since the plan: then the chunk is
+        prepared again, that tenant failing alone.
+        """
+        if not plans:
+            return
+        principal = operator(self.subject, None)
+        bind(self.run_id, principal, None, "legacy.migrate")
+        names = {p.tenant_id: _tenant_name(p) for p in plans}
+        try:
+            add_tenants(session, principal=principal, names=names)
+        except BrokerError:
+            if len(plans) > 1:
+                raise _OneFailed() from None
+            raise
+        session.flush()  # the settings rows, which the patches lock
+
+    def _ensure_tenant(self, session: Session, plan: TenantPlan, principal: Principal) -> None:
+        """A settings row if the tenant lacks one; the planned settings patch, applied once."""
         tenant_id = plan.tenant_id
         created = not plan.tenant_existed
-        if created:
-            # Refused (Conflict) when the tenant was created since the plan: then
-            # this chunk is prepared again, that tenant failing alone.
-            name = ((plan.row.name if plan.row else None) or "").strip()[:200] or tenant_id
-            create_tenant(session, self.vault, principal=principal, tenant_id=tenant_id, name=name)
-        else:
-            if session.get(TenantSettings, tenant_id) is None:  # from before settings rows
-                session.add(default_settings_row(tenant_id, updated_by=principal.actor))
-                session.flush()
-            self.store.ensure_tenant_key(tenant_id)
+        if not created and session.get(TenantSettings, tenant_id) is None:
+            # A tenant from before settings rows.
+            session.add(default_settings_row(tenant_id, updated_by=principal.actor))
+            session.flush()
         if plan.patch:
             patch_settings(
                 session, principal=principal, tenant_id=tenant_id, patch=plan.patch, if_match=None
             )
         plan.outcome.created = created
-        for legacy in plan.group.legacy_ids:
-            record = records[legacy]
-            record.tenant_id = tenant_id
-            record.status = "pending"
-            record.settings_applied = True
-            record.settings_groups = plan.outcome.settings_groups
-            record.unmapped_keys = [u.as_dict() for u in plan.outcome.unmapped]
-            record.run_id = self.run_id
-            record.updated_at = utcnow()
-            session.add(record)
 
     def _store_all(self, plans: list[TenantPlan]) -> Stop | None:
         """Settle interrupted writes, then store and verify the credentials.
@@ -327,8 +348,13 @@ class _Migration(Run):
         for plan, save in pairs:
             if plan.reached:
                 self._settled(plan, save)
-        verifying = [p for p, _ in pairs if p.reached and p.creds is not None]
-        return stop or self._each(self._verify, verifying)
+        written = [p for p, s in pairs if p.reached and s.result is not None]
+        if stop is not None:
+            # Stored, but the run stopped before reading them back: the rerun verifies them.
+            for plan in written:
+                plan.reached = False
+            return stop
+        return self._each(self._verify, written)
 
     def _pairs(self, plans: list[TenantPlan]) -> list[tuple[TenantPlan, BatchSave]]:
         """A save for each plan with credentials, based on the version its row holds now."""
@@ -492,24 +518,21 @@ def _lock_records(
     ids = [legacy for g in groups for legacy in g.legacy_ids]
     now = utcnow()
     session.execute(
-        pg_insert(LegacyMigration)
-        .values(
-            [
-                {
-                    "source": source,
-                    "legacy_id": legacy,
-                    "status": "pending",
-                    "settings_applied": False,
-                    "settings_groups": [],
-                    "unmapped_keys": [],
-                    "attempts": 0,
-                    "created_at": now,
-                    "updated_at": now,
-                }
-                for legacy in ids
-            ]
-        )
-        .on_conflict_do_nothing()
+        pg_insert(LegacyMigration).on_conflict_do_nothing(),
+        [
+            {
+                "source": source,
+                "legacy_id": legacy,
+                "status": "pending",
+                "settings_applied": False,
+                "settings_groups": [],
+                "unmapped_keys": [],
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for legacy in ids
+        ],
     )
     rows = session.exec(
         select(LegacyMigration)
@@ -518,6 +541,27 @@ def _lock_records(
         .with_for_update()
     )
     return {row.legacy_id: row for row in rows}
+
+
+def _note_prepared(
+    session: Session, records: dict[str, LegacyMigration], plan: TenantPlan, run_id: str
+) -> None:
+    """The progress rows of a prepared tenant: pending, its metadata applied."""
+    for legacy in plan.group.legacy_ids:
+        record = records[legacy]
+        record.tenant_id = plan.tenant_id
+        record.status = "pending"
+        record.settings_applied = True
+        record.settings_groups = plan.outcome.settings_groups
+        record.unmapped_keys = [u.as_dict() for u in plan.outcome.unmapped]
+        record.run_id = run_id
+        record.updated_at = utcnow()
+        session.add(record)
+
+
+def _tenant_name(plan: TenantPlan) -> str:
+    """The legacy row's name, cut to fit; the tenant id when it has none."""
+    return ((plan.row.name if plan.row else None) or "").strip()[:200] or plan.tenant_id
 
 
 def _progress_status(outcome: TenantOutcome) -> str:
