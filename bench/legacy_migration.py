@@ -30,7 +30,7 @@ from broker.core.db import make_engine, upgrade
 from broker.devstack.openbao import OpenBaoServer
 from broker.devstack.postgres import EmbeddedPostgres, create_database
 from broker.legacy.migrate import migrate_legacy
-from broker.legacy.runner import DEFAULT_WORKERS
+from broker.legacy.runner import DEFAULT_BATCH, DEFAULT_WORKERS
 from broker.legacy.source import LegacySource, LegacyTable
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway
@@ -76,7 +76,7 @@ def _seed(url: str, n_tenants: int) -> None:
 
 
 def run(
-    n_tenants: int = 1000, *, batch_size: int = 100, workers: int = DEFAULT_WORKERS
+    n_tenants: int = 1000, *, batch_size: int = DEFAULT_BATCH, workers: int = DEFAULT_WORKERS
 ) -> dict[str, Any]:
     """Migrate `n_tenants` legacy tenants on a fresh local stack; return the timings."""
     work = Path(tempfile.mkdtemp(prefix="broker-bench-legacy-"))
@@ -136,7 +136,7 @@ def main() -> None:
     """Command-line entry: print the result as JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n_tenants", nargs="?", type=int, default=1000)
-    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     args = parser.parse_args()
     result = run(args.n_tenants, batch_size=args.batch, workers=args.workers)

@@ -88,6 +88,7 @@ from broker.legacy.reports import (
     UnmappedKey,
 )
 from broker.legacy.runner import (
+    DEFAULT_BATCH,
     DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
@@ -140,7 +141,7 @@ def migrate_legacy(
     *,
     dry_run: bool = False,
     tenants: Sequence[str] | None = None,
-    batch_size: int = 100,
+    batch_size: int = DEFAULT_BATCH,
     subject: str = MIGRATION_SUBJECT,
     workers: int = DEFAULT_WORKERS,
     on_progress: Callable[[int, int], None] | None = None,
