@@ -144,8 +144,9 @@ def record(
         client_addr=ctx.client_addr if ctx else None,
         detail=detail or {},
     )
+    # Written with the caller's next flush or its commit: a unit of work that records
+    # many events (a batch) sends them together rather than one round trip each.
     session.add(event)
-    session.flush()
     return event
 
 

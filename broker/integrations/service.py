@@ -42,11 +42,13 @@ write needs two commits around the Vault call.
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -54,6 +56,8 @@ from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core import context
+from broker.core.context import RequestContext
 from broker.core.db import unit_of_work
 from broker.core.errors import (
     BrokerError,
@@ -180,9 +184,7 @@ def save_credentials(
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         delivery = _delivery_mode(session, tenant_id, provider)
-    creds = spec.validate(fields)
-    if delivery == "dynamic":
-        _check_root(provider, creds)
+    creds = _validated(spec, fields, delivery)
     result: ConnectionResult | None = None
     if skip_connection_test:
         # No call now, but the SDK will send these credentials to the stored URL: it
@@ -196,13 +198,6 @@ def save_credentials(
                 f"connection test failed: {result.reason}; nothing was stored",
                 connection_test={"code": result.code, "reason": result.reason},
             )
-    public = {
-        "hints": _secret_hints(spec, creds),
-        "identifiers": creds.identifiers(),
-        "updated_by": principal.actor,
-        "connection_test": "skipped" if skip_connection_test else "passed",
-        **({"delivery": "dynamic"} if delivery == "dynamic" else {}),
-    }
     return _write(
         engine,
         SealedStore(vault),
@@ -212,10 +207,31 @@ def save_credentials(
         if_match=if_match,
         action="integration.save",
         content=_Content(creds.secret_values(), creds.identifiers()),
-        public=public,
+        public=_saved_public(spec, creds, principal, delivery, skipped=skip_connection_test),
         test=result,
         skipped=skip_connection_test,
     )
+
+
+def _validated(spec: ProviderSpec, fields: Mapping[str, object], delivery: str) -> Credentials:
+    """The fields as credentials, which in dynamic delivery must be able to mint keys."""
+    creds = spec.validate(fields)
+    if delivery == "dynamic":
+        _check_root(spec.name, creds)
+    return creds
+
+
+def _saved_public(
+    spec: ProviderSpec, creds: Credentials, principal: Principal, delivery: str, *, skipped: bool
+) -> dict[str, Any]:
+    """The public part a save stores beside (and seals with) the secrets."""
+    return {
+        "hints": _secret_hints(spec, creds),
+        "identifiers": creds.identifiers(),
+        "updated_by": principal.actor,
+        "connection_test": "skipped" if skipped else "passed",
+        **({"delivery": "dynamic"} if delivery == "dynamic" else {}),
+    }
 
 
 def restore_version(
@@ -324,8 +340,11 @@ def delete_credentials(
 
 def _delivery_mode(session: Session, tenant_id: str, provider: str) -> DeliveryMode:
     """How the provider's credentials are handed out now ("static" before the first save)."""
-    current = session.get(IntegrationCredential, (tenant_id, provider))
-    return "dynamic" if current is not None and current.delivery_mode == "dynamic" else "static"
+    return _delivery_of(session.get(IntegrationCredential, (tenant_id, provider)))
+
+
+def _delivery_of(row: IntegrationCredential | None) -> DeliveryMode:
+    return "dynamic" if row is not None and row.delivery_mode == "dynamic" else "static"
 
 
 def _describe_deleted(row: IntegrationCredential, actor: str) -> None:
@@ -582,15 +601,10 @@ def _write(
     except WriteOutcomeUnknown:
         _keep_pending(engine, tenant_id, provider, begun)
         raise
-    except Conflict:
-        # Someone's write landed first; if it holds exactly this content it was an
-        # earlier attempt of this same request, answered late.
-        row = _try_reconcile(engine, store, tenant_id, provider)
-        if row is not None and _holds(store, tenant_id, provider, content):
-            _record_applied(engine, principal, tenant_id, action, resource, row.kv_version)
-            return _view(row)
-        _abandon(engine, store, tenant_id, provider, begun)
-        raise
+    except Conflict as refused:
+        return _after_conflict(
+            engine, store, principal, tenant_id, provider, action, content, begun, refused
+        )
     except BrokerError:
         _abandon(engine, store, tenant_id, provider, begun)
         raise
@@ -608,6 +622,32 @@ def _write(
     )
 
 
+def _after_conflict(
+    engine: Engine,
+    store: SealedStore,
+    principal: Principal,
+    tenant_id: str,
+    provider: str,
+    action: str,
+    content: _Content,
+    begun: _Begun,
+    refused: Conflict,
+) -> IntegrationCredential:
+    """Check-and-set refused the write: someone's write landed first.
+
+    If Vault holds exactly this content, that was an earlier attempt of this same
+    request, answered late: it succeeded. Otherwise the mark is cleared and the
+    refusal stands.
+    """
+    row = _try_reconcile(engine, store, tenant_id, provider)
+    if row is not None and _holds(store, tenant_id, provider, content):
+        resource = f"tenants/{tenant_id}/integrations/{provider}"
+        _record_applied(engine, principal, tenant_id, action, resource, row.kv_version)
+        return _view(row)
+    _abandon(engine, store, tenant_id, provider, begun)
+    raise refused
+
+
 def _finish_write(
     engine: Engine,
     store: SealedStore,
@@ -622,46 +662,76 @@ def _finish_write(
     skipped: bool,
 ) -> IntegrationCredential:
     """T2: the row takes the version Vault accepted, with the audit event and the change event."""
-    resource = f"tenants/{tenant_id}/integrations/{provider}"
     with unit_of_work(engine) as session:
         row = _row_or_shred(session, store, tenant_id, provider)
-        # A later writer may have finished first; never move the row backwards.
-        if version >= row.kv_version:
-            _describe(row, version, public, principal.actor, test, skipped)
-            _settle(row)
-            session.add(row)
-            _update_status(session, row)
-        trail.record(
+        return _record_write(
             session,
-            action=action,
-            resource=resource,
-            outcome="success",
+            row,
+            _locked_settings(session, [tenant_id]).get(tenant_id),
             principal=principal,
-            tenant_id=tenant_id,
-            detail={
-                "kv_version": version,
-                "connection_test": "skipped" if skipped else ("passed" if test else "none"),
-                **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
-            },
-        )
-        # Same transaction as the row: announced exactly when the new version is on record.
-        outbox.emit(
-            session,
-            _EVENT_OF_ACTION.get(action, outbox.CREDENTIAL_SAVED),
-            actor=principal.actor,
-            tenant_id=tenant_id,
-            provider=provider,
+            action=action,
             version=version,
-            state="configured",
-            detail={
-                "kind": str(public.get("kind") or "static"),
-                **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
-            },
+            public=public,
+            test=test,
+            skipped=skipped,
         )
-        # The answer describes this write, even when a concurrent one is newer.
-        own = _view(row)
-        _describe(own, version, public, principal.actor, test, skipped)
-        return own
+
+
+def _record_write(
+    session: Session,
+    row: IntegrationCredential,
+    settings: TenantSettings | None,
+    *,
+    principal: Principal,
+    action: str,
+    version: int,
+    public: dict[str, Any],
+    test: ConnectionResult | None,
+    skipped: bool,
+) -> IntegrationCredential:
+    """T2's work on the locked row (and settings): the version Vault accepted, the audit
+    and change events.
+
+    Returns the answer, which describes this write even when a concurrent one is newer.
+    """
+    tenant_id, provider = row.tenant_id, row.provider
+    resource = f"tenants/{tenant_id}/integrations/{provider}"
+    # A later writer may have finished first; never move the row backwards.
+    if version >= row.kv_version:
+        _describe(row, version, public, principal.actor, test, skipped)
+        _settle(row)
+        session.add(row)
+        _feed_status(session, settings, row)
+    trail.record(
+        session,
+        action=action,
+        resource=resource,
+        outcome="success",
+        principal=principal,
+        tenant_id=tenant_id,
+        detail={
+            "kv_version": version,
+            "connection_test": "skipped" if skipped else ("passed" if test else "none"),
+            **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
+        },
+    )
+    # Same transaction as the row: announced exactly when the new version is on record.
+    outbox.emit(
+        session,
+        _EVENT_OF_ACTION.get(action, outbox.CREDENTIAL_SAVED),
+        actor=principal.actor,
+        tenant_id=tenant_id,
+        provider=provider,
+        version=version,
+        state="configured",
+        detail={
+            "kind": str(public.get("kind") or "static"),
+            **({"restored_from": public["restored_from"]} if "restored_from" in public else {}),
+        },
+    )
+    own = _view(row)
+    _describe(own, version, public, principal.actor, test, skipped)
+    return own
 
 
 def _row_or_shred(
@@ -772,49 +842,73 @@ def _begin(
     with unit_of_work(engine) as session:
         _live_tenant(session, tenant_id)
         if create:
-            # Concurrent first saves race to create the row; let PostgreSQL pick one.
-            session.execute(
-                pg_insert(IntegrationCredential)
-                .values(
-                    tenant_id=tenant_id,
-                    provider=provider,
-                    configured=False,
-                    kv_version=0,
-                    hints={},
-                    identifiers={},
-                    updated_at=utcnow(),
-                    connection_test_skipped=False,
-                    vault_sync_pending=False,
-                )
-                .on_conflict_do_nothing()
-            )
+            _create_rows(session, [tenant_id], provider)
         row = _locked_row(session, tenant_id, provider)
         if row is None:
             raise NotFound("this integration is not configured")
-        inherited = False
-        if row.vault_sync_pending:
-            moved = _reconcile(row, store, session)
-            inherited = not moved
-            # The earlier write may have been this one, retried after an unanswered attempt.
-            if moved and content is not None and _holds(store, tenant_id, provider, content):
-                session.add(row)
-                return _Begun(row.kv_version, inherited, done=_view(row))
-        if not create and not row.configured:
-            # A delete that finds its version already deleted (an earlier, unanswered attempt
-            # of it landed) is done: a retried DELETE succeeds, like a retried PUT.
-            if row.kv_version > 0 and (if_match is None or if_match.strip() == etag(row)):
-                session.add(row)
-                return _Begun(row.kv_version, inherited, done=_view(row))
-            raise NotFound("this integration is not configured")
-        if if_match is not None and if_match.strip() not in ("*", etag(row)):
-            if content is not None and _holds(store, tenant_id, provider, content):
-                session.add(row)
-                return _Begun(row.kv_version, inherited, done=_view(row))
-            raise PreconditionFailed("the credentials changed since they were read; reload")
-        row.vault_sync_pending = True
-        row.pending_since = utcnow()
-        session.add(row)
-        return _Begun(row.kv_version, inherited, token=row.pending_since)
+        return _begin_row(session, store, row, if_match=if_match, create=create, content=content)
+
+
+def _create_rows(session: Session, tenant_ids: Sequence[str], provider: str) -> None:
+    """The metadata rows of a first save, unless they exist."""
+    if not tenant_ids:
+        return
+    now = utcnow()
+    # Concurrent first saves race to create the row; let PostgreSQL pick one.
+    session.execute(
+        pg_insert(IntegrationCredential).on_conflict_do_nothing(),
+        [
+            {
+                "tenant_id": tenant_id,
+                "provider": provider,
+                "configured": False,
+                "kv_version": 0,
+                "hints": {},
+                "identifiers": {},
+                "updated_at": now,
+                "connection_test_skipped": False,
+                "vault_sync_pending": False,
+            }
+            for tenant_id in tenant_ids
+        ],
+    )
+
+
+def _begin_row(
+    session: Session,
+    store: SealedStore,
+    row: IntegrationCredential,
+    *,
+    if_match: str | None,
+    create: bool,
+    content: _Content | None,
+) -> _Begun:
+    """T1's decisions on the locked row: settle an earlier write, check If-Match, mark pending."""
+    tenant_id, provider = row.tenant_id, row.provider
+    inherited = False
+    if row.vault_sync_pending:
+        moved = _reconcile(row, store, session)
+        inherited = not moved
+        # The earlier write may have been this one, retried after an unanswered attempt.
+        if moved and content is not None and _holds(store, tenant_id, provider, content):
+            session.add(row)
+            return _Begun(row.kv_version, inherited, done=_view(row))
+    if not create and not row.configured:
+        # A delete that finds its version already deleted (an earlier, unanswered attempt
+        # of it landed) is done: a retried DELETE succeeds, like a retried PUT.
+        if row.kv_version > 0 and (if_match is None or if_match.strip() == etag(row)):
+            session.add(row)
+            return _Begun(row.kv_version, inherited, done=_view(row))
+        raise NotFound("this integration is not configured")
+    if if_match is not None and if_match.strip() not in ("*", etag(row)):
+        if content is not None and _holds(store, tenant_id, provider, content):
+            session.add(row)
+            return _Begun(row.kv_version, inherited, done=_view(row))
+        raise PreconditionFailed("the credentials changed since they were read; reload")
+    row.vault_sync_pending = True
+    row.pending_since = utcnow()
+    session.add(row)
+    return _Begun(row.kv_version, inherited, token=row.pending_since)
 
 
 def _holds(store: SealedStore, tenant_id: str, provider: str, content: _Content) -> bool:
@@ -1011,9 +1105,24 @@ def _apply_test(row: IntegrationCredential, result: ConnectionResult) -> None:
 
 def _update_status(session: Session, row: IntegrationCredential) -> None:
     """Feed `integrations_status` in the tenant's settings from the metadata row."""
-    settings = session.exec(
-        select(TenantSettings).where(TenantSettings.tenant_id == row.tenant_id).with_for_update()
-    ).first()
+    _feed_status(session, _locked_settings(session, [row.tenant_id]).get(row.tenant_id), row)
+
+
+def _locked_settings(session: Session, tenant_ids: Sequence[str]) -> dict[str, TenantSettings]:
+    """These tenants' settings rows, locked (in tenant order), by tenant."""
+    rows = session.exec(
+        select(TenantSettings)
+        .where(col(TenantSettings.tenant_id).in_(tenant_ids))
+        .order_by(col(TenantSettings.tenant_id))
+        .with_for_update()
+    )
+    return {row.tenant_id: row for row in rows}
+
+
+def _feed_status(
+    session: Session, settings: TenantSettings | None, row: IntegrationCredential
+) -> None:
+    """`_update_status` on the tenant's settings row, locked already (None: it has none)."""
     if settings is None:
         return
     status = dict(settings.integrations_status or {})
@@ -1071,7 +1180,11 @@ def live_tenant(session: Session, tenant_id: str) -> Tenant:
 
 
 def _live_tenant(session: Session, tenant_id: str) -> Tenant:
-    tenant = session.get(Tenant, tenant_id)
+    return _live(session.get(Tenant, tenant_id))
+
+
+def _live(tenant: Tenant | None) -> Tenant:
+    """The tenant, unless missing or being deleted (NotFound)."""
     if tenant is None or tenant.deleting_at is not None:
         raise NotFound("no such tenant")
     return tenant
@@ -1111,3 +1224,267 @@ def reconcile_tenant(engine: Engine, store: SealedStore, tenant_id: str) -> int:
     for provider in providers:
         _try_reconcile(engine, store, tenant_id, provider)
     return len(providers)
+
+
+# -- the write protocol, a batch at a time --------------------------------------------
+
+
+@dataclass
+class BatchSave:
+    """One tenant's credentials in a `SaveBatch`, and what each step left of them."""
+
+    principal: Principal
+    tenant_id: str
+    fields: Mapping[str, object] = field(repr=False)
+    if_match: str | None
+    public: dict[str, Any] = field(default_factory=dict, repr=False)
+    content: _Content | None = None
+    ciphertext: str | None = field(default=None, repr=False)
+    begun: _Begun | None = None
+    version: int | None = None
+    """The KV version Vault accepted for this write."""
+    result: IntegrationCredential | None = None
+    """The answer, once settled: what `save_credentials` would have returned."""
+    error: BrokerError | None = None
+    """Why this save failed; the later steps pass it by."""
+    context: RequestContext | None = None
+    """The request context this save's Vault calls and trail events are stamped with."""
+
+    @property
+    def sealed(self) -> bool:
+        """Sealed and not failed: ready to be marked."""
+        return self.ciphertext is not None and self.error is None
+
+    @property
+    def to_write(self) -> bool:
+        """Marked pending, not failed, and Vault does not hold it yet: ready to be written."""
+        return self.begun is not None and self.begun.done is None and self.error is None
+
+
+@dataclass
+class SaveBatch:
+    """`save_credentials` for many tenants at once, with the connection test skipped.
+
+    The same write protocol and the same guarantees, each step taken for the whole
+    batch: one read (`check`), one T1 (`mark`) and one T2 (`settle`) for all of
+    them. The Vault calls are one per tenant (each tenant has its own key), so
+    `seal` and `write` take one save and the caller runs them concurrently. A save
+    that fails does so alone (its `error`); the later steps pass it by. The skipped
+    connection test is recorded as skipped, as with `skip_connection_test=True`.
+
+        batch = SaveBatch(engine, vault, outbound, "twilio", saves)
+        batch.check()                     # live tenants, delivery mode, fields, egress
+        for each save: batch.seal(save)   # Transit, concurrently
+        batch.mark()                      # T1: rows created if missing, marked pending
+        for each save: batch.write(save)  # KV with check-and-set, concurrently
+        batch.settle()                    # T2; a failed write is settled as in `_write`
+
+    A save `write` never reached (the caller stopped) is settled like a refused one.
+    """
+
+    engine: Engine
+    vault: VaultGateway
+    outbound: Outbound
+    provider: str
+    saves: list[BatchSave]
+    action: str = "integration.save"
+
+    def __post_init__(self) -> None:
+        self.spec = get_provider(self.provider)
+        self.store = SealedStore(self.vault)
+
+    def check(self) -> None:
+        """Step 1 without Vault: each tenant live, its delivery mode, its fields, its egress."""
+        ids = [s.tenant_id for s in self.saves]
+        with unit_of_work(self.engine) as session:
+            tenants = {t.id: t for t in session.exec(select(Tenant).where(col(Tenant.id).in_(ids)))}
+            rows = {r.tenant_id: r for r in session.exec(_rows_of(ids, self.provider))}
+            for save in self.saves:
+                try:
+                    _live(tenants.get(save.tenant_id))
+                    delivery = _delivery_of(rows.get(save.tenant_id))
+                    creds = _validated(self.spec, save.fields, delivery)
+                    self.spec.check_target(self.outbound.client, self.outbound.endpoints, creds)
+                except BrokerError as exc:
+                    save.error = exc
+                    continue
+                save.content = _Content(creds.secret_values(), creds.identifiers())
+                save.public = _saved_public(
+                    self.spec, creds, save.principal, delivery, skipped=True
+                )
+
+    def seal(self, save: BatchSave) -> None:
+        """Step 1's Transit encryption, for one save."""
+        content = save.content
+        if save.error is not None or content is None:
+            return
+        item = item_name(self.provider)
+        try:
+            save.ciphertext = _as(
+                save, self.store.seal, save.tenant_id, item, content.secrets, save.public
+            )
+        except BrokerError as exc:
+            save.error = exc
+
+    def mark(self) -> None:
+        """T1 for every sealed save, in one transaction.
+
+        A save that fails here changes nothing of its row, unless it first
+        reconciled the row with Vault (which any reader may do), so no savepoint
+        is needed for it to fail alone.
+        """
+        ready = [s for s in self.saves if s.sealed]
+        if not ready:
+            return
+        ids = [s.tenant_id for s in ready]
+        with unit_of_work(self.engine) as session:
+            # Key-share locks: no tenant can be deleted under its new rows.
+            live = {
+                t.id: t
+                for t in session.exec(
+                    select(Tenant)
+                    .where(col(Tenant.id).in_(ids), col(Tenant.deleting_at).is_(None))
+                    .with_for_update(read=True, key_share=True)
+                )
+            }
+            _create_rows(session, list(live), self.provider)
+            rows = _locked_rows(session, ids, self.provider)
+            for save in ready:
+                try:
+                    _live(live.get(save.tenant_id))
+                    save.begun = _as(
+                        save,
+                        _begin_row,
+                        session,
+                        self.store,
+                        rows[save.tenant_id],
+                        if_match=save.if_match,
+                        create=True,
+                        content=save.content,
+                    )
+                except BrokerError as exc:
+                    save.error = exc
+
+    def write(self, save: BatchSave) -> None:
+        """Step 3, for one save: the KV write with check-and-set."""
+        begun, ciphertext = save.begun, save.ciphertext
+        if not save.to_write or begun is None or ciphertext is None:
+            return
+        item = item_name(self.provider)
+        try:
+            save.version = _as(
+                save,
+                self.store.write,
+                save.tenant_id,
+                item,
+                ciphertext=ciphertext,
+                public=save.public,
+                cas=begun.cas,
+            )
+        except BrokerError as exc:
+            save.error = exc
+
+    def settle(self) -> None:
+        """T2 for every write Vault accepted, in one transaction; then each other marked save."""
+        written = [s for s in self.saves if s.version is not None]
+        if written:
+            with unit_of_work(self.engine) as session:
+                ids = [s.tenant_id for s in written]
+                rows = _locked_rows(session, ids, self.provider)
+                settings = _locked_settings(session, ids)
+                # Flushed once, at the commit: nothing below reads what the loop changes.
+                with session.no_autoflush:
+                    for save in written:
+                        row = rows.get(save.tenant_id)
+                        _as(save, self._record, session, save, row, settings)
+        for save in self.saves:
+            begun = save.begun
+            if begun is not None and save.version is None:
+                _as(save, self._settle_unwritten, save, begun)
+
+    def _record(
+        self,
+        session: Session,
+        save: BatchSave,
+        row: IntegrationCredential | None,
+        settings: Mapping[str, TenantSettings],
+    ) -> None:
+        if row is None:  # the tenant was deleted meanwhile, and its rows with it
+            try:
+                _row_or_shred(session, self.store, save.tenant_id, self.provider)
+            except BrokerError as exc:
+                save.error = exc
+            return
+        save.result = _record_write(
+            session,
+            row,
+            settings.get(save.tenant_id),
+            principal=save.principal,
+            action=self.action,
+            version=save.version or 0,
+            public=save.public,
+            test=None,
+            skipped=True,
+        )
+
+    def _settle_unwritten(self, save: BatchSave, begun: _Begun) -> None:
+        """What `_write` does when Vault held it already, or the write failed or never went."""
+        tenant_id, provider = save.tenant_id, self.provider
+        if begun.done is not None:
+            resource = f"tenants/{tenant_id}/integrations/{provider}"
+            version = begun.done.kv_version
+            _record_applied(self.engine, save.principal, tenant_id, self.action, resource, version)
+            save.result = begun.done
+        elif isinstance(save.error, WriteOutcomeUnknown):
+            _keep_pending(self.engine, tenant_id, provider, begun)
+        elif isinstance(save.error, Conflict) and save.content is not None:
+            try:
+                save.result = _after_conflict(
+                    self.engine,
+                    self.store,
+                    save.principal,
+                    tenant_id,
+                    provider,
+                    self.action,
+                    save.content,
+                    begun,
+                    save.error,
+                )
+                save.error = None
+            except BrokerError as exc:
+                save.error = exc
+        else:  # refused, or never sent
+            _abandon(self.engine, self.store, tenant_id, provider, begun)
+
+
+_T = TypeVar("_T")
+
+
+def _as(save: BatchSave, step: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+    """Run one save's step under its own request context, when it has one."""
+    if save.context is None:
+        return step(*args, **kwargs)
+    return contextvars.copy_context().run(_bound, save.context, partial(step, *args, **kwargs))
+
+
+def _bound(ctx: RequestContext, step: Callable[[], _T]) -> _T:
+    context.bind(ctx)
+    return step()
+
+
+def _rows_of(tenant_ids: Sequence[str], provider: str) -> Any:
+    """The statement selecting these tenants' metadata rows of one provider."""
+    return (
+        select(IntegrationCredential)
+        .where(col(IntegrationCredential.tenant_id).in_(tenant_ids))
+        .where(IntegrationCredential.provider == provider)
+        .order_by(col(IntegrationCredential.tenant_id))
+    )
+
+
+def _locked_rows(
+    session: Session, tenant_ids: Sequence[str], provider: str
+) -> dict[str, IntegrationCredential]:
+    """These tenants' metadata rows of one provider, locked (in tenant order), by tenant."""
+    rows = session.exec(_rows_of(tenant_ids, provider).with_for_update())
+    return {row.tenant_id: row for row in rows}

@@ -20,6 +20,7 @@ import typer
 
 from broker.cli_support import database_url, load_settings, operator_principal
 from broker.core.errors import BrokerError
+from broker.legacy.runner import DEFAULT_BATCH
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -85,7 +86,7 @@ def legacy(
     source_dsn: SourceDsn,
     dry_run: DryRun = False,
     tenant: Tenants = None,
-    batch: Batch = 100,
+    batch: Batch = DEFAULT_BATCH,
     finalize: Finalize = False,
     table: Table = "tenants",
     id_column: IdColumn = "id",

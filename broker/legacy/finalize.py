@@ -20,6 +20,7 @@ from broker.integrations.service import read_credentials
 from broker.legacy.mapping import PROVIDER, classify_twilio, row_identity, same_credentials
 from broker.legacy.reports import FinalizeOutcome, FinalizeReport, FinalizeStatus
 from broker.legacy.runner import (
+    DEFAULT_BATCH,
     DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
@@ -50,7 +51,7 @@ def finalize_legacy(
     *,
     dry_run: bool = False,
     tenants: Sequence[str] | None = None,
-    batch_size: int = 100,
+    batch_size: int = DEFAULT_BATCH,
     subject: str = MIGRATION_SUBJECT,
     workers: int = DEFAULT_WORKERS,
     on_progress: Callable[[int, int], None] | None = None,

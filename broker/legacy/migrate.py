@@ -43,12 +43,15 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TypeVar
 
 from sqlalchemy import Engine
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core.context import RequestContext
 from broker.core.db import unit_of_work
 from broker.core.errors import (
     BrokerError,
@@ -60,11 +63,12 @@ from broker.core.errors import (
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.integrations.providers import Credentials, ProviderEndpoints
 from broker.integrations.service import (
+    BatchSave,
     Outbound,
+    SaveBatch,
     etag,
     read_credentials,
     reconcile_tenant,
-    save_credentials,
 )
 from broker.legacy.finalize import finalize_legacy
 from broker.legacy.mapping import (
@@ -84,6 +88,7 @@ from broker.legacy.reports import (
     UnmappedKey,
 )
 from broker.legacy.runner import (
+    DEFAULT_BATCH,
     DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
@@ -92,13 +97,14 @@ from broker.legacy.runner import (
     bind,
     fan_out,
     operator,
+    request_context,
     run_batches,
     select_groups,
 )
 from broker.legacy.source import LegacySource
 from broker.models import IntegrationCredential, LegacyMigration, TenantSettings, utcnow
 from broker.settings.service import default_settings_row, patch_settings
-from broker.tenants.service import create_tenant
+from broker.tenants.service import add_tenants
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore
@@ -135,7 +141,7 @@ def migrate_legacy(
     *,
     dry_run: bool = False,
     tenants: Sequence[str] | None = None,
-    batch_size: int = 100,
+    batch_size: int = DEFAULT_BATCH,
     subject: str = MIGRATION_SUBJECT,
     workers: int = DEFAULT_WORKERS,
     on_progress: Callable[[int, int], None] | None = None,
@@ -214,30 +220,42 @@ class _Migration(Run):
         return reached, stopped or (stop.message if stop is not None else None)
 
     def _prepare(self, plans: list[TenantPlan]) -> Stop | None:
-        """Tenants, settings rows, Transit keys and metadata, in `workers` concurrent chunks.
+        """Transit keys, then tenants, settings rows and metadata in `workers` concurrent chunks.
 
-        When Vault or PostgreSQL goes away, the chunk that met it is rolled back;
-        chunks done before stay (their progress rows say pending, metadata
+        The keys come first (`workers` at once), as `create_tenant` makes them:
+        before the rows are committed; a key left by a run that stopped is simply
+        reused. When Vault or PostgreSQL goes away, the chunk that met it is rolled
+        back; chunks done before stay (their progress rows say pending, metadata
         applied), but nothing more is stored: those tenants are not reached.
         """
         if not plans:
             return None
-        size = -(-len(plans) // self.workers)
-        chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
-        stopped: Stop | None = None
-        for _, _, stop in fan_out(self._prepare_chunk, chunks, self.workers):
-            stopped = stopped or stop
+        stopped = self._each(self._ensure_key, plans)
+        if stopped is None:
+            size = -(-len(plans) // self.workers)
+            chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
+            for _, _, stop in fan_out(self._prepare_chunk, chunks, self.workers):
+                stopped = stopped or stop
         if stopped is not None:
             for plan in plans:
                 plan.reached = plan.action != "apply"
         return stopped
+
+    def _ensure_key(self, plan: TenantPlan) -> bool:
+        self._bind(plan.group)
+        try:
+            self.store.ensure_tenant_key(plan.tenant_id)
+        except _SYSTEMIC as exc:
+            plan.action = "record"
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        return True
 
     def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
         """Prepare these tenants in one transaction.
 
         Should one of them fail (a tenant created or deleted meanwhile), the chunk
         is rolled back and prepared again with a savepoint per tenant, so only
-        that tenant fails. Raises Stop when Vault or PostgreSQL is unavailable.
+        that tenant fails. Raises Stop when PostgreSQL is unavailable.
         """
         try:
             self._prepare_together(plans, isolated=False)
@@ -248,11 +266,19 @@ class _Migration(Run):
     def _prepare_together(self, plans: list[TenantPlan], *, isolated: bool) -> None:
         with unit_of_work(self.engine) as session:
             records = _lock_records(session, self.source.label, [p.group for p in plans])
+            if not isolated:
+                self._add_tenants(session, [p for p in plans if not p.tenant_existed])
             for plan in plans:
                 principal = self._bind(plan.group)
                 try:
-                    with session.begin_nested() if isolated else nullcontext():
-                        self._ensure_tenant(session, plan, principal, records)
+                    # Each patch flushes its own change; the rest waits for the commit.
+                    with (
+                        session.no_autoflush,
+                        session.begin_nested() if isolated else nullcontext(),
+                    ):
+                        if isolated and not plan.tenant_existed:
+                            self._add_tenants(session, [plan])
+                        self._ensure_tenant(session, plan, principal)
                 except _SYSTEMIC as exc:
                     plan.action = "record"
                     raise Stop(exc.message, plan.fail(exc.message)) from None
@@ -261,76 +287,164 @@ class _Migration(Run):
                         raise _OneFailed() from None
                     plan.action = "record"
                     plan.fail(exc.message)
+            # Last, so the progress rows are written together at the commit.
+            for plan in plans:
+                if plan.action == "apply":
+                    _note_prepared(session, records, plan, self.run_id)
 
-    def _ensure_tenant(
-        self,
-        session: Session,
-        plan: TenantPlan,
-        principal: Principal,
-        records: dict[str, LegacyMigration],
-    ) -> None:
-        """Tenant, settings row and Transit key; the planned settings patch, applied once."""
+    def _add_tenants(self, session: Session, plans: list[TenantPlan]) -> None:
+        """The planned new tenants' rows (their keys exist already).
+
+        Refused (Conflict) when one was created since the plan: then the chunk is
+        prepared again, that tenant failing alone.
+        """
+        if not plans:
+            return
+        principal = operator(self.subject, None)
+        bind(self.run_id, principal, None, "legacy.migrate")
+        names = {p.tenant_id: _tenant_name(p) for p in plans}
+        try:
+            add_tenants(session, principal=principal, names=names)
+        except BrokerError:
+            if len(plans) > 1:
+                raise _OneFailed() from None
+            raise
+        session.flush()  # the settings rows, which the patches lock
+
+    def _ensure_tenant(self, session: Session, plan: TenantPlan, principal: Principal) -> None:
+        """A settings row if the tenant lacks one; the planned settings patch, applied once."""
         tenant_id = plan.tenant_id
         created = not plan.tenant_existed
-        if created:
-            # Refused (Conflict) when the tenant was created since the plan: then
-            # this chunk is prepared again, that tenant failing alone.
-            name = ((plan.row.name if plan.row else None) or "").strip()[:200] or tenant_id
-            create_tenant(session, self.vault, principal=principal, tenant_id=tenant_id, name=name)
-        else:
-            if session.get(TenantSettings, tenant_id) is None:  # from before settings rows
-                session.add(default_settings_row(tenant_id, updated_by=principal.actor))
-                session.flush()
-            self.store.ensure_tenant_key(tenant_id)
+        if not created and session.get(TenantSettings, tenant_id) is None:
+            # A tenant from before settings rows.
+            session.add(default_settings_row(tenant_id, updated_by=principal.actor))
+            session.flush()
         if plan.patch:
             patch_settings(
                 session, principal=principal, tenant_id=tenant_id, patch=plan.patch, if_match=None
             )
         plan.outcome.created = created
-        for legacy in plan.group.legacy_ids:
-            record = records[legacy]
-            record.tenant_id = tenant_id
-            record.status = "pending"
-            record.settings_applied = True
-            record.settings_groups = plan.outcome.settings_groups
-            record.unmapped_keys = [u.as_dict() for u in plan.outcome.unmapped]
-            record.run_id = self.run_id
-            record.updated_at = utcnow()
-            session.add(record)
 
     def _store_all(self, plans: list[TenantPlan]) -> Stop | None:
-        """Store and verify the credentials, `workers` tenants at once."""
+        """Settle interrupted writes, then store and verify the credentials.
 
-        def settle(plan: TenantPlan) -> bool:
-            self._bind(plan.group)
-            try:
-                self._settle(plan)
-            except _SYSTEMIC as exc:
-                raise Stop(exc.message, plan.fail(exc.message)) from None
-            except BrokerError as exc:
-                plan.fail(exc.message)
-            return True
+        The credentials go through the API's write protocol a batch at a time
+        (`SaveBatch`): one transaction marks every row pending, one settles them,
+        and the Vault calls run `workers` at once. A run that stops part way still
+        settles what it wrote and clears the marks of what it did not.
+        """
+        stop = self._each(self._reconcile, [p for p in plans if p.reconcile])
+        pairs = self._pairs([p for p in plans if p.reached])
+        if stop is not None or not pairs:
+            return stop
+        batch = SaveBatch(self.engine, self.vault, self.outbound, PROVIDER, [s for _, s in pairs])
+        batch.check()
+        stop = self._each(lambda pair: self._step(pair, batch.seal), pairs)
+        if stop is None:
+            batch.mark()
+            stop = _first_stop(pairs)
+        if stop is None:
+            stop = self._each(lambda pair: self._step(pair, batch.write), pairs)
+        batch.settle()
+        for plan, save in pairs:
+            if plan.reached:
+                self._settled(plan, save)
+        written = [p for p, s in pairs if p.reached and s.result is not None]
+        if stop is not None:
+            # Stored, but the run stopped before reading them back: the rerun verifies them.
+            for plan in written:
+                plan.reached = False
+            return stop
+        return self._each(self._verify, written)
 
+    def _pairs(self, plans: list[TenantPlan]) -> list[tuple[TenantPlan, BatchSave]]:
+        """A save for each plan with credentials, based on the version its row holds now."""
+        etags = self._etags([p.tenant_id for p in plans if p.tenant_existed])
+        return [
+            (plan, self._save(plan, creds, etags.get(plan.tenant_id, etag(None))))
+            for plan in plans
+            if (creds := plan.creds) is not None
+        ]
+
+    def _save(self, plan: TenantPlan, creds: Credentials, if_match: str) -> BatchSave:
+        principal = operator(self.subject, plan.tenant_id)
+        return BatchSave(
+            principal=principal,
+            tenant_id=plan.tenant_id,
+            fields={name: creds.reveal(name) for name in creds.names()},
+            if_match=if_match,
+            context=self._context(plan.group, principal),
+        )
+
+    def _each(self, step: Callable[[_Item], object], items: list[_Item]) -> Stop | None:
+        """Run `step` over the items, `workers` at once; those not started are not reached."""
         stopped: Stop | None = None
-        for plan, started, stop in fan_out(settle, plans, self.workers):
+        for item, started, stop in fan_out(step, items, self.workers):
             stopped = stopped or stop
-            # Not started because the run stopped first: prepared, but not reached.
-            plan.reached = bool(started) or stop is not None
+            if started is None and stop is None:
+                _plan_of(item).reached = False
         return stopped
 
-    def _settle(self, plan: TenantPlan) -> None:
-        """Settle an interrupted write, then store and verify the credentials if planned."""
-        tenant_id = plan.tenant_id
-        if plan.reconcile:
-            # An earlier run (or API call) was cut off mid-write: settle it first.
-            reconcile_tenant(self.engine, self.store, tenant_id)
-        if plan.creds is None:
+    def _step(self, pair: tuple[TenantPlan, BatchSave], step: Callable[[BatchSave], None]) -> bool:
+        """One save's step of the batch; Stop when it met Vault or PostgreSQL unavailable."""
+        plan, save = pair
+        step(save)
+        if isinstance(save.error, _SYSTEMIC):
+            raise Stop(save.error.message, plan.fail(save.error.message))
+        return True
+
+    def _reconcile(self, plan: TenantPlan) -> bool:
+        """An earlier run (or API call) was cut off mid-write: settle it first."""
+        self._bind(plan.group)
+        try:
+            reconcile_tenant(self.engine, self.store, plan.tenant_id)
+        except _SYSTEMIC as exc:
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        return True
+
+    def _settled(self, plan: TenantPlan, save: BatchSave) -> None:
+        """The plan's outcome from its settled save."""
+        if save.result is not None:
+            plan.kv_version = save.result.kv_version
+        elif isinstance(save.error, Conflict | PreconditionFailed):
+            self._lost_race(plan)
+        elif save.error is not None and not isinstance(save.error, _SYSTEMIC):
+            plan.fail(save.error.message)
+
+    def _lost_race(self, plan: TenantPlan) -> None:
+        """Someone wrote between our check and our write: look again."""
+        creds = plan.creds
+        try:
+            found = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
+        except NotFound:
+            found = None
+        if found is not None and creds is not None and same_credentials(found[0], creds):
+            plan.outcome.credential, plan.kv_version = "unchanged", found[1]
             return
-        # The ETag the metadata row has now; the save fails if anyone moves it meanwhile.
-        if_match = self._etag(tenant_id) if plan.tenant_existed else etag(None)
-        if not self._store(plan, plan.creds, if_match):
-            return
-        if not self._verified(tenant_id, plan.creds):
+        plan.fail(
+            "different Twilio credentials were stored for this tenant while the migration "
+            "ran; both were left untouched",
+            "conflict",
+            credential="conflict",
+            created=plan.outcome.created,
+            settings_groups=plan.outcome.settings_groups,
+            unmapped=plan.outcome.unmapped,
+        )
+
+    def _verify(self, plan: TenantPlan) -> bool:
+        """Read the credentials back from Vault and compare fingerprints."""
+        self._bind(plan.group)
+        try:
+            stored, _ = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
+            verified = plan.creds is not None and same_credentials(stored, plan.creds)
+        except NotFound:
+            verified = False
+        except _SYSTEMIC as exc:
+            raise Stop(exc.message, plan.fail(exc.message)) from None
+        except BrokerError as exc:
+            plan.fail(exc.message)
+            return True
+        if not verified:
             plan.fail(
                 "verification failed: the credentials read back from Vault do not match "
                 "the legacy ones",
@@ -339,54 +453,19 @@ class _Migration(Run):
                 settings_groups=plan.outcome.settings_groups,
                 unmapped=plan.outcome.unmapped,
             )
-
-    def _store(self, plan: TenantPlan, creds: Credentials, if_match: str) -> bool:
-        """Save through the API's service; False when someone else's credentials won."""
-        try:
-            row = save_credentials(
-                self.engine,
-                self.vault,
-                self.outbound,
-                principal=operator(self.subject, plan.tenant_id),
-                tenant_id=plan.tenant_id,
-                provider=PROVIDER,
-                fields={name: creds.reveal(name) for name in creds.names()},
-                if_match=if_match,
-                skip_connection_test=True,
-            )
-        except (Conflict, PreconditionFailed):
-            # Someone wrote between our check and our write: look again.
-            try:
-                found = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
-            except NotFound:
-                found = None
-            if found is not None and same_credentials(found[0], creds):
-                plan.outcome.credential, plan.kv_version = "unchanged", found[1]
-                return True
-            plan.fail(
-                "different Twilio credentials were stored for this tenant while the migration "
-                "ran; both were left untouched",
-                "conflict",
-                credential="conflict",
-                created=plan.outcome.created,
-                settings_groups=plan.outcome.settings_groups,
-                unmapped=plan.outcome.unmapped,
-            )
-            return False
-        plan.kv_version = row.kv_version
         return True
 
-    def _etag(self, tenant_id: str) -> str:
+    def _etags(self, tenant_ids: list[str]) -> dict[str, str]:
+        """The ETag each tenant's metadata row has now; a save fails if anyone moves it."""
+        if not tenant_ids:
+            return {}
         with unit_of_work(self.engine) as session:
-            return etag(session.get(IntegrationCredential, (tenant_id, PROVIDER)))
-
-    def _verified(self, tenant_id: str, creds: Credentials) -> bool:
-        """Read back from Vault and compare fingerprints."""
-        try:
-            stored, _ = read_credentials(self.vault, tenant_id=tenant_id, provider=PROVIDER)
-        except NotFound:
-            return False
-        return same_credentials(stored, creds)
+            rows = session.exec(
+                select(IntegrationCredential)
+                .where(col(IntegrationCredential.tenant_id).in_(tenant_ids))
+                .where(IntegrationCredential.provider == PROVIDER)
+            )
+            return {row.tenant_id: etag(row) for row in rows}
 
     # -- record -------------------------------------------------------------------------
 
@@ -410,26 +489,80 @@ class _Migration(Run):
         bind(self.run_id, principal, group.tenant_id, "legacy.migrate")
         return principal
 
+    def _context(self, group: Group, principal: Principal) -> RequestContext:
+        return request_context(self.run_id, principal, group.tenant_id, "legacy.migrate")
+
+
+_Item = TypeVar("_Item", TenantPlan, tuple[TenantPlan, BatchSave])
+
+
+def _plan_of(item: TenantPlan | tuple[TenantPlan, BatchSave]) -> TenantPlan:
+    return item if isinstance(item, TenantPlan) else item[0]
+
+
+def _first_stop(pairs: list[tuple[TenantPlan, BatchSave]]) -> Stop | None:
+    """Stop when marking met Vault or PostgreSQL unavailable: the saves left are not reached."""
+    failed = [(p, s.error) for p, s in pairs if isinstance(s.error, _SYSTEMIC)]
+    if not failed:
+        return None
+    plan, error = failed[0]
+    for other, save in pairs:
+        if other is not plan and save.error is None:
+            other.reached = False
+    return Stop(error.message, plan.fail(error.message))
+
 
 def _lock_records(
     session: Session, source: str, groups: Sequence[Group]
 ) -> dict[str, LegacyMigration]:
-    """The progress rows of `groups`, locked; new (unsaved) ones for legacy ids without one."""
+    """The progress rows of `groups`, locked; created (pending) for legacy ids without one."""
     ids = [legacy for g in groups for legacy in g.legacy_ids]
-    found = {
-        r.legacy_id: r
-        for r in session.exec(
-            select(LegacyMigration)
-            .where(LegacyMigration.source == source)
-            .where(col(LegacyMigration.legacy_id).in_(ids))
-            .with_for_update()
-        )
-    }
-    return {
-        legacy: found.get(legacy)
-        or LegacyMigration(source=source, legacy_id=legacy, status="pending")
-        for legacy in ids
-    }
+    now = utcnow()
+    session.execute(
+        pg_insert(LegacyMigration).on_conflict_do_nothing(),
+        [
+            {
+                "source": source,
+                "legacy_id": legacy,
+                "status": "pending",
+                "settings_applied": False,
+                "settings_groups": [],
+                "unmapped_keys": [],
+                "attempts": 0,
+                "created_at": now,
+                "updated_at": now,
+            }
+            for legacy in ids
+        ],
+    )
+    rows = session.exec(
+        select(LegacyMigration)
+        .where(LegacyMigration.source == source)
+        .where(col(LegacyMigration.legacy_id).in_(ids))
+        .with_for_update()
+    )
+    return {row.legacy_id: row for row in rows}
+
+
+def _note_prepared(
+    session: Session, records: dict[str, LegacyMigration], plan: TenantPlan, run_id: str
+) -> None:
+    """The progress rows of a prepared tenant: pending, its metadata applied."""
+    for legacy in plan.group.legacy_ids:
+        record = records[legacy]
+        record.tenant_id = plan.tenant_id
+        record.status = "pending"
+        record.settings_applied = True
+        record.settings_groups = plan.outcome.settings_groups
+        record.unmapped_keys = [u.as_dict() for u in plan.outcome.unmapped]
+        record.run_id = run_id
+        record.updated_at = utcnow()
+        session.add(record)
+
+
+def _tenant_name(plan: TenantPlan) -> str:
+    """The legacy row's name, cut to fit; the tenant id when it has none."""
+    return ((plan.row.name if plan.row else None) or "").strip()[:200] or plan.tenant_id
 
 
 def _progress_status(outcome: TenantOutcome) -> str:

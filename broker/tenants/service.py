@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -30,25 +30,45 @@ def create_tenant(
     Vault is down the request fails with 503 and nothing is kept; a key left by
     a failed commit is simply reused when the tenant is created again.
     """
-    if session.get(Tenant, tenant_id) is not None:
-        raise Conflict(f"tenant {tenant_id!r} already exists")
-    tenant = Tenant(id=tenant_id, name=name, created_by=principal.actor)
-    session.add(tenant)
+    (tenant,) = add_tenants(session, principal=principal, names={tenant_id: name})
+    SealedStore(vault).ensure_tenant_key(tenant_id)
+    return tenant
+
+
+def add_tenants(
+    session: Session, *, principal: Principal, names: Mapping[str, str]
+) -> list[Tenant]:
+    """`create_tenant`'s rows for many tenants at once (tenant id -> name), keys aside.
+
+    The tenants, their settings rows and their trail events, in the session's
+    transaction; Conflict when any of them exists. The caller creates each
+    tenant's Transit key before that transaction commits, as `create_tenant` does.
+    """
+    ids = list(names)
+    taken = session.exec(select(Tenant.id).where(col(Tenant.id).in_(ids))).first()
+    if taken is not None:
+        raise Conflict(f"tenant {taken!r} already exists")
+    tenants = [Tenant(id=i, name=names[i], created_by=principal.actor) for i in ids]
+    session.add_all(tenants)
     try:
         session.flush()
-    except IntegrityError:
-        raise Conflict(f"tenant {tenant_id!r} already exists") from None
-    session.add(default_settings_row(tenant_id, updated_by=principal.actor))
-    SealedStore(vault).ensure_tenant_key(tenant_id)
-    trail.record(
-        session,
-        action="tenant.create",
-        resource=f"tenants/{tenant_id}",
-        outcome="success",
-        principal=principal,
-        tenant_id=tenant_id,
-    )
-    return tenant
+    except IntegrityError:  # created concurrently, since the check above
+        raise Conflict(
+            f"tenant {ids[0]!r} already exists"
+            if len(ids) == 1
+            else "some of these tenants already exist"
+        ) from None
+    for tenant_id in ids:
+        session.add(default_settings_row(tenant_id, updated_by=principal.actor))
+        trail.record(
+            session,
+            action="tenant.create",
+            resource=f"tenants/{tenant_id}",
+            outcome="success",
+            principal=principal,
+            tenant_id=tenant_id,
+        )
+    return tenants
 
 
 def delete_tenant(
