@@ -523,7 +523,8 @@ def settle_rewrapped_payouts(
 
     A rewrap changes the wrapping, not the details, their hint or their age: only the
     version moves. Returns the tenants whose record holds another version (a write
-    raced the rotation): those are for `reconcile_payout`.
+    raced the rotation) or carries another write's mark: those are for
+    `reconcile_payout`, which reads what Vault holds.
     """
     profiles = session.exec(
         select(PaymentProfile)
@@ -533,12 +534,12 @@ def settle_rewrapped_payouts(
     raced: set[str] = set()
     for profile in profiles:
         before, after = moves[profile.tenant_id]
-        if profile.payout_version != before:
+        others_mark = profile.payout_sync_pending and profile.tenant_id not in marked
+        if profile.payout_version != before or others_mark:
             raced.add(profile.tenant_id)
             continue
         profile.payout_version = after
-        if profile.tenant_id in marked:
-            profile.payout_sync_pending = False
+        profile.payout_sync_pending = False
         session.add(profile)
     return raced
 
