@@ -175,14 +175,18 @@ def measure(settings: Settings, tenants: Sequence[str], *, workers: int) -> dict
     }
 
 
-def measure_distributions(settings: Settings, secrets: int, *, workers: int) -> dict[str, Any]:
-    """Seed `secrets` secrets in each distribution and rotate each; the realistic figure
-    on top (what `bench.report` reads), both under `distributions`."""
+def measure_distributions(
+    settings: Settings, secrets: int, *, workers: int, prefix: str = "bench-rot"
+) -> dict[str, Any]:
+    """Seed `secrets` secrets in each distribution (on tenants named `prefix-...`) and
+    rotate each; the realistic figure on top (what `bench.report` reads), both under
+    `distributions`."""
     figures: dict[str, dict[str, Any]] = {}
     for distribution in (REALISTIC, WORST_CASE):
         count = -(-secrets // distribution.per_tenant)
         log.info("seeding %d tenants, %s", count, distribution.describe())
-        tenants = seed(settings, count, f"bench-rot-{distribution.name}", distribution=distribution)
+        named = f"{prefix}-{distribution.name.replace('_', '-')}"
+        tenants = seed(settings, count, named, distribution=distribution)
         figures[distribution.name] = {
             "distribution": distribution.describe(),
             **measure(settings, tenants, workers=workers),
