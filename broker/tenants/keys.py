@@ -97,10 +97,12 @@ def rotate_all(
     at a time; returns the reports in the tenants' order.
 
     `on_done` is called with each report from the calling thread, batch by batch. The
-    first error stops the run: no tenant after the one that failed starts, the others of
-    its batch finish, the error is raised; a rerun resumes where each tenant stood.
+    first error stops the run: the other tenants of its batch finish (none after a
+    tenant that is gone starts), no later batch starts, and the error is raised; a
+    rerun resumes where each tenant stood.
     """
-    ids = live_tenant_ids(engine) if tenant_ids is None else list(tenant_ids)
+    # Each tenant once: a batch rotates each of its tenants' keys once.
+    ids = list(dict.fromkeys(live_tenant_ids(engine) if tenant_ids is None else tenant_ids))
     reports: list[RotationReport] = []
     with ThreadPoolExecutor(max(1, workers)) as pool:
         rotation = _Rotation(engine, SealedStore(vault), principal, pool)
