@@ -34,7 +34,7 @@ from sqlalchemy import Engine
 from bench.direct import PRINCIPAL, connected, loopback_egress
 from bench.process import own_stack, progress_logging
 from broker.core.config import Settings
-from broker.core.db import DatabaseBounds, unit_of_work
+from broker.core.db import unit_of_work
 from broker.integrations import service as integrations
 from broker.integrations.providers import ProviderEndpoints
 from broker.payments.payout import parse_details
@@ -149,10 +149,9 @@ def _tenant(
 
 def measure(settings: Settings, tenants: Sequence[str], *, workers: int) -> dict[str, Any]:
     """Rotate every tenant's key and rewrap its secrets with `workers` workers."""
-    # A connection per worker: each tenant's steps hold one at a time.
-    bounds = DatabaseBounds(pool_size=workers, max_overflow=4)
     log.info("rotating %d tenant keys", len(tenants))
-    with connected(settings, bounds) as (engine, vault):
+    # One transaction at a time per batch of tenants: the workers only call Vault.
+    with connected(settings) as (engine, vault):
         cpu, started = time.process_time(), time.perf_counter()
         reports = rotate_all(
             engine, vault, principal=PRINCIPAL, tenant_ids=list(tenants), workers=workers
