@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -152,6 +153,7 @@ def measure(settings: Settings, tenants: Sequence[str], *, workers: int) -> dict
     log.info("rotating %d tenant keys", len(tenants))
     # One transaction at a time per batch of tenants: the workers only call Vault.
     with connected(settings) as (engine, vault):
+        load_before = os.getloadavg()[0]
         cpu, started = time.process_time(), time.perf_counter()
         reports = rotate_all(
             engine, vault, principal=PRINCIPAL, tenant_ids=list(tenants), workers=workers
@@ -171,6 +173,9 @@ def measure(settings: Settings, tenants: Sequence[str], *, workers: int) -> dict
         "rotating_process_cpu_ms_per_secret": (
             round(cpu_s / rewrapped * 1000, 2) if rewrapped else None
         ),
+        # The machine's 1-minute load average before and after: on a shared 2-core
+        # machine the seconds mean little when it is far above 2.
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
