@@ -47,6 +47,8 @@ from broker.vault.sealed import SealedStore, key_name
 
 # Tenants whose marks share one transaction, and whose settling shares another.
 BATCH_TENANTS = 50
+# Ciphertexts per rewrap call.
+REWRAP_BATCH = 250
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ class _Rotation:
 
         def one(tenant: str) -> Outcome | Exception:
             try:
-                return rewrap_tenant(self.store, tenant, started[tenant].target)
+                return rewrap_tenant(self.store, tenant, started[tenant].target, batch=REWRAP_BATCH)
             except Exception as exc:  # raised by `rotate_all` once the others are settled
                 return exc
 

@@ -3,9 +3,9 @@ with check-and-set, then retire the key versions before the rotation's target.
 
 No PostgreSQL here: `broker.tenants.keys` marks the rows before and settles them after.
 Vault requests per tenant: one listing (its integrations), one read per item (the
-payout record's read also finds whether there is one), one rewrap per
-`REWRAP_BATCH` items (all of a tenant's items in one call), one check-and-set write
-per item, and one key configuration.
+payout record's read also finds whether there is one), one rewrap per `batch`
+items (all of a tenant's items in one call), one check-and-set write per item, and
+one key configuration.
 """
 
 from __future__ import annotations
@@ -23,9 +23,6 @@ from broker.vault.sealed import (
     ciphertext_key_version,
     key_name,
 )
-
-# Ciphertexts per rewrap call.
-REWRAP_BATCH = 250
 
 # Every item a tenant can hold is `integrations/<provider>` or the payout record: the
 # broker's Vault policy lets it read and write no other path under `tenants/<id>/`, so
@@ -61,16 +58,16 @@ _Stale = tuple[str, SealedRecord]
 _Rewrapped = tuple[_Stale, str]
 
 
-def rewrap_tenant(store: SealedStore, tenant_id: str, target: int) -> Outcome:
-    """Rewrap every live item older than `target`, write each back with check-and-set,
-    then refuse ciphertexts older than `target`.
+def rewrap_tenant(store: SealedStore, tenant_id: str, target: int, *, batch: int) -> Outcome:
+    """Rewrap every live item older than `target` (`batch` ciphertexts per call), write
+    each back with check-and-set, then refuse ciphertexts older than `target`.
 
     The key versions are retired only once every rewrapped item is written back, and
     even when some items failed: those never decrypted anyway, every other ciphertext
     is on `target` by then.
     """
     stale, current, failed = _stale_items(store, tenant_id, target)
-    rewrapped, unwrappable = _rewrap(store, tenant_id, stale)
+    rewrapped, unwrappable = _rewrap(store, tenant_id, stale, batch)
     written = [w for w in (_write_back(store, tenant_id, entry) for entry in rewrapped) if w]
     # An item another save rewrote meanwhile is current: it was sealed with the newest key.
     current += len(rewrapped) - len(written)
@@ -123,15 +120,13 @@ def _write_back(store: SealedStore, tenant_id: str, entry: _Rewrapped) -> Writte
 
 
 def _rewrap(
-    store: SealedStore, tenant_id: str, stale: list[_Stale]
+    store: SealedStore, tenant_id: str, stale: list[_Stale], batch: int
 ) -> tuple[list[_Rewrapped], list[str]]:
     """Rewrap ciphertexts in batch calls, one by one only within a batch that fails."""
     done: list[_Rewrapped] = []
     failed: list[str] = []
-    for start in range(0, len(stale), REWRAP_BATCH):
-        chunk_done, chunk_failed = _rewrap_batch(
-            store, tenant_id, stale[start : start + REWRAP_BATCH]
-        )
+    for start in range(0, len(stale), batch):
+        chunk_done, chunk_failed = _rewrap_batch(store, tenant_id, stale[start : start + batch])
         done.extend(chunk_done)
         failed.extend(chunk_failed)
     return done, failed

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from broker.core.errors import NotFound
-from broker.tenants import keys, rewrap
+from broker.tenants import keys
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import key_name
 from tests.fakes.providers import VALID, FakeProviders
@@ -115,7 +115,7 @@ def test_rewrap_batches_split_and_one_bad_item_is_named(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Batches of two: three good items and a bad one span two rewrap calls.
-    monkeypatch.setattr(rewrap, "REWRAP_BATCH", 2)
+    monkeypatch.setattr(keys, "REWRAP_BATCH", 2)
     tenant = make_tenant(client)
     for provider in ("openai", "twilio", "shopify"):
         save(client, tenant, provider, providers)
