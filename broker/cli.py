@@ -486,11 +486,11 @@ def db_upgrade(revision: str = "head") -> None:
 def keys_rotate(
     tenant: Annotated[str | None, typer.Option(help="Rotate this tenant's key.")] = None,
     all_tenants: Annotated[bool, typer.Option("--all", help="Rotate every tenant's key.")] = False,
-    workers: Annotated[int, typer.Option(min=1, max=64, help="Tenants rotated at once.")] = 8,
+    workers: Annotated[
+        int, typer.Option(min=1, max=64, help="Tenants whose Vault work runs at once.")
+    ] = 8,
 ) -> None:
     """Rotate tenant keys, rewrap their secrets and retire old key versions (resumable)."""
-    from dataclasses import replace
-
     from broker.core.db import DatabaseBounds, make_engine
     from broker.tenants.keys import RotationReport, live_tenant_ids, rotate_all
     from broker.vault.gateway import VaultGateway
@@ -501,9 +501,8 @@ def keys_rotate(
     settings = load_settings()
     configure_logging(settings.log_level)
     principal = operator()
-    bounds = DatabaseBounds.from_settings(settings)
-    # A connection per worker: each tenant's steps hold one at a time.
-    engine = make_engine(database_url(settings), replace(bounds, pool_size=workers))
+    # One transaction at a time per batch of tenants: the workers only call Vault.
+    engine = make_engine(database_url(settings), DatabaseBounds.from_settings(settings))
     vault = VaultGateway.from_settings(settings)
     totals = {"tenants": 0, "rewrapped": 0, "already_current": 0, "failed": 0}
     try:

@@ -11,11 +11,11 @@ records it, and detached again if that transaction cannot commit.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Engine
+from sqlalchemy import ColumnElement, Engine, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
 
@@ -495,18 +495,53 @@ def _ensure_customer(engine: Engine, stripe: StripeAccess, *, tenant_id: str) ->
         return profile.stripe_customer_id
 
 
-def mark_payout_pending(session: Session, tenant_id: str) -> bool:
-    """Mark the payout record pending before a key rotation rewrites it (in `session`).
+def mark_payouts_pending(session: Session, tenant_ids: Collection[str]) -> set[str]:
+    """Mark the payout records of `tenant_ids` pending before a key rotation rewrites them
+    (in `session`); returns the tenants whose record this marked.
 
-    False when there is no record, or another write's mark is on it already: that
-    mark stays that write's own.
+    A tenant without a record, or whose record another write marked already, is left
+    out: that mark stays that write's own.
     """
-    profile = session.get(PaymentProfile, tenant_id, with_for_update=True)
-    if profile is None or profile.payout_version == 0 or profile.payout_sync_pending:
-        return False
-    profile.payout_sync_pending = True
-    session.add(profile)
-    return True
+    marked = session.execute(
+        update(PaymentProfile)
+        .where(
+            col(PaymentProfile.tenant_id).in_(tenant_ids),
+            col(PaymentProfile.payout_version) > 0,
+            col(PaymentProfile.payout_sync_pending).is_(False),
+        )
+        .values(payout_sync_pending=True)
+        .returning(col(PaymentProfile.tenant_id))
+    )
+    return set(marked.scalars())
+
+
+def settle_rewrapped_payouts(
+    session: Session, moves: Mapping[str, tuple[int, int]], marked: Collection[str]
+) -> set[str]:
+    """Move each payout record a key rotation rewrote from KV version `before` to `after`
+    (`moves`: tenant -> (before, after)), clearing the marks the rotation set (`marked`).
+
+    A rewrap changes the wrapping, not the details, their hint or their age: only the
+    version moves. Returns the tenants whose record holds another version (a write
+    raced the rotation) or carries another write's mark: those are for
+    `reconcile_payout`, which reads what Vault holds.
+    """
+    profiles = session.exec(
+        select(PaymentProfile)
+        .where(col(PaymentProfile.tenant_id).in_(list(moves)))
+        .with_for_update()
+    )
+    raced: set[str] = set()
+    for profile in profiles:
+        before, after = moves[profile.tenant_id]
+        others_mark = profile.payout_sync_pending and profile.tenant_id not in marked
+        if profile.payout_version != before or others_mark:
+            raced.add(profile.tenant_id)
+            continue
+        profile.payout_version = after
+        profile.payout_sync_pending = False
+        session.add(profile)
+    return raced
 
 
 def reconcile_payout(engine: Engine, vault: VaultGateway, *, tenant_id: str, marked: bool) -> None:

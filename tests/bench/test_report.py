@@ -56,6 +56,7 @@ def _results(ceiling: float, fetch_cpu: float = 0.05) -> dict[str, Any]:
         report.named(report.SETTINGS_GET, 2): two,
         report.SETTINGS_PATCH: by_c,
         "rotation": {
+            "tenants": 100,
             "secrets_rewrapped": 100,
             "seconds": 2.0,
             "secrets_per_s": 50.0,
