@@ -121,8 +121,10 @@ def create_app(
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
     state = app.state
+    # The credential fetch's Vault reads go over this loop's own connections.
+    async with state.vault.serving_on_loop():
+        yield
     # Denials still being counted would be lost with the process.
     await run_in_threadpool(denials.write, state.engine, state.denials.drain())
     state.vault.close()
