@@ -291,7 +291,7 @@ class VaultGateway:
             yield
         finally:
             del self._loop_clients[client.loop]
-            client.close()
+            await client.close()
 
     async def call_on_loop(
         self,

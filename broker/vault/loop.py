@@ -93,9 +93,10 @@ class _Connection(asyncio.Protocol):
             raise
 
     def close(self) -> None:
+        """Drop the connection now: no TLS close_notify exchange left pending on the loop."""
         self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.abort()
 
     def _fail(self, exc: BaseException) -> None:
         if self._answer is not None and not self._answer.done():
@@ -149,13 +150,14 @@ class LoopClient:
         self._release(origin, conn)
         return answer
 
-    def close(self) -> None:
-        """Close the idle connections (call on the client's loop)."""
+    async def close(self) -> None:
+        """Close the idle connections, on the client's loop, and let their sockets go."""
         self._closed = True
         idle, self._idle = self._idle, {}
         for conns in idle.values():
             for conn in conns:
                 conn.close()
+        await asyncio.sleep(0)  # the loop closes an aborted transport's socket on its next turn
 
     def _idle_connection(self, origin: str) -> _Connection | None:
         conns = self._idle.get(origin) or []
