@@ -290,7 +290,8 @@ class VaultGateway:
         try:
             yield
         finally:
-            del self._loop_clients[client.loop]
+            if self._loop_clients.get(client.loop) is client:
+                del self._loop_clients[client.loop]
             await client.close()
 
     async def call_on_loop(
