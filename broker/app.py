@@ -52,13 +52,15 @@ from broker.tenants.deletions import DeletionWatch
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
-# Every router the app serves, in matching order. Settings come before tenants:
-# `/v1/tenants/settings` must not be read as a tenant id.
+# Every router the app serves, in matching order. The hot paths (credential fetch,
+# settings) come first: each request tries the routes in turn. Settings come before
+# tenants: `/v1/tenants/settings` must not be read as a tenant id.
 ROUTERS = (
+    credentials_router,
+    settings_router,
     health_router,
     audit_router,
     access_report_router,
-    credentials_router,
     events_router,
     webhooks_router,
     platform_webhooks_router,
@@ -68,7 +70,6 @@ ROUTERS = (
     oauth_callback_router,
     leases_router,
     payments_router,
-    settings_router,
     tenants_router,
 )
 
