@@ -52,13 +52,14 @@ from broker.tenants.deletions import DeletionWatch
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
-# Every router the app serves, in matching order. The hot paths (credential fetch,
-# settings) come first: each request tries the routes in turn. Settings come before
-# tenants: `/v1/tenants/settings` must not be read as a tenant id.
+# Every router the app serves, in matching order: each request tries them in turn.
+# The probes (three fixed paths, cheap to pass over), then the hot paths (credential
+# fetch, settings). Settings come before tenants: `/v1/tenants/settings` must not be
+# read as a tenant id.
 ROUTERS = (
+    health_router,
     credentials_router,
     settings_router,
-    health_router,
     audit_router,
     access_report_router,
     events_router,
