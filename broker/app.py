@@ -52,13 +52,16 @@ from broker.tenants.deletions import DeletionWatch
 from broker.tenants.routes import router as tenants_router
 from broker.vault.gateway import VaultGateway
 
-# Every router the app serves, in matching order. Settings come before tenants:
-# `/v1/tenants/settings` must not be read as a tenant id.
+# Every router the app serves, in matching order: each request tries them in turn.
+# The probes (three fixed paths, cheap to pass over), then the hot paths (credential
+# fetch, settings). Settings come before tenants: `/v1/tenants/settings` must not be
+# read as a tenant id.
 ROUTERS = (
     health_router,
+    credentials_router,
+    settings_router,
     audit_router,
     access_report_router,
-    credentials_router,
     events_router,
     webhooks_router,
     platform_webhooks_router,
@@ -68,7 +71,6 @@ ROUTERS = (
     oauth_callback_router,
     leases_router,
     payments_router,
-    settings_router,
     tenants_router,
 )
 
@@ -121,8 +123,10 @@ def create_app(
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    yield
     state = app.state
+    # The credential fetch's Vault reads go over this loop's own connections.
+    async with state.vault.serving_on_loop():
+        yield
     # Denials still being counted would be lost with the process.
     await run_in_threadpool(denials.write, state.engine, state.denials.drain())
     state.vault.close()

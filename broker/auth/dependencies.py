@@ -15,25 +15,60 @@ from broker.core import context
 from broker.core.errors import Forbidden, RateLimited, TooManyFailures, Unauthenticated
 from broker.deps import limiter_of, verifier_of
 
-
-class _AuthorizationHeaders(HTTPBearer):
-    """Documents bearer auth in OpenAPI; hands `require` every Authorization header, unparsed.
-
-    FastAPI's own HTTPBearer reads only the first header and tolerates extra
-    spaces; `bearer_token` is strict, and runs inside `require` so that a
-    malformed header counts as a failed authentication.
-    """
-
-    async def __call__(self, request: Request) -> list[str]:  # type: ignore[override]
-        return request.headers.getlist("authorization")
-
-
-_bearer = _AuthorizationHeaders(
-    scheme_name="HTTPBearer", auto_error=False, description="A JWT carrying OAuth-style scopes."
-)
-
 SCOPES_ATTR = "__broker_scopes__"
 LIMIT_ATTR = "__broker_limit__"
+
+
+class _Required(HTTPBearer):
+    """The dependency `require(...)` returns: authenticate, then admit (see `require`).
+
+    It is FastAPI's bearer scheme itself, so OpenAPI documents bearer auth for every
+    route that uses it, with one dependency to resolve per request rather than a
+    scheme and a dependency on it. It reads every Authorization header itself:
+    FastAPI's HTTPBearer reads only the first and tolerates extra spaces, while
+    `bearer_token` is strict, and a malformed header counts as a failed
+    authentication.
+    """
+
+    def __init__(self, scopes: tuple[str, ...], limit: str | None) -> None:
+        super().__init__(
+            scheme_name="HTTPBearer",
+            auto_error=False,
+            description="A JWT carrying OAuth-style scopes.",
+        )
+        self.scopes = scopes
+        self.limit = limit
+        # Attached so a test (and the OpenAPI document) can prove what each route demands.
+        setattr(self, SCOPES_ATTR, scopes)
+        setattr(self, LIMIT_ATTR, limit)
+
+    # Async on purpose: it runs on the request's own task, so the actor it
+    # binds to the request context is visible to the route and its Vault calls.
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        try:
+            principal = await _authenticate(request, request.headers.getlist("authorization"))
+        except Unauthenticated as failure:
+            ctx = context.current()
+            keys = [f"addr:{ctx.client_addr if ctx else None}"]
+            if failure.subject:
+                keys.append(f"sub:{failure.subject}")
+            try:
+                limiter_of(request).hit("auth_failures", *keys)
+            except RateLimited as limited:
+                raise TooManyFailures(failure, retry_after=limited.retry_after) from None
+            raise
+        return admit(request, principal, self.scopes, limit=self.limit)
+
+
+async def _authenticate(request: Request, authorization: list[str]) -> Principal:
+    """The principal of the request's one bearer token; raises Unauthenticated."""
+    token = bearer_token(authorization)
+    if token is None:
+        raise Unauthenticated("a bearer token is required")
+    verifier = verifier_of(request)
+    if verifier.may_block:  # a JWKS: only a remembered token is checked here
+        return verifier.remembered(token) or await _verify_in_thread(request, verifier, token)
+    return verifier.verify(token)
 
 
 def require(*scopes: str, limit: str | None = None) -> Any:
@@ -52,39 +87,7 @@ def require(*scopes: str, limit: str | None = None) -> Any:
     """
     if not scopes:
         raise ValueError("a route must require at least one scope")
-
-    # Async on purpose: it runs on the request's own task, so the actor it
-    # binds to the request context is visible to the route and its Vault calls.
-    async def dependency(
-        request: Request, authorization: list[str] = Depends(_bearer)
-    ) -> Principal:
-        limiter = limiter_of(request)
-        try:
-            token = bearer_token(authorization)
-            if token is None:
-                raise Unauthenticated("a bearer token is required")
-            verifier = verifier_of(request)
-            if verifier.may_block:  # a JWKS: only a remembered token is checked here
-                principal = verifier.remembered(token) or await _verify_in_thread(
-                    request, verifier, token
-                )
-            else:
-                principal = verifier.verify(token)
-        except Unauthenticated as failure:
-            ctx = context.current()
-            keys = [f"addr:{ctx.client_addr if ctx else None}"]
-            if failure.subject:
-                keys.append(f"sub:{failure.subject}")
-            try:
-                limiter.hit("auth_failures", *keys)
-            except RateLimited as limited:
-                raise TooManyFailures(failure, retry_after=limited.retry_after) from None
-            raise
-        return admit(request, principal, scopes, limit=limit)
-
-    setattr(dependency, SCOPES_ATTR, tuple(scopes))
-    setattr(dependency, LIMIT_ATTR, limit)
-    return Depends(dependency)
+    return Depends(_Required(tuple(scopes), limit))
 
 
 def own_tenant(principal: Principal) -> str:

@@ -151,6 +151,22 @@ class Metrics:
             ["route", "method"],
             registry=self.registry,
         )
+        # The children of each (route, method, status), found once: `.labels()` checks and
+        # looks them up under a lock on every call. As many as the registry holds anyway.
+        self._children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one request and its latency."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.latency.labels(route, method),
+            )
+        count, latency = children
+        count.inc()
+        latency.observe(seconds)
 
 
 class RequestContextMiddleware:
@@ -197,8 +213,7 @@ class RequestContextMiddleware:
             template = getattr(route, "path", "unmatched")
             method = scope.get("method", "")
             elapsed = time.perf_counter() - started
-            self.metrics.requests.labels(template, method, str(status)).inc()
-            self.metrics.latency.labels(template, method).observe(elapsed)
+            self.metrics.observe(template, method, status, elapsed)
             # The access log names the route template, never the raw path or query string:
             # those are caller input, and may hold a card number or a token. One JSON line
             # (see broker.core.logging) with the request id and the authenticated actor.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
@@ -12,12 +12,14 @@ from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
 from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrappedCredentialLease
-from broker.deps import DeliveryDep, VaultThreadsDep
+from broker.deps import delivery_of, vault_threads_of
 from broker.integrations.schemas import ProviderName
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
 
 Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
+# A lease must not outlive its `expires_at` in any cache.
+NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
 
 @router.get(
@@ -35,24 +37,23 @@ Service = Annotated[Principal, require(Scope.CREDENTIALS_READ, limit="fetch")]
     ),
 )
 async def fetch_credentials(
+    request: Request,
     tenant_id: str,
     provider: ProviderName,
-    response: Response,
-    delivery: DeliveryDep,
-    threads: VaultThreadsDep,
     principal: Service,
     wrap_ttl: Annotated[
         str | None, Query(max_length=16, description="Wrap the lease for one unwrap, e.g. 60s.")
     ] = None,
-) -> CredentialLease | WrappedCredentialLease:
+) -> Response:
     """A lease on a tenant's credentials, or a single-use wrapping token holding it."""
-    response.headers["Cache-Control"] = "no-store"
-    response.headers["Pragma"] = "no-cache"
-    return await service.serve(
-        delivery,
+    lease = await service.serve(
+        delivery_of(request),
         principal,
         tenant_id=tenant_id,
         provider=provider,
         wrap_ttl=wrap_ttl,
-        threads=threads,
+        threads=vault_threads_of(request),
     )
+    # Serialised here, from the model just built: FastAPI would validate it again first.
+    # `response_model` above still documents it.
+    return Response(lease.model_dump_json(), media_type="application/json", headers=NO_STORE)

@@ -80,8 +80,11 @@ async def serve(
 ) -> CredentialLease | WrappedCredentialLease:
     """`GET /v1/credentials/{tenant_id}/{provider}`: check, deliver, and answer.
 
-    The Vault work runs on `threads`, apart from the shared worker threads: a stalled
-    database can fill those, and deliveries must not queue behind it.
+    A static credential's two Vault reads are made on the event loop when they can
+    be (`VaultGateway.call_on_loop`); everything else that blocks (those reads'
+    retries, an OAuth refresh, a dynamic key, a wrap) runs on `threads`, apart from
+    the shared worker threads: a stalled database can fill those, and deliveries
+    must not queue behind it.
     """
     settings = delivery.settings
     ttl_s = parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
@@ -90,20 +93,13 @@ async def serve(
     lease_s = lease_seconds(
         provider, default_s=settings.credential_lease_s, caps=settings.credential_lease_caps
     )
-    work = partial(
-        deliver,
-        delivery.vault,
-        delivery.deletions,
-        tenant_id=tenant_id,
-        provider=provider,
-        lease_s=lease_s,
-        wrap_ttl_s=ttl_s,
-        principal=principal,
-        access=delivery.access,
-        leasing=delivery.leasing,
-    )
     try:
-        delivered = await anyio.to_thread.run_sync(work, limiter=threads)
+        delivered = await deliver(
+            delivery,
+            principal,
+            Asked(tenant_id=tenant_id, provider=provider, lease_s=lease_s, wrap_ttl_s=ttl_s),
+            threads=threads,
+        )
     except StoredDataUnverified:
         # Tampering, not a delivery: its record may wait on the shared threads.
         await run_in_threadpool(
@@ -240,79 +236,75 @@ def record_refusal(
     )
 
 
-def deliver(
-    vault: VaultGateway,
-    deletions: DeletionWatch,
-    *,
-    tenant_id: str,
-    provider: str,
-    lease_s: int,
-    wrap_ttl_s: int | None,
+@dataclass(frozen=True)
+class Asked:
+    """What one fetch asks for, once checked."""
+
+    tenant_id: str
+    provider: str
+    lease_s: int
+    wrap_ttl_s: int | None = None
+
+
+async def deliver(
+    delivery: Delivery,
     principal: Principal,
-    access: oauth.OAuthAccess,
-    leasing: leases.Leasing | None = None,
+    asked: Asked,
+    *,
+    threads: anyio.CapacityLimiter,
 ) -> Lease | tuple[Lease, WrappedSecret]:
     """A lease, or a lease wrapped for one unwrap: Vault only, never the database
     (except to refresh an expired OAuth access token, or to check a Meta token's mark)."""
-    if deletions.is_deleting(tenant_id):
+    if await _deleting(delivery.deletions, asked.tenant_id, threads=threads):
         raise NotFound(NO_SUCH)
-    lease = fetch(
-        vault,
-        tenant_id=tenant_id,
-        provider=provider,
-        lease_s=lease_s,
-        principal=principal,
-        access=access,
-        leasing=leasing,
-    )
-    if wrap_ttl_s is None:
+    lease = await fetch(delivery, principal, asked, threads=threads)
+    if asked.wrap_ttl_s is None:
         return lease
-    return lease, wrap(vault, lease, ttl_s=wrap_ttl_s)
+    wrapped = await anyio.to_thread.run_sync(
+        partial(wrap, delivery.vault, lease, ttl_s=asked.wrap_ttl_s), limiter=threads
+    )
+    return lease, wrapped
 
 
-def fetch(
-    vault: VaultGateway,
-    *,
-    tenant_id: str,
-    provider: str,
-    lease_s: int,
+async def _deleting(
+    deletions: DeletionWatch, tenant_id: str, *, threads: anyio.CapacityLimiter
+) -> bool:
+    """`deletions.is_deleting`, whose wait for a due refresh happens off the event loop."""
+    refreshed = deletions.revalidate()
+    if refreshed is not None:
+        await anyio.to_thread.run_sync(refreshed.wait, deletions.grace_s, limiter=threads)
+    return deletions.is_deleting(tenant_id)
+
+
+async def fetch(
+    delivery: Delivery,
     principal: Principal,
-    access: oauth.OAuthAccess,
-    leasing: leases.Leasing | None = None,
+    asked: Asked,
+    *,
+    threads: anyio.CapacityLimiter,
 ) -> Lease:
     """Read and decrypt the current credentials and attach a lease."""
+    tenant_id, provider, item = asked.tenant_id, asked.provider, item_name(asked.provider)
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
-    store = SealedStore(vault)
+    store = SealedStore(delivery.vault)
     try:
-        record = store.read(tenant_id, item_name(provider))
+        record = await store.read_on_loop(tenant_id, item, threads=threads)
         if record is None:
             raise NotFound(NO_SUCH)
         if record.public.get("delivery") == "dynamic":
-            return _dynamic(
-                leasing,
-                principal=principal,
-                tenant_id=tenant_id,
-                provider=provider,
-                lease_s=lease_s,
-                record=record,
-            )
-        sealed = store.open(tenant_id, item_name(provider), record)
+            dynamic = partial(_dynamic, delivery.leasing, principal, asked, record)
+            return await anyio.to_thread.run_sync(dynamic, limiter=threads)
+        sealed = await store.open_on_loop(tenant_id, item, record, threads=threads)
     except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.
         raise NotFound(NO_SUCH) from None
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":
-        return _oauth(
-            access,
-            principal=principal,
-            tenant_id=tenant_id,
-            provider=provider,
-            lease_s=lease_s,
-            record=record,
-            sealed=sealed,
-            identifiers=identifiers,
+        oauth_lease = partial(
+            _oauth, delivery.access, principal, asked, record, sealed, identifiers
         )
+        return await anyio.to_thread.run_sync(oauth_lease, limiter=threads)
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
     return Lease(
@@ -321,17 +313,14 @@ def fetch(
         version=record.version,
         fields={name: creds.reveal(name) or "" for name in sorted(creds.names())},
         issued_at=now,
-        expires_at=now + timedelta(seconds=lease_s),
+        expires_at=now + timedelta(seconds=asked.lease_s),
     )
 
 
 def _oauth(
     access: oauth.OAuthAccess,
-    *,
     principal: Principal,
-    tenant_id: str,
-    provider: str,
-    lease_s: int,
+    asked: Asked,
     record: SealedRecord,
     sealed: dict[str, str],
     identifiers: dict[str, str],
@@ -340,32 +329,29 @@ def _oauth(
     tokens, version = oauth.current_tokens(
         access,
         principal=principal,
-        tenant_id=tenant_id,
-        provider=provider,
+        tenant_id=asked.tenant_id,
+        provider=asked.provider,
         version=record.version,
         public=record.public,
         sealed=sealed,
     )
     issued = access.clock()
     return Lease(
-        tenant_id=tenant_id,
-        provider=provider,
+        tenant_id=asked.tenant_id,
+        provider=asked.provider,
         version=version,
         fields={**identifiers, "access_token": tokens.access_token},
         issued_at=issued,
         # The lease is the token's own life: past it the provider refuses the token.
         # A token that never expires (a Meta business token) gets the usual lease.
-        expires_at=tokens.access_expires_at or issued + timedelta(seconds=lease_s),
+        expires_at=tokens.access_expires_at or issued + timedelta(seconds=asked.lease_s),
     )
 
 
 def _dynamic(
     leasing: leases.Leasing | None,
-    *,
     principal: Principal,
-    tenant_id: str,
-    provider: str,
-    lease_s: int,
+    asked: Asked,
     record: SealedRecord,
 ) -> Lease:
     """A key minted for this service (or its live one again); never the root credential."""
@@ -374,14 +360,14 @@ def _dynamic(
     issued = leases.issue(
         leasing,
         principal=principal,
-        tenant_id=tenant_id,
-        provider=provider,
-        lease_s=lease_s,
+        tenant_id=asked.tenant_id,
+        provider=asked.provider,
+        lease_s=asked.lease_s,
         record=record,
     )
     return Lease(
-        tenant_id=tenant_id,
-        provider=provider,
+        tenant_id=asked.tenant_id,
+        provider=asked.provider,
         version=record.version,
         fields=issued.fields,
         issued_at=issued.issued_at,

@@ -15,6 +15,7 @@ Install it inside `RequestContextMiddleware` (add it to the app first) so the
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -238,15 +239,32 @@ def find_in_headers(scope: Scope) -> str | None:
     for name, value in scope.get("headers") or []:
         if name in TRACING_HEADERS:
             continue
-        # Clients send UTF-8 in header values, whatever RFC 9110 says: read them as such, so
-        # that digits of other scripts are seen as digits.
-        text = value.decode("utf-8", errors="replace")
-        hit = _check_key(name.decode("latin-1")) or (
-            CARD_NUMBER if contains_card_number(text, url=True) else None
-        )
+        key = hashlib.sha256(b"%b\0%b" % (name, value)).digest()
+        if key in _CLEAN_HEADERS:
+            continue
+        hit = _find_in_header(name, value)
         if hit is not None:
             return hit
+        if len(_CLEAN_HEADERS) >= _CLEAN_HEADERS_KEPT:
+            _CLEAN_HEADERS.clear()
+        _CLEAN_HEADERS.add(key)
     return None
+
+
+# Headers repeat request after request (a service's bearer token, a user agent), and
+# inspecting a long one costs more than routing a credential fetch: a header found
+# clean is remembered, by the SHA-256 of its name and value, and not inspected again.
+_CLEAN_HEADERS: set[bytes] = set()
+_CLEAN_HEADERS_KEPT = 4096
+
+
+def _find_in_header(name: bytes, value: bytes) -> str | None:
+    # Clients send UTF-8 in header values, whatever RFC 9110 says: read them as such, so
+    # that digits of other scripts are seen as digits.
+    text = value.decode("utf-8", errors="replace")
+    return _check_key(name.decode("latin-1")) or (
+        CARD_NUMBER if contains_card_number(text, url=True) else None
+    )
 
 
 class CardDataGuard:

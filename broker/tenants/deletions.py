@@ -46,6 +46,11 @@ class DeletionWatch:
         self._refreshing = threading.Lock()
         self.refresh_failures = 0  # for /metrics
 
+    @property
+    def grace_s(self) -> float:
+        """How long the fetch that finds the view stale waits for the refresh."""
+        return self._grace_s
+
     def mark(self, tenant_id: str) -> None:
         """This process is deleting the tenant: stop delivering it now."""
         self._local.add(tenant_id)

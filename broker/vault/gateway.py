@@ -14,6 +14,11 @@ Laid out the way hvac separates its adapter from its API classes:
 
 Nothing outside `broker.vault` sees an hvac type.
 
+The credential fetch's two reads may also be made on the event loop
+(`call_on_loop`, over `broker.vault.loop`): one attempt, with the same audited
+headers, node, token and budget; anything but a definite answer goes on to `call`
+in the Vault threads, so retries, failover and logging in again stay here, once.
+
 A transient failure (connection error, 3xx, 5xx, 429, no active node) drops the
 cached active node, finds the active one again and retries with tenacity inside a
 short budget (`retry_budget_s`); after that the caller gets `VaultUnavailable`
@@ -22,10 +27,15 @@ short budget (`retry_budget_s`); after that the caller gets `VaultUnavailable`
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import anyio
+import anyio.to_thread
 import hvac
 import hvac.exceptions
 from tenacity import (
@@ -41,6 +51,7 @@ from broker.core.config import Settings
 from broker.core.errors import BrokerError
 from broker.vault.audit_hash import AuditDevices
 from broker.vault.errors import (
+    FAILURES,
     BudgetSpent,
     Failure,
     VaultUnavailable,
@@ -49,6 +60,7 @@ from broker.vault.errors import (
 )
 from broker.vault.kv import Kv
 from broker.vault.login import Login
+from broker.vault.loop import LoopClient
 from broker.vault.nodes import Nodes, VaultHealth
 from broker.vault.transit import Transit
 from broker.vault.transport import ConnectionPool, PooledAdapter, attempt_timeout
@@ -112,6 +124,10 @@ class VaultGateway:
     ) -> None:
         # One keep-alive pool for every node, with a connection per worker thread.
         self._pool = ConnectionPool(verify=verify, timeout_s=timeout_s, maxsize=pool_size)
+        self._pool_size = pool_size
+        self._namespace = namespace
+        # Keep-alive connections of the event loops serving this gateway (`serving_on_loop`).
+        self._loop_clients: dict[asyncio.AbstractEventLoop, LoopClient] = {}
         self._nodes = Nodes(addrs, self._pool, probe_timeout_s=min(timeout_s, 2.0))
         self._login = Login(token=token, role_id=role_id, secret_id=secret_id, mount=approle_mount)
         # Told of every attempt: (operation, node, seconds, error class or None). The app
@@ -264,6 +280,88 @@ class VaultGateway:
             error.retry_after = self.retry_after_s
         return error
 
+    # -- calls on the event loop ------------------------------------------------------
+
+    @asynccontextmanager
+    async def serving_on_loop(self) -> AsyncIterator[None]:
+        """Let `call_on_loop` use connections of the running loop until the block ends."""
+        client = LoopClient(tls=self._pool.tls, maxsize=self._pool_size)
+        self._loop_clients[client.loop] = client
+        try:
+            yield
+        finally:
+            if self._loop_clients.get(client.loop) is client:
+                del self._loop_clients[client.loop]
+            await client.close()
+
+    async def call_on_loop(
+        self,
+        operation: str,
+        request: tuple[str, str, dict[str, Any] | None],
+        *,
+        parse: Callable[[dict[str, Any]], T],
+        fallback: Callable[[], T],
+        threads: anyio.CapacityLimiter,
+    ) -> T:
+        """`fallback()` (the same operation through `call`), made on the event loop if it can be.
+
+        `request` is (method, path, JSON payload). One attempt, on the active node with
+        the token already held, carrying the audited headers, within the request's Vault
+        budget. A 200 is `parse`d; a 400 or 404 (answers no retry changes) raises the
+        broker error the one table gives it. Anything else (no client on this loop, no
+        known active node, a token due for renewal, a failed connection, a timeout, a
+        3xx, 401, 403, 429 or 5xx) runs `fallback` on `threads`, which retries, fails
+        over and logs in again within what is left of the same budget.
+        """
+        try:
+            answer = await self._attempt_on_loop(operation, *request)
+        except _Indefinite:
+            return await anyio.to_thread.run_sync(fallback, limiter=threads)
+        try:
+            return parse(answer)
+        except (KeyError, TypeError, ValueError):
+            return await anyio.to_thread.run_sync(fallback, limiter=threads)
+
+    async def _attempt_on_loop(
+        self, operation: str, method: str, path: str, payload: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        client = self._loop_clients.get(asyncio.get_running_loop())
+        index = self._nodes.known()
+        token = self._login.current()
+        left = context.vault_deadline(self._retry_budget_s) - time.monotonic()
+        if client is None or index is None or token is None or left <= 0:
+            raise _Indefinite
+        headers = audit_headers()
+        headers |= {"X-Vault-Request": "true", "X-Vault-Token": token}
+        if self._namespace:
+            headers["X-Vault-Namespace"] = self._namespace
+        body = None
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+            body = json.dumps(payload).encode()
+        url = self.addrs[index].rstrip("/") + path
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(self._timeout_s, left)):
+                answer = await client.request(method, url, headers=headers, body=body)
+        except Exception as exc:  # refused, reset, timed out, malformed, unsendable
+            self._failed_on_loop(operation, index, started, exc)
+            raise _Indefinite from None
+        if answer.status == 200:
+            self._observed(operation, index, started, None)
+            return dict(json.loads(answer.data))
+        refused = _vault_error(method, url, answer.status, answer.data)
+        self._failed_on_loop(operation, index, started, refused)
+        if answer.status not in _DEFINITE:
+            raise _Indefinite
+        raise self._broker_error(failure(refused) or FAILURES[-1], refused, operation) from None
+
+    def _failed_on_loop(self, operation: str, index: int, started: float, exc: Exception) -> None:
+        """As `_attempt` does for a failed try: measured, and a transient one forgets the node."""
+        self._observed(operation, index, started, type(exc).__name__)
+        if is_transient(exc):
+            self._nodes.forget(index)
+
     def _raw(self) -> hvac.Client:
         """The active node's hvac client, for bootstrap code inside `broker.vault` only.
 
@@ -271,3 +369,23 @@ class VaultGateway:
         there is none within the budget.
         """
         return self.call("find the active Vault node", lambda client: client)
+
+
+class _Indefinite(Exception):
+    """An attempt on the loop that the threaded `call` must make again (or could not start)."""
+
+
+# Answers that retrying on this or another node cannot change.
+_DEFINITE = (400, 404)
+
+
+def _vault_error(method: str, url: str, status: int, data: bytes) -> hvac.exceptions.VaultError:
+    """The hvac exception hvac's adapter raises for this answer (its `errors`, or its text)."""
+    text = data.decode("utf-8", "replace")
+    try:
+        errors = json.loads(data).get("errors")
+    except (ValueError, AttributeError):
+        errors = None
+    return hvac.exceptions.VaultError.from_status(
+        status, None if errors is not None else text, errors=errors, method=method, url=url
+    )

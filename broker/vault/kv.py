@@ -8,10 +8,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import anyio
 import hvac
 import hvac.exceptions
+from hvac.utils import format_url
 
-from broker.core.errors import BrokerError, Conflict
+from broker.core.errors import BrokerError, Conflict, NotFound
 from broker.vault.errors import WriteOutcomeUnknown, may_have_applied
 
 if TYPE_CHECKING:
@@ -41,6 +43,20 @@ class Kv:
         return self._vault.call(
             "read a secret", lambda client: self._version(client, path, version)
         )
+
+    async def read_on_loop(self, path: str, *, threads: anyio.CapacityLimiter) -> KvEntry | None:
+        """`read` (the latest version), on the event loop when it can be (`call_on_loop`)."""
+        url = format_url("/v1/{mount}/data/{path}", mount=self.mount, path=path)
+        try:
+            return await self._vault.call_on_loop(
+                "read a secret",
+                ("GET", url, None),
+                parse=_entry,
+                fallback=lambda: self.read(path),
+                threads=threads,
+            )
+        except NotFound:  # a 404: absent, or its latest version deleted
+            return None
 
     def write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
         """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet".
@@ -131,8 +147,7 @@ class Kv:
             )
         except hvac.exceptions.InvalidPath:
             return None
-        data = result["data"]
-        return KvEntry(data=data["data"] or {}, version=int(data["metadata"]["version"]))
+        return _entry(result)
 
     def _holds(self, client: hvac.Client, path: str, version: int, data: Mapping[str, Any]) -> bool:
         """True when KV `path` at `version` holds exactly `data` (JSON-equal)."""
@@ -163,3 +178,9 @@ class Kv:
                     retry_after=self._vault.retry_after_s,
                 ) from None
             raise
+
+
+def _entry(result: dict[str, Any]) -> KvEntry:
+    """The entry in Vault's answer to a KV v2 read."""
+    data = result["data"]
+    return KvEntry(data=data["data"] or {}, version=int(data["metadata"]["version"]))

@@ -52,6 +52,15 @@ class Login:
                 self._token = self._approle_login(client)
             return self._token
 
+    def current(self) -> str | None:
+        """The token when it needs no login first (never blocks), else None."""
+        if self._static is not None:
+            return self._static
+        token, expires_at = self._token, self._expires_at
+        if token is None or (expires_at is not None and time.monotonic() >= expires_at):
+            return None
+        return token
+
     def expire(self) -> None:
         """Log in again before the next call (the token may have been revoked)."""
         self._expires_at = 0.0

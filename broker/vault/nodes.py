@@ -97,6 +97,10 @@ class Nodes:
             self._active_known = True
             return index
 
+    def known(self) -> int | None:
+        """The index of the active node when it is known (never searches), else None."""
+        return self._current if self._active_known else None
+
     def forget(self, index: int) -> None:
         """A call to node `index` failed transiently: search again before the next call."""
         if len(self.addrs) > 1 and self._current == index:

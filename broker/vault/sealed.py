@@ -24,9 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
+
 from broker.core.errors import NotFound
 from broker.vault.errors import StoredDataUnverified, VaultMisconfigured
 from broker.vault.gateway import VaultGateway
+from broker.vault.kv import KvEntry
 
 _CIPHERTEXT_VERSION = re.compile(r"^vault:v(\d+):")
 
@@ -66,6 +69,32 @@ def _normal(public: Mapping[str, Any]) -> Any:
     return json.loads(json.dumps(dict(public), sort_keys=True))
 
 
+def _record(entry: KvEntry | None) -> SealedRecord | None:
+    """A KV entry as a sealed record; None when absent or not a sealed item."""
+    if entry is None or "ciphertext" not in entry.data:
+        return None
+    return SealedRecord(
+        version=entry.version,
+        ciphertext=str(entry.data["ciphertext"]),
+        public=dict(entry.data.get("public") or {}),
+    )
+
+
+def _verified_secrets(plaintext: bytes, record: SealedRecord) -> dict[str, str]:
+    """The secrets sealed in `plaintext`, once its `public` part matches the stored one."""
+    try:
+        document = json.loads(plaintext)
+    except ValueError:
+        raise StoredDataUnverified() from None
+    if (
+        not isinstance(document, dict)
+        or not isinstance(document.get("secrets"), dict)
+        or document.get("public") != _normal(record.public)
+    ):
+        raise StoredDataUnverified()
+    return {str(k): str(v) for k, v in document["secrets"].items()}
+
+
 class SealedStore:
     """Encrypt-then-store and load-then-decrypt for one tenant's items."""
 
@@ -102,27 +131,30 @@ class SealedStore:
         plaintext = self.vault.transit.decrypt(
             key_name(tenant_id), record.ciphertext, context=binding(tenant_id, item)
         )
-        try:
-            document = json.loads(plaintext)
-        except ValueError:
-            raise StoredDataUnverified() from None
-        if (
-            not isinstance(document, dict)
-            or not isinstance(document.get("secrets"), dict)
-            or document.get("public") != _normal(record.public)
-        ):
-            raise StoredDataUnverified()
-        return {str(k): str(v) for k, v in document["secrets"].items()}
+        return _verified_secrets(plaintext, record)
+
+    async def open_on_loop(
+        self, tenant_id: str, item: str, record: SealedRecord, *, threads: anyio.CapacityLimiter
+    ) -> dict[str, str]:
+        """`open`, with the decryption on the event loop when it can be."""
+        plaintext = await self.vault.transit.decrypt_on_loop(
+            key_name(tenant_id),
+            record.ciphertext,
+            context=binding(tenant_id, item),
+            threads=threads,
+        )
+        return _verified_secrets(plaintext, record)
 
     def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:
         """The latest (or a given) live version of an item, still sealed."""
-        entry = self.vault.kv.read(self.path(tenant_id, item), version=version)
-        if entry is None or "ciphertext" not in entry.data:
-            return None
-        return SealedRecord(
-            version=entry.version,
-            ciphertext=str(entry.data["ciphertext"]),
-            public=dict(entry.data.get("public") or {}),
+        return _record(self.vault.kv.read(self.path(tenant_id, item), version=version))
+
+    async def read_on_loop(
+        self, tenant_id: str, item: str, *, threads: anyio.CapacityLimiter
+    ) -> SealedRecord | None:
+        """`read` of the latest version, on the event loop when it can be."""
+        return _record(
+            await self.vault.kv.read_on_loop(self.path(tenant_id, item), threads=threads)
         )
 
     def write(

@@ -6,8 +6,10 @@ import base64
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import hvac
 import hvac.exceptions
+from hvac.utils import format_url
 
 from broker.core.errors import BrokerError
 
@@ -17,6 +19,11 @@ if TYPE_CHECKING:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def _plaintext(result: dict[str, Any]) -> bytes:
+    """The plaintext in Vault's answer to a Transit decrypt."""
+    return base64.b64decode(result["data"]["plaintext"])
 
 
 class Transit:
@@ -81,9 +88,23 @@ class Transit:
                 context=_b64(context.encode()),
                 mount_point=self.mount,
             )
-            return base64.b64decode(result["data"]["plaintext"])
+            return _plaintext(result)
 
         return self._vault.call("decrypt", decrypt)
+
+    async def decrypt_on_loop(
+        self, key: str, ciphertext: str, *, context: str, threads: anyio.CapacityLimiter
+    ) -> bytes:
+        """`decrypt`, on the event loop when it can be (`call_on_loop`)."""
+        url = format_url("/v1/{mount}/decrypt/{name}", mount=self.mount, name=key)
+        payload = {"ciphertext": ciphertext, "context": _b64(context.encode())}
+        return await self._vault.call_on_loop(
+            "decrypt",
+            ("POST", url, payload),
+            parse=_plaintext,
+            fallback=lambda: self.decrypt(key, ciphertext, context=context),
+            threads=threads,
+        )
 
     def rotate(self, key: str) -> int:
         """Rotate a key; returns its new latest version."""

@@ -188,6 +188,11 @@ class ConnectionPool:
         # A gateway dropped without close() still closes its idle sockets.
         weakref.finalize(self, _close_nodes, self._nodes)
 
+    @property
+    def tls(self) -> ssl.SSLContext:
+        """The TLS settings every connection to Vault uses (CA file, or the system store)."""
+        return self._tls
+
     def request(
         self,
         method: str,

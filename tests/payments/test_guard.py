@@ -440,6 +440,19 @@ def test_ordinary_headers_pass(guarded: GuardedApp) -> None:
     assert response.headers["x-request-id"] == "req-2024-06-01-000123"
 
 
+def test_a_header_seen_clean_does_not_let_a_card_through_later(guarded: GuardedApp) -> None:
+    """Clean headers are remembered (by digest) and not inspected again; a card is always
+    inspected, under a name seen clean before or not, and refused every time."""
+    for _ in range(2):
+        clean = guarded.client.get("/echo", headers={"x-note": "order 4242"})
+        assert clean.status_code == 200
+    for _ in range(2):
+        refused = guarded.client.get("/echo", headers={"x-note": "4242 4242 4242 4242"})
+        assert refused.status_code == 422
+        assert "4242" not in refused.text
+    assert len(guarded.calls) == 2
+
+
 # --- cost --------------------------------------------------------------------------------
 
 # Far above what the inspection takes (about a second on a busy CI core), far below what a
