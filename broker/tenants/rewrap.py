@@ -2,10 +2,10 @@
 with check-and-set, then retire the key versions before the rotation's target.
 
 No PostgreSQL here: `broker.tenants.keys` marks the rows before and settles them after.
-Vault requests per tenant: one listing (its integrations), one read per item (the
-payout record's read also finds whether there is one), one rewrap per `batch`
-items (all of a tenant's items in one call), one check-and-set write per item, and
-one key configuration.
+Vault requests per tenant: one listing per folder (the tenant's own, its
+integrations, the keys of live dynamic leases), one read per item, one rewrap per
+`batch` items (all of a tenant's items in one call), one check-and-set write per
+item, and one key configuration.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from broker.core.errors import BrokerError, Conflict, UpstreamUnavailable
-from broker.integrations.service import item_name
-from broker.payments.service import PAYOUT_ITEM
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.sealed import (
     SealedRecord,
@@ -23,11 +21,6 @@ from broker.vault.sealed import (
     ciphertext_key_version,
     key_name,
 )
-
-# Every item a tenant can hold is `integrations/<provider>` or the payout record: the
-# broker's Vault policy lets it read and write no other path under `tenants/<id>/`, so
-# listing the integrations folder alone finds everything the rotation can rewrap.
-INTEGRATIONS_FOLDER = "integrations"
 
 
 @dataclass(frozen=True)
@@ -83,7 +76,9 @@ def _stale_items(
     stale: list[_Stale] = []
     current = 0
     failed: list[str] = []
-    for item in _items(store, tenant_id):
+    # Everything under the tenant's path: its integrations, the payout record, and the
+    # sealed keys of live dynamic leases (`leases/<id>`), which a fetch still opens.
+    for item in store.items(tenant_id):
         record = store.read(tenant_id, item)
         if record is None:
             continue
@@ -97,14 +92,6 @@ def _stale_items(
         else:
             stale.append((item, record))
     return stale, current, failed
-
-
-def _items(store: SealedStore, tenant_id: str) -> list[str]:
-    """The tenant's integration items, and the payout record (its read finds whether it
-    exists: one request, as a listing of the tenant's top folder would be)."""
-    names = store.vault.kv.keys(store.path(tenant_id, INTEGRATIONS_FOLDER))
-    integrations = [item_name(name) for name in sorted(names) if not name.endswith("/")]
-    return [*integrations, PAYOUT_ITEM]
 
 
 def _write_back(store: SealedStore, tenant_id: str, entry: _Rewrapped) -> Written | None:
