@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import anyio
+from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlmodel import Session
 
@@ -121,16 +122,40 @@ def record(
     `{tenant_id}` in `resource`. A claimed tenant (the tenant of a refused fetch) is also
     the event's tenant; a path tenant only names the resource.
     """
-    ctx = context.current()
     for named, is_the_events in ((claimed_tenant, True), (path_tenant, False)):
         kept = _registered_or_plain(session, named) if named is not None else None
         if kept is not None:
             resource = resource.replace("{tenant_id}", kept)
             if is_the_events:
                 tenant_id = kept
+    event = new_event(
+        action=action,
+        resource=resource,
+        outcome=outcome,
+        principal=principal,
+        tenant_id=tenant_id,
+        detail=detail,
+    )
+    # Written with the caller's next flush or its commit: a unit of work that records
+    # many events (a batch) sends them together rather than one round trip each.
+    session.add(event)
+    return event
+
+
+def new_event(
+    *,
+    action: str,
+    resource: str,
+    outcome: Outcome,
+    principal: Principal | None = None,
+    tenant_id: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> AuditEvent:
+    """The event `record` appends, not yet written: for writers in plain SQL (`sql_values`)."""
+    ctx = context.current()
     if tenant_id is None and principal is not None:
         tenant_id = principal.tenant_id
-    event = AuditEvent(
+    return AuditEvent(
         actor=_fit(
             principal.actor if principal else (ctx.actor if ctx and ctx.actor else "anonymous"),
             200,
@@ -144,10 +169,28 @@ def record(
         client_addr=ctx.client_addr if ctx else None,
         detail=detail or {},
     )
-    # Written with the caller's next flush or its commit: a unit of work that records
-    # many events (a batch) sends them together rather than one round trip each.
-    session.add(event)
-    return event
+
+
+# The columns `sql_values` fills, in its order; the id comes from the table's sequence.
+EVENT_COLUMNS = (
+    "at",
+    "actor",
+    "actor_kind",
+    "tenant_id",
+    "action",
+    "resource",
+    "outcome",
+    "request_id",
+    "client_addr",
+    "detail",
+)
+
+
+def sql_values(event: AuditEvent) -> list[Any]:
+    """The event's values for an INSERT of `EVENT_COLUMNS` through psycopg."""
+    values: list[Any] = [getattr(event, name) for name in EVENT_COLUMNS]
+    values[-1] = Jsonb(event.detail)
+    return values
 
 
 def _loggable(event: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The database engine, one unit of work per request, asyncio reads, and Alembic migrations."""
+"""The database engine, units of work, asyncio reads and writes, and Alembic migrations."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
 from broker.core.config import Settings
-from broker.core.errors import UpstreamUnavailable
+from broker.core.errors import BrokerError, UpstreamUnavailable
 
 T = TypeVar("T")
 
@@ -232,6 +232,27 @@ async def read(engine: Engine, query: Callable[[AsyncReadConnection], Awaitable[
 AsyncReadConnection = psycopg.AsyncConnection[Any]
 
 
+async def write(engine: Engine, work: Callable[[AsyncReadConnection], Awaitable[T]]) -> T:
+    """`await work(connection)` in one transaction on the connections `read` uses.
+
+    For short writes in plain SQL (a settings PATCH): BEGIN, the work's statements,
+    COMMIT, with no worker thread and no ORM. Bounded like `read`: the same budget
+    and slot, every exchange under the statement timeout and the client deadline,
+    a busy or lost server a 503 with Retry-After. A broker error raised by the work
+    (404, 412, 422) rolls back and keeps the connection; anything else closes it,
+    which rolls back on the server. Only a BEGIN that found a reused connection dead
+    is run again, on a new one: nothing of the work was sent yet.
+    """
+    readers = _readers(engine)
+    async with _read_slot(engine, readers):
+        with unavailable_as_503(engine):
+            try:
+                return await _write_once(readers, work, may_retry=True)
+            except _IdleConnectionLost:
+                readers.close_idle()
+            return await _write_once(readers, work, may_retry=False)
+
+
 class _IdleConnectionLost(Exception):
     """A reused connection turned out dead: worth one more try on a new one."""
 
@@ -250,6 +271,34 @@ async def _read_once(
         raise
     finally:
         readers.give_back(connection)
+
+
+async def _write_once(
+    readers: _Readers, work: Callable[[AsyncReadConnection], Awaitable[T]], *, may_retry: bool
+) -> T:
+    connection, reused = await readers.take()
+    try:
+        await _begin(connection, may_retry=may_retry and reused)
+        try:
+            result = await work(connection)
+        except BrokerError:
+            await connection.execute(b"ROLLBACK")
+            raise
+        await connection.execute(b"COMMIT")
+        return result
+    finally:
+        readers.give_back(connection)  # closed unless idle again, so never mid-transaction
+
+
+async def _begin(connection: AsyncReadConnection, *, may_retry: bool) -> None:
+    try:
+        await connection.execute(b"BEGIN")
+    except DatabaseDeadline:
+        raise
+    except psycopg.OperationalError:
+        if may_retry and connection.broken:
+            raise _IdleConnectionLost from None
+        raise
 
 
 class _Readers:

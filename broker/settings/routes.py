@@ -54,12 +54,11 @@ async def patch_settings(
     engine: EngineDep,
     principal: SettingsWriter,
     outbound: OutboundDep,
-    response: Response,
     if_match: Annotated[str | None, Header(max_length=200)] = None,
-) -> SettingsView:
+) -> Response:
     """Merge-patch one or more settings groups (RFC 7396); `null` resets to defaults."""
-    patch = partial(
-        service.patch_settings,
+    tag, document = await service.patch_document(
+        engine,
         principal=principal,
         tenant_id=own_tenant(principal),
         patch=body.model_dump(exclude_unset=True),
@@ -67,6 +66,4 @@ async def patch_settings(
         # The guarded client's policy also judges the URLs stored in settings.
         egress=outbound.client,
     )
-    row = await db.work_in_thread(engine, patch)
-    response.headers["ETag"] = service.etag(row)
-    return service.to_view(row)
+    return Response(document, media_type="application/json", headers={"ETag": tag})

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 
+import anyio
+import anyio.to_thread
 from psycopg import AsyncConnection, sql
+from psycopg.types.json import Jsonb
 from pydantic import ValidationError
+from sqlalchemy import Engine, Select
 from sqlmodel import Session, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
+from broker.core import db
 from broker.core.errors import (
     NotFound,
     PreconditionFailed,
@@ -22,7 +28,7 @@ from broker.core.errors import (
     unknown_field_message,
 )
 from broker.integrations.egress import EgressClient, EgressFailed, EgressRefused
-from broker.models import SETTINGS_GROUP_COLUMNS, TenantSettings, utcnow
+from broker.models import SETTINGS_GROUP_COLUMNS, AuditEvent, TenantSettings, utcnow
 from broker.settings import rules
 from broker.settings.schemas import (
     READ_ONLY_GROUPS,
@@ -133,10 +139,12 @@ def patch_settings(
     if_match: str | None,
     egress: EgressClient | None = None,
 ) -> TenantSettings:
-    """Apply an RFC 7396 merge patch to one or more groups.
+    """Apply an RFC 7396 merge patch to one or more groups, inside the caller's unit of work.
 
-    The row is locked (SELECT ... FOR UPDATE) for the read-merge-write, so two
-    concurrent PATCHes of different groups serialise and both survive; with
+    For writers that hold a session already (the console's forms, the legacy
+    migration); the API's PATCH takes `patch_document`, the same steps in plain
+    SQL. The row is locked (SELECT ... FOR UPDATE) for the read-merge-write, so
+    two concurrent PATCHes of different groups serialise and both survive; with
     If-Match the caller also learns when someone else got there first.
 
     With ``egress``, every URL the patch adds must resolve to public addresses only,
@@ -146,29 +154,190 @@ def patch_settings(
     checked: set[str] = set()
     if egress is not None and _may_add_urls(patch):
         # Resolve before taking the row lock: a slow DNS answer must not hold it.
-        _vet_urls(egress, _added_urls(session, tenant_id, patch), checked)
+        stored = session.execute(_group_columns(tenant_id, list(patch))).first()
+        stored_groups = dict(zip(patch, stored, strict=True)) if stored is not None else None
+        _vet_urls(egress, _added_urls(stored_groups, patch), checked)
     row = _locked_row(session, tenant_id, if_match)
-    changed = [
-        group
-        for group, group_patch in patch.items()
-        if _merge_group(row, group, group_patch, egress, checked)
-    ]
+    changed = []
+    for group, group_patch in patch.items():
+        current = getattr(row, group) or default_group(group)
+        validated = _merged(group, current, group_patch)
+        if egress is not None:
+            _vet_urls(egress, _urls_added_by(group, group_patch, current, validated), checked)
+        if validated != current:
+            setattr(row, group, validated)
+            changed.append(group)
     if changed:
         row.version += 1
         row.updated_at = utcnow()
         row.updated_by = principal.actor
         session.add(row)
         session.flush()
-    trail.record(
-        session,
-        action="settings.update",
-        resource=f"tenants/{tenant_id}/settings",
-        outcome="success",
+    trail.record(session, **_audit(principal, tenant_id, patch, changed, row.version))
+    return row
+
+
+def _audit(
+    principal: Principal, tenant_id: str, patch: dict[str, Any], changed: list[str], version: int
+) -> dict[str, Any]:
+    """The audit event of a settings write."""
+    return {
+        "action": "settings.update",
+        "resource": f"tenants/{tenant_id}/settings",
+        "outcome": "success",
+        "principal": principal,
+        "tenant_id": tenant_id,
+        "detail": {"groups": sorted(patch), "changed": changed, "version": version},
+    }
+
+
+async def patch_document(
+    engine: Engine,
+    *,
+    principal: Principal,
+    tenant_id: str,
+    patch: dict[str, Any],
+    if_match: str | None,
+    egress: EgressClient | None = None,
+) -> tuple[str, bytes]:
+    """`patch_settings` for the API: the same steps in plain SQL; the new ETag and JSON body.
+
+    No ORM and no worker thread (`broker.core.db.write`): one transaction of
+    SELECT ... FOR UPDATE and one statement that updates the row and appends its
+    audit event together, so neither is ever written without the other. The body
+    is the one a read of the new row renders (`_render`).
+    """
+    _check_writable(patch)
+    checked: set[str] = set()
+    if egress is not None and _may_add_urls(patch):
+        # Resolve before taking the row lock: a slow DNS answer must not hold it.
+        stored = await db.read(engine, partial(_stored_groups, tenant_id=tenant_id, patch=patch))
+        added = _added_urls(stored, patch)
+        await anyio.to_thread.run_sync(_vet_urls, egress, added, checked)
+    write = partial(
+        _write_document,
         principal=principal,
         tenant_id=tenant_id,
-        detail={"groups": sorted(patch), "changed": changed, "version": row.version},
+        patch=patch,
+        if_match=if_match,
+        vet=partial(_vet_urls_in_thread, egress, checked) if egress is not None else None,
     )
-    return row
+    return await db.write(engine, write)
+
+
+async def _stored_groups(
+    connection: AsyncConnection[Any], *, tenant_id: str, patch: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The patched groups as stored (unlocked), or None for a missing tenant."""
+    row = await _fetch_document(connection, tenant_id, lock=False)
+    return _groups(row, patch) if row is not None else None
+
+
+UrlVetting = Callable[[list[tuple[str, str]]], Awaitable[None]]
+
+
+async def _vet_urls_in_thread(
+    egress: EgressClient, checked: set[str], urls: list[tuple[str, str]]
+) -> None:
+    if any(url not in checked for _, url in urls):
+        await anyio.to_thread.run_sync(_vet_urls, egress, urls, checked)
+
+
+async def _write_document(
+    connection: AsyncConnection[Any],
+    *,
+    principal: Principal,
+    tenant_id: str,
+    patch: dict[str, Any],
+    if_match: str | None,
+    vet: UrlVetting | None,
+) -> tuple[str, bytes]:
+    """The locked read-merge-write of `patch_document`, inside its transaction."""
+    row = await _fetch_document(connection, tenant_id, lock=True)
+    if row is None:
+        raise NotFound("no settings for this tenant")
+    version = row[1]
+    if if_match is not None and not _matches(if_match, version):
+        raise PreconditionFailed("the settings changed since they were read; reload and retry")
+    changed: dict[str, dict[str, Any]] = {}
+    for group, current in _groups(row, patch).items():
+        validated = _merged(group, current, patch[group])
+        if vet is not None:
+            # Normally all checked before the lock; a concurrent patch may have changed the group.
+            await vet(_urls_added_by(group, patch[group], current, validated))
+        if validated != current:
+            changed[group] = validated
+    if changed:
+        version += 1
+    event = trail.new_event(**_audit(principal, tenant_id, patch, list(changed), version))
+    if changed:
+        statement = _update_statement(tuple(changed))
+        values = [utcnow(), principal.actor, *map(Jsonb, changed.values()), tenant_id]
+        cursor = await connection.execute(statement, [*values, *trail.sql_values(event)])
+        row = await cursor.fetchone()  # the row this transaction locked: always there
+        if row is None:
+            raise NotFound("no settings for this tenant")
+    else:
+        await connection.execute(_INSERT_EVENT, trail.sql_values(event))
+    return f'"{row[1]}"', _render(tuple(row))
+
+
+def _groups(row: tuple[Any, ...], patch: dict[str, Any]) -> dict[str, Any]:
+    """The patched groups of a row as `_READ_DOCUMENT` selects it, parsed (defaults for none)."""
+    stored = dict(zip(_DOCUMENT_COLUMNS, row, strict=True))
+    return {
+        group: json.loads(stored[group]) if stored[group] else default_group(group)
+        for group in patch
+    }
+
+
+_LOCK_DOCUMENT = _READ_DOCUMENT + b" FOR UPDATE"
+
+
+async def _fetch_document(
+    connection: AsyncConnection[Any], tenant_id: str, *, lock: bool
+) -> tuple[Any, ...] | None:
+    statement = _LOCK_DOCUMENT if lock else _READ_DOCUMENT
+    cursor = await connection.execute(statement, (tenant_id,))
+    row = await cursor.fetchone()
+    return tuple(row) if row is not None else None
+
+
+_INSERT_EVENT = (
+    sql.SQL("INSERT INTO {} ({}) VALUES ({})")
+    .format(
+        sql.Identifier(AuditEvent.__tablename__),
+        sql.SQL(", ").join(map(sql.Identifier, trail.EVENT_COLUMNS)),
+        sql.SQL(", ").join(sql.Placeholder() * len(trail.EVENT_COLUMNS)),
+    )
+    .as_bytes()
+)
+
+
+@lru_cache(maxsize=128)
+def _update_statement(groups: tuple[str, ...]) -> bytes:
+    """The row's update and its audit event in one statement, returning the row as read.
+
+    Parameters: updated_at, updated_by, each group's value, the tenant id, then
+    the event's `trail.EVENT_COLUMNS`. One statement is atomic on its own: the
+    change is never written without its event, nor the event without the change.
+    """
+    assignments = [sql.SQL("{} = %s").format(sql.Identifier(group)) for group in groups]
+    return (
+        sql.SQL(
+            "WITH updated AS (UPDATE {} SET version = version + 1, updated_at = %s,"
+            " updated_by = %s, {} WHERE tenant_id = %s RETURNING {}),"
+            " audited AS ({})"
+            " SELECT * FROM updated"
+        )
+        .format(
+            sql.Identifier(TenantSettings.__tablename__),
+            sql.SQL(", ").join(assignments),
+            _COLUMNS_AS_STORED,
+            sql.SQL(_INSERT_EVENT.decode()),
+        )
+        .as_bytes()
+    )
 
 
 def _check_writable(patch: dict[str, Any]) -> None:
@@ -185,33 +354,26 @@ def _locked_row(session: Session, tenant_id: str, if_match: str | None) -> Tenan
     row = session.exec(query).first()
     if row is None:
         raise NotFound("no settings for this tenant")
-    if if_match is not None and not _matches(if_match, row):
+    if if_match is not None and not _matches(if_match, row.version):
         raise PreconditionFailed("the settings changed since they were read; reload and retry")
     return row
 
 
-def _merge_group(
-    row: TenantSettings,
-    group: str,
-    group_patch: Any,
-    egress: EgressClient | None,
-    checked: set[str],
-) -> bool:
-    """Merge one group's patch into the locked row, validated; True when it changed."""
-    current = getattr(row, group) or default_group(group)
+def _merged(group: str, current: Any, group_patch: Any) -> dict[str, Any]:
+    """One group's patch merged into its current value, validated (ValidationFailed if not)."""
     merged = apply_merge_patch(current, group_patch)
     try:
-        validated = validate_group(group, merged if merged is not None else {})
+        return validate_group(group, merged if merged is not None else {})
     except ValidationError as exc:
         errors = _errors(group, group_patch, exc)
         raise ValidationFailed(_describe(errors), errors=errors) from None
-    if egress is not None:
-        # Normally all checked before the lock; a concurrent patch may have changed the group.
-        _vet_urls(egress, _new_urls(group, current, validated), checked)
-    if validated == current:
-        return False
-    setattr(row, group, validated)
-    return True
+
+
+def _urls_added_by(
+    group: str, group_patch: Any, current: Any, validated: dict[str, Any]
+) -> list[tuple[str, str]]:
+    """The URLs a group's merged value holds that its current value did not."""
+    return _new_urls(group, current, validated) if _may_add_urls(group_patch) else []
 
 
 def _may_add_urls(patch: Any) -> bool:
@@ -219,7 +381,7 @@ def _may_add_urls(patch: Any) -> bool:
 
     A merge patch adds a URL only by naming it: a removed key falls back to a
     default, and no default holds a URL. Without one, the unlocked read that
-    resolves new URLs before the lock is skipped; the locked pass still vets.
+    resolves new URLs before the lock is skipped, and so is the locked pass.
     """
     if isinstance(patch, str):
         return "://" in patch
@@ -230,17 +392,19 @@ def _may_add_urls(patch: Any) -> bool:
     return False
 
 
-def _added_urls(session: Session, tenant_id: str, patch: dict[str, Any]) -> list[tuple[str, str]]:
-    """The URLs the patch would add, judged against an unlocked read of the row."""
-    groups = list(patch)
+def _group_columns(tenant_id: str, groups: list[str]) -> Select[Any]:
+    """The stored values of `groups` (execute(), not exec(): a row even for one group)."""
     columns = [getattr(TenantSettings, group) for group in groups]
-    query = select(*columns).where(TenantSettings.tenant_id == tenant_id)
-    # execute(), not exec(): a row of columns even when the patch names one group.
-    stored = session.execute(query).first()
+    query: Select[Any] = select(*columns).where(TenantSettings.tenant_id == tenant_id)
+    return query
+
+
+def _added_urls(stored: dict[str, Any] | None, patch: dict[str, Any]) -> list[tuple[str, str]]:
+    """The URLs the patch would add, judged against an unlocked read of the groups."""
     if stored is None:
         return []
     added: list[tuple[str, str]] = []
-    for group, current in zip(groups, stored, strict=True):
+    for group, current in stored.items():
         current = current or default_group(group)
         merged = apply_merge_patch(current, patch[group])
         try:
@@ -279,9 +443,9 @@ def _vet_urls(egress: EgressClient, urls: list[tuple[str, str]], checked: set[st
         checked.add(url)
 
 
-def _matches(if_match: str, row: TenantSettings) -> bool:
+def _matches(if_match: str, version: int) -> bool:
     tags = [tag.strip() for tag in if_match.split(",")]
-    return "*" in tags or etag(row) in tags
+    return "*" in tags or f'"{version}"' in tags
 
 
 def _errors(group: str, submitted: Any, exc: ValidationError) -> list[dict[str, str]]:
