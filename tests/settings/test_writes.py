@@ -1,0 +1,252 @@
+"""The settings PATCH's write (`broker.core.db.write`) on the real PostgreSQL.
+
+A change and its audit event commit together or not at all; a refused patch
+leaves no transaction open; a server that stops mid-PATCH is a bounded 503 with
+nothing half-written.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
+
+from broker.app import create_app
+from broker.core import db
+from broker.core.config import Settings
+from broker.core.db import DatabaseBounds, make_engine, upgrade
+from broker.vault.gateway import VaultGateway
+from tests.core.test_db import paused
+from tests.support.tenants import make_tenant
+from tests.support.tokens import bearer, token
+
+SLACK_S = 20.0
+
+
+def admin(tenant: str) -> dict[str, str]:
+    return bearer(token("tenant:admin", tenant_id=tenant))
+
+
+def _events(engine: Engine, request_id: str) -> list[Any]:
+    with engine.connect() as conn:
+        return list(
+            conn.execute(
+                text("SELECT detail FROM audit_events WHERE request_id = :rid"), {"rid": request_id}
+            ).scalars()
+        )
+
+
+def _version(engine: Engine, tenant: str) -> int:
+    with engine.connect() as conn:
+        version: int = conn.execute(
+            text("SELECT version FROM tenant_settings WHERE tenant_id = :t"), {"t": tenant}
+        ).scalar_one()
+    return version
+
+
+@pytest.fixture
+def failing_trail(engine: Engine, tenant: str) -> Iterator[None]:
+    """The audit trail refuses every event of `tenant` (a trigger raises), for the test."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE FUNCTION test_refuse_events() RETURNS trigger AS $$ BEGIN"
+                f" IF NEW.tenant_id = '{tenant}' THEN RAISE EXCEPTION 'trail refused'; END IF;"
+                " RETURN NEW; END $$ LANGUAGE plpgsql"
+            )
+        )
+        conn.execute(
+            text(
+                "CREATE TRIGGER test_refuse_events BEFORE INSERT ON audit_events"
+                " FOR EACH ROW EXECUTE FUNCTION test_refuse_events()"
+            )
+        )
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER test_refuse_events ON audit_events"))
+            conn.execute(text("DROP FUNCTION test_refuse_events()"))
+
+
+@pytest.mark.usefixtures("failing_trail")
+def test_a_change_whose_audit_event_cannot_be_written_is_not_made(
+    app: Any, engine: Engine, tenant: str
+) -> None:
+    with TestClient(app, raise_server_exceptions=False) as client:
+        refused = client.patch(
+            "/v1/tenants/settings", json={"orders": {"auto_confirm": True}}, headers=admin(tenant)
+        )
+    assert refused.status_code == 500
+    assert "trail refused" not in refused.text
+    assert _version(engine, tenant) == 1
+    with engine.connect() as conn:
+        orders = conn.execute(
+            text("SELECT orders FROM tenant_settings WHERE tenant_id = :t"), {"t": tenant}
+        ).scalar_one()
+    assert orders.get("auto_confirm") is not True
+
+
+def test_each_write_has_exactly_its_own_event_and_a_refused_one_none(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    changed = client.patch(
+        "/v1/tenants/settings", json={"orders": {"auto_confirm": True}}, headers=admin(tenant)
+    )
+    assert changed.status_code == 200, changed.text
+    assert _events(engine, changed.headers["x-request-id"]) == [
+        {"groups": ["orders"], "changed": ["orders"], "version": 2}
+    ]
+    same = client.patch(
+        "/v1/tenants/settings", json={"orders": {"auto_confirm": True}}, headers=admin(tenant)
+    )
+    assert same.headers["etag"] == changed.headers["etag"] == '"2"'
+    assert same.content == changed.content
+    assert _events(engine, same.headers["x-request-id"]) == [
+        {"groups": ["orders"], "changed": [], "version": 2}
+    ]
+    stale = client.patch(
+        "/v1/tenants/settings",
+        json={"orders": {"auto_confirm": False}},
+        headers=admin(tenant) | {"If-Match": '"1"'},
+    )
+    invalid = client.patch(
+        "/v1/tenants/settings", json={"orders": {"auto_confirm": 3}}, headers=admin(tenant)
+    )
+    assert (stale.status_code, invalid.status_code) == (412, 422)
+    for refused in (stale, invalid):
+        assert _events(engine, refused.headers["x-request-id"]) == []
+    assert _version(engine, tenant) == 2
+
+
+def test_a_refused_patch_leaves_no_transaction_open(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    for _ in range(3):
+        stale = client.patch(
+            "/v1/tenants/settings",
+            json={"orders": {"auto_confirm": False}},
+            headers=admin(tenant) | {"If-Match": '"7"'},
+        )
+        assert stale.status_code == 412
+    with engine.connect() as conn:
+        open_transactions = conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name"
+                " AND datname = current_database() AND state LIKE 'idle in transaction%'"
+            ),
+            {"name": db.READER_NAME},
+        ).scalar_one()
+        # The row is not left locked either: another writer takes it at once.
+        conn.execute(text("SET lock_timeout = '1s'"))
+        conn.execute(
+            text("SELECT 1 FROM tenant_settings WHERE tenant_id = :t FOR UPDATE"), {"t": tenant}
+        )
+    assert open_transactions == 0
+
+
+def test_a_server_that_dropped_the_idle_connections_is_healed_for_a_write_too(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    patch = {"orders": {"auto_confirm": True}}
+    assert client.patch("/v1/tenants/settings", json=patch, headers=admin(tenant)).is_success
+    with engine.connect() as conn:
+        ended = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = :name AND datname = current_database()"
+            ),
+            {"name": db.READER_NAME},
+        ).scalar_one()
+    assert ended >= 1
+    again = client.patch(
+        "/v1/tenants/settings", json={"orders": {"auto_confirm": False}}, headers=admin(tenant)
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["version"] == 3
+
+
+# -- a server that stops mid-PATCH ------------------------------------------------------
+
+
+@pytest.fixture
+def stoppable_postgres() -> Iterator[tuple[int, str]]:
+    """A private PostgreSQL this test may pause: (postmaster pid, migrated database URL)."""
+    from broker.devstack.postgres import EmbeddedPostgres, create_database
+
+    data_dir = Path(tempfile.mkdtemp(prefix="broker-test-pg-"))
+    try:
+        with EmbeddedPostgres(data_dir) as pg:
+            url = create_database(pg.url, "broker_writes")
+            upgrade(url)
+            assert pg.pid is not None
+            yield pg.pid, url
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def _until_waiting_on_the_row(engine: Engine) -> None:
+    deadline = time.monotonic() + SLACK_S
+    query = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND application_name = :name AND datname = current_database()"
+    )
+    while True:
+        with engine.connect() as conn:
+            if conn.execute(query, {"name": db.READER_NAME}).scalar_one():
+                return
+        assert time.monotonic() < deadline, "the PATCH never reached the row lock"
+        time.sleep(0.05)
+
+
+def test_a_server_that_stops_mid_patch_is_a_bounded_503_and_nothing_is_half_written(
+    settings: Settings, stoppable_postgres: tuple[int, str]
+) -> None:
+    pid, url = stoppable_postgres
+    bounded = make_engine(url, DatabaseBounds(statement_timeout_s=2.0, connect_timeout_s=2))
+    observer = make_engine(url)
+    own = Settings(_env_file=None, **(settings.model_dump() | {"database_url": url}))
+    client = TestClient(create_app(own, engine=bounded, vault=VaultGateway.from_settings(own)))
+    tenant = make_tenant(client)
+    result: list[httpx.Response] = []
+    patch = {"orders": {"auto_confirm": True}}
+    send = threading.Thread(
+        target=lambda: result.append(
+            client.patch("/v1/tenants/settings", json=patch, headers=admin(tenant))
+        ),
+        daemon=True,
+    )
+    with observer.connect() as holder:
+        # Another transaction holds the row, so the PATCH's own is open, mid-way, when
+        # the server stops.
+        holder.execute(
+            text("SELECT 1 FROM tenant_settings WHERE tenant_id = :t FOR UPDATE"), {"t": tenant}
+        )
+        send.start()
+        _until_waiting_on_the_row(observer)
+        with paused(pid):
+            send.join(SLACK_S)
+            answered_while_stopped = not send.is_alive()
+        holder.rollback()
+    send.join(SLACK_S)
+    assert answered_while_stopped, "the PATCH waited on the stopped server"
+    (stopped,) = result
+    assert stopped.status_code == 503, stopped.text
+    assert int(stopped.headers["retry-after"]) > 0
+    assert _version(observer, tenant) == 1
+    assert _events(observer, stopped.headers["x-request-id"]) == []
+    # The server is back: the next PATCH lands, with its event.
+    landed = client.patch("/v1/tenants/settings", json=patch, headers=admin(tenant))
+    assert landed.status_code == 200, landed.text
+    assert _events(observer, landed.headers["x-request-id"])[0]["version"] == 2
+    bounded.dispose()
+    observer.dispose()
