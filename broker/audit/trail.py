@@ -26,7 +26,7 @@ from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
 from broker.core.identifiers import TENANT_ID
 from broker.core.logging import is_plain_name, redact_text
-from broker.models import AuditEvent, Tenant
+from broker.models import AuditEvent, Tenant, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,15 @@ def record(
             resource = resource.replace("{tenant_id}", kept)
             if is_the_events:
                 tenant_id = kept
-    event = new_event(
-        action=action,
-        resource=resource,
-        outcome=outcome,
-        principal=principal,
-        tenant_id=tenant_id,
-        detail=detail,
+    event = AuditEvent(
+        **event_values(
+            action=action,
+            resource=resource,
+            outcome=outcome,
+            principal=principal,
+            tenant_id=tenant_id,
+            detail=detail,
+        )
     )
     # Written with the caller's next flush or its commit: a unit of work that records
     # many events (a batch) sends them together rather than one round trip each.
@@ -142,7 +144,7 @@ def record(
     return event
 
 
-def new_event(
+def event_values(
     *,
     action: str,
     resource: str,
@@ -150,28 +152,29 @@ def new_event(
     principal: Principal | None = None,
     tenant_id: str | None = None,
     detail: dict[str, Any] | None = None,
-) -> AuditEvent:
-    """The event `record` appends, not yet written: for writers in plain SQL (`sql_values`)."""
+) -> dict[str, Any]:
+    """The columns of the event `record` appends; for writers in plain SQL, `sql_values`."""
     ctx = context.current()
     if tenant_id is None and principal is not None:
         tenant_id = principal.tenant_id
-    return AuditEvent(
-        actor=_fit(
+    return {
+        "at": utcnow(),
+        "actor": _fit(
             principal.actor if principal else (ctx.actor if ctx and ctx.actor else "anonymous"),
             200,
         ),
-        actor_kind=principal.kind if principal else "anonymous",
-        tenant_id=_fit(tenant_id, 63) if tenant_id is not None else None,
-        action=_fit(action, 100),
-        resource=_fit(resource, 300),
-        outcome=outcome,
-        request_id=ctx.request_id if ctx else None,
-        client_addr=ctx.client_addr if ctx else None,
-        detail=detail or {},
-    )
+        "actor_kind": principal.kind if principal else "anonymous",
+        "tenant_id": _fit(tenant_id, 63) if tenant_id is not None else None,
+        "action": _fit(action, 100),
+        "resource": _fit(resource, 300),
+        "outcome": outcome,
+        "request_id": ctx.request_id if ctx else None,
+        "client_addr": ctx.client_addr if ctx else None,
+        "detail": detail or {},
+    }
 
 
-# The columns `sql_values` fills, in its order; the id comes from the table's sequence.
+# The columns of `event_values`, in `sql_values`' order; the id comes from the table's sequence.
 EVENT_COLUMNS = (
     "at",
     "actor",
@@ -186,11 +189,9 @@ EVENT_COLUMNS = (
 )
 
 
-def sql_values(event: AuditEvent) -> list[Any]:
-    """The event's values for an INSERT of `EVENT_COLUMNS` through psycopg."""
-    values: list[Any] = [getattr(event, name) for name in EVENT_COLUMNS]
-    values[-1] = Jsonb(event.detail)
-    return values
+def sql_values(event: dict[str, Any]) -> list[Any]:
+    """An event's values (`event_values`) for an INSERT of `EVENT_COLUMNS` through psycopg."""
+    return [*(event[name] for name in EVENT_COLUMNS[:-1]), Jsonb(event["detail"])]
 
 
 def _loggable(event: Mapping[str, Any]) -> dict[str, Any]:

@@ -108,10 +108,11 @@ class _Model(BaseModel):
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
+    def _no_nul(cls, value: Any, info: ValidationInfo) -> Any:
         # PostgreSQL cannot store NUL in JSONB: refuse it here (422), not at the
-        # database (500). Nested models run this validator themselves.
-        if _has_nul(value):
+        # database (500). Nested models run this validator themselves. What was
+        # read from the database (`STORED`) cannot hold one: not looked for again.
+        if not (info.context or {}).get("stored") and _has_nul(value):
             raise ValueError("must not contain NUL characters")
         return value
 

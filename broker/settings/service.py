@@ -13,6 +13,7 @@ import anyio.to_thread
 from psycopg import AsyncConnection, sql
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
+from pydantic_core import to_json
 from sqlalchemy import Engine, Select
 from sqlmodel import Session, select
 
@@ -34,7 +35,6 @@ from broker.settings.schemas import (
     READ_ONLY_GROUPS,
     SETTINGS_GROUPS,
     STORED,
-    SettingsView,
     apply_merge_patch,
     default_group,
     group_field_names,
@@ -53,11 +53,6 @@ def default_settings_row(tenant_id: str, *, updated_by: str) -> TenantSettings:
     for name in SETTINGS_GROUPS:
         setattr(row, name, default_group(name))
     return row
-
-
-def etag(row: TenantSettings) -> str:
-    """The strong ETag of a settings row: its version."""
-    return f'"{row.version}"'
 
 
 def get_settings(session: Session, *, tenant_id: str) -> TenantSettings:
@@ -102,32 +97,23 @@ def _render(row: tuple[Any, ...]) -> bytes:
     The key is everything the row holds (version, timestamps, every group's
     stored text), read afresh from the database on every request: a change by
     any worker or replica is a new key, so a remembered body is never stale.
-    Validating and serialising the view is most of a read's own work.
+    The body is the `SettingsView`'s JSON, put together from each group's own
+    (`_render_group`): a write changes one group or two, and the rest are
+    remembered, validated and serialised once.
     """
     fields = dict(zip(_DOCUMENT_COLUMNS, row, strict=True))
-    for name in SETTINGS_GROUPS:
-        stored = fields[name]
-        fields[name] = json.loads(stored) if stored is not None else None
-    return _view(fields).model_dump_json().encode()
+    head = to_json({name: fields[name] for name in _DOCUMENT_COLUMNS[:4]})
+    groups = [
+        b'"%s":%s' % (name.encode(), _render_group(name, fields[name])) for name in SETTINGS_GROUPS
+    ]
+    return head[:-1] + b"," + b",".join(groups) + b"}"
 
 
-def to_view(row: TenantSettings) -> SettingsView:
-    """The API view: every group typed, no credential of any kind."""
-    return _view({name: getattr(row, name) for name in _DOCUMENT_COLUMNS})
-
-
-def _view(fields: dict[str, Any]) -> SettingsView:
-    groups = {name: fields[name] or {} for name in SETTINGS_GROUPS}
-    return SettingsView.model_validate(
-        {
-            "tenant_id": fields["tenant_id"],
-            "version": fields["version"],
-            "updated_at": fields["updated_at"],
-            "updated_by": fields["updated_by"],
-            **groups,
-        },
-        context=STORED,
-    )
+@lru_cache(maxsize=2048)
+def _render_group(name: str, stored: str | None) -> bytes:
+    """One group's JSON in the view, for its stored text (defaults where none is stored)."""
+    value = json.loads(stored) if stored is not None else None
+    return group_model(name).model_validate(value or {}, context=STORED).model_dump_json().encode()
 
 
 def patch_settings(
@@ -269,7 +255,7 @@ async def _write_document(
             changed[group] = validated
     if changed:
         version += 1
-    event = trail.new_event(**_audit(principal, tenant_id, patch, list(changed), version))
+    event = trail.event_values(**_audit(principal, tenant_id, patch, list(changed), version))
     if changed:
         statement = _update_statement(tuple(changed))
         values = [utcnow(), principal.actor, *map(Jsonb, changed.values()), tenant_id]

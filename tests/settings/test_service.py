@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from datetime import UTC, datetime
 
@@ -14,6 +15,7 @@ from broker.core.db import unit_of_work
 from broker.core.errors import NotFound, UpstreamUnavailable, ValidationFailed
 from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.settings import service
+from broker.settings.schemas import SETTINGS_GROUPS, STORED, SettingsView, default_group
 from tests.support.tenants import new_tenant_id
 from tests.support.tokens import bearer, token
 
@@ -203,3 +205,29 @@ def test_a_hung_resolver_is_a_503_within_the_egress_timeout(engine: Engine, tena
             _patch(engine, tenant, {"branding": {"logo_url": "https://cdn.example.com/x"}}, egress)
     finally:
         released.set()
+
+
+@pytest.mark.parametrize("updated_by", ["user:alice", None])
+def test_the_body_put_together_group_by_group_is_the_views_json(updated_by: str | None) -> None:
+    groups: dict[str, str | None] = {
+        name: json.dumps(default_group(name)) for name in SETTINGS_GROUPS
+    }
+    # Stored before a rule tightened, a group never stored, an empty one, non-ASCII text.
+    groups["branding"] = json.dumps(
+        {"logo_url": "https://10.0.0.5/logo.png", "business_name": 'Caf\u00e9 "<x>"'}
+    )
+    groups["feature_flags"] = None
+    groups["business_hours"] = "{}"
+    at = datetime(2026, 11, 30, 18, 0, 1, 123456, tzinfo=UTC)
+    row = ("shop", 7, at, updated_by, *groups.values())
+    view = SettingsView.model_validate(
+        {
+            "tenant_id": "shop",
+            "version": 7,
+            "updated_at": at,
+            "updated_by": updated_by,
+            **{name: json.loads(text or "{}") for name, text in groups.items()},
+        },
+        context=STORED,
+    )
+    assert service._render(row) == view.model_dump_json().encode()
