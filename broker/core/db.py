@@ -22,7 +22,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlmodel import Session, create_engine
 
 from broker.core.config import Settings
-from broker.core.errors import BrokerError, UpstreamUnavailable
+from broker.core.errors import UpstreamUnavailable
 
 T = TypeVar("T")
 
@@ -213,44 +213,42 @@ async def read(engine: Engine, query: Callable[[AsyncReadConnection], Awaitable[
     """`await query(connection)` on a read-only asyncio connection: no worker thread.
 
     For the broker's most frequent reads (one row by primary key). Autocommit: one
-    round trip, no BEGIN and COMMIT; never for writes. Bounded like a unit of work:
+    round trip, no BEGIN and COMMIT; for writes, `write`. Bounded like a unit of work:
     the wait for a connection (`_read_slot`), every exchange (statement timeout and
     client deadline), a lost server: each a 503 with Retry-After. A reused
     connection found dead (the server restarted while it sat idle) takes its idle
     siblings with it, and the read runs once more on a new connection.
     """
-    readers = _readers(engine)
-    async with _read_slot(engine, readers):
-        with unavailable_as_503(engine):
-            try:
-                return await _read_once(readers, query, may_retry=True)
-            except _IdleConnectionLost:
-                readers.close_idle()
-            return await _read_once(readers, query, may_retry=False)
+    return await _on_async_connection(engine, query)
 
 
 AsyncReadConnection = psycopg.AsyncConnection[Any]
 
 
-async def write(engine: Engine, work: Callable[[AsyncReadConnection], Awaitable[T]]) -> T:
-    """`await work(connection)` in one transaction on the connections `read` uses.
+async def write(engine: Engine, statement: Callable[[AsyncReadConnection], Awaitable[T]]) -> T:
+    """`await statement(connection)`: one SQL statement that writes, on `read`'s connections.
 
-    For short writes in plain SQL (a settings PATCH): BEGIN, the work's statements,
-    COMMIT, with no worker thread and no ORM. Bounded like `read`: the same budget
-    and slot, every exchange under the statement timeout and the client deadline,
-    a busy or lost server a 503 with Retry-After. A broker error raised by the work
-    (404, 412, 422) rolls back and keeps the connection; anything else closes it,
-    which rolls back on the server. Only a BEGIN that found a reused connection dead
-    is run again, on a new one: nothing of the work was sent yet.
+    For short writes in plain SQL (a settings PATCH), with no worker thread and no
+    ORM. Autocommit: the one statement is its own transaction, so everything it
+    writes (a data-modifying CTE may write several tables) commits together or not
+    at all, and no lock outlives it. Bounded and healed exactly like `read`, so the
+    statement must be safe to send again when its reused connection was found dead:
+    one guarded by the version it read is.
     """
+    return await _on_async_connection(engine, statement)
+
+
+async def _on_async_connection(
+    engine: Engine, work: Callable[[AsyncReadConnection], Awaitable[T]]
+) -> T:
     readers = _readers(engine)
     async with _read_slot(engine, readers):
         with unavailable_as_503(engine):
             try:
-                return await _write_once(readers, work, may_retry=True)
+                return await _read_once(readers, work, may_retry=True)
             except _IdleConnectionLost:
                 readers.close_idle()
-            return await _write_once(readers, work, may_retry=False)
+            return await _read_once(readers, work, may_retry=False)
 
 
 class _IdleConnectionLost(Exception):
@@ -271,34 +269,6 @@ async def _read_once(
         raise
     finally:
         readers.give_back(connection)
-
-
-async def _write_once(
-    readers: _Readers, work: Callable[[AsyncReadConnection], Awaitable[T]], *, may_retry: bool
-) -> T:
-    connection, reused = await readers.take()
-    try:
-        await _begin(connection, may_retry=may_retry and reused)
-        try:
-            result = await work(connection)
-        except BrokerError:
-            await connection.execute(b"ROLLBACK")
-            raise
-        await connection.execute(b"COMMIT")
-        return result
-    finally:
-        readers.give_back(connection)  # closed unless idle again, so never mid-transaction
-
-
-async def _begin(connection: AsyncReadConnection, *, may_retry: bool) -> None:
-    try:
-        await connection.execute(b"BEGIN")
-    except DatabaseDeadline:
-        raise
-    except psycopg.OperationalError:
-        if may_retry and connection.broken:
-            raise _IdleConnectionLost from None
-        raise
 
 
 class _Readers:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any
@@ -186,86 +185,90 @@ async def patch_document(
     if_match: str | None,
     egress: EgressClient | None = None,
 ) -> tuple[str, bytes]:
-    """`patch_settings` for the API: the same steps in plain SQL; the new ETag and JSON body.
+    """`patch_settings` for the API, in plain SQL: the new ETag and the JSON body.
 
-    No ORM and no worker thread (`broker.core.db.write`): one transaction of
-    SELECT ... FOR UPDATE and one statement that updates the row and appends its
-    audit event together, so neither is ever written without the other. The body
-    is the one a read of the new row renders (`_render`).
+    No ORM, no worker thread and no lock held across steps: the row is read,
+    merged and validated (new URLs resolved, with nothing held), then written by
+    one statement that updates it only if its version is still the one read, and
+    appends the audit event in the same statement (`_update_statement`). A
+    concurrent PATCH that got there first is a lost race: read again and merge
+    again, so both survive; with If-Match, the new version no longer matches (412).
     """
     _check_writable(patch)
     checked: set[str] = set()
-    if egress is not None and _may_add_urls(patch):
-        # Resolve before taking the row lock: a slow DNS answer must not hold it.
-        stored = await db.read(engine, partial(_stored_groups, tenant_id=tenant_id, patch=patch))
-        added = _added_urls(stored, patch)
-        await anyio.to_thread.run_sync(_vet_urls, egress, added, checked)
-    write = partial(
-        _write_document,
-        principal=principal,
-        tenant_id=tenant_id,
-        patch=patch,
-        if_match=if_match,
-        vet=partial(_vet_urls_in_thread, egress, checked) if egress is not None else None,
-    )
-    return await db.write(engine, write)
+    deadline = anyio.current_time() + db.bounds_of(engine).statement_timeout_s
+    read = partial(_fetch_document, tenant_id=tenant_id)
+    while True:
+        row = await db.read(engine, read)
+        if row is None:
+            raise NotFound("no settings for this tenant")
+        if if_match is not None and not _matches(if_match, row[1]):
+            raise PreconditionFailed("the settings changed since they were read; reload and retry")
+        changed = _changed_groups(row, patch)
+        if egress is not None:
+            await _vet_added_urls(egress, row, patch, changed, checked)
+        write = partial(_write_document, row=row, principal=principal, patch=patch, changed=changed)
+        written = await db.write(engine, write)
+        if written is not None:
+            return f'"{written[1]}"', _render(written)
+        if anyio.current_time() > deadline:
+            raise UpstreamUnavailable(
+                "the settings are changing too fast; retry",
+                retry_after=db.bounds_of(engine).retry_after_s,
+            )
 
 
-async def _stored_groups(
-    connection: AsyncConnection[Any], *, tenant_id: str, patch: dict[str, Any]
-) -> dict[str, Any] | None:
-    """The patched groups as stored (unlocked), or None for a missing tenant."""
-    row = await _fetch_document(connection, tenant_id, lock=False)
-    return _groups(row, patch) if row is not None else None
+def _changed_groups(row: tuple[Any, ...], patch: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The groups the patch changes, merged into the row's values and validated."""
+    changed = {}
+    for group, current in _groups(row, patch).items():
+        validated = _merged(group, current, patch[group])
+        if validated != current:
+            changed[group] = validated
+    return changed
 
 
-UrlVetting = Callable[[list[tuple[str, str]]], Awaitable[None]]
-
-
-async def _vet_urls_in_thread(
-    egress: EgressClient, checked: set[str], urls: list[tuple[str, str]]
+async def _vet_added_urls(
+    egress: EgressClient,
+    row: tuple[Any, ...],
+    patch: dict[str, Any],
+    changed: dict[str, dict[str, Any]],
+    checked: set[str],
 ) -> None:
-    if any(url not in checked for _, url in urls):
-        await anyio.to_thread.run_sync(_vet_urls, egress, urls, checked)
+    """Resolve the URLs the changed groups add (a blocking lookup: on a worker thread)."""
+    stored = _groups(row, changed)
+    added = [
+        url
+        for group, validated in changed.items()
+        for url in _urls_added_by(group, patch[group], stored[group], validated)
+        if url[1] not in checked
+    ]
+    if added:
+        await anyio.to_thread.run_sync(_vet_urls, egress, added, checked)
 
 
 async def _write_document(
     connection: AsyncConnection[Any],
     *,
+    row: tuple[Any, ...],
     principal: Principal,
-    tenant_id: str,
     patch: dict[str, Any],
-    if_match: str | None,
-    vet: UrlVetting | None,
-) -> tuple[str, bytes]:
-    """The locked read-merge-write of `patch_document`, inside its transaction."""
-    row = await _fetch_document(connection, tenant_id, lock=True)
-    if row is None:
-        raise NotFound("no settings for this tenant")
-    version = row[1]
-    if if_match is not None and not _matches(if_match, version):
-        raise PreconditionFailed("the settings changed since they were read; reload and retry")
-    changed: dict[str, dict[str, Any]] = {}
-    for group, current in _groups(row, patch).items():
-        validated = _merged(group, current, patch[group])
-        if vet is not None:
-            # Normally all checked before the lock; a concurrent patch may have changed the group.
-            await vet(_urls_added_by(group, patch[group], current, validated))
-        if validated != current:
-            changed[group] = validated
-    if changed:
-        version += 1
-    event = trail.event_values(**_audit(principal, tenant_id, patch, list(changed), version))
-    if changed:
-        statement = _update_statement(tuple(changed))
-        values = [utcnow(), principal.actor, *map(Jsonb, changed.values()), tenant_id]
-        cursor = await connection.execute(statement, [*values, *trail.sql_values(event)])
-        row = await cursor.fetchone()  # the row this transaction locked: always there
-        if row is None:
-            raise NotFound("no settings for this tenant")
-    else:
+    changed: dict[str, dict[str, Any]],
+) -> tuple[Any, ...] | None:
+    """Write the changed groups and the audit event if the row is still at the version
+    read; the row as now stored, or None when another write got there first."""
+    tenant_id, version = row[0], row[1]
+    new_version = version + 1 if changed else version
+    event = trail.event_values(**_audit(principal, tenant_id, patch, list(changed), new_version))
+    if not changed:
         await connection.execute(_INSERT_EVENT, trail.sql_values(event))
-    return f'"{row[1]}"', _render(tuple(row))
+        return row
+    values = [utcnow(), principal.actor, *map(Jsonb, changed.values()), tenant_id, version]
+    cursor = await connection.execute(
+        _update_statement(tuple(changed)), [*values, *trail.sql_values(event)]
+    )
+    written = await cursor.fetchone()
+    return tuple(written) if written is not None else None
 
 
 def _groups(row: tuple[Any, ...], patch: dict[str, Any]) -> dict[str, Any]:
@@ -277,50 +280,46 @@ def _groups(row: tuple[Any, ...], patch: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-_LOCK_DOCUMENT = _READ_DOCUMENT + b" FOR UPDATE"
-
-
 async def _fetch_document(
-    connection: AsyncConnection[Any], tenant_id: str, *, lock: bool
+    connection: AsyncConnection[Any], *, tenant_id: str
 ) -> tuple[Any, ...] | None:
-    statement = _LOCK_DOCUMENT if lock else _READ_DOCUMENT
-    cursor = await connection.execute(statement, (tenant_id,))
+    cursor = await connection.execute(_READ_DOCUMENT, (tenant_id,))
     row = await cursor.fetchone()
     return tuple(row) if row is not None else None
 
 
-_INSERT_EVENT = (
-    sql.SQL("INSERT INTO {} ({}) VALUES ({})")
-    .format(
-        sql.Identifier(AuditEvent.__tablename__),
-        sql.SQL(", ").join(map(sql.Identifier, trail.EVENT_COLUMNS)),
-        sql.SQL(", ").join(sql.Placeholder() * len(trail.EVENT_COLUMNS)),
-    )
-    .as_bytes()
+_EVENT_INTO = sql.SQL("INSERT INTO {} ({})").format(
+    sql.Identifier(AuditEvent.__tablename__),
+    sql.SQL(", ").join(map(sql.Identifier, trail.EVENT_COLUMNS)),
 )
+_EVENT_VALUES = sql.SQL(", ").join(sql.Placeholder() * len(trail.EVENT_COLUMNS))
+_INSERT_EVENT = sql.SQL("{} VALUES ({})").format(_EVENT_INTO, _EVENT_VALUES).as_bytes()
 
 
 @lru_cache(maxsize=128)
 def _update_statement(groups: tuple[str, ...]) -> bytes:
     """The row's update and its audit event in one statement, returning the row as read.
 
-    Parameters: updated_at, updated_by, each group's value, the tenant id, then
-    the event's `trail.EVENT_COLUMNS`. One statement is atomic on its own: the
-    change is never written without its event, nor the event without the change.
+    Parameters: updated_at, updated_by, each group's value, the tenant id and the
+    version read, then the event's `trail.EVENT_COLUMNS`. One statement is atomic
+    on its own, and the event is appended only for the row it updated: never a
+    change without its event, nor an event without its change. A row no longer at
+    the version read is not updated, and the statement returns no row.
     """
     assignments = [sql.SQL("{} = %s").format(sql.Identifier(group)) for group in groups]
     return (
         sql.SQL(
             "WITH updated AS (UPDATE {} SET version = version + 1, updated_at = %s,"
-            " updated_by = %s, {} WHERE tenant_id = %s RETURNING {}),"
-            " audited AS ({})"
+            " updated_by = %s, {} WHERE tenant_id = %s AND version = %s RETURNING {}),"
+            " audited AS ({} SELECT {} FROM updated)"
             " SELECT * FROM updated"
         )
         .format(
             sql.Identifier(TenantSettings.__tablename__),
             sql.SQL(", ").join(assignments),
             _COLUMNS_AS_STORED,
-            sql.SQL(_INSERT_EVENT.decode()),
+            _EVENT_INTO,
+            _EVENT_VALUES,
         )
         .as_bytes()
     )

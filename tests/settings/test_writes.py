@@ -1,12 +1,14 @@
 """The settings PATCH's write (`broker.core.db.write`) on the real PostgreSQL.
 
 A change and its audit event commit together or not at all; a refused patch
-leaves no transaction open; a server that stops mid-PATCH is a bounded 503 with
-nothing half-written.
+leaves no transaction open; a patch that lost a race merges again (or, with
+If-Match, is a 412); a server that stops mid-PATCH is a bounded 503 with nothing
+half-written.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import threading
@@ -24,6 +26,7 @@ from broker.app import create_app
 from broker.core import db
 from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine, upgrade
+from broker.integrations.egress import EgressClient, EgressPolicy
 from broker.vault.gateway import VaultGateway
 from tests.core.test_db import paused
 from tests.support.tenants import make_tenant
@@ -175,6 +178,77 @@ def test_a_server_that_dropped_the_idle_connections_is_healed_for_a_write_too(
     assert again.json()["version"] == 3
 
 
+# -- a lost race ------------------------------------------------------------------------
+
+
+def _racing_resolver(engine: Engine, tenant: str, lookups: list[str]) -> Any:
+    """A resolver that, on its first lookup, lets another writer change the row first.
+
+    The lookup runs between the PATCH's read and its write, as a slow DNS answer
+    would: the write then finds the row at a newer version than the one it read.
+    """
+
+    def resolve(host: str, port: int) -> list[str]:
+        if not lookups:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "UPDATE tenant_settings SET version = version + 1,"
+                        " feature_flags = feature_flags || '{\"auto_handoff_enabled\": true}',"
+                        ' branding = branding || \'{"business_name": "Raced"}\''
+                        " WHERE tenant_id = :t"
+                    ),
+                    {"t": tenant},
+                )
+        lookups.append(host)
+        return ["93.184.216.34"]
+
+    return resolve
+
+
+def _with_resolver(client: TestClient, resolver: Any) -> None:
+    outbound = client.app.state.outbound  # type: ignore[attr-defined]
+    egress = EgressClient(EgressPolicy(), resolver=resolver)
+    client.app.state.outbound = dataclasses.replace(outbound, client=egress)  # type: ignore[attr-defined]
+
+
+def test_a_patch_that_lost_the_race_merges_again_and_both_changes_survive(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    lookups: list[str] = []
+    _with_resolver(client, _racing_resolver(engine, tenant, lookups))
+    logo = {"branding": {"logo_url": "https://cdn.example.com/l.png"}}
+    patched = client.patch("/v1/tenants/settings", json=logo, headers=admin(tenant))
+    assert patched.status_code == 200, patched.text
+    body = patched.json()
+    assert body["version"] == 3
+    assert patched.headers["etag"] == '"3"'
+    assert body["branding"]["logo_url"] == "https://cdn.example.com/l.png"
+    assert body["feature_flags"]["auto_handoff_enabled"] is True
+    assert body["branding"]["business_name"] == "Raced"  # the same group, merged again
+    assert lookups == ["cdn.example.com"]  # judged once, not again after the race
+    assert _events(engine, patched.headers["x-request-id"]) == [
+        {"groups": ["branding"], "changed": ["branding"], "version": 3}
+    ]
+
+
+def test_a_patch_with_if_match_that_lost_the_race_is_412_and_writes_nothing(
+    client: TestClient, engine: Engine, tenant: str
+) -> None:
+    _with_resolver(client, _racing_resolver(engine, tenant, []))
+    logo = {"branding": {"logo_url": "https://cdn.example.com/l.png"}}
+    refused = client.patch(
+        "/v1/tenants/settings", json=logo, headers=admin(tenant) | {"If-Match": '"1"'}
+    )
+    assert refused.status_code == 412, refused.text
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert _events(engine, refused.headers["x-request-id"]) == []
+    body = client.get("/v1/tenants/settings", headers=admin(tenant)).json()
+    assert body["version"] == 2
+    assert body["branding"].get("logo_url") is None
+    assert body["feature_flags"]["auto_handoff_enabled"] is True
+
+
 # -- a server that stops mid-PATCH ------------------------------------------------------
 
 
@@ -226,8 +300,8 @@ def test_a_server_that_stops_mid_patch_is_a_bounded_503_and_nothing_is_half_writ
         daemon=True,
     )
     with observer.connect() as holder:
-        # Another transaction holds the row, so the PATCH's own is open, mid-way, when
-        # the server stops.
+        # Another transaction holds the row: the PATCH's write waits on it, in flight
+        # when the server stops.
         holder.execute(
             text("SELECT 1 FROM tenant_settings WHERE tenant_id = :t FOR UPDATE"), {"t": tenant}
         )
