@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
-import anyio.to_thread
 import psycopg
 from alembic import command
 from alembic.config import Config
@@ -358,22 +357,6 @@ def _checked_out(engine: Engine) -> int:
     """How many of the engine's pooled connections are lent out now."""
     checked_out = getattr(engine.pool, "checkedout", None)
     return int(checked_out()) if checked_out is not None else 0
-
-
-async def work_in_thread(engine: Engine, work: Callable[[Session], T]) -> T:
-    """`work(session)` in one unit of work, in a worker thread once a slot is free.
-
-    One thread hop for the whole unit (open, work, commit), where a session
-    dependency and a plain `def` route take three. It commits before it
-    returns, so a failed commit is an error response, never a 2xx for lost work.
-    """
-
-    def run() -> T:
-        with unit_of_work(engine) as session:
-            return work(session)
-
-    async with connection_slot(engine):
-        return await anyio.to_thread.run_sync(run)
 
 
 # Per event loop (anyio primitives belong to one), per engine.
