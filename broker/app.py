@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 
 from fastapi import FastAPI
+from fastapi.telemetry import TelemetryConfig
 from prometheus_client import Gauge
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
@@ -75,6 +76,18 @@ ROUTERS = (
 )
 
 
+# FastAPI's own OpenTelemetry bridge, off: the broker's metrics are its own Prometheus
+# registry, and its logs pass the redaction filter (broker.core.logging), while the bridge
+# would export exception messages and stack traces unredacted as soon as any global provider
+# is configured. Off, it also stops asking for those providers on every request.
+NO_TELEMETRY: TelemetryConfig = {
+    "tracing": False,
+    "metrics": False,
+    "logs": False,
+    "operation_spans": False,
+}
+
+
 def create_app(
     settings: Settings,
     *,
@@ -101,6 +114,7 @@ def create_app(
         # FastAPI's own pages load from a CDN: install_docs serves packaged copies.
         docs_url=None,
         redoc_url=None,
+        telemetry=NO_TELEMETRY,
     )
     _build_state(app.state, settings, engine=engine, vault=vault, clock=clock)
     _install_metrics(app.state)

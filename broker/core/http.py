@@ -42,6 +42,8 @@ PROBLEM = "application/problem+json"
 # with no card number or credential in it, is kept; any other gets a fresh one.
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
+# The methods the access log and the metrics name; any other is "OTHER" (a caller's word).
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class FieldProblem(BaseModel):
@@ -211,12 +213,14 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
-            method = scope.get("method", "")
+            method = scope["method"] if scope.get("method") in HTTP_METHODS else "OTHER"
             elapsed = time.perf_counter() - started
             self.metrics.observe(template, method, status, elapsed)
             # The access log names the route template, never the raw path or query string:
             # those are caller input, and may hold a card number or a token. One JSON line
             # (see broker.core.logging) with the request id and the authenticated actor.
+            # Only the actor came from the caller: the redaction filter scans it and passes
+            # the other fields, which the broker chose or checked, as they are.
             ctx = context.current()
             access_log.info(
                 "%s %s %s",

@@ -19,6 +19,15 @@ from broker.core.carddata import redact_card_numbers
 
 REDACTED = "[REDACTED]"
 RAW_ACCESS_LOGGER = "uvicorn.access"
+ACCESS_LOGGER = "broker.access"
+# The access line's own fields (see RequestContextMiddleware), each from a set the broker
+# controls or checked where it is made: the method from an allow-list, the route template
+# from the route table, the status, the duration, and the request id, generated or accepted
+# only once it had the right shape and nothing to redact. They are not scanned again; any
+# other field of the line (the actor comes from a token) is, and its message is rebuilt
+# from these three, never taken as written.
+ACCESS_MESSAGE = ("method", "route", "status")
+_ACCESS_OWN = {"method": str, "route": str, "status": int, "duration_ms": float, "request_id": str}
 
 # Shapes of credentials we know. Order matters little; each match is replaced whole.
 _SECRET_PATTERNS = [
@@ -100,6 +109,14 @@ def redact_value(key: str, value: Any) -> Any:
     return redact_text(str(value))
 
 
+def _access_fields(fields: dict[Any, Any]) -> dict[str, Any]:
+    """An access line's fields: its own ones as they are, any other one redacted."""
+    return {
+        str(k): v if isinstance(v, _ACCESS_OWN.get(str(k), ())) else redact_value(str(k), v)
+        for k, v in fields.items()
+    }
+
+
 class RedactionFilter(logging.Filter):
     """Scrubs the message, its arguments and any `extra` fields of a record."""
 
@@ -108,11 +125,15 @@ class RedactionFilter(logging.Filter):
             # uvicorn logs the raw path and query string; the broker writes its own access
             # log with route templates instead (see RequestContextMiddleware).
             return False
-        record.msg = redact_text(record.getMessage())
-        record.args = None
         fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            record.fields = {k: redact_value(str(k), v) for k, v in fields.items()}
+        if record.name == ACCESS_LOGGER and isinstance(fields, dict):
+            record.fields = own = _access_fields(fields)
+            record.msg = " ".join(str(own.get(name)) for name in ACCESS_MESSAGE)
+        else:
+            record.msg = redact_text(record.getMessage())
+            if isinstance(fields, dict):
+                record.fields = {k: redact_value(str(k), v) for k, v in fields.items()}
+        record.args = None
         if record.exc_info and record.exc_info[1] is not None:
             # Render the traceback now, scrubbed, and drop the live exception so
             # no formatter downstream prints its raw text.

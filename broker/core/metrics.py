@@ -7,6 +7,7 @@ metrics registry of their own; calls to Vault and Stripe are observed as they ha
 
 from __future__ import annotations
 
+import functools
 import platform
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -63,6 +64,9 @@ class DependencyMetrics:
             ["operation", "node", "error"],
             registry=registry,
         )
+        # Each (operation, node) child found once: `.labels()` checks its arguments and looks
+        # the child up under a lock on every call. As many as the registry holds anyway.
+        self._vault_latency = functools.cache(self.vault_latency.labels)
         self.stripe_latency = Histogram(
             "broker_stripe_request_duration_seconds",
             "Stripe API calls by operation.",
@@ -89,7 +93,7 @@ class DependencyMetrics:
 
     def vault_call(self, operation: str, node: str, seconds: float, error: str | None) -> None:
         """Record one Vault attempt (a VaultGateway observer)."""
-        self.vault_latency.labels(operation, node).observe(seconds)
+        self._vault_latency(operation, node).observe(seconds)
         if error is not None:
             self.vault_errors.labels(operation, node, error).inc()
 

@@ -54,7 +54,7 @@ def ciphertext_key_version(ciphertext: str) -> int:
 
 @dataclass(frozen=True)
 class SealedRecord:
-    """One KV version of a sealed item: ciphertext plus its public metadata."""
+    """One KV version of a sealed item, as read back: ciphertext plus its public metadata."""
 
     version: int
     ciphertext: str
@@ -81,7 +81,11 @@ def _record(entry: KvEntry | None) -> SealedRecord | None:
 
 
 def _verified_secrets(plaintext: bytes, record: SealedRecord) -> dict[str, str]:
-    """The secrets sealed in `plaintext`, once its `public` part matches the stored one."""
+    """The secrets sealed in `plaintext`, once its `public` part matches the stored one.
+
+    `record.public` was read back from KV, as JSON, so it is compared as it is: `_normal`
+    would turn it into what it already is.
+    """
     try:
         document = json.loads(plaintext)
     except ValueError:
@@ -89,7 +93,7 @@ def _verified_secrets(plaintext: bytes, record: SealedRecord) -> dict[str, str]:
     if (
         not isinstance(document, dict)
         or not isinstance(document.get("secrets"), dict)
-        or document.get("public") != _normal(record.public)
+        or document.get("public") != record.public
     ):
         raise StoredDataUnverified()
     return {str(k): str(v) for k, v in document["secrets"].items()}

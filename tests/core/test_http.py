@@ -109,6 +109,23 @@ def test_the_access_log_names_route_templates_never_raw_paths_or_queries(
         assert secret not in logged
 
 
+def test_the_access_log_names_only_known_methods_and_checked_request_ids(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A request id with a credential in it is replaced, and an unknown method is not repeated:
+    # both reach the access line unscanned, so they are checked where they are made.
+    caplog.set_level(logging.INFO, logger="broker.access")
+
+    client.get("/v1/tenants", headers={"X-Request-Id": STRIPE_KEY})
+    client.request(f"X{TWILIO_TOKEN[:12].upper()}", "/v1/tenants")
+
+    access = [r for r in caplog.records if r.name == "broker.access"][-2:]
+    assert [r.fields["method"] for r in access] == ["GET", "OTHER"]  # type: ignore[attr-defined]
+    logged = " ".join(r.getMessage() + repr(r.__dict__) for r in caplog.records)
+    for secret in (STRIPE_KEY, TWILIO_TOKEN[:12].upper()):
+        assert secret not in logged
+
+
 # --- denials in the audit trail -----------------------------------------------------------
 
 

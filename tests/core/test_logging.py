@@ -403,3 +403,51 @@ def test_an_oauth_callback_in_a_logged_url_is_redacted(log_output: io.StringIO) 
     for value in (code, state, signature, refresh):
         assert value not in output
     assert "shop=a.myshopify.com" in output
+
+
+def test_the_access_lines_own_fields_pass_and_everything_else_in_it_is_redacted(
+    log_output: io.StringIO,
+) -> None:
+    # The broker's own fields (method, template, status, duration, checked request id) are not
+    # scanned again; the actor and any other field are, and the message is rebuilt from the
+    # own fields, so text written into it by mistake never reaches the log.
+    key = "sk_live_" + _hex(12)
+    fields = {
+        "method": "GET",
+        "route": "/v1/credentials/{tenant_id}/{provider}",
+        "status": 200,
+        "duration_ms": 2.5,
+        "request_id": "req-access-0002",
+        "actor": f"service:{key}",
+        "note": key,
+        "route_hint": {"token": "x"},
+    }
+    logging.getLogger("broker.access").info("%s %s", "GET", key, extra={"fields": fields})
+
+    output = log_output.getvalue()
+    assert key not in output
+    [entry] = json_lines(output)
+    assert entry["message"] == "GET /v1/credentials/{tenant_id}/{provider} 200"
+    assert {name: entry[name] for name in ("method", "route", "status", "duration_ms")} == {
+        "method": "GET",
+        "route": "/v1/credentials/{tenant_id}/{provider}",
+        "status": 200,
+        "duration_ms": 2.5,
+    }
+    assert entry["request_id"] == "req-access-0002"
+    assert entry["actor"] == f"service:{REDACTED}"
+    assert entry["note"] == REDACTED
+    assert entry["route_hint"] == {"token": REDACTED}
+
+
+def test_an_access_line_field_of_another_type_than_its_own_is_redacted(
+    log_output: io.StringIO,
+) -> None:
+    key = "sk_live_" + _hex(12)
+    fields = {"method": "GET", "route": "/v1/tenants", "status": [key], "request_id": None}
+    logging.getLogger("broker.access").info("access", extra={"fields": fields})
+
+    output = log_output.getvalue()
+    assert key not in output
+    [entry] = json_lines(output)
+    assert entry["status"] == [REDACTED]
