@@ -22,6 +22,7 @@ settles the rows from Vault, and a rerun resumes each tenant where it stood.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -202,7 +203,10 @@ class _Rotation:
         """Each tenant's running rotation, or a new one with its key rotated now."""
         running = {r.tenant_id: r for r in _running(session, tenant_ids)}
         fresh = [t for t in tenant_ids if t not in running]
-        targets = self.pool.map(lambda t: self.store.vault.transit.rotate(key_name(t)), fresh)
+        # Each in a copy of the caller's context: a request's audited headers go along.
+        calls = [(contextvars.copy_context(), key_name(t)) for t in fresh]
+        rotate = self.store.vault.transit.rotate
+        targets = self.pool.map(lambda call: call[0].run(rotate, call[1]), calls)
         for tenant, target in zip(fresh, targets, strict=True):
             running[tenant] = KeyRotation(
                 tenant_id=tenant,

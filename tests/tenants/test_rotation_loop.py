@@ -9,6 +9,7 @@ back by `SlowProxy` in front of a real OpenBao.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -22,7 +23,7 @@ from tests.fakes.providers import FakeProviders
 from tests.support.apps import VaultEndpoint
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
-from tests.tenants.test_keys import OPERATOR
+from tests.tenants.test_keys import OPERATOR, OPS
 from tests.tenants.test_rotation_batches import _assert_rotated, _tenant
 
 
@@ -86,3 +87,30 @@ def test_a_rotation_write_held_past_the_loops_timeout_is_retried_and_settles(
     # with itself, nothing failed, every row settled on what Vault holds.
     assert (report.key_version, report.rewrapped, report.failed) == (2, 3, ())
     _assert_rotated(engine, vault_admin, broker_vault, tenant, 2)
+
+
+def test_every_vault_request_of_a_rotation_through_the_api_names_the_caller(
+    client: TestClient, vault_endpoint: VaultEndpoint, providers: FakeProviders
+) -> None:
+    if vault_endpoint.audit_log is None:
+        pytest.skip("the external Vault's audit log is not readable from here")
+    tenant = _tenant(client, providers, "twilio")
+    response = client.post(f"/v1/tenants/{tenant}/keys/rotate", headers=OPS)
+    assert response.status_code == 200, response.text
+    request_id = response.headers["x-request-id"]
+    requests = [
+        entry
+        for entry in map(json.loads, vault_endpoint.audit_log.read_text().splitlines())
+        if entry["type"] == "request" and request_id in json.dumps(entry)
+    ]
+    # The key rotation (in a worker thread) and the rewrap (on the loop) alike.
+    assert {e["request"]["path"] for e in requests} >= {
+        f"transit/keys/tenant-{tenant}/rotate",
+        f"secret/metadata/tenants/{tenant}/",
+        f"secret/data/tenants/{tenant}/integrations/twilio",
+        f"secret/data/tenants/{tenant}/payout",
+        f"transit/rewrap/tenant-{tenant}",
+        f"transit/keys/tenant-{tenant}/config",
+    }
+    for entry in requests:
+        assert entry["request"]["headers"]["x-broker-actor"] == ["user:ops"]
