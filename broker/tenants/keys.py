@@ -48,8 +48,10 @@ from broker.tenants.rewrap import Outcome, rewrap_tenant
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore, key_name
 
-# Tenants whose marks share one transaction, and whose settling shares another.
-BATCH_TENANTS = 50
+# Tenants whose marks share one transaction, and whose settling shares another. With
+# 100 and 16 tenants' Vault work at once (the CLI's default), 10,000 secrets cost
+# OpenBao less CPU than with 50 and 8: more of its writes commit together.
+BATCH_TENANTS = 100
 # Ciphertexts per rewrap call.
 REWRAP_BATCH = 250
 
