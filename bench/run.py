@@ -178,7 +178,7 @@ class Plan:
             large_tenants=int(knob("LARGE_TENANTS", 10_000, 200)),
             legacy_tenants=int(knob("LEGACY_TENANTS", 10_000, 100)),
             setup_concurrency=int(knob("SETUP_CONCURRENCY", 16, 16)),
-            rotate_workers=int(knob("ROTATE_WORKERS", 8, 8)),
+            rotate_workers=int(knob("ROTATE_WORKERS", 16, 16)),
             rotation_secrets=int(knob("ROTATION_SECRETS", 10_000, 200)),
             rotation_worst_tenants=int(knob("ROTATION_WORST_TENANTS", 2_000, 200)),
             soak_requests=int(knob("SOAK_REQUESTS", 100_000, 5_000)),

@@ -488,7 +488,7 @@ def keys_rotate(
     all_tenants: Annotated[bool, typer.Option("--all", help="Rotate every tenant's key.")] = False,
     workers: Annotated[
         int, typer.Option(min=1, max=64, help="Tenants whose Vault work runs at once.")
-    ] = 8,
+    ] = 16,
 ) -> None:
     """Rotate tenant keys, rewrap their secrets and retire old key versions (resumable)."""
     from broker.core.db import DatabaseBounds, make_engine

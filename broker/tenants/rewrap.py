@@ -2,15 +2,20 @@
 with check-and-set, then retire the key versions before the rotation's target.
 
 No PostgreSQL here: `broker.tenants.keys` marks the rows before and settles them after.
-Vault requests per tenant: one listing per folder (the tenant's own, its
-integrations, the keys of live dynamic leases), one read per item, one rewrap per
-`batch` items (all of a tenant's items in one call), one check-and-set write per
-item, and one key configuration.
+The requests are made on the event loop (`VaultGateway.call_on_loop`: one attempt, the
+audited headers, anything indefinite handed to the threaded `call` on `threads`, which
+retries, fails over and logs in again); a tenant's requests follow one another, and
+`keys` runs several tenants at once. Vault requests per tenant: one listing per folder
+(the tenant's own, its integrations, the keys of live dynamic leases), one read per
+item, one rewrap per `batch` items (all of a tenant's items in one call), one
+check-and-set write per item, and one key configuration.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import anyio
 
 from broker.core.errors import BrokerError, Conflict, UpstreamUnavailable
 from broker.vault.errors import VaultMisconfigured
@@ -51,7 +56,23 @@ _Stale = tuple[str, SealedRecord]
 _Rewrapped = tuple[_Stale, str]
 
 
-def rewrap_tenant(store: SealedStore, tenant_id: str, target: int, *, batch: int) -> Outcome:
+@dataclass(frozen=True)
+class _Tenant:
+    """Where one tenant's items are, and the threads its indefinite requests go on to."""
+
+    store: SealedStore
+    tenant_id: str
+    threads: anyio.CapacityLimiter
+
+
+async def rewrap_tenant(
+    store: SealedStore,
+    tenant_id: str,
+    target: int,
+    *,
+    batch: int,
+    threads: anyio.CapacityLimiter,
+) -> Outcome:
     """Rewrap every live item older than `target` (`batch` ciphertexts per call), write
     each back with check-and-set, then refuse ciphertexts older than `target`.
 
@@ -59,18 +80,19 @@ def rewrap_tenant(store: SealedStore, tenant_id: str, target: int, *, batch: int
     even when some items failed: those never decrypted anyway, every other ciphertext
     is on `target` by then.
     """
-    stale, current, failed = _stale_items(store, tenant_id, target)
-    rewrapped, unwrappable = _rewrap(store, tenant_id, stale, batch)
-    written = [w for w in (_write_back(store, tenant_id, entry) for entry in rewrapped) if w]
+    tenant = _Tenant(store, tenant_id, threads)
+    stale, current, failed = await _stale_items(tenant, target)
+    rewrapped, unwrappable = await _rewrap(tenant, stale, batch)
+    written = [w for w in [await _write_back(tenant, entry) for entry in rewrapped] if w]
     # An item another save rewrote meanwhile is current: it was sealed with the newest key.
     current += len(rewrapped) - len(written)
-    store.vault.transit.set_min_decryption_version(key_name(tenant_id), target)
+    await store.vault.transit.set_min_decryption_version_on_loop(
+        key_name(tenant_id), target, threads=threads
+    )
     return Outcome(written, current, tuple(sorted([*failed, *unwrappable])))
 
 
-def _stale_items(
-    store: SealedStore, tenant_id: str, target: int
-) -> tuple[list[_Stale], int, list[str]]:
+async def _stale_items(tenant: _Tenant, target: int) -> tuple[list[_Stale], int, list[str]]:
     """Every live item sealed before `target`, how many are current, and which are not
     Transit ciphertexts at all."""
     stale: list[_Stale] = []
@@ -78,8 +100,9 @@ def _stale_items(
     failed: list[str] = []
     # Everything under the tenant's path: its integrations, the payout record, and the
     # sealed keys of live dynamic leases (`leases/<id>`), which a fetch still opens.
-    for item in store.items(tenant_id):
-        record = store.read(tenant_id, item)
+    store, tenant_id, threads = tenant.store, tenant.tenant_id, tenant.threads
+    for item in await store.items_on_loop(tenant_id, threads=threads):
+        record = await store.read_on_loop(tenant_id, item, threads=threads)
         if record is None:
             continue
         try:
@@ -94,40 +117,46 @@ def _stale_items(
     return stale, current, failed
 
 
-def _write_back(store: SealedStore, tenant_id: str, entry: _Rewrapped) -> Written | None:
+async def _write_back(tenant: _Tenant, entry: _Rewrapped) -> Written | None:
     """Write one rewrapped item over the version it was read at; None when a save won."""
     (item, record), ciphertext = entry
     try:
-        after = store.write(
-            tenant_id, item, ciphertext=ciphertext, public=record.public, cas=record.version
+        after = await tenant.store.write_on_loop(
+            tenant.tenant_id,
+            item,
+            ciphertext=ciphertext,
+            public=record.public,
+            cas=record.version,
+            threads=tenant.threads,
         )
     except Conflict:
         return None
     return Written(item, record.version, after)
 
 
-def _rewrap(
-    store: SealedStore, tenant_id: str, stale: list[_Stale], batch: int
+async def _rewrap(
+    tenant: _Tenant, stale: list[_Stale], batch: int
 ) -> tuple[list[_Rewrapped], list[str]]:
     """Rewrap ciphertexts in batch calls, one by one only within a batch that fails."""
     done: list[_Rewrapped] = []
     failed: list[str] = []
     for start in range(0, len(stale), batch):
-        chunk_done, chunk_failed = _rewrap_batch(store, tenant_id, stale[start : start + batch])
+        chunk_done, chunk_failed = await _rewrap_batch(tenant, stale[start : start + batch])
         done.extend(chunk_done)
         failed.extend(chunk_failed)
     return done, failed
 
 
-def _rewrap_batch(
-    store: SealedStore, tenant_id: str, stale: list[_Stale]
-) -> tuple[list[_Rewrapped], list[str]]:
+async def _rewrap_batch(tenant: _Tenant, stale: list[_Stale]) -> tuple[list[_Rewrapped], list[str]]:
     """One batch call when all succeed, else one by one to name the bad items."""
+    transit, tenant_id = tenant.store.vault.transit, tenant.tenant_id
     key = key_name(tenant_id)
     try:
         # Each entry carries its own context; one bad entry fails the whole batch.
-        fresh = store.vault.transit.rewrap(
-            key, [(r.ciphertext, binding(tenant_id, item)) for item, r in stale]
+        fresh = await transit.rewrap_on_loop(
+            key,
+            [(r.ciphertext, binding(tenant_id, item)) for item, r in stale],
+            threads=tenant.threads,
         )
         return list(zip(stale, fresh, strict=True)), []
     except (UpstreamUnavailable, VaultMisconfigured):
@@ -138,8 +167,8 @@ def _rewrap_batch(
     failed: list[str] = []
     for item, record in stale:
         try:
-            (ciphertext,) = store.vault.transit.rewrap(
-                key, [(record.ciphertext, binding(tenant_id, item))]
+            (ciphertext,) = await transit.rewrap_on_loop(
+                key, [(record.ciphertext, binding(tenant_id, item))], threads=tenant.threads
             )
         except (UpstreamUnavailable, VaultMisconfigured):
             raise

@@ -58,19 +58,22 @@ class Kv:
         except NotFound:  # a 404: absent, or its latest version deleted
             return None
 
-    def write(self, path: str, data: Mapping[str, Any], *, cas: int | None) -> int:
+    def write(
+        self, path: str, data: Mapping[str, Any], *, cas: int | None, tried: bool = False
+    ) -> int:
         """Write a KV v2 secret with check-and-set; `cas=0` means "must not exist yet".
 
         A retried write is checked rather than trusted blindly: when an attempt failed
         in a way that may have reached Vault (the leader died after committing, before
         answering) and the retry then fails check-and-set, the version it would have
         created is read back; if it holds exactly this data, that write was ours and
-        its version is returned instead of a false conflict.
+        its version is returned instead of a false conflict. `tried` says an attempt
+        made elsewhere (on the event loop, `write_on_loop`) may already have landed.
 
         Raises `WriteOutcomeUnknown` when no attempt was answered and one may still
         be applied (a timeout, a cut connection, a 500 from a raft commit).
         """
-        attempts = 0
+        attempts = int(tried)
 
         def write(client: hvac.Client) -> int:
             nonlocal attempts
@@ -87,7 +90,32 @@ class Kv:
                 raise
             return int(result["data"]["version"])
 
-        return self._write_call("write a secret", write)
+        return self._write_call("write a secret", write, sent=tried)
+
+    async def write_on_loop(
+        self,
+        path: str,
+        data: Mapping[str, Any],
+        *,
+        cas: int,
+        threads: anyio.CapacityLimiter,
+    ) -> int:
+        """`write` with check-and-set, on the event loop when it can be (`call_on_loop`).
+
+        A refused check-and-set is a definite answer (`Conflict`). Anything indefinite
+        goes on to `write` as a retry of an attempt that may have landed: a check-and-set
+        refusal is then checked against what Vault holds, and no answer at all is
+        `WriteOutcomeUnknown`.
+        """
+        url = format_url("/v1/{mount}/data/{path}", mount=self.mount, path=path)
+        payload = {"options": {"cas": cas}, "data": dict(data)}
+        return await self._vault.call_on_loop(
+            "write a secret",
+            ("POST", url, payload),
+            parse=lambda result: int(result["data"]["version"]),
+            fallback=lambda: self.write(path, data, cas=cas, tried=True),
+            threads=threads,
+        )
 
     def metadata(self, path: str) -> dict[str, Any] | None:
         """The metadata of a KV v2 secret (versions, current_version), or None."""
@@ -114,6 +142,20 @@ class Kv:
             return list(result["data"]["keys"])
 
         return self._vault.call("list secrets", list_keys)
+
+    async def keys_on_loop(self, path: str, *, threads: anyio.CapacityLimiter) -> list[str]:
+        """`keys`, on the event loop when it can be (`call_on_loop`)."""
+        url = format_url("/v1/{mount}/metadata/{path}", mount=self.mount, path=path)
+        try:
+            return await self._vault.call_on_loop(
+                "list secrets",
+                ("GET", f"{url}?list=true", None),
+                parse=lambda result: list(result["data"]["keys"]),
+                fallback=lambda: self.keys(path),
+                threads=threads,
+            )
+        except NotFound:  # a 404: nothing under that folder
+            return []
 
     def delete_versions(self, path: str, versions: list[int]) -> None:
         """Delete the given versions (restorable with undelete); deleting twice is harmless.
@@ -154,9 +196,11 @@ class Kv:
         entry = self._version(client, path, version)
         return entry is not None and entry.data == json.loads(json.dumps(dict(data)))
 
-    def _write_call(self, operation: str, fn: Callable[[hvac.Client], T]) -> T:
-        """`call` for a write: an attempt sent but never answered makes the outcome unknown."""
-        sent = False
+    def _write_call(
+        self, operation: str, fn: Callable[[hvac.Client], T], *, sent: bool = False
+    ) -> T:
+        """`call` for a write: an attempt sent but never answered (here, or before the
+        call when `sent`) makes the outcome unknown."""
 
         def attempt(client: hvac.Client) -> T:
             nonlocal sent

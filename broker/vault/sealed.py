@@ -171,6 +171,24 @@ class SealedStore:
             cas=cas,
         )
 
+    async def write_on_loop(
+        self,
+        tenant_id: str,
+        item: str,
+        *,
+        ciphertext: str,
+        public: Mapping[str, Any],
+        cas: int,
+        threads: anyio.CapacityLimiter,
+    ) -> int:
+        """`write`, on the event loop when it can be."""
+        return await self.vault.kv.write_on_loop(
+            self.path(tenant_id, item),
+            {"ciphertext": ciphertext, "public": dict(public)},
+            cas=cas,
+            threads=threads,
+        )
+
     def current_version(self, tenant_id: str, item: str) -> tuple[int, bool]:
         """(current KV version, whether that version is live); (0, False) when absent."""
         meta = self.vault.kv.metadata(self.path(tenant_id, item))
@@ -209,6 +227,21 @@ class SealedStore:
         while pending:
             folder = pending.pop()
             for name in self.vault.kv.keys(self.path(tenant_id, folder).rstrip("/")):
+                item = f"{folder}{name}"
+                if name.endswith("/"):
+                    pending.append(item)
+                else:
+                    found.append(item)
+        return sorted(found)
+
+    async def items_on_loop(self, tenant_id: str, *, threads: anyio.CapacityLimiter) -> list[str]:
+        """`items`, listing on the event loop when it can be."""
+        found: list[str] = []
+        pending = [""]
+        while pending:
+            folder = pending.pop()
+            path = self.path(tenant_id, folder).rstrip("/")
+            for name in await self.vault.kv.keys_on_loop(path, threads=threads):
                 item = f"{folder}{name}"
                 if name.endswith("/"):
                     pending.append(item)

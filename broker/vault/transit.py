@@ -124,18 +124,27 @@ class Transit:
             return []
 
         def rewrap(client: hvac.Client) -> list[str]:
-            batch = [{"ciphertext": ct, "context": _b64(ctx.encode())} for ct, ctx in items]
             result = client.secrets.transit.rewrap_data(
-                name=key, ciphertext="", batch_input=batch, mount_point=self.mount
+                name=key, ciphertext="", batch_input=_batch_input(items), mount_point=self.mount
             )
-            out = []
-            for entry in result["data"]["batch_results"]:
-                if entry.get("error"):
-                    raise BrokerError("rewrap failed for one ciphertext")
-                out.append(str(entry["ciphertext"]))
-            return out
+            return _rewrapped(result)
 
         return self._vault.call("rewrap ciphertexts", rewrap)
+
+    async def rewrap_on_loop(
+        self, key: str, items: list[tuple[str, str]], *, threads: anyio.CapacityLimiter
+    ) -> list[str]:
+        """`rewrap`, on the event loop when it can be (`call_on_loop`)."""
+        if not items:
+            return []
+        url = format_url("/v1/{mount}/rewrap/{name}", mount=self.mount, name=key)
+        return await self._vault.call_on_loop(
+            "rewrap ciphertexts",
+            ("POST", url, {"batch_input": _batch_input(items)}),
+            parse=_rewrapped,
+            fallback=lambda: self.rewrap(key, items),
+            threads=threads,
+        )
 
     def set_min_decryption_version(self, key: str, version: int) -> None:
         """Refuse ciphertexts older than `version` from now on."""
@@ -144,6 +153,22 @@ class Transit:
             lambda client: client.secrets.transit.update_key_configuration(
                 name=key, min_decryption_version=version, mount_point=self.mount
             ),
+        )
+
+    async def set_min_decryption_version_on_loop(
+        self, key: str, version: int, *, threads: anyio.CapacityLimiter
+    ) -> None:
+        """`set_min_decryption_version`, on the event loop when it can be (`call_on_loop`).
+
+        Setting it twice is harmless, so an indefinite attempt is simply made again.
+        """
+        url = format_url("/v1/{mount}/keys/{name}/config", mount=self.mount, name=key)
+        await self._vault.call_on_loop(
+            "configure an encryption key",
+            ("POST", url, {"min_decryption_version": version}),
+            parse=lambda result: None,
+            fallback=lambda: self.set_min_decryption_version(key, version),
+            threads=threads,
         )
 
     def delete_key(self, key: str) -> None:
@@ -165,6 +190,21 @@ class Transit:
             )
 
         self._vault.call("delete an encryption key", delete)
+
+
+def _batch_input(items: list[tuple[str, str]]) -> list[dict[str, str]]:
+    """A Transit batch of (ciphertext, context) pairs."""
+    return [{"ciphertext": ct, "context": _b64(ctx.encode())} for ct, ctx in items]
+
+
+def _rewrapped(result: dict[str, Any]) -> list[str]:
+    """The new ciphertexts in Vault's answer to a batch rewrap; one bad entry fails all."""
+    out = []
+    for entry in result["data"]["batch_results"]:
+        if entry.get("error"):
+            raise BrokerError("rewrap failed for one ciphertext")
+        out.append(str(entry["ciphertext"]))
+    return out
 
 
 def _absent(step: Callable[[], object], *missing: str) -> bool:

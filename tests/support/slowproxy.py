@@ -26,7 +26,7 @@ class SlowProxy:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._listener.settimeout(0.2)
         self.addr = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self._rules: list[tuple[bytes, float]] = []
+        self._rules: list[tuple[bytes, float, bool]] = []  # (prefix, seconds, once)
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []
         self._stopping = threading.Event()
@@ -44,10 +44,11 @@ class SlowProxy:
     ) -> None:
         self.close()
 
-    def delay(self, prefix: bytes, seconds: float) -> None:
-        """Hold back every request starting with `prefix` (b"" for all) by `seconds`."""
+    def delay(self, prefix: bytes, seconds: float, *, once: bool = False) -> None:
+        """Hold back every request starting with `prefix` (b"" for all) by `seconds`;
+        with `once`, only the first such request."""
         with self._lock:
-            self._rules.append((prefix, seconds))
+            self._rules.append((prefix, seconds, once))
 
     def clear(self) -> None:
         """Forward everything at once again (requests already held still wait)."""
@@ -70,7 +71,10 @@ class SlowProxy:
 
     def _held_for(self, chunk: bytes) -> float:
         with self._lock:
-            return max((s for p, s in self._rules if chunk.startswith(p)), default=0.0)
+            matching = [rule for rule in self._rules if chunk.startswith(rule[0])]
+            # A rule for one request only is spent on the first it holds.
+            self._rules = [rule for rule in self._rules if not (rule[2] and rule in matching)]
+            return max((seconds for _, seconds, _ in matching), default=0.0)
 
     def _accept(self) -> None:
         while not self._stopping.is_set():
