@@ -206,17 +206,21 @@ def _racing_resolver(engine: Engine, tenant: str, lookups: list[str]) -> Any:
     return resolve
 
 
-def _with_resolver(client: TestClient, resolver: Any) -> None:
-    outbound = client.app.state.outbound  # type: ignore[attr-defined]
+def _with_resolver(monkeypatch: pytest.MonkeyPatch, client: TestClient, resolver: Any) -> None:
+    """The app answers with `resolver` until the test ends (the app is the session's)."""
+    state = client.app.state  # type: ignore[attr-defined]
     egress = EgressClient(EgressPolicy(), resolver=resolver)
-    client.app.state.outbound = dataclasses.replace(outbound, client=egress)  # type: ignore[attr-defined]
+    # Starlette's State keeps its attributes in `_state`: restored as an item.
+    monkeypatch.setitem(
+        state._state, "outbound", dataclasses.replace(state.outbound, client=egress)
+    )
 
 
 def test_a_patch_that_lost_the_race_merges_again_and_both_changes_survive(
-    client: TestClient, engine: Engine, tenant: str
+    client: TestClient, engine: Engine, tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     lookups: list[str] = []
-    _with_resolver(client, _racing_resolver(engine, tenant, lookups))
+    _with_resolver(monkeypatch, client, _racing_resolver(engine, tenant, lookups))
     logo = {"branding": {"logo_url": "https://cdn.example.com/l.png"}}
     patched = client.patch("/v1/tenants/settings", json=logo, headers=admin(tenant))
     assert patched.status_code == 200, patched.text
@@ -233,9 +237,9 @@ def test_a_patch_that_lost_the_race_merges_again_and_both_changes_survive(
 
 
 def test_a_patch_with_if_match_that_lost_the_race_is_412_and_writes_nothing(
-    client: TestClient, engine: Engine, tenant: str
+    client: TestClient, engine: Engine, tenant: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    _with_resolver(client, _racing_resolver(engine, tenant, []))
+    _with_resolver(monkeypatch, client, _racing_resolver(engine, tenant, []))
     logo = {"branding": {"logo_url": "https://cdn.example.com/l.png"}}
     refused = client.patch(
         "/v1/tenants/settings", json=logo, headers=admin(tenant) | {"If-Match": '"1"'}
