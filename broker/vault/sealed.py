@@ -226,12 +226,8 @@ class SealedStore:
         pending = [""]
         while pending:
             folder = pending.pop()
-            for name in self.vault.kv.keys(self.path(tenant_id, folder).rstrip("/")):
-                item = f"{folder}{name}"
-                if name.endswith("/"):
-                    pending.append(item)
-                else:
-                    found.append(item)
+            names = self.vault.kv.keys(self.path(tenant_id, folder).rstrip("/"))
+            _file(folder, names, pending, found)
         return sorted(found)
 
     async def items_on_loop(self, tenant_id: str, *, threads: anyio.CapacityLimiter) -> list[str]:
@@ -241,12 +237,8 @@ class SealedStore:
         while pending:
             folder = pending.pop()
             path = self.path(tenant_id, folder).rstrip("/")
-            for name in await self.vault.kv.keys_on_loop(path, threads=threads):
-                item = f"{folder}{name}"
-                if name.endswith("/"):
-                    pending.append(item)
-                else:
-                    found.append(item)
+            names = await self.vault.kv.keys_on_loop(path, threads=threads)
+            _file(folder, names, pending, found)
         return sorted(found)
 
     def destroy(self, tenant_id: str, item: str) -> None:
@@ -264,3 +256,9 @@ class SealedStore:
             self.destroy(tenant_id, item)
         self.vault.transit.delete_key(key_name(tenant_id))
         return len(items)
+
+
+def _file(folder: str, names: list[str], pending: list[str], found: list[str]) -> None:
+    """Sort one folder's listing: sub-folders still to list, items found."""
+    for name in names:
+        (pending if name.endswith("/") else found).append(f"{folder}{name}")
