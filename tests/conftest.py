@@ -39,6 +39,7 @@ from tests.support.apps import (
     provider_overrides,
 )
 from tests.support.cli import session_services
+from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.support.workers import Workers
 
@@ -63,6 +64,13 @@ def vault_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VaultEn
         endpoint = VaultEndpoint(bao.addr, bao.root_token, bao.audit_log_path)
         bootstrap_vault(endpoint)
         yield endpoint
+
+
+@pytest.fixture
+def vault_proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
+    """A loopback proxy in front of the session's Vault that can hold chosen requests back."""
+    with SlowProxy(vault_endpoint.addr) as proxy:
+        yield proxy
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 
 from broker.vault.gateway import VaultGateway
 from tests.fakes.providers import VALID, FakeProviders
-from tests.support.apps import VaultEndpoint, app_through
+from tests.support.apps import app_through
 from tests.support.rows import credential_row, payout_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
@@ -35,14 +35,8 @@ OTHER_IBAN = "GB82WEST12345698765432"
 
 
 @pytest.fixture
-def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield proxy
-
-
-@pytest.fixture
 def through_proxy(
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
     broker_vault_token: str,
     database_url: str,
     engine: Engine,
@@ -52,7 +46,7 @@ def through_proxy(
 
     def build(timeout_s: float, budget_s: float) -> TestClient:
         return app_through(
-            proxy.addr,
+            vault_proxy.addr,
             broker_vault_token,
             database_url,
             engine,
@@ -156,13 +150,13 @@ def saved(client: TestClient, slow: TestClient, providers: FakeProviders) -> str
 
 
 def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_shows_it(
-    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
+    saved: str, slow: TestClient, vault_proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
 ) -> None:
     tenant, path = saved, f"tenants/{saved}/integrations/twilio"
 
-    proxy.delay(KV_WRITE, 3.0)
+    vault_proxy.delay(KV_WRITE, 3.0)
     response = _put(slow, tenant, SECOND)
-    proxy.clear()
+    vault_proxy.clear()
     assert response.status_code == 503
     assert int(response.headers["retry-after"]) > 0
     assert response.json()["title"] == "Vault write not confirmed"
@@ -192,13 +186,13 @@ def test_a_write_that_lands_after_its_503_keeps_the_row_pending_until_vault_show
 
 
 def test_a_retry_that_arrives_first_wins_and_the_lost_write_can_never_land(
-    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
+    saved: str, slow: TestClient, vault_proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
 ) -> None:
     tenant, path = saved, f"tenants/{saved}/integrations/twilio"
 
-    proxy.delay(KV_WRITE, 4.0)
+    vault_proxy.delay(KV_WRITE, 4.0)
     assert _put(slow, tenant, SECOND).status_code == 503
-    proxy.clear()
+    vault_proxy.clear()
     retried = _put(slow, tenant, SECOND)  # before the held write reaches Vault
     assert retried.status_code == 200, retried.text
     assert retried.json()["version"] == 2
@@ -219,14 +213,14 @@ def _wait_for_deletion(vault: VaultGateway, path: str, version: int) -> None:
 
 
 def test_a_retried_delete_after_an_unanswered_one_succeeds(
-    saved: str, slow: TestClient, proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
+    saved: str, slow: TestClient, vault_proxy: SlowProxy, engine: Engine, vault_admin: VaultGateway
 ) -> None:
     tenant, path = saved, f"tenants/{saved}/integrations/twilio"
     url = "/v1/tenants/settings/integrations/twilio"
 
-    proxy.delay(KV_DELETE, 3.0)
+    vault_proxy.delay(KV_DELETE, 3.0)
     response = slow.delete(url, headers=_admin(tenant))
-    proxy.clear()
+    vault_proxy.clear()
     assert response.status_code == 503
     assert response.json()["title"] == "Vault write not confirmed"
     assert credential_row(engine, tenant).vault_sync_pending is True
@@ -247,11 +241,11 @@ def test_a_retried_delete_after_an_unanswered_one_succeeds(
 
 
 def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
-    client: TestClient, proxy: SlowProxy, patient: TestClient
+    client: TestClient, vault_proxy: SlowProxy, patient: TestClient
 ) -> None:
     tenant = make_tenant(client)
     assert _put(client, tenant, FIRST).status_code == 200
-    proxy.delay(KV_DELETE, 3.0)
+    vault_proxy.delay(KV_DELETE, 3.0)
     answer = _answer_with_tenant_deleted_meanwhile(
         client,
         tenant,
@@ -267,13 +261,13 @@ def test_a_delete_whose_tenant_is_deleted_meanwhile_is_404(
 @pytest.mark.parametrize("item", ["integrations/twilio", "payout"])
 def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
     client: TestClient,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
     patient: TestClient,
     vault_admin: VaultGateway,
     item: str,
 ) -> None:
     tenant = make_tenant(client)
-    proxy.delay(KV_WRITE, 3.0)
+    vault_proxy.delay(KV_WRITE, 3.0)
 
     def write() -> Any:
         if item == "payout":
@@ -289,7 +283,7 @@ def test_a_first_write_that_lands_after_its_tenant_was_shredded_is_destroyed(
 
 def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     client: TestClient,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
     through_proxy: Callable[[float, float], TestClient],
 ) -> None:
     """Each Vault call used to get the whole budget and each attempt the whole timeout."""
@@ -297,7 +291,7 @@ def test_the_retry_budget_bounds_the_whole_request_against_a_hung_vault(
     assert _put(client, tenant, FIRST).status_code == 200
     # A 3 s socket timeout, but a 1 s budget for the whole request.
     hung = through_proxy(3.0, 1.0)
-    proxy.delay(b"", 20.0)
+    vault_proxy.delay(b"", 20.0)
     service = bearer(token("credentials:read", kind="service", tenants=(tenant,)))
     for method, url, body, headers in (
         ("GET", f"/v1/credentials/{tenant}/twilio", None, service),
@@ -331,15 +325,15 @@ def _payout(client: TestClient, tenant: str, iban: str, **headers: str) -> Any:
 def test_an_unanswered_payout_write_stays_pending_and_its_retry_succeeds(
     client: TestClient,
     slow: TestClient,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
     engine: Engine,
     vault_admin: VaultGateway,
 ) -> None:
     tenant = make_tenant(client)
     assert _payout(slow, tenant, IBAN).status_code == 200
-    proxy.delay(KV_WRITE, 3.0)
+    vault_proxy.delay(KV_WRITE, 3.0)
     response = _payout(slow, tenant, OTHER_IBAN)
-    proxy.clear()
+    vault_proxy.clear()
     assert response.status_code == 503
     assert OTHER_IBAN not in response.text
     assert (
@@ -499,7 +493,7 @@ def test_restoring_a_version_from_before_a_key_rotation_is_410(client: TestClien
 def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
     client: TestClient,
     slow: TestClient,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
     providers: FakeProviders,
     engine: Engine,
     vault_admin: VaultGateway,
@@ -513,9 +507,9 @@ def test_a_rotation_whose_rewrap_goes_unanswered_leaves_no_false_conflict(
         assert _put(client, tenant, FIRST).status_code == 200
     ops = _ops()
 
-    proxy.delay(KV_WRITE, 3.0)
+    vault_proxy.delay(KV_WRITE, 3.0)
     response = slow.post(f"/v1/tenants/{tenant}/keys/rotate", headers=ops)
-    proxy.clear()
+    vault_proxy.clear()
     assert response.status_code == 503, response.text
     _wait_for_version(vault_admin, f"tenants/{tenant}/{item}", 2)  # the rewrap lands
 

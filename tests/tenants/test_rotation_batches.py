@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,7 +24,6 @@ from broker.tenants import keys
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import key_name
 from tests.fakes.providers import VALID, FakeProviders
-from tests.support.apps import VaultEndpoint
 from tests.support.rows import payout_row
 from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
@@ -35,12 +33,6 @@ from tests.tenants.test_keys import OPERATOR, save
 INTEGRATIONS = ("twilio", "woocommerce", "shopify", "whatsapp", "openai")
 IBAN = "DE89370400440532013000"
 OTHER_IBAN = "GB82WEST12345698765432"
-
-
-@pytest.fixture
-def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield proxy
 
 
 def _payout(client: TestClient, tenant: str, iban: str) -> Any:
@@ -170,13 +162,13 @@ def test_a_tenant_whose_vault_work_fails_keeps_its_marks_and_the_rest_of_its_bat
     broker_vault: VaultGateway,
     broker_vault_token: str,
     providers: FakeProviders,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
 ) -> None:
     first, failing, last = (_tenant(client, providers, "twilio", "openai") for _ in range(3))
     # The failing tenant's Twilio write is held past the rotation's patience; it lands later.
-    proxy.delay(f"POST /v1/secret/data/tenants/{failing}/integrations/twilio".encode(), 3.0)
+    vault_proxy.delay(f"POST /v1/secret/data/tenants/{failing}/integrations/twilio".encode(), 3.0)
     impatient = VaultGateway(
-        addrs=[proxy.addr], token=broker_vault_token, timeout_s=1.0, retry_budget_s=1.5
+        addrs=[vault_proxy.addr], token=broker_vault_token, timeout_s=1.0, retry_budget_s=1.5
     )
     seen: list[str] = []
     try:
@@ -191,7 +183,7 @@ def test_a_tenant_whose_vault_work_fails_keeps_its_marks_and_the_rest_of_its_bat
             )
     finally:
         impatient.close()
-    proxy.clear()
+    vault_proxy.clear()
     # The others of its batch finished, were settled and reported.
     assert seen == [first, last]
     for tenant in (first, last):
@@ -224,13 +216,13 @@ rotate_all(engine, vault, principal=OPERATOR, tenant_ids=os.environ["ROTATE_TENA
 
 
 def _rotating_process(
-    proxy: SlowProxy, token: str, database_url: str, tenants: list[str]
+    vault_proxy: SlowProxy, token: str, database_url: str, tenants: list[str]
 ) -> subprocess.Popen[bytes]:
     """`rotate_all` over `tenants` in a process of its own, its Vault calls through `proxy`."""
     env = dict(
         os.environ,
         PYTHONPATH=os.pathsep.join(sys.path),
-        ROTATE_VAULT=proxy.addr,
+        ROTATE_VAULT=vault_proxy.addr,
         ROTATE_TOKEN=token,
         ROTATE_DATABASE_URL=database_url,
         ROTATE_TENANTS=" ".join(tenants),
@@ -259,13 +251,15 @@ def test_a_rotation_killed_mid_batch_leaves_nothing_false_and_a_rerun_finishes_i
     broker_vault_token: str,
     database_url: str,
     providers: FakeProviders,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
 ) -> None:
     done, halfway, untouched = (_tenant(client, providers, "twilio", "openai") for _ in range(3))
     # One worker: the first tenant is rewrapped whole, the second up to its Twilio write,
     # which is held while the process is killed; the third is never reached.
-    proxy.delay(f"POST /v1/secret/data/tenants/{halfway}/integrations/twilio".encode(), 60.0)
-    process = _rotating_process(proxy, broker_vault_token, database_url, [done, halfway, untouched])
+    vault_proxy.delay(f"POST /v1/secret/data/tenants/{halfway}/integrations/twilio".encode(), 60.0)
+    process = _rotating_process(
+        vault_proxy, broker_vault_token, database_url, [done, halfway, untouched]
+    )
     try:
         _wait_for(lambda: _vault_version(vault_admin, halfway, "integrations/openai") == 2, process)
     finally:
@@ -273,7 +267,7 @@ def test_a_rotation_killed_mid_batch_leaves_nothing_false_and_a_rerun_finishes_i
         process.wait()
         if process.stderr is not None:
             process.stderr.close()
-    proxy.close()  # the held write dies with its connection
+    vault_proxy.close()  # the held write dies with its connection
 
     # Every row is marked or names what Vault holds.
     for tenant in (done, halfway, untouched):

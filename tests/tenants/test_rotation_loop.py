@@ -10,7 +10,6 @@ back by `SlowProxy` in front of a real OpenBao.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,12 +24,6 @@ from tests.support.slowproxy import SlowProxy
 from tests.support.tenants import make_tenant
 from tests.tenants.test_keys import OPERATOR, OPS
 from tests.tenants.test_rotation_batches import _assert_rotated, _tenant
-
-
-@pytest.fixture
-def proxy(vault_endpoint: VaultEndpoint) -> Iterator[SlowProxy]:
-    with SlowProxy(vault_endpoint.addr) as proxy:
-        yield proxy
 
 
 def test_a_write_retried_after_an_attempt_that_may_have_landed_finds_its_own_version(
@@ -58,16 +51,16 @@ def test_a_rotation_write_held_past_the_loops_timeout_is_retried_and_settles(
     broker_vault: VaultGateway,
     broker_vault_token: str,
     providers: FakeProviders,
-    proxy: SlowProxy,
+    vault_proxy: SlowProxy,
 ) -> None:
     tenant = _tenant(client, providers, "twilio", "openai")
     # Only the first write of the tenant's Twilio item is held past the timeout: the
     # attempt on the loop. It still reaches Vault; the threaded retry goes through.
-    proxy.delay(
+    vault_proxy.delay(
         f"POST /v1/secret/data/tenants/{tenant}/integrations/twilio".encode(), 1.5, once=True
     )
     patient = VaultGateway(
-        addrs=[proxy.addr], token=broker_vault_token, timeout_s=1.0, retry_budget_s=10.0
+        addrs=[vault_proxy.addr], token=broker_vault_token, timeout_s=1.0, retry_budget_s=10.0
     )
     failed_writes: list[str | None] = []
 

@@ -185,9 +185,15 @@ def test_transient_answers_go_on_to_the_threaded_call(status: int, error: type) 
     assert len(node.requests) >= 2
 
 
-def test_a_refused_token_is_the_threaded_misconfiguration_without_echoing_it() -> None:
-    with _Node(403) as node:
-        gateway = VaultGateway(addrs=[node.url], token="s.refused", retry_budget_s=0.5)
+# What a test node saw: (method, path, headers) of each request.
+_Seen = list[tuple[str, str, dict[str, str]]]
+
+
+def _misconfigured_read(status: int, token: str) -> tuple[VaultMisconfigured, _Seen]:
+    """A read on the loop from a node answering `status`, with `token`: the error it
+    raised, and the requests the node saw."""
+    with _Node(status) as node:
+        gateway = VaultGateway(addrs=[node.url], token=token, retry_budget_s=0.5)
         try:
             with pytest.raises(VaultMisconfigured) as refused:
                 on_loop(
@@ -196,23 +202,19 @@ def test_a_refused_token_is_the_threaded_misconfiguration_without_echoing_it() -
                 )
         finally:
             gateway.close()
-    assert "s.refused" not in str(refused.value)
-    assert len(node.requests) == 2  # the loop's attempt, then the threaded one
+    return refused.value, node.requests
+
+
+def test_a_refused_token_is_the_threaded_misconfiguration_without_echoing_it() -> None:
+    error, requests = _misconfigured_read(403, "s.refused")
+    assert "s.refused" not in str(error)
+    assert len(requests) == 2  # the loop's attempt, then the threaded one
 
 
 def test_an_unsendable_header_is_refused_without_echoing_it() -> None:
-    with _Node(404) as node:
-        gateway = VaultGateway(addrs=[node.url], token="s.line\nbreak", retry_budget_s=0.5)
-        try:
-            with pytest.raises(VaultMisconfigured) as refused:
-                on_loop(
-                    gateway,
-                    lambda threads: gateway.kv.read_on_loop("tenants/t/x", threads=threads),
-                )
-        finally:
-            gateway.close()
-    assert "s.line" not in str(refused.value)
-    assert node.requests == []
+    error, requests = _misconfigured_read(404, "s.line\nbreak")
+    assert "s.line" not in str(error)
+    assert requests == []
 
 
 def test_a_dead_active_node_is_failed_over_by_the_threaded_call(
