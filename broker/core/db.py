@@ -231,8 +231,11 @@ async def write(engine: Engine, statement: Callable[[AsyncReadConnection], Await
     ORM. Autocommit: the one statement is its own transaction, so everything it
     writes (a data-modifying CTE may write several tables) commits together or not
     at all, and no lock outlives it. Bounded and healed exactly like `read`, so the
-    statement must be safe to send again when its reused connection was found dead:
-    one guarded by the version it read is.
+    statement is sent again when its reused connection was found dead, and the first
+    attempt may have committed before the connection died: `statement` is called again
+    with the same object, and must be safe to send twice (one guarded by the version it
+    read is) and tell a first attempt that landed from a lost race (the settings
+    PATCH's `_DocumentWrite` looks for its own audit event).
     """
     return await _on_async_connection(engine, statement)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
 from typing import Any
@@ -207,8 +208,7 @@ async def patch_document(
         changed = _changed_groups(row, patch)
         if egress is not None:
             await _vet_added_urls(egress, row, patch, changed, checked)
-        write = partial(_write_document, row=row, principal=principal, patch=patch, changed=changed)
-        written = await db.write(engine, write)
+        written = await db.write(engine, _DocumentWrite(row, principal, patch, changed))
         if written is not None:
             return f'"{written[1]}"', _render(written)
         if anyio.current_time() > deadline:
@@ -247,28 +247,66 @@ async def _vet_added_urls(
         await anyio.to_thread.run_sync(_vet_urls, egress, added, checked)
 
 
-async def _write_document(
-    connection: AsyncConnection[Any],
-    *,
-    row: tuple[Any, ...],
-    principal: Principal,
-    patch: dict[str, Any],
-    changed: dict[str, dict[str, Any]],
-) -> tuple[Any, ...] | None:
+@dataclass
+class _DocumentWrite:
     """Write the changed groups and the audit event if the row is still at the version
-    read; the row as now stored, or None when another write got there first."""
-    tenant_id, version = row[0], row[1]
-    new_version = version + 1 if changed else version
-    event = trail.event_values(**_audit(principal, tenant_id, patch, list(changed), new_version))
-    if not changed:
-        await connection.execute(_INSERT_EVENT, trail.sql_values(event))
-        return row
-    values = [utcnow(), principal.actor, *map(Jsonb, changed.values()), tenant_id, version]
+    read: the row as now stored, or None when another write got there first.
+
+    `db.write` sends the statement again when its reused connection turns out dead,
+    and the first attempt may have committed before the connection died: a resent
+    write that finds the row moved on then looks for its own audit event, so a write
+    that landed is never reported as lost (nor, with If-Match, as a 412).
+    """
+
+    row: tuple[Any, ...]
+    principal: Principal
+    patch: dict[str, Any]
+    changed: dict[str, dict[str, Any]]
+    sent: bool = False
+
+    async def __call__(self, connection: AsyncConnection[Any]) -> tuple[Any, ...] | None:
+        tenant_id, version = self.row[0], self.row[1]
+        new_version = version + 1 if self.changed else version
+        audit = _audit(self.principal, tenant_id, self.patch, list(self.changed), new_version)
+        event = trail.event_values(**audit)
+        if not self.changed:
+            await connection.execute(_INSERT_EVENT, trail.sql_values(event))
+            return self.row
+        resent, self.sent = self.sent, True
+        values = [utcnow(), self.principal.actor, *map(Jsonb, self.changed.values())]
+        cursor = await connection.execute(
+            _update_statement(tuple(self.changed)),
+            [*values, tenant_id, version, *trail.sql_values(event)],
+        )
+        written = await cursor.fetchone()
+        if written is not None:
+            return tuple(written)
+        return await _landed_before(connection, tenant_id, event, new_version) if resent else None
+
+
+async def _landed_before(
+    connection: AsyncConnection[Any], tenant_id: str, event: dict[str, Any], version: int
+) -> tuple[Any, ...] | None:
+    """The row as now stored, if this request's own event for `version` is in the trail
+    (its first attempt committed); None if not, or if the request has no id to tell by."""
+    if event["request_id"] is None:
+        return None
     cursor = await connection.execute(
-        _update_statement(tuple(changed)), [*values, *trail.sql_values(event)]
+        _OWN_EVENT, (event["request_id"], event["action"], event["resource"], str(version))
     )
-    written = await cursor.fetchone()
-    return tuple(written) if written is not None else None
+    if await cursor.fetchone() is None:
+        return None
+    return await _fetch_document(connection, tenant_id=tenant_id)
+
+
+_OWN_EVENT = (
+    sql.SQL(
+        "SELECT 1 FROM {} WHERE request_id = %s AND action = %s AND resource = %s"
+        " AND detail->>'version' = %s"
+    )
+    .format(sql.Identifier(AuditEvent.__tablename__))
+    .as_bytes()
+)
 
 
 def _groups(row: tuple[Any, ...], patch: dict[str, Any]) -> dict[str, Any]:

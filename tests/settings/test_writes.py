@@ -14,19 +14,24 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 
 from broker.app import create_app
-from broker.core import db
+from broker.auth.principal import Principal
+from broker.core import context, db
 from broker.core.config import Settings
+from broker.core.context import RequestContext
 from broker.core.db import DatabaseBounds, make_engine, upgrade
 from broker.integrations.egress import EgressClient, EgressPolicy
+from broker.settings import service
 from broker.vault.gateway import VaultGateway
 from tests.core.test_db import paused
 from tests.support.tenants import make_tenant
@@ -83,12 +88,13 @@ def failing_trail(engine: Engine, tenant: str) -> Iterator[None]:
 
 @pytest.mark.usefixtures("failing_trail")
 def test_a_change_whose_audit_event_cannot_be_written_is_not_made(
-    app: Any, engine: Engine, tenant: str
+    client: TestClient, engine: Engine, tenant: str
 ) -> None:
-    with TestClient(app, raise_server_exceptions=False) as client:
-        refused = client.patch(
-            "/v1/tenants/settings", json={"orders": {"auto_confirm": True}}, headers=admin(tenant)
-        )
+    # The session's client, without a lifespan: its shutdown would close the shared
+    # app's egress client for every later test.
+    refused = client.patch(
+        "/v1/tenants/settings", json={"orders": {"auto_confirm": True}}, headers=admin(tenant)
+    )
     assert refused.status_code == 500
     assert "trail refused" not in refused.text
     assert _version(engine, tenant) == 1
@@ -328,3 +334,46 @@ def test_a_server_that_stops_mid_patch_is_a_bounded_503_and_nothing_is_half_writ
     assert _events(observer, landed.headers["x-request-id"])[0]["version"] == 2
     bounded.dispose()
     observer.dispose()
+
+
+# -- a write sent again after its connection died -----------------------------------------
+
+
+def test_a_resent_write_whose_first_attempt_landed_is_reported_as_written(
+    engine: Engine, tenant: str
+) -> None:
+    """`db.write` sends a statement again when its reused connection turns out dead, and
+    the first attempt may have committed before it died. The resend finds the row moved
+    on, and its own audit event: the write landed, it is no lost race (nor a 412)."""
+    principal = Principal(
+        subject="alice", kind="user", scopes=frozenset({"tenant:admin"}), tenant_id=tenant
+    )
+    patch = {"branding": {"business_name": "Landed"}}
+
+    async def scenario() -> list[tuple[Any, ...] | None]:
+        context.bind(RequestContext(request_id=f"resent-{tenant}"))  # this task's context only
+        row = await db.read(engine, partial(service._fetch_document, tenant_id=tenant))
+        assert row is not None
+        changed = service._changed_groups(row, patch)
+        write = service._DocumentWrite(row, principal, patch, changed)
+        first = await db.write(engine, write)
+        resent = await db.write(engine, write)  # the same attempt, sent again
+        # Another request's write from the same stale row: a lost race, whether sent
+        # once or again (no event of its own for that version).
+        context.bind(RequestContext(request_id=f"other-{tenant}"))
+        other = service._DocumentWrite(row, principal, patch, changed)
+        lost = await db.write(engine, other)
+        lost_again = await db.write(engine, other)
+        return [first, resent, lost, lost_again]
+
+    first, resent, lost, lost_again = anyio.run(scenario)
+    assert first is not None
+    assert first[1] == 2
+    assert resent == first
+    assert lost is None
+    assert lost_again is None
+    assert _version(engine, tenant) == 2
+    assert _events(engine, f"resent-{tenant}") == [
+        {"groups": ["branding"], "changed": ["branding"], "version": 2}
+    ]
+    assert _events(engine, f"other-{tenant}") == []
