@@ -148,8 +148,8 @@ path "sys/audit-hash/*" {
   capabilities = ["update"]
 }
 
-# The broker's own token. The "default" policy grants these too, but the broker's token may be
-# created with no_default_policy=true, so they are listed here.
+# The broker's own token. The "default" policy grants these too, but the broker's AppRole tokens
+# carry no default policy (bootstrap sets token_no_default_policy), so they are listed here.
 path "auth/token/lookup-self" {
   capabilities = ["read"]
 }
