@@ -37,7 +37,7 @@ from broker.auth.principal import Principal
 from broker.core.db import unit_of_work
 from broker.core.errors import NotFound
 from broker.integrations.service import item_name, reconcile_tenant
-from broker.models import IntegrationCredential, KeyRotation, Tenant, utcnow
+from broker.models import IntegrationCredential, KeyRotation, PaymentProfile, Tenant, utcnow
 from broker.payments.service import (
     PAYOUT_ITEM,
     mark_payouts_pending,
@@ -268,23 +268,25 @@ class _Rotation:
             live, gone = _live_prefix(session, list(started))
             outcomes, error = self._rewrap_each({t: started[t] for t in live})
             rows = _settle_rows(session, outcomes)
-            payouts = settle_rewrapped_payouts(
+            settle_rewrapped_payouts(
                 session, _payout_moves(outcomes), marks.payouts & outcomes.keys()
             )
+            payouts = _pending_payouts(session, outcomes)
             _close_records(session, self.principal, outcomes, started)
         return _Settled(outcomes, rows, payouts, gone or error)
 
     def _reconcile_leftovers(self, settled: _Settled, marks: _Marks) -> None:
         """Rows and payout records this run did not move itself (an item that failed, a
-        save that won the race, an item already current on a resumed run): Vault tells
-        what they hold now. Every rewrap of these tenants was answered by now, so what
-        is left marked with the rotation's own mark is what Vault holds."""
-        for tenant, outcome in settled.outcomes.items():
+        save that won the race, an item already current on a resumed run, one an
+        interrupted run wrote but could not settle): Vault tells what they hold now.
+        Every rewrap of these tenants was answered by now, so what is left marked with
+        the rotation's own mark is what Vault holds."""
+        for tenant in settled.outcomes:
             if tenant in settled.unsettled_rows:
                 reconcile_tenant(self.engine, self.store, tenant)
                 _release_marks(self.engine, tenant, marks.at)
-            marked = tenant in marks.payouts
-            if tenant in settled.raced_payouts or (marked and outcome.moved(PAYOUT_ITEM) is None):
+            if tenant in settled.unsettled_payouts:
+                marked = tenant in marks.payouts
                 reconcile_payout(self.engine, self.store.vault, tenant_id=tenant, marked=marked)
 
 
@@ -295,7 +297,7 @@ class _Settled:
 
     outcomes: dict[str, Outcome]
     unsettled_rows: set[str]
-    raced_payouts: set[str]
+    unsettled_payouts: set[str]
     error: Exception | None
 
 
@@ -327,6 +329,19 @@ def _payout_moves(outcomes: Mapping[str, Outcome]) -> dict[str, tuple[int, int]]
     """Tenant -> (before, after) of each payout record the rewrap wrote."""
     moves = {tenant: outcome.moved(PAYOUT_ITEM) for tenant, outcome in outcomes.items()}
     return {tenant: (w.before, w.after) for tenant, w in moves.items() if w is not None}
+
+
+def _pending_payouts(session: Session, outcomes: Mapping[str, Outcome]) -> set[str]:
+    """The tenants whose payout record is still marked pending once the rewrap is settled:
+    the rotation's mark on a record it did not move, a save's that raced it, or the mark
+    of an interrupted run whose write landed (the record is current now, so not moved)."""
+    pending = session.exec(
+        select(PaymentProfile.tenant_id).where(
+            col(PaymentProfile.tenant_id).in_(list(outcomes)),
+            col(PaymentProfile.payout_sync_pending).is_(True),
+        )
+    )
+    return set(pending)
 
 
 def _settle_rows(session: Session, outcomes: Mapping[str, Outcome]) -> set[str]:
