@@ -4,16 +4,20 @@ with check-and-set, then retire the key versions before the rotation's target.
 No PostgreSQL here: `broker.tenants.keys` marks the rows before and settles them after.
 The requests are made on the event loop (`VaultGateway.call_on_loop`: one attempt, the
 audited headers, anything indefinite handed to the threaded `call` on `threads`, which
-retries, fails over and logs in again); a tenant's requests follow one another, and
-`keys` runs several tenants at once. Vault requests per tenant: one listing per folder
-(the tenant's own, its integrations, the keys of live dynamic leases), one read per
-item, one rewrap per `batch` items (all of a tenant's items in one call), one
+retries, fails over and logs in again). A tenant's item reads go out together, then its
+rewraps, then its check-and-set writes together, each group answered in full before the
+next starts; `keys` runs several tenants at once. Vault requests per tenant: one listing
+per folder (the tenant's own, its integrations, the keys of live dynamic leases), one
+read per item, one rewrap per `batch` items (all of a tenant's items in one call), one
 check-and-set write per item, and one key configuration.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar, cast
 
 import anyio
 
@@ -52,6 +56,7 @@ class Outcome:
         return next((w for w in self.written if w.item == item), None)
 
 
+T = TypeVar("T")
 _Stale = tuple[str, SealedRecord]
 _Rewrapped = tuple[_Stale, str]
 
@@ -83,7 +88,7 @@ async def rewrap_tenant(
     tenant = _Tenant(store, tenant_id, threads)
     stale, current, failed = await _stale_items(tenant, target)
     rewrapped, unwrappable = await _rewrap(tenant, stale, batch)
-    written = [w for w in [await _write_back(tenant, entry) for entry in rewrapped] if w]
+    written = [w for w in await _together(_write_back(tenant, e) for e in rewrapped) if w]
     # An item another save rewrote meanwhile is current: it was sealed with the newest key.
     current += len(rewrapped) - len(written)
     await store.vault.transit.set_min_decryption_version_on_loop(
@@ -101,8 +106,9 @@ async def _stale_items(tenant: _Tenant, target: int) -> tuple[list[_Stale], int,
     # Everything under the tenant's path: its integrations, the payout record, and the
     # sealed keys of live dynamic leases (`leases/<id>`), which a fetch still opens.
     store, tenant_id, threads = tenant.store, tenant.tenant_id, tenant.threads
-    for item in await store.items_on_loop(tenant_id, threads=threads):
-        record = await store.read_on_loop(tenant_id, item, threads=threads)
+    items = await store.items_on_loop(tenant_id, threads=threads)
+    records = await _together(store.read_on_loop(tenant_id, i, threads=threads) for i in items)
+    for item, record in zip(items, records, strict=True):
         if record is None:
             continue
         try:
@@ -115,6 +121,19 @@ async def _stale_items(tenant: _Tenant, target: int) -> tuple[list[_Stale], int,
         else:
             stale.append((item, record))
     return stale, current, failed
+
+
+async def _together(calls: Iterable[Awaitable[T]]) -> list[T]:
+    """Each call's answer, in order, once every one is answered; then the first error.
+
+    Unlike a bare `gather`, none is left running when one fails: the caller (and the
+    settling in `keys`) may rely on every request of this tenant being answered.
+    """
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return cast(list[T], results)
 
 
 async def _write_back(tenant: _Tenant, entry: _Rewrapped) -> Written | None:

@@ -254,14 +254,21 @@ def test_a_rotation_killed_mid_batch_leaves_nothing_false_and_a_rerun_finishes_i
     vault_proxy: SlowProxy,
 ) -> None:
     done, halfway, untouched = (_tenant(client, providers, "twilio", "openai") for _ in range(3))
-    # One worker: the first tenant is rewrapped whole, the second up to its Twilio write,
-    # which is held while the process is killed; the third is never reached.
+    # One worker: the first tenant is rewrapped whole; the second's writes go out together,
+    # its Twilio write is held while the process is killed (its OpenAI and payout writes
+    # land); the third is never reached.
     vault_proxy.delay(f"POST /v1/secret/data/tenants/{halfway}/integrations/twilio".encode(), 60.0)
     process = _rotating_process(
         vault_proxy, broker_vault_token, database_url, [done, halfway, untouched]
     )
     try:
-        _wait_for(lambda: _vault_version(vault_admin, halfway, "integrations/openai") == 2, process)
+        _wait_for(
+            lambda: (
+                _vault_version(vault_admin, halfway, "integrations/openai") == 2
+                and _vault_version(vault_admin, halfway, "payout") == 2
+            ),
+            process,
+        )
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -285,7 +292,7 @@ def test_a_rotation_killed_mid_batch_leaves_nothing_false_and_a_rerun_finishes_i
         (untouched, True, 2),
     ]
     # What the killed run wrote is current already; the rerun wrote the rest.
-    assert [(r.rewrapped, r.already_current) for r in reports] == [(0, 3), (2, 1), (3, 0)]
+    assert [(r.rewrapped, r.already_current) for r in reports] == [(0, 3), (1, 2), (3, 0)]
     for tenant in (done, halfway, untouched):
         _assert_rotated(engine, vault_admin, broker_vault, tenant, 2)
     assert payout_row(engine, done).payout_hint.endswith("5432")
