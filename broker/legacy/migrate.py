@@ -111,7 +111,7 @@ from broker.settings.service import default_settings_row, lock_settings, patch_l
 from broker.tenants.service import add_tenants
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
-from broker.vault.sealed import SealedStore
+from broker.vault.sealed import SealedStore, key_name
 
 __all__ = [
     "FIELD_ALIASES",
@@ -246,9 +246,10 @@ class _Migration(Run):
         return stopped
 
     def _ensure_key(self, plan: TenantPlan) -> bool:
+        """The tenant's Transit key: made unless it exists (a rerun's is left as it is)."""
         self._bind(plan.group)
         try:
-            self.store.ensure_tenant_key(plan.tenant_id)
+            self.vault.transit.create_key(key_name(plan.tenant_id))
         except _SYSTEMIC as exc:
             plan.action = "record"
             raise Stop(exc.message, plan.fail(exc.message)) from None

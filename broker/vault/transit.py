@@ -42,15 +42,23 @@ class Transit:
                 return False
             except hvac.exceptions.InvalidPath:
                 pass
-            # derived=True: every encryption must name a context, and the key
-            # used is derived from it, so a ciphertext only decrypts under the
-            # tenant/provider it was written for.
-            client.secrets.transit.create_key(
-                name=name, key_type="aes256-gcm96", derived=True, mount_point=self.mount
-            )
+            self._create(client, name)
             return True
 
         return self._vault.call("create an encryption key", ensure)
+
+    def create_key(self, name: str) -> None:
+        """`ensure_key` in one call, for callers that need not know whether it existed:
+        Vault's create leaves an existing key as it is."""
+        self._vault.call("create an encryption key", lambda client: self._create(client, name))
+
+    def _create(self, client: hvac.Client, name: str) -> None:
+        # derived=True: every encryption must name a context, and the key
+        # used is derived from it, so a ciphertext only decrypts under the
+        # tenant/provider it was written for.
+        client.secrets.transit.create_key(
+            name=name, key_type="aes256-gcm96", derived=True, mount_point=self.mount
+        )
 
     def key_info(self, name: str) -> dict[str, Any] | None:
         """Latest and minimum decryption versions of a key, or None if it is gone."""
