@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -234,7 +234,7 @@ class _Migration(Run):
         """
         if not plans:
             return None
-        stopped = self._each(self._ensure_key, plans)
+        stopped = self._each_on_loop(self._ensure_key, plans)
         if stopped is None:
             size = -(-len(plans) // self.workers)
             chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
@@ -245,15 +245,14 @@ class _Migration(Run):
                 plan.reached = plan.action != "apply"
         return stopped
 
-    def _ensure_key(self, plan: TenantPlan) -> bool:
+    async def _ensure_key(self, plan: TenantPlan, threads: anyio.CapacityLimiter) -> None:
         """The tenant's Transit key: made unless it exists (a rerun's is left as it is)."""
         self._bind(plan.group)
         try:
-            self.vault.transit.create_key(key_name(plan.tenant_id))
+            await self.vault.transit.create_key_on_loop(key_name(plan.tenant_id), threads=threads)
         except _SYSTEMIC as exc:
             plan.action = "record"
             raise Stop(exc.message, plan.fail(exc.message)) from None
-        return True
 
     def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
         """Prepare these tenants in one transaction.
@@ -373,7 +372,7 @@ class _Migration(Run):
             for plan in written:
                 plan.reached = False
             return stop
-        return self._verify_all(written)
+        return self._each_on_loop(self._verify, written)
 
     def _pairs(self, plans: list[TenantPlan]) -> list[tuple[TenantPlan, BatchSave]]:
         """A save for each plan with credentials, based on the version its row holds now."""
@@ -449,20 +448,27 @@ class _Migration(Run):
             unmapped=plan.outcome.unmapped,
         )
 
-    def _verify_all(self, plans: list[TenantPlan]) -> Stop | None:
-        """Verify each stored tenant, `workers` at once on an event loop of its own.
+    def _each_on_loop(
+        self,
+        step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
+        plans: list[TenantPlan],
+    ) -> Stop | None:
+        """`_each` for a step whose Vault calls are made on an event loop of its own.
 
-        The reads and decryptions are made on the loop (`call_on_loop`), which
-        costs the process far less per call than a worker thread's; what the loop
-        cannot settle in one attempt goes through the threaded gateway, which
-        retries. Once one tenant meets Vault unavailable, those not started are
-        not reached (as `fan_out` does).
+        On the loop (`call_on_loop`) a call costs the process far less than on a
+        worker thread; what the loop cannot settle in one attempt goes through the
+        threaded gateway, which retries. `workers` tenants at once; once one meets
+        Vault unavailable (Stop), those not started are not reached.
         """
         if not plans:
             return None
-        return asyncio.run(self._verify_on_loop(plans))
+        return asyncio.run(self._on_loop(step, plans))
 
-    async def _verify_on_loop(self, plans: list[TenantPlan]) -> Stop | None:
+    async def _on_loop(
+        self,
+        step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
+        plans: list[TenantPlan],
+    ) -> Stop | None:
         threads = anyio.CapacityLimiter(self.workers)
         at_once = asyncio.Semaphore(self.workers)
         stops: list[Stop] = []
@@ -473,7 +479,7 @@ class _Migration(Run):
                     plan.reached = False
                     return
                 try:
-                    await self._verify(plan, threads)
+                    await step(plan, threads)
                 except Stop as stop:
                     stops.append(stop)
 

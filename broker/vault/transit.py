@@ -52,6 +52,17 @@ class Transit:
         Vault's create leaves an existing key as it is."""
         self._vault.call("create an encryption key", lambda client: self._create(client, name))
 
+    async def create_key_on_loop(self, name: str, *, threads: anyio.CapacityLimiter) -> None:
+        """`create_key`, on the event loop when it can be (`call_on_loop`)."""
+        url = format_url("/v1/{mount}/keys/{name}", mount=self.mount, name=name)
+        await self._vault.call_on_loop(
+            "create an encryption key",
+            ("POST", url, {"type": "aes256-gcm96", "derived": True}),
+            parse=lambda _: None,
+            fallback=lambda: self.create_key(name),
+            threads=threads,
+        )
+
     def _create(self, client: hvac.Client, name: str) -> None:
         # derived=True: every encryption must name a context, and the key
         # used is derived from it, so a ciphertext only decrypts under the

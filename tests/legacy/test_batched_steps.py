@@ -23,7 +23,7 @@ from broker.vault.errors import VaultUnavailable
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedStore, binding, key_name
 from tests.legacy.conftest import LegacyDb, twilio_pair
-from tests.legacy.support import decrypted, kv_version, progress
+from tests.legacy.support import decrypted, kv_version, progress, tenant_exists
 from tests.support.apps import VaultEndpoint
 
 
@@ -98,22 +98,24 @@ def test_a_batchs_settings_patches_take_one_locking_read_and_keep_their_own_audi
     }
 
 
-class VaultThatFailsVerification(VaultGateway):
-    """A gateway to a real Vault that stops answering the n-th read-back made on the loop
-    (and everything on the loop or threaded after it), as a Vault that went away would."""
+class VaultGoneOnLoop(VaultGateway):
+    """A gateway to a real Vault that stops answering at the n-th `operation` made on the
+    event loop, and every call after it (on the loop or threaded), as a Vault that went
+    away would."""
 
-    def __init__(self, *, fail_at_read: int, **kwargs: Any) -> None:
+    def __init__(self, *, operation: str, at: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.fail_at_read = fail_at_read
-        self.reads = 0
+        self.operation = operation
+        self.at = at
+        self.seen = 0
         self.dead = False
         self._lock = threading.Lock()
 
     async def call_on_loop(self, operation: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            if operation == "read a secret":
-                self.reads += 1
-                self.dead = self.dead or self.reads == self.fail_at_read
+            if operation == self.operation:
+                self.seen += 1
+                self.dead = self.dead or self.seen == self.at
             dead = self.dead
         if dead:
             raise VaultUnavailable(f"Vault is unreachable ({operation})")
@@ -136,8 +138,8 @@ def test_vault_gone_during_verification_stops_the_run_and_the_rerun_verifies_wit
 ) -> None:
     tenant_ids, pairs = shops(legacy, prefix, 8)
     source = legacy.source(engine)
-    failing = VaultThatFailsVerification(
-        fail_at_read=3, addrs=[vault_endpoint.addr], token=broker_vault_token
+    failing = VaultGoneOnLoop(
+        operation="read a secret", at=3, addrs=[vault_endpoint.addr], token=broker_vault_token
     )
     try:
         first = migrate_legacy(engine, failing, source, batch_size=8, workers=1)
@@ -194,3 +196,48 @@ def test_a_transit_key_left_by_a_stopped_run_is_reused_as_it_is(
     assert [decrypted(broker_vault, t) for t in tenant_ids] == pairs
     # The second tenant's key was made by the run, as `ensure_tenant_key` would have.
     assert not store.ensure_tenant_key(tenant_ids[1])
+
+
+def test_vault_gone_while_making_keys_stops_before_any_row_and_the_rerun_completes(
+    legacy: LegacyDb,
+    engine: Engine,
+    vault_endpoint: VaultEndpoint,
+    broker_vault_token: str,
+    broker_vault: VaultGateway,
+    vault_admin: VaultGateway,
+    prefix: str,
+) -> None:
+    tenant_ids, pairs = shops(legacy, prefix, 5)
+    source = legacy.source(engine)
+    failing = VaultGoneOnLoop(
+        operation="create an encryption key",
+        at=3,
+        addrs=[vault_endpoint.addr],
+        token=broker_vault_token,
+    )
+    try:
+        first = migrate_legacy(engine, failing, source, batch_size=5, workers=1)
+    finally:
+        failing.close()
+
+    assert not first.ok
+    assert first.stopped is not None
+    assert "rerun to resume" in first.stopped
+    assert [(o.tenant_id, o.status) for o in first.outcomes] == [(tenant_ids[2], "failed")]
+    assert first.remaining == 4
+    # No tenant, settings row or credential for any of them: only the keys made before.
+    assert not any(tenant_exists(engine, t) for t in tenant_ids)
+    assert [kv_version(vault_admin, t) for t in tenant_ids] == [0] * 5
+    assert [vault_admin.transit.key_info(key_name(t)) is not None for t in tenant_ids] == [
+        True,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+    second = migrate_legacy(engine, broker_vault, source, batch_size=5)
+    assert second.ok, second.as_dict()
+    assert (second.count("migrated"), [o.created for o in second.outcomes]) == (5, [True] * 5)
+    assert {r.status for r in progress(engine, source.label).values()} == {"verified"}
+    assert [decrypted(broker_vault, t) for t in tenant_ids] == pairs
