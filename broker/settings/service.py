@@ -145,11 +145,7 @@ def patch_settings(
         stored_groups = dict(zip(patch, stored, strict=True)) if stored is not None else None
         _vet_urls(egress, _added_urls(stored_groups, patch), checked)
     row = _locked_row(session, tenant_id, if_match)
-
-    def vet(group: str, group_patch: Any, current: Any, validated: dict[str, Any]) -> None:
-        if egress is not None:
-            _vet_urls(egress, _urls_added_by(group, group_patch, current, validated), checked)
-
+    vet = partial(_vet_group_urls, egress, checked) if egress is not None else None
     changed = _merge_into(row, principal, patch, vet)
     if changed:
         session.add(row)
@@ -210,6 +206,18 @@ def _merge_into(
         row.updated_at = utcnow()
         row.updated_by = principal.actor
     return changed
+
+
+def _vet_group_urls(
+    egress: EgressClient,
+    checked: set[str],
+    group: str,
+    group_patch: Any,
+    current: Any,
+    validated: dict[str, Any],
+) -> None:
+    """Refuse the URLs a group's merged value adds that resolve to non-public addresses."""
+    _vet_urls(egress, _urls_added_by(group, group_patch, current, validated), checked)
 
 
 def _audit(

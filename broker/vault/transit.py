@@ -57,7 +57,7 @@ class Transit:
         url = format_url("/v1/{mount}/keys/{name}", mount=self.mount, name=name)
         await self._vault.call_on_loop(
             "create an encryption key",
-            ("POST", url, {"type": "aes256-gcm96", "derived": True}),
+            ("POST", url, {"type": "aes256-gcm96", "derived": True}),  # as `_create`
             parse=lambda _: None,
             fallback=lambda: self.create_key(name),
             threads=threads,
