@@ -11,19 +11,25 @@ legacy tenant:
 2. Existing Twilio credentials are checked first, by fingerprint: the same ones
    mean nothing to store, different ones are a conflict and both sides stay
    untouched (nothing else is written for that tenant either).
-3. Applying, in one transaction for the batch (a savepoint per tenant): the
-   tenant, its settings row and its Transit key are ensured (`create_tenant`),
-   and the metadata keys that map onto settings groups are applied once
-   through `patch_locked` (`patch_settings`' own validation, with the rows of
-   the batch locked by one read and written together at the commit). Keys that cannot be
-   mapped are reported by name, never dropped silently and never echoed with
-   their values. The progress row notes that the metadata was applied.
+3. Applying, in one transaction per chunk of the batch (a savepoint per tenant
+   should one of them fail): the tenant's Transit key first (made, or a
+   stopped run's reused), then its row and settings row (`add_tenants`), and
+   the metadata keys that map onto settings groups are applied once through
+   `patch_locked` (`patch_settings`' validation and audit event; the chunk's
+   rows locked by one read and written together at the commit). Keys that
+   cannot be mapped are reported by name, never dropped silently and never
+   echoed with their values. The progress row notes that the metadata was
+   applied.
 4. The credentials are stored through `save_credentials`, the API's write
    protocol, with the live connection test skipped (recorded in the KV data,
    the metadata row, the audit trail and the progress row); up to `workers`
    tenants at once.
-5. They are read back from Vault and compared by fingerprint (on an event
-   loop, `workers` at once); only then does the tenant count as migrated.
+5. They are read back from Vault and compared by fingerprint; only then does
+   the tenant count as migrated.
+
+The keys and the read-back are made on an event loop (`call_on_loop`, which
+costs the process far less per request than a worker thread; anything it
+cannot settle in one attempt goes through the threaded gateway, which retries).
 6. The batch's outcomes are committed in `legacy_migrations` and the trail in
    one transaction, so a rerun skips what was verified and retries the rest
    (without writing twice: the plan finds what Vault already holds). Nothing
