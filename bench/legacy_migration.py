@@ -6,10 +6,11 @@ Starts its own OpenBao (in-memory) and embedded PostgreSQL, bootstraps Vault,
 migrates the broker's schema, fills a legacy `tenants` table with N tenants
 (valid Twilio credentials and a few metadata keys each), then times one
 `migrate_legacy` run with the broker's own least-privilege Vault token. Prints
-one JSON object: tenants per second, and the migrating process's own CPU per
-tenant (user + system, all its threads), which the load of other processes on a
-shared machine disturbs less than the wall clock. It measures; it asserts
-nothing about time.
+one JSON object: tenants per second, and the CPU per tenant (user + system) of
+the migrating process (all its threads), of OpenBao and of PostgreSQL (the
+postmaster and its backends), which the load of other processes on a shared
+machine disturbs less than the wall clock. It measures; it asserts nothing
+about time.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, text
 
+from bench.process import tree_cpu_s
 from broker.core.db import make_engine, upgrade
 from broker.devstack.openbao import OpenBaoServer
 from broker.devstack.postgres import EmbeddedPostgres, create_database
@@ -99,12 +101,13 @@ def run(
             source = LegacySource(url, broker_engine=engine, table=LegacyTable("legacy.tenants"))
             try:
                 load = os.getloadavg()[0]
-                cpu, started = _cpu_seconds(), time.perf_counter()
+                cpu = _Cpu(bao.pid, pg.pid)
+                started = time.perf_counter()
                 report = migrate_legacy(
                     engine, vault, source, batch_size=batch_size, workers=workers
                 )
                 seconds = time.perf_counter() - started
-                cpu = _cpu_seconds() - cpu
+                used = cpu.since()
             finally:
                 source.close()
                 vault.close()
@@ -119,7 +122,9 @@ def run(
         "workers": workers,
         "seconds": round(seconds, 3),
         "tenants_per_second": round(n_tenants / seconds, 1) if seconds else None,
-        "cpu_ms_per_tenant": round(1000 * cpu / n_tenants, 2) if n_tenants else None,
+        "cpu_ms_per_tenant": _per_tenant(used["migration"], n_tenants),
+        "vault_cpu_ms_per_tenant": _per_tenant(used["vault"], n_tenants),
+        "postgres_cpu_ms_per_tenant": _per_tenant(used["postgres"], n_tenants),
         "load_average_at_start": round(load, 2),
         "migrated": summary["migrated"],
         "failed": summary["failed"],
@@ -130,6 +135,32 @@ def _cpu_seconds() -> float:
     """This process's CPU time so far (user + system, every thread; not its children)."""
     times = os.times()
     return times.user + times.system
+
+
+class _Cpu:
+    """CPU seconds used since it was made: this process, OpenBao, PostgreSQL."""
+
+    def __init__(self, vault_pid: int | None, postgres_pid: int | None) -> None:
+        self._pids = {"vault": vault_pid, "postgres": postgres_pid}
+        self._start = self._now()
+
+    def since(self) -> dict[str, float | None]:
+        """Each process's CPU seconds since the start (None when its pid is unknown)."""
+        now = self._now()
+        return {
+            name: None
+            if (end := now[name]) is None or (begin := self._start[name]) is None
+            else end - begin
+            for name in now
+        }
+
+    def _now(self) -> dict[str, float | None]:
+        other = {name: None if pid is None else tree_cpu_s(pid) for name, pid in self._pids.items()}
+        return {"migration": _cpu_seconds(), **other}
+
+
+def _per_tenant(seconds: float | None, n_tenants: int) -> float | None:
+    return round(1000 * seconds / n_tenants, 2) if seconds is not None and n_tenants else None
 
 
 def main() -> None:

@@ -50,6 +50,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 
+import anyio
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
@@ -145,6 +146,19 @@ def read_credentials(
     if record is None:
         raise NotFound("this integration is not configured")
     return open_credentials(store, tenant_id, provider, record), record.version
+
+
+async def read_credentials_on_loop(
+    vault: VaultGateway, *, tenant_id: str, provider: str, threads: anyio.CapacityLimiter
+) -> tuple[Credentials, int]:
+    """`read_credentials` (the latest version), its Vault calls on the event loop when they
+    can be (`VaultGateway.call_on_loop`; the rest on `threads`)."""
+    store, item = SealedStore(vault), item_name(provider)
+    record = await store.read_on_loop(tenant_id, item, threads=threads)
+    if record is None:
+        raise NotFound("this integration is not configured")
+    secrets = await store.open_on_loop(tenant_id, item, record, threads=threads)
+    return credentials_of(provider, record, secrets), record.version
 
 
 def read_sealed(
@@ -1194,7 +1208,11 @@ def open_credentials(
     store: SealedStore, tenant_id: str, provider: str, record: SealedRecord
 ) -> Credentials:
     """A stored record's credentials: its sealed secrets beside its public identifiers."""
-    secrets = store.open(tenant_id, item_name(provider), record)
+    return credentials_of(provider, record, store.open(tenant_id, item_name(provider), record))
+
+
+def credentials_of(provider: str, record: SealedRecord, secrets: dict[str, str]) -> Credentials:
+    """The credentials of a record whose sealed secrets were opened (`SealedStore.open`)."""
     identifiers = {str(k): str(v) for k, v in (record.public.get("identifiers") or {}).items()}
     if record.public.get("kind") == "oauth":
         # The refresh token stays with the OAuth code; a Credentials never carries it,

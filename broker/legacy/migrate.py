@@ -11,18 +11,25 @@ legacy tenant:
 2. Existing Twilio credentials are checked first, by fingerprint: the same ones
    mean nothing to store, different ones are a conflict and both sides stay
    untouched (nothing else is written for that tenant either).
-3. Applying, in one transaction for the batch (a savepoint per tenant): the
-   tenant, its settings row and its Transit key are ensured (`create_tenant`),
-   and the metadata keys that map onto settings groups are applied once
-   through `patch_settings`, the API's own validation. Keys that cannot be
-   mapped are reported by name, never dropped silently and never echoed with
-   their values. The progress row notes that the metadata was applied.
+3. Applying, in one transaction per chunk of the batch (a savepoint per tenant
+   should one of them fail): the tenant's Transit key first (made, or a
+   stopped run's reused), then its row and settings row (`add_tenants`), and
+   the metadata keys that map onto settings groups are applied once through
+   `patch_locked` (`patch_settings`' validation and audit event; the chunk's
+   rows locked by one read and written together at the commit). Keys that
+   cannot be mapped are reported by name, never dropped silently and never
+   echoed with their values. The progress row notes that the metadata was
+   applied.
 4. The credentials are stored through `save_credentials`, the API's write
    protocol, with the live connection test skipped (recorded in the KV data,
    the metadata row, the audit trail and the progress row); up to `workers`
    tenants at once.
 5. They are read back from Vault and compared by fingerprint; only then does
    the tenant count as migrated.
+
+The keys and the read-back are made on an event loop (`call_on_loop`, which
+costs the process far less per request than a worker thread; anything it
+cannot settle in one attempt goes through the threaded gateway, which retries).
 6. The batch's outcomes are committed in `legacy_migrations` and the trail in
    one transaction, so a rerun skips what was verified and retries the rest
    (without writing twice: the plan finds what Vault already holds). Nothing
@@ -38,13 +45,15 @@ Every Vault call carries the audited headers of the migration's principal
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
+import anyio
 from sqlalchemy import Engine
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlmodel import Session, col, select
@@ -68,6 +77,7 @@ from broker.integrations.service import (
     SaveBatch,
     etag,
     read_credentials,
+    read_credentials_on_loop,
     reconcile_tenant,
 )
 from broker.legacy.finalize import finalize_legacy
@@ -103,11 +113,11 @@ from broker.legacy.runner import (
 )
 from broker.legacy.source import LegacySource
 from broker.models import IntegrationCredential, LegacyMigration, TenantSettings, utcnow
-from broker.settings.service import default_settings_row, patch_settings
+from broker.settings.service import default_settings_row, lock_settings, patch_locked
 from broker.tenants.service import add_tenants
 from broker.vault.errors import VaultMisconfigured
 from broker.vault.gateway import VaultGateway
-from broker.vault.sealed import SealedStore
+from broker.vault.sealed import SealedStore, key_name
 
 __all__ = [
     "FIELD_ALIASES",
@@ -230,7 +240,7 @@ class _Migration(Run):
         """
         if not plans:
             return None
-        stopped = self._each(self._ensure_key, plans)
+        stopped = self._each_on_loop(self._ensure_key, plans)
         if stopped is None:
             size = -(-len(plans) // self.workers)
             chunks = [plans[start : start + size] for start in range(0, len(plans), size)]
@@ -241,14 +251,14 @@ class _Migration(Run):
                 plan.reached = plan.action != "apply"
         return stopped
 
-    def _ensure_key(self, plan: TenantPlan) -> bool:
+    async def _ensure_key(self, plan: TenantPlan, threads: anyio.CapacityLimiter) -> None:
+        """The tenant's Transit key: made unless it exists (a rerun's is left as it is)."""
         self._bind(plan.group)
         try:
-            self.store.ensure_tenant_key(plan.tenant_id)
+            await self.vault.transit.create_key_on_loop(key_name(plan.tenant_id), threads=threads)
         except _SYSTEMIC as exc:
             plan.action = "record"
             raise Stop(exc.message, plan.fail(exc.message)) from None
-        return True
 
     def _prepare_chunk(self, plans: list[TenantPlan]) -> bool:
         """Prepare these tenants in one transaction.
@@ -266,19 +276,21 @@ class _Migration(Run):
     def _prepare_together(self, plans: list[TenantPlan], *, isolated: bool) -> None:
         with unit_of_work(self.engine) as session:
             records = _lock_records(session, self.source.label, [p.group for p in plans])
+            settings: dict[str, TenantSettings] = {}
             if not isolated:
                 self._add_tenants(session, [p for p in plans if not p.tenant_existed])
+                settings = lock_settings(session, [p.tenant_id for p in plans if p.patch])
             for plan in plans:
                 principal = self._bind(plan.group)
                 try:
-                    # Each patch flushes its own change; the rest waits for the commit.
+                    # The patches and their audit events are all written at the commit.
                     with (
                         session.no_autoflush,
                         session.begin_nested() if isolated else nullcontext(),
                     ):
                         if isolated and not plan.tenant_existed:
                             self._add_tenants(session, [plan])
-                        self._ensure_tenant(session, plan, principal)
+                        self._ensure_tenant(session, plan, principal, settings)
                 except _SYSTEMIC as exc:
                     plan.action = "record"
                     raise Stop(exc.message, plan.fail(exc.message)) from None
@@ -311,8 +323,18 @@ class _Migration(Run):
             raise
         session.flush()  # the settings rows, which the patches lock
 
-    def _ensure_tenant(self, session: Session, plan: TenantPlan, principal: Principal) -> None:
-        """A settings row if the tenant lacks one; the planned settings patch, applied once."""
+    def _ensure_tenant(
+        self,
+        session: Session,
+        plan: TenantPlan,
+        principal: Principal,
+        locked: dict[str, TenantSettings],
+    ) -> None:
+        """A settings row if the tenant lacks one; the planned settings patch, applied once.
+
+        `locked` holds the settings rows the chunk locked up front; a row made since
+        (a tenant added in its own savepoint, or from before settings rows) is locked here.
+        """
         tenant_id = plan.tenant_id
         created = not plan.tenant_existed
         if not created and session.get(TenantSettings, tenant_id) is None:
@@ -320,9 +342,10 @@ class _Migration(Run):
             session.add(default_settings_row(tenant_id, updated_by=principal.actor))
             session.flush()
         if plan.patch:
-            patch_settings(
-                session, principal=principal, tenant_id=tenant_id, patch=plan.patch, if_match=None
-            )
+            row = locked.get(tenant_id) or lock_settings(session, [tenant_id]).get(tenant_id)
+            if row is None:
+                raise NotFound("no settings for this tenant")
+            patch_locked(session, row, principal=principal, patch=plan.patch)
         plan.outcome.created = created
 
     def _store_all(self, plans: list[TenantPlan]) -> Stop | None:
@@ -355,7 +378,7 @@ class _Migration(Run):
             for plan in written:
                 plan.reached = False
             return stop
-        return self._each(self._verify, written)
+        return self._each_on_loop(self._verify, written)
 
     def _pairs(self, plans: list[TenantPlan]) -> list[tuple[TenantPlan, BatchSave]]:
         """A save for each plan with credentials, based on the version its row holds now."""
@@ -431,11 +454,52 @@ class _Migration(Run):
             unmapped=plan.outcome.unmapped,
         )
 
-    def _verify(self, plan: TenantPlan) -> bool:
+    def _each_on_loop(
+        self,
+        step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
+        plans: list[TenantPlan],
+    ) -> Stop | None:
+        """`_each` for a step whose Vault calls are made on an event loop of its own.
+
+        On the loop (`call_on_loop`) a call costs the process far less than on a
+        worker thread; what the loop cannot settle in one attempt goes through the
+        threaded gateway, which retries. `workers` tenants at once; once one meets
+        Vault unavailable (Stop), those not started are not reached.
+        """
+        if not plans:
+            return None
+        return asyncio.run(self._on_loop(step, plans))
+
+    async def _on_loop(
+        self,
+        step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
+        plans: list[TenantPlan],
+    ) -> Stop | None:
+        threads = anyio.CapacityLimiter(self.workers)
+        at_once = asyncio.Semaphore(self.workers)
+        stops: list[Stop] = []
+
+        async def one(plan: TenantPlan) -> None:
+            async with at_once:
+                if stops:
+                    plan.reached = False
+                    return
+                try:
+                    await step(plan, threads)
+                except Stop as stop:
+                    stops.append(stop)
+
+        async with self.vault.serving_on_loop():
+            await asyncio.gather(*(one(plan) for plan in plans))
+        return stops[0] if stops else None
+
+    async def _verify(self, plan: TenantPlan, threads: anyio.CapacityLimiter) -> None:
         """Read the credentials back from Vault and compare fingerprints."""
         self._bind(plan.group)
         try:
-            stored, _ = read_credentials(self.vault, tenant_id=plan.tenant_id, provider=PROVIDER)
+            stored, _ = await read_credentials_on_loop(
+                self.vault, tenant_id=plan.tenant_id, provider=PROVIDER, threads=threads
+            )
             verified = plan.creds is not None and same_credentials(stored, plan.creds)
         except NotFound:
             verified = False
@@ -443,7 +507,7 @@ class _Migration(Run):
             raise Stop(exc.message, plan.fail(exc.message)) from None
         except BrokerError as exc:
             plan.fail(exc.message)
-            return True
+            return
         if not verified:
             plan.fail(
                 "verification failed: the credentials read back from Vault do not match "
@@ -453,7 +517,6 @@ class _Migration(Run):
                 settings_groups=plan.outcome.settings_groups,
                 unmapped=plan.outcome.unmapped,
             )
-        return True
 
     def _etags(self, tenant_ids: list[str]) -> dict[str, str]:
         """The ETag each tenant's metadata row has now; a save fails if anyone moves it."""

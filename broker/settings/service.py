@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache, partial
@@ -15,7 +16,7 @@ from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 from pydantic_core import to_json
 from sqlalchemy import Engine, Select
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
 from broker.audit import trail
 from broker.auth.principal import Principal
@@ -144,12 +145,59 @@ def patch_settings(
         stored_groups = dict(zip(patch, stored, strict=True)) if stored is not None else None
         _vet_urls(egress, _added_urls(stored_groups, patch), checked)
     row = _locked_row(session, tenant_id, if_match)
+    vet = partial(_vet_group_urls, egress, checked) if egress is not None else None
+    changed = _merge_into(row, principal, patch, vet)
+    if changed:
+        session.add(row)
+        session.flush()
+    trail.record(session, **_audit(principal, tenant_id, patch, changed, row.version))
+    return row
+
+
+def lock_settings(session: Session, tenant_ids: Sequence[str]) -> dict[str, TenantSettings]:
+    """These tenants' settings rows, locked (in tenant order) until the unit of work ends."""
+    if not tenant_ids:
+        return {}
+    rows = session.exec(
+        select(TenantSettings)
+        .where(col(TenantSettings.tenant_id).in_(tenant_ids))
+        .order_by(col(TenantSettings.tenant_id))
+        .with_for_update()
+    )
+    return {row.tenant_id: row for row in rows}
+
+
+def patch_locked(
+    session: Session, row: TenantSettings, *, principal: Principal, patch: dict[str, Any]
+) -> list[str]:
+    """`patch_settings` on a row the caller locked (`lock_settings`), without If-Match or
+    egress checks; returns the groups it changed.
+
+    Nothing is flushed: a writer patching many tenants in one unit of work (the
+    legacy migration) sends every change and audit event together at its commit.
+    """
+    _check_writable(patch)
+    changed = _merge_into(row, principal, patch, None)
+    if changed:
+        session.add(row)
+    trail.record(session, **_audit(principal, row.tenant_id, patch, changed, row.version))
+    return changed
+
+
+_Vet = Callable[[str, Any, Any, dict[str, Any]], None]
+"""Checks a group's validated value before it is kept (group, its patch, current, validated)."""
+
+
+def _merge_into(
+    row: TenantSettings, principal: Principal, patch: dict[str, Any], vet: _Vet | None
+) -> list[str]:
+    """Merge each group's patch into the row, validated; a new version when any changed."""
     changed = []
     for group, group_patch in patch.items():
         current = getattr(row, group) or default_group(group)
         validated = _merged(group, current, group_patch)
-        if egress is not None:
-            _vet_urls(egress, _urls_added_by(group, group_patch, current, validated), checked)
+        if vet is not None:
+            vet(group, group_patch, current, validated)
         if validated != current:
             setattr(row, group, validated)
             changed.append(group)
@@ -157,10 +205,19 @@ def patch_settings(
         row.version += 1
         row.updated_at = utcnow()
         row.updated_by = principal.actor
-        session.add(row)
-        session.flush()
-    trail.record(session, **_audit(principal, tenant_id, patch, changed, row.version))
-    return row
+    return changed
+
+
+def _vet_group_urls(
+    egress: EgressClient,
+    checked: set[str],
+    group: str,
+    group_patch: Any,
+    current: Any,
+    validated: dict[str, Any],
+) -> None:
+    """Refuse the URLs a group's merged value adds that resolve to non-public addresses."""
+    _vet_urls(egress, _urls_added_by(group, group_patch, current, validated), checked)
 
 
 def _audit(

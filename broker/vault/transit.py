@@ -42,15 +42,34 @@ class Transit:
                 return False
             except hvac.exceptions.InvalidPath:
                 pass
-            # derived=True: every encryption must name a context, and the key
-            # used is derived from it, so a ciphertext only decrypts under the
-            # tenant/provider it was written for.
-            client.secrets.transit.create_key(
-                name=name, key_type="aes256-gcm96", derived=True, mount_point=self.mount
-            )
+            self._create(client, name)
             return True
 
         return self._vault.call("create an encryption key", ensure)
+
+    def create_key(self, name: str) -> None:
+        """`ensure_key` in one call, for callers that need not know whether it existed:
+        Vault's create leaves an existing key as it is."""
+        self._vault.call("create an encryption key", lambda client: self._create(client, name))
+
+    async def create_key_on_loop(self, name: str, *, threads: anyio.CapacityLimiter) -> None:
+        """`create_key`, on the event loop when it can be (`call_on_loop`)."""
+        url = format_url("/v1/{mount}/keys/{name}", mount=self.mount, name=name)
+        await self._vault.call_on_loop(
+            "create an encryption key",
+            ("POST", url, {"type": "aes256-gcm96", "derived": True}),  # as `_create`
+            parse=lambda _: None,
+            fallback=lambda: self.create_key(name),
+            threads=threads,
+        )
+
+    def _create(self, client: hvac.Client, name: str) -> None:
+        # derived=True: every encryption must name a context, and the key
+        # used is derived from it, so a ciphertext only decrypts under the
+        # tenant/provider it was written for.
+        client.secrets.transit.create_key(
+            name=name, key_type="aes256-gcm96", derived=True, mount_point=self.mount
+        )
 
     def key_info(self, name: str) -> dict[str, Any] | None:
         """Latest and minimum decryption versions of a key, or None if it is gone."""
