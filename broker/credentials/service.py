@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 
@@ -36,6 +36,7 @@ from broker.core import context
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, NotFound, RateLimited, ValidationFailed
 from broker.core.ratelimit import RateLimiter
+from broker.credentials.opening import LastOpened, read_and_open
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.integrations import oauth
 from broker.integrations.providers import Credentials, get_provider
@@ -67,6 +68,9 @@ class Delivery:
     leasing: leases.Leasing | None
     limiter: RateLimiter
     tally: DenialTally
+    # The ciphertext each item was last opened from, so a fetch's decrypt can start with
+    # its KV read (broker/credentials/opening.py).
+    opened: LastOpened = field(default_factory=LastOpened)
 
 
 async def serve(
@@ -80,11 +84,12 @@ async def serve(
 ) -> CredentialLease | WrappedCredentialLease:
     """`GET /v1/credentials/{tenant_id}/{provider}`: check, deliver, and answer.
 
-    A static credential's two Vault reads are made on the event loop when they can
-    be (`VaultGateway.call_on_loop`); everything else that blocks (those reads'
-    retries, an OAuth refresh, a dynamic key, a wrap) runs on `threads`, apart from
-    the shared worker threads: a stalled database can fill those, and deliveries
-    must not queue behind it.
+    A static credential's two Vault calls (KV read, Transit decrypt) are made on the
+    event loop when they can be (`VaultGateway.call_on_loop`), at the same time when
+    the ciphertext can be expected (broker/credentials/opening.py); everything else
+    that blocks (those calls' retries, an OAuth refresh, a dynamic key, a wrap) runs on
+    `threads`, apart from the shared worker threads: a stalled database can fill
+    those, and deliveries must not queue behind it.
     """
     settings = delivery.settings
     ttl_s = parse_wrap_ttl(wrap_ttl, maximum_s=settings.max_wrap_ttl_s) if wrap_ttl else None
@@ -286,15 +291,15 @@ async def fetch(
     """Read and decrypt the current credentials and attach a lease."""
     tenant_id, provider, item = asked.tenant_id, asked.provider, item_name(asked.provider)
     context.update(tenant_id=tenant_id, action=f"credentials.fetch:{provider}")
-    store = SealedStore(delivery.vault)
     try:
-        record = await store.read_on_loop(tenant_id, item, threads=threads)
+        record, sealed = await read_and_open(
+            SealedStore(delivery.vault), delivery.opened, tenant_id, item, threads=threads
+        )
         if record is None:
             raise NotFound(NO_SUCH)
-        if record.public.get("delivery") == "dynamic":
+        if sealed is None:  # dynamic delivery: never the stored root credential
             dynamic = partial(_dynamic, delivery.leasing, principal, asked, record)
             return await anyio.to_thread.run_sync(dynamic, limiter=threads)
-        sealed = await store.open_on_loop(tenant_id, item, record, threads=threads)
     except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.

@@ -80,7 +80,7 @@ def _record(entry: KvEntry | None) -> SealedRecord | None:
     )
 
 
-def _verified_secrets(plaintext: bytes, record: SealedRecord) -> dict[str, str]:
+def verified_secrets(plaintext: bytes, record: SealedRecord) -> dict[str, str]:
     """The secrets sealed in `plaintext`, once its `public` part matches the stored one.
 
     `record.public` was read back from KV, as JSON, so it is compared as it is: `_normal`
@@ -135,19 +135,26 @@ class SealedStore:
         plaintext = self.vault.transit.decrypt(
             key_name(tenant_id), record.ciphertext, context=binding(tenant_id, item)
         )
-        return _verified_secrets(plaintext, record)
+        return verified_secrets(plaintext, record)
 
     async def open_on_loop(
         self, tenant_id: str, item: str, record: SealedRecord, *, threads: anyio.CapacityLimiter
     ) -> dict[str, str]:
         """`open`, with the decryption on the event loop when it can be."""
-        plaintext = await self.vault.transit.decrypt_on_loop(
-            key_name(tenant_id),
-            record.ciphertext,
-            context=binding(tenant_id, item),
-            threads=threads,
+        plaintext = await self.decrypt_on_loop(tenant_id, item, record.ciphertext, threads=threads)
+        return verified_secrets(plaintext, record)
+
+    async def decrypt_on_loop(
+        self, tenant_id: str, item: str, ciphertext: str, *, threads: anyio.CapacityLimiter
+    ) -> bytes:
+        """The plaintext of one of the item's ciphertexts, on the event loop when it can be.
+
+        Not yet checked: `verified_secrets(plaintext, record)` checks it against the record
+        that holds `ciphertext`, as `open_on_loop` does.
+        """
+        return await self.vault.transit.decrypt_on_loop(
+            key_name(tenant_id), ciphertext, context=binding(tenant_id, item), threads=threads
         )
-        return _verified_secrets(plaintext, record)
 
     def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:
         """The latest (or a given) live version of an item, still sealed."""

@@ -9,6 +9,7 @@ than a hang).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import uuid
@@ -144,6 +145,33 @@ def test_calls_on_the_loop_carry_the_audited_headers(
         assert headers["x-broker-tenant"] == [tenant]
         assert headers["x-broker-action"] == ["credentials.fetch:shopify"]
         assert headers["x-broker-client-addr"] == ["10.1.2.3"]
+
+
+def test_calls_made_at_once_each_get_a_connection_kept_for_the_next() -> None:
+    """A credential fetch makes its KV read and its decrypt at the same time
+    (broker/credentials/opening.py): two calls to one node, in flight together."""
+    with _Node(404) as node:
+        gateway = VaultGateway(addrs=[node.url], token="s.x")
+
+        async def pairs(threads: anyio.CapacityLimiter) -> list[object]:
+            answers: list[object] = []
+            for _ in range(3):
+                answers += await asyncio.gather(
+                    gateway.kv.read_on_loop("tenants/t/a", threads=threads),
+                    gateway.kv.read_on_loop("tenants/t/b", threads=threads),
+                )
+            return answers
+
+        try:
+            answers = on_loop(gateway, pairs, threads_free=False)
+        finally:
+            gateway.close()
+    assert answers == [None] * 6
+    assert (
+        sorted(path for _, path, _ in node.requests)
+        == ["/v1/secret/data/tenants/t/a"] * 3 + ["/v1/secret/data/tenants/t/b"] * 3
+    )
+    assert node.connections == 2  # one per call in flight, both kept and reused
 
 
 def test_a_hung_vault_costs_one_budget_then_is_unavailable() -> None:
