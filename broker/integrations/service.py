@@ -80,6 +80,7 @@ from broker.integrations.providers import (
 )
 from broker.models import AuditEvent, IntegrationCredential, Tenant, TenantSettings, utcnow
 from broker.settings.schemas import validate_group
+from broker.settings.service import lock_settings
 from broker.vault.errors import StoredDataUnverified, VaultUnavailable, WriteOutcomeUnknown
 from broker.vault.gateway import VaultGateway
 from broker.vault.sealed import SealedRecord, SealedStore
@@ -681,7 +682,7 @@ def _finish_write(
         return _record_write(
             session,
             row,
-            _locked_settings(session, [tenant_id]).get(tenant_id),
+            lock_settings(session, [tenant_id]).get(tenant_id),
             principal=principal,
             action=action,
             version=version,
@@ -1119,18 +1120,7 @@ def _apply_test(row: IntegrationCredential, result: ConnectionResult) -> None:
 
 def _update_status(session: Session, row: IntegrationCredential) -> None:
     """Feed `integrations_status` in the tenant's settings from the metadata row."""
-    _feed_status(session, _locked_settings(session, [row.tenant_id]).get(row.tenant_id), row)
-
-
-def _locked_settings(session: Session, tenant_ids: Sequence[str]) -> dict[str, TenantSettings]:
-    """These tenants' settings rows, locked (in tenant order), by tenant."""
-    rows = session.exec(
-        select(TenantSettings)
-        .where(col(TenantSettings.tenant_id).in_(tenant_ids))
-        .order_by(col(TenantSettings.tenant_id))
-        .with_for_update()
-    )
-    return {row.tenant_id: row for row in rows}
+    _feed_status(session, lock_settings(session, [row.tenant_id]).get(row.tenant_id), row)
 
 
 def _feed_status(
@@ -1409,7 +1399,7 @@ class SaveBatch:
             with unit_of_work(self.engine) as session:
                 ids = [s.tenant_id for s in written]
                 rows = _locked_rows(session, ids, self.provider)
-                settings = _locked_settings(session, ids)
+                settings = lock_settings(session, ids)
                 # Flushed once, at the commit: nothing below reads what the loop changes.
                 with session.no_autoflush:
                     for save in written:
