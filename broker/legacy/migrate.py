@@ -45,7 +45,6 @@ Every Vault call carries the audited headers of the migration's principal
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import nullcontext
@@ -459,38 +458,23 @@ class _Migration(Run):
         step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
         plans: list[TenantPlan],
     ) -> Stop | None:
-        """`_each` for a step whose Vault calls are made on an event loop of its own.
-
-        On the loop (`call_on_loop`) a call costs the process far less than on a
-        worker thread; what the loop cannot settle in one attempt goes through the
-        threaded gateway, which retries. `workers` tenants at once; once one meets
-        Vault unavailable (Stop), those not started are not reached.
-        """
-        if not plans:
-            return None
-        return asyncio.run(self._on_loop(step, plans))
-
-    async def _on_loop(
-        self,
-        step: Callable[[TenantPlan, anyio.CapacityLimiter], Awaitable[None]],
-        plans: list[TenantPlan],
-    ) -> Stop | None:
-        threads = anyio.CapacityLimiter(self.workers)
-        at_once = asyncio.Semaphore(self.workers)
+        """`_each` for a step whose Vault calls are made on an event loop
+        (`VaultGateway.each_on_loop`), `workers` tenants at once; once one meets Vault
+        unavailable (Stop), those not started are not reached."""
         stops: list[Stop] = []
 
-        async def one(plan: TenantPlan) -> None:
-            async with at_once:
-                if stops:
-                    plan.reached = False
-                    return
-                try:
-                    await step(plan, threads)
-                except Stop as stop:
-                    stops.append(stop)
+        async def one(plan: TenantPlan, threads: anyio.CapacityLimiter) -> None:
+            if stops:
+                plan.reached = False
+                return
+            try:
+                await step(plan, threads)
+            except Stop as stop:
+                stops.append(stop)
 
-        async with self.vault.serving_on_loop():
-            await asyncio.gather(*(one(plan) for plan in plans))
+        for result in self.vault.each_on_loop(one, plans, at_once=self.workers):
+            if isinstance(result, Exception):
+                raise result
         return stops[0] if stops else None
 
     async def _verify(self, plan: TenantPlan, threads: anyio.CapacityLimiter) -> None:

@@ -21,14 +21,12 @@ settles the rows from Vault, and a rerun resumes each tenant where it stood.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 
-import anyio
 from sqlalchemy import Engine, update
 from sqlmodel import Session, col, select
 
@@ -224,7 +222,13 @@ class _Rotation:
     ) -> tuple[dict[str, Outcome], Exception | None]:
         """Each tenant's Vault work, `workers` at a time on an event loop of its own; the
         outcomes, and the first error."""
-        results = asyncio.run(self._rewrap_on_loop(started))
+        results = self.store.vault.each_on_loop(
+            lambda tenant, threads: rewrap_tenant(
+                self.store, tenant, started[tenant].target, batch=REWRAP_BATCH, threads=threads
+            ),
+            list(started),
+            at_once=self.workers,
+        )
         outcomes: dict[str, Outcome] = {}
         error: Exception | None = None
         for tenant, result in zip(started, results, strict=True):
@@ -233,27 +237,6 @@ class _Rotation:
             else:
                 outcomes[tenant] = result
         return outcomes, error
-
-    async def _rewrap_on_loop(self, started: Mapping[str, _Started]) -> list[Outcome | Exception]:
-        # What the loop cannot settle in one attempt goes on to the pool's number of threads.
-        threads = anyio.CapacityLimiter(self.workers)
-        at_once = asyncio.Semaphore(self.workers)
-
-        async def one(tenant: str) -> Outcome | Exception:
-            async with at_once:
-                try:
-                    return await rewrap_tenant(
-                        self.store,
-                        tenant,
-                        started[tenant].target,
-                        batch=REWRAP_BATCH,
-                        threads=threads,
-                    )
-                except Exception as exc:  # raised by `rotate_all` once the others are settled
-                    return exc
-
-        async with self.store.vault.serving_on_loop():
-            return await asyncio.gather(*(one(tenant) for tenant in started))
 
     def _rewrap_and_settle(self, started: dict[str, _Started], marks: _Marks) -> _Settled:
         """Rewrap every tenant's items, settle the rows and close the rotation records, in
