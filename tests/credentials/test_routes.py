@@ -156,12 +156,35 @@ def test_wrapped_delivery_unwraps_once_directly_against_vault(
         vault.sys.unwrap()
 
 
-@pytest.mark.parametrize("ttl", ["0s", "-5", "1d", "abc", "99999", "60 s", "3601s"])
+@pytest.mark.parametrize(
+    "ttl", ["0s", "-5", "1d", "abc", "99999", "60 s", "3601s", "6" * 17, "4111111111111111s"]
+)
 def test_malformed_wrap_ttl_is_422(client: TestClient, shop: str, ttl: str) -> None:
     response = client.get(
         f"/v1/credentials/{shop}/shopify", params={"wrap_ttl": ttl}, headers=service(shop)
     )
     assert response.status_code == 422
+    if len(ttl) > 5:  # a short one may be part of the message's own "3600s"
+        assert ttl not in response.text
+
+
+def test_the_document_names_the_fetch_parameters_the_route_reads_itself(app: Any) -> None:
+    operation = app.openapi()["paths"]["/v1/credentials/{tenant_id}/{provider}"]["get"]
+    parameters = {p["name"]: p for p in operation["parameters"]}
+    assert {(p["name"], p["in"], p["required"]) for p in parameters.values()} == {
+        ("tenant_id", "path", True),
+        ("provider", "path", True),
+        ("wrap_ttl", "query", False),
+    }
+    assert parameters["provider"]["schema"]["enum"] == [
+        "twilio",
+        "woocommerce",
+        "shopify",
+        "whatsapp",
+        "openai",
+    ]
+    assert parameters["wrap_ttl"]["schema"]["maxLength"] == 16
+    assert "422" in operation["responses"]
 
 
 def test_every_vault_call_names_the_service_in_the_audit_log(
