@@ -254,8 +254,10 @@ def find_in_headers(scope: Scope) -> str | None:
 # Headers repeat request after request (a service's bearer token, a user agent), and
 # inspecting a long one costs more than routing a credential fetch: a header found
 # clean is remembered, by the SHA-256 of its name and value, and not inspected again.
+# Enough for every service token of 10,000 tenants with their own (a JWT's inspection is
+# about 25 us, a remembered one 1.5 us); the set starts over when full.
 _CLEAN_HEADERS: set[bytes] = set()
-_CLEAN_HEADERS_KEPT = 4096
+_CLEAN_HEADERS_KEPT = 16_384
 
 
 def _find_in_header(name: bytes, value: bytes) -> str | None:
