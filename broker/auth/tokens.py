@@ -59,10 +59,11 @@ class TokenVerifier:
     signature check and claim validation cost about a tenth of a millisecond,
     the largest piece of the broker's own work on a credential fetch. Only
     successes are remembered; a refused token is checked in full every time.
-    Up to `cache_size` tokens (16,384: a token for each of 10,000 tenants and more) are
-    remembered, the least recently used dropped first. With a JWKS, a remembered token is trusted only while its signing key is
-    still the one the key set holds, so a withdrawn key stops working exactly
-    when it would without this cache (within the JWKS lifespan).
+    Up to `cache_size` tokens (16,384: a token for each of 10,000 tenants and more)
+    are remembered, the least recently used dropped first. With a JWKS, a
+    remembered token is trusted only while its signing key is still the one the
+    key set holds, so a withdrawn key stops working exactly when it would without
+    this cache (within the JWKS lifespan).
     """
 
     def __init__(
