@@ -823,16 +823,7 @@ class Bench:
         large = self.created
         small = tenant_ids(0, self.plan.small_tenants)
         note = f"{len(large)} tenants"
-        for c in CONCURRENCIES:
-            self.broker.stop()
-            self.broker.start()
-            self.measure(
-                MANY_FIRST,
-                self.broker.url,
-                c,
-                f"{note}, first visits",
-                targets=self.fetch_targets(large),
-            )
+        self.first_visits(large)
         for c in CONCURRENCIES:
             beside = f"{len(small)} tenants, beside {len(large)}"
             self.measure(FEW, self.broker.url, c, beside, targets=self.fetch_targets(small))
@@ -847,6 +838,23 @@ class Bench:
             # The same floor over both sets: shows how much of any change is Vault's.
             self.floor(FEW_FLOOR, c, small, beside)
             self.floor(MANY_FLOOR, c, large, note)
+        self.scale_ratios(small, large)
+
+    def first_visits(self, large: list[str]) -> None:
+        """The fetch over `large` at each concurrency, each on a broker just restarted."""
+        for c in CONCURRENCIES:
+            self.broker.stop()
+            self.broker.start()
+            self.measure(
+                MANY_FIRST,
+                self.broker.url,
+                c,
+                f"{len(large)} tenants, first visits",
+                targets=self.fetch_targets(large),
+            )
+
+    def scale_ratios(self, small: list[str], large: list[str]) -> None:
+        """The many-tenant figures over the few-tenant ones, as `results["scale"]`."""
         self.results["scale"] = {
             "small_tenants": len(small),
             "large_tenants": len(large),
