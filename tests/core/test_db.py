@@ -7,12 +7,14 @@ by another transaction, and a private PostgreSQL paused with SIGSTOP.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -22,6 +24,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
+from sqlalchemy.pool import QueuePool
 
 from broker.app import create_app
 from broker.core.config import Settings
@@ -195,6 +198,30 @@ def paused(pid: int) -> Iterator[None]:
                 os.kill(member, signal.SIGCONT)
 
 
+def _dispose_when_settled(engine: Engine) -> None:
+    """Dispose of `engine` once the requests and audit writes of the stall have settled.
+
+    A refusal made while the server was paused is recorded on a thread of its own
+    (`audit-trail`), which may write only once the server answers again, and a stalled
+    request may still be unwinding. A connection returned after a dispose stays open in
+    a pool nobody holds, until the collector finalises it during some later test, whose
+    ResourceWarning then fails that test. So: wait for them, dispose, and collect what
+    the earlier dispose (the app's, at shutdown) left behind now, while this test owns it.
+    """
+    deadline = time.monotonic() + SLACK_S
+    for thread in threading.enumerate():
+        if thread.name.startswith("audit-"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+    pool = engine.pool
+    assert isinstance(pool, QueuePool)  # make_engine's pool: it counts what is checked out
+    while pool.checkedout() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.dispose()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
 def _finished(thread: threading.Thread) -> bool:
     """True when `thread` ends within the slack (it is left running otherwise)."""
     thread.join(SLACK_S)
@@ -275,7 +302,7 @@ def test_a_paused_database_answers_503s_in_bounded_time_and_fetches_go_on(
         _assert_bounded_503s(stalled)
         # The server is back: the next requests (on the same client) succeed.
         assert client.get("/v1/tenants/settings", headers=admin).status_code == 200
-    engine.dispose()
+    _dispose_when_settled(engine)
 
 
 def test_a_burst_of_concurrent_patches_on_one_tenant_all_succeed(
@@ -325,4 +352,4 @@ def test_a_keep_alive_connection_survives_a_database_stall(
         assert stalled.headers.get("connection") != "close"
         # The same connection carries the next request, which the database answers again.
         assert http.get("/v1/tenants/settings", headers=admin).status_code == 200
-    engine.dispose()
+    _dispose_when_settled(engine)
