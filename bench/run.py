@@ -823,35 +823,24 @@ class Bench:
         large = self.created
         small = tenant_ids(0, self.plan.small_tenants)
         note = f"{len(large)} tenants"
-        self.first_visits(large)
+        few, many = self.fetch_targets(small), self.fetch_targets(large)
+        self.first_visits(many)
         for c in CONCURRENCIES:
             beside = f"{len(small)} tenants, beside {len(large)}"
-            self.measure(FEW, self.broker.url, c, beside, targets=self.fetch_targets(small))
-            self.measure(
-                MANY,
-                self.broker.url,
-                c,
-                note,
-                targets=self.fetch_targets(large),
-                warmup_s=self.one_cycle_s(c),
-            )
+            self.measure(FEW, self.broker.url, c, beside, targets=few)
+            self.measure(MANY, self.broker.url, c, note, targets=many, warmup_s=self.one_cycle_s(c))
             # The same floor over both sets: shows how much of any change is Vault's.
             self.floor(FEW_FLOOR, c, small, beside)
             self.floor(MANY_FLOOR, c, large, note)
         self.scale_ratios(small, large)
 
-    def first_visits(self, large: list[str]) -> None:
-        """The fetch over `large` at each concurrency, each on a broker just restarted."""
+    def first_visits(self, targets: list[dict[str, Any]]) -> None:
+        """`targets` fetched at each concurrency, each time on a broker just restarted."""
         for c in CONCURRENCIES:
             self.broker.stop()
             self.broker.start()
-            self.measure(
-                MANY_FIRST,
-                self.broker.url,
-                c,
-                f"{len(large)} tenants, first visits",
-                targets=self.fetch_targets(large),
-            )
+            note = f"{len(targets)} tenants, first visits"
+            self.measure(MANY_FIRST, self.broker.url, c, note, targets=targets)
 
     def scale_ratios(self, small: list[str], large: list[str]) -> None:
         """The many-tenant figures over the few-tenant ones, as `results["scale"]`."""

@@ -15,6 +15,7 @@ from broker.credentials import service
 from broker.credentials.schemas import CredentialLease, WrappedCredentialLease
 from broker.deps import delivery_of, vault_threads_of
 from broker.integrations.providers import PROVIDERS
+from broker.integrations.schemas import PROVIDER_DESCRIPTION
 
 router = APIRouter(prefix="/v1/credentials", tags=["credentials"])
 
@@ -35,7 +36,7 @@ _PARAMETERS: list[dict[str, Any]] = [
         "name": "provider",
         "in": "path",
         "required": True,
-        "description": f"One of: {', '.join(PROVIDERS)}.",
+        "description": PROVIDER_DESCRIPTION,
         "schema": {"type": "string", "enum": list(PROVIDERS)},
     },
     {

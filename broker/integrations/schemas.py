@@ -23,12 +23,10 @@ FieldValue = Annotated[SecretStr, Field(max_length=500)]
 
 # An enum in the document; still a plain string to the route, so an unknown provider is
 # answered by the service's 404, which lists the known ones.
+PROVIDER_DESCRIPTION = f"One of: {', '.join(PROVIDERS)}."
 ProviderName = Annotated[
     str,
-    Path(
-        description=f"One of: {', '.join(PROVIDERS)}.",
-        json_schema_extra={"enum": list(PROVIDERS)},
-    ),
+    Path(description=PROVIDER_DESCRIPTION, json_schema_extra={"enum": list(PROVIDERS)}),
 ]
 
 
