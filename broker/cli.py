@@ -7,10 +7,12 @@ import errno
 import json
 import logging
 import os
+import pickle
 import signal
 import socket
 import sys
 from contextlib import ExitStack
+from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
@@ -19,7 +21,7 @@ import typer
 import uvicorn
 from pydantic import ValidationError
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors import Multiprocess
+from uvicorn.supervisors import Multiprocess, multiprocess
 
 from broker.audit.cli import audit_app
 from broker.cli_support import database_url, describe_invalid, load_settings, operator
@@ -51,8 +53,8 @@ app.add_typer(shopify_app, name="shopify")
 app.add_typer(leases_app, name="leases")
 app.add_typer(credentials_app, name="credentials")
 log = logging.getLogger("broker.cli")
-# How long a `broker serve --workers N` worker may take to answer the supervisor's ping
-# (also how long a worker that failed to start may go unnoticed).
+# How long a `broker serve --workers N` worker may take to answer the supervisor's ping:
+# a new worker answers only once it has imported the broker (see `_Worker`).
 WORKER_HEALTHCHECK_S = 60
 
 
@@ -350,6 +352,31 @@ def _run(api: FastAPI, *, host: str, port: int, sock: socket.socket | None = Non
         sys.exit(STARTUP_FAILURE)
 
 
+class _Worker(multiprocess.Process):
+    """uvicorn's handle on one `--workers` process, whose health check ends when it exits.
+
+    The supervisor pings each worker and waits up to WORKER_HEALTHCHECK_S for the
+    answer. A worker that exits meanwhile never answers (a worker that failed to start
+    spends its last half second shutting down, long enough to be pinged), and uvicorn
+    waited out the whole timeout: `broker serve --workers 2` with a configuration
+    error took a minute to stop, and a worker that crashed went unreplaced as long.
+    Here the wait also ends the moment the process does, and the supervisor goes on at
+    once: a failed startup stops the server, any other exit starts a new worker.
+    """
+
+    def _healthcheck(self, timeout: float) -> bool | None:
+        """The worker's started flag, or None once it has exited or after `timeout`."""
+        try:
+            self.parent_conn.send(b"ping")
+            ready = wait_for_any([self.parent_conn, self.process.sentinel], timeout)
+            if self.parent_conn not in ready:
+                return None
+            started: bool = self.parent_conn.recv()
+        except (OSError, EOFError, pickle.UnpicklingError):
+            return None
+        return started
+
+
 def _run_workers(workers: int, *, host: str, port: int) -> None:
     """Serve with `workers` processes sharing one listening socket, as `uvicorn --workers` does.
 
@@ -370,6 +397,8 @@ def _run_workers(workers: int, *, host: str, port: int) -> None:
         timeout_worker_healthcheck=WORKER_HEALTHCHECK_S,
     )
     sock = config.bind_socket()
+    # The supervisor builds every worker's handle, restarted ones too, from this name.
+    multiprocess.Process = _Worker  # type: ignore[misc]
     supervisor = Multiprocess(config, sockets=[sock])
     try:
         supervisor.run()
