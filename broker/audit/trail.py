@@ -24,6 +24,7 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
+from broker.core.http import route_template
 from broker.core.identifiers import TENANT_ID
 from broker.core.logging import is_plain_name, redact_text
 from broker.models import AuditEvent, Tenant, utcnow
@@ -57,8 +58,8 @@ def route_resource(scope: Mapping[str, Any]) -> str:
     number or a token. A path parameter is filled in only when it reads as a plain name
     (a tenant id, a provider); anything else, a hash or an opaque id included, stays `{name}`.
     """
-    template = getattr(scope.get("route"), "path", None)
-    if not isinstance(template, str):
+    template = route_template(scope)
+    if template is None:
         return "unmatched"
     params = scope.get("path_params") or {}
 

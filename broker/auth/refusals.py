@@ -16,6 +16,7 @@ from broker.audit.denials import DenialTally, DeniedRun
 from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.errors import BrokerError, RateLimited, TooManyFailures
+from broker.core.http import route_template
 
 
 def record_refusal(request: Request, exc: BrokerError) -> BrokerError:
@@ -29,7 +30,7 @@ def record_refusal(request: Request, exc: BrokerError) -> BrokerError:
     state = request.app.state
     principal: Principal | None = getattr(request.state, "principal", None)
     # Route templates, never the raw path: a refused request's path is caller input.
-    template = getattr(request.scope.get("route"), "path", None) or "unmatched"
+    template = route_template(request.scope) or "unmatched"
     action = f"{request.method} {template}"
     tally: DenialTally | None = getattr(state, "denials", None)
     closed = tally.closed() if tally is not None else []

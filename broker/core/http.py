@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +44,18 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
 # The methods the access log and the metrics name; any other is "OTHER" (a caller's word).
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# A path parameter's convertor, as in `{tenant_id:tenant}` (see broker.tenants.routes).
+_CONVERTOR = re.compile(r":\w+\}")
+
+
+def route_template(scope: Mapping[str, Any]) -> str | None:
+    """The matched route's path as documented (`/v1/tenants/{tenant_id}`), or None.
+
+    Logs, metrics and audit rows name routes by this template, never by the raw path,
+    which is caller input.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    return _CONVERTOR.sub("}", path) if isinstance(path, str) else None
 
 
 class FieldProblem(BaseModel):
@@ -211,8 +223,7 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = route_template(scope) or "unmatched"
             method = scope["method"] if scope.get("method") in HTTP_METHODS else "OTHER"
             elapsed = time.perf_counter() - started
             self.metrics.observe(template, method, status, elapsed)
@@ -366,7 +377,7 @@ def _warn_security_event(request: Request, exc: BrokerError) -> None:
             "fields": {
                 "event": event,
                 "reason": reason,  # the broker's own words: never the token or its claims
-                "route": getattr(request.scope.get("route"), "path", "unmatched"),
+                "route": route_template(request.scope) or "unmatched",
                 "method": request.method,
                 "client_addr": ctx.client_addr if ctx is not None else None,
             }

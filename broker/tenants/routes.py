@@ -6,6 +6,7 @@ from functools import partial
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from broker.auth.dependencies import require
 from broker.auth.principal import Principal
@@ -15,7 +16,7 @@ from broker.core.identifiers import TENANT_ID_PATTERN
 from broker.deps import DeletionsDep, EngineDep, SessionDep, VaultDep
 from broker.leases import service as leases
 from broker.tenants import keys, service
-from broker.tenants.schemas import KeyRotationView, TenantCreate, TenantView
+from broker.tenants.schemas import RESERVED_IDS, KeyRotationView, TenantCreate, TenantView
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 
@@ -25,6 +26,22 @@ NO_TENANT = problem_responses({404: "No such tenant"})
 # A tenant id is a slug; anything else cannot name a tenant, and must not reach
 # PostgreSQL (which refuses NUL) or Vault paths.
 TenantIdPath = Annotated[str, Path(pattern=TENANT_ID_PATTERN, max_length=63)]
+
+
+class _TenantSegment(StringConvertor):
+    """A `{tenant_id:tenant}` path segment: any but the reserved ones.
+
+    `/v1/tenants/settings` is the caller's own tenant (broker.settings), not a tenant
+    named "settings". Without this, `DELETE /v1/tenants/settings` reached the
+    `/{tenant_id}` route below and answered 404 (or 403, by scope) where the method
+    is simply not allowed there: now it is a 405.
+    """
+
+    reserved = "|".join(sorted(RESERVED_IDS))
+    regex = f"(?!(?:{reserved})(?:/|$))[^/]+"
+
+
+register_url_convertor("tenant", _TenantSegment())
 
 
 @router.post(
@@ -55,7 +72,7 @@ def list_tenants(
     return [TenantView.model_validate(t, from_attributes=True) for t in tenants]
 
 
-@router.get("/{tenant_id}", response_model=TenantView, responses=NO_TENANT)
+@router.get("/{tenant_id:tenant}", response_model=TenantView, responses=NO_TENANT)
 def get_tenant(
     tenant_id: TenantIdPath, session: SessionDep, principal: PlatformAdmin
 ) -> TenantView:
@@ -64,7 +81,7 @@ def get_tenant(
     return TenantView.model_validate(tenant, from_attributes=True)
 
 
-@router.delete("/{tenant_id}", status_code=204, response_class=Response, responses=NO_TENANT)
+@router.delete("/{tenant_id:tenant}", status_code=204, response_class=Response, responses=NO_TENANT)
 def delete_tenant(
     tenant_id: TenantIdPath,
     request: Request,
@@ -93,7 +110,7 @@ def delete_tenant(
     return Response(status_code=204)
 
 
-@router.post("/{tenant_id}/keys/rotate", response_model=KeyRotationView, responses=NO_TENANT)
+@router.post("/{tenant_id:tenant}/keys/rotate", response_model=KeyRotationView, responses=NO_TENANT)
 def rotate_key(
     tenant_id: TenantIdPath, engine: EngineDep, vault: VaultDep, principal: PlatformWriter
 ) -> KeyRotationView:

@@ -435,7 +435,7 @@ def _methods(route: APIRoute) -> set[str]:
 def _api_routes(app: Any) -> list[APIRoute]:
     routes = [r for router in ROUTERS for r in router.routes if isinstance(r, APIRoute)]
     # Cross-check with the OpenAPI document, so a router left out of ROUTERS is caught.
-    listed = {(m, r.path) for r in routes for m in _methods(r)}
+    listed = {(m, r.path_format) for r in routes for m in _methods(r)}
     served = {
         (method.upper(), path)
         for path, ops in app.openapi()["paths"].items()
@@ -443,7 +443,7 @@ def _api_routes(app: Any) -> list[APIRoute]:
         if path not in PUBLIC
     }
     assert served <= listed, f"routes served but not in broker.app.ROUTERS: {served - listed}"
-    return [r for r in routes if r.path not in PUBLIC]
+    return [r for r in routes if r.path_format not in PUBLIC]
 
 
 def _requires(route: APIRoute) -> tuple[str, ...] | None:
@@ -462,15 +462,15 @@ def test_every_route_declares_scopes_and_is_in_the_matrix(app: Any) -> None:
     for route in _api_routes(app):
         for method in _methods(route):
             if _requires(route) is None:
-                missing_scopes.append(f"{method} {route.path}")
-            if (method, route.path) not in ROUTES:
-                missing_rows.append(f"{method} {route.path}")
+                missing_scopes.append(f"{method} {route.path_format}")
+            if (method, route.path_format) not in ROUTES:
+                missing_rows.append(f"{method} {route.path_format}")
     assert not missing_scopes, f"routes without require(...): {missing_scopes}"
     assert not missing_rows, f"routes missing from the authorization matrix: {missing_rows}"
 
 
 def test_matrix_rows_name_real_routes(app: Any) -> None:
-    real = {(m, r.path) for r in _api_routes(app) for m in _methods(r)}
+    real = {(m, r.path_format) for r in _api_routes(app) for m in _methods(r)}
     assert set(ROUTES) <= real, f"stale matrix rows: {set(ROUTES) - real}"
 
 
@@ -478,7 +478,7 @@ def test_declared_scopes_match_the_matrix(app: Any) -> None:
     for route in _api_routes(app):
         for method in _methods(route):
             declared = set(_requires(route) or ())
-            case = ROUTES[(method, route.path)]
+            case = ROUTES[(method, route.path_format)]
             for scopes in case.allowed:
                 assert declared & set(scopes) or "tenant:admin" in scopes, (method, route.path)
 

@@ -76,7 +76,7 @@ def test_every_operation_shows_its_scopes(app: Any) -> None:
             if not scopes:
                 continue
             for method in route.methods:  # type: ignore[attr-defined]
-                operation = document["paths"][route.path][method.lower()]  # type: ignore[attr-defined]
+                operation = document["paths"][route.path_format][method.lower()]  # type: ignore[attr-defined]
                 # Any one of the scopes: one requirement per scope, each with the token.
                 assert operation["security"] == [
                     {"HTTPBearer": [], OAUTH2: [str(scope)]} for scope in scopes

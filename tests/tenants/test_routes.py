@@ -61,3 +61,21 @@ def test_get_and_list(client: TestClient) -> None:
     assert ids == sorted(ids)
     page = client.get("/v1/tenants", params={"after": first, "limit": 1}, headers=OPS).json()
     assert page[0]["id"] > first
+
+
+@pytest.mark.parametrize("method", ["DELETE", "POST", "PUT"])
+def test_the_callers_own_settings_are_not_a_tenant_named_settings(
+    client: TestClient, method: str
+) -> None:
+    tenant_id = make_tenant(client)
+    admin = bearer(token("tenant:admin", tenant_id=tenant_id))
+    for headers in (OPS, admin):
+        answer = client.request(method, "/v1/tenants/settings", headers=headers)
+        assert answer.status_code == 405
+        assert "GET" in answer.headers["allow"]
+        assert answer.headers["content-type"] == "application/problem+json"
+    assert client.post("/v1/tenants/settings/keys/rotate", headers=OPS).status_code == 404
+    # A tenant id that only begins with the word is a tenant like any other.
+    near = make_tenant(client, new_tenant_id("settings"))
+    assert client.get(f"/v1/tenants/{near}", headers=OPS).json()["id"] == near
+    assert client.post(f"/v1/tenants/{near}/keys/rotate", headers=OPS).status_code == 200
