@@ -121,9 +121,15 @@ async def _decrypt_or_none(
     threads: anyio.CapacityLimiter,
 ) -> bytes | None:
     """The early decrypt: its plaintext, or None when it failed in any way, for the record's
-    ciphertext is then decrypted again (and that answer, or error, is the fetch's)."""
+    ciphertext is then decrypted again (and that answer, or error, is the fetch's).
+
+    One attempt on the loop, never retried on a thread: it is a guess, and during a Vault
+    outage a threaded retry would hold a second of the fetch's `threads` for nothing.
+    """
     try:
-        return await store.decrypt_on_loop(tenant_id, item, ciphertext, threads=threads)
+        return await store.decrypt_on_loop(
+            tenant_id, item, ciphertext, threads=threads, retry=False
+        )
     except Exception:
         return None
 

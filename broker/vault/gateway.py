@@ -339,7 +339,7 @@ class VaultGateway:
         request: tuple[str, str, dict[str, Any] | None],
         *,
         parse: Callable[[dict[str, Any]], T],
-        fallback: Callable[[], T],
+        fallback: Callable[[], T] | None,
         threads: anyio.CapacityLimiter,
     ) -> T:
         """`fallback()` (the same operation through `call`), made on the event loop if it can be.
@@ -350,15 +350,16 @@ class VaultGateway:
         broker error the one table gives it. Anything else (no client on this loop, no
         known active node, a token due for renewal, a failed connection, a timeout, a
         3xx, 401, 403, 429 or 5xx) runs `fallback` on `threads`, which retries, fails
-        over and logs in again within what is left of the same budget.
+        over and logs in again within what is left of the same budget. Without a
+        `fallback` (a call made on a guess, which must not hold a thread or retry) it
+        raises `VaultUnavailable` instead.
         """
         try:
             answer = await self._attempt_on_loop(operation, *request)
-        except _Indefinite:
-            return await anyio.to_thread.run_sync(fallback, limiter=threads)
-        try:
             return parse(answer)
-        except (KeyError, TypeError, ValueError):
+        except (_Indefinite, KeyError, TypeError, ValueError):
+            if fallback is None:
+                raise VaultUnavailable(f"Vault did not {operation} on the loop") from None
             return await anyio.to_thread.run_sync(fallback, limiter=threads)
 
     async def _attempt_on_loop(

@@ -145,15 +145,26 @@ class SealedStore:
         return verified_secrets(plaintext, record)
 
     async def decrypt_on_loop(
-        self, tenant_id: str, item: str, ciphertext: str, *, threads: anyio.CapacityLimiter
+        self,
+        tenant_id: str,
+        item: str,
+        ciphertext: str,
+        *,
+        threads: anyio.CapacityLimiter,
+        retry: bool = True,
     ) -> bytes:
-        """The plaintext of one of the item's ciphertexts, on the event loop when it can be.
+        """The plaintext of one of the item's ciphertexts, on the event loop when it can be
+        (with `retry=False`, one attempt there only: see `Transit.decrypt_on_loop`).
 
         Not yet checked: `verified_secrets(plaintext, record)` checks it against the record
         that holds `ciphertext`, as `open_on_loop` does.
         """
         return await self.vault.transit.decrypt_on_loop(
-            key_name(tenant_id), ciphertext, context=binding(tenant_id, item), threads=threads
+            key_name(tenant_id),
+            ciphertext,
+            context=binding(tenant_id, item),
+            threads=threads,
+            retry=retry,
         )
 
     def read(self, tenant_id: str, item: str, *, version: int | None = None) -> SealedRecord | None:

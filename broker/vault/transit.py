@@ -112,16 +112,23 @@ class Transit:
         return self._vault.call("decrypt", decrypt)
 
     async def decrypt_on_loop(
-        self, key: str, ciphertext: str, *, context: str, threads: anyio.CapacityLimiter
+        self,
+        key: str,
+        ciphertext: str,
+        *,
+        context: str,
+        threads: anyio.CapacityLimiter,
+        retry: bool = True,
     ) -> bytes:
-        """`decrypt`, on the event loop when it can be (`call_on_loop`)."""
+        """`decrypt`, on the event loop when it can be (`call_on_loop`); with `retry=False`,
+        one attempt on the loop or `VaultUnavailable`, never a thread."""
         url = format_url("/v1/{mount}/decrypt/{name}", mount=self.mount, name=key)
         payload = {"ciphertext": ciphertext, "context": _b64(context.encode())}
         return await self._vault.call_on_loop(
             "decrypt",
             ("POST", url, payload),
             parse=_plaintext,
-            fallback=lambda: self.decrypt(key, ciphertext, context=context),
+            fallback=(lambda: self.decrypt(key, ciphertext, context=context)) if retry else None,
             threads=threads,
         )
 

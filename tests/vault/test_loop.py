@@ -213,6 +213,27 @@ def test_transient_answers_go_on_to_the_threaded_call(status: int, error: type) 
     assert len(node.requests) >= 2
 
 
+@pytest.mark.parametrize("status", [503, 429, 307])
+def test_a_call_made_on_a_guess_is_one_attempt_and_never_takes_a_thread(status: int) -> None:
+    # The early decrypt of a fetch (broker/credentials/opening.py): during an outage a
+    # threaded retry would hold a second Vault thread for nothing. Every thread is taken
+    # here, so a retry on one would hang rather than raise.
+    with _Node(status, location="http://127.0.0.1:1/") as node:
+        gateway = VaultGateway(addrs=[node.url], token="s.x", retry_budget_s=0.5)
+        try:
+            with pytest.raises(VaultUnavailable):
+                on_loop(
+                    gateway,
+                    lambda threads: gateway.transit.decrypt_on_loop(
+                        "tenant-t", "vault:v1:x", context="t/x", threads=threads, retry=False
+                    ),
+                    threads_free=False,
+                )
+        finally:
+            gateway.close()
+    assert len(node.requests) == 1
+
+
 # What a test node saw: (method, path, headers) of each request.
 _Seen = list[tuple[str, str, dict[str, str]]]
 
