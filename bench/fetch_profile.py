@@ -6,7 +6,8 @@
 With five helpers sharing two cores, throughput alone is too noisy to judge one
 change by, so each figure here also carries the broker's CPU per fetch: the
 utime+stime the kernel accounted to the broker's processes (every worker) over
-the measured run, divided by the requests wrk counted. Each tree in `--trees`
+the measured run, divided by the requests wrk counted, and OpenBao's CPU per fetch
+the same way (a change may move work between the two). Each tree in `--trees`
 serves the broker in turn (`PYTHONPATH=<tree>`) against the same OpenBao,
 PostgreSQL and tenants, and the rounds alternate between trees, so the A/B is
 back to back. `--floor` adds the Vault floor (KV read + Transit decrypt in
@@ -91,6 +92,7 @@ class Figure:
     p50_ms: float
     cpu_ms_per_fetch: float
     sys_ms_per_fetch: float
+    vault_ms_per_fetch: float
     load: float
     failed: int
 
@@ -98,6 +100,7 @@ class Figure:
         return (
             f"{self.tree:28} c={self.concurrency}  {self.rps:7.1f} rps  p50 {self.p50_ms:6.2f} ms"
             f"  cpu/fetch {self.cpu_ms_per_fetch:5.3f} ms (sys {self.sys_ms_per_fetch:5.3f})"
+            f"  openbao {self.vault_ms_per_fetch:5.3f} ms"
             f"  load {self.load:4.2f}"
             f"  failed {self.failed}"
         )
@@ -120,9 +123,10 @@ def measure_fetch(
             "warmup_s": 0,
         }
         wrk.measure(spec | {"duration_s": bench.plan.warmup_s or 1})
-        before = cpu_seconds(broker.pid)
+        vault = bench.servers["vault"]
+        before, vault_before = cpu_seconds(broker.pid), sum(cpu_seconds(vault))
         result = wrk.measure(spec | {"duration_s": bench.plan.duration_s})
-        after = cpu_seconds(broker.pid)
+        after, vault_after = cpu_seconds(broker.pid), sum(cpu_seconds(vault))
         user, system = after[0] - before[0], after[1] - before[1]
         requests = max(1, result["requests"])
         figures.append(
@@ -133,6 +137,7 @@ def measure_fetch(
                 p50_ms=result["p50_ms"],
                 cpu_ms_per_fetch=round((user + system) / requests * 1000, 3),
                 sys_ms_per_fetch=round(system / requests * 1000, 3),
+                vault_ms_per_fetch=round((vault_after - vault_before) / requests * 1000, 3),
                 load=os.getloadavg()[0],
                 failed=result["non_2xx_3xx"] + sum(result["errors"].values()),
             )
