@@ -14,6 +14,7 @@ import json
 import ssl
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -194,23 +195,46 @@ def test_a_hung_vault_costs_one_budget_then_is_unavailable() -> None:
     assert len(node.requests) == 1
 
 
-@pytest.mark.parametrize(
-    ("status", "error"),
-    [(503, VaultUnavailable), (429, VaultUnavailable), (307, VaultUnavailable)],
-)
-def test_transient_answers_go_on_to_the_threaded_call(status: int, error: type) -> None:
+# What a test node saw: (method, path, headers) of each request.
+_Seen = list[tuple[str, str, dict[str, str]]]
+_Call = Callable[[VaultGateway, anyio.CapacityLimiter], Awaitable[object]]
+
+
+def _read(gateway: VaultGateway, threads: anyio.CapacityLimiter) -> Awaitable[object]:
+    return gateway.kv.read_on_loop("tenants/t/x", threads=threads)
+
+
+def _refused(
+    status: int,
+    error: type[Exception],
+    call: _Call = _read,
+    *,
+    token: str = "s.x",
+    threads_free: bool = True,
+) -> tuple[Exception, _Seen]:
+    """`call` on the loop against a node answering `status` (a 3xx pointing nowhere):
+    the `error` it raised, and the requests the node saw."""
     with _Node(status, location="http://127.0.0.1:1/") as node:
-        gateway = VaultGateway(addrs=[node.url], token="s.x", retry_budget_s=0.5)
+        gateway = VaultGateway(addrs=[node.url], token=token, retry_budget_s=0.5)
         try:
-            with pytest.raises(error):
-                on_loop(
-                    gateway,
-                    lambda threads: gateway.kv.read_on_loop("tenants/t/x", threads=threads),
-                )
+            with pytest.raises(error) as refused:
+                on_loop(gateway, partial(call, gateway), threads_free=threads_free)
         finally:
             gateway.close()
+    return refused.value, node.requests
+
+
+@pytest.mark.parametrize("status", [503, 429, 307])
+def test_transient_answers_go_on_to_the_threaded_call(status: int) -> None:
+    _, requests = _refused(status, VaultUnavailable)
     # One attempt on the loop, then the threaded call's own retries.
-    assert len(node.requests) >= 2
+    assert len(requests) >= 2
+
+
+def _guess(gateway: VaultGateway, threads: anyio.CapacityLimiter) -> Awaitable[object]:
+    return gateway.transit.decrypt_on_loop(
+        "tenant-t", "vault:v1:x", context="t/x", threads=threads, retry=False
+    )
 
 
 @pytest.mark.parametrize("status", [503, 429, 307])
@@ -218,40 +242,14 @@ def test_a_call_made_on_a_guess_is_one_attempt_and_never_takes_a_thread(status: 
     # The early decrypt of a fetch (broker/credentials/opening.py): during an outage a
     # threaded retry would hold a second Vault thread for nothing. Every thread is taken
     # here, so a retry on one would hang rather than raise.
-    with _Node(status, location="http://127.0.0.1:1/") as node:
-        gateway = VaultGateway(addrs=[node.url], token="s.x", retry_budget_s=0.5)
-        try:
-            with pytest.raises(VaultUnavailable):
-                on_loop(
-                    gateway,
-                    lambda threads: gateway.transit.decrypt_on_loop(
-                        "tenant-t", "vault:v1:x", context="t/x", threads=threads, retry=False
-                    ),
-                    threads_free=False,
-                )
-        finally:
-            gateway.close()
-    assert len(node.requests) == 1
+    _, requests = _refused(status, VaultUnavailable, _guess, threads_free=False)
+    assert len(requests) == 1
 
 
-# What a test node saw: (method, path, headers) of each request.
-_Seen = list[tuple[str, str, dict[str, str]]]
-
-
-def _misconfigured_read(status: int, token: str) -> tuple[VaultMisconfigured, _Seen]:
+def _misconfigured_read(status: int, token: str) -> tuple[Exception, _Seen]:
     """A read on the loop from a node answering `status`, with `token`: the error it
     raised, and the requests the node saw."""
-    with _Node(status) as node:
-        gateway = VaultGateway(addrs=[node.url], token=token, retry_budget_s=0.5)
-        try:
-            with pytest.raises(VaultMisconfigured) as refused:
-                on_loop(
-                    gateway,
-                    lambda threads: gateway.kv.read_on_loop("tenants/t/x", threads=threads),
-                )
-        finally:
-            gateway.close()
-    return refused.value, node.requests
+    return _refused(status, VaultMisconfigured, token=token)
 
 
 def test_a_refused_token_is_the_threaded_misconfiguration_without_echoing_it() -> None:
