@@ -31,8 +31,8 @@ from bench.process import tree_cpu_s
 from broker.core.db import make_engine, upgrade
 from broker.devstack.openbao import OpenBaoServer
 from broker.devstack.postgres import EmbeddedPostgres, create_database
+from broker.legacy import DEFAULT_BATCH, DEFAULT_WORKERS
 from broker.legacy.migrate import migrate_legacy
-from broker.legacy.runner import DEFAULT_BATCH, DEFAULT_WORKERS
 from broker.legacy.source import LegacySource, LegacyTable
 from broker.vault.bootstrap import bootstrap, create_policy_token
 from broker.vault.gateway import VaultGateway

@@ -41,6 +41,22 @@ def test_broker_token_works_without_the_dev_stack_packages(tmp_path: Path) -> No
     assert (tmp_path / ".broker" / "dev-signing.key").stat().st_mode & 0o777 == 0o600
 
 
+def test_help_starts_without_the_database_vault_or_web_libraries(tmp_path: Path) -> None:
+    # They take most of a second to import: each command imports what it uses itself.
+    heavy = ("sqlalchemy", "sqlmodel", "psycopg", "hvac", "fastapi", "starlette", "httpx")
+    blocked = "\n".join(f"sys.modules[{name!r}] = None" for name in heavy)
+    for args in (
+        ("--help",),
+        ("audit", "--help"),
+        ("audit", "report", "--help"),
+        ("migrate", "legacy", "--help"),
+        ("keys", "rotate", "--help"),
+    ):
+        result = _broker(tmp_path, *args, prelude=blocked)
+        assert result.returncode == 0, (args, result.stderr)
+        assert "Usage" in result.stdout
+
+
 def test_help_has_no_bool_labels_and_whole_env_var_names(tmp_path: Path) -> None:
     top = _broker(tmp_path, "--help")
     assert top.returncode == 0

@@ -17,16 +17,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
-from broker.audit import vault_log
-from broker.audit.report import TimelineRow, render, timeline
-from broker.audit.vault_log import Filters, ReadStats
 from broker.cli_support import configured_database_url, fail, load_settings, operator
 from broker.core.config import ConfigurationError
+
+if TYPE_CHECKING:
+    from broker.audit.report import TimelineRow
+    from broker.audit.vault_log import Filters, ReadStats, VaultAuditEntry
+
+# The log reader and the report (SQLAlchemy, the models) are imported by the commands
+# that use them, so that `broker --help` and every other command start without them.
 
 _HELP = """\
 Audit reports for the security team: who touched which tenant's secrets, when,
@@ -96,6 +100,8 @@ FormatOpt = Annotated[
 def _when(value: str | None, option: str) -> datetime | None:
     if value is None:
         return None
+    from broker.audit import vault_log
+
     try:
         return vault_log.parse_when(value)
     except ValueError as exc:
@@ -115,6 +121,8 @@ def _log_paths(logs: Sequence[Path] | None, *, name_missing: bool = True) -> lis
                 2,
             )
         return list(logs)
+    from broker.audit import vault_log
+
     data_dir = load_settings().data_dir
     found = vault_log.default_log_paths(data_dir)
     if not found:
@@ -142,6 +150,8 @@ def _filters(
     until: str | None = None,
     denied: bool = False,
 ) -> Filters:
+    from broker.audit.vault_log import Filters
+
     filters = Filters(
         tenant=tenant,
         actor=actor,
@@ -195,8 +205,10 @@ def report_command(
     filters = _filters(
         tenant=tenant, actor=actor, provider=provider, since=since, until=until, denied=denied
     )
+    from broker.audit import vault_log
+
     paths = _log_paths(logs)
-    stats = ReadStats()
+    stats = vault_log.ReadStats()
     try:
         entries = vault_log.load(paths, filters, stats=stats)
     except OSError as exc:
@@ -223,6 +235,8 @@ def _trail_url(database_url: str | None, *, no_trail: bool) -> str | None:
 
 def _print_report(rows: list[TimelineRow], fmt: OutputFormat) -> None:
     """The rows on stdout; for people, a one-line summary on stderr."""
+    from broker.audit.report import render
+
     if not rows:
         typer.echo("no matching entries", err=True)
         if fmt is not OutputFormat.table:
@@ -239,8 +253,10 @@ def _print_report(rows: list[TimelineRow], fmt: OutputFormat) -> None:
 
 
 def _timeline(
-    entries: list[vault_log.VaultAuditEntry], url: str | None, filters: Filters
+    entries: list[VaultAuditEntry], url: str | None, filters: Filters
 ) -> list[TimelineRow]:
+    from broker.audit.report import timeline
+
     if url is None:
         return timeline(entries, None, filters)
     from sqlalchemy.exc import SQLAlchemyError
@@ -333,13 +349,16 @@ def find_value_command(
     written to Vault as they are (a leaked token stored in KV, say), and the
     ciphertext itself when you search for a `vault:v1:...` string.
     """
+    from broker.audit import vault_log
+    from broker.audit.report import render, timeline
+
     filters = _filters(since=since, until=until)
     paths = _log_paths(logs, name_missing=False)
     value = _read_secret()
     hmac = _audit_hash(device, value)
     if not hmac.startswith(vault_log.HMAC_PREFIX):
         raise fail("Vault returned an unexpected hash")
-    stats = ReadStats()
+    stats = vault_log.ReadStats()
     try:
         entries = vault_log.load(paths, filters, stats=stats, where=vault_log.contains_text(hmac))
     except OSError as exc:

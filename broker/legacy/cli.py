@@ -20,7 +20,7 @@ import typer
 
 from broker.cli_support import database_url, load_settings, operator_principal
 from broker.core.errors import BrokerError
-from broker.legacy.runner import DEFAULT_BATCH
+from broker.legacy import DEFAULT_BATCH
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

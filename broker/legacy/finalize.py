@@ -17,11 +17,10 @@ from broker.audit import trail
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError, NotFound, UpstreamUnavailable
 from broker.integrations.service import read_credentials
+from broker.legacy import DEFAULT_BATCH, DEFAULT_WORKERS
 from broker.legacy.mapping import PROVIDER, classify_twilio, row_identity, same_credentials
 from broker.legacy.reports import FinalizeOutcome, FinalizeReport, FinalizeStatus
 from broker.legacy.runner import (
-    DEFAULT_BATCH,
-    DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
     Run,

@@ -79,6 +79,7 @@ from broker.integrations.service import (
     read_credentials_on_loop,
     reconcile_tenant,
 )
+from broker.legacy import DEFAULT_BATCH, DEFAULT_WORKERS
 from broker.legacy.finalize import finalize_legacy
 from broker.legacy.mapping import (
     FIELD_ALIASES,
@@ -97,8 +98,6 @@ from broker.legacy.reports import (
     UnmappedKey,
 )
 from broker.legacy.runner import (
-    DEFAULT_BATCH,
-    DEFAULT_WORKERS,
     MIGRATION_SUBJECT,
     Group,
     Run,

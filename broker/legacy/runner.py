@@ -34,8 +34,6 @@ from broker.models import LegacyMigration
 from broker.vault.gateway import VaultGateway
 
 __all__ = [
-    "DEFAULT_BATCH",
-    "DEFAULT_WORKERS",
     "MIGRATION_SUBJECT",
     "Group",
     "Run",
@@ -53,12 +51,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MIGRATION_SUBJECT = "legacy-migration"
-DEFAULT_WORKERS = 4
-"""Tenants in flight at once: each waits mostly on Vault and PostgreSQL round trips."""
-DEFAULT_BATCH = 500
-"""Tenants per batch. Each step of a batch takes all of its tenants at once, so larger
-batches wait less at the steps' ends: measured on 2 cores, 250 to 500 migrate about 40%
-faster than 100. A run that stops leaves at most one batch to settle on the rerun."""
 
 
 @dataclass
