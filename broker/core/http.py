@@ -55,7 +55,9 @@ def route_template(scope: Mapping[str, Any]) -> str | None:
     which is caller input.
     """
     path = getattr(scope.get("route"), "path", None)
-    return _CONVERTOR.sub("}", path) if isinstance(path, str) else None
+    if not isinstance(path, str):
+        return None
+    return _CONVERTOR.sub("}", path) if ":" in path else path  # most have none
 
 
 class FieldProblem(BaseModel):
