@@ -10,7 +10,9 @@ starts its decrypt at the same time as the KV read. When the read answers:
 
 - no record, or a provider in dynamic delivery: the early decrypt is cancelled (its
   answer, if any, is dropped unread) and the remembered ciphertext forgotten; the
-  fetch goes on as it always did (404, or a minted key);
+  fetch goes on as it always did (404, or a minted key). The process that switches a
+  provider to dynamic delivery forgets it at once (broker.leases.routes), so only the
+  other processes make that one guess;
 - the record holds exactly the remembered ciphertext: the early plaintext is the one
   a decrypt made now would return (same ciphertext, same tenant key, same binding),
   so it is used, checked against the record's public part like any other

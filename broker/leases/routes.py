@@ -12,7 +12,7 @@ from broker.auth.dependencies import own_tenant, require
 from broker.auth.principal import Principal
 from broker.auth.scopes import Scope
 from broker.core.http import problem_responses
-from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep
+from broker.deps import EngineDep, SessionDep, SettingsDep, VaultDep, delivery_of
 from broker.integrations import service as integrations
 from broker.integrations.providers import PROVIDERS, get_provider
 from broker.integrations.schemas import IntegrationView
@@ -123,6 +123,11 @@ def set_delivery(
             engine, vault, tenant_id, provider, action="integration.delivery"
         )
         raise
+    # This process's fetches stop guessing the stored ciphertext (an early decrypt of it,
+    # in the caller's name, would be dropped unread in dynamic delivery, but still stand
+    # in Vault's audit log as that service decrypting the root credential). Other
+    # processes make that one guess once each, then forget it too.
+    delivery_of(request).opened.forget(tenant_id, integrations.item_name(provider))
     if body.mode == "static":
         # Minted keys have no place in static delivery: the sweep revokes them now.
         service.retire_for_root(

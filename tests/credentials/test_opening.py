@@ -137,10 +137,16 @@ def test_a_provider_switched_to_dynamic_delivery_never_hands_out_its_root_creden
     )
     assert saved.status_code == 200, saved.text
     assert first_fetch(served, tenant, "twilio")["fields"] == dict(VALID["twilio"])
+    # Another process, which did not make the switch, still expects the stored ciphertext.
+    elsewhere = delivery(served).opened.get(tenant, "integrations/twilio")
     switched = served.put(
         "/v1/tenants/settings/integrations/twilio/delivery", json={"mode": "dynamic"}, headers=admin
     )
     assert switched.status_code == 200, switched.text
+    # The process that made it no longer guesses the root credential's ciphertext.
+    assert delivery(served).opened.get(tenant, "integrations/twilio") is None
+    assert elsewhere is not None
+    delivery(served).opened.remember(tenant, "integrations/twilio", elsewhere)
     try:
         response = fetched(served, tenant, "twilio")
         assert response.status_code == 200, response.text
