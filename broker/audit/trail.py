@@ -24,9 +24,8 @@ from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.db import unit_of_work
 from broker.core.errors import BrokerError
-from broker.core.http import route_template
 from broker.core.identifiers import TENANT_ID
-from broker.core.logging import is_plain_name, redact_text
+from broker.core.logging import is_plain_name, redact_text, route_template
 from broker.models import AuditEvent, Tenant, utcnow
 
 log = logging.getLogger(__name__)

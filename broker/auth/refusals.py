@@ -16,7 +16,7 @@ from broker.audit.denials import DenialTally, DeniedRun
 from broker.auth.principal import Principal
 from broker.core import context
 from broker.core.errors import BrokerError, RateLimited, TooManyFailures
-from broker.core.http import route_template
+from broker.core.logging import route_template
 
 
 def record_refusal(request: Request, exc: BrokerError) -> BrokerError:

@@ -7,7 +7,7 @@ import re
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,7 +29,7 @@ from broker.core.errors import (
     schema_names,
     unknown_field_message,
 )
-from broker.core.logging import redact_text
+from broker.core.logging import redact_text, route_template
 from broker.core.ratelimit import client_address
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,6 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{8,64}$")
 _PROBLEM_SCHEMA = {"$ref": "#/components/schemas/Problem"}
 # The methods the access log and the metrics name; any other is "OTHER" (a caller's word).
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# A path parameter's convertor, as in `{tenant_id:tenant}` (see broker.tenants.routes).
-_CONVERTOR = re.compile(r":\w+\}")
-
-
-def route_template(scope: Mapping[str, Any]) -> str | None:
-    """The matched route's path as documented (`/v1/tenants/{tenant_id}`), or None.
-
-    Logs, metrics and audit rows name routes by this template, never by the raw path,
-    which is caller input.
-    """
-    path = getattr(scope.get("route"), "path", None)
-    if not isinstance(path, str):
-        return None
-    return _CONVERTOR.sub("}", path) if ":" in path else path  # most have none
 
 
 class FieldProblem(BaseModel):

@@ -11,6 +11,7 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -28,6 +29,22 @@ ACCESS_LOGGER = "broker.access"
 # from these three, never taken as written.
 ACCESS_MESSAGE = ("method", "route", "status")
 _ACCESS_OWN = {"method": str, "route": str, "status": int, "duration_ms": float, "request_id": str}
+
+# A path parameter's convertor, as in `{tenant_id:tenant}` (see broker.tenants.routes).
+_CONVERTOR = re.compile(r":\w+\}")
+
+
+def route_template(scope: Mapping[str, Any]) -> str | None:
+    """The matched route's path as documented (`/v1/tenants/{tenant_id}`), or None.
+
+    Logs, metrics and audit rows name routes by this template, never by the raw path,
+    which is caller input.
+    """
+    path = getattr(scope.get("route"), "path", None)
+    if not isinstance(path, str):
+        return None
+    return _CONVERTOR.sub("}", path) if ":" in path else path  # most have none
+
 
 # Shapes of credentials we know. Order matters little; each match is replaced whole.
 _SECRET_PATTERNS = [
