@@ -222,11 +222,12 @@ def _children(parent: int) -> list[int]:
 
 def _workers(supervisor: int) -> set[int]:
     """The supervisor's live worker processes (not multiprocessing's resource tracker)."""
-    return {
-        pid
-        for pid in _children(supervisor)
-        if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    }
+    found = set()
+    for pid in _children(supervisor):
+        with suppress(OSError):  # a worker reaped since it was listed
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.add(pid)
+    return found
 
 
 def test_a_worker_that_dies_is_replaced_and_the_server_keeps_serving(
