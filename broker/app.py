@@ -8,7 +8,6 @@ from datetime import timedelta
 
 from fastapi import FastAPI
 from fastapi.telemetry import TelemetryConfig
-from prometheus_client import Gauge
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import State
@@ -24,7 +23,12 @@ from broker.core.config import ConfigurationError, Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.docs import install_docs
 from broker.core.http import Metrics, RequestContextMiddleware, install_error_handlers
-from broker.core.metrics import DependencyMetrics, StateCollector, install_runtime_collectors
+from broker.core.metrics import (
+    ComponentMetrics,
+    DependencyMetrics,
+    StateCollector,
+    install_runtime_collectors,
+)
 from broker.core.openapi import install_openapi
 from broker.core.ratelimit import RateLimiter
 from broker.credential_health.routes import platform_router as credentials_report_router
@@ -192,23 +196,17 @@ def _build_state(
 
 
 def _install_metrics(state: State) -> None:
-    """The state gauges and the runtime collectors, on the app's own registry."""
-    registry = state.metrics.registry
+    """The components' counters, and the collectors that read this process at scrape time."""
+    metrics: Metrics = state.metrics
     limiter: RateLimiter = state.limiter
-    registry.register(
-        StateCollector(
-            engine=state.engine,
-            limiter=limiter,
-            verifier=state.verifier,
-            deletions=state.deletions,
-        )
+    ComponentMetrics(metrics.registry, limiter.limits).attach(
+        engine=state.engine,
+        limiter=limiter,
+        verifier=state.verifier,
+        deletions=state.deletions,
     )
-    install_runtime_collectors(registry)
-    Gauge(
-        "broker_rate_limit_degraded",
-        "1 while the shared rate-limit storage is unreachable and this process limits alone.",
-        registry=registry,
-    ).set_function(lambda: float(limiter.degraded))
+    metrics.local.register(StateCollector(engine=state.engine, limiter=limiter))
+    install_runtime_collectors(metrics.local)
 
 
 def limiter_for(settings: Settings) -> RateLimiter:

@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from contextlib import ExitStack
 from multiprocessing.connection import wait as wait_for_any
 from pathlib import Path
@@ -382,7 +384,9 @@ def _run_workers(workers: int, *, host: str, port: int) -> None:
 
     Each worker builds its own app (`served_app`): its own event loop, database
     pool (so up to `workers` times BROKER_DATABASE_POOL_SIZE + MAX_OVERFLOW
-    connections), token cache and view of tenant deletions. The supervisor
+    connections), token cache and view of tenant deletions. Their metrics are kept
+    in files of a directory of this run's, so that any worker's /metrics adds up
+    every worker's counts (`broker.core.metrics.exposition`). The supervisor
     restarts a worker that dies and stops them all on SIGINT or SIGTERM.
     """
     config = _uvicorn_config(
@@ -400,10 +404,15 @@ def _run_workers(workers: int, *, host: str, port: int) -> None:
     # The supervisor builds every worker's handle, restarted ones too, from this name.
     multiprocess.Process = _Worker  # type: ignore[misc]
     supervisor = Multiprocess(config, sockets=[sock])
+    # Fresh for each run (a count left by an earlier one would be added in), inherited by
+    # every worker; a worker's files outlive it, so what it counted still adds up.
+    metrics_dir = tempfile.mkdtemp(prefix="broker-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:
         supervisor.run()
     finally:
         sock.close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     if any(worker.exitcode == STARTUP_FAILURE for worker in supervisor.processes):
         sys.exit(STARTUP_FAILURE)  # as with one process: a failed startup is not a clean exit
 

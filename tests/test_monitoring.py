@@ -18,6 +18,7 @@ from broker.core.config import Settings
 from broker.core.db import DatabaseBounds, make_engine
 from broker.core.errors import BrokerError
 from broker.vault.gateway import VaultGateway
+from tests.support.metrics import metric_value
 from tests.support.tokens import bearer, token
 
 MONITORING = Path(__file__).resolve().parents[1] / "deploy" / "monitoring"
@@ -73,12 +74,7 @@ def test_the_alerts_an_operator_expects_are_there() -> None:
 
 
 def _value(client: TestClient, name: str, **labels: str) -> float:
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(client.get("/metrics").text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
+    return metric_value(client.get("/metrics").text, name, **labels)
 
 
 def test_a_failed_vault_call_is_counted_by_operation_node_and_error(

@@ -21,6 +21,7 @@ from broker.cli import WORKER_HEALTHCHECK_S
 from broker.core.config import Settings
 from broker.devstack.openbao import free_port
 from broker.models import AuditEvent
+from tests.support.metrics import metric_value
 from tests.support.redis import redis_server
 from tests.support.tokens import TEST_SIGNING_KEY, bearer, token
 
@@ -156,10 +157,14 @@ def test_two_workers_share_the_failure_limit_through_redis(
             answer = http.getresponse()
             answer.read()
             statuses.append(answer.status)
+        first.request("GET", "/metrics")
+        metrics = first.getresponse().read().decode()
         first.close()
         second.close()
     # One budget of three failures for the replica: alone, each worker would allow three.
     assert statuses == [401, 401, 401, 429, 429, 429]
+    # Refused by both workers, counted once each in either worker's answer.
+    assert metric_value(metrics, "broker_rate_limit_rejections_total", limit="auth_failures") == 3
 
 
 def _one_connection_per_worker(supervisor: int, port: int) -> tuple[HTTPConnection, HTTPConnection]:
@@ -228,6 +233,50 @@ def _workers(supervisor: int) -> set[int]:
             if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 found.add(pid)
     return found
+
+
+def test_metrics_add_up_what_every_worker_counted(
+    settings: Settings, broker_vault_token: str, tmp_path: Path
+) -> None:
+    admin = bearer(token("tenant:admin", tenant_id="metrics-of-two-workers"))
+    with broker_serve(
+        settings,
+        broker_vault_token,
+        tmp_path,
+        args=("--workers", "2"),
+        startup_deadline_s=WORKERS_STARTUP_DEADLINE_S,
+    ) as (proc, port):
+        files = _environment(min(_workers(proc.pid)))["PROMETHEUS_MULTIPROC_DIR"]
+        connections = _one_connection_per_worker(proc.pid, port)
+        for http in connections:
+            for _ in range(2):  # the token verified, then found in this worker's cache
+                _get(http, "/v1/tenants/settings", admin)
+        _get(connections[0], "/readyz")
+        scrapes = [_get(http, "/metrics") for http in connections]
+        for http in connections:
+            http.close()
+    # Whichever worker answers the scrape, it tells every worker's counts.
+    route = {"route": "/v1/tenants/settings", "method": "GET"}
+    for scrape in scrapes:
+        assert metric_value(scrape, "broker_http_requests_total", **route) == 4
+        assert metric_value(scrape, "broker_http_request_duration_seconds_count", **route) == 4
+        assert metric_value(scrape, "broker_token_cache_lookups_total", result="miss") == 2
+        assert metric_value(scrape, "broker_token_cache_lookups_total", result="hit") == 2
+        # A state gauge: what the latest probe of any worker found.
+        assert metric_value(scrape, "broker_vault_state", state="ok") == 1
+        # Read at scrape time from the answering worker alone: one pool, one process.
+        assert metric_value(scrape, "process_resident_memory_bytes") > 0
+    assert not Path(files).exists(), "the run's metric files outlived it"
+
+
+def _get(http: HTTPConnection, path: str, headers: dict[str, str] | None = None) -> str:
+    http.request("GET", path, headers=headers or {})
+    return http.getresponse().read().decode()
+
+
+def _environment(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().decode()
+    return dict(entry.partition("=")[::2] for entry in raw.split("\0") if entry)
 
 
 def test_a_worker_that_dies_is_replaced_and_the_server_keeps_serving(

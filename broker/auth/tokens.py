@@ -8,7 +8,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeGuard
 
@@ -88,9 +88,8 @@ class TokenVerifier:
         # sha256(token) -> what its verification found, least recently stored first
         self._remembered: OrderedDict[bytes, _Remembered] = OrderedDict()
         self._cache_lock = threading.Lock()
-        # Lookups in the cache of verified tokens, for /metrics.
-        self.cache_hits = 0
-        self.cache_misses = 0
+        # Told whether each lookup in the cache of verified tokens found it (for /metrics).
+        self.on_lookup: Callable[[bool], None] = lambda found: None
         self._jwks: PyJWKClient | None = None
         self._key: Any = None
         if jwks_url:
@@ -173,12 +172,10 @@ class TokenVerifier:
     def _lookup(self, digest: bytes, now: float) -> Principal | None:
         with self._cache_lock:
             known = self._remembered.get(digest)
-        # The counters feed a metric only: a lost increment under a race is harmless,
-        # a second lock on every fetch is not free.
         if known is None or known.until <= now or not self._key_unchanged(known):
-            self.cache_misses += 1
+            self.on_lookup(False)
             return None
-        self.cache_hits += 1
+        self.on_lookup(True)
         return known.principal
 
     def _key_unchanged(self, known: _Remembered) -> bool:

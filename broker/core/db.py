@@ -29,8 +29,11 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 # The bounds each engine was made with (Engine has no slot of its own for them).
 _BOUNDS: weakref.WeakKeyDictionary[Engine, DatabaseBounds] = weakref.WeakKeyDictionary()
-# Requests that found every pooled connection busy, per engine (for /metrics).
-_POOL_TIMEOUTS: weakref.WeakKeyDictionary[Engine, int] = weakref.WeakKeyDictionary()
+# Told of each unit of work that found every pooled connection busy, per engine (for
+# /metrics: each app that serves from the engine counts them).
+_POOL_TIMEOUT_WATCHERS: weakref.WeakKeyDictionary[Engine, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 # How much longer the client waits than the server's own statement timeout: the
 # server normally cancels first, cleanly; the client deadline is for a server
@@ -386,7 +389,8 @@ def bounds_of(engine: Engine) -> DatabaseBounds:
 
 def _busy(engine: Engine) -> UpstreamUnavailable:
     """Every connection is busy (a burst, or a stalled server): counted, and a 503 to retry."""
-    _POOL_TIMEOUTS[engine] = _POOL_TIMEOUTS.get(engine, 0) + 1
+    for watcher in _POOL_TIMEOUT_WATCHERS.get(engine, ()):
+        watcher()
     return UpstreamUnavailable("the database is busy", retry_after=_retry_after(engine))
 
 
@@ -404,9 +408,9 @@ def ping(engine: Engine) -> bool:
         return False
 
 
-def pool_timeouts(engine: Engine) -> int:
-    """How many units of work found every pooled connection busy, since the engine began."""
-    return _POOL_TIMEOUTS.get(engine, 0)
+def watch_pool_timeouts(engine: Engine, watcher: Callable[[], None]) -> None:
+    """Call `watcher` whenever a unit of work on `engine` finds every pooled connection busy."""
+    _POOL_TIMEOUT_WATCHERS.setdefault(engine, []).append(watcher)
 
 
 def alembic_config(url: str) -> Config:

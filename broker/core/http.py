@@ -137,10 +137,16 @@ def document_problems(document: dict[str, Any]) -> dict[str, Any]:
 
 
 class Metrics:
-    """Prometheus metrics for one app (its own registry, so tests can build many apps)."""
+    """Prometheus metrics for one app (its own registries, so tests can build many apps).
+
+    `registry` holds what is counted as it happens, which several workers add up;
+    `local`, the collectors that read this process's state at scrape time (see
+    `broker.core.metrics.exposition`).
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.local = CollectorRegistry()
         self.requests = Counter(
             "broker_http_requests_total",
             "HTTP requests by route template, method and status.",

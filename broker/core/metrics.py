@@ -1,13 +1,17 @@
 """What /metrics tells an operator beyond HTTP traffic: dependencies, limits and jobs.
 
-Counters that components keep for themselves (rate-limit rejections, token-cache lookups,
-pool timeouts) are read at scrape time by one collector, so those components need no
-metrics registry of their own; calls to Vault and Stripe are observed as they happen.
+Counters and histograms are counted as things happen: calls to Vault and Stripe, and
+what components report through their hooks (rate-limit rejections, token-cache
+lookups, pool timeouts). What only makes sense at the moment of a scrape (the pool's
+connections, the job and lease counts in PostgreSQL, the process) is read then by
+collectors of the app's `local` registry. `exposition` writes both, adding up every
+worker's counts under `broker serve --workers N`.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from collections.abc import Iterable, Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -22,18 +26,22 @@ from prometheus_client import (
     Info,
     PlatformCollector,
     ProcessCollector,
+    generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 from sqlalchemy import Engine, Row, TextClause, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from broker.auth.tokens import TokenVerifier
-from broker.core.db import pool_timeouts
+from broker.core.db import watch_pool_timeouts
 from broker.core.ratelimit import RateLimiter
 from broker.tenants.deletions import DeletionWatch
 
+# prometheus_client's own variable: set before it is imported, it keeps values in files.
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 VAULT_STATES = ("ok", "sealed", "unreachable", "refusing", "unknown")
 # Vault and Stripe answer in milliseconds to seconds; past the budget is a timeout.
 _CALL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,9 +94,8 @@ class DependencyMetrics:
             "cannot write), 0 for the others.",
             ["state"],
             registry=registry,
-        )
-        Info("broker_build", "The running broker.", registry=registry).info(
-            {"version": package_version(), "python": platform.python_version()}
+            # With several workers: the state the latest probe of any of them found.
+            multiprocess_mode="mostrecent",
         )
 
     def vault_call(self, operation: str, node: str, seconds: float, error: str | None) -> None:
@@ -109,10 +116,45 @@ class DependencyMetrics:
             self.vault_state.labels(known).set(1.0 if known == state else 0.0)
 
 
-class StateCollector(Collector):
-    """Reads, at scrape time, the counts the broker's components keep themselves."""
+class ComponentMetrics:
+    """What the broker's components count as it happens: requests refused by a rate limit,
+    lookups in the token cache, units of work that found the pool busy, failed refreshes
+    of the deletion watch.
 
-    def __init__(
+    Each component is told of the event through a hook it owns (`on_rejected`, ...), and
+    the count is a counter here rather than a number the component keeps and a scrape
+    reads: with `broker serve --workers N`, counters are what a scrape adds up over every
+    worker (`exposition`).
+    """
+
+    def __init__(self, registry: CollectorRegistry, limits: Iterable[str]) -> None:
+        self.rejections = Counter(
+            "broker_rate_limit_rejections",
+            "Requests refused with 429 by a named rate limit.",
+            ["limit"],
+            registry=registry,
+        )
+        for name in limits:
+            self.rejections.labels(name)  # each limit shown, at 0 until it refuses one
+        lookups = Counter(
+            "broker_token_cache_lookups",
+            "Lookups in the cache of verified tokens (a hit skips signature verification).",
+            ["result"],
+            registry=registry,
+        )
+        self._hit, self._miss = lookups.labels("hit"), lookups.labels("miss")
+        self.pool_timeouts = Counter(
+            "broker_db_pool_timeouts",
+            "Units of work that found every pooled connection busy (answered 503).",
+            registry=registry,
+        )
+        self.deletion_refresh_failures = Counter(
+            "broker_deletion_watch_refresh_failures",
+            "Failed refreshes of the list of tenants being deleted (the last list is kept).",
+            registry=registry,
+        )
+
+    def attach(
         self,
         *,
         engine: Engine,
@@ -120,38 +162,40 @@ class StateCollector(Collector):
         verifier: TokenVerifier,
         deletions: DeletionWatch,
     ) -> None:
+        """Count what these components report from now on."""
+        limiter.on_rejected = self.rejected
+        verifier.on_lookup = self.token_lookup
+        deletions.on_refresh_failed = self.deletion_refresh_failures.inc
+        watch_pool_timeouts(engine, self.pool_timeouts.inc)
+
+    def rejected(self, limit: str) -> None:
+        """One request refused by the named limit."""
+        self.rejections.labels(limit).inc()
+
+    def token_lookup(self, found: bool) -> None:
+        """One lookup in the token cache, which found the token or not."""
+        (self._hit if found else self._miss).inc()
+
+
+class StateCollector(Collector):
+    """Reads, at scrape time, what this process's pool and rate limiter are in, and the
+    counts PostgreSQL holds for every process (jobs, leases, credentials)."""
+
+    def __init__(self, *, engine: Engine, limiter: RateLimiter) -> None:
         self._engine = engine
         self._limiter = limiter
-        self._verifier = verifier
-        self._deletions = deletions
 
     def collect(self) -> Iterator[Metric]:
         """The current values (a prometheus_client custom collector)."""
-        rejections = CounterMetricFamily(
-            "broker_rate_limit_rejections",
-            "Requests refused with 429 by a named rate limit.",
-            labels=["limit"],
+        yield GaugeMetricFamily(
+            "broker_rate_limit_degraded",
+            "1 while the shared rate-limit storage is unreachable and this process limits alone.",
+            value=float(self._limiter.degraded),
         )
-        for name in self._limiter.limits:
-            rejections.add_metric([name], self._limiter.rejections[name])
-        yield rejections
-        lookups = CounterMetricFamily(
-            "broker_token_cache_lookups",
-            "Lookups in the cache of verified tokens (a hit skips signature verification).",
-            labels=["result"],
-        )
-        lookups.add_metric(["hit"], self._verifier.cache_hits)
-        lookups.add_metric(["miss"], self._verifier.cache_misses)
-        yield lookups
         yield from _pool_metrics(self._engine)
         yield from _job_metrics(self._engine)
         yield from _lease_metrics(self._engine)
         yield from _credential_metrics(self._engine)
-        yield CounterMetricFamily(
-            "broker_deletion_watch_refresh_failures",
-            "Failed refreshes of the list of tenants being deleted (the last list is kept).",
-            value=self._deletions.refresh_failures,
-        )
 
     def describe(self) -> Iterable[Metric]:
         """Nothing up front: the collector is only ever registered once per registry."""
@@ -173,11 +217,6 @@ def _pool_metrics(engine: Engine) -> Iterator[Metric]:
             "broker_db_pool_size", "The pool's configured size (without overflow).", pool.size()
         )
     yield connections
-    yield CounterMetricFamily(
-        "broker_db_pool_timeouts",
-        "Units of work that found every pooled connection busy (answered 503).",
-        value=pool_timeouts(engine),
-    )
 
 
 # Succeeded jobs are kept a day and failed ones until removed (broker.jobs.housekeeping),
@@ -282,8 +321,29 @@ def _credential_metrics(engine: Engine) -> Iterator[Metric]:
 
 
 def install_runtime_collectors(registry: CollectorRegistry) -> None:
-    """The process (CPU, memory, file descriptors), Python platform and GC collectors."""
+    """The process (CPU, memory, file descriptors), Python platform and GC collectors, and
+    the build."""
     # Each registers itself in the app's own registry, not the global one.
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     GCCollector(registry=registry)
+    Info("broker_build", "The running broker.", registry=registry).info(
+        {"version": package_version(), "python": platform.python_version()}
+    )
+
+
+def exposition(counted: CollectorRegistry, local: CollectorRegistry) -> bytes:
+    """The /metrics body: what is `counted` as it happens (requests, Vault and Stripe calls,
+    the components' counts), then what `local` reads from this process at scrape time.
+
+    Under `broker serve --workers N` the counted metrics are every worker's, added up:
+    the supervisor names a directory in PROMETHEUS_MULTIPROC_DIR before it starts them,
+    so prometheus_client keeps each worker's values in files there, and any worker's
+    scrape reads them all. What `local` reads (the pool, the process, the rate limiter's
+    state) is the answering worker's own.
+    """
+    directory = os.environ.get(MULTIPROCESS_DIR)
+    if directory:
+        counted = CollectorRegistry()
+        MultiProcessCollector(counted, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(counted) + generate_latest(local)

@@ -9,7 +9,6 @@ returns to the shared counters once Redis answers again.
 
 from __future__ import annotations
 
-import collections
 import ipaddress
 import logging
 import math
@@ -172,8 +171,8 @@ class RateLimiter:
         # Sliding-window counters, not a moving window: a moving window keeps
         # every hit of every key, and keys are per (principal, tenant).
         self._memory = LocalWindows()
-        # Rejections by limit name, for /metrics (a plain count: read, never reset).
-        self.rejections: collections.Counter[str] = collections.Counter()
+        # Told the limit's name at each rejection (/metrics counts them).
+        self.on_rejected: Callable[[str], None] = lambda name: None
         self._shares = not storage_uri.startswith("memory://")
         self._storage: Storage | None = None
         self._shared: SlidingWindowCounterRateLimiter | None = None
@@ -219,7 +218,7 @@ class RateLimiter:
         item = self.limits[name]
         for key in keys:
             if not self._call("hit", item, name, key):
-                self.rejections[name] += 1
+                self.on_rejected(name)
                 raise RateLimited(
                     "too many requests; slow down", retry_after=self.retry_after(name, key)
                 )

@@ -9,13 +9,14 @@ import anyio.to_thread
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 
 from broker.core import context
 from broker.core.config import Settings
 from broker.core.db import ping
 from broker.core.errors import BrokerError
+from broker.core.metrics import exposition
 from broker.deps import (
     EngineDep,
     LimiterDep,
@@ -156,8 +157,8 @@ def _stripe_state(stripe: StripeAccess) -> str:
 
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
-    """Prometheus metrics for this process."""
-    registry = request.app.state.metrics.registry
+    """Prometheus metrics: this server's counts (every worker's), and this process's state."""
+    metrics = request.app.state.metrics
     # Off the event loop: some collectors ask PostgreSQL (job counts), which may stall.
-    body = await run_in_threadpool(generate_latest, registry)
+    body = await run_in_threadpool(exposition, metrics.registry, metrics.local)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from sqlalchemy import Engine
 from sqlmodel import col, select
@@ -44,7 +45,7 @@ class DeletionWatch:
         self._seen: frozenset[str] = frozenset()
         self._checked_at = float("-inf")
         self._refreshing = threading.Lock()
-        self.refresh_failures = 0  # for /metrics
+        self.on_refresh_failed: Callable[[], None] = lambda: None  # for /metrics
 
     @property
     def grace_s(self) -> float:
@@ -101,7 +102,7 @@ class DeletionWatch:
                 self._seen = frozenset(session.exec(query))
         except Exception as exc:  # a background thread: nobody else would see it
             # Keep the last answer; the next fetch after `ttl_s` tries again.
-            self.refresh_failures += 1
+            self.on_refresh_failed()
             log.warning(
                 "tenant deletions could not be read; keeping the last answer",
                 extra={"fields": {"error": type(exc).__name__}},

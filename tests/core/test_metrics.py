@@ -8,14 +8,22 @@ import logging
 from typing import Any
 
 from fastapi.testclient import TestClient
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Engine, text
 
 from broker.app import create_app
+from broker.auth.tokens import TokenVerifier
 from broker.core.config import Settings
+from broker.core.db import DatabaseBounds, make_engine
 from broker.core.logging import JsonFormatter, RedactionFilter
+from broker.core.metrics import ComponentMetrics
+from broker.core.ratelimit import RateLimiter
+from broker.devstack.openbao import free_port
+from broker.tenants.deletions import DeletionWatch
 from broker.vault.gateway import VaultGateway
 from tests.fakes.stripe import FakeStripe
+from tests.support.metrics import metric_value
 from tests.support.tenants import make_tenant
 from tests.support.tokens import bearer, token
 
@@ -164,3 +172,28 @@ def test_job_outcomes_are_counted_by_task_and_status(client: TestClient, engine:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM procrastinate_jobs WHERE queue_name = 'metrics-test'"))
     assert value(found, "broker_jobs", task="metrics.example", status="failed") == 1
+
+
+def test_a_failed_refresh_of_the_deletion_watch_is_counted(settings: Settings) -> None:
+    # Nothing listens there: every refresh fails, and keeps the last (empty) answer.
+    unreachable = make_engine(
+        f"postgresql+psycopg://broker@127.0.0.1:{free_port()}/broker",
+        DatabaseBounds(connect_timeout_s=2),
+    )
+    limiter = RateLimiter("memory://", {"fetch": "10/minute"})
+    deletions = DeletionWatch(unreachable, ttl_s=60)
+    registry = CollectorRegistry()
+    ComponentMetrics(registry, limiter.limits).attach(
+        engine=unreachable,
+        limiter=limiter,
+        verifier=TokenVerifier.from_settings(settings),
+        deletions=deletions,
+    )
+    try:
+        deletions.refresh()
+        deletions.refresh()
+    finally:
+        unreachable.dispose()
+    counted = generate_latest(registry).decode()
+    assert metric_value(counted, "broker_deletion_watch_refresh_failures_total") == 2
+    assert not deletions.is_deleting("any-tenant")
