@@ -117,15 +117,29 @@ Explain = Callable[[BaseException, str], BrokerError]
 
 @dataclass(frozen=True)
 class Failure:
-    """What one kind of Vault failure means to the broker."""
+    """What one kind of Vault failure means to the broker: the exceptions it covers, only
+    those whose Vault errors say one of `says` when that is given."""
 
     kinds: tuple[type[BaseException], ...]
     transient: bool
     explain: Explain
+    says: tuple[str, ...] = ()
+
+    def covers(self, exc: BaseException) -> bool:
+        """Whether `exc` is this kind of failure."""
+        if not isinstance(exc, self.kinds):
+            return False
+        return not self.says or any(phrase in _said(exc) for phrase in self.says)
 
     def error(self, exc: BaseException, operation: str) -> BrokerError:
         """The broker error for `exc`, raised by a call named `operation`."""
         return self.explain(exc, operation)
+
+
+def _said(exc: BaseException) -> str:
+    """The errors a Vault answer listed (hvac keeps them), as one line."""
+    errors = exc.errors if isinstance(exc, hvac.exceptions.VaultError) else None
+    return " ".join(str(e) for e in (errors or []))
 
 
 def _unavailable(why: str) -> Explain:
@@ -159,8 +173,7 @@ _REJECTIONS: tuple[tuple[tuple[str, ...], Callable[[], BrokerError]], ...] = (
 
 
 def _rejected(exc: BaseException, operation: str) -> BrokerError:
-    errors = exc.errors if isinstance(exc, hvac.exceptions.VaultError) else None
-    text = " ".join(str(e) for e in (errors or []))
+    text = _said(exc)
     for phrases, error in _REJECTIONS:
         if any(phrase in text for phrase in phrases):
             return error()
@@ -204,6 +217,15 @@ FAILURES: tuple[Failure, ...] = (
     Failure(
         (hvac.exceptions.InvalidPath,), transient=False, explain=lambda exc, operation: NotFound()
     ),
+    # A KV v2 mount answers 400 for a moment while it (re)initialises: on a node that has
+    # just become active after a failover, or a mount just upgraded from KV v1. Nothing
+    # was done, and the same request succeeds once it is over.
+    Failure(
+        (hvac.exceptions.InvalidRequest,),
+        transient=True,
+        explain=_unavailable("a Vault secrets engine is starting"),
+        says=("non-versioned to versioned data",),
+    ),
     Failure((hvac.exceptions.InvalidRequest,), transient=False, explain=_rejected),
     Failure(
         (hvac.exceptions.Forbidden, hvac.exceptions.Unauthorized), transient=False, explain=_refused
@@ -225,7 +247,7 @@ FAILURES: tuple[Failure, ...] = (
 def failure(exc: BaseException) -> Failure | None:
     """The row of the error table for `exc`; None for an error that is not Vault's."""
     for row in FAILURES:
-        if isinstance(exc, row.kinds):
+        if row.covers(exc):
             return row
     return None
 

@@ -392,7 +392,7 @@ class VaultGateway:
             return dict(json.loads(answer.data))
         refused = _vault_error(method, url, answer.status, answer.data)
         self._failed_on_loop(operation, index, started, refused)
-        if answer.status not in _DEFINITE:
+        if answer.status not in _DEFINITE or is_transient(refused):
             raise _Indefinite
         raise self._broker_error(failure(refused) or FAILURES[-1], refused, operation) from None
 
@@ -415,7 +415,8 @@ class _Indefinite(Exception):
     """An attempt on the loop that the threaded `call` must make again (or could not start)."""
 
 
-# Answers that retrying on this or another node cannot change.
+# Answers that retrying on this or another node cannot change (but a KV mount starting up,
+# which the error table knows).
 _DEFINITE = (400, 404)
 
 
