@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from http.client import HTTPConnection
 from pathlib import Path
 
@@ -92,6 +92,20 @@ def _until_healthy(proc: subprocess.Popen[str], url: str, log: Path, within_s: f
         time.sleep(0.2)
 
 
+def two_workers(
+    settings: Settings, vault_token: str, where: Path, env: dict[str, str] | None = None
+) -> AbstractContextManager[tuple[subprocess.Popen[str], int]]:
+    """`broker serve --workers 2`, as `broker_serve`."""
+    return broker_serve(
+        settings,
+        vault_token,
+        where,
+        env=env,
+        args=("--workers", "2"),
+        startup_deadline_s=WORKERS_STARTUP_DEADLINE_S,
+    )
+
+
 @pytest.fixture
 def served(settings: Settings, broker_vault_token: str, tmp_path: Path) -> Iterator[str]:
     """`broker serve` with one worker."""
@@ -137,7 +151,7 @@ def test_two_workers_share_the_failure_limit_through_redis(
     }
     with (
         redis_server() as (_, redis_url),
-        broker_serve(
+        two_workers(
             settings,
             broker_vault_token,
             tmp_path,
@@ -145,8 +159,6 @@ def test_two_workers_share_the_failure_limit_through_redis(
                 "BROKER_RATE_LIMIT_STORAGE": redis_url,
                 "BROKER_RATE_LIMIT_AUTH_FAILURES": "3/hour",
             },
-            args=("--workers", "2"),
-            startup_deadline_s=WORKERS_STARTUP_DEADLINE_S,
         ) as (proc, port),
     ):
         first, second = _one_connection_per_worker(proc.pid, port)
@@ -239,13 +251,7 @@ def test_metrics_add_up_what_every_worker_counted(
     settings: Settings, broker_vault_token: str, tmp_path: Path
 ) -> None:
     admin = bearer(token("tenant:admin", tenant_id="metrics-of-two-workers"))
-    with broker_serve(
-        settings,
-        broker_vault_token,
-        tmp_path,
-        args=("--workers", "2"),
-        startup_deadline_s=WORKERS_STARTUP_DEADLINE_S,
-    ) as (proc, port):
+    with two_workers(settings, broker_vault_token, tmp_path) as (proc, port):
         files = _environment(min(_workers(proc.pid)))["PROMETHEUS_MULTIPROC_DIR"]
         connections = _one_connection_per_worker(proc.pid, port)
         for http in connections:
@@ -282,13 +288,7 @@ def _environment(pid: int) -> dict[str, str]:
 def test_a_worker_that_dies_is_replaced_and_the_server_keeps_serving(
     settings: Settings, broker_vault_token: str, tmp_path: Path
 ) -> None:
-    with broker_serve(
-        settings,
-        broker_vault_token,
-        tmp_path,
-        args=("--workers", "2"),
-        startup_deadline_s=WORKERS_STARTUP_DEADLINE_S,
-    ) as (proc, port):
+    with two_workers(settings, broker_vault_token, tmp_path) as (proc, port):
         victim = min(_workers(proc.pid))
         os.kill(victim, signal.SIGKILL)
         deadline = time.monotonic() + WORKERS_STARTUP_DEADLINE_S
