@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 from typing import Self
 
 from broker.core.config import Settings
@@ -81,14 +82,23 @@ def own_stack(prefix: str) -> Iterator[tuple[ExitStack, Settings, Path]]:
     Yields the exit stack it runs on (for more of the run's services), the stack's
     settings and the directory. Outside pytest's and the dev stack's directories:
     pgserver (as root) opens up the permissions of the parents of its data directory.
+    A SIGTERM (`kill`, a CI timeout) stops the run as Ctrl-C does: every process the
+    stack started is stopped, rather than left running without its parent.
     """
     work = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with ExitStack() as stack:
             base = Settings(_env_file=None, env="dev")
             yield stack, start_dev_stack(stack, work / "data", base), work
     finally:
+        signal.signal(signal.SIGTERM, previous)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the cleanup
+    raise KeyboardInterrupt
 
 
 class BrokerCommand(StartsAndStops):
