@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import TypeVar
 
 import anyio
-import anyio.to_thread
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
@@ -36,6 +37,7 @@ from broker.core import context
 from broker.core.config import Settings
 from broker.core.errors import Forbidden, NotFound, RateLimited, ValidationFailed
 from broker.core.ratelimit import RateLimiter
+from broker.core.threads import run_on
 from broker.credentials.opening import LastOpened, read_and_open
 from broker.credentials.schemas import CredentialLease, WrapInfo, WrappedCredentialLease
 from broker.integrations import oauth
@@ -54,6 +56,7 @@ _TTL = re.compile(r"^(\d{1,5})(s|m|h)?$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, None: 1}
 # A refusal is recorded before the answer when the database is healthy; never waited on longer.
 REFUSAL_RECORD_GRACE_S = 0.25
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,16 @@ class Delivery:
     # The ciphertext each item was last opened from, so a fetch's decrypt can start with
     # its KV read (broker/credentials/opening.py).
     opened: LastOpened = field(default_factory=LastOpened)
+
+    async def on_thread(self, threads: anyio.CapacityLimiter, work: Callable[[], T]) -> T:
+        """`work()` on one of the fetch `threads`, waiting for one no longer than a request
+        may spend on Vault: past that, 503 with Retry-After (`broker.core.threads`)."""
+        return await run_on(
+            threads,
+            work,
+            wait_s=self.settings.vault_retry_budget_s,
+            retry_after_s=self.settings.retry_after_s,
+        )
 
 
 async def serve(
@@ -260,24 +273,23 @@ async def deliver(
 ) -> Lease | tuple[Lease, WrappedSecret]:
     """A lease, or a lease wrapped for one unwrap: Vault only, never the database
     (except to refresh an expired OAuth access token, or to check a Meta token's mark)."""
-    if await _deleting(delivery.deletions, asked.tenant_id, threads=threads):
+    if await _deleting(delivery, asked.tenant_id, threads=threads):
         raise NotFound(NO_SUCH)
     lease = await fetch(delivery, principal, asked, threads=threads)
     if asked.wrap_ttl_s is None:
         return lease
-    wrapped = await anyio.to_thread.run_sync(
-        partial(wrap, delivery.vault, lease, ttl_s=asked.wrap_ttl_s), limiter=threads
+    wrapped = await delivery.on_thread(
+        threads, partial(wrap, delivery.vault, lease, ttl_s=asked.wrap_ttl_s)
     )
     return lease, wrapped
 
 
-async def _deleting(
-    deletions: DeletionWatch, tenant_id: str, *, threads: anyio.CapacityLimiter
-) -> bool:
+async def _deleting(delivery: Delivery, tenant_id: str, *, threads: anyio.CapacityLimiter) -> bool:
     """`deletions.is_deleting`, whose wait for a due refresh happens off the event loop."""
+    deletions = delivery.deletions
     refreshed = deletions.revalidate()
     if refreshed is not None:
-        await anyio.to_thread.run_sync(refreshed.wait, deletions.grace_s, limiter=threads)
+        await delivery.on_thread(threads, partial(refreshed.wait, deletions.grace_s))
     return deletions.is_deleting(tenant_id)
 
 
@@ -299,7 +311,7 @@ async def fetch(
             raise NotFound(NO_SUCH)
         if sealed is None:  # dynamic delivery: never the stored root credential
             dynamic = partial(_dynamic, delivery.leasing, principal, asked, record)
-            return await anyio.to_thread.run_sync(dynamic, limiter=threads)
+            return await delivery.on_thread(threads, dynamic)
     except (NotFound, CiphertextRetired):
         # A retired key version: the tenant's deletion has begun (see
         # broker.tenants.deletions), so there is nothing to deliver.
@@ -309,7 +321,7 @@ async def fetch(
         oauth_lease = partial(
             _oauth, delivery.access, principal, asked, record, sealed, identifiers
         )
-        return await anyio.to_thread.run_sync(oauth_lease, limiter=threads)
+        return await delivery.on_thread(threads, oauth_lease)
     creds = Credentials(provider, {**identifiers, **sealed})
     now = datetime.now(UTC)
     return Lease(

@@ -48,6 +48,12 @@ def dyn_settings() -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
+def dyn_one_loop() -> bool:
+    """Whether `dyn` serves every request on one event loop (`clocked_client`)."""
+    return False
+
+
+@pytest.fixture(scope="module")
 def dyn(
     vault_endpoint: VaultEndpoint,
     broker_vault_token: str,
@@ -56,6 +62,7 @@ def dyn(
     providers: FakeProviders,
     clock: FakeClock,
     dyn_settings: dict[str, Any],
+    dyn_one_loop: bool,
 ) -> Iterator[TestClient]:
     """The broker on the fake clock, its provider calls pointed at the fakes; afterwards,
     every lease still live is revoked."""
@@ -63,11 +70,10 @@ def dyn(
         vault_endpoint,
         broker_vault_token,
         database_url,
-        **provider_overrides(providers),
-        **OAUTH_SETTINGS,
-        **dyn_settings,
+        # A module's own settings win over the defaults.
+        **(provider_overrides(providers) | OAUTH_SETTINGS | dyn_settings),
     )
-    with clocked_client(settings, engine, clock.now) as client:
+    with clocked_client(settings, engine, clock.now, one_loop=dyn_one_loop) as client:
         yield client
         revoke_what_is_left(leasing(client))
 

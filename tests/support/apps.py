@@ -144,15 +144,25 @@ def app_behind_slow_vault(
 
 @contextmanager
 def clocked_client(
-    settings: Settings, engine: Engine, now: Callable[[], float]
+    settings: Settings, engine: Engine, now: Callable[[], float], *, one_loop: bool = False
 ) -> Iterator[TestClient]:
     """A client for the broker on `settings` whose time is `now()` (a fake clock's, shared
-    with the fakes); its own Vault client is closed on the way out."""
+    with the fakes); its own Vault client is closed on the way out.
+
+    With `one_loop` the client is entered: the app's lifespan runs, and one event loop
+    serves every request (otherwise each request gets a loop of its own), so requests
+    made at once from several threads share what belongs to the loop (the fetch threads).
+    """
     vault = VaultGateway.from_settings(settings)
     app = create_app(
         settings, engine=engine, vault=vault, clock=lambda: datetime.fromtimestamp(now(), UTC)
     )
+    client = TestClient(app, raise_server_exceptions=False)
     try:
-        yield TestClient(app, raise_server_exceptions=False)
+        if one_loop:
+            with client:
+                yield client
+        else:
+            yield client
     finally:
         vault.close()
