@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import anyio
-import anyio.to_thread
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 
@@ -13,6 +13,7 @@ from broker.auth.principal import Principal
 from broker.auth.tokens import TokenVerifier, bearer_token
 from broker.core import context
 from broker.core.errors import Forbidden, RateLimited, TooManyFailures, Unauthenticated
+from broker.core.threads import run_on
 from broker.deps import limiter_of, verifier_of
 
 SCOPES_ATTR = "__broker_scopes__"
@@ -122,7 +123,8 @@ def admit(
 # A verification that may fetch the JWKS runs in a worker thread, so a slow
 # identity provider cannot stall the event loop; and under its own small limit,
 # so verifications waiting on a blackholed JWKS endpoint (up to its timeout
-# each) cannot take every thread that database and Vault work needs.
+# each) cannot take every thread that database and Vault work needs. A request
+# finding them all taken waits for one no longer than it would wait on Vault.
 _JWKS_THREADS = 4
 
 
@@ -131,7 +133,12 @@ async def _verify_in_thread(request: Request, verifier: TokenVerifier, token: st
     threads = getattr(state, "jwks_threads", None)
     if threads is None:
         threads = state.jwks_threads = anyio.CapacityLimiter(_JWKS_THREADS)
-    return await anyio.to_thread.run_sync(verifier.verify, token, limiter=threads)
+    return await run_on(
+        threads,
+        partial(verifier.verify, token),
+        wait_s=state.settings.vault_retry_budget_s,
+        retry_after_s=state.settings.retry_after_s,
+    )
 
 
 def declared_scopes(dependency: Any) -> tuple[str, ...] | None:

@@ -713,6 +713,41 @@ def test_verifications_stalled_on_the_jwks_leave_threads_for_other_work(
     asyncio.run(scenario())
 
 
+def test_a_request_finding_every_jwks_thread_stalled_is_a_503_instead_of_a_wait(
+    jwks_server: JwksServer,
+    rsa_key: rsa.RSAPrivateKey,
+    settings: Settings,
+    engine: Engine,
+    broker_vault: VaultGateway,
+) -> None:
+    # A request waits for a verification thread as long as it would wait on Vault.
+    quick = settings.model_copy(update={"vault_retry_budget_s": 0.5})
+    app = create_app(quick, engine=engine, vault=broker_vault)
+    app.state.verifier = jwks_verifier(jwks_server)
+    jwks_server.stall_s = 3
+    tokens = [
+        jwt.encode(claims(sub=f"user-{i}"), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
+        for i in range(5)
+    ]
+    bearers = [{"Authorization": f"Bearer {t}"} for t in tokens]
+
+    async def scenario() -> None:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://broker") as client:
+            stalled = [  # one per verification thread
+                asyncio.create_task(client.get("/v1/tenants/settings", headers=headers))
+                for headers in bearers[:4]
+            ]
+            await asyncio.sleep(0.2)
+            refused = await client.get("/v1/tenants/settings", headers=bearers[4])
+            assert jwks_server.answered == 0  # refused while every verification still waited
+            assert refused.status_code == 503, refused.text
+            assert int(refused.headers["retry-after"]) > 0
+            await asyncio.gather(*stalled)
+
+    asyncio.run(scenario())
+
+
 def test_a_remembered_jwks_token_survives_a_refetch_of_the_same_key(
     jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey
 ) -> None:
