@@ -8,7 +8,7 @@ import hashlib
 import hmac
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -676,20 +676,34 @@ def test_a_jwks_fetch_does_not_stall_other_requests(
     assert jwks_server.hits == 1
 
 
-def test_verifications_stalled_on_the_jwks_leave_threads_for_other_work(
-    jwks_server: JwksServer,
-    rsa_key: rsa.RSAPrivateKey,
-    settings: Settings,
-    engine: Engine,
-    broker_vault: VaultGateway,
-) -> None:
-    app = create_app(settings, engine=engine, vault=broker_vault)
-    app.state.verifier = jwks_verifier(jwks_server)
-    jwks_server.stall_s = 1.5
-    tokens = [
+@pytest.fixture
+def stalled_jwks_app(
+    jwks_server: JwksServer, settings: Settings, engine: Engine, broker_vault: VaultGateway
+) -> Callable[..., Any]:
+    """`make(stall_s, **settings)`: the app verifying against `jwks_server`, which answers
+    each key fetch only after `stall_s`."""
+
+    def make(stall_s: float, **update: Any) -> Any:
+        app = create_app(settings.model_copy(update=update), engine=engine, vault=broker_vault)
+        app.state.verifier = jwks_verifier(jwks_server)
+        jwks_server.stall_s = stall_s
+        return app
+
+    return make
+
+
+def _rs256(rsa_key: rsa.RSAPrivateKey, *subjects: str) -> list[str]:
+    return [
         jwt.encode(claims(sub=name), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
-        for name in ("ann", "ben", "cat")
+        for name in subjects
     ]
+
+
+def test_verifications_stalled_on_the_jwks_leave_threads_for_other_work(
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey, stalled_jwks_app: Callable[..., Any]
+) -> None:
+    app = stalled_jwks_app(1.5)
+    tokens = _rs256(rsa_key, "ann", "ben", "cat")
 
     async def scenario() -> None:
         # Two threads for ordinary work: without a limit of their own, the stalled
@@ -714,21 +728,11 @@ def test_verifications_stalled_on_the_jwks_leave_threads_for_other_work(
 
 
 def test_a_request_finding_every_jwks_thread_stalled_is_a_503_instead_of_a_wait(
-    jwks_server: JwksServer,
-    rsa_key: rsa.RSAPrivateKey,
-    settings: Settings,
-    engine: Engine,
-    broker_vault: VaultGateway,
+    jwks_server: JwksServer, rsa_key: rsa.RSAPrivateKey, stalled_jwks_app: Callable[..., Any]
 ) -> None:
     # A request waits for a verification thread as long as it would wait on Vault.
-    quick = settings.model_copy(update={"vault_retry_budget_s": 0.5})
-    app = create_app(quick, engine=engine, vault=broker_vault)
-    app.state.verifier = jwks_verifier(jwks_server)
-    jwks_server.stall_s = 3
-    tokens = [
-        jwt.encode(claims(sub=f"user-{i}"), rsa_key, algorithm="RS256", headers={"kid": "key-1"})
-        for i in range(5)
-    ]
+    app = stalled_jwks_app(3, vault_retry_budget_s=0.5)
+    tokens = _rs256(rsa_key, *(f"user-{i}" for i in range(5)))
     bearers = [{"Authorization": f"Bearer {t}"} for t in tokens]
 
     async def scenario() -> None:
