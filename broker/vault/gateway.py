@@ -415,8 +415,8 @@ class _Indefinite(Exception):
     """An attempt on the loop that the threaded `call` must make again (or could not start)."""
 
 
-# Answers that retrying on this or another node cannot change (but a KV mount starting up,
-# which the error table knows).
+# Answers that retrying on this or another node cannot change, unless the error table says
+# otherwise of one (a KV mount starting up answers 400 for a moment).
 _DEFINITE = (400, 404)
 
 
