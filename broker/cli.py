@@ -406,6 +406,8 @@ def _run_workers(workers: int, *, host: str, port: int) -> None:
     supervisor = Multiprocess(config, sockets=[sock])
     # Fresh for each run (a count left by an earlier one would be added in), inherited by
     # every worker; a worker's files outlive it, so what it counted still adds up.
+    # (prometheus_client's variable, `broker.core.metrics.MULTIPROCESS_DIR`: not imported
+    # here, which would load the web and database libraries into the supervisor.)
     metrics_dir = tempfile.mkdtemp(prefix="broker-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
     try:

@@ -169,8 +169,7 @@ def test_two_workers_share_the_failure_limit_through_redis(
             answer = http.getresponse()
             answer.read()
             statuses.append(answer.status)
-        first.request("GET", "/metrics")
-        metrics = first.getresponse().read().decode()
+        metrics = _get(first, "/metrics")
         first.close()
         second.close()
     # One budget of three failures for the replica: alone, each worker would allow three.
